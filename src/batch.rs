@@ -1,0 +1,108 @@
+//! Rolling batches with Ansible `serial` semantics, and the failure budget.
+//!
+//! Pure functions, checked against Ansible's own `_get_serialized_batches` and `pct_to_int`:
+//! a share is `floor(pct × all hosts)` but at least 1, always of *all* hosts (not of those left);
+//! in a list each entry is used once and the last one repeats. Unlike Ansible, 0 and shares above
+//! 100 % are refused when the config loads (see `config::BatchSpec`) instead of meaning "all".
+
+use crate::config::{BatchSize, BatchSpec, Percent};
+
+/// Sizes of the batches that move `hosts` hosts, in order.
+pub fn batch_sizes(spec: &BatchSpec, hosts: usize) -> Vec<usize> {
+    let mut sizes = Vec::new();
+    let mut left = hosts;
+    let mut entry = 0;
+    while left > 0 {
+        let size = match spec.0.get(entry).or(spec.0.last()) {
+            Some(BatchSize::Count(n)) => *n as usize,
+            Some(BatchSize::Percent(p)) => (hosts * *p as usize / 100).max(1),
+            None => hosts,
+        }
+        .max(1);
+        let take = size.min(left);
+        sizes.push(take);
+        left -= take;
+        entry = (entry + 1).min(spec.0.len().saturating_sub(1));
+    }
+    sizes
+}
+
+/// Splits `items` into batches of [`batch_sizes`].
+pub fn batches<T: Clone>(spec: &BatchSpec, items: &[T]) -> Vec<Vec<T>> {
+    let mut rest = items;
+    batch_sizes(spec, items.len())
+        .into_iter()
+        .map(|n| {
+            let (now, later) = rest.split_at(n);
+            rest = later;
+            now.to_vec()
+        })
+        .collect()
+}
+
+/// Ansible's `max_fail_percentage`: a batch fails when the share of failed hosts is *strictly
+/// greater* than the budget; with 0 any failure fails it.
+pub fn batch_failed(failed: usize, batch_size: usize, max_fail: Percent) -> bool {
+    if failed == 0 || batch_size == 0 {
+        return false;
+    }
+    (failed as f64 / batch_size as f64) * 100.0 > max_fail.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(entries: &[BatchSize]) -> BatchSpec {
+        BatchSpec(entries.to_vec())
+    }
+    use BatchSize::{Count, Percent as Pct};
+
+    #[test]
+    fn thirty_percent_of_twenty() {
+        assert_eq!(batch_sizes(&spec(&[Pct(30)]), 20), vec![6, 6, 6, 2]);
+    }
+
+    #[test]
+    fn list_uses_each_entry_once_and_repeats_the_last() {
+        assert_eq!(
+            batch_sizes(&spec(&[Count(1), Count(5), Pct(20)]), 20),
+            vec![1, 5, 4, 4, 4, 2]
+        );
+    }
+
+    #[test]
+    fn small_share_is_at_least_one_host() {
+        assert_eq!(batch_sizes(&spec(&[Pct(10)]), 3), vec![1, 1, 1]);
+    }
+
+    #[test]
+    fn counts_and_edges() {
+        assert_eq!(batch_sizes(&spec(&[Count(1)]), 4), vec![1, 1, 1, 1]);
+        assert_eq!(batch_sizes(&spec(&[Count(10)]), 4), vec![4]);
+        assert_eq!(batch_sizes(&spec(&[Count(1), Pct(50)]), 4), vec![1, 2, 1]);
+        assert_eq!(batch_sizes(&spec(&[Pct(100)]), 7), vec![7]);
+        assert!(batch_sizes(&spec(&[Count(3)]), 0).is_empty());
+    }
+
+    #[test]
+    fn batches_keep_order() {
+        let hosts = ["a", "b", "c", "d", "e"];
+        assert_eq!(
+            batches(&spec(&[Count(1), Count(2)]), &hosts),
+            vec![vec!["a"], vec!["b", "c"], vec!["d", "e"]]
+        );
+    }
+
+    #[test]
+    fn failure_budget_is_strictly_greater_than() {
+        let p49 = Percent(49.0);
+        assert!(!batch_failed(1, 4, p49), "25% <= 49% passes");
+        assert!(batch_failed(2, 4, p49), "50% > 49% fails");
+        assert!(!batch_failed(2, 4, Percent(50.0)), "50% is not > 50%");
+        assert!(batch_failed(1, 100, Percent(0.0)), "0: any failure fails");
+        assert!(!batch_failed(0, 4, Percent(0.0)));
+        assert!(batch_failed(4, 4, Percent(99.0)));
+        assert!(!batch_failed(4, 4, Percent(100.0)));
+    }
+}

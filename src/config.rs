@@ -1,0 +1,931 @@
+//! `cutover.toml`: the one file that describes an app, its fleet, its balancer and how to roll.
+//!
+//! Parsing happens in two stages (as ripgrep does with flags): serde turns TOML into typed
+//! values, rejecting unknown keys and checking each value where it is read (durations, batch
+//! specs, names), so every error carries the TOML span; then [`Config::validate`] checks what
+//! spans several keys (duplicate host names, token present). Every error names the file, line,
+//! column and dotted key, and says what to write instead.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Where the config came from, and what it says.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from (for error messages and relative paths).
+    pub file: PathBuf,
+    /// Directory that relative paths in the file are resolved against.
+    pub base_dir: PathBuf,
+    pub transport: TransportKind,
+    pub state_dir: PathBuf,
+    pub app: App,
+    pub release: Release,
+    pub hosts: Vec<Host>,
+    pub balancer: BalancerConfig,
+    pub strategy: Strategy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// Hosts are directories on this machine; instances bind to each host's loopback address.
+    Local,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub name: Name,
+    /// Shell command run in the release directory. `{port}`, `{address}`, `{version}` and
+    /// `{host}` are substituted; `PORT`, `CUTOVER_VERSION`, `CUTOVER_HOST`, `CUTOVER_ADDRESS` and
+    /// `CUTOVER_RELEASE_DIR` are set.
+    pub start: String,
+    #[serde(default)]
+    pub stop_signal: StopSignal,
+    #[serde(default = "secs::<10>")]
+    pub stop_timeout: Dur,
+    #[serde(default = "secs::<30>")]
+    pub drain_timeout: Dur,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "secs::<1>")]
+    pub interval: Dur,
+    #[serde(default = "secs::<2>")]
+    pub timeout: Dur,
+    #[serde(default = "two")]
+    pub healthy_threshold: Threshold,
+    #[serde(default = "three")]
+    pub unhealthy_threshold: Threshold,
+    #[serde(default = "secs::<0>")]
+    pub start_period: Dur,
+    #[serde(default = "secs::<60>")]
+    pub deadline: Dur,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            path: default_health_path(),
+            interval: secs::<1>(),
+            timeout: secs::<2>(),
+            healthy_threshold: two(),
+            unhealthy_threshold: three(),
+            start_period: secs::<0>(),
+            deadline: secs::<60>(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    /// Directory shipped as the release; `{version}` is substituted.
+    pub path: String,
+    #[serde(default = "default_keep")]
+    pub keep: Keep,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Host {
+    pub name: Name,
+    /// Address instances bind to (and the balancer connects to).
+    pub address: IpAddr,
+    /// The host's directory: `releases/`, `current`, `run/`, `log/` live here.
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerConfig {
+    #[serde(default)]
+    pub kind: BalancerKind,
+    /// Where client traffic arrives.
+    pub listen: SocketAddr,
+    /// Admin API (loopback by default; bearer token required).
+    pub admin: SocketAddr,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// `cutover proxy`.
+    #[default]
+    Builtin,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Strategy {
+    pub kind: StrategyKind,
+    #[serde(default)]
+    pub batch: BatchSpec,
+    #[serde(default)]
+    pub max_fail_percentage: Percent,
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy {
+            kind: StrategyKind::Rolling,
+            batch: BatchSpec::default(),
+            max_fail_percentage: Percent::default(),
+            on_failure: OnFailure::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    Rolling,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Every host already moved returns to the previous release.
+    #[default]
+    Rollback,
+    /// Stop where it failed and leave the fleet for a person to decide.
+    Halt,
+}
+
+/// One entry of `batch`: a host count or a share of all hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    Count(u32),
+    Percent(u32),
+}
+
+/// `batch`: a size, or a list of sizes used once each with the last one repeating (Ansible
+/// `serial`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSpec(pub Vec<BatchSize>);
+
+impl Default for BatchSpec {
+    fn default() -> Self {
+        BatchSpec(vec![BatchSize::Count(1)])
+    }
+}
+
+impl fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BatchSize::Count(n) => write!(f, "{n}"),
+            BatchSize::Percent(p) => write!(f, "\"{p}%\""),
+        }
+    }
+}
+
+impl fmt::Display for BatchSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            many => {
+                let parts: Vec<String> = many.iter().map(ToString::to_string).collect();
+                write!(f, "[{}]", parts.join(", "))
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchSpec {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Entry {
+            Int(i64),
+            Str(String),
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(Entry),
+            Many(Vec<Entry>),
+        }
+        fn entry(e: Entry) -> Result<BatchSize, String> {
+            match e {
+                Entry::Int(n) if n >= 1 && n <= u32::MAX as i64 => Ok(BatchSize::Count(n as u32)),
+                Entry::Int(n) => Err(format!(
+                    "batch size {n} is not allowed: use a host count of at least 1 or a share like \"25%\""
+                )),
+                Entry::Str(s) => parse_batch_str(&s),
+            }
+        }
+        let raw = Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "batch must be a host count (1), a share of all hosts (\"25%\") or a list of them ([1, 5, \"20%\"])",
+            )
+        })?;
+        let entries = match raw {
+            Raw::One(e) => vec![e],
+            Raw::Many(list) if list.is_empty() => {
+                return Err(serde::de::Error::custom(
+                    "batch list is empty: give at least one size, e.g. [1, \"50%\"]",
+                ));
+            }
+            Raw::Many(list) => list,
+        };
+        entries
+            .into_iter()
+            .map(entry)
+            .collect::<Result<Vec<_>, _>>()
+            .map(BatchSpec)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn parse_batch_str(s: &str) -> Result<BatchSize, String> {
+    let t = s.trim();
+    if let Some(num) = t.strip_suffix('%') {
+        return match num.trim().parse::<u32>() {
+            Ok(p) if (1..=100).contains(&p) => Ok(BatchSize::Percent(p)),
+            Ok(p) => Err(format!(
+                "batch share \"{p}%\" is out of range: use 1% to 100%"
+            )),
+            Err(_) => Err(format!(
+                "batch \"{s}\" is not a share: write it like \"25%\""
+            )),
+        };
+    }
+    match t.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(BatchSize::Count(n)),
+        _ => Err(format!(
+            "batch \"{s}\" is not a host count (at least 1) or a share like \"25%\""
+        )),
+    }
+}
+
+/// A percentage 0..=100 (e.g. `max_fail_percentage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, PartialOrd)]
+pub struct Percent(pub f64);
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Float(f64),
+        }
+        let v = match Raw::deserialize(d)
+            .map_err(|_| serde::de::Error::custom("expected a number from 0 to 100"))?
+        {
+            Raw::Int(i) => i as f64,
+            Raw::Float(f) => f,
+        };
+        if !(0.0..=100.0).contains(&v) || v.is_nan() {
+            return Err(serde::de::Error::custom(format!(
+                "{v} is not a percentage: use a number from 0 to 100"
+            )));
+        }
+        Ok(Percent(v))
+    }
+}
+
+/// A duration written the human way: `"500ms"`, `"10s"`, `"1m30s"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl std::ops::Deref for Dur {
+    type Target = Duration;
+    fn deref(&self) -> &Duration {
+        &self.0
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a duration string such as \"10s\" or \"500ms\"")
+        })?;
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "\"{s}\" is not a duration ({e}): write it like \"10s\", \"500ms\" or \"1m30s\""
+            ))
+        })
+    }
+}
+
+/// A count of consecutive checks, at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threshold(pub u32);
+
+impl<'de> Deserialize<'de> for Threshold {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if !(1..=1000).contains(&n) {
+            return Err(serde::de::Error::custom(format!(
+                "{n} is not a valid threshold: use a count from 1 to 1000"
+            )));
+        }
+        Ok(Threshold(n as u32))
+    }
+}
+
+/// How many releases stay on each host (at least 1: the live one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep(pub usize);
+
+impl<'de> Deserialize<'de> for Keep {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        if !(1..=1000).contains(&n) {
+            return Err(serde::de::Error::custom(format!(
+                "keep = {n} is not allowed: keep at least 1 release (the live one), at most 1000"
+            )));
+        }
+        Ok(Keep(n as usize))
+    }
+}
+
+/// Signal sent to stop an instance gracefully.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StopSignal {
+    #[default]
+    Term,
+    Int,
+    Quit,
+    Hup,
+    Usr1,
+    Usr2,
+}
+
+impl StopSignal {
+    pub fn number(self) -> i32 {
+        match self {
+            StopSignal::Term => libc::SIGTERM,
+            StopSignal::Int => libc::SIGINT,
+            StopSignal::Quit => libc::SIGQUIT,
+            StopSignal::Hup => libc::SIGHUP,
+            StopSignal::Usr1 => libc::SIGUSR1,
+            StopSignal::Usr2 => libc::SIGUSR2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StopSignal::Term => "TERM",
+            StopSignal::Int => "INT",
+            StopSignal::Quit => "QUIT",
+            StopSignal::Hup => "HUP",
+            StopSignal::Usr1 => "USR1",
+            StopSignal::Usr2 => "USR2",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StopSignal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let bare = s.trim().to_ascii_uppercase();
+        let bare = bare.strip_prefix("SIG").unwrap_or(&bare);
+        Ok(match bare {
+            "TERM" => StopSignal::Term,
+            "INT" => StopSignal::Int,
+            "QUIT" => StopSignal::Quit,
+            "HUP" => StopSignal::Hup,
+            "USR1" => StopSignal::Usr1,
+            "USR2" => StopSignal::Usr2,
+            _ => {
+                return Err(serde::de::Error::custom(format!(
+                    "\"{s}\" is not a stop signal: use TERM, INT, QUIT, HUP, USR1 or USR2"
+                )));
+            }
+        })
+    }
+}
+
+/// A name that is data, never shell: app, host and version names. Letters, digits and `._+-`,
+/// starting with a letter or digit, at most 128 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Name(String);
+
+impl Name {
+    pub fn parse(s: &str) -> Result<Name, String> {
+        let ok_first = s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+        let ok_rest = s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
+        if s.is_empty() || s.len() > 128 || !ok_first || !ok_rest || s.contains("..") {
+            return Err(format!(
+                "{s:?} is not a valid name: use letters, digits and . _ + - (starting with a letter or digit, at most 128 characters)"
+            ));
+        }
+        Ok(Name(s.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Name {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Name::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn secs<const N: u64>() -> Dur {
+    Dur(Duration::from_secs(N))
+}
+fn two() -> Threshold {
+    Threshold(2)
+}
+fn three() -> Threshold {
+    Threshold(3)
+}
+fn default_keep() -> Keep {
+    Keep(5)
+}
+fn default_health_path() -> String {
+    "/health".to_string()
+}
+
+/// The file's shape, exactly as serde reads it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    transport: Option<TransportKind>,
+    state_dir: Option<PathBuf>,
+    app: App,
+    release: Release,
+    hosts: Vec<Host>,
+    balancer: BalancerConfig,
+    #[serde(default)]
+    strategy: Strategy,
+}
+
+/// A config error with its place in the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}{place}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// `:line:column: key` or empty when the error is about the whole file.
+    place: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn whole(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.display().to_string(),
+            place: String::new(),
+            message: message.into(),
+        }
+    }
+
+    fn at(file: &Path, text: &str, offset: usize, key: Option<String>, message: String) -> Self {
+        let (line, col) = line_col(text, offset);
+        let key = key.unwrap_or_else(|| key_at(text, offset));
+        let place = if key.is_empty() {
+            format!(":{line}:{col}")
+        } else {
+            format!(":{line}:{col}: {key}")
+        };
+        ConfigError {
+            file: file.display().to_string(),
+            place,
+            message,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks the config at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let hint = if e.kind() == std::io::ErrorKind::NotFound {
+                " (run `cutover init` to write an example, or pass -c PATH)"
+            } else {
+                ""
+            };
+            ConfigError::whole(path, format!("cannot read the config: {e}{hint}"))
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses config text; `path` is used for messages and relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => {
+                    let key = missing_field_key(text, span.start, &message);
+                    ConfigError::at(path, text, span.start, key, message)
+                }
+                None => ConfigError::whole(path, message),
+            }
+        })?;
+        let base_dir = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_path_buf()
+                }
+            })
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base_dir.join(p)
+            }
+        };
+        let mut hosts = raw.hosts;
+        for h in &mut hosts {
+            h.root = resolve(&h.root);
+        }
+        let mut balancer = raw.balancer;
+        balancer.token_file = balancer.token_file.as_deref().map(resolve);
+        let state_dir = resolve(raw.state_dir.as_deref().unwrap_or(Path::new(".cutover")));
+        let config = Config {
+            file: path.to_path_buf(),
+            transport: raw.transport.unwrap_or(TransportKind::Local),
+            state_dir,
+            app: raw.app,
+            release: raw.release,
+            hosts,
+            balancer,
+            strategy: raw.strategy,
+            base_dir,
+        };
+        config.validate(text)?;
+        Ok(config)
+    }
+
+    /// Checks that span several keys.
+    fn validate(&self, text: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| {
+            let offset = find_key(text, key).unwrap_or(0);
+            ConfigError::at(&self.file, text, offset, Some(key.to_string()), message)
+        };
+        if self.hosts.is_empty() {
+            return Err(err(
+                "hosts",
+                "no hosts: add at least one [[hosts]] table with name, address and root".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut roots = HashSet::new();
+        for h in &self.hosts {
+            if !names.insert(h.name.as_str()) {
+                return Err(err(
+                    "hosts.name",
+                    format!(
+                        "host name {} appears twice: every host needs its own name",
+                        h.name
+                    ),
+                ));
+            }
+            if !roots.insert(h.root.clone()) {
+                return Err(err(
+                    "hosts.root",
+                    format!(
+                        "hosts share the root {}: give every host its own directory",
+                        h.root.display()
+                    ),
+                ));
+            }
+        }
+        if self.app.start.trim().is_empty() {
+            return Err(err("app.start", "the start command is empty".into()));
+        }
+        if !self.app.health.path.starts_with('/') {
+            return Err(err(
+                "app.health.path",
+                format!("{:?} must start with '/'", self.app.health.path),
+            ));
+        }
+        if !self.release.path.contains("{version}") && self.release.path.trim().is_empty() {
+            return Err(err("release.path", "the release path is empty".into()));
+        }
+        match (&self.balancer.token, &self.balancer.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "balancer.token",
+                    "set either token or token_file, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    "balancer",
+                    "the admin API needs a token: set token = \"...\" or token_file = \"path\""
+                        .into(),
+                ));
+            }
+            (Some(t), None) if t.trim().len() < 8 => {
+                return Err(err(
+                    "balancer.token",
+                    "the token is shorter than 8 characters: use a long random string".into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.balancer.listen == self.balancer.admin {
+            return Err(err(
+                "balancer.admin",
+                "admin and listen are the same address: give the admin API its own port".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The admin token, read from `token` or `token_file`.
+    pub fn admin_token(&self) -> anyhow::Result<String> {
+        if let Some(t) = &self.balancer.token {
+            return Ok(t.trim().to_string());
+        }
+        let path = self
+            .balancer
+            .token_file
+            .as_ref()
+            .expect("validated: token or token_file");
+        let t = std::fs::read_to_string(path).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: balancer.token_file {}: {e}",
+                self.file.display(),
+                path.display()
+            )
+        })?;
+        let t = t.trim().to_string();
+        if t.is_empty() {
+            anyhow::bail!(
+                "{}: balancer.token_file {} is empty: write a long random token into it",
+                self.file.display(),
+                path.display()
+            );
+        }
+        Ok(t)
+    }
+
+    /// The release source directory for a version.
+    pub fn release_source(&self, version: &Name) -> PathBuf {
+        let p = self.release.path.replace("{version}", version.as_str());
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    pub fn host(&self, name: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.name.as_str() == name)
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The dotted key at `offset`: the nearest table header above plus the key on the line.
+fn key_at(text: &str, offset: usize) -> String {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    let table = table_above(text, line_start);
+    let trimmed = line.trim();
+    if trimmed.starts_with('[') {
+        return trimmed
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string();
+    }
+    match trimmed.split_once('=') {
+        Some((k, _)) => join_key(&table, k.trim()),
+        None => table,
+    }
+}
+
+fn table_above(text: &str, before: usize) -> String {
+    text[..before]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .unwrap_or_default()
+}
+
+fn join_key(table: &str, key: &str) -> String {
+    if table.is_empty() {
+        key.to_string()
+    } else {
+        format!("{table}.{key}")
+    }
+}
+
+/// For "missing field `x`", the span is the enclosing table: name the key that is missing.
+fn missing_field_key(text: &str, offset: usize, message: &str) -> Option<String> {
+    let field = message
+        .strip_prefix("missing field `")?
+        .split('`')
+        .next()?
+        .to_string();
+    let at = key_at(text, offset);
+    // A span on a header line names the table itself; on a `key = {` line the inline table.
+    Some(if at.is_empty() || at == field {
+        field
+    } else {
+        format!("{at}.{field}")
+    })
+}
+
+/// Byte offset of `dotted` (e.g. `balancer.token`) in the text, best effort, for errors found
+/// after parsing.
+fn find_key(text: &str, dotted: &str) -> Option<usize> {
+    let (table, key) = match dotted.rsplit_once('.') {
+        Some((t, k)) => (t, k),
+        None => ("", dotted),
+    };
+    let mut offset = 0;
+    let mut current = String::new();
+    let mut table_offset = None;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+            if current == dotted {
+                return Some(offset + line.find('[').unwrap_or(0));
+            }
+            if current == table && table_offset.is_none() {
+                table_offset = Some(offset);
+            }
+        } else if current == table && t.split_once('=').map(|(k, _)| k.trim()) == Some(key) {
+            return Some(offset + line.len() - line.trim_start().len());
+        }
+        offset += line.len();
+    }
+    table_offset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[app]
+name = "shop"
+start = "exec ./server --port {port}"
+
+[release]
+path = "builds/{version}"
+
+[[hosts]]
+name = "web1"
+address = "127.0.0.11"
+root = "fleet/web1"
+
+[balancer]
+listen = "127.0.0.1:8080"
+admin = "127.0.0.1:8081"
+token = "0123456789abcdef"
+
+[strategy]
+kind = "rolling"
+batch = [1, "50%"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("cutover.toml"), text)
+    }
+
+    #[test]
+    fn good_config_gets_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(*c.app.stop_timeout, Duration::from_secs(10));
+        assert_eq!(*c.app.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.app.health.healthy_threshold, Threshold(2));
+        assert_eq!(c.app.health.unhealthy_threshold, Threshold(3));
+        assert_eq!(*c.app.health.deadline, Duration::from_secs(60));
+        assert_eq!(c.release.keep, Keep(5));
+        assert_eq!(c.strategy.max_fail_percentage, Percent(0.0));
+        assert_eq!(c.strategy.on_failure, OnFailure::Rollback);
+        assert_eq!(
+            c.strategy.batch,
+            BatchSpec(vec![BatchSize::Count(1), BatchSize::Percent(50)])
+        );
+        assert!(c.hosts[0].root.is_absolute());
+    }
+
+    fn error_of(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = GOOD.replace("name = \"shop\"", "name = \"shop\"\nstrat = 1");
+        let e = error_of(&text);
+        assert!(e.starts_with("cutover.toml:4:1: app.strat:"), "{e}");
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_names_the_key() {
+        let text = GOOD.replace("start = \"exec ./server --port {port}\"\n", "");
+        let e = error_of(&text);
+        assert!(e.starts_with("cutover.toml:2:"), "{e}");
+        assert!(e.contains("app.start"), "{e}");
+        assert!(e.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn batch_over_100_percent_is_refused() {
+        let e = error_of(&GOOD.replace("batch = [1, \"50%\"]", "batch = \"120%\""));
+        assert!(e.starts_with("cutover.toml:22:9: strategy.batch:"), "{e}");
+        assert!(e.contains("120%"), "{e}");
+    }
+
+    #[test]
+    fn batch_zero_is_refused() {
+        let e = error_of(&GOOD.replace("batch = [1, \"50%\"]", "batch = 0"));
+        assert!(e.starts_with("cutover.toml:22:9: strategy.batch:"), "{e}");
+        assert!(e.contains("at least 1"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_and_signal_are_explained() {
+        let e =
+            error_of(&GOOD.replace("name = \"shop\"", "name = \"shop\"\nstop_timeout = \"ten\""));
+        assert!(
+            e.contains("app.stop_timeout") && e.contains("not a duration"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "name = \"shop\"",
+            "name = \"shop\"\nstop_signal = \"KILLME\"",
+        ));
+        assert!(e.contains("app.stop_signal") && e.contains("TERM"), "{e}");
+    }
+
+    #[test]
+    fn shell_in_names_is_refused() {
+        let e = error_of(&GOOD.replace("name = \"web1\"", "name = \"web1;rm -rf /\""));
+        assert!(
+            e.contains("hosts.name") && e.contains("not a valid name"),
+            "{e}"
+        );
+        assert!(Name::parse("v1;touch /tmp/x").is_err());
+        assert!(Name::parse("$(id)").is_err());
+        assert!(Name::parse("v1\n").is_err());
+        assert!(Name::parse("../etc").is_err());
+        assert!(Name::parse("v2.1.0-rc1+build5").is_ok());
+    }
+
+    #[test]
+    fn duplicate_hosts_and_missing_token_are_refused() {
+        let dup = GOOD.replace(
+            "[balancer]",
+            "[[hosts]]\nname = \"web1\"\naddress = \"127.0.0.12\"\nroot = \"x\"\n\n[balancer]",
+        );
+        assert!(error_of(&dup).contains("appears twice"));
+        let no_token = GOOD.replace("token = \"0123456789abcdef\"\n", "");
+        let e = error_of(&no_token);
+        assert!(e.contains("balancer") && e.contains("token"), "{e}");
+    }
+
+    #[test]
+    fn max_fail_percentage_is_bounded() {
+        let e = error_of(&GOOD.replace("batch = [1, \"50%\"]", "max_fail_percentage = 150"));
+        assert!(e.contains("strategy.max_fail_percentage"), "{e}");
+    }
+}

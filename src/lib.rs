@@ -1,0 +1,26 @@
+//! cutover: deploys new releases of an app to a fleet of servers with zero downtime, and proves
+//! it by counting every request served while it ran.
+//!
+//! The modules follow the concepts of the design: the config says what the fleet is; a
+//! [`transport`] reaches a host; [`release`] stages builds on hosts; [`instance`] starts, checks
+//! and stops processes; [`balancer`] is the deployer's view of the load balancer and [`proxy`]
+//! the built-in one; [`batch`] turns a rolling spec into batches (pure); [`deploy`] carries a
+//! strategy out step by step.
+
+pub mod balancer;
+pub mod batch;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod deploy;
+pub mod fleet;
+pub mod history;
+pub mod init;
+pub mod instance;
+pub mod load;
+pub mod probe;
+pub mod progress;
+pub mod proxy;
+pub mod release;
+pub mod sample_app;
+pub mod transport;
