@@ -1,0 +1,361 @@
+//! Instances: one running process of a release on a host.
+//!
+//! An instance is started detached (its own session via `setsid`, stdin from /dev/null, output to
+//! `<root>/log/<version>-<port>.log`) so it outlives the deploy that started it and the SSH
+//! connection that carried the command. Its pid file is the record of its existence; the process
+//! also carries `CUTOVER_INSTANCE=<pid file>` in its environment, so a reused pid is never
+//! mistaken for it.
+//!
+//! Liveness is read from `/proc/PID/stat` (a zombie counts as dead): on machines whose PID 1 does
+//! not reap orphans, `kill -0` succeeds on a dead instance forever.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::config::{App, HealthConfig, Host, Name, StopSignal};
+use crate::probe::{ProbeError, probe};
+use crate::release::Layout;
+use crate::transport::{Transport, run_ok, sh_quote};
+
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running (or recorded) instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub host: String,
+    pub version: String,
+    pub address: SocketAddr,
+    pub pid: u32,
+}
+
+impl Instance {
+    pub fn port(&self) -> u16 {
+        self.address.port()
+    }
+    /// The id of this instance's backend in the balancer.
+    pub fn backend_id(&self) -> String {
+        backend_id(&self.host, self.port())
+    }
+}
+
+pub fn backend_id(host: &str, port: u16) -> String {
+    format!("{host}:{port}")
+}
+
+/// An instance as the host's pid files report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub instance: Instance,
+    pub alive: bool,
+}
+
+/// Shell function that tells whether `$1` is a live process started as instance `$2`.
+const ALIVE_FN: &str = r#"alive() {
+  st=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ] || return 1
+  [ -z "$2" ] && return 0
+  tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "CUTOVER_INSTANCE=$2"
+}
+"#;
+
+/// Instances recorded on the host (pid files), with liveness.
+pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<Recorded>> {
+    let layout = Layout::of(host);
+    let run = layout.run_dir();
+    let script = format!(
+        "{ALIVE_FN}cd {run} 2>/dev/null || exit 0\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  pid=$(cat \"$f\")\n  if alive \"$pid\" \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\n",
+        run = sh_quote(run.to_string_lossy()),
+    );
+    let out = run_ok(
+        transport,
+        host,
+        "listing instances",
+        &script,
+        SCRIPT_TIMEOUT,
+    )
+    .await?;
+    let mut found = Vec::new();
+    for line in out.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(file), Some(pid), Some(state)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Some(stem) = file.strip_suffix(".pid") else {
+            continue;
+        };
+        let Some((version, port)) = stem.rsplit_once('-') else {
+            continue;
+        };
+        let (Ok(port), Ok(pid)) = (port.parse::<u16>(), pid.parse::<u32>()) else {
+            continue;
+        };
+        found.push(Recorded {
+            instance: Instance {
+                host: host.name.to_string(),
+                version: version.to_string(),
+                address: SocketAddr::new(host.address, port),
+                pid,
+            },
+            alive: state == "up",
+        });
+    }
+    Ok(found)
+}
+
+/// Starts an instance of `version` on `port`, detached. Returns once the process exists; use
+/// [`wait_healthy`] to know it serves.
+pub async fn start(
+    transport: &dyn Transport,
+    app: &App,
+    host: &Host,
+    version: &Name,
+    port: u16,
+) -> anyhow::Result<Instance> {
+    let layout = Layout::of(host);
+    let v = version.as_str();
+    let rel = layout.release(v);
+    let pid_file = layout.pid_file(v, port);
+    let log_file = layout.log_file(v, port);
+    let command = app
+        .start
+        .replace("{port}", &port.to_string())
+        .replace("{address}", &host.address.to_string())
+        .replace("{version}", v)
+        .replace("{host}", host.name.as_str());
+    let script = format!(
+        "set -e\n\
+         [ -d {rel} ] || {{ echo 'release {v} is not staged on this host' >&2; exit 3; }}\n\
+         mkdir -p {run} {log}\n\
+         cd {rel}\n\
+         export PORT={port} CUTOVER_VERSION={vq} CUTOVER_HOST={hq} CUTOVER_ADDRESS={addr} CUTOVER_RELEASE_DIR={rel} CUTOVER_INSTANCE={pid_file}\n\
+         setsid sh -c {command} >{log_file} 2>&1 </dev/null &\n\
+         echo $! >{pid_file}\n\
+         echo $!\n",
+        rel = sh_quote(rel.to_string_lossy()),
+        run = sh_quote(layout.run_dir().to_string_lossy()),
+        log = sh_quote(layout.log_dir().to_string_lossy()),
+        vq = sh_quote(v),
+        hq = sh_quote(host.name.as_str()),
+        addr = sh_quote(host.address.to_string()),
+        pid_file = sh_quote(pid_file.to_string_lossy()),
+        log_file = sh_quote(log_file.to_string_lossy()),
+        command = sh_quote(&command),
+    );
+    let out = run_ok(
+        transport,
+        host,
+        &format!("starting {v}"),
+        &script,
+        SCRIPT_TIMEOUT,
+    )
+    .await?;
+    let pid = out.trim().parse::<u32>().map_err(|_| {
+        anyhow::anyhow!(
+            "host {}: starting {v} printed no pid: {:?}",
+            host.name,
+            out.trim()
+        )
+    })?;
+    Ok(Instance {
+        host: host.name.to_string(),
+        version: v.to_string(),
+        address: SocketAddr::new(host.address, port),
+        pid,
+    })
+}
+
+/// Whether the instance's process is alive (zombies count as dead).
+pub async fn is_alive(
+    transport: &dyn Transport,
+    host: &Host,
+    inst: &Instance,
+) -> anyhow::Result<bool> {
+    let pid_file = Layout::of(host).pid_file(&inst.version, inst.port());
+    let script = format!(
+        "{ALIVE_FN}if alive {pid} {pf}; then echo up; else echo down; fi",
+        pid = inst.pid,
+        pf = sh_quote(pid_file.to_string_lossy())
+    );
+    let out = run_ok(
+        transport,
+        host,
+        "checking an instance",
+        &script,
+        SCRIPT_TIMEOUT,
+    )
+    .await?;
+    Ok(out.trim() == "up")
+}
+
+/// The last `lines` lines of the instance's log.
+pub async fn log_tail(
+    transport: &dyn Transport,
+    host: &Host,
+    version: &str,
+    port: u16,
+    lines: usize,
+) -> String {
+    let log = Layout::of(host).log_file(version, port);
+    let script = format!(
+        "tail -n {lines} {} 2>/dev/null || true",
+        sh_quote(log.to_string_lossy())
+    );
+    match transport.run(host, &script, SCRIPT_TIMEOUT).await {
+        Ok(out) => out.stdout.trim_end().to_string(),
+        Err(e) => format!("(log unavailable: {e})"),
+    }
+}
+
+/// Why an instance did not pass its health gate.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("exited while starting (pid {pid}); last log lines:\n{log}")]
+    Exited { pid: u32, log: String },
+    #[error(
+        "unhealthy: {failures} failed checks in a row after the start period; last: {last}; last log lines:\n{log}"
+    )]
+    Unhealthy {
+        failures: u32,
+        last: ProbeError,
+        log: String,
+    },
+    #[error("not healthy within {deadline}; last check: {last}; last log lines:\n{log}")]
+    Deadline {
+        deadline: String,
+        last: String,
+        log: String,
+    },
+    #[error(transparent)]
+    Transport(#[from] anyhow::Error),
+}
+
+/// Waits until the instance passes `healthy_threshold` checks in a row.
+///
+/// Fails fast when the process exits, or when it *answers* with failures `unhealthy_threshold`
+/// times in a row after `start_period`; a refused connection (still booting) only counts against
+/// the `deadline`.
+pub async fn wait_healthy(
+    transport: &dyn Transport,
+    host: &Host,
+    inst: &Instance,
+    health: &HealthConfig,
+) -> Result<(), GateError> {
+    let started = Instant::now();
+    let deadline = started + *health.deadline;
+    let quick = (*health.interval).min(Duration::from_millis(200));
+    let mut passes = 0u32;
+    let mut answered_failures = 0u32;
+    let mut last;
+    let mut next_liveness = Instant::now();
+    loop {
+        match probe(inst.address, &health.path, *health.timeout).await {
+            Ok(_) => {
+                passes += 1;
+                answered_failures = 0;
+                if passes >= health.healthy_threshold.0 {
+                    return Ok(());
+                }
+                tokio::time::sleep(*health.interval).await;
+                continue;
+            }
+            Err(e) => {
+                passes = 0;
+                let answered =
+                    matches!(&e, ProbeError::Failed { reason, .. } if reason.starts_with("status"));
+                if answered && started.elapsed() >= *health.start_period {
+                    answered_failures += 1;
+                    if answered_failures >= health.unhealthy_threshold.0 {
+                        let log = log_tail(transport, host, &inst.version, inst.port(), 10).await;
+                        return Err(GateError::Unhealthy {
+                            failures: answered_failures,
+                            last: e,
+                            log,
+                        });
+                    }
+                }
+                last = e.to_string();
+            }
+        }
+        if Instant::now() >= next_liveness {
+            next_liveness = Instant::now() + Duration::from_millis(300);
+            if !is_alive(transport, host, inst).await? {
+                let log = log_tail(transport, host, &inst.version, inst.port(), 10).await;
+                return Err(GateError::Exited { pid: inst.pid, log });
+            }
+        }
+        if Instant::now() >= deadline {
+            let log = log_tail(transport, host, &inst.version, inst.port(), 10).await;
+            return Err(GateError::Deadline {
+                deadline: humantime::format_duration(*health.deadline).to_string(),
+                last,
+                log,
+            });
+        }
+        let pause = if answered_failures > 0 {
+            *health.interval
+        } else {
+            quick
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Exited after the stop signal.
+    Gracefully,
+    /// Still running at `stop_timeout`: killed.
+    Killed,
+}
+
+/// Stops the instance: the stop signal to its process group, up to `timeout`, then SIGKILL. The
+/// pid file is removed. Stopping an instance that is already gone succeeds.
+pub async fn stop(
+    transport: &dyn Transport,
+    host: &Host,
+    inst: &Instance,
+    signal: StopSignal,
+    timeout: Duration,
+) -> anyhow::Result<Stopped> {
+    let pid_file = Layout::of(host).pid_file(&inst.version, inst.port());
+    let ticks = (timeout.as_millis() / 100).max(1);
+    let script = format!(
+        "{ALIVE_FN}pid={pid}\npf={pf}\n\
+         if alive $pid \"$pf\"; then kill -{sig} -- -$pid 2>/dev/null || kill -{sig} $pid 2>/dev/null || true; fi\n\
+         i=0\nwhile alive $pid \"$pf\" && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done\n\
+         if alive $pid \"$pf\"; then\n  kill -KILL -- -$pid 2>/dev/null || kill -KILL $pid 2>/dev/null || true\n  j=0; while alive $pid \"$pf\" && [ $j -lt 50 ]; do sleep 0.1; j=$((j+1)); done\n  echo killed\nelse\n  echo stopped\nfi\n\
+         rm -f \"$pf\"\n",
+        pid = inst.pid,
+        pf = sh_quote(pid_file.to_string_lossy()),
+        sig = signal.name(),
+    );
+    let out = run_ok(
+        transport,
+        host,
+        &format!("stopping {} (pid {})", inst.version, inst.pid),
+        &script,
+        timeout + SCRIPT_TIMEOUT,
+    )
+    .await?;
+    Ok(if out.trim() == "killed" {
+        Stopped::Killed
+    } else {
+        Stopped::Gracefully
+    })
+}
+
+/// Removes the pid file of an instance that is no longer alive.
+pub async fn forget(transport: &dyn Transport, host: &Host, inst: &Instance) -> anyhow::Result<()> {
+    let pid_file = Layout::of(host).pid_file(&inst.version, inst.port());
+    run_ok(
+        transport,
+        host,
+        "removing a stale pid file",
+        &format!("rm -f {}", sh_quote(pid_file.to_string_lossy())),
+        SCRIPT_TIMEOUT,
+    )
+    .await?;
+    Ok(())
+}
