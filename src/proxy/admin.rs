@@ -1,0 +1,361 @@
+//! The admin API: how the deployer (through [`crate::balancer::builtin::AdminClient`]) changes
+//! routing. The endpoints and bodies are listed in [`crate::balancer::api`].
+//!
+//! Design choices:
+//! - [`admin_router`] builds the axum `Router` apart from any socket, so tests and embedders
+//!   can serve it however they like.
+//! - Every endpoint except `GET /healthz` sits behind a bearer-token layer that compares in
+//!   constant time; a refused request changes nothing.
+//! - Bodies are parsed by hand from bytes so that every bad body is a 400 with an [`ApiError`]
+//!   JSON body (axum's own rejections are plain text with varied statuses).
+//! - Every change is persisted before the call returns, so a success means the change survives
+//!   a proxy restart.
+//! - Waits (`wait-drained`, `wait-healthy`) observe notifications, never sleep loops.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::Proxy;
+use super::router::Added;
+use crate::balancer::api::{
+    ApiError, BackendSpec, BackendState, BackendView, Counters, DrainReport, Health, Stats,
+    WaitRequest, WeightRequest,
+};
+
+/// Longest wait a caller may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// After a drain deadline cut, how long wait-drained lets the cut requests unwind.
+const CUT_SETTLE: Duration = Duration::from_secs(1);
+
+/// An admin API failure: a status and an [`ApiError`] body.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AdminError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("missing or wrong bearer token: send `Authorization: Bearer <balancer.token>`")]
+    Unauthorized,
+    #[error("no backend with id {0:?}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let body = ApiError {
+            error: self.to_string(),
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+type Result<T> = std::result::Result<T, AdminError>;
+
+/// The admin API over a proxy core.
+pub fn admin_router(proxy: Arc<Proxy>) -> Router {
+    Router::new()
+        .route("/backends", get(list).post(add))
+        .route("/backends/{id}", axum::routing::delete(remove))
+        .route("/backends/{id}/weight", put(set_weight))
+        .route("/backends/{id}/drain", post(drain))
+        .route("/backends/{id}/activate", post(activate))
+        .route("/backends/{id}/wait-drained", post(wait_drained))
+        .route("/backends/{id}/wait-healthy", post(wait_healthy))
+        .route("/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(proxy.clone(), require_token))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(proxy)
+}
+
+async fn require_token(State(proxy): State<Arc<Proxy>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t, proxy.settings.token.as_bytes()) => next.run(req).await,
+        _ => {
+            warn!(path = %req.uri().path(), "admin request refused: bad token");
+            AdminError::Unauthorized.into_response()
+        }
+    }
+}
+
+/// Compares without an early exit, so timing reveals nothing about the token but its length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    serde_json::from_slice(body).map_err(|e| AdminError::BadRequest(format!("bad JSON body: {e}")))
+}
+
+/// A wait's timeout from an optional body, else `default`.
+fn wait_timeout(body: &[u8], default: Duration) -> Result<Duration> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(default.min(MAX_WAIT));
+    }
+    let w: WaitRequest = parse(body)?;
+    Ok(Duration::from_millis(w.timeout_ms).min(MAX_WAIT))
+}
+
+async fn persist(proxy: &Proxy) -> Result<()> {
+    proxy.persist().await.map_err(|e| {
+        AdminError::Internal(format!(
+            "the change is live but could not be saved, it will be lost on restart: {e:#}"
+        ))
+    })
+}
+
+async fn list(State(proxy): State<Arc<Proxy>>) -> Json<Vec<BackendView>> {
+    Json(proxy.table().views())
+}
+
+fn validate(spec: &BackendSpec) -> Result<()> {
+    let bad = |m: String| Err(AdminError::BadRequest(m));
+    if spec.id.trim().is_empty() || spec.id.len() > 256 {
+        return bad("id must be 1 to 256 characters".into());
+    }
+    if !spec.health_path.starts_with('/') {
+        return bad(format!(
+            "health_path {:?} must start with '/'",
+            spec.health_path
+        ));
+    }
+    if spec.address.port() == 0 || spec.address.ip().is_unspecified() {
+        return bad(format!(
+            "address {} is not a backend address: give a concrete IP and port",
+            spec.address
+        ));
+    }
+    if spec.release.is_empty() {
+        return bad("release must not be empty".into());
+    }
+    Ok(())
+}
+
+async fn add(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<StatusCode> {
+    let spec: BackendSpec = parse(&body)?;
+    validate(&spec)?;
+    let id = spec.id.clone();
+    let (address, release, weight) = (spec.address, spec.release.clone(), spec.weight);
+    match proxy.insert(spec, BackendState::Active) {
+        Added::Created(_) => {
+            info!(backend = %id, %address, %release, weight, "backend added");
+            persist(&proxy).await?;
+            Ok(StatusCode::CREATED)
+        }
+        Added::Exists => Ok(StatusCode::OK),
+        Added::Conflict(m) => Err(AdminError::Conflict(m)),
+    }
+}
+
+async fn remove(State(proxy): State<Arc<Proxy>>, Path(id): Path<String>) -> Result<StatusCode> {
+    let entry = proxy.table().remove(&id);
+    let Some(entry) = entry else {
+        return Err(AdminError::NotFound(id));
+    };
+    let in_flight = entry.shared.in_flight.load(Ordering::Relaxed);
+    drop(entry);
+    info!(backend = %id, in_flight, "backend removed");
+    persist(&proxy).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_weight(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let w: WeightRequest = parse(&body)?;
+    if !proxy.table().set_weight(&id, w.weight) {
+        return Err(AdminError::NotFound(id));
+    }
+    info!(backend = %id, weight = w.weight, "weight set");
+    persist(&proxy).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn set_state(proxy: &Proxy, id: String, state: BackendState) -> Result<StatusCode> {
+    let before = proxy.table().set_state(&id, state);
+    match before {
+        None => Err(AdminError::NotFound(id)),
+        Some(b) if b == state => Ok(StatusCode::NO_CONTENT),
+        Some(b) => {
+            info!(backend = %id, from = ?b, to = ?state, "backend state changed");
+            persist(proxy).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+    }
+}
+
+async fn drain(State(proxy): State<Arc<Proxy>>, Path(id): Path<String>) -> Result<StatusCode> {
+    set_state(&proxy, id, BackendState::Draining).await
+}
+
+async fn activate(State(proxy): State<Arc<Proxy>>, Path(id): Path<String>) -> Result<StatusCode> {
+    set_state(&proxy, id, BackendState::Active).await
+}
+
+async fn wait_drained(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<DrainReport>> {
+    let timeout = wait_timeout(&body, proxy.settings.drain_timeout)?;
+    let shared = {
+        let table = proxy.table();
+        let entry = table
+            .get(&id)
+            .ok_or_else(|| AdminError::NotFound(id.clone()))?;
+        if entry.state == BackendState::Active {
+            return Err(AdminError::Conflict(format!(
+                "backend {id} is active and still receives requests: drain it first"
+            )));
+        }
+        entry.shared.clone()
+    };
+    let started = Instant::now();
+    let waited_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if wait_idle(&shared, started + timeout).await {
+        return Ok(Json(DrainReport {
+            drained: true,
+            closed_at_deadline: 0,
+            waited_ms: waited_ms(),
+        }));
+    }
+    let open = shared.in_flight.load(Ordering::Acquire);
+    shared.cut_in_flight();
+    let waited = waited_ms();
+    if open > 0 {
+        warn!(backend = %id, open, "drain deadline reached: closing requests still in flight");
+        wait_idle(&shared, Instant::now() + CUT_SETTLE).await;
+    }
+    Ok(Json(DrainReport {
+        drained: open == 0,
+        closed_at_deadline: open,
+        waited_ms: waited,
+    }))
+}
+
+/// Waits until the backend has no request in flight; false at the deadline.
+async fn wait_idle(shared: &super::router::BackendShared, deadline: Instant) -> bool {
+    loop {
+        let idle = shared.idle.notified();
+        tokio::pin!(idle);
+        idle.as_mut().enable();
+        if shared.in_flight.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        if tokio::time::timeout_at(deadline, idle).await.is_err() {
+            return shared.in_flight.load(Ordering::Acquire) == 0;
+        }
+    }
+}
+
+async fn wait_healthy(
+    State(proxy): State<Arc<Proxy>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<StatusCode> {
+    let timeout = wait_timeout(&body, *proxy.settings.health.deadline)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let changed = proxy.health_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let (health, last_error) = {
+            let table = proxy.table();
+            let entry = table
+                .get(&id)
+                .ok_or_else(|| AdminError::NotFound(id.clone()))?;
+            (entry.health.health, entry.health.last_error.clone())
+        };
+        if health == Health::Healthy {
+            return Ok(StatusCode::NO_CONTENT);
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            let last = last_error.unwrap_or_else(|| "no check has finished yet".into());
+            return Err(AdminError::Timeout(format!(
+                "backend {id} is not healthy after {}ms (health {}): last check: {last}",
+                timeout.as_millis(),
+                match health {
+                    Health::Unknown => "unknown",
+                    Health::Unhealthy => "unhealthy",
+                    Health::Healthy => "healthy",
+                }
+            )));
+        }
+    }
+}
+
+async fn stats(State(proxy): State<Arc<Proxy>>) -> Json<Stats> {
+    let (backends, releases) = {
+        let table = proxy.table();
+        (table.backend_counters(), table.release_counters())
+    };
+    let mut total = Counters::default();
+    for c in releases.values() {
+        total.add(c);
+    }
+    Json(Stats {
+        backends,
+        releases,
+        unrouted: proxy.unrouted.load(Ordering::Relaxed),
+        total,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret-token", b"secret-token"));
+        assert!(!constant_time_eq(b"secret-tokex", b"secret-token"));
+        assert!(!constant_time_eq(b"secret", b"secret-token"));
+    }
+
+    #[test]
+    fn wait_body_is_optional() {
+        let d = Duration::from_secs(5);
+        assert_eq!(wait_timeout(b"", d).unwrap(), d);
+        assert_eq!(
+            wait_timeout(br#"{"timeout_ms":250}"#, d).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(matches!(
+            wait_timeout(b"{", d),
+            Err(AdminError::BadRequest(_))
+        ));
+    }
+}

@@ -1,0 +1,519 @@
+//! Forwarding one client request: pick a backend, rewrite the request, send it through the
+//! pooled client, retry when that is safe, and stream the response back while the request
+//! counts as in flight.
+//!
+//! Design choices:
+//! - A retry is only safe when the request cannot have had an effect twice: an idempotent
+//!   method, no body, and a failure before any response head arrived. Such requests are sent
+//!   with an empty body from the start, so a second attempt is identical to the first. Each
+//!   other eligible backend gets at most one attempt. POST, PATCH and any request with a body
+//!   are sent exactly once.
+//! - The in-flight guard ([`InFlight`]) travels inside the response body ([`ProxyBody`]), so a
+//!   streaming response (SSE, downloads) keeps its backend busy until the last byte is sent or
+//!   the client goes away; draining therefore waits for it.
+//! - At a drain deadline the backend's cut signal fires: bodies still streaming end with an
+//!   error (the client connection is closed), requests still waiting for a head get a 502.
+//! - WebSocket (HTTP/1.1 `Upgrade`) requests are tunnelled; the tunnel holds the guard too and
+//!   is closed by the cut signal, so upgraded connections drain like any other request.
+//! - The hot path allocates little: the client's IP header value is built once per
+//!   connection, headers are edited in place, and the cut notification is only registered when
+//!   a body actually has to wait.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::{self, PathAndQuery, Scheme};
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
+use tokio::sync::futures::OwnedNotified;
+use tracing::{debug, warn};
+
+use super::Proxy;
+use super::router::{BackendShared, InFlight};
+
+/// Body of requests sent to backends: the client's own, or empty (for retryable requests).
+pub(crate) type ForwardBody = Either<Incoming, Empty<Bytes>>;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 cutover");
+
+/// What the proxy knows about the client connection, computed once per connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    /// The client's IP, ready for `X-Forwarded-For`.
+    pub(crate) ip: HeaderValue,
+}
+
+impl Peer {
+    pub(crate) fn new(addr: std::net::SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Peer { ip }
+    }
+}
+
+/// Handles one client request; never fails (errors become 502/503 responses).
+pub(crate) async fn handle(
+    proxy: &Arc<Proxy>,
+    mut req: Request<Incoming>,
+    peer: &Peer,
+) -> Response<ProxyBody> {
+    let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let retryable = !upgrade && is_idempotent(&parts.method) && has_no_body(&parts.headers, &body);
+
+    prepare_request_headers(&mut parts.headers, &parts.uri, peer, upgrade);
+    let pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+    let Some((mut guard, eligible)) = proxy.table().pick(&[]) else {
+        proxy.unrouted.fetch_add(1, Ordering::Relaxed);
+        debug!(method = %parts.method, path = %pq, "no backend available: 503");
+        return plain(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
+    };
+
+    // Keep what a second attempt needs only when one is possible.
+    let template =
+        (retryable && eligible > 1).then(|| (parts.method.clone(), parts.headers.clone()));
+    let body = if retryable {
+        Either::Right(Empty::new())
+    } else {
+        Either::Left(body)
+    };
+    let mut req = Request::from_parts(parts, body);
+    *req.version_mut() = Version::HTTP_11;
+    let mut tried: Vec<u64> = Vec::new();
+
+    loop {
+        let backend = guard.backend().clone();
+        *req.uri_mut() = match backend_uri(&backend, &pq) {
+            Some(u) => u,
+            None => return bad_gateway(proxy),
+        };
+        backend.counters.request();
+        backend.release.request();
+        let started = Instant::now();
+        let method = req.method().clone();
+        match send(proxy, &guard, req).await {
+            Ok(resp) => {
+                let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                backend.answered(resp.status().as_u16(), latency);
+                debug!(backend = %backend.id, %method, path = %pq, status = resp.status().as_u16(), latency_us = latency, "forwarded");
+                return respond(resp, guard, client_upgrade);
+            }
+            Err(e) => {
+                let failures = backend.failed();
+                let reason = e.to_string();
+                debug!(backend = %backend.id, %method, path = %pq, "backend failed: {reason}");
+                proxy.passive_failure(&backend, failures, &reason);
+                let Some((method, headers)) = &template else {
+                    return bad_gateway(proxy);
+                };
+                tried.push(backend.uid);
+                drop(guard);
+                let Some((next, _)) = proxy.table().pick(&tried) else {
+                    return bad_gateway(proxy);
+                };
+                backend.retried();
+                guard = next;
+                req = Request::new(Either::Right(Empty::new()));
+                *req.method_mut() = method.clone();
+                *req.headers_mut() = headers.clone();
+            }
+        }
+    }
+}
+
+/// Why an attempt produced no response head.
+#[derive(Debug)]
+enum SendError {
+    Client(hyper_util::client::legacy::Error),
+    Cut,
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Client(e) => f.write_str(&super::health::describe(e)),
+            SendError::Cut => f.write_str("closed at the drain deadline"),
+        }
+    }
+}
+
+/// Sends one attempt, giving up when the backend's drain deadline cuts it.
+async fn send(
+    proxy: &Proxy,
+    guard: &InFlight,
+    req: Request<ForwardBody>,
+) -> Result<Response<Incoming>, SendError> {
+    if guard.is_cut() {
+        return Err(SendError::Cut);
+    }
+    let response = proxy.client.request(req);
+    let cut = guard.backend().cut.notified();
+    tokio::pin!(response, cut);
+    // Fast path: a pooled connection may answer without ever waiting on the cut signal.
+    tokio::select! {
+        biased;
+        r = &mut response => r.map_err(SendError::Client),
+        _ = &mut cut => Err(SendError::Cut),
+    }
+    .and_then(|r| {
+        if guard.is_cut() {
+            Err(SendError::Cut)
+        } else {
+            Ok(r)
+        }
+    })
+}
+
+fn respond(
+    mut resp: Response<Incoming>,
+    guard: InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client) = client_upgrade {
+            let backend = hyper::upgrade::on(&mut resp);
+            let (mut parts, _) = resp.into_parts();
+            let proto = parts.headers.get(header::UPGRADE).cloned();
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(p) = proto {
+                parts.headers.insert(header::UPGRADE, p);
+            }
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            tokio::spawn(tunnel(client, backend, guard));
+            return Response::from_parts(parts, ProxyBody::Static(None));
+        }
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ProxyBody::Upstream(Upstream::new(body, guard)))
+}
+
+/// Copies bytes both ways for an upgraded connection until either side closes or the backend's
+/// drain deadline cuts it.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    guard: InFlight,
+) {
+    let (client, backend) = match tokio::try_join!(client, backend) {
+        Ok(pair) => pair,
+        Err(e) => {
+            debug!(backend = %guard.backend().id, "upgrade failed: {e}");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(backend);
+    let cut = guard.backend().cut.notified();
+    tokio::pin!(cut);
+    cut.as_mut().enable();
+    if guard.is_cut() {
+        return;
+    }
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+            if let Err(e) = r {
+                debug!(backend = %guard.backend().id, "upgraded connection ended: {e}");
+            }
+        }
+        _ = &mut cut => debug!(backend = %guard.backend().id, "upgraded connection closed at the drain deadline"),
+    }
+}
+
+fn backend_uri(backend: &BackendShared, pq: &PathAndQuery) -> Option<Uri> {
+    let mut parts = uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(backend.authority.clone());
+    parts.path_and_query = Some(pq.clone());
+    Uri::from_parts(parts).ok()
+}
+
+fn bad_gateway(proxy: &Proxy) -> Response<ProxyBody> {
+    proxy.unrouted.fetch_add(1, Ordering::Relaxed);
+    plain(StatusCode::BAD_GATEWAY, "no backend could answer\n")
+}
+
+fn plain(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::Static(Some(Bytes::from_static(text.as_bytes()))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// No `Content-Length` above zero, no `Transfer-Encoding`, and (for HTTP/2) no data frames.
+fn has_no_body(headers: &HeaderMap, body: &Incoming) -> bool {
+    let length_zero = headers
+        .get(header::CONTENT_LENGTH)
+        .is_none_or(|v| v.as_bytes() == b"0");
+    length_zero && !headers.contains_key(header::TRANSFER_ENCODING) && body.is_end_stream()
+}
+
+fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| tokens(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
+}
+
+fn tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
+    v.to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers: the fixed list and every header the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(tokens)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(header::CONNECTION);
+    }
+    for h in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        if headers.contains_key(h) {
+            headers.remove(h);
+        }
+    }
+}
+
+fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer, upgrade: bool) {
+    let upgrade_to = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(headers);
+    if let Some(proto) = upgrade_to {
+        headers.insert(header::UPGRADE, proto);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // HTTP/2 clients send the host as :authority; HTTP/1.1 backends want a Host header.
+    if !headers.contains_key(header::HOST) {
+        if let Some(a) = uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        None => peer.ip.clone(),
+        Some(old) => {
+            let mut v = Vec::with_capacity(old.len() + 2 + peer.ip.len());
+            v.extend_from_slice(old.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer.ip.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| peer.ip.clone())
+        }
+    };
+    headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.append(header::VIA, VIA_VALUE.clone());
+}
+
+/// Body of every response the proxy sends.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// A backend's response, streamed while its request counts as in flight.
+    Upstream(Upstream),
+    /// A response the proxy made itself.
+    Static(Option<Bytes>),
+}
+
+/// A backend's response body plus the request's in-flight guard.
+#[derive(Debug)]
+pub struct Upstream {
+    inner: Incoming,
+    guard: Option<InFlight>,
+    /// Registered on the backend's cut signal the first time the body has to wait.
+    cut: Option<Pin<Box<OwnedNotified>>>,
+}
+
+impl Upstream {
+    fn new(inner: Incoming, guard: InFlight) -> Self {
+        Upstream {
+            inner,
+            guard: Some(guard),
+            cut: None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(guard) = &self.guard else {
+            return Poll::Ready(None);
+        };
+        if guard.is_cut() {
+            return Poll::Ready(Some(Err(BodyError::Cut)));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(None) => {
+                self.guard = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Err(e))) => {
+                guard.backend().failed();
+                warn!(backend = %guard.backend().id, "response body failed: {e}");
+                Poll::Ready(Some(Err(BodyError::Upstream(e))))
+            }
+            Poll::Pending => {
+                let cut = match &mut self.cut {
+                    Some(c) => c,
+                    None => {
+                        let mut n = Box::pin(guard.backend().cut.clone().notified_owned());
+                        n.as_mut().enable();
+                        if guard.is_cut() {
+                            return Poll::Ready(Some(Err(BodyError::Cut)));
+                        }
+                        self.cut.insert(n)
+                    }
+                };
+                if cut.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Some(Err(BodyError::Cut)));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(u) => u.poll(cx),
+            ProxyBody::Static(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(u) => u.guard.is_none() || u.inner.is_end_stream(),
+            ProxyBody::Static(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(u) => u.inner.size_hint(),
+            ProxyBody::Static(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// Why a response body ended early.
+#[derive(Debug)]
+pub enum BodyError {
+    /// The backend failed while sending the body.
+    Upstream(hyper::Error),
+    /// The drain deadline closed the request.
+    Cut,
+}
+
+impl fmt::Display for BodyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BodyError::Upstream(e) => write!(f, "backend response failed: {e}"),
+            BodyError::Cut => f.write_str("closed at the drain deadline"),
+        }
+    }
+}
+
+impl StdError for BodyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            BodyError::Upstream(e) => Some(e),
+            BodyError::Cut => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_and_via_is_added() {
+        let peer = Peer::new("10.0.0.7:5555".parse().unwrap());
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
+        prepare_request_headers(&mut h, &Uri::from_static("/x"), &peer, false);
+        assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.7");
+        assert_eq!(h.get("via").unwrap(), "1.1 cutover");
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        assert!(is_idempotent(&Method::GET) && is_idempotent(&Method::DELETE));
+        assert!(!is_idempotent(&Method::POST) && !is_idempotent(&Method::PATCH));
+    }
+}

@@ -1,0 +1,583 @@
+//! The backend table: which backends exist, their routing state and health, and which one the
+//! next request goes to (smooth weighted round robin, as nginx does it).
+//!
+//! Design choices:
+//! - One `std::sync::Mutex` over the table. Selection and the in-flight increment happen under
+//!   it, and so does every state change (drain, remove), so once `drain` returns no request can
+//!   be routed to that backend any more. The lock is never held across an `.await`.
+//! - Everything a request touches after selection lives in an `Arc<BackendShared>` with atomic
+//!   counters, so the hot path takes the lock once (to pick) and records its outcome lock-free.
+//! - Release counters are `Arc<AtomicCounters>` kept in a map that outlives backends: removing
+//!   a backend never loses the proof of what its release served.
+//! - The in-flight count is released by [`InFlight`]'s `Drop`, which the forwarder keeps alive
+//!   until the response body is finished or dropped; reaching zero wakes `wait-drained`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hyper::http::uri::Authority;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+
+use crate::balancer::api::{BackendSpec, BackendState, BackendView, Counters, Health};
+
+/// Counters updated lock-free by requests in flight.
+#[derive(Debug, Default)]
+pub(crate) struct AtomicCounters {
+    requests: AtomicU64,
+    status_2xx: AtomicU64,
+    status_3xx: AtomicU64,
+    status_4xx: AtomicU64,
+    status_5xx: AtomicU64,
+    proxy_errors: AtomicU64,
+    retries: AtomicU64,
+    latency_us_sum: AtomicU64,
+}
+
+impl AtomicCounters {
+    pub(crate) fn request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn response(&self, status: u16, latency_us: u64) {
+        let class = match status {
+            200..=299 => &self.status_2xx,
+            300..=399 => &self.status_3xx,
+            400..=499 => &self.status_4xx,
+            500..=599 => &self.status_5xx,
+            _ => return self.add_latency(latency_us),
+        };
+        class.fetch_add(1, Ordering::Relaxed);
+        self.add_latency(latency_us);
+    }
+
+    fn add_latency(&self, latency_us: u64) {
+        self.latency_us_sum.fetch_add(latency_us, Ordering::Relaxed);
+    }
+
+    pub(crate) fn proxy_error(&self) {
+        self.proxy_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Counters {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            requests: get(&self.requests),
+            status_2xx: get(&self.status_2xx),
+            status_3xx: get(&self.status_3xx),
+            status_4xx: get(&self.status_4xx),
+            status_5xx: get(&self.status_5xx),
+            proxy_errors: get(&self.proxy_errors),
+            retries: get(&self.retries),
+            latency_us_sum: get(&self.latency_us_sum),
+        }
+    }
+}
+
+/// What requests need of a backend after it was picked; shared by the table and every request
+/// in flight on it.
+#[derive(Debug)]
+pub(crate) struct BackendShared {
+    /// Unique per add: a backend removed and added again under the same id is a new one.
+    pub(crate) uid: u64,
+    pub(crate) id: String,
+    /// `host:port` for request URIs, parsed once.
+    pub(crate) authority: Authority,
+    pub(crate) in_flight: AtomicU64,
+    pub(crate) counters: AtomicCounters,
+    pub(crate) release: Arc<AtomicCounters>,
+    /// Notified when `in_flight` drops to zero.
+    pub(crate) idle: Notify,
+    /// Bumped (and `cut` notified) when wait-drained hits its deadline: requests picked under
+    /// an older epoch are closed.
+    pub(crate) cut_epoch: AtomicU64,
+    pub(crate) cut: Arc<Notify>,
+    /// Connection failures in a row (passive health check).
+    pub(crate) consecutive_errors: AtomicU64,
+}
+
+impl BackendShared {
+    /// Records a failed attempt; returns the number of failures in a row.
+    pub(crate) fn failed(&self) -> u64 {
+        self.counters.proxy_error();
+        self.release.proxy_error();
+        self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    pub(crate) fn answered(&self, status: u16, latency_us: u64) {
+        self.counters.response(status, latency_us);
+        self.release.response(status, latency_us);
+        if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
+            self.consecutive_errors.store(0, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn retried(&self) {
+        self.counters.retry();
+        self.release.retry();
+    }
+
+    /// Closes every request picked before now.
+    pub(crate) fn cut_in_flight(&self) {
+        self.cut_epoch.fetch_add(1, Ordering::AcqRel);
+        self.cut.notify_waiters();
+    }
+}
+
+/// A request in flight on a backend; dropping it ends the request for draining purposes.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    backend: Arc<BackendShared>,
+    epoch: u64,
+}
+
+impl InFlight {
+    pub(crate) fn backend(&self) -> &Arc<BackendShared> {
+        &self.backend
+    }
+
+    /// True once wait-drained's deadline has cut this request.
+    pub(crate) fn is_cut(&self) -> bool {
+        self.backend.cut_epoch.load(Ordering::Acquire) != self.epoch
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.backend.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.backend.idle.notify_waiters();
+        }
+    }
+}
+
+/// Health as the active (and passive) checks track it.
+#[derive(Debug)]
+pub(crate) struct HealthTrack {
+    pub(crate) health: Health,
+    passes: u32,
+    fails: u32,
+    pub(crate) last_error: Option<String>,
+}
+
+impl HealthTrack {
+    fn new() -> Self {
+        HealthTrack {
+            health: Health::Unknown,
+            passes: 0,
+            fails: 0,
+            last_error: None,
+        }
+    }
+
+    /// Applies one check result; returns true when `health` changed.
+    pub(crate) fn record(
+        &mut self,
+        result: Result<(), String>,
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+    ) -> bool {
+        let before = self.health;
+        match result {
+            Ok(()) => {
+                self.fails = 0;
+                self.passes = self.passes.saturating_add(1);
+                if self.health != Health::Healthy && self.passes >= healthy_threshold {
+                    self.health = Health::Healthy;
+                }
+            }
+            Err(e) => {
+                self.passes = 0;
+                self.fails = self.fails.saturating_add(1);
+                self.last_error = Some(e);
+                // An unchecked backend fails at once; a healthy one after the threshold.
+                if self.health == Health::Unknown
+                    || (self.health == Health::Healthy && self.fails >= unhealthy_threshold)
+                {
+                    self.health = Health::Unhealthy;
+                }
+            }
+        }
+        before != self.health
+    }
+
+    /// Passive ejection: connection failures in a row seen by requests.
+    pub(crate) fn eject(&mut self, reason: String) -> bool {
+        self.passes = 0;
+        self.last_error = Some(reason);
+        let changed = self.health == Health::Healthy;
+        self.health = Health::Unhealthy;
+        changed
+    }
+}
+
+/// One row of the table.
+#[derive(Debug)]
+pub(crate) struct Entry {
+    pub(crate) spec: BackendSpec,
+    pub(crate) state: BackendState,
+    pub(crate) health: HealthTrack,
+    pub(crate) shared: Arc<BackendShared>,
+    /// Smooth weighted round robin's running weight.
+    current: i64,
+    /// The active health check task, stopped when the entry goes.
+    checker: Option<AbortHandle>,
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        if let Some(c) = self.checker.take() {
+            c.abort();
+        }
+    }
+}
+
+impl Entry {
+    fn eligible(&self) -> bool {
+        self.state == BackendState::Active
+            && self.health.health == Health::Healthy
+            && self.spec.weight > 0
+    }
+
+    fn view(&self) -> BackendView {
+        BackendView {
+            spec: self.spec.clone(),
+            state: self.state,
+            health: self.health.health,
+            in_flight: self.shared.in_flight.load(Ordering::Relaxed),
+            counters: self.shared.counters.snapshot(),
+        }
+    }
+}
+
+/// Outcome of [`Table::add`].
+#[derive(Debug)]
+pub(crate) enum Added {
+    Created(Arc<BackendShared>),
+    /// Same id and same spec (weight aside): nothing to do.
+    Exists,
+    /// Same id, different spec; the message says what differs.
+    Conflict(String),
+}
+
+/// All backends, in the order they were added, plus per-release counters.
+#[derive(Debug, Default)]
+pub(crate) struct Table {
+    entries: Vec<Entry>,
+    releases: BTreeMap<String, Arc<AtomicCounters>>,
+    next_uid: u64,
+}
+
+impl Table {
+    /// Adds a backend (health `Unknown`). A spec equal to an existing one except for its weight
+    /// is the same backend: the current weight stays (weights change through `set_weight`).
+    pub(crate) fn add(&mut self, spec: BackendSpec, state: BackendState) -> Added {
+        if let Some(e) = self.get(&spec.id) {
+            let same = BackendSpec {
+                weight: e.spec.weight,
+                ..spec.clone()
+            };
+            return if same == e.spec {
+                Added::Exists
+            } else {
+                Added::Conflict(format!(
+                    "backend {} already exists with a different spec (address {}, release {}, health_path {}): remove it first",
+                    e.spec.id, e.spec.address, e.spec.release, e.spec.health_path
+                ))
+            };
+        }
+        let authority = match spec.address.to_string().parse::<Authority>() {
+            Ok(a) => a,
+            Err(e) => return Added::Conflict(format!("address {}: {e}", spec.address)),
+        };
+        let release = self
+            .releases
+            .entry(spec.release.clone())
+            .or_default()
+            .clone();
+        self.next_uid += 1;
+        let shared = Arc::new(BackendShared {
+            uid: self.next_uid,
+            id: spec.id.clone(),
+            authority,
+            in_flight: AtomicU64::new(0),
+            counters: AtomicCounters::default(),
+            release,
+            idle: Notify::new(),
+            cut_epoch: AtomicU64::new(0),
+            cut: Arc::new(Notify::new()),
+            consecutive_errors: AtomicU64::new(0),
+        });
+        self.entries.push(Entry {
+            spec,
+            state,
+            health: HealthTrack::new(),
+            shared: shared.clone(),
+            current: 0,
+            checker: None,
+        });
+        Added::Created(shared)
+    }
+
+    /// Attaches the health check task of the backend `uid` (aborted if it is already gone).
+    pub(crate) fn set_checker(&mut self, uid: u64, checker: AbortHandle) {
+        match self.entries.iter_mut().find(|e| e.shared.uid == uid) {
+            Some(e) => e.checker = Some(checker),
+            None => checker.abort(),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: &str) -> Option<Entry> {
+        let i = self.entries.iter().position(|e| e.spec.id == id)?;
+        let entry = self.entries.remove(i);
+        self.reset_rotation();
+        Some(entry)
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.spec.id == id)
+    }
+
+    pub(crate) fn get_mut(&mut self, id: &str) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.spec.id == id)
+    }
+
+    pub(crate) fn by_uid_mut(&mut self, uid: u64) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.shared.uid == uid)
+    }
+
+    /// Returns false when the id is unknown.
+    pub(crate) fn set_weight(&mut self, id: &str, weight: u32) -> bool {
+        let Some(e) = self.get_mut(id) else {
+            return false;
+        };
+        e.spec.weight = weight;
+        self.reset_rotation();
+        true
+    }
+
+    /// Returns the previous state, or `None` when the id is unknown.
+    pub(crate) fn set_state(&mut self, id: &str, state: BackendState) -> Option<BackendState> {
+        let e = self.get_mut(id)?;
+        Some(std::mem::replace(&mut e.state, state))
+    }
+
+    /// nginx resets running weights when the set of peers or weights changes.
+    fn reset_rotation(&mut self) {
+        for e in &mut self.entries {
+            e.current = 0;
+        }
+    }
+
+    /// Picks the next backend by smooth weighted round robin among eligible backends whose uid
+    /// is not in `exclude`, and counts the request in flight on it. Also returns how many
+    /// backends were eligible (a retry is only possible when there were several).
+    pub(crate) fn pick(&mut self, exclude: &[u64]) -> Option<(InFlight, usize)> {
+        let mut total: i64 = 0;
+        let mut best: Option<(usize, i64)> = None;
+        let mut eligible = 0;
+        for (i, e) in self.entries.iter_mut().enumerate() {
+            if !e.eligible() || exclude.contains(&e.shared.uid) {
+                continue;
+            }
+            eligible += 1;
+            let w = i64::from(e.spec.weight);
+            e.current += w;
+            total += w;
+            if best.is_none_or(|(_, c)| e.current > c) {
+                best = Some((i, e.current));
+            }
+        }
+        let (i, _) = best?;
+        let e = &mut self.entries[i];
+        e.current -= total;
+        let backend = e.shared.clone();
+        backend.in_flight.fetch_add(1, Ordering::AcqRel);
+        let epoch = backend.cut_epoch.load(Ordering::Acquire);
+        Some((InFlight { backend, epoch }, eligible))
+    }
+
+    /// Stops every health check (at shutdown).
+    pub(crate) fn stop_checkers(&mut self) {
+        for e in &mut self.entries {
+            if let Some(c) = e.checker.take() {
+                c.abort();
+            }
+        }
+    }
+
+    pub(crate) fn views(&self) -> Vec<BackendView> {
+        self.entries.iter().map(Entry::view).collect()
+    }
+
+    /// Counters of every backend present, by id.
+    pub(crate) fn backend_counters(&self) -> BTreeMap<String, Counters> {
+        self.entries
+            .iter()
+            .map(|e| (e.spec.id.clone(), e.shared.counters.snapshot()))
+            .collect()
+    }
+
+    /// Counters of every release ever seen, including removed backends'.
+    pub(crate) fn release_counters(&self) -> BTreeMap<String, Counters> {
+        self.releases
+            .iter()
+            .map(|(r, c)| (r.clone(), c.snapshot()))
+            .collect()
+    }
+
+    /// Specs and states, for persistence.
+    pub(crate) fn routes(&self) -> Vec<(BackendSpec, BackendState)> {
+        self.entries
+            .iter()
+            .map(|e| (e.spec.clone(), e.state))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, weight: u32, port: u16) -> BackendSpec {
+        BackendSpec {
+            id: id.into(),
+            address: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            host: "h".into(),
+            release: format!("r-{id}"),
+            weight,
+            health_path: "/health".into(),
+        }
+    }
+
+    fn healthy(table: &mut Table, id: &str) {
+        let e = table.get_mut(id).unwrap();
+        e.health.record(Ok(()), 1, 1);
+    }
+
+    fn table(weights: &[(&str, u32)]) -> Table {
+        let mut t = Table::default();
+        for (i, (id, w)) in weights.iter().enumerate() {
+            assert!(matches!(
+                t.add(spec(id, *w, 4000 + i as u16), BackendState::Active),
+                Added::Created(_)
+            ));
+            healthy(&mut t, id);
+        }
+        t
+    }
+
+    fn pick_id(t: &mut Table) -> String {
+        let (guard, _) = t.pick(&[]).expect("a backend");
+        guard.backend().id.clone()
+    }
+
+    #[test]
+    fn swrr_matches_nginx_order() {
+        let mut t = table(&[("a", 5), ("b", 1), ("c", 1)]);
+        let order: Vec<String> = (0..7).map(|_| pick_id(&mut t)).collect();
+        assert_eq!(order, ["a", "a", "b", "a", "c", "a", "a"]);
+    }
+
+    #[test]
+    fn swrr_respects_weights_over_many_picks() {
+        let mut t = table(&[("a", 3), ("b", 2), ("c", 0), ("d", 5)]);
+        let mut seen = BTreeMap::<String, u32>::new();
+        for _ in 0..1000 {
+            *seen.entry(pick_id(&mut t)).or_default() += 1;
+        }
+        assert_eq!(seen.get("a"), Some(&300));
+        assert_eq!(seen.get("b"), Some(&200));
+        assert_eq!(seen.get("c"), None);
+        assert_eq!(seen.get("d"), Some(&500));
+    }
+
+    #[test]
+    fn only_active_healthy_backends_are_picked() {
+        let mut t = table(&[("a", 1), ("b", 1)]);
+        t.add(spec("new", 1, 4999), BackendState::Active);
+        t.set_state("a", BackendState::Draining);
+        for _ in 0..10 {
+            assert_eq!(pick_id(&mut t), "b");
+        }
+        t.set_state("b", BackendState::Draining);
+        assert!(t.pick(&[]).is_none());
+    }
+
+    #[test]
+    fn in_flight_is_counted_until_the_guard_drops() {
+        let mut t = table(&[("a", 1)]);
+        let (g1, _) = t.pick(&[]).unwrap();
+        let (g2, _) = t.pick(&[]).unwrap();
+        let shared = g1.backend().clone();
+        assert_eq!(shared.in_flight.load(Ordering::Relaxed), 2);
+        drop(g1);
+        drop(g2);
+        assert_eq!(shared.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn excluded_backends_are_skipped() {
+        let mut t = table(&[("a", 10), ("b", 1)]);
+        let uid_a = t.get("a").unwrap().shared.uid;
+        let (g, eligible) = t.pick(&[uid_a]).unwrap();
+        assert_eq!(g.backend().id, "b");
+        assert_eq!(eligible, 1);
+    }
+
+    #[test]
+    fn add_is_idempotent_and_conflicts_are_reported() {
+        let mut t = table(&[("a", 1)]);
+        assert!(matches!(
+            t.add(spec("a", 1, 4000), BackendState::Active),
+            Added::Exists
+        ));
+        // A different weight is the same backend.
+        assert!(matches!(
+            t.add(spec("a", 7, 4000), BackendState::Active),
+            Added::Exists
+        ));
+        assert!(matches!(
+            t.add(spec("a", 1, 4001), BackendState::Active),
+            Added::Conflict(_)
+        ));
+    }
+
+    #[test]
+    fn health_thresholds() {
+        let mut h = HealthTrack::new();
+        assert!(!h.record(Ok(()), 2, 3));
+        assert_eq!(h.health, Health::Unknown);
+        assert!(h.record(Ok(()), 2, 3));
+        assert_eq!(h.health, Health::Healthy);
+        h.record(Err("x".into()), 2, 3);
+        h.record(Err("x".into()), 2, 3);
+        assert_eq!(h.health, Health::Healthy);
+        assert!(h.record(Err("x".into()), 2, 3));
+        assert_eq!(h.health, Health::Unhealthy);
+        h.record(Ok(()), 2, 3);
+        assert_eq!(h.health, Health::Unhealthy);
+        h.record(Ok(()), 2, 3);
+        assert_eq!(h.health, Health::Healthy);
+    }
+
+    #[test]
+    fn release_counters_outlive_the_backend() {
+        let mut t = table(&[("a", 1)]);
+        {
+            let (g, _) = t.pick(&[]).unwrap();
+            g.backend().counters.request();
+            g.backend().release.request();
+            g.backend().answered(200, 10);
+        }
+        t.remove("a");
+        assert!(t.backend_counters().is_empty());
+        let r = t.release_counters();
+        assert_eq!(r["r-a"].requests, 1);
+        assert_eq!(r["r-a"].status_2xx, 1);
+    }
+}

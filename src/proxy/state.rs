@@ -1,0 +1,131 @@
+//! Routing state on disk: the backends (spec and routing state, not counters or health) as
+//! JSON, rewritten after every admin change and read back at start, so a restarted proxy keeps
+//! routing to the same fleet.
+//!
+//! Writes go to a temporary file in the same directory, are synced, then renamed over the old
+//! file, so a crash never leaves a half-written state behind. Health is not persisted on
+//! purpose: a restored backend starts `Unknown` and is checked at once.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::balancer::api::{BackendSpec, BackendState};
+
+const VERSION: u32 = 1;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    backends: Vec<Route>,
+}
+
+/// One persisted backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Route {
+    pub(crate) spec: BackendSpec,
+    pub(crate) state: BackendState,
+}
+
+/// Reads the state file; a missing file is an empty state, a corrupt one an error naming it.
+pub(crate) fn load(path: &Path) -> anyhow::Result<Vec<Route>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the proxy state file {}", path.display()));
+        }
+    };
+    let file: StateFile = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "the proxy state file {} is corrupt: fix it, or move it away to start with no backends",
+            path.display()
+        )
+    })?;
+    if file.version != VERSION {
+        anyhow::bail!(
+            "the proxy state file {} has version {}, this cutover reads version {VERSION}",
+            path.display(),
+            file.version
+        );
+    }
+    Ok(file.backends)
+}
+
+/// Writes the state atomically (temp file, fsync, rename).
+pub(crate) fn save(path: &Path, backends: Vec<Route>) -> anyhow::Result<()> {
+    let file = StateFile {
+        version: VERSION,
+        backends,
+    };
+    let json = serde_json::to_vec_pretty(&file).context("cannot encode the proxy state")?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let tmp = temp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&json)?;
+        f.write_all(b"\n")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().with_context(|| format!("cannot write the proxy state file {}", path.display()))
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(id: &str, state: BackendState) -> Route {
+        Route {
+            spec: BackendSpec {
+                id: id.into(),
+                address: "127.0.0.1:4100".parse().unwrap(),
+                host: "web1".into(),
+                release: "v1".into(),
+                weight: 100,
+                health_path: "/health".into(),
+            },
+            state,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/proxy-routes.json");
+        assert!(load(&path).unwrap().is_empty());
+        let routes = vec![
+            route("a", BackendState::Active),
+            route("b", BackendState::Draining),
+        ];
+        save(&path, routes.clone()).unwrap();
+        assert_eq!(load(&path).unwrap(), routes);
+    }
+
+    #[test]
+    fn corrupt_file_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy-routes.json");
+        std::fs::write(&path, "{ not json").unwrap();
+        let e = format!("{:#}", load(&path).unwrap_err());
+        assert!(
+            e.contains("proxy-routes.json") && e.contains("corrupt"),
+            "{e}"
+        );
+    }
+}
