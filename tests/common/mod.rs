@@ -1,0 +1,268 @@
+//! Test harness: a local fleet in a temp dir, a real `cutover proxy` process, and the real
+//! binary for deploys. Everything it starts is stopped on drop, also when a test fails.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cutover::balancer::builtin::AdminClient;
+use cutover::balancer::{BackendView, Balancer};
+use tokio::process::{Child, Command};
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// Path of the binary under test.
+pub fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cutover"))
+}
+
+/// A port free on `ip` right now.
+pub fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Options of a test fleet.
+pub struct FleetSpec {
+    pub hosts: usize,
+    /// Third octet-ish: host i gets 127.0.<net>.<10+i>, so concurrent tests use distinct addresses.
+    pub net: u8,
+    /// `[strategy]` body (without the header).
+    pub strategy: String,
+    /// Extra `[app]` lines.
+    pub app_extra: String,
+    /// Extra `[app.health]` lines.
+    pub health_extra: String,
+}
+
+impl FleetSpec {
+    pub fn new(hosts: usize, net: u8) -> Self {
+        FleetSpec {
+            hosts,
+            net,
+            strategy: "kind = \"rolling\"\nbatch = [1, \"50%\"]\n".into(),
+            app_extra: String::new(),
+            health_extra: String::new(),
+        }
+    }
+}
+
+/// A local fleet with its own balancer process.
+pub struct Fleet {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub hosts: Vec<(String, String)>,
+    proxy: Option<Child>,
+}
+
+impl Fleet {
+    /// Writes the workspace (releases v1, v2 and broken ones) and starts `cutover proxy`.
+    pub async fn start(spec: FleetSpec) -> Fleet {
+        let dir = tempfile::Builder::new()
+            .prefix("cutover-test-")
+            .tempdir()
+            .unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let exe = exe();
+        for (v, flags) in [
+            ("v1", ""),
+            ("v2", ""),
+            ("crash", "--exit-on-start"),
+            ("sick", "--unhealthy"),
+        ] {
+            cutover::init::write_sample_release(
+                &dir.path().join("releases").join(v),
+                &exe,
+                v,
+                flags,
+            )
+            .unwrap();
+        }
+        let hosts: Vec<(String, String)> = (0..spec.hosts)
+            .map(|i| {
+                (
+                    format!("web{}", i + 1),
+                    format!("127.0.{}.{}", spec.net, 11 + i),
+                )
+            })
+            .collect();
+        let mut text = format!(
+            "transport = \"local\"\n\n[app]\nname = \"test\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"5s\"\n{}\n\
+             [app.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\ndeadline = \"10s\"\n{}\n\
+             [release]\npath = \"releases/{{version}}\"\nkeep = 3\n\n\
+             [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\ntoken = \"{TOKEN}\"\n\n[strategy]\n{}\n",
+            spec.app_extra, spec.health_extra, spec.strategy
+        );
+        for (name, addr) in &hosts {
+            text.push_str(&format!(
+                "\n[[hosts]]\nname = \"{name}\"\naddress = \"{addr}\"\nroot = \"fleet/{name}\"\n"
+            ));
+        }
+        let config = dir.path().join("cutover.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut fleet = Fleet {
+            dir,
+            config,
+            listen,
+            admin,
+            hosts,
+            proxy: None,
+        };
+        fleet.start_proxy().await;
+        fleet
+    }
+
+    /// Starts `cutover proxy` and waits until its admin API answers.
+    pub async fn start_proxy(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("proxy.log")).unwrap();
+        let child = Command::new(exe())
+            .arg("-c")
+            .arg(&self.config)
+            .arg("proxy")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cutover proxy starts");
+        self.proxy = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.client().backends().await.is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cutover proxy did not come up: {}",
+                self.proxy_log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn proxy_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    pub fn client(&self) -> AdminClient {
+        AdminClient::new(self.admin, TOKEN.to_string())
+    }
+
+    pub async fn backends(&self) -> Vec<BackendView> {
+        self.client().backends().await.expect("admin API answers")
+    }
+
+    /// Runs `cutover <args> -c <config>`; returns exit code, stdout, stderr.
+    pub async fn cutover(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(exe())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("cutover runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Deploys and asserts the exit code.
+    pub async fn deploy(&self, version: &str, expect: i32) -> (String, String) {
+        let (code, out, err) = self.cutover(&["deploy", "--version", version]).await;
+        assert_eq!(
+            code,
+            expect,
+            "deploy {version} exit code\nstdout:\n{out}\nstderr:\n{err}\nproxy:\n{}",
+            self.proxy_log()
+        );
+        (out, err)
+    }
+
+    pub fn root(&self, host: &str) -> PathBuf {
+        self.dir.path().join("fleet").join(host)
+    }
+
+    /// The release `current` points at on a host.
+    pub fn current(&self, host: &str) -> Option<String> {
+        std::fs::read_link(self.root(host).join("current"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    }
+
+    /// Live instance processes started for this fleet, as (version, pid), found through /proc
+    /// (the CUTOVER_INSTANCE marker in their environment), not through our own pid files.
+    pub fn live_instances(&self) -> Vec<(String, u32)> {
+        live_instances_under(self.dir.path())
+    }
+}
+
+/// Processes whose CUTOVER_INSTANCE points under `dir`, and that are not zombies.
+pub fn live_instances_under(dir: &Path) -> Vec<(String, u32)> {
+    let prefix = format!("CUTOVER_INSTANCE={}", dir.display());
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+        if matches!(state, Some('Z') | Some('X') | None) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        for var in env.split(|b| *b == 0) {
+            let var = String::from_utf8_lossy(var);
+            if var.starts_with(&prefix) {
+                let version = var
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .trim_end_matches(".pid");
+                let version = version
+                    .rsplit_once('-')
+                    .map_or(version, |(v, _)| v)
+                    .to_string();
+                found.push((version, pid));
+            }
+        }
+    }
+    found
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Kill every instance process group we started, then the proxy (kill_on_drop).
+        for (_, pid) in live_instances_under(self.dir.path()) {
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        if let Some(mut p) = self.proxy.take() {
+            let _ = p.start_kill();
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Foundation: a 4-host local fleet behind `cutover proxy` rolls v1 → v2 under steady traffic
+//! with zero failed requests, and bad releases roll back without a failed request.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Fleet, FleetSpec};
+use cutover::balancer::BackendState;
+use cutover::balancer::api::Health;
+use cutover::load::{self, LoadSpec};
+
+/// Steady traffic through the balancer: 250 req/s, bounded.
+fn traffic(fleet: &Fleet) -> load::LoadRun {
+    load::start(LoadSpec {
+        target: fleet.listen,
+        path: "/".into(),
+        rate: 250,
+        max_requests: 30_000,
+        max_duration: Duration::from_secs(120),
+        concurrency: 8,
+        headers: Vec::new(),
+    })
+}
+
+/// Stops the traffic once at least `min` requests were sent (bounded by the run's own limits).
+async fn stop_after(run: load::LoadRun, min: u64) -> load::LoadReport {
+    tokio::time::timeout(Duration::from_secs(60), run.wait_until(|r| r.sent >= min))
+        .await
+        .expect("traffic reaches its minimum count");
+    run.stop().await
+}
+
+/// Every host serves `version` alone: one live instance each, one active healthy backend each.
+async fn assert_fleet_on(fleet: &Fleet, version: &str) {
+    let backends = fleet.backends().await;
+    for (host, _) in &fleet.hosts {
+        assert_eq!(
+            fleet.current(host).as_deref(),
+            Some(version),
+            "{host}: current"
+        );
+        let mine: Vec<_> = backends.iter().filter(|b| &b.spec.host == host).collect();
+        assert_eq!(mine.len(), 1, "{host}: exactly one backend: {mine:#?}");
+        assert_eq!(mine[0].spec.release, version, "{host}: backend release");
+        assert_eq!(mine[0].state, BackendState::Active, "{host}: in rotation");
+        assert_eq!(mine[0].health, Health::Healthy, "{host}: healthy");
+    }
+    let live = fleet.live_instances();
+    assert_eq!(
+        live.len(),
+        fleet.hosts.len(),
+        "one process per host: {live:?}"
+    );
+    assert!(
+        live.iter().all(|(v, _)| v == version),
+        "only {version} runs: {live:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_under_load_fails_no_request() {
+    let mut spec = FleetSpec::new(4, 1);
+    spec.strategy = "kind = \"rolling\"\nbatch = [1, \"50%\"]\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    assert_fleet_on(&fleet, "v1").await;
+
+    let run = traffic(&fleet);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy("v2", 0).await;
+    let report = stop_after(run, 2_000).await;
+
+    assert!(report.sent >= 2_000, "enough traffic: {report}");
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}\n{err}",
+        report.failures
+    );
+    assert!(
+        report.share("v1") > 0.0 && report.share("v2") > 0.0,
+        "both served: {report}"
+    );
+    assert!(out.contains("Succeeded"), "{out}");
+    assert!(
+        err.contains("batch 1/3: web1") && err.contains("batch 2/3: web2, web3"),
+        "{err}"
+    );
+    assert_fleet_on(&fleet, "v2").await;
+    // v1 stays staged for an instant rollback.
+    assert!(fleet.root("web1").join("releases/v1").is_dir());
+}
+
+async fn bad_release_rolls_back(version: &str, net: u8) {
+    let mut spec = FleetSpec::new(4, net);
+    spec.strategy = "kind = \"rolling\"\nbatch = [1, \"50%\"]\nmax_fail_percentage = 0\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+
+    let run = traffic(&fleet);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, _) = fleet.deploy(version, 1).await;
+    let report = stop_after(run, 1_000).await;
+
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}",
+        report.failures
+    );
+    assert_eq!(report.share("v1"), 100.0, "v1 served throughout: {report}");
+    assert!(out.contains("RolledBack"), "{out}");
+    assert!(
+        out.contains("failed host web1"),
+        "the failed host is named: {out}"
+    );
+    assert_fleet_on(&fleet, "v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_that_exits_at_start_rolls_back() {
+    bad_release_rolls_back("crash", 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_that_stays_unhealthy_rolls_back() {
+    bad_release_rolls_back("sick", 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_in_a_later_batch_returns_moved_hosts() {
+    let spec = FleetSpec::new(4, 4);
+    let fleet = Fleet::start(spec).await;
+    // "late" is healthy on web1 only: batch 1 (web1) moves, batch 2 (web2, web3) fails.
+    let dir = fleet.dir.path().join("releases/late");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("run.sh"),
+        format!(
+            "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = web1 ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
+            common::exe().display()
+        ),
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+
+    let run = traffic(&fleet);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy("late", 1).await;
+    let report = stop_after(run, 1_500).await;
+
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}",
+        report.failures
+    );
+    assert!(
+        report.share("late") > 0.0,
+        "web1 served the new release for a while: {report}"
+    );
+    assert!(err.contains("rollback: returning 1 host(s)"), "{err}");
+    assert!(out.contains("RolledBack"), "{out}");
+    assert_fleet_on(&fleet, "v1").await;
+}
