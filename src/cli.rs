@@ -224,9 +224,13 @@ fn parse_version(v: &str) -> anyhow::Result<Name> {
 pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
     let transport: Arc<dyn Transport> = match config.transport {
         crate::config::TransportKind::Local => Arc::new(LocalTransport),
+        crate::config::TransportKind::Ssh => anyhow::bail!(
+            "{}: transport = \"ssh\" is not supported yet",
+            config.file.display()
+        ),
     };
     let balancer: Arc<dyn Balancer> = Arc::new(AdminClient::new(
-        config.balancer.admin,
+        config.admin_addr()?,
         config.admin_token()?,
     ));
     Ok((transport, balancer))
@@ -277,11 +281,11 @@ pub fn print_report(r: &Report) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "{} {} -> {}: {:?} in {:.1}s",
+        "{} {} -> {}: {} in {:.1}s",
         r.kind,
         r.from.as_deref().unwrap_or("(nothing)"),
         r.to,
-        r.outcome,
+        r.outcome.label(),
         r.duration_ms as f64 / 1000.0
     );
     if !r.moved_hosts.is_empty() {
@@ -466,7 +470,7 @@ fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
             r.kind,
             r.from.as_deref().unwrap_or("-"),
             r.to,
-            format!("{:?}", r.outcome).to_lowercase(),
+            r.outcome.label(),
             r.duration_ms as f64 / 1000.0,
             r.served,
             r.failed_requests

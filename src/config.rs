@@ -14,6 +14,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+/// Settings of the SSH transport.
+#[derive(Debug, Clone)]
+pub struct SshSettings {
+    pub host_key_checking: HostKeyChecking,
+    pub connect_timeout: Duration,
+    /// Default timeout of one remote command.
+    pub command_timeout: Duration,
+}
+
 /// Where the config came from, and what it says.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -23,6 +32,11 @@ pub struct Config {
     pub base_dir: PathBuf,
     pub transport: TransportKind,
     pub state_dir: PathBuf,
+    /// SSH settings (used with `transport = "ssh"`).
+    pub ssh: SshSettings,
+    /// Parallel host operations at most (staging, batches).
+    pub forks: usize,
+    pub hooks: Vec<Hook>,
     pub app: App,
     pub release: Release,
     pub hosts: Vec<Host>,
@@ -35,6 +49,63 @@ pub struct Config {
 pub enum TransportKind {
     /// Hosts are directories on this machine; instances bind to each host's loopback address.
     Local,
+    /// Real servers through the system OpenSSH client (`~/.ssh/config`, agent, known_hosts).
+    Ssh,
+}
+
+/// How strictly SSH checks host keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostKeyChecking {
+    /// Only hosts already in known_hosts (the default: a changed or unknown key is refused).
+    #[default]
+    Strict,
+    /// Unknown hosts are added on first contact; a changed key is still refused.
+    AcceptNew,
+}
+
+/// Where a hook runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookWhere {
+    /// On the machine running cutover, in the config's directory.
+    Local,
+    /// On each host (or one host with `run_once`), in the release directory.
+    #[default]
+    Host,
+}
+
+/// When a hook runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HookPoint {
+    /// Before anything is staged or changed.
+    BeforeDeploy,
+    /// After the release is staged on every host, before any traffic change.
+    AfterStage,
+    /// On a host, after the new instance is healthy and before traffic moves to it.
+    BeforeSwitch,
+    /// On a host, after traffic moved to the new instance.
+    AfterSwitch,
+    /// After every host moved.
+    AfterDeploy,
+    /// After a rollback returned the fleet.
+    OnRollback,
+}
+
+/// `[[hooks]]`: a command run at a point of the deploy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hook {
+    pub at: HookPoint,
+    pub command: String,
+    /// Run on one host only (schema migrations); with `at = "before_deploy"` or `"after_stage"`.
+    #[serde(default)]
+    pub run_once: bool,
+    #[serde(default, rename = "where")]
+    pub where_: HookWhere,
+    #[serde(default = "secs::<300>")]
+    pub timeout: Dur,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -91,8 +162,15 @@ impl Default for HealthConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Release {
-    /// Directory shipped as the release; `{version}` is substituted.
-    pub path: String,
+    /// Directory shipped as the release; `{version}` is substituted. Set this or `git`.
+    pub path: Option<String>,
+    /// Git repository the release is built from; the version is the ref (branch, tag, commit).
+    pub git: Option<String>,
+    /// Command run once in the checked-out tree (or the release directory) before shipping.
+    pub build: Option<String>,
+    /// Globs of what ships (default: everything but `.git`).
+    #[serde(default)]
+    pub include: Vec<String>,
     #[serde(default = "default_keep")]
     pub keep: Keep,
 }
@@ -101,10 +179,18 @@ pub struct Release {
 #[serde(deny_unknown_fields)]
 pub struct Host {
     pub name: Name,
-    /// Address instances bind to (and the balancer connects to).
+    /// IP address instances bind to, the balancer connects to, and SSH reaches.
     pub address: IpAddr,
-    /// The host's directory: `releases/`, `current`, `run/`, `log/` live here.
+    /// The host's directory: `releases/`, `current`, `run/`, `log/` live here (default: the
+    /// top-level `root`).
+    #[serde(default)]
     pub root: PathBuf,
+    /// SSH port (default 22 or what ~/.ssh/config says).
+    pub port: Option<u16>,
+    /// SSH user (default: ~/.ssh/config or the current user).
+    pub user: Option<String>,
+    /// SSH private key file.
+    pub identity: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -114,10 +200,14 @@ pub struct BalancerConfig {
     pub kind: BalancerKind,
     /// Where client traffic arrives.
     pub listen: SocketAddr,
-    /// Admin API (loopback by default; bearer token required).
-    pub admin: SocketAddr,
+    /// Admin API of the built-in balancer (loopback by default; bearer token required).
+    pub admin: Option<SocketAddr>,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// HAProxy runtime API: a Unix socket path or `host:port` (stats socket at level admin).
+    pub socket: Option<String>,
+    /// HAProxy backend whose servers cutover manages.
+    pub backend: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -126,6 +216,8 @@ pub enum BalancerKind {
     /// `cutover proxy`.
     #[default]
     Builtin,
+    /// An existing HAProxy (2.4+), driven through its runtime API.
+    Haproxy,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -468,6 +560,9 @@ fn three() -> Threshold {
 fn default_keep() -> Keep {
     Keep(5)
 }
+fn default_forks() -> usize {
+    16
+}
 fn default_health_path() -> String {
     "/health".to_string()
 }
@@ -478,12 +573,29 @@ fn default_health_path() -> String {
 struct RawConfig {
     transport: Option<TransportKind>,
     state_dir: Option<PathBuf>,
+    /// Default host root for hosts (and inventory hosts) that name none.
+    root: Option<PathBuf>,
+    /// Ansible inventory (INI or YAML) to read hosts from, instead of or besides `[[hosts]]`.
+    inventory: Option<PathBuf>,
+    /// Inventory group whose hosts are the fleet (default: all).
+    hosts_group: Option<String>,
+    #[serde(default)]
+    host_key_checking: HostKeyChecking,
+    #[serde(default = "secs::<10>")]
+    connect_timeout: Dur,
+    #[serde(default = "secs::<300>")]
+    command_timeout: Dur,
+    #[serde(default = "default_forks")]
+    forks: usize,
     app: App,
     release: Release,
+    #[serde(default)]
     hosts: Vec<Host>,
     balancer: BalancerConfig,
     #[serde(default)]
     strategy: Strategy,
+    #[serde(default)]
+    hooks: Vec<Hook>,
 }
 
 /// A config error with its place in the file.
@@ -566,8 +678,53 @@ impl Config {
             }
         };
         let mut hosts = raw.hosts;
+        if let Some(inv) = &raw.inventory {
+            let inv_path = resolve(inv);
+            let found =
+                crate::inventory::load(&inv_path, raw.hosts_group.as_deref()).map_err(|e| {
+                    let offset = find_key(text, "inventory").unwrap_or(0);
+                    ConfigError::at(
+                        path,
+                        text,
+                        offset,
+                        Some("inventory".into()),
+                        format!("{e:#}"),
+                    )
+                })?;
+            hosts.extend(found);
+        } else if raw.hosts_group.is_some() {
+            let offset = find_key(text, "hosts_group").unwrap_or(0);
+            return Err(ConfigError::at(
+                path,
+                text,
+                offset,
+                Some("hosts_group".into()),
+                "hosts_group picks a group of an inventory: set inventory = \"path\" too".into(),
+            ));
+        }
         for h in &mut hosts {
+            if h.root.as_os_str().is_empty() {
+                match &raw.root {
+                    Some(r) => h.root = r.clone(),
+                    None => {
+                        let offset = find_key(text, "hosts.root")
+                            .or_else(|| find_key(text, "hosts"))
+                            .unwrap_or(0);
+                        return Err(ConfigError::at(
+                            path,
+                            text,
+                            offset,
+                            Some("hosts.root".into()),
+                            format!(
+                                "host {} has no root: set root = \"/srv/app\" on the host or at the top level",
+                                h.name
+                            ),
+                        ));
+                    }
+                }
+            }
             h.root = resolve(&h.root);
+            h.identity = h.identity.as_deref().map(resolve);
         }
         let mut balancer = raw.balancer;
         balancer.token_file = balancer.token_file.as_deref().map(resolve);
@@ -576,6 +733,13 @@ impl Config {
             file: path.to_path_buf(),
             transport: raw.transport.unwrap_or(TransportKind::Local),
             state_dir,
+            ssh: SshSettings {
+                host_key_checking: raw.host_key_checking,
+                connect_timeout: *raw.connect_timeout,
+                command_timeout: *raw.command_timeout,
+            },
+            forks: raw.forks,
+            hooks: raw.hooks,
             app: raw.app,
             release: raw.release,
             hosts,
@@ -630,9 +794,54 @@ impl Config {
                 format!("{:?} must start with '/'", self.app.health.path),
             ));
         }
-        if !self.release.path.contains("{version}") && self.release.path.trim().is_empty() {
-            return Err(err("release.path", "the release path is empty".into()));
+        match (&self.release.path, &self.release.git) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "release.git",
+                    "set either release.path or release.git, not both".into(),
+                ));
+            }
+            (None, None) => {
+                return Err(err(
+                    "release",
+                    "no release source: set path = \"builds/{version}\" (a directory) or git = \"URL\"".into(),
+                ));
+            }
+            (Some(p), None) if p.trim().is_empty() => {
+                return Err(err("release.path", "the release path is empty".into()));
+            }
+            _ => {}
         }
+        if self.forks == 0 {
+            return Err(err("forks", "forks must be at least 1".into()));
+        }
+        for hook in &self.hooks {
+            if hook.command.trim().is_empty() {
+                return Err(err("hooks.command", "a hook's command is empty".into()));
+            }
+            if hook.run_once && !matches!(hook.at, HookPoint::BeforeDeploy | HookPoint::AfterStage)
+            {
+                return Err(err(
+                    "hooks.run_once",
+                    "run_once hooks run before the first batch: use at = \"before_deploy\" or \"after_stage\"".into(),
+                ));
+            }
+        }
+        if self.balancer.kind == BalancerKind::Haproxy {
+            if self.balancer.socket.is_none() {
+                return Err(err("balancer.socket", "kind = \"haproxy\" needs socket = \"/run/haproxy/admin.sock\" (or \"host:port\")".into()));
+            }
+            if self.balancer.backend.is_none() {
+                return Err(err("balancer.backend", "kind = \"haproxy\" needs backend = \"NAME\": the HAProxy backend cutover manages".into()));
+            }
+            return Ok(());
+        }
+        let Some(admin) = self.balancer.admin else {
+            return Err(err(
+                "balancer.admin",
+                "the built-in balancer needs admin = \"127.0.0.1:8081\" for its admin API".into(),
+            ));
+        };
         match (&self.balancer.token, &self.balancer.token_file) {
             (Some(_), Some(_)) => {
                 return Err(err(
@@ -655,7 +864,7 @@ impl Config {
             }
             _ => {}
         }
-        if self.balancer.listen == self.balancer.admin {
+        if self.balancer.listen == admin {
             return Err(err(
                 "balancer.admin",
                 "admin and listen are the same address: give the admin API its own port".into(),
@@ -692,9 +901,21 @@ impl Config {
         Ok(t)
     }
 
-    /// The release source directory for a version.
+    /// The admin API address of the built-in balancer.
+    pub fn admin_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.balancer
+            .admin
+            .ok_or_else(|| anyhow::anyhow!("{}: balancer.admin is not set", self.file.display()))
+    }
+
+    /// The release source directory for a version (with `release.path`).
     pub fn release_source(&self, version: &Name) -> PathBuf {
-        let p = self.release.path.replace("{version}", version.as_str());
+        let p = self
+            .release
+            .path
+            .as_deref()
+            .unwrap_or("")
+            .replace("{version}", version.as_str());
         let p = PathBuf::from(p);
         if p.is_absolute() {
             p
@@ -871,14 +1092,14 @@ batch = [1, "50%"]
     #[test]
     fn batch_over_100_percent_is_refused() {
         let e = error_of(&GOOD.replace("batch = [1, \"50%\"]", "batch = \"120%\""));
-        assert!(e.starts_with("cutover.toml:22:9: strategy.batch:"), "{e}");
+        assert!(e.starts_with("cutover.toml:21:9: strategy.batch:"), "{e}");
         assert!(e.contains("120%"), "{e}");
     }
 
     #[test]
     fn batch_zero_is_refused() {
         let e = error_of(&GOOD.replace("batch = [1, \"50%\"]", "batch = 0"));
-        assert!(e.starts_with("cutover.toml:22:9: strategy.batch:"), "{e}");
+        assert!(e.starts_with("cutover.toml:21:9: strategy.batch:"), "{e}");
         assert!(e.contains("at least 1"), "{e}");
     }
 

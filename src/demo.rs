@@ -247,8 +247,8 @@ fn print_table(phases: &[Phase]) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<28} {:>9} {:>7} {:>8} {:>8} {:>8} {:>9}  {}",
-        "PHASE", "REQUESTS", "FAILED", "v1", "v2", "v3", "SECONDS", "OUTCOME"
+        "{:<28} {:>9} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8}  OUTCOME",
+        "PHASE", "REQUESTS", "FAILED", "v1", "v2", "v3", "BALANCER", "SECONDS"
     );
     for p in phases {
         let (sent, failed, shares) = match &p.load {
@@ -257,26 +257,27 @@ fn print_table(phases: &[Phase]) {
                 l.failed.to_string(),
                 ["v1", "v2", "v3"].map(|v| format!("{:.1}%", l.share(v))),
             ),
-            None => (
-                "-".into(),
-                "-".into(),
-                ["-".to_string(), "-".to_string(), "-".to_string()],
-            ),
+            None => ("-".into(), "-".into(), ["-", "-", "-"].map(String::from)),
         };
+        let balancer = format!("{}/{}", p.report.served, p.report.failed_requests);
         let _ = writeln!(
             out,
-            "{:<28} {:>9} {:>7} {:>8} {:>8} {:>8} {:>9.1}  {}",
+            "{:<28} {:>9} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8.1}  {}",
             p.name,
             sent,
             failed,
             shares[0],
             shares[1],
             shares[2],
+            balancer,
             p.report.duration_ms as f64 / 1000.0,
-            format!("{:?}", p.report.outcome).to_lowercase()
+            p.report.outcome.label()
         );
     }
-    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "\nREQUESTS/FAILED: counted by the demo's own client; BALANCER: served/failed as the balancer counted them during the deploy."
+    );
 }
 
 fn say(msg: &str) {

@@ -46,6 +46,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// The name used in tables and JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::RolledBack => "rolled_back",
+            Outcome::Halted => "halted",
+            Outcome::Failed => "failed",
+        }
+    }
+
     /// The process exit code: 0 deployed, 1 rolled back or stopped cleanly.
     pub fn exit_code(self) -> u8 {
         match self {

@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod history;
 pub mod init;
 pub mod instance;
+pub mod inventory;
 pub mod load;
 pub mod probe;
 pub mod progress;

@@ -81,7 +81,7 @@ async fn rolling_deploy_under_load_fails_no_request() {
         report.share("v1") > 0.0 && report.share("v2") > 0.0,
         "both served: {report}"
     );
-    assert!(out.contains("Succeeded"), "{out}");
+    assert!(out.contains("succeeded"), "{out}");
     assert!(
         err.contains("batch 1/3: web1") && err.contains("batch 2/3: web2, web3"),
         "{err}"
@@ -108,7 +108,7 @@ async fn bad_release_rolls_back(version: &str, net: u8) {
         report.failures
     );
     assert_eq!(report.share("v1"), 100.0, "v1 served throughout: {report}");
-    assert!(out.contains("RolledBack"), "{out}");
+    assert!(out.contains("rolled_back"), "{out}");
     assert!(
         out.contains("failed host web1"),
         "the failed host is named: {out}"
@@ -158,6 +158,6 @@ async fn failure_in_a_later_batch_returns_moved_hosts() {
         "web1 served the new release for a while: {report}"
     );
     assert!(err.contains("rollback: returning 1 host(s)"), "{err}");
-    assert!(out.contains("RolledBack"), "{out}");
+    assert!(out.contains("rolled_back"), "{out}");
     assert_fleet_on(&fleet, "v1").await;
 }

@@ -6,11 +6,11 @@
 //! pooled client to backends and the settings.
 //!
 //! Files, one concept each:
-//! - [`router`]: the backend table, smooth weighted round robin, in-flight accounting, counters;
-//! - [`forward`]: forwarding a request, header rewriting, retries, streaming bodies, upgrades;
-//! - [`health`]: active health checks;
-//! - [`admin`]: the admin API (endpoints listed in [`crate::balancer::api`]);
-//! - [`state`]: routing state persisted to disk and restored at start.
+//! - `router`: the backend table, smooth weighted round robin, in-flight accounting, counters;
+//! - `forward`: forwarding a request, header rewriting, retries, streaming bodies, upgrades;
+//! - `health`: active health checks;
+//! - `admin`: the admin API (endpoints listed in [`crate::balancer::api`]);
+//! - `state`: routing state persisted to disk and restored at start.
 //!
 //! The traffic socket is bound with `SO_REUSEADDR` and `SO_REUSEPORT`, so a replacement proxy
 //! can bind the same address while the old one finishes its connections: a restart drops no
@@ -81,7 +81,7 @@ impl ProxySettings {
     pub fn from_config(c: &crate::config::Config) -> anyhow::Result<Self> {
         Ok(ProxySettings {
             listen: c.balancer.listen,
-            admin: c.balancer.admin,
+            admin: c.admin_addr()?,
             token: c.admin_token()?,
             health: c.app.health.clone(),
             drain_timeout: *c.app.drain_timeout,
