@@ -37,6 +37,8 @@ pub struct Config {
     /// Parallel host operations at most (staging, batches).
     pub forks: usize,
     pub hooks: Vec<Hook>,
+    pub analysis: Option<Analysis>,
+    pub verify: Vec<Verify>,
     pub app: App,
     pub release: Release,
     pub hosts: Vec<Host>,
@@ -124,6 +126,10 @@ pub struct App {
     pub drain_timeout: Dur,
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub mode: Mode,
+    /// in-place mode: the fixed port the app listens on.
+    pub port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -224,12 +230,29 @@ pub enum BalancerKind {
 #[serde(deny_unknown_fields)]
 pub struct Strategy {
     pub kind: StrategyKind,
+    /// rolling (and the final rollout of a canary): hosts per batch.
     #[serde(default)]
     pub batch: BatchSpec,
     #[serde(default)]
     pub max_fail_percentage: Percent,
+    /// Cumulative budget across the whole deploy: more failed hosts than this fails the deploy
+    /// even when every batch stayed within `max_fail_percentage`.
+    pub max_failed_hosts: Option<u32>,
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// blue-green: how long blue keeps running after the switch (instant switch back).
+    #[serde(default = "secs::<30>")]
+    pub scale_down_delay: Dur,
+    /// blue-green: analysis of green after the switch for this long; failure switches back.
+    pub post_switch_analysis: Option<Dur>,
+    /// canary: traffic weight steps; a pause without a duration waits for `cutover promote`.
+    #[serde(default)]
+    pub steps: Vec<CanaryStep>,
+    /// canary: instances that serve the canary share.
+    #[serde(default = "one")]
+    pub canary_hosts: u32,
+    /// canary: keep a client on one release: `"cookie"` or the name of a request header.
+    pub sticky: Option<String>,
 }
 
 impl Default for Strategy {
@@ -238,7 +261,13 @@ impl Default for Strategy {
             kind: StrategyKind::Rolling,
             batch: BatchSpec::default(),
             max_fail_percentage: Percent::default(),
+            max_failed_hosts: None,
             on_failure: OnFailure::default(),
+            scale_down_delay: secs::<30>(),
+            post_switch_analysis: None,
+            steps: Vec::new(),
+            canary_hosts: 1,
+            sticky: None,
         }
     }
 }
@@ -247,6 +276,93 @@ impl Default for Strategy {
 #[serde(rename_all = "kebab-case")]
 pub enum StrategyKind {
     Rolling,
+    BlueGreen,
+    Canary,
+}
+
+/// One canary step.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryStep {
+    /// Share of requests (percent, 0-100) the canary release receives during this step.
+    pub weight: u32,
+    /// How long to hold this step (analysis runs meanwhile); absent: wait for `cutover promote`.
+    pub pause: Option<Dur>,
+}
+
+/// `[analysis]`: automated judgement from the balancer's per-release counters.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Analysis {
+    #[serde(default = "secs::<10>")]
+    pub interval: Dur,
+    /// Minimum share of non-5xx responses, in percent.
+    pub min_success_rate: Option<Percent>,
+    pub max_p99_latency: Option<Dur>,
+    /// Fewer requests in an interval make it inconclusive (the rollout pauses; never a pass).
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+    /// Failed intervals tolerated before the rollout aborts.
+    #[serde(default)]
+    pub failure_limit: u32,
+    /// Canary success rate may be at most this many percentage points below stable's.
+    pub max_degradation: Option<Percent>,
+    /// Optional statistical judge of canary vs stable latency.
+    pub judge: Option<Judge>,
+}
+
+/// Mann-Whitney U judge with Kayenta-style thresholds on a 0-100 score.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Judge {
+    /// Significance level of the one-sided test "canary slower than stable".
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Score at or above which the interval passes.
+    #[serde(default = "default_pass_score")]
+    pub pass: f64,
+    /// Score at or above which the interval is marginal (inconclusive), below: fail.
+    #[serde(default = "default_marginal_score")]
+    pub marginal: f64,
+}
+
+/// Where a verify command runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VerifyPoint {
+    /// rolling: on each new instance, before it enters the balancer.
+    BeforeTraffic,
+    /// rolling: after each batch, through the balancer.
+    AfterBatch,
+    /// blue-green: on the green set through the preview route, before the switch.
+    BeforeSwitch,
+    /// blue-green: after the switch.
+    AfterSwitch,
+    /// canary: after each step's weight is set.
+    AfterStep,
+    /// every strategy: after the whole fleet moved.
+    AfterDeploy,
+}
+
+/// `[[verify]]`: an integration test run at gates; exit 0 passes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    pub command: String,
+    #[serde(default = "secs::<30>")]
+    pub timeout: Dur,
+    pub at: Vec<VerifyPoint>,
+}
+
+/// `[app] mode`: how an instance is replaced on a host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// New instance beside the old one; capacity never dips.
+    #[default]
+    SideBySide,
+    /// For apps that cannot run twice on a host (fixed port): drain, stop, start, add back.
+    InPlace,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -560,6 +676,21 @@ fn three() -> Threshold {
 fn default_keep() -> Keep {
     Keep(5)
 }
+fn one() -> u32 {
+    1
+}
+fn default_min_requests() -> u64 {
+    20
+}
+fn default_alpha() -> f64 {
+    0.05
+}
+fn default_pass_score() -> f64 {
+    95.0
+}
+fn default_marginal_score() -> f64 {
+    75.0
+}
 fn default_forks() -> usize {
     16
 }
@@ -596,6 +727,9 @@ struct RawConfig {
     strategy: Strategy,
     #[serde(default)]
     hooks: Vec<Hook>,
+    analysis: Option<Analysis>,
+    #[serde(default)]
+    verify: Vec<Verify>,
 }
 
 /// A config error with its place in the file.
@@ -740,6 +874,8 @@ impl Config {
             },
             forks: raw.forks,
             hooks: raw.hooks,
+            analysis: raw.analysis,
+            verify: raw.verify,
             app: raw.app,
             release: raw.release,
             hosts,
@@ -812,6 +948,7 @@ impl Config {
             }
             _ => {}
         }
+        self.validate_strategy(text)?;
         if self.forks == 0 {
             return Err(err("forks", "forks must be at least 1".into()));
         }
@@ -869,6 +1006,161 @@ impl Config {
                 "balancer.admin",
                 "admin and listen are the same address: give the admin API its own port".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks each strategy's spec, so a wrong one is a load-time error, never a silent success.
+    fn validate_strategy(&self, text: &str) -> Result<(), ConfigError> {
+        let err = |key: &str, message: String| {
+            let offset = find_key(text, key).unwrap_or(0);
+            ConfigError::at(&self.file, text, offset, Some(key.to_string()), message)
+        };
+        let s = &self.strategy;
+        let hosts = self.hosts.len() as u32;
+        if self.app.mode == Mode::InPlace && self.app.port.is_none() {
+            return Err(err(
+                "app.port",
+                "mode = \"in-place\" needs the app's fixed port: port = 8000".into(),
+            ));
+        }
+        if self.app.mode == Mode::SideBySide && self.app.port.is_some() {
+            return Err(err(
+                "app.port",
+                "a fixed port leaves no room for the new instance beside the old one: remove port (cutover picks a free one and passes {port}/PORT) or set mode = \"in-place\"".into(),
+            ));
+        }
+        match s.kind {
+            StrategyKind::Rolling => {
+                if !s.steps.is_empty() {
+                    return Err(err(
+                        "strategy.steps",
+                        "steps belong to kind = \"canary\"; a rolling deploy uses batch".into(),
+                    ));
+                }
+            }
+            StrategyKind::BlueGreen => {
+                if self.app.mode == Mode::InPlace {
+                    return Err(err(
+                        "strategy.kind",
+                        "blue-green needs room for a second (green) instance on every host, but app.mode = \"in-place\": use rolling, or side-by-side mode".into(),
+                    ));
+                }
+                if s.post_switch_analysis.is_some() && self.analysis.is_none() {
+                    return Err(err(
+                        "strategy.post_switch_analysis",
+                        "post_switch_analysis needs an [analysis] section saying what to check"
+                            .into(),
+                    ));
+                }
+                if let Some(d) = s.post_switch_analysis {
+                    if *d > *s.scale_down_delay {
+                        return Err(err(
+                            "strategy.post_switch_analysis",
+                            format!(
+                                "post_switch_analysis ({d}) is longer than scale_down_delay ({}): blue would be gone before the analysis could switch back",
+                                s.scale_down_delay
+                            ),
+                        ));
+                    }
+                }
+            }
+            StrategyKind::Canary => {
+                if s.steps.is_empty() {
+                    return Err(err("strategy.steps", "a canary needs steps, e.g. steps = [{ weight = 10, pause = \"1m\" }, { weight = 50, pause = \"5m\" }, { weight = 100 }]".into()));
+                }
+                let mut last = 0;
+                for (i, step) in s.steps.iter().enumerate() {
+                    if step.weight > 100 {
+                        return Err(err(
+                            "strategy.steps",
+                            format!("step {}: weight {} is above 100", i + 1, step.weight),
+                        ));
+                    }
+                    if step.weight == 0 || step.weight <= last {
+                        return Err(err(
+                            "strategy.steps",
+                            format!(
+                                "step {}: weight {} does not increase (previous {last}): weights must rise step by step",
+                                i + 1,
+                                step.weight
+                            ),
+                        ));
+                    }
+                    last = step.weight;
+                }
+                if last != 100 {
+                    return Err(err(
+                        "strategy.steps",
+                        format!(
+                            "the last step's weight is {last}, not 100: the canary would never be promoted; end with {{ weight = 100 }}"
+                        ),
+                    ));
+                }
+                if s.canary_hosts == 0 || s.canary_hosts >= hosts.max(1) && hosts > 1 {
+                    return Err(err(
+                        "strategy.canary_hosts",
+                        format!(
+                            "canary_hosts = {} must be at least 1 and fewer than the {hosts} hosts (the rest serve the stable release)",
+                            s.canary_hosts
+                        ),
+                    ));
+                }
+                if self.app.mode == Mode::InPlace {
+                    return Err(err(
+                        "strategy.kind",
+                        "a canary runs beside the stable release: it needs side-by-side mode"
+                            .into(),
+                    ));
+                }
+                if let Some(sticky) = &s.sticky {
+                    if sticky != "cookie"
+                        && (sticky.is_empty()
+                            || !sticky
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                    {
+                        return Err(err(
+                            "strategy.sticky",
+                            format!("{sticky:?} is neither \"cookie\" nor a header name"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(a) = &self.analysis {
+            if a.min_success_rate.is_none()
+                && a.max_p99_latency.is_none()
+                && a.max_degradation.is_none()
+                && a.judge.is_none()
+            {
+                return Err(err("analysis", "[analysis] checks nothing: set min_success_rate, max_p99_latency, max_degradation or judge".into()));
+            }
+            if *a.interval < Duration::from_millis(100) {
+                return Err(err(
+                    "analysis.interval",
+                    "the analysis interval must be at least 100ms".into(),
+                ));
+            }
+            if let Some(j) = &a.judge {
+                if !(0.0 < j.alpha && j.alpha < 1.0)
+                    || !(0.0..=100.0).contains(&j.pass)
+                    || !(0.0..=j.pass).contains(&j.marginal)
+                {
+                    return Err(err(
+                        "analysis.judge",
+                        "judge needs 0 < alpha < 1 and 0 <= marginal <= pass <= 100".into(),
+                    ));
+                }
+            }
+        }
+        for v in &self.verify {
+            if v.at.is_empty() {
+                return Err(err(
+                    "verify.at",
+                    "a verify command needs at least one point in at = [...]".into(),
+                ));
+            }
         }
         Ok(())
     }

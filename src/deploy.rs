@@ -427,6 +427,7 @@ impl Deployer {
             release: inst.version.clone(),
             weight: crate::balancer::api::default_weight(),
             health_path: health.path.clone(),
+            preview: false,
         };
         self.balancer
             .add(&spec)

@@ -144,6 +144,7 @@ impl TestBackend {
             release: release.into(),
             weight: 100,
             health_path: "/health".into(),
+            preview: false,
         }
     }
 
@@ -410,6 +411,7 @@ async fn wait_healthy_times_out_with_the_last_check_error() {
         release: "v1".into(),
         weight: 1,
         health_path: "/health".into(),
+        preview: false,
     };
     h.admin.add(&spec).await.unwrap();
     let e = h

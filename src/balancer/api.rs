@@ -10,7 +10,16 @@
 //! - `POST /backends/{id}/wait-drained` with [`WaitRequest`] → [`DrainReport`]
 //! - `POST /backends/{id}/wait-healthy` with [`WaitRequest`] → 204, or 504 on timeout
 //! - `GET /stats` → [`Stats`]
+//! - `POST /switch` with [`SwitchRequest`] → [`SwitchReport`]: one atomic routing change (blue-green)
+//! - `PUT /weights` with [`WeightsRequest`] → 204: several weights at once, atomically (canary)
+//! - `GET /samples?release=R&max=N` → [`Samples`]: the most recent latencies of a release
+//! - `GET /metrics` → Prometheus text format
 //! - errors: a status (400, 401, 404, 409, 504) and an [`ApiError`] body.
+//!
+//! Preview routing: a backend added with `preview: true` starts in state
+//! [`BackendState::Preview`] and receives only requests that carry the header
+//! [`PREVIEW_HEADER`]`: 1` (and such requests go only to preview backends). `activate` or a
+//! switch makes it a normal active backend.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,7 +41,16 @@ pub struct BackendSpec {
     pub weight: u32,
     /// Path the balancer's active health check requests.
     pub health_path: String,
+    /// Start in [`BackendState::Preview`]: only requests with [`PREVIEW_HEADER`] reach it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preview: bool,
 }
+
+/// Requests with this header set to `1` are routed to preview backends only.
+pub const PREVIEW_HEADER: &str = "x-cutover-preview";
+
+/// Cookie the balancer sets with `sticky = "cookie"`: the release that served the client.
+pub const STICKY_COOKIE: &str = "cutover_release";
 
 pub fn default_weight() -> u32 {
     100
@@ -48,6 +66,8 @@ pub enum BackendState {
     Draining,
     /// Out of rotation by operator choice.
     Down,
+    /// Receives only preview requests (a green set being verified before the switch).
+    Preview,
 }
 
 /// Health as the balancer's own checks see it.
@@ -74,7 +94,17 @@ pub struct Counters {
     pub retries: u64,
     /// Sum of response-head latencies in microseconds (mean = sum / responses).
     pub latency_us_sum: u64,
+    /// Response-head latency histogram: counts per bucket of [`LATENCY_BUCKETS_MS`] (the last
+    /// count is everything above the last bound). Diff two snapshots for an interval's p99.
+    #[serde(default)]
+    pub latency_buckets: Vec<u64>,
 }
+
+/// Upper bounds (ms, inclusive) of the latency histogram buckets, shared by `/stats` and
+/// `/metrics`.
+pub const LATENCY_BUCKETS_MS: [u64; 14] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000, 10000,
+];
 
 impl Counters {
     /// Adds `other` into `self`.
@@ -87,6 +117,12 @@ impl Counters {
         self.proxy_errors += other.proxy_errors;
         self.retries += other.retries;
         self.latency_us_sum += other.latency_us_sum;
+        if self.latency_buckets.len() < other.latency_buckets.len() {
+            self.latency_buckets.resize(other.latency_buckets.len(), 0);
+        }
+        for (mine, theirs) in self.latency_buckets.iter_mut().zip(&other.latency_buckets) {
+            *mine += theirs;
+        }
     }
 }
 
@@ -130,6 +166,38 @@ pub struct DrainReport {
     /// Requests (or long-lived connections) still open at the deadline and closed by the proxy.
     pub closed_at_deadline: u64,
     pub waited_ms: u64,
+}
+
+/// `POST /switch`: in one step (one lock acquisition, so no request sees a half-switched
+/// set), `activate` become Active and `standby` become Draining (their in-flight requests
+/// finish; they keep running for an instant switch back).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwitchRequest {
+    pub activate: Vec<String>,
+    pub standby: Vec<String>,
+}
+
+/// What a switch did.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SwitchReport {
+    /// Time the routing table was locked for the change, in microseconds.
+    pub took_us: u64,
+    /// Wall-clock time of the switch (ms since the Unix epoch).
+    pub at_unix_ms: u64,
+}
+
+/// `PUT /weights`: weight per backend id, applied atomically.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WeightsRequest {
+    pub weights: BTreeMap<String, u32>,
+}
+
+/// `GET /samples`: recent response latencies of one release (newest last), for statistical
+/// comparison of a canary with the stable release.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Samples {
+    pub release: String,
+    pub latencies_us: Vec<u64>,
 }
 
 /// Body of every admin API error.

@@ -75,6 +75,7 @@ impl AtomicCounters {
             proxy_errors: get(&self.proxy_errors),
             retries: get(&self.retries),
             latency_us_sum: get(&self.latency_us_sum),
+            latency_buckets: Vec::new(),
         }
     }
 }
@@ -451,6 +452,7 @@ mod tests {
             release: format!("r-{id}"),
             weight,
             health_path: "/health".into(),
+            preview: false,
         }
     }
 

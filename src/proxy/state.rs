@@ -99,6 +99,7 @@ mod tests {
                 release: "v1".into(),
                 weight: 100,
                 health_path: "/health".into(),
+                preview: false,
             },
             state,
         }
