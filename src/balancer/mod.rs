@@ -7,12 +7,28 @@
 
 pub mod api;
 pub mod builtin;
+pub mod haproxy;
+pub mod patient;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use api::{SwitchReport, SwitchRequest};
+
 pub use api::{BackendSpec, BackendState, BackendView, Counters, DrainReport, Stats};
+
+/// The balancer could not be reached (connection refused, reset, no answer): the call may be
+/// retried once it is back. Any other error is the balancer's answer and is final.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
+
+/// True when `e` says the balancer could not be reached.
+pub fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unreachable>())
+}
 
 /// What a deploy needs from a load balancer. Every method is idempotent: adding a backend that
 /// is already there with the same spec, or draining a draining one, succeeds, so a resumed deploy
@@ -38,4 +54,41 @@ pub trait Balancer: Send + Sync {
     async fn wait_healthy(&self, id: &str, timeout: Duration) -> anyhow::Result<()>;
     /// Counters per backend and per release.
     async fn stats(&self) -> anyhow::Result<Stats>;
+
+    /// Blue-green switch: `activate` become active, `standby` draining. The built-in balancer
+    /// does it atomically; this default activates then drains one call at a time (a short
+    /// moment where both sets receive traffic), and reports the time the calls took.
+    async fn switch(&self, req: &SwitchRequest) -> anyhow::Result<SwitchReport> {
+        let started = std::time::Instant::now();
+        for id in &req.activate {
+            self.activate(id).await?;
+        }
+        for id in &req.standby {
+            self.drain(id).await?;
+        }
+        Ok(SwitchReport {
+            took_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            at_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        })
+    }
+
+    /// Several weights at once. The built-in balancer applies them atomically; this default
+    /// sets them one by one.
+    async fn set_weights(&self, weights: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+        for (id, w) in weights {
+            self.set_weight(id, *w).await?;
+        }
+        Ok(())
+    }
+
+    /// The most recent response latencies (µs, oldest first) of a release, at most `max`.
+    /// Only the built-in balancer keeps them; others answer an "unsupported" error.
+    async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
+        let _ = (release, max);
+        anyhow::bail!(
+            "latency samples are unsupported by this balancer: use the built-in balancer (`cutover proxy`) for statistical analysis"
+        )
+    }
 }

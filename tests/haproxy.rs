@@ -1,0 +1,550 @@
+//! Issue 8: cutover drives an existing HAProxy through its runtime API. Each test starts its own
+//! HAProxy (generated config, stats socket at level admin in a temp dir, ports picked at run
+//! time, `retries 0` and no redispatch so zero failures come from draining, not from retries)
+//! and a local fleet, and stops both on drop, also when the test fails.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cutover::balancer::haproxy::{
+    HaproxyBalancer, HaproxySettings, RuntimeApi, SocketAddress, parse_server_name,
+};
+use cutover::balancer::{BackendSpec, Balancer};
+use cutover::load::{self, LoadSpec};
+use tokio::process::{Child, Command};
+
+const BACKEND: &str = "app";
+
+/// The tests run one at a time: each runs a fleet, HAProxy and steady load, and on a small
+/// machine several at once starve each other's health checks.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cutover"))
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A server as `show servers state` reports it.
+#[derive(Debug, Clone)]
+struct ServerState {
+    name: String,
+    /// 2 = running.
+    op_state: u32,
+    /// 0 = ready; 1 maint, 8 drain, ...
+    admin_state: u32,
+}
+
+/// A local fleet behind its own HAProxy.
+struct Fleet {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    listen: SocketAddr,
+    socket: PathBuf,
+    hosts: Vec<String>,
+    haproxy: Option<Child>,
+}
+
+impl Fleet {
+    async fn start(hosts: usize, net: u8, strategy: &str, drain_timeout: &str) -> Fleet {
+        let dir = tempfile::Builder::new()
+            .prefix("cutover-haproxy-")
+            .tempdir()
+            .unwrap();
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let socket = dir.path().join("admin.sock");
+        for (v, flags) in [
+            ("v1", ""),
+            ("v2", ""),
+            ("crash", "--exit-on-start"),
+            ("sick", "--unhealthy"),
+        ] {
+            cutover::init::write_sample_release(
+                &dir.path().join("releases").join(v),
+                &exe(),
+                v,
+                flags,
+            )
+            .unwrap();
+        }
+        // "late" is healthy on web1 only: batch 1 moves, batch 2 fails, web1 goes back.
+        let late = dir.path().join("releases/late");
+        std::fs::create_dir_all(&late).unwrap();
+        std::fs::write(
+            late.join("run.sh"),
+            format!(
+                "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = web1 ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
+                exe().display()
+            ),
+        )
+        .unwrap();
+        let names: Vec<String> = (0..hosts).map(|i| format!("web{}", i + 1)).collect();
+        let mut text = format!(
+            "transport = \"local\"\n\n[app]\nname = \"test\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"{drain_timeout}\"\n\n\
+             [app.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\ndeadline = \"10s\"\n\n\
+             [release]\npath = \"releases/{{version}}\"\nkeep = 3\n\n\
+             [balancer]\nkind = \"haproxy\"\nlisten = \"{listen}\"\nsocket = \"{}\"\nbackend = \"{BACKEND}\"\n\n[strategy]\n{strategy}\n",
+            socket.display()
+        );
+        for (i, name) in names.iter().enumerate() {
+            text.push_str(&format!(
+                "\n[[hosts]]\nname = \"{name}\"\naddress = \"127.0.{net}.{}\"\nroot = \"fleet/{name}\"\n",
+                11 + i
+            ));
+        }
+        let config = dir.path().join("cutover.toml");
+        std::fs::write(&config, text).unwrap();
+        let mut fleet = Fleet {
+            dir,
+            config,
+            listen,
+            socket,
+            hosts: names,
+            haproxy: None,
+        };
+        fleet.start_haproxy().await;
+        fleet
+    }
+
+    /// Writes the HAProxy config and starts `haproxy -db` as a child; waits for its socket.
+    async fn start_haproxy(&mut self) {
+        let cfg = self.dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n    stats socket {sock} level admin\n    stats timeout 30s\n\n\
+                 defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\
+                 \x20   # No retries, no redispatch: a request sent to a dying server fails visibly.\n\
+                 \x20   retries 0\n    no option redispatch\n\n\
+                 frontend fe\n    bind {listen}\n    default_backend {BACKEND}\n\n\
+                 backend {BACKEND}\n    balance roundrobin\n    option httpchk GET /health\n    http-check expect status 200\n",
+                sock = self.socket.display(),
+                listen = self.listen,
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(self.dir.path().join("haproxy.log")).unwrap();
+        let child = Command::new("haproxy")
+            .arg("-f")
+            .arg(&cfg)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy starts (apt-get install haproxy)");
+        self.haproxy = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.api().exec("show info").is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not come up: {}",
+                self.haproxy_log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn haproxy_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("haproxy.log")).unwrap_or_default()
+    }
+
+    fn api(&self) -> RuntimeApi {
+        RuntimeApi::new(SocketAddress::Unix(self.socket.clone()))
+    }
+
+    fn balancer(&self) -> HaproxyBalancer {
+        let config = cutover::config::Config::load(&self.config).unwrap();
+        HaproxyBalancer::connect(HaproxySettings::from_config(&config).unwrap()).unwrap()
+    }
+
+    /// `show servers state` of the backend.
+    fn servers(&self) -> Vec<ServerState> {
+        let out = self
+            .api()
+            .exec(&format!("show servers state {BACKEND}"))
+            .unwrap();
+        out.lines()
+            .filter(|l| !l.starts_with('#') && l.split_whitespace().count() > 6)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                ServerState {
+                    name: f[3].to_string(),
+                    op_state: f[5].parse().unwrap(),
+                    admin_state: f[6].parse().unwrap(),
+                }
+            })
+            .collect()
+    }
+
+    fn traffic(&self, rate: u32, max: u64) -> load::LoadRun {
+        load::start(LoadSpec {
+            target: self.listen,
+            path: "/".into(),
+            rate,
+            max_requests: max,
+            max_duration: Duration::from_secs(120),
+            concurrency: 8,
+            headers: Vec::new(),
+        })
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(exe());
+        c.arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        c
+    }
+
+    async fn cutover(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.command(args).output().await.expect("cutover runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn deploy(&self, version: &str, expect: i32) -> (String, String) {
+        let (code, out, err) = self
+            .cutover(&["deploy", "--version", version, "--json"])
+            .await;
+        assert_eq!(
+            code,
+            expect,
+            "deploy {version}\nstdout:\n{out}\nstderr:\n{err}\nhaproxy:\n{}",
+            self.haproxy_log()
+        );
+        (out, err)
+    }
+
+    /// Every server is ready and running in HAProxy, one per host, all of `version`.
+    fn assert_all_ready_on(&self, version: &str) {
+        let servers = self.servers();
+        assert_eq!(servers.len(), self.hosts.len(), "{servers:#?}");
+        for s in &servers {
+            assert_eq!(s.admin_state, 0, "ready (not drain/maint): {s:?}");
+            assert_eq!(s.op_state, 2, "running: {s:?}");
+            let (_, _, release) = parse_server_name(&s.name).expect("a cutover server");
+            assert_eq!(release, version, "{s:?}");
+        }
+        for h in &self.hosts {
+            assert!(
+                servers.iter().any(|s| s.name.starts_with(&format!("{h}:"))),
+                "{h} has a server: {servers:?}"
+            );
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for pid in instances_under(self.dir.path()) {
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        if let Some(mut h) = self.haproxy.take() {
+            let _ = h.start_kill();
+        }
+    }
+}
+
+/// Live processes whose CUTOVER_INSTANCE points under `dir` (the instances this fleet started).
+fn instances_under(dir: &Path) -> Vec<u32> {
+    let prefix = format!("CUTOVER_INSTANCE={}", dir.display());
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        if matches!(
+            stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next()),
+            Some('Z') | Some('X') | None
+        ) {
+            continue;
+        }
+        let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if env
+            .split(|b| *b == 0)
+            .any(|v| String::from_utf8_lossy(v).starts_with(&prefix))
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+async fn stop_after(run: load::LoadRun, min: u64) -> load::LoadReport {
+    tokio::time::timeout(Duration::from_secs(60), run.wait_until(|r| r.sent >= min))
+        .await
+        .expect("traffic reaches its minimum count");
+    run.stop().await
+}
+
+/// The report line of `deploy --json` (the last line of stdout).
+fn report(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.lines().last().unwrap_or("{}")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_deploy_behind_haproxy_fails_no_request() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(4, 21, "kind = \"rolling\"\nbatch = [1, \"50%\"]", "5s").await;
+    fleet.deploy("v1", 0).await;
+    fleet.assert_all_ready_on("v1");
+
+    let run = fleet.traffic(250, 30_000);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy("v2", 0).await;
+    let load = stop_after(run, 2_000).await;
+
+    assert!(load.sent >= 2_000, "enough traffic: {load}");
+    assert_eq!(
+        load.failed, 0,
+        "no failed request through HAProxy: {load}\n{:#?}\n{err}",
+        load.failures
+    );
+    assert!(
+        load.share("v1") > 0.0 && load.share("v2") > 0.0,
+        "both served: {load}"
+    );
+    fleet.assert_all_ready_on("v2");
+
+    // The deploy's own proof, from HAProxy's counters: v1's servers were deleted during the
+    // deploy, yet what they served is still counted (the retired tally).
+    let r = report(&out);
+    assert_eq!(r["outcome"], "succeeded", "{out}");
+    assert_eq!(r["failed_requests"], 0, "{out}");
+    let v1 = r["served_by_release"]["v1"].as_u64().unwrap_or(0);
+    let v2 = r["served_by_release"]["v2"].as_u64().unwrap_or(0);
+    assert!(v1 > 0 && v2 > 0, "both releases counted: {out}");
+    let stats = fleet.balancer().stats().await.unwrap();
+    assert!(
+        stats.releases["v1"].requests >= load.by_version["v1"],
+        "v1 counters survive deletion: {:?} vs {load}",
+        stats.releases
+    );
+    assert!(
+        stats.total.requests >= load.ok,
+        "{:?} vs {load}",
+        stats.total
+    );
+}
+
+async fn failing_release_rolls_back(version: &str, net: u8) {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(
+        4,
+        net,
+        "kind = \"rolling\"\nbatch = [1, \"50%\"]\nmax_fail_percentage = 0",
+        "5s",
+    )
+    .await;
+    fleet.deploy("v1", 0).await;
+
+    let run = fleet.traffic(250, 30_000);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy(version, 1).await;
+    let load = stop_after(run, 1_000).await;
+
+    assert_eq!(
+        load.failed, 0,
+        "no failed request: {load}\n{:#?}\n{err}",
+        load.failures
+    );
+    assert_eq!(report(&out)["outcome"], "rolled_back", "{out}");
+    fleet.assert_all_ready_on("v1");
+    let balancer = fleet.balancer();
+    assert!(
+        balancer.disabled().unwrap().is_empty(),
+        "nothing left recorded as disabled"
+    );
+    for b in balancer.backends().await.unwrap() {
+        assert_eq!(b.state, cutover::balancer::BackendState::Active, "{b:?}");
+        assert_eq!(b.health, cutover::balancer::api::Health::Healthy, "{b:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_that_exits_at_start_rolls_back_behind_haproxy() {
+    failing_release_rolls_back("crash", 22).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_in_a_later_batch_returns_moved_hosts_behind_haproxy() {
+    // web1 really moves to "late" (added, old drained and deleted in HAProxy), then goes back.
+    failing_release_rolls_back("late", 23).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_at_weight_10_through_haproxy_weights() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(4, 24, "kind = \"rolling\"\nbatch = 4", "5s").await;
+    fleet.deploy("v1", 0).await;
+
+    // One v2 instance beside four v1 servers at weight 100: weight 44 is a 44/444 = 9.9% share.
+    let addr: SocketAddr = format!("127.0.24.30:{}", free_port("127.0.24.30"))
+        .parse()
+        .unwrap();
+    let _canary = Command::new(exe())
+        .args([
+            "sample-app",
+            "--listen",
+            &addr.to_string(),
+            "--version",
+            "v2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let balancer = fleet.balancer();
+    let spec = BackendSpec {
+        id: format!("canary:{}", addr.port()),
+        address: addr,
+        host: "canary".into(),
+        release: "v2".into(),
+        weight: 100,
+        health_path: "/health".into(),
+        preview: false,
+    };
+    balancer.add(&spec).await.unwrap();
+    balancer.add(&spec).await.expect("add is idempotent");
+    balancer
+        .wait_healthy(&spec.id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    balancer.set_weight(&spec.id, 44).await.unwrap();
+    let view = balancer.backends().await.unwrap();
+    let canary = view.iter().find(|b| b.spec.id == spec.id).unwrap();
+    assert_eq!(canary.spec.weight, 44);
+    assert_eq!(canary.spec.release, "v2");
+
+    let run = fleet.traffic(0, 3_000);
+    let load = run.finish().await;
+    assert_eq!(load.failed, 0, "{load}\n{:#?}", load.failures);
+    let share = load.share("v2");
+    assert!(
+        (5.0..=15.0).contains(&share),
+        "v2 share {share:.1}%: {load}"
+    );
+
+    // Per-release counters from HAProxy agree with the client's count.
+    let stats = balancer.stats().await.unwrap();
+    let served = stats.releases["v2"].status_2xx;
+    assert!(
+        served >= load.by_version["v2"],
+        "HAProxy counted {served} v2 answers, the client {load}"
+    );
+
+    // Out again without a failed request: drain, wait, remove.
+    let run = fleet.traffic(200, 10_000);
+    run.wait_until(|r| r.ok >= 100).await;
+    balancer.drain(&spec.id).await.unwrap();
+    let drained = balancer
+        .wait_drained(&spec.id, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(drained.drained, "{drained:?}");
+    balancer.remove(&spec.id).await.unwrap();
+    balancer
+        .remove(&spec.id)
+        .await
+        .expect("remove is idempotent");
+    let load = stop_after(run, 500).await;
+    assert_eq!(load.failed, 0, "{load}\n{:#?}", load.failures);
+    assert_eq!(fleet.servers().len(), 4);
+    let stats = balancer.stats().await.unwrap();
+    assert!(
+        stats.releases["v2"].status_2xx >= served,
+        "the deleted canary's counters are kept: {:?}",
+        stats.releases
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_server_is_restored_when_the_balancer_is_dropped() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(2, 25, "kind = \"rolling\"\nbatch = 2", "5s").await;
+    fleet.deploy("v1", 0).await;
+    let balancer = fleet.balancer();
+    let id = balancer.backends().await.unwrap()[0].spec.id.clone();
+    balancer.drain(&id).await.unwrap();
+    assert!(
+        fleet.servers().iter().any(|s| s.admin_state == 8),
+        "{:?}",
+        fleet.servers()
+    );
+    drop(balancer);
+    fleet.assert_all_ready_on("v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_deploy_leaves_no_live_server_drained() {
+    let _serial = SERIAL.lock().await;
+    // One host, a long drain: a slow request keeps v1 draining while we kill the deploy.
+    let fleet = Fleet::start(1, 26, "kind = \"rolling\"\nbatch = 1", "60s").await;
+    fleet.deploy("v1", 0).await;
+    let slow = tokio::spawn(load::get(fleet.listen, "/sleep/20000", &[]));
+
+    // Wait until the slow request is on the v1 server, then deploy v2 in the background.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let balancer = fleet.balancer();
+    while balancer.backends().await.unwrap()[0].in_flight == 0 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut deploy = fleet
+        .command(&["deploy", "--version", "v2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if fleet.servers().iter().any(|s| s.admin_state == 8) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "v1 never entered drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    deploy.kill().await.unwrap(); // SIGKILL: no cleanup of its own can run
+    let left = fleet.servers();
+    assert!(left.iter().any(|s| s.admin_state == 8), "{left:?}");
+
+    // The next cutover command restores it: its instance is alive.
+    let (code, _, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("restored HAProxy server app/web1:"), "{err}");
+    let servers = fleet.servers();
+    assert_eq!(servers.len(), 2, "v1 and the started v2: {servers:?}");
+    assert!(
+        servers
+            .iter()
+            .all(|s| s.admin_state == 0 && s.op_state == 2),
+        "{servers:?}"
+    );
+    slow.abort();
+}
