@@ -16,10 +16,11 @@ use crate::balancer::Balancer;
 use crate::balancer::builtin::AdminClient;
 use crate::config::{Config, Name};
 use crate::deploy::{self, Deployer, Report, Request};
+use crate::journal::{Journal, LockHeld, LockHolder, Taken};
 use crate::progress::Progress;
 use crate::transport::Transport;
 use crate::transport::local::LocalTransport;
-use crate::{batch, fleet, history};
+use crate::{batch, fleet};
 
 /// Zero-downtime deploys to a fleet of servers, with proof.
 ///
@@ -59,14 +60,22 @@ pub enum Command {
     Plan(VersionArgs),
     /// Deploy a version to every host with the configured strategy.
     Deploy(DeployArgs),
-    /// Per host: live release, instances, balancer state and counters.
+    /// Per host: live release, instances, balancer state and counters; the running or
+    /// interrupted deployment; and drift the journal does not explain.
     Status(JsonArgs),
-    /// Past deployments.
+    /// Past deployments, newest first.
     History(JsonArgs),
-    /// Return the fleet to the previous release (or --to VERSION).
+    /// One deployment: its steps with timings, requests served/failed while it ran, outcome.
+    Show(ShowArgs),
+    /// Return the fleet to the previous release (or --to VERSION). After an interrupted
+    /// deployment: return every host to the release it had before it.
     Rollback(RollbackArgs),
+    /// Show who holds the deploy lock.
+    Lock,
+    /// Release the deploy lock. Only with --force, which is recorded in the journal.
+    Unlock(UnlockArgs),
     /// Run the built-in load balancer (traffic listener + admin API) from [balancer].
-    Proxy,
+    Proxy(ProxyArgs),
     /// A small HTTP app for the demo and tests: GET / answers its version, GET /health answers 200.
     SampleApp(crate::sample_app::SampleAppArgs),
 }
@@ -101,11 +110,33 @@ pub struct VersionArgs {
 #[derive(Args, Debug)]
 pub struct DeployArgs {
     /// Version to deploy: the name of a release (letters, digits, . _ + -).
-    #[arg(long)]
-    pub version: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub version: Option<String>,
+    /// Continue the interrupted deployment recorded in the journal.
+    #[arg(long, conflicts_with = "version")]
+    pub resume: bool,
+    /// Wait up to this long for another deployment's lock (e.g. "5m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lock_wait: Option<std::time::Duration>,
     /// Print progress and the report as JSON lines (for CI).
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// Deployment id (from `cutover history`); default: the newest.
+    pub id: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    /// Remove the lock even though its holder may still be running.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +151,9 @@ pub struct RollbackArgs {
     /// Release to return to (default: the one before the live release, from the history).
     #[arg(long)]
     pub to: Option<String>,
+    /// Wait up to this long for another deployment's lock (e.g. "5m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lock_wait: Option<std::time::Duration>,
     /// Print progress and the report as JSON lines (for CI).
     #[arg(long)]
     pub json: bool,
@@ -174,9 +208,17 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 .build()?;
             rt.block_on(crate::sample_app::run(args)).map(|_| 0)
         }
-        Command::Proxy => {
+        Command::Proxy(args) => {
             let config = Config::load(&cli.config)?;
-            runtime()?.block_on(run_proxy(config)).map(|_| 0)
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = args.threads {
+                rt.worker_threads(n.max(1));
+            }
+            let rt = rt
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(run_proxy(config, args)).map(|_| 0)
         }
         Command::Plan(args) => {
             let config = Config::load(&cli.config)?;
@@ -186,22 +228,22 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Deploy(args) => {
             let config = Config::load(&cli.config)?;
-            let version = parse_version(&args.version)?;
-            runtime()?.block_on(deploy_cmd(config, version, "deploy", args.json))
+            let version = args.version.as_deref().map(parse_version).transpose()?;
+            let what = match &version {
+                Some(v) => Action::Deploy(v.clone()),
+                None => Action::Resume,
+            };
+            runtime()?.block_on(deploy_cmd(config, what, args.lock_wait, args.json))
         }
         Command::Rollback(args) => {
             let config = Config::load(&cli.config)?;
-            let target = match args.to {
-                Some(v) => v,
-                None => history::previous_release(&config.state_dir)?.ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "no earlier release is recorded in {}: name one with `cutover rollback --to VERSION`",
-                        config.state_dir.display()
-                    )
-                })?,
-            };
-            let version = parse_version(&target)?;
-            runtime()?.block_on(deploy_cmd(config, version, "rollback", args.json))
+            let to = args.to.as_deref().map(parse_version).transpose()?;
+            runtime()?.block_on(deploy_cmd(
+                config,
+                Action::Rollback(to),
+                args.lock_wait,
+                args.json,
+            ))
         }
         Command::Status(args) => {
             let config = Config::load(&cli.config)?;
@@ -212,6 +254,35 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::History(args) => {
             let config = Config::load(&cli.config)?;
             print_history(&config, args.json).map(|_| 0)
+        }
+        Command::Show(args) => {
+            let config = Config::load(&cli.config)?;
+            show_cmd(&config, args.id.as_deref(), args.json).map(|_| 0)
+        }
+        Command::Lock => {
+            let config = Config::load(&cli.config)?;
+            let journal = Journal::open(&config.state_dir)?;
+            match journal.lock_holder(config.app.name.as_str())? {
+                Some(h) => println!("locked: {}", h.describe()),
+                None => println!("unlocked"),
+            }
+            Ok(0)
+        }
+        Command::Unlock(args) => {
+            let config = Config::load(&cli.config)?;
+            let journal = Journal::open(&config.state_dir)?;
+            if !args.force {
+                anyhow::bail!(
+                    "the lock is released by the deploy that holds it; a stale one is taken over automatically. To remove it anyway, run `cutover unlock --force` (recorded in the journal)"
+                );
+            }
+            match journal
+                .force_unlock(config.app.name.as_str(), &LockHolder::me("unlock --force"))?
+            {
+                Some(h) => println!("removed the lock held by {}", h.describe()),
+                None => println!("the lock was free"),
+            }
+            Ok(0)
         }
     }
 }
@@ -224,20 +295,53 @@ fn parse_version(v: &str) -> anyhow::Result<Name> {
 pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
     let transport: Arc<dyn Transport> = match config.transport {
         crate::config::TransportKind::Local => Arc::new(LocalTransport),
-        crate::config::TransportKind::Ssh => anyhow::bail!(
-            "{}: transport = \"ssh\" is not supported yet",
-            config.file.display()
-        ),
+        crate::config::TransportKind::Ssh => Arc::new(crate::transport::ssh::SshTransport::new(
+            config.ssh.clone(),
+            config.forks,
+        )?),
     };
-    let balancer: Arc<dyn Balancer> = Arc::new(AdminClient::new(
-        config.admin_addr()?,
-        config.admin_token()?,
-    ));
+    let balancer: Arc<dyn Balancer> = match config.balancer.kind {
+        crate::config::BalancerKind::Builtin => Arc::new(AdminClient::new(
+            config.admin_addr()?,
+            config.admin_token()?,
+        )),
+        crate::config::BalancerKind::Haproxy => {
+            let settings = crate::balancer::haproxy::HaproxySettings::from_config(config)?;
+            Arc::new(
+                crate::balancer::haproxy::HaproxyBalancer::connect(settings).with_context(
+                    || format!("{}: [balancer] kind = \"haproxy\"", config.file.display()),
+                )?,
+            )
+        }
+    };
     Ok((transport, balancer))
 }
 
-async fn run_proxy(config: Config) -> anyhow::Result<()> {
+/// `cutover proxy` flags.
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    /// Replace the proxy running with the same state directory without dropping a request:
+    /// take over its listening sockets; it stops accepting, drains and exits.
+    #[arg(long)]
+    pub takeover: bool,
+    /// Worker threads (default: one per CPU core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+async fn run_proxy(config: Config, args: ProxyArgs) -> anyhow::Result<()> {
     let settings = crate::proxy::ProxySettings::from_config(&config)?;
+    let mut options = crate::proxy::ProxyOptions::from_config(&config)?;
+    options.takeover = args.takeover;
+    let handle = crate::proxy::start_with(settings, options).await?;
+    // Not println!: it panics when stdout is closed.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "cutover proxy: listening on {}, admin API on {}",
+        handle.listen, handle.admin
+    );
+    let _ = out.flush();
     let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
@@ -246,28 +350,205 @@ async fn run_proxy(config: Config) -> anyhow::Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
         }
     };
-    crate::proxy::serve(settings, shutdown).await
+    tokio::select! {
+        _ = shutdown => {},
+        _ = handle.stopped() => {},
+    }
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// What `deploy_cmd` is asked to do.
+enum Action {
+    Deploy(Name),
+    Resume,
+    Rollback(Option<Name>),
+}
+
+/// Holds the deploy lock and renews its lease until dropped.
+struct LockGuard {
+    journal: Arc<Journal>,
+    app: String,
+    me: LockHolder,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let _ = self.journal.unlock(&self.app, &self.me);
+    }
+}
+
+/// Takes the deploy lock, waiting up to `wait` for another holder.
+async fn take_lock(
+    journal: &Arc<Journal>,
+    config: &Config,
+    what: &str,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<LockGuard> {
+    let app = config.app.name.to_string();
+    let me = LockHolder::me(what);
+    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+    let mut told = false;
+    loop {
+        match journal.lock(&app, &me, config.lock_lease) {
+            Ok(taken) => {
+                if let Taken::TookOver(h, why) = taken {
+                    eprintln!("took over a stale deploy lock ({why}): {}", h.describe());
+                }
+                break;
+            }
+            Err(e) => {
+                let Some(held) = e.downcast_ref::<LockHeld>() else {
+                    return Err(e);
+                };
+                if std::time::Instant::now() >= deadline {
+                    let hint = if wait.is_some() {
+                        "it was still held when --lock-wait ran out"
+                    } else {
+                        "wait for it to finish, pass --lock-wait 10m to wait, or `cutover unlock --force` if you are sure it is gone"
+                    };
+                    anyhow::bail!(
+                        "another deployment holds the lock: {}: {hint}",
+                        held.holder.describe()
+                    );
+                }
+                if !told {
+                    eprintln!("waiting for the deploy lock: {}", held.holder.describe());
+                    told = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    }
+    let renew = {
+        let journal = journal.clone();
+        let (app, me, lease) = (app.clone(), me.clone(), config.lock_lease);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let _ = journal.renew(&app, &me, lease);
+            }
+        })
+    };
+    Ok(LockGuard {
+        journal: journal.clone(),
+        app,
+        me,
+        renew,
+    })
+}
+
+/// The deployer for a config, with a balancer client that waits out balancer restarts.
+pub fn deployer(
+    config: Arc<Config>,
+    journal: Arc<Journal>,
+    progress: Progress,
+) -> anyhow::Result<Deployer> {
+    let (transport, balancer) = connect(&config)?;
+    let balancer: Arc<dyn Balancer> = Arc::new(crate::balancer::patient::Patient::new(
+        balancer,
+        *config.balancer.unreachable_timeout,
+        progress.clone(),
+    ));
+    Ok(Deployer::new(
+        config, transport, balancer, journal, progress,
+    ))
 }
 
 async fn deploy_cmd(
     config: Config,
-    version: Name,
-    kind: &'static str,
+    action: Action,
+    lock_wait: Option<std::time::Duration>,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let _lock = history::lock(&config.state_dir, &format!("{kind} {version}"))?;
-    let (transport, balancer) = connect(&config)?;
-    let config = Arc::new(config);
-    let deployer = Deployer {
-        config: config.clone(),
-        transport,
-        balancer,
-        progress: Progress::new(json),
+    let journal = Arc::new(Journal::open(&config.state_dir)?);
+    let what = match &action {
+        Action::Deploy(v) => format!("deploy {v}"),
+        Action::Resume => "deploy --resume".to_string(),
+        Action::Rollback(Some(v)) => format!("rollback to {v}"),
+        Action::Rollback(None) => "rollback".to_string(),
     };
-    let report = deployer.run(&Request { version, kind }).await?;
-    if let Err(e) = history::record(&config.state_dir, &report) {
-        eprintln!("warning: the deployment finished but could not be recorded: {e:#}");
-    }
+    let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
+    // We hold the lock, so an unfinished deployment in the journal is not running: it was interrupted.
+    let interrupted = journal.unfinished()?;
+    let config = Arc::new(config);
+    let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
+    let report = match (action, interrupted) {
+        (Action::Deploy(_), Some(row)) => {
+            let last = journal.steps(&row.id)?.into_iter().last();
+            let at = last.map_or("before its first step".to_string(), |s| {
+                format!(
+                    "at step \"{} {} {}\"{}",
+                    s.host,
+                    s.action,
+                    s.detail,
+                    if s.result.is_none() {
+                        " (unfinished)"
+                    } else {
+                        ""
+                    }
+                )
+            });
+            anyhow::bail!(
+                "deployment {} ({} -> {}) was interrupted {at}: run `cutover deploy --resume` to finish it, or `cutover rollback` to return every host to where it was",
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to
+            );
+        }
+        (Action::Deploy(version), None) => deployer.run(&Request::deploy(version)).await?,
+        (Action::Resume, Some(row)) => {
+            let version = parse_version(&row.to)?;
+            let kind = if row.kind == "rollback" {
+                "rollback"
+            } else {
+                "deploy"
+            };
+            deployer
+                .run(&Request {
+                    version,
+                    kind,
+                    resume: Some(row),
+                })
+                .await?
+        }
+        (Action::Resume, None) => {
+            anyhow::bail!("there is no interrupted deployment to resume (see `cutover history`)")
+        }
+        (Action::Rollback(to), Some(row)) => {
+            if let Some(v) = to {
+                anyhow::bail!(
+                    "deployment {} was interrupted: `cutover rollback` returns every host to where it was before it; --to {v} is not possible until then",
+                    row.id
+                );
+            }
+            deployer.restore(&row).await?
+        }
+        (Action::Rollback(to), None) => {
+            let target = match to {
+                Some(v) => v,
+                None => {
+                    let prev = journal.previous_release()?.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no earlier release is recorded in the journal ({}): name one with `cutover rollback --to VERSION`",
+                            journal.path().display()
+                        )
+                    })?;
+                    parse_version(&prev)?
+                }
+            };
+            deployer
+                .run(&Request {
+                    version: target,
+                    kind: "rollback",
+                    resume: None,
+                })
+                .await?
+        }
+    };
+    let _ = journal.prune(config.history_keep);
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -371,6 +652,17 @@ fn print_plan(config: &Config, version: &Name) {
 async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()> {
     let (transport, balancer) = connect(&config)?;
     let views = fleet::observe(&config, &transport, &balancer).await?;
+    let journal = Journal::open(&config.state_dir)?;
+    let started = journal.started_instances()?;
+    let drift = fleet::drift(&views, &started);
+    let lock = journal.lock_holder(config.app.name.as_str())?;
+    let unfinished = journal.unfinished()?;
+    let deployment = unfinished.map(|row| {
+        let running = lock
+            .as_ref()
+            .is_some_and(|h| crate::journal::process_alive(h.pid));
+        (row, running)
+    });
     if json {
         let hosts: Vec<serde_json::Value> = views
             .iter()
@@ -388,9 +680,15 @@ async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()> {
                 })
             })
             .collect();
+        let deployment = deployment.as_ref().map(|(row, running)| {
+            serde_json::json!({ "id": row.id, "from": row.from, "to": row.to, "strategy": row.strategy,
+                "state": if *running { "running" } else { "interrupted" }, "status": row.status })
+        });
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "hosts": hosts }))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "hosts": hosts, "drift": drift, "deployment": deployment })
+            )?
         );
         return Ok(());
     }
@@ -446,34 +744,151 @@ async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some((row, running)) = &deployment {
+        if *running {
+            println!(
+                "\ndeployment {} running: {} -> {} ({})",
+                row.id,
+                row.from.as_deref().unwrap_or("-"),
+                row.to,
+                row.strategy
+            );
+            if let Some(st) = &row.status {
+                println!("  {}", fleet::describe_status(st));
+            }
+        } else {
+            println!(
+                "\ndeployment {} ({} -> {}) was INTERRUPTED: `cutover deploy --resume` finishes it, `cutover rollback` undoes it; `cutover show {}` tells where it stopped",
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to,
+                row.id
+            );
+        }
+    }
+    if drift.is_empty() {
+        println!("\nno drift: hosts and balancer match the journal");
+    } else {
+        println!("\nDRIFT (what the journal does not explain):");
+        for d in &drift {
+            println!("  - {d}");
+        }
+    }
     Ok(())
 }
 
 fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
-    let records = history::load(&config.state_dir)?;
+    let journal = Journal::open(&config.state_dir)?;
+    let records = journal.deployments(config.history_keep)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(());
     }
     if records.is_empty() {
-        println!("no deployments recorded in {}", config.state_dir.display());
+        println!("no deployments recorded in {}", journal.path().display());
         return Ok(());
     }
     println!(
-        "{:<22} {:<9} {:<10} {:<10} {:<12} {:>8} {:>9} {:>7}",
-        "ID", "KIND", "FROM", "TO", "OUTCOME", "SECONDS", "SERVED", "FAILED"
+        "{:<20} {:<9} {:<11} {:<10} {:<10} {:<12} {:>8} {:>9} {:>7}",
+        "ID", "KIND", "STRATEGY", "FROM", "TO", "OUTCOME", "SECONDS", "SERVED", "FAILED"
     );
-    for r in records.iter().rev() {
+    for r in &records {
+        let num = |k: &str| {
+            r.report
+                .as_ref()
+                .and_then(|v| v.get(k))
+                .and_then(|v| v.as_u64())
+        };
         println!(
-            "{:<22} {:<9} {:<10} {:<10} {:<12} {:>8.1} {:>9} {:>7}",
+            "{:<20} {:<9} {:<11} {:<10} {:<10} {:<12} {:>8} {:>9} {:>7}",
             r.id,
             r.kind,
+            r.strategy,
             r.from.as_deref().unwrap_or("-"),
             r.to,
-            r.outcome.label(),
-            r.duration_ms as f64 / 1000.0,
-            r.served,
-            r.failed_requests
+            r.outcome.as_deref().unwrap_or("interrupted"),
+            r.ended_ms.map_or("-".into(), |e| format!(
+                "{:.1}",
+                e.saturating_sub(r.started_ms) as f64 / 1000.0
+            )),
+            num("served").map_or("-".into(), |n| n.to_string()),
+            num("failed_requests").map_or("-".into(), |n| n.to_string()),
+        );
+    }
+    Ok(())
+}
+
+fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let journal = Journal::open(&config.state_dir)?;
+    let row = match id {
+        Some(id) => journal.deployment(id)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no deployment {id} in {} (see `cutover history`)",
+                journal.path().display()
+            )
+        })?,
+        None => journal.deployments(1)?.into_iter().next().ok_or_else(|| {
+            anyhow::anyhow!("no deployments recorded in {}", journal.path().display())
+        })?,
+    };
+    let steps = journal.steps(&row.id)?;
+    let events = journal.events(&row.id)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "deployment": row, "steps": steps, "events": events })
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "deployment {}: {} {} {} -> {} ({}), by {}",
+        row.id,
+        row.kind,
+        row.strategy,
+        row.from.as_deref().unwrap_or("(nothing)"),
+        row.to,
+        row.outcome.as_deref().unwrap_or("interrupted or running"),
+        row.who
+    );
+    if let Some(r) = &row.report {
+        let n = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        println!(
+            "  requests while it ran: {} served, {} failed",
+            n("served"),
+            n("failed_requests")
+        );
+        if let Some(by) = r.get("served_by_release").and_then(|v| v.as_object()) {
+            let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            if !parts.is_empty() {
+                println!("  by release: {}", parts.join(", "));
+            }
+        }
+    }
+    println!(
+        "  {:>8} {:>8}  {:<8} {:<9} {:<28} RESULT",
+        "AT(s)", "TOOK(ms)", "HOST", "STEP", "DETAIL"
+    );
+    for s in &steps {
+        println!(
+            "  {:>8.1} {:>8}  {:<8} {:<9} {:<28} {}",
+            s.started_ms.saturating_sub(row.started_ms) as f64 / 1000.0,
+            s.ended_ms
+                .map_or("-".into(), |e| e.saturating_sub(s.started_ms).to_string()),
+            s.host,
+            s.action,
+            s.detail,
+            s.result
+                .as_deref()
+                .unwrap_or("INTERRUPTED (the process died here)")
+        );
+    }
+    for e in &events {
+        println!(
+            "  {:>8.1} event: {}",
+            e.at_ms.saturating_sub(row.started_ms) as f64 / 1000.0,
+            e.message
         );
     }
     Ok(())

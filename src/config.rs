@@ -36,6 +36,11 @@ pub struct Config {
     pub ssh: SshSettings,
     /// Parallel host operations at most (staging, batches).
     pub forks: usize,
+    /// The deploy lock's lease: renewed while a deploy runs; a lock not renewed for this long
+    /// is stale and may be taken over.
+    pub lock_lease: Duration,
+    /// Finished deployments kept in the journal.
+    pub history_keep: usize,
     pub hooks: Vec<Hook>,
     pub analysis: Option<Analysis>,
     pub verify: Vec<Verify>,
@@ -214,6 +219,47 @@ pub struct BalancerConfig {
     pub socket: Option<String>,
     /// HAProxy backend whose servers cutover manages.
     pub backend: Option<String>,
+    /// How long a deploy waits for a balancer that went away (a restart) before it stops.
+    #[serde(default = "secs::<30>")]
+    pub unreachable_timeout: Dur,
+    /// `[balancer.tls]`: the built-in balancer terminates TLS (HTTP/2 through ALPN).
+    pub tls: Option<BalancerTls>,
+    /// Built-in balancer: client connections open at once; more get a 503 and are closed
+    /// (default 10000).
+    pub max_connections: Option<u32>,
+    /// Built-in balancer: largest request head in bytes, at least 8192 (default 65536); larger
+    /// gets 431.
+    pub max_header_bytes: Option<u32>,
+    /// Built-in balancer: most request header fields (default 100); more gets 431.
+    pub max_headers: Option<u32>,
+    /// Built-in balancer: time a client has to send a request head, counted from when the
+    /// connection waits for one (default 30s).
+    pub client_header_timeout: Option<Dur>,
+    /// Built-in balancer: a client connection with no request in progress and no bytes either
+    /// way for this long is closed (default 75s).
+    pub client_idle_timeout: Option<Dur>,
+    /// Built-in balancer: time to connect to a backend before trying another (default 2s).
+    pub backend_connect_timeout: Option<Dur>,
+    /// Built-in balancer: time a backend has to send the response head (default 60s).
+    pub backend_header_timeout: Option<Dur>,
+    /// Built-in balancer: pooled idle connections to backends are closed after this (default 4s).
+    pub backend_idle_timeout: Option<Dur>,
+    /// Built-in balancer: passive ejection after this many failed requests in a row (default
+    /// `app.health.unhealthy_threshold`; 0 turns it off).
+    pub eject_after: Option<u32>,
+    /// Built-in balancer: 5xx answers count as failed requests for passive ejection (default
+    /// true).
+    pub eject_on_5xx: Option<bool>,
+}
+
+/// `[balancer.tls]`: PEM files for TLS termination (paths relative to the config file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerTls {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -691,6 +737,9 @@ fn default_pass_score() -> f64 {
 fn default_marginal_score() -> f64 {
     75.0
 }
+fn default_history_keep() -> usize {
+    500
+}
 fn default_forks() -> usize {
     16
 }
@@ -718,6 +767,10 @@ struct RawConfig {
     command_timeout: Dur,
     #[serde(default = "default_forks")]
     forks: usize,
+    #[serde(default = "secs::<60>")]
+    lock_lease: Dur,
+    #[serde(default = "default_history_keep")]
+    history_keep: usize,
     app: App,
     release: Release,
     #[serde(default)]
@@ -873,6 +926,8 @@ impl Config {
                 command_timeout: *raw.command_timeout,
             },
             forks: raw.forks,
+            lock_lease: *raw.lock_lease,
+            history_keep: raw.history_keep,
             hooks: raw.hooks,
             analysis: raw.analysis,
             verify: raw.verify,
@@ -1143,10 +1198,11 @@ impl Config {
                 ));
             }
             if let Some(j) = &a.judge {
-                if !(0.0 < j.alpha && j.alpha < 1.0)
-                    || !(0.0..=100.0).contains(&j.pass)
-                    || !(0.0..=j.pass).contains(&j.marginal)
-                {
+                let valid = 0.0 < j.alpha
+                    && j.alpha < 1.0
+                    && (0.0..=100.0).contains(&j.pass)
+                    && (0.0..=j.pass).contains(&j.marginal);
+                if !valid {
                     return Err(err(
                         "analysis.judge",
                         "judge needs 0 < alpha < 1 and 0 <= marginal <= pass <= 100".into(),

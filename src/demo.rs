@@ -141,12 +141,18 @@ fn write_workspace(dir: &Path, proxy: &ProxyHandle) -> anyhow::Result<Config> {
 }
 
 async fn phases(config: Arc<Config>, proxy: &ProxyHandle, rate: u32) -> anyhow::Result<Vec<Phase>> {
+    let journal = Arc::new(crate::journal::Journal::open(&config.state_dir)?);
     let (transport, balancer) = crate::cli::connect(&config)?;
-    let deployer = |phase: &'static str| Deployer {
-        config: config.clone(),
-        transport: transport.clone(),
-        balancer: balancer.clone(),
-        progress: Progress::to_sink(Arc::new(move |line: &str| say(&format!("{phase}: {line}")))),
+    let deployer = |phase: &'static str| {
+        let progress =
+            Progress::to_sink(Arc::new(move |line: &str| say(&format!("{phase}: {line}"))));
+        Deployer::new(
+            config.clone(),
+            transport.clone(),
+            balancer.clone(),
+            journal.clone(),
+            progress,
+        )
     };
     let mut out = Vec::new();
 
@@ -194,10 +200,7 @@ async fn phases(config: Arc<Config>, proxy: &ProxyHandle, rate: u32) -> anyhow::
 }
 
 fn request(v: &str) -> anyhow::Result<Request> {
-    Ok(Request {
-        version: Name::parse(v).map_err(anyhow::Error::msg)?,
-        kind: "deploy",
-    })
+    Ok(Request::deploy(Name::parse(v).map_err(anyhow::Error::msg)?))
 }
 
 /// Runs `work` while steady traffic flows through the balancer; returns both results.

@@ -15,17 +15,20 @@
 //! dance towards the old release, which stays staged on the host.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
-use crate::balancer::{BackendSpec, Balancer, Stats};
+use crate::balancer::{BackendSpec, BackendState, Balancer, Stats};
 use crate::batch;
 use crate::config::{Config, Host, Name, OnFailure};
 use crate::fleet::{self, HostView};
 use crate::instance::{self, Instance};
+use crate::journal::{DeploymentRow, Journal, now_ms};
 use crate::progress::Progress;
 use crate::release::{self, Layout};
 use crate::transport::Transport;
@@ -75,6 +78,7 @@ pub struct HostFailure {
 /// What a deployment did, for the terminal, `--json` and the history.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
+    /// The deployment's id in the journal (`cutover show ID`).
     pub id: String,
     pub app: String,
     pub kind: String,
@@ -100,8 +104,20 @@ pub struct Report {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub version: Name,
-    /// `"deploy"` or `"rollback"`: recorded in the history.
+    /// `"deploy"` or `"rollback"`: recorded in the journal.
     pub kind: &'static str,
+    /// An interrupted deployment to continue (same id, same per-host starting point).
+    pub resume: Option<DeploymentRow>,
+}
+
+impl Request {
+    pub fn deploy(version: Name) -> Request {
+        Request {
+            version,
+            kind: "deploy",
+            resume: None,
+        }
+    }
 }
 
 /// Runs deployments against one fleet.
@@ -109,47 +125,103 @@ pub struct Deployer {
     pub config: Arc<Config>,
     pub transport: Arc<dyn Transport>,
     pub balancer: Arc<dyn Balancer>,
+    pub journal: Arc<Journal>,
     pub progress: Progress,
+    /// At most `forks` host operations at once.
+    forks: Arc<Semaphore>,
 }
 
-/// Result of moving one host.
-struct Moved {
-    host: Host,
-    /// The release the host served before (its `current`, or the version of its old instance).
-    previous: Option<String>,
+/// One deployment being carried out: its id and where every host started from.
+pub struct Run {
+    pub id: String,
+    /// Release each host served before the deployment.
+    pub previous: BTreeMap<String, Option<String>>,
 }
 
 impl Deployer {
+    pub fn new(
+        config: Arc<Config>,
+        transport: Arc<dyn Transport>,
+        balancer: Arc<dyn Balancer>,
+        journal: Arc<Journal>,
+        progress: Progress,
+    ) -> Deployer {
+        let forks = Arc::new(Semaphore::new(config.forks.max(1)));
+        Deployer {
+            config,
+            transport,
+            balancer,
+            journal,
+            progress,
+            forks,
+        }
+    }
+
     /// Deploys `req.version` to every host with the configured strategy.
     pub async fn run(&self, req: &Request) -> anyhow::Result<Report> {
         let started = Instant::now();
-        let started_unix = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let id = format!("{}-{}", started_unix, std::process::id());
         let config = &self.config;
         let version = &req.version;
-
-        let source = config.release_source(version);
         let before = fleet::observe(config, &self.transport, &self.balancer)
             .await
             .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
-        let from = most_common_release(&before);
         let stats_before = self.balancer.stats().await?;
+        let run = match &req.resume {
+            Some(row) => {
+                self.journal.event(Some(&row.id), "resumed")?;
+                Run {
+                    id: row.id.clone(),
+                    previous: row.previous.clone(),
+                }
+            }
+            None => {
+                let run = Run {
+                    id: new_id(),
+                    previous: before
+                        .iter()
+                        .map(|v| (v.host.name.to_string(), v.current.clone()))
+                        .collect(),
+                };
+                self.journal.begin(&DeploymentRow {
+                    id: run.id.clone(),
+                    app: config.app.name.to_string(),
+                    kind: req.kind.to_string(),
+                    strategy: strategy_name(config).to_string(),
+                    from: most_common(run.previous.values().flatten()),
+                    to: version.to_string(),
+                    who: crate::journal::LockHolder::me("").user,
+                    started_ms: now_ms(),
+                    ended_ms: None,
+                    outcome: None,
+                    previous: run.previous.clone(),
+                    report: None,
+                    status: None,
+                })?;
+                run
+            }
+        };
+        let from = most_common(run.previous.values().flatten());
         self.progress.say(&format!(
-            "{} {} of {} to {} host(s): {} -> {}",
+            "{}{} {} of {} to {} host(s): {} -> {} (deployment {})",
+            if req.resume.is_some() {
+                "resuming "
+            } else {
+                ""
+            },
             req.kind,
             config.app.name,
             version,
             config.hosts.len(),
             from.as_deref().unwrap_or("(nothing)"),
-            version
+            version,
+            run.id
         ));
 
-        // Stage everywhere first, in parallel: no host changes traffic before every copy is in place.
-        let staged = self.stage_all(version, &source, &before).await;
+        // Stage everywhere first: no host changes traffic before every copy is in place.
+        let source = config.release_source(version);
+        let staged = self.stage_all(&run, version, &source, &before).await;
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
-        let mut moved: Vec<Moved> = Vec::new();
+        let mut moved: Vec<Host> = Vec::new();
         let mut failed: Vec<HostFailure> = Vec::new();
         let mut outcome = Outcome::Succeeded;
         let mut stuck = Vec::new();
@@ -160,15 +232,18 @@ impl Deployer {
             self.progress.say(&format!("{label}: {}", names.join(", ")));
             let results = join_all(hosts.iter().map(|h| {
                 let staged = staged.get(h.name.as_str()).cloned();
-                let view = before.iter().find(|v| v.host.name == h.name).cloned();
                 let label = label.clone();
+                let run = &run;
                 async move {
                     match staged {
                         Some(Err(reason)) => Err(HostFailure {
                             host: h.name.to_string(),
                             reason,
                         }),
-                        _ => self.switch_host(&label, h, view.as_ref(), version).await,
+                        _ => self
+                            .switch_host(run, &label, h, version)
+                            .await
+                            .map(|_| h.clone()),
                     }
                 }
             }))
@@ -176,28 +251,45 @@ impl Deployer {
             let mut batch_failures = 0;
             for r in results {
                 match r {
-                    Ok(m) => moved.push(m),
+                    Ok(h) => moved.push(h),
                     Err(f) => {
                         self.progress
                             .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
+                        self.journal
+                            .event(Some(&run.id), &format!("{} failed: {}", f.host, f.reason))?;
                         batch_failures += 1;
                         failed.push(f);
                     }
                 }
             }
-            if batch::batch_failed(
+            let over_batch = batch::batch_failed(
                 batch_failures,
                 hosts.len(),
                 config.strategy.max_fail_percentage,
-            ) {
-                self.progress.say(&format!(
-                    "{label}: {batch_failures} of {} host(s) failed, more than max_fail_percentage = {}%",
-                    hosts.len(),
-                    config.strategy.max_fail_percentage.0
-                ));
+            );
+            let over_total = config
+                .strategy
+                .max_failed_hosts
+                .is_some_and(|m| failed.len() as u32 > m);
+            if over_batch || over_total {
+                let why = if over_batch {
+                    format!(
+                        "{label}: {batch_failures} of {} host(s) failed, more than max_fail_percentage = {}%",
+                        hosts.len(),
+                        config.strategy.max_fail_percentage.0
+                    )
+                } else {
+                    format!(
+                        "{} host(s) failed in all, more than max_failed_hosts = {}",
+                        failed.len(),
+                        config.strategy.max_failed_hosts.unwrap_or(0)
+                    )
+                };
+                self.progress.say(&why);
+                self.journal.event(Some(&run.id), &why)?;
                 match config.strategy.on_failure {
                     OnFailure::Rollback => {
-                        stuck = self.undo(&moved).await;
+                        stuck = self.undo(&run, &moved).await;
                         outcome = if stuck.is_empty() {
                             Outcome::RolledBack
                         } else {
@@ -216,30 +308,116 @@ impl Deployer {
         }
 
         if outcome == Outcome::Succeeded {
-            self.prune_all(&moved).await;
+            self.prune_all(&run, &moved).await;
         }
+        let report = self
+            .finish(
+                &run,
+                req.kind,
+                from,
+                version.as_str(),
+                outcome,
+                started,
+                &stats_before,
+                plan_names(&plan),
+                moved,
+                failed,
+                stuck,
+            )
+            .await?;
+        Ok(report)
+    }
+
+    /// Returns every host to the release it had before an interrupted deployment (hosts that
+    /// had nothing are cleared), reconciling with what hosts and the balancer report.
+    pub async fn restore(&self, interrupted: &DeploymentRow) -> anyhow::Result<Report> {
+        let started = Instant::now();
+        let stats_before = self.balancer.stats().await?;
+        let run = Run {
+            id: interrupted.id.clone(),
+            previous: interrupted.previous.clone(),
+        };
+        self.journal
+            .event(Some(&run.id), "rollback of the interrupted deployment")?;
+        self.progress.say(&format!(
+            "rolling back interrupted deployment {} ({} -> {}): every host returns to where it was",
+            run.id,
+            interrupted.from.as_deref().unwrap_or("(nothing)"),
+            interrupted.to
+        ));
+        let results = join_all(self.config.hosts.iter().map(|h| {
+            let run = &run;
+            async move {
+                match run.previous.get(h.name.as_str()).cloned().flatten() {
+                    Some(prev) => {
+                        let prev = Name::parse(&prev).map_err(|e| HostFailure {
+                            host: h.name.to_string(),
+                            reason: e,
+                        })?;
+                        self.switch_host(run, "rollback", h, &prev).await
+                    }
+                    None => self.clear_host(run, h).await,
+                }
+            }
+        }))
+        .await;
+        let stuck: Vec<HostFailure> = results.into_iter().filter_map(Result::err).collect();
+        let outcome = if stuck.is_empty() {
+            Outcome::RolledBack
+        } else {
+            Outcome::Failed
+        };
+        let from = interrupted.from.clone();
+        self.finish(
+            &run,
+            "deploy",
+            from,
+            &interrupted.to,
+            outcome,
+            started,
+            &stats_before,
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            stuck,
+        )
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        run: &Run,
+        kind: &str,
+        from: Option<String>,
+        to: &str,
+        outcome: Outcome,
+        started: Instant,
+        stats_before: &Stats,
+        batches: Vec<Vec<String>>,
+        moved: Vec<Host>,
+        failed: Vec<HostFailure>,
+        stuck: Vec<HostFailure>,
+    ) -> anyhow::Result<Report> {
         let stats_after = self
             .balancer
             .stats()
             .await
             .unwrap_or_else(|_| stats_before.clone());
         let (served, failed_requests, served_by_release) =
-            traffic_between(&stats_before, &stats_after);
+            traffic_between(stats_before, &stats_after);
         let report = Report {
-            id,
-            app: config.app.name.to_string(),
-            kind: req.kind.to_string(),
+            id: run.id.clone(),
+            app: self.config.app.name.to_string(),
+            kind: kind.to_string(),
             from,
-            to: version.to_string(),
+            to: to.to_string(),
             outcome,
-            started_unix,
+            started_unix: now_ms() / 1000 - started.elapsed().as_secs(),
             duration_ms: started.elapsed().as_millis() as u64,
-            batches: plan
-                .iter()
-                .map(|b| b.iter().map(|h| h.name.to_string()).collect())
-                .collect(),
+            batches,
             moved_hosts: if outcome == Outcome::Succeeded {
-                moved.iter().map(|m| m.host.name.to_string()).collect()
+                moved.iter().map(|h| h.name.to_string()).collect()
             } else {
                 Vec::new()
             },
@@ -249,42 +427,79 @@ impl Deployer {
             failed_requests,
             served_by_release,
         };
+        self.journal
+            .finish(&run.id, outcome.label(), &serde_json::to_value(&report)?)?;
         Ok(report)
     }
 
-    /// Copies the release to every host that lacks it, in parallel. Maps host name to the outcome.
+    /// Journals a step around `work`: written before it acts and after it ends.
+    async fn step<T>(
+        &self,
+        run: &Run,
+        host: &str,
+        action: &str,
+        detail: &str,
+        work: impl Future<Output = Result<T, String>>,
+    ) -> Result<T, String> {
+        let id = self
+            .journal
+            .step_start(&run.id, host, action, detail)
+            .map_err(|e| format!("cannot write the journal: {e:#}"))?;
+        let result = work.await;
+        let end = match &result {
+            Ok(_) => self.journal.step_end(id, "ok", None),
+            Err(e) => self.journal.step_end(id, &format!("failed: {e}"), None),
+        };
+        end.map_err(|e| format!("cannot write the journal: {e:#}"))?;
+        result
+    }
+
+    /// Copies the release to every host that lacks it, in parallel (at most `forks` at once).
+    /// Maps host name to the outcome.
     async fn stage_all(
         &self,
+        run: &Run,
         version: &Name,
-        source: &std::path::Path,
+        _source: &std::path::Path,
         before: &[HostView],
     ) -> BTreeMap<String, Result<bool, String>> {
-        let source_ok = source.is_dir();
-        let results = join_all(self.config.hosts.iter().map(|h| async move {
-            let unreachable = before
-                .iter()
-                .find(|v| v.host.name == h.name)
-                .and_then(|v| v.error.clone());
-            let r = if let Some(e) = unreachable {
-                Err(e)
-            } else if !source_ok {
-                // Hosts that already have the release (a rollback) need no source.
-                match release::list(self.transport.as_ref(), h).await {
-                    Ok(list) if list.iter().any(|v| v == version.as_str()) => Ok(false),
-                    Ok(_) => Err(format!(
-                        "release {version} is not staged here and its source {} is not a directory (release.path)",
-                        source.display()
-                    )),
-                    Err(e) => Err(format!("{e:#}")),
-                }
-            } else {
-                release::stage(self.transport.as_ref(), h, source, version)
-                    .await
-                    .map_err(|e| format!("{e:#}"))
-            };
-            (h.name.to_string(), r)
+        // Built once, by the first host that lacks the release (a rollback builds nothing); a
+        // failed build or a digest mismatch on any host stops every host before traffic moves.
+        let source = crate::source::ReleaseSource::new(&self.config, version);
+        let fatal = std::sync::Mutex::new(None::<String>);
+        let results = join_all(self.config.hosts.iter().map(|h| {
+            let (source, fatal) = (&source, &fatal);
+            async move {
+                let _permit = self.forks.acquire().await;
+                let unreachable = before
+                    .iter()
+                    .find(|v| v.host.name == h.name)
+                    .and_then(|v| v.error.clone());
+                let work = async {
+                    if let Some(e) = unreachable {
+                        return Err(e);
+                    }
+                    release::stage(self.transport.as_ref(), h, source, version)
+                        .await
+                        .map_err(|e| {
+                            let msg = format!("{e:#}");
+                            if e.is::<release::Fatal>() {
+                                fatal.lock().expect("fatal lock").get_or_insert(msg.clone());
+                            }
+                            msg
+                        })
+                };
+                let r = self
+                    .step(run, h.name.as_str(), "stage", version.as_str(), work)
+                    .await;
+                (h.name.to_string(), r)
+            }
         }))
         .await;
+        if let Some(line) = source.summary() {
+            self.progress.say(&line);
+        }
+        let results = release::stop_on_fatal(results, fatal.into_inner().expect("fatal lock"));
         let copied = results
             .iter()
             .filter(|(_, r)| matches!(r, Ok(true)))
@@ -303,22 +518,24 @@ impl Deployer {
         results.into_iter().collect()
     }
 
-    /// Moves one host to `version`, side by side. On failure the host is left serving what it
-    /// served before, with the new instance stopped and out of the balancer.
-    async fn switch_host(
+    /// Moves one host to `version`, side by side. Idempotent: a host already serving `version`
+    /// only has its leftovers retired. On failure the host is left serving what it served
+    /// before, with the new instance stopped and out of the balancer.
+    pub async fn switch_host(
         &self,
+        run: &Run,
         label: &str,
         host: &Host,
-        view: Option<&HostView>,
         version: &Name,
-    ) -> Result<Moved, HostFailure> {
+    ) -> Result<(), HostFailure> {
+        let _permit = self.forks.acquire().await;
         let fail = |reason: String| HostFailure {
             host: host.name.to_string(),
             reason,
         };
         let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
         let t = self.transport.as_ref();
-        let app = &self.config.app;
+        let h = host.name.as_str();
 
         // Read the host afresh: an earlier batch or a resumed deploy may have changed it.
         let recorded = instance::list(t, host)
@@ -329,89 +546,95 @@ impl Deployer {
             .backends()
             .await
             .map_err(|e| fail(format!("{e:#}")))?;
-        let previous = view.and_then(|v| v.current.clone()).or_else(|| {
-            recorded
-                .iter()
-                .find(|r| r.alive)
-                .map(|r| r.instance.version.clone())
-        });
-
         let serving_target = recorded.iter().find(|r| {
             r.alive
                 && r.instance.version == version.as_str()
                 && backends.iter().any(|b| {
                     b.spec.id == r.instance.backend_id()
-                        && b.state == crate::balancer::BackendState::Active
+                        && b.state == BackendState::Active
+                        && b.health == crate::balancer::api::Health::Healthy
                 })
         });
-        let new = if let Some(r) = serving_target {
-            say(format!(
-                "already serving {version} on {}",
-                r.instance.address
-            ));
-            r.instance.clone()
-        } else {
-            let port = t
-                .free_port(host)
-                .await
-                .map_err(|e| fail(format!("{e:#}")))?;
-            let inst = instance::start(t, app, host, version, port)
-                .await
-                .map_err(|e| fail(format!("{e:#}")))?;
-            say(format!(
-                "started {version} on {} (pid {})",
-                inst.address, inst.pid
-            ));
-            if let Err(e) = self.admit(&inst).await {
-                self.discard(host, &inst).await;
-                return Err(fail(e));
-            }
-            say(format!("{version} healthy and in the balancer"));
-            inst
-        };
-
-        // Retire everything else on this host: old instances and backends that point nowhere.
-        let new_id = new.backend_id();
-        for b in backends
-            .iter()
-            .filter(|b| b.spec.host == host.name.as_str() && b.spec.id != new_id)
-        {
-            if let Err(e) = self.retire_backend(&b.spec.id).await {
+        let new = match serving_target {
+            Some(r) => {
                 say(format!(
-                    "WARNING: could not retire backend {}: {e:#}",
-                    b.spec.id
+                    "already serving {version} on {}",
+                    r.instance.address
                 ));
+                r.instance.clone()
             }
-        }
-        for r in recorded.iter().filter(|r| r.instance != new) {
-            if r.alive {
-                match instance::stop(t, host, &r.instance, app.stop_signal, *app.stop_timeout).await
-                {
-                    Ok(instance::Stopped::Gracefully) => say(format!(
-                        "stopped {} (pid {})",
-                        r.instance.version, r.instance.pid
-                    )),
-                    Ok(instance::Stopped::Killed) => say(format!(
-                        "stopped {} (pid {}) with KILL after stop_timeout {}",
-                        r.instance.version, r.instance.pid, app.stop_timeout
-                    )),
-                    Err(e) => say(format!("WARNING: {e:#}")),
+            None => {
+                let inst = self
+                    .start_instance(run, host, version)
+                    .await
+                    .map_err(fail)?;
+                say(format!(
+                    "started {version} on {} (pid {})",
+                    inst.address, inst.pid
+                ));
+                let admitted = self
+                    .step(
+                        run,
+                        h,
+                        "admit",
+                        &inst.backend_id(),
+                        self.admit(&inst, false),
+                    )
+                    .await;
+                if let Err(e) = admitted {
+                    self.discard(run, host, &inst).await;
+                    return Err(fail(e));
                 }
-            } else {
-                let _ = instance::forget(t, host, &r.instance).await;
+                say(format!("{version} healthy and in the balancer"));
+                inst
             }
-        }
-        release::set_current(t, host, version.as_str())
-            .await
-            .map_err(|e| fail(format!("{e:#}")))?;
-        Ok(Moved {
-            host: host.clone(),
-            previous,
+        };
+        self.retire_others(run, label, host, &new).await;
+        self.step(run, h, "current", version.as_str(), async {
+            release::set_current(t, host, version.as_str())
+                .await
+                .map_err(|e| format!("{e:#}"))
         })
+        .await
+        .map_err(fail)?;
+        Ok(())
     }
 
-    /// Health gate, then into the balancer, then the balancer's own health check.
-    async fn admit(&self, inst: &Instance) -> Result<(), String> {
+    /// Starts an instance of `version` on a free port of the host (journaled as `start`, with
+    /// the address in the step's detail so `cutover status` can tell our instances from strays).
+    pub async fn start_instance(
+        &self,
+        run: &Run,
+        host: &Host,
+        version: &Name,
+    ) -> Result<Instance, String> {
+        let t = self.transport.as_ref();
+        let id = self
+            .journal
+            .step_start(&run.id, host.name.as_str(), "start", version.as_str())
+            .map_err(|e| format!("cannot write the journal: {e:#}"))?;
+        let started = async {
+            let port = t.free_port(host).await.map_err(|e| format!("{e:#}"))?;
+            instance::start(t, &self.config.app, host, version, port)
+                .await
+                .map_err(|e| format!("{e:#}"))
+        }
+        .await;
+        let end = match &started {
+            Ok(inst) => self.journal.step_end(
+                id,
+                "ok",
+                Some(&format!("{}@{}", inst.version, inst.address)),
+            ),
+            Err(e) => self.journal.step_end(id, &format!("failed: {e}"), None),
+        };
+        end.map_err(|e| format!("cannot write the journal: {e:#}"))?;
+        started
+    }
+
+    /// Health gate, then into the balancer (as a preview backend when `preview`), then the
+    /// balancer's own health check.
+    pub async fn admit(&self, inst: &Instance, preview: bool) -> Result<(), String> {
         let host = self
             .config
             .host(&inst.host)
@@ -420,15 +643,7 @@ impl Deployer {
         instance::wait_healthy(self.transport.as_ref(), host, inst, health)
             .await
             .map_err(|e| format!("{} on {}: {e}", inst.version, inst.address))?;
-        let spec = BackendSpec {
-            id: inst.backend_id(),
-            address: inst.address,
-            host: inst.host.clone(),
-            release: inst.version.clone(),
-            weight: crate::balancer::api::default_weight(),
-            health_path: health.path.clone(),
-            preview: false,
-        };
+        let spec = backend_spec(inst, &health.path, preview);
         self.balancer
             .add(&spec)
             .await
@@ -440,45 +655,113 @@ impl Deployer {
         Ok(())
     }
 
-    /// Takes a failed new instance out of the balancer (if it got there) and stops it.
-    async fn discard(&self, host: &Host, inst: &Instance) {
-        let _ = self.balancer.remove(&inst.backend_id()).await;
+    /// Retires everything on the host but `keep`: other backends are drained and removed, other
+    /// instances stopped, dead pid files forgotten. Problems are reported, not fatal: the host
+    /// already serves `keep`.
+    pub async fn retire_others(&self, run: &Run, label: &str, host: &Host, keep: &Instance) {
+        let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
+        let t = self.transport.as_ref();
+        let h = host.name.as_str();
         let app = &self.config.app;
-        if let Err(e) = instance::stop(
-            self.transport.as_ref(),
-            host,
-            inst,
-            app.stop_signal,
-            *app.stop_timeout,
-        )
-        .await
-        {
+        let keep_id = keep.backend_id();
+        if let Ok(backends) = self.balancer.backends().await {
+            for b in backends
+                .iter()
+                .filter(|b| b.spec.host == h && b.spec.id != keep_id)
+            {
+                let r = self
+                    .step(
+                        run,
+                        h,
+                        "retire",
+                        &b.spec.id,
+                        self.retire_backend(&b.spec.id),
+                    )
+                    .await;
+                if let Err(e) = r {
+                    say(format!(
+                        "WARNING: could not retire backend {}: {e}",
+                        b.spec.id
+                    ));
+                }
+            }
+        }
+        let recorded = instance::list(t, host).await.unwrap_or_default();
+        for r in recorded.iter().filter(|r| r.instance != *keep) {
+            if r.alive {
+                let detail = format!("{}@{}", r.instance.version, r.instance.address);
+                let stopped = self
+                    .step(run, h, "stop", &detail, async {
+                        instance::stop(t, host, &r.instance, app.stop_signal, *app.stop_timeout)
+                            .await
+                            .map_err(|e| format!("{e:#}"))
+                    })
+                    .await;
+                match stopped {
+                    Ok(instance::Stopped::Gracefully) => say(format!(
+                        "stopped {} (pid {})",
+                        r.instance.version, r.instance.pid
+                    )),
+                    Ok(instance::Stopped::Killed) => say(format!(
+                        "stopped {} (pid {}) with KILL after stop_timeout {}",
+                        r.instance.version, r.instance.pid, app.stop_timeout
+                    )),
+                    Err(e) => say(format!("WARNING: {e}")),
+                }
+            } else {
+                let _ = instance::forget(t, host, &r.instance).await;
+            }
+        }
+    }
+
+    /// Takes a failed new instance out of the balancer (if it got there) and stops it.
+    pub async fn discard(&self, run: &Run, host: &Host, inst: &Instance) {
+        let app = &self.config.app;
+        let detail = format!("{}@{}", inst.version, inst.address);
+        let r = self
+            .step(run, host.name.as_str(), "discard", &detail, async {
+                let _ = self.balancer.remove(&inst.backend_id()).await;
+                instance::stop(
+                    self.transport.as_ref(),
+                    host,
+                    inst,
+                    app.stop_signal,
+                    *app.stop_timeout,
+                )
+                .await
+                .map_err(|e| format!("{e:#}"))
+            })
+            .await;
+        if let Err(e) = r {
             self.progress.say(&format!(
-                "{}: WARNING: could not stop failed {}: {e:#}",
+                "{}: WARNING: could not stop failed {}: {e}",
                 host.name, inst.version
             ));
         }
     }
 
     /// Drain, wait, remove.
-    async fn retire_backend(&self, id: &str) -> anyhow::Result<()> {
-        self.balancer.drain(id).await?;
-        let report = self
-            .balancer
-            .wait_drained(id, *self.config.app.drain_timeout)
-            .await?;
-        if !report.drained {
-            self.progress.say(&format!(
-                "{id}: drain_timeout reached after {} ms; {} request(s) closed",
-                report.waited_ms, report.closed_at_deadline
-            ));
-        }
-        self.balancer.remove(id).await
+    pub async fn retire_backend(&self, id: &str) -> Result<(), String> {
+        let work = async {
+            self.balancer.drain(id).await?;
+            let report = self
+                .balancer
+                .wait_drained(id, *self.config.app.drain_timeout)
+                .await?;
+            if !report.drained {
+                self.progress.say(&format!(
+                    "{id}: drain_timeout reached after {} ms; {} request(s) closed",
+                    report.waited_ms, report.closed_at_deadline
+                ));
+            }
+            self.balancer.remove(id).await
+        };
+        work.await.map_err(|e: anyhow::Error| format!("{e:#}"))
     }
 
     /// Returns every moved host to the release it had, in parallel. Returns the hosts that
     /// could not be returned.
-    async fn undo(&self, moved: &[Moved]) -> Vec<HostFailure> {
+    async fn undo(&self, run: &Run, moved: &[Host]) -> Vec<HostFailure> {
         if moved.is_empty() {
             self.progress
                 .say("rollback: no host had moved; the fleet is unchanged");
@@ -488,18 +771,16 @@ impl Deployer {
             "rollback: returning {} host(s) to their previous release",
             moved.len()
         ));
-        let results = join_all(moved.iter().map(|m| async move {
-            match &m.previous {
+        let results = join_all(moved.iter().map(|h| async move {
+            match run.previous.get(h.name.as_str()).cloned().flatten() {
                 Some(prev) => {
-                    let prev = Name::parse(prev).map_err(|e| HostFailure {
-                        host: m.host.name.to_string(),
+                    let prev = Name::parse(&prev).map_err(|e| HostFailure {
+                        host: h.name.to_string(),
                         reason: e,
                     })?;
-                    self.switch_host("rollback", &m.host, None, &prev)
-                        .await
-                        .map(|_| ())
+                    self.switch_host(run, "rollback", h, &prev).await
                 }
-                None => self.clear_host(&m.host).await,
+                None => self.clear_host(run, h).await,
             }
         }))
         .await;
@@ -507,30 +788,44 @@ impl Deployer {
     }
 
     /// Undo of a first deploy: the host served nothing before, so it serves nothing again.
-    async fn clear_host(&self, host: &Host) -> Result<(), HostFailure> {
-        let fail = |e: anyhow::Error| HostFailure {
+    async fn clear_host(&self, run: &Run, host: &Host) -> Result<(), HostFailure> {
+        let _permit = self.forks.acquire().await;
+        let fail = |e: String| HostFailure {
             host: host.name.to_string(),
-            reason: format!("{e:#}"),
+            reason: e,
         };
-        let backends = self.balancer.backends().await.map_err(fail)?;
+        let backends = self
+            .balancer
+            .backends()
+            .await
+            .map_err(|e| fail(format!("{e:#}")))?;
         for b in backends
             .iter()
             .filter(|b| b.spec.host == host.name.as_str())
         {
-            self.retire_backend(&b.spec.id).await.map_err(fail)?;
+            self.step(
+                run,
+                host.name.as_str(),
+                "retire",
+                &b.spec.id,
+                self.retire_backend(&b.spec.id),
+            )
+            .await
+            .map_err(fail)?;
         }
         let app = &self.config.app;
-        for r in instance::list(self.transport.as_ref(), host)
+        let t = self.transport.as_ref();
+        for r in instance::list(t, host)
             .await
-            .map_err(fail)?
+            .map_err(|e| fail(format!("{e:#}")))?
         {
-            instance::stop(
-                self.transport.as_ref(),
-                host,
-                &r.instance,
-                app.stop_signal,
-                *app.stop_timeout,
-            )
+            let detail = format!("{}@{}", r.instance.version, r.instance.address);
+            self.step(run, host.name.as_str(), "stop", &detail, async {
+                instance::stop(t, host, &r.instance, app.stop_signal, *app.stop_timeout)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{e:#}"))
+            })
             .await
             .map_err(fail)?;
         }
@@ -538,20 +833,19 @@ impl Deployer {
     }
 
     /// Keeps the newest `keep` releases on each moved host, never the live or previous one.
-    async fn prune_all(&self, moved: &[Moved]) {
+    async fn prune_all(&self, run: &Run, moved: &[Host]) {
         let keep = self.config.release.keep.0;
-        join_all(moved.iter().map(|m| async move {
+        join_all(moved.iter().map(|h| async move {
             let mut protect = Vec::new();
-            if let Ok(Some(cur)) = release::current(self.transport.as_ref(), &m.host).await {
+            if let Ok(Some(cur)) = release::current(self.transport.as_ref(), h).await {
                 protect.push(cur);
             }
-            protect.extend(m.previous.clone());
-            if let Ok(gone) = release::prune(self.transport.as_ref(), &m.host, keep, &protect).await
-            {
+            protect.extend(run.previous.get(h.name.as_str()).cloned().flatten());
+            if let Ok(gone) = release::prune(self.transport.as_ref(), h, keep, &protect).await {
                 if !gone.is_empty() {
                     self.progress.say(&format!(
                         "{}: removed old release(s) {}",
-                        m.host.name,
+                        h.name,
                         gone.join(", ")
                     ));
                 }
@@ -561,18 +855,58 @@ impl Deployer {
     }
 }
 
-/// The release most hosts point `current` at.
-pub fn most_common_release(views: &[HostView]) -> Option<String> {
+/// The balancer spec of an instance.
+pub fn backend_spec(inst: &Instance, health_path: &str, preview: bool) -> BackendSpec {
+    BackendSpec {
+        id: inst.backend_id(),
+        address: inst.address,
+        host: inst.host.clone(),
+        release: inst.version.clone(),
+        weight: crate::balancer::api::default_weight(),
+        health_path: health_path.to_string(),
+        preview,
+    }
+}
+
+/// A new deployment id: sortable by time, unique per process.
+pub fn new_id() -> String {
+    let ms = now_ms();
+    format!(
+        "{}-{:05}",
+        ms / 1000,
+        (ms % 1000) * 100 + u64::from(std::process::id() % 100)
+    )
+}
+
+fn strategy_name(config: &Config) -> &'static str {
+    match config.strategy.kind {
+        crate::config::StrategyKind::Rolling => "rolling",
+        crate::config::StrategyKind::BlueGreen => "blue-green",
+        crate::config::StrategyKind::Canary => "canary",
+    }
+}
+
+fn plan_names(plan: &[Vec<Host>]) -> Vec<Vec<String>> {
+    plan.iter()
+        .map(|b| b.iter().map(|h| h.name.to_string()).collect())
+        .collect()
+}
+
+/// The most frequent value.
+pub fn most_common<'a>(values: impl Iterator<Item = &'a String>) -> Option<String> {
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for v in views {
-        if let Some(c) = &v.current {
-            *counts.entry(c).or_default() += 1;
-        }
+    for v in values {
+        *counts.entry(v).or_default() += 1;
     }
     counts
         .into_iter()
         .max_by_key(|(_, n)| *n)
         .map(|(v, _)| v.to_string())
+}
+
+/// The release most hosts point `current` at.
+pub fn most_common_release(views: &[HostView]) -> Option<String> {
+    most_common(views.iter().filter_map(|v| v.current.as_ref()))
 }
 
 /// Requests served and failed between two balancer snapshots.

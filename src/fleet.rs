@@ -78,3 +78,63 @@ pub async fn observe(
         })
         .collect())
 }
+
+/// What hosts and the balancer show that the journal does not explain, one sentence each:
+/// instances no deployment started, backends pointing where nothing runs, hosts whose
+/// `current` disagrees with what the balancer routes to.
+pub fn drift(views: &[HostView], started: &[(String, String, u16)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for v in views.iter().filter(|v| v.error.is_none()) {
+        let host = v.host.name.as_str();
+        for i in v.alive() {
+            let known = started
+                .iter()
+                .any(|(h, ver, port)| h == host && *ver == i.version && *port == i.port());
+            if !known {
+                found.push(format!(
+                    "{host}: instance {} on {} (pid {}) was started by no recorded deployment",
+                    i.version, i.address, i.pid
+                ));
+            }
+        }
+        for b in &v.backends {
+            let runs = v.alive().any(|i| i.address == b.spec.address);
+            if !runs {
+                found.push(format!(
+                    "{host}: balancer backend {} ({}) points at {} where no instance runs",
+                    b.spec.id, b.spec.release, b.spec.address
+                ));
+            }
+        }
+        let routed: Vec<&str> = v
+            .backends
+            .iter()
+            .filter(|b| b.state == crate::balancer::BackendState::Active)
+            .map(|b| b.spec.release.as_str())
+            .collect();
+        if let Some(cur) = &v.current {
+            if !routed.is_empty() && !routed.contains(&cur.as_str()) {
+                found.push(format!(
+                    "{host}: current points at {cur} but the balancer routes to {}",
+                    routed.join(", ")
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// One line from a running deployment's live status.
+pub fn describe_status(status: &serde_json::Value) -> String {
+    match status.as_object() {
+        Some(map) => map
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}: {s}"),
+                other => format!("{k}: {other}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => status.to_string(),
+    }
+}

@@ -4,7 +4,7 @@
 //! `<root>/log/<version>-<port>.log`) so it outlives the deploy that started it and the SSH
 //! connection that carried the command. Its pid file is the record of its existence; the process
 //! also carries `CUTOVER_INSTANCE=<pid file>` in its environment, so a reused pid is never
-//! mistaken for it.
+//! mistaken for it; liveness compares the process start time recorded in the pid file.
 //!
 //! Liveness is read from `/proc/PID/stat` (a zombie counts as dead): on machines whose PID 1 does
 //! not reap orphans, `kill -0` succeeds on a dead instance forever.
@@ -49,12 +49,18 @@ pub struct Recorded {
     pub alive: bool,
 }
 
-/// Shell function that tells whether `$1` is a live process started as instance `$2`.
+/// Shell function: `alive PIDFILE` succeeds when the process the pid file names is running and
+/// is the one that was started (same start time, field 22 of /proc/PID/stat), so neither a
+/// zombie nor a reused pid counts. The start time, unlike the environment, is fixed from fork on,
+/// so a process caught between fork and exec is recognised too.
 const ALIVE_FN: &str = r#"alive() {
-  st=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -c1)
-  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ] || return 1
-  [ -z "$2" ] && return 0
-  tr '\0' '\n' < "/proc/$1/environ" 2>/dev/null | grep -qxF "CUTOVER_INSTANCE=$2"
+  [ -f "$1" ] || return 1
+  read -r _pid _start < "$1" || [ -n "$_pid" ] || return 1
+  _stat=$(sed 's/^.*) //' "/proc/$_pid/stat" 2>/dev/null) || return 1
+  [ -n "$_stat" ] || return 1
+  set -- $_stat
+  [ "$1" != Z ] && [ "$1" != X ] || return 1
+  [ -z "$_start" ] || [ "${20}" = "$_start" ]
 }
 "#;
 
@@ -63,7 +69,7 @@ pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<
     let layout = Layout::of(host);
     let run = layout.run_dir();
     let script = format!(
-        "{ALIVE_FN}cd {run} 2>/dev/null || exit 0\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  pid=$(cat \"$f\")\n  if alive \"$pid\" \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\n",
+        "{ALIVE_FN}cd {run} 2>/dev/null || exit 0\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  read -r pid _rest < \"$f\" || [ -n \"$pid\" ] || continue\n  if alive \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\n",
         run = sh_quote(run.to_string_lossy()),
     );
     let out = run_ok(
@@ -130,8 +136,10 @@ pub async fn start(
          cd {rel}\n\
          export PORT={port} CUTOVER_VERSION={vq} CUTOVER_HOST={hq} CUTOVER_ADDRESS={addr} CUTOVER_RELEASE_DIR={rel} CUTOVER_INSTANCE={pid_file}\n\
          setsid sh -c {command} >{log_file} 2>&1 </dev/null &\n\
-         echo $! >{pid_file}\n\
-         echo $!\n",
+         p=$!\n\
+         st=$(sed 's/^.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f20)\n\
+         echo \"$p $st\" >{pid_file}\n\
+         echo $p\n",
         rel = sh_quote(rel.to_string_lossy()),
         run = sh_quote(layout.run_dir().to_string_lossy()),
         log = sh_quote(layout.log_dir().to_string_lossy()),
@@ -173,8 +181,7 @@ pub async fn is_alive(
 ) -> anyhow::Result<bool> {
     let pid_file = Layout::of(host).pid_file(&inst.version, inst.port());
     let script = format!(
-        "{ALIVE_FN}if alive {pid} {pf}; then echo up; else echo down; fi",
-        pid = inst.pid,
+        "{ALIVE_FN}if alive {pf}; then echo up; else echo down; fi",
         pf = sh_quote(pid_file.to_string_lossy())
     );
     let out = run_ok(
@@ -323,9 +330,9 @@ pub async fn stop(
     let ticks = (timeout.as_millis() / 100).max(1);
     let script = format!(
         "{ALIVE_FN}pid={pid}\npf={pf}\n\
-         if alive $pid \"$pf\"; then kill -{sig} -- -$pid 2>/dev/null || kill -{sig} $pid 2>/dev/null || true; fi\n\
-         i=0\nwhile alive $pid \"$pf\" && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done\n\
-         if alive $pid \"$pf\"; then\n  kill -KILL -- -$pid 2>/dev/null || kill -KILL $pid 2>/dev/null || true\n  j=0; while alive $pid \"$pf\" && [ $j -lt 50 ]; do sleep 0.1; j=$((j+1)); done\n  echo killed\nelse\n  echo stopped\nfi\n\
+         if alive \"$pf\"; then kill -{sig} -- -$pid 2>/dev/null || kill -{sig} $pid 2>/dev/null || true; fi\n\
+         i=0\nwhile alive \"$pf\" && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done\n\
+         if alive \"$pf\"; then\n  kill -KILL -- -$pid 2>/dev/null || kill -KILL $pid 2>/dev/null || true\n  j=0; while alive \"$pf\" && [ $j -lt 50 ]; do sleep 0.1; j=$((j+1)); done\n  echo killed\nelse\n  echo stopped\nfi\n\
          rm -f \"$pf\"\n",
         pid = inst.pid,
         pf = sh_quote(pid_file.to_string_lossy()),

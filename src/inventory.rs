@@ -1,14 +1,580 @@
-//! Ansible inventories (INI and YAML) as the host list.
+//! Ansible inventories (INI and YAML) as the host list, so a team that already describes its
+//! servers for Ansible does not describe them twice.
+//!
+//! Read: groups with their hosts, `[group:vars]` / `vars:`, `[group:children]` / `children:`,
+//! host variables on the host line or under the host, and numeric host ranges
+//! (`web[01:04].example.com`). Used: `ansible_host` (an IP or a DNS name, resolved here),
+//! `ansible_port`, `ansible_user`, `ansible_ssh_private_key_file`, and `cutover_root` for the
+//! host's root directory. Variables merge as Ansible merges them: `all`, then groups from the
+//! outermost to the innermost (siblings by name), then the host's own.
+//!
+//! `hosts_group` picks a group and its children; hosts keep the order in which the file first
+//! names them, so batches follow the file. Errors carry the file and line.
 
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 
-use crate::config::Host;
+use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
+
+use crate::config::{Host, Name};
+
+type Vars = BTreeMap<String, String>;
+
+/// What an inventory says, before a group is picked.
+#[derive(Debug, Default)]
+struct Inventory {
+    /// Hosts in the order they first appear, with their own vars and the line (INI) they
+    /// first appear on.
+    hosts: Vec<(String, Vars, usize)>,
+    groups: BTreeMap<String, Group>,
+}
+
+#[derive(Debug, Default)]
+struct Group {
+    hosts: Vec<String>,
+    children: Vec<String>,
+    vars: Vars,
+}
+
+impl Inventory {
+    fn group(&mut self, name: &str) -> &mut Group {
+        self.groups.entry(name.to_string()).or_default()
+    }
+
+    fn add_host(&mut self, group: &str, name: String, vars: Vars, line: usize) {
+        match self.hosts.iter_mut().find(|(h, _, _)| *h == name) {
+            Some((_, own, _)) => own.extend(vars),
+            None => self.hosts.push((name.clone(), vars, line)),
+        }
+        let g = self.group(group);
+        if !g.hosts.contains(&name) {
+            g.hosts.push(name);
+        }
+    }
+}
 
 /// Reads the hosts of `group` (all hosts when None) from an Ansible inventory file.
 pub fn load(path: &Path, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
-    let _ = group;
-    anyhow::bail!(
-        "{}: Ansible inventories are not supported yet",
-        path.display()
-    )
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("{}: cannot read the inventory: {e}", path.display()))?;
+    let yaml = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("yml" | "yaml")
+    ) || looks_like_yaml(&text);
+    let inv = if yaml {
+        parse_yaml(path, &text)?
+    } else {
+        parse_ini(path, &text)?
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    resolve(path, base, &inv, group)
+}
+
+/// A file whose first meaningful line is `key:` (and not `[section]`) is YAML.
+fn looks_like_yaml(text: &str) -> bool {
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .is_some_and(|l| l == "---" || (!l.starts_with('[') && l.ends_with(':')))
+}
+
+/// Parses Ansible's INI format.
+fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Hosts,
+        Vars,
+        Children,
+    }
+    let mut inv = Inventory::default();
+    let mut section = ("ungrouped".to_string(), Kind::Hosts);
+    let err = |line: usize, msg: String| anyhow::anyhow!("{}:{line}: {msg}", path.display());
+    for (i, raw) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('[') {
+            let Some(head) = rest.split_once(']').map(|(h, _)| h.trim()) else {
+                return Err(err(
+                    n,
+                    format!("{line:?}: a section header needs a closing ']', e.g. [web]"),
+                ));
+            };
+            let (name, kind) = match head.split_once(':') {
+                None => (head, Kind::Hosts),
+                Some((g, "vars")) => (g, Kind::Vars),
+                Some((g, "children")) => (g, Kind::Children),
+                Some((_, other)) => {
+                    return Err(err(
+                        n,
+                        format!(
+                            "[{head}]: unknown section kind {other:?}: use [group], [group:vars] or [group:children]"
+                        ),
+                    ));
+                }
+            };
+            check_group(name).map_err(|m| err(n, m))?;
+            inv.group(name);
+            section = (name.to_string(), kind);
+            continue;
+        }
+        let group = section.0.clone();
+        match section.1 {
+            Kind::Vars => {
+                let (k, v) = key_value(line).map_err(|m| err(n, m))?;
+                inv.group(&group).vars.insert(k, v);
+            }
+            Kind::Children => {
+                if line.contains(char::is_whitespace) || line.contains('=') {
+                    return Err(err(
+                        n,
+                        format!(
+                            "{line:?}: a [{group}:children] section lists one group name per line"
+                        ),
+                    ));
+                }
+                check_group(line).map_err(|m| err(n, m))?;
+                inv.group(line);
+                let g = inv.group(&group);
+                if !g.children.iter().any(|c| c == line) {
+                    g.children.push(line.to_string());
+                }
+            }
+            Kind::Hosts => {
+                let mut words = split_words(line).map_err(|m| err(n, m))?.into_iter();
+                let pattern = words.next().unwrap_or_default();
+                if pattern.contains('=') {
+                    return Err(err(
+                        n,
+                        format!(
+                            "{line:?}: a host line starts with the host name, then key=value variables"
+                        ),
+                    ));
+                }
+                let names = expand_range(&pattern).map_err(|m| err(n, m))?;
+                for name in &names {
+                    Name::parse(name).map_err(|m| err(n, format!("host {m}")))?;
+                }
+                let mut vars = Vars::new();
+                for w in words {
+                    let (k, v) = key_value(&w).map_err(|m| err(n, m))?;
+                    vars.insert(k, v);
+                }
+                for name in names {
+                    inv.add_host(&group, name, vars.clone(), n);
+                }
+            }
+        }
+    }
+    Ok(inv)
+}
+
+fn check_group(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "{name:?} is not a group name: use letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// `key=value`, the value unquoted.
+fn key_value(s: &str) -> Result<(String, String), String> {
+    let Some((k, v)) = s.split_once('=') else {
+        return Err(format!("{s:?} is not a variable: write key=value"));
+    };
+    let k = k.trim();
+    if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("{k:?} is not a variable name"));
+    }
+    let v = v.trim();
+    let v = match split_words(v)?.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        _ => v.to_string(),
+    };
+    Ok((k.to_string(), v))
+}
+
+/// Splits on whitespace outside quotes; quotes are removed. A `#` starting a word ends the line.
+fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut in_word = false;
+    for c in line.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => cur.push(c),
+            None if c == '"' || c == '\'' => {
+                quote = Some(c);
+                in_word = true;
+            }
+            None if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            None if c == '#' && !in_word => break,
+            None => {
+                cur.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if let Some(q) = quote {
+        return Err(format!("unclosed {q} quote in {line:?}"));
+    }
+    if in_word {
+        words.push(cur);
+    }
+    Ok(words)
+}
+
+/// `web[01:03].x` → web01.x, web02.x, web03.x (numeric ranges, optional `:step`).
+fn expand_range(pattern: &str) -> Result<Vec<String>, String> {
+    let Some(open) = pattern.find('[') else {
+        return Ok(vec![pattern.to_string()]);
+    };
+    let Some(close) = pattern[open..].find(']').map(|c| open + c) else {
+        return Err(format!("{pattern:?}: unclosed '[' in a host range"));
+    };
+    let inner = &pattern[open + 1..close];
+    let parts: Vec<&str> = inner.split(':').collect();
+    let bad = || format!("{pattern:?}: a host range looks like web[01:10] or web[1:9:2]");
+    let (a, b, step) = match parts.as_slice() {
+        [a, b] => (*a, *b, "1"),
+        [a, b, s] => (*a, *b, *s),
+        _ => return Err(bad()),
+    };
+    let width = if a.starts_with('0') && a.len() > 1 {
+        a.len()
+    } else {
+        0
+    };
+    let (a, b, step): (u64, u64, u64) = match (a.parse(), b.parse(), step.parse()) {
+        (Ok(a), Ok(b), Ok(s)) if a <= b && s >= 1 && b - a <= 100_000 => (a, b, s),
+        _ => return Err(bad()),
+    };
+    let mut out = Vec::new();
+    let mut i = a;
+    while i <= b {
+        let head = format!("{}{:0width$}", &pattern[..open], i);
+        for tail in expand_range(&pattern[close + 1..])? {
+            out.push(format!("{head}{tail}"));
+        }
+        i += step;
+    }
+    Ok(out)
+}
+
+/// A map that keeps the file's order.
+struct Ordered<V>(Vec<(String, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V2<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for V2<V> {
+            type Value = Ordered<V>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Ordered(Vec::new()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some((k, v)) = m.next_entry::<String, V>()? {
+                    out.push((k, v));
+                }
+                Ok(Ordered(out))
+            }
+        }
+        d.deserialize_any(V2(std::marker::PhantomData))
+    }
+}
+
+/// A YAML scalar as Ansible would print it.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl Scalar {
+    fn text(self) -> String {
+        match self {
+            Scalar::Bool(b) => b.to_string(),
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Float(f) => f.to_string(),
+            Scalar::Str(s) => s,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct YamlGroup {
+    hosts: Option<Ordered<Option<Ordered<Scalar>>>>,
+    vars: Option<Ordered<Scalar>>,
+    children: Option<Ordered<Option<YamlGroup>>>,
+}
+
+/// Parses Ansible's YAML format (`all:` → `hosts`, `vars`, `children`).
+fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
+    let top: Ordered<Option<YamlGroup>> = serde_saphyr::from_str(text)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid YAML inventory: {e}", path.display()))?;
+    let mut inv = Inventory::default();
+    fn walk(
+        path: &Path,
+        inv: &mut Inventory,
+        name: &str,
+        g: Option<YamlGroup>,
+    ) -> anyhow::Result<()> {
+        check_group(name).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
+        inv.group(name);
+        let Some(g) = g else { return Ok(()) };
+        if let Some(vars) = g.vars {
+            for (k, v) in vars.0 {
+                inv.group(name).vars.insert(k, v.text());
+            }
+        }
+        for (pattern, vars) in g.hosts.map(|h| h.0).unwrap_or_default() {
+            let vars: Vars = vars
+                .map(|v| v.0.into_iter().map(|(k, v)| (k, v.text())).collect())
+                .unwrap_or_default();
+            for host in expand_range(&pattern)
+                .map_err(|m| anyhow::anyhow!("{}: group {name}: {m}", path.display()))?
+            {
+                Name::parse(&host)
+                    .map_err(|m| anyhow::anyhow!("{}: group {name}: host {m}", path.display()))?;
+                inv.add_host(name, host, vars.clone(), 0);
+            }
+        }
+        for (child, cg) in g.children.map(|c| c.0).unwrap_or_default() {
+            let parent = inv.group(name);
+            if !parent.children.contains(&child) {
+                parent.children.push(child.clone());
+            }
+            walk(path, inv, &child, cg)?;
+        }
+        Ok(())
+    }
+    for (name, g) in top.0 {
+        walk(path, &mut inv, &name, g)?;
+    }
+    Ok(inv)
+}
+
+/// Picks the group, merges variables and turns inventory hosts into cutover hosts.
+fn resolve(
+    path: &Path,
+    base: &Path,
+    inv: &Inventory,
+    group: Option<&str>,
+) -> anyhow::Result<Vec<Host>> {
+    let file = path.display();
+    // Every group is a child of `all`; depth orders variable precedence.
+    let mut parents: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (g, body) in &inv.groups {
+        for c in &body.children {
+            if !inv.groups.contains_key(c) {
+                anyhow::bail!("{file}: group {g} lists child {c}, which is not defined");
+            }
+            parents.entry(c).or_default().push(g);
+        }
+    }
+    // Members of a group: its hosts and its children's, recursively (cycles refused).
+    fn members<'a>(
+        inv: &'a Inventory,
+        g: &'a str,
+        seen: &mut Vec<&'a str>,
+        out: &mut HashSet<&'a str>,
+    ) -> Result<(), String> {
+        if seen.contains(&g) {
+            seen.push(g);
+            return Err(format!("groups include each other: {}", seen.join(" -> ")));
+        }
+        seen.push(g);
+        if let Some(body) = inv.groups.get(g) {
+            out.extend(body.hosts.iter().map(String::as_str));
+            for c in &body.children {
+                members(inv, c, seen, out)?;
+            }
+        }
+        seen.pop();
+        Ok(())
+    }
+    let picked: Option<HashSet<&str>> = match group {
+        None | Some("all") => None,
+        Some(g) => {
+            if !inv.groups.contains_key(g) {
+                let known: Vec<&str> = inv.groups.keys().map(String::as_str).collect();
+                anyhow::bail!(
+                    "{file}: no group {g:?} in the inventory (groups: {})",
+                    known.join(", ")
+                );
+            }
+            let mut out = HashSet::new();
+            members(inv, g, &mut Vec::new(), &mut out)
+                .map_err(|m| anyhow::anyhow!("{file}: {m}"))?;
+            Some(out)
+        }
+    };
+    for g in inv.groups.keys() {
+        members(inv, g, &mut Vec::new(), &mut HashSet::new())
+            .map_err(|m| anyhow::anyhow!("{file}: {m}"))?;
+    }
+    fn depth(parents: &HashMap<&str, Vec<&str>>, g: &str, guard: usize) -> usize {
+        if guard > 64 {
+            return guard;
+        }
+        parents.get(g).map_or(0, |ps| {
+            ps.iter()
+                .map(|p| depth(parents, p, guard + 1) + 1)
+                .max()
+                .unwrap_or(0)
+        })
+    }
+    let mut hosts = Vec::new();
+    for (name, own, line) in &inv.hosts {
+        if picked.as_ref().is_some_and(|p| !p.contains(name.as_str())) {
+            continue;
+        }
+        // The groups the host belongs to, directly or through children.
+        let mut groups: Vec<(usize, &str)> = inv
+            .groups
+            .iter()
+            .filter(|(g, _)| g.as_str() != "all")
+            .filter(|(g, _)| {
+                let mut out = HashSet::new();
+                let _ = members(inv, g, &mut Vec::new(), &mut out);
+                out.contains(name.as_str())
+            })
+            .map(|(g, _)| (depth(&parents, g, 0), g.as_str()))
+            .collect();
+        groups.sort();
+        let mut vars = inv
+            .groups
+            .get("all")
+            .map(|g| g.vars.clone())
+            .unwrap_or_default();
+        for (_, g) in groups {
+            vars.extend(inv.groups[g].vars.clone());
+        }
+        vars.extend(own.clone());
+        let at = if *line > 0 {
+            format!("{file}:{line}")
+        } else {
+            file.to_string()
+        };
+        hosts.push(to_host(&at, base, name, &vars)?);
+    }
+    if hosts.is_empty() {
+        match group {
+            Some(g) => anyhow::bail!("{file}: group {g} has no hosts"),
+            None => anyhow::bail!("{file}: the inventory has no hosts"),
+        }
+    }
+    Ok(hosts)
+}
+
+fn to_host(at: &str, base: &Path, name: &str, vars: &Vars) -> anyhow::Result<Host> {
+    let get = |keys: &[&str]| keys.iter().find_map(|k| vars.get(*k)).cloned();
+    let target = get(&["ansible_host", "ansible_ssh_host"]).unwrap_or_else(|| name.to_string());
+    let address =
+        resolve_address(&target).map_err(|e| anyhow::anyhow!("{at}: host {name}: {e}"))?;
+    let port = match get(&["ansible_port", "ansible_ssh_port"]) {
+        Some(p) => Some(p.parse::<u16>().map_err(|_| {
+            anyhow::anyhow!("{at}: host {name}: ansible_port = {p:?} is not a port number")
+        })?),
+        None => None,
+    };
+    let user = get(&["ansible_user", "ansible_ssh_user"]);
+    if let Some(u) = &user {
+        if u.is_empty() || u.starts_with('-') || u.contains(char::is_whitespace) {
+            anyhow::bail!("{at}: host {name}: ansible_user = {u:?} is not a user name");
+        }
+    }
+    let identity = get(&["ansible_ssh_private_key_file", "ansible_private_key_file"])
+        .map(|p| absolute(base, &p));
+    let root = get(&["cutover_root"])
+        .map(|p| absolute(base, &p))
+        .unwrap_or_default();
+    Ok(Host {
+        name: Name::parse(name).map_err(|m| anyhow::anyhow!("{at}: host {m}"))?,
+        address,
+        root,
+        port,
+        user,
+        identity,
+    })
+}
+
+fn absolute(base: &Path, p: &str) -> PathBuf {
+    let p = match p.strip_prefix("~/") {
+        Some(rest) => match std::env::var_os("HOME") {
+            Some(home) => PathBuf::from(home).join(rest),
+            None => PathBuf::from(p),
+        },
+        None => PathBuf::from(p),
+    };
+    if p.is_absolute() { p } else { base.join(p) }
+}
+
+/// An IP as is; a DNS name through the system resolver (first address).
+fn resolve_address(target: &str) -> anyhow::Result<IpAddr> {
+    if let Ok(ip) = target.parse::<IpAddr>() {
+        return Ok(ip);
+    }
+    let mut addrs = (target, 0u16)
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("ansible_host {target:?} does not resolve: {e}"))?;
+    addrs
+        .next()
+        .map(|a| a.ip())
+        .ok_or_else(|| anyhow::anyhow!("ansible_host {target:?} resolves to no address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_expand() {
+        assert_eq!(
+            expand_range("web[01:03].x").unwrap(),
+            ["web01.x", "web02.x", "web03.x"]
+        );
+        assert_eq!(expand_range("db[1:5:2]").unwrap(), ["db1", "db3", "db5"]);
+        assert!(expand_range("db[5:1]").is_err());
+    }
+
+    #[test]
+    fn words_and_quotes() {
+        assert_eq!(
+            split_words("web1 a=1 b=\"two words\" # comment").unwrap(),
+            ["web1", "a=1", "b=two words"]
+        );
+        assert!(split_words("web1 a=\"open").is_err());
+    }
+
+    #[test]
+    fn yaml_detection() {
+        assert!(looks_like_yaml("# c\nall:\n  hosts:\n"));
+        assert!(!looks_like_yaml("[web]\nweb1\n"));
+        assert!(!looks_like_yaml("web1 ansible_host=1.2.3.4\n"));
+    }
 }

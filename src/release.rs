@@ -9,13 +9,17 @@
 //!
 //! A version is staged once and never rewritten (it is named data, not a mutable slot): staging a
 //! version that is already there is a no-op, which makes a repeated or resumed deploy cheap and
-//! keeps a running instance's directory from changing under it. Copies land in a `.partial`
-//! directory that is renamed into place, so a half-copied release is never mistaken for one.
+//! keeps a running instance's directory from changing under it. A release arrives as one archive
+//! (see [`crate::source`]) whose sha256 the host checks before unpacking it into a `.partial`
+//! directory that is renamed into place, so a half-copied or corrupted release is never
+//! mistaken for one.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::config::{Host, Name};
+use crate::source::ReleaseSource;
 use crate::transport::{Transport, run_ok, sh_quote};
 
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -59,12 +63,30 @@ fn q(p: &Path) -> String {
     sh_quote(p.to_string_lossy())
 }
 
-/// Copies the release to `<root>/releases/<version>/` unless it is already there. Returns true
-/// when it copied.
+/// A staging failure that must stop the whole deploy before any host changes traffic: the
+/// release could not be built, or what arrived on a host is not what was built.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error("{0}")]
+    Build(String),
+    #[error(
+        "host {host}: the uploaded archive of {version} has sha256 {got}, not {expected}: it was corrupted or changed on the way; nothing was unpacked"
+    )]
+    DigestMismatch {
+        host: String,
+        version: String,
+        expected: String,
+        got: String,
+    },
+}
+
+/// Puts the release in `<root>/releases/<version>/` unless it is already there: uploads the
+/// archive (built on first need), checks its sha256 on the host, unpacks it into
+/// `<version>.partial` and renames that into place. Returns true when it uploaded.
 pub async fn stage(
     transport: &dyn Transport,
     host: &Host,
-    source: &Path,
+    source: &ReleaseSource,
     version: &Name,
 ) -> anyhow::Result<bool> {
     let layout = Layout::of(host);
@@ -87,16 +109,68 @@ pub async fn stage(
     if state.trim() == "present" {
         return Ok(false);
     }
-    transport.copy_dir(host, source, &dest).await?;
-    run_ok(
+    let archive = source.archive().await.map_err(Fatal::Build)?;
+    let upload = layout.releases().join(format!(".{version}.tar.gz"));
+    transport.upload(host, &archive.path, &upload).await?;
+    let partial = layout.releases().join(format!("{version}.partial"));
+    let script = format!(
+        "set -e
+         a={upload}
+         if command -v sha256sum >/dev/null 2>&1; then got=$(sha256sum \"$a\"); else got=$(shasum -a 256 \"$a\"); fi
+         got=${{got%% *}}
+         if [ \"$got\" != {expected} ]; then rm -f \"$a\"; echo \"digest $got\"; exit 0; fi
+         rm -rf {partial}
+         mkdir -p {partial}
+         tar -xzf \"$a\" -C {partial}
+         rm -f \"$a\"
+         if [ -d {dest} ]; then rm -rf {partial}; else mv {partial} {dest}; fi
+         touch {dest}
+         echo verified
+",
+        upload = q(&upload),
+        expected = sh_quote(&archive.sha256),
+        partial = q(&partial),
+        dest = q(&dest),
+    );
+    let out = run_ok(
         transport,
         host,
-        "marking the release",
-        &format!("touch {}", q(&dest)),
-        SCRIPT_TIMEOUT,
+        &format!("unpacking {version}"),
+        &script,
+        Duration::from_secs(300),
     )
     .await?;
+    if let Some(got) = out.trim().strip_prefix("digest ") {
+        return Err(Fatal::DigestMismatch {
+            host: host.name.to_string(),
+            version: version.to_string(),
+            expected: archive.sha256.clone(),
+            got: got.to_string(),
+        }
+        .into());
+    }
+    source.uploaded(host);
     Ok(true)
+}
+
+/// After staging on every host: when one hit a [`Fatal`] error (`fatal`), every host fails with
+/// it, so no host changes traffic. Maps host name to the outcome (true: uploaded).
+pub fn stop_on_fatal(
+    results: Vec<(String, Result<bool, String>)>,
+    fatal: Option<String>,
+) -> BTreeMap<String, Result<bool, String>> {
+    results
+        .into_iter()
+        .map(|(name, r)| {
+            let r = match (&fatal, r) {
+                (Some(why), Ok(_)) => {
+                    Err(format!("deploy stopped before any traffic change: {why}"))
+                }
+                (_, r) => r,
+            };
+            (name, r)
+        })
+        .collect()
 }
 
 /// The release `current` points at, if any.
@@ -181,4 +255,97 @@ pub async fn prune(
     )
     .await?;
     Ok(doomed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Archive, ReleaseSource};
+    use crate::transport::local::LocalTransport;
+
+    fn host(root: &Path) -> Host {
+        Host {
+            name: Name::parse("web1").unwrap(),
+            address: "127.0.0.1".parse().unwrap(),
+            root: root.to_path_buf(),
+            port: None,
+            user: None,
+            identity: None,
+        }
+    }
+
+    /// An archive of a one-file release, built with the real packer.
+    async fn archive(dir: &Path, version: &Name) -> Archive {
+        let tree = dir.join("tree");
+        std::fs::create_dir_all(&tree).unwrap();
+        std::fs::write(tree.join("run.sh"), "echo hi\n").unwrap();
+        let release = crate::config::Release {
+            path: Some(tree.display().to_string()),
+            git: None,
+            build: None,
+            include: Vec::new(),
+            keep: crate::config::Keep(1),
+        };
+        crate::source::build(
+            &release,
+            version,
+            &tree,
+            &dir.join("state"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn stage_uploads_verifies_and_unpacks_once() {
+        let d = tempfile::tempdir().unwrap();
+        let v = Name::parse("v1").unwrap();
+        let a = archive(d.path(), &v).await;
+        let h = host(&d.path().join("host"));
+        let src = ReleaseSource::prebuilt(&v, a);
+        assert!(stage(&LocalTransport, &h, &src, &v).await.unwrap());
+        assert!(
+            !stage(&LocalTransport, &h, &src, &v).await.unwrap(),
+            "already there"
+        );
+        let rel = d.path().join("host/releases");
+        assert_eq!(
+            std::fs::read_to_string(rel.join("v1/run.sh")).unwrap(),
+            "echo hi\n"
+        );
+        let names: Vec<_> = std::fs::read_dir(&rel)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["v1"], "no upload or partial left behind");
+    }
+
+    #[tokio::test]
+    async fn digest_mismatch_unpacks_nothing_and_stops_every_host() {
+        let d = tempfile::tempdir().unwrap();
+        let v = Name::parse("v1").unwrap();
+        let mut a = archive(d.path(), &v).await;
+        a.sha256 = "0".repeat(64);
+        let h = host(&d.path().join("host"));
+        let src = ReleaseSource::prebuilt(&v, a);
+        let e = stage(&LocalTransport, &h, &src, &v).await.unwrap_err();
+        assert!(e.is::<Fatal>(), "{e:#}");
+        assert!(format!("{e:#}").contains("nothing was unpacked"), "{e:#}");
+        let rel = d.path().join("host/releases");
+        assert_eq!(
+            std::fs::read_dir(&rel).unwrap().count(),
+            0,
+            "nothing unpacked"
+        );
+        let all = stop_on_fatal(
+            vec![
+                ("web1".into(), Err(format!("{e:#}"))),
+                ("web2".into(), Ok(true)),
+            ],
+            Some(format!("{e:#}")),
+        );
+        assert!(all.values().all(Result::is_err), "{all:?}");
+    }
 }

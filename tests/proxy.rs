@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cutover::balancer::Balancer;
-use cutover::balancer::api::{BackendSpec, BackendState, Health};
+use cutover::balancer::api::{BackendSpec, BackendState, Health, SwitchRequest};
 use cutover::balancer::builtin::AdminClient;
 use cutover::config::{Dur, HealthConfig, Threshold};
-use cutover::proxy::{ProxyHandle, ProxySettings};
+use cutover::proxy::{ProxyHandle, ProxyOptions, ProxySettings};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
@@ -41,6 +41,8 @@ struct Hits {
     posts: AtomicU64,
     slow_started: AtomicU64,
     streams_started: AtomicU64,
+    /// Answer 500 to everything but `/health`.
+    fail: AtomicBool,
 }
 
 /// A small HTTP/1.1 server: `/health` (200 or 503), `/slow` (answers once released), `/stream`
@@ -56,10 +58,11 @@ struct TestBackend {
     task: Option<JoinHandle<()>>,
 }
 
-/// A response body: all at once, or one chunk and then pending forever.
+/// A response body: all at once, one chunk and then pending forever, or chunks from a channel.
 enum TestBody {
     Full(Option<Bytes>),
     Endless(bool),
+    Chunks(tokio::sync::mpsc::Receiver<Bytes>),
 }
 
 impl Body for TestBody {
@@ -77,6 +80,7 @@ impl Body for TestBody {
             }
             // Never ends; the connection closing drops it.
             TestBody::Endless(_) => Poll::Pending,
+            TestBody::Chunks(rx) => rx.poll_recv(_cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
         }
     }
 }
@@ -209,6 +213,47 @@ async fn handle(
     if req.method() == Method::POST {
         hits.posts.fetch_add(1, Ordering::SeqCst);
     }
+    if hits.fail.load(Ordering::SeqCst) {
+        let mut r = Response::new(TestBody::Full(Some(Bytes::from_static(b"broken\n"))));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        return Ok(r);
+    }
+    if path == "/echo-first" {
+        // Answers with the first chunk of the request body as soon as it arrives, then echoes
+        // the rest: a proxy that buffered request bodies would never answer before the end.
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            while let Some(Ok(f)) = body.frame().await {
+                if let Ok(d) = f.into_data() {
+                    if tx.send(d).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        return Ok(Response::new(TestBody::Chunks(rx)));
+    }
+    if path == "/sse" {
+        // One event at once, a second one when released, then the end.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(Bytes::from_static(b"data: one\n\n")).await.unwrap();
+        let mut release = release.clone();
+        tokio::spawn(async move {
+            let _ = release.wait_for(|r| *r).await;
+            let _ = tx.send(Bytes::from_static(b"data: two\n\n")).await;
+        });
+        let mut r = Response::new(TestBody::Chunks(rx));
+        r.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        return Ok(r);
+    }
+    let proto = req
+        .headers()
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let via = req
         .headers()
         .get("via")
@@ -239,6 +284,8 @@ async fn handle(
     r.headers_mut().insert("x-backend", name.parse().unwrap());
     r.headers_mut().insert("x-saw-via", via.parse().unwrap());
     r.headers_mut().insert("x-saw-xff", xff.parse().unwrap());
+    r.headers_mut()
+        .insert("x-saw-proto", proto.parse().unwrap());
     Ok(r)
 }
 
@@ -274,7 +321,11 @@ struct Harness {
 
 impl Harness {
     async fn start(settings: ProxySettings) -> Harness {
-        let proxy = cutover::proxy::start(settings).await.unwrap();
+        Self::start_with(settings, ProxyOptions::default()).await
+    }
+
+    async fn start_with(settings: ProxySettings, options: ProxyOptions) -> Harness {
+        let proxy = cutover::proxy::start_with(settings, options).await.unwrap();
         let admin = AdminClient::new(proxy.admin, TOKEN.into());
         Harness {
             proxy,
@@ -851,4 +902,945 @@ async fn upgraded_connections_are_tunnelled_and_drained() {
 
     h.proxy.shutdown().await;
     a.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 3: production traffic
+
+/// A self-signed certificate for 127.0.0.1 made with the openssl CLI: (cert.pem, key.pem).
+fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("the openssl CLI runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// A TLS client trusting only `cert`, offering `alpn`.
+async fn tls_connect(
+    addr: SocketAddr,
+    cert: &std::path::Path,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test]
+async fn h2_over_tls_and_h2c_are_proxied_with_forwarded_proto() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = test_certificate(dir.path());
+    let options = ProxyOptions {
+        tls: Some(cutover::proxy::TlsFiles {
+            cert: cert.clone(),
+            key,
+        }),
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+
+    // HTTP/2 through ALPN.
+    let tls = tls_connect(h.proxy.listen, &cert, b"h2").await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            Request::get("https://127.0.0.1/")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-saw-proto"], "https");
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"b1\n");
+
+    // HTTP/1.1 over TLS.
+    let tls = tls_connect(h.proxy.listen, &cert, b"http/1.1").await;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = send
+        .send_request(
+            Request::get("/")
+                .header("host", "app")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_11);
+    assert_eq!(resp.headers()["x-saw-proto"], "https");
+    h.proxy.shutdown().await;
+
+    // h2c with prior knowledge on a cleartext proxy.
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    h.add_healthy(&b.spec("v1")).await;
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let resp = h2
+        .request(
+            Request::get(h.url("/"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    assert_eq!(resp.headers()["x-saw-proto"], "http");
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+/// Reads an HTTP/1.1 response head byte by byte from a raw connection.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(DEADLINE, conn.read(&mut byte))
+            .await
+            .expect("a head in time")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn a_websocket_survives_its_backend_draining_until_the_deadline() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let mut conn = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    conn.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(read_head(&mut conn).await.starts_with("http/1.1 101"));
+
+    h.admin.drain("a").await.unwrap();
+    let drain_timeout = Duration::from_millis(800);
+    let started = tokio::time::Instant::now();
+    let waiter = {
+        let admin = h.admin.clone();
+        tokio::spawn(async move { admin.wait_drained("a", drain_timeout).await })
+    };
+    // While draining, before the deadline, the tunnel still echoes both ways.
+    for msg in [&b"one"[..], b"two", b"three"] {
+        conn.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        tokio::time::timeout(DEADLINE, conn.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..], msg);
+    }
+    assert!(
+        !waiter.is_finished(),
+        "wait-drained ended while the tunnel was open"
+    );
+    // At the deadline it is closed, and not before.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, conn.read_to_end(&mut rest))
+        .await
+        .expect("closed at the deadline");
+    let closed_after = started.elapsed();
+    assert!(
+        closed_after >= drain_timeout,
+        "closed after {closed_after:?}, before the {drain_timeout:?} deadline"
+    );
+    let report = waiter.await.unwrap().unwrap();
+    assert_eq!(
+        (report.drained, report.closed_at_deadline),
+        (false, 1),
+        "{report:?}"
+    );
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn an_sse_stream_delivers_its_first_event_before_the_stream_ends() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let resp = h.send(Method::GET, "/sse", "").await;
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(DEADLINE, body.frame())
+        .await
+        .expect("the first event arrives while the stream is open")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.into_data().unwrap(),
+        Bytes::from_static(b"data: one\n\n")
+    );
+    assert_eq!(h.view("a").await.in_flight, 1, "the stream is still open");
+    a.release_slow.send(true).unwrap();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"data: two\n\n");
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_long_lived_streams_run_until_drain_timeout_then_counts_them() {
+    let mut s = settings(health(Duration::from_millis(20), 1, 2));
+    s.drain_timeout = Duration::from_millis(600);
+    let h = Harness::start(s).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let resp = h.send(Method::GET, "/sse", "").await;
+    let mut body = resp.into_body();
+    body.frame().await.unwrap().unwrap();
+    let started = tokio::time::Instant::now();
+    let report = h.proxy.shutdown().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "cut before the deadline"
+    );
+    assert_eq!(report.closed_at_deadline, 1);
+    let rest = tokio::time::timeout(DEADLINE, body.collect())
+        .await
+        .unwrap();
+    assert!(rest.is_err(), "a cut stream must not look complete");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn consecutive_5xx_eject_a_backend_until_the_active_check_readmits_it() {
+    // Checks every 300 ms, 2 passes to admit: after the ejection there is a window in which
+    // the backend is out; eject after 3 failures in a row.
+    let h = Harness::start(settings(health(Duration::from_millis(300), 2, 3))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    a.hits.fail.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        assert_eq!(h.get("/").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(h.view("a").await.health, Health::Unhealthy, "ejected");
+    let (status, body) = h.get("/").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "no backend available\n")
+    );
+    let metrics = h.admin.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("cutover_ejections_total{backend=\"a\",release=\"v1\"} 1"),
+        "{metrics}"
+    );
+    a.hits.fail.store(false, Ordering::SeqCst);
+    h.admin.wait_healthy("a", DEADLINE).await.unwrap();
+    assert_eq!(
+        h.get("/").await.0,
+        StatusCode::OK,
+        "re-admitted by the active check"
+    );
+
+    // With eject_on_5xx off, 5xx answers never eject.
+    h.proxy.shutdown().await;
+    let options = ProxyOptions {
+        eject_on_5xx: false,
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(300), 2, 3)), options).await;
+    h.add_healthy(&a.spec("v1")).await;
+    a.hits.fail.store(true, Ordering::SeqCst);
+    for _ in 0..6 {
+        assert_eq!(h.get("/").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(h.view("a").await.health, Health::Healthy);
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_that_sends_no_head_in_time_gets_504_after_one_try_each() {
+    let options = ProxyOptions {
+        timeouts: cutover::proxy::Timeouts {
+            backend_header: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 1000)), options).await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v1")).await;
+    let started = tokio::time::Instant::now();
+    let (status, body) = h.get("/slow").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, "no backend answered in time\n")
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "each backend had its 300 ms"
+    );
+    assert_eq!(a.hits.slow_started.load(Ordering::SeqCst), 1);
+    assert_eq!(b.hits.slow_started.load(Ordering::SeqCst), 1);
+    // A POST is tried once.
+    let resp = h.send(Method::POST, "/slow", "x").await;
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(
+        a.hits.posts.load(Ordering::SeqCst) + b.hits.posts.load(Ordering::SeqCst),
+        1
+    );
+    a.release_slow.send(true).unwrap();
+    b.release_slow.send(true).unwrap();
+    h.proxy.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431_and_garbage_gets_400() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: app\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let many: String = (0..150).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let many = format!("GET / HTTP/1.1\r\nHost: app\r\n{many}\r\n");
+    for (what, bytes, want) in [
+        ("a 70 kB header", big.into_bytes(), "http/1.1 431"),
+        ("150 header fields", many.into_bytes(), "http/1.1 431"),
+        (
+            "garbage",
+            b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1garbage\r\n\r\n".to_vec(),
+            "http/1.1 400",
+        ),
+        (
+            "a bad request line",
+            b"GET /a b c d\r\n\r\n".to_vec(),
+            "http/1.1 400",
+        ),
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(h.proxy.listen)
+            .await
+            .unwrap();
+        let _ = conn.write_all(&bytes).await;
+        let head = read_head(&mut conn).await;
+        assert!(head.starts_with(want), "{what}: {head}");
+    }
+    assert_eq!(b.requests(), 0, "nothing malformed reached the backend");
+    assert_eq!(
+        h.get("/").await.0,
+        StatusCode::OK,
+        "the listener still serves"
+    );
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+/// A small deterministic generator (xorshift64*), so a failing case can be replayed.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+#[tokio::test]
+async fn random_bytes_never_break_the_listener_or_the_admin_api() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let panics = Arc::new(AtomicU64::new(0));
+    {
+        let panics = panics.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            panics.fetch_add(1, Ordering::SeqCst);
+            previous(info);
+        }));
+    }
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+    let prefixes: [&[u8]; 6] = [
+        b"",
+        b"GET / HTTP/1.1\r\n",
+        b"POST /backends HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\n",
+        b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: ",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: chunked\r\n\r\n",
+    ];
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    for i in 0..400 {
+        let target = if i % 2 == 0 {
+            h.proxy.listen
+        } else {
+            h.proxy.admin
+        };
+        let mut input = prefixes[(rng.next() % prefixes.len() as u64) as usize].to_vec();
+        let n = (rng.next() % 600) as usize;
+        input.extend(rng.bytes(n));
+        if rng.next() % 2 == 0 {
+            input.extend_from_slice(b"\r\n\r\n");
+        }
+        let mut conn = tokio::net::TcpStream::connect(target).await.unwrap();
+        let _ = conn.write_all(&input).await;
+        let _ = conn.shutdown().await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(DEADLINE, conn.read_to_end(&mut answer)).await;
+        assert!(
+            read.is_ok(),
+            "case {i}: the connection neither answered nor closed"
+        );
+        let text = String::from_utf8_lossy(&answer);
+        assert!(!text.starts_with("HTTP/1.1 500"), "case {i}: {text}");
+    }
+    assert_eq!(panics.load(Ordering::SeqCst), 0, "a panic happened");
+    assert_eq!(h.get("/").await.0, StatusCode::OK);
+    let (status, _) = admin_raw(h.proxy.admin, Method::GET, "/backends", Some(TOKEN), "").await;
+    assert_eq!(status, StatusCode::OK);
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options = ProxyOptions {
+        limits: cutover::proxy::Limits {
+            max_connections: 2,
+            ..Default::default()
+        },
+        timeouts: cutover::proxy::Timeouts {
+            client_header: Duration::from_millis(300),
+            client_idle: Duration::from_millis(400),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+
+    let mut one = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    let mut two = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    // A slow head: half a request line, then nothing.
+    one.write_all(b"GET / HT").await.unwrap();
+    two.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut two).await.starts_with("http/1.1 200"));
+    let mut third = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, third.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.ends_with("too many connections\n"),
+        "{answer}"
+    );
+
+    // The slow head is cut by client_header_timeout, the idle keep-alive one by the idle
+    // timeout; after that, a new connection is served.
+    let started = tokio::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, one.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let _ = tokio::time::timeout(DEADLINE, two.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    eventually("a connection slot to free up", || async {
+        let mut c = tokio::net::TcpStream::connect(h.proxy.listen)
+            .await
+            .unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        read_head(&mut c).await.starts_with("http/1.1 200")
+    })
+    .await;
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn request_bodies_stream_through_without_buffering() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let client: Client<HttpConnector, TestBody> =
+        Client::builder(TokioExecutor::new()).build_http();
+    tx.send(Bytes::from_static(b"first chunk")).await.unwrap();
+    let req = Request::post(h.url("/echo-first"))
+        .body(TestBody::Chunks(rx))
+        .unwrap();
+    // The body is still open: the answer can only come if the first chunk went through alone.
+    let resp = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .expect("the backend answered before the request body ended")
+        .unwrap();
+    let mut resp_body = resp.into_body();
+    let first = resp_body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(&first[..], b"first chunk");
+    tx.send(Bytes::from_static(b", second")).await.unwrap();
+    drop(tx);
+    let rest = resp_body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b", second");
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_report_requests_latency_in_flight_state_and_retries() {
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
+    a.stop().await; // a's GETs are retried on b
+    for _ in 0..10 {
+        assert_eq!(h.get("/").await.0, StatusCode::OK);
+    }
+    h.admin.drain("a").await.unwrap();
+    let m = h.admin.metrics_text().await.unwrap();
+    for want in [
+        "# TYPE cutover_requests_total counter",
+        "cutover_requests_total{backend=\"b\",release=\"v2\",class=\"2xx\"} 10",
+        "cutover_release_requests_total{release=\"v2\",class=\"2xx\"} 10",
+        "# TYPE cutover_request_duration_seconds histogram",
+        "cutover_request_duration_seconds_bucket{release=\"v2\",le=\"+Inf\"} 10",
+        "cutover_request_duration_seconds_count{release=\"v2\"} 10",
+        "cutover_in_flight{backend=\"b\",release=\"v2\"} 0",
+        "cutover_backend_state{backend=\"a\",state=\"draining\"} 1",
+        "cutover_backend_state{backend=\"a\",state=\"active\"} 0",
+        "cutover_backend_healthy{backend=\"b\",release=\"v2\"} 1",
+        "cutover_ejections_total{backend=\"a\",release=\"v1\"} 0",
+        "cutover_unrouted_total 0",
+    ] {
+        assert!(m.contains(want), "missing {want:?} in\n{m}");
+    }
+    let retries = m
+        .lines()
+        .find(|l| l.starts_with("cutover_retries_total{backend=\"a\""))
+        .unwrap();
+    assert!(!retries.ends_with(" 0"), "{retries}");
+    // Every sample line is `name{labels} value` or `name value`.
+    for l in m.lines().filter(|l| !l.starts_with('#')) {
+        let (_, v) = l.rsplit_once(' ').unwrap();
+        assert!(v.parse::<f64>().is_ok(), "{l}");
+    }
+    let (status, _) = admin_raw(h.proxy.admin, Method::GET, "/metrics", None, "").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admin API additions: switch, weights, samples, histogram, preview, stickiness
+
+#[tokio::test]
+async fn switch_moves_traffic_in_one_step_and_refuses_unknown_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(health(Duration::from_millis(20), 1, 2));
+    s.state_file = Some(dir.path().join("routes.json"));
+    let h = Harness::start(s).await;
+    let mut blue = TestBackend::start("blue").await;
+    let mut green = TestBackend::start("green").await;
+    h.add_healthy(&blue.spec("v1")).await;
+    let mut g = green.spec("v2");
+    g.preview = true;
+    h.add_healthy(&g).await;
+    assert_eq!(h.view("green").await.state, BackendState::Preview);
+    for _ in 0..5 {
+        assert_eq!(h.get("/").await.1, "blue\n");
+    }
+    let req = SwitchRequest {
+        activate: vec!["green".into()],
+        standby: vec!["blue".into(), "nope".into()],
+    };
+    let e = format!("{:#}", h.admin.switch(&req).await.unwrap_err());
+    assert!(e.contains("404") && e.contains("nope"), "{e}");
+    assert_eq!(
+        h.view("green").await.state,
+        BackendState::Preview,
+        "nothing changed"
+    );
+
+    let req = SwitchRequest {
+        activate: vec!["green".into()],
+        standby: vec!["blue".into()],
+    };
+    let report = h.admin.switch(&req).await.unwrap();
+    assert!(
+        report.took_us < 1_000_000 && report.at_unix_ms > 0,
+        "{report:?}"
+    );
+    assert_eq!(h.view("green").await.state, BackendState::Active);
+    assert_eq!(h.view("blue").await.state, BackendState::Draining);
+    for _ in 0..5 {
+        assert_eq!(h.get("/").await.1, "green\n");
+    }
+    // Persisted: a restarted proxy keeps the switch.
+    h.proxy.shutdown().await;
+    let mut s = settings(health(Duration::from_millis(20), 1, 2));
+    s.state_file = Some(dir.path().join("routes.json"));
+    let h = Harness::start(s).await;
+    assert_eq!(h.view("green").await.state, BackendState::Active);
+    assert_eq!(h.view("blue").await.state, BackendState::Draining);
+    // Through the trait too (the inherent method shadows it on AdminClient).
+    let back = SwitchRequest {
+        activate: vec!["blue".into()],
+        standby: vec!["green".into()],
+    };
+    Balancer::switch(&h.admin, &back).await.unwrap();
+    assert_eq!(h.view("blue").await.state, BackendState::Active);
+    h.proxy.shutdown().await;
+    blue.stop().await;
+    green.stop().await;
+}
+
+#[tokio::test]
+async fn weights_are_set_together_or_not_at_all() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
+    let bad = BTreeMap::from([("a".to_string(), 1), ("ghost".to_string(), 5)]);
+    assert!(format!("{:#}", h.admin.set_weights(&bad).await.unwrap_err()).contains("404"));
+    assert_eq!(h.view("a").await.spec.weight, 100, "nothing changed");
+    let w = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)]);
+    h.admin.set_weights(&w).await.unwrap();
+    let mut seen = BTreeMap::<String, u32>::new();
+    for _ in 0..40 {
+        *seen.entry(h.get("/").await.1).or_default() += 1;
+    }
+    assert_eq!((seen["a\n"], seen["b\n"]), (10, 30));
+    h.proxy.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn samples_and_latency_buckets_survive_backend_removal() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    for _ in 0..7 {
+        assert_eq!(h.get("/").await.0, StatusCode::OK);
+    }
+    let stats = h.admin.stats().await.unwrap();
+    let buckets = &stats.backends["a"].latency_buckets;
+    assert_eq!(
+        buckets.len(),
+        cutover::balancer::api::LATENCY_BUCKETS_MS.len() + 1
+    );
+    assert_eq!(buckets.iter().sum::<u64>(), 7);
+    h.admin.drain("a").await.unwrap();
+    h.admin.wait_drained("a", DEADLINE).await.unwrap();
+    h.admin.remove("a").await.unwrap();
+
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.releases["v1"].latency_buckets.iter().sum::<u64>(), 7);
+    let all = h.admin.samples("v1", 100).await.unwrap();
+    assert_eq!(all.len(), 7);
+    assert!(all.iter().all(|us| *us > 0 && *us < 10_000_000), "{all:?}");
+    assert_eq!(
+        h.admin.samples("v1", 3).await.unwrap(),
+        all[4..].to_vec(),
+        "the newest, oldest first"
+    );
+    let e = format!("{:#}", h.admin.samples("v9", 3).await.unwrap_err());
+    assert!(e.contains("404") && e.contains("v9"), "{e}");
+    let (status, _) = admin_raw(
+        h.proxy.admin,
+        Method::GET,
+        "/samples?max=x",
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
+async fn get_with(h: &Harness, path: &str, headers: &[(&str, &str)]) -> Response<Incoming> {
+    let mut req = Request::get(h.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    h.client
+        .request(req.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn backend_of(resp: Response<Incoming>) -> String {
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).trim().to_string()
+}
+
+#[tokio::test]
+async fn preview_requests_go_only_to_preview_backends() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut live = TestBackend::start("live").await;
+    let mut next = TestBackend::start("next").await;
+    h.add_healthy(&live.spec("v1")).await;
+    let mut p = next.spec("v2");
+    p.preview = true;
+    h.add_healthy(&p).await;
+    for _ in 0..10 {
+        assert_eq!(backend_of(get_with(&h, "/", &[]).await).await, "live");
+        let r = get_with(&h, "/", &[(cutover::balancer::api::PREVIEW_HEADER, "1")]).await;
+        assert_eq!(backend_of(r).await, "next");
+    }
+    // No preview backend: preview requests get 503, never a live backend.
+    h.admin.drain("next").await.unwrap();
+    let r = get_with(&h, "/", &[("x-cutover-preview", "1")]).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // Activated, it is a normal backend.
+    h.admin.activate("next").await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(backend_of(get_with(&h, "/", &[]).await).await);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    h.proxy.shutdown().await;
+    live.stop().await;
+    next.stop().await;
+}
+
+#[tokio::test]
+async fn a_sticky_cookie_keeps_a_client_on_its_release() {
+    let options = ProxyOptions {
+        sticky: Some(cutover::proxy::Sticky::Cookie),
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut stable = TestBackend::start("stable").await;
+    let mut canary = TestBackend::start("canary").await;
+    h.add_healthy(&stable.spec("v1")).await;
+    h.add_healthy(&canary.spec("v2")).await;
+    h.admin
+        .set_weights(&BTreeMap::from([
+            ("stable".into(), 90),
+            ("canary".into(), 10),
+        ]))
+        .await
+        .unwrap();
+    // A fresh client gets a cookie naming the release that served it.
+    let r = get_with(&h, "/", &[]).await;
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.starts_with("cutover_release=v1;"), "{cookie}");
+    // A client pinned to the canary stays there despite its 10 % weight, and gets no new cookie.
+    for _ in 0..20 {
+        let r = get_with(&h, "/", &[("cookie", "theme=dark; cutover_release=v2")]).await;
+        assert!(r.headers().get("set-cookie").is_none());
+        assert_eq!(backend_of(r).await, "canary");
+    }
+    // Once the canary is gone, the client is served by stable and re-pinned.
+    h.admin.drain("canary").await.unwrap();
+    let r = get_with(&h, "/", &[("cookie", "cutover_release=v2")]).await;
+    assert!(
+        r.headers()["set-cookie"]
+            .to_str()
+            .unwrap()
+            .starts_with("cutover_release=v1;")
+    );
+    assert_eq!(backend_of(r).await, "stable");
+    h.proxy.shutdown().await;
+    stable.stop().await;
+    canary.stop().await;
+}
+
+#[tokio::test]
+async fn a_sticky_header_hash_is_consistent_and_follows_the_weights() {
+    let options = ProxyOptions {
+        sticky: Some(cutover::proxy::Sticky::parse("x-user").unwrap()),
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut s1 = TestBackend::start("s1").await;
+    let mut s2 = TestBackend::start("s2").await;
+    let mut c1 = TestBackend::start("c1").await;
+    h.add_healthy(&s1.spec("v1")).await;
+    h.add_healthy(&s2.spec("v1")).await;
+    h.add_healthy(&c1.spec("v2")).await;
+    // v1 totals 150, v2 50: a quarter of the users land on v2.
+    h.admin
+        .set_weights(&BTreeMap::from([
+            ("s1".into(), 75),
+            ("s2".into(), 75),
+            ("c1".into(), 50),
+        ]))
+        .await
+        .unwrap();
+    let mut on_v2 = 0;
+    for user in 0..400 {
+        let id = format!("user-{user}");
+        let first = backend_of(get_with(&h, "/", &[("x-user", &id)]).await).await;
+        let again = backend_of(get_with(&h, "/", &[("x-user", &id)]).await).await;
+        let release = |b: &str| if b == "c1" { "v2" } else { "v1" };
+        assert_eq!(
+            release(&first),
+            release(&again),
+            "{id} moved between releases"
+        );
+        if first == "c1" {
+            on_v2 += 1;
+        }
+    }
+    assert!(
+        (60..=140).contains(&on_v2),
+        "{on_v2} of 400 users on v2, expected about 100"
+    );
+    h.proxy.shutdown().await;
+    s1.stop().await;
+    s2.stop().await;
+    c1.stop().await;
+}
+
+/// A balancer with only the required methods, recording calls: the trait's defaults for
+/// switch, set_weights and samples.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+#[async_trait::async_trait]
+impl Balancer for Recorder {
+    async fn backends(&self) -> anyhow::Result<Vec<cutover::balancer::BackendView>> {
+        Ok(Vec::new())
+    }
+    async fn add(&self, _: &BackendSpec) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn remove(&self, _: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn set_weight(&self, id: &str, w: u32) -> anyhow::Result<()> {
+        self.0.lock().unwrap().push(format!("weight {id} {w}"));
+        Ok(())
+    }
+    async fn drain(&self, id: &str) -> anyhow::Result<()> {
+        self.0.lock().unwrap().push(format!("drain {id}"));
+        Ok(())
+    }
+    async fn activate(&self, id: &str) -> anyhow::Result<()> {
+        self.0.lock().unwrap().push(format!("activate {id}"));
+        Ok(())
+    }
+    async fn wait_drained(
+        &self,
+        _: &str,
+        _: Duration,
+    ) -> anyhow::Result<cutover::balancer::DrainReport> {
+        Ok(Default::default())
+    }
+    async fn wait_healthy(&self, _: &str, _: Duration) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn stats(&self) -> anyhow::Result<cutover::balancer::Stats> {
+        Ok(Default::default())
+    }
+}
+
+#[tokio::test]
+async fn balancer_trait_defaults_fall_back_to_single_calls_or_say_unsupported() {
+    let r = Recorder::default();
+    let req = SwitchRequest {
+        activate: vec!["g1".into(), "g2".into()],
+        standby: vec!["b1".into()],
+    };
+    let report = r.switch(&req).await.unwrap();
+    assert!(report.at_unix_ms > 0);
+    r.set_weights(&BTreeMap::from([("a".into(), 5), ("b".into(), 0)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        *r.0.lock().unwrap(),
+        [
+            "activate g1",
+            "activate g2",
+            "drain b1",
+            "weight a 5",
+            "weight b 0"
+        ]
+    );
+    let e = format!("{:#}", r.samples("v1", 10).await.unwrap_err());
+    assert!(e.contains("unsupported by this balancer"), "{e}");
 }

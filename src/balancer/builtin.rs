@@ -5,6 +5,7 @@
 //! next: unreachable means "is `cutover proxy` running?", 401 means "check the token", and any
 //! other API error carries the server's own message.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -21,7 +22,8 @@ use serde::de::DeserializeOwned;
 
 use super::Balancer;
 use super::api::{
-    ApiError, BackendSpec, BackendView, DrainReport, Stats, WaitRequest, WeightRequest,
+    ApiError, BackendSpec, BackendView, DrainReport, Samples, Stats, SwitchReport, SwitchRequest,
+    WaitRequest, WeightRequest, WeightsRequest,
 };
 
 /// Time allowed for an admin call that does not wait on purpose.
@@ -81,11 +83,11 @@ impl AdminClient {
             .map_err(|e| anyhow::anyhow!("balancer at {}: {what}: bad request: {e}", self.admin))?;
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| {
-                anyhow::anyhow!(
+                anyhow::Error::new(super::Unreachable(format!(
                     "cannot reach the balancer admin API at {}: {}: is `cutover proxy` running? start it with `cutover proxy -c cutover.toml`",
                     self.admin,
                     crate::proxy::error_reason(&e)
-                )
+                )))
             })?;
             let status = resp.status();
             let bytes = resp.into_body().collect().await.map_err(|e| {
@@ -99,10 +101,10 @@ impl AdminClient {
         let (status, bytes) = tokio::time::timeout(timeout, exchange)
             .await
             .map_err(|_| {
-                anyhow::anyhow!(
+                anyhow::Error::new(super::Unreachable(format!(
                     "balancer at {}: {what}: no answer within {timeout:?}: is `cutover proxy` running and responsive?",
                     self.admin
-                )
+                )))
             })??;
         if status.is_success() {
             return Ok((status, bytes));
@@ -143,6 +145,58 @@ impl AdminClient {
             .transpose()
             .map_err(|e| anyhow::anyhow!("cannot encode the request to the balancer: {e}"))?;
         Ok(self.call(method, path, body, timeout).await?.1)
+    }
+}
+
+impl AdminClient {
+    /// `POST /switch`: activates and stands by backends in one atomic step.
+    pub async fn switch(&self, req: &SwitchRequest) -> anyhow::Result<SwitchReport> {
+        let bytes = self
+            .send(Method::POST, "/switch", Some(req), CALL_TIMEOUT)
+            .await?;
+        self.decode("POST /switch", &bytes)
+    }
+
+    /// `PUT /weights`: sets several weights in one atomic step.
+    pub async fn set_weights(&self, weights: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+        let body = WeightsRequest {
+            weights: weights.clone(),
+        };
+        self.send(Method::PUT, "/weights", Some(&body), CALL_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    /// `GET /samples`: the most recent latencies (µs, oldest first) of a release, at most `max`.
+    pub async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
+        let mut path = String::from("/samples?release=");
+        for b in release.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                path.push(char::from(b));
+            } else {
+                path.push_str(&format!("%{b:02X}"));
+            }
+        }
+        path.push_str(&format!("&max={max}"));
+        let s: Samples = self.json(&path).await?;
+        Ok(s.latencies_us)
+    }
+
+    /// `GET /metrics`: the Prometheus text exposition.
+    pub async fn metrics_text(&self) -> anyhow::Result<String> {
+        let (_, bytes) = self
+            .call(Method::GET, "/metrics", None, CALL_TIMEOUT)
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn decode<T: DeserializeOwned>(&self, what: &str, bytes: &[u8]) -> anyhow::Result<T> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "balancer at {}: {what}: unexpected answer ({e}): is it a `cutover proxy` of the same version?",
+                self.admin
+            )
+        })
     }
 }
 
@@ -253,6 +307,18 @@ impl Balancer for AdminClient {
 
     async fn stats(&self) -> anyhow::Result<Stats> {
         self.json("/stats").await
+    }
+
+    async fn switch(&self, req: &SwitchRequest) -> anyhow::Result<SwitchReport> {
+        AdminClient::switch(self, req).await
+    }
+
+    async fn set_weights(&self, weights: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+        AdminClient::set_weights(self, weights).await
+    }
+
+    async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
+        AdminClient::samples(self, release, max).await
     }
 }
 

@@ -19,7 +19,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -31,8 +32,8 @@ use tracing::{info, warn};
 use super::Proxy;
 use super::router::Added;
 use crate::balancer::api::{
-    ApiError, BackendSpec, BackendState, BackendView, Counters, DrainReport, Health, Stats,
-    WaitRequest, WeightRequest,
+    ApiError, BackendSpec, BackendState, BackendView, Counters, DrainReport, Health, Samples,
+    Stats, SwitchReport, SwitchRequest, WaitRequest, WeightRequest, WeightsRequest,
 };
 
 /// Longest wait a caller may ask for.
@@ -50,6 +51,8 @@ pub(crate) enum AdminError {
     #[error("no backend with id {0:?}")]
     NotFound(String),
     #[error("{0}")]
+    Missing(String),
+    #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
     Timeout(String),
@@ -62,7 +65,7 @@ impl IntoResponse for AdminError {
         let status = match self {
             AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
-            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::NotFound(_) | AdminError::Missing(_) => StatusCode::NOT_FOUND,
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,6 +90,10 @@ pub fn admin_router(proxy: Arc<Proxy>) -> Router {
         .route("/backends/{id}/wait-drained", post(wait_drained))
         .route("/backends/{id}/wait-healthy", post(wait_healthy))
         .route("/stats", get(stats))
+        .route("/switch", post(switch))
+        .route("/weights", put(set_weights))
+        .route("/samples", get(samples))
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(proxy.clone(), require_token))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(proxy)
@@ -167,7 +174,12 @@ async fn add(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<StatusCode>
     validate(&spec)?;
     let id = spec.id.clone();
     let (address, release, weight) = (spec.address, spec.release.clone(), spec.weight);
-    match proxy.insert(spec, BackendState::Active) {
+    let state = if spec.preview {
+        BackendState::Preview
+    } else {
+        BackendState::Active
+    };
+    match proxy.insert(spec, state) {
         Added::Created(_) => {
             info!(backend = %id, %address, %release, weight, "backend added");
             persist(&proxy).await?;
@@ -267,7 +279,7 @@ async fn wait_drained(
 }
 
 /// Waits until the backend has no request in flight; false at the deadline.
-async fn wait_idle(shared: &super::router::BackendShared, deadline: Instant) -> bool {
+pub(crate) async fn wait_idle(shared: &super::router::BackendShared, deadline: Instant) -> bool {
     loop {
         let idle = shared.idle.notified();
         tokio::pin!(idle);
@@ -332,6 +344,78 @@ async fn stats(State(proxy): State<Arc<Proxy>>) -> Json<Stats> {
         unrouted: proxy.unrouted.load(Ordering::Relaxed),
         total,
     })
+}
+
+/// Blue-green in one step: one lock acquisition, so no request sees a half-switched set.
+async fn switch(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<Json<SwitchReport>> {
+    let req: SwitchRequest = parse(&body)?;
+    let (result, took) = {
+        let mut table = proxy.table();
+        let started = std::time::Instant::now();
+        let r = table.switch(&req.activate, &req.standby);
+        (r, started.elapsed())
+    };
+    if let Err(e) = result {
+        return Err(if e.contains("both") {
+            AdminError::BadRequest(e)
+        } else {
+            AdminError::NotFound(e)
+        });
+    }
+    let took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+    let at_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    info!(activate = ?req.activate, standby = ?req.standby, took_us, "switched");
+    persist(&proxy).await?;
+    Ok(Json(SwitchReport {
+        took_us,
+        at_unix_ms,
+    }))
+}
+
+async fn set_weights(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<StatusCode> {
+    let req: WeightsRequest = parse(&body)?;
+    proxy
+        .table()
+        .set_weights(&req.weights)
+        .map_err(AdminError::NotFound)?;
+    info!(weights = ?req.weights, "weights set");
+    persist(&proxy).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct SamplesQuery {
+    release: String,
+    max: Option<usize>,
+}
+
+async fn samples(
+    State(proxy): State<Arc<Proxy>>,
+    query: std::result::Result<Query<SamplesQuery>, QueryRejection>,
+) -> Result<Json<Samples>> {
+    let Query(q) =
+        query.map_err(|e| AdminError::BadRequest(format!("{e}: use /samples?release=R&max=N")))?;
+    let max = q.max.unwrap_or(super::router::SAMPLES);
+    let latencies_us = proxy.table().samples(&q.release, max).ok_or_else(|| {
+        AdminError::Missing(format!(
+            "no request of release {:?} has been seen",
+            q.release
+        ))
+    })?;
+    Ok(Json(Samples {
+        release: q.release,
+        latencies_us,
+    }))
+}
+
+async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+        super::metrics::render(&proxy),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

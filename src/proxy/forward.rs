@@ -37,13 +37,16 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::futures::OwnedNotified;
 use tracing::{debug, warn};
 
-use super::Proxy;
-use super::router::{BackendShared, InFlight};
+use super::router::{BackendShared, InFlight, Route};
+use super::{Proxy, Sticky};
+use crate::balancer::api::{PREVIEW_HEADER, STICKY_COOKIE};
 
 /// Body of requests sent to backends: the client's own, or empty (for retryable requests).
 pub(crate) type ForwardBody = Either<Incoming, Empty<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static PREVIEW: HeaderName = HeaderName::from_static(PREVIEW_HEADER);
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 cutover");
@@ -53,14 +56,39 @@ static VIA_VALUE: HeaderValue = HeaderValue::from_static("1.1 cutover");
 pub(crate) struct Peer {
     /// The client's IP, ready for `X-Forwarded-For`.
     pub(crate) ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub(crate) proto: HeaderValue,
 }
 
 impl Peer {
-    pub(crate) fn new(addr: std::net::SocketAddr) -> Self {
+    pub(crate) fn new(addr: std::net::SocketAddr, tls: bool) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        Peer { ip }
+        let proto = HeaderValue::from_static(if tls { "https" } else { "http" });
+        Peer { ip, proto }
     }
+}
+
+/// FNV-1a: a stable hash of a sticky header's value (the same value lands on the same release
+/// in every proxy process).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The release named by the sticky cookie, if the request carries one.
+fn sticky_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| {
+            let (name, value) = c.trim().split_once('=')?;
+            (name == STICKY_COOKIE && !value.is_empty())
+                .then(|| value.trim_matches('"').to_string())
+        })
 }
 
 /// Handles one client request; never fails (errors become 502/503 responses).
@@ -81,7 +109,23 @@ pub(crate) async fn handle(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
-    let Some((mut guard, eligible)) = proxy.table().pick(&[]) else {
+    let preview = parts
+        .headers
+        .get(&PREVIEW)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    let (cookie, hash) = match &proxy.options.sticky {
+        None => (None, None),
+        Some(Sticky::Cookie) => (sticky_cookie(&parts.headers), None),
+        Some(Sticky::Header(name)) => (None, parts.headers.get(name).map(|v| fnv1a(v.as_bytes()))),
+    };
+    let cookie_mode = matches!(proxy.options.sticky, Some(Sticky::Cookie));
+    let route = Route {
+        preview,
+        release: cookie.as_deref(),
+        hash,
+    };
+
+    let Some((mut guard, eligible)) = proxy.table().pick(&[], route) else {
         proxy.unrouted.fetch_add(1, Ordering::Relaxed);
         debug!(method = %parts.method, path = %pq, "no backend available: 503");
         return plain(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
@@ -103,31 +147,40 @@ pub(crate) async fn handle(
         let backend = guard.backend().clone();
         *req.uri_mut() = match backend_uri(&backend, &pq) {
             Some(u) => u,
-            None => return bad_gateway(proxy),
+            None => return bad_gateway(proxy, false),
         };
-        backend.counters.request();
-        backend.release.request();
+        backend.sent();
         let started = Instant::now();
         let method = req.method().clone();
         match send(proxy, &guard, req).await {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                backend.answered(resp.status().as_u16(), latency);
-                debug!(backend = %backend.id, %method, path = %pq, status = resp.status().as_u16(), latency_us = latency, "forwarded");
+                let status = resp.status().as_u16();
+                let failures = backend.answered(status, latency, proxy.options.eject_on_5xx);
+                if failures > 0 {
+                    proxy.passive_failure(&backend, failures, &format!("status {status}"));
+                }
+                debug!(backend = %backend.id, %method, path = %pq, status, latency_us = latency, "forwarded");
+                if cookie_mode && cookie.as_deref() != Some(&*backend.release_name) {
+                    if let Some(c) = &backend.sticky_cookie {
+                        resp.headers_mut().append(header::SET_COOKIE, c.clone());
+                    }
+                }
                 return respond(resp, guard, client_upgrade);
             }
             Err(e) => {
                 let failures = backend.failed();
                 let reason = e.to_string();
+                let timed_out = matches!(e, SendError::Timeout(_));
                 debug!(backend = %backend.id, %method, path = %pq, "backend failed: {reason}");
                 proxy.passive_failure(&backend, failures, &reason);
                 let Some((method, headers)) = &template else {
-                    return bad_gateway(proxy);
+                    return bad_gateway(proxy, timed_out);
                 };
                 tried.push(backend.uid);
                 drop(guard);
-                let Some((next, _)) = proxy.table().pick(&tried) else {
-                    return bad_gateway(proxy);
+                let Some((next, _)) = proxy.table().pick(&tried, route) else {
+                    return bad_gateway(proxy, timed_out);
                 };
                 backend.retried();
                 guard = next;
@@ -144,6 +197,8 @@ pub(crate) async fn handle(
 enum SendError {
     Client(hyper_util::client::legacy::Error),
     Cut,
+    /// No response head within `backend_header_timeout`.
+    Timeout(std::time::Duration),
 }
 
 impl fmt::Display for SendError {
@@ -151,6 +206,7 @@ impl fmt::Display for SendError {
         match self {
             SendError::Client(e) => f.write_str(&super::health::describe(e)),
             SendError::Cut => f.write_str("closed at the drain deadline"),
+            SendError::Timeout(d) => write!(f, "no response head within {d:?}"),
         }
     }
 }
@@ -166,12 +222,15 @@ async fn send(
     }
     let response = proxy.client.request(req);
     let cut = guard.backend().cut.notified();
-    tokio::pin!(response, cut);
+    let limit = proxy.options.timeouts.backend_header;
+    let timeout = tokio::time::sleep(limit);
+    tokio::pin!(response, cut, timeout);
     // Fast path: a pooled connection may answer without ever waiting on the cut signal.
     tokio::select! {
         biased;
         r = &mut response => r.map_err(SendError::Client),
         _ = &mut cut => Err(SendError::Cut),
+        _ = &mut timeout => Err(SendError::Timeout(limit)),
     }
     .and_then(|r| {
         if guard.is_cut() {
@@ -248,9 +307,14 @@ fn backend_uri(backend: &BackendShared, pq: &PathAndQuery) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-fn bad_gateway(proxy: &Proxy) -> Response<ProxyBody> {
+/// 502 when no backend could answer; 504 when the last one tried timed out.
+fn bad_gateway(proxy: &Proxy, timed_out: bool) -> Response<ProxyBody> {
     proxy.unrouted.fetch_add(1, Ordering::Relaxed);
-    plain(StatusCode::BAD_GATEWAY, "no backend could answer\n")
+    if timed_out {
+        plain(StatusCode::GATEWAY_TIMEOUT, "no backend answered in time\n")
+    } else {
+        plain(StatusCode::BAD_GATEWAY, "no backend could answer\n")
+    }
 }
 
 fn plain(status: StatusCode, text: &'static str) -> Response<ProxyBody> {
@@ -352,6 +416,7 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer, upgr
         }
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
+    headers.insert(X_FORWARDED_PROTO.clone(), peer.proto.clone());
     headers.append(header::VIA, VIA_VALUE.clone());
 }
 
@@ -503,12 +568,30 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends_and_via_is_added() {
-        let peer = Peer::new("10.0.0.7:5555".parse().unwrap());
+        let peer = Peer::new("10.0.0.7:5555".parse().unwrap(), true);
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
         prepare_request_headers(&mut h, &Uri::from_static("/x"), &peer, false);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.7");
         assert_eq!(h.get("via").unwrap(), "1.1 cutover");
+        assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
+    }
+
+    #[test]
+    fn sticky_cookie_is_found_among_others() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; cutover_release=v2; b=2"),
+        );
+        assert_eq!(sticky_cookie(&h).as_deref(), Some("v2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("cutover_releasex=v2"),
+        );
+        assert_eq!(sticky_cookie(&h), None);
+        assert_eq!(fnv1a(b"user-1"), fnv1a(b"user-1"));
+        assert_ne!(fnv1a(b"user-1"), fnv1a(b"user-2"));
     }
 
     #[test]

@@ -1,64 +1,70 @@
 //! `cutover proxy`: the built-in load balancer (server side). The deployer drives it through the
 //! admin API with [`crate::balancer::builtin::AdminClient`].
 //!
-//! Two listeners: client traffic (HTTP/1.1 and h2c through hyper-util's `auto` server) and the
-//! admin API (axum, bearer token). One shared core, [`Proxy`], holds the backend table, the
-//! pooled client to backends and the settings.
+//! Two listeners: client traffic (HTTP/1.1 and HTTP/2, cleartext or TLS) and the admin API
+//! (axum, bearer token). One shared core, [`Proxy`], holds the backend table, the pooled client
+//! to backends and the settings.
 //!
 //! Files, one concept each:
-//! - `router`: the backend table, smooth weighted round robin, in-flight accounting, counters;
+//! - `listener`: accepting client connections: TLS, connection limits, timeouts, draining;
+//! - `tls`: the rustls server config from PEM files;
+//! - `router`: the backend table, smooth weighted round robin, preview and sticky routing,
+//!   in-flight accounting, counters;
 //! - `forward`: forwarding a request, header rewriting, retries, streaming bodies, upgrades;
 //! - `health`: active health checks;
 //! - `admin`: the admin API (endpoints listed in [`crate::balancer::api`]);
-//! - `state`: routing state persisted to disk and restored at start.
+//! - `metrics`: `/metrics` in Prometheus text format;
+//! - `state`: routing state persisted to disk and restored at start;
+//! - `takeover`: replacing a running proxy without dropping a request (listening sockets
+//!   handed over through a Unix socket).
 //!
-//! The traffic socket is bound with `SO_REUSEADDR` and `SO_REUSEPORT`, so a replacement proxy
-//! can bind the same address while the old one finishes its connections: a restart drops no
-//! connection. Shutdown stops accepting, lets in-flight requests finish (bounded by
-//! `drain_timeout`), then returns.
+//! Shutdown stops accepting, answers the next request of each busy HTTP/1.1 connection with
+//! `Connection: close` (so clients never race a close), closes idle connections, lets in-flight
+//! requests and long-lived connections (WebSocket, SSE) finish within `drain_timeout`, then
+//! closes what is left and reports how many.
 
 mod admin;
 mod forward;
 mod health;
+mod listener;
+mod metrics;
 mod router;
 mod state;
+mod takeover;
+mod tls;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper::service::service_fn;
+use hyper::header::HeaderName;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, watch};
-use tokio::task::{JoinHandle, JoinSet};
-use tracing::{debug, info, warn};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{info, warn};
 
 pub use admin::admin_router;
 pub(crate) use health::describe as error_reason;
 
 use crate::balancer::api::{BackendSpec, BackendState, Health};
-use forward::{ForwardBody, Peer};
+use forward::ForwardBody;
 use router::{Added, BackendShared, Table};
 
-/// Connect timeout to backends: a backend that does not accept within this is failed over.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Idle pooled connections are closed after this; kept below the 5 s keep-alive timeout common
-/// in app servers (Node.js), so the proxy rarely reuses a connection the backend is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// Upper bound on how long shutdown waits for the admin API's open requests.
 const ADMIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// After a drain deadline cut, how long shutdown lets the cut requests unwind.
+const CUT_SETTLE: Duration = Duration::from_secs(1);
 
-/// Everything `cutover proxy` needs, resolved from the config.
+/// Everything `cutover proxy` needs, resolved from the config. The tuning beyond these
+/// (TLS, limits, timeouts, stickiness, takeover) is in [`ProxyOptions`].
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
     /// Client traffic.
@@ -90,15 +96,194 @@ impl ProxySettings {
     }
 }
 
+/// How clients are kept on one release during a canary (`[strategy] sticky`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    /// The response sets [`crate::balancer::api::STICKY_COOKIE`]; a request carrying it goes
+    /// to a backend of that release while one is eligible.
+    Cookie,
+    /// A hash of this request header's value picks a release, in proportion to the releases'
+    /// total weights; the same value keeps landing on the same release.
+    Header(HeaderName),
+}
+
+impl Sticky {
+    /// `"cookie"` or a header name.
+    pub fn parse(s: &str) -> anyhow::Result<Sticky> {
+        if s == "cookie" {
+            return Ok(Sticky::Cookie);
+        }
+        HeaderName::from_bytes(s.as_bytes())
+            .map(Sticky::Header)
+            .map_err(|_| anyhow::anyhow!("sticky {s:?} is neither \"cookie\" nor a header name"))
+    }
+}
+
+/// Certificate and key files (PEM) for TLS termination.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Limits on what clients may send and hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client connections open at once; more get a 503 (cleartext) or are closed (TLS).
+    pub max_connections: usize,
+    /// Largest HTTP/1.1 request head (and HTTP/2 header list) in bytes; larger gets 431.
+    /// At least 8192.
+    pub max_header_bytes: usize,
+    /// Most HTTP/1.1 header fields in a request; more gets 431.
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+        }
+    }
+}
+
+/// Client and backend timeouts.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// Time to send a request head, counted from when the connection waits for one (for
+    /// HTTP/1.1 this also bounds an idle keep-alive connection); also bounds the TLS handshake.
+    pub client_header: Duration,
+    /// A client connection with no bytes either way for this long is closed gracefully (and
+    /// at once after a second such period).
+    pub client_idle: Duration,
+    /// Connecting to a backend; a backend that does not accept within this is failed over.
+    pub backend_connect: Duration,
+    /// A backend's response head; after it the request is retried when safe, else 504.
+    pub backend_header: Duration,
+    /// Idle pooled backend connections are closed after this; kept below the 5 s keep-alive
+    /// timeout common in app servers, so the proxy rarely reuses a connection being closed.
+    pub backend_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            client_header: Duration::from_secs(30),
+            client_idle: Duration::from_secs(75),
+            backend_connect: Duration::from_secs(2),
+            backend_header: Duration::from_secs(60),
+            backend_idle: Duration::from_secs(4),
+        }
+    }
+}
+
+/// Tuning of a proxy beyond [`ProxySettings`]; `Default` is what a config without these keys
+/// gets.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// Terminate TLS on the traffic listener (HTTP/2 through ALPN).
+    pub tls: Option<TlsFiles>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    /// Passive ejection after this many failed requests in a row (`None`: the health check's
+    /// `unhealthy_threshold`; 0: never).
+    pub eject_after: Option<u32>,
+    /// 5xx answers count as failed requests for passive ejection.
+    pub eject_on_5xx: bool,
+    pub sticky: Option<Sticky>,
+    /// Unix socket through which a replacement proxy takes the listeners over.
+    pub control_socket: Option<PathBuf>,
+    /// Take the listeners over from the proxy running on `control_socket` instead of binding.
+    pub takeover: bool,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            tls: None,
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+            eject_after: None,
+            eject_on_5xx: true,
+            sticky: None,
+            control_socket: None,
+            takeover: false,
+        }
+    }
+}
+
+impl ProxyOptions {
+    /// Options from `cutover.toml`: `[balancer]` limits and timeouts, `[balancer.tls]` (paths
+    /// relative to the config file), `[strategy] sticky`, and the control socket
+    /// `state_dir/proxy.sock`.
+    pub fn from_config(c: &crate::config::Config) -> anyhow::Result<Self> {
+        let b = &c.balancer;
+        let base = c.file.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+        let d = ProxyOptions::default();
+        let (dl, dt) = (d.limits, d.timeouts);
+        let dur = |v: Option<crate::config::Dur>, default: Duration| v.map_or(default, |d| *d);
+        let max_header_bytes = b
+            .max_header_bytes
+            .map_or(dl.max_header_bytes, |v| v as usize);
+        if max_header_bytes < 8192 {
+            anyhow::bail!(
+                "{}: balancer.max_header_bytes = {max_header_bytes} is too small: use at least 8192",
+                c.file.display()
+            );
+        }
+        Ok(ProxyOptions {
+            tls: b.tls.as_ref().map(|t| TlsFiles {
+                cert: base.join(&t.cert),
+                key: base.join(&t.key),
+            }),
+            limits: Limits {
+                max_connections: b
+                    .max_connections
+                    .map_or(dl.max_connections, |v| v.max(1) as usize),
+                max_header_bytes,
+                max_headers: b.max_headers.map_or(dl.max_headers, |v| v.max(1) as usize),
+            },
+            timeouts: Timeouts {
+                client_header: dur(b.client_header_timeout, dt.client_header),
+                client_idle: dur(b.client_idle_timeout, dt.client_idle),
+                backend_connect: dur(b.backend_connect_timeout, dt.backend_connect),
+                backend_header: dur(b.backend_header_timeout, dt.backend_header),
+                backend_idle: dur(b.backend_idle_timeout, dt.backend_idle),
+            },
+            eject_after: b.eject_after,
+            eject_on_5xx: b.eject_on_5xx.unwrap_or(true),
+            sticky: c
+                .strategy
+                .sticky
+                .as_deref()
+                .map(Sticky::parse)
+                .transpose()
+                .with_context(|| format!("{}: strategy.sticky", c.file.display()))?,
+            control_socket: Some(c.state_dir.join("proxy.sock")),
+            takeover: false,
+        })
+    }
+}
+
 /// The shared core of a running proxy.
 pub struct Proxy {
     settings: ProxySettings,
+    options: ProxyOptions,
     table: Mutex<Table>,
     client: Client<HttpConnector, ForwardBody>,
     /// Notified whenever a backend's health changes (wakes wait-healthy).
     health_changed: Notify,
-    /// Requests answered by the proxy itself (502/503).
+    /// Requests answered by the proxy itself (502/503/504).
     unrouted: AtomicU64,
+    /// Passive ejections, all backends.
+    ejections: AtomicU64,
+    /// Requests and long-lived connections closed at a drain deadline, all backends.
+    closed_at_deadline: AtomicU64,
+    /// Client connections open now.
+    connections: AtomicU64,
+    /// Shutting down: HTTP/1.1 responses carry `Connection: close`.
+    draining: AtomicBool,
     /// Serializes state file writes so the last write holds the latest state.
     persist_lock: tokio::sync::Mutex<()>,
 }
@@ -107,20 +292,32 @@ impl Proxy {
     /// A proxy core with no backends and no listeners: [`start`] builds one and serves it;
     /// tests and embedders can serve [`admin_router`] over it themselves.
     pub fn new(settings: ProxySettings) -> Arc<Proxy> {
+        Proxy::with_options(settings, ProxyOptions::default())
+    }
+
+    /// [`Proxy::new`] with options.
+    pub fn with_options(settings: ProxySettings, options: ProxyOptions) -> Arc<Proxy> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        connector.set_connect_timeout(Some(options.timeouts.backend_connect));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_idle_timeout(options.timeouts.backend_idle)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
+        let mut table = Table::default();
+        table.sticky_cookie = options.sticky == Some(Sticky::Cookie);
         Arc::new(Proxy {
             settings,
-            table: Mutex::new(Table::default()),
+            options,
+            table: Mutex::new(table),
             client,
             health_changed: Notify::new(),
             unrouted: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            closed_at_deadline: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
             persist_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -141,10 +338,15 @@ impl Proxy {
         added
     }
 
-    /// Passive health: after `unhealthy_threshold` connection failures in a row a healthy
-    /// backend is taken out until the active check admits it again.
+    /// Passive health: after `eject_after` failed requests in a row (connection errors, and
+    /// 5xx with `eject_on_5xx`) a healthy backend is taken out until the active check admits
+    /// it again.
     fn passive_failure(&self, backend: &BackendShared, failures: u64, reason: &str) {
-        if failures < u64::from(self.settings.health.unhealthy_threshold.0) {
+        let threshold = self
+            .options
+            .eject_after
+            .unwrap_or(self.settings.health.unhealthy_threshold.0);
+        if threshold == 0 || failures < u64::from(threshold) {
             return;
         }
         let ejected = {
@@ -158,6 +360,8 @@ impl Proxy {
         };
         if ejected {
             backend.consecutive_errors.store(0, Ordering::Relaxed);
+            backend.ejections.fetch_add(1, Ordering::Relaxed);
+            self.ejections.fetch_add(1, Ordering::Relaxed);
             warn!(backend = %backend.id, "ejected after {failures} failed requests in a row: {reason}");
             self.health_changed.notify_waiters();
         }
@@ -180,7 +384,9 @@ impl Proxy {
             .context("the state writer stopped")?
     }
 
-    /// Reads the state file and adds its backends (health `Unknown`, checked at once).
+    /// Reads the state file and makes the table match it: backends are added (health
+    /// `Unknown`, checked at once, admitted on their first passing check since they served
+    /// before), updated (state, weight) or removed.
     fn restore(self: &Arc<Self>) -> anyhow::Result<()> {
         let Some(path) = &self.settings.state_file else {
             return Ok(());
@@ -189,11 +395,88 @@ impl Proxy {
         if !routes.is_empty() {
             info!(backends = routes.len(), file = %path.display(), "restored routing state");
         }
+        let keep: Vec<String> = routes.iter().map(|r| r.spec.id.clone()).collect();
         for r in routes {
-            self.insert(r.spec, r.state);
+            let id = r.spec.id.clone();
+            let weight = r.spec.weight;
+            if let Added::Conflict(_) = self.insert(r.spec.clone(), r.state) {
+                self.table().remove(&id);
+                self.insert(r.spec, r.state);
+            }
+            let mut table = self.table();
+            table.set_weight(&id, weight);
+            table.set_state(&id, r.state);
+            if let Some(e) = table.get_mut(&id) {
+                e.health.fast_admit();
+            }
+        }
+        let mut table = self.table();
+        let gone: Vec<String> = table
+            .entries()
+            .map(|e| e.spec.id.clone())
+            .filter(|id| !keep.contains(id))
+            .collect();
+        for id in gone {
+            table.remove(&id);
         }
         Ok(())
     }
+
+    /// Waits (at most one health check timeout, plus a little) until every backend has a
+    /// health result, so a restarted proxy routes at once instead of answering 503.
+    async fn wait_checked(&self) {
+        let deadline = Instant::now() + *self.settings.health.timeout + Duration::from_millis(500);
+        loop {
+            let changed = self.health_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let unknown = self
+                .table()
+                .entries()
+                .any(|e| e.health.health == Health::Unknown && e.state != BackendState::Down);
+            if !unknown || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Waits until no backend has a request or long-lived connection in flight, or the
+    /// deadline; then closes what is still open and returns how many were closed.
+    async fn drain_all(&self, deadline: Instant) -> u64 {
+        let backends: Vec<Arc<BackendShared>> =
+            self.table().entries().map(|e| e.shared.clone()).collect();
+        for b in &backends {
+            admin::wait_idle(b, deadline).await;
+        }
+        let mut closed = 0;
+        for b in &backends {
+            let open = b.in_flight.load(Ordering::Acquire);
+            if open > 0 {
+                closed += open;
+                b.cut_in_flight();
+            }
+        }
+        if closed > 0 {
+            self.closed_at_deadline.fetch_add(closed, Ordering::Relaxed);
+            warn!(
+                closed,
+                "drain deadline reached at shutdown: closed requests and long-lived connections still open"
+            );
+            let settle = Instant::now() + CUT_SETTLE;
+            for b in &backends {
+                admin::wait_idle(b, settle).await;
+            }
+        }
+        closed
+    }
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Requests and long-lived connections (WebSocket, SSE) still open at the drain deadline,
+    /// closed by the proxy.
+    pub closed_at_deadline: u64,
 }
 
 /// A running proxy. Dropping it signals shutdown without waiting; call
@@ -203,21 +486,35 @@ pub struct ProxyHandle {
     pub listen: SocketAddr,
     /// The real admin API address.
     pub admin: SocketAddr,
-    stop: watch::Sender<bool>,
+    stop: Arc<watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
     proxy: Arc<Proxy>,
 }
 
 impl ProxyHandle {
-    /// Stops accepting, lets in-flight requests finish (at most `drain_timeout`), stops the
-    /// health checks and returns.
-    pub async fn shutdown(mut self) {
+    /// Stops accepting, lets in-flight requests and long-lived connections finish (at most
+    /// `drain_timeout`, then closes them), stops the health checks and returns what it closed.
+    pub async fn shutdown(mut self) -> ShutdownReport {
         let _ = self.stop.send(true);
         for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
         }
         self.proxy.table().stop_checkers();
-        info!("proxy stopped");
+        let closed_at_deadline = self.proxy.closed_at_deadline.load(Ordering::Relaxed);
+        info!(closed_at_deadline, "proxy stopped");
+        ShutdownReport { closed_at_deadline }
+    }
+
+    /// Resolves once the proxy stops accepting on its own: a replacement took it over
+    /// (`cutover proxy --takeover`). Then call [`ProxyHandle::shutdown`] to drain and stop.
+    pub async fn stopped(&self) {
+        let mut rx = self.stop.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// The proxy core (counters, table), for embedders and tests.
+    pub fn core(&self) -> &Arc<Proxy> {
+        &self.proxy
     }
 }
 
@@ -229,57 +526,140 @@ impl Drop for ProxyHandle {
 
 /// Binds both listeners (port 0 allowed), restores the state file, starts serving and returns.
 pub async fn start(settings: ProxySettings) -> anyhow::Result<ProxyHandle> {
-    let traffic = bind_traffic(settings.listen)?;
-    let admin = bind_admin(settings.admin)?;
+    start_with(settings, ProxyOptions::default()).await
+}
+
+/// [`start`] with options. With `options.takeover`, the listeners are taken over from the
+/// proxy running on `options.control_socket` (see the `takeover` module): that proxy stops
+/// accepting, drains and stops; no client connection is refused or dropped in between.
+pub async fn start_with(
+    settings: ProxySettings,
+    options: ProxyOptions,
+) -> anyhow::Result<ProxyHandle> {
+    let tls = match &options.tls {
+        Some(files) => Some(tls::acceptor(files)?),
+        None => None,
+    };
+    let control = options.control_socket.clone();
+    let takeover = options.takeover;
+    if takeover && control.is_none() {
+        anyhow::bail!("takeover needs a control socket (the state directory's proxy.sock)");
+    }
+    if !takeover {
+        if let Some(path) = &control {
+            takeover::ensure_free(path)?;
+        }
+    }
+    let proxy = Proxy::with_options(settings, options);
+    proxy.restore()?;
+    proxy.wait_checked().await;
+    let (stop, stop_rx) = watch::channel(false);
+    let stop = Arc::new(stop);
+    let released: takeover::ReleaseSlot = Arc::new(Mutex::new(None));
+
+    let (traffic, admin, handover) = if takeover {
+        let path = control.as_deref().expect("checked above");
+        let got = takeover::request(path).await?;
+        (got.traffic, got.admin, Some(got.session))
+    } else {
+        (
+            bind_traffic(proxy.settings.listen)?,
+            bind_admin(proxy.settings.admin)?,
+            None,
+        )
+    };
     let listen = traffic.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    let drain_timeout = settings.drain_timeout;
-    let proxy = Proxy::new(settings);
-    proxy.restore()?;
-    let (stop, stop_rx) = watch::channel(false);
+    let handed = takeover::Listeners::dup(&traffic, &admin)?;
 
-    let traffic_task = tokio::spawn(accept_loop(
+    let traffic_task = tokio::spawn(listener::accept_loop(
         traffic,
+        tls,
         proxy.clone(),
         stop_rx.clone(),
-        drain_timeout,
     ));
-    let router = admin_router(proxy.clone());
-    let mut admin_stop = stop_rx;
-    let admin_task = tokio::spawn(async move {
-        let mut signal = admin_stop.clone();
-        let server = axum::serve(admin, router).with_graceful_shutdown(async move {
-            let _ = signal.wait_for(|s| *s).await;
-        });
-        let server = tokio::spawn(server.into_future());
-        let abort = server.abort_handle();
-        let _ = admin_stop.wait_for(|s| *s).await;
-        // Long-polling admin calls (wait-drained) get a short grace, then are cut.
-        if tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, server)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
-    });
-    info!(%listen, admin = %admin_addr, "proxy listening");
+    if let Some(session) = handover {
+        // The old proxy stops accepting now; its last admin changes are on disk once it says
+        // it released the admin API.
+        session.finish().await;
+        proxy.restore()?;
+    }
+    let admin_task = tokio::spawn(serve_admin(
+        admin,
+        proxy.clone(),
+        stop_rx.clone(),
+        released.clone(),
+    ));
+    let mut tasks = vec![traffic_task, admin_task];
+    if let Some(path) = control {
+        let control = takeover::bind(&path)?;
+        tasks.push(tokio::spawn(takeover::serve(
+            control,
+            handed,
+            stop.clone(),
+            stop_rx,
+            released,
+        )));
+    }
+    info!(%listen, admin = %admin_addr, takeover, "proxy listening");
     Ok(ProxyHandle {
         listen,
         admin: admin_addr,
         stop,
-        tasks: vec![traffic_task, admin_task],
+        tasks,
         proxy,
     })
 }
 
-/// Runs the proxy until `shutdown` completes, then shuts down gracefully (`cutover proxy`).
+/// Serves the admin API until stop; then tells a replacement proxy waiting on the handover
+/// that the admin API is released (its last changes are persisted).
+async fn serve_admin(
+    admin: TcpListener,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+    released: takeover::ReleaseSlot,
+) {
+    let router = admin_router(proxy);
+    let mut signal = stop.clone();
+    let server = axum::serve(admin, router).with_graceful_shutdown(async move {
+        let _ = signal.wait_for(|s| *s).await;
+    });
+    let server = tokio::spawn(server.into_future());
+    let abort = server.abort_handle();
+    let _ = stop.wait_for(|s| *s).await;
+    // Long-polling admin calls (wait-drained) get a short grace, then are cut.
+    if tokio::time::timeout(ADMIN_SHUTDOWN_GRACE, server)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+    let session = released.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(session) = session {
+        session.released().await;
+    }
+}
+
+/// Runs the proxy until `shutdown` completes or a replacement takes over, then shuts down
+/// gracefully (`cutover proxy`).
 pub async fn serve(
     settings: ProxySettings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let handle = start(settings).await?;
-    shutdown.await;
-    info!("shutting down: finishing in-flight requests");
+    serve_with(settings, ProxyOptions::default(), shutdown).await
+}
+
+/// [`serve`] with options.
+pub async fn serve_with(
+    settings: ProxySettings,
+    options: ProxyOptions,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let handle = start_with(settings, options).await?;
+    tokio::select! {
+        _ = shutdown => info!("shutting down: finishing in-flight requests"),
+        _ = handle.stopped() => info!("taken over by a new proxy: finishing in-flight requests"),
+    }
     handle.shutdown().await;
     Ok(())
 }
@@ -317,67 +697,7 @@ fn bind_admin(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     };
     bind().with_context(|| {
         format!(
-            "cannot listen for the admin API on {addr} (balancer.admin): is another `cutover proxy` running?"
+            "cannot listen for the admin API on {addr} (balancer.admin): is another `cutover proxy` running? replace it with `cutover proxy --takeover`"
         )
     })
-}
-
-/// Accepts client connections until `stop`, then waits (at most `grace`) for open
-/// connections to finish their requests.
-async fn accept_loop(
-    listener: TcpListener,
-    proxy: Arc<Proxy>,
-    mut stop: watch::Receiver<bool>,
-    grace: Duration,
-) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let (stream, peer_addr) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let peer = Peer::new(peer_addr);
-                let p = proxy.clone();
-                let service = service_fn(move |req| {
-                    let p = p.clone();
-                    let peer = peer.clone();
-                    async move { Ok::<_, Infallible>(forward::handle(&p, req, &peer).await) }
-                });
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                conns.spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(client = %peer_addr, "connection ended: {e}");
-                    }
-                });
-            }
-        }
-    }
-    drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        warn!(
-            open = conns.len(),
-            "connections still open after {grace:?}: closing them"
-        );
-    }
-    conns.shutdown().await;
 }

@@ -20,7 +20,15 @@ use hyper::http::uri::Authority;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
-use crate::balancer::api::{BackendSpec, BackendState, BackendView, Counters, Health};
+use crate::balancer::api::{
+    BackendSpec, BackendState, BackendView, Counters, Health, LATENCY_BUCKETS_MS,
+};
+
+/// Buckets of the latency histogram: one per bound plus the overflow.
+const BUCKETS: usize = LATENCY_BUCKETS_MS.len() + 1;
+
+/// Recent latencies kept per release for `GET /samples` (a power of two).
+pub(crate) const SAMPLES: usize = 4096;
 
 /// Counters updated lock-free by requests in flight.
 #[derive(Debug, Default)]
@@ -33,6 +41,15 @@ pub(crate) struct AtomicCounters {
     proxy_errors: AtomicU64,
     retries: AtomicU64,
     latency_us_sum: AtomicU64,
+    buckets: [AtomicU64; BUCKETS],
+}
+
+/// The histogram bucket of a latency: the first bound (ms, inclusive) it does not exceed.
+fn bucket(latency_us: u64) -> usize {
+    LATENCY_BUCKETS_MS
+        .iter()
+        .position(|ms| latency_us <= ms * 1000)
+        .unwrap_or(LATENCY_BUCKETS_MS.len())
 }
 
 impl AtomicCounters {
@@ -54,6 +71,7 @@ impl AtomicCounters {
 
     fn add_latency(&self, latency_us: u64) {
         self.latency_us_sum.fetch_add(latency_us, Ordering::Relaxed);
+        self.buckets[bucket(latency_us)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn proxy_error(&self) {
@@ -75,9 +93,50 @@ impl AtomicCounters {
             proxy_errors: get(&self.proxy_errors),
             retries: get(&self.retries),
             latency_us_sum: get(&self.latency_us_sum),
-            latency_buckets: Vec::new(),
+            latency_buckets: self.buckets.iter().map(get).collect(),
         }
     }
+}
+
+/// The most recent latencies of a release, lock-free: a writer claims a slot with one
+/// `fetch_add` and stores into it. A reader racing a writer may see a slot's previous value,
+/// which is harmless for a sample.
+#[derive(Debug)]
+pub(crate) struct SampleRing {
+    next: AtomicU64,
+    slots: Box<[AtomicU64]>,
+}
+
+impl Default for SampleRing {
+    fn default() -> Self {
+        SampleRing {
+            next: AtomicU64::new(0),
+            slots: (0..SAMPLES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl SampleRing {
+    fn push(&self, latency_us: u64) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        self.slots[i & (SAMPLES - 1)].store(latency_us, Ordering::Relaxed);
+    }
+
+    /// Up to `max` latencies, oldest first.
+    pub(crate) fn recent(&self, max: usize) -> Vec<u64> {
+        let n = self.next.load(Ordering::Acquire);
+        let count = (n.min(SAMPLES as u64) as usize).min(max);
+        (n - count as u64..n)
+            .map(|i| self.slots[i as usize & (SAMPLES - 1)].load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// What a release keeps across its backends' lifetimes: counters and recent latencies.
+#[derive(Debug, Default)]
+pub(crate) struct ReleaseStats {
+    pub(crate) counters: AtomicCounters,
+    pub(crate) samples: SampleRing,
 }
 
 /// What requests need of a backend after it was picked; shared by the table and every request
@@ -91,7 +150,13 @@ pub(crate) struct BackendShared {
     pub(crate) authority: Authority,
     pub(crate) in_flight: AtomicU64,
     pub(crate) counters: AtomicCounters,
-    pub(crate) release: Arc<AtomicCounters>,
+    pub(crate) release: Arc<ReleaseStats>,
+    /// The release name, for sticky routing and metrics.
+    pub(crate) release_name: Arc<str>,
+    /// `Set-Cookie` value pinning a client to this backend's release (sticky = "cookie").
+    pub(crate) sticky_cookie: Option<hyper::header::HeaderValue>,
+    /// Times passive health took this backend out.
+    pub(crate) ejections: AtomicU64,
     /// Notified when `in_flight` drops to zero.
     pub(crate) idle: Notify,
     /// Bumped (and `cut` notified) when wait-drained hits its deadline: requests picked under
@@ -106,21 +171,34 @@ impl BackendShared {
     /// Records a failed attempt; returns the number of failures in a row.
     pub(crate) fn failed(&self) -> u64 {
         self.counters.proxy_error();
-        self.release.proxy_error();
+        self.release.counters.proxy_error();
         self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    pub(crate) fn answered(&self, status: u16, latency_us: u64) {
+    /// Counts a request sent to this backend.
+    pub(crate) fn sent(&self) {
+        self.counters.request();
+        self.release.counters.request();
+    }
+
+    /// Records a response head. With `fail_on_5xx` a 5xx counts as a failure in a row for
+    /// passive health; returns the failures in a row (0 after a success).
+    pub(crate) fn answered(&self, status: u16, latency_us: u64, fail_on_5xx: bool) -> u64 {
         self.counters.response(status, latency_us);
-        self.release.response(status, latency_us);
+        self.release.counters.response(status, latency_us);
+        self.release.samples.push(latency_us);
+        if fail_on_5xx && status >= 500 {
+            return self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        }
         if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
             self.consecutive_errors.store(0, Ordering::Relaxed);
         }
+        0
     }
 
     pub(crate) fn retried(&self) {
         self.counters.retry();
-        self.release.retry();
+        self.release.counters.retry();
     }
 
     /// Closes every request picked before now.
@@ -163,6 +241,8 @@ pub(crate) struct HealthTrack {
     passes: u32,
     fails: u32,
     pub(crate) last_error: Option<String>,
+    /// Admitted on the first passing check (a restored backend that served before).
+    fast: bool,
 }
 
 impl HealthTrack {
@@ -172,6 +252,15 @@ impl HealthTrack {
             passes: 0,
             fails: 0,
             last_error: None,
+            fast: false,
+        }
+    }
+
+    /// An unchecked backend restored from the state file is admitted on its first passing
+    /// check instead of `healthy_threshold` of them: it served before the restart.
+    pub(crate) fn fast_admit(&mut self) {
+        if self.health == Health::Unknown {
+            self.fast = true;
         }
     }
 
@@ -187,12 +276,15 @@ impl HealthTrack {
             Ok(()) => {
                 self.fails = 0;
                 self.passes = self.passes.saturating_add(1);
-                if self.health != Health::Healthy && self.passes >= healthy_threshold {
+                let need = if self.fast { 1 } else { healthy_threshold };
+                if self.health != Health::Healthy && self.passes >= need {
                     self.health = Health::Healthy;
+                    self.fast = false;
                 }
             }
             Err(e) => {
                 self.passes = 0;
+                self.fast = false;
                 self.fails = self.fails.saturating_add(1);
                 self.last_error = Some(e);
                 // An unchecked backend fails at once; a healthy one after the threshold.
@@ -238,10 +330,15 @@ impl Drop for Entry {
 }
 
 impl Entry {
-    fn eligible(&self) -> bool {
-        self.state == BackendState::Active
-            && self.health.health == Health::Healthy
-            && self.spec.weight > 0
+    /// May take a request of this kind: preview requests go to preview backends only, others
+    /// to active ones only.
+    fn eligible(&self, preview: bool) -> bool {
+        let wanted = if preview {
+            BackendState::Preview
+        } else {
+            BackendState::Active
+        };
+        self.state == wanted && self.health.health == Health::Healthy && self.spec.weight > 0
     }
 
     fn view(&self) -> BackendView {
@@ -265,12 +362,25 @@ pub(crate) enum Added {
     Conflict(String),
 }
 
+/// How a request wants its backend chosen.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Route<'a> {
+    /// The request carries `x-cutover-preview: 1`.
+    pub(crate) preview: bool,
+    /// Prefer this release (sticky cookie) when one of its backends is eligible.
+    pub(crate) release: Option<&'a str>,
+    /// Sticky header hash: picks a release in proportion to the releases' total weights.
+    pub(crate) hash: Option<u64>,
+}
+
 /// All backends, in the order they were added, plus per-release counters.
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     entries: Vec<Entry>,
-    releases: BTreeMap<String, Arc<AtomicCounters>>,
+    releases: BTreeMap<String, Arc<ReleaseStats>>,
     next_uid: u64,
+    /// `Set-Cookie` values are made for new backends (sticky = "cookie").
+    pub(crate) sticky_cookie: bool,
 }
 
 impl Table {
@@ -301,6 +411,17 @@ impl Table {
             .or_default()
             .clone();
         self.next_uid += 1;
+        let sticky_cookie = self
+            .sticky_cookie
+            .then(|| {
+                hyper::header::HeaderValue::from_str(&format!(
+                    "{}={}; Path=/; HttpOnly; SameSite=Lax",
+                    crate::balancer::api::STICKY_COOKIE,
+                    spec.release
+                ))
+                .ok()
+            })
+            .flatten();
         let shared = Arc::new(BackendShared {
             uid: self.next_uid,
             id: spec.id.clone(),
@@ -308,6 +429,9 @@ impl Table {
             in_flight: AtomicU64::new(0),
             counters: AtomicCounters::default(),
             release,
+            release_name: Arc::from(spec.release.as_str()),
+            sticky_cookie,
+            ejections: AtomicU64::new(0),
             idle: Notify::new(),
             cut_epoch: AtomicU64::new(0),
             cut: Arc::new(Notify::new()),
@@ -374,15 +498,70 @@ impl Table {
         }
     }
 
-    /// Picks the next backend by smooth weighted round robin among eligible backends whose uid
-    /// is not in `exclude`, and counts the request in flight on it. Also returns how many
-    /// backends were eligible (a retry is only possible when there were several).
-    pub(crate) fn pick(&mut self, exclude: &[u64]) -> Option<(InFlight, usize)> {
+    /// Picks a backend for a request: the sticky release when it has an eligible backend, else
+    /// any eligible backend of the request's kind (preview or not). Counts the request in flight
+    /// on it. Also returns how many backends were eligible (a retry needs several).
+    pub(crate) fn pick(&mut self, exclude: &[u64], route: Route<'_>) -> Option<(InFlight, usize)> {
+        if let Some(hash) = route.hash {
+            if let Some(release) = self.release_by_hash(exclude, route.preview, hash) {
+                return self.pick_where(exclude, |e| {
+                    e.eligible(route.preview) && *e.shared.release_name == *release
+                });
+            }
+        } else if let Some(release) = route.release {
+            let picked = self.pick_where(exclude, |e| {
+                e.eligible(route.preview) && *e.shared.release_name == *release
+            });
+            if picked.is_some() {
+                return picked;
+            }
+        }
+        self.pick_where(exclude, |e| e.eligible(route.preview))
+    }
+
+    /// The release a sticky hash lands on: releases in name order, each with a share of the
+    /// hash space equal to its eligible backends' total weight.
+    fn release_by_hash(&self, exclude: &[u64], preview: bool, hash: u64) -> Option<Arc<str>> {
+        let mut totals: Vec<(&Arc<str>, u64)> = Vec::new();
+        for e in &self.entries {
+            if !e.eligible(preview) || exclude.contains(&e.shared.uid) {
+                continue;
+            }
+            let w = u64::from(e.spec.weight);
+            match totals
+                .iter_mut()
+                .find(|(r, _)| **r == e.shared.release_name)
+            {
+                Some((_, t)) => *t += w,
+                None => totals.push((&e.shared.release_name, w)),
+            }
+        }
+        totals.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let sum: u64 = totals.iter().map(|(_, w)| w).sum();
+        if sum == 0 {
+            return None;
+        }
+        let mut point = hash % sum;
+        for (r, w) in totals {
+            if point < w {
+                return Some(r.clone());
+            }
+            point -= w;
+        }
+        None
+    }
+
+    /// Smooth weighted round robin among the backends `ok` accepts and `exclude` does not name.
+    fn pick_where(
+        &mut self,
+        exclude: &[u64],
+        ok: impl Fn(&Entry) -> bool,
+    ) -> Option<(InFlight, usize)> {
         let mut total: i64 = 0;
         let mut best: Option<(usize, i64)> = None;
         let mut eligible = 0;
         for (i, e) in self.entries.iter_mut().enumerate() {
-            if !e.eligible() || exclude.contains(&e.shared.uid) {
+            if !ok(e) || exclude.contains(&e.shared.uid) {
                 continue;
             }
             eligible += 1;
@@ -400,6 +579,54 @@ impl Table {
         backend.in_flight.fetch_add(1, Ordering::AcqRel);
         let epoch = backend.cut_epoch.load(Ordering::Acquire);
         Some((InFlight { backend, epoch }, eligible))
+    }
+
+    /// Blue-green switch in one step: `activate` become active, `standby` draining. Nothing
+    /// changes when an id is unknown (returned) or named in both lists.
+    pub(crate) fn switch(&mut self, activate: &[String], standby: &[String]) -> Result<(), String> {
+        if let Some(id) = activate.iter().find(|id| standby.contains(id)) {
+            return Err(format!("backend {id:?} is in both activate and standby"));
+        }
+        if let Some(id) = activate
+            .iter()
+            .chain(standby)
+            .find(|id| self.get(id).is_none())
+        {
+            return Err(id.clone());
+        }
+        for e in &mut self.entries {
+            if activate.contains(&e.spec.id) {
+                e.state = BackendState::Active;
+            } else if standby.contains(&e.spec.id) {
+                e.state = BackendState::Draining;
+            }
+        }
+        self.reset_rotation();
+        Ok(())
+    }
+
+    /// Sets several weights at once; nothing changes when an id is unknown (returned).
+    pub(crate) fn set_weights(&mut self, weights: &BTreeMap<String, u32>) -> Result<(), String> {
+        if let Some(id) = weights.keys().find(|id| self.get(id).is_none()) {
+            return Err(id.clone());
+        }
+        for e in &mut self.entries {
+            if let Some(w) = weights.get(&e.spec.id) {
+                e.spec.weight = *w;
+            }
+        }
+        self.reset_rotation();
+        Ok(())
+    }
+
+    /// Recent latencies of a release, `None` when the release was never seen.
+    pub(crate) fn samples(&self, release: &str, max: usize) -> Option<Vec<u64>> {
+        self.releases.get(release).map(|r| r.samples.recent(max))
+    }
+
+    /// Every backend's shared part, for metrics and shutdown.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter()
     }
 
     /// Stops every health check (at shutdown).
@@ -427,7 +654,7 @@ impl Table {
     pub(crate) fn release_counters(&self) -> BTreeMap<String, Counters> {
         self.releases
             .iter()
-            .map(|(r, c)| (r.clone(), c.snapshot()))
+            .map(|(r, c)| (r.clone(), c.counters.snapshot()))
             .collect()
     }
 
@@ -474,7 +701,7 @@ mod tests {
     }
 
     fn pick_id(t: &mut Table) -> String {
-        let (guard, _) = t.pick(&[]).expect("a backend");
+        let (guard, _) = t.pick(&[], Route::default()).expect("a backend");
         guard.backend().id.clone()
     }
 
@@ -507,14 +734,14 @@ mod tests {
             assert_eq!(pick_id(&mut t), "b");
         }
         t.set_state("b", BackendState::Draining);
-        assert!(t.pick(&[]).is_none());
+        assert!(t.pick(&[], Route::default()).is_none());
     }
 
     #[test]
     fn in_flight_is_counted_until_the_guard_drops() {
         let mut t = table(&[("a", 1)]);
-        let (g1, _) = t.pick(&[]).unwrap();
-        let (g2, _) = t.pick(&[]).unwrap();
+        let (g1, _) = t.pick(&[], Route::default()).unwrap();
+        let (g2, _) = t.pick(&[], Route::default()).unwrap();
         let shared = g1.backend().clone();
         assert_eq!(shared.in_flight.load(Ordering::Relaxed), 2);
         drop(g1);
@@ -526,7 +753,7 @@ mod tests {
     fn excluded_backends_are_skipped() {
         let mut t = table(&[("a", 10), ("b", 1)]);
         let uid_a = t.get("a").unwrap().shared.uid;
-        let (g, eligible) = t.pick(&[uid_a]).unwrap();
+        let (g, eligible) = t.pick(&[uid_a], Route::default()).unwrap();
         assert_eq!(g.backend().id, "b");
         assert_eq!(eligible, 1);
     }
@@ -571,15 +798,106 @@ mod tests {
     fn release_counters_outlive_the_backend() {
         let mut t = table(&[("a", 1)]);
         {
-            let (g, _) = t.pick(&[]).unwrap();
-            g.backend().counters.request();
-            g.backend().release.request();
-            g.backend().answered(200, 10);
+            let (g, _) = t.pick(&[], Route::default()).unwrap();
+            g.backend().sent();
+            g.backend().answered(200, 10, true);
         }
         t.remove("a");
         assert!(t.backend_counters().is_empty());
         let r = t.release_counters();
         assert_eq!(r["r-a"].requests, 1);
         assert_eq!(r["r-a"].status_2xx, 1);
+    }
+
+    #[test]
+    fn latency_buckets_use_inclusive_ms_bounds() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(1000), 0);
+        assert_eq!(bucket(1001), 1);
+        assert_eq!(bucket(10_000_000), LATENCY_BUCKETS_MS.len() - 1);
+        assert_eq!(bucket(10_000_001), LATENCY_BUCKETS_MS.len());
+        let c = AtomicCounters::default();
+        c.response(200, 1500);
+        c.response(500, 20_000_000);
+        let s = c.snapshot();
+        assert_eq!(s.latency_buckets.len(), LATENCY_BUCKETS_MS.len() + 1);
+        assert_eq!(
+            (
+                s.latency_buckets[1],
+                s.latency_buckets[LATENCY_BUCKETS_MS.len()]
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn the_sample_ring_keeps_the_newest() {
+        let r = SampleRing::default();
+        assert!(r.recent(10).is_empty());
+        for i in 0..(SAMPLES as u64 + 10) {
+            r.push(i);
+        }
+        let all = r.recent(usize::MAX);
+        assert_eq!(all.len(), SAMPLES);
+        assert_eq!(all[0], 10);
+        assert_eq!(r.recent(2), [SAMPLES as u64 + 8, SAMPLES as u64 + 9]);
+    }
+
+    #[test]
+    fn preview_and_sticky_routes() {
+        let mut t = table(&[("a", 1), ("b", 1)]);
+        t.set_state("b", BackendState::Preview);
+        let preview = Route {
+            preview: true,
+            ..Route::default()
+        };
+        for _ in 0..4 {
+            assert_eq!(t.pick(&[], preview).unwrap().0.backend().id, "b");
+            assert_eq!(pick_id(&mut t), "a");
+        }
+        t.set_state("b", BackendState::Active);
+        // The release of a sticky cookie wins while it has an eligible backend.
+        let sticky = Route {
+            release: Some("r-b"),
+            ..Route::default()
+        };
+        for _ in 0..4 {
+            assert_eq!(t.pick(&[], sticky).unwrap().0.backend().id, "b");
+        }
+        t.set_state("b", BackendState::Draining);
+        assert_eq!(t.pick(&[], sticky).unwrap().0.backend().id, "a");
+    }
+
+    #[test]
+    fn sticky_hash_splits_by_release_weight() {
+        let mut t = table(&[("a", 3), ("b", 1)]);
+        let mut on_b = 0;
+        for h in 0..400u64 {
+            let route = Route {
+                hash: Some(h),
+                ..Route::default()
+            };
+            let first = t.pick(&[], route).unwrap().0.backend().id.clone();
+            assert_eq!(t.pick(&[], route).unwrap().0.backend().id, first);
+            if first == "b" {
+                on_b += 1;
+            }
+        }
+        assert_eq!(on_b, 100);
+    }
+
+    #[test]
+    fn switch_and_weights_are_all_or_nothing() {
+        let mut t = table(&[("a", 1), ("b", 1)]);
+        t.set_state("b", BackendState::Preview);
+        assert_eq!(t.switch(&["b".into()], &["zz".into()]), Err("zz".into()));
+        assert_eq!(t.get("b").unwrap().state, BackendState::Preview);
+        assert!(t.switch(&["a".into()], &["a".into()]).is_err());
+        t.switch(&["b".into()], &["a".into()]).unwrap();
+        assert_eq!(t.get("a").unwrap().state, BackendState::Draining);
+        assert_eq!(t.get("b").unwrap().state, BackendState::Active);
+        let w = BTreeMap::from([("a".to_string(), 9), ("q".to_string(), 1)]);
+        assert_eq!(t.set_weights(&w), Err("q".into()));
+        assert_eq!(t.get("a").unwrap().spec.weight, 1);
     }
 }

@@ -69,6 +69,19 @@ impl Transport for LocalTransport {
         Ok(())
     }
 
+    /// The host is this machine: an upload is a copy.
+    async fn upload(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
+        tokio::fs::copy(from, to).await.with_context(|| {
+            format!(
+                "host {}: copying {} to {}",
+                host.name,
+                from.display(),
+                to.display()
+            )
+        })?;
+        Ok(())
+    }
+
     async fn free_port(&self, host: &Host) -> anyhow::Result<u16> {
         let listener = std::net::TcpListener::bind((host.address, 0)).with_context(|| {
             format!(

@@ -7,6 +7,7 @@
 //! quoted with [`sh_quote`]; names (versions, hosts) are validated as data before they get here.
 
 pub mod local;
+pub mod ssh;
 
 use std::path::Path;
 use std::time::Duration;
@@ -38,6 +39,12 @@ pub trait Transport: Send + Sync {
     async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()>;
     /// A TCP port free on the host's address right now, for a new instance.
     async fn free_port(&self, host: &Host) -> anyhow::Result<u16>;
+    /// Copies the local file `from` to the file `to` on the host (its directory must exist).
+    /// Callers verify what arrived (release archives carry a sha256 digest).
+    async fn upload(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
+        let _ = (from, to);
+        anyhow::bail!("host {}: this transport cannot upload files", host.name)
+    }
 }
 
 /// Quotes `s` for POSIX sh: single quotes, with embedded single quotes closed and escaped.

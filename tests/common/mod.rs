@@ -152,6 +152,14 @@ impl Fleet {
         }
     }
 
+    /// Kills the balancer process (SIGKILL) and waits for it to be gone.
+    pub async fn kill_proxy(&mut self) {
+        if let Some(mut p) = self.proxy.take() {
+            let _ = p.start_kill();
+            let _ = p.wait().await;
+        }
+    }
+
     pub fn proxy_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
     }
@@ -164,19 +172,59 @@ impl Fleet {
         self.client().backends().await.expect("admin API answers")
     }
 
+    /// Every host serves `version` alone: `current`, one live process, one active healthy
+    /// backend pointing at a live instance; nothing else runs.
+    pub async fn assert_on(&self, version: &str) {
+        use cutover::balancer::BackendState;
+        use cutover::balancer::api::Health;
+        let backends = self.backends().await;
+        for (host, _) in &self.hosts {
+            assert_eq!(
+                self.current(host).as_deref(),
+                Some(version),
+                "{host}: current"
+            );
+            let mine: Vec<_> = backends.iter().filter(|b| &b.spec.host == host).collect();
+            assert_eq!(mine.len(), 1, "{host}: exactly one backend: {mine:#?}");
+            assert_eq!(mine[0].spec.release, version, "{host}: backend release");
+            assert_eq!(mine[0].state, BackendState::Active, "{host}: in rotation");
+            assert_eq!(mine[0].health, Health::Healthy, "{host}: healthy");
+        }
+        let live = self.live_instances();
+        assert_eq!(
+            live.len(),
+            self.hosts.len(),
+            "one process per host: {live:?}"
+        );
+        assert!(
+            live.iter().all(|(v, _)| v == version),
+            "only {version} runs: {live:?}"
+        );
+    }
+
     /// Runs `cutover <args> -c <config>`; returns exit code, stdout, stderr.
     pub async fn cutover(&self, args: &[&str]) -> (i32, String, String) {
+        self.cutover_env(args, &[]).await
+    }
+
+    /// Like [`Fleet::cutover`] with extra environment variables. A process killed by a signal
+    /// reports `-signal` as its exit code.
+    pub async fn cutover_env(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+        use std::os::unix::process::ExitStatusExt;
         let out = Command::new(exe())
             .arg("-c")
             .arg(&self.config)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output()
             .await
             .expect("cutover runs");
         (
-            out.status.code().unwrap_or(-1),
+            out.status
+                .code()
+                .unwrap_or_else(|| -out.status.signal().unwrap_or(1)),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )

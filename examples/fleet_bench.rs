@@ -1,0 +1,277 @@
+//! `bench/fleet`: how much a deploy costs beyond what the app itself needs.
+//!
+//! For each fleet (local transport: 4, 16, 64 hosts; SSH through a private sshd: 4, 16 hosts)
+//! it deploys v1, then times `cutover deploy` v1 -> v2 -> v1 ... (`--runs`, median) with
+//! `batch = "25%"` (4 batches) behind a real `cutover proxy`, and compares with the floor:
+//! Σ over batches of (instance start until its first healthy answer, measured here) + health
+//! settle (`healthy_threshold - 1` intervals at the deploy's gate, and as many at the
+//! balancer's own check). Overhead per host = (wall - floor) / hosts.
+//!
+//! Run it with `bench/fleet` (release build). Loopback only; everything it starts is stopped
+//! at the end.
+
+#[path = "../tests/support/sshd.rs"]
+mod sshd;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "bench-token-0123456789";
+const INTERVAL_MS: u64 = 100;
+const THRESHOLD: u64 = 2;
+const BATCHES: u64 = 4;
+
+fn exe() -> PathBuf {
+    let me = std::env::current_exe().expect("current exe");
+    // target/<profile>/examples/fleet_bench -> target/<profile>/cutover
+    let bin = me
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("cutover"))
+        .expect("target dir");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first (bench/fleet does)",
+        bin.display()
+    );
+    bin
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET /health once; true on a 200.
+fn healthy(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
+}
+
+/// Median time from spawning the sample app until it answers /health (the app's own start).
+fn app_start_time(exe: &Path) -> Duration {
+    let mut samples = Vec::new();
+    for _ in 0..5 {
+        let port = free_port("127.0.0.1");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let t = Instant::now();
+        let mut child = Command::new(exe)
+            .args([
+                "sample-app",
+                "--listen",
+                &addr.to_string(),
+                "--version",
+                "x",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        while !healthy(addr) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "sample app did not start"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        samples.push(t.elapsed());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    admin: SocketAddr,
+    proxy: Child,
+    ssh_config: Option<PathBuf>,
+    _sshd: Option<sshd::Sshd>,
+}
+
+impl Fleet {
+    fn start(exe: &Path, hosts: usize, ssh: bool, net: u8) -> Fleet {
+        let dir = tempfile::Builder::new()
+            .prefix("cutover-bench-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        for v in ["v1", "v2"] {
+            cutover::init::write_sample_release(&d.join("releases").join(v), exe, v, "").unwrap();
+        }
+        let addrs: Vec<String> = (0..hosts)
+            .map(|i| format!("127.0.{net}.{}", 10 + i))
+            .collect();
+        let sshd = ssh.then(|| {
+            let a: Vec<&str> = addrs.iter().map(String::as_str).collect();
+            sshd::Sshd::start(&a)
+        });
+        let listen = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let mut text = format!(
+            "transport = \"{t}\"\nforks = 64\n\n[app]\nname = \"bench\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"5s\"\n\n\
+             [app.health]\npath = \"/health\"\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"1s\"\nhealthy_threshold = {THRESHOLD}\ndeadline = \"20s\"\n\n\
+             [release]\npath = \"releases/{{version}}\"\nkeep = 3\n\n\
+             [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\ntoken = \"{TOKEN}\"\n\n\
+             [strategy]\nkind = \"rolling\"\nbatch = \"25%\"\n",
+            t = if ssh { "ssh" } else { "local" },
+        );
+        for (i, a) in addrs.iter().enumerate() {
+            text.push_str(&format!(
+                "\n[[hosts]]\nname = \"h{i}\"\naddress = \"{a}\"\nroot = \"{}\"\n",
+                d.join("fleet").join(format!("h{i}")).display()
+            ));
+            if let Some(s) = &sshd {
+                text.push_str(&format!("port = {}\nuser = \"root\"\n", s.port));
+            }
+        }
+        let config = d.join("cutover.toml");
+        std::fs::write(&config, text).unwrap();
+        let log = std::fs::File::create(d.join("proxy.log")).unwrap();
+        let proxy = Command::new(exe)
+            .arg("-c")
+            .arg(&config)
+            .arg("proxy")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while TcpStream::connect(admin).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "proxy did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Fleet {
+            ssh_config: sshd.as_ref().map(|s| s.ssh_config.clone()),
+            _sshd: sshd,
+            dir,
+            config,
+            admin,
+            proxy,
+        }
+    }
+
+    /// Wall time of one `cutover deploy`.
+    fn deploy(&self, exe: &Path, version: &str) -> Duration {
+        let mut c = Command::new(exe);
+        c.arg("-c")
+            .arg(&self.config)
+            .args(["deploy", "--version", version])
+            .stdin(Stdio::null());
+        if let Some(f) = &self.ssh_config {
+            c.env(cutover::transport::ssh::CONFIG_ENV, f);
+        }
+        let t = Instant::now();
+        let out = c.output().unwrap();
+        let wall = t.elapsed();
+        assert!(
+            out.status.success(),
+            "deploy {version} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wall
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        // Instances carry CUTOVER_INSTANCE=<pid file under our dir>: kill exactly those.
+        let marker = format!("CUTOVER_INSTANCE={}", self.dir.path().display());
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
+                continue;
+            };
+            if env
+                .split(|b| *b == 0)
+                .any(|v| v.starts_with(marker.as_bytes()))
+            {
+                // SAFETY: kill(2) on an instance this benchmark started.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = self.admin;
+    }
+}
+
+fn main() {
+    let mut runs = 3usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--runs" => runs = args.next().and_then(|n| n.parse().ok()).unwrap_or(3).max(1),
+            _ => {
+                eprintln!("usage: bench/fleet [--runs N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let exe = exe();
+    let start = app_start_time(&exe);
+    let settle = Duration::from_millis(2 * (THRESHOLD - 1) * INTERVAL_MS);
+    let floor = (start + settle) * BATCHES as u32;
+    eprintln!(
+        "app start {:.1} ms, health settle {} ms per batch, {BATCHES} batches: floor {:.0} ms",
+        start.as_secs_f64() * 1e3,
+        settle.as_millis(),
+        floor.as_secs_f64() * 1e3
+    );
+    println!(
+        "| transport | hosts | deploy wall (median of {runs}) | floor | wall / floor | overhead per host |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let cases = [
+        ("local", 4, false),
+        ("local", 16, false),
+        ("local", 64, false),
+        ("ssh", 4, true),
+        ("ssh", 16, true),
+    ];
+    for (i, (name, hosts, ssh)) in cases.into_iter().enumerate() {
+        let fleet = Fleet::start(&exe, hosts, ssh, 60 + i as u8);
+        fleet.deploy(&exe, "v1");
+        let mut walls: Vec<Duration> = (0..runs)
+            .map(|r| fleet.deploy(&exe, if r % 2 == 0 { "v2" } else { "v1" }))
+            .collect();
+        walls.sort();
+        let wall = walls[walls.len() / 2];
+        let over = wall.saturating_sub(floor).as_secs_f64() * 1e3 / hosts as f64;
+        println!(
+            "| {name} | {hosts} | {:.0} ms | {:.0} ms | {:.2}x | {over:.1} ms |",
+            wall.as_secs_f64() * 1e3,
+            floor.as_secs_f64() * 1e3,
+            wall.as_secs_f64() / floor.as_secs_f64(),
+        );
+    }
+}

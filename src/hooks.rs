@@ -1,0 +1,400 @@
+//! Hooks: commands the config runs at fixed points of a deploy (`[[hooks]]`), e.g. a schema
+//! migration once before the first batch, a cache warm-up on each host before it takes traffic,
+//! a chat message after the deploy.
+//!
+//! A hook runs either here (`where = "local"`, in the config's directory) or on hosts through
+//! the transport (`where = "host"`, in the release directory: the new release once it is
+//! staged, else `current`, else the host root). `run_once` runs it on the first host that can be
+//! reached, exactly once, which is what a migration needs. Every hook gets `CUTOVER_VERSION`,
+//! `CUTOVER_PREVIOUS_VERSION`, `CUTOVER_HOST` (the host it runs on; empty for a local hook at a
+//! fleet-wide point), `CUTOVER_HOSTS`, `CUTOVER_HOOK` (the point) and `CUTOVER_RELEASE_DIR`.
+//! A hook that fails or outlives its `timeout` fails the point, and the error names the hook,
+//! the host, the exit code and the last lines it printed (stdout and stderr together).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::future::join_all;
+use tokio::process::Command;
+use tokio::sync::Semaphore;
+
+use crate::config::{Config, Hook, HookPoint, HookWhere, Host, Name};
+use crate::progress::Progress;
+use crate::release::Layout;
+use crate::transport::{Transport, last_lines, sh_quote};
+
+/// Extra time a host hook gets over its own `timeout` before the transport gives up (the host
+/// enforces the hook's timeout with `timeout(1)` when it has it).
+const TRANSPORT_SLACK: Duration = Duration::from_secs(15);
+
+/// What a hook needs to know about the deploy it runs in.
+pub struct HookContext<'a> {
+    pub config: &'a Config,
+    pub transport: &'a dyn Transport,
+    pub progress: &'a Progress,
+    /// The release being deployed (for `on_rollback`: the release the fleet went back to).
+    pub version: &'a Name,
+    /// The release the fleet ran before (`None` on a first deploy).
+    pub previous: Option<&'a str>,
+    /// The hosts this point concerns: the fleet (or its reachable part) at fleet-wide points,
+    /// the one host being switched at `before_switch` / `after_switch`.
+    pub hosts: &'a [Host],
+}
+
+/// The point's name as written in the config.
+pub fn point_name(point: HookPoint) -> &'static str {
+    match point {
+        HookPoint::BeforeDeploy => "before_deploy",
+        HookPoint::AfterStage => "after_stage",
+        HookPoint::BeforeSwitch => "before_switch",
+        HookPoint::AfterSwitch => "after_switch",
+        HookPoint::AfterDeploy => "after_deploy",
+        HookPoint::OnRollback => "on_rollback",
+    }
+}
+
+/// Runs every hook configured for `point`, in config order; the first failure stops and is
+/// returned.
+pub async fn run(point: HookPoint, ctx: &HookContext<'_>) -> anyhow::Result<()> {
+    for hook in ctx.config.hooks.iter().filter(|h| h.at == point) {
+        match hook.where_ {
+            HookWhere::Local => run_local(point, hook, ctx).await?,
+            HookWhere::Host if hook.run_once => run_once(point, hook, ctx).await?,
+            HookWhere::Host => run_on_each(point, hook, ctx).await?,
+        }
+    }
+    Ok(())
+}
+
+fn hosts_list(ctx: &HookContext<'_>) -> String {
+    ctx.hosts
+        .iter()
+        .map(|h| h.name.as_str())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn failed(point: HookPoint, hook: &Hook, on: &str, code: i32, output: &str) -> anyhow::Error {
+    let how = if code == 124 {
+        format!("timed out after {}", hook.timeout)
+    } else {
+        format!("failed with exit code {code}")
+    };
+    let tail = last_lines(output.trim_end(), 10);
+    anyhow::anyhow!(
+        "hook {} `{}` {on} {how}; last output lines:\n{}",
+        point_name(point),
+        hook.command,
+        if tail.is_empty() { "(none)" } else { &tail }
+    )
+}
+
+/// The script that runs a host hook: cd, environment, the command with its timeout.
+fn host_script(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>, host: &Host) -> String {
+    let layout = Layout::of(host);
+    let rel = layout.release(ctx.version.as_str());
+    let q = |p: &std::path::Path| sh_quote(p.to_string_lossy());
+    let secs = format!("{:.3}", hook.timeout.as_secs_f64());
+    format!(
+        "cd {rel} 2>/dev/null || cd {cur} 2>/dev/null || cd {root} 2>/dev/null || cd /\n\
+         CUTOVER_VERSION={v}; CUTOVER_PREVIOUS_VERSION={pv}; CUTOVER_HOST={h}; CUTOVER_HOSTS={hs}; CUTOVER_HOOK={p}; CUTOVER_RELEASE_DIR={rel}\n\
+         export CUTOVER_VERSION CUTOVER_PREVIOUS_VERSION CUTOVER_HOST CUTOVER_HOSTS CUTOVER_HOOK CUTOVER_RELEASE_DIR\n\
+         if command -v timeout >/dev/null 2>&1; then exec timeout -k 5 {secs} sh -c {cmd} </dev/null 2>&1; fi\n\
+         exec sh -c {cmd} </dev/null 2>&1\n",
+        rel = q(&rel),
+        cur = q(&layout.current()),
+        root = q(&layout.root),
+        v = sh_quote(ctx.version.as_str()),
+        pv = sh_quote(ctx.previous.unwrap_or("")),
+        h = sh_quote(host.name.as_str()),
+        hs = sh_quote(hosts_list(ctx)),
+        p = point_name(point),
+        cmd = sh_quote(&hook.command),
+    )
+}
+
+/// Runs a host hook on one host. `Err(Ok(e))`: the host could not be reached;
+/// `Err(Err(e))`: the hook ran and failed.
+async fn on_host(
+    point: HookPoint,
+    hook: &Hook,
+    ctx: &HookContext<'_>,
+    host: &Host,
+) -> Result<(), Result<anyhow::Error, anyhow::Error>> {
+    let script = host_script(point, hook, ctx, host);
+    let out = ctx
+        .transport
+        .run(host, &script, *hook.timeout + TRANSPORT_SLACK)
+        .await
+        .map_err(|e| {
+            Ok(e.context(format!(
+                "hook {} `{}` could not run on host {}",
+                point_name(point),
+                hook.command,
+                host.name
+            )))
+        })?;
+    if !out.success() {
+        let output = format!("{}{}", out.stdout, out.stderr);
+        return Err(Err(failed(
+            point,
+            hook,
+            &format!("on host {}", host.name),
+            out.status,
+            &output,
+        )));
+    }
+    ctx.progress.say(&format!(
+        "hook {} `{}` ran on {}",
+        point_name(point),
+        hook.command,
+        host.name
+    ));
+    Ok(())
+}
+
+/// On the first host that can be reached; a host that cannot is skipped, a hook that fails is
+/// not retried elsewhere (it ran).
+async fn run_once(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyhow::Result<()> {
+    let mut unreachable = Vec::new();
+    for host in ctx.hosts {
+        match on_host(point, hook, ctx, host).await {
+            Ok(()) => return Ok(()),
+            Err(Err(failed)) => return Err(failed),
+            Err(Ok(e)) => {
+                ctx.progress.say(&format!(
+                    "hook {}: {} cannot be reached, trying the next host: {e:#}",
+                    point_name(point),
+                    host.name
+                ));
+                unreachable.push(format!("{e:#}"));
+            }
+        }
+    }
+    anyhow::bail!(
+        "hook {} `{}` (run_once) found no reachable host:\n{}",
+        point_name(point),
+        hook.command,
+        unreachable.join("\n")
+    )
+}
+
+/// On every host, `forks` at a time; fails when any host fails, naming each.
+async fn run_on_each(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyhow::Result<()> {
+    let forks = Semaphore::new(ctx.config.forks.max(1));
+    let results = join_all(ctx.hosts.iter().map(|host| {
+        let forks = &forks;
+        async move {
+            let _permit = forks.acquire().await;
+            on_host(point, hook, ctx, host).await
+        }
+    }))
+    .await;
+    let errors: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.err())
+        .map(|e| format!("{:#}", e.unwrap_or_else(|e| e)))
+        .collect();
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(anyhow::anyhow!(
+            errors.into_iter().next().unwrap_or_default()
+        )),
+        n => anyhow::bail!(
+            "hook {} failed on {n} hosts:\n{}",
+            point_name(point),
+            errors.join("\n")
+        ),
+    }
+}
+
+/// On this machine, in the config's directory.
+async fn run_local(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyhow::Result<()> {
+    let per_host = matches!(point, HookPoint::BeforeSwitch | HookPoint::AfterSwitch);
+    let host = match ctx.hosts {
+        [one] if per_host => one.name.as_str(),
+        _ => "",
+    };
+    let release_dir = ctx
+        .hosts
+        .first()
+        .filter(|_| per_host)
+        .map(|h| Layout::of(h).release(ctx.version.as_str()))
+        .unwrap_or_default();
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("exec 2>&1\n{}", hook.command))
+        .current_dir(&ctx.config.base_dir)
+        .env("CUTOVER_VERSION", ctx.version.as_str())
+        .env("CUTOVER_PREVIOUS_VERSION", ctx.previous.unwrap_or(""))
+        .env("CUTOVER_HOST", host)
+        .env("CUTOVER_HOSTS", hosts_list(ctx))
+        .env("CUTOVER_HOOK", point_name(point))
+        .env("CUTOVER_RELEASE_DIR", release_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let child = c.spawn().with_context(|| {
+        format!(
+            "hook {} `{}`: cannot run sh",
+            point_name(point),
+            hook.command
+        )
+    })?;
+    let pid = child.id();
+    let out = match tokio::time::timeout(*hook.timeout, child.wait_with_output()).await {
+        Ok(r) => r.context("waiting for a hook")?,
+        Err(_) => {
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on the hook's own process group, created above.
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                }
+            }
+            return Err(failed(point, hook, "on this machine", 124, ""));
+        }
+    };
+    if !out.status.success() {
+        return Err(failed(
+            point,
+            hook,
+            "on this machine",
+            out.status.code().unwrap_or(-1),
+            &String::from_utf8_lossy(&out.stdout),
+        ));
+    }
+    ctx.progress.say(&format!(
+        "hook {} `{}` ran on this machine",
+        point_name(point),
+        hook.command
+    ));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::transport::Output;
+    use crate::transport::local::LocalTransport;
+
+    /// The local transport, except that hosts named in `down` cannot be reached.
+    struct Flaky {
+        down: Vec<&'static str>,
+    }
+
+    #[async_trait]
+    impl Transport for Flaky {
+        async fn run(&self, host: &Host, script: &str, t: Duration) -> anyhow::Result<Output> {
+            if self.down.contains(&host.name.as_str()) {
+                anyhow::bail!("host {}: connection refused", host.name);
+            }
+            LocalTransport.run(host, script, t).await
+        }
+        async fn copy_dir(&self, _: &Host, _: &Path, _: &Path) -> anyhow::Result<()> {
+            unreachable!()
+        }
+        async fn free_port(&self, _: &Host) -> anyhow::Result<u16> {
+            unreachable!()
+        }
+    }
+
+    fn config(dir: &Path, hooks: &str) -> Config {
+        let text = format!(
+            "[app]\nname = \"t\"\nstart = \"true\"\n[release]\npath = \"r\"\n\
+             [[hosts]]\nname = \"web1\"\naddress = \"127.0.0.1\"\nroot = \"h1\"\n\
+             [[hosts]]\nname = \"web2\"\naddress = \"127.0.0.1\"\nroot = \"h2\"\n\
+             [[hosts]]\nname = \"web3\"\naddress = \"127.0.0.1\"\nroot = \"h3\"\n\
+             [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"0123456789\"\n{hooks}"
+        );
+        Config::parse(&dir.join("cutover.toml"), &text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn run_once_runs_on_the_first_reachable_host_only() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("ran");
+        let c = config(
+            d.path(),
+            &format!(
+                "[[hooks]]\nat = \"after_stage\"\nrun_once = true\ncommand = \"echo $CUTOVER_HOST $CUTOVER_VERSION $CUTOVER_PREVIOUS_VERSION $CUTOVER_HOOK >> {}\"\n",
+                log.display()
+            ),
+        );
+        let v = Name::parse("v2").unwrap();
+        let t = Flaky { down: vec!["web1"] };
+        let p = Progress::quiet();
+        let ctx = HookContext {
+            config: &c,
+            transport: &t,
+            progress: &p,
+            version: &v,
+            previous: Some("v1"),
+            hosts: &c.hosts,
+        };
+        run(HookPoint::AfterStage, &ctx).await.unwrap();
+        run(HookPoint::BeforeDeploy, &ctx).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "web2 v2 v1 after_stage\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn failures_name_hook_host_code_and_output() {
+        let d = tempfile::tempdir().unwrap();
+        let c = config(
+            d.path(),
+            "[[hooks]]\nat = \"before_deploy\"\ncommand = \"echo migrating; echo 'no database' >&2; exit 3\"\n",
+        );
+        let v = Name::parse("v2").unwrap();
+        let t = Flaky { down: vec![] };
+        let p = Progress::quiet();
+        let ctx = HookContext {
+            config: &c,
+            transport: &t,
+            progress: &p,
+            version: &v,
+            previous: None,
+            hosts: &c.hosts[..1],
+        };
+        let e = format!(
+            "{:#}",
+            run(HookPoint::BeforeDeploy, &ctx).await.unwrap_err()
+        );
+        assert!(e.contains("hook before_deploy"), "{e}");
+        assert!(e.contains("on host web1"), "{e}");
+        assert!(e.contains("exit code 3"), "{e}");
+        assert!(e.contains("migrating\nno database"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn local_hooks_time_out() {
+        let d = tempfile::tempdir().unwrap();
+        let c = config(
+            d.path(),
+            "[[hooks]]\nat = \"after_deploy\"\nwhere = \"local\"\ntimeout = \"200ms\"\ncommand = \"echo started; sleep 30\"\n",
+        );
+        let v = Name::parse("v2").unwrap();
+        let t = LocalTransport;
+        let p = Progress::quiet();
+        let ctx = HookContext {
+            config: &c,
+            transport: &t,
+            progress: &p,
+            version: &v,
+            previous: None,
+            hosts: &c.hosts,
+        };
+        let started = std::time::Instant::now();
+        let e = format!("{:#}", run(HookPoint::AfterDeploy, &ctx).await.unwrap_err());
+        assert!(e.contains("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,804 @@
+//! The durable journal: every deployment, every step (written before it acts and after it ends),
+//! events, the deploy lock and commands from other terminals, in one SQLite file
+//! (`<state_dir>/journal.db`).
+//!
+//! Why a database and not a log file: a deploy killed at any instant must leave a record that a
+//! later `cutover deploy --resume` or `cutover rollback` can trust, and two processes (a deploy
+//! and a `cutover promote` from another terminal) must be able to write at once. SQLite in WAL
+//! mode with `synchronous = FULL` gives durable, atomic writes and a busy timeout for the second
+//! writer. Each write is its own transaction, committed before the step's side effect starts.
+//!
+//! The schema is versioned with `PRAGMA user_version`: older files are migrated in place, files
+//! from a newer cutover are refused with a clear message, and a file that is not a database is
+//! reported, never misread.
+//!
+//! Testing hook: with `CUTOVER_CRASH_AFTER_WRITE=k` in the environment, the process kills itself
+//! with SIGKILL right after its k-th journal write. The crash tests use it to stop a deploy at
+//! every step boundary.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+/// The schema this cutover writes.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Migrations from version N-1 to N, in order; index 0 creates version 1.
+const MIGRATIONS: [&str; 2] = [
+    // 1: deployments and steps.
+    "CREATE TABLE deployments (
+        id TEXT PRIMARY KEY,
+        app TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        strategy TEXT NOT NULL,
+        version_from TEXT,
+        version_to TEXT NOT NULL,
+        who TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        ended_ms INTEGER,
+        outcome TEXT,
+        previous_json TEXT NOT NULL,
+        report_json TEXT
+    );
+    CREATE TABLE steps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        deployment TEXT NOT NULL REFERENCES deployments(id) ON DELETE CASCADE,
+        host TEXT NOT NULL,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '',
+        started_ms INTEGER NOT NULL,
+        ended_ms INTEGER,
+        result TEXT
+    );
+    CREATE INDEX steps_by_deployment ON steps(deployment);",
+    // 2: events, the lock, commands from other terminals, live status.
+    "CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        deployment TEXT,
+        at_ms INTEGER NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE TABLE lock (
+        app TEXT PRIMARY KEY,
+        holder_json TEXT NOT NULL,
+        lease_until_ms INTEGER NOT NULL
+    );
+    CREATE TABLE commands (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        deployment TEXT NOT NULL,
+        command TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        taken INTEGER NOT NULL DEFAULT 0
+    );
+    ALTER TABLE deployments ADD COLUMN status_json TEXT;",
+];
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A deployment as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploymentRow {
+    pub id: String,
+    pub app: String,
+    pub kind: String,
+    pub strategy: String,
+    pub from: Option<String>,
+    pub to: String,
+    pub who: String,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    /// None while running, or when the deployment was interrupted.
+    pub outcome: Option<String>,
+    /// Release each host served before the deployment (None: nothing).
+    pub previous: BTreeMap<String, Option<String>>,
+    pub report: Option<serde_json::Value>,
+    /// Live status of a running deployment (step, weight, last analysis verdict).
+    pub status: Option<serde_json::Value>,
+}
+
+/// A step as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRow {
+    pub id: i64,
+    pub host: String,
+    pub action: String,
+    pub detail: String,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    /// `ok`, `failed: ...`, or None when the process died during the step.
+    pub result: Option<String>,
+}
+
+/// An event as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRow {
+    pub at_ms: u64,
+    pub message: String,
+}
+
+/// Who holds the deploy lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub user: String,
+    pub machine: String,
+    pub pid: u32,
+    pub started_ms: u64,
+    pub what: String,
+}
+
+impl LockHolder {
+    /// This process, doing `what`.
+    pub fn me(what: &str) -> LockHolder {
+        LockHolder {
+            user: std::env::var("USER")
+                .or_else(|_| std::env::var("LOGNAME"))
+                .unwrap_or_else(|_| "unknown".into()),
+            machine: machine_name(),
+            pid: std::process::id(),
+            started_ms: now_ms(),
+            what: what.to_string(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} by {} on {} (pid {}), started {} s ago",
+            self.what,
+            self.user,
+            self.machine,
+            self.pid,
+            now_ms().saturating_sub(self.started_ms) / 1000
+        )
+    }
+}
+
+/// A live, non-zombie process with this pid on this machine.
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next())
+        })
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
+fn machine_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Why the lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+#[error("another deployment holds the lock: {}", holder.describe())]
+pub struct LockHeld {
+    pub holder: LockHolder,
+}
+
+/// What taking the lock found.
+#[derive(Debug)]
+pub enum Taken {
+    Free,
+    /// A stale holder (dead process on this machine, or expired lease) was replaced.
+    TookOver(LockHolder, &'static str),
+}
+
+/// The journal of one state directory.
+pub struct Journal {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+    writes: AtomicU64,
+    crash_after: Option<u64>,
+}
+
+impl Journal {
+    /// Opens (creating or migrating) `<state_dir>/journal.db`.
+    pub fn open(state_dir: &Path) -> anyhow::Result<Journal> {
+        std::fs::create_dir_all(state_dir).with_context(|| {
+            format!("cannot create the state directory {}", state_dir.display())
+        })?;
+        Journal::open_file(&state_dir.join("journal.db"))
+    }
+
+    pub fn open_file(path: &Path) -> anyhow::Result<Journal> {
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the journal {}", path.display()))?;
+        let corrupt = |e: rusqlite::Error| {
+            anyhow::anyhow!(
+                "the journal {} is not a readable cutover journal ({e}): move it aside to start a new one (history is lost) or restore it from a backup",
+                path.display()
+            )
+        };
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(corrupt)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(corrupt)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(corrupt)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(corrupt)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(corrupt)?;
+        if version > SCHEMA_VERSION {
+            anyhow::bail!(
+                "the journal {} has schema version {version}, newer than this cutover understands ({SCHEMA_VERSION}): upgrade cutover, or move the file aside",
+                path.display()
+            );
+        }
+        if version < SCHEMA_VERSION {
+            if version > 0 {
+                // A check that the file really is what its version says before changing it.
+                conn.query_row("SELECT count(*) FROM deployments", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(corrupt)?;
+            }
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                let to = i as i64 + 1;
+                let tx = conn.unchecked_transaction().map_err(corrupt)?;
+                tx.execute_batch(sql).with_context(|| {
+                    format!(
+                        "migrating the journal {} to schema version {to}",
+                        path.display()
+                    )
+                })?;
+                tx.pragma_update(None, "user_version", to)
+                    .map_err(corrupt)?;
+                tx.commit().map_err(corrupt)?;
+            }
+        }
+        let crash_after = std::env::var("CUTOVER_CRASH_AFTER_WRITE")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        Ok(Journal {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+            writes: AtomicU64::new(0),
+            crash_after,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> anyhow::Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn).with_context(|| format!("journal {}", self.path.display()))
+    }
+
+    /// A write: committed (durably) before it returns.
+    fn write<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> anyhow::Result<T> {
+        let out = self.with(f)?;
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.crash_after == Some(n) {
+            // Testing hook: die exactly here, as a kill -9 would.
+            unsafe {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a new deployment.
+    pub fn begin(&self, d: &DeploymentRow) -> anyhow::Result<()> {
+        let previous = serde_json::to_string(&d.previous)?;
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO deployments (id, app, kind, strategy, version_from, version_to, who, started_ms, previous_json)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                params![d.id, d.app, d.kind, d.strategy, d.from, d.to, d.who, d.started_ms as i64, previous],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Records that a step starts; returns its id for [`Journal::step_end`].
+    pub fn step_start(
+        &self,
+        deployment: &str,
+        host: &str,
+        action: &str,
+        detail: &str,
+    ) -> anyhow::Result<i64> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO steps (deployment, host, action, detail, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![deployment, host, action, detail, now_ms() as i64],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// Records how a step ended (`ok` or `failed: reason`), with an updated detail.
+    pub fn step_end(&self, step: i64, result: &str, detail: Option<&str>) -> anyhow::Result<()> {
+        self.write(|c| match detail {
+            Some(d) => c.execute(
+                "UPDATE steps SET ended_ms = ?1, result = ?2, detail = ?3 WHERE id = ?4",
+                params![now_ms() as i64, result, d, step],
+            ),
+            None => c.execute(
+                "UPDATE steps SET ended_ms = ?1, result = ?2 WHERE id = ?3",
+                params![now_ms() as i64, result, step],
+            ),
+        })?;
+        Ok(())
+    }
+
+    pub fn event(&self, deployment: Option<&str>, message: &str) -> anyhow::Result<()> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO events (deployment, at_ms, message) VALUES (?1, ?2, ?3)",
+                params![deployment, now_ms() as i64, message],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Records the outcome (and the report) of a deployment.
+    pub fn finish(
+        &self,
+        id: &str,
+        outcome: &str,
+        report: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let report = report.to_string();
+        self.write(|c| {
+            c.execute(
+                "UPDATE deployments SET ended_ms = ?1, outcome = ?2, report_json = ?3 WHERE id = ?4",
+                params![now_ms() as i64, outcome, report, id],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Live status of a running deployment, for `cutover status` in another terminal.
+    pub fn set_status(&self, id: &str, status: &serde_json::Value) -> anyhow::Result<()> {
+        let status = status.to_string();
+        self.with(|c| {
+            c.execute(
+                "UPDATE deployments SET status_json = ?1 WHERE id = ?2",
+                params![status, id],
+            )
+        })?;
+        Ok(())
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
+        let previous: String = r.get(10)?;
+        let report: Option<String> = r.get(11)?;
+        let status: Option<String> = r.get(12)?;
+        Ok(DeploymentRow {
+            id: r.get(0)?,
+            app: r.get(1)?,
+            kind: r.get(2)?,
+            strategy: r.get(3)?,
+            from: r.get(4)?,
+            to: r.get(5)?,
+            who: r.get(6)?,
+            started_ms: r.get::<_, i64>(7)? as u64,
+            ended_ms: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
+            outcome: r.get(9)?,
+            previous: serde_json::from_str(&previous).unwrap_or_default(),
+            report: report.and_then(|r| serde_json::from_str(&r).ok()),
+            status: status.and_then(|s| serde_json::from_str(&s).ok()),
+        })
+    }
+
+    const COLUMNS: &'static str = "id, app, kind, strategy, version_from, version_to, who, started_ms, ended_ms, outcome, previous_json, report_json, status_json";
+
+    /// Deployments, newest first.
+    pub fn deployments(&self, limit: usize) -> anyhow::Result<Vec<DeploymentRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {} FROM deployments ORDER BY started_ms DESC, rowid DESC LIMIT ?1",
+                Self::COLUMNS
+            ))?;
+            let rows = stmt.query_map(params![limit as i64], Self::row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn deployment(&self, id: &str) -> anyhow::Result<Option<DeploymentRow>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {} FROM deployments WHERE id = ?1", Self::COLUMNS),
+                params![id],
+                Self::row,
+            )
+            .optional()
+        })
+    }
+
+    /// The deployment without an outcome, if any: running now, or interrupted.
+    pub fn unfinished(&self) -> anyhow::Result<Option<DeploymentRow>> {
+        self.with(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {} FROM deployments WHERE outcome IS NULL ORDER BY started_ms DESC LIMIT 1",
+                    Self::COLUMNS
+                ),
+                [],
+                Self::row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn steps(&self, deployment: &str) -> anyhow::Result<Vec<StepRow>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, host, action, detail, started_ms, ended_ms, result FROM steps WHERE deployment = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![deployment], |r| {
+                Ok(StepRow {
+                    id: r.get(0)?,
+                    host: r.get(1)?,
+                    action: r.get(2)?,
+                    detail: r.get(3)?,
+                    started_ms: r.get::<_, i64>(4)? as u64,
+                    ended_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+                    result: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn events(&self, deployment: &str) -> anyhow::Result<Vec<EventRow>> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT at_ms, message FROM events WHERE deployment = ?1 ORDER BY id")?;
+            let rows = stmt.query_map(params![deployment], |r| {
+                Ok(EventRow {
+                    at_ms: r.get::<_, i64>(0)? as u64,
+                    message: r.get(1)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// The release before the live one: the `from` of the newest succeeded deploy.
+    pub fn previous_release(&self) -> anyhow::Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT version_from FROM deployments WHERE outcome = 'succeeded' ORDER BY started_ms DESC LIMIT 1",
+                [],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
+    /// Instances deployments started: `(host, version, port)`, from the `start` steps.
+    pub fn started_instances(&self) -> anyhow::Result<Vec<(String, String, u16)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT host, detail FROM steps WHERE action = 'start' AND result = 'ok'",
+            )?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (host, detail) = row?;
+                // detail: "<version>@<address>:<port>"
+                if let Some((version, addr)) = detail.split_once('@') {
+                    if let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse().ok()) {
+                        out.push((host, version.to_string(), port));
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Keeps the newest `keep` finished deployments (and their steps and events).
+    pub fn prune(&self, keep: usize) -> anyhow::Result<usize> {
+        self.with(|c| {
+            let n = c.execute(
+                "DELETE FROM deployments WHERE outcome IS NOT NULL AND id NOT IN
+                 (SELECT id FROM deployments ORDER BY started_ms DESC LIMIT ?1)",
+                params![keep as i64],
+            )?;
+            c.execute(
+                "DELETE FROM events WHERE deployment IS NOT NULL AND deployment NOT IN (SELECT id FROM deployments)",
+                [],
+            )?;
+            Ok(n)
+        })
+    }
+
+    /// Takes the deploy lock for `app`, or fails with [`LockHeld`]. A holder whose process is
+    /// gone (same machine) or whose lease expired is stale and is replaced.
+    pub fn lock(&self, app: &str, me: &LockHolder, lease: Duration) -> anyhow::Result<Taken> {
+        let taken = self.write(|c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute_batch("SELECT 1")?;
+            let current: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT holder_json, lease_until_ms FROM lock WHERE app = ?1",
+                    params![app],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let outcome = match current {
+                None => Ok(Taken::Free),
+                Some((json, lease_until)) => {
+                    let holder: LockHolder = serde_json::from_str(&json).unwrap_or(LockHolder {
+                        user: "unknown".into(),
+                        machine: "unknown".into(),
+                        pid: 0,
+                        started_ms: 0,
+                        what: "unreadable lock".into(),
+                    });
+                    if holder.machine == me.machine && holder.pid == me.pid {
+                        Ok(Taken::Free)
+                    } else if holder.machine == me.machine && !process_alive(holder.pid) {
+                        Ok(Taken::TookOver(holder, "its process is gone"))
+                    } else if (lease_until as u64) < now_ms() {
+                        Ok(Taken::TookOver(holder, "its lease expired"))
+                    } else {
+                        Err(holder)
+                    }
+                }
+            };
+            if outcome.is_ok() {
+                tx.execute(
+                    "INSERT INTO lock (app, holder_json, lease_until_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(app) DO UPDATE SET holder_json = excluded.holder_json, lease_until_ms = excluded.lease_until_ms",
+                    params![app, serde_json::to_string(me).unwrap_or_default(), (now_ms() + lease.as_millis() as u64) as i64],
+                )?;
+            }
+            tx.commit()?;
+            Ok(outcome)
+        })?;
+        match taken {
+            Ok(t) => {
+                if let Taken::TookOver(h, why) = &t {
+                    self.event(
+                        None,
+                        &format!("took over a stale deploy lock ({why}): {}", h.describe()),
+                    )?;
+                }
+                Ok(t)
+            }
+            Err(holder) => Err(LockHeld { holder }.into()),
+        }
+    }
+
+    /// Extends our lease.
+    pub fn renew(&self, app: &str, me: &LockHolder, lease: Duration) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE lock SET lease_until_ms = ?1 WHERE app = ?2 AND holder_json = ?3",
+                params![
+                    (now_ms() + lease.as_millis() as u64) as i64,
+                    app,
+                    serde_json::to_string(me).unwrap_or_default()
+                ],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Releases our lock.
+    pub fn unlock(&self, app: &str, me: &LockHolder) -> anyhow::Result<()> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM lock WHERE app = ?1 AND holder_json = ?2",
+                params![app, serde_json::to_string(me).unwrap_or_default()],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Removes whoever holds the lock, and records it.
+    pub fn force_unlock(&self, app: &str, by: &LockHolder) -> anyhow::Result<Option<LockHolder>> {
+        let held = self.lock_holder(app)?;
+        self.write(|c| c.execute("DELETE FROM lock WHERE app = ?1", params![app]))?;
+        let what = match &held {
+            Some(h) => format!(
+                "lock forcibly released by {} on {}: was held by {}",
+                by.user,
+                by.machine,
+                h.describe()
+            ),
+            None => format!(
+                "unlock --force by {} on {}: the lock was free",
+                by.user, by.machine
+            ),
+        };
+        self.event(None, &what)?;
+        Ok(held)
+    }
+
+    pub fn lock_holder(&self, app: &str) -> anyhow::Result<Option<LockHolder>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT holder_json FROM lock WHERE app = ?1",
+                params![app],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+        })
+        .map(|j| j.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Leaves a command (promote, abort, pause, resume, rollback) for a running deployment.
+    pub fn post_command(&self, deployment: &str, command: &str) -> anyhow::Result<()> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO commands (deployment, command, at_ms) VALUES (?1, ?2, ?3)",
+                params![deployment, command, now_ms() as i64],
+            )
+        })?;
+        self.event(Some(deployment), &format!("command received: {command}"))
+    }
+
+    /// Takes the oldest untaken command for a deployment.
+    pub fn take_command(&self, deployment: &str) -> anyhow::Result<Option<String>> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let cmd: Option<(i64, String)> = tx
+                .query_row(
+                    "SELECT id, command FROM commands WHERE deployment = ?1 AND taken = 0 ORDER BY id LIMIT 1",
+                    params![deployment],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((id, _)) = &cmd {
+                tx.execute("UPDATE commands SET taken = 1 WHERE id = ?1", params![id])?;
+            }
+            tx.commit()?;
+            Ok(cmd.map(|(_, c)| c))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, to: &str) -> DeploymentRow {
+        DeploymentRow {
+            id: id.into(),
+            app: "a".into(),
+            kind: "deploy".into(),
+            strategy: "rolling".into(),
+            from: Some("v1".into()),
+            to: to.into(),
+            who: "t".into(),
+            started_ms: now_ms(),
+            ended_ms: None,
+            outcome: None,
+            previous: BTreeMap::from([("web1".to_string(), Some("v1".to_string()))]),
+            report: None,
+            status: None,
+        }
+    }
+
+    #[test]
+    fn records_deployments_and_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.begin(&row("d1", "v2")).unwrap();
+        let s = j.step_start("d1", "web1", "start", "v2").unwrap();
+        assert!(j.unfinished().unwrap().is_some());
+        j.step_end(s, "ok", Some("v2@127.0.0.11:4000")).unwrap();
+        j.finish("d1", "succeeded", &serde_json::json!({"served": 5}))
+            .unwrap();
+        assert!(j.unfinished().unwrap().is_none());
+        let steps = j.steps("d1").unwrap();
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].result.as_deref(), Some("ok"));
+        assert_eq!(
+            j.started_instances().unwrap(),
+            vec![("web1".into(), "v2".into(), 4000)]
+        );
+        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        // Reopening reads the same.
+        drop(j);
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            j.deployments(10).unwrap()[0].outcome.as_deref(),
+            Some("succeeded")
+        );
+    }
+
+    #[test]
+    fn lock_is_exclusive_and_stale_holders_are_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let me = LockHolder::me("deploy v2");
+        assert!(matches!(
+            j.lock("a", &me, Duration::from_secs(60)).unwrap(),
+            Taken::Free
+        ));
+        // A live holder on this machine (pid 1 is always alive) blocks.
+        let other = LockHolder {
+            pid: 1,
+            ..LockHolder::me("deploy v3")
+        };
+        let err = j.lock("a", &other, Duration::from_secs(60)).unwrap_err();
+        assert!(err.to_string().contains("deploy v2 by"), "{err}");
+        // A dead holder is taken over.
+        j.force_unlock("a", &me).unwrap();
+        let dead = LockHolder {
+            pid: 999_999_999,
+            ..LockHolder::me("deploy v1")
+        };
+        j.lock("a", &dead, Duration::from_secs(60)).unwrap();
+        assert!(matches!(
+            j.lock("a", &me, Duration::from_secs(60)).unwrap(),
+            Taken::TookOver(_, "its process is gone")
+        ));
+        // An expired lease is taken over even if the holder is alive elsewhere.
+        j.force_unlock("a", &me).unwrap();
+        let remote = LockHolder {
+            machine: "elsewhere".into(),
+            ..LockHolder::me("deploy v1")
+        };
+        j.lock("a", &remote, Duration::from_millis(0)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(
+            j.lock("a", &me, Duration::from_secs(60)).unwrap(),
+            Taken::TookOver(_, "its lease expired")
+        ));
+    }
+
+    #[test]
+    fn older_schema_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO deployments (id, app, kind, strategy, version_to, who, started_ms, outcome, previous_json)
+                 VALUES ('old', 'a', 'deploy', 'rolling', 'v1', 't', 1, 'succeeded', '{}')",
+                [],
+            )
+            .unwrap();
+        }
+        let j = Journal::open_file(&path).unwrap();
+        assert_eq!(j.deployments(10).unwrap()[0].id, "old");
+        j.post_command("old", "promote").unwrap();
+        assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));
+    }
+
+    #[test]
+    fn newer_schema_and_garbage_are_refused_with_a_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let e = Journal::open_file(&path).err().unwrap().to_string();
+        assert!(e.contains("newer than this cutover"), "{e}");
+        std::fs::write(
+            &path,
+            b"this is not a database, just some bytes that go on and on ........",
+        )
+        .unwrap();
+        let e = format!("{:#}", Journal::open_file(&path).err().unwrap());
+        assert!(e.contains("not a readable cutover journal"), "{e}");
+    }
+}

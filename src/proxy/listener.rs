@@ -1,0 +1,322 @@
+//! Client connections: accept, optional TLS, serve HTTP/1.1 and HTTP/2 on each, and drain them
+//! at shutdown.
+//!
+//! Design choices:
+//! - hyper-util's `auto` server: HTTP/2 with prior knowledge (h2c) or through TLS ALPN, else
+//!   HTTP/1.1 with upgrades. hyper answers a malformed request head with 400 and an oversized
+//!   one (bytes or field count) with 431 and closes; nothing a client sends reaches a panic.
+//! - A semaphore bounds the open connections. One over the limit is accepted and answered
+//!   with a 503 (cleartext) or closed (TLS) at once, so it is told instead of left hanging in
+//!   the kernel's backlog.
+//! - Each connection task watches its own idleness (the IO wrapper stamps the time of every
+//!   read and write): past `client_idle` with nothing moving, the connection is closed
+//!   gracefully; past a second period, at once.
+//! - Shutdown in three steps: stop accepting and answer each busy HTTP/1.1 connection's next
+//!   response with `Connection: close` for a short linger (so no client sends a request into a
+//!   closing socket); then close idle connections gracefully (HTTP/2 gets GOAWAY) and wait for
+//!   the rest until `drain_timeout`; then close whatever is still open, long-lived connections
+//!   included, and count them.
+
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, warn};
+
+use super::Proxy;
+use super::forward::{self, Peer};
+
+/// How long busy HTTP/1.1 connections get to learn of a shutdown through `Connection: close`
+/// before idle ones are closed.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// Sent to a client over `max_connections` before closing.
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\ntoo many connections\n";
+
+/// Accepts client connections until `stop`, then drains them (see the module doc).
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    proxy: Arc<Proxy>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let builder = Arc::new(builder(&proxy));
+    let limit = Arc::new(Semaphore::new(proxy.options.limits.max_connections));
+    let (close_tx, close_rx) = watch::channel(false);
+    let epoch = Instant::now();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer_addr) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    debug!(client = %peer_addr, "over max_connections: refused");
+                    tokio::spawn(refuse(stream, tls.is_none()));
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let conn = Conn {
+                    proxy: proxy.clone(),
+                    builder: builder.clone(),
+                    close: close_rx.clone(),
+                    epoch,
+                };
+                let tls = tls.clone();
+                let counted = proxy.clone();
+                conns.spawn(async move {
+                    let _permit = permit;
+                    counted.connections.fetch_add(1, Ordering::Relaxed);
+                    match tls {
+                        None => conn.serve(stream, Peer::new(peer_addr, false)).await,
+                        Some(acceptor) => {
+                            let limit = counted.options.timeouts.client_header;
+                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                Ok(Ok(s)) => conn.serve(s, Peer::new(peer_addr, true)).await,
+                                Ok(Err(e)) => debug!(client = %peer_addr, "TLS handshake failed: {e}"),
+                                Err(_) => debug!(client = %peer_addr, "TLS handshake timed out"),
+                            }
+                        }
+                    }
+                    counted.connections.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+        }
+    }
+    drop(listener);
+    let grace = proxy.settings.drain_timeout;
+    let deadline = Instant::now() + grace;
+    proxy.draining.store(true, Ordering::Release);
+    let linger = Instant::now() + LINGER.min(grace);
+    while !conns.is_empty() {
+        if tokio::time::timeout_at(linger, conns.join_next())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let _ = close_tx.send(true);
+    while !conns.is_empty() {
+        if tokio::time::timeout_at(deadline, conns.join_next())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    // Upgraded connections (their own tasks) and streams still open are closed at the
+    // deadline; the count is logged and shown in /metrics.
+    proxy.drain_all(deadline).await;
+    if !conns.is_empty() {
+        warn!(
+            open = conns.len(),
+            "connections still open after {grace:?}: closing them"
+        );
+    }
+    conns.shutdown().await;
+}
+
+fn builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
+    let limits = proxy.options.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(proxy.options.timeouts.client_header)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Tells a client over the connection limit, then closes.
+async fn refuse(mut stream: TcpStream, plain: bool) {
+    if plain {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            stream.write_all(TOO_MANY).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+}
+
+/// What a connection task needs.
+struct Conn {
+    proxy: Arc<Proxy>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    /// Set at shutdown once the linger is over: close gracefully.
+    close: watch::Receiver<bool>,
+    /// Time origin of the activity stamps.
+    epoch: Instant,
+}
+
+impl Conn {
+    async fn serve<I>(mut self, io: I, peer: Peer)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let last = Arc::new(AtomicU64::new(0));
+        let io = Tracked {
+            io,
+            last: last.clone(),
+            epoch: self.epoch,
+        };
+        last.store(io.now_ms(), Ordering::Relaxed);
+        let proxy = self.proxy.clone();
+        let peer = Arc::new(peer);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let proxy = proxy.clone();
+            let peer = peer.clone();
+            async move {
+                let h1 = req.version() < Version::HTTP_2;
+                let mut resp = forward::handle(&proxy, req, &peer).await;
+                if h1
+                    && proxy.draining.load(Ordering::Acquire)
+                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                {
+                    resp.headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        let conn = self
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let idle = self.proxy.options.timeouts.client_idle;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!("connection ended: {e}");
+                    }
+                    return;
+                }
+                _ = async { self.close.wait_for(|c| *c).await.map(|_| ()) }, if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = idle_for(&last, self.epoch, idle) => {
+                    if closing {
+                        debug!("connection idle past its graceful close: closed");
+                        return;
+                    }
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once nothing has moved on the connection for `idle`.
+async fn idle_for(last: &AtomicU64, epoch: Instant, idle: Duration) {
+    loop {
+        let due = epoch + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+        if Instant::now() >= due {
+            return;
+        }
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+/// A connection's IO that stamps the time of every read and write that moved bytes.
+struct Tracked<I> {
+    io: I,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<I> Tracked<I> {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.last.store(self.now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Tracked<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Tracked<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,383 @@
+//! Replacing a running proxy without refusing or dropping a request (`cutover proxy
+//! --takeover`).
+//!
+//! Why a socket hand-over and not two processes binding with `SO_REUSEPORT`: when a process
+//! closes one of several reuse-port listeners, the connections already queued on it (accepted
+//! by the kernel, not yet by the process) are reset. Handing over the listening sockets
+//! themselves keeps one kernel queue throughout, so no connection is ever lost.
+//!
+//! The exchange, over the Unix socket `state_dir/proxy.sock` that every proxy listens on:
+//! 1. the new proxy restores the routing state, checks its backends once, connects and sends
+//!    `takeover`;
+//! 2. the old proxy answers with one byte carrying both listening sockets (traffic and admin)
+//!    as `SCM_RIGHTS`; it keeps accepting meanwhile;
+//! 3. the new proxy accepts traffic on them and sends `ready`;
+//! 4. the old proxy stops accepting (both listeners), finishes its admin calls (their
+//!    changes are persisted), sends `released`, then drains its client connections as at any
+//!    shutdown (`drain_timeout`, long-lived connections closed and counted at the deadline)
+//!    and exits;
+//! 5. the new proxy re-reads the routing state (changes made through the old admin API in the
+//!    meantime), starts serving the admin API (calls queued in between are answered now) and
+//!    binds a fresh control socket for the next replacement.
+//!
+//! If the new proxy dies before `ready`, the old one keeps running as if nothing happened.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+/// Time the other side has for each step of the exchange.
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating zero).
+const MAX_PATH: usize = 107;
+
+/// Where the old proxy keeps the exchange until its admin API is released.
+pub(crate) type ReleaseSlot = Arc<Mutex<Option<OldSession>>>;
+
+/// Duplicates of the listening sockets, to hand over.
+pub(crate) struct Listeners {
+    traffic: OwnedFd,
+    admin: OwnedFd,
+}
+
+impl Listeners {
+    pub(crate) fn dup(traffic: &TcpListener, admin: &TcpListener) -> io::Result<Listeners> {
+        Ok(Listeners {
+            traffic: traffic.as_fd().try_clone_to_owned()?,
+            admin: admin.as_fd().try_clone_to_owned()?,
+        })
+    }
+}
+
+fn check_len(path: &Path) -> anyhow::Result<()> {
+    if path.as_os_str().len() > MAX_PATH {
+        anyhow::bail!(
+            "the proxy control socket path {} is longer than {MAX_PATH} bytes: use a shorter state_dir",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Before binding normally: refuses when a proxy already answers on `path` (it should be
+/// replaced with `--takeover`), removes a stale socket file otherwise.
+pub(crate) fn ensure_free(path: &Path) -> anyhow::Result<()> {
+    check_len(path)?;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!(
+            "a cutover proxy is already running with this state directory (control socket {}): stop it, or replace it without dropping requests with `cutover proxy --takeover`",
+            path.display()
+        );
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot remove the stale socket {}", path.display()))
+        }
+    }
+}
+
+/// Binds the control socket (replacing a file left at `path`).
+pub(crate) fn bind(path: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
+    check_len(path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on the control socket {}", path.display()))?;
+    Ok((l, path.to_path_buf()))
+}
+
+/// The old proxy's side: answers takeover requests until stop. After a hand-over it signals
+/// stop itself and leaves the exchange in `released` for the admin task to finish.
+pub(crate) async fn serve(
+    control: (UnixListener, PathBuf),
+    listeners: Listeners,
+    stop: Arc<watch::Sender<bool>>,
+    mut stop_rx: watch::Receiver<bool>,
+    released: ReleaseSlot,
+) {
+    let (listener, path) = control;
+    loop {
+        let stream = tokio::select! {
+            _ = async { stop_rx.wait_for(|s| *s).await.map(|_| ()) } => {
+                // Stopped without a successor: the socket file is ours to remove.
+                drop(listener);
+                let _ = std::fs::remove_file(&path);
+                return;
+            }
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!("control socket accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        match hand_over(stream, &listeners).await {
+            Ok(session) => {
+                *released.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
+                info!("a new proxy took the listeners over: draining and stopping");
+                let _ = stop.send(true);
+                return;
+            }
+            Err(e) => warn!("a takeover attempt failed, still serving: {e:#}"),
+        }
+    }
+}
+
+async fn hand_over(mut stream: UnixStream, listeners: &Listeners) -> anyhow::Result<OldSession> {
+    let hello = read_line(&mut stream).await?;
+    if hello != "takeover" {
+        anyhow::bail!("unexpected request {hello:?}");
+    }
+    send_fds(
+        &stream,
+        &[listeners.traffic.as_raw_fd(), listeners.admin.as_raw_fd()],
+    )
+    .await
+    .context("sending the listening sockets")?;
+    let ready = read_line(&mut stream).await?;
+    if ready != "ready" {
+        anyhow::bail!("the new proxy did not confirm ({ready:?})");
+    }
+    Ok(OldSession { stream })
+}
+
+/// The old proxy's end of a finished hand-over.
+pub(crate) struct OldSession {
+    stream: UnixStream,
+}
+
+impl OldSession {
+    /// Tells the new proxy that the admin API is released and the routing state final.
+    pub(crate) async fn released(mut self) {
+        let _ = tokio::time::timeout(STEP_TIMEOUT, self.stream.write_all(b"released\n")).await;
+    }
+}
+
+/// What the new proxy gets from the old one.
+pub(crate) struct Received {
+    pub(crate) traffic: TcpListener,
+    pub(crate) admin: TcpListener,
+    pub(crate) session: NewSession,
+}
+
+/// The new proxy's side, step 1 and 2: asks for the listeners.
+pub(crate) async fn request(path: &Path) -> anyhow::Result<Received> {
+    check_len(path)?;
+    let mut stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "no running cutover proxy answered on {}: start without --takeover",
+            path.display()
+        )
+    })?;
+    stream.write_all(b"takeover\n").await?;
+    let fds = tokio::time::timeout(STEP_TIMEOUT, recv_fds(&stream))
+        .await
+        .map_err(|_| anyhow::anyhow!("the running proxy did not hand over its listeners"))?
+        .context("receiving the listening sockets")?;
+    let [traffic, admin]: [OwnedFd; 2] = fds.try_into().map_err(|v: Vec<OwnedFd>| {
+        anyhow::anyhow!(
+            "expected 2 listening sockets from the running proxy, got {}",
+            v.len()
+        )
+    })?;
+    let tcp = |fd: OwnedFd| -> io::Result<TcpListener> {
+        let l = std::net::TcpListener::from(fd);
+        l.set_nonblocking(true)?;
+        TcpListener::from_std(l)
+    };
+    Ok(Received {
+        traffic: tcp(traffic)?,
+        admin: tcp(admin)?,
+        session: NewSession { stream },
+    })
+}
+
+/// The new proxy's end of the exchange.
+pub(crate) struct NewSession {
+    stream: UnixStream,
+}
+
+impl NewSession {
+    /// Step 3 and 5: confirms (the new proxy is accepting) and waits until the old proxy has
+    /// released its admin API.
+    pub(crate) async fn finish(mut self) {
+        let wait = async {
+            self.stream.write_all(b"ready\n").await?;
+            read_line(&mut self.stream).await
+        };
+        match tokio::time::timeout(STEP_TIMEOUT, wait).await {
+            Ok(Ok(l)) if l == "released" => info!("took over the listeners of the running proxy"),
+            Ok(Ok(l)) => warn!("unexpected answer from the old proxy: {l:?}"),
+            Ok(Err(e)) => warn!("the old proxy went away during the takeover: {e:#}"),
+            Err(_) => warn!("the old proxy did not release its admin API in time"),
+        }
+    }
+}
+
+async fn read_line(stream: &mut UnixStream) -> anyhow::Result<String> {
+    let read = async {
+        let mut line = Vec::new();
+        loop {
+            let b = stream.read_u8().await?;
+            if b == b'\n' {
+                return Ok::<_, io::Error>(String::from_utf8_lossy(&line).into_owned());
+            }
+            line.push(b);
+            if line.len() > 64 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "line too long"));
+            }
+        }
+    };
+    Ok(tokio::time::timeout(STEP_TIMEOUT, read)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {STEP_TIMEOUT:?}"))??)
+}
+
+async fn send_fds(stream: &UnixStream, fds: &[RawFd]) -> io::Result<()> {
+    loop {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || sendmsg_fds(stream.as_raw_fd(), fds)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+async fn recv_fds(stream: &UnixStream) -> io::Result<Vec<OwnedFd>> {
+    loop {
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || recvmsg_fds(stream.as_raw_fd())) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+/// Most descriptors one message carries.
+const MAX_FDS: usize = 4;
+
+/// Control message buffer, aligned for `cmsghdr`.
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64]);
+
+/// Sends one byte with `fds` attached.
+fn sendmsg_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
+    assert!(fds.len() <= MAX_FDS);
+    let byte = [b'F'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let mut buf = CmsgBuf([0; 64]);
+    let data_len = std::mem::size_of_val(fds);
+    // SAFETY: plain C calls on a zeroed msghdr whose pointers (iov, buf) outlive the call; the
+    // control buffer is aligned and large enough for CMSG_SPACE(4 fds), checked below.
+    unsafe {
+        let space = libc::CMSG_SPACE(data_len as u32) as usize;
+        assert!(space <= buf.0.len());
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = buf.0.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(data_len as u32) as _;
+        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), data_len);
+        let n = libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receives one byte and the descriptors attached to it (close-on-exec).
+fn recvmsg_fds(sock: RawFd) -> io::Result<Vec<OwnedFd>> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut buf = CmsgBuf([0; 64]);
+    let mut fds = Vec::new();
+    // SAFETY: as in `sendmsg_fds`; the kernel wrote `msg_controllen` bytes of control data,
+    // which the CMSG macros walk within, and each descriptor received is owned by us alone.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = buf.0.as_mut_ptr().cast();
+        msg.msg_controllen = buf.0.len() as _;
+        let n = libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the running proxy closed the control connection",
+            ));
+        }
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let count = len / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    fds.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if byte[0] != b'F' {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "unexpected control message",
+        ));
+    }
+    Ok(fds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn listening_sockets_pass_through_a_unix_socket() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        send_fds(&a, &[l.as_raw_fd(), l.as_raw_fd()]).await.unwrap();
+        let fds = recv_fds(&b).await.unwrap();
+        assert_eq!(fds.len(), 2);
+        let got = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+        assert_eq!(got.local_addr().unwrap(), addr);
+    }
+
+    #[test]
+    fn long_paths_are_refused_with_advice() {
+        let p = PathBuf::from(format!("/tmp/{}/proxy.sock", "x".repeat(120)));
+        let e = format!("{:#}", ensure_free(&p).unwrap_err());
+        assert!(e.contains("shorter state_dir"), "{e}");
+    }
+}

@@ -1,0 +1,533 @@
+//! Where a release comes from: a directory (`release.path`) or a git ref (`release.git` plus the
+//! version as branch, tag or commit), built once on this machine and packed into one `.tar.gz`
+//! with a sha256 digest that every host verifies before unpacking.
+//!
+//! Why one archive built here: every host gets byte-identical code (no per-host builds that
+//! drift, no compilers on servers), the upload is one stream per host, and the digest proves
+//! what arrived. The archive is built lazily, by the first host that lacks the release, so a
+//! rollback to a release still staged everywhere builds nothing.
+//!
+//! Git runs with argv only (never through a shell): the ref is a validated name passed after
+//! `--end-of-options`, so a version can never become a command or an option. The repository is
+//! mirrored into `<state_dir>/git/` and fetched again on each build, so a moving branch deploys
+//! what it points at now; `file://` URLs and local paths work, which keeps tests offline.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio::sync::OnceCell;
+
+use crate::config::{Config, Host, Name, Release};
+use crate::transport::last_lines;
+
+/// A built release, ready to upload.
+#[derive(Debug, Clone)]
+pub struct Archive {
+    pub path: PathBuf,
+    /// Lowercase hex sha256 of the archive file.
+    pub sha256: String,
+    pub bytes: u64,
+    /// The commit it was built from (git releases).
+    pub commit: Option<String>,
+}
+
+/// The source of one version, built at most once, on first use.
+pub struct ReleaseSource {
+    release: Release,
+    version: Name,
+    /// `release.path` with `{version}` substituted (path releases).
+    dir: PathBuf,
+    state_dir: PathBuf,
+    build_timeout: Duration,
+    built: OnceCell<Result<Arc<Archive>, String>>,
+    /// Hosts the archive was uploaded to, in order.
+    uploads: Mutex<Vec<String>>,
+}
+
+impl ReleaseSource {
+    pub fn new(config: &Config, version: &Name) -> ReleaseSource {
+        ReleaseSource {
+            release: config.release.clone(),
+            version: version.clone(),
+            dir: config.release_source(version),
+            state_dir: config.state_dir.clone(),
+            build_timeout: config.ssh.command_timeout,
+            built: OnceCell::new(),
+            uploads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// A source whose archive is already built (benchmarks, tests).
+    pub fn prebuilt(version: &Name, archive: Archive) -> ReleaseSource {
+        ReleaseSource {
+            release: Release {
+                path: None,
+                git: None,
+                build: None,
+                include: Vec::new(),
+                keep: crate::config::Keep(1),
+            },
+            version: version.clone(),
+            dir: PathBuf::new(),
+            state_dir: PathBuf::new(),
+            build_timeout: Duration::ZERO,
+            built: OnceCell::new_with(Some(Ok(Arc::new(archive)))),
+            uploads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The archive, built on the first call; every later call gets the same result.
+    pub async fn archive(&self) -> Result<Arc<Archive>, String> {
+        self.built
+            .get_or_init(|| async {
+                build(
+                    &self.release,
+                    &self.version,
+                    &self.dir,
+                    &self.state_dir,
+                    self.build_timeout,
+                )
+                .await
+                .map(Arc::new)
+                .map_err(|e| format!("{e:#}"))
+            })
+            .await
+            .clone()
+    }
+
+    /// The build's result if it ran.
+    pub fn built(&self) -> Option<&Result<Arc<Archive>, String>> {
+        self.built.get()
+    }
+
+    /// Records that `host` received the archive and verified its digest.
+    pub fn uploaded(&self, host: &Host) {
+        self.uploads
+            .lock()
+            .expect("uploads lock")
+            .push(host.name.to_string());
+    }
+
+    /// One line for the progress output: what was built and where it went, if anything.
+    pub fn summary(&self) -> Option<String> {
+        let a = match self.built.get()? {
+            Ok(a) => a,
+            Err(_) => return None,
+        };
+        let uploads = self.uploads.lock().expect("uploads lock");
+        Some(format!(
+            "built {} once ({} bytes, sha256 {}{}); uploaded to {} host(s), each verified the sha256: {}",
+            self.version,
+            a.bytes,
+            a.sha256,
+            a.commit
+                .as_deref()
+                .map(|c| format!(", commit {c}"))
+                .unwrap_or_default(),
+            uploads.len(),
+            uploads.join(", ")
+        ))
+    }
+}
+
+/// Checks out (git) or takes (path) the tree, runs `build` in it, and packs the archive into
+/// `<state_dir>/archives/<version>.tar.gz`.
+pub async fn build(
+    release: &Release,
+    version: &Name,
+    dir: &Path,
+    state_dir: &Path,
+    timeout: Duration,
+) -> anyhow::Result<Archive> {
+    let (tree, commit) = match &release.git {
+        Some(url) => {
+            let (tree, commit) = checkout(url, version, state_dir).await?;
+            (tree, Some(commit))
+        }
+        None => {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "release {version}: {} is not a directory (release.path)",
+                dir.display()
+            );
+            (dir.to_path_buf(), None)
+        }
+    };
+    if let Some(cmd) = &release.build {
+        run_build(cmd, &tree, version, commit.as_deref(), timeout).await?;
+    }
+    let entries = select(&tree, &release.include)?;
+    anyhow::ensure!(
+        !entries.is_empty(),
+        "release {version}: nothing to ship from {} (check release.include)",
+        tree.display()
+    );
+    let out_dir = state_dir.join("archives");
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let path = out_dir.join(format!("{version}.tar.gz"));
+    pack(&tree, &entries, &path).await?;
+    let (sha256, bytes) = digest(&path)?;
+    Ok(Archive {
+        path,
+        sha256,
+        bytes,
+        commit,
+    })
+}
+
+/// The sha256 (hex) and size of a file.
+pub fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
+    use std::io::Read;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+        h.update(&buf[..k]);
+    }
+    let hex = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    Ok((hex, n))
+}
+
+async fn git(args: &[&str], cwd: Option<&Path>) -> anyhow::Result<String> {
+    let mut c = Command::new("git");
+    if let Some(d) = cwd {
+        c.arg("-C").arg(d);
+    }
+    let out = c
+        .args(args)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .context("cannot run git (is it installed?)")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "git {} failed: {}",
+            args.first().copied().unwrap_or(""),
+            last_lines(String::from_utf8_lossy(&out.stderr).trim(), 5)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Mirrors `url` into the cache, resolves `version` as a ref and checks it out into a fresh
+/// tree under `<state_dir>/build/`. Returns the tree and the commit.
+async fn checkout(
+    url: &str,
+    version: &Name,
+    state_dir: &Path,
+) -> anyhow::Result<(PathBuf, String)> {
+    let key: String = Sha256::digest(url.as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let cache = state_dir.join("git").join(format!("{key}.git"));
+    if !cache.join("HEAD").is_file() {
+        std::fs::create_dir_all(&cache)
+            .with_context(|| format!("cannot create {}", cache.display()))?;
+        git(&["init", "--quiet", "--bare"], Some(&cache)).await?;
+    }
+    git(
+        &[
+            "fetch",
+            "--quiet",
+            "--force",
+            "--prune",
+            "--no-write-fetch-head",
+            "--",
+            url,
+            "+refs/heads/*:refs/heads/*",
+            "+refs/tags/*:refs/tags/*",
+        ],
+        Some(&cache),
+    )
+    .await
+    .with_context(|| format!("fetching {url}"))?;
+    let spec = format!("{version}^{{commit}}");
+    let commit = git(
+        &["rev-parse", "--verify", "--quiet", "--end-of-options", &spec],
+        Some(&cache),
+    )
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "release {version}: no branch, tag or commit named {version} in {url} (the version is the git ref to deploy)"
+        )
+    })?;
+    let tree = state_dir.join("build").join(version.as_str());
+    if tree.exists() {
+        std::fs::remove_dir_all(&tree)
+            .with_context(|| format!("cannot clear {}", tree.display()))?;
+    }
+    std::fs::create_dir_all(tree.parent().expect("build dir"))?;
+    let cache_s = cache.to_string_lossy();
+    let tree_s = tree.to_string_lossy();
+    git(
+        &[
+            "clone",
+            "--quiet",
+            "--shared",
+            "--no-checkout",
+            "--",
+            &cache_s,
+            &tree_s,
+        ],
+        None,
+    )
+    .await?;
+    git(
+        &["checkout", "--quiet", "--detach", &commit, "--"],
+        Some(&tree),
+    )
+    .await
+    .with_context(|| format!("checking out {version} ({commit})"))?;
+    Ok((tree, commit))
+}
+
+async fn run_build(
+    cmd: &str,
+    tree: &Path,
+    version: &Name,
+    commit: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg(format!("exec 2>&1\n{cmd}"))
+        .current_dir(tree)
+        .env("CUTOVER_VERSION", version.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    if let Some(c2) = commit {
+        c.env("CUTOVER_COMMIT", c2);
+    }
+    let child = c
+        .spawn()
+        .with_context(|| format!("cannot run the build in {}", tree.display()))?;
+    let pid = child.id();
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(r) => r.context("waiting for the build")?,
+        Err(_) => {
+            if let Some(pid) = pid {
+                // SAFETY: kill(2) on the build's own process group, which we created.
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                }
+            }
+            anyhow::bail!(
+                "release {version}: build `{cmd}` did not finish within {}",
+                humantime::format_duration(timeout)
+            );
+        }
+    };
+    if !out.status.success() {
+        anyhow::bail!(
+            "release {version}: build `{cmd}` failed in {} (exit {}); last output lines:\n{}",
+            tree.display(),
+            out.status
+                .code()
+                .map_or("by a signal".to_string(), |c| c.to_string()),
+            last_lines(String::from_utf8_lossy(&out.stdout).trim_end(), 10)
+        );
+    }
+    Ok(())
+}
+
+/// Paths (relative, sorted, directories before their contents) that ship: everything but
+/// `.git` when `include` is empty, else what the globs match (a matched directory ships whole).
+pub fn select(tree: &Path, include: &[String]) -> anyhow::Result<Vec<String>> {
+    let globs: Vec<Vec<&str>> = include
+        .iter()
+        .map(|g| {
+            g.trim_matches('/')
+                .split('/')
+                .filter(|s| !s.is_empty() && *s != ".")
+                .collect()
+        })
+        .collect();
+    let mut out = Vec::new();
+    walk(tree, "", &globs, include.is_empty(), &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk(
+    dir: &Path,
+    rel: &str,
+    globs: &[Vec<&str>],
+    whole: bool,
+    out: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let rd = std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for e in rd {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if rel.is_empty() && name == ".git" {
+            continue;
+        }
+        let path = if rel.is_empty() {
+            name.clone()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let segs: Vec<&str> = path.split('/').collect();
+        let matched = whole || globs.iter().any(|g| glob_match(g, &segs));
+        let is_dir = e.file_type()?.is_dir();
+        if matched {
+            out.push(path.clone());
+        }
+        if is_dir {
+            let before = out.len();
+            walk(&e.path(), &path, globs, matched, out)?;
+            // A directory whose contents ship is listed too, so it keeps its mode.
+            if !matched && out.len() > before {
+                out.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Matches path segments against glob segments: `*` and `?` within a segment, `**` across any
+/// number of segments.
+fn glob_match(glob: &[&str], path: &[&str]) -> bool {
+    match glob.split_first() {
+        None => path.is_empty(),
+        Some((&"**", rest)) => (0..=path.len()).any(|i| glob_match(rest, &path[i..])),
+        Some((g, rest)) => match path.split_first() {
+            Some((p, prest)) => {
+                segment_match(g.as_bytes(), p.as_bytes()) && glob_match(rest, prest)
+            }
+            None => false,
+        },
+    }
+}
+
+fn segment_match(g: &[u8], s: &[u8]) -> bool {
+    match g.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| segment_match(rest, &s[i..])),
+        Some((b'?', rest)) => !s.is_empty() && segment_match(rest, &s[1..]),
+        Some((c, rest)) => s.first() == Some(c) && segment_match(rest, &s[1..]),
+    }
+}
+
+/// Packs `entries` of `tree` into a gzipped tar at `to` (written beside it, then renamed).
+async fn pack(tree: &Path, entries: &[String], to: &Path) -> anyhow::Result<()> {
+    let partial = to.with_extension("gz.partial");
+    let mut child = Command::new("tar")
+        .arg("-czf")
+        .arg(&partial)
+        .arg("-C")
+        .arg(tree)
+        .args(["--no-recursion", "--null", "-T", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot run tar")?;
+    let mut list = Vec::new();
+    for e in entries {
+        list.extend_from_slice(e.as_bytes());
+        list.push(0);
+    }
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin.write_all(&list).await.context("writing to tar")?;
+    drop(stdin);
+    let out = child.wait_with_output().await.context("waiting for tar")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "packing {} failed: {}",
+            tree.display(),
+            last_lines(String::from_utf8_lossy(&out.stderr).trim(), 5)
+        );
+    }
+    std::fs::rename(&partial, to).with_context(|| format!("cannot write {}", to.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segs(p: &str) -> Vec<&str> {
+        p.split('/').collect()
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(&segs("*.sh"), &segs("run.sh")));
+        assert!(!glob_match(&segs("*.sh"), &segs("bin/run.sh")));
+        assert!(glob_match(&segs("**/*.sh"), &segs("bin/run.sh")));
+        assert!(glob_match(&segs("**/*.sh"), &segs("run.sh")));
+        assert!(glob_match(&segs("bin"), &segs("bin")));
+        assert!(glob_match(&segs("v?"), &segs("v1")));
+        assert!(!glob_match(&segs("v?"), &segs("v10")));
+    }
+
+    #[test]
+    fn select_ships_everything_but_git_or_what_include_says() {
+        let d = tempfile::tempdir().unwrap();
+        for f in [
+            ".git/config",
+            "run.sh",
+            "bin/app",
+            "src/main.c",
+            "static/css/a.css",
+        ] {
+            let p = d.path().join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, "x").unwrap();
+        }
+        let all = select(d.path(), &[]).unwrap();
+        assert_eq!(
+            all,
+            [
+                "bin",
+                "bin/app",
+                "run.sh",
+                "src",
+                "src/main.c",
+                "static",
+                "static/css",
+                "static/css/a.css"
+            ]
+        );
+        let some = select(
+            d.path(),
+            &["run.sh".into(), "bin".into(), "**/*.css".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            some,
+            [
+                "bin",
+                "bin/app",
+                "run.sh",
+                "static",
+                "static/css",
+                "static/css/a.css"
+            ]
+        );
+    }
+}

@@ -1,0 +1,532 @@
+//! The SSH transport: real servers through the system OpenSSH client.
+//!
+//! Why the `ssh` binary and not a Rust SSH library: users already reach their servers with it,
+//! so their `~/.ssh/config` (jump hosts, per-host users and keys), their agent and their
+//! `known_hosts` apply unchanged, and host key checking is OpenSSH's own (strict by default).
+//!
+//! One multiplexed master connection per host (`ControlMaster`/`ControlPersist`, socket in a
+//! short private temp dir because of the 108-byte limit of Unix socket paths) is opened once,
+//! the first time a host is used, and every later step rides on it, so a step costs a channel
+//! open (about a millisecond), not a handshake. The masters are closed (`ssh -O exit`) when the
+//! transport is dropped. Opening masters is bounded by `forks`.
+//!
+//! A script never travels on the ssh command line: the remote command is a fixed string that
+//! reads the whole script from stdin and then runs it with stdin from /dev/null, so a value in a
+//! script can only be data (it was quoted with [`sh_quote`]), a script that reads stdin cannot
+//! swallow its own tail, and nothing runs before the whole script arrived.
+//!
+//! `CUTOVER_SSH_CONFIG=path` passes `-F path` to every ssh call (an ssh_config used instead of
+//! `~/.ssh/config`): for tests and CI that need their own known_hosts or keys.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+use tokio::sync::{OnceCell, Semaphore};
+
+use super::{Output, Transport, last_lines, sh_quote};
+use crate::config::{Host, HostKeyChecking, SshSettings};
+
+/// The environment variable naming an ssh_config file passed to ssh with `-F`.
+pub const CONFIG_ENV: &str = "CUTOVER_SSH_CONFIG";
+
+/// The remote command of every script: read it whole, then run it detached from stdin.
+const RUN_SCRIPT: &str =
+    "sh -c 'script=$(cat) && exec sh -c \"$script\" cutover-script </dev/null'";
+
+/// How long an idle master stays up after its last use.
+const CONTROL_PERSIST: &str = "120";
+
+/// Ports tried by [`Transport::free_port`] on remote hosts: below Linux's ephemeral range, so
+/// outgoing connections rarely sit on them.
+const PORT_RANGE: (u16, u16) = (20000, 32767);
+
+type Master = Arc<OnceCell<Result<(), String>>>;
+
+/// Reaches hosts through `ssh`, one multiplexed connection per host.
+pub struct SshTransport {
+    settings: SshSettings,
+    config_file: Option<PathBuf>,
+    control_dir: tempfile::TempDir,
+    masters: Mutex<HashMap<String, (Host, Master)>>,
+    connecting: Semaphore,
+}
+
+impl SshTransport {
+    /// A transport with the config's SSH settings; `forks` bounds connections opened at once.
+    /// Reads [`CONFIG_ENV`].
+    pub fn new(settings: SshSettings, forks: usize) -> anyhow::Result<SshTransport> {
+        let config_file = std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        if let Some(f) = &config_file {
+            anyhow::ensure!(
+                f.is_file(),
+                "{CONFIG_ENV}={}: no such ssh_config file",
+                f.display()
+            );
+        }
+        // Unix socket paths are limited to 108 bytes: keep the directory short.
+        let tmp = std::env::temp_dir();
+        let base = if tmp.as_os_str().len() <= 40 {
+            tmp
+        } else {
+            PathBuf::from("/tmp")
+        };
+        let control_dir = tempfile::Builder::new()
+            .prefix("cutover-ssh-")
+            .tempdir_in(&base)
+            .with_context(|| {
+                format!(
+                    "cannot create a directory for SSH control sockets in {}",
+                    base.display()
+                )
+            })?;
+        Ok(SshTransport {
+            settings,
+            config_file,
+            control_dir,
+            masters: Mutex::new(HashMap::new()),
+            connecting: Semaphore::new(forks.max(1)),
+        })
+    }
+
+    /// Options shared by every ssh call to `host` (the destination comes last).
+    fn args(&self, host: &Host) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        if let Some(f) = &self.config_file {
+            a.push("-F".into());
+            a.push(f.into());
+        }
+        let checking = match self.settings.host_key_checking {
+            HostKeyChecking::Strict => "yes",
+            HostKeyChecking::AcceptNew => "accept-new",
+        };
+        let timeout = self.settings.connect_timeout.as_secs().max(1);
+        for o in [
+            "BatchMode=yes".to_string(),
+            format!("StrictHostKeyChecking={checking}"),
+            format!("ConnectTimeout={timeout}"),
+            "ControlMaster=auto".to_string(),
+            format!("ControlPersist={CONTROL_PERSIST}"),
+            "ServerAliveInterval=15".to_string(),
+            "ServerAliveCountMax=4".to_string(),
+        ] {
+            a.push("-o".into());
+            a.push(o.into());
+        }
+        let mut path = OsString::from("ControlPath=");
+        path.push(self.control_dir.path().join("%C"));
+        a.push("-o".into());
+        a.push(path);
+        if let Some(p) = host.port {
+            a.push("-p".into());
+            a.push(p.to_string().into());
+        }
+        if let Some(u) = &host.user {
+            a.push("-l".into());
+            a.push(u.into());
+        }
+        if let Some(i) = &host.identity {
+            a.push("-i".into());
+            a.push(i.into());
+        }
+        a.push("-T".into());
+        a
+    }
+
+    fn command(&self, host: &Host, remote: &str) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(self.args(host))
+            .arg(host.address.to_string())
+            .arg(remote)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Opens the host's master connection once; later calls reuse (or repeat) its outcome.
+    async fn connect(&self, host: &Host) -> anyhow::Result<()> {
+        let cell = {
+            let mut masters = self.masters.lock().expect("masters lock");
+            masters
+                .entry(host.name.to_string())
+                .or_insert_with(|| (host.clone(), Arc::new(OnceCell::new())))
+                .1
+                .clone()
+        };
+        let outcome = cell
+            .get_or_init(|| async {
+                let _permit = self.connecting.acquire().await;
+                let mut c = self.command(host, "true");
+                c.stdin(Stdio::null());
+                let limit = self.settings.connect_timeout * 2 + Duration::from_secs(5);
+                let out = match tokio::time::timeout(limit, c.output()).await {
+                    Err(_) => {
+                        return Err(format!(
+                            "host {}: no SSH connection within {}",
+                            describe(host),
+                            humantime::format_duration(limit)
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        return Err(format!(
+                            "host {}: cannot run ssh (is the OpenSSH client installed?): {e}",
+                            describe(host)
+                        ));
+                    }
+                    Ok(Ok(out)) => out,
+                };
+                if out.status.success() {
+                    return Ok(());
+                }
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                Err(format!(
+                    "host {}: cannot connect over SSH: {}{}",
+                    describe(host),
+                    last_lines(stderr.trim(), 6),
+                    hint(&stderr, host, self.settings.host_key_checking)
+                ))
+            })
+            .await;
+        outcome.clone().map_err(anyhow::Error::msg)
+    }
+
+    /// Runs `remote` on the host with `stdin`, within `timeout`.
+    async fn exec(
+        &self,
+        host: &Host,
+        remote: &str,
+        stdin: Input<'_>,
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
+        self.connect(host).await?;
+        let mut c = self.command(host, remote);
+        let mut script = None;
+        match stdin {
+            Input::Script(s) => {
+                c.stdin(Stdio::piped());
+                script = Some(s);
+            }
+            Input::File(f) => {
+                c.stdin(Stdio::from(f));
+            }
+            Input::Pipe(p) => {
+                c.stdin(p);
+            }
+        }
+        let mut child = c
+            .spawn()
+            .with_context(|| format!("host {}: cannot run ssh", describe(host)))?;
+        if let Some(s) = script {
+            let mut input = child.stdin.take().expect("piped stdin");
+            let body = format!(
+                "CUTOVER_HOST={}; export CUTOVER_HOST\n{s}",
+                sh_quote(host.name.as_str())
+            );
+            // A write error means ssh exited early; its status and stderr tell why.
+            let _ = input.write_all(body.as_bytes()).await;
+            drop(input);
+        }
+        let out = tokio::time::timeout(timeout, child.wait_with_output())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "host {}: command did not finish within {}",
+                    describe(host),
+                    humantime::format_duration(timeout)
+                )
+            })?
+            .with_context(|| format!("host {}: waiting for ssh", describe(host)))?;
+        let status = out.status.code().unwrap_or(-1);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // 255 is ssh's own failure (the connection), never a script's: our scripts do not use it.
+        if status == 255 {
+            anyhow::bail!(
+                "host {}: SSH failed: {}{}",
+                describe(host),
+                last_lines(stderr.trim(), 6),
+                hint(&stderr, host, self.settings.host_key_checking)
+            );
+        }
+        Ok(Output {
+            status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        })
+    }
+
+    fn fail(host: &Host, what: &str, out: &Output) -> anyhow::Error {
+        let detail = if out.stderr.trim().is_empty() {
+            out.stdout.trim()
+        } else {
+            out.stderr.trim()
+        };
+        anyhow::anyhow!(
+            "host {}: {what} failed (exit {}): {}",
+            describe(host),
+            out.status,
+            last_lines(detail, 5)
+        )
+    }
+}
+
+enum Input<'a> {
+    Script(&'a str),
+    File(std::fs::File),
+    Pipe(Stdio),
+}
+
+#[async_trait]
+impl Transport for SshTransport {
+    async fn run(&self, host: &Host, script: &str, timeout: Duration) -> anyhow::Result<Output> {
+        self.exec(host, RUN_SCRIPT, Input::Script(script), timeout)
+            .await
+    }
+
+    async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
+        let to_s = to.to_string_lossy();
+        let tmp = format!("{to_s}.partial");
+        let remote = format!(
+            "sh -c {}",
+            sh_quote(format!(
+                "set -e; rm -rf {tmp}; mkdir -p {tmp}; tar -C {tmp} -xf -; rm -rf {to}; mv {tmp} {to}",
+                tmp = sh_quote(&tmp),
+                to = sh_quote(&to_s),
+            ))
+        );
+        let mut tar = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(from)
+            .args(["-cf", "-", "."])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot run tar")?;
+        let pipe = Stdio::from(tar.stdout.take().expect("piped stdout"));
+        let out = self
+            .exec(
+                host,
+                &remote,
+                Input::Pipe(pipe),
+                self.settings.command_timeout,
+            )
+            .await;
+        let tar_out = tokio::task::spawn_blocking(move || tar.wait_with_output())
+            .await
+            .context("waiting for tar")??;
+        let out = out?;
+        if !tar_out.status.success() {
+            anyhow::bail!(
+                "packing {} failed: {}",
+                from.display(),
+                String::from_utf8_lossy(&tar_out.stderr).trim()
+            );
+        }
+        if !out.success() {
+            return Err(Self::fail(
+                host,
+                &format!("copying {} to {}", from.display(), to.display()),
+                &out,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn upload(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
+        let to_s = to.to_string_lossy();
+        let remote = format!(
+            "sh -c {}",
+            sh_quote(format!(
+                "set -e; cat > {tmp}; mv {tmp} {to}",
+                tmp = sh_quote(format!("{to_s}.upload")),
+                to = sh_quote(&to_s),
+            ))
+        );
+        let file = std::fs::File::open(from)
+            .with_context(|| format!("cannot open {} to upload it", from.display()))?;
+        let out = self
+            .exec(
+                host,
+                &remote,
+                Input::File(file),
+                self.settings.command_timeout,
+            )
+            .await?;
+        if !out.success() {
+            return Err(Self::fail(
+                host,
+                &format!("uploading {}", from.display()),
+                &out,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn free_port(&self, host: &Host) -> anyhow::Result<u16> {
+        let out = self
+            .run(host, &free_port_script(), self.settings.command_timeout)
+            .await?;
+        if !out.success() {
+            return Err(Self::fail(host, "finding a free port", &out));
+        }
+        out.stdout.trim().parse::<u16>().map_err(|_| {
+            anyhow::anyhow!(
+                "host {}: finding a free port printed {:?}",
+                describe(host),
+                out.stdout.trim()
+            )
+        })
+    }
+}
+
+impl Drop for SshTransport {
+    /// Closes every master connection this transport opened.
+    fn drop(&mut self) {
+        let masters = std::mem::take(&mut *self.masters.lock().expect("masters lock"));
+        for (_, (host, cell)) in masters {
+            if !matches!(cell.get(), Some(Ok(()))) {
+                continue;
+            }
+            let _ = std::process::Command::new("ssh")
+                .args(self.args(&host))
+                .args(["-O", "exit"])
+                .arg(host.address.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// `web1 (root@10.0.0.5 port 2222)`, for messages.
+pub fn describe(host: &Host) -> String {
+    let user = host
+        .user
+        .as_deref()
+        .map(|u| format!("{u}@"))
+        .unwrap_or_default();
+    let port = host.port.map(|p| format!(" port {p}")).unwrap_or_default();
+    format!("{} ({user}{}{port})", host.name, host.address)
+}
+
+/// What to do about a failed ssh call, from its stderr.
+fn hint(stderr: &str, host: &Host, checking: HostKeyChecking) -> String {
+    let port = host.port.unwrap_or(22);
+    let target = if port == 22 {
+        host.address.to_string()
+    } else {
+        format!("[{}]:{port}", host.address)
+    };
+    if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+        || stderr.contains("differs from the key for")
+    {
+        return format!(
+            "\nhint: the host presented a different key than the one in known_hosts. If the server was reinstalled, confirm its new key fingerprint with its administrator, then remove the old entry with `ssh-keygen -R '{target}'` and add the new one; if not, someone may be intercepting the connection: do not deploy."
+        );
+    }
+    if stderr.contains("Host key verification failed")
+        || (stderr.contains("No ") && stderr.contains("host key is known"))
+    {
+        let accept = if checking == HostKeyChecking::Strict {
+            ", or set host_key_checking = \"accept-new\" in cutover.toml to trust a host's key on first contact"
+        } else {
+            ""
+        };
+        return format!(
+            "\nhint: the host's key is not in known_hosts and host_key_checking is strict. Confirm its fingerprint with the server's administrator, then add it with `ssh-keyscan -p {port} {addr} >> ~/.ssh/known_hosts` (or connect once with ssh by hand){accept}.",
+            addr = host.address
+        );
+    }
+    if stderr.contains("Permission denied") {
+        return "\nhint: the server refused the login: check the host's user and identity in cutover.toml (or ~/.ssh/config), that ssh-agent holds the key, and that its public key is in the server's authorized_keys.".to_string();
+    }
+    if stderr.contains("Connection refused")
+        || stderr.contains("timed out")
+        || stderr.contains("No route to host")
+    {
+        return "\nhint: is the server up, sshd running, and the address and port right? (`ssh -v` shows the details)".to_string();
+    }
+    String::new()
+}
+
+/// A shell script printing one TCP port that no socket of the host uses (read from
+/// /proc/net/tcp*), starting at a random point of [`PORT_RANGE`].
+fn free_port_script() -> String {
+    let (lo, hi) = PORT_RANGE;
+    format!(
+        r#"used=" "
+for f in /proc/net/tcp /proc/net/tcp6; do
+  [ -r "$f" ] || continue
+  while read -r _sl local _rest; do
+    case "$local" in *:*) used="$used$((0x${{local##*:}})) " ;; esac
+  done < "$f"
+done
+n=$(({hi} - {lo} + 1))
+seed=$(od -An -N2 -tu2 /dev/urandom 2>/dev/null | tr -d ' ')
+i=0
+p=$(({lo} + ${{seed:-$$}} % n))
+while [ $i -lt $n ]; do
+  case "$used" in *" $p "*) ;; *) echo $p; exit 0 ;; esac
+  p=$((p + 1)); [ $p -gt {hi} ] && p={lo}
+  i=$((i + 1))
+done
+echo "no free TCP port in {lo}-{hi}" >&2
+exit 1
+"#
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_port_script_skips_used_ports() {
+        // Run the script locally: the port it prints is not listening here.
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(free_port_script())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let port: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert!((PORT_RANGE.0..=PORT_RANGE.1).contains(&port));
+        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    }
+
+    #[test]
+    fn hints_say_what_to_do() {
+        let host = Host {
+            name: crate::config::Name::parse("web1").unwrap(),
+            address: "10.0.0.5".parse().unwrap(),
+            root: PathBuf::from("/srv/app"),
+            port: Some(2222),
+            user: None,
+            identity: None,
+        };
+        let h = hint(
+            "No ED25519 host key is known for [10.0.0.5]:2222 and you have requested strict checking.\nHost key verification failed.",
+            &host,
+            HostKeyChecking::Strict,
+        );
+        assert!(h.contains("ssh-keyscan -p 2222 10.0.0.5"), "{h}");
+        assert!(h.contains("accept-new"), "{h}");
+        let h = hint(
+            "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@",
+            &host,
+            HostKeyChecking::Strict,
+        );
+        assert!(h.contains("ssh-keygen -R '[10.0.0.5]:2222'"), "{h}");
+    }
+}

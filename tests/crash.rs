@@ -1,0 +1,163 @@
+//! A deploy that survives its own crash: the deployer is SIGKILLed after each of its journal
+//! writes in turn (every step boundary of a 4-host rolling deploy), under steady traffic; then
+//! `cutover rollback` returns the fleet, and after a second crash at the same point
+//! `cutover deploy --resume` finishes it. No client request fails, no instance is orphaned, and
+//! the balancer never sends a request to a stopped instance (its proxy-error counter stays 0).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Fleet, FleetSpec};
+use cutover::balancer::Balancer;
+use cutover::load::{self, LoadSpec};
+
+fn spec(net: u8) -> FleetSpec {
+    let mut spec = FleetSpec::new(4, net);
+    spec.strategy = "kind = \"rolling\"\nbatch = 2\n".into();
+    spec.health_extra = "healthy_threshold = 1\n".into();
+    spec
+}
+
+/// Deploys `to` with a crash after journal write `k`. Returns false when the deploy finished
+/// before reaching write `k` (every boundary has been visited).
+async fn crash_at(fleet: &Fleet, to: &str, k: u64) -> bool {
+    let k_s = k.to_string();
+    let (code, out, err) = fleet
+        .cutover_env(
+            &["deploy", "--version", to],
+            &[("CUTOVER_CRASH_AFTER_WRITE", &k_s)],
+        )
+        .await;
+    match code {
+        -9 => true,
+        0 => false,
+        other => panic!("deploy {to} with a crash at write {k}: exit {other}\n{out}\n{err}"),
+    }
+}
+
+async fn recover(fleet: &Fleet, args: &[&str], k: u64) {
+    let (code, out, err) = fleet.cutover(args).await;
+    assert_eq!(
+        code,
+        if args[0] == "rollback" { 1 } else { 0 },
+        "{args:?} after a crash at write {k}:\n{out}\n{err}"
+    );
+    // A new deploy is not refused any more, and the story is in the journal.
+    let (code, show, _) = fleet.cutover(&["show"]).await;
+    assert_eq!(code, 0);
+    let expected = if args[0] == "rollback" {
+        "rollback of the interrupted deployment"
+    } else {
+        "event: resumed"
+    };
+    assert!(
+        show.contains(expected),
+        "`cutover show` after {args:?} at write {k}:\n{show}"
+    );
+}
+
+/// Whether `cutover status` reports an interrupted deployment.
+async fn interrupted(fleet: &Fleet) -> bool {
+    let (code, out, err) = fleet.cutover(&["status", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    match v["deployment"]["state"].as_str() {
+        Some("interrupted") => true,
+        None => false,
+        Some(other) => panic!("deployment state {other}: {out}"),
+    }
+}
+
+/// Outcome and target of the newest recorded deployment.
+async fn newest_outcome(fleet: &Fleet) -> Option<(String, String)> {
+    let (code, out, err) = fleet.cutover(&["history", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let newest = v.get(0)?;
+    Some((
+        newest["outcome"].as_str()?.to_string(),
+        newest["to"].as_str()?.to_string(),
+    ))
+}
+
+/// Visits every boundary k ≡ `phase` (mod `stride`).
+async fn crash_every_boundary(net: u8, phase: u64, stride: u64) {
+    let fleet = Fleet::start(spec(net)).await;
+    fleet.deploy("v1", 0).await;
+    let traffic = load::start(LoadSpec {
+        target: fleet.listen,
+        path: "/".into(),
+        rate: 100,
+        max_requests: 100_000,
+        max_duration: Duration::from_secs(600),
+        concurrency: 4,
+        headers: Vec::new(),
+    });
+    let (mut from, mut to) = ("v1", "v2");
+    let mut k = phase;
+    let mut visited = 0;
+    loop {
+        eprintln!("--- k = {k}: {from} -> {to}");
+        // Crash, then undo: the fleet is back on `from`.
+        if !crash_at(&fleet, to, k).await {
+            // Past the last write: the deploy completed by itself.
+            fleet.assert_on(to).await;
+            break;
+        }
+        if !interrupted(&fleet).await {
+            if newest_outcome(&fleet).await == Some(("succeeded".to_string(), to.to_string())) {
+                // Killed after the outcome was recorded: every boundary has been visited.
+                fleet.assert_on(to).await;
+                break;
+            }
+            // Killed after taking the lock, before the deployment was recorded: nothing changed.
+            fleet.assert_on(from).await;
+            k += stride;
+            continue;
+        }
+        // A plain deploy is refused while the interrupted one is unresolved.
+        let (code, _, err) = fleet.cutover(&["deploy", "--version", to]).await;
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains("was interrupted") && err.contains("--resume"),
+            "{err}"
+        );
+        recover(&fleet, &["rollback"], k).await;
+        eprintln!("{}", fleet.cutover(&["show"]).await.1);
+        fleet.assert_on(from).await;
+
+        // Crash at the same point, then finish it: the fleet is on `to`.
+        assert!(crash_at(&fleet, to, k).await, "write {k} is reached again");
+        recover(&fleet, &["deploy", "--resume"], k).await;
+        eprintln!("{}", fleet.cutover(&["show"]).await.1);
+        fleet.assert_on(to).await;
+
+        visited += 1;
+        std::mem::swap(&mut from, &mut to);
+        k += stride;
+        assert!(k < 400, "the deploy never finished without a crash");
+    }
+    let report = traffic.stop().await;
+    assert!(visited >= 10, "visited {visited} boundaries");
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}",
+        report.failures
+    );
+    let stats = fleet.client().stats().await.unwrap();
+    assert_eq!(
+        stats.total.proxy_errors, 0,
+        "the balancer never sent a request to a stopped instance: {stats:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_at_every_boundary_even() {
+    crash_every_boundary(11, 1, 2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_at_every_boundary_odd() {
+    crash_every_boundary(12, 2, 2).await;
+}

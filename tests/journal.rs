@@ -1,0 +1,265 @@
+//! The journal, the deploy lock, drift and a balancer restart in the middle of a deploy.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Fleet, FleetSpec};
+use cutover::balancer::{BackendSpec, Balancer};
+use cutover::load::{self, LoadSpec};
+
+/// A release that takes `delay` to boot, so a deploy of it lasts a while.
+fn slow_release(fleet: &Fleet, name: &str, delay: &str) {
+    let dir = fleet.dir.path().join("releases").join(name);
+    cutover::init::write_sample_release(
+        &dir,
+        &common::exe(),
+        name,
+        &format!("--startup-delay {delay}"),
+    )
+    .unwrap();
+}
+
+fn traffic(fleet: &Fleet, rate: u32) -> load::LoadRun {
+    load::start(LoadSpec {
+        target: fleet.listen,
+        path: "/".into(),
+        rate,
+        max_requests: 20_000,
+        max_duration: Duration::from_secs(120),
+        concurrency: 4,
+        headers: Vec::new(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_deploy_is_refused_then_waits_for_the_lock() {
+    let fleet = Fleet::start(FleetSpec::new(2, 21)).await;
+    fleet.deploy("v1", 0).await;
+    slow_release(&fleet, "slow", "1500ms");
+
+    let first = {
+        let config = fleet.config.clone();
+        tokio::spawn(async move {
+            tokio::process::Command::new(common::exe())
+                .arg("-c")
+                .arg(&config)
+                .args(["deploy", "--version", "slow"])
+                .kill_on_drop(true)
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    // Wait until the first deploy holds the lock.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, out, _) = fleet.cutover(&["lock"]).await;
+        if out.starts_with("locked:") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the first deploy never took the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, _, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("another deployment holds the lock: deploy slow by"),
+        "{err}"
+    );
+    assert!(
+        err.contains("(pid ") && err.contains("--lock-wait"),
+        "the holder's details: {err}"
+    );
+
+    // With --lock-wait the second deploy starts after the first ends, and succeeds.
+    let (code, _, err) = fleet
+        .cutover(&["deploy", "--version", "v2", "--lock-wait", "60s"])
+        .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("waiting for the deploy lock"), "{err}");
+    let first = first.await.unwrap();
+    assert_eq!(
+        first.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    fleet.assert_on("v2").await;
+
+    let (_, history, _) = fleet.cutover(&["history"]).await;
+    let lines: Vec<&str> = history.lines().collect();
+    assert!(
+        lines[1].contains(" v2 ") && lines[2].contains(" slow "),
+        "newest first:\n{history}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_lock_of_a_dead_process_is_taken_over() {
+    let fleet = Fleet::start(FleetSpec::new(1, 22)).await;
+    // A deploy killed right after it took the lock (its first journal write) leaves a stale lock.
+    let (code, _, _) = fleet
+        .cutover_env(
+            &["deploy", "--version", "v1"],
+            &[("CUTOVER_CRASH_AFTER_WRITE", "1")],
+        )
+        .await;
+    assert_eq!(code, -9);
+    let (_, out, _) = fleet.cutover(&["lock"]).await;
+    assert!(out.starts_with("locked: deploy v1 by"), "{out}");
+    let (code, _, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("took over a stale deploy lock (its process is gone)"),
+        "{err}"
+    );
+    let (_, out, _) = fleet.cutover(&["lock"]).await;
+    assert_eq!(out.trim(), "unlocked");
+
+    // unlock --force is recorded.
+    let (code, _, err) = fleet.cutover(&["unlock"]).await;
+    assert_eq!(code, 2, "without --force: {err}");
+    let (code, out, _) = fleet.cutover(&["unlock", "--force"]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("the lock was free"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancer_restart_during_a_deploy_is_waited_out() {
+    let mut spec = FleetSpec::new(4, 23);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    let mut fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    slow_release(&fleet, "v2slow", "700ms");
+    let run = traffic(&fleet, 100);
+    run.wait_until(|r| r.ok >= 50).await;
+
+    let deploy = {
+        let config = fleet.config.clone();
+        tokio::spawn(async move {
+            tokio::process::Command::new(common::exe())
+                .arg("-c")
+                .arg(&config)
+                .args(["deploy", "--version", "v2slow"])
+                .kill_on_drop(true)
+                .output()
+                .await
+                .unwrap()
+        })
+    };
+    // Let the deploy move a host or so, then take the balancer away for a moment.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before_kill = run.snapshot();
+    assert_eq!(before_kill.failed, 0, "{before_kill}");
+    fleet.kill_proxy().await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fleet.start_proxy().await;
+    // Requests that were in flight or sent while it was down may fail; none after it is back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_restart = run.snapshot();
+
+    let out = deploy.await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "the deploy completes:\n{err}");
+    assert!(
+        err.contains("balancer unreachable"),
+        "it noticed and waited:\n{err}"
+    );
+    let report = run.stop().await;
+    assert_eq!(
+        report.failed, after_restart.failed,
+        "no failure once the balancer was back: {report}\n{:#?}",
+        report.failures
+    );
+    fleet.assert_on("v2slow").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_drift() {
+    let fleet = Fleet::start(FleetSpec::new(3, 24)).await;
+    fleet.deploy("v1", 0).await;
+    let (_, out, _) = fleet.cutover(&["status"]).await;
+    assert!(out.contains("no drift"), "{out}");
+
+    let config = cutover::config::Config::load(&fleet.config).unwrap();
+    // 1. An instance no deployment started.
+    let t = cutover::transport::local::LocalTransport;
+    let web1 = &config.hosts[0];
+    let port = common::free_port(&web1.address.to_string());
+    let stray = cutover::instance::start(
+        &t,
+        &config.app,
+        web1,
+        &cutover::config::Name::parse("v1").unwrap(),
+        port,
+    )
+    .await
+    .unwrap();
+    // 2. A backend pointing at a port where nothing runs.
+    let dead_port = common::free_port(&config.hosts[1].address.to_string());
+    fleet
+        .client()
+        .add(&BackendSpec {
+            id: format!("web2:{dead_port}"),
+            address: format!("{}:{dead_port}", config.hosts[1].address)
+                .parse()
+                .unwrap(),
+            host: "web2".into(),
+            release: "v1".into(),
+            weight: 100,
+            health_path: "/health".into(),
+            preview: false,
+        })
+        .await
+        .unwrap();
+    // 3. A host whose `current` disagrees with the balancer.
+    let root3 = fleet.root("web3");
+    std::fs::create_dir_all(root3.join("releases/v2")).unwrap();
+    std::os::unix::fs::symlink("releases/v2", root3.join("current.new")).unwrap();
+    std::fs::rename(root3.join("current.new"), root3.join("current")).unwrap();
+
+    let (code, out, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "web1: instance v1 on {} (pid {}) was started by no recorded deployment",
+            stray.address, stray.pid
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "web2: balancer backend web2:{dead_port} (v1) points at"
+        )) && out.contains("where no instance runs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("web3: current points at v2 but the balancer routes to v1"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_journal_is_reported_not_panicked_on() {
+    let fleet = Fleet::start(FleetSpec::new(1, 25)).await;
+    let state = fleet.dir.path().join(".cutover");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("journal.db"), vec![0x5a; 8192]).unwrap();
+    for args in [
+        &["history"][..],
+        &["deploy", "--version", "v1"],
+        &["status"],
+    ] {
+        let (code, _, err) = fleet.cutover(args).await;
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("is not a readable cutover journal"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -1,0 +1,247 @@
+//! The built-in balancer as real processes: `cutover proxy` replaced three times under steady
+//! traffic (`--takeover`), and a backend process killed with SIGKILL under steady traffic.
+//! Backends are `cutover sample-app` processes. Everything listens on loopback with ports picked
+//! at run time (port 0, read back from the processes' first line); every child is killed on
+//! drop; load is bounded in count and time.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use cutover::balancer::Balancer;
+use cutover::balancer::api::{BackendSpec, BackendState};
+use cutover::balancer::builtin::AdminClient;
+use cutover::load::{self, LoadSpec};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const TOKEN: &str = "test-token-0123456789";
+const DEADLINE: Duration = Duration::from_secs(20);
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_cutover")
+}
+
+/// Starts a child and returns it with its first stdout line.
+async fn spawn_reading(cmd: &mut Command, log: &Path) -> (Child, String) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the child starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("the child prints its address in time")
+        .unwrap()
+        .expect("the child prints a line");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, line)
+}
+
+/// A `cutover sample-app` process answering as `version`.
+async fn sample_app(version: &str, log: &Path) -> (Child, SocketAddr) {
+    let (child, line) = spawn_reading(
+        Command::new(exe()).args([
+            "sample-app",
+            "--listen",
+            "127.0.0.1:0",
+            "--version",
+            version,
+        ]),
+        log,
+    )
+    .await;
+    let addr = line.rsplit(' ').next().unwrap().parse().unwrap();
+    (child, addr)
+}
+
+fn spec(id: &str, addr: SocketAddr, release: &str) -> BackendSpec {
+    BackendSpec {
+        id: id.into(),
+        address: addr,
+        host: "localhost".into(),
+        release: release.into(),
+        weight: 100,
+        health_path: "/health".into(),
+        preview: false,
+    }
+}
+
+fn write_config(dir: &Path) -> std::path::PathBuf {
+    let path = dir.join("cutover.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"transport = "local"
+state_dir = "state"
+
+[app]
+name = "t"
+start = "true"
+drain_timeout = "5s"
+
+[app.health]
+path = "/health"
+interval = "200ms"
+
+[release]
+path = "releases/{{version}}"
+
+[balancer]
+listen = "127.0.0.1:0"
+admin = "127.0.0.2:0"
+token = "{TOKEN}"
+
+[strategy]
+kind = "rolling"
+
+[[hosts]]
+name = "h1"
+address = "127.0.0.1"
+root = "fleet/h1"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// `cutover proxy` (with `--takeover` when asked): the child and its (listen, admin) addresses.
+async fn proxy(config: &Path, takeover: bool, log: &Path) -> (Child, SocketAddr, SocketAddr) {
+    let mut cmd = Command::new(exe());
+    cmd.arg("-c").arg(config).arg("proxy");
+    if takeover {
+        cmd.arg("--takeover");
+    }
+    let (child, line) = spawn_reading(&mut cmd, log).await;
+    // "cutover proxy: listening on A, admin API on B"
+    let listen = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    let admin = line.rsplit(' ').next().unwrap();
+    (child, listen.parse().unwrap(), admin.parse().unwrap())
+}
+
+fn routes(views: &[cutover::balancer::BackendView]) -> Vec<(String, u32, BackendState)> {
+    views
+        .iter()
+        .map(|v| (v.spec.id.clone(), v.spec.weight, v.state))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_the_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("children.log");
+    let config = write_config(dir.path());
+    let (_b1, a1) = sample_app("v1", &log).await;
+    let (_b2, a2) = sample_app("v1", &log).await;
+    let (_b3, a3) = sample_app("v2", &log).await;
+
+    let (mut old, listen, admin_addr) = proxy(&config, false, &log).await;
+    let admin = AdminClient::new(admin_addr, TOKEN.into());
+    for (id, addr, release) in [("b1", a1, "v1"), ("b2", a2, "v1"), ("b3", a3, "v2")] {
+        admin.add(&spec(id, addr, release)).await.unwrap();
+        admin.wait_healthy(id, DEADLINE).await.unwrap();
+    }
+    admin.set_weight("b2", 50).await.unwrap();
+    admin.drain("b3").await.unwrap();
+    let before = routes(&admin.backends().await.unwrap());
+
+    let run = load::start(LoadSpec {
+        rate: 800,
+        max_requests: 4000,
+        max_duration: Duration::from_secs(40),
+        concurrency: 8,
+        ..LoadSpec::new(listen)
+    });
+    for round in 1..=3u64 {
+        run.wait_until(|r| r.sent >= round * 900).await;
+        let (new, new_listen, new_admin) = proxy(&config, true, &log).await;
+        assert_eq!(
+            (new_listen, new_admin),
+            (listen, admin_addr),
+            "the same sockets"
+        );
+        let status = tokio::time::timeout(DEADLINE, old.wait())
+            .await
+            .expect("the replaced proxy exits after draining")
+            .unwrap();
+        assert!(status.success(), "replaced proxy exited with {status}");
+        old = new;
+        assert_eq!(
+            routes(&admin.backends().await.unwrap()),
+            before,
+            "routing state after takeover {round}"
+        );
+    }
+    let report = run.finish().await;
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(report.sent >= 3000, "{report}");
+    assert_eq!(
+        report.failed, 0,
+        "{report}: {:?}\n{log_text}",
+        report.failures
+    );
+    assert_eq!(report.ok, report.sent, "{report}");
+    let _ = old.start_kill();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_with_sigkill_during_steady_gets_costs_no_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("children.log");
+    let (mut victim, a1) = sample_app("v1", &log).await;
+    let (_survivor, a2) = sample_app("v1", &log).await;
+    let proxy = cutover::proxy::start(cutover::proxy::ProxySettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        token: TOKEN.into(),
+        health: cutover::config::HealthConfig {
+            interval: cutover::config::Dur(Duration::from_millis(100)),
+            ..Default::default()
+        },
+        drain_timeout: Duration::from_secs(5),
+        state_file: None,
+    })
+    .await
+    .unwrap();
+    let admin = AdminClient::new(proxy.admin, TOKEN.into());
+    admin.add(&spec("victim", a1, "v1")).await.unwrap();
+    admin.add(&spec("survivor", a2, "v1")).await.unwrap();
+    admin.wait_healthy("victim", DEADLINE).await.unwrap();
+    admin.wait_healthy("survivor", DEADLINE).await.unwrap();
+
+    let run = load::start(LoadSpec {
+        rate: 500,
+        max_requests: 2000,
+        max_duration: Duration::from_secs(30),
+        concurrency: 8,
+        ..LoadSpec::new(proxy.listen)
+    });
+    run.wait_until(|r| r.sent >= 500).await;
+    let pid = victim.id().unwrap() as i32;
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let _ = victim.wait().await;
+    let report = run.finish().await;
+    assert_eq!(report.failed, 0, "{report}: {:?}", report.failures);
+    assert_eq!(report.ok, 2000, "{report}");
+    let stats = admin.stats().await.unwrap();
+    assert!(stats.backends["victim"].proxy_errors >= 1, "{stats:?}");
+    assert_eq!(stats.unrouted, 0);
+    proxy.shutdown().await;
+}

@@ -1,0 +1,759 @@
+//! Real servers: a fleet reached over OpenSSH (a private `sshd` on 127.0.0.21-24 stands for
+//! four servers), releases built once from a git ref and verified by digest on each host,
+//! Ansible inventories, hooks, and versions that stay data.
+
+mod common;
+#[path = "support/sshd.rs"]
+mod sshd;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cutover::balancer::builtin::AdminClient;
+use cutover::balancer::{BackendState, BackendView, Balancer};
+use cutover::load::{self, LoadSpec};
+use sshd::Sshd;
+use tokio::process::{Child, Command};
+
+const ADDRESSES: [&str; 4] = ["127.0.0.21", "127.0.0.22", "127.0.0.23", "127.0.0.24"];
+
+fn git(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+}
+
+/// A four-host fleet over SSH behind a real `cutover proxy`, deploying from a local git repo.
+struct SshFleet {
+    sshd: Sshd,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    hosts: Vec<String>,
+    proxy: Option<Child>,
+}
+
+struct Opts {
+    strategy: String,
+    extra_top: String,
+    extra: String,
+    /// Per host (index) SSH port override (e.g. a closed port).
+    port_override: Option<(usize, u16)>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            strategy: "kind = \"rolling\"\nbatch = [1, \"50%\"]\n".into(),
+            extra_top: String::new(),
+            extra: String::new(),
+            port_override: None,
+        }
+    }
+}
+
+impl SshFleet {
+    async fn start(opts: Opts) -> SshFleet {
+        let sshd = Sshd::start(&ADDRESSES);
+        let dir = tempfile::Builder::new()
+            .prefix("cutover-ssh-test-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        // The app's repository: tags v1 and v2, and "broken" whose build fails.
+        let repo = d.join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        git(&repo, &["init", "-q", "-b", "main"]);
+        std::fs::write(
+            repo.join("run.sh.in"),
+            format!(
+                "#!/bin/sh\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version @VERSION@\n",
+                common::exe().display()
+            ),
+        )
+        .unwrap();
+        let build = format!(
+            "set -e\nsed \"s/@VERSION@/$CUTOVER_VERSION/\" run.sh.in > run.sh\necho \"$CUTOVER_VERSION $CUTOVER_COMMIT\" > BUILD_INFO\necho \"$CUTOVER_VERSION\" >> '{}'\n",
+            d.join("builds.log").display()
+        );
+        std::fs::write(repo.join("build.sh"), &build).unwrap();
+        std::fs::write(repo.join("README"), "not shipped\n").unwrap();
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-q", "-m", "v1"]);
+        git(&repo, &["tag", "v1"]);
+        std::fs::write(repo.join("CHANGES"), "v2\n").unwrap();
+        git(&repo, &["add", "."]);
+        git(&repo, &["commit", "-q", "-m", "v2"]);
+        git(&repo, &["tag", "v2"]);
+        std::fs::write(
+            repo.join("build.sh"),
+            "echo 'compiler error: boom' >&2\nexit 7\n",
+        )
+        .unwrap();
+        git(&repo, &["commit", "-q", "-am", "broken"]);
+        git(&repo, &["tag", "broken"]);
+
+        let listen: SocketAddr = format!("127.0.0.1:{}", common::free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", common::free_port("127.0.0.1"))
+            .parse()
+            .unwrap();
+        let hosts: Vec<String> = (1..=4).map(|i| format!("web{i}")).collect();
+        let mut fleet = SshFleet {
+            sshd,
+            dir,
+            config: PathBuf::new(),
+            listen,
+            admin,
+            hosts,
+            proxy: None,
+        };
+        fleet.write_config(&opts);
+        fleet.start_proxy().await;
+        fleet
+    }
+
+    fn write_config(&mut self, opts: &Opts) {
+        let d = self.dir.path();
+        let mut text = format!(
+            "transport = \"ssh\"\nhost_key_checking = \"strict\"\nconnect_timeout = \"5s\"\n{top}\n\
+             [app]\nname = \"shop\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"5s\"\n\n\
+             [app.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\ndeadline = \"10s\"\n\n\
+             [release]\ngit = \"file://{repo}\"\nbuild = \"sh build.sh\"\ninclude = [\"run.sh\", \"BUILD_INFO\"]\nkeep = 3\n\n\
+             [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\ntoken = \"{token}\"\n\n[strategy]\n{strategy}\n{extra}\n",
+            top = opts.extra_top,
+            repo = d.join("repo").display(),
+            listen = self.listen,
+            admin = self.admin,
+            token = common::TOKEN,
+            strategy = opts.strategy,
+            extra = opts.extra,
+        );
+        for (i, (name, addr)) in self.hosts.iter().zip(ADDRESSES).enumerate() {
+            let port = match opts.port_override {
+                Some((j, p)) if j == i => p,
+                _ => self.sshd.port,
+            };
+            text.push_str(&format!(
+                "\n[[hosts]]\nname = \"{name}\"\naddress = \"{addr}\"\nport = {port}\nuser = \"root\"\nidentity = \"{key}\"\nroot = \"{root}\"\n",
+                key = self.sshd.client_key.display(),
+                root = d.join("fleet").join(name).display(),
+            ));
+        }
+        self.config = d.join("cutover.toml");
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    async fn start_proxy(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("proxy.log")).unwrap();
+        let child = Command::new(common::exe())
+            .arg("-c")
+            .arg(&self.config)
+            .arg("proxy")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("cutover proxy starts");
+        self.proxy = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.client().backends().await.is_err() {
+            assert!(Instant::now() < deadline, "cutover proxy did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn client(&self) -> AdminClient {
+        AdminClient::new(self.admin, common::TOKEN.to_string())
+    }
+
+    async fn backends(&self) -> Vec<BackendView> {
+        self.client().backends().await.expect("admin API answers")
+    }
+
+    async fn cutover(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(common::exe())
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env(cutover::transport::ssh::CONFIG_ENV, &self.sshd.ssh_config)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("cutover runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn deploy(&self, version: &str, expect: i32) -> (String, String) {
+        let (code, out, err) = self.cutover(&["deploy", "--version", version]).await;
+        assert_eq!(
+            code,
+            expect,
+            "deploy {version}\nstdout:\n{out}\nstderr:\n{err}\nsshd:\n{}",
+            self.sshd.log()
+        );
+        (out, err)
+    }
+
+    fn root(&self, host: &str) -> PathBuf {
+        self.dir.path().join("fleet").join(host)
+    }
+
+    fn current(&self, host: &str) -> Option<String> {
+        std::fs::read_link(self.root(host).join("current"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    }
+
+    fn builds(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("builds.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// SSH logins sshd accepted so far.
+    fn logins(&self) -> usize {
+        self.sshd.log().matches("Accepted publickey").count()
+    }
+
+    async fn assert_on(&self, hosts: &[&str], version: &str) {
+        let backends = self.backends().await;
+        for host in hosts {
+            assert_eq!(self.current(host).as_deref(), Some(version), "{host}");
+            let mine: Vec<_> = backends.iter().filter(|b| b.spec.host == *host).collect();
+            assert_eq!(mine.len(), 1, "{host}: one backend: {mine:#?}");
+            assert_eq!(mine[0].spec.release, version, "{host}");
+            assert_eq!(mine[0].state, BackendState::Active, "{host}");
+            let info = std::fs::read_to_string(
+                self.root(host)
+                    .join("releases")
+                    .join(version)
+                    .join("BUILD_INFO"),
+            )
+            .unwrap();
+            assert!(
+                info.starts_with(version),
+                "{host}: built from {version}: {info}"
+            );
+        }
+    }
+}
+
+impl Drop for SshFleet {
+    fn drop(&mut self) {
+        for (_, pid) in common::live_instances_under(self.dir.path()) {
+            // SAFETY: kill(2) on instance processes this test started (found by their marker).
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        if let Some(mut p) = self.proxy.take() {
+            let _ = p.start_kill();
+        }
+    }
+}
+
+fn traffic(listen: SocketAddr) -> load::LoadRun {
+    load::start(LoadSpec {
+        target: listen,
+        path: "/".into(),
+        rate: 250,
+        max_requests: 30_000,
+        max_duration: Duration::from_secs(120),
+        concurrency: 8,
+        headers: Vec::new(),
+    })
+}
+
+/// The hosts named by the "uploaded to N host(s) ...: a, b" progress line.
+fn uploads(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.contains("each verified the sha256"))
+        .flat_map(|l| {
+            l.rsplit_once(": ")
+                .map(|(_, hosts)| hosts.split(", ").map(str::to_string).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_fleet_rolls_a_git_release_under_load_with_no_failed_request() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    let (_, err) = fleet.deploy("v1", 0).await;
+    let mut up = uploads(&err);
+    up.sort();
+    assert_eq!(up, fleet.hosts, "one upload per host: {err}");
+    fleet
+        .assert_on(&["web1", "web2", "web3", "web4"], "v1")
+        .await;
+    // One multiplexed connection per host for the whole deploy.
+    assert_eq!(
+        fleet.logins(),
+        4,
+        "one SSH login per host:\n{}",
+        fleet.sshd.log()
+    );
+
+    let run = traffic(fleet.listen);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy("v2", 0).await;
+    tokio::time::timeout(Duration::from_secs(60), run.wait_until(|r| r.sent >= 2_000))
+        .await
+        .expect("traffic reaches 2,000 requests");
+    let report = run.stop().await;
+
+    assert!(report.sent >= 2_000, "{report}");
+    assert_eq!(report.failed, 0, "{report}\n{:#?}\n{err}", report.failures);
+    assert!(
+        report.share("v1") > 0.0 && report.share("v2") > 0.0,
+        "{report}"
+    );
+    assert!(out.contains("succeeded"), "{out}");
+    let mut up = uploads(&err);
+    up.sort();
+    assert_eq!(up, fleet.hosts, "one upload per host: {err}");
+    assert!(err.contains("built v2 once"), "{err}");
+    assert_eq!(fleet.builds(), ["v1", "v2"], "built once per version");
+    assert_eq!(fleet.logins(), 8, "one SSH login per host per deploy");
+    fleet
+        .assert_on(&["web1", "web2", "web3", "web4"], "v2")
+        .await;
+    for h in &fleet.hosts {
+        let releases = fleet.root(h).join("releases");
+        // Only what `include` selects ships, and no upload or partial is left behind.
+        assert!(!releases.join("v2/README").exists());
+        assert!(!releases.join("v2/build.sh").exists());
+        let leftovers: Vec<_> = std::fs::read_dir(&releases)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.') || n.ends_with(".partial"))
+            .collect();
+        assert!(leftovers.is_empty(), "{h}: {leftovers:?}");
+    }
+}
+
+async fn unreachable_fleet(max_fail: u32) -> (SshFleet, String, String) {
+    let mut fleet = SshFleet::start(Opts {
+        strategy: format!("kind = \"rolling\"\nbatch = 4\nmax_fail_percentage = {max_fail}\n"),
+        ..Opts::default()
+    })
+    .await;
+    fleet.deploy("v1", 0).await;
+    // web4's SSH port is now closed.
+    let closed = common::free_port(ADDRESSES[3]);
+    fleet.write_config(&Opts {
+        strategy: format!("kind = \"rolling\"\nbatch = 4\nmax_fail_percentage = {max_fail}\n"),
+        port_override: Some((3, closed)),
+        ..Opts::default()
+    });
+    let expect = if max_fail >= 25 { 0 } else { 1 };
+    let (out, err) = fleet.deploy("v2", expect).await;
+    (fleet, out, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_host_within_the_budget_is_named_and_the_rest_deploy() {
+    let (fleet, out, err) = unreachable_fleet(30).await;
+    let all = format!("{out}\n{err}");
+    assert!(all.contains("failed host web4"), "{all}");
+    assert!(all.contains("127.0.0.24"), "the address is named: {all}");
+    assert!(
+        all.contains("Connection refused"),
+        "the ssh error is shown: {all}"
+    );
+    assert!(out.contains("succeeded"), "{out}");
+    fleet.assert_on(&["web1", "web2", "web3"], "v2").await;
+    fleet.assert_on(&["web4"], "v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_host_with_no_budget_rolls_the_fleet_back() {
+    let (fleet, out, err) = unreachable_fleet(0).await;
+    let all = format!("{out}\n{err}");
+    assert!(all.contains("failed host web4"), "{all}");
+    assert!(all.contains("127.0.0.24"), "{all}");
+    assert!(out.contains("rolled_back"), "{out}");
+    fleet
+        .assert_on(&["web1", "web2", "web3", "web4"], "v1")
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    // known_hosts holds another key for every host.
+    let other = fleet.sshd.dir.path().join("other_key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let kh: String = ADDRESSES
+        .iter()
+        .map(|a| format!("[{a}]:{} {}", fleet.sshd.port, other_pub.trim()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&fleet.sshd.known_hosts, kh + "\n").unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
+    let all = format!("{out}\n{err}");
+    assert_ne!(code, 0, "{all}");
+    assert!(all.contains("Host key verification failed"), "{all}");
+    assert!(all.contains("ssh-keygen -R"), "says what to do: {all}");
+    assert!(
+        fleet.backends().await.is_empty(),
+        "nothing reached the balancer"
+    );
+    assert_eq!(fleet.logins(), 0, "no login happened");
+    for h in &fleet.hosts {
+        assert!(!fleet.root(h).join("releases").exists(), "{h} untouched");
+    }
+
+    // An unknown host (empty known_hosts) gets the other advice.
+    std::fs::write(&fleet.sshd.known_hosts, "").unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
+    let all = format!("{out}\n{err}");
+    assert_ne!(code, 0, "{all}");
+    assert!(all.contains("ssh-keyscan"), "{all}");
+    assert!(all.contains("accept-new"), "{all}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_with_shell_metacharacters_never_run_anything() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    let marker = fleet.dir.path().join("pwned");
+    let m = marker.display().to_string();
+    for version in [
+        format!("v1;touch {m}"),
+        format!("$(touch {m})"),
+        format!("`touch {m}`"),
+        format!("v1\ntouch {m}"),
+        format!("v1 && touch {m}"),
+        "v1;touch /tmp/pwned".to_string(),
+        "--upload-pack=touch".to_string(),
+    ] {
+        let arg = format!("--version={version}");
+        let (code, out, err) = fleet.cutover(&["deploy", &arg]).await;
+        assert_eq!(code, 2, "{version:?} refused\n{out}\n{err}");
+        assert!(err.contains("not a valid name"), "{version:?}: {err}");
+        assert!(!marker.exists(), "{version:?} ran a command");
+    }
+    assert!(fleet.builds().is_empty(), "nothing was built");
+    assert_eq!(fleet.logins(), 0, "no host was contacted");
+    for h in &fleet.hosts {
+        assert!(!fleet.root(h).exists(), "{h} untouched");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_build_stops_the_deploy_before_any_host_changes() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    fleet.deploy("v1", 0).await;
+    let before = fleet.backends().await;
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "broken"]).await;
+    let all = format!("{out}\n{err}");
+    assert_ne!(code, 0, "{all}");
+    assert!(
+        all.contains("compiler error: boom"),
+        "the build's output is shown: {all}"
+    );
+    assert!(all.contains("exit 7"), "{all}");
+    assert_eq!(
+        fleet.builds(),
+        ["v1"],
+        "the broken build wrote nothing: {all}"
+    );
+    let after = fleet.backends().await;
+    let ids = |b: &[BackendView]| {
+        let mut v: Vec<String> = b.iter().map(|b| b.spec.id.clone()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&before), ids(&after), "no traffic change");
+    fleet
+        .assert_on(&["web1", "web2", "web3", "web4"], "v1")
+        .await;
+    for h in &fleet.hosts {
+        assert!(!fleet.root(h).join("releases/broken").exists(), "{h}");
+    }
+}
+
+/// Needs the deployer to call `hooks::run(HookPoint::AfterStage, ..)` once per deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_once_migration_hook_runs_exactly_once_per_deploy() {
+    let mut fleet = SshFleet::start(Opts::default()).await;
+    let log = fleet.dir.path().join("migrations.log");
+    fleet.write_config(&Opts {
+        extra: format!(
+            "[[hooks]]\nat = \"after_stage\"\nrun_once = true\ncommand = \"test -f BUILD_INFO && echo \\\"$CUTOVER_HOST $CUTOVER_VERSION $CUTOVER_PREVIOUS_VERSION\\\" >> {}\"\n",
+            log.display()
+        ),
+        ..Opts::default()
+    });
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    let lines = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        lines, "web1 v1 \nweb1 v2 v1\n",
+        "once per deploy, on the first host, in the release dir"
+    );
+}
+
+/// Needs the deployer to call `hooks::run(HookPoint::BeforeDeploy, ..)` before staging and to
+/// stop when it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_before_deploy_hook_leaves_every_host_untouched() {
+    let mut fleet = SshFleet::start(Opts::default()).await;
+    fleet.deploy("v1", 0).await;
+    let before = fleet.backends().await;
+    fleet.write_config(&Opts {
+        extra: "[[hooks]]\nat = \"before_deploy\"\nwhere = \"host\"\ncommand = \"echo 'database is locked' >&2; exit 3\"\n".into(),
+        ..Opts::default()
+    });
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    let all = format!("{out}\n{err}");
+    assert_ne!(code, 0, "{all}");
+    assert!(all.contains("hook before_deploy"), "{all}");
+    assert!(all.contains("exit code 3"), "{all}");
+    assert!(all.contains("database is locked"), "{all}");
+    assert_eq!(fleet.builds(), ["v1"], "nothing was built: {all}");
+    let after = fleet.backends().await;
+    assert_eq!(before.len(), after.len());
+    fleet
+        .assert_on(&["web1", "web2", "web3", "web4"], "v1")
+        .await;
+    for h in &fleet.hosts {
+        assert!(
+            !fleet.root(h).join("releases/v2").exists(),
+            "{h}: nothing staged"
+        );
+    }
+}
+
+// ---- Ansible inventories -------------------------------------------------------------------
+
+const INI: &str = "\
+# the shop's servers
+lb1 ansible_host=127.0.0.40
+
+[web]
+web1 ansible_host=127.0.0.21 ansible_port=2201
+web2 ansible_host=127.0.0.22 cutover_root=/srv/other
+
+[api]
+api[01:02] ansible_host=127.0.0.30
+
+[app:children]
+web
+api
+
+[app:vars]
+ansible_user=deploy
+ansible_port=2222
+
+[api:vars]
+ansible_user=api
+";
+
+#[test]
+fn ini_inventory_gives_groups_children_and_host_vars() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("hosts.ini");
+    std::fs::write(&p, INI).unwrap();
+    let app = cutover::inventory::load(&p, Some("app")).unwrap();
+    let got: Vec<_> = app
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                h.address.to_string(),
+                h.port,
+                h.user.clone(),
+                h.root.display().to_string(),
+            )
+        })
+        .collect();
+    let s = |x: &str| Some(x.to_string());
+    assert_eq!(
+        got,
+        vec![
+            (
+                "web1".into(),
+                "127.0.0.21".into(),
+                Some(2201),
+                s("deploy"),
+                "".into()
+            ),
+            (
+                "web2".into(),
+                "127.0.0.22".into(),
+                Some(2222),
+                s("deploy"),
+                "/srv/other".into()
+            ),
+            (
+                "api01".into(),
+                "127.0.0.30".into(),
+                Some(2222),
+                s("api"),
+                "".into()
+            ),
+            (
+                "api02".into(),
+                "127.0.0.30".into(),
+                Some(2222),
+                s("api"),
+                "".into()
+            ),
+        ]
+    );
+    let web = cutover::inventory::load(&p, Some("web")).unwrap();
+    assert_eq!(web.len(), 2);
+    let all = cutover::inventory::load(&p, None).unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[0].name.as_str(), "lb1");
+    assert_eq!(all[0].port, None);
+    let e = cutover::inventory::load(&p, Some("db"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no group \"db\"") && e.contains("web"), "{e}");
+}
+
+const YAML: &str = "\
+all:
+  vars:
+    ansible_user: deploy
+  hosts:
+    lb1:
+      ansible_host: 127.0.0.40
+  children:
+    app:
+      vars:
+        ansible_port: 2222
+      children:
+        web:
+          hosts:
+            web1:
+              ansible_host: 127.0.0.21
+              ansible_port: 2201
+            web2:
+              ansible_host: 127.0.0.22
+              cutover_root: /srv/other
+        api:
+          vars:
+            ansible_user: api
+          hosts:
+            api[01:02]:
+              ansible_host: 127.0.0.30
+";
+
+#[test]
+fn yaml_inventory_gives_groups_children_and_host_vars() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("hosts.yml");
+    std::fs::write(&p, YAML).unwrap();
+    let app = cutover::inventory::load(&p, Some("app")).unwrap();
+    let got: Vec<_> = app
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_string(),
+                h.address.to_string(),
+                h.port,
+                h.user.clone(),
+            )
+        })
+        .collect();
+    let s = |x: &str| Some(x.to_string());
+    assert_eq!(
+        got,
+        vec![
+            ("web1".into(), "127.0.0.21".into(), Some(2201), s("deploy")),
+            ("web2".into(), "127.0.0.22".into(), Some(2222), s("deploy")),
+            ("api01".into(), "127.0.0.30".into(), Some(2222), s("api")),
+            ("api02".into(), "127.0.0.30".into(), Some(2222), s("api")),
+        ]
+    );
+    assert_eq!(app[1].root, PathBuf::from("/srv/other"));
+    assert_eq!(cutover::inventory::load(&p, None).unwrap().len(), 5);
+    // `localhost` resolves through the system resolver.
+    std::fs::write(
+        &p,
+        "all:\n  hosts:\n    web1:\n      ansible_host: localhost\n",
+    )
+    .unwrap();
+    let h = cutover::inventory::load(&p, None).unwrap();
+    assert!(h[0].address.is_loopback(), "{:?}", h[0].address);
+}
+
+#[test]
+fn malformed_inventory_lines_are_reported_with_their_line_number() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("hosts");
+    for (text, line, what) in [
+        (
+            "[web]\nweb1\n\n[web:vars]\nansible_user deploy\n",
+            5,
+            "key=value",
+        ),
+        ("[web]\nweb1\n[web:kids]\n", 3, "unknown section kind"),
+        ("[web\nweb1\n", 1, "closing ']'"),
+        ("[web]\nweb1 ansible_port\n", 2, "key=value"),
+        ("[web]\nweb1;touch /tmp/pwned\n", 2, "not a valid name"),
+        (
+            "[web]\nweb1 ansible_host=no-such-host.invalid\n",
+            2,
+            "does not resolve",
+        ),
+    ] {
+        std::fs::write(&p, text).unwrap();
+        let e = format!("{:#}", cutover::inventory::load(&p, None).unwrap_err());
+        assert!(
+            e.contains(&format!("{}:{line}:", p.display())) && e.contains(what),
+            "{text:?} -> {e}"
+        );
+    }
+    // YAML syntax errors carry the parser's line.
+    let y = d.path().join("hosts.yml");
+    std::fs::write(&y, "all:\n  hosts:\n    web1:\n   bad: [\n").unwrap();
+    let e = format!("{:#}", cutover::inventory::load(&y, None).unwrap_err());
+    assert!(e.contains("hosts.yml") && e.contains("line"), "{e}");
+}
+
+#[test]
+fn config_reads_an_inventory_group_as_its_hosts() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("hosts.ini"), INI).unwrap();
+    let text = "transport = \"ssh\"\ninventory = \"hosts.ini\"\nhosts_group = \"web\"\nroot = \"/srv/shop\"\n\
+        [app]\nname = \"shop\"\nstart = \"./run.sh\"\n[release]\ngit = \"file:///repo\"\n\
+        [balancer]\nlisten = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:8081\"\ntoken = \"0123456789abcdef\"\n";
+    let p = d.path().join("cutover.toml");
+    std::fs::write(&p, text).unwrap();
+    let c = cutover::config::Config::load(&p).unwrap();
+    let names: Vec<_> = c.hosts.iter().map(|h| h.name.to_string()).collect();
+    assert_eq!(names, ["web1", "web2"]);
+    assert_eq!(c.hosts[0].root, PathBuf::from("/srv/shop"));
+    assert_eq!(c.hosts[1].root, PathBuf::from("/srv/other"));
+}
