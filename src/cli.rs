@@ -70,6 +70,15 @@ pub enum Command {
     /// Return the fleet to the previous release (or --to VERSION). After an interrupted
     /// deployment: return every host to the release it had before it.
     Rollback(RollbackArgs),
+    /// Move a running canary to its next step (--full: skip the remaining steps), or end a
+    /// blue-green switch-back window early.
+    Promote(PromoteArgs),
+    /// Stop a running canary or blue-green deployment and return traffic to the stable release.
+    Abort,
+    /// Hold a running canary at its current step, whatever its timer or analysis says.
+    Pause,
+    /// Let a paused canary go on.
+    Resume,
     /// Show who holds the deploy lock.
     Lock,
     /// Release the deploy lock. Only with --force, which is recorded in the journal.
@@ -78,6 +87,9 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// A small HTTP app for the demo and tests: GET / answers its version, GET /health answers 200.
     SampleApp(crate::sample_app::SampleAppArgs),
+    /// Push-button deployment: a dashboard, a JSON API and GitHub push webhooks on [serve]
+    /// listen; deployments run one at a time from a queue. See docs/serve.md.
+    Serve,
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +142,16 @@ pub struct ShowArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+    /// Print the path of the deployment's HTML report (written now if it is missing).
+    #[arg(long, conflicts_with = "json")]
+    pub html: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// Skip the remaining canary steps and roll out to every host now.
+    #[arg(long)]
+    pub full: bool,
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +223,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             keep: args.keep,
             rate: args.rate,
         })),
+        Command::Serve => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(crate::server::run(config)).map(|_| 0)
+        }
         Command::SampleApp(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -210,10 +236,16 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Proxy(args) => {
             let config = Config::load(&cli.config)?;
-            let mut rt = tokio::runtime::Builder::new_multi_thread();
-            if let Some(n) = args.threads {
-                rt.worker_threads(n.max(1));
-            }
+            // One thread: the current-thread scheduler, without the work-stealing overhead.
+            let mut rt = match args.threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n.max(1));
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            };
             let rt = rt
                 .enable_all()
                 .build()
@@ -237,6 +269,13 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Rollback(args) => {
             let config = Config::load(&cli.config)?;
+            if args.to.is_none() {
+                if let Some(row) = running_deployment(&config)? {
+                    // A blue-green in its switch-back window (or a canary): the running deployer
+                    // switches back itself, within milliseconds.
+                    return wait_for_command(&config, &row, "rollback");
+                }
+            }
             let to = args.to.as_deref().map(parse_version).transpose()?;
             runtime()?.block_on(deploy_cmd(
                 config,
@@ -257,8 +296,18 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Show(args) => {
             let config = Config::load(&cli.config)?;
+            if args.html {
+                return crate::report::show_html(&config, args.id.as_deref()).map(|_| 0);
+            }
             show_cmd(&config, args.id.as_deref(), args.json).map(|_| 0)
         }
+        Command::Promote(args) => {
+            let config = Config::load(&cli.config)?;
+            control(&config, if args.full { "promote-full" } else { "promote" })
+        }
+        Command::Abort => control(&Config::load(&cli.config)?, "abort"),
+        Command::Pause => control(&Config::load(&cli.config)?, "pause"),
+        Command::Resume => control(&Config::load(&cli.config)?, "resume"),
         Command::Lock => {
             let config = Config::load(&cli.config)?;
             let journal = Journal::open(&config.state_dir)?;
@@ -324,7 +373,7 @@ pub struct ProxyArgs {
     /// take over its listening sockets; it stops accepting, drains and exits.
     #[arg(long)]
     pub takeover: bool,
-    /// Worker threads (default: one per CPU core).
+    /// Worker threads (default: one per CPU core; 1 runs everything on this thread).
     #[arg(long)]
     pub threads: Option<usize>,
 }
@@ -358,6 +407,73 @@ async fn run_proxy(config: Config, args: ProxyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The deployment that is running right now (its lock holder alive), if any.
+fn running_deployment(config: &Config) -> anyhow::Result<Option<crate::journal::DeploymentRow>> {
+    let journal = Journal::open(&config.state_dir)?;
+    let Some(row) = journal.unfinished()? else {
+        return Ok(None);
+    };
+    let running = journal
+        .lock_holder(config.app.name.as_str())?
+        .is_some_and(|h| crate::journal::process_alive(h.pid));
+    Ok(running.then_some(row))
+}
+
+/// Sends a command to the running deployment.
+fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
+    let row = running_deployment(config)?.ok_or_else(|| {
+        anyhow::anyhow!("no deployment is running (see `cutover status`): `{command}` applies to a running canary or blue-green deployment")
+    })?;
+    let journal = Journal::open(&config.state_dir)?;
+    journal.post_command(&row.id, command)?;
+    println!(
+        "sent {command} to deployment {} ({} -> {})",
+        row.id,
+        row.from.as_deref().unwrap_or("-"),
+        row.to
+    );
+    Ok(0)
+}
+
+/// Sends a command and waits until the deployment has ended; prints its outcome.
+fn wait_for_command(
+    config: &Config,
+    row: &crate::journal::DeploymentRow,
+    command: &str,
+) -> anyhow::Result<u8> {
+    let journal = Journal::open(&config.state_dir)?;
+    journal.post_command(&row.id, command)?;
+    eprintln!(
+        "sent {command} to the running deployment {}; waiting for it to end",
+        row.id
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        if let Some(d) = journal.deployment(&row.id)? {
+            if let Some(outcome) = d.outcome {
+                println!("deployment {}: {outcome}", row.id);
+                if let Some(notes) = d
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.get("notes"))
+                    .and_then(|n| n.as_array())
+                {
+                    for n in notes.iter().filter_map(|n| n.as_str()) {
+                        println!("  {n}");
+                    }
+                }
+                return Ok(if outcome == "rolled_back" { 0 } else { 1 });
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "deployment {} did not end within 10 minutes",
+            row.id
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// What `deploy_cmd` is asked to do.
 enum Action {
     Deploy(Name),
@@ -366,7 +482,7 @@ enum Action {
 }
 
 /// Holds the deploy lock and renews its lease until dropped.
-struct LockGuard {
+pub(crate) struct LockGuard {
     journal: Arc<Journal>,
     app: String,
     me: LockHolder,
@@ -381,7 +497,7 @@ impl Drop for LockGuard {
 }
 
 /// Takes the deploy lock, waiting up to `wait` for another holder.
-async fn take_lock(
+pub(crate) async fn take_lock(
     journal: &Arc<Journal>,
     config: &Config,
     what: &str,
@@ -549,6 +665,8 @@ async fn deploy_cmd(
         }
     };
     let _ = journal.prune(config.history_keep);
+    // The HTML deploy report (`cutover show ID --html`); a failure to write it is not the deploy's.
+    let _ = crate::report::write_report(&journal, &report.id, &[]);
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -571,6 +689,9 @@ pub fn print_report(r: &Report) {
     );
     if !r.moved_hosts.is_empty() {
         let _ = writeln!(out, "  moved: {}", r.moved_hosts.join(", "));
+    }
+    for n in &r.notes {
+        let _ = writeln!(out, "  {n}");
     }
     for f in &r.failed_hosts {
         let _ = writeln!(
@@ -607,6 +728,141 @@ pub fn print_report(r: &Report) {
 }
 
 fn print_plan(config: &Config, version: &Name) {
+    match config.strategy.kind {
+        crate::config::StrategyKind::Rolling => print_rolling_plan(config, version),
+        crate::config::StrategyKind::BlueGreen => print_blue_green_plan(config, version),
+        crate::config::StrategyKind::Canary => print_canary_plan(config, version),
+    }
+    let points: Vec<String> = config
+        .verify
+        .iter()
+        .map(|v| format!("`{}` at {:?} (timeout {})", v.command, v.at, v.timeout))
+        .collect();
+    if !points.is_empty() {
+        println!("  verify: {}", points.join("; "));
+    }
+    if let Some(a) = &config.analysis {
+        println!(
+            "  analysis every {}: min_success_rate {:?}, max_p99_latency {}, min_requests {} (fewer: inconclusive, the rollout holds), failure_limit {}{}",
+            a.interval,
+            a.min_success_rate.map(|p| p.0),
+            a.max_p99_latency.map_or("-".to_string(), |d| d.to_string()),
+            a.min_requests,
+            a.failure_limit,
+            if a.judge.is_some() {
+                ", Mann-Whitney judge on latencies"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// Worst case of one host's gate: health deadline twice (own check and the balancer's).
+fn gate_worst(config: &Config) -> std::time::Duration {
+    *config.app.health.deadline * 2
+}
+
+fn print_blue_green_plan(config: &Config, version: &Name) {
+    let s = &config.strategy;
+    println!(
+        "plan: blue-green deploy of {} {} to {} host(s)",
+        config.app.name,
+        version,
+        config.hosts.len()
+    );
+    println!("  1. stage {version} on every host, in parallel");
+    println!(
+        "  2. start green ({version}) beside blue on all {} host(s) in parallel; gate: health ({} passes, deadline {}), then the balancer's check; green enters as preview backends",
+        config.hosts.len(),
+        config.app.health.healthy_threshold.0,
+        config.app.health.deadline
+    );
+    println!(
+        "  3. verify green through the preview route: requests with `x-cutover-preview: 1` at http://{}",
+        config.balancer.listen
+    );
+    println!("  4. switch: one atomic admin call makes green active and blue draining");
+    match s.post_switch_analysis {
+        Some(d) => println!("  5. post-switch analysis for {d}: failure switches back to blue"),
+        None => println!(
+            "  5. (no post-switch analysis: set post_switch_analysis and [analysis] to judge green after the switch)"
+        ),
+    }
+    println!(
+        "  6. blue keeps running for scale_down_delay = {}: `cutover rollback` switches back at once; then blue is drained and stopped",
+        s.scale_down_delay
+    );
+    let worst = gate_worst(config)
+        + *s.scale_down_delay
+        + *config.app.drain_timeout
+        + *config.app.stop_timeout;
+    println!("  worst case: {}", humantime::format_duration(worst));
+}
+
+fn print_canary_plan(config: &Config, version: &Name) {
+    let s = &config.strategy;
+    println!(
+        "plan: canary deploy of {} {} on {} of {} host(s){}",
+        config.app.name,
+        version,
+        s.canary_hosts,
+        config.hosts.len(),
+        s.sticky
+            .as_ref()
+            .map_or(String::new(), |k| format!(", sticky by {k}"))
+    );
+    println!(
+        "  1. stage {version} on every host; start the canary beside the stable instance on {} host(s), weight 0",
+        s.canary_hosts
+    );
+    let mut worst = gate_worst(config);
+    let interval = config
+        .analysis
+        .as_ref()
+        .map(|a| *a.interval)
+        .unwrap_or_default();
+    for (i, step) in s.steps.iter().enumerate() {
+        match step.pause {
+            Some(p) => {
+                worst += *p + interval;
+                println!(
+                    "  step {}/{}: {}% of requests to the canary for {p}, analysis every {}",
+                    i + 1,
+                    s.steps.len(),
+                    step.weight,
+                    humantime::format_duration(interval)
+                );
+            }
+            None => println!(
+                "  step {}/{}: {}% of requests to the canary until `cutover promote`",
+                i + 1,
+                s.steps.len(),
+                step.weight
+            ),
+        }
+    }
+    let batches = batch::batches(&s.batch, &config.hosts).len() as u32;
+    worst += deploy::worst_case_per_host(config) * batches;
+    println!(
+        "  then: roll {version} out to every host in {batches} batch(es) (batch = {}), no further analysis",
+        s.batch
+    );
+    println!(
+        "  abort (analysis failure, `cutover abort`): canary weight 0, canary stopped, stable untouched"
+    );
+    println!(
+        "  worst case: {}{}",
+        humantime::format_duration(worst),
+        if s.steps.iter().any(|st| st.pause.is_none()) {
+            " plus the time until each `cutover promote`"
+        } else {
+            ""
+        }
+    );
+}
+
+fn print_rolling_plan(config: &Config, version: &Name) {
     let plan = batch::batches(&config.strategy.batch, &config.hosts);
     let h = &config.app.health;
     println!(

@@ -49,6 +49,44 @@ pub struct Config {
     pub hosts: Vec<Host>,
     pub balancer: BalancerConfig,
     pub strategy: Strategy,
+    /// `[serve]`: `cutover serve` (dashboard, JSON API, GitHub webhooks).
+    pub serve: Option<ServeConfig>,
+}
+
+/// `[serve]`: where `cutover serve` listens and the bearer token of its API and dashboard.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Address of the dashboard, JSON API and webhook endpoint (default 127.0.0.1:8480).
+    #[serde(default = "default_serve_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token of the API and dashboard. Set this or `token_file`.
+    pub token: Option<String>,
+    /// File holding the token (relative to the config file).
+    pub token_file: Option<PathBuf>,
+    /// `[serve.github]`: push-to-deploy from GitHub webhooks.
+    pub github: Option<GithubConfig>,
+}
+
+/// `[serve.github]`: a push to `branch` deploys the pushed commit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GithubConfig {
+    /// The webhook's secret (HMAC-SHA256 key of `X-Hub-Signature-256`). Set this or `secret_file`.
+    pub secret: Option<String>,
+    /// File holding the secret (relative to the config file).
+    pub secret_file: Option<PathBuf>,
+    /// Branch whose pushes deploy (default `main`).
+    #[serde(default = "default_github_branch")]
+    pub branch: String,
+}
+
+fn default_serve_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8480))
+}
+
+fn default_github_branch() -> String {
+    "main".to_string()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -783,6 +821,7 @@ struct RawConfig {
     analysis: Option<Analysis>,
     #[serde(default)]
     verify: Vec<Verify>,
+    serve: Option<ServeConfig>,
 }
 
 /// A config error with its place in the file.
@@ -915,6 +954,13 @@ impl Config {
         }
         let mut balancer = raw.balancer;
         balancer.token_file = balancer.token_file.as_deref().map(resolve);
+        let mut serve = raw.serve;
+        if let Some(s) = &mut serve {
+            s.token_file = s.token_file.as_deref().map(resolve);
+            if let Some(g) = &mut s.github {
+                g.secret_file = g.secret_file.as_deref().map(resolve);
+            }
+        }
         let state_dir = resolve(raw.state_dir.as_deref().unwrap_or(Path::new(".cutover")));
         let config = Config {
             file: path.to_path_buf(),
@@ -936,6 +982,7 @@ impl Config {
             hosts,
             balancer,
             strategy: raw.strategy,
+            serve,
             base_dir,
         };
         config.validate(text)?;

@@ -84,19 +84,35 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<u8> {
 
     let phases = result?;
     print_table(&phases);
+    // Phases 2-4 must fail no request; the canary phase may fail at most the canary's share of
+    // its errors (20% of 20% of the requests) before the analysis stops it.
     let failed: u64 = phases
         .iter()
+        .take(4)
         .filter_map(|p| p.load.as_ref())
         .map(|l| l.failed)
         .sum();
-    let on_v2 = phases
-        .last()
-        .is_some_and(|p| p.report.outcome == Outcome::RolledBack)
+    let canary_ok = phases.get(4).is_some_and(|p| {
+        p.report.outcome == Outcome::RolledBack
+            && p.load
+                .as_ref()
+                .is_some_and(|l| (l.failed as f64) <= 0.2 * 0.2 * l.sent as f64 + 5.0)
+    });
+    let outcomes = [
+        Outcome::Succeeded,
+        Outcome::Succeeded,
+        Outcome::RolledBack,
+        Outcome::RolledBack,
+    ];
+    let on_v2 = canary_ok
         && phases
-            .get(1)
-            .is_some_and(|p| p.report.outcome == Outcome::Succeeded);
+            .iter()
+            .zip(outcomes)
+            .all(|(p, o)| p.report.outcome == o);
     if failed == 0 && on_v2 {
-        say("result: 0 failed requests; the fleet serves v2; broken v3 was rolled back by itself");
+        say(
+            "result: 0 failed requests outside the bad canary; the fleet serves v2; broken v3 rolled back by itself, blue-green switched back, the 20%-error canary was aborted by the analysis",
+        );
         Ok(0)
     } else {
         say(&format!(
@@ -122,6 +138,8 @@ fn write_workspace(dir: &Path, proxy: &ProxyHandle) -> anyhow::Result<Config> {
     crate::init::write_sample_release(&releases.join("v1"), &exe, "v1", "")?;
     crate::init::write_sample_release(&releases.join("v2"), &exe, "v2", "")?;
     crate::init::write_sample_release(&releases.join("v3"), &exe, "v3", "--unhealthy")?;
+    crate::init::write_sample_release(&releases.join("v4"), &exe, "v4", "")?;
+    crate::init::write_sample_release(&releases.join("v5"), &exe, "v5", "--error-rate 0.2")?;
     let mut text = format!(
         "transport = \"local\"\nstate_dir = \".cutover\"\n\n[app]\nname = \"demo\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"5s\"\n\n\
          [app.health]\npath = \"/health\"\ninterval = \"250ms\"\ntimeout = \"1s\"\ndeadline = \"15s\"\n\n\
@@ -183,6 +201,96 @@ async fn phases(config: Arc<Config>, proxy: &ProxyHandle, rate: u32) -> anyhow::
     let (report, load) = under_load(proxy, rate, deployer("v3").run(&request("v3")?)).await?;
     out.push(Phase {
         name: "broken v3, rolled back".into(),
+        report,
+        load: Some(load),
+    });
+
+    // Phase 4: blue-green, and an operator switches back inside the window.
+    say(
+        "phase 4: blue-green v4 beside v2, one atomic switch, then a switch back (rollback in the window)",
+    );
+    let mut bg = (*config).clone();
+    bg.strategy.kind = crate::config::StrategyKind::BlueGreen;
+    bg.strategy.scale_down_delay = crate::config::Dur(Duration::from_secs(30));
+    let bg = Arc::new(bg);
+    let bg_deployer = {
+        let progress = Progress::to_sink(Arc::new(|line: &str| say(&format!("v4: {line}"))));
+        Deployer::new(
+            bg,
+            transport.clone(),
+            balancer.clone(),
+            journal.clone(),
+            progress,
+        )
+    };
+    let operator = async {
+        // Like `cutover rollback` from another terminal, a second after the switch.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(row)) = journal.unfinished() {
+                let switched = row
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.get("phase"))
+                    .and_then(|p| p.as_str())
+                    == Some("switched");
+                if switched {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    say("operator: cutover rollback (inside the switch-back window)");
+                    let _ = journal.post_command(&row.id, "rollback");
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let v4 = request("v4")?;
+    let (result, ()) = tokio::join!(under_load(proxy, rate, bg_deployer.run(&v4)), operator);
+    let (report, load) = result?;
+    out.push(Phase {
+        name: "blue-green v4, switched back".into(),
+        report,
+        load: Some(load),
+    });
+
+    // Phase 5: a canary that serves 20% errors; the analysis aborts it.
+    say("phase 5: canary v5 (answers 20% errors) at 20% of requests: the analysis must abort it");
+    let mut canary = (*config).clone();
+    canary.strategy.kind = crate::config::StrategyKind::Canary;
+    canary.strategy.canary_hosts = 1;
+    canary.strategy.steps = vec![
+        crate::config::CanaryStep {
+            weight: 20,
+            pause: Some(crate::config::Dur(Duration::from_secs(30))),
+        },
+        crate::config::CanaryStep {
+            weight: 100,
+            pause: None,
+        },
+    ];
+    canary.analysis = Some(crate::config::Analysis {
+        interval: crate::config::Dur(Duration::from_secs(1)),
+        min_success_rate: Some(crate::config::Percent(95.0)),
+        max_p99_latency: None,
+        min_requests: 10,
+        failure_limit: 0,
+        max_degradation: None,
+        judge: None,
+    });
+    let canary_deployer = {
+        let progress = Progress::to_sink(Arc::new(|line: &str| say(&format!("v5: {line}"))));
+        Deployer::new(
+            Arc::new(canary),
+            transport.clone(),
+            balancer.clone(),
+            journal.clone(),
+            progress,
+        )
+    };
+    let (report, load) =
+        under_load(proxy, rate.max(100), canary_deployer.run(&request("v5")?)).await?;
+    out.push(Phase {
+        name: "canary v5 (20% errors), aborted".into(),
         report,
         load: Some(load),
     });
@@ -250,28 +358,39 @@ fn print_table(phases: &[Phase]) {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<28} {:>9} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8}  OUTCOME",
-        "PHASE", "REQUESTS", "FAILED", "v1", "v2", "v3", "BALANCER", "SECONDS"
+        "{:<32} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8}  OUTCOME",
+        "PHASE", "REQUESTS", "FAILED", "v1", "v2", "v3", "v4/v5", "BALANCER", "SECONDS"
     );
     for p in phases {
         let (sent, failed, shares) = match &p.load {
             Some(l) => (
                 l.sent.to_string(),
                 l.failed.to_string(),
-                ["v1", "v2", "v3"].map(|v| format!("{:.1}%", l.share(v))),
+                [
+                    l.share("v1"),
+                    l.share("v2"),
+                    l.share("v3"),
+                    l.share("v4") + l.share("v5"),
+                ]
+                .map(|v| format!("{v:.1}%")),
             ),
-            None => ("-".into(), "-".into(), ["-", "-", "-"].map(String::from)),
+            None => (
+                "-".into(),
+                "-".into(),
+                ["-", "-", "-", "-"].map(String::from),
+            ),
         };
         let balancer = format!("{}/{}", p.report.served, p.report.failed_requests);
         let _ = writeln!(
             out,
-            "{:<28} {:>9} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8.1}  {}",
+            "{:<32} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8.1}  {}",
             p.name,
             sent,
             failed,
             shares[0],
             shares[1],
             shares[2],
+            shares[3],
             balancer,
             p.report.duration_ms as f64 / 1000.0,
             p.report.outcome.label()

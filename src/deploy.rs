@@ -25,7 +25,7 @@ use tokio::sync::Semaphore;
 
 use crate::balancer::{BackendSpec, BackendState, Balancer, Stats};
 use crate::batch;
-use crate::config::{Config, Host, Name, OnFailure};
+use crate::config::{Config, HookPoint, Host, Name, OnFailure};
 use crate::fleet::{self, HostView};
 use crate::instance::{self, Instance};
 use crate::journal::{DeploymentRow, Journal, now_ms};
@@ -98,6 +98,9 @@ pub struct Report {
     pub failed_requests: u64,
     /// Requests served per release while the deployment ran.
     pub served_by_release: BTreeMap<String, u64>,
+    /// What the strategy wants remembered (switch times, analysis verdicts, abort reasons).
+    #[serde(default)]
+    pub notes: Vec<String>,
 }
 
 /// What to deploy.
@@ -218,8 +221,93 @@ impl Deployer {
         ));
 
         // Stage everywhere first: no host changes traffic before every copy is in place.
-        let source = config.release_source(version);
-        let staged = self.stage_all(&run, version, &source, &before).await;
+        // Hooks before anything changes, then staging everywhere, then the strategy.
+        let reachable: Vec<Host> = before
+            .iter()
+            .filter(|v| v.error.is_none())
+            .map(|v| v.host.clone())
+            .collect();
+        if let Err(e) = self
+            .hook(
+                HookPoint::BeforeDeploy,
+                version,
+                from.as_deref(),
+                &reachable,
+            )
+            .await
+        {
+            self.progress.say(&format!("{e}: nothing was changed"));
+            let failed = vec![HostFailure {
+                host: "fleet".into(),
+                reason: e,
+            }];
+            return self
+                .finish(
+                    &run,
+                    req.kind,
+                    from,
+                    version.as_str(),
+                    Outcome::RolledBack,
+                    started,
+                    &stats_before,
+                    Vec::new(),
+                    Vec::new(),
+                    failed,
+                    Vec::new(),
+                )
+                .await;
+        }
+        let staged = self.stage_all(&run, version, &before).await;
+        let staged_ok: Vec<Host> = config
+            .hosts
+            .iter()
+            .filter(|h| matches!(staged.get(h.name.as_str()), Some(Ok(_))))
+            .cloned()
+            .collect();
+        if !staged_ok.is_empty() {
+            if let Err(e) = self
+                .hook(HookPoint::AfterStage, version, from.as_deref(), &staged_ok)
+                .await
+            {
+                self.progress.say(&format!("{e}: no host changes traffic"));
+                let failed = vec![HostFailure {
+                    host: "fleet".into(),
+                    reason: e,
+                }];
+                return self
+                    .finish(
+                        &run,
+                        req.kind,
+                        from,
+                        version.as_str(),
+                        Outcome::RolledBack,
+                        started,
+                        &stats_before,
+                        Vec::new(),
+                        Vec::new(),
+                        failed,
+                        Vec::new(),
+                    )
+                    .await;
+            }
+        }
+        match config.strategy.kind {
+            crate::config::StrategyKind::Rolling => {}
+            crate::config::StrategyKind::BlueGreen => {
+                return self
+                    .blue_green(&run, version, &staged, started, &stats_before)
+                    .await;
+            }
+            crate::config::StrategyKind::Canary if from.is_none() => {
+                // Nothing is live yet: there is no stable release to compare a canary with.
+                self.progress.say("first deploy: no stable release to compare a canary with; rolling it out directly");
+            }
+            crate::config::StrategyKind::Canary => {
+                return self
+                    .canary(&run, version, &staged, started, &stats_before)
+                    .await;
+            }
+        }
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
         let mut moved: Vec<Host> = Vec::new();
         let mut failed: Vec<HostFailure> = Vec::new();
@@ -399,6 +487,32 @@ impl Deployer {
         failed: Vec<HostFailure>,
         stuck: Vec<HostFailure>,
     ) -> anyhow::Result<Report> {
+        let mut notes = Vec::new();
+        if let Ok(v) = Name::parse(to) {
+            match outcome {
+                Outcome::Succeeded => {
+                    if let Err(e) = self
+                        .hook(HookPoint::AfterDeploy, &v, from.as_deref(), &moved)
+                        .await
+                    {
+                        self.progress.say(&format!("WARNING: {e}"));
+                        notes.push(format!("after_deploy hook failed: {e}"));
+                    }
+                }
+                Outcome::RolledBack => {
+                    if let Some(prev) = from.as_deref().and_then(|p| Name::parse(p).ok()) {
+                        if let Err(e) = self
+                            .hook(HookPoint::OnRollback, &prev, Some(to), &self.config.hosts)
+                            .await
+                        {
+                            self.progress.say(&format!("WARNING: {e}"));
+                            notes.push(format!("on_rollback hook failed: {e}"));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         let stats_after = self
             .balancer
             .stats()
@@ -426,14 +540,80 @@ impl Deployer {
             served,
             failed_requests,
             served_by_release,
+            notes,
         };
         self.journal
             .finish(&run.id, outcome.label(), &serde_json::to_value(&report)?)?;
         Ok(report)
     }
 
+    /// Runs the hooks of `point`; the error names the hook, host and exit.
+    pub(crate) async fn hook(
+        &self,
+        point: HookPoint,
+        version: &Name,
+        previous: Option<&str>,
+        hosts: &[Host],
+    ) -> Result<(), String> {
+        if !self.config.hooks.iter().any(|h| h.at == point) {
+            return Ok(());
+        }
+        let ctx = crate::hooks::HookContext {
+            config: &self.config,
+            transport: self.transport.as_ref(),
+            progress: &self.progress,
+            version,
+            previous,
+            hosts,
+        };
+        crate::hooks::run(point, &ctx)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Ends a blue-green or canary deployment: the report, with the strategy's notes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn finish_with(
+        &self,
+        run: &Run,
+        from: Option<String>,
+        version: &Name,
+        outcome: Outcome,
+        started: Instant,
+        stats_before: &Stats,
+        failed: Vec<HostFailure>,
+        notes: Vec<String>,
+    ) -> anyhow::Result<Report> {
+        let moved = if outcome == Outcome::Succeeded {
+            self.config.hosts.clone()
+        } else {
+            Vec::new()
+        };
+        let mut report = self
+            .finish(
+                run,
+                "deploy",
+                from,
+                version.as_str(),
+                outcome,
+                started,
+                stats_before,
+                Vec::new(),
+                moved,
+                failed,
+                Vec::new(),
+            )
+            .await?;
+        if !notes.is_empty() {
+            report.notes.extend(notes);
+            self.journal
+                .finish(&run.id, outcome.label(), &serde_json::to_value(&report)?)?;
+        }
+        Ok(report)
+    }
+
     /// Journals a step around `work`: written before it acts and after it ends.
-    async fn step<T>(
+    pub(crate) async fn step<T>(
         &self,
         run: &Run,
         host: &str,
@@ -456,11 +636,10 @@ impl Deployer {
 
     /// Copies the release to every host that lacks it, in parallel (at most `forks` at once).
     /// Maps host name to the outcome.
-    async fn stage_all(
+    pub(crate) async fn stage_all(
         &self,
         run: &Run,
         version: &Name,
-        _source: &std::path::Path,
         before: &[HostView],
     ) -> BTreeMap<String, Result<bool, String>> {
         // Built once, by the first host that lacks the release (a rollback builds nothing); a
@@ -578,7 +757,7 @@ impl Deployer {
                         h,
                         "admit",
                         &inst.backend_id(),
-                        self.admit(&inst, false),
+                        self.admit(run, &inst, false, None),
                     )
                     .await;
                 if let Err(e) = admitted {
@@ -634,7 +813,13 @@ impl Deployer {
 
     /// Health gate, then into the balancer (as a preview backend when `preview`), then the
     /// balancer's own health check.
-    pub async fn admit(&self, inst: &Instance, preview: bool) -> Result<(), String> {
+    pub async fn admit(
+        &self,
+        run: &Run,
+        inst: &Instance,
+        preview: bool,
+        weight: Option<u32>,
+    ) -> Result<(), String> {
         let host = self
             .config
             .host(&inst.host)
@@ -643,7 +828,19 @@ impl Deployer {
         instance::wait_healthy(self.transport.as_ref(), host, inst, health)
             .await
             .map_err(|e| format!("{} on {}: {e}", inst.version, inst.address))?;
-        let spec = backend_spec(inst, &health.path, preview);
+        let version = Name::parse(&inst.version).map_err(|e| e.to_string())?;
+        let previous = run.previous.get(host.name.as_str()).cloned().flatten();
+        self.hook(
+            HookPoint::BeforeSwitch,
+            &version,
+            previous.as_deref(),
+            std::slice::from_ref(host),
+        )
+        .await?;
+        let mut spec = backend_spec(inst, &health.path, preview);
+        if let Some(w) = weight {
+            spec.weight = w;
+        }
         self.balancer
             .add(&spec)
             .await

@@ -27,10 +27,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 /// The schema this cutover writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Migrations from version N-1 to N, in order; index 0 creates version 1.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     // 1: deployments and steps.
     "CREATE TABLE deployments (
         id TEXT PRIMARY KEY,
@@ -77,6 +77,14 @@ const MIGRATIONS: [&str; 2] = [
         taken INTEGER NOT NULL DEFAULT 0
     );
     ALTER TABLE deployments ADD COLUMN status_json TEXT;",
+    // 3: balancer counters sampled while a deployment runs (the deploy report's timeline).
+    "CREATE TABLE samples (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        deployment TEXT NOT NULL REFERENCES deployments(id) ON DELETE CASCADE,
+        at_ms INTEGER NOT NULL,
+        data_json TEXT NOT NULL
+    );
+    CREATE INDEX samples_by_deployment ON samples(deployment, at_ms);",
 ];
 
 /// Milliseconds since the Unix epoch.
@@ -649,6 +657,50 @@ impl Journal {
             )
         })?;
         self.event(Some(deployment), &format!("command received: {command}"))
+    }
+
+    /// Stores timeline samples `(at_ms, data)` of a deployment (not counted as a step write:
+    /// samples are observations, not decisions).
+    pub fn add_samples(
+        &self,
+        deployment: &str,
+        samples: &[(u64, serde_json::Value)],
+    ) -> anyhow::Result<()> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO samples (deployment, at_ms, data_json) VALUES (?1, ?2, ?3)",
+                )?;
+                for (at, data) in samples {
+                    stmt.execute(params![deployment, *at as i64, data.to_string()])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Timeline samples of a deployment, oldest first.
+    pub fn samples(&self, deployment: &str) -> anyhow::Result<Vec<(u64, serde_json::Value)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT at_ms, data_json FROM samples WHERE deployment = ?1 ORDER BY at_ms, id",
+            )?;
+            let rows = stmt.query_map(params![deployment], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (at, json) = row?;
+                if let Ok(v) = serde_json::from_str(&json) {
+                    out.push((at, v));
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Takes the oldest untaken command for a deployment.

@@ -7,6 +7,7 @@
 //! the built-in one; [`batch`] turns a rolling spec into batches (pure); [`deploy`] carries a
 //! strategy out step by step.
 
+pub mod analysis;
 pub mod balancer;
 pub mod batch;
 pub mod cli;
@@ -24,6 +25,10 @@ pub mod probe;
 pub mod progress;
 pub mod proxy;
 pub mod release;
+pub mod report;
 pub mod sample_app;
+pub mod server;
 pub mod source;
+pub mod strategy;
 pub mod transport;
+pub mod verify;

@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
+use std::collections::BTreeMap;
+
+use super::api::{SwitchReport, SwitchRequest};
 use super::{BackendSpec, BackendView, Balancer, DrainReport, Stats, is_unreachable};
 use crate::progress::Progress;
 
@@ -103,5 +106,16 @@ impl Balancer for Patient {
     }
     async fn stats(&self) -> anyhow::Result<Stats> {
         self.retry("stats", || self.inner.stats()).await
+    }
+    async fn switch(&self, req: &SwitchRequest) -> anyhow::Result<SwitchReport> {
+        self.retry("switch", || self.inner.switch(req)).await
+    }
+    async fn set_weights(&self, weights: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+        self.retry("set weights", || self.inner.set_weights(weights))
+            .await
+    }
+    async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
+        self.retry("samples", || self.inner.samples(release, max))
+            .await
     }
 }

@@ -38,6 +38,8 @@ pub struct FleetSpec {
     pub app_extra: String,
     /// Extra `[app.health]` lines.
     pub health_extra: String,
+    /// Extra top-level tables appended at the end (`[analysis]`, `[[verify]]`, ...).
+    pub extra: String,
 }
 
 impl FleetSpec {
@@ -48,6 +50,7 @@ impl FleetSpec {
             strategy: "kind = \"rolling\"\nbatch = [1, \"50%\"]\n".into(),
             app_extra: String::new(),
             health_extra: String::new(),
+            extra: String::new(),
         }
     }
 }
@@ -110,6 +113,8 @@ impl Fleet {
                 "\n[[hosts]]\nname = \"{name}\"\naddress = \"{addr}\"\nroot = \"fleet/{name}\"\n"
             ));
         }
+        text.push('\n');
+        text.push_str(&spec.extra);
         let config = dir.path().join("cutover.toml");
         std::fs::write(&config, text).unwrap();
         let mut fleet = Fleet {
@@ -228,6 +233,51 @@ impl Fleet {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// The live status of the running deployment (`cutover status --json`), if any.
+    pub async fn deployment_status(&self) -> Option<serde_json::Value> {
+        let (code, out, err) = self.cutover(&["status", "--json"]).await;
+        assert_eq!(code, 0, "status: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
+        let d = v.get("deployment")?.clone();
+        (!d.is_null()).then_some(d)
+    }
+
+    /// Polls the live status until `pred` holds (bounded).
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(d) = self.deployment_status().await {
+                if pred(&d) {
+                    return d;
+                }
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+
+    /// Starts `cutover <args>` in the background; the handle yields (code, stdout, stderr).
+    pub fn spawn_cutover(&self, args: &[&str]) -> tokio::task::JoinHandle<(i32, String, String)> {
+        let mut cmd = Command::new(exe());
+        cmd.arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        tokio::spawn(async move {
+            let out = cmd.output().await.expect("cutover runs");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
     }
 
     /// Deploys and asserts the exit code.

@@ -1,0 +1,579 @@
+//! The JSON API of `cutover serve` (under `/api`, every endpoint needs
+//! `Authorization: Bearer <token>`) and the GitHub webhook handler. docs/serve.md documents each
+//! endpoint; docs/serve-openapi.yaml describes them formally.
+//!
+//! Errors are one enum ([`ApiError`]) mapped to a status and `{"error": "..."}`.
+
+use std::collections::BTreeSet;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::ServeState;
+use super::github::{self, PushDecision};
+use super::queue::Work;
+use crate::config::Name;
+use crate::journal::{DeploymentRow, process_alive};
+use crate::report;
+
+/// Every error of the API.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    /// The balancer or a host could not be read.
+    #[error("{0}")]
+    Upstream(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError::Internal(format!("{e:#}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"cutover\""),
+            );
+        }
+        resp
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// The `/api` routes, behind the bearer token.
+pub fn routes(state: ServeState) -> Router<ServeState> {
+    Router::new()
+        .route("/fleet", get(fleet))
+        .route("/status", get(status))
+        .route("/deployments", get(deployments).post(start_deploy))
+        .route("/deployments/{id}", get(deployment))
+        .route("/deployments/{id}/report", get(deployment_report))
+        .route("/deployments/{id}/{command}", post(command))
+        .route("/rollback", post(rollback))
+        .route("/queue", get(queue))
+        .route("/queue/{job}", get(queue_job).delete(cancel_job))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state, auth))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no endpoint {} {} (see docs/serve.md)",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// Equal, in time that does not depend on where they differ (digests of both are compared).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
+}
+
+async fn auth(State(state): State<ServeState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if same_secret(t.trim().as_bytes(), state.settings.token.as_bytes()) => {
+            next.run(req).await
+        }
+        Some(_) => ApiError::Unauthorized("wrong token".into()).into_response(),
+        None => {
+            ApiError::Unauthorized("missing token: send Authorization: Bearer <serve.token>".into())
+                .into_response()
+        }
+    }
+}
+
+/// `GET /api/fleet`: one row per instance or backend, as `cutover status` shows them.
+async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
+    let views = crate::fleet::observe(&state.config, &state.transport, &state.balancer)
+        .await
+        .map_err(|e| ApiError::Upstream(format!("cannot read the fleet: {e:#}")))?;
+    let mut rows = Vec::new();
+    let mut hosts = Vec::new();
+    for v in &views {
+        hosts.push(json!({
+            "host": v.host.name.as_str(), "address": v.host.address.to_string(),
+            "current": v.current, "error": v.error,
+        }));
+        let mut seen = BTreeSet::new();
+        for r in &v.instances {
+            let b = v
+                .backends
+                .iter()
+                .find(|b| b.spec.id == r.instance.backend_id());
+            if let Some(b) = b {
+                seen.insert(b.spec.id.clone());
+            }
+            rows.push(json!({
+                "host": v.host.name.as_str(),
+                "current": v.current,
+                "release": r.instance.version,
+                "instance": r.instance.address.to_string(),
+                "pid": r.instance.pid,
+                "alive": r.alive,
+                "backend": b.map(|b| b.spec.id.clone()),
+                "state": b.map_or("absent".to_string(), |b| enum_name(&b.state)),
+                "health": b.map_or("-".to_string(), |b| enum_name(&b.health)),
+                "weight": b.map(|b| b.spec.weight),
+                "in_flight": b.map_or(0, |b| b.in_flight),
+                "requests": b.map_or(0, |b| b.counters.requests),
+                "errors": b.map_or(0, |b| b.counters.status_5xx),
+            }));
+        }
+        for b in v.backends.iter().filter(|b| !seen.contains(&b.spec.id)) {
+            rows.push(json!({
+                "host": v.host.name.as_str(),
+                "current": v.current,
+                "release": b.spec.release,
+                "instance": b.spec.address.to_string(),
+                "pid": null,
+                "alive": null,
+                "backend": b.spec.id,
+                "state": enum_name(&b.state),
+                "health": enum_name(&b.health),
+                "weight": b.spec.weight,
+                "in_flight": b.in_flight,
+                "requests": b.counters.requests,
+                "errors": b.counters.status_5xx,
+            }));
+        }
+    }
+    Ok(Json(
+        json!({ "app": state.config.app.name.as_str(), "hosts": hosts, "rows": rows }),
+    ))
+}
+
+fn enum_name<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The deployment without an outcome, and whether something is carrying it out right now.
+fn current(state: &ServeState) -> ApiResult<Option<(DeploymentRow, bool)>> {
+    let Some(row) = state.journal.unfinished()? else {
+        return Ok(None);
+    };
+    let ours = state.queue.view().running.is_some_and(|j| {
+        j.deployment.as_deref() == Some(row.id.as_str()) || j.deployment.is_none()
+    });
+    let holder_alive = state
+        .journal
+        .lock_holder(state.config.app.name.as_str())?
+        .is_some_and(|h| process_alive(h.pid));
+    Ok(Some((row, ours || holder_alive)))
+}
+
+/// `GET /api/status`: the running (or interrupted) deployment with its live status, the
+/// queue, the lock, the last progress lines.
+async fn status(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
+    let deployment = current(&state)?.map(|(row, running)| {
+        let mut v = serde_json::to_value(&row).unwrap_or(Value::Null);
+        v["state"] = json!(if running { "running" } else { "interrupted" });
+        v
+    });
+    let log: Vec<String> = {
+        let log = state.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter().rev().take(50).rev().cloned().collect()
+    };
+    Ok(Json(json!({
+        "app": state.config.app.name.as_str(),
+        "deployment": deployment,
+        "queue": state.queue.view(),
+        "lock": state.journal.lock_holder(state.config.app.name.as_str())?,
+        "github": state.settings.github.as_ref().map(|g| json!({ "branch": g.branch })),
+        "balancer_error": state.live.error(),
+        "log": log,
+    })))
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+/// `GET /api/deployments?limit=N`: newest first.
+async fn deployments(
+    State(state): State<ServeState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let rows = state.journal.deployments(q.limit.unwrap_or(50).min(1000))?;
+    Ok(Json(json!({ "deployments": rows })))
+}
+
+fn find(state: &ServeState, id: &str) -> ApiResult<DeploymentRow> {
+    if id == "current" {
+        return current(state)?
+            .map(|(row, _)| row)
+            .ok_or_else(|| ApiError::NotFound("no deployment is running or interrupted".into()));
+    }
+    state
+        .journal
+        .deployment(id)?
+        .ok_or_else(|| ApiError::NotFound(format!("no deployment {id} in the journal")))
+}
+
+/// `GET /api/deployments/{id}` (`current` for the running one): row, steps, events, samples.
+async fn deployment(
+    State(state): State<ServeState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row = find(&state, &id)?;
+    let steps = state.journal.steps(&row.id)?;
+    let events = state.journal.events(&row.id)?;
+    let samples: Vec<report::Sample> = state
+        .journal
+        .samples(&row.id)?
+        .iter()
+        .map(|(at, v)| report::Sample::from_json(*at, v))
+        .collect();
+    let report_path = report::report_path(&state.journal, &row.id);
+    Ok(Json(json!({
+        "deployment": row,
+        "steps": steps,
+        "events": events,
+        "rates": report::rates(&samples),
+        "report_file": report_path.exists().then(|| report_path.display().to_string()),
+    })))
+}
+
+/// `GET /api/deployments/{id}/report`: the HTML deploy report (written if missing).
+async fn deployment_report(
+    State(state): State<ServeState>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let row = find(&state, &id)?;
+    let path = report::report_path(&state.journal, &row.id);
+    if row.outcome.is_none() || !path.exists() {
+        report::write_report(&state.journal, &row.id, &[])?;
+    }
+    let html = std::fs::read_to_string(&path)
+        .map_err(|e| ApiError::Internal(format!("{}: {e}", path.display())))?;
+    Ok(([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response())
+}
+
+fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &Bytes) -> ApiResult<T> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not the JSON expected: {e}")))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    version: Option<String>,
+}
+
+/// `POST /api/deployments` `{"version": "v2"}`: queues a deploy; 202 with the job.
+async fn start_deploy(
+    State(state): State<ServeState>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let b: DeployBody = parse_body(&body)?;
+    let version = b
+        .version
+        .ok_or_else(|| ApiError::BadRequest("missing \"version\"".into()))?;
+    let name = Name::parse(&version).map_err(ApiError::BadRequest)?;
+    if state.config.release.git.is_none() {
+        let dir = state.config.release_source(&name);
+        if !dir.is_dir() {
+            return Err(ApiError::BadRequest(format!(
+                "no release {version}: {} is not a directory (release.path)",
+                dir.display()
+            )));
+        }
+    }
+    let (job, _) = state.queue.push(
+        Work::Deploy {
+            version: name.to_string(),
+        },
+        None,
+        "api".into(),
+    );
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    to: Option<String>,
+}
+
+/// `POST /api/rollback` `{"to": "v1"}` (optional): queues a fleet rollback; 202 with the job.
+/// To undo the *running* deployment, post `rollback` to it instead.
+async fn rollback(
+    State(state): State<ServeState>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let b: RollbackBody = parse_body(&body)?;
+    let to =
+        b.to.map(|v| Name::parse(&v).map(|n| n.to_string()))
+            .transpose()
+            .map_err(ApiError::BadRequest)?;
+    if to.is_none() && state.journal.previous_release()?.is_none() {
+        return Err(ApiError::Conflict(
+            "no earlier release is recorded in the journal: name one with {\"to\": VERSION}".into(),
+        ));
+    }
+    let (job, _) = state.queue.push(Work::Rollback { to }, None, "api".into());
+    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}
+
+/// Commands a running deployment understands.
+const COMMANDS: [&str; 6] = [
+    "promote",
+    "promote-full",
+    "abort",
+    "pause",
+    "resume",
+    "rollback",
+];
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CommandBody {
+    /// `promote` only: skip the remaining steps (same as `promote-full`).
+    #[serde(default)]
+    full: bool,
+}
+
+/// `POST /api/deployments/{id}/{command}`: posts promote / promote-full / abort / pause /
+/// resume / rollback to a running deployment (id or `current`) through the journal.
+async fn command(
+    State(state): State<ServeState>,
+    Path((id, command)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let b: CommandBody = parse_body(&body)?;
+    let mut command = command;
+    if !COMMANDS.contains(&command.as_str()) {
+        return Err(ApiError::NotFound(format!(
+            "no command {command:?}: use one of {}",
+            COMMANDS.join(", ")
+        )));
+    }
+    if command == "promote" && b.full {
+        command = "promote-full".into();
+    }
+    let row = find(&state, &id)?;
+    if let Some(outcome) = &row.outcome {
+        return Err(ApiError::Conflict(format!(
+            "deployment {} already ended ({outcome})",
+            row.id
+        )));
+    }
+    let running = current(&state)?.is_some_and(|(r, running)| r.id == row.id && running);
+    if !running {
+        return Err(ApiError::Conflict(format!(
+            "deployment {} was interrupted and nothing runs it: finish it with `cutover deploy --resume` or undo it with `cutover rollback`",
+            row.id
+        )));
+    }
+    state.journal.post_command(&row.id, &command)?;
+    tracing::info!("command {command} posted to deployment {}", row.id);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "deployment": row.id, "command": command })),
+    ))
+}
+
+/// `GET /api/queue`: running, queued and recently finished jobs.
+async fn queue(State(state): State<ServeState>) -> Json<Value> {
+    Json(serde_json::to_value(state.queue.view()).unwrap_or(Value::Null))
+}
+
+fn job_id(s: &str) -> ApiResult<u64> {
+    s.parse()
+        .map_err(|_| ApiError::BadRequest(format!("{s:?} is not a job id")))
+}
+
+/// `GET /api/queue/{job}`.
+async fn queue_job(
+    State(state): State<ServeState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = job_id(&id)?;
+    let job = state
+        .queue
+        .job(id)
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    Ok(Json(json!({ "job": job })))
+}
+
+/// `DELETE /api/queue/{job}`: removes a queued job (never the running one).
+async fn cancel_job(
+    State(state): State<ServeState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    use super::queue::CancelError;
+    let id = job_id(&id)?;
+    match state.queue.cancel(id) {
+        Ok(job) => Ok(Json(json!({ "job": job }))),
+        Err(e @ CancelError::NotFound(_)) => Err(ApiError::NotFound(e.to_string())),
+        Err(e) => Err(ApiError::Conflict(e.to_string())),
+    }
+}
+
+#[derive(Deserialize)]
+struct MetricsQuery {
+    /// Rates after this moment (ms since the Unix epoch); default: the last two minutes.
+    since: Option<u64>,
+}
+
+/// `GET /api/metrics?since=MS`: requests/s per release and failed share over time.
+async fn metrics(State(state): State<ServeState>, Query(q): Query<MetricsQuery>) -> Json<Value> {
+    let now = crate::journal::now_ms();
+    let since = q.since.unwrap_or(now.saturating_sub(120_000));
+    let rates = report::rates(&state.live.window(since));
+    let rates: Vec<_> = rates.into_iter().filter(|r| r.at_ms > since).collect();
+    Json(json!({
+        "now_ms": now,
+        "rates": rates,
+        "balancer_error": state.live.error(),
+    }))
+}
+
+/// `POST /hooks/github`: see [`github`].
+pub async fn github_hook(
+    State(state): State<ServeState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(gh) = &state.settings.github else {
+        return ApiError::NotFound(
+            "GitHub webhooks are not configured: add [serve.github] with secret and branch".into(),
+        )
+        .into_response();
+    };
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok());
+    let delivery = headers
+        .get("x-github-delivery")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    if !github::verify_signature(&gh.secret, &body, signature) {
+        tracing::warn!(
+            "github webhook {delivery}: {} signature: rejected",
+            if signature.is_some() { "wrong" } else { "no" }
+        );
+        return ApiError::Unauthorized(
+            "X-Hub-Signature-256 is missing or does not match the body (check serve.github.secret)"
+                .into(),
+        )
+        .into_response();
+    }
+    let event = headers
+        .get("x-github-event")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match event {
+        "ping" => (StatusCode::OK, Json(json!({ "ok": true, "event": "ping" }))).into_response(),
+        "push" => {
+            let push: github::PushEvent = match serde_json::from_slice(&body) {
+                Ok(p) => p,
+                Err(e) => {
+                    return ApiError::BadRequest(format!("not a push payload: {e}"))
+                        .into_response();
+                }
+            };
+            match github::decide(&push, &gh.branch, state.config.release.git.is_some()) {
+                PushDecision::Deploy {
+                    version,
+                    key,
+                    trigger,
+                } => {
+                    if let Err(e) = Name::parse(&version) {
+                        return ApiError::BadRequest(e).into_response();
+                    }
+                    let (job, replaced) =
+                        state
+                            .queue
+                            .push(Work::Deploy { version }, Some(key), trigger);
+                    state.say(&format!(
+                        "github webhook {delivery}: queued job {} ({}){}",
+                        job.id,
+                        job.trigger,
+                        replaced
+                            .as_ref()
+                            .map(|r| format!(", replacing queued job {}", r.id))
+                            .unwrap_or_default()
+                    ));
+                    (
+                        StatusCode::ACCEPTED,
+                        Json(json!({ "queued": true, "job": job, "replaced": replaced })),
+                    )
+                        .into_response()
+                }
+                PushDecision::Ignore(why) => {
+                    state.say(&format!("github webhook {delivery}: {why}"));
+                    (
+                        StatusCode::ACCEPTED,
+                        Json(json!({ "queued": false, "ignored": why })),
+                    )
+                        .into_response()
+                }
+            }
+        }
+        other => {
+            let why = format!("event {other:?} ignored: only push deploys");
+            state.say(&format!("github webhook {delivery}: {why}"));
+            (
+                StatusCode::ACCEPTED,
+                Json(json!({ "queued": false, "ignored": why })),
+            )
+                .into_response()
+        }
+    }
+}

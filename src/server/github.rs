@@ -1,0 +1,223 @@
+//! GitHub webhooks: `POST /hooks/github`.
+//!
+//! Nothing in the request is trusted before its signature is: `X-Hub-Signature-256` must be
+//! `sha256=<hex>` of HMAC-SHA256 over the *raw* body with the configured secret, compared in
+//! constant time (`Mac::verify_slice`). A missing or wrong signature is a 401 and nothing else
+//! happens (not even parsing). Then by `X-GitHub-Event`:
+//! - `ping` → 200;
+//! - `push` to `refs/heads/<branch>` → the pushed commit (`after`) is queued for deployment
+//!   (202, with the job); a newer push replaces a queued older one;
+//! - any other branch, a tag, a branch deletion, any other event → 202 and ignored (logged).
+//!
+//! The version deployed: with `release.git`, the full commit sha (the git source checks it
+//! out); with `release.path`, the short sha (first [`SHORT_SHA`] hex digits), so a CI job that
+//! builds `builds/<short sha>/` before the push reaches us is deployed as such.
+
+use hmac::{KeyInit, Mac};
+use serde::Deserialize;
+use sha2::Sha256;
+
+/// Hex digits of a short sha (git's default abbreviation).
+pub const SHORT_SHA: usize = 7;
+
+/// Checks `X-Hub-Signature-256` against the raw body.
+pub fn verify_signature(secret: &[u8], body: &[u8], header: Option<&str>) -> bool {
+    let Some(hex) = header.and_then(|h| h.trim().strip_prefix("sha256=")) else {
+        return false;
+    };
+    let Some(sig) = decode_hex(hex) else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    mac.update(body);
+    mac.verify_slice(&sig).is_ok()
+}
+
+/// `sha256=<hex>` for a body: what GitHub sends (used by tests and docs examples).
+pub fn sign(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(body);
+    let bytes = mac.finalize().into_bytes();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The parts of a push event cutover reads (GitHub sends many more; they are ignored).
+#[derive(Debug, Clone, Deserialize)]
+pub struct PushEvent {
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    #[serde(default)]
+    pub before: String,
+    pub after: String,
+    #[serde(default)]
+    pub deleted: bool,
+    #[serde(default)]
+    pub repository: Option<Repository>,
+    #[serde(default)]
+    pub pusher: Option<Pusher>,
+    #[serde(default)]
+    pub head_commit: Option<Commit>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Repository {
+    #[serde(default)]
+    pub full_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Pusher {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Commit {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// What to do with a verified push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushDecision {
+    /// Deploy this version (the job key makes newer pushes of the branch replace it).
+    Deploy {
+        version: String,
+        key: String,
+        trigger: String,
+    },
+    Ignore(String),
+}
+
+/// Decides what a push means for a fleet that deploys `branch`.
+pub fn decide(push: &PushEvent, branch: &str, git_release: bool) -> PushDecision {
+    let wanted = format!("refs/heads/{branch}");
+    if push.git_ref != wanted {
+        return PushDecision::Ignore(format!(
+            "push to {} ignored: only {wanted} deploys",
+            push.git_ref
+        ));
+    }
+    let sha = push.after.to_ascii_lowercase();
+    if push.deleted || sha.chars().all(|c| c == '0') {
+        return PushDecision::Ignore(format!("{wanted} was deleted: nothing to deploy"));
+    }
+    if sha.len() < SHORT_SHA || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+        return PushDecision::Ignore(format!(
+            "push to {wanted} ignored: \"after\" is not a commit sha: {:?}",
+            push.after
+        ));
+    }
+    let version = if git_release {
+        sha.clone()
+    } else {
+        sha[..SHORT_SHA].to_string()
+    };
+    let by = push
+        .pusher
+        .as_ref()
+        .map(|p| p.name.as_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("someone");
+    let repo = push
+        .repository
+        .as_ref()
+        .map(|r| r.full_name.as_str())
+        .filter(|n| !n.is_empty())
+        .map(|r| format!(" to {r}"))
+        .unwrap_or_default();
+    let subject = push
+        .head_commit
+        .as_ref()
+        .and_then(|c| c.message.lines().next())
+        .map(|m| format!(": {}", m.chars().take(80).collect::<String>()))
+        .unwrap_or_default();
+    PushDecision::Deploy {
+        version,
+        key: format!("push:{wanted}"),
+        trigger: format!("github push {} by {by}{repo}{subject}", &sha[..SHORT_SHA]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_githubs_documented_example() {
+        // From GitHub's "Validating webhook deliveries" page.
+        let sig = "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17";
+        assert!(verify_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World!",
+            Some(sig)
+        ));
+        assert_eq!(sign(b"It's a Secret to Everybody", b"Hello, World!"), sig);
+        assert!(!verify_signature(b"other", b"Hello, World!", Some(sig)));
+        assert!(!verify_signature(
+            b"It's a Secret to Everybody",
+            b"Hello, World?",
+            Some(sig)
+        ));
+        assert!(!verify_signature(b"k", b"x", None));
+        assert!(!verify_signature(b"k", b"x", Some("sha1=abc")));
+        assert!(!verify_signature(b"k", b"x", Some("sha256=zz")));
+    }
+
+    fn push(r: &str, after: &str) -> PushEvent {
+        serde_json::from_value(serde_json::json!({
+            "ref": r, "before": "0".repeat(40), "after": after, "deleted": false,
+            "repository": {"full_name": "acme/web"}, "pusher": {"name": "alice"},
+            "head_commit": {"id": after, "message": "Fix the thing\n\nlong text"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_the_branch_deploys() {
+        let sha = "abcdef0123456789abcdef0123456789abcdef01";
+        match decide(&push("refs/heads/main", sha), "main", false) {
+            PushDecision::Deploy {
+                version,
+                key,
+                trigger,
+            } => {
+                assert_eq!(version, "abcdef0");
+                assert_eq!(key, "push:refs/heads/main");
+                assert!(trigger.contains("alice") && trigger.contains("Fix the thing"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decide(&push("refs/heads/main", sha), "main", true),
+            PushDecision::Deploy { version, .. } if version == sha
+        ));
+        assert!(matches!(
+            decide(&push("refs/heads/dev", sha), "main", false),
+            PushDecision::Ignore(_)
+        ));
+        assert!(matches!(
+            decide(&push("refs/tags/main", sha), "main", false),
+            PushDecision::Ignore(_)
+        ));
+        assert!(matches!(
+            decide(&push("refs/heads/main", &"0".repeat(40)), "main", false),
+            PushDecision::Ignore(_)
+        ));
+    }
+}

@@ -1,0 +1,432 @@
+//! `cutover serve`: push-button deployment for a team. One process holds a queue of deploys
+//! and runs them one at a time, serves a JSON API and a dashboard, and turns GitHub pushes to
+//! the configured branch into deploys.
+//!
+//! Why one process with a queue, rather than a deploy per request: the fleet can only move to
+//! one release at a time, and the journal lock would make concurrent requests fail anyway. The
+//! queue makes the order visible and lets a newer push replace an older one still waiting.
+//!
+//! The pieces:
+//! - [`app`] builds the router from a [`ServeState`] (no socket), so tests call it directly;
+//!   [`start`] binds and spawns the runner and the sampler;
+//! - [`queue`]: the jobs; the runner takes the deploy lock per job, like `cutover deploy`, so a
+//!   deploy from a terminal and one from `serve` never overlap;
+//! - [`sampler`]: the balancer's counters over time, for the live chart and the deploy report;
+//! - [`api`]: JSON endpoints behind a bearer token; [`github`]: the signed webhook;
+//!   [`dashboard`]: the page, its script and style, embedded in the binary.
+//!
+//! Controls of a running deployment (promote, abort, pause, resume, rollback) are posted to the
+//! journal as commands, exactly what `cutover promote` in another terminal does; the deployer
+//! reads them between steps.
+
+pub mod api;
+pub mod dashboard;
+pub mod github;
+pub mod queue;
+pub mod sampler;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::balancer::Balancer;
+use crate::config::{Config, Name};
+use crate::deploy::{Report, Request};
+use crate::journal::{Journal, LockHolder};
+use crate::progress::Progress;
+use crate::report;
+use crate::transport::Transport;
+
+use queue::{Job, JobState, Queue, Work};
+
+/// `[serve]` resolved: secrets read from their files.
+#[derive(Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub token: String,
+    pub github: Option<GithubSettings>,
+}
+
+#[derive(Clone)]
+pub struct GithubSettings {
+    pub secret: Vec<u8>,
+    pub branch: String,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("github", &self.github.as_ref().map(|g| &g.branch))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Shortest token or secret accepted.
+const MIN_SECRET: usize = 16;
+
+impl Settings {
+    pub fn from_config(config: &Config) -> anyhow::Result<Settings> {
+        let file = config.file.display();
+        let serve = config.serve.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{file}: no [serve] section: add one with listen = \"127.0.0.1:8480\" and token_file = \"serve.token\" (see docs/serve.md)"
+            )
+        })?;
+        let token = secret(
+            &serve.token,
+            &serve.token_file,
+            &format!("{file}: serve.token"),
+        )?;
+        let github = match &serve.github {
+            None => None,
+            Some(g) => {
+                let secret = secret(
+                    &g.secret,
+                    &g.secret_file,
+                    &format!("{file}: serve.github.secret"),
+                )?;
+                if g.branch.trim().is_empty() || g.branch.starts_with("refs/") {
+                    anyhow::bail!(
+                        "{file}: serve.github.branch = {:?}: name the branch alone, e.g. \"main\"",
+                        g.branch
+                    );
+                }
+                Some(GithubSettings {
+                    secret: secret.into_bytes(),
+                    branch: g.branch.clone(),
+                })
+            }
+        };
+        Ok(Settings {
+            listen: serve.listen,
+            token,
+            github,
+        })
+    }
+}
+
+fn secret(
+    value: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+    what: &str,
+) -> anyhow::Result<String> {
+    let s = match (value, file) {
+        (Some(_), Some(_)) => anyhow::bail!("{what}: set {what} or {what}_file, not both"),
+        (Some(v), None) => v.trim().to_string(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("{what}_file {}", path.display()))?
+            .trim()
+            .to_string(),
+        (None, None) => anyhow::bail!(
+            "{what} is not set: set it or {what}_file (a long random string, e.g. `openssl rand -hex 24`)"
+        ),
+    };
+    if s.len() < MIN_SECRET {
+        anyhow::bail!("{what} is too short: use at least {MIN_SECRET} characters");
+    }
+    Ok(s)
+}
+
+/// Everything the handlers and the runner share.
+pub struct Inner {
+    pub config: Arc<Config>,
+    pub settings: Settings,
+    pub journal: Arc<Journal>,
+    pub transport: Arc<dyn Transport>,
+    pub balancer: Arc<dyn Balancer>,
+    pub queue: Queue,
+    pub live: Arc<sampler::Live>,
+    /// Progress lines of the running job (newest last, bounded).
+    pub log: Mutex<std::collections::VecDeque<String>>,
+}
+
+/// The server's shared state (cheap to clone).
+#[derive(Clone)]
+pub struct ServeState(pub Arc<Inner>);
+
+impl std::ops::Deref for ServeState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// Progress lines kept for the dashboard.
+const LOG_KEPT: usize = 200;
+
+impl ServeState {
+    /// Opens the journal and connects to the fleet's transport and balancer. Starts nothing.
+    pub fn new(config: Config) -> anyhow::Result<ServeState> {
+        let settings = Settings::from_config(&config)?;
+        let journal = Arc::new(Journal::open(&config.state_dir)?);
+        let (transport, balancer) = crate::cli::connect(&config)?;
+        Ok(ServeState(Arc::new(Inner {
+            config: Arc::new(config),
+            settings,
+            journal,
+            transport,
+            live: Arc::new(sampler::Live::new(balancer.clone())),
+            balancer,
+            queue: Queue::new(),
+            log: Mutex::new(Default::default()),
+        })))
+    }
+
+    fn say(&self, line: &str) {
+        tracing::info!("{line}");
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        log.push_back(line.to_string());
+        while log.len() > LOG_KEPT {
+            log.pop_front();
+        }
+    }
+}
+
+/// The whole HTTP surface: dashboard, JSON API, webhook.
+pub fn app(state: ServeState) -> Router {
+    Router::new()
+        .merge(dashboard::routes())
+        .route("/hooks/github", axum::routing::post(api::github_hook))
+        .nest("/api", api::routes(state.clone()))
+        .with_state(state)
+}
+
+/// A running `cutover serve`.
+pub struct Handle {
+    /// The bound address (the port is known here when `listen` asked for port 0).
+    pub addr: SocketAddr,
+    pub state: ServeState,
+    stop: watch::Sender<bool>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Handle {
+    /// Stops accepting, lets the running job finish its current await point, and returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Binds `[serve] listen`, starts the runner and the sampler, serves.
+pub async fn start(state: ServeState) -> anyhow::Result<Handle> {
+    let listener = tokio::net::TcpListener::bind(state.settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (serve.listen)", state.settings.listen))?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(state.live.clone().run(stopped.clone()));
+    tokio::spawn(runner(state.clone(), stopped.clone()));
+    let router = app(state.clone());
+    let server = {
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!("serve: {e}");
+            }
+        })
+    };
+    Ok(Handle {
+        addr,
+        state,
+        stop,
+        server: Some(server),
+    })
+}
+
+/// `cutover serve`: runs until SIGINT or SIGTERM. A running deployment is not interrupted by
+/// the first signal: the process waits for it (a second signal exits at once; the journal
+/// then lets `cutover deploy --resume` or `cutover rollback` finish the job).
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let state = ServeState::new(config)?;
+    let handle = start(state).await?;
+    let github = match &handle.state.settings.github {
+        Some(g) => format!(", GitHub pushes to {} deploy", g.branch),
+        None => String::new(),
+    };
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = writeln!(
+            out,
+            "cutover serve: dashboard and API on http://{}/{github}",
+            handle.addr
+        );
+        let _ = out.flush();
+    }
+    wait_for_signal().await;
+    let _ = handle.stop.send(true);
+    if handle.state.queue.view().running.is_some() {
+        eprintln!(
+            "cutover serve: waiting for the running deployment to finish (signal again to exit now)"
+        );
+        let state = handle.state.clone();
+        tokio::select! {
+            _ = async { while state.queue.view().running.is_some() { tokio::time::sleep(Duration::from_millis(200)).await } } => {}
+            _ = wait_for_signal() => {}
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+    }
+}
+
+/// Takes jobs one at a time until stopped (a running job is finished first).
+async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
+    loop {
+        let job = tokio::select! {
+            job = state.queue.next() => job,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut job = job;
+        state.say(&format!("job {} starts: {}", job.id, describe(&job)));
+        state.live.set_fast(true);
+        let from = crate::journal::now_ms();
+        state.live.sample_now().await;
+        let result = run_job(&state, &job).await;
+        state.live.sample_now().await;
+        state.live.set_fast(false);
+        job.ended_ms = Some(crate::journal::now_ms());
+        match result {
+            Ok(report) => {
+                job.state = JobState::Done;
+                job.outcome = Some(report.outcome.label().to_string());
+                job.deployment = Some(report.id.clone());
+                let samples = state.live.since(from);
+                let stored: Vec<_> = samples.iter().map(|s| (s.at_ms, s.to_json())).collect();
+                if let Err(e) = state.journal.add_samples(&report.id, &stored) {
+                    state.say(&format!("cannot store the timeline samples: {e:#}"));
+                }
+                match report::write_report(&state.journal, &report.id, &samples) {
+                    Ok(p) => state.say(&format!("report: {}", p.display())),
+                    Err(e) => state.say(&format!("cannot write the report: {e:#}")),
+                }
+                let _ = state.journal.prune(state.config.history_keep);
+                state.say(&format!(
+                    "job {} {}: served {}, failed {} (deployment {})",
+                    job.id,
+                    report.outcome.label(),
+                    report.served,
+                    report.failed_requests,
+                    report.id
+                ));
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(format!("{e:#}"));
+                state.say(&format!("job {} failed: {e:#}", job.id));
+            }
+        }
+        state.queue.finish(job);
+    }
+}
+
+fn describe(job: &Job) -> String {
+    match &job.work {
+        Work::Deploy { version } => format!("deploy {version} ({})", job.trigger),
+        Work::Rollback { to: Some(v) } => format!("rollback to {v} ({})", job.trigger),
+        Work::Rollback { to: None } => format!("rollback ({})", job.trigger),
+    }
+}
+
+/// One job: the lock, the interrupted-deployment check, the deploy.
+async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
+    let config = &state.config;
+    let what = format!("serve: {}", describe(job));
+    let _lock = crate::cli::take_lock(
+        &state.journal,
+        config,
+        &what,
+        Some(Duration::from_secs(3600)),
+    )
+    .await?;
+    if let Some(row) = state.journal.unfinished()? {
+        anyhow::bail!(
+            "deployment {} ({} -> {}) was interrupted: finish it with `cutover deploy --resume` or undo it with `cutover rollback`; serve does not guess which",
+            row.id,
+            row.from.as_deref().unwrap_or("(nothing)"),
+            row.to
+        );
+    }
+    let progress = {
+        let state = state.clone();
+        Progress::to_sink(Arc::new(move |line: &str| state.say(line)))
+    };
+    let deployer = crate::cli::deployer(config.clone(), state.journal.clone(), progress)?;
+    let request = match &job.work {
+        Work::Deploy { version } => Request::deploy(name(version)?),
+        Work::Rollback { to } => {
+            let target = match to {
+                Some(v) => name(v)?,
+                None => name(&state.journal.previous_release()?.ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no earlier release is recorded in the journal: name one (\"to\": VERSION)"
+                    )
+                })?)?,
+            };
+            Request {
+                version: target,
+                kind: "rollback",
+                resume: None,
+            }
+        }
+    };
+    // Tell the queue the deployment's id as soon as the journal has it.
+    let watcher = {
+        let state = state.clone();
+        let since = job.started_ms.unwrap_or(0).saturating_sub(1000);
+        tokio::spawn(async move {
+            loop {
+                if let Ok(Some(row)) = state.journal.unfinished() {
+                    if row.started_ms >= since {
+                        state.queue.set_deployment(&row.id);
+                        return;
+                    }
+                }
+                tokio::time::sleep(sampler::FAST).await;
+            }
+        })
+    };
+    let result = deployer.run(&request).await;
+    watcher.abort();
+    result
+}
+
+fn name(v: &str) -> anyhow::Result<Name> {
+    Name::parse(v).map_err(|e| anyhow::anyhow!("version: {e}"))
+}
+
+/// The holder of the deploy lock when it is not this process (a deploy from a terminal).
+pub fn other_holder(state: &ServeState) -> Option<LockHolder> {
+    state
+        .journal
+        .lock_holder(state.config.app.name.as_str())
+        .ok()
+        .flatten()
+        .filter(|h| h.pid != std::process::id())
+}

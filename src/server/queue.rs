@@ -1,0 +1,308 @@
+//! The deploy queue of `cutover serve`: jobs run one at a time, in order.
+//!
+//! A job may carry a *key* (a GitHub push carries `push:<ref>`): a newer job with the same key
+//! replaces a queued older one, because deploying a commit that is already superseded only
+//! delays the one people want. The running job is never replaced or cancelled from here:
+//! stopping a deployment mid-way is a decision (`abort`, `rollback`) that goes through the
+//! journal to the deployer, which knows how to leave the fleet whole.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::journal::now_ms;
+
+/// What a job does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Work {
+    /// Deploy a version.
+    Deploy { version: String },
+    /// Return the fleet to `to`, or to the release before the live one.
+    Rollback { to: Option<String> },
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    /// Ran to an outcome (see `outcome`).
+    Done,
+    /// Could not run or the deployer returned an error (see `error`).
+    Failed,
+    /// A newer job with the same key took its place before it ran.
+    Replaced,
+    /// Removed from the queue through the API before it ran.
+    Cancelled,
+}
+
+/// One request to deploy (or roll back), from the API or a webhook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Job {
+    pub id: u64,
+    #[serde(flatten)]
+    pub work: Work,
+    /// Jobs with the same key replace each other while queued.
+    pub key: Option<String>,
+    /// Who asked, for people: `api`, `github push abc1234 by alice`.
+    pub trigger: String,
+    pub state: JobState,
+    pub queued_ms: u64,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    /// The deployment's id in the journal, once it started.
+    pub deployment: Option<String>,
+    /// `succeeded`, `rolled_back`, ... for a job that ran.
+    pub outcome: Option<String>,
+    pub error: Option<String>,
+    /// The job that replaced this one.
+    pub replaced_by: Option<u64>,
+}
+
+/// What the queue holds: the running job, the queued ones (next first), the finished ones
+/// (newest first).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueView {
+    pub running: Option<Job>,
+    pub queued: Vec<Job>,
+    pub finished: Vec<Job>,
+}
+
+/// Why a job cannot be cancelled.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CancelError {
+    #[error("job {0} is not in the queue")]
+    NotFound(u64),
+    #[error(
+        "job {0} is running: it is not cancelled from the queue; abort or roll back its deployment instead"
+    )]
+    Running(u64),
+    #[error("job {0} already ended")]
+    Ended(u64),
+}
+
+/// Finished jobs remembered for the API.
+const FINISHED_KEPT: usize = 200;
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    queued: VecDeque<Job>,
+    running: Option<Job>,
+    finished: VecDeque<Job>,
+}
+
+/// The queue, shared by the API (push, cancel, view) and the runner (next, finish).
+#[derive(Default)]
+pub struct Queue {
+    inner: Mutex<Inner>,
+    wake: Notify,
+}
+
+impl Queue {
+    pub fn new() -> Queue {
+        Queue::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a job; returns it and the queued job it replaced, if any.
+    pub fn push(&self, work: Work, key: Option<String>, trigger: String) -> (Job, Option<Job>) {
+        let mut q = self.lock();
+        q.next_id += 1;
+        let job = Job {
+            id: q.next_id,
+            work,
+            key,
+            trigger,
+            state: JobState::Queued,
+            queued_ms: now_ms(),
+            started_ms: None,
+            ended_ms: None,
+            deployment: None,
+            outcome: None,
+            error: None,
+            replaced_by: None,
+        };
+        let mut replaced = None;
+        let same = job
+            .key
+            .as_ref()
+            .and_then(|k| q.queued.iter().position(|j| j.key.as_ref() == Some(k)));
+        match same {
+            Some(i) => {
+                // Take the older one's place in line: it was waiting longer.
+                let mut old = std::mem::replace(&mut q.queued[i], job.clone());
+                old.state = JobState::Replaced;
+                old.ended_ms = Some(now_ms());
+                old.replaced_by = Some(job.id);
+                replaced = Some(old.clone());
+                remember(&mut q, old);
+            }
+            None => q.queued.push_back(job.clone()),
+        }
+        drop(q);
+        self.wake.notify_one();
+        (job, replaced)
+    }
+
+    /// Removes a queued job.
+    pub fn cancel(&self, id: u64) -> Result<Job, CancelError> {
+        let mut q = self.lock();
+        if q.running.as_ref().is_some_and(|j| j.id == id) {
+            return Err(CancelError::Running(id));
+        }
+        if q.finished.iter().any(|j| j.id == id) {
+            return Err(CancelError::Ended(id));
+        }
+        let i = q
+            .queued
+            .iter()
+            .position(|j| j.id == id)
+            .ok_or(CancelError::NotFound(id))?;
+        let mut job = q.queued.remove(i).expect("position is in range");
+        job.state = JobState::Cancelled;
+        job.ended_ms = Some(now_ms());
+        remember(&mut q, job.clone());
+        Ok(job)
+    }
+
+    /// Marks the next queued job running and returns it, if there is one and nothing runs.
+    pub fn start_next(&self) -> Option<Job> {
+        let mut q = self.lock();
+        if q.running.is_some() {
+            return None;
+        }
+        let mut job = q.queued.pop_front()?;
+        job.state = JobState::Running;
+        job.started_ms = Some(now_ms());
+        q.running = Some(job.clone());
+        Some(job)
+    }
+
+    /// Waits for a job to run (see [`Queue::start_next`]).
+    pub async fn next(&self) -> Job {
+        loop {
+            let woken = self.wake.notified();
+            if let Some(job) = self.start_next() {
+                return job;
+            }
+            woken.await;
+        }
+    }
+
+    /// Records the running job's deployment id once it is known.
+    pub fn set_deployment(&self, id: &str) {
+        if let Some(j) = self.lock().running.as_mut() {
+            j.deployment = Some(id.to_string());
+        }
+    }
+
+    /// Ends the running job.
+    pub fn finish(&self, job: Job) {
+        let mut q = self.lock();
+        if q.running.as_ref().is_some_and(|j| j.id == job.id) {
+            q.running = None;
+        }
+        remember(&mut q, job);
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    pub fn view(&self) -> QueueView {
+        let q = self.lock();
+        QueueView {
+            running: q.running.clone(),
+            queued: q.queued.iter().cloned().collect(),
+            finished: q.finished.iter().cloned().collect(),
+        }
+    }
+
+    /// A job by id, wherever it is.
+    pub fn job(&self, id: u64) -> Option<Job> {
+        let q = self.lock();
+        q.running
+            .iter()
+            .chain(q.queued.iter())
+            .chain(q.finished.iter())
+            .find(|j| j.id == id)
+            .cloned()
+    }
+}
+
+fn remember(q: &mut Inner, job: Job) {
+    q.finished.push_front(job);
+    q.finished.truncate(FINISHED_KEPT);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deploy(v: &str) -> Work {
+        Work::Deploy {
+            version: v.to_string(),
+        }
+    }
+
+    #[test]
+    fn newer_push_replaces_the_queued_one_never_the_running_one() {
+        let q = Queue::new();
+        let key = || Some("push:refs/heads/main".to_string());
+        let (a, _) = q.push(deploy("a"), key(), "push a".into());
+        let running = q.start_next().unwrap();
+        assert_eq!(running.id, a.id);
+        let (b, none) = q.push(deploy("b"), key(), "push b".into());
+        assert!(none.is_none(), "the running job is not replaced");
+        let (other, _) = q.push(deploy("x"), None, "api".into());
+        let (c, replaced) = q.push(deploy("c"), key(), "push c".into());
+        let replaced = replaced.unwrap();
+        assert_eq!(replaced.id, b.id);
+        assert_eq!(replaced.state, JobState::Replaced);
+        assert_eq!(replaced.replaced_by, Some(c.id));
+        // c took b's place, before the API job that came after b.
+        let v = q.view();
+        assert_eq!(v.running.unwrap().id, a.id);
+        assert_eq!(
+            v.queued.iter().map(|j| j.id).collect::<Vec<_>>(),
+            vec![c.id, other.id]
+        );
+        assert!(q.start_next().is_none(), "one at a time");
+        let mut done = running;
+        done.state = JobState::Done;
+        q.finish(done);
+        assert_eq!(q.start_next().unwrap().id, c.id);
+    }
+
+    #[test]
+    fn cancel_only_queued_jobs() {
+        let q = Queue::new();
+        let (a, _) = q.push(deploy("a"), None, "api".into());
+        let (b, _) = q.push(deploy("b"), None, "api".into());
+        q.start_next().unwrap();
+        assert_eq!(q.cancel(a.id), Err(CancelError::Running(a.id)));
+        assert_eq!(q.cancel(b.id).unwrap().state, JobState::Cancelled);
+        assert_eq!(q.cancel(b.id), Err(CancelError::Ended(b.id)));
+        assert_eq!(q.cancel(99), Err(CancelError::NotFound(99)));
+    }
+
+    #[tokio::test]
+    async fn next_waits_for_a_push() {
+        let q = std::sync::Arc::new(Queue::new());
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.next().await })
+        };
+        tokio::task::yield_now().await;
+        q.push(deploy("a"), None, "api".into());
+        let job = waiter.await.unwrap();
+        assert_eq!(job.work, deploy("a"));
+        assert_eq!(job.state, JobState::Running);
+    }
+}

@@ -1,0 +1,926 @@
+//! Blue-green and canary, built on the same per-host steps as the rolling strategy
+//! (`deploy.rs`): start an instance, gate it, admit it to the balancer, retire what it replaces.
+//!
+//! **Blue-green**: a complete green set starts beside blue on every host in parallel and enters
+//! the balancer as *preview* backends (only requests with `x-cutover-preview: 1` reach them);
+//! `before_switch` verify commands test it through that route; one atomic admin call then makes
+//! green active and blue draining. Blue keeps running for `scale_down_delay`, so a
+//! `cutover rollback` in that window is one more switch (the deployer polls its commands every
+//! 10 ms). `post_switch_analysis` failing switches back by itself.
+//!
+//! **Canary**: `canary_hosts` instances of the new release start beside the stable ones with
+//! weight 0; each step sets the weights so the canary receives exactly `weight` percent of the
+//! requests (canary instances `w × stable count`, stable instances `(100 − w) × canary count`,
+//! applied atomically). During each step the analysis judges every `interval`; too little
+//! traffic is *inconclusive* and holds the step (never a silent pass) until a conclusive pass or
+//! `cutover promote`. After the last step the release rolls out to every host (rolling batches,
+//! no further analysis). An abort sets the canary's weight to 0, drains and stops it.
+//!
+//! Commands from other terminals (`promote`, `promote-full`, `abort`, `pause`, `resume`,
+//! `rollback`) arrive through the journal; the live status (step, weight, last verdict with its
+//! numbers) is written back to it for `cutover status`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use crate::analysis::{self, Decision, Judgement, Tracker, Window};
+use crate::balancer::api::{Counters, SwitchRequest};
+use crate::balancer::{BackendState, Stats};
+use crate::config::{Host, Name, VerifyPoint};
+use crate::deploy::{Deployer, HostFailure, Outcome, Report, Run};
+use crate::instance::Instance;
+use crate::verify;
+
+/// How often a waiting deployer looks for commands: bounds the reaction time of a rollback.
+const COMMAND_POLL: Duration = Duration::from_millis(10);
+
+/// What the analysis loop of a step concluded.
+enum StepEnd {
+    Next,
+    Full,
+    Abort(String),
+}
+
+impl Deployer {
+    fn status(&self, run: &Run, status: serde_json::Value) {
+        let _ = self.journal.set_status(&run.id, &status);
+    }
+
+    fn balancer_url(&self) -> String {
+        format!("http://{}", self.config.balancer.listen)
+    }
+
+    /// Blue-green: green set in preview, verify, one atomic switch, a window for an instant
+    /// switch back, then blue stops.
+    pub(crate) async fn blue_green(
+        &self,
+        run: &Run,
+        version: &Name,
+        staged: &BTreeMap<String, Result<bool, String>>,
+        started: Instant,
+        stats_before: &Stats,
+    ) -> anyhow::Result<Report> {
+        let config = &self.config;
+        let from = crate::deploy::most_common(run.previous.values().flatten());
+        let mut failed: Vec<HostFailure> = staged
+            .iter()
+            .filter_map(|(h, r)| {
+                r.as_ref().err().map(|e| HostFailure {
+                    host: h.clone(),
+                    reason: e.clone(),
+                })
+            })
+            .collect();
+        let mut notes = Vec::new();
+        if !failed.is_empty() {
+            return self
+                .finish_with(
+                    run,
+                    from,
+                    version,
+                    Outcome::RolledBack,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+
+        // The green set, in parallel, as preview backends.
+        self.status(
+            run,
+            serde_json::json!({"strategy": "blue-green", "phase": "starting green"}),
+        );
+        let greens = join_all(config.hosts.iter().map(|h| async move {
+            let inst = self
+                .start_instance(run, h, version)
+                .await
+                .map_err(|e| (h.clone(), e, None))?;
+            self.progress.say(&format!(
+                "green {}: started {version} on {} (pid {})",
+                h.name, inst.address, inst.pid
+            ));
+            let admitted = self
+                .step(
+                    run,
+                    h.name.as_str(),
+                    "admit",
+                    &format!("{} (preview)", inst.backend_id()),
+                    self.admit(run, &inst, true, None),
+                )
+                .await;
+            match admitted {
+                Ok(()) => Ok((h.clone(), inst)),
+                Err(e) => Err((h.clone(), e, Some(inst))),
+            }
+        }))
+        .await;
+        let mut green: Vec<(Host, Instance)> = Vec::new();
+        for g in greens {
+            match g {
+                Ok(pair) => green.push(pair),
+                Err((h, e, inst)) => {
+                    self.progress.say(&format!("green {}: FAILED: {e}", h.name));
+                    if let Some(inst) = inst {
+                        self.discard(run, &h, &inst).await;
+                    }
+                    failed.push(HostFailure {
+                        host: h.name.to_string(),
+                        reason: e,
+                    });
+                }
+            }
+        }
+        if !failed.is_empty() {
+            self.progress
+                .say("blue-green: the green set is incomplete; blue never stopped serving");
+            for (h, inst) in &green {
+                self.discard(run, h, inst).await;
+            }
+            return self
+                .finish_with(
+                    run,
+                    from,
+                    version,
+                    Outcome::RolledBack,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+        self.progress.say(&format!(
+            "green {version} healthy on {} host(s), in preview",
+            green.len()
+        ));
+
+        // Verify green through the preview route.
+        let target = verify::Target {
+            url: self.balancer_url(),
+            version: version.as_str(),
+            preview: true,
+        };
+        if let Err(e) = self
+            .step(
+                run,
+                "fleet",
+                "verify",
+                "before_switch",
+                verify::run(config, VerifyPoint::BeforeSwitch, &target),
+            )
+            .await
+        {
+            self.progress.say(&format!(
+                "blue-green: {e}; green is discarded, blue never stopped serving"
+            ));
+            for (h, inst) in &green {
+                self.discard(run, h, inst).await;
+            }
+            failed.push(HostFailure {
+                host: "fleet".into(),
+                reason: e,
+            });
+            return self
+                .finish_with(
+                    run,
+                    from,
+                    version,
+                    Outcome::RolledBack,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+
+        // The switch: one admin call.
+        let green_ids: Vec<String> = green.iter().map(|(_, i)| i.backend_id()).collect();
+        let blue_ids: Vec<String> = self
+            .balancer
+            .backends()
+            .await?
+            .into_iter()
+            .filter(|b| !green_ids.contains(&b.spec.id) && b.state == BackendState::Active)
+            .map(|b| b.spec.id)
+            .collect();
+        let to_green = SwitchRequest {
+            activate: green_ids.clone(),
+            standby: blue_ids.clone(),
+        };
+        let switched = self
+            .step(run, "fleet", "switch", "blue -> green", async {
+                self.balancer
+                    .switch(&to_green)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await;
+        let switched = match switched {
+            Ok(r) => r,
+            Err(e) => {
+                for (h, inst) in &green {
+                    self.discard(run, h, inst).await;
+                }
+                failed.push(HostFailure {
+                    host: "fleet".into(),
+                    reason: e,
+                });
+                return self
+                    .finish_with(
+                        run,
+                        from,
+                        version,
+                        Outcome::RolledBack,
+                        started,
+                        stats_before,
+                        failed,
+                        notes,
+                    )
+                    .await;
+            }
+        };
+        let switched_at = Instant::now();
+        notes.push(format!(
+            "switched blue -> green at the balancer in {} µs",
+            switched.took_us
+        ));
+        self.progress.say(notes.last().map_or("", String::as_str));
+        let targets: Vec<(Host, Option<String>)> = green
+            .iter()
+            .map(|(h, _)| (h.clone(), Some(version.to_string())))
+            .collect();
+        self.set_current_all(run, &targets).await;
+
+        // After the switch: verify, analysis, and the window for an instant switch back.
+        let mut back_reason: Option<String> = None;
+        let target = verify::Target {
+            url: self.balancer_url(),
+            version: version.as_str(),
+            preview: false,
+        };
+        if let Err(e) = verify::run(config, VerifyPoint::AfterSwitch, &target).await {
+            back_reason = Some(e);
+        }
+        let analysis_for = config
+            .strategy
+            .post_switch_analysis
+            .map(|d| *d)
+            .unwrap_or_default();
+        let mut tracker = config
+            .analysis
+            .as_ref()
+            .map(|a| Tracker::new(a.failure_limit));
+        let mut last_tick = Instant::now();
+        let mut last_stats = self.balancer.stats().await.unwrap_or_default();
+        let delay = *config.strategy.scale_down_delay;
+        self.status(
+            run,
+            serde_json::json!({
+                "strategy": "blue-green", "phase": "switched", "live": version.as_str(),
+                "blue_stops_in_s": delay.as_secs_f64(),
+            }),
+        );
+        while back_reason.is_none() && switched_at.elapsed() < delay {
+            if let Some(cmd) = self.journal.take_command(&run.id)? {
+                match cmd.as_str() {
+                    "rollback" | "abort" => {
+                        back_reason = Some(format!("{cmd} requested"));
+                        break;
+                    }
+                    "promote" | "promote-full" => {
+                        self.progress
+                            .say("promote: ending the switch-back window early");
+                        break;
+                    }
+                    other => self
+                        .progress
+                        .say(&format!("blue-green: ignoring command {other}")),
+                }
+            }
+            if let (Some(a), Some(t)) = (&config.analysis, tracker.as_mut()) {
+                if switched_at.elapsed() < analysis_for && last_tick.elapsed() >= *a.interval {
+                    let now = self.balancer.stats().await.unwrap_or_default();
+                    let j = self
+                        .judge_interval(a, version.as_str(), None, &last_stats, &now)
+                        .await;
+                    last_stats = now;
+                    last_tick = Instant::now();
+                    self.progress
+                        .say(&format!("post-switch analysis: {}", j.summary()));
+                    self.status(run, serde_json::json!({"strategy": "blue-green", "phase": "post-switch analysis", "verdict": j}));
+                    if t.record(&j) == Decision::Abort {
+                        back_reason = Some(format!("post-switch analysis failed: {}", j.summary()));
+                    }
+                }
+            }
+            tokio::time::sleep(COMMAND_POLL).await;
+        }
+
+        if let Some(reason) = back_reason {
+            let to_blue = SwitchRequest {
+                activate: blue_ids.clone(),
+                standby: green_ids.clone(),
+            };
+            let command_at = Instant::now();
+            let back = self
+                .step(run, "fleet", "switch", "green -> blue", async {
+                    self.balancer
+                        .switch(&to_blue)
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .await
+                .map_err(anyhow::Error::msg)?;
+            notes.push(format!(
+                "switched back to blue ({reason}) at the balancer in {} µs, {:.1} ms after the decision",
+                back.took_us,
+                command_at.elapsed().as_secs_f64() * 1000.0
+            ));
+            self.progress.say(notes.last().map_or("", String::as_str));
+            let previous: Vec<(Host, Option<String>)> = config
+                .hosts
+                .iter()
+                .map(|h| {
+                    (
+                        h.clone(),
+                        run.previous.get(h.name.as_str()).cloned().flatten(),
+                    )
+                })
+                .collect();
+            self.set_current_all(run, &previous).await;
+            for (h, inst) in &green {
+                let _ = self
+                    .step(
+                        run,
+                        h.name.as_str(),
+                        "retire",
+                        &inst.backend_id(),
+                        self.retire_backend(&inst.backend_id()),
+                    )
+                    .await;
+                self.discard(run, h, inst).await;
+            }
+            self.journal.event(Some(&run.id), &reason)?;
+            return self
+                .finish_with(
+                    run,
+                    from,
+                    version,
+                    Outcome::RolledBack,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+
+        // Blue's time is up: it is already draining; wait for it, remove it, stop it.
+        self.progress
+            .say("blue-green: scale_down_delay over; stopping blue");
+        join_all(
+            green
+                .iter()
+                .map(|(h, inst)| self.retire_others(run, "blue", h, inst)),
+        )
+        .await;
+        self.finish_with(
+            run,
+            from,
+            version,
+            Outcome::Succeeded,
+            started,
+            stats_before,
+            failed,
+            notes,
+        )
+        .await
+    }
+
+    async fn set_current_all(&self, run: &Run, targets: &[(Host, Option<String>)]) {
+        join_all(
+            targets
+                .iter()
+                .filter_map(|(h, v)| v.as_ref().map(|v| (h, v)))
+                .map(|(h, v)| async move {
+                    let _ = self
+                        .step(run, h.name.as_str(), "current", v, async {
+                            crate::release::set_current(self.transport.as_ref(), h, v)
+                                .await
+                                .map_err(|e| format!("{e:#}"))
+                        })
+                        .await;
+                }),
+        )
+        .await;
+    }
+
+    /// One analysis interval of `release` (against `stable`, when given), from two snapshots.
+    async fn judge_interval(
+        &self,
+        a: &crate::config::Analysis,
+        release: &str,
+        stable: Option<&str>,
+        before: &Stats,
+        after: &Stats,
+    ) -> Judgement {
+        let empty = Counters::default();
+        let get = |s: &Stats, r: &str| s.releases.get(r).cloned().unwrap_or_default();
+        let canary = analysis::delta(&get(after, release), &get(before, release));
+        let stable_c = stable.map(|r| analysis::delta(&get(after, r), &get(before, r)));
+        let judge_on = a.judge.is_some();
+        let (cl, sl) = if judge_on {
+            (
+                self.balancer
+                    .samples(release, 2000)
+                    .await
+                    .unwrap_or_default(),
+                match stable {
+                    Some(r) => self.balancer.samples(r, 2000).await.unwrap_or_default(),
+                    None => Vec::new(),
+                },
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let window = Window {
+            canary: &canary,
+            stable: stable_c
+                .as_ref()
+                .or(if stable.is_some() { Some(&empty) } else { None }),
+            canary_latencies_us: &cl,
+            stable_latencies_us: &sl,
+        };
+        analysis::judge(a, &window)
+    }
+
+    /// Canary: weight steps with analysis, then a rolling promotion; or an abort.
+    pub(crate) async fn canary(
+        &self,
+        run: &Run,
+        version: &Name,
+        staged: &BTreeMap<String, Result<bool, String>>,
+        started: Instant,
+        stats_before: &Stats,
+    ) -> anyhow::Result<Report> {
+        let config = &self.config;
+        let strategy = &config.strategy;
+        let from = crate::deploy::most_common(run.previous.values().flatten());
+        let stable_release = from.clone().unwrap_or_default();
+        let mut failed: Vec<HostFailure> = staged
+            .iter()
+            .filter_map(|(h, r)| {
+                r.as_ref().err().map(|e| HostFailure {
+                    host: h.clone(),
+                    reason: e.clone(),
+                })
+            })
+            .collect();
+        let mut notes = Vec::new();
+        if !failed.is_empty() {
+            return self
+                .finish_with(
+                    run,
+                    from,
+                    version,
+                    Outcome::RolledBack,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+        let canary_hosts: Vec<Host> = config
+            .hosts
+            .iter()
+            .take(strategy.canary_hosts as usize)
+            .cloned()
+            .collect();
+        let stable_ids: Vec<String> = self
+            .balancer
+            .backends()
+            .await?
+            .into_iter()
+            .filter(|b| b.state == BackendState::Active && b.spec.release != version.as_str())
+            .map(|b| b.spec.id)
+            .collect();
+
+        // Canary instances beside the stable ones, at weight 0.
+        self.status(
+            run,
+            serde_json::json!({"strategy": "canary", "phase": "starting canary", "weight": 0}),
+        );
+        let started_canaries = join_all(canary_hosts.iter().map(|h| async move {
+            let inst = self
+                .start_instance(run, h, version)
+                .await
+                .map_err(|e| (h.clone(), e, None))?;
+            self.progress.say(&format!(
+                "canary {}: started {version} on {} (pid {})",
+                h.name, inst.address, inst.pid
+            ));
+            match self
+                .step(
+                    run,
+                    h.name.as_str(),
+                    "admit",
+                    &format!("{} (weight 0)", inst.backend_id()),
+                    self.admit(run, &inst, false, Some(0)),
+                )
+                .await
+            {
+                Ok(()) => Ok((h.clone(), inst)),
+                Err(e) => Err((h.clone(), e, Some(inst))),
+            }
+        }))
+        .await;
+        let mut canaries: Vec<(Host, Instance)> = Vec::new();
+        for c in started_canaries {
+            match c {
+                Ok(pair) => canaries.push(pair),
+                Err((h, e, inst)) => {
+                    if let Some(inst) = inst {
+                        self.discard(run, &h, &inst).await;
+                    }
+                    failed.push(HostFailure {
+                        host: h.name.to_string(),
+                        reason: e,
+                    });
+                }
+            }
+        }
+        if !failed.is_empty() {
+            self.abort_canary(run, &canaries, &stable_ids).await;
+            return self
+                .finish_with(
+                    run,
+                    from,
+                    version,
+                    Outcome::RolledBack,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+        let canary_ids: Vec<String> = canaries.iter().map(|(_, i)| i.backend_id()).collect();
+
+        let mut tracker = config
+            .analysis
+            .as_ref()
+            .map(|a| Tracker::new(a.failure_limit));
+        let steps = strategy.steps.clone();
+        let mut full = false;
+        for (i, step) in steps.iter().enumerate() {
+            if full {
+                break;
+            }
+            let label = format!("step {}/{}", i + 1, steps.len());
+            let weights = canary_weights(&canary_ids, &stable_ids, step.weight);
+            self.step(
+                run,
+                "fleet",
+                "weight",
+                &format!("{label}: canary {}%", step.weight),
+                async {
+                    self.balancer
+                        .set_weights(&weights)
+                        .await
+                        .map_err(|e| format!("{e:#}"))
+                },
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            self.progress.say(&format!(
+                "{label}: canary {version} at {}% of requests{}",
+                step.weight,
+                step.pause
+                    .map_or(" (waits for `cutover promote`)".to_string(), |p| format!(
+                        " for {p}"
+                    ))
+            ));
+            let target = verify::Target {
+                url: self.balancer_url(),
+                version: version.as_str(),
+                preview: false,
+            };
+            if let Err(e) = verify::run(config, VerifyPoint::AfterStep, &target).await {
+                return self
+                    .canary_aborted(
+                        run,
+                        &canaries,
+                        &stable_ids,
+                        e,
+                        from,
+                        version,
+                        started,
+                        stats_before,
+                        failed,
+                        notes,
+                    )
+                    .await;
+            }
+            match self
+                .hold_step(
+                    run,
+                    &label,
+                    step,
+                    version.as_str(),
+                    &stable_release,
+                    tracker.as_mut(),
+                )
+                .await?
+            {
+                StepEnd::Next => {}
+                StepEnd::Full => full = true,
+                StepEnd::Abort(reason) => {
+                    return self
+                        .canary_aborted(
+                            run,
+                            &canaries,
+                            &stable_ids,
+                            reason,
+                            from,
+                            version,
+                            started,
+                            stats_before,
+                            failed,
+                            notes,
+                        )
+                        .await;
+                }
+            }
+        }
+
+        // Promotion: every host moves to the new release in rolling batches, no more analysis.
+        self.progress.say(&format!(
+            "canary {version} promoted: rolling it out to every host"
+        ));
+        self.status(
+            run,
+            serde_json::json!({"strategy": "canary", "phase": "promoting", "weight": 100}),
+        );
+        let full_weight: BTreeMap<String, u32> = canary_ids
+            .iter()
+            .map(|id| (id.clone(), crate::balancer::api::default_weight()))
+            .collect();
+        let _ = self.balancer.set_weights(&full_weight).await;
+        let plan = crate::batch::batches(&strategy.batch, &config.hosts);
+        let mut moved = Vec::new();
+        for (i, hosts) in plan.iter().enumerate() {
+            let label = format!("promote {}/{}", i + 1, plan.len());
+            let results = join_all(
+                hosts
+                    .iter()
+                    .map(|h| self.switch_host(run, &label, h, version)),
+            )
+            .await;
+            for (h, r) in hosts.iter().zip(results) {
+                match r {
+                    Ok(()) => moved.push(h.name.to_string()),
+                    Err(f) => failed.push(f),
+                }
+            }
+        }
+        // Stable backends left at weight 0 by a 100% step are retired by switch_host; make sure
+        // every remaining backend carries the default weight.
+        let reset: BTreeMap<String, u32> = self
+            .balancer
+            .backends()
+            .await?
+            .into_iter()
+            .filter(|b| b.spec.weight != crate::balancer::api::default_weight())
+            .map(|b| (b.spec.id, crate::balancer::api::default_weight()))
+            .collect();
+        if !reset.is_empty() {
+            let _ = self.balancer.set_weights(&reset).await;
+        }
+        notes.push(format!(
+            "canary passed {} step(s); promoted to {} host(s)",
+            steps.len(),
+            moved.len()
+        ));
+        let outcome = if failed.is_empty() {
+            Outcome::Succeeded
+        } else {
+            Outcome::Failed
+        };
+        self.finish_with(
+            run,
+            from,
+            version,
+            outcome,
+            started,
+            stats_before,
+            failed,
+            notes,
+        )
+        .await
+    }
+
+    /// Holds one canary step: analysis every interval, commands every 10 ms.
+    async fn hold_step(
+        &self,
+        run: &Run,
+        label: &str,
+        step: &crate::config::CanaryStep,
+        release: &str,
+        stable: &str,
+        mut tracker: Option<&mut Tracker>,
+    ) -> anyhow::Result<StepEnd> {
+        let config = &self.config;
+        let step_start = Instant::now();
+        let mut last_tick = Instant::now();
+        let mut last_stats = self.balancer.stats().await.unwrap_or_default();
+        let mut paused = false;
+        // With analysis, a step ends only after a conclusive pass of its latest interval.
+        let mut conclusive = config.analysis.is_none();
+        let mut last_verdict: Option<Judgement> = None;
+        let publish = |phase: &str, verdict: &Option<Judgement>| {
+            self.status(
+                run,
+                serde_json::json!({
+                    "strategy": "canary", "step": label, "weight": step.weight, "phase": phase,
+                    "verdict": verdict, "elapsed_s": step_start.elapsed().as_secs(),
+                }),
+            );
+        };
+        publish("analysing", &last_verdict);
+        loop {
+            if let Some(cmd) = self.journal.take_command(&run.id)? {
+                self.progress.say(&format!("{label}: command {cmd}"));
+                match cmd.as_str() {
+                    "promote" => return Ok(StepEnd::Next),
+                    "promote-full" => return Ok(StepEnd::Full),
+                    "abort" | "rollback" => return Ok(StepEnd::Abort(format!("{cmd} requested"))),
+                    "pause" => {
+                        paused = true;
+                        publish("paused by an operator", &last_verdict);
+                    }
+                    "resume" => {
+                        paused = false;
+                        publish("analysing", &last_verdict);
+                    }
+                    other => self
+                        .progress
+                        .say(&format!("{label}: unknown command {other}")),
+                }
+            }
+            if let (Some(a), Some(t)) = (&config.analysis, tracker.as_deref_mut()) {
+                if last_tick.elapsed() >= *a.interval {
+                    let now = self.balancer.stats().await.unwrap_or_default();
+                    let j = self
+                        .judge_interval(a, release, Some(stable), &last_stats, &now)
+                        .await;
+                    last_stats = now;
+                    last_tick = Instant::now();
+                    let decision = t.record(&j);
+                    self.progress
+                        .say(&format!("{label}: analysis {}", j.summary()));
+                    let _ = self
+                        .journal
+                        .event(Some(&run.id), &format!("{label}: analysis {}", j.summary()));
+                    match decision {
+                        Decision::Abort => {
+                            return Ok(StepEnd::Abort(format!("analysis failed: {}", j.summary())));
+                        }
+                        Decision::Inconclusive => {
+                            conclusive = false;
+                            last_verdict = Some(j);
+                            publish(
+                                "paused: inconclusive analysis (waiting for traffic or `cutover promote`)",
+                                &last_verdict,
+                            );
+                        }
+                        Decision::Continue => {
+                            conclusive = matches!(j.verdict, analysis::Verdict::Pass);
+                            last_verdict = Some(j);
+                            publish("analysing", &last_verdict);
+                        }
+                    }
+                }
+            }
+            let time_up = step.pause.is_some_and(|p| step_start.elapsed() >= *p);
+            if time_up && !paused && conclusive {
+                return Ok(StepEnd::Next);
+            }
+            tokio::time::sleep(COMMAND_POLL).await;
+        }
+    }
+
+    async fn abort_canary(&self, run: &Run, canaries: &[(Host, Instance)], stable_ids: &[String]) {
+        let mut weights: BTreeMap<String, u32> =
+            canaries.iter().map(|(_, i)| (i.backend_id(), 0)).collect();
+        weights.extend(
+            stable_ids
+                .iter()
+                .map(|id| (id.clone(), crate::balancer::api::default_weight())),
+        );
+        let _ = self
+            .step(run, "fleet", "weight", "abort: canary 0%", async {
+                self.balancer
+                    .set_weights(&weights)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await;
+        join_all(canaries.iter().map(|(h, inst)| async move {
+            let _ = self
+                .step(
+                    run,
+                    h.name.as_str(),
+                    "retire",
+                    &inst.backend_id(),
+                    self.retire_backend(&inst.backend_id()),
+                )
+                .await;
+            self.discard(run, h, inst).await;
+        }))
+        .await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn canary_aborted(
+        &self,
+        run: &Run,
+        canaries: &[(Host, Instance)],
+        stable_ids: &[String],
+        reason: String,
+        from: Option<String>,
+        version: &Name,
+        started: Instant,
+        stats_before: &Stats,
+        failed: Vec<HostFailure>,
+        mut notes: Vec<String>,
+    ) -> anyhow::Result<Report> {
+        self.progress.say(&format!(
+            "canary aborted: {reason}; weight back to 0, canary stopped"
+        ));
+        self.journal
+            .event(Some(&run.id), &format!("canary aborted: {reason}"))?;
+        self.abort_canary(run, canaries, stable_ids).await;
+        notes.push(format!("canary aborted: {reason}"));
+        self.status(run, serde_json::json!({"strategy": "canary", "phase": "aborted", "weight": 0, "reason": reason}));
+        self.finish_with(
+            run,
+            from,
+            version,
+            Outcome::RolledBack,
+            started,
+            stats_before,
+            failed,
+            notes,
+        )
+        .await
+    }
+}
+
+/// Weights that give the canary backends `percent` of the requests in total, split evenly.
+pub fn canary_weights(canary: &[String], stable: &[String], percent: u32) -> BTreeMap<String, u32> {
+    let (nc, ns) = (canary.len().max(1) as u32, stable.len().max(1) as u32);
+    let mut w = BTreeMap::new();
+    for id in canary {
+        w.insert(id.clone(), percent * ns);
+    }
+    for id in stable {
+        w.insert(id.clone(), (100 - percent.min(100)) * nc);
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canary_weights;
+
+    fn share(w: &std::collections::BTreeMap<String, u32>, prefix: &str) -> f64 {
+        let total: u32 = w.values().sum();
+        let mine: u32 = w
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+            .sum();
+        f64::from(mine) * 100.0 / f64::from(total)
+    }
+
+    #[test]
+    fn weights_give_the_canary_its_share_of_requests() {
+        let c = vec!["c1".to_string()];
+        let s: Vec<String> = (1..=4).map(|i| format!("s{i}")).collect();
+        for p in [1, 5, 10, 25, 50, 99] {
+            let w = canary_weights(&c, &s, p);
+            assert!((share(&w, "c") - f64::from(p)).abs() < 1e-9, "{p}: {w:?}");
+        }
+        let two = vec!["c1".to_string(), "c2".to_string()];
+        let w = canary_weights(&two, &s, 10);
+        assert!((share(&w, "c") - 10.0).abs() < 1e-9);
+        let w = canary_weights(&c, &s, 100);
+        assert_eq!(w["s1"], 0);
+    }
+}

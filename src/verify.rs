@@ -1,0 +1,72 @@
+//! `[[verify]]` commands: the integration tests of the classic playbook, run at gates on the
+//! control machine. Exit 0 passes; a non-zero exit or the timeout fails the gate.
+//!
+//! The command gets `CUTOVER_URL` (where to test: an instance, the balancer, or the balancer
+//! with the preview header), `CUTOVER_VERSION`, `CUTOVER_POINT`, and for blue-green previews
+//! `CUTOVER_PREVIEW_HEADER` (`x-cutover-preview: 1`), to pass to curl with `-H`.
+
+use std::process::Stdio;
+
+use tokio::process::Command;
+
+use crate::config::{Config, VerifyPoint};
+use crate::transport::last_lines;
+
+/// Where a verify command should point.
+pub struct Target<'a> {
+    pub url: String,
+    pub version: &'a str,
+    /// Send the preview header (blue-green, before the switch).
+    pub preview: bool,
+}
+
+/// Runs every verify command configured for `point`; the first failure is returned with the
+/// command, its exit and its last output lines.
+pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Result<(), String> {
+    for v in config.verify.iter().filter(|v| v.at.contains(&point)) {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(&v.command)
+            .current_dir(&config.base_dir)
+            .env("CUTOVER_URL", &target.url)
+            .env("CUTOVER_VERSION", target.version)
+            .env("CUTOVER_POINT", format!("{point:?}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        if target.preview {
+            cmd.env(
+                "CUTOVER_PREVIEW_HEADER",
+                format!("{}: 1", crate::balancer::api::PREVIEW_HEADER),
+            );
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("verify `{}`: cannot start sh: {e}", v.command))?;
+        let out = match tokio::time::timeout(*v.timeout, child.wait_with_output()).await {
+            Ok(Ok(out)) => out,
+            Ok(Err(e)) => return Err(format!("verify `{}`: {e}", v.command)),
+            Err(_) => {
+                return Err(format!(
+                    "verify `{}` did not finish within {}",
+                    v.command, v.timeout
+                ));
+            }
+        };
+        if !out.status.success() {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return Err(format!(
+                "verify `{}` failed at {point:?} ({}): {}",
+                v.command,
+                out.status,
+                last_lines(text.trim(), 5)
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The JSON API of `cutover serve` (issue 7): every endpoint answers with the token and refuses
+//! without it; errors are JSON with a message.
+
+mod common;
+mod serve_support;
+
+use std::time::Duration;
+
+use common::FleetSpec;
+use serde_json::{Value, json};
+use serve_support::{Gate, SERVE_TOKEN, Served, request, write_release};
+
+/// Every API endpoint, as (method, path, body).
+fn endpoints() -> Vec<(&'static str, &'static str, Option<Value>)> {
+    vec![
+        ("GET", "/api/fleet", None),
+        ("GET", "/api/status", None),
+        ("GET", "/api/deployments", None),
+        ("POST", "/api/deployments", Some(json!({"version": "v1"}))),
+        ("GET", "/api/deployments/current", None),
+        ("GET", "/api/deployments/current/report", None),
+        ("POST", "/api/deployments/current/promote", None),
+        ("POST", "/api/deployments/current/abort", None),
+        ("POST", "/api/deployments/current/rollback", None),
+        ("POST", "/api/rollback", Some(json!({}))),
+        ("GET", "/api/queue", None),
+        ("GET", "/api/queue/1", None),
+        ("DELETE", "/api/queue/1", None),
+        ("GET", "/api/metrics", None),
+        ("GET", "/api/no-such-endpoint", None),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_without_the_token_is_401_and_does_nothing() {
+    let served = Served::start(FleetSpec::new(1, 33)).await;
+    for (method, path, body) in endpoints() {
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        for auth in [
+            None,
+            Some("Bearer wrong-token-0123456789"),
+            Some(SERVE_TOKEN),
+        ] {
+            // The last one is the token without "Bearer ".
+            let headers: Vec<(&str, String)> = auth
+                .map(|a| vec![("authorization", a.to_string())])
+                .unwrap_or_default();
+            let (status, headers, text) =
+                request(served.addr, method, path, &headers, body.clone()).await;
+            assert_eq!(status, 401, "{method} {path} with {auth:?}: {text}");
+            let v: Value = serde_json::from_str(&text).expect("a JSON error");
+            assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{text}");
+            assert!(
+                headers
+                    .iter()
+                    .any(|(k, v)| k == "www-authenticate" && v.starts_with("Bearer")),
+                "{headers:?}"
+            );
+        }
+    }
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(
+        q["finished"].as_array().unwrap().is_empty() && q["queued"].as_array().unwrap().is_empty(),
+        "nothing queued: {q}"
+    );
+    // The page and its assets need no token (they hold no data); health neither.
+    for path in [
+        "/",
+        "/assets/dashboard.js",
+        "/assets/dashboard.css",
+        "/healthz",
+    ] {
+        let (status, _, text) = request(served.addr, "GET", path, &[], String::new()).await;
+        assert_eq!(status, 200, "{path}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_answers_with_the_token() {
+    let served = Served::start(FleetSpec::new(2, 34)).await;
+
+    // Nothing deployed yet.
+    let (status, v) = served.api("GET", "/api/deployments/current", None).await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = served
+        .api("POST", "/api/deployments/current/abort", None)
+        .await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = served.api("POST", "/api/rollback", Some(json!({}))).await;
+    assert_eq!(status, 409, "no earlier release: {v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("earlier release"),
+        "{v}"
+    );
+
+    // Bad requests are JSON errors.
+    for (body, why) in [
+        (json!({}), "missing"),
+        (json!({"version": "../etc"}), "valid name"),
+        (json!({"version": "v9"}), "no release v9"),
+        (json!({"version": "v1", "extra": 1}), "unknown field"),
+    ] {
+        let (status, v) = served
+            .api("POST", "/api/deployments", Some(body.clone()))
+            .await;
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(why), "{body}: {v}");
+    }
+    let (status, v) = served.api("GET", "/api/no-such-endpoint", None).await;
+    assert_eq!(status, 404, "{v}");
+    assert!(v["error"].is_string());
+
+    // POST /api/deployments → a job; GET /api/queue/{id} follows it.
+    let job = served.deploy("v1", "succeeded").await;
+    let first = job["deployment"].as_str().unwrap().to_string();
+    served.fleet.assert_on("v1").await;
+
+    // GET /api/fleet: a row per instance with release, health and counters.
+    let (status, f) = served.api("GET", "/api/fleet", None).await;
+    assert_eq!(status, 200, "{f}");
+    let rows = f["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{f}");
+    for r in rows {
+        assert_eq!(r["release"], "v1");
+        assert_eq!(r["state"], "active");
+        assert_eq!(r["health"], "healthy");
+        assert!(r["requests"].is_u64() && r["weight"].is_u64(), "{r}");
+    }
+
+    // GET /api/deployments and /api/deployments/{id} and its report.
+    let list = served.deployments().await;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["id"], first.as_str());
+    let (status, d) = served
+        .api("GET", &format!("/api/deployments/{first}"), None)
+        .await;
+    assert_eq!(status, 200, "{d}");
+    assert!(!d["steps"].as_array().unwrap().is_empty(), "{d}");
+    assert!(
+        d["report_file"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("reports/{first}.html")),
+        "{d}"
+    );
+    let (status, html) = served
+        .api("GET", &format!("/api/deployments/{first}/report"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(html.as_str().unwrap().contains("<svg id=\"timeline\""));
+    let (status, v) = served.api("GET", "/api/deployments/nope", None).await;
+    assert_eq!(status, 404, "{v}");
+
+    // GET /api/metrics: rates over time.
+    let (status, m) = served.api("GET", "/api/metrics?since=0", None).await;
+    assert_eq!(status, 200, "{m}");
+    assert!(m["rates"].is_array() && m["now_ms"].is_u64(), "{m}");
+
+    // A deploy held mid-way: controls go to the running deployment through the journal.
+    let mut gate = Gate::new(served.fleet.dir.path(), "v2");
+    write_release(&served, "v2", Some(("web2", &gate)));
+    let running_job = served.queue_deploy("v2").await;
+    gate.wait_reached(Duration::from_secs(60)).await;
+    let (status, s) = served.api("GET", "/api/status", None).await;
+    assert_eq!(status, 200, "{s}");
+    assert_eq!(s["deployment"]["state"], "running", "{s}");
+    assert_eq!(s["deployment"]["to"], "v2");
+    let second = s["deployment"]["id"].as_str().unwrap().to_string();
+    assert_eq!(s["queue"]["running"]["id"].as_u64(), Some(running_job));
+    let (status, d) = served.api("GET", "/api/deployments/current", None).await;
+    assert_eq!(
+        (status, d["deployment"]["id"].as_str()),
+        (200, Some(second.as_str()))
+    );
+
+    // promote (a no-op for a rolling deploy, but delivered), promote with full.
+    let (status, v) = served
+        .api("POST", "/api/deployments/current/promote", None)
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["command"], "promote");
+    let (status, v) = served
+        .api(
+            "POST",
+            &format!("/api/deployments/{second}/promote"),
+            Some(json!({"full": true})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["command"].as_str()),
+        (202, Some("promote-full")),
+        "{v}"
+    );
+    let (status, v) = served
+        .api("POST", "/api/deployments/current/explode", None)
+        .await;
+    assert_eq!(status, 404, "{v}");
+    // A finished deployment takes no command.
+    let (status, v) = served
+        .api("POST", &format!("/api/deployments/{first}/abort"), None)
+        .await;
+    assert_eq!(status, 409, "{v}");
+
+    // Queue a deploy behind the running one, look at it, cancel it; the running one cannot be.
+    let queued = served.queue_deploy("v1").await;
+    let (status, v) = served
+        .api("GET", &format!("/api/queue/{queued}"), None)
+        .await;
+    assert_eq!(
+        (status, v["job"]["state"].as_str()),
+        (200, Some("queued")),
+        "{v}"
+    );
+    let (status, v) = served
+        .api("DELETE", &format!("/api/queue/{queued}"), None)
+        .await;
+    assert_eq!(
+        (status, v["job"]["state"].as_str()),
+        (200, Some("cancelled")),
+        "{v}"
+    );
+    let (status, v) = served
+        .api("DELETE", &format!("/api/queue/{running_job}"), None)
+        .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = served.api("DELETE", "/api/queue/999", None).await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = served.api("GET", "/api/queue/x", None).await;
+    assert_eq!(status, 400, "{v}");
+
+    // The commands reached the journal.
+    let (_, d) = served
+        .api("GET", &format!("/api/deployments/{second}"), None)
+        .await;
+    let events: Vec<&str> = d["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(events.contains(&"command received: promote"), "{events:?}");
+    assert!(
+        events.contains(&"command received: promote-full"),
+        "{events:?}"
+    );
+
+    gate.open();
+    let job = served.wait_job(running_job).await;
+    assert_eq!(job["state"], "done", "{job}\n{}", served.log());
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+
+    // POST /api/rollback: back to the release before the live one.
+    let (status, v) = served.api("POST", "/api/rollback", Some(json!({}))).await;
+    assert_eq!(status, 202, "{v}");
+    let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    served.fleet.assert_on("v1").await;
+    let list = served.deployments().await;
+    assert_eq!(list[0]["kind"], "rollback");
+    assert_eq!(list[0]["to"], "v1");
+
+    // POST /api/deployments/current/rollback with nothing running: 404.
+    let (status, v) = served
+        .api("POST", "/api/deployments/current/rollback", None)
+        .await;
+    assert_eq!(status, 404, "{v}");
+}

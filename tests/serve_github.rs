@@ -1,0 +1,187 @@
+//! Push-to-deploy (issue 7): signed GitHub push payloads for the configured branch deploy the
+//! pushed commit through `cutover serve`; wrong signatures, other branches and other events do
+//! nothing; quick pushes during a deploy leave the running one alone and only the newest
+//! waiting one runs next.
+
+mod common;
+mod serve_support;
+
+use std::time::Duration;
+
+use common::FleetSpec;
+use serve_support::{BRANCH, Gate, SECRET, Served, push_payload, write_release};
+
+const SHA_A: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
+const SHA_B: &str = "b2c3d4e5f60718293a4b5c6d7e8f901234567890";
+const SHA_C: &str = "c3d4e5f60718293a4b5c6d7e8f90123456789012";
+
+fn short(sha: &str) -> &str {
+    &sha[..7]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_push_to_the_branch_deploys_once_and_nothing_else_does() {
+    let served = Served::start(FleetSpec::new(2, 31)).await;
+    write_release(&served, short(SHA_A), None);
+    write_release(&served, short(SHA_B), None);
+    let main_ref = format!("refs/heads/{BRANCH}");
+
+    // ping → 200 (signed like every delivery).
+    let (status, v) = served
+        .hook(
+            "ping",
+            "{\"zen\":\"Keep it logically awesome.\",\"hook_id\":1}",
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+
+    // Wrong signature, missing signature → 401, nothing queued.
+    let body_b = push_payload(&main_ref, SHA_B);
+    let (status, v) = served
+        .hook("push", &body_b, Some("not-the-secret-at-all"))
+        .await;
+    assert_eq!(status, 401, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("X-Hub-Signature-256"),
+        "{v}"
+    );
+    let (status, _) = served.hook("push", &body_b, None).await;
+    assert_eq!(status, 401);
+    // A signature of another body (a replayed header) → 401.
+    let tampered = body_b.replace("Make the thing faster", "Make the thing slower");
+    let (status, _, _) = serve_support::request(
+        served.addr,
+        "POST",
+        "/hooks/github",
+        &[
+            ("x-github-event", "push".into()),
+            (
+                "x-hub-signature-256",
+                cutover::server::github::sign(SECRET.as_bytes(), body_b.as_bytes()),
+            ),
+        ],
+        tampered,
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // Another branch, a tag, another event → 202 ignored.
+    let (status, v) = served
+        .hook(
+            "push",
+            &push_payload("refs/heads/feature", SHA_B),
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["queued"], false, "{v}");
+    let (status, v) = served
+        .hook("push", &push_payload("refs/tags/v9", SHA_B), Some(SECRET))
+        .await;
+    assert_eq!((status, v["queued"].as_bool()), (202, Some(false)), "{v}");
+    let (status, v) = served
+        .hook("issues", "{\"action\":\"opened\"}", Some(SECRET))
+        .await;
+    assert_eq!((status, v["queued"].as_bool()), (202, Some(false)), "{v}");
+
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(
+        q["running"].is_null()
+            && q["queued"].as_array().unwrap().is_empty()
+            && q["finished"].as_array().unwrap().is_empty(),
+        "nothing was queued: {q}"
+    );
+    assert!(served.deployments().await.is_empty(), "no deployment");
+
+    // The signed push to the branch → exactly one deploy of that commit, which succeeds.
+    let (status, v) = served
+        .hook("push", &push_payload(&main_ref, SHA_A), Some(SECRET))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["queued"], true, "{v}");
+    assert_eq!(v["job"]["version"], short(SHA_A));
+    assert!(
+        v["job"]["trigger"].as_str().unwrap().contains("alice"),
+        "{v}"
+    );
+    let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    served.fleet.assert_on(short(SHA_A)).await;
+    let deployments = served.deployments().await;
+    assert_eq!(deployments.len(), 1, "exactly one deploy: {deployments:#?}");
+    assert_eq!(deployments[0]["to"], short(SHA_A));
+    assert_eq!(deployments[0]["outcome"], "succeeded");
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert_eq!(q["finished"].as_array().unwrap().len(), 1, "{q}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_pushes_during_a_deploy_run_only_the_newest_after_it() {
+    let served = Served::start(FleetSpec::new(2, 32)).await;
+    let mut gate = Gate::new(served.fleet.dir.path(), "a");
+    // A's instance on web2 (the second batch) waits at the gate: the deploy is held mid-way.
+    write_release(&served, short(SHA_A), Some(("web2", &gate)));
+    write_release(&served, short(SHA_B), None);
+    write_release(&served, short(SHA_C), None);
+    let main_ref = format!("refs/heads/{BRANCH}");
+
+    let (status, a) = served
+        .hook("push", &push_payload(&main_ref, SHA_A), Some(SECRET))
+        .await;
+    assert_eq!(status, 202, "{a}");
+    gate.wait_reached(Duration::from_secs(60)).await;
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert_eq!(q["running"]["id"], a["job"]["id"], "A runs: {q}");
+
+    // Two quick pushes while A runs: B waits, then C replaces B (never A).
+    let (status, b) = served
+        .hook("push", &push_payload(&main_ref, SHA_B), Some(SECRET))
+        .await;
+    assert_eq!(status, 202, "{b}");
+    assert!(
+        b["replaced"].is_null(),
+        "the running job is not replaced: {b}"
+    );
+    let (status, c) = served
+        .hook("push", &push_payload(&main_ref, SHA_C), Some(SECRET))
+        .await;
+    assert_eq!(status, 202, "{c}");
+    assert_eq!(
+        c["replaced"]["id"], b["job"]["id"],
+        "C replaces the queued B: {c}"
+    );
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert_eq!(q["running"]["id"], a["job"]["id"], "{q}");
+    let queued: Vec<_> = q["queued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].clone())
+        .collect();
+    assert_eq!(queued, vec![c["job"]["id"].clone()], "only C waits: {q}");
+
+    gate.open();
+    let job_a = served.wait_job(a["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(
+        job_a["outcome"],
+        "succeeded",
+        "the running one completes: {job_a}\n{}",
+        served.log()
+    );
+    let job_c = served.wait_job(c["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job_c["outcome"], "succeeded", "{job_c}\n{}", served.log());
+    let job_b = served.wait_job(b["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job_b["state"], "replaced", "{job_b}");
+    assert_eq!(job_b["replaced_by"], c["job"]["id"]);
+
+    let tos: Vec<String> = served
+        .deployments()
+        .await
+        .iter()
+        .rev()
+        .map(|d| d["to"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(tos, vec![short(SHA_A), short(SHA_C)], "A ran, then only C");
+    served.fleet.assert_on(short(SHA_C)).await;
+}

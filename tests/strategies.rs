@@ -1,0 +1,313 @@
+//! Blue-green and canary on a local fleet behind `cutover proxy`, under steady traffic counted
+//! by an independent client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Fleet, FleetSpec};
+use cutover::load::{self, LoadSpec};
+
+fn traffic(fleet: &Fleet, rate: u32, headers: Vec<(String, String)>) -> load::LoadRun {
+    load::start(LoadSpec {
+        target: fleet.listen,
+        path: "/".into(),
+        rate,
+        max_requests: 40_000,
+        max_duration: Duration::from_secs(150),
+        concurrency: 8,
+        headers,
+    })
+}
+
+async fn stop_after(run: load::LoadRun, min: u64) -> load::LoadReport {
+    tokio::time::timeout(Duration::from_secs(60), run.wait_until(|r| r.sent >= min))
+        .await
+        .expect("traffic reaches its minimum count");
+    run.stop().await
+}
+
+fn phase(d: &serde_json::Value) -> String {
+    d["status"]["phase"].as_str().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switches_atomically_and_blue_stops_after_the_delay() {
+    let mut spec = FleetSpec::new(4, 41);
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"2s\"\n".into();
+    // The integration test of the classic playbook, against green through the preview route.
+    spec.extra = "[[verify]]\ncommand = \"curl -fsS -H \\\"$CUTOVER_PREVIEW_HEADER\\\" $CUTOVER_URL/ | grep -qx \\\"$CUTOVER_VERSION\\\"\"\nat = [\"before_switch\"]\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+
+    let run = traffic(&fleet, 250, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    let switched = fleet
+        .wait_status("the switch", |d| phase(d) == "switched")
+        .await;
+    assert_eq!(switched["status"]["live"], "v2");
+    // Right after the switch blue still runs (for an instant switch back), but serves nothing new.
+    let at_switch = run.snapshot();
+    let live = fleet.live_instances();
+    assert_eq!(
+        live.len(),
+        8,
+        "blue and green both run during the window: {live:?}"
+    );
+    let after = run.wait_until(|r| r.ok >= at_switch.ok + 200).await;
+    let v1_after = after.by_version.get("v1").copied().unwrap_or(0)
+        - at_switch.by_version.get("v1").copied().unwrap_or(0);
+    assert!(
+        v1_after <= 8,
+        "only in-flight requests finish on blue after the switch: {v1_after}"
+    );
+
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("switched blue -> green at the balancer in"),
+        "{out}"
+    );
+    let report = stop_after(run, 2_000).await;
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    // After the delay blue is gone: one process per host, all green.
+    fleet.assert_on("v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_rollback_in_the_window_switches_back_in_under_100ms() {
+    let mut spec = FleetSpec::new(4, 42);
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"60s\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+
+    let run = traffic(&fleet, 250, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the switch", |d| phase(d) == "switched")
+        .await;
+    run.wait_until(|r| r.by_version.get("v2").copied().unwrap_or(0) >= 200)
+        .await;
+
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    // "switched back to blue (rollback requested) at the balancer in N µs, M ms after the decision"
+    let note = out
+        .lines()
+        .find(|l| l.contains("switched back to blue"))
+        .unwrap_or_else(|| panic!("{out}"));
+    let micros: u64 = note
+        .split(" in ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(
+        micros < 100_000,
+        "switch at the balancer took {micros} µs: {note}"
+    );
+    let (dcode, dout, derr) = deploy.await.unwrap();
+    assert_eq!(dcode, 1, "the deploy reports a rollback: {dout}\n{derr}");
+
+    // Traffic is back on blue: new requests see v1 only.
+    let back = run.snapshot();
+    let later = run.wait_until(|r| r.ok >= back.ok + 300).await;
+    let v2_later = later.by_version.get("v2").copied().unwrap_or(0)
+        - back.by_version.get("v2").copied().unwrap_or(0);
+    assert_eq!(
+        v2_later, 0,
+        "no request reaches green after the switch back"
+    );
+    let report = stop_after(run, 2_000).await;
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    fleet.assert_on("v1").await;
+}
+
+fn canary_spec(net: u8, steps: &str, extra_strategy: &str, analysis: &str) -> FleetSpec {
+    let mut spec = FleetSpec::new(4, net);
+    spec.strategy = format!(
+        "kind = \"canary\"\ncanary_hosts = 1\nbatch = 2\nsteps = {steps}\n{extra_strategy}"
+    );
+    spec.extra = analysis.to_string();
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_steps_carry_their_share_of_traffic() {
+    let spec = canary_spec(
+        43,
+        "[{ weight = 10, pause = \"3s\" }, { weight = 50, pause = \"3s\" }, { weight = 100, pause = \"2s\" }]",
+        "",
+        "[analysis]\ninterval = \"500ms\"\nmin_success_rate = 99.0\nmin_requests = 5\n",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 300, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+
+    for (label, weight) in [("step 1/3", 10.0), ("step 2/3", 50.0), ("step 3/3", 100.0)] {
+        fleet
+            .wait_status(label, |d| d["status"]["step"] == label)
+            .await;
+        // Skip requests that were in flight across the weight change.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let a = run.snapshot();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let b = run.snapshot();
+        let v2 = b.by_version.get("v2").copied().unwrap_or(0)
+            - a.by_version.get("v2").copied().unwrap_or(0);
+        let share = v2 as f64 * 100.0 / (b.ok - a.ok) as f64;
+        assert!(
+            (share - weight).abs() <= 5.0,
+            "{label}: canary share {share:.1}% vs weight {weight}%"
+        );
+    }
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report = stop_after(run, 2_000).await;
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    fleet.assert_on("v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_with_errors_is_aborted_by_the_analysis() {
+    let spec = canary_spec(
+        44,
+        "[{ weight = 20, pause = \"30s\" }, { weight = 100 }]",
+        "",
+        "[analysis]\ninterval = \"1s\"\nmin_success_rate = 95.0\nmin_requests = 10\nfailure_limit = 0\n",
+    );
+    let fleet = Fleet::start(spec).await;
+    cutover::init::write_sample_release(
+        &fleet.dir.path().join("releases/bad"),
+        &common::exe(),
+        "bad",
+        "--error-rate 0.2",
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 300, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+    let before = run.snapshot();
+
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "bad"]).await;
+    assert_eq!(code, 1, "the deploy exits 1: {out}\n{err}");
+    assert!(out.contains("canary aborted: analysis failed"), "{out}");
+    let during = run.snapshot();
+
+    // Aborted within 2 analysis intervals of the canary receiving traffic.
+    let (_, show, _) = fleet.cutover(&["show", "--json"]).await;
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    let steps = show["steps"].as_array().unwrap();
+    let at = |detail: &str| {
+        steps
+            .iter()
+            .find(|s| {
+                s["action"] == "weight" && s["detail"].as_str().unwrap_or("").contains(detail)
+            })
+            .map(|s| s["started_ms"].as_u64().unwrap())
+    };
+    let exposed = at("canary 20%").expect("the 20% step");
+    let aborted = at("abort").expect("the abort");
+    assert!(
+        aborted - exposed <= 2_000 + 500,
+        "aborted {} ms after exposure",
+        aborted - exposed
+    );
+
+    // Failed requests: no more than the canary's share of what was sent while it was exposed.
+    let sent = during.sent - before.sent;
+    let failed = during.failed - before.failed;
+    assert!(failed > 0, "the bad canary did serve errors");
+    assert!(
+        failed as f64 <= 0.20 * sent as f64,
+        "{failed} failed of {sent} sent during exposure"
+    );
+
+    // All traffic on stable afterwards; canary instances stopped.
+    let after = run.wait_until(|r| r.ok >= during.ok + 300).await;
+    assert_eq!(after.failed, during.failed, "no failure after the abort");
+    let _ = run.stop().await;
+    fleet.assert_on("v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_without_traffic_is_inconclusive_and_waits_for_an_operator() {
+    let spec = canary_spec(
+        45,
+        "[{ weight = 50, pause = \"1s\" }, { weight = 100 }]",
+        "",
+        "[analysis]\ninterval = \"300ms\"\nmin_success_rate = 99.0\nmin_requests = 5\n",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+
+    let d = fleet
+        .wait_status("inconclusive", |d| phase(d).contains("inconclusive"))
+        .await;
+    assert_eq!(d["status"]["step"], "step 1/2");
+    assert_eq!(
+        d["status"]["verdict"]["verdict"]["verdict"], "inconclusive",
+        "{d}"
+    );
+    // Past its 1s pause it still holds: never a silent pass.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let d = fleet.deployment_status().await.unwrap();
+    assert_eq!(d["status"]["step"], "step 1/2", "{d}");
+
+    let (code, out, _) = fleet.cutover(&["promote"]).await;
+    assert_eq!(code, 0, "{out}");
+    fleet
+        .wait_status("step 2", |d| d["status"]["step"] == "step 2/2")
+        .await;
+    let (code, out, _) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("canary aborted: abort requested"), "{out}");
+    fleet.assert_on("v1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_canary_keeps_a_client_on_one_version() {
+    let spec = canary_spec(
+        46,
+        "[{ weight = 50 }, { weight = 100 }]",
+        "sticky = \"cookie\"\n",
+        "",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("step 1", |d| d["status"]["step"] == "step 1/2")
+        .await;
+
+    // Both versions serve at 50%; a client with the cookie sees only its version.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (_, _, v) = load::get(fleet.listen, "/", &[]).await.unwrap();
+        seen.insert(v.unwrap());
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both versions serve without a cookie: {seen:?}"
+    );
+    for version in ["v1", "v2"] {
+        let cookie = vec![("cookie".to_string(), format!("cutover_release={version}"))];
+        for _ in 0..100 {
+            let (status, _, v) = load::get(fleet.listen, "/", &cookie).await.unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(v.as_deref(), Some(version), "a client pinned to {version}");
+        }
+    }
+    let (code, _, _) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0);
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+}
