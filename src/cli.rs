@@ -217,6 +217,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Runs a command; the returned number is the exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    if matches!(
+        cli.command,
+        Command::Plan(_)
+            | Command::Status(_)
+            | Command::History(_)
+            | Command::Show(_)
+            | Command::Lock
+    ) {
+        // Read-only commands end quietly when their reader goes away (`cutover history | head`),
+        // like other command-line tools, instead of failing on a broken pipe.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     match cli.command {
         Command::Init(args) => crate::init::run(&args.dir, args.force).map(|_| 0),
         Command::Demo(args) => runtime()?.block_on(crate::demo::run(crate::demo::DemoOptions {
@@ -270,7 +284,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Rollback(args) => {
             let config = Config::load(&cli.config)?;
             if args.to.is_none() {
-                if let Some(row) = running_deployment(&config)? {
+                if let Some(row) = running_deployment(&config)?.filter(|r| r.strategy != "rolling")
+                {
                     // A blue-green in its switch-back window (or a canary): the running deployer
                     // switches back itself, within milliseconds.
                     return wait_for_command(&config, &row, "rollback");
@@ -424,6 +439,12 @@ fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
     let row = running_deployment(config)?.ok_or_else(|| {
         anyhow::anyhow!("no deployment is running (see `cutover status`): `{command}` applies to a running canary or blue-green deployment")
     })?;
+    if row.strategy == "rolling" {
+        anyhow::bail!(
+            "deployment {} is a rolling deploy: it takes no `{command}` (its batches gate themselves); stop it with Ctrl-C, then `cutover deploy --resume` or `cutover rollback`",
+            row.id
+        );
+    }
     let journal = Journal::open(&config.state_dir)?;
     journal.post_command(&row.id, command)?;
     println!(

@@ -428,6 +428,20 @@ pub enum VerifyPoint {
     AfterDeploy,
 }
 
+impl VerifyPoint {
+    /// The name as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            VerifyPoint::BeforeTraffic => "before_traffic",
+            VerifyPoint::AfterBatch => "after_batch",
+            VerifyPoint::BeforeSwitch => "before_switch",
+            VerifyPoint::AfterSwitch => "after_switch",
+            VerifyPoint::AfterStep => "after_step",
+            VerifyPoint::AfterDeploy => "after_deploy",
+        }
+    }
+}
+
 /// `[[verify]]`: an integration test run at gates; exit 0 passes.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1120,6 +1134,12 @@ impl Config {
         };
         let s = &self.strategy;
         let hosts = self.hosts.len() as u32;
+        if self.app.mode == Mode::InPlace {
+            return Err(err(
+                "app.mode",
+                "mode = \"in-place\" is not supported yet: cutover starts the new instance beside the old one on a free port; make the app listen on {port} / $PORT".into(),
+            ));
+        }
         if self.app.mode == Mode::InPlace && self.app.port.is_none() {
             return Err(err(
                 "app.port",

@@ -350,11 +350,28 @@ impl Deployer {
                     }
                 }
             }
-            let over_batch = batch::batch_failed(
-                batch_failures,
-                hosts.len(),
-                config.strategy.max_fail_percentage,
-            );
+            let target = crate::verify::Target {
+                url: format!("http://{}", config.balancer.listen),
+                version: version.as_str(),
+                preview: false,
+            };
+            let verified =
+                crate::verify::run(config, crate::config::VerifyPoint::AfterBatch, &target).await;
+            let verify_failed = verified.is_err();
+            if let Err(e) = verified {
+                self.progress.say(&format!("{label}: {e}"));
+                self.journal.event(Some(&run.id), &e)?;
+                failed.push(HostFailure {
+                    host: "fleet".into(),
+                    reason: e,
+                });
+            }
+            let over_batch = verify_failed
+                || batch::batch_failed(
+                    batch_failures,
+                    hosts.len(),
+                    config.strategy.max_fail_percentage,
+                );
             let over_total = config
                 .strategy
                 .max_failed_hosts
@@ -395,6 +412,30 @@ impl Deployer {
             }
         }
 
+        if outcome == Outcome::Succeeded {
+            let target = crate::verify::Target {
+                url: format!("http://{}", config.balancer.listen),
+                version: version.as_str(),
+                preview: false,
+            };
+            if let Err(e) =
+                crate::verify::run(config, crate::config::VerifyPoint::AfterDeploy, &target).await
+            {
+                self.progress
+                    .say(&format!("{e}: returning every moved host"));
+                self.journal.event(Some(&run.id), &e)?;
+                failed.push(HostFailure {
+                    host: "fleet".into(),
+                    reason: e,
+                });
+                stuck = self.undo(&run, &moved).await;
+                outcome = if stuck.is_empty() {
+                    Outcome::RolledBack
+                } else {
+                    Outcome::Failed
+                };
+            }
+        }
         if outcome == Outcome::Succeeded {
             self.prune_all(&run, &moved).await;
         }
@@ -829,6 +870,17 @@ impl Deployer {
             .await
             .map_err(|e| format!("{} on {}: {e}", inst.version, inst.address))?;
         let version = Name::parse(&inst.version).map_err(|e| e.to_string())?;
+        let target = crate::verify::Target {
+            url: format!("http://{}", inst.address),
+            version: version.as_str(),
+            preview: false,
+        };
+        crate::verify::run(
+            &self.config,
+            crate::config::VerifyPoint::BeforeTraffic,
+            &target,
+        )
+        .await?;
         let previous = run.previous.get(host.name.as_str()).cloned().flatten();
         self.hook(
             HookPoint::BeforeSwitch,

@@ -30,7 +30,7 @@ pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Re
             .current_dir(&config.base_dir)
             .env("CUTOVER_URL", &target.url)
             .env("CUTOVER_VERSION", target.version)
-            .env("CUTOVER_POINT", format!("{point:?}"))
+            .env("CUTOVER_POINT", point.name())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -61,8 +61,9 @@ pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Re
                 String::from_utf8_lossy(&out.stderr)
             );
             return Err(format!(
-                "verify `{}` failed at {point:?} ({}): {}",
+                "verify `{}` failed at {} ({}): {}",
                 v.command,
+                point.name(),
                 out.status,
                 last_lines(text.trim(), 5)
             ));

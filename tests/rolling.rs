@@ -161,3 +161,19 @@ async fn failure_in_a_later_batch_returns_moved_hosts() {
     assert!(out.contains("rolled_back"), "{out}");
     assert_fleet_on(&fleet, "v1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_commands_gate_a_rolling_deploy() {
+    let mut spec = FleetSpec::new(4, 5);
+    // before_traffic tests each new instance directly; after_batch tests through the balancer
+    // and here refuses v2, so the first batch of v2 is undone.
+    spec.extra = "[[verify]]\ncommand = \"curl -fsS $CUTOVER_URL/ | grep -qx $CUTOVER_VERSION\"\nat = [\"before_traffic\"]\n\n\
+                  [[verify]]\ncommand = \"test $CUTOVER_POINT = after_batch && test $CUTOVER_VERSION != v2\"\nat = [\"after_batch\"]\n"
+        .into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let (out, err) = fleet.deploy("v2", 1).await;
+    assert!(out.contains("rolled_back"), "{out}");
+    assert!(err.contains("failed at after_batch"), "{err}");
+    assert_fleet_on(&fleet, "v1").await;
+}
