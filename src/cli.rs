@@ -79,6 +79,8 @@ pub enum Command {
     Pause,
     /// Let a paused canary go on.
     Resume,
+    /// Recent log lines of a host's instances (`<root>/log/<version>-<port>.log`), live ones first.
+    Logs(LogsArgs),
     /// Show who holds the deploy lock.
     Lock,
     /// Release the deploy lock. Only with --force, which is recorded in the journal.
@@ -145,6 +147,18 @@ pub struct ShowArgs {
     /// Print the path of the deployment's HTML report (written now if it is missing).
     #[arg(long, conflicts_with = "json")]
     pub html: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Host name from the config.
+    pub host: String,
+    /// Lines per instance.
+    #[arg(short = 'n', long, default_value_t = 50)]
+    pub lines: usize,
+    /// Also show instances that are no longer running.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Args, Debug)]
@@ -323,6 +337,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Abort => control(&Config::load(&cli.config)?, "abort"),
         Command::Pause => control(&Config::load(&cli.config)?, "pause"),
         Command::Resume => control(&Config::load(&cli.config)?, "resume"),
+        Command::Logs(args) => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(logs_cmd(config, args)).map(|_| 0)
+        }
         Command::Lock => {
             let config = Config::load(&cli.config)?;
             let journal = Journal::open(&config.state_dir)?;
@@ -419,6 +437,45 @@ async fn run_proxy(config: Config, args: ProxyArgs) -> anyhow::Result<()> {
         _ = handle.stopped() => {},
     }
     handle.shutdown().await;
+    Ok(())
+}
+
+async fn logs_cmd(config: Config, args: LogsArgs) -> anyhow::Result<()> {
+    let host = config.host(&args.host).cloned().ok_or_else(|| {
+        let names: Vec<&str> = config.hosts.iter().map(|h| h.name.as_str()).collect();
+        anyhow::anyhow!(
+            "no host {:?} in {}: hosts are {}",
+            args.host,
+            config.file.display(),
+            names.join(", ")
+        )
+    })?;
+    let (transport, _) = connect(&config)?;
+    let mut instances = crate::instance::list(transport.as_ref(), &host).await?;
+    instances.sort_by_key(|r| !r.alive);
+    if instances.is_empty() {
+        println!(
+            "{}: no instance recorded in {}",
+            host.name,
+            crate::release::Layout::of(&host).run_dir().display()
+        );
+    }
+    for r in instances.iter().filter(|r| r.alive || args.all) {
+        let i = &r.instance;
+        println!(
+            "==> {} {} on {} (pid {}, {}) <==",
+            host.name,
+            i.version,
+            i.address,
+            i.pid,
+            if r.alive { "running" } else { "stopped" }
+        );
+        println!(
+            "{}",
+            crate::instance::log_tail(transport.as_ref(), &host, &i.version, i.port(), args.lines)
+                .await
+        );
+    }
     Ok(())
 }
 

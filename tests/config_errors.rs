@@ -110,3 +110,121 @@ fn bad_version_is_refused_as_data() {
     }
     assert!(!marker.exists());
 }
+
+fn with_strategy(strategy: &str) -> String {
+    GOOD.replace("kind = \"rolling\"\nbatch = 1\n", strategy)
+}
+
+#[test]
+fn canary_weights_must_rise_and_end_at_100() {
+    let err = error_for(&with_strategy(
+        "kind = \"canary\"\nsteps = [{ weight = 50 }, { weight = 20 }, { weight = 100 }]\n",
+    ));
+    assert!(
+        err.contains("strategy.steps") && err.contains("does not increase"),
+        "{err}"
+    );
+    let err = error_for(&with_strategy(
+        "kind = \"canary\"\nsteps = [{ weight = 10 }, { weight = 50 }]\n",
+    ));
+    assert!(
+        err.contains("strategy.steps") && err.contains("not 100"),
+        "{err}"
+    );
+    let err = error_for(&with_strategy("kind = \"canary\"\nsteps = []\n"));
+    assert!(
+        err.contains("strategy.steps") && err.contains("needs steps"),
+        "{err}"
+    );
+    let err = error_for(&with_strategy(
+        "kind = \"canary\"\nsteps = [{ weight = 100, pause = \"soon\" }]\n",
+    ));
+    assert!(err.contains("not a duration"), "{err}");
+}
+
+#[test]
+fn canary_needs_stable_hosts_left() {
+    // One host: a canary on it would leave no stable release.
+    let two = GOOD.replace(
+        "[balancer]",
+        "[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.12\"\nroot = \"fleet/web2\"\n\n[balancer]",
+    );
+    let err = error_for(&two.replace(
+        "kind = \"rolling\"\nbatch = 1\n",
+        "kind = \"canary\"\ncanary_hosts = 2\nsteps = [{ weight = 100 }]\n",
+    ));
+    assert!(err.contains("strategy.canary_hosts"), "{err}");
+}
+
+#[test]
+fn blue_green_needs_room_for_green() {
+    let err = error_for(&with_strategy("kind = \"blue-green\"\n").replace(
+        "start = \"exec ./server\"",
+        "start = \"exec ./server\"\nport = 8000",
+    ));
+    assert!(err.contains("app.port") && err.contains("no room"), "{err}");
+    let err = error_for(&with_strategy(
+        "kind = \"blue-green\"\npost_switch_analysis = \"10s\"\n",
+    ));
+    assert!(
+        err.contains("post_switch_analysis") && err.contains("[analysis]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn analysis_that_checks_nothing_is_refused() {
+    let err = error_for(&format!("{GOOD}\n[analysis]\ninterval = \"5s\"\n"));
+    assert!(err.contains("checks nothing"), "{err}");
+}
+
+#[test]
+fn plan_shows_every_strategy() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = GOOD.replace(
+        "[balancer]",
+        "[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.12\"\nroot = \"fleet/web2\"\n\n[balancer]",
+    );
+    let canary = two.replace(
+        "kind = \"rolling\"\nbatch = 1\n",
+        "kind = \"canary\"\nsteps = [{ weight = 10, pause = \"1m\" }, { weight = 100 }]\n",
+    ) + "\n[analysis]\nmin_success_rate = 99.0\n";
+    let (code, _) = run(dir.path(), &canary, &["plan", "--version", "v2"]);
+    assert_eq!(code, 0);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args([
+            "-c",
+            &dir.path().join("cutover.toml").display().to_string(),
+            "plan",
+            "--version",
+            "v2",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("step 1/2: 10% of requests to the canary for 1m"),
+        "{text}"
+    );
+    assert!(
+        text.contains("until `cutover promote`") && text.contains("worst case"),
+        "{text}"
+    );
+    let bg = two.replace("kind = \"rolling\"\nbatch = 1\n", "kind = \"blue-green\"\n");
+    std::fs::write(dir.path().join("cutover.toml"), bg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args([
+            "-c",
+            &dir.path().join("cutover.toml").display().to_string(),
+            "plan",
+            "--version",
+            "v2",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("switch: one atomic admin call") && text.contains("scale_down_delay = 30s"),
+        "{text}"
+    );
+}

@@ -87,6 +87,12 @@ async fn rolling_deploy_under_load_fails_no_request() {
         "{err}"
     );
     assert_fleet_on(&fleet, "v2").await;
+    let (code, logs, _) = fleet.cutover(&["logs", "web1"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        logs.contains("==> web1 v2 on") && logs.contains("sample-app v2 listening"),
+        "{logs}"
+    );
     // v1 stays staged for an instant rollback.
     assert!(fleet.root("web1").join("releases/v1").is_dir());
 }
