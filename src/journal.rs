@@ -536,8 +536,9 @@ impl Journal {
     /// gone (same machine) or whose lease expired is stale and is replaced.
     pub fn lock(&self, app: &str, me: &LockHolder, lease: Duration) -> anyhow::Result<Taken> {
         let taken = self.write(|c| {
-            let tx = c.unchecked_transaction()?;
-            tx.execute_batch("SELECT 1")?;
+            // IMMEDIATE: take the write lock before reading, so a concurrent writer makes us wait
+            // (busy_timeout) instead of failing the upgrade from read to write (BUSY_SNAPSHOT).
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
             let current: Option<(String, i64)> = tx
                 .query_row(
                     "SELECT holder_json, lease_until_ms FROM lock WHERE app = ?1",
@@ -706,7 +707,7 @@ impl Journal {
     /// Takes the oldest untaken command for a deployment.
     pub fn take_command(&self, deployment: &str) -> anyhow::Result<Option<String>> {
         self.with(|c| {
-            let tx = c.unchecked_transaction()?;
+            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
             let cmd: Option<(i64, String)> = tx
                 .query_row(
                     "SELECT id, command FROM commands WHERE deployment = ?1 AND taken = 0 ORDER BY id LIMIT 1",

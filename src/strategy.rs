@@ -64,15 +64,7 @@ impl Deployer {
     ) -> anyhow::Result<Report> {
         let config = &self.config;
         let from = crate::deploy::most_common(run.previous.values().flatten());
-        let mut failed: Vec<HostFailure> = staged
-            .iter()
-            .filter_map(|(h, r)| {
-                r.as_ref().err().map(|e| HostFailure {
-                    host: h.clone(),
-                    reason: e.clone(),
-                })
-            })
-            .collect();
+        let mut failed = staging_failures(staged);
         let mut notes = Vec::new();
         if !failed.is_empty() {
             return self
@@ -472,15 +464,7 @@ impl Deployer {
         let strategy = &config.strategy;
         let from = crate::deploy::most_common(run.previous.values().flatten());
         let stable_release = from.clone().unwrap_or_default();
-        let mut failed: Vec<HostFailure> = staged
-            .iter()
-            .filter_map(|(h, r)| {
-                r.as_ref().err().map(|e| HostFailure {
-                    host: h.clone(),
-                    reason: e.clone(),
-                })
-            })
-            .collect();
+        let mut failed = staging_failures(staged);
         let mut notes = Vec::new();
         if !failed.is_empty() {
             return self
@@ -880,6 +864,19 @@ impl Deployer {
         )
         .await
     }
+}
+
+/// Hosts whose staging failed: blue-green and canary need every host staged before they start.
+fn staging_failures(staged: &BTreeMap<String, Result<bool, String>>) -> Vec<HostFailure> {
+    staged
+        .iter()
+        .filter_map(|(h, r)| {
+            r.as_ref().err().map(|e| HostFailure {
+                host: h.clone(),
+                reason: e.clone(),
+            })
+        })
+        .collect()
 }
 
 /// Weights that give the canary backends `percent` of the requests in total, split evenly.

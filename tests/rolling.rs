@@ -6,8 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::{Fleet, FleetSpec};
-use cutover::balancer::BackendState;
-use cutover::balancer::api::Health;
 use cutover::load::{self, LoadSpec};
 
 /// Steady traffic through the balancer: 250 req/s, bounded.
@@ -31,31 +29,9 @@ async fn stop_after(run: load::LoadRun, min: u64) -> load::LoadReport {
     run.stop().await
 }
 
-/// Every host serves `version` alone: one live instance each, one active healthy backend each.
+/// Every host serves `version` alone (see [`Fleet::assert_on`]).
 async fn assert_fleet_on(fleet: &Fleet, version: &str) {
-    let backends = fleet.backends().await;
-    for (host, _) in &fleet.hosts {
-        assert_eq!(
-            fleet.current(host).as_deref(),
-            Some(version),
-            "{host}: current"
-        );
-        let mine: Vec<_> = backends.iter().filter(|b| &b.spec.host == host).collect();
-        assert_eq!(mine.len(), 1, "{host}: exactly one backend: {mine:#?}");
-        assert_eq!(mine[0].spec.release, version, "{host}: backend release");
-        assert_eq!(mine[0].state, BackendState::Active, "{host}: in rotation");
-        assert_eq!(mine[0].health, Health::Healthy, "{host}: healthy");
-    }
-    let live = fleet.live_instances();
-    assert_eq!(
-        live.len(),
-        fleet.hosts.len(),
-        "one process per host: {live:?}"
-    );
-    assert!(
-        live.iter().all(|(v, _)| v == version),
-        "only {version} runs: {live:?}"
-    );
+    fleet.assert_on(version).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

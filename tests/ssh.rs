@@ -101,12 +101,7 @@ impl SshFleet {
         git(&repo, &["commit", "-q", "-am", "broken"]);
         git(&repo, &["tag", "broken"]);
 
-        let listen: SocketAddr = format!("127.0.0.1:{}", common::free_port("127.0.0.1"))
-            .parse()
-            .unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", common::free_port("127.0.0.1"))
-            .parse()
-            .unwrap();
+        let [listen, admin] = common::free_pair("127.0.0.1");
         let hosts: Vec<String> = (1..=4).map(|i| format!("web{i}")).collect();
         let mut fleet = SshFleet {
             sshd,

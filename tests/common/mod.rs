@@ -27,6 +27,14 @@ pub fn free_port(ip: &str) -> u16 {
         .port()
 }
 
+/// Two distinct ports free on `ip` right now: both sockets are held while the second is picked,
+/// so the kernel cannot hand out the same port twice.
+pub fn free_pair(ip: &str) -> [SocketAddr; 2] {
+    let a = TcpListener::bind((ip, 0)).unwrap();
+    let b = TcpListener::bind((ip, 0)).unwrap();
+    [a.local_addr().unwrap(), b.local_addr().unwrap()]
+}
+
 /// Options of a test fleet.
 pub struct FleetSpec {
     pub hosts: usize,
@@ -72,12 +80,7 @@ impl Fleet {
             .prefix("cutover-test-")
             .tempdir()
             .unwrap();
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-            .parse()
-            .unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-            .parse()
-            .unwrap();
+        let [listen, admin] = free_pair("127.0.0.1");
         let exe = exe();
         for (v, flags) in [
             ("v1", ""),
