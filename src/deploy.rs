@@ -220,56 +220,41 @@ impl Deployer {
             run.id
         ));
 
-        // Stage everywhere first: no host changes traffic before every copy is in place.
-        // Hooks before anything changes, then staging everywhere, then the strategy.
         let reachable: Vec<Host> = before
             .iter()
             .filter(|v| v.error.is_none())
             .map(|v| v.host.clone())
             .collect();
-        if let Err(e) = self
-            .hook(
+        // Hooks before anything changes, staging everywhere, hooks after staging: a failure in
+        // any of them stops before a single host changes traffic.
+        let prepared: Result<_, (String, &str)> = async {
+            self.hook(
                 HookPoint::BeforeDeploy,
                 version,
                 from.as_deref(),
                 &reachable,
             )
             .await
-        {
-            self.progress.say(&format!("{e}: nothing was changed"));
-            let failed = vec![HostFailure {
-                host: "fleet".into(),
-                reason: e,
-            }];
-            return self
-                .finish(
-                    &run,
-                    req.kind,
-                    from,
-                    version.as_str(),
-                    Outcome::RolledBack,
-                    started,
-                    &stats_before,
-                    Vec::new(),
-                    Vec::new(),
-                    failed,
-                    Vec::new(),
-                )
-                .await;
+            .map_err(|e| (e, "nothing was changed"))?;
+            let staged = self.stage_all(&run, version, &before).await;
+            let staged_ok: Vec<Host> = config
+                .hosts
+                .iter()
+                .filter(|h| matches!(staged.get(h.name.as_str()), Some(Ok(_))))
+                .cloned()
+                .collect();
+            if !staged_ok.is_empty() {
+                self.hook(HookPoint::AfterStage, version, from.as_deref(), &staged_ok)
+                    .await
+                    .map_err(|e| (e, "no host changes traffic"))?;
+            }
+            Ok(staged)
         }
-        let staged = self.stage_all(&run, version, &before).await;
-        let staged_ok: Vec<Host> = config
-            .hosts
-            .iter()
-            .filter(|h| matches!(staged.get(h.name.as_str()), Some(Ok(_))))
-            .cloned()
-            .collect();
-        if !staged_ok.is_empty() {
-            if let Err(e) = self
-                .hook(HookPoint::AfterStage, version, from.as_deref(), &staged_ok)
-                .await
-            {
-                self.progress.say(&format!("{e}: no host changes traffic"));
+        .await;
+        let staged = match prepared {
+            Ok(staged) => staged,
+            Err((e, consequence)) => {
+                self.progress.say(&format!("{e}: {consequence}"));
                 let failed = vec![HostFailure {
                     host: "fleet".into(),
                     reason: e,
@@ -290,7 +275,7 @@ impl Deployer {
                     )
                     .await;
             }
-        }
+        };
         match config.strategy.kind {
             crate::config::StrategyKind::Rolling => {}
             crate::config::StrategyKind::BlueGreen => {

@@ -129,15 +129,12 @@ impl Deployer {
         if !failed.is_empty() {
             self.progress
                 .say("blue-green: the green set is incomplete; blue never stopped serving");
-            for (h, inst) in &green {
-                self.discard(run, h, inst).await;
-            }
             return self
-                .finish_with(
+                .abandon_green(
                     run,
+                    &green,
                     from,
                     version,
-                    Outcome::RolledBack,
                     started,
                     stats_before,
                     failed,
@@ -169,19 +166,16 @@ impl Deployer {
             self.progress.say(&format!(
                 "blue-green: {e}; green is discarded, blue never stopped serving"
             ));
-            for (h, inst) in &green {
-                self.discard(run, h, inst).await;
-            }
             failed.push(HostFailure {
                 host: "fleet".into(),
                 reason: e,
             });
             return self
-                .finish_with(
+                .abandon_green(
                     run,
+                    &green,
                     from,
                     version,
-                    Outcome::RolledBack,
                     started,
                     stats_before,
                     failed,
@@ -215,19 +209,16 @@ impl Deployer {
         let switched = match switched {
             Ok(r) => r,
             Err(e) => {
-                for (h, inst) in &green {
-                    self.discard(run, h, inst).await;
-                }
                 failed.push(HostFailure {
                     host: "fleet".into(),
                     reason: e,
                 });
                 return self
-                    .finish_with(
+                    .abandon_green(
                         run,
+                        &green,
                         from,
                         version,
-                        Outcome::RolledBack,
                         started,
                         stats_before,
                         failed,
@@ -386,6 +377,35 @@ impl Deployer {
             from,
             version,
             Outcome::Succeeded,
+            started,
+            stats_before,
+            failed,
+            notes,
+        )
+        .await
+    }
+
+    /// Green did not make it: every green instance is stopped; blue never stopped serving.
+    #[allow(clippy::too_many_arguments)]
+    async fn abandon_green(
+        &self,
+        run: &Run,
+        green: &[(Host, Instance)],
+        from: Option<String>,
+        version: &Name,
+        started: Instant,
+        stats_before: &Stats,
+        failed: Vec<HostFailure>,
+        notes: Vec<String>,
+    ) -> anyhow::Result<Report> {
+        for (h, inst) in green {
+            self.discard(run, h, inst).await;
+        }
+        self.finish_with(
+            run,
+            from,
+            version,
+            Outcome::RolledBack,
             started,
             stats_before,
             failed,
