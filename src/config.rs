@@ -21,6 +21,9 @@ pub struct SshSettings {
     pub connect_timeout: Duration,
     /// Default timeout of one remote command.
     pub command_timeout: Duration,
+    /// How long SSH master connections outlive the command that opened them (0: closed at
+    /// its end), so back-to-back commands skip the handshakes.
+    pub persist: Duration,
 }
 
 /// Where the config came from, and what it says.
@@ -817,6 +820,8 @@ struct RawConfig {
     connect_timeout: Dur,
     #[serde(default = "secs::<300>")]
     command_timeout: Dur,
+    #[serde(default = "secs::<60>")]
+    ssh_persist: Dur,
     #[serde(default = "default_forks")]
     forks: usize,
     #[serde(default = "secs::<60>")]
@@ -984,6 +989,7 @@ impl Config {
                 host_key_checking: raw.host_key_checking,
                 connect_timeout: *raw.connect_timeout,
                 command_timeout: *raw.command_timeout,
+                persist: *raw.ssh_persist,
             },
             forks: raw.forks,
             lock_lease: *raw.lock_lease,

@@ -329,7 +329,11 @@ async fn ssh_fleet_rolls_a_git_release_under_load_with_no_failed_request() {
     assert_eq!(up, fleet.hosts, "one upload per host: {err}");
     assert!(err.contains("built v2 once"), "{err}");
     assert_eq!(fleet.builds(), ["v1", "v2"], "built once per version");
-    assert_eq!(fleet.logins(), 8, "one SSH login per host per deploy");
+    assert_eq!(
+        fleet.logins(),
+        4,
+        "one SSH login per host for both deploys: the masters persist (ssh_persist) between commands"
+    );
     fleet
         .assert_on(&["web1", "web2", "web3", "web4"], "v2")
         .await;

@@ -6,14 +6,17 @@
 //!
 //! One multiplexed master connection per host (`ControlMaster`/`ControlPersist`, socket in a
 //! short private temp dir because of the 108-byte limit of Unix socket paths) is opened once,
-//! the first time a host is used, and every later step rides on it, so a step costs a channel
-//! open (about a millisecond), not a handshake. The masters are closed (`ssh -O exit`) when the
-//! transport is dropped. Opening masters is bounded by `forks`.
+//! the first time a host is used. Scripts run in [`super::session`]s riding on it: long-lived
+//! remote shells that take one script after another, so a step costs a round trip on an open
+//! channel, not a new `ssh` process and login shell each. Idle sessions are kept per host and
+//! reused; a session that failed is killed. Uploads use a channel of their own. The masters
+//! are closed (`ssh -O exit`) when the transport is dropped. Opening masters is bounded by
+//! `forks`.
 //!
-//! A script never travels on the ssh command line: the remote command is a fixed string that
-//! reads the whole script from stdin and then runs it with stdin from /dev/null, so a value in a
-//! script can only be data (it was quoted with [`sh_quote`]), a script that reads stdin cannot
-//! swallow its own tail, and nothing runs before the whole script arrived.
+//! A script never travels on the ssh command line: it is sent on the session's stdin and run
+//! with stdin from /dev/null, so a value in a script can only be data (it was quoted with
+//! [`sh_quote`]), a script that reads stdin cannot swallow its own tail, and nothing runs
+//! before the whole script arrived.
 //!
 //! `CUTOVER_SSH_CONFIG=path` passes `-F path` to every ssh call (an ssh_config used instead of
 //! `~/.ssh/config`): for tests and CI that need their own known_hosts or keys.
@@ -27,22 +30,19 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 use tokio::sync::{OnceCell, Semaphore};
 
+use super::session::{self, Session, SessionError};
 use super::{Output, Transport, last_lines, sh_quote};
 use crate::config::{Host, HostKeyChecking, SshSettings};
 
 /// The environment variable naming an ssh_config file passed to ssh with `-F`.
 pub const CONFIG_ENV: &str = "CUTOVER_SSH_CONFIG";
 
-/// The remote command of every script: read it whole, then run it detached from stdin.
-const RUN_SCRIPT: &str =
-    "sh -c 'script=$(cat) && exec sh -c \"$script\" cutover-script </dev/null'";
-
-/// How long an idle master stays up after its last use.
-const CONTROL_PERSIST: &str = "120";
+/// How long an idle master stays up after its last use when `ssh_persist = "0s"` (it is closed
+/// explicitly when the transport is dropped).
+const CONTROL_PERSIST: u64 = 120;
 
 /// Ports tried by [`Transport::free_port`] on remote hosts: below Linux's ephemeral range, so
 /// outgoing connections rarely sit on them.
@@ -54,9 +54,11 @@ type Master = Arc<OnceCell<Result<(), String>>>;
 pub struct SshTransport {
     settings: SshSettings,
     config_file: Option<PathBuf>,
-    control_dir: tempfile::TempDir,
+    control_dir: ControlDir,
     masters: Mutex<HashMap<String, (Host, Master)>>,
     connecting: Semaphore,
+    /// Sessions waiting for their next script, per host name.
+    idle: Mutex<HashMap<String, Vec<Session>>>,
 }
 
 impl SshTransport {
@@ -80,21 +82,30 @@ impl SshTransport {
         } else {
             PathBuf::from("/tmp")
         };
-        let control_dir = tempfile::Builder::new()
-            .prefix("cutover-ssh-")
-            .tempdir_in(&base)
-            .with_context(|| {
-                format!(
-                    "cannot create a directory for SSH control sockets in {}",
-                    base.display()
-                )
-            })?;
+        let shared = (!settings.persist.is_zero())
+            .then(|| shared_control_dir(&base))
+            .flatten();
+        let control_dir = match shared {
+            Some(dir) => ControlDir::Shared(dir),
+            None => ControlDir::Private(
+                tempfile::Builder::new()
+                    .prefix("cutover-ssh-")
+                    .tempdir_in(&base)
+                    .with_context(|| {
+                        format!(
+                            "cannot create a directory for SSH control sockets in {}",
+                            base.display()
+                        )
+                    })?,
+            ),
+        };
         Ok(SshTransport {
             settings,
             config_file,
             control_dir,
             masters: Mutex::new(HashMap::new()),
             connecting: Semaphore::new(forks.max(1)),
+            idle: Mutex::new(HashMap::new()),
         })
     }
 
@@ -115,7 +126,7 @@ impl SshTransport {
             format!("StrictHostKeyChecking={checking}"),
             format!("ConnectTimeout={timeout}"),
             "ControlMaster=auto".to_string(),
-            format!("ControlPersist={CONTROL_PERSIST}"),
+            format!("ControlPersist={}", self.persist_secs()),
             "ServerAliveInterval=15".to_string(),
             "ServerAliveCountMax=4".to_string(),
         ] {
@@ -205,17 +216,12 @@ impl SshTransport {
         &self,
         host: &Host,
         remote: &str,
-        stdin: Input<'_>,
+        stdin: Input,
         timeout: Duration,
     ) -> anyhow::Result<Output> {
         self.connect(host).await?;
         let mut c = self.command(host, remote);
-        let mut script = None;
         match stdin {
-            Input::Script(s) => {
-                c.stdin(Stdio::piped());
-                script = Some(s);
-            }
             Input::File(f) => {
                 c.stdin(Stdio::from(f));
             }
@@ -223,19 +229,9 @@ impl SshTransport {
                 c.stdin(p);
             }
         }
-        let mut child = c
+        let child = c
             .spawn()
             .with_context(|| format!("host {}: cannot run ssh", describe(host)))?;
-        if let Some(s) = script {
-            let mut input = child.stdin.take().expect("piped stdin");
-            let body = format!(
-                "CUTOVER_HOST={}; export CUTOVER_HOST\n{s}",
-                sh_quote(host.name.as_str())
-            );
-            // A write error means ssh exited early; its status and stderr tell why.
-            let _ = input.write_all(body.as_bytes()).await;
-            drop(input);
-        }
         let out = tokio::time::timeout(timeout, child.wait_with_output())
             .await
             .map_err(|_| {
@@ -264,6 +260,84 @@ impl SshTransport {
         })
     }
 
+    fn persist_secs(&self) -> u64 {
+        match self.control_dir {
+            ControlDir::Shared(_) => self.settings.persist.as_secs().max(1),
+            ControlDir::Private(_) => CONTROL_PERSIST,
+        }
+    }
+
+    /// An idle session to the host, or a new one.
+    async fn session(&self, host: &Host) -> anyhow::Result<Session> {
+        self.connect(host).await?;
+        loop {
+            let reused = self
+                .idle
+                .lock()
+                .expect("idle lock")
+                .get_mut(host.name.as_str())
+                .and_then(Vec::pop);
+            match reused {
+                Some(mut s) => {
+                    if s.alive() {
+                        return Ok(s);
+                    }
+                }
+                None => break,
+            }
+        }
+        let token = session::new_token()?;
+        let mut c = Command::new("ssh");
+        c.args(self.args(host))
+            .arg(host.address.to_string())
+            .arg(session::remote_command(&token));
+        Session::spawn(c, token).with_context(|| format!("host {}", describe(host)))
+    }
+
+    /// Runs a script in a session of the host; the session goes back to the pool only when the
+    /// exchange completed.
+    async fn run_in_session(
+        &self,
+        host: &Host,
+        script: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Output> {
+        let mut s = self.session(host).await?;
+        let body = format!(
+            "CUTOVER_HOST={}; export CUTOVER_HOST\n{script}",
+            sh_quote(host.name.as_str())
+        );
+        match s.run(&body, timeout).await {
+            Ok(out) => {
+                self.idle
+                    .lock()
+                    .expect("idle lock")
+                    .entry(host.name.to_string())
+                    .or_default()
+                    .push(s);
+                Ok(out)
+            }
+            Err(SessionError::Timeout) => Err(anyhow::anyhow!(
+                "host {}: command did not finish within {}",
+                describe(host),
+                humantime::format_duration(timeout)
+            )),
+            Err(SessionError::Ended { stderr }) => Err(anyhow::anyhow!(
+                "host {}: SSH failed: {}{}",
+                describe(host),
+                if stderr.trim().is_empty() {
+                    "the connection closed".to_string()
+                } else {
+                    last_lines(stderr.trim(), 6)
+                },
+                hint(&stderr, host, self.settings.host_key_checking)
+            )),
+            Err(SessionError::Io(e)) => {
+                Err(anyhow::anyhow!("host {}: SSH session: {e}", describe(host)))
+            }
+        }
+    }
+
     fn fail(host: &Host, what: &str, out: &Output) -> anyhow::Error {
         let detail = if out.stderr.trim().is_empty() {
             out.stdout.trim()
@@ -279,8 +353,7 @@ impl SshTransport {
     }
 }
 
-enum Input<'a> {
-    Script(&'a str),
+enum Input {
     File(std::fs::File),
     Pipe(Stdio),
 }
@@ -288,8 +361,7 @@ enum Input<'a> {
 #[async_trait]
 impl Transport for SshTransport {
     async fn run(&self, host: &Host, script: &str, timeout: Duration) -> anyhow::Result<Output> {
-        self.exec(host, RUN_SCRIPT, Input::Script(script), timeout)
-            .await
+        self.run_in_session(host, script, timeout).await
     }
 
     async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
@@ -392,6 +464,12 @@ impl Transport for SshTransport {
 impl Drop for SshTransport {
     /// Closes every master connection this transport opened.
     fn drop(&mut self) {
+        // Sessions first (killed on drop), then the masters they rode on, unless they are
+        // meant to outlive us (`ssh_persist`).
+        self.idle.lock().expect("idle lock").clear();
+        if matches!(self.control_dir, ControlDir::Shared(_)) {
+            return;
+        }
         let masters = std::mem::take(&mut *self.masters.lock().expect("masters lock"));
         for (_, (host, cell)) in masters {
             if !matches!(cell.get(), Some(Ok(()))) {
@@ -407,6 +485,34 @@ impl Drop for SshTransport {
                 .status();
         }
     }
+}
+
+/// Where the control sockets live: a per-user directory shared by every cutover command when
+/// masters persist between commands, else a private one removed with the transport.
+enum ControlDir {
+    Shared(PathBuf),
+    Private(tempfile::TempDir),
+}
+
+impl ControlDir {
+    fn path(&self) -> &Path {
+        match self {
+            ControlDir::Shared(p) => p,
+            ControlDir::Private(t) => t.path(),
+        }
+    }
+}
+
+/// `<base>/cutover-ssh-<uid>`, created mode 0700, used only when it is a real directory owned
+/// by us and closed to others (a socket there grants use of our logged-in connections).
+fn shared_control_dir(base: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = base.join(format!("cutover-ssh-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    (meta.is_dir() && meta.uid() == uid && meta.mode() & 0o077 == 0).then_some(dir)
 }
 
 /// `web1 (root@10.0.0.5 port 2222)`, for messages.
@@ -460,30 +566,29 @@ fn hint(stderr: &str, host: &Host, checking: HostKeyChecking) -> String {
     String::new()
 }
 
-/// A shell script printing one TCP port that no socket of the host uses (read from
-/// /proc/net/tcp*), starting at a random point of [`PORT_RANGE`].
+/// A shell script printing one TCP port that no socket of the host uses (per /proc/net/tcp*),
+/// from random candidates in [`PORT_RANGE`]: one `grep` per candidate tried, usually one.
 fn free_port_script() -> String {
     let (lo, hi) = PORT_RANGE;
+    let seed = session::new_token()
+        .ok()
+        .and_then(|t| u64::from_str_radix(&t[..12], 16).ok())
+        .unwrap_or_else(|| u64::from(std::process::id()));
+    let span = u64::from(hi - lo) + 1;
+    let candidates: Vec<String> = (0..32u64)
+        .map(|i| {
+            let p = lo + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % span) as u16;
+            format!("{p}:{p:04X}")
+        })
+        .collect();
     format!(
-        r#"used=" "
-for f in /proc/net/tcp /proc/net/tcp6; do
-  [ -r "$f" ] || continue
-  while read -r _sl local _rest; do
-    case "$local" in *:*) used="$used$((0x${{local##*:}})) " ;; esac
-  done < "$f"
+        r#"for c in {candidates}; do
+  if ! grep -qi ":${{c#*:}} " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then echo "${{c%%:*}}"; exit 0; fi
 done
-n=$(({hi} - {lo} + 1))
-seed=$(od -An -N2 -tu2 /dev/urandom 2>/dev/null | tr -d ' ')
-i=0
-p=$(({lo} + ${{seed:-$$}} % n))
-while [ $i -lt $n ]; do
-  case "$used" in *" $p "*) ;; *) echo $p; exit 0 ;; esac
-  p=$((p + 1)); [ $p -gt {hi} ] && p={lo}
-  i=$((i + 1))
-done
-echo "no free TCP port in {lo}-{hi}" >&2
+echo "no free TCP port found in {lo}-{hi} after 32 tries" >&2
 exit 1
-"#
+"#,
+        candidates = candidates.join(" ")
     )
 }
 
