@@ -1,11 +1,13 @@
 //! `bench/fleet`: how much a deploy costs beyond what the app itself needs.
 //!
 //! For each fleet (local transport: 4, 16, 64 hosts; SSH through a private sshd: 4, 16 hosts)
-//! it deploys v1, then times `cutover deploy` v1 -> v2 -> v1 ... (`--runs`, median) with
+//! and each health interval (1 s, cutover's default, and 100 ms, where overhead shows most) it
+//! deploys v1, then times `cutover deploy` v1 -> v2 -> v1 ... (`--runs`, median) with
 //! `batch = "25%"` (4 batches) behind a real `cutover proxy`, and compares with the floor:
 //! Σ over batches of (instance start until its first healthy answer, measured here) + health
-//! settle (`healthy_threshold - 1` intervals at the deploy's gate, and as many at the
-//! balancer's own check). Overhead per host = (wall - floor) / hosts.
+//! settle (`healthy_threshold - 1` intervals: the gate needs that many more passing checks after
+//! the first). Everything else is overhead: the balancer's own check, journal, lock, reading
+//! hosts, starting and stopping through the shell. Overhead per host = (wall - floor) / hosts.
 //!
 //! Run it with `bench/fleet` (release build). Loopback only; everything it starts is stopped
 //! at the end.
@@ -20,7 +22,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "bench-token-0123456789";
-const INTERVAL_MS: u64 = 100;
 const THRESHOLD: u64 = 2;
 const BATCHES: u64 = 4;
 
@@ -107,7 +108,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn start(exe: &Path, hosts: usize, ssh: bool, net: u8) -> Fleet {
+    fn start(exe: &Path, hosts: usize, ssh: bool, net: u8, interval_ms: u64) -> Fleet {
         let dir = tempfile::Builder::new()
             .prefix("cutover-bench-")
             .tempdir()
@@ -129,7 +130,7 @@ impl Fleet {
             .unwrap();
         let mut text = format!(
             "transport = \"{t}\"\nforks = 64\n\n[app]\nname = \"bench\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"5s\"\n\n\
-             [app.health]\npath = \"/health\"\ninterval = \"{INTERVAL_MS}ms\"\ntimeout = \"1s\"\nhealthy_threshold = {THRESHOLD}\ndeadline = \"20s\"\n\n\
+             [app.health]\npath = \"/health\"\ninterval = \"{interval_ms}ms\"\ntimeout = \"1s\"\nhealthy_threshold = {THRESHOLD}\ndeadline = \"20s\"\n\n\
              [release]\npath = \"releases/{{version}}\"\nkeep = 3\n\n\
              [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\ntoken = \"{TOKEN}\"\n\n\
              [strategy]\nkind = \"rolling\"\nbatch = \"25%\"\n",
@@ -172,12 +173,15 @@ impl Fleet {
     }
 
     /// Wall time of one `cutover deploy`.
-    fn deploy(&self, exe: &Path, version: &str) -> Duration {
+    fn deploy(&self, exe: &Path, version: &str, trace: bool) -> Duration {
         let mut c = Command::new(exe);
         c.arg("-c")
             .arg(&self.config)
-            .args(["deploy", "--version", version])
-            .stdin(Stdio::null());
+            .args(["deploy", "--version", version]);
+        if trace {
+            c.arg("--json");
+        }
+        c.stdin(Stdio::null());
         if let Some(f) = &self.ssh_config {
             c.env(cutover::transport::ssh::CONFIG_ENV, f);
         }
@@ -190,6 +194,18 @@ impl Fleet {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if trace {
+            eprintln!("--- deploy {version}: {:.1} ms", wall.as_secs_f64() * 1e3);
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            // Step timings from the journal, relative to the deployment's start.
+            let db = self.dir.path().join(".cutover/journal.db");
+            let q = "SELECT s.host, s.action, s.started_ms - d.started_ms, s.ended_ms - s.started_ms \
+                     FROM steps s JOIN deployments d ON d.id = s.deployment \
+                     WHERE d.id = (SELECT id FROM deployments ORDER BY started_ms DESC LIMIT 1) ORDER BY s.id";
+            if let Ok(o) = Command::new("sqlite3").arg(&db).arg(q).output() {
+                eprint!("{}", String::from_utf8_lossy(&o.stdout));
+            }
+        }
         wall
     }
 }
@@ -227,30 +243,33 @@ impl Drop for Fleet {
 
 fn main() {
     let mut runs = 3usize;
+    let mut only: Option<String> = None;
+    let mut trace = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).unwrap_or(3).max(1),
+            "--only" => only = args.next(),
+            "--trace" => trace = true,
             _ => {
-                eprintln!("usage: bench/fleet [--runs N]");
+                eprintln!(
+                    "usage: bench/fleet [--runs N] [--only TRANSPORT:HOSTS] [--trace]\n  --only local:16  run one case\n  --trace         print each timed deploy's progress (JSON lines, t in seconds)"
+                );
                 std::process::exit(2);
             }
         }
     }
     let exe = exe();
     let start = app_start_time(&exe);
-    let settle = Duration::from_millis(2 * (THRESHOLD - 1) * INTERVAL_MS);
-    let floor = (start + settle) * BATCHES as u32;
     eprintln!(
-        "app start {:.1} ms, health settle {} ms per batch, {BATCHES} batches: floor {:.0} ms",
+        "app start {:.1} ms; floor per batch = start + {} interval(s)",
         start.as_secs_f64() * 1e3,
-        settle.as_millis(),
-        floor.as_secs_f64() * 1e3
+        THRESHOLD - 1
     );
     println!(
-        "| transport | hosts | deploy wall (median of {runs}) | floor | wall / floor | overhead per host |"
+        "| transport | hosts | health interval | deploy wall (median of {runs}) | floor | wall / floor | overhead per host | first deploy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let cases = [
         ("local", 4, false),
         ("local", 16, false),
@@ -258,20 +277,33 @@ fn main() {
         ("ssh", 4, true),
         ("ssh", 16, true),
     ];
-    for (i, (name, hosts, ssh)) in cases.into_iter().enumerate() {
-        let fleet = Fleet::start(&exe, hosts, ssh, 60 + i as u8);
-        fleet.deploy(&exe, "v1");
-        let mut walls: Vec<Duration> = (0..runs)
-            .map(|r| fleet.deploy(&exe, if r % 2 == 0 { "v2" } else { "v1" }))
-            .collect();
-        walls.sort();
-        let wall = walls[walls.len() / 2];
-        let over = wall.saturating_sub(floor).as_secs_f64() * 1e3 / hosts as f64;
-        println!(
-            "| {name} | {hosts} | {:.0} ms | {:.0} ms | {:.2}x | {over:.1} ms |",
-            wall.as_secs_f64() * 1e3,
-            floor.as_secs_f64() * 1e3,
-            wall.as_secs_f64() / floor.as_secs_f64(),
-        );
+    let mut net = 60u8;
+    for interval_ms in [1000u64, 100] {
+        let settle = Duration::from_millis((THRESHOLD - 1) * interval_ms);
+        let floor = (start + settle) * BATCHES as u32;
+        for (name, hosts, ssh) in cases {
+            if only
+                .as_ref()
+                .is_some_and(|o| *o != format!("{name}:{hosts}"))
+            {
+                continue;
+            }
+            net += 1;
+            let fleet = Fleet::start(&exe, hosts, ssh, net, interval_ms);
+            let first = fleet.deploy(&exe, "v1", false);
+            let mut walls: Vec<Duration> = (0..runs)
+                .map(|r| fleet.deploy(&exe, if r % 2 == 0 { "v2" } else { "v1" }, trace))
+                .collect();
+            walls.sort();
+            let wall = walls[walls.len() / 2];
+            let over = wall.saturating_sub(floor).as_secs_f64() * 1e3 / hosts as f64;
+            println!(
+                "| {name} | {hosts} | {interval_ms} ms | {:.0} ms | {:.0} ms | {:.2}x | {over:.1} ms | {:.0} ms |",
+                wall.as_secs_f64() * 1e3,
+                floor.as_secs_f64() * 1e3,
+                wall.as_secs_f64() / floor.as_secs_f64(),
+                first.as_secs_f64() * 1e3,
+            );
+        }
     }
 }

@@ -5,10 +5,16 @@
 //! One host changes release like this ([`Deployer::switch_host`]):
 //! 1. start the new instance on a free port next to the old one;
 //! 2. wait until it passes its own health check (`healthy_threshold` in a row);
-//! 3. add it to the balancer and wait until the balancer itself sees it healthy;
+//! 3. add it to the balancer and wait until the balancer itself sees it healthy (one passing
+//!    check of its own: the gate has just passed);
 //! 4. drain the old backend (no new requests; in-flight ones finish, up to `drain_timeout`);
-//! 5. remove the old backend, stop the old instance (stop signal, `stop_timeout`, then KILL);
-//! 6. point `current` at the new release.
+//! 5. remove the old backend; traffic has moved ([`Deployer::move_traffic`] ends here);
+//! 6. settle the host in one round trip ([`crate::settle`]): stop the old instance (stop
+//!    signal, `stop_timeout`, then KILL), point `current` at the new release, prune releases.
+//!
+//! A rolling deploy runs step 6 in the background while the next batch starts: clients no
+//! longer reach the old instance, so waiting for it to exit would only make every batch longer.
+//! Every settle is awaited before the deployment undoes anything or ends.
 //!
 //! A failure in steps 1-3 stops and removes only the new instance: the old one never left the
 //! balancer, so a failed host keeps serving the old release. Undoing a moved host is the same
@@ -123,7 +129,9 @@ impl Request {
     }
 }
 
-/// Runs deployments against one fleet.
+/// Runs deployments against one fleet. Cheap to clone (shared handles), so background work of
+/// a deployment can own one.
+#[derive(Clone)]
 pub struct Deployer {
     pub config: Arc<Config>,
     pub transport: Arc<dyn Transport>,
@@ -135,6 +143,7 @@ pub struct Deployer {
 }
 
 /// One deployment being carried out: its id and where every host started from.
+#[derive(Debug, Clone)]
 pub struct Run {
     pub id: String,
     /// Release each host served before the deployment.
@@ -272,6 +281,7 @@ impl Deployer {
                         Vec::new(),
                         failed,
                         Vec::new(),
+                        Vec::new(),
                     )
                     .await;
             }
@@ -298,6 +308,7 @@ impl Deployer {
         let mut failed: Vec<HostFailure> = Vec::new();
         let mut outcome = Outcome::Succeeded;
         let mut stuck = Vec::new();
+        let mut settling = Settling::default();
 
         for (i, hosts) in plan.iter().enumerate() {
             let label = format!("batch {}/{}", i + 1, plan.len());
@@ -307,6 +318,10 @@ impl Deployer {
                 let staged = staged.get(h.name.as_str()).cloned();
                 let label = label.clone();
                 let run = &run;
+                let known = before
+                    .iter()
+                    .find(|v| v.host.name == h.name)
+                    .map(|v| v.instances.as_slice());
                 async move {
                     match staged {
                         Some(Err(reason)) => Err(HostFailure {
@@ -314,9 +329,9 @@ impl Deployer {
                             reason,
                         }),
                         _ => self
-                            .switch_host(run, &label, h, version)
+                            .move_traffic(run, &label, h, version, known)
                             .await
-                            .map(|_| h.clone()),
+                            .map(|inst| (h.clone(), inst, label)),
                     }
                 }
             }))
@@ -324,7 +339,10 @@ impl Deployer {
             let mut batch_failures = 0;
             for r in results {
                 match r {
-                    Ok(h) => moved.push(h),
+                    Ok((h, inst, label)) => {
+                        settling.spawn(self, &run, label, &h, inst);
+                        moved.push(h);
+                    }
                     Err(f) => {
                         self.progress
                             .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
@@ -377,6 +395,7 @@ impl Deployer {
                 };
                 self.progress.say(&why);
                 self.journal.event(Some(&run.id), &why)?;
+                failed.extend(settling.wait().await);
                 match config.strategy.on_failure {
                     OnFailure::Rollback => {
                         stuck = self.undo(&run, &moved).await;
@@ -397,6 +416,7 @@ impl Deployer {
             }
         }
 
+        failed.extend(settling.wait().await);
         if outcome == Outcome::Succeeded {
             let target = crate::verify::Target {
                 url: format!("http://{}", config.balancer.listen),
@@ -421,9 +441,6 @@ impl Deployer {
                 };
             }
         }
-        if outcome == Outcome::Succeeded {
-            self.prune_all(&run, &moved).await;
-        }
         let report = self
             .finish(
                 &run,
@@ -437,6 +454,7 @@ impl Deployer {
                 moved,
                 failed,
                 stuck,
+                Vec::new(),
             )
             .await?;
         Ok(report)
@@ -494,6 +512,7 @@ impl Deployer {
             Vec::new(),
             Vec::new(),
             stuck,
+            Vec::new(),
         )
         .await
     }
@@ -512,6 +531,7 @@ impl Deployer {
         moved: Vec<Host>,
         failed: Vec<HostFailure>,
         stuck: Vec<HostFailure>,
+        strategy_notes: Vec<String>,
     ) -> anyhow::Result<Report> {
         let mut notes = Vec::new();
         if let Ok(v) = Name::parse(to) {
@@ -566,7 +586,7 @@ impl Deployer {
             served,
             failed_requests,
             served_by_release,
-            notes,
+            notes: strategy_notes.into_iter().chain(notes).collect(),
         };
         self.journal
             .finish(&run.id, outcome.label(), &serde_json::to_value(&report)?)?;
@@ -615,27 +635,21 @@ impl Deployer {
         } else {
             Vec::new()
         };
-        let mut report = self
-            .finish(
-                run,
-                "deploy",
-                from,
-                version.as_str(),
-                outcome,
-                started,
-                stats_before,
-                Vec::new(),
-                moved,
-                failed,
-                Vec::new(),
-            )
-            .await?;
-        if !notes.is_empty() {
-            report.notes.extend(notes);
-            self.journal
-                .finish(&run.id, outcome.label(), &serde_json::to_value(&report)?)?;
-        }
-        Ok(report)
+        self.finish(
+            run,
+            "deploy",
+            from,
+            version.as_str(),
+            outcome,
+            started,
+            stats_before,
+            Vec::new(),
+            moved,
+            failed,
+            Vec::new(),
+            notes,
+        )
+        .await
     }
 
     /// Journals a step around `work`: written before it acts and after it ends.
@@ -676,10 +690,14 @@ impl Deployer {
             let (source, fatal) = (&source, &fatal);
             async move {
                 let _permit = self.forks.acquire().await;
-                let unreachable = before
-                    .iter()
-                    .find(|v| v.host.name == h.name)
-                    .and_then(|v| v.error.clone());
+                let view = before.iter().find(|v| v.host.name == h.name);
+                let unreachable = view.and_then(|v| v.error.clone());
+                let present =
+                    view.is_some_and(|v| v.releases.iter().any(|r| r == version.as_str()));
+                if present && unreachable.is_none() {
+                    // Read with the fleet a moment ago: nothing to do, nothing to journal.
+                    return (h.name.to_string(), Ok(false));
+                }
                 let work = async {
                     if let Some(e) = unreachable {
                         return Err(e);
@@ -723,9 +741,9 @@ impl Deployer {
         results.into_iter().collect()
     }
 
-    /// Moves one host to `version`, side by side. Idempotent: a host already serving `version`
-    /// only has its leftovers retired. On failure the host is left serving what it served
-    /// before, with the new instance stopped and out of the balancer.
+    /// Moves one host to `version`, side by side, and settles it. Idempotent: a host already
+    /// serving `version` only has its leftovers retired. On failure the host is left serving
+    /// what it served before, with the new instance stopped and out of the balancer.
     pub async fn switch_host(
         &self,
         run: &Run,
@@ -733,6 +751,22 @@ impl Deployer {
         host: &Host,
         version: &Name,
     ) -> Result<(), HostFailure> {
+        let new = self.move_traffic(run, label, host, version, None).await?;
+        self.settle_host(run, label, host, &new).await
+    }
+
+    /// Steps 1-5 of a switch (see the module docs): when it returns, the host's traffic goes
+    /// to the returned instance and no other backend of the host is in the balancer. `known`:
+    /// the host's instances as just read with the fleet (one round trip saved); `None` reads
+    /// them afresh.
+    pub async fn move_traffic(
+        &self,
+        run: &Run,
+        label: &str,
+        host: &Host,
+        version: &Name,
+        known: Option<&[instance::Recorded]>,
+    ) -> Result<Instance, HostFailure> {
         let _permit = self.forks.acquire().await;
         let fail = |reason: String| HostFailure {
             host: host.name.to_string(),
@@ -742,10 +776,12 @@ impl Deployer {
         let t = self.transport.as_ref();
         let h = host.name.as_str();
 
-        // Read the host afresh: an earlier batch or a resumed deploy may have changed it.
-        let recorded = instance::list(t, host)
-            .await
-            .map_err(|e| fail(format!("{e:#}")))?;
+        let recorded = match known {
+            Some(k) => k.to_vec(),
+            None => instance::list(t, host)
+                .await
+                .map_err(|e| fail(format!("{e:#}")))?,
+        };
         let backends = self
             .balancer
             .backends()
@@ -794,14 +830,68 @@ impl Deployer {
                 inst
             }
         };
-        self.retire_others(run, label, host, &new).await;
-        self.step(run, h, "current", version.as_str(), async {
-            release::set_current(t, host, version.as_str())
+        self.retire_backends(run, label, host, &new, Some(&backends))
+            .await;
+        Ok(new)
+    }
+
+    /// Step 6 of a switch: other instances stopped, `current` moved, old releases pruned.
+    pub async fn settle_host(
+        &self,
+        run: &Run,
+        label: &str,
+        host: &Host,
+        keep: &Instance,
+    ) -> Result<(), HostFailure> {
+        let _permit = self.forks.acquire().await;
+        let app = &self.config.app;
+        let protect: Vec<String> = run
+            .previous
+            .get(host.name.as_str())
+            .cloned()
+            .flatten()
+            .into_iter()
+            .collect();
+        let settled = self
+            .step(run, host.name.as_str(), "settle", &keep.version, async {
+                crate::settle::settle(
+                    self.transport.as_ref(),
+                    host,
+                    keep,
+                    app,
+                    self.config.release.keep.0,
+                    &protect,
+                )
                 .await
                 .map_err(|e| format!("{e:#}"))
-        })
-        .await
-        .map_err(fail)?;
+            })
+            .await
+            .map_err(|reason| {
+                self.progress.say(&format!(
+                    "{label} {}: WARNING: serves {} but could not settle: {reason}",
+                    host.name, keep.version
+                ));
+                HostFailure {
+                    host: host.name.to_string(),
+                    reason,
+                }
+            })?;
+        let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
+        for (instance, how) in &settled.stopped {
+            match how {
+                instance::Stopped::Gracefully => say(format!("stopped {instance}")),
+                instance::Stopped::Killed => say(format!(
+                    "stopped {instance} with KILL after stop_timeout {}",
+                    app.stop_timeout
+                )),
+            }
+        }
+        if !settled.pruned.is_empty() {
+            say(format!(
+                "removed old release(s) {}",
+                settled.pruned.join(", ")
+            ));
+        }
         Ok(())
     }
 
@@ -875,6 +965,7 @@ impl Deployer {
         )
         .await?;
         let mut spec = backend_spec(inst, &health.path, preview);
+        spec.gated = true;
         if let Some(w) = weight {
             spec.weight = w;
         }
@@ -889,37 +980,61 @@ impl Deployer {
         Ok(())
     }
 
+    /// Drains and removes every backend of the host but `keep`'s (from `known`, the balancer's
+    /// list just read, or a fresh one). Problems are reported, not fatal: the host already
+    /// serves `keep`.
+    pub async fn retire_backends(
+        &self,
+        run: &Run,
+        label: &str,
+        host: &Host,
+        keep: &Instance,
+        known: Option<&[crate::balancer::BackendView]>,
+    ) {
+        let h = host.name.as_str();
+        let keep_id = keep.backend_id();
+        let fresh;
+        let backends = match known {
+            Some(b) => b,
+            None => match self.balancer.backends().await {
+                Ok(b) => {
+                    fresh = b;
+                    &fresh
+                }
+                Err(_) => return,
+            },
+        };
+        for b in backends
+            .iter()
+            .filter(|b| b.spec.host == h && b.spec.id != keep_id)
+        {
+            let r = self
+                .step(
+                    run,
+                    h,
+                    "retire",
+                    &b.spec.id,
+                    self.retire_backend(&b.spec.id),
+                )
+                .await;
+            if let Err(e) = r {
+                self.progress.say(&format!(
+                    "{label} {h}: WARNING: could not retire backend {}: {e}",
+                    b.spec.id
+                ));
+            }
+        }
+    }
+
     /// Retires everything on the host but `keep`: other backends are drained and removed, other
     /// instances stopped, dead pid files forgotten. Problems are reported, not fatal: the host
-    /// already serves `keep`.
+    /// already serves `keep`. (`current` is left alone: see [`Deployer::settle_host`].)
     pub async fn retire_others(&self, run: &Run, label: &str, host: &Host, keep: &Instance) {
         let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
         let t = self.transport.as_ref();
         let h = host.name.as_str();
         let app = &self.config.app;
-        let keep_id = keep.backend_id();
-        if let Ok(backends) = self.balancer.backends().await {
-            for b in backends
-                .iter()
-                .filter(|b| b.spec.host == h && b.spec.id != keep_id)
-            {
-                let r = self
-                    .step(
-                        run,
-                        h,
-                        "retire",
-                        &b.spec.id,
-                        self.retire_backend(&b.spec.id),
-                    )
-                    .await;
-                if let Err(e) = r {
-                    say(format!(
-                        "WARNING: could not retire backend {}: {e}",
-                        b.spec.id
-                    ));
-                }
-            }
-        }
+        self.retire_backends(run, label, host, keep, None).await;
         let recorded = instance::list(t, host).await.unwrap_or_default();
         for r in recorded.iter().filter(|r| r.instance != *keep) {
             if r.alive {
@@ -977,10 +1092,9 @@ impl Deployer {
     /// Drain, wait, remove.
     pub async fn retire_backend(&self, id: &str) -> Result<(), String> {
         let work = async {
-            self.balancer.drain(id).await?;
             let report = self
                 .balancer
-                .wait_drained(id, *self.config.app.drain_timeout)
+                .retire(id, *self.config.app.drain_timeout)
                 .await?;
             if !report.drained {
                 self.progress.say(&format!(
@@ -988,7 +1102,7 @@ impl Deployer {
                     report.waited_ms, report.closed_at_deadline
                 ));
             }
-            self.balancer.remove(id).await
+            anyhow::Ok(())
         };
         work.await.map_err(|e: anyhow::Error| format!("{e:#}"))
     }
@@ -1065,28 +1179,6 @@ impl Deployer {
         }
         Ok(())
     }
-
-    /// Keeps the newest `keep` releases on each moved host, never the live or previous one.
-    async fn prune_all(&self, run: &Run, moved: &[Host]) {
-        let keep = self.config.release.keep.0;
-        join_all(moved.iter().map(|h| async move {
-            let mut protect = Vec::new();
-            if let Ok(Some(cur)) = release::current(self.transport.as_ref(), h).await {
-                protect.push(cur);
-            }
-            protect.extend(run.previous.get(h.name.as_str()).cloned().flatten());
-            if let Ok(gone) = release::prune(self.transport.as_ref(), h, keep, &protect).await {
-                if !gone.is_empty() {
-                    self.progress.say(&format!(
-                        "{}: removed old release(s) {}",
-                        h.name,
-                        gone.join(", ")
-                    ));
-                }
-            }
-        }))
-        .await;
-    }
 }
 
 /// The balancer spec of an instance.
@@ -1099,6 +1191,7 @@ pub fn backend_spec(inst: &Instance, health_path: &str, preview: bool) -> Backen
         weight: crate::balancer::api::default_weight(),
         health_path: health_path.to_string(),
         preview,
+        gated: false,
     }
 }
 
@@ -1178,4 +1271,42 @@ pub fn describe_host(host: &Host) -> String {
 pub fn worst_case_per_host(config: &Config) -> Duration {
     let h = &config.app.health;
     *h.deadline * 2 + *config.app.drain_timeout + *config.app.stop_timeout
+}
+
+/// Settles running in the background while a rolling deployment goes on.
+#[derive(Default)]
+struct Settling {
+    tasks: Vec<tokio::task::JoinHandle<Result<(), HostFailure>>>,
+}
+
+impl Settling {
+    fn spawn(
+        &mut self,
+        deployer: &Deployer,
+        run: &Run,
+        label: String,
+        host: &Host,
+        keep: Instance,
+    ) {
+        let (deployer, run, host) = (deployer.clone(), run.clone(), host.clone());
+        self.tasks.push(tokio::spawn(async move {
+            deployer.settle_host(&run, &label, &host, &keep).await
+        }));
+    }
+
+    /// Waits for every settle started so far; returns the hosts that could not be settled.
+    async fn wait(&mut self) -> Vec<HostFailure> {
+        let mut failed = Vec::new();
+        for task in self.tasks.drain(..) {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(f)) => failed.push(f),
+                Err(e) => failed.push(HostFailure {
+                    host: "fleet".into(),
+                    reason: format!("settling a host stopped unexpectedly: {e}"),
+                }),
+            }
+        }
+        failed
+    }
 }

@@ -9,7 +9,7 @@ use crate::balancer::{BackendView, Balancer};
 use crate::config::{Config, Host};
 use crate::instance::{self, Recorded};
 use crate::release;
-use crate::transport::Transport;
+use crate::transport::{Transport, run_ok, sh_quote};
 
 /// One host as observed.
 #[derive(Debug, Clone)]
@@ -19,6 +19,8 @@ pub struct HostView {
     pub current: Option<String>,
     /// Instances recorded by pid files, alive or not.
     pub instances: Vec<Recorded>,
+    /// Releases staged on the host (`releases/<version>/`).
+    pub releases: Vec<String>,
     /// Balancer backends that belong to this host.
     pub backends: Vec<BackendView>,
     /// Set when the host could not be read.
@@ -34,7 +36,7 @@ impl HostView {
     }
 }
 
-/// Reads every host (in parallel) and the balancer.
+/// Reads every host (in parallel, one round trip each) and the balancer.
 pub async fn observe(
     config: &Config,
     transport: &Arc<dyn Transport>,
@@ -45,39 +47,74 @@ pub async fn observe(
         let transport = transport.clone();
         let host = h.clone();
         async move {
-            let current = release::current(transport.as_ref(), &host).await;
-            let instances = instance::list(transport.as_ref(), &host).await;
-            (host, current, instances)
+            let read = snapshot(transport.as_ref(), &host).await;
+            (host, read)
         }
     });
     let results = join_all(reads).await;
     Ok(results
         .into_iter()
-        .map(|(host, current, instances)| {
-            let mut error = None;
-            let current = current.unwrap_or_else(|e| {
-                error = Some(e.to_string());
-                None
-            });
-            let instances = instances.unwrap_or_else(|e| {
-                error = Some(e.to_string());
-                Vec::new()
-            });
+        .map(|(host, read)| {
             let mine = backends
                 .iter()
                 .filter(|b| b.spec.host == host.name.as_str())
                 .cloned()
                 .collect();
+            let (snap, error) = match read {
+                Ok(s) => (s, None),
+                Err(e) => (Snapshot::default(), Some(format!("{e:#}"))),
+            };
             HostView {
                 host,
-                current,
-                instances,
+                current: snap.current,
+                instances: snap.instances,
+                releases: snap.releases,
                 backends: mine,
                 error,
             }
         })
         .collect())
 }
+
+/// What one host reports about itself.
+#[derive(Debug, Default)]
+struct Snapshot {
+    current: Option<String>,
+    instances: Vec<Recorded>,
+    releases: Vec<String>,
+}
+
+/// `current`, pid files and staged releases, in one script.
+async fn snapshot(transport: &dyn Transport, host: &Host) -> anyhow::Result<Snapshot> {
+    let layout = release::Layout::of(host);
+    let script = format!(
+        "{alive}if cd -P {current} 2>/dev/null; then echo \"current ${{PWD##*/}}\"; fi\n\
+         echo '--instances'\n{list}echo '--releases'\n\
+         if cd {releases} 2>/dev/null; then for r in *; do [ -d \"$r\" ] && echo \"$r\"; done; fi\nexit 0\n",
+        alive = instance::alive_fn(),
+        current = sh_quote(layout.current().to_string_lossy()),
+        list = instance::list_script(host),
+        releases = sh_quote(layout.releases().to_string_lossy()),
+    );
+    let out = run_ok(transport, host, "reading the host", &script, SCRIPT_TIMEOUT).await?;
+    let (head, rest) = out.split_once("--instances\n").unwrap_or((&out, ""));
+    let (instances, releases) = rest.split_once("--releases\n").unwrap_or((rest, ""));
+    Ok(Snapshot {
+        current: head
+            .lines()
+            .find_map(|l| l.strip_prefix("current "))
+            .filter(|v| !v.is_empty())
+            .map(str::to_string),
+        instances: instance::parse_list(host, instances),
+        releases: releases
+            .lines()
+            .filter(|r| !r.is_empty() && !r.ends_with(".partial") && *r != "*")
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
+const SCRIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What hosts and the balancer show that the journal does not explain, one sentence each:
 /// instances no deployment started, backends pointing where nothing runs, hosts whose

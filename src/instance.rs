@@ -52,12 +52,13 @@ pub struct Recorded {
 /// Shell function: `alive PIDFILE` succeeds when the process the pid file names is running and
 /// is the one that was started (same start time, field 22 of /proc/PID/stat), so neither a
 /// zombie nor a reused pid counts. The start time, unlike the environment, is fixed from fork on,
-/// so a process caught between fork and exec is recognised too.
+/// so a process caught between fork and exec is recognised too. Builtins only: it runs in every
+/// tick of a stop loop, where a fork per check would cost more than the check.
 const ALIVE_FN: &str = r#"alive() {
   [ -f "$1" ] || return 1
   read -r _pid _start < "$1" || [ -n "$_pid" ] || return 1
-  _stat=$(sed 's/^.*) //' "/proc/$_pid/stat" 2>/dev/null) || return 1
-  [ -n "$_stat" ] || return 1
+  read -r _stat 2>/dev/null < "/proc/$_pid/stat" || return 1
+  _stat=${_stat##*") "}
   set -- $_stat
   [ "$1" != Z ] && [ "$1" != X ] || return 1
   [ -z "$_start" ] || [ "${20}" = "$_start" ]
@@ -66,12 +67,7 @@ const ALIVE_FN: &str = r#"alive() {
 
 /// Instances recorded on the host (pid files), with liveness.
 pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<Recorded>> {
-    let layout = Layout::of(host);
-    let run = layout.run_dir();
-    let script = format!(
-        "{ALIVE_FN}cd {run} 2>/dev/null || exit 0\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  read -r pid _rest < \"$f\" || [ -n \"$pid\" ] || continue\n  if alive \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\n",
-        run = sh_quote(run.to_string_lossy()),
-    );
+    let script = format!("{ALIVE_FN}{}", list_script(host));
     let out = run_ok(
         transport,
         host,
@@ -80,6 +76,25 @@ pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<
         SCRIPT_TIMEOUT,
     )
     .await?;
+    Ok(parse_list(host, &out))
+}
+
+/// A script (in a subshell, after [`ALIVE_FN`]) printing `FILE PID up|down` per pid file.
+pub(crate) fn list_script(host: &Host) -> String {
+    let run = Layout::of(host).run_dir();
+    format!(
+        "(\ncd {run} 2>/dev/null || exit 0\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  read -r pid _rest < \"$f\" || [ -n \"$pid\" ] || continue\n  if alive \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\n)\n",
+        run = sh_quote(run.to_string_lossy()),
+    )
+}
+
+/// The shell function behind liveness checks, for scripts that combine them with other work.
+pub(crate) const fn alive_fn() -> &'static str {
+    ALIVE_FN
+}
+
+/// Reads what [`list_script`] printed.
+pub(crate) fn parse_list(host: &Host, out: &str) -> Vec<Recorded> {
     let mut found = Vec::new();
     for line in out.lines() {
         let mut parts = line.split_whitespace();
@@ -106,7 +121,7 @@ pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<
             alive: state == "up",
         });
     }
-    Ok(found)
+    found
 }
 
 /// Starts an instance of `version` on `port`, detached. Returns once the process exists; use
@@ -132,12 +147,13 @@ pub async fn start(
     let script = format!(
         "set -e\n\
          [ -d {rel} ] || {{ echo 'release {v} is not staged on this host' >&2; exit 3; }}\n\
-         mkdir -p {run} {log}\n\
+         [ -d {run} ] && [ -d {log} ] || mkdir -p {run} {log}\n\
          cd {rel}\n\
          export PORT={port} CUTOVER_VERSION={vq} CUTOVER_HOST={hq} CUTOVER_ADDRESS={addr} CUTOVER_RELEASE_DIR={rel} CUTOVER_INSTANCE={pid_file}\n\
          setsid sh -c {command} >{log_file} 2>&1 </dev/null &\n\
          p=$!\n\
-         st=$(sed 's/^.*) //' /proc/$p/stat 2>/dev/null | cut -d' ' -f20)\n\
+         st=\n\
+         if read -r s 2>/dev/null </proc/$p/stat; then s=${{s##*\") \"}}; set -- $s; st=${{20}}; fi\n\
          echo \"$p $st\" >{pid_file}\n\
          echo $p\n",
         rel = sh_quote(rel.to_string_lossy()),
@@ -242,6 +258,12 @@ pub enum GateError {
 /// Fails fast when the process exits, or when it *answers* with failures `unhealthy_threshold`
 /// times in a row after `start_period`; a refused connection (still booting) only counts against
 /// the `deadline`.
+///
+/// While nothing answers yet, probes come quickly (every 2 ms for the first 200 ms, then
+/// doubling up to 50 ms or `interval`): a refused connection costs microseconds, and the gate's
+/// clock should start when the app does, not up to an interval later. Whether the process still
+/// lives is asked of the host only once the app has had [`LIVENESS_GRACE`] to start, so a fast
+/// app never pays that round trip.
 pub async fn wait_healthy(
     transport: &dyn Transport,
     host: &Host,
@@ -250,11 +272,12 @@ pub async fn wait_healthy(
 ) -> Result<(), GateError> {
     let started = Instant::now();
     let deadline = started + *health.deadline;
-    let quick = (*health.interval).min(Duration::from_millis(200));
+    let quick_cap = (*health.interval).min(Duration::from_millis(50));
+    let mut quick = Duration::from_millis(1);
     let mut passes = 0u32;
     let mut answered_failures = 0u32;
     let mut last;
-    let mut next_liveness = Instant::now();
+    let mut next_liveness = started + LIVENESS_GRACE;
     loop {
         match probe(inst.address, &health.path, *health.timeout).await {
             Ok(_) => {
@@ -301,12 +324,23 @@ pub async fn wait_healthy(
         }
         let pause = if answered_failures > 0 {
             *health.interval
+        } else if started.elapsed() < QUICK_PHASE {
+            Duration::from_millis(2)
         } else {
+            quick = (quick * 2).min(quick_cap);
             quick
         };
         tokio::time::sleep(pause).await;
     }
 }
+
+/// While an instance is this young, a refused probe is retried every 2 ms (most apps start
+/// within it); later the pause doubles up to 50 ms.
+const QUICK_PHASE: Duration = Duration::from_millis(200);
+
+/// How long a starting instance may refuse connections before the gate asks the host whether
+/// its process still lives.
+pub const LIVENESS_GRACE: Duration = Duration::from_millis(250);
 
 /// How a stop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,6 +349,68 @@ pub enum Stopped {
     Gracefully,
     /// Still running at `stop_timeout`: killed.
     Killed,
+}
+
+/// Shell function: `stop_all PIDFILE...` sends the stop signal to the process group of every
+/// live instance, waits until all are gone (checking every millisecond for the first 10 ms, where
+/// a well-behaved app exits, then every 10 ms up to 100 ms, then every 100 ms) up to `timeout`,
+/// KILLs what is left, and removes the
+/// pid files. Prints `signalled PF` for each live one, then `down PF` or `killed PF` for each.
+pub(crate) fn stop_all_fn(signal: StopSignal, timeout: Duration) -> String {
+    let limit_ms = timeout.as_millis().max(1);
+    format!(
+        r#"{ALIVE_FN}stop_all() {{
+  for _pf in "$@"; do
+    if alive "$_pf"; then
+      kill -{sig} -- -$_pid 2>/dev/null || kill -{sig} $_pid 2>/dev/null || true
+      echo "signalled $_pf"
+    fi
+  done
+  _t=0
+  while :; do
+    _up=
+    for _pf in "$@"; do if alive "$_pf"; then _up=1; break; fi; done
+    [ -n "$_up" ] && [ $_t -lt {limit_ms} ] || break
+    if [ $_t -lt 10 ]; then sleep 0.001; _t=$((_t+1))
+    elif [ $_t -lt 100 ]; then sleep 0.01; _t=$((_t+10))
+    else sleep 0.1; _t=$((_t+100)); fi
+  done
+  for _pf in "$@"; do
+    if alive "$_pf"; then
+      kill -KILL -- -$_pid 2>/dev/null || kill -KILL $_pid 2>/dev/null || true
+      echo "killed $_pf"
+    else
+      echo "down $_pf"
+    fi
+  done
+  _j=0
+  while [ $_j -lt 50 ]; do
+    _up=
+    for _pf in "$@"; do if alive "$_pf"; then _up=1; break; fi; done
+    [ -n "$_up" ] || break
+    sleep 0.1; _j=$((_j+1))
+  done
+  for _pf in "$@"; do rm -f "$_pf"; done
+}}
+"#,
+        sig = signal.name(),
+    )
+}
+
+/// How one pid file fared in `stop_all` (see [`stop_all_fn`]).
+pub(crate) fn stop_outcome(output: &str, pid_file: &str) -> Option<Stopped> {
+    let mut signalled = false;
+    let mut outcome = None;
+    for line in output.lines() {
+        match line.split_once(' ') {
+            Some(("signalled", f)) if f == pid_file => signalled = true,
+            Some(("killed", f)) if f == pid_file => outcome = Some(Stopped::Killed),
+            Some(("down", f)) if f == pid_file => outcome = Some(Stopped::Gracefully),
+            _ => {}
+        }
+    }
+    // Not signalled: it was gone already, and its pid file was only forgotten.
+    outcome.filter(|_| signalled)
 }
 
 /// Stops the instance: the stop signal to its process group, up to `timeout`, then SIGKILL. The
@@ -326,17 +422,14 @@ pub async fn stop(
     signal: StopSignal,
     timeout: Duration,
 ) -> anyhow::Result<Stopped> {
-    let pid_file = Layout::of(host).pid_file(&inst.version, inst.port());
-    let ticks = (timeout.as_millis() / 100).max(1);
+    let pid_file = Layout::of(host)
+        .pid_file(&inst.version, inst.port())
+        .to_string_lossy()
+        .into_owned();
     let script = format!(
-        "{ALIVE_FN}pid={pid}\npf={pf}\n\
-         if alive \"$pf\"; then kill -{sig} -- -$pid 2>/dev/null || kill -{sig} $pid 2>/dev/null || true; fi\n\
-         i=0\nwhile alive \"$pf\" && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done\n\
-         if alive \"$pf\"; then\n  kill -KILL -- -$pid 2>/dev/null || kill -KILL $pid 2>/dev/null || true\n  j=0; while alive \"$pf\" && [ $j -lt 50 ]; do sleep 0.1; j=$((j+1)); done\n  echo killed\nelse\n  echo stopped\nfi\n\
-         rm -f \"$pf\"\n",
-        pid = inst.pid,
-        pf = sh_quote(pid_file.to_string_lossy()),
-        sig = signal.name(),
+        "{}stop_all {}\n",
+        stop_all_fn(signal, timeout),
+        sh_quote(&pid_file)
     );
     let out = run_ok(
         transport,
@@ -346,11 +439,7 @@ pub async fn stop(
         timeout + SCRIPT_TIMEOUT,
     )
     .await?;
-    Ok(if out.trim() == "killed" {
-        Stopped::Killed
-    } else {
-        Stopped::Gracefully
-    })
+    Ok(stop_outcome(&out, &pid_file).unwrap_or(Stopped::Gracefully))
 }
 
 /// Removes the pid file of an instance that is no longer alive.

@@ -28,6 +28,7 @@ pub mod release;
 pub mod report;
 pub mod sample_app;
 pub mod server;
+pub mod settle;
 pub mod source;
 pub mod strategy;
 pub mod transport;

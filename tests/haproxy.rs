@@ -429,6 +429,7 @@ async fn canary_at_weight_10_through_haproxy_weights() {
         weight: 100,
         health_path: "/health".into(),
         preview: false,
+        gated: false,
     };
     balancer.add(&spec).await.unwrap();
     balancer.add(&spec).await.expect("add is idempotent");

@@ -213,6 +213,7 @@ async fn status_reports_drift() {
             weight: 100,
             health_path: "/health".into(),
             preview: false,
+            gated: false,
         })
         .await
         .unwrap();

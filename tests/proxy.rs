@@ -149,6 +149,7 @@ impl TestBackend {
             weight: 100,
             health_path: "/health".into(),
             preview: false,
+            gated: false,
         }
     }
 
@@ -463,6 +464,7 @@ async fn wait_healthy_times_out_with_the_last_check_error() {
         weight: 1,
         health_path: "/health".into(),
         preview: false,
+        gated: false,
     };
     h.admin.add(&spec).await.unwrap();
     let e = h

@@ -75,6 +75,7 @@ fn spec(id: &str, addr: SocketAddr, release: &str) -> BackendSpec {
         weight: 100,
         health_path: "/health".into(),
         preview: false,
+        gated: false,
     }
 }
 

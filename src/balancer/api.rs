@@ -44,6 +44,12 @@ pub struct BackendSpec {
     /// Start in [`BackendState::Preview`]: only requests with [`PREVIEW_HEADER`] reach it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preview: bool,
+    /// The deployer's health gate has just passed (`healthy_threshold` checks in a row): the
+    /// balancer admits the backend on its own first passing check instead of waiting for
+    /// `healthy_threshold` more, which would only repeat the gate an interval later. An
+    /// admission hint, not part of the backend's identity.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gated: bool,
 }
 
 /// Requests with this header set to `1` are routed to preview backends only.

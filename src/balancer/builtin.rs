@@ -291,6 +291,22 @@ impl Balancer for AdminClient {
         })
     }
 
+    async fn retire(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
+        let path = backend_path(id, "/retire");
+        let body = WaitRequest {
+            timeout_ms: millis(timeout),
+        };
+        let bytes = self
+            .send(Method::POST, &path, Some(&body), wait_call_timeout(timeout))
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "balancer at {}: POST {path}: unexpected answer ({e})",
+                self.admin
+            )
+        })
+    }
+
     async fn wait_healthy(&self, id: &str, timeout: Duration) -> anyhow::Result<()> {
         let body = WaitRequest {
             timeout_ms: millis(timeout),

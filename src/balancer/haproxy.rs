@@ -831,6 +831,7 @@ impl Inner {
                         weight: r.uweight.unwrap_or(r.weight),
                         health_path: self.settings.health_path.clone(),
                         preview: false,
+                        gated: false,
                     },
                     state: r.state(),
                     health: r.health(),

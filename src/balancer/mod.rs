@@ -50,6 +50,14 @@ pub trait Balancer: Send + Sync {
     /// Waits until the backend has no request in flight, or the timeout passes (then long-lived
     /// connections are closed and counted in the report).
     async fn wait_drained(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport>;
+    /// Takes a backend out for good: drain, wait up to `timeout` for in-flight requests, remove.
+    /// The built-in balancer does it in one call; this default makes the three.
+    async fn retire(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
+        self.drain(id).await?;
+        let report = self.wait_drained(id, timeout).await?;
+        self.remove(id).await?;
+        Ok(report)
+    }
     /// Waits until the balancer's own health check sees the backend healthy.
     async fn wait_healthy(&self, id: &str, timeout: Duration) -> anyhow::Result<()>;
     /// Counters per backend and per release.

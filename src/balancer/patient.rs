@@ -100,6 +100,10 @@ impl Balancer for Patient {
         self.retry("wait for drain", || self.inner.wait_drained(id, timeout))
             .await
     }
+    async fn retire(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
+        self.retry("retire", || self.inner.retire(id, timeout))
+            .await
+    }
     async fn wait_healthy(&self, id: &str, timeout: Duration) -> anyhow::Result<()> {
         self.retry("wait for health", || self.inner.wait_healthy(id, timeout))
             .await

@@ -331,7 +331,18 @@ impl Proxy {
     /// Adds a backend to the table and starts its health checks.
     fn insert(self: &Arc<Self>, spec: BackendSpec, state: BackendState) -> Added {
         let path = spec.health_path.clone();
-        let added = self.table().add(spec, state);
+        let (id, gated) = (spec.id.clone(), spec.gated);
+        let added = {
+            let mut table = self.table();
+            let added = table.add(spec, state);
+            // Before its checker starts, so the first check already counts as enough.
+            if gated && matches!(added, Added::Created(_)) {
+                if let Some(e) = table.get_mut(&id) {
+                    e.health.fast_admit();
+                }
+            }
+            added
+        };
         if let Added::Created(shared) = &added {
             health::spawn(self, shared.clone(), &path);
         }

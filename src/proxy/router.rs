@@ -256,8 +256,9 @@ impl HealthTrack {
         }
     }
 
-    /// An unchecked backend restored from the state file is admitted on its first passing
-    /// check instead of `healthy_threshold` of them: it served before the restart.
+    /// An unchecked backend is admitted on its first passing check instead of
+    /// `healthy_threshold` of them: one restored from the state file (it served before the
+    /// restart), or one whose deployer's health gate just passed.
     pub(crate) fn fast_admit(&mut self) {
         if self.health == Health::Unknown {
             self.fast = true;
@@ -390,6 +391,7 @@ impl Table {
         if let Some(e) = self.get(&spec.id) {
             let same = BackendSpec {
                 weight: e.spec.weight,
+                gated: e.spec.gated,
                 ..spec.clone()
             };
             return if same == e.spec {
@@ -680,6 +682,7 @@ mod tests {
             weight,
             health_path: "/health".into(),
             preview: false,
+            gated: false,
         }
     }
 

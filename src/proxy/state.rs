@@ -100,6 +100,7 @@ mod tests {
                 weight: 100,
                 health_path: "/health".into(),
                 preview: false,
+                gated: false,
             },
             state,
         }

@@ -19,7 +19,8 @@ pub struct LocalTransport;
 #[async_trait]
 impl Transport for LocalTransport {
     async fn run(&self, host: &Host, script: &str, timeout: Duration) -> anyhow::Result<Output> {
-        let child = Command::new("sh")
+        // By path: no search through a long $PATH for every script.
+        let child = Command::new("/bin/sh")
             .arg("-c")
             .arg(script)
             .env("CUTOVER_HOST", host.name.as_str())

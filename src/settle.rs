@@ -1,0 +1,218 @@
+//! What a host still needs once traffic has moved to its new instance, in one round trip: every
+//! other instance stopped (stop signal, `stop_timeout`, then KILL) and its pid file removed,
+//! `current` pointed at the new release, and releases beyond `keep` removed (never the live one
+//! or the one the host served before the deployment).
+//!
+//! Why one script: each of these used to be its own round trip (list instances, stop each, move
+//! `current`, list releases, remove), about 20 ms apiece over SSH, paid by every host. None of it
+//! changes what clients see (the old backends are already out of the balancer), so a rolling
+//! deploy runs it in the background while the next batch starts.
+
+use std::time::Duration;
+
+use crate::config::{App, Host};
+use crate::instance::{self, Instance, Stopped};
+use crate::release::Layout;
+use crate::transport::{Transport, run_ok, sh_quote};
+
+/// What settling did on a host.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// Instances that were running, as `version-port`, and how they stopped.
+    pub stopped: Vec<(String, Stopped)>,
+    /// Releases removed.
+    pub pruned: Vec<String>,
+}
+
+/// Settles `host` on `keep`: see the module docs. `protect` names releases never to remove
+/// besides `keep`'s (the host's previous release, for a quick way back).
+pub async fn settle(
+    transport: &dyn Transport,
+    host: &Host,
+    keep: &Instance,
+    app: &App,
+    keep_releases: usize,
+    protect: &[String],
+) -> anyhow::Result<Settled> {
+    let layout = Layout::of(host);
+    let version = keep.version.as_str();
+    let keep_file = format!("{version}-{}.pid", keep.port());
+    let mut protected: Vec<&str> = vec![version];
+    protected.extend(protect.iter().map(String::as_str));
+    let script = format!(
+        "{stop_fn}\
+         set --\n\
+         if cd {run} 2>/dev/null; then\n\
+         \x20 for f in *.pid; do\n\
+         \x20   [ -e \"$f\" ] && [ \"$f\" != {keep_file} ] && set -- \"$@\" \"$PWD/$f\"\n\
+         \x20 done\n\
+         fi\n\
+         [ $# -eq 0 ] || stop_all \"$@\"\n\
+         cd {root} || exit 3\n\
+         [ -d {rel} ] || {{ echo 'release {version} is not staged on this host' >&2; exit 3; }}\n\
+         ln -sfn {target} .current.tmp && mv -T .current.tmp current || exit 4\n\
+         n=0\n\
+         for r in releases/*; do [ -d \"$r\" ] && n=$((n+1)); done\n\
+         if [ {keep_releases} -gt 0 ] && [ $n -gt {keep_releases} ] && cd releases; then\n\
+         \x20 ls -1t | {{\n\
+         \x20   n=0\n\
+         \x20   while IFS= read -r r; do\n\
+         \x20     case \"$r\" in *.partial) continue ;; esac\n\
+         \x20     n=$((n+1))\n\
+         \x20     [ $n -le {keep_releases} ] && continue\n\
+         \x20     case {protected} in *\" $r \"*) continue ;; esac\n\
+         \x20     rm -rf -- \"$r\" && echo \"pruned $r\"\n\
+         \x20   done\n\
+         \x20 }}\n\
+         fi\n\
+         exit 0\n",
+        stop_fn = instance::stop_all_fn(app.stop_signal, *app.stop_timeout),
+        run = sh_quote(layout.run_dir().to_string_lossy()),
+        keep_file = sh_quote(&keep_file),
+        root = sh_quote(layout.root.to_string_lossy()),
+        rel = sh_quote(format!("releases/{version}")),
+        target = sh_quote(format!("releases/{version}")),
+        protected = sh_quote(format!(" {} ", protected.join(" "))),
+    );
+    let out = run_ok(
+        transport,
+        host,
+        &format!("settling on {version}"),
+        &script,
+        *app.stop_timeout + Duration::from_secs(30),
+    )
+    .await?;
+    Ok(parse(&out, &layout))
+}
+
+fn parse(out: &str, layout: &Layout) -> Settled {
+    let run_dir = layout.run_dir();
+    let mut settled = Settled::default();
+    for line in out.lines() {
+        if let Some(r) = line.strip_prefix("pruned ") {
+            settled.pruned.push(r.to_string());
+        }
+    }
+    for line in out.lines() {
+        let Some(file) = line.strip_prefix("signalled ") else {
+            continue;
+        };
+        let name = std::path::Path::new(file)
+            .strip_prefix(&run_dir)
+            .ok()
+            .and_then(|p| p.to_str())
+            .and_then(|p| p.strip_suffix(".pid"))
+            .unwrap_or(file);
+        if let Some(how) = instance::stop_outcome(out, file) {
+            settled.stopped.push((name.to_string(), how));
+        }
+    }
+    settled
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Name;
+    use crate::transport::local::LocalTransport;
+    use std::path::Path;
+
+    fn host(root: &Path) -> Host {
+        Host {
+            name: Name::parse("web1").unwrap(),
+            address: "127.0.0.1".parse().unwrap(),
+            root: root.to_path_buf(),
+            port: None,
+            user: None,
+            identity: None,
+        }
+    }
+
+    fn app() -> App {
+        toml::from_str("name = \"a\"\nstart = \"sleep 30\"\nstop_timeout = \"2s\"\n").unwrap()
+    }
+
+    /// Writes a pid file for `pid` the way `instance::start` does (with its start time).
+    fn pid_file(root: &Path, name: &str, pid: u32) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let after = &stat[stat.rfind(") ").unwrap() + 2..];
+        let start = after.split(' ').nth(19).unwrap();
+        std::fs::write(root.join("run").join(name), format!("{pid} {start}\n")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn stops_others_moves_current_and_prunes_beyond_keep() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        for (i, v) in ["v1", "v2", "v3", "v4"].iter().enumerate() {
+            let dir = root.join("releases").join(v);
+            std::fs::create_dir_all(&dir).unwrap();
+            // Oldest first: v1 is the oldest, v4 the newest.
+            let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + i as u64);
+            std::fs::File::open(&dir).unwrap().set_modified(t).unwrap();
+        }
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        let mut old = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        pid_file(root, "v3-4000.pid", old.id());
+        std::fs::write(root.join("run/v2-3000.pid"), "999999999 1\n").unwrap();
+        std::fs::write(root.join("run/v4-5000.pid"), "1 1\n").unwrap();
+        let h = host(root);
+        let keep = Instance {
+            host: "web1".into(),
+            version: "v4".into(),
+            address: "127.0.0.1:5000".parse().unwrap(),
+            pid: 1,
+        };
+        let s = settle(&LocalTransport, &h, &keep, &app(), 2, &["v1".to_string()])
+            .await
+            .unwrap();
+        // `sleep` dies on TERM; its zombie (our child) counts as gone.
+        assert_eq!(
+            s.stopped,
+            vec![("v3-4000".to_string(), Stopped::Gracefully)]
+        );
+        let _ = old.wait();
+        assert_eq!(
+            s.pruned,
+            vec!["v2".to_string()],
+            "v1 is protected, v3 and v4 kept"
+        );
+        assert_eq!(
+            std::fs::read_link(root.join("current")).unwrap(),
+            Path::new("releases/v4")
+        );
+        let mut left: Vec<String> = std::fs::read_dir(root.join("run"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["v4-5000.pid"],
+            "only the kept instance's pid file stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_release_is_an_error_that_names_it() {
+        let d = tempfile::tempdir().unwrap();
+        let h = host(d.path());
+        let keep = Instance {
+            host: "web1".into(),
+            version: "v9".into(),
+            address: "127.0.0.1:5000".parse().unwrap(),
+            pid: 1,
+        };
+        let e = settle(&LocalTransport, &h, &keep, &app(), 3, &[])
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("release v9 is not staged"),
+            "{e:#}"
+        );
+    }
+}
