@@ -756,3 +756,21 @@ fn config_reads_an_inventory_group_as_its_hosts() {
     assert_eq!(c.hosts[0].root, PathBuf::from("/srv/shop"));
     assert_eq!(c.hosts[1].root, PathBuf::from("/srv/other"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_persist_zero_closes_the_masters_when_the_command_ends() {
+    let fleet = SshFleet::start(Opts {
+        extra_top: "ssh_persist = \"0s\"\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    fleet.deploy("v1", 0).await;
+    assert_eq!(fleet.logins(), 4, "one login per host during the deploy");
+    let (code, out, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        fleet.logins(),
+        8,
+        "the deploy's masters were closed, so status logged in again"
+    );
+}
