@@ -211,52 +211,6 @@ pub async fn set_current(
     Ok(())
 }
 
-/// Releases staged on the host, newest first.
-pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<String>> {
-    let layout = Layout::of(host);
-    let script = format!(
-        "[ -d {r} ] || exit 0\ncd {r} && ls -1t | grep -v '\\.partial$' || true",
-        r = q(&layout.releases())
-    );
-    let out = run_ok(transport, host, "listing releases", &script, SCRIPT_TIMEOUT).await?;
-    Ok(out
-        .lines()
-        .map(str::to_string)
-        .filter(|l| !l.is_empty())
-        .collect())
-}
-
-/// Removes all but the newest `keep` releases, never one in `protect` (live or running).
-pub async fn prune(
-    transport: &dyn Transport,
-    host: &Host,
-    keep: usize,
-    protect: &[String],
-) -> anyhow::Result<Vec<String>> {
-    let layout = Layout::of(host);
-    let releases = list(transport, host).await?;
-    let doomed: Vec<String> = releases
-        .into_iter()
-        .enumerate()
-        .filter(|(i, v)| *i >= keep && !protect.contains(v))
-        .map(|(_, v)| v)
-        .collect();
-    if doomed.is_empty() {
-        return Ok(doomed);
-    }
-    let paths: Vec<String> = doomed.iter().map(|v| q(&layout.release(v))).collect();
-    let script = format!("rm -rf {}", paths.join(" "));
-    run_ok(
-        transport,
-        host,
-        "removing old releases",
-        &script,
-        SCRIPT_TIMEOUT,
-    )
-    .await?;
-    Ok(doomed)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

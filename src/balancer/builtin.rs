@@ -149,6 +149,29 @@ impl AdminClient {
 }
 
 impl AdminClient {
+    /// `POST /backends/{id}<action>` with a wait timeout, answered by a drain report
+    /// (`/wait-drained`, `/retire`).
+    async fn drain_report(
+        &self,
+        id: &str,
+        action: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<DrainReport> {
+        let path = backend_path(id, action);
+        let body = WaitRequest {
+            timeout_ms: millis(timeout),
+        };
+        let bytes = self
+            .send(Method::POST, &path, Some(&body), wait_call_timeout(timeout))
+            .await?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "balancer at {}: POST {path}: unexpected answer ({e})",
+                self.admin
+            )
+        })
+    }
+
     /// `POST /switch`: activates and stands by backends in one atomic step.
     pub async fn switch(&self, req: &SwitchRequest) -> anyhow::Result<SwitchReport> {
         let bytes = self
@@ -276,35 +299,11 @@ impl Balancer for AdminClient {
     }
 
     async fn wait_drained(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
-        let path = backend_path(id, "/wait-drained");
-        let body = WaitRequest {
-            timeout_ms: millis(timeout),
-        };
-        let bytes = self
-            .send(Method::POST, &path, Some(&body), wait_call_timeout(timeout))
-            .await?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "balancer at {}: POST {path}: unexpected answer ({e})",
-                self.admin
-            )
-        })
+        self.drain_report(id, "/wait-drained", timeout).await
     }
 
     async fn retire(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
-        let path = backend_path(id, "/retire");
-        let body = WaitRequest {
-            timeout_ms: millis(timeout),
-        };
-        let bytes = self
-            .send(Method::POST, &path, Some(&body), wait_call_timeout(timeout))
-            .await?;
-        serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "balancer at {}: POST {path}: unexpected answer ({e})",
-                self.admin
-            )
-        })
+        self.drain_report(id, "/retire", timeout).await
     }
 
     async fn wait_healthy(&self, id: &str, timeout: Duration) -> anyhow::Result<()> {
