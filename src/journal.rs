@@ -244,6 +244,14 @@ impl Journal {
             .map_err(corrupt)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(corrupt)?;
+        // The WAL stays between commands (checkpointed as it grows, not at every close): every
+        // command would otherwise pay a checkpoint with its fsyncs when it exits, and the next
+        // one the creation of a new WAL with a directory fsync.
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )
+        .map_err(corrupt)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(corrupt)?;
         let version: i64 = conn
