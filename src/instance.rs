@@ -79,11 +79,12 @@ pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<
     Ok(parse_list(host, &out))
 }
 
-/// A script (in a subshell, after [`ALIVE_FN`]) printing `FILE PID up|down` per pid file.
+/// A script (after [`ALIVE_FN`]; it changes directory, no subshell: a fork saved per host read)
+/// printing `FILE PID up|down` per pid file.
 pub(crate) fn list_script(host: &Host) -> String {
     let run = Layout::of(host).run_dir();
     format!(
-        "(\ncd {run} 2>/dev/null || exit 0\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  read -r pid _rest < \"$f\" || [ -n \"$pid\" ] || continue\n  if alive \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\n)\n",
+        "if cd {run} 2>/dev/null; then\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  read -r pid _rest < \"$f\" || [ -n \"$pid\" ] || continue\n  if alive \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\nfi\n",
         run = sh_quote(run.to_string_lossy()),
     )
 }
@@ -150,7 +151,7 @@ pub async fn start(
          [ -d {run} ] && [ -d {log} ] || mkdir -p {run} {log}\n\
          cd {rel}\n\
          export PORT={port} CUTOVER_VERSION={vq} CUTOVER_HOST={hq} CUTOVER_ADDRESS={addr} CUTOVER_RELEASE_DIR={rel} CUTOVER_INSTANCE={pid_file}\n\
-         setsid sh -c {command} >{log_file} 2>&1 </dev/null &\n\
+         setsid {launch} >{log_file} 2>&1 </dev/null &\n\
          p=$!\n\
          st=\n\
          if read -r s 2>/dev/null </proc/$p/stat; then s=${{s##*\") \"}}; set -- $s; st=${{20}}; fi\n\
@@ -164,7 +165,7 @@ pub async fn start(
         addr = sh_quote(host.address.to_string()),
         pid_file = sh_quote(pid_file.to_string_lossy()),
         log_file = sh_quote(log_file.to_string_lossy()),
-        command = sh_quote(&command),
+        launch = launch(&command),
     );
     let out = run_ok(
         transport,
@@ -187,6 +188,47 @@ pub async fn start(
         address: SocketAddr::new(host.address, port),
         pid,
     })
+}
+
+/// What `setsid` runs for a start command: the command's own words when it is plain words (an
+/// optional `exec`, then a program and arguments with nothing for a shell to interpret), else
+/// `sh -c COMMAND`. Why: the extra shell is a process start (about a millisecond) on the
+/// critical path of every switch, for nothing when there is nothing to interpret.
+fn launch(command: &str) -> String {
+    let shell = || format!("sh -c {}", sh_quote(command));
+    if command.chars().any(|c| c.is_whitespace() && c != ' ') {
+        // A newline separates commands; a tab is unusual enough to leave to the shell.
+        return shell();
+    }
+    let words: Vec<&str> = command.split(' ').filter(|w| !w.is_empty()).collect();
+    let words = match words.split_first() {
+        Some((&"exec", rest)) => rest,
+        _ => &words[..],
+    };
+    let plain = |w: &str| {
+        !w.is_empty()
+            && w.chars().all(|c| {
+                c.is_ascii_alphanumeric()
+                    || matches!(c, '/' | '.' | '_' | '-' | ':' | '+' | ',' | '@' | '%' | '=')
+            })
+    };
+    // Words a shell runs itself rather than as a program (`setsid` could not), and
+    // `NAME=value` prefixes, which only a shell understands.
+    const SHELL_ONLY: &[&str] = &[
+        ".", ":", "cd", "command", "eval", "exec", "export", "set", "source", "trap", "ulimit",
+        "umask", "unset", "wait",
+    ];
+    match words.first() {
+        Some(first)
+            if words.iter().all(|w| plain(w))
+                && !first.contains('=')
+                && !first.starts_with('-')
+                && !SHELL_ONLY.contains(first) =>
+        {
+            words.join(" ")
+        }
+        _ => shell(),
+    }
 }
 
 /// Whether the instance's process is alive (zombies count as dead).
@@ -279,6 +321,9 @@ pub async fn wait_healthy(
     let mut last;
     let mut next_liveness = started + LIVENESS_GRACE;
     loop {
+        // Checks are `interval` apart start to start, as a balancer's checker runs them: the
+        // probe's own round trip is not added to every interval.
+        let probe_started = tokio::time::Instant::now();
         match probe(inst.address, &health.path, *health.timeout).await {
             Ok(_) => {
                 passes += 1;
@@ -286,7 +331,7 @@ pub async fn wait_healthy(
                 if passes >= health.healthy_threshold.0 {
                     return Ok(());
                 }
-                tokio::time::sleep(*health.interval).await;
+                sleep_precisely_until(probe_started + *health.interval).await;
                 continue;
             }
             Err(e) => {
@@ -334,6 +379,21 @@ pub async fn wait_healthy(
     }
 }
 
+/// Sleeps until `deadline` to within a fraction of a millisecond. The runtime's timer rounds up
+/// to whole milliseconds and wakes late by one or two more; the health gate waits once per
+/// batch on the critical path of the whole deploy, so the last stretch is slept on a blocking
+/// thread, where the kernel's timer is precise.
+async fn sleep_precisely_until(deadline: tokio::time::Instant) {
+    const SLACK: Duration = Duration::from_millis(3);
+    if let Some(coarse) = deadline.checked_sub(SLACK) {
+        tokio::time::sleep_until(coarse).await;
+    }
+    let rest = deadline.saturating_duration_since(tokio::time::Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
+    }
+}
+
 /// While an instance is this young, a refused probe is retried every 2 ms (most apps start
 /// within it); later the pause doubles up to 50 ms.
 const QUICK_PHASE: Duration = Duration::from_millis(200);
@@ -351,21 +411,25 @@ pub enum Stopped {
     Killed,
 }
 
-/// Shell function: `stop_all PIDFILE...` sends the stop signal to the process group of every
-/// live instance, waits until all are gone (checking every millisecond for the first 10 ms, where
-/// a well-behaved app exits, then every 10 ms up to 100 ms, then every 100 ms) up to `timeout`,
-/// KILLs what is left, and removes the
-/// pid files. Prints `signalled PF` for each live one, then `down PF` or `killed PF` for each.
+/// Shell functions for stopping instances, in two halves so a script can do other work while the
+/// processes exit (see `settle`): `signal_all PIDFILE...` sends the stop signal to the process
+/// group of every live instance and prints `signalled PF`; `await_all PIDFILE...` waits until all
+/// are gone (checking at once, then every millisecond for the first 10 ms, where a well-behaved
+/// app exits, then every 10 ms up to 100 ms, then every 100 ms) up to `timeout`, KILLs what is
+/// left, prints `down PF` or `killed PF` for each and removes the pid files (one
+/// `rm` for all). `stop_all` is both.
 pub(crate) fn stop_all_fn(signal: StopSignal, timeout: Duration) -> String {
     let limit_ms = timeout.as_millis().max(1);
     format!(
-        r#"{ALIVE_FN}stop_all() {{
+        r#"{ALIVE_FN}signal_all() {{
   for _pf in "$@"; do
     if alive "$_pf"; then
       kill -{sig} -- -$_pid 2>/dev/null || kill -{sig} $_pid 2>/dev/null || true
       echo "signalled $_pf"
     fi
   done
+}}
+await_all() {{
   _t=0
   while :; do
     _up=
@@ -390,8 +454,9 @@ pub(crate) fn stop_all_fn(signal: StopSignal, timeout: Duration) -> String {
     [ -n "$_up" ] || break
     sleep 0.1; _j=$((_j+1))
   done
-  for _pf in "$@"; do rm -f "$_pf"; done
+  [ $# -eq 0 ] || rm -f -- "$@"
 }}
+stop_all() {{ signal_all "$@"; await_all "$@"; }}
 "#,
         sig = signal.name(),
     )
@@ -454,4 +519,43 @@ pub async fn forget(transport: &dyn Transport, host: &Host, inst: &Instance) -> 
     )
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::launch;
+
+    #[test]
+    fn plain_commands_skip_the_extra_shell() {
+        assert_eq!(launch("exec sh ./run.sh"), "sh ./run.sh");
+        assert_eq!(
+            launch("./bin/app --port 4100 --listen 127.0.0.1:4100"),
+            "./bin/app --port 4100 --listen 127.0.0.1:4100"
+        );
+        assert_eq!(launch("exec  node  server.js"), "node server.js");
+    }
+
+    #[test]
+    fn anything_a_shell_must_read_keeps_the_shell() {
+        for cmd in [
+            "exec ./app > out.log",
+            "PORT=1 ./app",
+            "./app; touch /tmp/x",
+            "./app $(id)",
+            "./app 'quoted arg'",
+            "./app\ntouch /tmp/x",
+            ". ./env && ./app",
+            "ulimit -n 4096",
+            "exec",
+            "",
+            "./app *",
+            "cd /srv && ./app",
+        ] {
+            assert_eq!(
+                launch(cmd),
+                format!("sh -c {}", crate::transport::sh_quote(cmd)),
+                "{cmd:?}"
+            );
+        }
+    }
 }

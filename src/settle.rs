@@ -39,6 +39,10 @@ pub async fn settle(
     let keep_file = format!("{version}-{}.pid", keep.port());
     let mut protected: Vec<&str> = vec![version];
     protected.extend(protect.iter().map(String::as_str));
+    // The stop signal first, then `current` and pruning while the old processes exit (a
+    // well-behaved app takes about a millisecond, the `ln` and `mv` about as long), then the
+    // wait: most of the time the first check after them finds everything gone, and no `sleep`
+    // runs at all.
     let script = format!(
         "{stop_fn}\
          set --\n\
@@ -47,10 +51,10 @@ pub async fn settle(
          \x20   [ -e \"$f\" ] && [ \"$f\" != {keep_file} ] && set -- \"$@\" \"$PWD/$f\"\n\
          \x20 done\n\
          fi\n\
-         [ $# -eq 0 ] || stop_all \"$@\"\n\
-         cd {root} || exit 3\n\
-         [ -d {rel} ] || {{ echo 'release {version} is not staged on this host' >&2; exit 3; }}\n\
-         ln -sfn {target} .current.tmp && mv -T .current.tmp current || exit 4\n\
+         signal_all \"$@\"\n\
+         cd {root} || {{ await_all \"$@\"; exit 3; }}\n\
+         [ -d {rel} ] || {{ echo 'release {version} is not staged on this host' >&2; await_all \"$@\"; exit 3; }}\n\
+         ln -sfn {target} .current.tmp && mv -T .current.tmp current || {{ await_all \"$@\"; exit 4; }}\n\
          n=0\n\
          for r in releases/*; do [ -d \"$r\" ] && n=$((n+1)); done\n\
          if [ {keep_releases} -gt 0 ] && [ $n -gt {keep_releases} ] && cd releases; then\n\
@@ -65,6 +69,7 @@ pub async fn settle(
          \x20   done\n\
          \x20 }}\n\
          fi\n\
+         await_all \"$@\"\n\
          exit 0\n",
         stop_fn = instance::stop_all_fn(app.stop_signal, *app.stop_timeout),
         run = sh_quote(layout.run_dir().to_string_lossy()),
