@@ -6,15 +6,19 @@
 //! 1. start the new instance on a free port next to the old one;
 //! 2. wait until it passes its own health check (`healthy_threshold` in a row);
 //! 3. add it to the balancer and wait until the balancer itself sees it healthy (one passing
-//!    check of its own: the gate has just passed);
+//!    check of its own: the gate has just passed) ([`Deployer::admit_new`] ends here);
 //! 4. drain the old backend (no new requests; in-flight ones finish, up to `drain_timeout`);
-//! 5. remove the old backend; traffic has moved ([`Deployer::move_traffic`] ends here);
+//! 5. remove the old backend; traffic has moved;
 //! 6. settle the host in one round trip ([`crate::settle`]): stop the old instance (stop
 //!    signal, `stop_timeout`, then KILL), point `current` at the new release, prune releases.
 //!
-//! A rolling deploy runs step 6 in the background while the next batch starts: clients no
-//! longer reach the old instance, so waiting for it to exit would only make every batch longer.
-//! Every settle is awaited before the deployment undoes anything or ends.
+//! then the host's `after_switch` hooks run.
+//!
+//! A rolling deploy runs steps 4-6 in the background while the next batch starts: the new
+//! instance already serves, so waiting for the old one to drain and exit would only make every
+//! batch longer (capacity only grows meanwhile). With `after_switch` hooks or `after_batch`
+//! checks, steps 4-5 stay in the batch, since those must see the old backend gone. Every
+//! background step is awaited before the deployment undoes anything or ends.
 //!
 //! A failure in steps 1-3 stops and removes only the new instance: the old one never left the
 //! balancer, so a failed host keeps serving the old release. Undoing a moved host is the same
@@ -309,6 +313,15 @@ impl Deployer {
         let mut outcome = Outcome::Succeeded;
         let mut stuck = Vec::new();
         let mut settling = Settling::default();
+        // Step 4 (drain and remove the old backends) normally runs in the background with the
+        // settle: the next batch need not wait for old instances to drain, since the new ones
+        // already serve. An `after_switch` hook or an `after_batch` check must see the old
+        // backends gone, so with either the batch retires before it ends.
+        let retire_in_batch = config.hooks.iter().any(|h| h.at == HookPoint::AfterSwitch)
+            || config
+                .verify
+                .iter()
+                .any(|v| v.at.contains(&crate::config::VerifyPoint::AfterBatch));
 
         for (i, hosts) in plan.iter().enumerate() {
             let label = format!("batch {}/{}", i + 1, plan.len());
@@ -328,10 +341,16 @@ impl Deployer {
                             host: h.name.to_string(),
                             reason,
                         }),
-                        _ => self
-                            .move_traffic(run, &label, h, version, known)
-                            .await
-                            .map(|inst| (h.clone(), inst, label)),
+                        _ => {
+                            let m = self.admit_new(run, &label, h, version, known).await?;
+                            if !retire_in_batch {
+                                return Ok((h.clone(), m, label, Ok(()), false));
+                            }
+                            self.retire_backends(run, &label, h, &m.instance, Some(&m.backends))
+                                .await;
+                            let hooked = self.after_switch_hook(run, h, version).await;
+                            Ok((h.clone(), m, label, hooked, true))
+                        }
                     }
                 }
             }))
@@ -339,9 +358,22 @@ impl Deployer {
             let mut batch_failures = 0;
             for r in results {
                 match r {
-                    Ok((h, inst, label)) => {
-                        settling.spawn(self, &run, label, &h, inst);
+                    Ok((h, m, label, hooked, retired)) => {
+                        let retire = (!retired).then_some(m.backends);
+                        settling.spawn(self, &run, label.clone(), &h, m.instance, retire);
+                        // A failed after_switch hook fails the host, which serves the new
+                        // release: it counts as moved, so an undo returns it too.
                         moved.push(h);
+                        if let Err(f) = hooked {
+                            self.progress
+                                .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
+                            self.journal.event(
+                                Some(&run.id),
+                                &format!("{} failed: {}", f.host, f.reason),
+                            )?;
+                            batch_failures += 1;
+                            failed.push(f);
+                        }
                     }
                     Err(f) => {
                         self.progress
@@ -486,7 +518,7 @@ impl Deployer {
                             host: h.name.to_string(),
                             reason: e,
                         })?;
-                        self.switch_host(run, "rollback", h, &prev).await
+                        self.switch_host(run, "rollback", h, &prev, false).await
                     }
                     None => self.clear_host(run, h).await,
                 }
@@ -744,29 +776,61 @@ impl Deployer {
     /// Moves one host to `version`, side by side, and settles it. Idempotent: a host already
     /// serving `version` only has its leftovers retired. On failure the host is left serving
     /// what it served before, with the new instance stopped and out of the balancer.
+    /// `after_switch`: run the `after_switch` hooks once traffic has moved (a deploy does, a
+    /// rollback does not); their failure fails the host, which then serves `version`.
     pub async fn switch_host(
         &self,
         run: &Run,
         label: &str,
         host: &Host,
         version: &Name,
+        after_switch: bool,
     ) -> Result<(), HostFailure> {
-        let new = self.move_traffic(run, label, host, version, None).await?;
-        self.settle_host(run, label, host, &new).await
+        let moved = self.admit_new(run, label, host, version, None).await?;
+        self.retire_backends(run, label, host, &moved.instance, Some(&moved.backends))
+            .await;
+        let hooked = if after_switch {
+            self.after_switch_hook(run, host, version).await
+        } else {
+            Ok(())
+        };
+        let settled = self.settle_host(run, label, host, &moved.instance).await;
+        hooked.and(settled)
     }
 
-    /// Steps 1-5 of a switch (see the module docs): when it returns, the host's traffic goes
-    /// to the returned instance and no other backend of the host is in the balancer. `known`:
-    /// the host's instances as just read with the fleet (one round trip saved); `None` reads
-    /// them afresh.
-    pub async fn move_traffic(
+    /// Runs the `after_switch` hooks for one host whose traffic has moved.
+    async fn after_switch_hook(
+        &self,
+        run: &Run,
+        host: &Host,
+        version: &Name,
+    ) -> Result<(), HostFailure> {
+        let previous = run.previous.get(host.name.as_str()).cloned().flatten();
+        self.hook(
+            HookPoint::AfterSwitch,
+            version,
+            previous.as_deref(),
+            std::slice::from_ref(host),
+        )
+        .await
+        .map_err(|reason| HostFailure {
+            host: host.name.to_string(),
+            reason,
+        })
+    }
+
+    /// Steps 1-3 of a switch (see the module docs): when it returns, the new instance is
+    /// healthy and in the balancer, beside the host's old backends (listed in the result, for
+    /// step 4). `known`: the host's instances as just read with the fleet (one round trip
+    /// saved); `None` reads them afresh.
+    pub async fn admit_new(
         &self,
         run: &Run,
         label: &str,
         host: &Host,
         version: &Name,
         known: Option<&[instance::Recorded]>,
-    ) -> Result<Instance, HostFailure> {
+    ) -> Result<Moved, HostFailure> {
         let _permit = self.forks.acquire().await;
         let fail = |reason: String| HostFailure {
             host: host.name.to_string(),
@@ -830,9 +894,10 @@ impl Deployer {
                 inst
             }
         };
-        self.retire_backends(run, label, host, &new, Some(&backends))
-            .await;
-        Ok(new)
+        Ok(Moved {
+            instance: new,
+            backends,
+        })
     }
 
     /// Step 6 of a switch: other instances stopped, `current` moved, old releases pruned.
@@ -1126,7 +1191,7 @@ impl Deployer {
                         host: h.name.to_string(),
                         reason: e,
                     })?;
-                    self.switch_host(run, "rollback", h, &prev).await
+                    self.switch_host(run, "rollback", h, &prev, false).await
                 }
                 None => self.clear_host(run, h).await,
             }
@@ -1273,6 +1338,14 @@ pub fn worst_case_per_host(config: &Config) -> Duration {
     *h.deadline * 2 + *config.app.drain_timeout + *config.app.stop_timeout
 }
 
+/// A host whose new instance is healthy and in the balancer ([`Deployer::admit_new`]).
+pub struct Moved {
+    pub instance: Instance,
+    /// The balancer's backends as read before the new one was added: the host's others are
+    /// what step 4 retires.
+    pub backends: Vec<crate::balancer::BackendView>,
+}
+
 /// Settles running in the background while a rolling deployment goes on.
 #[derive(Default)]
 struct Settling {
@@ -1287,9 +1360,15 @@ impl Settling {
         label: String,
         host: &Host,
         keep: Instance,
+        retire: Option<Vec<crate::balancer::BackendView>>,
     ) {
         let (deployer, run, host) = (deployer.clone(), run.clone(), host.clone());
         self.tasks.push(tokio::spawn(async move {
+            if let Some(backends) = retire {
+                deployer
+                    .retire_backends(&run, &label, &host, &keep, Some(&backends))
+                    .await;
+            }
             deployer.settle_host(&run, &label, &host, &keep).await
         }));
     }

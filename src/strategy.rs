@@ -683,7 +683,7 @@ impl Deployer {
             let results = join_all(
                 hosts
                     .iter()
-                    .map(|h| self.switch_host(run, &label, h, version)),
+                    .map(|h| self.switch_host(run, &label, h, version, true)),
             )
             .await;
             for (h, r) in hosts.iter().zip(results) {

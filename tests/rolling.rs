@@ -159,3 +159,39 @@ async fn verify_commands_gate_a_rolling_deploy() {
     assert!(err.contains("failed at after_batch"), "{err}");
     assert_fleet_on(&fleet, "v1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_switch_hooks_run_per_moved_host_and_their_failure_fails_it() {
+    let mut spec = FleetSpec::new(4, 7);
+    // Runs on this machine once per host, after its traffic moved; fails while the marker exists.
+    spec.extra = "[[hooks]]\nat = \"after_switch\"\nwhere = \"local\"\ncommand = \"echo \\\"$CUTOVER_HOST $CUTOVER_VERSION\\\" >> after-switch.log; test ! -e fail-after-switch\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    let log = fleet.dir.path().join("after-switch.log");
+    let lines = || -> Vec<String> {
+        let mut l: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        l.sort();
+        l
+    };
+    let (_, e1) = fleet.deploy("v1", 0).await;
+    let (_, e2) = fleet.deploy("v2", 0).await;
+    assert_eq!(
+        lines(),
+        [
+            "web1 v1", "web1 v2", "web2 v1", "web2 v2", "web3 v1", "web3 v2", "web4 v1", "web4 v2"
+        ],
+        "once per host and deploy:\n{e1}\n{e2}"
+    );
+
+    // The first batch (web1) fails its hook: with no failure budget, web1 is returned to v2.
+    std::fs::write(fleet.dir.path().join("fail-after-switch"), "").unwrap();
+    let (out, err) = fleet.deploy("v1", 1).await;
+    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(err.contains("after_switch"), "the hook is named: {err}");
+    assert_fleet_on(&fleet, "v2").await;
+    // A rollback runs no after_switch hook: only web1's failed attempt was added.
+    assert_eq!(lines().iter().filter(|l| l.ends_with(" v1")).count(), 5);
+}
