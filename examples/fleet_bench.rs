@@ -4,10 +4,11 @@
 //! and each health interval (1 s, cutover's default, and 100 ms, where overhead shows most) it
 //! deploys v1, then times `cutover deploy` v1 -> v2 -> v1 ... (`--runs`, median) with
 //! `batch = "25%"` (4 batches) behind a real `cutover proxy`, and compares with the floor:
-//! Σ over batches of (instance start until its first healthy answer, measured here) + health
-//! settle (`healthy_threshold - 1` intervals: the gate needs that many more passing checks after
+//! Σ over batches of (the app's start: the batch's instances launched at once by the app's
+//! start command, `sh ./run.sh`, until each answers its first health check; measured here) +
+//! health settle (`healthy_threshold - 1` intervals: the gate needs that many more passing checks after
 //! the first). Everything else is overhead: the balancer's own check, journal, lock, reading
-//! hosts, starting and stopping through the shell. Overhead per host = (wall - floor) / hosts.
+//! hosts, the scripts that start, stop and settle instances, process start. Overhead per host = (wall - floor) / hosts.
 //!
 //! Run it with `bench/fleet` (release build). Loopback only; everything it starts is stopped
 //! at the end.
@@ -64,35 +65,50 @@ fn healthy(addr: SocketAddr) -> bool {
     matches!(s.read(&mut buf), Ok(n) if n >= 12 && &buf[9..12] == b"200")
 }
 
-/// Median time from spawning the sample app until it answers /health (the app's own start).
-fn app_start_time(exe: &Path) -> Duration {
+/// The app's own start for one batch: `n` instances launched at once the way the app's start
+/// command launches them (`sh ./run.sh` in the release directory, which execs the sample app),
+/// until every one answers /health. Median of 5. At `n` > 1 this includes what `n` starts cost
+/// each other on this machine's cores, which the app pays in a deploy too.
+fn app_start_time(release: &Path, n: usize) -> Duration {
     let mut samples = Vec::new();
     for _ in 0..5 {
-        let port = free_port("127.0.0.1");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addrs: Vec<SocketAddr> = (0..n)
+            .map(|i| {
+                let ip = format!("127.0.59.{}", 10 + i);
+                format!("{ip}:{}", free_port(&ip)).parse().unwrap()
+            })
+            .collect();
         let t = Instant::now();
-        let mut child = Command::new(exe)
-            .args([
-                "sample-app",
-                "--listen",
-                &addr.to_string(),
-                "--version",
-                "x",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        while !healthy(addr) {
+        let mut children: Vec<Child> = addrs
+            .iter()
+            .map(|addr| {
+                Command::new("sh")
+                    .arg("./run.sh")
+                    .current_dir(release)
+                    .env("PORT", addr.port().to_string())
+                    .env("CUTOVER_ADDRESS", addr.ip().to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut pending = addrs.clone();
+        while !pending.is_empty() {
             assert!(
                 t.elapsed() < Duration::from_secs(10),
                 "sample app did not start"
             );
-            std::thread::sleep(Duration::from_millis(1));
+            pending.retain(|a| !healthy(*a));
+            if !pending.is_empty() {
+                std::thread::sleep(Duration::from_micros(500));
+            }
         }
         samples.push(t.elapsed());
-        let _ = child.kill();
-        let _ = child.wait();
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
     samples.sort();
     samples[samples.len() / 2]
@@ -174,7 +190,15 @@ impl Fleet {
 
     /// Wall time of one `cutover deploy`.
     fn deploy(&self, exe: &Path, version: &str, trace: bool) -> Duration {
-        let mut c = Command::new(exe);
+        let mut c = match std::env::var("FLEET_BENCH_WRAP") {
+            Ok(w) if !w.is_empty() => {
+                let mut parts = w.split_whitespace();
+                let mut c = Command::new(parts.next().unwrap());
+                c.args(parts).arg(exe);
+                c
+            }
+            _ => Command::new(exe),
+        };
         c.arg("-c")
             .arg(&self.config)
             .args(["deploy", "--version", version]);
@@ -245,32 +269,37 @@ fn main() {
     let mut runs = 3usize;
     let mut only: Option<String> = None;
     let mut trace = false;
+    let mut intervals = vec![1000u64, 100];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--runs" => runs = args.next().and_then(|n| n.parse().ok()).unwrap_or(3).max(1),
             "--only" => only = args.next(),
             "--trace" => trace = true,
+            "--interval" => {
+                intervals = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .map(|ms| vec![ms])
+                    .unwrap_or(intervals)
+            }
             _ => {
                 eprintln!(
-                    "usage: bench/fleet [--runs N] [--only TRANSPORT:HOSTS] [--trace]\n  --only local:16  run one case\n  --trace         print each timed deploy's progress (JSON lines, t in seconds)"
+                    "usage: bench/fleet [--runs N] [--only TRANSPORT:HOSTS] [--interval MS] [--trace]\n  --only local:16  run one case\n  --interval 100  one health interval (default: 1000 and 100)\n  --trace         print each timed deploy's progress (JSON lines, t in seconds)"
                 );
                 std::process::exit(2);
             }
         }
     }
     let exe = exe();
-    let start = app_start_time(&exe);
-    eprintln!(
-        "app start {:.1} ms; floor per batch = start + {} interval(s)",
-        start.as_secs_f64() * 1e3,
-        THRESHOLD - 1
-    );
+    let sample = tempfile::tempdir().unwrap();
+    cutover::init::write_sample_release(sample.path(), &exe, "x", "").unwrap();
     println!(
-        "| transport | hosts | health interval | deploy wall (median of {runs}) | floor | wall / floor | overhead per host | first deploy |"
+        "| transport | hosts | health interval | deploy wall (median of {runs}) | app start per batch | floor | wall / floor | overhead per host | first deploy |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    let cases = [
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut starts: std::collections::BTreeMap<usize, Duration> = Default::default();
+    let cases: [(&str, usize, bool); 5] = [
         ("local", 4, false),
         ("local", 16, false),
         ("local", 64, false),
@@ -278,9 +307,8 @@ fn main() {
         ("ssh", 16, true),
     ];
     let mut net = 60u8;
-    for interval_ms in [1000u64, 100] {
+    for interval_ms in intervals {
         let settle = Duration::from_millis((THRESHOLD - 1) * interval_ms);
-        let floor = (start + settle) * BATCHES as u32;
         for (name, hosts, ssh) in cases {
             if only
                 .as_ref()
@@ -288,6 +316,11 @@ fn main() {
             {
                 continue;
             }
+            let per_batch = hosts.div_ceil(BATCHES as usize);
+            let start = *starts
+                .entry(per_batch)
+                .or_insert_with(|| app_start_time(sample.path(), per_batch));
+            let floor = (start + settle) * BATCHES as u32;
             net += 1;
             let fleet = Fleet::start(&exe, hosts, ssh, net, interval_ms);
             let first = fleet.deploy(&exe, "v1", false);
@@ -298,8 +331,9 @@ fn main() {
             let wall = walls[walls.len() / 2];
             let over = wall.saturating_sub(floor).as_secs_f64() * 1e3 / hosts as f64;
             println!(
-                "| {name} | {hosts} | {interval_ms} ms | {:.0} ms | {:.0} ms | {:.2}x | {over:.1} ms | {:.0} ms |",
+                "| {name} | {hosts} | {interval_ms} ms | {:.0} ms | {:.1} ms | {:.0} ms | {:.2}x | {over:.1} ms | {:.0} ms |",
                 wall.as_secs_f64() * 1e3,
+                start.as_secs_f64() * 1e3,
                 floor.as_secs_f64() * 1e3,
                 wall.as_secs_f64() / floor.as_secs_f64(),
                 first.as_secs_f64() * 1e3,
