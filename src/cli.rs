@@ -376,7 +376,7 @@ fn parse_version(v: &str) -> anyhow::Result<Name> {
 /// The transport and balancer client a config asks for.
 pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
     let transport: Arc<dyn Transport> = match config.transport {
-        crate::config::TransportKind::Local => Arc::new(LocalTransport),
+        crate::config::TransportKind::Local => Arc::new(LocalTransport::new()),
         crate::config::TransportKind::Ssh => Arc::new(crate::transport::ssh::SshTransport::new(
             config.ssh.clone(),
             config.forks,

@@ -336,7 +336,7 @@ async fn under_load<T>(
 
 /// Stops every instance on every demo host (by pid file).
 async fn stop_fleet(config: &Config) {
-    let t = LocalTransport;
+    let t = LocalTransport::new();
     for host in &config.hosts {
         if let Ok(list) = instance::list(&t, host).await {
             for r in list.into_iter().filter(|r| r.alive) {

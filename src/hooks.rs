@@ -295,7 +295,7 @@ mod tests {
             if self.down.contains(&host.name.as_str()) {
                 anyhow::bail!("host {}: connection refused", host.name);
             }
-            LocalTransport.run(host, script, t).await
+            LocalTransport::new().run(host, script, t).await
         }
         async fn copy_dir(&self, _: &Host, _: &Path, _: &Path) -> anyhow::Result<()> {
             unreachable!()
@@ -382,7 +382,7 @@ mod tests {
             "[[hooks]]\nat = \"after_deploy\"\nwhere = \"local\"\ntimeout = \"200ms\"\ncommand = \"echo started; sleep 30\"\n",
         );
         let v = Name::parse("v2").unwrap();
-        let t = LocalTransport;
+        let t = LocalTransport::new();
         let p = Progress::quiet();
         let ctx = HookContext {
             config: &c,

@@ -258,9 +258,9 @@ mod tests {
         let a = archive(d.path(), &v).await;
         let h = host(&d.path().join("host"));
         let src = ReleaseSource::prebuilt(&v, a);
-        assert!(stage(&LocalTransport, &h, &src, &v).await.unwrap());
+        assert!(stage(&LocalTransport::new(), &h, &src, &v).await.unwrap());
         assert!(
-            !stage(&LocalTransport, &h, &src, &v).await.unwrap(),
+            !stage(&LocalTransport::new(), &h, &src, &v).await.unwrap(),
             "already there"
         );
         let rel = d.path().join("host/releases");
@@ -284,7 +284,9 @@ mod tests {
         a.sha256 = "0".repeat(64);
         let h = host(&d.path().join("host"));
         let src = ReleaseSource::prebuilt(&v, a);
-        let e = stage(&LocalTransport, &h, &src, &v).await.unwrap_err();
+        let e = stage(&LocalTransport::new(), &h, &src, &v)
+            .await
+            .unwrap_err();
         assert!(e.is::<Fatal>(), "{e:#}");
         assert!(format!("{e:#}").contains("nothing was unpacked"), "{e:#}");
         let rel = d.path().join("host/releases");

@@ -171,9 +171,16 @@ mod tests {
             address: "127.0.0.1:5000".parse().unwrap(),
             pid: 1,
         };
-        let s = settle(&LocalTransport, &h, &keep, &app(), 2, &["v1".to_string()])
-            .await
-            .unwrap();
+        let s = settle(
+            &LocalTransport::new(),
+            &h,
+            &keep,
+            &app(),
+            2,
+            &["v1".to_string()],
+        )
+        .await
+        .unwrap();
         // `sleep` dies on TERM; its zombie (our child) counts as gone.
         assert_eq!(
             s.stopped,
@@ -212,7 +219,7 @@ mod tests {
             address: "127.0.0.1:5000".parse().unwrap(),
             pid: 1,
         };
-        let e = settle(&LocalTransport, &h, &keep, &app(), 3, &[])
+        let e = settle(&LocalTransport::new(), &h, &keep, &app(), 3, &[])
             .await
             .unwrap_err();
         assert!(

@@ -187,7 +187,7 @@ async fn status_reports_drift() {
 
     let config = cutover::config::Config::load(&fleet.config).unwrap();
     // 1. An instance no deployment started.
-    let t = cutover::transport::local::LocalTransport;
+    let t = cutover::transport::local::LocalTransport::new();
     let web1 = &config.hosts[0];
     let port = common::free_port(&web1.address.to_string());
     let stray = cutover::instance::start(

@@ -1,50 +1,71 @@
 //! The local transport: each host is a directory on this machine and a loopback address
 //! (127.0.0.11, 127.0.0.12, ...), so a whole fleet fits on one machine for the demo and the tests
 //! while exercising the same scripts as SSH.
+//!
+//! Scripts run in the same session driver as over SSH ([`super::session`]), here a local `sh`
+//! per host: a step costs a fork of that shell instead of a new process started from cutover,
+//! and the demo and the tests exercise the SSH transport's protocol on every step.
 
 use std::path::Path;
-use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use tokio::process::Command;
 
-use super::{Output, Transport, sh_quote};
+use super::session::{self, Pool, Session, SessionError};
+use super::{Output, Transport, last_lines, sh_quote};
 use crate::config::Host;
 
-#[derive(Debug, Default, Clone)]
-pub struct LocalTransport;
+#[derive(Default, Clone)]
+pub struct LocalTransport {
+    /// Idle session shells per host, shared by clones; killed when the last clone goes.
+    idle: Arc<Pool>,
+}
+
+impl LocalTransport {
+    pub fn new() -> LocalTransport {
+        LocalTransport::default()
+    }
+
+    fn session(&self, host: &Host) -> anyhow::Result<Session> {
+        if let Some(s) = self.idle.take(host.name.as_str()) {
+            return Ok(s);
+        }
+        let token = session::new_token()?;
+        let mut c = session::local_command(&token);
+        c.env("CUTOVER_HOST", host.name.as_str());
+        Session::spawn(c, token).with_context(|| format!("host {}", host.name))
+    }
+}
 
 #[async_trait]
 impl Transport for LocalTransport {
     async fn run(&self, host: &Host, script: &str, timeout: Duration) -> anyhow::Result<Output> {
-        // By path: no search through a long $PATH for every script.
-        let child = Command::new("/bin/sh")
-            .arg("-c")
-            .arg(script)
-            .env("CUTOVER_HOST", host.name.as_str())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("host {}: cannot run sh", host.name))?;
-        let out = tokio::time::timeout(timeout, child.wait_with_output())
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "host {}: command did not finish within {}",
-                    host.name,
-                    humantime::format_duration(timeout)
-                )
-            })?
-            .with_context(|| format!("host {}: waiting for sh", host.name))?;
-        Ok(Output {
-            status: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        })
+        let mut s = self.session(host)?;
+        match s.run(script, timeout).await {
+            Ok(out) => {
+                self.idle.put(host.name.as_str(), s);
+                Ok(out)
+            }
+            Err(SessionError::Timeout) => Err(anyhow::anyhow!(
+                "host {}: command did not finish within {}",
+                host.name,
+                humantime::format_duration(timeout)
+            )),
+            Err(SessionError::Ended { stderr }) => Err(anyhow::anyhow!(
+                "host {}: the shell running the script ended{}",
+                host.name,
+                if stderr.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", last_lines(stderr.trim(), 6))
+                }
+            )),
+            Err(SessionError::Io(e)) => {
+                Err(anyhow::anyhow!("host {}: shell session: {e}", host.name))
+            }
+        }
     }
 
     async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
