@@ -57,8 +57,8 @@ pub struct SshTransport {
     control_dir: ControlDir,
     masters: Mutex<HashMap<String, (Host, Master)>>,
     connecting: Semaphore,
-    /// Sessions waiting for their next script, per host name.
-    idle: Mutex<HashMap<String, Vec<Session>>>,
+    /// Sessions waiting for their next script.
+    idle: session::Pool,
 }
 
 impl SshTransport {
@@ -105,7 +105,7 @@ impl SshTransport {
             control_dir,
             masters: Mutex::new(HashMap::new()),
             connecting: Semaphore::new(forks.max(1)),
-            idle: Mutex::new(HashMap::new()),
+            idle: session::Pool::default(),
         })
     }
 
@@ -134,7 +134,7 @@ impl SshTransport {
             a.push(o.into());
         }
         let mut path = OsString::from("ControlPath=");
-        path.push(self.control_dir.path().join("%C"));
+        path.push(self.control_path(host));
         a.push("-o".into());
         a.push(path);
         if let Some(p) = host.port {
@@ -164,7 +164,36 @@ impl SshTransport {
         c
     }
 
+    /// The master's socket for `host`: named by everything that makes a different connection
+    /// (address, port, user, key, ssh_config), so cutover can tell whether one is up without
+    /// asking ssh. (ssh's own `%C` hashes the local host name too, which we would have to
+    /// reproduce.)
+    fn control_path(&self, host: &Host) -> PathBuf {
+        use sha2::Digest;
+        let key = format!(
+            "{}|{}|{}|{}|{}",
+            host.address,
+            host.port.unwrap_or(22),
+            host.user.as_deref().unwrap_or(""),
+            host.identity
+                .as_deref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            self.config_file
+                .as_deref()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
+        let digest = sha2::Sha256::digest(key.as_bytes());
+        let name: String = digest[..10].iter().map(|b| format!("{b:02x}")).collect();
+        self.control_dir.path().join(name)
+    }
+
     /// Opens the host's master connection once; later calls reuse (or repeat) its outcome.
+    /// A master left by an earlier command (`ssh_persist`) is used as it is: its socket is
+    /// there, so the first session rides on it at once, without a `true` round trip first (a
+    /// login on the host, ~10 ms a host). Should that master have died, ssh removes its stale
+    /// socket and connects afresh, and a failure shows as the session's, with the same hints.
     async fn connect(&self, host: &Host) -> anyhow::Result<()> {
         let cell = {
             let mut masters = self.masters.lock().expect("masters lock");
@@ -176,6 +205,11 @@ impl SshTransport {
         };
         let outcome = cell
             .get_or_init(|| async {
+                if matches!(self.control_dir, ControlDir::Shared(_))
+                    && std::fs::symlink_metadata(self.control_path(host)).is_ok()
+                {
+                    return Ok(());
+                }
                 let _permit = self.connecting.acquire().await;
                 let mut c = self.command(host, "true");
                 c.stdin(Stdio::null());
@@ -270,21 +304,8 @@ impl SshTransport {
     /// An idle session to the host, or a new one.
     async fn session(&self, host: &Host) -> anyhow::Result<Session> {
         self.connect(host).await?;
-        loop {
-            let reused = self
-                .idle
-                .lock()
-                .expect("idle lock")
-                .get_mut(host.name.as_str())
-                .and_then(Vec::pop);
-            match reused {
-                Some(mut s) => {
-                    if s.alive() {
-                        return Ok(s);
-                    }
-                }
-                None => break,
-            }
+        if let Some(s) = self.idle.take(host.name.as_str()) {
+            return Ok(s);
         }
         let token = session::new_token()?;
         let mut c = Command::new("ssh");
@@ -309,12 +330,7 @@ impl SshTransport {
         );
         match s.run(&body, timeout).await {
             Ok(out) => {
-                self.idle
-                    .lock()
-                    .expect("idle lock")
-                    .entry(host.name.to_string())
-                    .or_default()
-                    .push(s);
+                self.idle.put(host.name.as_str(), s);
                 Ok(out)
             }
             Err(SessionError::Timeout) => Err(anyhow::anyhow!(
@@ -466,7 +482,7 @@ impl Drop for SshTransport {
     fn drop(&mut self) {
         // Sessions first (killed on drop), then the masters they rode on, unless they are
         // meant to outlive us (`ssh_persist`).
-        self.idle.lock().expect("idle lock").clear();
+        self.idle.clear();
         if matches!(self.control_dir, ControlDir::Shared(_)) {
             return;
         }
