@@ -14,9 +14,10 @@
 //!
 //! then the host's `after_switch` hooks run.
 //!
-//! A rolling deploy runs steps 4-6 in the background while the next batch starts: the new
-//! instance already serves, so waiting for the old one to drain and exit would only make every
-//! batch longer (capacity only grows meanwhile). With `after_switch` hooks or `after_batch`
+//! A rolling deploy runs steps 4-6 in the background, released once the next batch's instances
+//! have started (so they do not compete with those starts for the cores, only with the health
+//! gate's idle wait): the new instance already serves, so waiting for the old one to drain and
+//! exit would only make every batch longer (capacity only grows meanwhile). With `after_switch` hooks or `after_batch`
 //! checks, steps 4-5 stay in the batch, since those must see the old backend gone. Every
 //! background step is awaited before the deployment undoes anything or ends.
 //!
@@ -327,10 +328,13 @@ impl Deployer {
             let label = format!("batch {}/{}", i + 1, plan.len());
             let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
             self.progress.say(&format!("{label}: {}", names.join(", ")));
-            let results = join_all(hosts.iter().map(|h| {
+            // Every host of the batch starts its instance first; only then may the previous
+            // batch's background work (drain, stop, `current`, prune) use the cores, so it
+            // competes with the health gate's idle wait instead of the new instances' start.
+            let starts = join_all(hosts.iter().map(|h| {
                 let staged = staged.get(h.name.as_str()).cloned();
-                let label = label.clone();
                 let run = &run;
+                let label = &label;
                 let known = before
                     .iter()
                     .find(|v| v.host.name == h.name)
@@ -341,17 +345,26 @@ impl Deployer {
                             host: h.name.to_string(),
                             reason,
                         }),
-                        _ => {
-                            let m = self.admit_new(run, &label, h, version, known).await?;
-                            if !retire_in_batch {
-                                return Ok((h.clone(), m, label, Ok(()), false));
-                            }
-                            self.retire_backends(run, &label, h, &m.instance, Some(&m.backends))
-                                .await;
-                            let hooked = self.after_switch_hook(run, h, version).await;
-                            Ok((h.clone(), m, label, hooked, true))
-                        }
+                        _ => self.start_new(run, label, h, version, known).await,
                     }
+                }
+            }))
+            .await;
+            settling.release();
+            let results = join_all(hosts.iter().zip(starts).map(|(h, started)| {
+                let label = label.clone();
+                let run = &run;
+                async move {
+                    let m = self
+                        .admit_started(run, &label, h, version, started?)
+                        .await?;
+                    if !retire_in_batch {
+                        return Ok((h.clone(), m, label, Ok(()), false));
+                    }
+                    self.retire_backends(run, &label, h, &m.instance, Some(&m.backends))
+                        .await;
+                    let hooked = self.after_switch_hook(run, h, version).await;
+                    Ok::<_, HostFailure>((h.clone(), m, label, hooked, true))
                 }
             }))
             .await;
@@ -831,18 +844,28 @@ impl Deployer {
         version: &Name,
         known: Option<&[instance::Recorded]>,
     ) -> Result<Moved, HostFailure> {
+        let started = self.start_new(run, label, host, version, known).await?;
+        self.admit_started(run, label, host, version, started).await
+    }
+
+    /// Step 1 of a switch: the new instance started (or found already serving `version`).
+    pub async fn start_new(
+        &self,
+        run: &Run,
+        label: &str,
+        host: &Host,
+        version: &Name,
+        known: Option<&[instance::Recorded]>,
+    ) -> Result<Started, HostFailure> {
         let _permit = self.forks.acquire().await;
         let fail = |reason: String| HostFailure {
             host: host.name.to_string(),
             reason,
         };
         let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
-        let t = self.transport.as_ref();
-        let h = host.name.as_str();
-
         let recorded = match known {
             Some(k) => k.to_vec(),
-            None => instance::list(t, host)
+            None => instance::list(self.transport.as_ref(), host)
                 .await
                 .map_err(|e| fail(format!("{e:#}")))?,
         };
@@ -860,13 +883,13 @@ impl Deployer {
                         && b.health == crate::balancer::api::Health::Healthy
                 })
         });
-        let new = match serving_target {
+        let (instance, serving) = match serving_target {
             Some(r) => {
                 say(format!(
                     "already serving {version} on {}",
                     r.instance.address
                 ));
-                r.instance.clone()
+                (r.instance.clone(), true)
             }
             None => {
                 let inst = self
@@ -877,27 +900,51 @@ impl Deployer {
                     "started {version} on {} (pid {})",
                     inst.address, inst.pid
                 ));
-                let admitted = self
-                    .step(
-                        run,
-                        h,
-                        "admit",
-                        &inst.backend_id(),
-                        self.admit(run, &inst, false, None),
-                    )
-                    .await;
-                if let Err(e) = admitted {
-                    self.discard(run, host, &inst).await;
-                    return Err(fail(e));
-                }
-                say(format!("{version} healthy and in the balancer"));
-                inst
+                (inst, false)
             }
         };
-        Ok(Moved {
-            instance: new,
-            backends,
+        Ok(Started {
+            moved: Moved { instance, backends },
+            serving,
         })
+    }
+
+    /// Steps 2-3 of a switch, for an instance [`Deployer::start_new`] started. On failure the
+    /// new instance is stopped and out of the balancer.
+    pub async fn admit_started(
+        &self,
+        run: &Run,
+        label: &str,
+        host: &Host,
+        version: &Name,
+        started: Started,
+    ) -> Result<Moved, HostFailure> {
+        if started.serving {
+            return Ok(started.moved);
+        }
+        let _permit = self.forks.acquire().await;
+        let inst = &started.moved.instance;
+        let admitted = self
+            .step(
+                run,
+                host.name.as_str(),
+                "admit",
+                &inst.backend_id(),
+                self.admit(run, inst, false, None),
+            )
+            .await;
+        if let Err(e) = admitted {
+            self.discard(run, host, inst).await;
+            return Err(HostFailure {
+                host: host.name.to_string(),
+                reason: e,
+            });
+        }
+        self.progress.say(&format!(
+            "{label} {}: {version} healthy and in the balancer",
+            host.name
+        ));
+        Ok(started.moved)
     }
 
     /// Step 6 of a switch: other instances stopped, `current` moved, old releases pruned.
@@ -1338,6 +1385,13 @@ pub fn worst_case_per_host(config: &Config) -> Duration {
     *h.deadline * 2 + *config.app.drain_timeout + *config.app.stop_timeout
 }
 
+/// A host whose new instance started ([`Deployer::start_new`]); `serving`: it was already
+/// serving the release, healthy in the balancer, so there is nothing to admit.
+pub struct Started {
+    pub moved: Moved,
+    pub serving: bool,
+}
+
 /// A host whose new instance is healthy and in the balancer ([`Deployer::admit_new`]).
 pub struct Moved {
     pub instance: Instance,
@@ -1346,10 +1400,14 @@ pub struct Moved {
     pub backends: Vec<crate::balancer::BackendView>,
 }
 
-/// Settles running in the background while a rolling deployment goes on.
+/// Settles running in the background while a rolling deployment goes on. Those of a batch wait
+/// until [`Settling::release`]: the rolling loop releases them once the next batch's instances
+/// have started (or when it waits for them).
 #[derive(Default)]
 struct Settling {
     tasks: Vec<tokio::task::JoinHandle<Result<(), HostFailure>>>,
+    /// Holds back the settles spawned since the last release.
+    go: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Settling {
@@ -1363,7 +1421,13 @@ impl Settling {
         retire: Option<Vec<crate::balancer::BackendView>>,
     ) {
         let (deployer, run, host) = (deployer.clone(), run.clone(), host.clone());
+        let mut go = self
+            .go
+            .get_or_insert_with(|| tokio::sync::watch::channel(false).0)
+            .subscribe();
         self.tasks.push(tokio::spawn(async move {
+            // Released, or the sender is gone: either way, go.
+            let _ = go.wait_for(|released| *released).await;
             if let Some(backends) = retire {
                 deployer
                     .retire_backends(&run, &label, &host, &keep, Some(&backends))
@@ -1373,8 +1437,16 @@ impl Settling {
         }));
     }
 
+    /// Lets every settle spawned so far run.
+    fn release(&mut self) {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(true);
+        }
+    }
+
     /// Waits for every settle started so far; returns the hosts that could not be settled.
     async fn wait(&mut self) -> Vec<HostFailure> {
+        self.release();
         let mut failed = Vec::new();
         for task in self.tasks.drain(..) {
             match task.await {
