@@ -67,11 +67,11 @@ fn healthy(addr: SocketAddr) -> bool {
 
 /// The app's own start for one batch: `n` instances launched at once the way the app's start
 /// command launches them (`sh ./run.sh` in the release directory, which execs the sample app),
-/// until every one answers /health. Median of 5. At `n` > 1 this includes what `n` starts cost
+/// until every one answers /health. Median of 11. At `n` > 1 this includes what `n` starts cost
 /// each other on this machine's cores, which the app pays in a deploy too.
 fn app_start_time(release: &Path, n: usize) -> Duration {
     let mut samples = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..11 {
         let addrs: Vec<SocketAddr> = (0..n)
             .map(|i| {
                 let ip = format!("127.0.59.{}", 10 + i);
