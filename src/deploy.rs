@@ -1278,7 +1278,7 @@ impl Deployer {
 
     /// Returns every moved host to the release it had, in parallel. Returns the hosts that
     /// could not be returned.
-    async fn undo(&self, run: &Run, moved: &[Host]) -> Vec<HostFailure> {
+    pub(crate) async fn undo(&self, run: &Run, moved: &[Host]) -> Vec<HostFailure> {
         if moved.is_empty() {
             self.progress
                 .say("rollback: no host had moved; the fleet is unchanged");

@@ -677,7 +677,9 @@ impl Deployer {
             .collect();
         let _ = self.balancer.set_weights(&full_weight).await;
         let plan = crate::batch::batches(&strategy.batch, &config.hosts);
-        let mut moved = Vec::new();
+        let mut moved: Vec<Host> = Vec::new();
+        // Set when a batch exceeds the failure budget, as in a rolling deploy.
+        let mut stopped: Option<Outcome> = None;
         for (i, hosts) in plan.iter().enumerate() {
             let label = format!("promote {}/{}", i + 1, plan.len());
             let results = join_all(
@@ -686,12 +688,94 @@ impl Deployer {
                     .map(|h| self.switch_host(run, &label, h, version, true)),
             )
             .await;
+            let mut batch_failures = 0;
             for (h, r) in hosts.iter().zip(results) {
                 match r {
-                    Ok(()) => moved.push(h.name.to_string()),
-                    Err(f) => failed.push(f),
+                    Ok(()) => moved.push(h.clone()),
+                    Err(f) => {
+                        self.progress
+                            .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
+                        self.journal
+                            .event(Some(&run.id), &format!("{} failed: {}", f.host, f.reason))?;
+                        batch_failures += 1;
+                        failed.push(f);
+                    }
                 }
             }
+            let over_batch = crate::batch::batch_failed(
+                batch_failures,
+                hosts.len(),
+                strategy.max_fail_percentage,
+            );
+            let over_total = strategy
+                .max_failed_hosts
+                .is_some_and(|m| failed.len() as u32 > m);
+            if !(over_batch || over_total) {
+                continue;
+            }
+            let why = if over_batch {
+                format!(
+                    "{label}: {batch_failures} of {} host(s) failed, more than max_fail_percentage = {}%",
+                    hosts.len(),
+                    strategy.max_fail_percentage.0
+                )
+            } else {
+                format!(
+                    "{} host(s) failed in all, more than max_failed_hosts = {}",
+                    failed.len(),
+                    strategy.max_failed_hosts.unwrap_or(0)
+                )
+            };
+            self.progress.say(&why);
+            self.journal.event(Some(&run.id), &why)?;
+            notes.push(format!("promotion stopped: {why}"));
+            match strategy.on_failure {
+                crate::config::OnFailure::Rollback => {
+                    // Every backend but the canaries of hosts not promoted yet back to full
+                    // weight (the last step left the stable ones at 0), those canaries to 0
+                    // and out; then the promoted hosts back to their release.
+                    let left: Vec<(Host, Instance)> = canaries
+                        .iter()
+                        .filter(|(h, _)| !moved.iter().any(|m| m.name == h.name))
+                        .cloned()
+                        .collect();
+                    let left_ids: Vec<String> = left.iter().map(|(_, i)| i.backend_id()).collect();
+                    let others: Vec<String> = self
+                        .balancer
+                        .backends()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|b| b.spec.id)
+                        .filter(|id| !left_ids.contains(id))
+                        .collect();
+                    if left.is_empty() {
+                        let full: BTreeMap<String, u32> = others
+                            .into_iter()
+                            .map(|id| (id, crate::balancer::api::default_weight()))
+                            .collect();
+                        let _ = self.balancer.set_weights(&full).await;
+                    } else {
+                        self.abort_canary(run, &left, &others).await;
+                    }
+                    let stuck = self.undo(run, &moved).await;
+                    stopped = Some(if stuck.is_empty() {
+                        Outcome::RolledBack
+                    } else {
+                        Outcome::Failed
+                    });
+                    failed.extend(stuck.into_iter().map(|f| HostFailure {
+                        reason: format!("NOT ROLLED BACK: {}", f.reason),
+                        host: f.host,
+                    }));
+                }
+                crate::config::OnFailure::Halt => {
+                    self.progress
+                        .say("on_failure = \"halt\": stopping here; the fleet is left as it is");
+                    stopped = Some(Outcome::Halted);
+                }
+            }
+            break;
         }
         // Stable backends left at weight 0 by a 100% step are retired by switch_host; make sure
         // every remaining backend carries the default weight.
@@ -711,10 +795,10 @@ impl Deployer {
             steps.len(),
             moved.len()
         ));
-        let outcome = if failed.is_empty() {
-            Outcome::Succeeded
-        } else {
-            Outcome::Failed
+        let outcome = match stopped {
+            Some(outcome) => outcome,
+            None if failed.is_empty() => Outcome::Succeeded,
+            None => Outcome::Failed,
         };
         self.finish_with(
             run,

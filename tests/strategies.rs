@@ -311,3 +311,41 @@ async fn sticky_canary_keeps_a_client_on_one_version() {
     let (code, out, err) = deploy.await.unwrap();
     assert_eq!(code, 1, "{out}\n{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_promotion_that_fails_a_batch_rolls_the_fleet_back() {
+    // No analysis: the canary (web1) passes its step; promotion then fails on web2.
+    let spec = canary_spec(
+        47,
+        "[{ weight = 50, pause = \"1s\" }, { weight = 100, pause = \"1s\" }]",
+        "",
+        "",
+    );
+    let fleet = Fleet::start(spec).await;
+    // "late" is healthy on web1 only.
+    let dir = fleet.dir.path().join("releases/late");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("run.sh"),
+        format!(
+            "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = web1 ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
+            common::exe().display()
+        ),
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 200, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy("late", 1).await;
+    let report = stop_after(run, 1_500).await;
+
+    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(
+        err.contains("promote 1/2: 1 of 2 host(s) failed, more than max_fail_percentage = 0%"),
+        "{err}"
+    );
+    assert!(err.contains("rollback: returning 1 host(s)"), "{err}");
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    assert!(report.share("late") > 0.0, "the canary served: {report}");
+    fleet.assert_on("v1").await;
+}
