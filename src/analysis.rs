@@ -50,7 +50,9 @@
 //! the defaults (alpha 0.05, pass 95, marginal 75) that is: pass for p >= 0.0475, marginal for
 //! 0.0375 <= p < 0.0475, fail for p < 0.0375. The test is one-sided because a faster canary is
 //! never a reason to stop. The judge runs only with at least [`MIN_JUDGE_SAMPLES`] samples on
-//! each side (the normal approximation is poor below that); otherwise it is skipped. Note
+//! each side (the normal approximation is poor below that); with fewer, the interval is
+//! inconclusive, like any check that could not be made. Without a stable side (blue-green after
+//! its switch) there is nothing to compare and the judge is skipped. Note
 //! that, like any significance test without an effect-size tolerance, a large sample makes a
 //! small systematic difference (say, slower hardware under the canary) significant.
 //!
@@ -412,13 +414,13 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
                     ));
                 }
             }
+        } else if w.stable.is_some() {
+            // A check that could not be made: the interval is inconclusive, never a silent pass.
+            unknown.push(format!(
+                "too few latency samples for the judge ({cn} canary, {sn} stable; it needs {MIN_JUDGE_SAMPLES} each)"
+            ));
         } else {
-            tracing::debug!(
-                canary_samples = cn,
-                stable_samples = sn,
-                stable = w.stable.is_some(),
-                "too few latency samples: statistical judge skipped (needs {MIN_JUDGE_SAMPLES} each)"
-            );
+            tracing::debug!("no stable release: statistical judge skipped");
         }
     }
     unknown.extend(marginal);
@@ -1065,12 +1067,17 @@ mod tests {
         let stable: Vec<u64> = (0..20).map(|i| 1_000 + i).collect();
         let slow: Vec<u64> = (0..19).map(|i| 9_000 + i).collect();
         let j = judged(&slow, &stable, 0.05);
-        assert_eq!(j.verdict, Verdict::Pass);
+        assert_eq!(
+            inconclusive_reason(&j),
+            "too few latency samples for the judge (19 canary, 20 stable; it needs 20 each)"
+        );
         assert_eq!(j.score, None);
         let slow20: Vec<u64> = (0..20).map(|i| 9_000 + i).collect();
         assert!(is_fail(&judged(&slow20, &stable, 0.05)));
         assert!(is_fail(&judged(&slow20, &stable[..20], 0.05)));
-        assert_eq!(judged(&slow20, &stable[..19], 0.05).score, None);
+        let j = judged(&slow20, &stable[..19], 0.05);
+        assert_eq!(j.score, None);
+        assert!(inconclusive_reason(&j).starts_with("too few latency samples"));
     }
 
     // ------------------------------------------------------------------ tracker

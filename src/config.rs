@@ -1281,6 +1281,12 @@ impl Config {
                         "judge needs 0 < alpha < 1 and 0 <= marginal <= pass <= 100".into(),
                     ));
                 }
+                if self.balancer.kind == BalancerKind::Haproxy {
+                    return Err(err(
+                        "analysis.judge",
+                        "the judge compares latency samples, which HAProxy does not give: every interval would be inconclusive; remove [analysis.judge] or use the built-in balancer".into(),
+                    ));
+                }
             }
         }
         for v in &self.verify {

@@ -228,3 +228,19 @@ fn plan_shows_every_strategy() {
         "{text}"
     );
 }
+
+#[test]
+fn judge_through_haproxy_is_refused() {
+    let haproxy = GOOD.replace(
+        "[balancer]\nlisten = \"127.0.0.1:18080\"\nadmin = \"127.0.0.1:18081\"\ntoken = \"0123456789abcdef\"\n",
+        "[balancer]\nkind = \"haproxy\"\nlisten = \"127.0.0.1:18080\"\nsocket = \"/run/haproxy/admin.sock\"\nbackend = \"app\"\n",
+    );
+    assert_ne!(haproxy, GOOD);
+    let err = error_for(&format!(
+        "{haproxy}\n[analysis]\nmin_success_rate = 99.0\n\n[analysis.judge]\n"
+    ));
+    assert!(
+        err.contains("analysis.judge") && err.contains("HAProxy"),
+        "{err}"
+    );
+}
