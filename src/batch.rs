@@ -5,7 +5,7 @@
 //! in a list each entry is used once and the last one repeats. Unlike Ansible, 0 and shares above
 //! 100 % are refused when the config loads (see `config::BatchSpec`) instead of meaning "all".
 
-use crate::config::{BatchSize, BatchSpec, Percent};
+use crate::config::{BatchSize, BatchSpec, Percent, Strategy};
 
 /// Sizes of the batches that move `hosts` hosts, in order.
 pub fn batch_sizes(spec: &BatchSpec, hosts: usize) -> Vec<usize> {
@@ -47,6 +47,28 @@ pub fn batch_failed(failed: usize, batch_size: usize, max_fail: Percent) -> bool
         return false;
     }
     (failed as f64 / batch_size as f64) * 100.0 > max_fail.0
+}
+
+/// Why failures exhaust the strategy's budget, if they do: more than `max_fail_percentage` of
+/// the batch (`label`), or more than `max_failed_hosts` across the deployment (`failed_in_all`).
+/// Shared by rolling batches and a canary's promotion.
+pub fn over_budget(
+    strategy: &Strategy,
+    label: &str,
+    batch_failures: usize,
+    batch_size: usize,
+    failed_in_all: usize,
+) -> Option<String> {
+    if batch_failed(batch_failures, batch_size, strategy.max_fail_percentage) {
+        return Some(format!(
+            "{label}: {batch_failures} of {batch_size} host(s) failed, more than max_fail_percentage = {}%",
+            strategy.max_fail_percentage.0
+        ));
+    }
+    strategy
+        .max_failed_hosts
+        .filter(|m| failed_in_all as u32 > *m)
+        .map(|m| format!("{failed_in_all} host(s) failed in all, more than max_failed_hosts = {m}"))
 }
 
 #[cfg(test)]
@@ -104,5 +126,23 @@ mod tests {
         assert!(!batch_failed(0, 4, Percent(0.0)));
         assert!(batch_failed(4, 4, Percent(99.0)));
         assert!(!batch_failed(4, 4, Percent(100.0)));
+    }
+
+    #[test]
+    fn the_budget_names_what_it_ran_out_of() {
+        let strategy = Strategy {
+            max_fail_percentage: Percent(25.0),
+            max_failed_hosts: Some(2),
+            ..Strategy::default()
+        };
+        assert_eq!(over_budget(&strategy, "batch 1/2", 1, 4, 1), None);
+        assert_eq!(
+            over_budget(&strategy, "batch 1/2", 2, 4, 2).as_deref(),
+            Some("batch 1/2: 2 of 4 host(s) failed, more than max_fail_percentage = 25%")
+        );
+        assert_eq!(
+            over_budget(&strategy, "batch 2/2", 1, 4, 3).as_deref(),
+            Some("3 host(s) failed in all, more than max_failed_hosts = 2")
+        );
     }
 }

@@ -471,30 +471,18 @@ impl Deployer {
                     reason: e,
                 });
             }
-            let over_batch = verify_failed
-                || batch::batch_failed(
+            let over = if verify_failed {
+                Some(format!("{label}: the after_batch check failed"))
+            } else {
+                batch::over_budget(
+                    &config.strategy,
+                    &label,
                     batch_failures,
                     hosts.len(),
-                    config.strategy.max_fail_percentage,
-                );
-            let over_total = config
-                .strategy
-                .max_failed_hosts
-                .is_some_and(|m| failed.len() as u32 > m);
-            if over_batch || over_total {
-                let why = if over_batch {
-                    format!(
-                        "{label}: {batch_failures} of {} host(s) failed, more than max_fail_percentage = {}%",
-                        hosts.len(),
-                        config.strategy.max_fail_percentage.0
-                    )
-                } else {
-                    format!(
-                        "{} host(s) failed in all, more than max_failed_hosts = {}",
-                        failed.len(),
-                        config.strategy.max_failed_hosts.unwrap_or(0)
-                    )
-                };
+                    failed.len(),
+                )
+            };
+            if let Some(why) = over {
                 self.progress.say(&why);
                 self.journal.event(Some(&run.id), &why)?;
                 failed.extend(settling.wait().await);

@@ -702,29 +702,14 @@ impl Deployer {
                     }
                 }
             }
-            let over_batch = crate::batch::batch_failed(
+            let Some(why) = crate::batch::over_budget(
+                strategy,
+                &label,
                 batch_failures,
                 hosts.len(),
-                strategy.max_fail_percentage,
-            );
-            let over_total = strategy
-                .max_failed_hosts
-                .is_some_and(|m| failed.len() as u32 > m);
-            if !(over_batch || over_total) {
+                failed.len(),
+            ) else {
                 continue;
-            }
-            let why = if over_batch {
-                format!(
-                    "{label}: {batch_failures} of {} host(s) failed, more than max_fail_percentage = {}%",
-                    hosts.len(),
-                    strategy.max_fail_percentage.0
-                )
-            } else {
-                format!(
-                    "{} host(s) failed in all, more than max_failed_hosts = {}",
-                    failed.len(),
-                    strategy.max_failed_hosts.unwrap_or(0)
-                )
             };
             self.progress.say(&why);
             self.journal.event(Some(&run.id), &why)?;
