@@ -245,6 +245,21 @@ pub struct Host {
     pub identity: Option<PathBuf>,
 }
 
+#[cfg(test)]
+impl Host {
+    /// `web1` at 127.0.0.1 with its directory at `root`, for unit tests.
+    pub(crate) fn for_test(root: &std::path::Path) -> Host {
+        Host {
+            name: Name::parse("web1").unwrap(),
+            address: "127.0.0.1".parse().unwrap(),
+            root: root.to_path_buf(),
+            port: None,
+            user: None,
+            identity: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalancerConfig {

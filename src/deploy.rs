@@ -220,9 +220,9 @@ impl Deployer {
         let before = fleet::observe(config, &self.transport, &self.balancer)
             .await
             .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
+        let plan = batch::batches(&config.strategy.batch, &config.hosts);
         if config.strategy.kind == crate::config::StrategyKind::Rolling {
             // The first batch's ports, looked up while the deployment is recorded and staged.
-            let plan = batch::batches(&config.strategy.batch, &config.hosts);
             let reachable: Vec<Host> = plan
                 .first()
                 .into_iter()
@@ -362,7 +362,6 @@ impl Deployer {
                     .await;
             }
         }
-        let plan = batch::batches(&config.strategy.batch, &config.hosts);
         let mut moved: Vec<Host> = Vec::new();
         let mut failed: Vec<HostFailure> = Vec::new();
         let mut outcome = Outcome::Succeeded;
@@ -435,21 +434,13 @@ impl Deployer {
                         // release: it counts as moved, so an undo returns it too.
                         moved.push(h);
                         if let Err(f) = hooked {
-                            self.progress
-                                .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
-                            self.journal.event(
-                                Some(&run.id),
-                                &format!("{} failed: {}", f.host, f.reason),
-                            )?;
+                            self.report_failed_host(&run, &label, &f)?;
                             batch_failures += 1;
                             failed.push(f);
                         }
                     }
                     Err(f) => {
-                        self.progress
-                            .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
-                        self.journal
-                            .event(Some(&run.id), &format!("{} failed: {}", f.host, f.reason))?;
+                        self.report_failed_host(&run, &label, &f)?;
                         batch_failures += 1;
                         failed.push(f);
                     }
@@ -854,6 +845,20 @@ impl Deployer {
         };
         let settled = self.settle_host(run, label, host, &moved.instance).await;
         hooked.and(settled)
+    }
+
+    /// Says and journals that a host failed in a batch (`label`).
+    pub(crate) fn report_failed_host(
+        &self,
+        run: &Run,
+        label: &str,
+        f: &HostFailure,
+    ) -> anyhow::Result<()> {
+        self.progress
+            .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
+        self.journal
+            .event(Some(&run.id), &format!("{} failed: {}", f.host, f.reason))?;
+        Ok(())
     }
 
     /// Runs the `after_switch` hooks for one host whose traffic has moved.

@@ -218,14 +218,7 @@ mod tests {
     use crate::transport::local::LocalTransport;
 
     fn host(root: &Path) -> Host {
-        Host {
-            name: Name::parse("web1").unwrap(),
-            address: "127.0.0.1".parse().unwrap(),
-            root: root.to_path_buf(),
-            port: None,
-            user: None,
-            identity: None,
-        }
+        Host::for_test(root)
     }
 
     /// An archive of a one-file release, built with the real packer.

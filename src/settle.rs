@@ -118,19 +118,11 @@ fn parse(out: &str, layout: &Layout) -> Settled {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Name;
     use crate::transport::local::LocalTransport;
     use std::path::Path;
 
     fn host(root: &Path) -> Host {
-        Host {
-            name: Name::parse("web1").unwrap(),
-            address: "127.0.0.1".parse().unwrap(),
-            root: root.to_path_buf(),
-            port: None,
-            user: None,
-            identity: None,
-        }
+        Host::for_test(root)
     }
 
     fn app() -> App {

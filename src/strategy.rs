@@ -693,10 +693,7 @@ impl Deployer {
                 match r {
                     Ok(()) => moved.push(h.clone()),
                     Err(f) => {
-                        self.progress
-                            .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
-                        self.journal
-                            .event(Some(&run.id), &format!("{} failed: {}", f.host, f.reason))?;
+                        self.report_failed_host(run, &label, &f)?;
                         batch_failures += 1;
                         failed.push(f);
                     }

@@ -3,6 +3,8 @@
 //! time, `retries 0` and no redispatch so zero failures come from draining, not from retries)
 //! and a local fleet, and stops both on drop, also when the test fails.
 
+mod common;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -78,16 +80,7 @@ impl Fleet {
             .unwrap();
         }
         // "late" is healthy on web1 only: batch 1 moves, batch 2 fails, web1 goes back.
-        let late = dir.path().join("releases/late");
-        std::fs::create_dir_all(&late).unwrap();
-        std::fs::write(
-            late.join("run.sh"),
-            format!(
-                "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = web1 ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
-                exe().display()
-            ),
-        )
-        .unwrap();
+        common::write_release_healthy_only_on(&dir.path().join("releases"), "late", "web1");
         let names: Vec<String> = (0..hosts).map(|i| format!("web{}", i + 1)).collect();
         let mut text = format!(
             "transport = \"local\"\n\n[app]\nname = \"test\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"{drain_timeout}\"\n\n\

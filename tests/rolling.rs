@@ -113,16 +113,7 @@ async fn failure_in_a_later_batch_returns_moved_hosts() {
     let spec = FleetSpec::new(4, 4);
     let fleet = Fleet::start(spec).await;
     // "late" is healthy on web1 only: batch 1 (web1) moves, batch 2 (web2, web3) fails.
-    let dir = fleet.dir.path().join("releases/late");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("run.sh"),
-        format!(
-            "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = web1 ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
-            common::exe().display()
-        ),
-    )
-    .unwrap();
+    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "late", "web1");
     fleet.deploy("v1", 0).await;
 
     let run = traffic(&fleet);

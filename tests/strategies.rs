@@ -323,16 +323,7 @@ async fn canary_promotion_that_fails_a_batch_rolls_the_fleet_back() {
     );
     let fleet = Fleet::start(spec).await;
     // "late" is healthy on web1 only.
-    let dir = fleet.dir.path().join("releases/late");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("run.sh"),
-        format!(
-            "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = web1 ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
-            common::exe().display()
-        ),
-    )
-    .unwrap();
+    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "late", "web1");
     fleet.deploy("v1", 0).await;
     let run = traffic(&fleet, 200, Vec::new());
     run.wait_until(|r| r.ok >= 100).await;

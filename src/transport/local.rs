@@ -42,12 +42,13 @@ impl LocalTransport {
 #[async_trait]
 impl Transport for LocalTransport {
     async fn run(&self, host: &Host, script: &str, timeout: Duration) -> anyhow::Result<Output> {
-        let mut s = self.session(host)?;
-        match s.run(script, timeout).await {
-            Ok(out) => {
-                self.idle.put(host.name.as_str(), s);
-                Ok(out)
-            }
+        let s = self.session(host)?;
+        match self
+            .idle
+            .run_in(host.name.as_str(), s, script, timeout)
+            .await
+        {
+            Ok(out) => Ok(out),
             Err(SessionError::Timeout) => Err(anyhow::anyhow!(
                 "host {}: command did not finish within {}",
                 host.name,

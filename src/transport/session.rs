@@ -85,7 +85,21 @@ impl Pool {
         None
     }
 
-    pub fn put(&self, host: &str, session: Session) {
+    /// Runs `script` in `session` (one of `host`'s), which goes back to the pool only after a
+    /// complete exchange.
+    pub async fn run_in(
+        &self,
+        host: &str,
+        mut session: Session,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<Output, SessionError> {
+        let out = session.run(script, timeout).await?;
+        self.put(host, session);
+        Ok(out)
+    }
+
+    fn put(&self, host: &str, session: Session) {
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())

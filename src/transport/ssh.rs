@@ -323,16 +323,17 @@ impl SshTransport {
         script: &str,
         timeout: Duration,
     ) -> anyhow::Result<Output> {
-        let mut s = self.session(host).await?;
+        let s = self.session(host).await?;
         let body = format!(
             "CUTOVER_HOST={}; export CUTOVER_HOST\n{script}",
             sh_quote(host.name.as_str())
         );
-        match s.run(&body, timeout).await {
-            Ok(out) => {
-                self.idle.put(host.name.as_str(), s);
-                Ok(out)
-            }
+        match self
+            .idle
+            .run_in(host.name.as_str(), s, &body, timeout)
+            .await
+        {
+            Ok(out) => Ok(out),
             Err(SessionError::Timeout) => Err(anyhow::anyhow!(
                 "host {}: command did not finish within {}",
                 describe(host),

@@ -63,6 +63,21 @@ impl FleetSpec {
     }
 }
 
+/// Writes release `version` under `releases` whose instances are healthy on `host` only (the
+/// others answer their health check with 503): a deploy moves that host, then fails.
+pub fn write_release_healthy_only_on(releases: &Path, version: &str, host: &str) {
+    let dir = releases.join(version);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("run.sh"),
+        format!(
+            "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = {host} ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version {version} $flags\n",
+            exe().display()
+        ),
+    )
+    .unwrap();
+}
+
 /// A local fleet with its own balancer process.
 pub struct Fleet {
     pub dir: tempfile::TempDir,
