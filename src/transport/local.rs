@@ -33,7 +33,7 @@ impl LocalTransport {
             return Ok(s);
         }
         let token = session::new_token()?;
-        let mut c = session::local_command(&token);
+        let mut c = session::local_command();
         c.env("CUTOVER_HOST", host.name.as_str());
         Session::spawn(c, token).with_context(|| format!("host {}", host.name))
     }

@@ -2,13 +2,18 @@
 //! on an open channel (about a millisecond) instead of a new `ssh` process, a new channel and a
 //! new login shell (about 20 ms, more where the login shell reads a heavy rc file).
 //!
-//! The remote side is a small POSIX `sh` loop (the driver). Requests are framed by line count:
-//! the client writes `N`, then the script as N lines; the driver reads them with `read -r`
-//! (byte by byte, so it never reads past the script), runs the script in a subshell with stdin
-//! from /dev/null, then writes a marker line `\n<token> <status>` on both stdout and stderr. The
-//! token is 128 random bits chosen per session, so a script's output cannot fake the end of a
-//! response. A script is still only data to the driver: it is a variable handed to `eval` in a
-//! subshell, never spliced into the driver's own text.
+//! The remote side is a plain `sh -s` reading commands from the pipe. Each request is a fixed
+//! frame written by [`request`]: the script as a single-quoted literal assigned to a variable
+//! (quoted by [`sh_quote`], so no byte of it can end the literal: it stays data to the driver),
+//! `eval` of that variable in a subshell with stdin from /dev/null, then a marker line
+//! `\n<token> <status>` on both stdout and stderr. The token is 128 random bits chosen per
+//! session and appears only in the frame, never in a variable or an argument, so a script can
+//! neither see it nor fake the end of a response.
+//!
+//! Why a literal and not a line-counted body read with `read -r`: `read` takes one byte per
+//! system call from a pipe (it must not read past the line), about 0.75 µs a byte, and a
+//! settle script is 2 KB; the shell's own parser reads its input in blocks. (Where `sh` is
+//! bash, bash reads a pipe a byte at a time either way; the frame is still correct.)
 //!
 //! A session that fails, times out or is abandoned mid-script is killed, never reused: its
 //! stream may be out of step.
@@ -23,37 +28,32 @@ use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
 
 use super::{Output, sh_quote};
 
-/// The remote loop. `$1` is the session's token. Each script runs in a subshell of the driver
-/// (`eval` of the received text), not in a new `sh`: a fork instead of a fork and an exec, about
-/// half a millisecond of a remote core saved per step. The subshell keeps the script's `cd`,
-/// `set`, functions and `exit` to itself, and sees no positional parameters and none of the
-/// driver's variables (so not the token, which only marks the end of a response).
-const DRIVER: &str = r#"_co_t=$1
-while IFS= read -r _co_n; do
-  _co_s=
-  while [ "$_co_n" -gt 0 ] 2>/dev/null; do
-    IFS= read -r _co_l || exit 0
-    _co_s="$_co_s$_co_l
-"
-    _co_n=$((_co_n - 1))
-  done
-  (unset _co_t _co_n _co_l; set --; eval "$_co_s") </dev/null
-  _co_r=$?
-  printf '\n%s %s\n' "$_co_t" "$_co_r"
-  printf '\n%s %s\n' "$_co_t" "$_co_r" >&2
-done
-"#;
-
-/// The remote command that starts a session with `token`.
-pub fn remote_command(token: &str) -> String {
-    format!("exec sh -c {} cutover-session {token}", sh_quote(DRIVER))
+/// The remote command that starts a session: a shell reading the frames of [`request`] from
+/// its stdin. `cutover-session` is only `$1`, so `ps` on the host says what the shell is.
+pub fn remote_command() -> String {
+    "exec sh -s cutover-session".to_string()
 }
 
-/// A session on this machine: `sh` running the driver directly.
-pub fn local_command(token: &str) -> tokio::process::Command {
+/// A session on this machine: the same shell, started directly.
+pub fn local_command() -> tokio::process::Command {
     let mut c = Command::new("/bin/sh");
-    c.args(["-c", DRIVER, "cutover-session", token]);
+    c.args(["-s", "cutover-session"]);
     c
+}
+
+/// The frame that runs `script` once and ends its output on both streams with the `token`
+/// marker. The script runs in a subshell of the driver (a fork, not a new `sh`), which keeps the
+/// script's `cd`, `set`, functions and `exit` to itself, and sees no positional parameters and
+/// not the variable that carried it.
+fn request(script: &str, token: &str) -> String {
+    let script = sh_quote(script);
+    format!(
+        "_co_s={script}\n\
+         (eval \"unset _co_s _co_r; set --\n$_co_s\") </dev/null\n\
+         _co_r=$?\n\
+         printf '\\n%s %s\\n' {token} \"$_co_r\"\n\
+         printf '\\n%s %s\\n' {token} \"$_co_r\" >&2\n"
+    )
 }
 
 /// A fresh random token (32 hex digits).
@@ -137,8 +137,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts `command` (an `ssh ... host <remote_command(token)>`, or a local `sh -c
-    /// <remote_command(token)>`) with piped stdio.
+    /// Starts `command` (an `ssh ... host <remote_command()>`, or [`local_command`]) with
+    /// piped stdio; `token` marks the end of every response.
     pub fn spawn(mut command: Command, token: String) -> anyhow::Result<Session> {
         command
             .stdin(Stdio::piped())
@@ -160,12 +160,7 @@ impl Session {
 
     /// Runs one script; the session may be reused only after `Ok`.
     pub async fn run(&mut self, script: &str, timeout: Duration) -> Result<Output, SessionError> {
-        let mut body = script.to_string();
-        if !body.ends_with('\n') {
-            body.push('\n');
-        }
-        let lines = body.bytes().filter(|b| *b == b'\n').count();
-        let request = format!("{lines}\n{body}");
+        let request = request(script, &self.token);
         let exchange = async {
             self.stdin
                 .write_all(request.as_bytes())
@@ -264,7 +259,7 @@ mod tests {
     /// A session whose "ssh" is a local `sh` running the driver: the protocol without a network.
     fn local_session() -> Session {
         let token = new_token().unwrap();
-        Session::spawn(local_command(&token), token).unwrap()
+        Session::spawn(local_command(), token).unwrap()
     }
 
     #[tokio::test]
@@ -314,7 +309,7 @@ mod tests {
         // stays in its subshell.
         let o = s
             .run(
-                "echo \"[$_co_t][$1][$#]\"; cd /; set -e; f() { :; }; false",
+                "echo \"[$_co_t$_co_s$_co_r][$1][$#]\"; cd /; set -e; f() { :; }; false",
                 t,
             )
             .await
@@ -326,6 +321,13 @@ mod tests {
             .unwrap();
         assert_ne!(o.stdout.lines().next(), Some("/"));
         assert!(o.stdout.ends_with("no-f\n"), "{}", o.stdout);
+        // A script that is not valid shell (an unbalanced quote, a quote that would end the
+        // frame's literal) fails on its own; the driver stays in step.
+        let o = s.run("echo 'unbalanced", t).await.unwrap();
+        assert_ne!(o.status, 0);
+        let o = s.run("echo '\\'; echo \"x'y\"", t).await.unwrap();
+        assert_eq!((o.status, o.stdout.as_str()), (0, "\\\nx'y\n"));
+        assert_eq!(s.run("echo still", t).await.unwrap().stdout, "still\n");
     }
 
     #[tokio::test]

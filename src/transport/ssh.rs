@@ -311,7 +311,7 @@ impl SshTransport {
         let mut c = Command::new("ssh");
         c.args(self.args(host))
             .arg(host.address.to_string())
-            .arg(session::remote_command(&token));
+            .arg(session::remote_command());
         Session::spawn(c, token).with_context(|| format!("host {}", describe(host)))
     }
 
