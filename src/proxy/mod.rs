@@ -284,8 +284,11 @@ pub struct Proxy {
     connections: AtomicU64,
     /// Shutting down: HTTP/1.1 responses carry `Connection: close`.
     draining: AtomicBool,
-    /// Serializes state file writes so the last write holds the latest state.
-    persist_lock: tokio::sync::Mutex<()>,
+    /// Changes made to the routing table so far (see [`Proxy::persist`]).
+    changes: AtomicU64,
+    /// Serializes state file writes so the last write holds the latest state; holds the
+    /// number of changes the file holds.
+    persisted: tokio::sync::Mutex<u64>,
 }
 
 impl Proxy {
@@ -318,7 +321,8 @@ impl Proxy {
             closed_at_deadline: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             draining: AtomicBool::new(false),
-            persist_lock: tokio::sync::Mutex::new(()),
+            changes: AtomicU64::new(0),
+            persisted: tokio::sync::Mutex::new(0),
         })
     }
 
@@ -378,12 +382,22 @@ impl Proxy {
         }
     }
 
-    /// Writes the routing state to the state file, if there is one.
+    /// Writes the routing state to the state file, if there is one; called after a change to
+    /// the table. Writes are grouped: callers that queue behind a write wait for the next one,
+    /// which covers all their changes, so 16 backends retired at once cost two writes, not 16
+    /// in a row (each the whole table).
     async fn persist(&self) -> anyhow::Result<()> {
         let Some(path) = self.settings.state_file.clone() else {
             return Ok(());
         };
-        let _serial = self.persist_lock.lock().await;
+        // This caller's change is in the table already, so any snapshot taken after this count
+        // holds it.
+        let change = self.changes.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut persisted = self.persisted.lock().await;
+        if *persisted >= change {
+            return Ok(());
+        }
+        let through = self.changes.load(Ordering::SeqCst);
         let routes = self
             .table()
             .routes()
@@ -392,7 +406,9 @@ impl Proxy {
             .collect();
         tokio::task::spawn_blocking(move || state::save(&path, routes))
             .await
-            .context("the state writer stopped")?
+            .context("the state writer stopped")??;
+        *persisted = through;
+        Ok(())
     }
 
     /// Reads the state file and makes the table match it: backends are added (health
