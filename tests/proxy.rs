@@ -758,6 +758,55 @@ async fn release_counters_survive_backend_removal() {
     new.stop().await;
 }
 
+/// Changes made at once share state file writes; none of them may be lost on the way.
+#[tokio::test]
+async fn concurrent_changes_all_reach_the_state_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(health(Duration::from_secs(60), 1, 2));
+    s.state_file = Some(dir.path().join("routes.json"));
+    let h = Harness::start(s.clone()).await;
+    let spec = |i: u16| BackendSpec {
+        id: format!("b{i}"),
+        address: SocketAddr::from(([127, 0, 0, 1], 20000 + i)),
+        host: format!("h{i}"),
+        release: "v1".into(),
+        weight: 100,
+        health_path: "/health".into(),
+        preview: false,
+        gated: false,
+    };
+    let adds = (0..24).map(|i| {
+        let admin = h.admin.clone();
+        tokio::spawn(async move { admin.add(&spec(i)).await })
+    });
+    for a in futures_util::future::join_all(adds).await {
+        a.unwrap().unwrap();
+    }
+    let removes = (0..24).filter(|i| i % 2 == 0).map(|i| {
+        let admin = h.admin.clone();
+        tokio::spawn(async move { admin.remove(&format!("b{i}")).await })
+    });
+    for r in futures_util::future::join_all(removes).await {
+        r.unwrap().unwrap();
+    }
+    // The file as the last answered change left it, before any shutdown could write it again.
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.state_file.as_ref().unwrap()).unwrap()).unwrap();
+    let mut ids: Vec<String> = file["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["spec"]["id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort_by_key(|id| id[1..].parse::<u16>().unwrap());
+    let odd: Vec<String> = (0..24)
+        .filter(|i| i % 2 == 1)
+        .map(|i| format!("b{i}"))
+        .collect();
+    assert_eq!(ids, odd);
+    h.proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn routing_state_is_restored_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
