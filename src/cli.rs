@@ -664,11 +664,12 @@ async fn deploy_cmd(
         Action::Rollback(Some(v)) => format!("rollback to {v}"),
         Action::Rollback(None) => "rollback".to_string(),
     };
+    let config = Arc::new(config);
+    let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
+    deployer.warm();
     let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
     // We hold the lock, so an unfinished deployment in the journal is not running: it was interrupted.
     let interrupted = journal.unfinished()?;
-    let config = Arc::new(config);
-    let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
     let report = match (action, interrupted) {
         (Action::Deploy(_), Some(row)) => {
             let last = journal.steps(&row.id)?.into_iter().last();

@@ -69,6 +69,12 @@ impl Transport for LocalTransport {
         }
     }
 
+    async fn warm(&self, host: &Host) {
+        if let Ok(s) = self.session(host) {
+            self.idle.put(host.name.as_str(), s);
+        }
+    }
+
     async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
         let from_s = from.to_string_lossy();
         let to_s = to.to_string_lossy();

@@ -46,6 +46,11 @@ pub trait Transport: Send + Sync {
         let _ = (from, to);
         anyhow::bail!("host {}: this transport cannot upload files", host.name)
     }
+    /// Opens what the host's first script will need (a session), so that it is ready when the
+    /// script comes. Failures are left for that script to report.
+    async fn warm(&self, host: &Host) {
+        let _ = host;
+    }
 }
 
 /// Quotes `s` for POSIX sh: single quotes, with embedded single quotes closed and escaped.

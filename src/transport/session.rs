@@ -99,7 +99,8 @@ impl Pool {
         Ok(out)
     }
 
-    fn put(&self, host: &str, session: Session) {
+    /// Puts an idle `session` of `host` in the pool.
+    pub fn put(&self, host: &str, session: Session) {
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())

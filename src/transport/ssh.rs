@@ -381,6 +381,12 @@ impl Transport for SshTransport {
         self.run_in_session(host, script, timeout).await
     }
 
+    async fn warm(&self, host: &Host) {
+        if let Ok(s) = self.session(host).await {
+            self.idle.put(host.name.as_str(), s);
+        }
+    }
+
     async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
         let to_s = to.to_string_lossy();
         let tmp = format!("{to_s}.partial");
