@@ -217,7 +217,7 @@ impl Deployer {
     /// the fleet finds them ready: the caller takes the deploy lock meanwhile. Over SSH a
     /// session costs an `ssh` process and a remote login shell, about 10 ms of CPU per host.
     pub fn warm(&self) {
-        for host in self.config.hosts.iter().cloned() {
+        for host in self.config.hosts.clone() {
             let transport = self.transport.clone();
             let forks = self.forks.clone();
             tokio::spawn(async move {

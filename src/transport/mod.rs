@@ -7,6 +7,7 @@
 //! quoted with [`sh_quote`]; names (versions, hosts) are validated as data before they get here.
 
 pub mod local;
+pub mod mux;
 pub mod session;
 pub mod ssh;
 

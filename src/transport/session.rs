@@ -23,8 +23,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::io::AsyncWrite;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, Command};
 
 use super::{Output, sh_quote};
 
@@ -128,13 +129,24 @@ pub enum SessionError {
     Io(std::io::Error),
 }
 
-/// One running session: the child (`ssh`, or `sh` for the local transport) and its pipes.
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+
+/// One running session: what keeps it open, and its pipes.
 pub struct Session {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: Stream<ChildStdout>,
-    stderr: Stream<ChildStderr>,
+    process: Process,
+    stdin: Writer,
+    stdout: Stream<Reader>,
+    stderr: Stream<Reader>,
     token: String,
+}
+
+/// What keeps a session open; dropping it ends the session.
+enum Process {
+    /// A child: `ssh`, or `sh` for the local transport (killed on drop).
+    Child(Child),
+    /// The control connection of a session opened on an OpenSSH master (see `mux`).
+    Mux(std::os::unix::net::UnixStream),
 }
 
 impl Session {
@@ -151,10 +163,24 @@ impl Session {
         let stdout = child.stdout.take().context("session stdout")?;
         let stderr = child.stderr.take().context("session stderr")?;
         Ok(Session {
-            child,
-            stdin,
-            stdout: Stream::new(stdout),
-            stderr: Stream::new(stderr),
+            process: Process::Child(child),
+            stdin: Box::new(stdin),
+            stdout: Stream::new(Box::new(stdout)),
+            stderr: Stream::new(Box::new(stderr)),
+            token,
+        })
+    }
+
+    /// A session opened on an OpenSSH master by [`super::mux::open`] with
+    /// [`remote_command`]; `token` marks the end of every response.
+    pub fn from_mux(m: super::mux::MuxSession, token: String) -> anyhow::Result<Session> {
+        use tokio::net::unix::pipe;
+        m.control.set_nonblocking(true)?;
+        Ok(Session {
+            process: Process::Mux(m.control),
+            stdin: Box::new(pipe::Sender::from_owned_fd(m.stdin)?),
+            stdout: Stream::new(Box::new(pipe::Receiver::from_owned_fd(m.stdout)?)),
+            stderr: Stream::new(Box::new(pipe::Receiver::from_owned_fd(m.stderr)?)),
             token,
         })
     }
@@ -191,9 +217,25 @@ impl Session {
         }
     }
 
-    /// Whether the session's process is still running.
+    /// Whether the session is still open: its process runs, or its master has neither closed
+    /// the control connection nor reported the session's exit on it.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.process {
+            Process::Child(child) => matches!(child.try_wait(), Ok(None)),
+            Process::Mux(control) => {
+                let mut byte = [0u8; 1];
+                // SAFETY: a one-byte peek into a live buffer on an open socket.
+                let n = unsafe {
+                    libc::recv(
+                        std::os::fd::AsRawFd::as_raw_fd(control),
+                        byte.as_mut_ptr() as *mut libc::c_void,
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock
+            }
+        }
     }
 }
 

@@ -308,6 +308,22 @@ impl SshTransport {
             return Ok(s);
         }
         let token = session::new_token()?;
+        // Straight to the master when it is there (see `mux`): no `ssh` process per session.
+        let path = self.control_path(host);
+        let timeout = self.settings.connect_timeout;
+        let opened = tokio::task::spawn_blocking(move || {
+            super::mux::open(&path, &session::remote_command(), timeout)
+        })
+        .await;
+        match opened {
+            Ok(Ok(m)) => return Session::from_mux(m, token),
+            Ok(Err(e)) => {
+                tracing::debug!(host = %host.name, "no session through the control socket, starting ssh: {e:#}")
+            }
+            Err(e) => {
+                tracing::debug!(host = %host.name, "no session through the control socket, starting ssh: {e}")
+            }
+        }
         let mut c = Command::new("ssh");
         c.args(self.args(host))
             .arg(host.address.to_string())
