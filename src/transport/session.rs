@@ -139,6 +139,22 @@ pub struct Session {
     stdout: Stream<Reader>,
     stderr: Stream<Reader>,
     token: String,
+    /// Between exchanges: the shell waits for its next script, so closing its stdin ends it.
+    idle: bool,
+}
+
+impl Drop for Session {
+    /// An idle session ends by itself when its stdin closes (the shell reads end of file, as
+    /// does `ssh`, which then closes the channel): nothing to kill or wait for, which saved a
+    /// kill and a reap per host at every command's exit. A session dropped mid-exchange (a
+    /// timeout, an abandoned step) may be running anything: its process is killed.
+    fn drop(&mut self) {
+        if !self.idle {
+            if let Process::Child(child) = &mut self.process {
+                let _ = child.start_kill();
+            }
+        }
+    }
 }
 
 /// What keeps a session open; dropping it ends the session.
@@ -157,7 +173,7 @@ impl Session {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .kill_on_drop(false);
         let mut child = command.spawn().context("cannot start a shell session")?;
         let stdin = child.stdin.take().context("session stdin")?;
         let stdout = child.stdout.take().context("session stdout")?;
@@ -168,6 +184,7 @@ impl Session {
             stdout: Stream::new(Box::new(stdout)),
             stderr: Stream::new(Box::new(stderr)),
             token,
+            idle: true,
         })
     }
 
@@ -182,12 +199,14 @@ impl Session {
             stdout: Stream::new(Box::new(pipe::Receiver::from_owned_fd(m.stdout)?)),
             stderr: Stream::new(Box::new(pipe::Receiver::from_owned_fd(m.stderr)?)),
             token,
+            idle: true,
         })
     }
 
     /// Runs one script; the session may be reused only after `Ok`.
     pub async fn run(&mut self, script: &str, timeout: Duration) -> Result<Output, SessionError> {
         let request = request(script, &self.token);
+        self.idle = false;
         let exchange = async {
             self.stdin
                 .write_all(request.as_bytes())
@@ -212,7 +231,11 @@ impl Session {
             Ok(Err(SessionError::Ended { .. })) => Err(SessionError::Ended {
                 stderr: self.stderr.rest(),
             }),
-            Ok(r) => r,
+            Ok(Ok(out)) => {
+                self.idle = true;
+                Ok(out)
+            }
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(SessionError::Timeout),
         }
     }
@@ -371,6 +394,66 @@ mod tests {
         let o = s.run("echo '\\'; echo \"x'y\"", t).await.unwrap();
         assert_eq!((o.status, o.stdout.as_str()), (0, "\\\nx'y\n"));
         assert_eq!(s.run("echo still", t).await.unwrap().stdout, "still\n");
+    }
+
+    /// Whether process `pid` has ended (gone, or a zombie waiting to be reaped).
+    fn ended(pid: u32) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        }
+    }
+
+    async fn wait_ended(pid: u32) -> bool {
+        for _ in 0..200 {
+            if ended(pid) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_dropped_session_ends_idle_by_itself_and_busy_by_kill() {
+        let t = Duration::from_secs(5);
+        let mut s = local_session();
+        let pid: u32 = s
+            .run("echo $$", t)
+            .await
+            .unwrap()
+            .stdout
+            .trim()
+            .parse()
+            .unwrap();
+        drop(s);
+        assert!(
+            wait_ended(pid).await,
+            "an idle session's shell must exit on EOF"
+        );
+
+        let mut s = local_session();
+        let pid: u32 = s
+            .run("echo $$", t)
+            .await
+            .unwrap()
+            .stdout
+            .trim()
+            .parse()
+            .unwrap();
+        let e = s
+            .run("sleep 5", Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, SessionError::Timeout), "{e:?}");
+        assert!(!ended(pid));
+        drop(s);
+        assert!(
+            wait_ended(pid).await,
+            "a busy session must be killed when dropped"
+        );
     }
 
     #[tokio::test]
