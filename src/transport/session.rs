@@ -416,18 +416,16 @@ mod tests {
         false
     }
 
+    /// The pid of the session's shell (`$$` in a subshell is the shell's).
+    async fn shell_pid(s: &mut Session) -> u32 {
+        let out = s.run("echo $$", Duration::from_secs(5)).await.unwrap();
+        out.stdout.trim().parse().unwrap()
+    }
+
     #[tokio::test]
     async fn a_dropped_session_ends_idle_by_itself_and_busy_by_kill() {
-        let t = Duration::from_secs(5);
         let mut s = local_session();
-        let pid: u32 = s
-            .run("echo $$", t)
-            .await
-            .unwrap()
-            .stdout
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = shell_pid(&mut s).await;
         drop(s);
         assert!(
             wait_ended(pid).await,
@@ -435,14 +433,7 @@ mod tests {
         );
 
         let mut s = local_session();
-        let pid: u32 = s
-            .run("echo $$", t)
-            .await
-            .unwrap()
-            .stdout
-            .trim()
-            .parse()
-            .unwrap();
+        let pid = shell_pid(&mut s).await;
         let e = s
             .run("sleep 5", Duration::from_millis(100))
             .await
