@@ -177,11 +177,16 @@ impl SshFleet {
     }
 
     async fn cutover(&self, args: &[&str]) -> (i32, String, String) {
+        self.cutover_with(args, &[]).await
+    }
+
+    async fn cutover_with(&self, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         let out = Command::new(common::exe())
             .arg("-c")
             .arg(&self.config)
             .args(args)
             .env(cutover::transport::ssh::CONFIG_ENV, &self.sshd.ssh_config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output()
@@ -755,6 +760,24 @@ fn config_reads_an_inventory_group_as_its_hosts() {
     assert_eq!(names, ["web1", "web2"]);
     assert_eq!(c.hosts[0].root, PathBuf::from("/srv/shop"));
     assert_eq!(c.hosts[1].root, PathBuf::from("/srv/other"));
+}
+
+/// Sessions are normally opened on the master's control socket; the `ssh` process path they
+/// fall back to (and that `CUTOVER_SSH_NO_MUX` forces) must deploy just as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_through_ssh_processes_deploy_as_well() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    let no_mux = [(cutover::transport::ssh::NO_MUX_ENV, "1")];
+    for version in ["v1", "v2"] {
+        let (code, out, err) = fleet
+            .cutover_with(&["deploy", "--version", version], &no_mux)
+            .await;
+        assert_eq!(code, 0, "deploy {version}\n{out}\n{err}");
+        fleet
+            .assert_on(&["web1", "web2", "web3", "web4"], version)
+            .await;
+    }
+    assert_eq!(fleet.logins(), 4, "the masters still carry every session");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

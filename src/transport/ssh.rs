@@ -40,6 +40,11 @@ use crate::config::{Host, HostKeyChecking, SshSettings};
 /// The environment variable naming an ssh_config file passed to ssh with `-F`.
 pub const CONFIG_ENV: &str = "CUTOVER_SSH_CONFIG";
 
+/// The environment variable that, set to anything but empty, makes every session an `ssh`
+/// process rather than one opened on the master's control socket (see `mux`): an escape hatch
+/// should a master not answer cutover the way OpenSSH's does.
+pub const NO_MUX_ENV: &str = "CUTOVER_SSH_NO_MUX";
+
 /// How long an idle master stays up after its last use when `ssh_persist = "0s"` (it is closed
 /// explicitly when the transport is dropped).
 const CONTROL_PERSIST: u64 = 120;
@@ -57,6 +62,8 @@ pub struct SshTransport {
     control_dir: ControlDir,
     masters: Mutex<HashMap<String, (Host, Master)>>,
     connecting: Semaphore,
+    /// Sessions through `ssh` processes only (see [`NO_MUX_ENV`]).
+    no_mux: bool,
     /// Sessions waiting for their next script.
     idle: session::Pool,
 }
@@ -105,6 +112,7 @@ impl SshTransport {
             control_dir,
             masters: Mutex::new(HashMap::new()),
             connecting: Semaphore::new(forks.max(1)),
+            no_mux: std::env::var_os(NO_MUX_ENV).is_some_and(|v| !v.is_empty()),
             idle: session::Pool::default(),
         })
     }
@@ -309,19 +317,21 @@ impl SshTransport {
         }
         let token = session::new_token()?;
         // Straight to the master when it is there (see `mux`): no `ssh` process per session.
-        let path = self.control_path(host);
-        let timeout = self.settings.connect_timeout;
-        let opened = tokio::task::spawn_blocking(move || {
-            super::mux::open(&path, &session::remote_command(), timeout)
-        })
-        .await;
-        match opened {
-            Ok(Ok(m)) => return Session::from_mux(m, token),
-            Ok(Err(e)) => {
-                tracing::debug!(host = %host.name, "no session through the control socket, starting ssh: {e:#}")
-            }
-            Err(e) => {
-                tracing::debug!(host = %host.name, "no session through the control socket, starting ssh: {e}")
+        if !self.no_mux {
+            let path = self.control_path(host);
+            let timeout = self.settings.connect_timeout;
+            let opened = tokio::task::spawn_blocking(move || {
+                super::mux::open(&path, &session::remote_command(), timeout)
+            })
+            .await;
+            match opened {
+                Ok(Ok(m)) => return Session::from_mux(m, token),
+                Ok(Err(e)) => {
+                    tracing::debug!(host = %host.name, "no session through the control socket, starting ssh: {e:#}")
+                }
+                Err(e) => {
+                    tracing::debug!(host = %host.name, "no session through the control socket, starting ssh: {e}")
+                }
             }
         }
         let mut c = Command::new("ssh");
