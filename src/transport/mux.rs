@@ -6,11 +6,11 @@
 //! machine, where 16 hosts' sessions took 120 ms before a deploy's first batch. Speaking the
 //! control protocol ourselves costs a socket and a round trip.
 //!
-//! The protocol is OpenSSH's `PROTOCOL.mux` (version 4, stable since OpenSSH 5.6): length-framed
-//! messages of SSH wire integers and strings. The client says hello, asks for a new session with
-//! the command, then passes its stdin, stdout and stderr as three file descriptors
-//! (`SCM_RIGHTS`, one per message with a single byte of data); the master answers with the
-//! session's id, and later with its exit status. The session lives as long as the control
+//! The protocol is OpenSSH's `PROTOCOL.mux` (version 4; tested against OpenSSH 9.2):
+//! length-framed messages of SSH wire integers and strings. The client says hello, asks for a
+//! new session with the command, then passes its stdin, stdout and stderr as three file
+//! descriptors (`SCM_RIGHTS`, one per message with a single byte of data); the master answers
+//! with the session's id, and later with its exit status. The session lives as long as the control
 //! connection: closing it closes the session. Anything unexpected is an error, and the caller
 //! falls back to an `ssh` process.
 
