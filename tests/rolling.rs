@@ -186,3 +186,43 @@ async fn after_switch_hooks_run_per_moved_host_and_their_failure_fails_it() {
     // A rollback runs no after_switch hook: only web1's failed attempt was added.
     assert_eq!(lines().iter().filter(|l| l.ends_with(" v1")).count(), 5);
 }
+
+/// `forks` bounds host operations at once, not hosts waiting at the health gate: a batch wider
+/// than `forks` gates all its hosts together rather than `forks` at a time (one health
+/// interval per group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_wider_than_forks_gates_its_hosts_together() {
+    let mut spec = FleetSpec::new(4, 8);
+    spec.strategy = "kind = \"rolling\"\nbatch = 4\n".into();
+    let fleet = Fleet::start(spec).await;
+    let text = std::fs::read_to_string(&fleet.config).unwrap();
+    std::fs::write(
+        &fleet.config,
+        text.replacen(
+            "transport = \"local\"\n",
+            "transport = \"local\"\nforks = 1\n",
+            1,
+        ),
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    assert_fleet_on(&fleet, "v2").await;
+
+    let journal = cutover::journal::Journal::open(&fleet.dir.path().join(".cutover")).unwrap();
+    let last = journal.deployments(1).unwrap().remove(0);
+    assert_eq!(last.to, "v2");
+    let admits: Vec<_> = journal
+        .steps(&last.id)
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.action == "admit")
+        .collect();
+    assert_eq!(admits.len(), 4, "{admits:#?}");
+    let last_start = admits.iter().map(|s| s.started_ms).max().unwrap();
+    let first_end = admits.iter().filter_map(|s| s.ended_ms).min().unwrap();
+    assert!(
+        last_start < first_end,
+        "every host's gate began before the first one passed: {admits:#?}"
+    );
+}
