@@ -212,10 +212,10 @@ impl Deployer {
         self.transport.free_port(host).await
     }
 
-    /// Deploys `req.version` to every host with the configured strategy.
     /// Opens every host's session in the background (at most `forks` at once), so that reading
-    /// the fleet finds them ready: the caller takes the deploy lock meanwhile. Over SSH a
-    /// session costs an `ssh` process and a remote login shell, about 10 ms of CPU per host.
+    /// the fleet finds them ready: the caller takes the deploy lock meanwhile. A session costs
+    /// a shell on the host (over SSH also a channel and a login shell), started one after
+    /// another when the fleet was first read.
     pub fn warm(&self) {
         for host in self.config.hosts.clone() {
             let transport = self.transport.clone();
@@ -227,6 +227,7 @@ impl Deployer {
         }
     }
 
+    /// Deploys `req.version` to every host with the configured strategy.
     pub async fn run(&self, req: &Request) -> anyhow::Result<Report> {
         let started = Instant::now();
         let config = &self.config;
@@ -492,22 +493,7 @@ impl Deployer {
                 self.progress.say(&why);
                 self.journal.event(Some(&run.id), &why)?;
                 failed.extend(settling.wait().await);
-                match config.strategy.on_failure {
-                    OnFailure::Rollback => {
-                        stuck = self.undo(&run, &moved).await;
-                        outcome = if stuck.is_empty() {
-                            Outcome::RolledBack
-                        } else {
-                            Outcome::Failed
-                        };
-                    }
-                    OnFailure::Halt => {
-                        self.progress.say(
-                            "on_failure = \"halt\": stopping here; the fleet is left as it is",
-                        );
-                        outcome = Outcome::Halted;
-                    }
-                }
+                (outcome, stuck) = self.budget_spent(&run, &moved).await;
                 break;
             }
         }
@@ -529,12 +515,7 @@ impl Deployer {
                     host: "fleet".into(),
                     reason: e,
                 });
-                stuck = self.undo(&run, &moved).await;
-                outcome = if stuck.is_empty() {
-                    Outcome::RolledBack
-                } else {
-                    Outcome::Failed
-                };
+                (outcome, stuck) = self.roll_back(&run, &moved).await;
             }
         }
         let report = self
@@ -860,6 +841,36 @@ impl Deployer {
         };
         let settled = self.settle_host(run, label, host, &moved.instance).await;
         hooked.and(settled)
+    }
+
+    /// What the strategy's `on_failure` does once a batch spent the failure budget: return
+    /// every moved host ([`Deployer::roll_back`]), or stop and leave the fleet as it is.
+    /// Returns the outcome and the hosts that could not be returned.
+    pub(crate) async fn budget_spent(
+        &self,
+        run: &Run,
+        moved: &[Host],
+    ) -> (Outcome, Vec<HostFailure>) {
+        match self.config.strategy.on_failure {
+            OnFailure::Rollback => self.roll_back(run, moved).await,
+            OnFailure::Halt => {
+                self.progress
+                    .say("on_failure = \"halt\": stopping here; the fleet is left as it is");
+                (Outcome::Halted, Vec::new())
+            }
+        }
+    }
+
+    /// Returns every moved host ([`Deployer::undo`]): rolled back, or failed when a host could
+    /// not be returned (those are returned).
+    async fn roll_back(&self, run: &Run, moved: &[Host]) -> (Outcome, Vec<HostFailure>) {
+        let stuck = self.undo(run, moved).await;
+        let outcome = if stuck.is_empty() {
+            Outcome::RolledBack
+        } else {
+            Outcome::Failed
+        };
+        (outcome, stuck)
     }
 
     /// Says and journals that a host failed in a batch (`label`).

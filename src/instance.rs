@@ -205,13 +205,8 @@ fn launch(command: &str) -> String {
         Some((&"exec", rest)) => rest,
         _ => &words[..],
     };
-    let plain = |w: &str| {
-        !w.is_empty()
-            && w.chars().all(|c| {
-                c.is_ascii_alphanumeric()
-                    || matches!(c, '/' | '.' | '_' | '-' | ':' | '+' | ',' | '@' | '%' | '=')
-            })
-    };
+    // A word a shell reads as itself is one `sh_quote` leaves alone.
+    let plain = |w: &str| sh_quote(w) == w;
     // Words a shell runs itself rather than as a program (`setsid` could not), and
     // `NAME=value` prefixes, which only a shell understands.
     const SHELL_ONLY: &[&str] = &[

@@ -711,52 +711,41 @@ impl Deployer {
             self.progress.say(&why);
             self.journal.event(Some(&run.id), &why)?;
             notes.push(format!("promotion stopped: {why}"));
-            match strategy.on_failure {
-                crate::config::OnFailure::Rollback => {
-                    // Every backend but the canaries of hosts not promoted yet back to full
-                    // weight (the last step left the stable ones at 0), those canaries to 0
-                    // and out; then the promoted hosts back to their release.
-                    let left: Vec<(Host, Instance)> = canaries
-                        .iter()
-                        .filter(|(h, _)| !moved.iter().any(|m| m.name == h.name))
-                        .cloned()
-                        .collect();
-                    let left_ids: Vec<String> = left.iter().map(|(_, i)| i.backend_id()).collect();
-                    let others: Vec<String> = self
-                        .balancer
-                        .backends()
-                        .await
-                        .unwrap_or_default()
+            if strategy.on_failure == crate::config::OnFailure::Rollback {
+                // Every backend but the canaries of hosts not promoted yet back to full
+                // weight (the last step left the stable ones at 0), those canaries to 0
+                // and out; then the promoted hosts back to their release.
+                let left: Vec<(Host, Instance)> = canaries
+                    .iter()
+                    .filter(|(h, _)| !moved.iter().any(|m| m.name == h.name))
+                    .cloned()
+                    .collect();
+                let left_ids: Vec<String> = left.iter().map(|(_, i)| i.backend_id()).collect();
+                let others: Vec<String> = self
+                    .balancer
+                    .backends()
+                    .await
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|b| b.spec.id)
+                    .filter(|id| !left_ids.contains(id))
+                    .collect();
+                if left.is_empty() {
+                    let full: BTreeMap<String, u32> = others
                         .into_iter()
-                        .map(|b| b.spec.id)
-                        .filter(|id| !left_ids.contains(id))
+                        .map(|id| (id, crate::balancer::api::default_weight()))
                         .collect();
-                    if left.is_empty() {
-                        let full: BTreeMap<String, u32> = others
-                            .into_iter()
-                            .map(|id| (id, crate::balancer::api::default_weight()))
-                            .collect();
-                        let _ = self.balancer.set_weights(&full).await;
-                    } else {
-                        self.abort_canary(run, &left, &others).await;
-                    }
-                    let stuck = self.undo(run, &moved).await;
-                    stopped = Some(if stuck.is_empty() {
-                        Outcome::RolledBack
-                    } else {
-                        Outcome::Failed
-                    });
-                    failed.extend(stuck.into_iter().map(|f| HostFailure {
-                        reason: format!("NOT ROLLED BACK: {}", f.reason),
-                        host: f.host,
-                    }));
-                }
-                crate::config::OnFailure::Halt => {
-                    self.progress
-                        .say("on_failure = \"halt\": stopping here; the fleet is left as it is");
-                    stopped = Some(Outcome::Halted);
+                    let _ = self.balancer.set_weights(&full).await;
+                } else {
+                    self.abort_canary(run, &left, &others).await;
                 }
             }
+            let (outcome, stuck) = self.budget_spent(run, &moved).await;
+            stopped = Some(outcome);
+            failed.extend(stuck.into_iter().map(|f| HostFailure {
+                reason: format!("NOT ROLLED BACK: {}", f.reason),
+                host: f.host,
+            }));
             break;
         }
         // Stable backends left at weight 0 by a 100% step are retired by switch_host; make sure
