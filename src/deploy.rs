@@ -397,9 +397,10 @@ impl Deployer {
             let label = format!("batch {}/{}", i + 1, plan.len());
             let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
             self.progress.say(&format!("{label}: {}", names.join(", ")));
-            // Every host of the batch starts its instance first; only then may the previous
-            // batch's background work (drain, stop, `current`, prune) use the cores, so it
-            // competes with the health gate's idle wait instead of the new instances' start.
+            // Every host of the batch starts its instance, and the app answers its first
+            // check, before the previous batch's background work (drain, stop, `current`,
+            // prune) may use the cores: it competes with the health gate's idle wait instead of
+            // the new instances' start.
             let starts = join_all(hosts.iter().map(|h| {
                 let staged = staged.get(h.name.as_str()).cloned();
                 let run = &run;
@@ -419,26 +420,32 @@ impl Deployer {
                 }
             }))
             .await;
-            settling.release();
+            let (answers, answered): (Vec<_>, Vec<_>) = hosts
+                .iter()
+                .map(|_| tokio::sync::oneshot::channel())
+                .unzip();
+            settling.release_when(answered);
             if let Some(next) = plan.get(i + 1) {
                 self.prefetch_ports(next);
             }
-            let results = join_all(hosts.iter().zip(starts).map(|(h, started)| {
-                let label = label.clone();
-                let run = &run;
-                async move {
-                    let m = self
-                        .admit_started(run, &label, h, version, started?)
-                        .await?;
-                    if !retire_in_batch {
-                        return Ok((h.clone(), m, label, Ok(()), false));
+            let results = join_all(hosts.iter().zip(starts).zip(answers).map(
+                |((h, started), answered)| {
+                    let label = label.clone();
+                    let run = &run;
+                    async move {
+                        let m = self
+                            .admit_started(run, &label, h, version, started?, Some(answered))
+                            .await?;
+                        if !retire_in_batch {
+                            return Ok((h.clone(), m, label, Ok(()), false));
+                        }
+                        self.retire_backends(run, &label, h, &m.instance, Some(&m.backends))
+                            .await;
+                        let hooked = self.after_switch_hook(run, h, version).await;
+                        Ok::<_, HostFailure>((h.clone(), m, label, hooked, true))
                     }
-                    self.retire_backends(run, &label, h, &m.instance, Some(&m.backends))
-                        .await;
-                    let hooked = self.after_switch_hook(run, h, version).await;
-                    Ok::<_, HostFailure>((h.clone(), m, label, hooked, true))
-                }
-            }))
+                },
+            ))
             .await;
             let mut batch_failures = 0;
             for r in results {
@@ -921,7 +928,8 @@ impl Deployer {
         known: Option<&[instance::Recorded]>,
     ) -> Result<Moved, HostFailure> {
         let started = self.start_new(run, label, host, version, known).await?;
-        self.admit_started(run, label, host, version, started).await
+        self.admit_started(run, label, host, version, started, None)
+            .await
     }
 
     /// Step 1 of a switch: the new instance started (or found already serving `version`).
@@ -986,7 +994,8 @@ impl Deployer {
     }
 
     /// Steps 2-3 of a switch, for an instance [`Deployer::start_new`] started. On failure the
-    /// new instance is stopped and out of the balancer.
+    /// new instance is stopped and out of the balancer. `answered`: see
+    /// [`instance::wait_healthy`].
     pub async fn admit_started(
         &self,
         run: &Run,
@@ -994,6 +1003,7 @@ impl Deployer {
         host: &Host,
         version: &Name,
         started: Started,
+        answered: Option<instance::Answered>,
     ) -> Result<Moved, HostFailure> {
         if started.serving {
             return Ok(started.moved);
@@ -1009,7 +1019,7 @@ impl Deployer {
                 host.name.as_str(),
                 "admit",
                 &inst.backend_id(),
-                self.admit(run, inst, false, None),
+                self.admit(run, inst, false, None, answered),
             )
             .await;
         if let Err(e) = admitted {
@@ -1126,13 +1136,14 @@ impl Deployer {
         inst: &Instance,
         preview: bool,
         weight: Option<u32>,
+        answered: Option<instance::Answered>,
     ) -> Result<(), String> {
         let host = self
             .config
             .host(&inst.host)
             .ok_or_else(|| format!("unknown host {}", inst.host))?;
         let health = &self.config.app.health;
-        instance::wait_healthy(self.transport.as_ref(), host, inst, health)
+        instance::wait_healthy(self.transport.as_ref(), host, inst, health, answered)
             .await
             .map_err(|e| format!("{} on {}: {e}", inst.version, inst.address))?;
         let version = Name::parse(&inst.version).map_err(|e| e.to_string())?;
@@ -1480,8 +1491,8 @@ pub struct Moved {
 }
 
 /// Settles running in the background while a rolling deployment goes on. Those of a batch wait
-/// until [`Settling::release`]: the rolling loop releases them once the next batch's instances
-/// have started (or when it waits for them).
+/// until they are released: once every instance of the next batch has answered its first health
+/// check or failed ([`Settling::release_when`]), or when the rolling loop waits for them.
 #[derive(Default)]
 struct Settling {
     tasks: Vec<tokio::task::JoinHandle<Result<(), HostFailure>>>,
@@ -1514,6 +1525,16 @@ impl Settling {
             }
             deployer.settle_host(&run, &label, &host, &keep).await
         }));
+    }
+
+    /// Lets every settle spawned so far run once each of `answered` has been told or dropped.
+    fn release_when(&mut self, answered: Vec<tokio::sync::oneshot::Receiver<()>>) {
+        if let Some(go) = self.go.take() {
+            tokio::spawn(async move {
+                join_all(answered).await;
+                let _ = go.send(true);
+            });
+        }
     }
 
     /// Lets every settle spawned so far run.

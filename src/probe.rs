@@ -24,6 +24,14 @@ pub enum ProbeError {
     },
 }
 
+impl ProbeError {
+    /// The app answered, with a status outside 2xx: it is up, just not healthy.
+    pub fn answered(&self) -> bool {
+        let ProbeError::Failed { reason, .. } = self;
+        reason.starts_with("status")
+    }
+}
+
 /// Probes `http://addr{path}`; Ok with the status when it is 2xx.
 pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u16, ProbeError> {
     let fail = |reason: String| ProbeError::Failed {

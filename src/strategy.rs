@@ -101,7 +101,7 @@ impl Deployer {
                     h.name.as_str(),
                     "admit",
                     &format!("{} (preview)", inst.backend_id()),
-                    self.admit(run, &inst, true, None),
+                    self.admit(run, &inst, true, None, None),
                 )
                 .await;
             match admitted {
@@ -535,7 +535,7 @@ impl Deployer {
                     h.name.as_str(),
                     "admit",
                     &format!("{} (weight 0)", inst.backend_id()),
-                    self.admit(run, &inst, false, Some(0)),
+                    self.admit(run, &inst, false, Some(0), None),
                 )
                 .await
             {
