@@ -13,8 +13,10 @@
 //! and a power cut of the control machine can lose only the last few of them, which recovery
 //! does not need, because it reads the hosts and the balancer rather than trusting steps. The
 //! records recovery does rely on (a deployment's start with every host's previous release, its
-//! outcome, the lock) are committed with `synchronous = FULL`, which also flushes every write
-//! before them. An fsync per step would cost about 0.3 ms each, ten times per host.
+//! outcome) are committed with `synchronous = FULL`, which also flushes every write before them.
+//! An fsync per step would cost about 0.3 ms each, ten times per host. The lock is not synced on
+//! its own: a power cut that loses it also ended the deploy that held it, and a deployment's
+//! start (synced) keeps a later deploy from running over what that one left.
 //!
 //! The schema is versioned with `PRAGMA user_version`: older files are migrated in place, files
 //! from a newer cutover are refused with a clear message, and a file that is not a database is
@@ -596,7 +598,7 @@ impl Journal {
     /// Takes the deploy lock for `app`, or fails with [`LockHeld`]. A holder whose process is
     /// gone (same machine) or whose lease expired is stale and is replaced.
     pub fn lock(&self, app: &str, me: &LockHolder, lease: Duration) -> anyhow::Result<Taken> {
-        let taken = self.write_synced(|c| {
+        let taken = self.write(|c| {
             // IMMEDIATE: take the write lock before reading, so a concurrent writer makes us wait
             // (busy_timeout) instead of failing the upgrade from read to write (BUSY_SNAPSHOT).
             let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
