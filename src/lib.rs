@@ -8,6 +8,7 @@
 //! strategy out step by step.
 
 pub mod analysis;
+pub mod atomic_file;
 pub mod balancer;
 pub mod batch;
 pub mod cli;

@@ -472,14 +472,8 @@ fn load_state(path: &Path) -> anyhow::Result<StateFile> {
 }
 
 fn save_state(path: &Path, state: &StateFile) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-    }
-    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot replace {}", path.display()))
+    crate::atomic_file::replace(path, &serde_json::to_vec_pretty(state)?)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Start time of a process (field 22 of /proc/PID/stat), `None` when it does not run (or is a

@@ -3,7 +3,7 @@
 //! routing to the same fleet.
 //!
 //! Writes go to a spare file in the same directory, which then trades places with the state
-//! file (see [`save`]), so a crash of the proxy never leaves a half-written state behind. They
+//! file (see [`crate::atomic_file`]), so a crash of the proxy never leaves a half-written state behind. They
 //! are not fsynced: the state
 //! only has to survive the proxy process (a crash, `--takeover`, a restart), and the page cache
 //! outlives processes. A power loss stops every backend this file names too, so making it
@@ -12,7 +12,7 @@
 //! Health is not persisted on purpose: a restored backend starts `Unknown` and is checked at
 //! once.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -65,16 +65,9 @@ pub(crate) fn load(path: &Path) -> anyhow::Result<Vec<Route>> {
     Ok(file.backends)
 }
 
-/// Writes the state atomically (no fsync: see the module docs): the new state goes into the
-/// spare file ([`spare_path`], which holds an older state), then the spare and the state file
-/// trade places in one `renameat2(RENAME_EXCHANGE)`.
-///
-/// Why not a new temporary file renamed over the old one: on ext4 a rename that replaces a file
-/// makes the kernel start writing the new file's data out first (`auto_da_alloc`), and frees
-/// the old file's blocks: about 0.8 ms per admin change, on the critical path of every host
-/// switch. Overwriting the spare in place (never truncated to zero, which triggers the same
-/// flush) and exchanging costs about 0.15 ms. Where there is no state file yet, or the
-/// filesystem cannot exchange, the spare is renamed over instead.
+/// Writes the state atomically (no fsync: see the module docs), through
+/// [`crate::atomic_file::replace`]: `proxy-routes.json.prev` keeps the state before the last
+/// change.
 pub(crate) fn save(path: &Path, backends: Vec<Route>) -> anyhow::Result<()> {
     let file = StateFile {
         version: VERSION,
@@ -82,81 +75,8 @@ pub(crate) fn save(path: &Path, backends: Vec<Route>) -> anyhow::Result<()> {
     };
     let mut json = serde_json::to_vec_pretty(&file).context("cannot encode the proxy state")?;
     json.push(b'\n');
-    let spare = spare_path(path);
-    let write = || -> std::io::Result<()> {
-        write_over(&spare, &json)?;
-        match exchange(&spare, path) {
-            Ok(()) => Ok(()),
-            // No state file yet (ENOENT), or no exchange here (EINVAL, ENOSYS): replace it.
-            Err(_) => std::fs::rename(&spare, path),
-        }
-    };
-    let written = match write() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let dir = path
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-            write()
-        }
-        other => other,
-    };
-    written.with_context(|| format!("cannot write the proxy state file {}", path.display()))
-}
-
-/// The state file's companion: scratch space for the next write, and meanwhile the state as it
-/// was before the last change (`proxy-routes.json.prev`).
-pub(crate) fn spare_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".prev");
-    path.with_file_name(name)
-}
-
-/// Replaces the content of `path` (created if missing) with `bytes`, without truncating it to
-/// zero first.
-fn write_over(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    f.write_all_at(bytes, 0)?;
-    f.set_len(bytes.len() as u64)
-}
-
-/// Swaps two existing paths atomically.
-#[cfg(target_os = "linux")]
-fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
-    };
-    let (a, b) = (c(a)?, c(b)?);
-    // SAFETY: both are valid NUL-terminated paths that outlive the call.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
-    Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    crate::atomic_file::replace(path, &json)
+        .with_context(|| format!("cannot write the proxy state file {}", path.display()))
 }
 
 #[cfg(test)]
@@ -193,21 +113,15 @@ mod tests {
     }
 
     #[test]
-    fn the_spare_holds_the_state_before_the_last_change() {
+    fn the_previous_state_stays_readable_beside_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("proxy-routes.json");
         let first = vec![route("a", BackendState::Active)];
-        let second = vec![route("b", BackendState::Active)];
-        // A longer leftover in the spare (a write cut short by a crash) leaves no tail behind.
-        std::fs::write(spare_path(&path), "x".repeat(10_000)).unwrap();
+        let second = vec![route("b", BackendState::Draining)];
         save(&path, first.clone()).unwrap();
-        assert_eq!(load(&path).unwrap(), first);
         save(&path, second.clone()).unwrap();
         assert_eq!(load(&path).unwrap(), second);
-        assert_eq!(load(&spare_path(&path)).unwrap(), first);
-        save(&path, first.clone()).unwrap();
-        assert_eq!(load(&path).unwrap(), first);
-        assert_eq!(load(&spare_path(&path)).unwrap(), second);
+        assert_eq!(load(&crate::atomic_file::spare_path(&path)).unwrap(), first);
     }
 
     #[test]
