@@ -1,0 +1,324 @@
+//! `cutover deploy` and `cutover rollback`: the deploy lock, the deployment itself and its
+//! report; and the commands (`promote`, `abort`, `pause`, `resume`) sent to a running one.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use crate::config::{Config, Name};
+use crate::deploy::{Report, Request};
+use crate::journal::{Journal, LockHeld, LockHolder, Taken};
+use crate::progress::Progress;
+
+use super::{deployer, parse_version};
+
+/// What `deploy_cmd` is asked to do.
+pub(super) enum Action {
+    Deploy(Name),
+    Resume,
+    Rollback(Option<Name>),
+}
+
+/// Holds the deploy lock and renews its lease until dropped.
+pub(crate) struct LockGuard {
+    journal: Arc<Journal>,
+    app: String,
+    me: LockHolder,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let _ = self.journal.unlock(&self.app, &self.me);
+    }
+}
+
+/// Takes the deploy lock, waiting up to `wait` for another holder.
+pub(crate) async fn take_lock(
+    journal: &Arc<Journal>,
+    config: &Config,
+    what: &str,
+    wait: Option<std::time::Duration>,
+) -> anyhow::Result<LockGuard> {
+    let app = config.app.name.to_string();
+    let me = LockHolder::me(what);
+    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+    let mut told = false;
+    loop {
+        match journal.lock(&app, &me, config.lock_lease) {
+            Ok(taken) => {
+                if let Taken::TookOver(h, why) = taken {
+                    eprintln!("took over a stale deploy lock ({why}): {}", h.describe());
+                }
+                break;
+            }
+            Err(e) => {
+                let Some(held) = e.downcast_ref::<LockHeld>() else {
+                    return Err(e);
+                };
+                if std::time::Instant::now() >= deadline {
+                    let hint = if wait.is_some() {
+                        "it was still held when --lock-wait ran out"
+                    } else {
+                        "wait for it to finish, pass --lock-wait 10m to wait, or `cutover unlock --force` if you are sure it is gone"
+                    };
+                    anyhow::bail!(
+                        "another deployment holds the lock: {}: {hint}",
+                        held.holder.describe()
+                    );
+                }
+                if !told {
+                    eprintln!("waiting for the deploy lock: {}", held.holder.describe());
+                    told = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+        }
+    }
+    let renew = {
+        let journal = journal.clone();
+        let (app, me, lease) = (app.clone(), me.clone(), config.lock_lease);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let _ = journal.renew(&app, &me, lease);
+            }
+        })
+    };
+    Ok(LockGuard {
+        journal: journal.clone(),
+        app,
+        me,
+        renew,
+    })
+}
+
+pub(super) async fn deploy_cmd(
+    config: Config,
+    action: Action,
+    lock_wait: Option<std::time::Duration>,
+    json: bool,
+) -> anyhow::Result<u8> {
+    let journal = Arc::new(Journal::open(&config.state_dir)?);
+    let what = match &action {
+        Action::Deploy(v) => format!("deploy {v}"),
+        Action::Resume => "deploy --resume".to_string(),
+        Action::Rollback(Some(v)) => format!("rollback to {v}"),
+        Action::Rollback(None) => "rollback".to_string(),
+    };
+    let config = Arc::new(config);
+    let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
+    deployer.warm();
+    let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
+    // We hold the lock, so an unfinished deployment in the journal is not running: it was interrupted.
+    let interrupted = journal.unfinished()?;
+    let report = match (action, interrupted) {
+        (Action::Deploy(_), Some(row)) => {
+            let last = journal.steps(&row.id)?.into_iter().last();
+            let at = last.map_or("before its first step".to_string(), |s| {
+                format!(
+                    "at step \"{} {} {}\"{}",
+                    s.host,
+                    s.action,
+                    s.detail,
+                    if s.result.is_none() {
+                        " (unfinished)"
+                    } else {
+                        ""
+                    }
+                )
+            });
+            anyhow::bail!(
+                "deployment {} ({} -> {}) was interrupted {at}: run `cutover deploy --resume` to finish it, or `cutover rollback` to return every host to where it was",
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to
+            );
+        }
+        (Action::Deploy(version), None) => deployer.run(&Request::deploy(version)).await?,
+        (Action::Resume, Some(row)) => {
+            let version = parse_version(&row.to)?;
+            let kind = if row.kind == "rollback" {
+                "rollback"
+            } else {
+                "deploy"
+            };
+            deployer
+                .run(&Request {
+                    version,
+                    kind,
+                    resume: Some(row),
+                })
+                .await?
+        }
+        (Action::Resume, None) => {
+            anyhow::bail!("there is no interrupted deployment to resume (see `cutover history`)")
+        }
+        (Action::Rollback(to), Some(row)) => {
+            if let Some(v) = to {
+                anyhow::bail!(
+                    "deployment {} was interrupted: `cutover rollback` returns every host to where it was before it; --to {v} is not possible until then",
+                    row.id
+                );
+            }
+            deployer.restore(&row).await?
+        }
+        (Action::Rollback(to), None) => {
+            let target = match to {
+                Some(v) => v,
+                None => {
+                    let prev = journal.previous_release()?.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no earlier release is recorded in the journal ({}): name one with `cutover rollback --to VERSION`",
+                            journal.path().display()
+                        )
+                    })?;
+                    parse_version(&prev)?
+                }
+            };
+            deployer
+                .run(&Request {
+                    version: target,
+                    kind: "rollback",
+                    resume: None,
+                })
+                .await?
+        }
+    };
+    let _ = journal.prune(config.history_keep);
+    // The HTML deploy report (`cutover show ID --html`); a failure to write it is not the deploy's.
+    let _ = crate::report::write_report(&journal, &report.id, &[]);
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(report.outcome.exit_code())
+}
+
+/// The human summary of a deployment.
+pub fn print_report(r: &Report) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{} {} -> {}: {} in {:.1}s",
+        r.kind,
+        r.from.as_deref().unwrap_or("(nothing)"),
+        r.to,
+        r.outcome.label(),
+        r.duration_ms as f64 / 1000.0
+    );
+    if !r.moved_hosts.is_empty() {
+        let _ = writeln!(out, "  moved: {}", r.moved_hosts.join(", "));
+    }
+    for n in &r.notes {
+        let _ = writeln!(out, "  {n}");
+    }
+    for f in &r.failed_hosts {
+        let _ = writeln!(
+            out,
+            "  failed host {}: {}",
+            f.host,
+            f.reason.replace('\n', "\n    ")
+        );
+    }
+    for f in &r.stuck_hosts {
+        let _ = writeln!(
+            out,
+            "  NOT ROLLED BACK {}: {}",
+            f.host,
+            f.reason.replace('\n', "\n    ")
+        );
+    }
+    let by: Vec<String> = r
+        .served_by_release
+        .iter()
+        .map(|(v, n)| format!("{v}: {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  requests during the deploy: {} served, {} failed{}",
+        r.served,
+        r.failed_requests,
+        if by.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", by.join(", "))
+        }
+    );
+}
+
+/// The deployment that is running right now (its lock holder alive), if any.
+pub(super) fn running_deployment(
+    config: &Config,
+) -> anyhow::Result<Option<crate::journal::DeploymentRow>> {
+    let journal = Journal::open(&config.state_dir)?;
+    let Some(row) = journal.unfinished()? else {
+        return Ok(None);
+    };
+    let running = journal
+        .lock_holder(config.app.name.as_str())?
+        .is_some_and(|h| crate::journal::process_alive(h.pid));
+    Ok(running.then_some(row))
+}
+
+/// Sends a command to the running deployment.
+pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
+    let row = running_deployment(config)?.ok_or_else(|| {
+        anyhow::anyhow!("no deployment is running (see `cutover status`): `{command}` applies to a running canary or blue-green deployment")
+    })?;
+    if row.strategy == "rolling" {
+        anyhow::bail!(
+            "deployment {} is a rolling deploy: it takes no `{command}` (its batches gate themselves); stop it with Ctrl-C, then `cutover deploy --resume` or `cutover rollback`",
+            row.id
+        );
+    }
+    let journal = Journal::open(&config.state_dir)?;
+    journal.post_command(&row.id, command)?;
+    println!(
+        "sent {command} to deployment {} ({} -> {})",
+        row.id,
+        row.from.as_deref().unwrap_or("-"),
+        row.to
+    );
+    Ok(0)
+}
+
+/// Sends a command and waits until the deployment has ended; prints its outcome.
+pub(super) fn wait_for_command(
+    config: &Config,
+    row: &crate::journal::DeploymentRow,
+    command: &str,
+) -> anyhow::Result<u8> {
+    let journal = Journal::open(&config.state_dir)?;
+    journal.post_command(&row.id, command)?;
+    eprintln!(
+        "sent {command} to the running deployment {}; waiting for it to end",
+        row.id
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        if let Some(d) = journal.deployment(&row.id)? {
+            if let Some(outcome) = d.outcome {
+                println!("deployment {}: {outcome}", row.id);
+                if let Some(notes) = d
+                    .report
+                    .as_ref()
+                    .and_then(|r| r.get("notes"))
+                    .and_then(|n| n.as_array())
+                {
+                    for n in notes.iter().filter_map(|n| n.as_str()) {
+                        println!("  {n}");
+                    }
+                }
+                return Ok(if outcome == "rolled_back" { 0 } else { 1 });
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "deployment {} did not end within 10 minutes",
+            row.id
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

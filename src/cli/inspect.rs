@@ -1,0 +1,291 @@
+//! `cutover status`, `history`, `show` and `logs`: what the fleet runs and what was deployed.
+
+use crate::config::Config;
+use crate::fleet;
+use crate::journal::Journal;
+
+use super::{LogsArgs, connect};
+
+pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()> {
+    let (transport, balancer) = connect(&config)?;
+    let views = fleet::observe(&config, &transport, &balancer).await?;
+    let journal = Journal::open(&config.state_dir)?;
+    let started = journal.started_instances()?;
+    let drift = fleet::drift(&views, &started);
+    let lock = journal.lock_holder(config.app.name.as_str())?;
+    let unfinished = journal.unfinished()?;
+    let deployment = unfinished.map(|row| {
+        let running = lock
+            .as_ref()
+            .is_some_and(|h| crate::journal::process_alive(h.pid));
+        (row, running)
+    });
+    if json {
+        let hosts: Vec<serde_json::Value> = views
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "host": v.host.name.as_str(),
+                    "address": v.host.address.to_string(),
+                    "current": v.current,
+                    "instances": v.instances.iter().map(|r| serde_json::json!({
+                        "version": r.instance.version, "address": r.instance.address.to_string(),
+                        "pid": r.instance.pid, "alive": r.alive,
+                    })).collect::<Vec<_>>(),
+                    "backends": v.backends,
+                    "error": v.error,
+                })
+            })
+            .collect();
+        let deployment = deployment.as_ref().map(|(row, running)| {
+            serde_json::json!({ "id": row.id, "from": row.from, "to": row.to, "strategy": row.strategy,
+                "state": if *running { "running" } else { "interrupted" }, "status": row.status })
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "hosts": hosts, "drift": drift, "deployment": deployment })
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
+        "HOST", "CURRENT", "INSTANCE", "PID", "BALANCER", "HEALTH", "REQUESTS", "5XX"
+    );
+    for v in &views {
+        if let Some(e) = &v.error {
+            println!("{:<12} unreachable: {e}", v.host.name);
+            continue;
+        }
+        let current = v.current.clone().unwrap_or_else(|| "-".into());
+        if v.instances.is_empty() && v.backends.is_empty() {
+            println!("{:<12} {:<10} (no instance)", v.host.name, current);
+        }
+        for r in &v.instances {
+            let b = v
+                .backends
+                .iter()
+                .find(|b| b.spec.id == r.instance.backend_id());
+            println!(
+                "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
+                v.host.name,
+                current,
+                format!("{}@{}", r.instance.version, r.instance.address),
+                if r.alive {
+                    r.instance.pid.to_string()
+                } else {
+                    format!("{} dead", r.instance.pid)
+                },
+                b.map_or("absent".into(), |b| format!("{:?}", b.state).to_lowercase()),
+                b.map_or("-".into(), |b| format!("{:?}", b.health).to_lowercase()),
+                b.map_or(0, |b| b.counters.requests),
+                b.map_or(0, |b| b.counters.status_5xx),
+            );
+        }
+        for b in v.backends.iter().filter(|b| {
+            !v.instances
+                .iter()
+                .any(|r| r.instance.backend_id() == b.spec.id)
+        }) {
+            println!(
+                "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
+                v.host.name,
+                current,
+                format!("{}@{}", b.spec.release, b.spec.address),
+                "no pid",
+                format!("{:?}", b.state).to_lowercase(),
+                format!("{:?}", b.health).to_lowercase(),
+                b.counters.requests,
+                b.counters.status_5xx,
+            );
+        }
+    }
+    if let Some((row, running)) = &deployment {
+        if *running {
+            println!(
+                "\ndeployment {} running: {} -> {} ({})",
+                row.id,
+                row.from.as_deref().unwrap_or("-"),
+                row.to,
+                row.strategy
+            );
+            if let Some(st) = &row.status {
+                println!("  {}", fleet::describe_status(st));
+            }
+        } else {
+            println!(
+                "\ndeployment {} ({} -> {}) was INTERRUPTED: `cutover deploy --resume` finishes it, `cutover rollback` undoes it; `cutover show {}` tells where it stopped",
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to,
+                row.id
+            );
+        }
+    }
+    if drift.is_empty() {
+        println!("\nno drift: hosts and balancer match the journal");
+    } else {
+        println!("\nDRIFT (what the journal does not explain):");
+        for d in &drift {
+            println!("  - {d}");
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
+    let journal = Journal::open(&config.state_dir)?;
+    let records = journal.deployments(config.history_keep)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&records)?);
+        return Ok(());
+    }
+    if records.is_empty() {
+        println!("no deployments recorded in {}", journal.path().display());
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<9} {:<11} {:<10} {:<10} {:<12} {:>8} {:>9} {:>7}",
+        "ID", "KIND", "STRATEGY", "FROM", "TO", "OUTCOME", "SECONDS", "SERVED", "FAILED"
+    );
+    for r in &records {
+        let num = |k: &str| {
+            r.report
+                .as_ref()
+                .and_then(|v| v.get(k))
+                .and_then(|v| v.as_u64())
+        };
+        println!(
+            "{:<20} {:<9} {:<11} {:<10} {:<10} {:<12} {:>8} {:>9} {:>7}",
+            r.id,
+            r.kind,
+            r.strategy,
+            r.from.as_deref().unwrap_or("-"),
+            r.to,
+            r.outcome.as_deref().unwrap_or("interrupted"),
+            r.ended_ms.map_or("-".into(), |e| format!(
+                "{:.1}",
+                e.saturating_sub(r.started_ms) as f64 / 1000.0
+            )),
+            num("served").map_or("-".into(), |n| n.to_string()),
+            num("failed_requests").map_or("-".into(), |n| n.to_string()),
+        );
+    }
+    Ok(())
+}
+
+pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let journal = Journal::open(&config.state_dir)?;
+    let row = match id {
+        Some(id) => journal.deployment(id)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "no deployment {id} in {} (see `cutover history`)",
+                journal.path().display()
+            )
+        })?,
+        None => journal.deployments(1)?.into_iter().next().ok_or_else(|| {
+            anyhow::anyhow!("no deployments recorded in {}", journal.path().display())
+        })?,
+    };
+    let steps = journal.steps(&row.id)?;
+    let events = journal.events(&row.id)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "deployment": row, "steps": steps, "events": events })
+            )?
+        );
+        return Ok(());
+    }
+    println!(
+        "deployment {}: {} {} {} -> {} ({}), by {}",
+        row.id,
+        row.kind,
+        row.strategy,
+        row.from.as_deref().unwrap_or("(nothing)"),
+        row.to,
+        row.outcome.as_deref().unwrap_or("interrupted or running"),
+        row.who
+    );
+    if let Some(r) = &row.report {
+        let n = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        println!(
+            "  requests while it ran: {} served, {} failed",
+            n("served"),
+            n("failed_requests")
+        );
+        if let Some(by) = r.get("served_by_release").and_then(|v| v.as_object()) {
+            let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            if !parts.is_empty() {
+                println!("  by release: {}", parts.join(", "));
+            }
+        }
+    }
+    println!(
+        "  {:>8} {:>8}  {:<8} {:<9} {:<28} RESULT",
+        "AT(s)", "TOOK(ms)", "HOST", "STEP", "DETAIL"
+    );
+    for s in &steps {
+        println!(
+            "  {:>8.1} {:>8}  {:<8} {:<9} {:<28} {}",
+            s.started_ms.saturating_sub(row.started_ms) as f64 / 1000.0,
+            s.ended_ms
+                .map_or("-".into(), |e| e.saturating_sub(s.started_ms).to_string()),
+            s.host,
+            s.action,
+            s.detail,
+            s.result
+                .as_deref()
+                .unwrap_or("INTERRUPTED (the process died here)")
+        );
+    }
+    for e in &events {
+        println!(
+            "  {:>8.1} event: {}",
+            e.at_ms.saturating_sub(row.started_ms) as f64 / 1000.0,
+            e.message
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn logs_cmd(config: Config, args: LogsArgs) -> anyhow::Result<()> {
+    let host = config.host(&args.host).cloned().ok_or_else(|| {
+        let names: Vec<&str> = config.hosts.iter().map(|h| h.name.as_str()).collect();
+        anyhow::anyhow!(
+            "no host {:?} in {}: hosts are {}",
+            args.host,
+            config.file.display(),
+            names.join(", ")
+        )
+    })?;
+    let (transport, _) = connect(&config)?;
+    let mut instances = crate::instance::list(transport.as_ref(), &host).await?;
+    instances.sort_by_key(|r| !r.alive);
+    if instances.is_empty() {
+        println!(
+            "{}: no instance recorded in {}",
+            host.name,
+            crate::release::Layout::of(&host).run_dir().display()
+        );
+    }
+    for r in instances.iter().filter(|r| r.alive || args.all) {
+        let i = &r.instance;
+        println!(
+            "==> {} {} on {} (pid {}, {}) <==",
+            host.name,
+            i.version,
+            i.address,
+            i.pid,
+            if r.alive { "running" } else { "stopped" }
+        );
+        println!(
+            "{}",
+            crate::instance::log_tail(transport.as_ref(), &host, &i.version, i.port(), args.lines)
+                .await
+        );
+    }
+    Ok(())
+}

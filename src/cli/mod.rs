@@ -1,0 +1,432 @@
+//! The command line: flags as parsed by clap, then one function per verb.
+//!
+//! Exit codes mean something: 0 deployed (or the command did what it says), 1 a deployment was
+//! rolled back, halted or aborted, 2 an error (bad config, unreachable balancer, ...). Errors
+//! print once, with their whole context chain.
+//!
+//! One module per group of verbs: [`deploy`] (deploy, rollback, the lock, commands to a running
+//! deployment), [`plan`], [`inspect`] (status, history, show, logs) and [`proxy`].
+
+mod deploy;
+mod inspect;
+mod plan;
+mod proxy;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::balancer::Balancer;
+use crate::balancer::builtin::AdminClient;
+use crate::config::{Config, Name};
+use crate::deploy::Deployer;
+use crate::journal::{Journal, LockHolder};
+use crate::progress::Progress;
+use crate::transport::Transport;
+use crate::transport::local::LocalTransport;
+
+pub use deploy::print_report;
+pub(crate) use deploy::take_lock;
+use deploy::{Action, control, deploy_cmd, running_deployment, wait_for_command};
+use inspect::{logs_cmd, print_history, show_cmd, status_cmd};
+use plan::print_plan;
+pub use proxy::ProxyArgs;
+use proxy::run_proxy;
+
+/// Zero-downtime deploys to a fleet of servers, with proof.
+///
+/// cutover moves every host of an app from one release to the next behind a load balancer:
+/// the new instance starts beside the old one, passes its health checks, enters the balancer,
+/// and only then is the old one drained and stopped. When a batch fails, every moved host goes
+/// back. Every deploy reports how many requests were served and failed while it ran.
+///
+/// Start with `cutover demo` (no set-up), or `cutover init` to write an example cutover.toml.
+#[derive(Parser, Debug)]
+#[command(name = "cutover", version)]
+pub struct Cli {
+    /// Config file.
+    #[arg(
+        short = 'c',
+        long = "config",
+        global = true,
+        default_value = "cutover.toml",
+        env = "CUTOVER_CONFIG"
+    )]
+    pub config: PathBuf,
+    /// Log more (repeat for debug logs).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Write a commented example cutover.toml (and a sample release) that works on this machine.
+    Init(InitArgs),
+    /// Run the whole story on a temporary local fleet: deploy v1, roll v2 under traffic, watch a
+    /// broken v3 roll back by itself. Needs no set-up; leaves nothing behind.
+    Demo(DemoArgs),
+    /// Show what a deploy would do: batches, gates and the worst-case duration. Changes nothing.
+    Plan(VersionArgs),
+    /// Deploy a version to every host with the configured strategy.
+    Deploy(DeployArgs),
+    /// Per host: live release, instances, balancer state and counters; the running or
+    /// interrupted deployment; and drift the journal does not explain.
+    Status(JsonArgs),
+    /// Past deployments, newest first.
+    History(JsonArgs),
+    /// One deployment: its steps with timings, requests served/failed while it ran, outcome.
+    Show(ShowArgs),
+    /// Return the fleet to the previous release (or --to VERSION). After an interrupted
+    /// deployment: return every host to the release it had before it.
+    Rollback(RollbackArgs),
+    /// Move a running canary to its next step (--full: skip the remaining steps), or end a
+    /// blue-green switch-back window early.
+    Promote(PromoteArgs),
+    /// Stop a running canary or blue-green deployment and return traffic to the stable release.
+    Abort,
+    /// Hold a running canary at its current step, whatever its timer or analysis says.
+    Pause,
+    /// Let a paused canary go on.
+    Resume,
+    /// Recent log lines of a host's instances (`<root>/log/<version>-<port>.log`), live ones first.
+    Logs(LogsArgs),
+    /// Show who holds the deploy lock.
+    Lock,
+    /// Release the deploy lock. Only with --force, which is recorded in the journal.
+    Unlock(UnlockArgs),
+    /// Run the built-in load balancer (traffic listener + admin API) from [balancer].
+    Proxy(ProxyArgs),
+    /// A small HTTP app for the demo and tests: GET / answers its version, GET /health answers 200.
+    SampleApp(crate::sample_app::SampleAppArgs),
+    /// Push-button deployment: a dashboard, a JSON API and GitHub push webhooks on [serve]
+    /// listen; deployments run one at a time from a queue. See docs/serve.md.
+    Serve,
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Directory to write into.
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// Overwrite an existing cutover.toml.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Keep the temporary workspace (printed at the end) instead of removing it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Requests per second of the steady traffic during each phase.
+    #[arg(long, default_value_t = 150)]
+    pub rate: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct VersionArgs {
+    /// Version to deploy: the name of a release (letters, digits, . _ + -).
+    #[arg(long)]
+    pub version: String,
+}
+
+#[derive(Args, Debug)]
+pub struct DeployArgs {
+    /// Version to deploy: the name of a release (letters, digits, . _ + -).
+    #[arg(long, required_unless_present = "resume")]
+    pub version: Option<String>,
+    /// Continue the interrupted deployment recorded in the journal.
+    #[arg(long, conflicts_with = "version")]
+    pub resume: bool,
+    /// Wait up to this long for another deployment's lock (e.g. "5m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lock_wait: Option<std::time::Duration>,
+    /// Print progress and the report as JSON lines (for CI).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ShowArgs {
+    /// Deployment id (from `cutover history`); default: the newest.
+    pub id: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Print the path of the deployment's HTML report (written now if it is missing).
+    #[arg(long, conflicts_with = "json")]
+    pub html: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Host name from the config.
+    pub host: String,
+    /// Lines per instance.
+    #[arg(short = 'n', long, default_value_t = 50)]
+    pub lines: usize,
+    /// Also show instances that are no longer running.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// Skip the remaining canary steps and roll out to every host now.
+    #[arg(long)]
+    pub full: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    /// Remove the lock even though its holder may still be running.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct JsonArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    /// Release to return to (default: the one before the live release, from the history).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Wait up to this long for another deployment's lock (e.g. "5m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lock_wait: Option<std::time::Duration>,
+    /// Print progress and the report as JSON lines (for CI).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Runs a command; the returned number is the exit code.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    if matches!(
+        cli.command,
+        Command::Plan(_)
+            | Command::Status(_)
+            | Command::History(_)
+            | Command::Show(_)
+            | Command::Lock
+    ) {
+        // Read-only commands end quietly when their reader goes away (`cutover history | head`),
+        // like other command-line tools, instead of failing on a broken pipe.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    match cli.command {
+        Command::Init(args) => crate::init::run(&args.dir, args.force).map(|_| 0),
+        Command::Demo(args) => runtime()?.block_on(crate::demo::run(crate::demo::DemoOptions {
+            keep: args.keep,
+            rate: args.rate,
+        })),
+        Command::Serve => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(crate::server::run(config)).map(|_| 0)
+        }
+        Command::SampleApp(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::sample_app::run(args)).map(|_| 0)
+        }
+        Command::Proxy(args) => {
+            let config = Config::load(&cli.config)?;
+            // One thread: the current-thread scheduler, without the work-stealing overhead.
+            let mut rt = match args.threads {
+                Some(1) => tokio::runtime::Builder::new_current_thread(),
+                Some(n) => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(n.max(1));
+                    b
+                }
+                None => tokio::runtime::Builder::new_multi_thread(),
+            };
+            let rt = rt
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(run_proxy(config, args)).map(|_| 0)
+        }
+        Command::Plan(args) => {
+            let config = Config::load(&cli.config)?;
+            let version = parse_version(&args.version)?;
+            print_plan(&config, &version);
+            Ok(0)
+        }
+        Command::Deploy(args) => {
+            let config = Config::load(&cli.config)?;
+            let version = args.version.as_deref().map(parse_version).transpose()?;
+            let what = match &version {
+                Some(v) => Action::Deploy(v.clone()),
+                None => Action::Resume,
+            };
+            runtime()?.block_on(deploy_cmd(config, what, args.lock_wait, args.json))
+        }
+        Command::Rollback(args) => {
+            let config = Config::load(&cli.config)?;
+            if args.to.is_none() {
+                if let Some(row) = running_deployment(&config)?.filter(|r| r.strategy != "rolling")
+                {
+                    // A blue-green in its switch-back window (or a canary): the running deployer
+                    // switches back itself, within milliseconds.
+                    return wait_for_command(&config, &row, "rollback");
+                }
+            }
+            let to = args.to.as_deref().map(parse_version).transpose()?;
+            runtime()?.block_on(deploy_cmd(
+                config,
+                Action::Rollback(to),
+                args.lock_wait,
+                args.json,
+            ))
+        }
+        Command::Status(args) => {
+            let config = Config::load(&cli.config)?;
+            runtime()?
+                .block_on(status_cmd(config, args.json))
+                .map(|_| 0)
+        }
+        Command::History(args) => {
+            let config = Config::load(&cli.config)?;
+            print_history(&config, args.json).map(|_| 0)
+        }
+        Command::Show(args) => {
+            let config = Config::load(&cli.config)?;
+            if args.html {
+                return crate::report::show_html(&config, args.id.as_deref()).map(|_| 0);
+            }
+            show_cmd(&config, args.id.as_deref(), args.json).map(|_| 0)
+        }
+        Command::Promote(args) => {
+            let config = Config::load(&cli.config)?;
+            control(&config, if args.full { "promote-full" } else { "promote" })
+        }
+        Command::Abort => control(&Config::load(&cli.config)?, "abort"),
+        Command::Pause => control(&Config::load(&cli.config)?, "pause"),
+        Command::Resume => control(&Config::load(&cli.config)?, "resume"),
+        Command::Logs(args) => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(logs_cmd(config, args)).map(|_| 0)
+        }
+        Command::Lock => {
+            let config = Config::load(&cli.config)?;
+            let journal = Journal::open(&config.state_dir)?;
+            match journal.lock_holder(config.app.name.as_str())? {
+                Some(h) => println!("locked: {}", h.describe()),
+                None => println!("unlocked"),
+            }
+            Ok(0)
+        }
+        Command::Unlock(args) => {
+            let config = Config::load(&cli.config)?;
+            let journal = Journal::open(&config.state_dir)?;
+            if !args.force {
+                anyhow::bail!(
+                    "the lock is released by the deploy that holds it; a stale one is taken over automatically. To remove it anyway, run `cutover unlock --force` (recorded in the journal)"
+                );
+            }
+            match journal
+                .force_unlock(config.app.name.as_str(), &LockHolder::me("unlock --force"))?
+            {
+                Some(h) => println!("removed the lock held by {}", h.describe()),
+                None => println!("the lock was free"),
+            }
+            Ok(0)
+        }
+    }
+}
+
+fn parse_version(v: &str) -> anyhow::Result<Name> {
+    Name::parse(v).map_err(|e| anyhow::anyhow!("--version: {e}"))
+}
+
+/// The transport and balancer client a config asks for.
+pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
+    let transport: Arc<dyn Transport> = match config.transport {
+        crate::config::TransportKind::Local => Arc::new(LocalTransport::new()),
+        crate::config::TransportKind::Ssh => Arc::new(crate::transport::ssh::SshTransport::new(
+            config.ssh.clone(),
+            config.forks,
+        )?),
+    };
+    let balancer: Arc<dyn Balancer> = match config.balancer.kind {
+        crate::config::BalancerKind::Builtin => Arc::new(AdminClient::new(
+            config.admin_addr()?,
+            config.admin_token()?,
+        )),
+        crate::config::BalancerKind::Haproxy => {
+            let settings = crate::balancer::haproxy::HaproxySettings::from_config(config)?;
+            Arc::new(
+                crate::balancer::haproxy::HaproxyBalancer::connect(settings).with_context(
+                    || format!("{}: [balancer] kind = \"haproxy\"", config.file.display()),
+                )?,
+            )
+        }
+    };
+    Ok((transport, balancer))
+}
+
+/// The deployer for a config, with a balancer client that waits out balancer restarts.
+pub fn deployer(
+    config: Arc<Config>,
+    journal: Arc<Journal>,
+    progress: Progress,
+) -> anyhow::Result<Deployer> {
+    let (transport, balancer) = connect(&config)?;
+    let balancer: Arc<dyn Balancer> = Arc::new(crate::balancer::patient::Patient::new(
+        balancer,
+        *config.balancer.unreachable_timeout,
+        progress.clone(),
+    ));
+    Ok(Deployer::new(
+        config, transport, balancer, journal, progress,
+    ))
+}

@@ -1,0 +1,182 @@
+//! `cutover plan`: what a deploy would do (batches, gates, worst-case time), without doing it.
+
+use crate::config::{Config, Name};
+use crate::{batch, deploy};
+
+pub(super) fn print_plan(config: &Config, version: &Name) {
+    match config.strategy.kind {
+        crate::config::StrategyKind::Rolling => print_rolling_plan(config, version),
+        crate::config::StrategyKind::BlueGreen => print_blue_green_plan(config, version),
+        crate::config::StrategyKind::Canary => print_canary_plan(config, version),
+    }
+    let points: Vec<String> = config
+        .verify
+        .iter()
+        .map(|v| format!("`{}` at {:?} (timeout {})", v.command, v.at, v.timeout))
+        .collect();
+    if !points.is_empty() {
+        println!("  verify: {}", points.join("; "));
+    }
+    if let Some(a) = &config.analysis {
+        println!(
+            "  analysis every {}: min_success_rate {:?}, max_p99_latency {}, min_requests {} (fewer: inconclusive, the rollout holds), failure_limit {}{}",
+            a.interval,
+            a.min_success_rate.map(|p| p.0),
+            a.max_p99_latency.map_or("-".to_string(), |d| d.to_string()),
+            a.min_requests,
+            a.failure_limit,
+            if a.judge.is_some() {
+                ", Mann-Whitney judge on latencies"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// Worst case of one host's gate: health deadline twice (own check and the balancer's).
+fn gate_worst(config: &Config) -> std::time::Duration {
+    *config.app.health.deadline * 2
+}
+
+fn print_blue_green_plan(config: &Config, version: &Name) {
+    let s = &config.strategy;
+    println!(
+        "plan: blue-green deploy of {} {} to {} host(s)",
+        config.app.name,
+        version,
+        config.hosts.len()
+    );
+    println!("  1. stage {version} on every host, in parallel");
+    println!(
+        "  2. start green ({version}) beside blue on all {} host(s) in parallel; gate: health ({} passes, deadline {}), then the balancer's check; green enters as preview backends",
+        config.hosts.len(),
+        config.app.health.healthy_threshold.0,
+        config.app.health.deadline
+    );
+    println!(
+        "  3. verify green through the preview route: requests with `x-cutover-preview: 1` at http://{}",
+        config.balancer.listen
+    );
+    println!("  4. switch: one atomic admin call makes green active and blue draining");
+    match s.post_switch_analysis {
+        Some(d) => println!("  5. post-switch analysis for {d}: failure switches back to blue"),
+        None => println!(
+            "  5. (no post-switch analysis: set post_switch_analysis and [analysis] to judge green after the switch)"
+        ),
+    }
+    println!(
+        "  6. blue keeps running for scale_down_delay = {}: `cutover rollback` switches back at once; then blue is drained and stopped",
+        s.scale_down_delay
+    );
+    let worst = gate_worst(config)
+        + *s.scale_down_delay
+        + *config.app.drain_timeout
+        + *config.app.stop_timeout;
+    println!("  worst case: {}", humantime::format_duration(worst));
+}
+
+fn print_canary_plan(config: &Config, version: &Name) {
+    let s = &config.strategy;
+    println!(
+        "plan: canary deploy of {} {} on {} of {} host(s){}",
+        config.app.name,
+        version,
+        s.canary_hosts,
+        config.hosts.len(),
+        s.sticky
+            .as_ref()
+            .map_or(String::new(), |k| format!(", sticky by {k}"))
+    );
+    println!(
+        "  1. stage {version} on every host; start the canary beside the stable instance on {} host(s), weight 0",
+        s.canary_hosts
+    );
+    let mut worst = gate_worst(config);
+    let interval = config
+        .analysis
+        .as_ref()
+        .map(|a| *a.interval)
+        .unwrap_or_default();
+    for (i, step) in s.steps.iter().enumerate() {
+        match step.pause {
+            Some(p) => {
+                worst += *p + interval;
+                println!(
+                    "  step {}/{}: {}% of requests to the canary for {p}, analysis every {}",
+                    i + 1,
+                    s.steps.len(),
+                    step.weight,
+                    humantime::format_duration(interval)
+                );
+            }
+            None => println!(
+                "  step {}/{}: {}% of requests to the canary until `cutover promote`",
+                i + 1,
+                s.steps.len(),
+                step.weight
+            ),
+        }
+    }
+    let batches = batch::batches(&s.batch, &config.hosts).len() as u32;
+    worst += deploy::worst_case_per_host(config) * batches;
+    println!(
+        "  then: roll {version} out to every host in {batches} batch(es) (batch = {}), no further analysis",
+        s.batch
+    );
+    println!(
+        "  abort (analysis failure, `cutover abort`): canary weight 0, canary stopped, stable untouched"
+    );
+    println!(
+        "  worst case: {}{}",
+        humantime::format_duration(worst),
+        if s.steps.iter().any(|st| st.pause.is_none()) {
+            " plus the time until each `cutover promote`"
+        } else {
+            ""
+        }
+    );
+}
+
+fn print_rolling_plan(config: &Config, version: &Name) {
+    let plan = batch::batches(&config.strategy.batch, &config.hosts);
+    let h = &config.app.health;
+    println!(
+        "plan: rolling deploy of {} {} to {} host(s) in {} batch(es) (batch = {}, max_fail_percentage = {}%, on_failure = {:?})",
+        config.app.name,
+        version,
+        config.hosts.len(),
+        plan.len(),
+        config.strategy.batch,
+        config.strategy.max_fail_percentage.0,
+        config.strategy.on_failure
+    );
+    println!("  source: {}", config.release_source(version).display());
+    println!("  stage: copy the release to <root>/releases/{version}/ on every host, in parallel");
+    for (i, b) in plan.iter().enumerate() {
+        let names: Vec<&str> = b.iter().map(|h| h.name.as_str()).collect();
+        println!("  batch {}/{}: {}", i + 1, plan.len(), names.join(", "));
+    }
+    println!("  per host, side by side:");
+    println!(
+        "    1. start {version} on a free port; gate: {} health checks in a row on {} (every {}, deadline {})",
+        h.healthy_threshold.0, h.path, h.interval, h.deadline
+    );
+    println!("    2. add to the balancer; gate: the balancer's own health check");
+    println!(
+        "    3. drain the old backend (drain_timeout {}), remove it",
+        config.app.drain_timeout
+    );
+    println!(
+        "    4. stop the old instance (SIG{}, stop_timeout {}, then KILL); point `current` at {version}",
+        config.app.stop_signal.name(),
+        config.app.stop_timeout
+    );
+    let worst = deploy::worst_case_per_host(config) * plan.len() as u32;
+    println!(
+        "  worst case: {} ({} batch(es) x {} per host)",
+        humantime::format_duration(worst),
+        plan.len(),
+        humantime::format_duration(deploy::worst_case_per_host(config))
+    );
+}
