@@ -472,6 +472,22 @@ impl Journal {
 
     const COLUMNS: &'static str = "id, app, kind, strategy, version_from, version_to, who, started_ms, ended_ms, outcome, previous_json, report_json, status_json";
 
+    /// The deployment `id`, or the newest without one (`cutover show [ID]`); the error says
+    /// where to look.
+    pub fn deployment_or_newest(&self, id: Option<&str>) -> anyhow::Result<DeploymentRow> {
+        match id {
+            Some(id) => self.deployment(id)?.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no deployment {id} in {} (see `cutover history`)",
+                    self.path().display()
+                )
+            }),
+            None => self.deployments(1)?.into_iter().next().ok_or_else(|| {
+                anyhow::anyhow!("no deployments recorded in {}", self.path().display())
+            }),
+        }
+    }
+
     /// Deployments, newest first.
     pub fn deployments(&self, limit: usize) -> anyhow::Result<Vec<DeploymentRow>> {
         self.with(|c| {

@@ -246,17 +246,7 @@ pub fn write_report(journal: &Journal, id: &str, samples: &[Sample]) -> anyhow::
 /// ended yet.
 pub fn show_html(config: &crate::config::Config, id: Option<&str>) -> anyhow::Result<()> {
     let journal = Journal::open(&config.state_dir)?;
-    let row = match id {
-        Some(id) => journal.deployment(id)?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "no deployment {id} in {} (see `cutover history`)",
-                journal.path().display()
-            )
-        })?,
-        None => journal.deployments(1)?.into_iter().next().ok_or_else(|| {
-            anyhow::anyhow!("no deployments recorded in {}", journal.path().display())
-        })?,
-    };
+    let row = journal.deployment_or_newest(id)?;
     let mut path = report_path(&journal, &row.id);
     if row.outcome.is_none() || !path.exists() {
         path = write_report(&journal, &row.id, &[])?;

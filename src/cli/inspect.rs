@@ -177,17 +177,7 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
 
 pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow::Result<()> {
     let journal = Journal::open(&config.state_dir)?;
-    let row = match id {
-        Some(id) => journal.deployment(id)?.ok_or_else(|| {
-            anyhow::anyhow!(
-                "no deployment {id} in {} (see `cutover history`)",
-                journal.path().display()
-            )
-        })?,
-        None => journal.deployments(1)?.into_iter().next().ok_or_else(|| {
-            anyhow::anyhow!("no deployments recorded in {}", journal.path().display())
-        })?,
-    };
+    let row = journal.deployment_or_newest(id)?;
     let steps = journal.steps(&row.id)?;
     let events = journal.events(&row.id)?;
     if json {
