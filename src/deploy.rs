@@ -40,7 +40,7 @@ use crate::config::{Config, HookPoint, Host, Name, OnFailure};
 use crate::fleet::{self, HostView};
 use crate::instance::{self, Instance};
 use crate::journal::{DeploymentRow, Journal, now_ms};
-use crate::progress::Progress;
+use crate::progress::{Phase, Progress};
 use crate::release::{self, Layout};
 use crate::transport::Transport;
 
@@ -393,6 +393,7 @@ impl Deployer {
                 .iter()
                 .any(|v| v.at.contains(&crate::config::VerifyPoint::AfterBatch));
 
+        self.progress.plan(&plan_names(&plan));
         for (i, hosts) in plan.iter().enumerate() {
             let label = format!("batch {}/{}", i + 1, plan.len());
             let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
@@ -942,9 +943,13 @@ impl Deployer {
         known: Option<&[instance::Recorded]>,
     ) -> Result<Started, HostFailure> {
         let _permit = self.forks.acquire().await;
-        let fail = |reason: String| HostFailure {
-            host: host.name.to_string(),
-            reason,
+        self.progress.host(host.name.as_str(), Phase::Starting);
+        let fail = |reason: String| {
+            self.progress.host(host.name.as_str(), Phase::Failed);
+            HostFailure {
+                host: host.name.to_string(),
+                reason,
+            }
         };
         let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
         let recorded = match known {
@@ -1006,8 +1011,10 @@ impl Deployer {
         answered: Option<instance::Answered>,
     ) -> Result<Moved, HostFailure> {
         if started.serving {
+            self.progress.host(host.name.as_str(), Phase::Serving);
             return Ok(started.moved);
         }
+        self.progress.host(host.name.as_str(), Phase::Gate);
         // No `forks` permit: the gate mostly waits (its probes come from this machine), and a
         // permit held through it made a batch larger than `forks` take one health interval per
         // `forks` hosts, and kept the previous batch's settle waiting. Hooks and host scripts
@@ -1023,12 +1030,14 @@ impl Deployer {
             )
             .await;
         if let Err(e) = admitted {
+            self.progress.host(host.name.as_str(), Phase::Failed);
             self.discard(run, host, inst).await;
             return Err(HostFailure {
                 host: host.name.to_string(),
                 reason: e,
             });
         }
+        self.progress.host(host.name.as_str(), Phase::Serving);
         self.progress.say(&format!(
             "{label} {}: {version} healthy and in the balancer",
             host.name
@@ -1068,6 +1077,7 @@ impl Deployer {
             })
             .await
             .map_err(|reason| {
+                self.progress.host(host.name.as_str(), Phase::Failed);
                 self.progress.say(&format!(
                     "{label} {}: WARNING: serves {} but could not settle: {reason}",
                     host.name, keep.version
@@ -1093,6 +1103,7 @@ impl Deployer {
                 settled.pruned.join(", ")
             ));
         }
+        self.progress.host(host.name.as_str(), Phase::Done);
         Ok(())
     }
 
@@ -1312,6 +1323,8 @@ impl Deployer {
     /// Returns every moved host to the release it had, in parallel. Returns the hosts that
     /// could not be returned.
     pub(crate) async fn undo(&self, run: &Run, moved: &[Host]) -> Vec<HostFailure> {
+        // The board counts hosts on the new release; the lines tell the way back.
+        self.progress.plan(&[]);
         if moved.is_empty() {
             self.progress
                 .say("rollback: no host had moved; the fleet is unchanged");
