@@ -2,9 +2,10 @@
 //! proxy's routing state, the HAProxy driver's counters).
 //!
 //! The new content goes into a spare file beside the target ([`spare_path`], which holds an
-//! older version), then the two trade places in one `renameat2(RENAME_EXCHANGE)`. A crash
-//! leaves the target whole, old or new. No fsync: callers keep state that only has to outlive
-//! a process.
+//! older version), then the two trade places in one `renameat2(RENAME_EXCHANGE)`. A crash of the
+//! process leaves the target whole, old or new. No fsync: after a power cut either file may hold
+//! old or mixed blocks, so readers fall back to the spare when the target does not parse (see
+//! [`read_either`]).
 //!
 //! Why not a new temporary file renamed over the target: on ext4 a rename that replaces a file
 //! makes the kernel start writing the new file's data out first (`auto_da_alloc`), and frees the
@@ -15,25 +16,62 @@
 
 use std::path::{Path, PathBuf};
 
-/// Replaces `path`'s content with `bytes` atomically, creating its directory if needed.
-pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let spare = spare_path(path);
-    let write = || -> std::io::Result<()> {
-        write_over(&spare, bytes)?;
-        match exchange(&spare, path) {
-            Ok(()) => Ok(()),
-            // No target yet (ENOENT), or no exchange here (EINVAL, ENOSYS): replace it.
-            Err(_) => std::fs::rename(&spare, path),
+use anyhow::Context;
+
+/// Replaces `path`'s content with `bytes` atomically, creating its directory if needed. Writers
+/// of the same directory take turns (an `flock` on it): two processes, or a write abandoned by
+/// its caller and the next one, never share the spare. A symlinked target is written where it
+/// points.
+pub fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path)
+            .with_context(|| format!("cannot resolve the symlink {}", path.display()))?,
+        _ => path.to_path_buf(),
+    };
+    let dir = match target.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    let turn = match std::fs::File::open(&dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+            std::fs::File::open(&dir)
+                .with_context(|| format!("cannot open the directory {}", dir.display()))?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot open the directory {}", dir.display()));
         }
     };
-    match write() {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir)?;
-            }
-            write()
+    // SAFETY: flock on an open descriptor; released when `turn` is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&turn), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot lock the directory {}", dir.display()));
+    }
+    let spare = spare_path(&target);
+    write_over(&spare, bytes).with_context(|| format!("cannot write {}", spare.display()))?;
+    match exchange(&spare, &target) {
+        Ok(()) => Ok(()),
+        // No target yet, or no exchange on this filesystem: rename over it (and the spare is
+        // gone until the next write).
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+            ) || e.kind() == std::io::ErrorKind::Unsupported =>
+        {
+            std::fs::rename(&spare, &target).with_context(|| {
+                format!("cannot rename {} to {}", spare.display(), target.display())
+            })
         }
-        other => other,
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "cannot exchange {} with {}",
+                spare.display(),
+                target.display()
+            )
+        }),
     }
 }
 
@@ -49,10 +87,13 @@ pub fn spare_path(path: &Path) -> PathBuf {
 /// zero first.
 fn write_over(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symlink someone left at the spare's name.
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)?;
     f.write_all_at(bytes, 0)?;
     f.set_len(bytes.len() as u64)
@@ -90,6 +131,40 @@ fn exchange(_: &Path, _: &Path) -> std::io::Result<()> {
     Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
 }
 
+/// Reads `path` with `parse`; when the target does not parse (a power cut during a write, see
+/// the module docs) but the spare does, the spare's content, with a warning. `Ok(None)`: there
+/// is no target.
+pub fn read_either<T>(
+    path: &Path,
+    parse: impl Fn(&[u8]) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    match parse(&bytes) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            let spare = spare_path(path);
+            match std::fs::read(&spare)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| parse(&b))
+            {
+                Ok(v) => {
+                    tracing::warn!(
+                        "{} does not parse ({e:#}); using {}, the content before its last write",
+                        path.display(),
+                        spare.display()
+                    );
+                    Ok(Some(v))
+                }
+                Err(_) => Err(e),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +184,39 @@ mod tests {
         replace(&path, b"3").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"3");
         assert_eq!(std::fs::read(spare_path(&path)).unwrap(), b"two, longer");
+    }
+
+    #[test]
+    fn a_torn_target_is_read_from_the_spare() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        replace(&path, b"[1]").unwrap();
+        replace(&path, b"[2]").unwrap();
+        let parse = |b: &[u8]| -> anyhow::Result<Vec<u32>> { Ok(serde_json::from_slice(b)?) };
+        assert_eq!(read_either(&path, parse).unwrap(), Some(vec![2]));
+        std::fs::write(&path, b"[2, garb").unwrap();
+        assert_eq!(read_either(&path, parse).unwrap(), Some(vec![1]));
+        std::fs::write(spare_path(&path), b"also garbage").unwrap();
+        assert!(read_either(&path, parse).is_err());
+        assert_eq!(read_either(&dir.path().join("none"), parse).unwrap(), None);
+    }
+
+    #[test]
+    fn a_symlinked_target_is_written_where_it_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.json");
+        let link = dir.path().join("link.json");
+        std::fs::write(&real, b"old").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        replace(&link, b"new").unwrap();
+        replace(&link, b"newer").unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&real).unwrap(), b"newer");
     }
 
     #[test]

@@ -840,7 +840,17 @@ async fn routing_state_is_restored_after_a_restart() {
     assert_eq!(h.get("/").await, (StatusCode::OK, "a\n".to_string()));
     h.proxy.shutdown().await;
 
+    // Half-written (a power cut): the state before the last change, kept beside it, is used.
     std::fs::write(&state_file, "{ broken").unwrap();
+    let h = Harness::start(s.clone()).await;
+    assert_eq!(h.admin.backends().await.unwrap().len(), 2);
+    h.proxy.shutdown().await;
+
+    // Both unreadable: refused, naming the file.
+    std::fs::write(&state_file, "{ broken").unwrap();
+    let mut spare = state_file.clone().into_os_string();
+    spare.push(".prev");
+    std::fs::write(&spare, "{ broken too").unwrap();
     let e = match cutover::proxy::start(s).await {
         Ok(_) => panic!("a corrupt state file must be refused"),
         Err(e) => format!("{e:#}"),

@@ -459,16 +459,15 @@ struct StateFile {
 }
 
 fn load_state(path: &Path) -> anyhow::Result<StateFile> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+    let parse = |bytes: &[u8]| -> anyhow::Result<StateFile> {
+        serde_json::from_slice(bytes).with_context(|| {
             format!(
                 "{} is not a valid cutover HAProxy state file: move it away (it holds counters of deleted servers and the servers cutover disabled)",
                 path.display()
             )
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
-        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
-    }
+        })
+    };
+    Ok(crate::atomic_file::read_either(path, parse)?.unwrap_or_default())
 }
 
 fn save_state(path: &Path, state: &StateFile) -> anyhow::Result<()> {

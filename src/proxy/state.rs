@@ -3,12 +3,13 @@
 //! routing to the same fleet.
 //!
 //! Writes go to a spare file in the same directory, which then trades places with the state
-//! file (see [`crate::atomic_file`]), so a crash of the proxy never leaves a half-written state behind. They
-//! are not fsynced: the state
-//! only has to survive the proxy process (a crash, `--takeover`, a restart), and the page cache
-//! outlives processes. A power loss stops every backend this file names too, so making it
-//! durable would cost a deploy two disk flushes per host switch (a few ms each, on the critical
-//! path) and buy nothing. A file the kernel left empty after such a crash reads as no backends.
+//! file (see [`crate::atomic_file`]), so a crash of the proxy never leaves a half-written state
+//! behind. They are not fsynced: the state only has to survive the proxy process (a crash,
+//! `--takeover`, a restart), and the page cache outlives processes. A power loss stops every
+//! backend this file names too, so making it durable would cost a deploy two disk flushes per
+//! host switch (a few ms each, on the critical path) and buy nothing. A file the kernel left
+//! empty after such a crash reads as no backends; one left half-written is read from the spare,
+//! the state before the last change.
 //! Health is not persisted on purpose: a restored backend starts `Unknown` and is checked at
 //! once.
 
@@ -37,32 +38,29 @@ pub(crate) struct Route {
 
 /// Reads the state file; a missing file is an empty state, a corrupt one an error naming it.
 pub(crate) fn load(path: &Path) -> anyhow::Result<Vec<Route>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot read the proxy state file {}", path.display()));
+    let parse = |bytes: &[u8]| -> anyhow::Result<Vec<Route>> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            // Lost in a power cut before it reached the disk (see above).
+            return Ok(Vec::new());
         }
+        let file: StateFile = serde_json::from_slice(bytes).with_context(|| {
+            format!(
+                "the proxy state file {} is corrupt: fix it, or move it away to start with no backends",
+                path.display()
+            )
+        })?;
+        if file.version != VERSION {
+            anyhow::bail!(
+                "the proxy state file {} has version {}, this cutover reads version {VERSION}",
+                path.display(),
+                file.version
+            );
+        }
+        Ok(file.backends)
     };
-    if text.trim().is_empty() {
-        // Written, renamed, then lost in a power cut before it reached the disk (see above).
-        return Ok(Vec::new());
-    }
-    let file: StateFile = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "the proxy state file {} is corrupt: fix it, or move it away to start with no backends",
-            path.display()
-        )
-    })?;
-    if file.version != VERSION {
-        anyhow::bail!(
-            "the proxy state file {} has version {}, this cutover reads version {VERSION}",
-            path.display(),
-            file.version
-        );
-    }
-    Ok(file.backends)
+    Ok(crate::atomic_file::read_either(path, parse)
+        .with_context(|| format!("cannot read the proxy state file {}", path.display()))?
+        .unwrap_or_default())
 }
 
 /// Writes the state atomically (no fsync: see the module docs), through
