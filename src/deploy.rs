@@ -888,6 +888,7 @@ impl Deployer {
         label: &str,
         f: &HostFailure,
     ) -> anyhow::Result<()> {
+        self.progress.host(&f.host, Phase::Failed);
         self.progress
             .say(&format!("{label}: {} FAILED: {}", f.host, f.reason));
         self.journal
@@ -1077,7 +1078,7 @@ impl Deployer {
             })
             .await
             .map_err(|reason| {
-                self.progress.host(host.name.as_str(), Phase::Failed);
+                self.progress.host(host.name.as_str(), Phase::Unsettled);
                 self.progress.say(&format!(
                     "{label} {}: WARNING: serves {} but could not settle: {reason}",
                     host.name, keep.version
@@ -1503,9 +1504,16 @@ pub struct Moved {
     pub backends: Vec<crate::balancer::BackendView>,
 }
 
+/// The longest the previous batch's settles wait for the next batch's apps to answer: a slow
+/// app is past the CPU burst of its start by then, and the previous batch's old backends (their
+/// retire is part of the settle) should not keep serving beside the new ones for a whole gate
+/// deadline when an app never answers.
+const SETTLE_HOLD_MAX: Duration = Duration::from_millis(200);
+
 /// Settles running in the background while a rolling deployment goes on. Those of a batch wait
 /// until they are released: once every instance of the next batch has answered its first health
-/// check or failed ([`Settling::release_when`]), or when the rolling loop waits for them.
+/// check or failed, or after [`SETTLE_HOLD_MAX`] ([`Settling::release_when`]), or when the
+/// rolling loop waits for them.
 #[derive(Default)]
 struct Settling {
     tasks: Vec<tokio::task::JoinHandle<Result<(), HostFailure>>>,
@@ -1540,11 +1548,12 @@ impl Settling {
         }));
     }
 
-    /// Lets every settle spawned so far run once each of `answered` has been told or dropped.
+    /// Lets every settle spawned so far run once each of `answered` has been told or dropped,
+    /// or after [`SETTLE_HOLD_MAX`].
     fn release_when(&mut self, answered: Vec<tokio::sync::oneshot::Receiver<()>>) {
         if let Some(go) = self.go.take() {
             tokio::spawn(async move {
-                join_all(answered).await;
+                let _ = tokio::time::timeout(SETTLE_HOLD_MAX, join_all(answered)).await;
                 let _ = go.send(true);
             });
         }

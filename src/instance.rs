@@ -420,18 +420,19 @@ impl Drop for Booting {
 }
 
 /// The pause before a refused probe is retried in the quick phase: 0.5 ms for one booting
-/// instance (an app that starts in 3 ms is seen within a sixth of that), longer as more boot at
-/// once, up to 2 ms, so this process makes at most about two refused connections per
-/// millisecond per core-hungry batch. Slept precisely: the runtime's timer would round 0.5 ms
-/// up to 1-2 ms.
+/// instance (an app that starts in 3 ms is seen within a sixth of that), 1 ms each for two, 2
+/// ms each for four or more, so a batch of 16 booting at once makes 8 probes per millisecond
+/// rather than 32. Slept precisely: the runtime's timer would round 0.5 ms up to 1-2 ms. The
+/// count is per process, which runs one deployment at a time (`serve` queues them).
 fn quick_pause(booting: usize) -> Duration {
     (Duration::from_micros(500) * booting as u32).min(Duration::from_millis(2))
 }
 
 /// Sleeps until `deadline` to within a fraction of a millisecond. The runtime's timer rounds up
-/// to whole milliseconds and wakes late by one or two more; the health gate waits once per
-/// batch on the critical path of the whole deploy, so the last stretch is slept on a blocking
-/// thread, where the kernel's timer is precise.
+/// to whole milliseconds and wakes late by one or two more; the health gate's interval (once
+/// per batch) and its quick probes while an app boots are on the critical path of the whole
+/// deploy, so the last stretch is slept on a blocking thread, where the kernel's timer is
+/// precise.
 async fn sleep_precisely_until(deadline: tokio::time::Instant) {
     const SLACK: Duration = Duration::from_millis(3);
     if let Some(coarse) = deadline.checked_sub(SLACK) {

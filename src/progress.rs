@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -28,6 +29,8 @@ pub enum Phase {
     Serving,
     /// On the new release, settled.
     Done,
+    /// Serves the new release, but its old instances or `current` could not be settled.
+    Unsettled,
     Failed,
 }
 
@@ -39,12 +42,13 @@ impl Phase {
             Phase::Gate => "health gate",
             Phase::Serving => "serving, stopping the old",
             Phase::Done => "done",
+            Phase::Unsettled => "serving, NOT SETTLED",
             Phase::Failed => "FAILED",
         }
     }
 
     fn moved(self) -> bool {
-        matches!(self, Phase::Serving | Phase::Done)
+        matches!(self, Phase::Serving | Phase::Done | Phase::Unsettled)
     }
 }
 
@@ -61,8 +65,9 @@ pub struct Progress {
 impl Progress {
     /// Lines (or JSON lines) on stderr, with the live board when stderr is a terminal.
     pub fn new(json: bool) -> Progress {
-        let terminal =
-            std::io::stderr().is_terminal() && std::env::var("TERM").map_or(true, |t| t != "dumb");
+        let terminal = std::io::stderr().is_terminal()
+            && std::env::var("TERM").map_or(true, |t| t != "dumb")
+            && !NO_BOARD.load(Ordering::Relaxed);
         Progress {
             start: Instant::now(),
             json,
@@ -111,11 +116,15 @@ impl Progress {
         self.draw(Some(&line));
     }
 
-    /// The batches of a rolling deployment (host names, in order): the board shows them.
+    /// The batches of a rolling deployment (host names, in order): the board shows them. An
+    /// empty plan takes the board off the screen.
     pub fn plan(&self, batches: &[Vec<String>]) {
         if let Some(board) = &self.board {
             let mut b = board.lock().unwrap_or_else(|e| e.into_inner());
+            let drawn = b.drawn;
             *b = Board::new(batches);
+            // Still on screen: the next draw erases it.
+            b.drawn = drawn;
         }
         self.draw(None);
     }
@@ -150,7 +159,13 @@ impl Progress {
             out.push_str(&format!("\x1b[{}A\r\x1b[J", b.drawn));
         }
         if let Some(line) = line {
-            out.push_str(line);
+            // A carriage return or an escape sequence (an app's log tail) would move the cursor
+            // under the board's feet.
+            out.extend(line.chars().map(|c| match c {
+                '\n' | '\t' => c,
+                c if c.is_control() => '?',
+                c => c,
+            }));
             out.push('\n');
         }
         let lines = b.render(self.start.elapsed().as_secs_f64(), terminal_width());
@@ -162,6 +177,15 @@ impl Progress {
         let _ = err.write_all(out.as_bytes());
         let _ = err.flush();
     }
+}
+
+/// Set when something else writes to stderr as it pleases (verbose logging): the board's
+/// redraws would erase its lines.
+static NO_BOARD: AtomicBool = AtomicBool::new(false);
+
+/// No live board in this process (see [`NO_BOARD`]).
+pub fn no_board() {
+    NO_BOARD.store(true, Ordering::Relaxed);
 }
 
 /// The live board's state: pure, so what it shows is tested without a terminal.

@@ -229,6 +229,10 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
+    if verbose > 0 || std::env::var_os("CUTOVER_LOG").is_some() {
+        // Log lines would come between the board's redraws.
+        crate::progress::no_board();
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
