@@ -29,11 +29,41 @@ type Ws =
 
 /// Headless Chromium with a DevTools connection to one page.
 struct Browser {
-    _child: Child,
+    /// Leader of its own process group, which its helpers (zygote, renderers, GPU) share.
+    child: Child,
+    /// Removed after `child`'s group is gone (field order; see `Drop`).
     _profile: tempfile::TempDir,
     ws: Ws,
     session: String,
     next_id: u64,
+}
+
+/// Ends chromium and its helpers and waits for them, so that they are not still writing to the
+/// profile directory when it is removed (which left `cutover-chromium-*` directories behind).
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let Some(pid) = self.child.id() else {
+            return;
+        };
+        // SAFETY: a signal to the process group this test created (its id is chromium's pid).
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGKILL);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                _ => break,
+            }
+        }
+        // Helpers are not our children: give the group a moment to be gone.
+        while std::time::Instant::now() < deadline
+            // SAFETY: signal 0 only checks whether the group still has a member.
+            && unsafe { libc::kill(-(pid as i32), 0) } == 0
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn chromium() -> Option<PathBuf> {
@@ -77,6 +107,7 @@ impl Browser {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .expect("chromium starts");
         // "DevTools listening on ws://127.0.0.1:PORT/devtools/browser/ID" on stderr.
@@ -99,7 +130,7 @@ impl Browser {
             .await
             .expect("DevTools websocket");
         let mut b = Browser {
-            _child: child,
+            child,
             _profile: profile,
             ws,
             session: String::new(),
