@@ -102,6 +102,9 @@ impl Browser {
                 "--window-size=1280,1100",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
+            // Its shared memory files (`org.chromium.Chromium.*`, in TMPDIR with
+            // --disable-dev-shm-usage) go with the profile.
+            .env("TMPDIR", profile.path())
             .arg("about:blank")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
