@@ -1583,3 +1583,50 @@ impl Settling {
         failed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held() -> (Settling, tokio::sync::watch::Receiver<bool>) {
+        let (go, released) = tokio::sync::watch::channel(false);
+        let settling = Settling {
+            tasks: Vec::new(),
+            go: Some(go),
+        };
+        (settling, released)
+    }
+
+    #[tokio::test]
+    async fn settles_go_when_every_new_instance_has_answered() {
+        let (mut settling, mut released) = held();
+        let (a, a_told) = tokio::sync::oneshot::channel::<()>();
+        let (b, b_told) = tokio::sync::oneshot::channel::<()>();
+        settling.release_when(vec![a_told, b_told]);
+        a.send(()).unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!*released.borrow(), "one instance still boots");
+        drop(b); // its gate ended without an answer
+        tokio::time::timeout(Duration::from_millis(100), released.wait_for(|r| *r))
+            .await
+            .expect("released once both are settled")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_never_answers_holds_them_back_at_most_the_cap() {
+        let (mut settling, mut released) = held();
+        let (_never, never_told) = tokio::sync::oneshot::channel::<()>();
+        let start = tokio::time::Instant::now();
+        settling.release_when(vec![never_told]);
+        tokio::time::timeout(Duration::from_secs(2), released.wait_for(|r| *r))
+            .await
+            .expect("released by the cap")
+            .unwrap();
+        let held_for = start.elapsed();
+        assert!(
+            held_for >= SETTLE_HOLD_MAX && held_for < SETTLE_HOLD_MAX * 3,
+            "held for {held_for:?}"
+        );
+    }
+}
