@@ -387,10 +387,10 @@ impl Journal {
         detail: &str,
     ) -> anyhow::Result<i64> {
         self.write(|c| {
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO steps (deployment, host, action, detail, started_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![deployment, host, action, detail, now_ms() as i64],
-            )?;
+            )?
+            .execute(params![deployment, host, action, detail, now_ms() as i64])?;
             Ok(c.last_insert_rowid())
         })
     }
@@ -398,14 +398,14 @@ impl Journal {
     /// Records how a step ended (`ok` or `failed: reason`), with an updated detail.
     pub fn step_end(&self, step: i64, result: &str, detail: Option<&str>) -> anyhow::Result<()> {
         self.write(|c| match detail {
-            Some(d) => c.execute(
-                "UPDATE steps SET ended_ms = ?1, result = ?2, detail = ?3 WHERE id = ?4",
-                params![now_ms() as i64, result, d, step],
-            ),
-            None => c.execute(
-                "UPDATE steps SET ended_ms = ?1, result = ?2 WHERE id = ?3",
-                params![now_ms() as i64, result, step],
-            ),
+            Some(d) => c
+                .prepare_cached(
+                    "UPDATE steps SET ended_ms = ?1, result = ?2, detail = ?3 WHERE id = ?4",
+                )?
+                .execute(params![now_ms() as i64, result, d, step]),
+            None => c
+                .prepare_cached("UPDATE steps SET ended_ms = ?1, result = ?2 WHERE id = ?3")?
+                .execute(params![now_ms() as i64, result, step]),
         })?;
         Ok(())
     }
