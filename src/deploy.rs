@@ -881,7 +881,8 @@ impl Deployer {
         (outcome, stuck)
     }
 
-    /// Says and journals that a host failed in a batch (`label`).
+    /// Says and journals that a host failed in a batch (`label`); the one place the board
+    /// learns of a failed host.
     pub(crate) fn report_failed_host(
         &self,
         run: &Run,
@@ -945,12 +946,9 @@ impl Deployer {
     ) -> Result<Started, HostFailure> {
         let _permit = self.forks.acquire().await;
         self.progress.host(host.name.as_str(), Phase::Starting);
-        let fail = |reason: String| {
-            self.progress.host(host.name.as_str(), Phase::Failed);
-            HostFailure {
-                host: host.name.to_string(),
-                reason,
-            }
+        let fail = |reason: String| HostFailure {
+            host: host.name.to_string(),
+            reason,
         };
         let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
         let recorded = match known {
@@ -1031,7 +1029,6 @@ impl Deployer {
             )
             .await;
         if let Err(e) = admitted {
-            self.progress.host(host.name.as_str(), Phase::Failed);
             self.discard(run, host, inst).await;
             return Err(HostFailure {
                 host: host.name.to_string(),
@@ -1429,7 +1426,7 @@ fn strategy_name(config: &Config) -> &'static str {
     }
 }
 
-fn plan_names(plan: &[Vec<Host>]) -> Vec<Vec<String>> {
+pub(crate) fn plan_names(plan: &[Vec<Host>]) -> Vec<Vec<String>> {
     plan.iter()
         .map(|b| b.iter().map(|h| h.name.to_string()).collect())
         .collect()

@@ -680,12 +680,7 @@ impl Deployer {
         let mut moved: Vec<Host> = Vec::new();
         // Set when a batch exceeds the failure budget, as in a rolling deploy.
         let mut stopped: Option<Outcome> = None;
-        self.progress.plan(
-            &plan
-                .iter()
-                .map(|b| b.iter().map(|h| h.name.to_string()).collect())
-                .collect::<Vec<_>>(),
-        );
+        self.progress.plan(&crate::deploy::plan_names(&plan));
         for (i, hosts) in plan.iter().enumerate() {
             let label = format!("promote {}/{}", i + 1, plan.len());
             let results = join_all(
