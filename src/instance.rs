@@ -300,9 +300,8 @@ pub enum GateError {
 /// While nothing answers yet, probes come quickly (every 0.5 to 2 ms for the first 200 ms, see
 /// [`quick_pause`], then doubling up to 50 ms or `interval`): a refused connection costs
 /// microseconds, and the gate's clock should start when the app does, not up to an interval
-/// later. Whether the process still
-/// lives is asked of the host only once the app has had [`LIVENESS_GRACE`] to start, so a fast
-/// app never pays that round trip.
+/// later. Whether the process still lives is asked of the host only once the app has had
+/// [`LIVENESS_GRACE`] to start, so a fast app never pays that round trip.
 ///
 /// `answered` is told when the app first answers a check (passing or not), or dropped when the
 /// gate ends without an answer.
