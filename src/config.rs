@@ -1155,12 +1155,6 @@ impl Config {
         };
         let s = &self.strategy;
         let hosts = self.hosts.len() as u32;
-        if self.app.mode == Mode::InPlace {
-            return Err(err(
-                "app.mode",
-                "mode = \"in-place\" is not supported yet: cutover starts the new instance beside the old one on a free port; make the app listen on {port} / $PORT".into(),
-            ));
-        }
         if self.app.mode == Mode::InPlace && self.app.port.is_none() {
             return Err(err(
                 "app.port",
@@ -1529,6 +1523,28 @@ batch = [1, "50%"]
         assert!(e.starts_with("cutover.toml:2:"), "{e}");
         assert!(e.contains("app.start"), "{e}");
         assert!(e.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn in_place_mode_needs_its_port_and_a_rolling_deploy() {
+        let with = |app: &str, kind: &str| {
+            GOOD.replace("name = \"shop\"", &format!("name = \"shop\"\n{app}"))
+                .replace("kind = \"rolling\"", &format!("kind = \"{kind}\""))
+        };
+        let c = parse(&with("mode = \"in-place\"\nport = 8000", "rolling")).unwrap();
+        assert_eq!((c.app.mode, c.app.port), (Mode::InPlace, Some(8000)));
+        let e = error_of(&with("mode = \"in-place\"", "rolling"));
+        assert!(e.contains("app.port") && e.contains("port = 8000"), "{e}");
+        let e = error_of(&with("port = 8000", "rolling"));
+        assert!(
+            e.contains("app.port") && e.contains("mode = \"in-place\""),
+            "{e}"
+        );
+        let e = error_of(&with("mode = \"in-place\"\nport = 8000", "blue-green"));
+        assert!(
+            e.contains("strategy.kind") && e.contains("side-by-side"),
+            "{e}"
+        );
     }
 
     #[test]

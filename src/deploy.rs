@@ -24,6 +24,13 @@
 //! A failure in steps 1-3 stops and removes only the new instance: the old one never left the
 //! balancer, so a failed host keeps serving the old release. Undoing a moved host is the same
 //! dance towards the old release, which stays staged on the host.
+//!
+//! `app.mode = "in-place"` (rolling only), for apps that listen on a fixed port and so cannot
+//! run twice on a host: before step 1 the host's backends are drained and removed and its
+//! instances stopped ([`Deployer::empty_host`]), then the new instance starts on `app.port`;
+//! the host's capacity is gone until step 3. A new instance that fails there leaves the host
+//! empty, so the host's previous release is started again at once, the same way, before the
+//! failure counts against the budget.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -186,6 +193,9 @@ impl Deployer {
     /// A port found a health interval ago is as good as one found now: either can be taken in
     /// between, and the health gate catches an instance that could not bind.
     pub fn prefetch_ports(&self, hosts: &[Host]) {
+        if self.in_place().is_some() {
+            return;
+        }
         let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
         for host in hosts {
             let (transport, h) = (self.transport.clone(), host.clone());
@@ -196,8 +206,20 @@ impl Deployer {
         }
     }
 
-    /// A free port on the host: the one looked up ahead, else a fresh lookup.
+    /// In-place mode's fixed port (`app.port`), or `None` side by side.
+    fn in_place(&self) -> Option<u16> {
+        let app = &self.config.app;
+        (app.mode == crate::config::Mode::InPlace)
+            .then_some(app.port)
+            .flatten()
+    }
+
+    /// The port for a new instance: in place, the app's fixed one; else a free port of the
+    /// host, the one looked up ahead or a fresh lookup.
     async fn free_port(&self, host: &Host) -> anyhow::Result<u16> {
+        if let Some(port) = self.in_place() {
+            return Ok(port);
+        }
         let ahead = self
             .ports
             .lock()
@@ -236,6 +258,12 @@ impl Deployer {
             .await
             .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
+        if self.in_place().is_some() && plan.iter().any(|b| b.len() == config.hosts.len()) {
+            self.progress.say(&format!(
+                "WARNING: app.mode = \"in-place\" and a batch of all {} host(s): nothing serves while they restart (use a smaller batch)",
+                config.hosts.len()
+            ));
+        }
         if config.strategy.kind == crate::config::StrategyKind::Rolling {
             // The first batch's ports, looked up while the deployment is recorded and staged.
             let reachable: Vec<Host> = plan
@@ -944,7 +972,7 @@ impl Deployer {
         version: &Name,
         known: Option<&[instance::Recorded]>,
     ) -> Result<Started, HostFailure> {
-        let _permit = self.forks.acquire().await;
+        let permit = self.forks.acquire().await;
         self.progress.host(host.name.as_str(), Phase::Starting);
         let fail = |reason: String| HostFailure {
             host: host.name.to_string(),
@@ -980,10 +1008,25 @@ impl Deployer {
                 (r.instance.clone(), true)
             }
             None => {
-                let inst = self
-                    .start_instance(run, host, version)
-                    .await
-                    .map_err(fail)?;
+                let in_place = self.in_place().is_some();
+                let started = async {
+                    if in_place {
+                        self.empty_host(run, label, host, &recorded, &backends)
+                            .await?;
+                    }
+                    self.start_instance(run, host, version).await
+                }
+                .await;
+                let inst = match started {
+                    Ok(inst) => inst,
+                    Err(reason) if in_place => {
+                        drop(permit);
+                        return Err(fail(
+                            self.restore_in_place(run, host, version, reason).await,
+                        ));
+                    }
+                    Err(reason) => return Err(fail(reason)),
+                };
                 say(format!(
                     "started {version} on {} (pid {})",
                     inst.address, inst.pid
@@ -991,9 +1034,94 @@ impl Deployer {
                 (inst, false)
             }
         };
+        // In place, the host's old backends are gone already (and share the new one's id).
+        let backends = if self.in_place().is_some() {
+            Vec::new()
+        } else {
+            backends
+        };
         Ok(Started {
             moved: Moved { instance, backends },
             serving,
+        })
+    }
+
+    /// Empties a host: its backends leave the balancer (drained first, so no request in flight
+    /// is cut) and its instances stop. In place, this frees the app's fixed port before the new
+    /// instance starts, and the host serves nothing until that one is admitted; it is also the
+    /// undo of a first deploy.
+    async fn empty_host(
+        &self,
+        run: &Run,
+        label: &str,
+        host: &Host,
+        recorded: &[instance::Recorded],
+        backends: &[crate::balancer::BackendView],
+    ) -> Result<(), String> {
+        let h = host.name.as_str();
+        for b in backends.iter().filter(|b| b.spec.host == h) {
+            self.step(
+                run,
+                h,
+                "retire",
+                &b.spec.id,
+                self.retire_backend(&b.spec.id),
+            )
+            .await?;
+        }
+        let app = &self.config.app;
+        let t = self.transport.as_ref();
+        for r in recorded {
+            let detail = format!("{}@{}", r.instance.version, r.instance.address);
+            self.step(run, h, "stop", &detail, async {
+                instance::stop(t, host, &r.instance, app.stop_signal, *app.stop_timeout)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await?;
+            if r.alive {
+                self.progress.say(&format!(
+                    "{label} {h}: out of the balancer; stopped {} (pid {})",
+                    r.instance.version, r.instance.pid
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// In-place mode, after a host's new instance failed: the host stopped its old instance
+    /// to free the port, so it serves nothing until its previous release runs again. Starts
+    /// that (the same dance) and returns `reason`, with what went wrong if the host could not
+    /// be restored. A host that served nothing before, or whose restore itself failed, stays
+    /// empty.
+    fn restore_in_place<'a>(
+        &'a self,
+        run: &'a Run,
+        host: &'a Host,
+        failed: &'a Name,
+        reason: String,
+    ) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + 'a>> {
+        // Boxed, and declared `Send`, because it is recursive: a restore is a switch.
+        Box::pin(async move {
+            let prev = run.previous.get(host.name.as_str()).cloned().flatten();
+            let Some(prev) = prev.filter(|p| p != failed.as_str()) else {
+                return reason;
+            };
+            let Ok(prev) = Name::parse(&prev) else {
+                return reason;
+            };
+            self.progress.say(&format!(
+                "restore {}: {failed} failed in place; starting {prev} again",
+                host.name
+            ));
+            match self.switch_host(run, "restore", host, &prev, false).await {
+                Ok(()) => reason,
+                Err(f) => format!(
+                    "{reason}; then {prev} could not be started again, so the host serves nothing: {}",
+                    f.reason
+                ),
+            }
         })
     }
 
@@ -1030,9 +1158,14 @@ impl Deployer {
             .await;
         if let Err(e) = admitted {
             self.discard(run, host, inst).await;
+            let reason = if self.in_place().is_some() {
+                self.restore_in_place(run, host, version, e).await
+            } else {
+                e
+            };
             return Err(HostFailure {
                 host: host.name.to_string(),
-                reason: e,
+                reason,
             });
         }
         self.progress.host(host.name.as_str(), Phase::Serving);
@@ -1360,37 +1493,12 @@ impl Deployer {
             .backends()
             .await
             .map_err(|e| fail(format!("{e:#}")))?;
-        for b in backends
-            .iter()
-            .filter(|b| b.spec.host == host.name.as_str())
-        {
-            self.step(
-                run,
-                host.name.as_str(),
-                "retire",
-                &b.spec.id,
-                self.retire_backend(&b.spec.id),
-            )
+        let recorded = instance::list(self.transport.as_ref(), host)
             .await
-            .map_err(fail)?;
-        }
-        let app = &self.config.app;
-        let t = self.transport.as_ref();
-        for r in instance::list(t, host)
+            .map_err(|e| fail(format!("{e:#}")))?;
+        self.empty_host(run, "rollback", host, &recorded, &backends)
             .await
-            .map_err(|e| fail(format!("{e:#}")))?
-        {
-            let detail = format!("{}@{}", r.instance.version, r.instance.address);
-            self.step(run, host.name.as_str(), "stop", &detail, async {
-                instance::stop(t, host, &r.instance, app.stop_signal, *app.stop_timeout)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| format!("{e:#}"))
-            })
-            .await
-            .map_err(fail)?;
-        }
-        Ok(())
+            .map_err(fail)
     }
 }
 

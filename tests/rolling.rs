@@ -226,3 +226,54 @@ async fn a_batch_wider_than_forks_gates_its_hosts_together() {
         "every host's gate began before the first one passed: {admits:#?}"
     );
 }
+
+/// `mode = "in-place"`: an app on a fixed port cannot run twice on a host, so each host leaves
+/// the balancer (drained), stops, starts the new release on the same port and comes back,
+/// while the other hosts serve. A release that fails on a host puts its previous release back
+/// there at once, and the deploy rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_mode_restarts_each_host_on_its_fixed_port_without_a_failed_request() {
+    let net = 19;
+    let port = common::free_port(&format!("127.0.{net}.11"));
+    let mut spec = FleetSpec::new(3, net);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
+    spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    assert_fleet_on(&fleet, "v1").await;
+    let on_fixed_port = |backends: &[cutover::balancer::BackendView]| {
+        backends.iter().all(|b| b.spec.address.port() == port)
+    };
+    assert!(on_fixed_port(&fleet.backends().await));
+
+    let run = traffic(&fleet);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy("v2", 0).await;
+    run.wait_until(|r| r.ok >= 600).await;
+    let (bad_out, bad_err) = fleet.deploy("sick", 1).await;
+    let report = stop_after(run, 2_000).await;
+
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}\n{err}\n{bad_err}",
+        report.failures
+    );
+    assert!(out.contains("succeeded"), "{out}\n{err}");
+    for host in ["web1", "web2", "web3"] {
+        assert!(
+            err.contains(&format!("{host}: out of the balancer; stopped v1")),
+            "{host} was drained and stopped before its new instance started:\n{err}"
+        );
+    }
+    assert!(bad_out.contains("rolled_back"), "{bad_out}\n{bad_err}");
+    assert!(
+        bad_err.contains("restore web1: sick failed in place; starting v2 again"),
+        "{bad_err}"
+    );
+    assert!(
+        !bad_err.contains("batch 2/3"),
+        "the budget stopped the deploy at its first batch:\n{bad_err}"
+    );
+    assert_fleet_on(&fleet, "v2").await;
+    assert!(on_fixed_port(&fleet.backends().await));
+}

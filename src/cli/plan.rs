@@ -157,21 +157,39 @@ fn print_rolling_plan(config: &Config, version: &Name) {
         let names: Vec<&str> = b.iter().map(|h| h.name.as_str()).collect();
         println!("  batch {}/{}: {}", i + 1, plan.len(), names.join(", "));
     }
-    println!("  per host, side by side:");
-    println!(
-        "    1. start {version} on a free port; gate: {} health checks in a row on {} (every {}, deadline {})",
+    let gate = format!(
+        "gate: {} health checks in a row on {} (every {}, deadline {})",
         h.healthy_threshold.0, h.path, h.interval, h.deadline
     );
-    println!("    2. add to the balancer; gate: the balancer's own health check");
-    println!(
-        "    3. drain the old backend (drain_timeout {}), remove it",
-        config.app.drain_timeout
-    );
-    println!(
-        "    4. stop the old instance (SIG{}, stop_timeout {}, then KILL); point `current` at {version}",
+    let (signal, stop_timeout, drain_timeout) = (
         config.app.stop_signal.name(),
-        config.app.stop_timeout
+        config.app.stop_timeout,
+        config.app.drain_timeout,
     );
+    match (config.app.mode, config.app.port) {
+        (crate::config::Mode::InPlace, Some(port)) => {
+            println!(
+                "  per host, in place (port {port}; the host is out of the balancer meanwhile):"
+            );
+            println!(
+                "    1. drain the host's backend (drain_timeout {drain_timeout}), remove it; stop its instance (SIG{signal}, stop_timeout {stop_timeout}, then KILL)"
+            );
+            println!("    2. start {version} on port {port}; {gate}");
+            println!(
+                "    3. add to the balancer; gate: the balancer's own health check; point `current` at {version}"
+            );
+            println!("    on failure: start the host's previous release again, the same way");
+        }
+        _ => {
+            println!("  per host, side by side:");
+            println!("    1. start {version} on a free port; {gate}");
+            println!("    2. add to the balancer; gate: the balancer's own health check");
+            println!("    3. drain the old backend (drain_timeout {drain_timeout}), remove it");
+            println!(
+                "    4. stop the old instance (SIG{signal}, stop_timeout {stop_timeout}, then KILL); point `current` at {version}"
+            );
+        }
+    }
     let worst = deploy::worst_case_per_host(config) * plan.len() as u32;
     println!(
         "  worst case: {} ({} batch(es) x {} per host)",
