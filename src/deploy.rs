@@ -29,8 +29,9 @@
 //! run twice on a host: before step 1 the host's backends are drained and removed and its
 //! instances stopped ([`Deployer::empty_host`]), then the new instance starts on `app.port`;
 //! the host's capacity is gone until step 3. A new instance that fails there leaves the host
-//! empty, so the host's previous release is started again at once, the same way, before the
-//! failure counts against the budget.
+//! empty, so the release it served is started again at once, the same way, before the failure
+//! counts against the budget (a host that stays empty ends the deployment `failed`). An undo
+//! returns hosts in waves no larger than the largest batch, for the same reason.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -154,6 +155,8 @@ pub struct Deployer {
     forks: Arc<Semaphore>,
     /// Free ports being looked up ahead of a host's start (see [`Deployer::prefetch_ports`]).
     ports: Arc<std::sync::Mutex<BTreeMap<String, PortLookup>>>,
+    /// Hosts a failure in place left serving nothing ([`Deployer::restore_in_place`]).
+    stranded: Arc<std::sync::Mutex<Vec<HostFailure>>>,
 }
 
 type PortLookup = tokio::task::JoinHandle<anyhow::Result<u16>>;
@@ -183,6 +186,7 @@ impl Deployer {
             progress,
             forks,
             ports: Arc::default(),
+            stranded: Default::default(),
         }
     }
 
@@ -554,6 +558,7 @@ impl Deployer {
                 (outcome, stuck) = self.roll_back(&run, &moved).await;
             }
         }
+        self.stranded_into(&mut stuck, &mut outcome);
         let report = self
             .finish(
                 &run,
@@ -590,28 +595,13 @@ impl Deployer {
             interrupted.from.as_deref().unwrap_or("(nothing)"),
             interrupted.to
         ));
-        let results = join_all(self.config.hosts.iter().map(|h| {
-            let run = &run;
-            async move {
-                match run.previous.get(h.name.as_str()).cloned().flatten() {
-                    Some(prev) => {
-                        let prev = Name::parse(&prev).map_err(|e| HostFailure {
-                            host: h.name.to_string(),
-                            reason: e,
-                        })?;
-                        self.switch_host(run, "rollback", h, &prev, false).await
-                    }
-                    None => self.clear_host(run, h).await,
-                }
-            }
-        }))
-        .await;
-        let stuck: Vec<HostFailure> = results.into_iter().filter_map(Result::err).collect();
-        let outcome = if stuck.is_empty() {
+        let mut stuck = self.return_hosts(&run, &self.config.hosts).await;
+        let mut outcome = if stuck.is_empty() {
             Outcome::RolledBack
         } else {
             Outcome::Failed
         };
+        self.stranded_into(&mut stuck, &mut outcome);
         let from = interrupted.from.clone();
         self.finish(
             &run,
@@ -1009,40 +999,55 @@ impl Deployer {
             }
             None => {
                 let in_place = self.in_place().is_some();
-                let started = async {
-                    if in_place {
-                        self.empty_host(run, label, host, &recorded, &backends)
-                            .await?;
+                let emptied = if in_place {
+                    // What served: an alive instance, newest pid file first.
+                    let served = recorded
+                        .iter()
+                        .filter(|r| r.alive && r.instance.version != version.as_str())
+                        .find_map(|r| Name::parse(&r.instance.version).ok());
+                    if let Err(reason) = self
+                        .empty_host(run, label, host, &recorded, &backends)
+                        .await
+                    {
+                        drop(permit);
+                        let reason = self.restore_in_place(run, host, served, reason).await;
+                        return Err(fail(reason));
                     }
-                    self.start_instance(run, host, version).await
-                }
-                .await;
-                let inst = match started {
-                    Ok(inst) => inst,
+                    served
+                } else {
+                    None
+                };
+                match self.start_instance(run, host, version).await {
+                    Ok(inst) => {
+                        say(format!(
+                            "started {version} on {} (pid {})",
+                            inst.address, inst.pid
+                        ));
+                        // The host's old backends are gone already, and in place share the
+                        // new one's id.
+                        let backends = if in_place { Vec::new() } else { backends };
+                        return Ok(Started {
+                            moved: Moved {
+                                instance: inst,
+                                backends,
+                            },
+                            serving: false,
+                            emptied,
+                        });
+                    }
                     Err(reason) if in_place => {
                         drop(permit);
-                        return Err(fail(
-                            self.restore_in_place(run, host, version, reason).await,
-                        ));
+                        let reason = self.restore_in_place(run, host, emptied, reason).await;
+                        return Err(fail(reason));
                     }
                     Err(reason) => return Err(fail(reason)),
-                };
-                say(format!(
-                    "started {version} on {} (pid {})",
-                    inst.address, inst.pid
-                ));
-                (inst, false)
+                }
             }
-        };
-        // In place, the host's old backends are gone already (and share the new one's id).
-        let backends = if self.in_place().is_some() {
-            Vec::new()
-        } else {
-            backends
         };
         Ok(Started {
             moved: Moved { instance, backends },
             serving,
+            emptied: None,
         })
     }
 
@@ -1090,39 +1095,68 @@ impl Deployer {
         Ok(())
     }
 
-    /// In-place mode, after a host's new instance failed: the host stopped its old instance
-    /// to free the port, so it serves nothing until its previous release runs again. Starts
-    /// that (the same dance) and returns `reason`, with what went wrong if the host could not
-    /// be restored. A host that served nothing before, or whose restore itself failed, stays
-    /// empty.
+    /// In-place mode, after a host's new instance failed: the host stopped `emptied` (the
+    /// release it served) to free the port, so it serves nothing until that runs again. Starts
+    /// it again (the same dance) and returns `reason` with the result. A host left empty (it
+    /// served nothing before, or the restart failed too) is recorded as stranded: the
+    /// deployment then ends `failed`, with the host among those to look at.
     fn restore_in_place<'a>(
         &'a self,
         run: &'a Run,
         host: &'a Host,
-        failed: &'a Name,
+        emptied: Option<Name>,
         reason: String,
     ) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + 'a>> {
         // Boxed, and declared `Send`, because it is recursive: a restore is a switch.
         Box::pin(async move {
-            let prev = run.previous.get(host.name.as_str()).cloned().flatten();
-            let Some(prev) = prev.filter(|p| p != failed.as_str()) else {
+            let h = host.name.as_str();
+            let Some(back) = emptied else {
+                if run.previous.get(h).cloned().flatten().is_some() {
+                    let reason = format!("{reason}\nthe host serves nothing now");
+                    self.strand(h, &reason);
+                    return reason;
+                }
                 return reason;
             };
-            let Ok(prev) = Name::parse(&prev) else {
-                return reason;
-            };
-            self.progress.say(&format!(
-                "restore {}: {failed} failed in place; starting {prev} again",
-                host.name
-            ));
-            match self.switch_host(run, "restore", host, &prev, false).await {
-                Ok(()) => reason,
-                Err(f) => format!(
-                    "{reason}; then {prev} could not be started again, so the host serves nothing: {}",
-                    f.reason
-                ),
+            self.progress
+                .say(&format!("restore {h}: starting {back} again in place"));
+            match self.switch_host(run, "restore", host, &back, false).await {
+                Ok(()) => format!("{reason}\nrestored: {back} serves again on the host"),
+                Err(f) => {
+                    let reason = format!(
+                        "{reason}\n{back} could not be started again, so the host serves nothing: {}",
+                        f.reason
+                    );
+                    self.strand(h, &reason);
+                    reason
+                }
             }
         })
+    }
+
+    /// Records a host that serves nothing after a failure in place (see
+    /// [`Deployer::restore_in_place`]).
+    fn strand(&self, host: &str, reason: &str) {
+        self.stranded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(HostFailure {
+                host: host.to_string(),
+                reason: reason.to_string(),
+            });
+    }
+
+    /// Hosts left serving nothing, once each, for the report's hosts to look at; `outcome`
+    /// becomes `failed` when there are any.
+    fn stranded_into(&self, stuck: &mut Vec<HostFailure>, outcome: &mut Outcome) {
+        let stranded =
+            std::mem::take(&mut *self.stranded.lock().unwrap_or_else(|p| p.into_inner()));
+        for f in stranded {
+            *outcome = Outcome::Failed;
+            if !stuck.iter().any(|s| s.host == f.host) {
+                stuck.push(f);
+            }
+        }
     }
 
     /// Steps 2-3 of a switch, for an instance [`Deployer::start_new`] started. On failure the
@@ -1159,7 +1193,7 @@ impl Deployer {
         if let Err(e) = admitted {
             self.discard(run, host, inst).await;
             let reason = if self.in_place().is_some() {
-                self.restore_in_place(run, host, version, e).await
+                self.restore_in_place(run, host, started.emptied, e).await
             } else {
                 e
             };
@@ -1288,6 +1322,21 @@ impl Deployer {
         instance::wait_healthy(self.transport.as_ref(), host, inst, health, answered)
             .await
             .map_err(|e| format!("{} on {}: {e}", inst.version, inst.address))?;
+        if self.in_place().is_some() {
+            // On a fixed port, another process can answer for an instance that could not bind.
+            let alive = instance::is_alive(self.transport.as_ref(), host, inst)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            if !alive {
+                return Err(format!(
+                    "{} on {}: its process (pid {}) exited, yet something answers on port {}: another process holds app.port on this host; stop it, then deploy again",
+                    inst.version,
+                    inst.address,
+                    inst.pid,
+                    inst.port()
+                ));
+            }
+        }
         let version = Name::parse(&inst.version).map_err(|e| e.to_string())?;
         let target = crate::verify::Target {
             url: format!("http://{}", inst.address),
@@ -1465,20 +1514,39 @@ impl Deployer {
             "rollback: returning {} host(s) to their previous release",
             moved.len()
         ));
-        let results = join_all(moved.iter().map(|h| async move {
-            match run.previous.get(h.name.as_str()).cloned().flatten() {
-                Some(prev) => {
-                    let prev = Name::parse(&prev).map_err(|e| HostFailure {
-                        host: h.name.to_string(),
-                        reason: e,
-                    })?;
-                    self.switch_host(run, "rollback", h, &prev, false).await
+        self.return_hosts(run, moved).await
+    }
+
+    /// Returns `hosts` to their release in `run.previous` (clearing those that had none), in
+    /// parallel; in place, in waves no larger than the deployment's largest batch, since a host
+    /// being returned serves nothing meanwhile. Returns the hosts that could not be returned.
+    async fn return_hosts(&self, run: &Run, hosts: &[Host]) -> Vec<HostFailure> {
+        let wave = match self.in_place() {
+            Some(_) => batch::batches(&self.config.strategy.batch, &self.config.hosts)
+                .iter()
+                .map(Vec::len)
+                .max()
+                .unwrap_or(1),
+            None => hosts.len(),
+        };
+        let mut stuck = Vec::new();
+        for wave in hosts.chunks(wave.max(1)) {
+            let results = join_all(wave.iter().map(|h| async move {
+                match run.previous.get(h.name.as_str()).cloned().flatten() {
+                    Some(prev) => {
+                        let prev = Name::parse(&prev).map_err(|e| HostFailure {
+                            host: h.name.to_string(),
+                            reason: e,
+                        })?;
+                        self.switch_host(run, "rollback", h, &prev, false).await
+                    }
+                    None => self.clear_host(run, h).await,
                 }
-                None => self.clear_host(run, h).await,
-            }
-        }))
-        .await;
-        results.into_iter().filter_map(Result::err).collect()
+            }))
+            .await;
+            stuck.extend(results.into_iter().filter_map(Result::err));
+        }
+        stuck
     }
 
     /// Undo of a first deploy: the host served nothing before, so it serves nothing again.
@@ -1599,6 +1667,9 @@ pub fn worst_case_per_host(config: &Config) -> Duration {
 pub struct Started {
     pub moved: Moved,
     pub serving: bool,
+    /// In place: the release the host served until it was emptied for the new instance (what
+    /// a failure starts again).
+    pub emptied: Option<Name>,
 }
 
 /// A host whose new instance is healthy and in the balancer ([`Deployer::admit_new`]).

@@ -267,7 +267,8 @@ async fn in_place_mode_restarts_each_host_on_its_fixed_port_without_a_failed_req
     }
     assert!(bad_out.contains("rolled_back"), "{bad_out}\n{bad_err}");
     assert!(
-        bad_err.contains("restore web1: sick failed in place; starting v2 again"),
+        bad_err.contains("restore web1: starting v2 again in place")
+            && bad_out.contains("restored: v2 serves again on the host"),
         "{bad_err}"
     );
     assert!(
@@ -276,4 +277,112 @@ async fn in_place_mode_restarts_each_host_on_its_fixed_port_without_a_failed_req
     );
     assert_fleet_on(&fleet, "v2").await;
     assert!(on_fixed_port(&fleet.backends().await));
+}
+
+/// The fewest hosts with an active, healthy backend seen while `watch` ran (polled every 5 ms
+/// until the returned stop is sent).
+fn watch_serving_hosts(
+    fleet: &Fleet,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<usize>,
+) {
+    use cutover::balancer::api::Health;
+    use cutover::balancer::{BackendState, Balancer};
+    let client = fleet.client();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let watch = tokio::spawn(async move {
+        let mut fewest = usize::MAX;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while stopped.try_recv().is_err() && tokio::time::Instant::now() < deadline {
+            if let Ok(backends) = client.backends().await {
+                let mut serving: Vec<&str> = backends
+                    .iter()
+                    .filter(|b| b.state == BackendState::Active && b.health == Health::Healthy)
+                    .map(|b| b.spec.host.as_str())
+                    .collect();
+                serving.sort();
+                serving.dedup();
+                fewest = fewest.min(serving.len());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        fewest
+    });
+    (stop, watch)
+}
+
+/// In place, a failure in a later batch restarts the failed host's release, then returns the
+/// moved hosts in waves no larger than a batch: never more than one host of four is out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_rollback_returns_hosts_a_batch_at_a_time() {
+    let net = 20;
+    let port = common::free_port(&format!("127.0.{net}.11"));
+    let mut spec = FleetSpec::new(4, net);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
+    spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
+    let fleet = Fleet::start(spec).await;
+    // "late" is healthy on web1 and web2 only: two batches move, the third (web3) fails.
+    let late = fleet.dir.path().join("releases/late");
+    std::fs::create_dir_all(&late).unwrap();
+    std::fs::write(
+        late.join("run.sh"),
+        format!(
+            "flags=--unhealthy\ncase \"$CUTOVER_HOST\" in web1|web2) flags= ;; esac\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
+            common::exe().display()
+        ),
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+
+    let run = traffic(&fleet);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (stop, watch) = watch_serving_hosts(&fleet);
+    let (out, err) = fleet.deploy("late", 1).await;
+    let _ = stop.send(());
+    let fewest = watch.await.unwrap();
+    let report = stop_after(run, 1_500).await;
+
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}\n{err}",
+        report.failures
+    );
+    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(
+        out.contains("failed host web3") && out.contains("restored: v1 serves again on the host"),
+        "{out}"
+    );
+    assert!(err.contains("rollback: returning 2 host(s)"), "{err}");
+    assert_eq!(fewest, 3, "one host of four out at a time:\n{err}");
+    assert_fleet_on(&fleet, "v1").await;
+}
+
+/// In place, a host whose previous release cannot start again serves nothing: the deployment
+/// ends `failed` and names it, instead of reporting a clean rollback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_host_left_empty_fails_the_deployment_and_is_named() {
+    let net = 26;
+    let port = common::free_port(&format!("127.0.{net}.11"));
+    let mut spec = FleetSpec::new(2, net);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
+    spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    // v1 can no longer start on web1: its staged copy is gone.
+    std::fs::remove_dir_all(fleet.root("web1").join("releases/v1")).unwrap();
+
+    let (out, err) = fleet.deploy("sick", 1).await;
+    assert!(out.contains(": failed in"), "{out}\n{err}");
+    assert!(
+        out.contains("NOT ROLLED BACK web1") && out.contains("so the host serves nothing"),
+        "{out}\n{err}"
+    );
+    let serving: Vec<String> = fleet
+        .backends()
+        .await
+        .into_iter()
+        .map(|b| b.spec.host)
+        .collect();
+    assert_eq!(serving, ["web2"], "web2 still serves v1");
 }

@@ -178,7 +178,13 @@ fn print_rolling_plan(config: &Config, version: &Name) {
             println!(
                 "    3. add to the balancer; gate: the balancer's own health check; point `current` at {version}"
             );
-            println!("    on failure: start the host's previous release again, the same way");
+            println!("    on failure: start the release the host served again, the same way");
+            if plan.iter().any(|b| b.len() == config.hosts.len()) {
+                println!(
+                    "  WARNING: a batch holds all {} host(s): nothing serves while they restart",
+                    config.hosts.len()
+                );
+            }
         }
         _ => {
             println!("  per host, side by side:");
