@@ -999,23 +999,27 @@ impl Deployer {
             }
             None => {
                 let in_place = self.in_place().is_some();
-                let emptied = if in_place {
-                    // What served: an alive instance, newest pid file first.
+                let (permit, emptied) = if in_place {
+                    // What served: the live instance of another release (normally the only one).
                     let served = recorded
                         .iter()
                         .filter(|r| r.alive && r.instance.version != version.as_str())
                         .find_map(|r| Name::parse(&r.instance.version).ok());
+                    // The drain waits on requests in flight, not on the host: like the health
+                    // gate, it holds no permit, so a batch wider than `forks` drains together.
+                    drop(permit);
                     if let Err(reason) = self
                         .empty_host(run, label, host, &recorded, &backends)
                         .await
                     {
-                        drop(permit);
-                        let reason = self.restore_in_place(run, host, served, reason).await;
+                        let reason = self
+                            .restore_in_place(run, host, version, served, reason)
+                            .await;
                         return Err(fail(reason));
                     }
-                    served
+                    (self.forks.acquire().await, served)
                 } else {
-                    None
+                    (permit, None)
                 };
                 match self.start_instance(run, host, version).await {
                     Ok(inst) => {
@@ -1037,7 +1041,9 @@ impl Deployer {
                     }
                     Err(reason) if in_place => {
                         drop(permit);
-                        let reason = self.restore_in_place(run, host, emptied, reason).await;
+                        let reason = self
+                            .restore_in_place(run, host, version, emptied, reason)
+                            .await;
                         return Err(fail(reason));
                     }
                     Err(reason) => return Err(fail(reason)),
@@ -1104,14 +1110,24 @@ impl Deployer {
         &'a self,
         run: &'a Run,
         host: &'a Host,
+        failed: &'a Name,
         emptied: Option<Name>,
         reason: String,
     ) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + 'a>> {
-        // Boxed, and declared `Send`, because it is recursive: a restore is a switch.
+        // Boxed, and declared `Send`, because it is recursive: a restore is a switch. It ends:
+        // a failed restore has nothing else running to go back to, and its fallback (the
+        // host's release before the deployment) is the release that just failed.
         Box::pin(async move {
             let h = host.name.as_str();
-            let Some(back) = emptied else {
-                if run.previous.get(h).cloned().flatten().is_some() {
+            let previous = run.previous.get(h).cloned().flatten();
+            // Nothing of another release ran (a resumed deployment had emptied the host
+            // already): the host's release before the deployment.
+            let fallback = previous
+                .as_deref()
+                .filter(|p| *p != failed.as_str())
+                .and_then(|p| Name::parse(p).ok());
+            let Some(back) = emptied.or(fallback) else {
+                if previous.is_some() {
                     let reason = format!("{reason}\nthe host serves nothing now");
                     self.strand(h, &reason);
                     return reason;
@@ -1193,7 +1209,8 @@ impl Deployer {
         if let Err(e) = admitted {
             self.discard(run, host, inst).await;
             let reason = if self.in_place().is_some() {
-                self.restore_in_place(run, host, started.emptied, e).await
+                self.restore_in_place(run, host, version, started.emptied, e)
+                    .await
             } else {
                 e
             };
