@@ -27,6 +27,11 @@ start = "exec sh ./run.sh"
 stop_signal = "TERM"      # sent first; KILL follows after stop_timeout
 stop_timeout = "10s"
 drain_timeout = "30s"     # how long in-flight requests get to finish on a replaced instance
+# The new instance starts beside the old one on a free port ({port}), so capacity never dips.
+# An app stuck on a fixed port can be replaced in place instead (rolling only; each host leaves
+# the balancer while it restarts):
+# mode = "in-place"
+# port = 8000
 
 [app.health]
 path = "/health"          # GET, 2xx = healthy
