@@ -345,6 +345,49 @@ async fn rolling_deploy_behind_haproxy_fails_no_request() {
     );
 }
 
+/// In place behind HAProxy: a server is deleted and its successor, on the same address and
+/// port, added under the new release's name; a failure restores the old release the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_deploy_behind_haproxy_fails_no_request() {
+    let _serial = SERIAL.lock().await;
+    let net = 28;
+    let fleet = Fleet::start(3, net, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    let port = free_port(&format!("127.0.{net}.11"));
+    let text = std::fs::read_to_string(&fleet.config).unwrap().replace(
+        "drain_timeout = \"5s\"\n",
+        &format!("drain_timeout = \"5s\"\nmode = \"in-place\"\nport = {port}\n"),
+    );
+    std::fs::write(&fleet.config, text).unwrap();
+    fleet.deploy("v1", 0).await;
+    fleet.assert_all_ready_on("v1");
+
+    let run = fleet.traffic(250, 30_000);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (out, err) = fleet.deploy("v2", 0).await;
+    run.wait_until(|r| r.ok >= 800).await;
+    // "late" is healthy on web1 only: web2 fails, gets v2 back, and web1 returns to v2.
+    let (late_out, late_err) = fleet.deploy("late", 1).await;
+    let load = stop_after(run, 2_000).await;
+
+    assert_eq!(
+        load.failed, 0,
+        "no failed request through HAProxy: {load}\n{:#?}\n{err}\n{late_err}",
+        load.failures
+    );
+    assert_eq!(report(&out)["outcome"], "succeeded", "{out}\n{err}");
+    assert!(
+        err.contains("web2: out of the balancer; stopped v1"),
+        "{err}"
+    );
+    let late = report(&late_out);
+    assert_eq!(late["outcome"], "rolled_back", "{late_out}\n{late_err}");
+    assert!(
+        late_err.contains("restore web2: starting v2 again in place"),
+        "{late_err}"
+    );
+    fleet.assert_all_ready_on("v2");
+}
+
 async fn failing_release_rolls_back(version: &str, net: u8) {
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::start(

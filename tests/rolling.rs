@@ -362,7 +362,7 @@ async fn in_place_rollback_returns_hosts_a_batch_at_a_time() {
 /// ends `failed` and names it, instead of reporting a clean rollback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_host_left_empty_fails_the_deployment_and_is_named() {
-    let net = 26;
+    let net = 27;
     let port = common::free_port(&format!("127.0.{net}.11"));
     let mut spec = FleetSpec::new(2, net);
     spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
