@@ -227,6 +227,16 @@ async fn a_batch_wider_than_forks_gates_its_hosts_together() {
     );
 }
 
+/// A fleet of `hosts` in place on one fixed port (returned), rolled a host at a time with no
+/// failure allowed.
+fn in_place_spec(hosts: usize, net: u8) -> (FleetSpec, u16) {
+    let port = common::free_port(&format!("127.0.{net}.11"));
+    let mut spec = FleetSpec::new(hosts, net);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
+    spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
+    (spec, port)
+}
+
 /// `mode = "in-place"`: an app on a fixed port cannot run twice on a host, so each host leaves
 /// the balancer (drained), stops, starts the new release on the same port and comes back,
 /// while the other hosts serve. A release that fails on a host puts its previous release back
@@ -234,10 +244,7 @@ async fn a_batch_wider_than_forks_gates_its_hosts_together() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_mode_restarts_each_host_on_its_fixed_port_without_a_failed_request() {
     let net = 19;
-    let port = common::free_port(&format!("127.0.{net}.11"));
-    let mut spec = FleetSpec::new(3, net);
-    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
-    spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
+    let (spec, port) = in_place_spec(3, net);
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     assert_fleet_on(&fleet, "v1").await;
@@ -317,10 +324,7 @@ fn watch_serving_hosts(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_rollback_returns_hosts_a_batch_at_a_time() {
     let net = 20;
-    let port = common::free_port(&format!("127.0.{net}.11"));
-    let mut spec = FleetSpec::new(4, net);
-    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
-    spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
+    let (spec, _) = in_place_spec(4, net);
     let fleet = Fleet::start(spec).await;
     // "late" is healthy on web1 and web2 only: two batches move, the third (web3) fails.
     let late = fleet.dir.path().join("releases/late");
@@ -363,10 +367,7 @@ async fn in_place_rollback_returns_hosts_a_batch_at_a_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_host_left_empty_fails_the_deployment_and_is_named() {
     let net = 27;
-    let port = common::free_port(&format!("127.0.{net}.11"));
-    let mut spec = FleetSpec::new(2, net);
-    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
-    spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
+    let (spec, _) = in_place_spec(2, net);
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     // v1 can no longer start on web1: its staged copy is gone.
