@@ -30,8 +30,8 @@
 //! instances stopped ([`Deployer::empty_host`]), then the new instance starts on `app.port`;
 //! the host's capacity is gone until step 3. A new instance that fails there leaves the host
 //! empty, so the release it served is started again at once, the same way, before the failure
-//! counts against the budget (a host that stays empty ends the deployment `failed`). An undo
-//! returns hosts in waves no larger than the largest batch, for the same reason.
+//! counts against the budget (once: a host that stays empty ends the deployment `failed`). An
+//! undo returns hosts in waves the size of the plan's largest batch, for the same reason.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -256,6 +256,10 @@ impl Deployer {
     /// Deploys `req.version` to every host with the configured strategy.
     pub async fn run(&self, req: &Request) -> anyhow::Result<Report> {
         let started = Instant::now();
+        self.stranded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let config = &self.config;
         let version = &req.version;
         let before = fleet::observe(config, &self.transport, &self.balancer)
@@ -582,6 +586,10 @@ impl Deployer {
     /// had nothing are cleared), reconciling with what hosts and the balancer report.
     pub async fn restore(&self, interrupted: &DeploymentRow) -> anyhow::Result<Report> {
         let started = Instant::now();
+        self.stranded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let stats_before = self.balancer.stats().await?;
         let run = Run {
             id: interrupted.id.clone(),
@@ -1008,10 +1016,12 @@ impl Deployer {
                     // The drain waits on requests in flight, not on the host: like the health
                     // gate, it holds no permit, so a batch wider than `forks` drains together.
                     drop(permit);
-                    if let Err(reason) = self
-                        .empty_host(run, label, host, &recorded, &backends)
-                        .await
-                    {
+                    let emptied = async {
+                        self.empty_host(run, label, host, &recorded, &backends)
+                            .await?;
+                        self.port_is_free(host).await
+                    };
+                    if let Err(reason) = emptied.await {
                         let reason = self
                             .restore_in_place(run, host, version, served, reason)
                             .await;
@@ -1103,51 +1113,109 @@ impl Deployer {
 
     /// In-place mode, after a host's new instance failed: the host stopped `emptied` (the
     /// release it served) to free the port, so it serves nothing until that runs again. Starts
-    /// it again (the same dance) and returns `reason` with the result. A host left empty (it
-    /// served nothing before, or the restart failed too) is recorded as stranded: the
-    /// deployment then ends `failed`, with the host among those to look at.
-    fn restore_in_place<'a>(
-        &'a self,
-        run: &'a Run,
-        host: &'a Host,
-        failed: &'a Name,
+    /// it again, once ([`Deployer::restart_in_place`]), and returns `reason` with the result.
+    /// A host left empty (it served nothing before, or the restart failed too) is recorded as
+    /// stranded: the deployment then ends `failed`, with the host among those to look at.
+    async fn restore_in_place(
+        &self,
+        run: &Run,
+        host: &Host,
+        failed: &Name,
         emptied: Option<Name>,
         reason: String,
-    ) -> std::pin::Pin<Box<dyn Future<Output = String> + Send + 'a>> {
-        // Boxed, and declared `Send`, because it is recursive: a restore is a switch. It ends:
-        // a failed restore has nothing else running to go back to, and its fallback (the
-        // host's release before the deployment) is the release that just failed.
-        Box::pin(async move {
-            let h = host.name.as_str();
-            let previous = run.previous.get(h).cloned().flatten();
-            // Nothing of another release ran (a resumed deployment had emptied the host
-            // already): the host's release before the deployment.
-            let fallback = previous
-                .as_deref()
-                .filter(|p| *p != failed.as_str())
-                .and_then(|p| Name::parse(p).ok());
-            let Some(back) = emptied.or(fallback) else {
-                if previous.is_some() {
-                    let reason = format!("{reason}\nthe host serves nothing now");
-                    self.strand(h, &reason);
-                    return reason;
-                }
+    ) -> String {
+        let h = host.name.as_str();
+        let previous = run.previous.get(h).cloned().flatten();
+        // Nothing of another release ran (a resumed deployment had emptied the host already):
+        // the host's release before the deployment, unless that is what just failed.
+        let fallback = previous
+            .as_deref()
+            .filter(|p| *p != failed.as_str())
+            .and_then(|p| Name::parse(p).ok());
+        let Some(back) = emptied.or(fallback) else {
+            if previous.is_some() {
+                let reason = format!("{reason}\nthe host serves nothing now");
+                self.strand(h, &reason);
                 return reason;
-            };
-            self.progress
-                .say(&format!("restore {h}: starting {back} again in place"));
-            match self.switch_host(run, "restore", host, &back, false).await {
-                Ok(()) => format!("{reason}\nrestored: {back} serves again on the host"),
-                Err(f) => {
-                    let reason = format!(
-                        "{reason}\n{back} could not be started again, so the host serves nothing: {}",
-                        f.reason
-                    );
-                    self.strand(h, &reason);
-                    reason
-                }
             }
-        })
+            return reason;
+        };
+        self.progress
+            .say(&format!("restore {h}: starting {back} again in place"));
+        match self.restart_in_place(run, host, &back).await {
+            Ok(()) => format!("{reason}\nrestored: {back} serves again on the host"),
+            Err(e) => {
+                let reason = format!(
+                    "{reason}\n{back} could not be started again, so the host serves nothing: {e}"
+                );
+                self.strand(h, &reason);
+                reason
+            }
+        }
+    }
+
+    /// A restore's one attempt: the host emptied of whatever still runs, `back` started on the
+    /// fixed port, gated, admitted and settled. Unlike a switch, a failure here is final (no
+    /// restore of the restore), so a host that keeps failing cannot keep the deploy busy.
+    async fn restart_in_place(&self, run: &Run, host: &Host, back: &Name) -> Result<(), String> {
+        let h = host.name.as_str();
+        let backends = self
+            .balancer
+            .backends()
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let recorded = instance::list(self.transport.as_ref(), host)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        self.empty_host(run, "restore", host, &recorded, &backends)
+            .await?;
+        self.port_is_free(host).await?;
+        let inst = self.start_instance(run, host, back).await?;
+        self.progress.say(&format!(
+            "restore {h}: started {back} on {} (pid {})",
+            inst.address, inst.pid
+        ));
+        let admitted = self
+            .step(
+                run,
+                h,
+                "admit",
+                &inst.backend_id(),
+                self.admit(run, &inst, false, None, None),
+            )
+            .await;
+        if let Err(e) = admitted {
+            self.discard(run, host, &inst).await;
+            return Err(e);
+        }
+        self.progress
+            .say(&format!("restore {h}: {back} healthy and in the balancer"));
+        self.settle_host(run, "restore", host, &inst)
+            .await
+            .map_err(|f| f.reason)
+    }
+
+    /// In place, once the host's instances are stopped: nothing may still accept connections
+    /// on the fixed port, or the new instance could not bind while the health gate passed on
+    /// the other process's answers.
+    async fn port_is_free(&self, host: &Host) -> Result<(), String> {
+        let Some(port) = self.in_place() else {
+            return Ok(());
+        };
+        let addr = std::net::SocketAddr::new(host.address, port);
+        let probe = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await;
+        match probe {
+            Ok(Ok(_)) => Err(format!(
+                "{addr} still accepts connections after the host's instances stopped: a process cutover did not start holds app.port {port} on host {}; stop it (or let cutover manage it), then deploy again",
+                host.name
+            )),
+            // Refused: free. No answer within a second: left to the new instance's gate.
+            _ => Ok(()),
+        }
     }
 
     /// Records a host that serves nothing after a failure in place (see
@@ -1535,7 +1603,7 @@ impl Deployer {
     }
 
     /// Returns `hosts` to their release in `run.previous` (clearing those that had none), in
-    /// parallel; in place, in waves no larger than the deployment's largest batch, since a host
+    /// parallel; in place, in waves the size of the plan's largest batch, since a host
     /// being returned serves nothing meanwhile. Returns the hosts that could not be returned.
     async fn return_hosts(&self, run: &Run, hosts: &[Host]) -> Vec<HostFailure> {
         let wave = match self.in_place() {

@@ -314,6 +314,10 @@ fn watch_serving_hosts(
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the watch outlived its 60 s bound: it saw only part of the deploy"
+        );
         fewest
     });
     (stop, watch)
@@ -386,4 +390,33 @@ async fn in_place_host_left_empty_fails_the_deployment_and_is_named() {
         .map(|b| b.spec.host)
         .collect();
     assert_eq!(serving, ["web2"], "web2 still serves v1");
+}
+
+/// In place, a process cutover did not start that holds the fixed port would answer the health
+/// gate for a new instance that could not bind: the host fails before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_refuses_a_port_held_by_a_foreign_process() {
+    let net = 29;
+    let (spec, port) = in_place_spec(2, net);
+    let fleet = Fleet::start(spec).await;
+    let foreign = std::net::TcpListener::bind(format!("127.0.{net}.11:{port}")).unwrap();
+
+    let (out, err) = fleet.deploy("v1", 1).await;
+    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "127.0.{net}.11:{port} still accepts connections after the host's instances stopped"
+        )),
+        "{out}"
+    );
+    assert!(
+        !err.contains("web1: started v1"),
+        "nothing started on web1:\n{err}"
+    );
+    assert!(
+        fleet.live_instances().is_empty(),
+        "{:?}",
+        fleet.live_instances()
+    );
+    drop(foreign);
 }
