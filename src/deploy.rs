@@ -1014,7 +1014,8 @@ impl Deployer {
                         .filter(|r| r.alive && r.instance.version != version.as_str())
                         .find_map(|r| Name::parse(&r.instance.version).ok());
                     // The drain waits on requests in flight, not on the host: like the health
-                    // gate, it holds no permit, so a batch wider than `forks` drains together.
+                    // gate, it holds no permit, so a batch wider than `forks` drains together
+                    // (`empty_host` takes one for each stop).
                     drop(permit);
                     let emptied = async {
                         self.empty_host(run, label, host, &recorded, &backends)
@@ -1068,7 +1069,8 @@ impl Deployer {
     }
 
     /// Empties a host: its backends leave the balancer (drained first, so no request in flight
-    /// is cut) and its instances stop. In place, this frees the app's fixed port before the new
+    /// is cut) and its instances stop. The stops hold a `forks` permit each, the drain none (it
+    /// waits on requests, not on the host), so callers must hold none. In place, this frees the app's fixed port before the new
     /// instance starts, and the host serves nothing until that one is admitted; it is also the
     /// undo of a first deploy.
     async fn empty_host(
@@ -1094,6 +1096,7 @@ impl Deployer {
         let t = self.transport.as_ref();
         for r in recorded {
             let detail = format!("{}@{}", r.instance.version, r.instance.address);
+            let _permit = self.forks.acquire().await;
             self.step(run, h, "stop", &detail, async {
                 instance::stop(t, host, &r.instance, app.stop_signal, *app.stop_timeout)
                     .await
@@ -1636,7 +1639,6 @@ impl Deployer {
 
     /// Undo of a first deploy: the host served nothing before, so it serves nothing again.
     async fn clear_host(&self, run: &Run, host: &Host) -> Result<(), HostFailure> {
-        let _permit = self.forks.acquire().await;
         let fail = |e: String| HostFailure {
             host: host.name.to_string(),
             reason: e,
@@ -1646,9 +1648,12 @@ impl Deployer {
             .backends()
             .await
             .map_err(|e| fail(format!("{e:#}")))?;
+        let permit = self.forks.acquire().await;
         let recorded = instance::list(self.transport.as_ref(), host)
             .await
             .map_err(|e| fail(format!("{e:#}")))?;
+        // `empty_host` takes its own permits, for its host scripts only.
+        drop(permit);
         self.empty_host(run, "rollback", host, &recorded, &backends)
             .await
             .map_err(fail)

@@ -196,6 +196,7 @@ async fn a_batch_wider_than_forks_gates_its_hosts_together() {
     spec.strategy = "kind = \"rolling\"\nbatch = 4\n".into();
     let fleet = Fleet::start(spec).await;
     let text = std::fs::read_to_string(&fleet.config).unwrap();
+    assert!(text.starts_with("transport = \"local\"\n"), "{text}");
     std::fs::write(
         &fleet.config,
         text.replacen(
@@ -330,6 +331,17 @@ async fn in_place_rollback_returns_hosts_a_batch_at_a_time() {
     let net = 20;
     let (spec, _) = in_place_spec(4, net);
     let fleet = Fleet::start(spec).await;
+    // One permit for host work: the restore and the undo must not wait on one another for it.
+    let text = std::fs::read_to_string(&fleet.config).unwrap();
+    std::fs::write(
+        &fleet.config,
+        text.replacen(
+            "transport = \"local\"\n",
+            "transport = \"local\"\nforks = 1\n",
+            1,
+        ),
+    )
+    .unwrap();
     // "late" is healthy on web1 and web2 only: two batches move, the third (web3) fails.
     let late = fleet.dir.path().join("releases/late");
     std::fs::create_dir_all(&late).unwrap();
