@@ -1069,10 +1069,10 @@ impl Deployer {
     }
 
     /// Empties a host: its backends leave the balancer (drained first, so no request in flight
-    /// is cut) and its instances stop. The stops hold a `forks` permit each, the drain none (it
-    /// waits on requests, not on the host), so callers must hold none. In place, this frees the app's fixed port before the new
+    /// is cut) and its instances stop. In place, this frees the app's fixed port before the new
     /// instance starts, and the host serves nothing until that one is admitted; it is also the
-    /// undo of a first deploy.
+    /// undo of a first deploy. The stops hold a `forks` permit each, the drain none (it waits on
+    /// requests, not on the host), so callers must hold none.
     async fn empty_host(
         &self,
         run: &Run,
