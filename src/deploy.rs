@@ -256,10 +256,8 @@ impl Deployer {
     /// Deploys `req.version` to every host with the configured strategy.
     pub async fn run(&self, req: &Request) -> anyhow::Result<Report> {
         let started = Instant::now();
-        self.stranded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        // A deployment starts with no stranded hosts (see `stranded_into`).
+        self.take_stranded();
         let config = &self.config;
         let version = &req.version;
         let before = fleet::observe(config, &self.transport, &self.balancer)
@@ -586,10 +584,8 @@ impl Deployer {
     /// had nothing are cleared), reconciling with what hosts and the balancer report.
     pub async fn restore(&self, interrupted: &DeploymentRow) -> anyhow::Result<Report> {
         let started = Instant::now();
-        self.stranded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        // A deployment starts with no stranded hosts (see `stranded_into`).
+        self.take_stranded();
         let stats_before = self.balancer.stats().await?;
         let run = Run {
             id: interrupted.id.clone(),
@@ -997,13 +993,13 @@ impl Deployer {
                         && b.health == crate::balancer::api::Health::Healthy
                 })
         });
-        let (instance, serving) = match serving_target {
+        let (instance, serving, emptied) = match serving_target {
             Some(r) => {
                 say(format!(
                     "already serving {version} on {}",
                     r.instance.address
                 ));
-                (r.instance.clone(), true)
+                (r.instance.clone(), true, None)
             }
             None => {
                 let in_place = self.in_place().is_some();
@@ -1032,24 +1028,8 @@ impl Deployer {
                 } else {
                     (permit, None)
                 };
-                match self.start_instance(run, host, version).await {
-                    Ok(inst) => {
-                        say(format!(
-                            "started {version} on {} (pid {})",
-                            inst.address, inst.pid
-                        ));
-                        // The host's old backends are gone already, and in place share the
-                        // new one's id.
-                        let backends = if in_place { Vec::new() } else { backends };
-                        return Ok(Started {
-                            moved: Moved {
-                                instance: inst,
-                                backends,
-                            },
-                            serving: false,
-                            emptied,
-                        });
-                    }
+                let inst = match self.start_instance(run, host, version).await {
+                    Ok(inst) => inst,
                     Err(reason) if in_place => {
                         drop(permit);
                         let reason = self
@@ -1058,13 +1038,25 @@ impl Deployer {
                         return Err(fail(reason));
                     }
                     Err(reason) => return Err(fail(reason)),
-                }
+                };
+                say(format!(
+                    "started {version} on {} (pid {})",
+                    inst.address, inst.pid
+                ));
+                (inst, false, emptied)
             }
+        };
+        // Emptied in place, the host's old backends are gone already (and share the new
+        // instance's id).
+        let backends = if serving || self.in_place().is_none() {
+            backends
+        } else {
+            Vec::new()
         };
         Ok(Started {
             moved: Moved { instance, backends },
             serving,
-            emptied: None,
+            emptied,
         })
     }
 
@@ -1178,19 +1170,7 @@ impl Deployer {
             "restore {h}: started {back} on {} (pid {})",
             inst.address, inst.pid
         ));
-        let admitted = self
-            .step(
-                run,
-                h,
-                "admit",
-                &inst.backend_id(),
-                self.admit(run, &inst, false, None, None),
-            )
-            .await;
-        if let Err(e) = admitted {
-            self.discard(run, host, &inst).await;
-            return Err(e);
-        }
+        self.admit_or_discard(run, host, &inst, None).await?;
         self.progress
             .say(&format!("restore {h}: {back} healthy and in the balancer"));
         self.settle_host(run, "restore", host, &inst)
@@ -1233,17 +1213,43 @@ impl Deployer {
             });
     }
 
+    fn take_stranded(&self) -> Vec<HostFailure> {
+        std::mem::take(&mut *self.stranded.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Hosts left serving nothing, once each, for the report's hosts to look at; `outcome`
     /// becomes `failed` when there are any.
     fn stranded_into(&self, stuck: &mut Vec<HostFailure>, outcome: &mut Outcome) {
-        let stranded =
-            std::mem::take(&mut *self.stranded.lock().unwrap_or_else(|p| p.into_inner()));
-        for f in stranded {
+        for f in self.take_stranded() {
             *outcome = Outcome::Failed;
             if !stuck.iter().any(|s| s.host == f.host) {
                 stuck.push(f);
             }
         }
+    }
+
+    /// The journaled `admit` step (gate, balancer, its check) of a new instance, which is
+    /// stopped and taken out of the balancer when that fails.
+    async fn admit_or_discard(
+        &self,
+        run: &Run,
+        host: &Host,
+        inst: &Instance,
+        answered: Option<instance::Answered>,
+    ) -> Result<(), String> {
+        let admitted = self
+            .step(
+                run,
+                host.name.as_str(),
+                "admit",
+                &inst.backend_id(),
+                self.admit(run, inst, false, None, answered),
+            )
+            .await;
+        if admitted.is_err() {
+            self.discard(run, host, inst).await;
+        }
+        admitted
     }
 
     /// Steps 2-3 of a switch, for an instance [`Deployer::start_new`] started. On failure the
@@ -1268,17 +1274,7 @@ impl Deployer {
         // `forks` hosts, and kept the previous batch's settle waiting. Hooks and host scripts
         // inside take their own.
         let inst = &started.moved.instance;
-        let admitted = self
-            .step(
-                run,
-                host.name.as_str(),
-                "admit",
-                &inst.backend_id(),
-                self.admit(run, inst, false, None, answered),
-            )
-            .await;
-        if let Err(e) = admitted {
-            self.discard(run, host, inst).await;
+        if let Err(e) = self.admit_or_discard(run, host, inst, answered).await {
             let reason = if self.in_place().is_some() {
                 self.restore_in_place(run, host, version, started.emptied, e)
                     .await

@@ -80,7 +80,7 @@ impl Fleet {
             .unwrap();
         }
         // "late" is healthy on web1 only: batch 1 moves, batch 2 fails, web1 goes back.
-        common::write_release_healthy_only_on(&dir.path().join("releases"), "late", "web1");
+        common::write_release_healthy_only_on(&dir.path().join("releases"), "late", &["web1"]);
         let names: Vec<String> = (0..hosts).map(|i| format!("web{}", i + 1)).collect();
         let mut text = format!(
             "transport = \"local\"\n\n[app]\nname = \"test\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"{drain_timeout}\"\n\n\

@@ -113,7 +113,7 @@ async fn failure_in_a_later_batch_returns_moved_hosts() {
     let spec = FleetSpec::new(4, 4);
     let fleet = Fleet::start(spec).await;
     // "late" is healthy on web1 only: batch 1 (web1) moves, batch 2 (web2, web3) fails.
-    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "late", "web1");
+    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "late", &["web1"]);
     fleet.deploy("v1", 0).await;
 
     let run = traffic(&fleet);
@@ -343,16 +343,11 @@ async fn in_place_rollback_returns_hosts_a_batch_at_a_time() {
     )
     .unwrap();
     // "late" is healthy on web1 and web2 only: two batches move, the third (web3) fails.
-    let late = fleet.dir.path().join("releases/late");
-    std::fs::create_dir_all(&late).unwrap();
-    std::fs::write(
-        late.join("run.sh"),
-        format!(
-            "flags=--unhealthy\ncase \"$CUTOVER_HOST\" in web1|web2) flags= ;; esac\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version late $flags\n",
-            common::exe().display()
-        ),
-    )
-    .unwrap();
+    common::write_release_healthy_only_on(
+        &fleet.dir.path().join("releases"),
+        "late",
+        &["web1", "web2"],
+    );
     fleet.deploy("v1", 0).await;
 
     let run = traffic(&fleet);

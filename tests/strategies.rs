@@ -323,7 +323,7 @@ async fn canary_promotion_that_fails_a_batch_rolls_the_fleet_back() {
     );
     let fleet = Fleet::start(spec).await;
     // "late" is healthy on web1 only.
-    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "late", "web1");
+    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "late", &["web1"]);
     fleet.deploy("v1", 0).await;
     let run = traffic(&fleet, 200, Vec::new());
     run.wait_until(|r| r.ok >= 100).await;

@@ -214,21 +214,18 @@ pub fn print_report(r: &Report) {
     for n in &r.notes {
         let _ = writeln!(out, "  {n}");
     }
-    for f in &r.failed_hosts {
-        let _ = writeln!(
-            out,
-            "  failed host {}: {}",
-            f.host,
-            f.reason.replace('\n', "\n    ")
-        );
-    }
-    for f in &r.stuck_hosts {
-        let _ = writeln!(
-            out,
-            "  NOT ROLLED BACK {}: {}",
-            f.host,
-            f.reason.replace('\n', "\n    ")
-        );
+    for (label, hosts) in [
+        ("failed host", &r.failed_hosts),
+        ("NOT ROLLED BACK", &r.stuck_hosts),
+    ] {
+        for f in hosts {
+            let _ = writeln!(
+                out,
+                "  {label} {}: {}",
+                f.host,
+                f.reason.replace('\n', "\n    ")
+            );
+        }
     }
     let by: Vec<String> = r
         .served_by_release

@@ -63,15 +63,16 @@ impl FleetSpec {
     }
 }
 
-/// Writes release `version` under `releases` whose instances are healthy on `host` only (the
-/// others answer their health check with 503): a deploy moves that host, then fails.
-pub fn write_release_healthy_only_on(releases: &Path, version: &str, host: &str) {
+/// Writes release `version` under `releases` whose instances are healthy on `hosts` only (the
+/// others answer their health check with 503): a deploy moves those hosts, then fails.
+pub fn write_release_healthy_only_on(releases: &Path, version: &str, hosts: &[&str]) {
     let dir = releases.join(version);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
         dir.join("run.sh"),
         format!(
-            "flags=--unhealthy\n[ \"$CUTOVER_HOST\" = {host} ] && flags=\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version {version} $flags\n",
+            "flags=--unhealthy\ncase \"$CUTOVER_HOST\" in {}) flags= ;; esac\nexec '{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version {version} $flags\n",
+            hosts.join("|"),
             exe().display()
         ),
     )
