@@ -45,6 +45,7 @@ use tokio::sync::Semaphore;
 use crate::balancer::{BackendSpec, BackendState, Balancer, Stats};
 use crate::batch;
 use crate::config::{Config, HookPoint, Host, Name, OnFailure};
+use crate::control::Boundary;
 use crate::fleet::{self, HostView};
 use crate::instance::{self, Instance};
 use crate::journal::{DeploymentRow, Journal, now_ms};
@@ -416,6 +417,7 @@ impl Deployer {
         let mut failed: Vec<HostFailure> = Vec::new();
         let mut outcome = Outcome::Succeeded;
         let mut stuck = Vec::new();
+        let mut notes = Vec::new();
         let mut settling = Settling::default();
         // Step 4 (drain and remove the old backends) normally runs in the background with the
         // settle: the next batch need not wait for old instances to drain, since the new ones
@@ -432,6 +434,10 @@ impl Deployer {
             let label = format!("batch {}/{}", i + 1, plan.len());
             let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
             self.progress.say(&format!("{label}: {}", names.join(", ")));
+            self.status(
+                &run,
+                serde_json::json!({"strategy": "rolling", "phase": "moving hosts", "batch": label}),
+            );
             // Every host of the batch starts its instance, and the app answers its first
             // check, before the previous batch's background work (drain, stop, `current`,
             // prune) may use the cores: it competes with the health gate's idle wait instead of
@@ -538,6 +544,23 @@ impl Deployer {
                 (outcome, stuck) = self.budget_spent(&run, &moved).await;
                 break;
             }
+            let next = plan
+                .get(i + 1)
+                .map(|_| format!("batch {}/{}", i + 2, plan.len()));
+            if let Boundary::Stop(why) = self
+                .at_boundary(&run, "rolling", &label, next.as_deref(), || {
+                    settling.release()
+                })
+                .await?
+            {
+                self.progress
+                    .say(&format!("{why}: returning every moved host"));
+                self.journal.event(Some(&run.id), &why)?;
+                notes.push(why);
+                failed.extend(settling.wait().await);
+                (outcome, stuck) = self.roll_back(&run, &moved).await;
+                break;
+            }
         }
 
         failed.extend(settling.wait().await);
@@ -574,7 +597,7 @@ impl Deployer {
                 moved,
                 failed,
                 stuck,
-                Vec::new(),
+                notes,
             )
             .await?;
         Ok(report)
@@ -893,7 +916,7 @@ impl Deployer {
 
     /// Returns every moved host ([`Deployer::undo`]): rolled back, or failed when a host could
     /// not be returned (those are returned).
-    async fn roll_back(&self, run: &Run, moved: &[Host]) -> (Outcome, Vec<HostFailure>) {
+    pub(crate) async fn roll_back(&self, run: &Run, moved: &[Host]) -> (Outcome, Vec<HostFailure>) {
         let stuck = self.undo(run, moved).await;
         let outcome = if stuck.is_empty() {
             Outcome::RolledBack

@@ -13,6 +13,7 @@ pub mod balancer;
 pub mod batch;
 pub mod cli;
 pub mod config;
+mod control;
 pub mod demo;
 pub mod deploy;
 pub mod fleet;

@@ -29,6 +29,7 @@ use crate::analysis::{self, Decision, Judgement, Tracker, Window};
 use crate::balancer::api::{Counters, SwitchRequest};
 use crate::balancer::{BackendState, Stats};
 use crate::config::{Host, Name, VerifyPoint};
+use crate::control::Boundary;
 use crate::deploy::{Deployer, HostFailure, Outcome, Report, Run};
 use crate::instance::Instance;
 use crate::verify;
@@ -44,7 +45,7 @@ enum StepEnd {
 }
 
 impl Deployer {
-    fn status(&self, run: &Run, status: serde_json::Value) {
+    pub(crate) fn status(&self, run: &Run, status: serde_json::Value) {
         let _ = self.journal.set_status(&run.id, &status);
     }
 
@@ -667,10 +668,6 @@ impl Deployer {
         self.progress.say(&format!(
             "canary {version} promoted: rolling it out to every host"
         ));
-        self.status(
-            run,
-            serde_json::json!({"strategy": "canary", "phase": "promoting", "weight": 100}),
-        );
         let full_weight: BTreeMap<String, u32> = canary_ids
             .iter()
             .map(|id| (id.clone(), crate::balancer::api::default_weight()))
@@ -683,6 +680,10 @@ impl Deployer {
         self.progress.plan(&crate::deploy::plan_names(&plan));
         for (i, hosts) in plan.iter().enumerate() {
             let label = format!("promote {}/{}", i + 1, plan.len());
+            self.status(
+                run,
+                serde_json::json!({"strategy": "canary", "phase": "promoting", "weight": 100, "batch": label}),
+            );
             let results = join_all(
                 hosts
                     .iter()
@@ -700,19 +701,34 @@ impl Deployer {
                     }
                 }
             }
-            let Some(why) = crate::batch::over_budget(
+            // The failure budget first (`on_failure` decides), then the operator (a stop
+            // always returns the hosts).
+            let (why, operator) = match crate::batch::over_budget(
                 strategy,
                 &label,
                 batch_failures,
                 hosts.len(),
                 failed.len(),
-            ) else {
-                continue;
+            ) {
+                Some(why) => (why, false),
+                None => {
+                    let next = plan
+                        .get(i + 1)
+                        .map(|_| format!("promote {}/{}", i + 2, plan.len()));
+                    match self
+                        .at_boundary(run, "canary", &label, next.as_deref(), || ())
+                        .await?
+                    {
+                        Boundary::Next => continue,
+                        Boundary::Stop(why) => (why, true),
+                    }
+                }
             };
             self.progress.say(&why);
             self.journal.event(Some(&run.id), &why)?;
             notes.push(format!("promotion stopped: {why}"));
-            if strategy.on_failure == crate::config::OnFailure::Rollback {
+            let roll_back = operator || strategy.on_failure == crate::config::OnFailure::Rollback;
+            if roll_back {
                 // Every backend but the canaries of hosts not promoted yet back to full
                 // weight (the last step left the stable ones at 0), those canaries to 0
                 // and out; then the promoted hosts back to their release.
@@ -741,7 +757,11 @@ impl Deployer {
                     self.abort_canary(run, &left, &others).await;
                 }
             }
-            let (outcome, stuck) = self.budget_spent(run, &moved).await;
+            let (outcome, stuck) = if operator {
+                self.roll_back(run, &moved).await
+            } else {
+                self.budget_spent(run, &moved).await
+            };
             stopped = Some(outcome);
             failed.extend(stuck.into_iter().map(|f| HostFailure {
                 reason: format!("NOT ROLLED BACK: {}", f.reason),

@@ -427,3 +427,118 @@ async fn in_place_refuses_a_port_held_by_a_foreign_process() {
     );
     drop(foreign);
 }
+
+/// A rolling fleet of 4 hosts, a host per batch, held by `cutover pause` at the boundary after
+/// the batch that is running when the pause is sent; returns the fleet, the deploy of v2 and
+/// the paused status (its `batch` is the batch that ended, `next` the one held back).
+async fn paused_rolling_deploy(
+    net: u8,
+) -> (
+    Fleet,
+    load::LoadRun,
+    tokio::task::JoinHandle<(i32, String, String)>,
+    serde_json::Value,
+) {
+    let mut spec = FleetSpec::new(4, net);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet);
+    run.wait_until(|r| r.ok >= 100).await;
+
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the first batch", |d| d["status"]["batch"] == "batch 1/4")
+        .await;
+    let (code, out, err) = fleet.cutover(&["pause"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let paused = fleet
+        .wait_status("the pause", |d| {
+            d["status"]["phase"] == "paused by an operator"
+        })
+        .await;
+    (fleet, run, deploy, paused)
+}
+
+/// How many hosts the balancer routes to each release.
+async fn routed(fleet: &Fleet) -> std::collections::BTreeMap<String, usize> {
+    let mut n = std::collections::BTreeMap::new();
+    for b in fleet.backends().await {
+        if b.state == cutover::balancer::BackendState::Active {
+            *n.entry(b.spec.release).or_default() += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rolling_deploy_holds_between_batches_until_resumed() {
+    let (fleet, run, deploy, paused) = paused_rolling_deploy(48).await;
+    // The batch that ended is whichever ran when the pause arrived; the fleet holds there.
+    let done: usize = paused["status"]["batch"]
+        .as_str()
+        .and_then(|b| b.strip_prefix("batch "))
+        .and_then(|b| b.strip_suffix("/4"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("a batch label: {paused}"));
+    assert!(done < 4, "paused before a batch: {paused}");
+    assert_eq!(
+        paused["status"]["next"],
+        format!("batch {}/4", done + 1),
+        "{paused}"
+    );
+    // The moved hosts' old backends leave the balancer (their retire is not held back), then
+    // nothing moves.
+    let expected =
+        std::collections::BTreeMap::from([("v1".to_string(), 4 - done), ("v2".to_string(), done)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while routed(&fleet).await != expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "routing at the pause: {:?}, expected {expected:?}",
+            routed(&fleet).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(routed(&fleet).await, expected, "nothing moves while paused");
+    assert!(!deploy.is_finished(), "the deploy waits");
+
+    let (code, out, err) = fleet.cutover(&["resume"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("paused before batch"), "{err}");
+    assert!(err.contains("resume: going on with batch"), "{err}");
+    let report = stop_after(run, 2_000).await;
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}",
+        report.failures
+    );
+    assert_fleet_on(&fleet, "v2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_of_a_running_rolling_deploy_returns_every_moved_host() {
+    let (fleet, run, deploy, paused) = paused_rolling_deploy(49).await;
+    let done = paused["status"]["batch"].as_str().unwrap().to_string();
+    // `cutover rollback` asks the running deploy to go back and waits for it to end.
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "the rollback happened: {out}\n{err}");
+    assert!(out.contains("rolled_back"), "{out}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 1, "the deploy was rolled back: {out}\n{err}");
+    assert!(out.contains("rolled_back"), "{out}");
+    assert!(
+        out.contains(&format!("rollback requested by an operator after {done}")),
+        "the report says why: {out}"
+    );
+    let report = stop_after(run, 2_000).await;
+    assert_eq!(
+        report.failed, 0,
+        "no failed request: {report}\n{:#?}",
+        report.failures
+    );
+    assert_fleet_on(&fleet, "v1").await;
+}

@@ -340,3 +340,37 @@ async fn canary_promotion_that_fails_a_batch_rolls_the_fleet_back() {
     assert!(report.share("late") > 0.0, "the canary served: {report}");
     fleet.assert_on("v1").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_aborts_a_canary_during_its_promotion() {
+    // One step, then a promotion a host per batch, which `pause` holds and `abort` undoes.
+    let mut spec = canary_spec(50, "[{ weight = 100, pause = \"300ms\" }]", "", "");
+    spec.strategy = spec.strategy.replace("batch = 2\n", "batch = 1\n");
+    assert!(spec.strategy.contains("batch = 1\n"), "{}", spec.strategy);
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 200, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the promotion", |d| phase(d) == "promoting")
+        .await;
+    let (code, out, err) = fleet.cutover(&["pause"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let paused = fleet
+        .wait_status("the pause", |d| phase(d) == "paused by an operator")
+        .await;
+    assert_eq!(paused["status"]["strategy"], "canary", "{paused}");
+    let (code, out, err) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("promotion stopped: abort requested by an operator after promote"),
+        "{out}"
+    );
+    let report = stop_after(run, 1_500).await;
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    fleet.assert_on("v1").await;
+}

@@ -262,14 +262,8 @@ pub(super) fn running_deployment(
 /// Sends a command to the running deployment.
 pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
     let row = running_deployment(config)?.ok_or_else(|| {
-        anyhow::anyhow!("no deployment is running (see `cutover status`): `{command}` applies to a running canary or blue-green deployment")
+        anyhow::anyhow!("no deployment is running (see `cutover status`): `{command}` applies to a running deployment")
     })?;
-    if row.strategy == "rolling" {
-        anyhow::bail!(
-            "deployment {} is a rolling deploy: it takes no `{command}` (its batches gate themselves); stop it with Ctrl-C, then `cutover deploy --resume` or `cutover rollback`",
-            row.id
-        );
-    }
     let journal = Journal::open(&config.state_dir)?;
     journal.post_command(&row.id, command)?;
     println!(

@@ -83,16 +83,20 @@ pub enum Command {
     /// One deployment: its steps with timings, requests served/failed while it ran, outcome.
     Show(ShowArgs),
     /// Return the fleet to the previous release (or --to VERSION). After an interrupted
-    /// deployment: return every host to the release it had before it.
+    /// deployment: return every host to the release it had before it. While a deployment
+    /// runs: ask it to go back (waits for it to end).
     Rollback(RollbackArgs),
-    /// Move a running canary to its next step (--full: skip the remaining steps), or end a
-    /// blue-green switch-back window early.
+    /// Move a running canary to its next step (--full: skip the remaining steps), end a
+    /// blue-green switch-back window early, or let a paused rolling deploy go on.
     Promote(PromoteArgs),
-    /// Stop a running canary or blue-green deployment and return traffic to the stable release.
+    /// Stop a running deployment and return traffic to the stable release: a canary or
+    /// blue-green at once, a rolling deploy (or a canary's promotion) when its current batch
+    /// ends, returning every moved host.
     Abort,
-    /// Hold a running canary at its current step, whatever its timer or analysis says.
+    /// Hold a running canary at its current step, whatever its timer or analysis says, or a
+    /// rolling deploy (or a canary's promotion) before its next batch.
     Pause,
-    /// Let a paused canary go on.
+    /// Let a paused deployment go on.
     Resume,
     /// Recent log lines of a host's instances (`<root>/log/<version>-<port>.log`), live ones first.
     Logs(LogsArgs),
@@ -317,10 +321,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Rollback(args) => {
             let config = Config::load(&cli.config)?;
             if args.to.is_none() {
-                if let Some(row) = running_deployment(&config)?.filter(|r| r.strategy != "rolling")
-                {
-                    // A blue-green in its switch-back window (or a canary): the running deployer
-                    // switches back itself, within milliseconds.
+                if let Some(row) = running_deployment(&config)? {
+                    // The running deployer goes back itself: a blue-green in its switch-back
+                    // window within milliseconds, a canary at once, a rolling deploy (or a
+                    // canary's promotion) once its current batch ends.
                     return wait_for_command(&config, &row, "rollback");
                 }
             }
