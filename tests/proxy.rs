@@ -1173,6 +1173,41 @@ async fn a_websocket_survives_its_backend_draining_until_the_deadline() {
 }
 
 #[tokio::test]
+async fn a_websocket_handshake_to_a_closed_backend_is_retried() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Passive ejection off: every handshake that lands on the closed backend must be retried.
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v1")).await;
+    a.stop().await;
+    for i in 0..6 {
+        let mut conn = tokio::net::TcpStream::connect(h.proxy.listen)
+            .await
+            .unwrap();
+        conn.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut conn).await;
+        assert!(head.starts_with("http/1.1 101"), "handshake {i}: {head}");
+        conn.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(DEADLINE, conn.read_exact(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+    let stats = h.admin.stats().await.unwrap();
+    assert!(stats.backends["a"].retries >= 1, "{stats:?}");
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn an_sse_stream_delivers_its_first_event_before_the_stream_ends() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
     let mut a = TestBackend::start("a").await;
@@ -1788,6 +1823,30 @@ async fn a_sticky_cookie_keeps_a_client_on_its_release() {
     h.proxy.shutdown().await;
     stable.stop().await;
     canary.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_pinned_to_a_dead_canary_is_retried_on_stable() {
+    // Checks run once at add; passive ejection is off: only the retry hides the dead canary.
+    let options = ProxyOptions {
+        sticky: Some(cutover::proxy::Sticky::Cookie),
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 1000)), options).await;
+    let mut stable = TestBackend::start("stable").await;
+    let mut canary = TestBackend::start("canary").await;
+    h.add_healthy(&stable.spec("v1")).await;
+    h.add_healthy(&canary.spec("v2")).await;
+    canary.stop().await;
+    for i in 0..10 {
+        let r = get_with(&h, "/", &[("cookie", "cutover_release=v2")]).await;
+        assert_eq!(r.status(), StatusCode::OK, "GET {i}");
+        assert_eq!(backend_of(r).await, "stable");
+    }
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.backends["canary"].retries, 10, "{stats:?}");
+    h.proxy.shutdown().await;
+    stable.stop().await;
 }
 
 #[tokio::test]

@@ -100,9 +100,11 @@ pub(crate) async fn handle(
     let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let retryable = !upgrade && is_idempotent(&parts.method) && has_no_body(&parts.headers, &body);
+    // A WebSocket handshake is a GET like any other until a backend answers 101: retried alike.
+    let retryable = is_idempotent(&parts.method) && has_no_body(&parts.headers, &body);
 
-    prepare_request_headers(&mut parts.headers, &parts.uri, peer, upgrade);
+    let h2 = parts.version == Version::HTTP_2;
+    prepare_request_headers(&mut parts.headers, &parts.uri, peer, upgrade, h2);
     let pq = parts
         .uri
         .path_and_query()
@@ -217,11 +219,12 @@ async fn send(
     guard: &InFlight,
     req: Request<ForwardBody>,
 ) -> Result<Response<Incoming>, SendError> {
+    // Waiting on the cut signal before looking at the flag: a cut between the two is seen.
+    let cut = guard.backend().cut.notified();
     if guard.is_cut() {
         return Err(SendError::Cut);
     }
     let response = proxy.client.request(req);
-    let cut = guard.backend().cut.notified();
     let limit = proxy.options.timeouts.backend_header;
     let timeout = tokio::time::sleep(limit);
     tokio::pin!(response, cut, timeout);
@@ -342,8 +345,15 @@ fn has_no_body(headers: &HeaderMap, body: &Incoming) -> bool {
     length_zero && !headers.contains_key(header::TRANSFER_ENCODING) && body.is_end_stream()
 }
 
+/// An `Upgrade` the proxy passes on. `h2c` is not one: the proxy speaks HTTP/1.1 to backends
+/// and counts each request, so such a request is answered as plain HTTP/1.1 (which RFC 9110
+/// allows a server to do), its `Upgrade` dropped with the other hop-by-hop headers.
 fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(tokens)
+        .any(|t| !t.eq_ignore_ascii_case("h2c"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -386,7 +396,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer, upgrade: bool) {
+/// Edits a client's request headers for the backend: hop-by-hop headers out (an upgrade's
+/// kept), `Host` from an HTTP/2 `:authority`, the `Cookie` fields an HTTP/2 client sends apart
+/// joined into one (RFC 9113 §8.2.3: HTTP/1.1 servers read one), `X-Forwarded-*` and `Via`.
+fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    peer: &Peer,
+    upgrade: bool,
+    h2: bool,
+) {
     let upgrade_to = if upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
@@ -396,6 +415,9 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer, upgr
     if let Some(proto) = upgrade_to {
         headers.insert(header::UPGRADE, proto);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if h2 {
+        join_cookies(headers);
     }
     // HTTP/2 clients send the host as :authority; HTTP/1.1 backends want a Host header.
     if !headers.contains_key(header::HOST) {
@@ -418,6 +440,22 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, peer: &Peer, upgr
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), peer.proto.clone());
     headers.append(header::VIA, VIA_VALUE.clone());
+}
+
+/// Joins several `Cookie` fields into one, separated by `; `.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
+    }
 }
 
 /// Body of every response the proxy sends.
@@ -571,7 +609,7 @@ mod tests {
         let peer = Peer::new("10.0.0.7:5555".parse().unwrap(), true);
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("1.2.3.4"));
-        prepare_request_headers(&mut h, &Uri::from_static("/x"), &peer, false);
+        prepare_request_headers(&mut h, &Uri::from_static("/x"), &peer, false, false);
         assert_eq!(h.get("x-forwarded-for").unwrap(), "1.2.3.4, 10.0.0.7");
         assert_eq!(h.get("via").unwrap(), "1.1 cutover");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "https");
@@ -592,6 +630,46 @@ mod tests {
         assert_eq!(sticky_cookie(&h), None);
         assert_eq!(fnv1a(b"user-1"), fnv1a(b"user-1"));
         assert_ne!(fnv1a(b"user-1"), fnv1a(b"user-2"));
+    }
+
+    #[test]
+    fn cookie_fields_of_an_http2_request_reach_the_backend_as_one() {
+        let peer = Peer::new("10.0.0.7:5555".parse().unwrap(), false);
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        let mut h1 = h.clone();
+        prepare_request_headers(&mut h, &Uri::from_static("/x"), &peer, false, true);
+        let cookies: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        // An HTTP/1.1 client's fields are its own business: passed on as they came.
+        prepare_request_headers(&mut h1, &Uri::from_static("/x"), &peer, false, false);
+        assert_eq!(h1.get_all(header::COOKIE).iter().count(), 3);
+    }
+
+    #[test]
+    fn an_h2c_upgrade_is_not_passed_on() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAARAAAAAAAIAAAAA"),
+        );
+        assert!(!wants_upgrade(&h));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        let mut ws = HeaderMap::new();
+        ws.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        ws.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(wants_upgrade(&ws));
     }
 
     #[test]

@@ -502,20 +502,29 @@ impl Table {
 
     /// Picks a backend for a request: the sticky release when it has an eligible backend, else
     /// any eligible backend of the request's kind (preview or not). Counts the request in flight
-    /// on it. Also returns how many backends were eligible (a retry needs several).
+    /// on it. Also returns how many backends were eligible for the request's kind, sticky or
+    /// not: a retry needs several, and falls back to another release when the sticky one has
+    /// no other backend (a canary usually has one).
     pub(crate) fn pick(&mut self, exclude: &[u64], route: Route<'_>) -> Option<(InFlight, usize)> {
-        if let Some(hash) = route.hash {
-            if let Some(release) = self.release_by_hash(exclude, route.preview, hash) {
-                return self.pick_where(exclude, |e| {
-                    e.eligible(route.preview) && *e.shared.release_name == *release
-                });
+        let hashed;
+        let sticky = match route.hash {
+            Some(hash) => {
+                hashed = self.release_by_hash(exclude, route.preview, hash);
+                hashed.as_deref()
             }
-        } else if let Some(release) = route.release {
+            None => route.release,
+        };
+        if let Some(release) = sticky {
             let picked = self.pick_where(exclude, |e| {
                 e.eligible(route.preview) && *e.shared.release_name == *release
             });
-            if picked.is_some() {
-                return picked;
+            if let Some((guard, _)) = picked {
+                let eligible = self
+                    .entries
+                    .iter()
+                    .filter(|e| e.eligible(route.preview) && !exclude.contains(&e.shared.uid))
+                    .count();
+                return Some((guard, eligible));
             }
         }
         self.pick_where(exclude, |e| e.eligible(route.preview))
@@ -865,8 +874,13 @@ mod tests {
             ..Route::default()
         };
         for _ in 0..4 {
-            assert_eq!(t.pick(&[], sticky).unwrap().0.backend().id, "b");
+            let (guard, eligible) = t.pick(&[], sticky).unwrap();
+            assert_eq!(guard.backend().id, "b");
+            // Both count: a retry may fall back to "a" when "b" fails.
+            assert_eq!(eligible, 2);
         }
+        let b = t.get("b").unwrap().shared.uid;
+        assert_eq!(t.pick(&[b], sticky).unwrap().0.backend().id, "a");
         t.set_state("b", BackendState::Draining);
         assert_eq!(t.pick(&[], sticky).unwrap().0.backend().id, "a");
     }
@@ -880,7 +894,9 @@ mod tests {
                 hash: Some(h),
                 ..Route::default()
             };
-            let first = t.pick(&[], route).unwrap().0.backend().id.clone();
+            let (guard, eligible) = t.pick(&[], route).unwrap();
+            let first = guard.backend().id.clone();
+            assert_eq!(eligible, 2, "a retry can fall back to the other release");
             assert_eq!(t.pick(&[], route).unwrap().0.backend().id, first);
             if first == "b" {
                 on_b += 1;
