@@ -38,12 +38,19 @@ impl Patient {
         Fut: std::future::Future<Output = anyhow::Result<T>> + Send,
         T: Send,
     {
-        let start = Instant::now();
+        // The clock starts at the first failure, not at the call: a long wait (for health, for
+        // a drain) that a balancer restart cuts after minutes is retried like a short call.
+        let mut lost: Option<Instant> = None;
         let mut pause = Duration::from_millis(100);
         let mut warned = false;
         loop {
-            match call().await {
-                Err(e) if is_unreachable(&e) && start.elapsed() < self.deadline => {
+            let result = call().await;
+            let since = match &result {
+                Err(e) if is_unreachable(e) => *lost.get_or_insert_with(Instant::now),
+                _ => Instant::now(),
+            };
+            match result {
+                Err(e) if is_unreachable(&e) && since.elapsed() < self.deadline => {
                     if !warned {
                         self.progress.say(&format!(
                             "balancer unreachable during {what}; retrying for up to {} ({e:#})",
@@ -61,10 +68,10 @@ impl Patient {
                     )));
                 }
                 other => {
-                    if warned {
+                    if let Some(lost) = lost.filter(|_| warned) {
                         self.progress.say(&format!(
                             "balancer reachable again after {:.1}s",
-                            start.elapsed().as_secs_f64()
+                            lost.elapsed().as_secs_f64()
                         ));
                     }
                     return other;
@@ -121,5 +128,87 @@ impl Balancer for Patient {
     async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
         self.retry("samples", || self.inner.samples(release, max))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::Unreachable;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A balancer whose `wait_healthy` is cut after `cut_after` (a restart) `cuts` times,
+    /// then answers.
+    struct Cut {
+        calls: AtomicU32,
+        cuts: u32,
+        cut_after: Duration,
+    }
+
+    #[async_trait]
+    impl Balancer for Cut {
+        async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
+            Ok(Vec::new())
+        }
+        async fn add(&self, _: &BackendSpec) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn remove(&self, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn set_weight(&self, _: &str, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn drain(&self, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn activate(&self, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn wait_drained(&self, _: &str, _: Duration) -> anyhow::Result<DrainReport> {
+            anyhow::bail!("not used")
+        }
+        async fn wait_healthy(&self, _: &str, _: Duration) -> anyhow::Result<()> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.cuts {
+                tokio::time::sleep(self.cut_after).await;
+                return Err(Unreachable("connection reset".into()).into());
+            }
+            Ok(())
+        }
+        async fn stats(&self) -> anyhow::Result<Stats> {
+            Ok(Stats::default())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_long_call_cut_after_the_deadline_is_still_retried() {
+        let inner = Arc::new(Cut {
+            calls: AtomicU32::new(0),
+            cuts: 1,
+            cut_after: Duration::from_millis(300),
+        });
+        let patient = Patient::new(inner.clone(), Duration::from_millis(200), Progress::quiet());
+        patient
+            .wait_healthy("a", Duration::from_secs(1))
+            .await
+            .expect("retried once the balancer answers again");
+        assert_eq!(inner.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_balancer_that_stays_away_stops_the_call_after_the_deadline() {
+        let inner = Arc::new(Cut {
+            calls: AtomicU32::new(0),
+            cuts: u32::MAX,
+            cut_after: Duration::ZERO,
+        });
+        let patient = Patient::new(inner, Duration::from_millis(250), Progress::quiet());
+        let started = Instant::now();
+        let e = patient
+            .wait_healthy("a", Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        assert!(format!("{e:#}").contains("stayed unreachable"), "{e:#}");
     }
 }
