@@ -89,12 +89,14 @@ const EPS: f64 = 1e-9;
 pub fn delta(after: &Counters, before: &Counters) -> Counters {
     Counters {
         requests: after.requests.saturating_sub(before.requests),
+        status_1xx: after.status_1xx.saturating_sub(before.status_1xx),
         status_2xx: after.status_2xx.saturating_sub(before.status_2xx),
         status_3xx: after.status_3xx.saturating_sub(before.status_3xx),
         status_4xx: after.status_4xx.saturating_sub(before.status_4xx),
         status_5xx: after.status_5xx.saturating_sub(before.status_5xx),
         proxy_errors: after.proxy_errors.saturating_sub(before.proxy_errors),
         retries: after.retries.saturating_sub(before.retries),
+        broken: after.broken.saturating_sub(before.broken),
         latency_us_sum: after.latency_us_sum.saturating_sub(before.latency_us_sum),
         latency_buckets: after
             .latency_buckets
@@ -106,13 +108,13 @@ pub fn delta(after: &Counters, before: &Counters) -> Counters {
 }
 
 /// Share of non-5xx among responses + proxy errors count as failures too, in percent; None when
-/// no requests.
+/// no requests. A response whose body broke off counts as a failure, not as its status.
 ///
-/// The denominator is completed attempts: 2xx + 3xx + 4xx + 5xx + proxy errors (requests
-/// still in flight have neither an answer nor an error yet).
+/// The denominator is completed attempts: responses + proxy errors (requests still in flight
+/// have neither an answer nor an error yet).
 pub fn success_rate(c: &Counters) -> Option<f64> {
-    let good = c.status_2xx + c.status_3xx + c.status_4xx;
-    let total = good + c.status_5xx + c.proxy_errors;
+    let good = (c.status_1xx + c.status_2xx + c.status_3xx + c.status_4xx).saturating_sub(c.broken);
+    let total = c.responses() + c.proxy_errors;
     (total > 0).then(|| good as f64 * 100.0 / total as f64)
 }
 

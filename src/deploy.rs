@@ -42,7 +42,7 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use crate::balancer::{BackendSpec, BackendState, Balancer, Stats};
+use crate::balancer::{BackendSpec, BackendState, Balancer, Counters, Stats};
 use crate::batch;
 use crate::config::{Config, HookPoint, Host, Name, OnFailure};
 use crate::control::Boundary;
@@ -1736,19 +1736,17 @@ pub fn most_common_release(views: &[HostView]) -> Option<String> {
 
 /// Requests served and failed between two balancer snapshots.
 pub fn traffic_between(before: &Stats, after: &Stats) -> (u64, u64, BTreeMap<String, u64>) {
-    let served = after.total.requests.saturating_sub(before.total.requests)
-        + after.unrouted.saturating_sub(before.unrouted);
-    let failed = after
-        .total
-        .status_5xx
-        .saturating_sub(before.total.status_5xx)
-        + after.unrouted.saturating_sub(before.unrouted);
+    let d = crate::analysis::delta(&after.total, &before.total);
+    let unrouted = after.unrouted.saturating_sub(before.unrouted);
+    // Client requests, not attempts: a retried request counts once, by its answer.
+    let served = d.responses() + unrouted;
+    let failed = (d.status_5xx + d.broken + unrouted).min(served);
     let by_release = after
         .releases
         .iter()
         .map(|(r, c)| {
-            let was = before.releases.get(r).map_or(0, |b| b.requests);
-            (r.clone(), c.requests.saturating_sub(was))
+            let was = before.releases.get(r).map_or(0, Counters::responses);
+            (r.clone(), c.responses().saturating_sub(was))
         })
         .filter(|(_, n)| *n > 0)
         .collect();

@@ -54,8 +54,8 @@ impl Sample {
                     (
                         r.clone(),
                         Count {
-                            requests: c.requests,
-                            errors: c.status_5xx,
+                            requests: c.responses(),
+                            errors: c.status_5xx + c.broken,
                         },
                     )
                 })

@@ -279,6 +279,22 @@ async fn handle(
             TestBody::Endless(false)
         }
         "/reset" => return Err(Reset),
+        // Promises more than it sends: the connection ends mid-body.
+        "/truncated" => {
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.try_send(Bytes::from_static(b"part")).unwrap();
+            // The head and the first part go out before the body ends, short.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                drop(tx);
+            });
+            let mut r = Response::new(TestBody::Chunks(rx));
+            r.headers_mut().insert(
+                "content-length",
+                hyper::header::HeaderValue::from_static("1000"),
+            );
+            return Ok(r);
+        }
         _ => TestBody::Full(Some(Bytes::from(format!("{name}\n")))),
     };
     let mut r = Response::new(body);
@@ -631,10 +647,44 @@ async fn a_closed_backend_costs_no_failed_get_and_post_is_never_resent() {
         "SWRR sends some POSTs to the closed backend"
     );
     assert_eq!(b.hits.posts.load(Ordering::SeqCst), ok);
-    assert_eq!(h.admin.stats().await.unwrap().unrouted, bad_gateway);
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.unrouted, bad_gateway);
+    // The deploy's proof counts client requests, not attempts: the retried GETs once each.
+    assert!(stats.total.requests > 210, "{stats:?}");
+    let (served, failed, _) =
+        cutover::deploy::traffic_between(&cutover::balancer::Stats::default(), &stats);
+    assert_eq!((served, failed), (210, bad_gateway), "{stats:?}");
 
     h.proxy.shutdown().await;
     b.stop().await;
+}
+
+#[tokio::test]
+async fn a_response_cut_off_mid_body_counts_as_failed() {
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let resp = h.send(Method::GET, "/truncated", "").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.into_body().collect().await.is_err(),
+        "the client sees the cut"
+    );
+    eventually("the broken body is counted", || async {
+        h.admin.stats().await.unwrap().total.broken == 1
+    })
+    .await;
+    let stats = h.admin.stats().await.unwrap();
+    let (served, failed, _) =
+        cutover::deploy::traffic_between(&cutover::balancer::Stats::default(), &stats);
+    assert_eq!((served, failed), (1, 1), "{stats:?}");
+    assert_eq!(
+        cutover::analysis::success_rate(&stats.total),
+        Some(0.0),
+        "{stats:?}"
+    );
+    h.proxy.shutdown().await;
+    a.stop().await;
 }
 
 #[tokio::test]

@@ -87,9 +87,16 @@ pub enum Health {
 }
 
 /// Request and response counters: the input of analysis and of every deploy's proof.
+///
+/// `requests` counts attempts sent to a backend, so a request retried on a second backend
+/// counts on both; what clients got is [`Counters::responses`] (one per answered request)
+/// plus the proxy's own answers ([`Stats::unrouted`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub requests: u64,
+    /// Informational answers that end a request: `101 Switching Protocols` (WebSocket).
+    #[serde(default)]
+    pub status_1xx: u64,
     pub status_2xx: u64,
     pub status_3xx: u64,
     pub status_4xx: u64,
@@ -98,6 +105,10 @@ pub struct Counters {
     pub proxy_errors: u64,
     /// Requests sent again to another backend after this one failed before answering.
     pub retries: u64,
+    /// Responses counted by status whose body the backend then broke off: the client got a
+    /// truncated response, a failure whatever the status said.
+    #[serde(default)]
+    pub broken: u64,
     /// Sum of response-head latencies in microseconds (mean = sum / responses).
     pub latency_us_sum: u64,
     /// Response-head latency histogram: counts per bucket of [`LATENCY_BUCKETS_MS`] (the last
@@ -113,15 +124,23 @@ pub const LATENCY_BUCKETS_MS: [u64; 14] = [
 ];
 
 impl Counters {
+    /// Requests answered by the backend (a head of any status): each client request that
+    /// reached a backend counts once here, however many attempts it took.
+    pub fn responses(&self) -> u64 {
+        self.status_1xx + self.status_2xx + self.status_3xx + self.status_4xx + self.status_5xx
+    }
+
     /// Adds `other` into `self`.
     pub fn add(&mut self, other: &Counters) {
         self.requests += other.requests;
+        self.status_1xx += other.status_1xx;
         self.status_2xx += other.status_2xx;
         self.status_3xx += other.status_3xx;
         self.status_4xx += other.status_4xx;
         self.status_5xx += other.status_5xx;
         self.proxy_errors += other.proxy_errors;
         self.retries += other.retries;
+        self.broken += other.broken;
         self.latency_us_sum += other.latency_us_sum;
         if self.latency_buckets.len() < other.latency_buckets.len() {
             self.latency_buckets.resize(other.latency_buckets.len(), 0);

@@ -268,12 +268,14 @@ impl StatRow {
     pub fn counters(&self) -> Counters {
         Counters {
             requests: self.req_tot.unwrap_or(self.stot),
+            status_1xx: self.hrsp[0],
             status_2xx: self.hrsp[1],
             status_3xx: self.hrsp[2],
             status_4xx: self.hrsp[3],
             status_5xx: self.hrsp[4],
             proxy_errors: self.econ + self.eresp,
             retries: self.wretr + self.wredis,
+            broken: 0,
             latency_us_sum: 0,
             latency_buckets: Vec::new(),
         }

@@ -499,7 +499,7 @@ impl Upstream {
             }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
-                guard.backend().failed();
+                guard.backend().broke();
                 warn!(backend = %guard.backend().id, "response body failed: {e}");
                 Poll::Ready(Some(Err(BodyError::Upstream(e))))
             }

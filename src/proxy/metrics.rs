@@ -167,6 +167,14 @@ pub(crate) fn render(proxy: &Proxy) -> String {
     per_backend(
         o,
         &backends,
+        "cutover_broken_responses_total",
+        "counter",
+        "Responses whose body this backend broke off after the head (clients got them truncated).",
+        |b| b.counters.broken,
+    );
+    per_backend(
+        o,
+        &backends,
         "cutover_ejections_total",
         "counter",
         "Times passive health took the backend out of rotation.",
@@ -229,8 +237,9 @@ fn per_backend(
     }
 }
 
-fn classes(c: &Counters) -> [(&'static str, u64); 4] {
+fn classes(c: &Counters) -> [(&'static str, u64); 5] {
     [
+        ("1xx", c.status_1xx),
         ("2xx", c.status_2xx),
         ("3xx", c.status_3xx),
         ("4xx", c.status_4xx),

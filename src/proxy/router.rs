@@ -34,12 +34,14 @@ pub(crate) const SAMPLES: usize = 4096;
 #[derive(Debug, Default)]
 pub(crate) struct AtomicCounters {
     requests: AtomicU64,
+    status_1xx: AtomicU64,
     status_2xx: AtomicU64,
     status_3xx: AtomicU64,
     status_4xx: AtomicU64,
     status_5xx: AtomicU64,
     proxy_errors: AtomicU64,
     retries: AtomicU64,
+    broken: AtomicU64,
     latency_us_sum: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
 }
@@ -59,11 +61,11 @@ impl AtomicCounters {
 
     pub(crate) fn response(&self, status: u16, latency_us: u64) {
         let class = match status {
+            ..=199 => &self.status_1xx,
             200..=299 => &self.status_2xx,
             300..=399 => &self.status_3xx,
             400..=499 => &self.status_4xx,
-            500..=599 => &self.status_5xx,
-            _ => return self.add_latency(latency_us),
+            _ => &self.status_5xx,
         };
         class.fetch_add(1, Ordering::Relaxed);
         self.add_latency(latency_us);
@@ -82,16 +84,22 @@ impl AtomicCounters {
         self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn broke(&self) {
+        self.broken.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn snapshot(&self) -> Counters {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Counters {
             requests: get(&self.requests),
+            status_1xx: get(&self.status_1xx),
             status_2xx: get(&self.status_2xx),
             status_3xx: get(&self.status_3xx),
             status_4xx: get(&self.status_4xx),
             status_5xx: get(&self.status_5xx),
             proxy_errors: get(&self.proxy_errors),
             retries: get(&self.retries),
+            broken: get(&self.broken),
             latency_us_sum: get(&self.latency_us_sum),
             latency_buckets: self.buckets.iter().map(get).collect(),
         }
@@ -194,6 +202,14 @@ impl BackendShared {
             self.consecutive_errors.store(0, Ordering::Relaxed);
         }
         0
+    }
+
+    /// Records a response whose body the backend broke off after its head was counted;
+    /// returns the failures in a row (passive health).
+    pub(crate) fn broke(&self) -> u64 {
+        self.counters.broke();
+        self.release.counters.broke();
+        self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     pub(crate) fn retried(&self) {
