@@ -646,13 +646,27 @@ impl<'de> Deserialize<'de> for Dur {
         let s = String::deserialize(d).map_err(|_| {
             serde::de::Error::custom("expected a duration string such as \"10s\" or \"500ms\"")
         })?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
             serde::de::Error::custom(format!(
                 "\"{s}\" is not a duration ({e}): write it like \"10s\", \"500ms\" or \"1m30s\""
             ))
-        })
+        })?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "\"{s}\" is longer than {}, the longest duration cutover takes: no deploy step waits that long",
+                humantime::format_duration(MAX_DURATION)
+            )));
+        }
+        Ok(Dur(d))
     }
 }
+
+/// The longest duration a config may give: sums and products of timeouts (a plan's worst
+/// case, a deadline from now) stay far from overflowing.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// The most host operations at once: far beyond any fleet, far below what a semaphore holds.
+const MAX_FORKS: usize = 10_000;
 
 /// A count of consecutive checks, at least 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1086,8 +1100,17 @@ impl Config {
             _ => {}
         }
         self.validate_strategy(text)?;
-        if self.forks == 0 {
-            return Err(err("forks", "forks must be at least 1".into()));
+        if self.forks == 0 || self.forks > MAX_FORKS {
+            return Err(err(
+                "forks",
+                format!("forks must be between 1 and {MAX_FORKS}"),
+            ));
+        }
+        if self.lock_lease < Duration::from_secs(1) {
+            return Err(err(
+                "lock_lease",
+                "lock_lease must be at least 1s: the running deploy renews it every third of it, and a shorter one lets a second deploy take a lock that is still held".into(),
+            ));
         }
         for hook in &self.hooks {
             if hook.command.trim().is_empty() {
@@ -1514,6 +1537,24 @@ batch = [1, "50%"]
         let e = error_of(&text);
         assert!(e.starts_with("cutover.toml:4:1: app.strat:"), "{e}");
         assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn values_that_would_overflow_or_break_the_lock_are_refused() {
+        let e = error_of(&GOOD.replace(
+            "name = \"shop\"",
+            "name = \"shop\"\ndrain_timeout = \"500000000000y\"",
+        ));
+        assert!(
+            e.contains("app.drain_timeout") && e.contains("longest duration"),
+            "{e}"
+        );
+        let top = |line: &str| GOOD.replacen("[app]", &format!("{line}\n\n[app]"), 1);
+        let e = error_of(&top("forks = 4611686018427387904"));
+        assert!(e.contains("forks must be between 1 and 10000"), "{e}");
+        let e = error_of(&top("lock_lease = \"0s\""));
+        assert!(e.contains("lock_lease must be at least 1s"), "{e}");
+        assert!(parse(&top("lock_lease = \"1s\"\nforks = 10000")).is_ok());
     }
 
     #[test]
