@@ -248,19 +248,26 @@ async fn wait_drained(
 }
 
 /// Drain, wait, remove in one call (what a deployer does with an old backend): one round trip
-/// and one save of the routing state instead of three.
+/// and one save of the routing state instead of three, when nothing is in flight. When there
+/// is something to wait for, the draining state is saved first: a proxy that takes over during
+/// the wait (`--takeover` cuts this call) must not route to the backend again.
 async fn retire(
     State(proxy): State<Arc<Proxy>>,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<DrainReport>> {
     let timeout = wait_timeout(&body, proxy.settings.drain_timeout)?;
-    if proxy
-        .table()
-        .set_state(&id, BackendState::Draining)
-        .is_none()
-    {
-        return Err(AdminError::NotFound(id));
+    let busy = {
+        let mut table = proxy.table();
+        if table.set_state(&id, BackendState::Draining).is_none() {
+            return Err(AdminError::NotFound(id));
+        }
+        table
+            .get(&id)
+            .is_some_and(|e| e.shared.in_flight.load(Ordering::Acquire) > 0)
+    };
+    if busy {
+        persist(&proxy).await?;
     }
     let report = settle_drain(&proxy, &id, timeout).await?;
     if proxy.table().remove(&id).is_some() {
