@@ -49,8 +49,9 @@ pub fn batch_failed(failed: usize, batch_size: usize, max_fail: Percent) -> bool
     (failed as f64 / batch_size as f64) * 100.0 > max_fail.0
 }
 
-/// Why failures exhaust the strategy's budget, if they do: more than `max_fail_percentage` of
-/// the batch (`label`), or more than `max_failed_hosts` across the deployment (`failed_in_all`).
+/// Why failures exhaust the strategy's budget, if they do: every host of the batch (`label`),
+/// more than `max_fail_percentage` of it, or more than `max_failed_hosts` across the
+/// deployment (`failed_in_all`).
 /// Shared by rolling batches and a canary's promotion.
 pub fn over_budget(
     strategy: &Strategy,
@@ -59,6 +60,13 @@ pub fn over_budget(
     batch_size: usize,
     failed_in_all: usize,
 ) -> Option<String> {
+    if batch_size > 0 && batch_failures == batch_size {
+        // Ansible ends the play when a whole batch fails, whatever max_fail_percentage says;
+        // going on would only fail the next batch the same way.
+        return Some(format!(
+            "{label}: all {batch_size} host(s) of the batch failed"
+        ));
+    }
     if batch_failed(batch_failures, batch_size, strategy.max_fail_percentage) {
         return Some(format!(
             "{label}: {batch_failures} of {batch_size} host(s) failed, more than max_fail_percentage = {}%",
@@ -143,6 +151,20 @@ mod tests {
         assert_eq!(
             over_budget(&strategy, "batch 2/2", 1, 4, 3).as_deref(),
             Some("3 host(s) failed in all, more than max_failed_hosts = 2")
+        );
+    }
+
+    #[test]
+    fn a_whole_batch_failing_stops_whatever_the_percentage() {
+        let strategy = Strategy {
+            max_fail_percentage: Percent(100.0),
+            ..Strategy::default()
+        };
+        assert_eq!(over_budget(&strategy, "batch 1/4", 0, 1, 0), None);
+        assert_eq!(over_budget(&strategy, "batch 1/2", 3, 4, 3), None);
+        assert_eq!(
+            over_budget(&strategy, "batch 1/4", 1, 1, 1).as_deref(),
+            Some("batch 1/4: all 1 host(s) of the batch failed")
         );
     }
 }

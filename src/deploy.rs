@@ -397,6 +397,10 @@ impl Deployer {
             }
         };
         match config.strategy.kind {
+            // A rollback goes back side by side in batches whatever the strategy: the release it
+            // returns to served before, so it needs no preview, steps or analysis (and must not
+            // wait for a `cutover promote`).
+            _ if req.kind == "rollback" => {}
             crate::config::StrategyKind::Rolling => {}
             crate::config::StrategyKind::BlueGreen => {
                 return self
@@ -1022,6 +1026,19 @@ impl Deployer {
                     "already serving {version} on {}",
                     r.instance.address
                 ));
+                // A canary's steps leave the stable backends at other weights (0 at a 100%
+                // step): one that stays must carry its full share again.
+                let id = r.instance.backend_id();
+                let weight = crate::balancer::api::default_weight();
+                if backends
+                    .iter()
+                    .any(|b| b.spec.id == id && b.spec.weight != weight)
+                {
+                    self.balancer.set_weight(&id, weight).await.map_err(|e| {
+                        fail(format!("setting {id} back to weight {weight}: {e:#}"))
+                    })?;
+                    say(format!("{id} back to weight {weight}"));
+                }
                 (r.instance.clone(), true, None)
             }
             None => {

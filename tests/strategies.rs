@@ -374,3 +374,85 @@ async fn an_operator_aborts_a_canary_during_its_promotion() {
     assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
     fleet.assert_on("v1").await;
 }
+
+/// A canary killed at its 100% step leaves the stable backends at weight 0: a rollback must
+/// give them their share back (it once left every backend at 0: an outage), and run side by
+/// side, not as another canary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_after_a_canary_killed_at_its_full_step_serves_again() {
+    let spec = canary_spec(
+        51,
+        "[{ weight = 50, pause = \"300ms\" }, { weight = 100, pause = \"60s\" }]",
+        "",
+        "",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the full step", |d| d["status"]["step"] == "step 2/2")
+        .await;
+    fleet.kill_running_deploy(deploy).await;
+
+    let run = traffic(&fleet, 200, Vec::new());
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("canary"), "a rollback runs no canary: {err}");
+    let back = run.snapshot();
+    run.wait_until(|r| r.sent >= back.sent + 200).await;
+    let report = run.stop().await;
+    assert_eq!(
+        report.failed - back.failed,
+        0,
+        "every request served after the rollback: {report}"
+    );
+    fleet.assert_on("v1").await;
+
+    // A rollback that is not an undo (here to v2, with nothing interrupted) goes side by side
+    // too: no canary step to wait on (its 60s pause would hold it).
+    let (code, out, err) = fleet.cutover(&["rollback", "--to", "v2"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("step 1/2"), "a rollback runs no canary: {err}");
+    fleet.assert_on("v2").await;
+}
+
+/// `--resume` of a killed canary undoes what it left (canary instance, weights) and starts the
+/// canary again, rather than stacking a second canary on the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_a_killed_canary_starts_it_again_from_a_clean_fleet() {
+    let spec = canary_spec(
+        52,
+        "[{ weight = 50, pause = \"60s\" }, { weight = 100, pause = \"300ms\" }]",
+        "",
+        "",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    let killed = fleet
+        .wait_status("the first step", |d| d["status"]["step"] == "step 1/2")
+        .await["id"]
+        .clone();
+    fleet.kill_running_deploy(deploy).await;
+
+    let resumed = fleet.spawn_cutover(&["deploy", "--resume"]);
+    let d = fleet
+        .wait_status("the new canary's first step", |d| {
+            d["id"] != killed && d["status"]["step"] == "step 1/2"
+        })
+        .await;
+    // One canary, not two: the killed run's instance was stopped and its backend removed.
+    let canaries: Vec<_> = fleet
+        .backends()
+        .await
+        .into_iter()
+        .filter(|b| b.spec.release == "v2")
+        .collect();
+    assert_eq!(canaries.len(), 1, "{canaries:#?}\n{d}");
+    let (code, out, err) = fleet.cutover(&["promote"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = resumed.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("cannot continue where it stopped"), "{err}");
+    fleet.assert_on("v2").await;
+}

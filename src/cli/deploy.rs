@@ -112,6 +112,8 @@ pub(super) async fn deploy_cmd(
     let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
     // We hold the lock, so an unfinished deployment in the journal is not running: it was interrupted.
     let interrupted = journal.unfinished()?;
+    // `cutover rollback` of an interrupted deployment asked for exactly what "rolled back" says.
+    let asked_to_restore = matches!(action, Action::Rollback(_)) && interrupted.is_some();
     let report = match (action, interrupted) {
         (Action::Deploy(_), Some(row)) => {
             let last = journal.steps(&row.id)?.into_iter().last();
@@ -136,6 +138,24 @@ pub(super) async fn deploy_cmd(
             );
         }
         (Action::Deploy(version), None) => deployer.run(&Request::deploy(version)).await?,
+        (Action::Resume, Some(row))
+            if row.kind != "rollback"
+                && matches!(row.strategy.as_str(), "canary" | "blue-green") =>
+        {
+            // A canary or blue-green cannot pick up mid-way (its steps, weights, analysis and
+            // green set lived in the killed process): undo what it left, then start it again.
+            let version = parse_version(&row.to)?;
+            deployer.progress.say(&format!(
+                "{} deployment {} cannot continue where it stopped: returning every host to where it was, then starting {version} again",
+                row.strategy, row.id
+            ));
+            let undone = deployer.restore(&row).await?;
+            if undone.outcome != crate::deploy::Outcome::RolledBack {
+                undone
+            } else {
+                deployer.run(&Request::deploy(version)).await?
+            }
+        }
         (Action::Resume, Some(row)) => {
             let version = parse_version(&row.to)?;
             let kind = if row.kind == "rollback" {
@@ -192,6 +212,9 @@ pub(super) async fn deploy_cmd(
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print_report(&report);
+    }
+    if asked_to_restore && report.outcome == crate::deploy::Outcome::RolledBack {
+        return Ok(0);
     }
     Ok(report.outcome.exit_code())
 }

@@ -213,6 +213,11 @@ impl Fleet {
             assert_eq!(mine[0].spec.release, version, "{host}: backend release");
             assert_eq!(mine[0].state, BackendState::Active, "{host}: in rotation");
             assert_eq!(mine[0].health, Health::Healthy, "{host}: healthy");
+            assert_eq!(
+                mine[0].spec.weight,
+                cutover::balancer::api::default_weight(),
+                "{host}: full weight"
+            );
         }
         let live = self.live_instances();
         assert_eq!(
@@ -224,6 +229,25 @@ impl Fleet {
             live.iter().all(|(v, _)| v == version),
             "only {version} runs: {live:?}"
         );
+    }
+
+    /// Kills the running deployment (the deploy lock's holder, a process the test started)
+    /// with SIGKILL, as a crash would, and waits for it to end.
+    pub async fn kill_running_deploy(
+        &self,
+        deploy: tokio::task::JoinHandle<(i32, String, String)>,
+    ) {
+        let journal = cutover::journal::Journal::open(&self.dir.path().join(".cutover")).unwrap();
+        let holder = journal
+            .lock_holder("test")
+            .unwrap()
+            .expect("a running deploy holds the lock");
+        // SAFETY: kill(2) on the deploy process this test spawned.
+        unsafe {
+            libc::kill(holder.pid as i32, libc::SIGKILL);
+        }
+        let (code, _, _) = deploy.await.unwrap();
+        assert_eq!(code, -9, "killed");
     }
 
     /// Runs `cutover <args> -c <config>`; returns exit code, stdout, stderr.
@@ -290,9 +314,12 @@ impl Fleet {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         tokio::spawn(async move {
+            use std::os::unix::process::ExitStatusExt;
             let out = cmd.output().await.expect("cutover runs");
             (
-                out.status.code().unwrap_or(-1),
+                out.status
+                    .code()
+                    .unwrap_or_else(|| -out.status.signal().unwrap_or(1)),
                 String::from_utf8_lossy(&out.stdout).into_owned(),
                 String::from_utf8_lossy(&out.stderr).into_owned(),
             )
