@@ -76,6 +76,16 @@ async fn signed_push_to_the_branch_deploys_once_and_nothing_else_does() {
         .await;
     assert_eq!(status, 202, "{v}");
     assert_eq!(v["queued"], false, "{v}");
+    // A push with a long file list (GitHub sends up to 25 MB) is read, not refused with 413.
+    let mut big: serde_json::Value =
+        serde_json::from_str(&push_payload("refs/heads/feature", SHA_B)).unwrap();
+    big["head_commit"]["modified"] = (0..150_000)
+        .map(|i| format!("src/generated/file_{i:06}.rs"))
+        .collect();
+    let big = big.to_string();
+    assert!(big.len() > 3 << 20, "{}", big.len());
+    let (status, v) = served.hook("push", &big, Some(SECRET)).await;
+    assert_eq!((status, v["queued"].as_bool()), (202, Some(false)), "{v}");
     let (status, v) = served
         .hook("push", &push_payload("refs/tags/v9", SHA_B), Some(SECRET))
         .await;

@@ -191,7 +191,13 @@ impl ServeState {
 pub fn app(state: ServeState) -> Router {
     Router::new()
         .merge(dashboard::routes())
-        .route("/hooks/github", axum::routing::post(api::github_hook))
+        // GitHub sends payloads up to 25 MB (a push with a long file list); axum's default
+        // limit is 2 MB.
+        .route(
+            "/hooks/github",
+            axum::routing::post(api::github_hook)
+                .layer(axum::extract::DefaultBodyLimit::max(25 << 20)),
+        )
         .nest("/api", api::routes(state.clone()))
         .with_state(state)
 }
@@ -299,9 +305,12 @@ async fn wait_for_signal() {
 /// Takes jobs one at a time until stopped (a running job is finished first).
 async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
     loop {
+        // A stop wins over a queued job: after SIGTERM the HTTP side is gone (no dashboard, no
+        // abort button), so no new deployment may start.
         let job = tokio::select! {
-            job = state.queue.next() => job,
+            biased;
             _ = stop.wait_for(|s| *s) => return,
+            job = state.queue.next() => job,
         };
         let mut job = job;
         state.say(&format!("job {} starts: {}", job.id, describe(&job)));
