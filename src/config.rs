@@ -944,13 +944,17 @@ impl Config {
             })
             .unwrap_or_else(|| PathBuf::from("."));
         let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
+        // A path on this machine: `~/` is the user's home (as a shell would read it), a
+        // relative one is relative to the config file.
+        let home = std::env::var_os("HOME").map(PathBuf::from);
         let resolve = |p: &Path| {
-            if p.is_absolute() {
-                p.to_path_buf()
-            } else {
-                base_dir.join(p)
-            }
+            let p = match (p.strip_prefix("~"), &home) {
+                (Ok(rest), Some(home)) => home.join(rest),
+                _ => p.to_path_buf(),
+            };
+            if p.is_absolute() { p } else { base_dir.join(p) }
         };
+        let transport = raw.transport.unwrap_or(TransportKind::Local);
         let mut hosts = raw.hosts;
         if let Some(inv) = &raw.inventory {
             let inv_path = resolve(inv);
@@ -997,7 +1001,28 @@ impl Config {
                     }
                 }
             }
-            h.root = resolve(&h.root);
+            if transport == TransportKind::Ssh {
+                // A path on the host: nothing on this machine can say what `~` or a relative
+                // path means there.
+                if !h.root.is_absolute() {
+                    let offset = find_key(text, "hosts.root")
+                        .or_else(|| find_key(text, "root"))
+                        .unwrap_or(0);
+                    return Err(ConfigError::at(
+                        path,
+                        text,
+                        offset,
+                        Some("hosts.root".into()),
+                        format!(
+                            "host {}: root {} is not absolute; over SSH it is a path on the host: write it in full, e.g. \"/srv/app\"",
+                            h.name,
+                            h.root.display()
+                        ),
+                    ));
+                }
+            } else {
+                h.root = resolve(&h.root);
+            }
             h.identity = h.identity.as_deref().map(resolve);
         }
         let mut balancer = raw.balancer;
@@ -1012,7 +1037,7 @@ impl Config {
         let state_dir = resolve(raw.state_dir.as_deref().unwrap_or(Path::new(".cutover")));
         let config = Config {
             file: path.to_path_buf(),
-            transport: raw.transport.unwrap_or(TransportKind::Local),
+            transport,
             state_dir,
             ssh: SshSettings {
                 host_key_checking: raw.host_key_checking,
@@ -1051,7 +1076,10 @@ impl Config {
             ));
         }
         let mut names = HashSet::new();
+        // Local hosts share this machine, so each needs its own root; SSH hosts share a
+        // root path only when they are the same machine (address and port).
         let mut roots = HashSet::new();
+        let local = self.transport == TransportKind::Local;
         for h in &self.hosts {
             if !names.insert(h.name.as_str()) {
                 return Err(err(
@@ -1062,11 +1090,21 @@ impl Config {
                     ),
                 ));
             }
-            if !roots.insert(h.root.clone()) {
+            let place = (!local).then_some((h.address, h.port));
+            if !roots.insert((place, h.root.clone())) {
+                let (key, what) = if local {
+                    ("hosts.root", "local hosts share this machine")
+                } else {
+                    (
+                        "hosts.address",
+                        "these hosts are the same machine (address and port)",
+                    )
+                };
                 return Err(err(
-                    "hosts.root",
+                    key,
                     format!(
-                        "hosts share the root {}: give every host its own directory",
+                        "host {} and another share the root {}: {what}; give every host its own directory",
+                        h.name,
                         h.root.display()
                     ),
                 ));
@@ -1555,6 +1593,45 @@ batch = [1, "50%"]
         let e = error_of(&top("lock_lease = \"0s\""));
         assert!(e.contains("lock_lease must be at least 1s"), "{e}");
         assert!(parse(&top("lock_lease = \"1s\"\nforks = 10000")).is_ok());
+    }
+
+    #[test]
+    fn ssh_hosts_may_share_a_root_path_but_one_machine_may_not() {
+        let ssh = |hosts: &str| {
+            format!(
+                "transport = \"ssh\"\nroot = \"/srv/shop\"\n{}{hosts}",
+                GOOD.split("[[hosts]]").next().unwrap().to_string()
+                    + &GOOD[GOOD.find("[balancer]").unwrap()..]
+            )
+        };
+        let two = "\n[[hosts]]\nname = \"web1\"\naddress = \"10.0.0.11\"\nidentity = \"~/.ssh/deploy\"\n\
+                   \n[[hosts]]\nname = \"web2\"\naddress = \"10.0.0.12\"\n";
+        let c = parse(&ssh(two)).unwrap();
+        assert_eq!(c.hosts[0].root, PathBuf::from("/srv/shop"));
+        assert_eq!(c.hosts[1].root, PathBuf::from("/srv/shop"));
+        // `~/` in a local path is the home directory, not a directory named `~`.
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(
+                c.hosts[0].identity.as_deref(),
+                Some(PathBuf::from(home).join(".ssh/deploy").as_path())
+            );
+        }
+        let same = two.replace("10.0.0.12", "10.0.0.11");
+        let e = error_of(&ssh(&same));
+        assert!(
+            e.contains("same machine") && e.contains("hosts.address"),
+            "{e}"
+        );
+        let relative = ssh(two).replace("root = \"/srv/shop\"", "root = \"srv/shop\"");
+        let e = error_of(&relative);
+        assert!(e.contains("not absolute") && e.contains("/srv/app"), "{e}");
+        // Local hosts are all this machine.
+        let local = GOOD.replace(
+            "[balancer]",
+            "[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.12\"\nroot = \"fleet/web1\"\n\n[balancer]",
+        );
+        let e = error_of(&local);
+        assert!(e.contains("local hosts share this machine"), "{e}");
     }
 
     #[test]

@@ -412,7 +412,10 @@ async fn rollback_after_a_canary_killed_at_its_full_step_serves_again() {
     // too: no canary step to wait on (its 60s pause would hold it).
     let (code, out, err) = fleet.cutover(&["rollback", "--to", "v2"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(!err.contains("step 1/2"), "a rollback runs no canary: {err}");
+    assert!(
+        !err.contains("step 1/2"),
+        "a rollback runs no canary: {err}"
+    );
     fleet.assert_on("v2").await;
 }
 
