@@ -265,17 +265,29 @@ fn expand_range(pattern: &str) -> Result<Vec<String>, String> {
         (Ok(a), Ok(b), Ok(s)) if a <= b && s >= 1 && b - a <= 100_000 => (a, b, s),
         _ => return Err(bad()),
     };
+    let tails = expand_range(&pattern[close + 1..])?;
     let mut out = Vec::new();
     let mut i = a;
     while i <= b {
         let head = format!("{}{:0width$}", &pattern[..open], i);
-        for tail in expand_range(&pattern[close + 1..])? {
+        for tail in &tails {
             out.push(format!("{head}{tail}"));
         }
-        i += step;
+        if out.len() > MAX_RANGE_HOSTS {
+            return Err(format!(
+                "{pattern:?} names more than {MAX_RANGE_HOSTS} hosts: split the fleet or check the range"
+            ));
+        }
+        match i.checked_add(step) {
+            Some(next) => i = next,
+            None => break,
+        }
     }
     Ok(out)
 }
+
+/// The most hosts one range pattern may name (ranges multiply: `web[0:999]x[0:999]`).
+const MAX_RANGE_HOSTS: usize = 100_000;
 
 /// A map that keeps the file's order.
 struct Ordered<V>(Vec<(String, V)>);
@@ -303,7 +315,9 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
     }
 }
 
-/// A YAML scalar as Ansible would print it.
+/// A YAML variable's value: a scalar as Ansible would print it. Empty values, lists and maps
+/// (`ntp_servers: [a, b]`) are common in inventories and mean nothing to cutover, which reads
+/// only `ansible_*` connection variables and `cutover_root`: they read as empty text.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Scalar {
@@ -311,6 +325,8 @@ enum Scalar {
     Int(i64),
     Float(f64),
     Str(String),
+    Null,
+    Other(serde::de::IgnoredAny),
 }
 
 impl Scalar {
@@ -320,6 +336,7 @@ impl Scalar {
             Scalar::Int(i) => i.to_string(),
             Scalar::Float(f) => f.to_string(),
             Scalar::Str(s) => s,
+            Scalar::Null | Scalar::Other(_) => String::new(),
         }
     }
 }
@@ -560,6 +577,13 @@ mod tests {
         );
         assert_eq!(expand_range("db[1:5:2]").unwrap(), ["db1", "db3", "db5"]);
         assert!(expand_range("db[5:1]").is_err());
+        // Near the integer limit, and ranges that multiply: an error, never a hang.
+        assert_eq!(
+            expand_range("w[18446744073709551614:18446744073709551615]").unwrap(),
+            ["w18446744073709551614", "w18446744073709551615"]
+        );
+        let e = expand_range("w[0:99999]x[0:99999]").unwrap_err();
+        assert!(e.contains("more than 100000 hosts"), "{e}");
     }
 
     #[test]

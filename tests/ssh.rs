@@ -649,6 +649,9 @@ const YAML: &str = "\
 all:
   vars:
     ansible_user: deploy
+    ntp_servers: [ntp1, ntp2]
+    app_env: { DEBUG: \"1\" }
+    proxy_url:
   hosts:
     lb1:
       ansible_host: 127.0.0.40
