@@ -260,7 +260,8 @@ impl Deployer {
         // A deployment starts with no stranded hosts (see `stranded_into`).
         self.take_stranded();
         let config = &self.config;
-        let version = &req.version;
+        let pinned = self.pin_branch(req).await?;
+        let version = pinned.as_ref().unwrap_or(&req.version);
         let before = fleet::observe(config, &self.transport, &self.balancer)
             .await
             .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
@@ -605,6 +606,39 @@ impl Deployer {
             )
             .await?;
         Ok(report)
+    }
+
+    /// With a git source, the commit a branch points at now, as the version to deploy (see
+    /// [`crate::source::branch_commit`]); `None` to deploy the name as given. A resumed
+    /// deployment already names its commit. When the repository cannot be asked, the name
+    /// stands (a rollback to a release still staged needs no repository).
+    async fn pin_branch(&self, req: &Request) -> anyhow::Result<Option<Name>> {
+        let Some(url) = self.config.release.git.as_deref() else {
+            return Ok(None);
+        };
+        if req.resume.is_some() {
+            return Ok(None);
+        }
+        match crate::source::branch_commit(url, &req.version).await {
+            Ok(Some(sha)) => {
+                let pinned = Name::parse(&sha).map_err(|e| {
+                    anyhow::anyhow!("branch {} points at {sha:?}: {e}", req.version)
+                })?;
+                self.progress.say(&format!(
+                    "{} is a branch, now at {sha}: deploying that commit as version {sha} (a staged release never changes; deploy the branch again to take newer commits)",
+                    req.version
+                ));
+                Ok(Some(pinned))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.progress.say(&format!(
+                    "WARNING: {e:#}; deploying {} as named",
+                    req.version
+                ));
+                Ok(None)
+            }
+        }
     }
 
     /// Returns every host to the release it had before an interrupted deployment (hosts that

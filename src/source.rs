@@ -202,6 +202,27 @@ pub fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
     Ok((hex, n))
 }
 
+/// The commit `version` names in `url` when it is a branch (and no tag of that name): a
+/// branch moves, but a staged release never changes under a running instance, so a deploy of
+/// a branch deploys its commit, named by its full sha as a push webhook names it. `None` for a
+/// tag or a commit, which name one tree for good.
+pub async fn branch_commit(url: &str, version: &Name) -> anyhow::Result<Option<String>> {
+    let heads = format!("refs/heads/{version}");
+    let tags = format!("refs/tags/{version}");
+    let out = git(&["ls-remote", "--", url, &heads, &tags], None)
+        .await
+        .with_context(|| format!("asking {url} what {version} is"))?;
+    let mut branch = None;
+    for line in out.lines() {
+        match line.split_once('\t') {
+            Some((_, r)) if r == tags || r == format!("{tags}^{{}}") => return Ok(None),
+            Some((sha, r)) if r == heads => branch = Some(sha.trim().to_ascii_lowercase()),
+            _ => {}
+        }
+    }
+    Ok(branch)
+}
+
 async fn git(args: &[&str], cwd: Option<&Path>) -> anyhow::Result<String> {
     let mut c = Command::new("git");
     if let Some(d) = cwd {

@@ -504,6 +504,38 @@ async fn failed_build_stops_the_deploy_before_any_host_changes() {
     }
 }
 
+/// A branch moves, a staged release must not: deploying a branch deploys the commit it points
+/// at, named by its sha, so deploying it again after it moved ships the new code (it once
+/// found `releases/<branch>` staged and kept the old code, reporting success).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    let repo = fleet.dir.path().join("repo");
+    let sha = |rev: &str| {
+        let out = std::process::Command::new("git")
+            .args(["-C", &repo.to_string_lossy(), "rev-parse", rev])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let hosts = ["web1", "web2", "web3", "web4"];
+    git(&repo, &["branch", "release", "v1"]);
+    let (_, err) = fleet.deploy("release", 0).await;
+    let v1 = sha("v1^{commit}");
+    assert!(err.contains(&format!("release is a branch, now at {v1}")), "{err}");
+    fleet.assert_on(&hosts, &v1).await;
+
+    git(&repo, &["branch", "-f", "release", "v2"]);
+    let (_, err) = fleet.deploy("release", 0).await;
+    let v2 = sha("v2^{commit}");
+    assert!(err.contains(&format!("now at {v2}")), "{err}");
+    fleet.assert_on(&hosts, &v2).await;
+    // Tags name one tree for good: deployed by their name.
+    let (_, err) = fleet.deploy("v1", 0).await;
+    assert!(!err.contains("is a branch"), "{err}");
+    fleet.assert_on(&hosts, "v1").await;
+}
+
 /// Needs the deployer to call `hooks::run(HookPoint::AfterStage, ..)` once per deploy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_once_migration_hook_runs_exactly_once_per_deploy() {
