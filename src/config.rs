@@ -773,6 +773,11 @@ impl Name {
                 "{s:?} is not a valid name: use letters, digits and . _ + - (starting with a letter or digit, at most 128 characters)"
             ));
         }
+        if s.ends_with(".partial") {
+            return Err(format!(
+                "{s:?} ends in .partial, which cutover uses for a release being unpacked: choose another name"
+            ));
+        }
         Ok(Name(s.to_string()))
     }
 
@@ -1295,11 +1300,14 @@ impl Config {
                         ),
                     ));
                 }
-                if s.canary_hosts == 0 || s.canary_hosts >= hosts.max(1) && hosts > 1 {
+                // One host may carry a canary beside its stable instance; with more, some
+                // hosts must stay on the stable release.
+                let most = if hosts > 1 { hosts - 1 } else { 1 };
+                if s.canary_hosts == 0 || s.canary_hosts > most {
                     return Err(err(
                         "strategy.canary_hosts",
                         format!(
-                            "canary_hosts = {} must be at least 1 and fewer than the {hosts} hosts (the rest serve the stable release)",
+                            "canary_hosts = {} must be between 1 and {most} with {hosts} host(s) (with several hosts, the rest serve the stable release)",
                             s.canary_hosts
                         ),
                     ));

@@ -75,8 +75,11 @@ on_failure = "rollback"   # or "halt"
 "#;
 
 /// Writes `cutover.toml` and sample releases v1 and v2 into `dir`.
-pub fn run(dir: &Path, force: bool) -> anyhow::Result<()> {
-    let config = dir.join("cutover.toml");
+pub fn run(dir: &Path, config_name: &Path, force: bool) -> anyhow::Result<()> {
+    // `-c` names the file (relative to --dir); its paths are relative to it, so the sample
+    // releases go beside it.
+    let config = dir.join(config_name);
+    let dir = config.parent().unwrap_or(dir);
     if config.exists() && !force {
         anyhow::bail!("{} exists: pass --force to overwrite it", config.display());
     }

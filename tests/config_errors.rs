@@ -154,6 +154,12 @@ fn canary_needs_stable_hosts_left() {
         "kind = \"canary\"\ncanary_hosts = 2\nsteps = [{ weight = 100 }]\n",
     ));
     assert!(err.contains("strategy.canary_hosts"), "{err}");
+    // One host carries its canary beside the stable instance, but only one.
+    let err = error_for(&GOOD.replace(
+        "kind = \"rolling\"\nbatch = 1\n",
+        "kind = \"canary\"\ncanary_hosts = 5\nsteps = [{ weight = 100 }]\n",
+    ));
+    assert!(err.contains("between 1 and 1 with 1 host(s)"), "{err}");
 }
 
 #[test]
@@ -243,4 +249,39 @@ fn judge_through_haproxy_is_refused() {
         err.contains("analysis.judge") && err.contains("HAProxy"),
         "{err}"
     );
+}
+
+#[test]
+fn bad_versions_name_the_flag_they_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(dir.path(), GOOD, &["rollback", "--to", "a;b"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--to: \"a;b\" is not a valid name"), "{err}");
+    // `.partial` is the suffix of a release being unpacked: staging `v1` would remove a live
+    // `v1.partial`.
+    let (code, err) = run(dir.path(), GOOD, &["plan", "--version", "v1.partial"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--version") && err.contains(".partial"), "{err}");
+}
+
+#[test]
+fn init_writes_the_config_dash_c_names_and_it_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["-c", "other.toml", "init", "--dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let config = dir.path().join("other.toml");
+    assert!(config.is_file(), "{out:?}");
+    assert!(!dir.path().join("cutover.toml").exists());
+    assert!(dir.path().join("releases/v2/run.sh").is_file());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .arg("-c")
+        .arg(&config)
+        .args(["plan", "--version", "v2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }

@@ -269,7 +269,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
     }
     match cli.command {
-        Command::Init(args) => crate::init::run(&args.dir, args.force).map(|_| 0),
+        Command::Init(args) => crate::init::run(&args.dir, &cli.config, args.force).map(|_| 0),
         Command::Demo(args) => runtime()?.block_on(crate::demo::run(crate::demo::DemoOptions {
             keep: args.keep,
             rate: args.rate,
@@ -328,7 +328,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     return wait_for_command(&config, &row, "rollback");
                 }
             }
-            let to = args.to.as_deref().map(parse_version).transpose()?;
+            let to = args
+                .to
+                .as_deref()
+                .map(|v| parse_name("--to", v))
+                .transpose()?;
             runtime()?.block_on(deploy_cmd(
                 config,
                 Action::Rollback(to),
@@ -393,7 +397,12 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
 }
 
 fn parse_version(v: &str) -> anyhow::Result<Name> {
-    Name::parse(v).map_err(|e| anyhow::anyhow!("--version: {e}"))
+    parse_name("--version", v)
+}
+
+/// A version given as `flag` (or read back from the journal), checked as a name.
+fn parse_name(flag: &str, v: &str) -> anyhow::Result<Name> {
+    Name::parse(v).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
 /// The transport and balancer client a config asks for.
