@@ -342,24 +342,32 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
 
     let mut failures = Vec::new();
     let mut unknown = Vec::new();
+    // Checks that could be made this interval; none at all is no evidence, never a pass.
+    let mut made = 0;
+    let mut skipped = Vec::new();
 
-    if let Some(min) = cfg.min_success_rate
-        && success < min.0 - EPS
-    {
-        failures.push(format!("success {} < {}", pct(success), pct(min.0)));
+    if let Some(min) = cfg.min_success_rate {
+        made += 1;
+        if success < min.0 - EPS {
+            failures.push(format!("success {} < {}", pct(success), pct(min.0)));
+        }
     }
 
     if let Some(max) = cfg.max_p99_latency {
         match p99 {
-            Some(p) if p99_overflow => failures.push(format!(
-                "p99 >= {} ms (above the histogram) > max {} ms",
-                num(ms(p)),
-                num(ms(max.0))
-            )),
+            Some(p) if p99_overflow => {
+                made += 1;
+                failures.push(format!(
+                    "p99 >= {} ms (above the histogram) > max {} ms",
+                    num(ms(p)),
+                    num(ms(max.0))
+                ))
+            }
             Some(p) if p > max.0 => {
+                made += 1;
                 failures.push(format!("p99 {} ms > max {} ms", num(ms(p)), num(ms(max.0))))
             }
-            Some(_) => {}
+            Some(_) => made += 1,
             None => unknown.push(format!(
                 "max_p99_latency {} ms is set but there is no latency histogram or sample",
                 num(ms(max.0))
@@ -370,6 +378,7 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
     if let Some(max_deg) = cfg.max_degradation {
         match (w.stable, stable_success) {
             (Some(st), Some(stable_rate)) if st.requests >= cfg.min_requests.max(1) => {
+                made += 1;
                 if success < stable_rate - max_deg.0 - EPS {
                     failures.push(format!(
                         "success {} is {} points below stable {} (max_degradation {})",
@@ -380,12 +389,11 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
                     ));
                 }
             }
-            (Some(st), _) => tracing::debug!(
-                stable_requests = st.requests,
-                min_requests = cfg.min_requests,
-                "too little stable traffic: canary vs stable comparison skipped"
-            ),
-            (None, _) => tracing::debug!("no stable release: canary vs stable comparison skipped"),
+            (Some(st), _) => skipped.push(format!(
+                "max_degradation: too little stable traffic ({} requests) to compare with",
+                st.requests
+            )),
+            (None, _) => skipped.push("max_degradation: no stable release to compare with".into()),
         }
     }
 
@@ -396,6 +404,7 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
             let x: Vec<f64> = w.canary_latencies_us.iter().map(|&v| v as f64).collect();
             let y: Vec<f64> = w.stable_latencies_us.iter().map(|&v| v as f64).collect();
             if let Some(mw) = mann_whitney(&x, &y) {
+                made += 1;
                 let score = judge_score(mw.p_greater, jc.alpha);
                 j.score = Some(score);
                 j.p_value = Some(mw.p_greater);
@@ -422,7 +431,7 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
                 "too few latency samples for the judge ({cn} canary, {sn} stable; it needs {MIN_JUDGE_SAMPLES} each)"
             ));
         } else {
-            tracing::debug!("no stable release: statistical judge skipped");
+            skipped.push("judge: no stable release to compare with".into());
         }
     }
     unknown.extend(marginal);
@@ -432,6 +441,10 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
     } else if !unknown.is_empty() {
         Verdict::Inconclusive {
             reason: unknown.join("; "),
+        }
+    } else if made == 0 {
+        Verdict::Inconclusive {
+            reason: format!("no check could be made ({})", skipped.join("; ")),
         }
     } else {
         Verdict::Pass
@@ -798,7 +811,8 @@ mod tests {
 
     #[test]
     fn min_requests_boundary() {
-        let c = cfg();
+        let mut c = cfg();
+        c.min_success_rate = Some(Percent(90.0));
         let at = counters(20, 0);
         assert_eq!(judge(&c, &window(&at)).verdict, Verdict::Pass);
         let below = counters(19, 0);
@@ -965,14 +979,26 @@ mod tests {
             stable: Some(&stable_few),
             ..window(&canary)
         };
-        assert_eq!(judge(&c, &w).verdict, Verdict::Pass);
+        // The only check could not be made: no evidence, never a pass.
+        let j = judge(&c, &w);
+        assert!(
+            inconclusive_reason(&j).contains("too little stable traffic (19 requests)"),
+            "{j:?}"
+        );
         let stable_at = counters(20, 0);
         let w = Window {
             stable: Some(&stable_at),
             ..window(&canary)
         };
         assert!(is_fail(&judge(&c, &w)));
-        // No stable at all: skipped too.
+        // No stable at all: nothing to compare with either.
+        let j = judge(&c, &window(&canary));
+        assert!(
+            inconclusive_reason(&j).contains("no stable release to compare with"),
+            "{j:?}"
+        );
+        // With a check that needs no stable side, the interval is judged on that.
+        c.min_success_rate = Some(Percent(50.0));
         assert_eq!(judge(&c, &window(&canary)).verdict, Verdict::Pass);
     }
 
@@ -994,9 +1020,11 @@ mod tests {
 
     #[test]
     fn summary_of_pass_and_inconclusive() {
-        let j = judge(&cfg(), &window(&counters(250, 0)));
+        let mut c = cfg();
+        c.min_success_rate = Some(Percent(90.0));
+        let j = judge(&c, &window(&counters(250, 0)));
         assert_eq!(j.summary(), "pass: 250 requests, success 100.0%, p99 10 ms");
-        let j = judge(&cfg(), &window(&counters(3, 0)));
+        let j = judge(&c, &window(&counters(3, 0)));
         assert_eq!(
             j.summary(),
             "inconclusive: only 3 requests, fewer than min_requests 20; 3 requests, success 100.0%, p99 10 ms"

@@ -1256,6 +1256,17 @@ impl Config {
                             .into(),
                     ));
                 }
+                if let (Some(d), Some(a)) = (s.post_switch_analysis, &self.analysis) {
+                    if *d < *a.interval {
+                        return Err(err(
+                            "strategy.post_switch_analysis",
+                            format!(
+                                "post_switch_analysis ({d}) is shorter than analysis.interval ({}): not one interval would be judged",
+                                a.interval
+                            ),
+                        ));
+                    }
+                }
                 if let Some(d) = s.post_switch_analysis {
                     if *d > *s.scale_down_delay {
                         return Err(err(
@@ -1341,6 +1352,14 @@ impl Config {
                 && a.judge.is_none()
             {
                 return Err(err("analysis", "[analysis] checks nothing: set min_success_rate, max_p99_latency, max_degradation or judge".into()));
+            }
+            if a.min_success_rate.is_none() && a.max_p99_latency.is_none() {
+                let key = if a.max_degradation.is_some() {
+                    "analysis.max_degradation"
+                } else {
+                    "analysis.judge"
+                };
+                return Err(err(key, "max_degradation and judge compare with the stable release, which serves nothing at a canary's 100% step or after a blue-green switch: add min_success_rate or max_p99_latency, so every interval has something to judge".into()));
             }
             if *a.interval < Duration::from_millis(100) {
                 return Err(err(

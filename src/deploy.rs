@@ -686,7 +686,7 @@ impl Deployer {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn finish(
+    pub(crate) async fn finish(
         &self,
         run: &Run,
         kind: &str,
@@ -744,7 +744,9 @@ impl Deployer {
             started_unix: now_ms() / 1000 - started.elapsed().as_secs(),
             duration_ms: started.elapsed().as_millis() as u64,
             batches,
-            moved_hosts: if outcome == Outcome::Succeeded {
+            // Halted leaves the moved hosts on the new release: the person who takes over
+            // must know which.
+            moved_hosts: if matches!(outcome, Outcome::Succeeded | Outcome::Halted) {
                 moved.iter().map(|h| h.name.to_string()).collect()
             } else {
                 Vec::new()

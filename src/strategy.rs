@@ -269,7 +269,13 @@ impl Deployer {
                 "blue_stops_in_s": delay.as_secs_f64(),
             }),
         );
-        while back_reason.is_none() && switched_at.elapsed() < delay {
+        // With post-switch analysis the window ends only after a conclusive pass: an
+        // analysis that could not judge (no traffic) holds blue ready, never passes silently.
+        // (A first deploy has no blue to go back to: nothing to hold.)
+        let analysing =
+            config.analysis.is_some() && !analysis_for.is_zero() && !blue_ids.is_empty();
+        let mut passed = !analysing;
+        while back_reason.is_none() && (switched_at.elapsed() < delay || !passed) {
             if let Some(cmd) = self.journal.take_command(&run.id)? {
                 match cmd.as_str() {
                     "rollback" | "abort" => {
@@ -287,7 +293,9 @@ impl Deployer {
                 }
             }
             if let (Some(a), Some(t)) = (&config.analysis, tracker.as_mut()) {
-                if switched_at.elapsed() < analysis_for && last_tick.elapsed() >= *a.interval {
+                if (switched_at.elapsed() < analysis_for || !passed)
+                    && last_tick.elapsed() >= *a.interval
+                {
                     let now = self.balancer.stats().await.unwrap_or_default();
                     let j = self
                         .judge_interval(a, version.as_str(), None, &last_stats, &now)
@@ -296,8 +304,19 @@ impl Deployer {
                     last_tick = Instant::now();
                     self.progress
                         .say(&format!("post-switch analysis: {}", j.summary()));
-                    self.status(run, serde_json::json!({"strategy": "blue-green", "phase": "post-switch analysis", "verdict": j}));
-                    if t.record(&j) == Decision::Abort {
+                    let decision = t.record(&j);
+                    let phase = match decision {
+                        Decision::Inconclusive => {
+                            "paused: inconclusive post-switch analysis (blue stays ready; waiting for traffic, `cutover promote` or `cutover rollback`)"
+                        }
+                        _ => "post-switch analysis",
+                    };
+                    passed |= matches!(j.verdict, analysis::Verdict::Pass);
+                    self.status(
+                        run,
+                        serde_json::json!({"strategy": "blue-green", "phase": phase, "verdict": j}),
+                    );
+                    if decision == Decision::Abort {
                         back_reason = Some(format!("post-switch analysis failed: {}", j.summary()));
                     }
                 }
@@ -787,19 +806,20 @@ impl Deployer {
             steps.len(),
             moved.len()
         ));
-        let outcome = match stopped {
-            Some(outcome) => outcome,
-            None if failed.is_empty() => Outcome::Succeeded,
-            None => Outcome::Failed,
-        };
-        self.finish_with(
+        // Failures within the budget are a success with failed hosts, as in a rolling deploy.
+        let outcome = stopped.unwrap_or(Outcome::Succeeded);
+        self.finish(
             run,
+            "deploy",
             from,
-            version,
+            version.as_str(),
             outcome,
             started,
             stats_before,
+            crate::deploy::plan_names(&plan),
+            moved,
             failed,
+            Vec::new(),
             notes,
         )
         .await

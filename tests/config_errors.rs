@@ -261,7 +261,10 @@ fn bad_versions_name_the_flag_they_came_from() {
     // `v1.partial`.
     let (code, err) = run(dir.path(), GOOD, &["plan", "--version", "v1.partial"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("--version") && err.contains(".partial"), "{err}");
+    assert!(
+        err.contains("--version") && err.contains(".partial"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -284,4 +287,27 @@ fn init_writes_the_config_dash_c_names_and_it_loads() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn analysis_that_could_judge_nothing_is_refused() {
+    // Only a comparison: at a canary's 100% step the stable release serves nothing.
+    let err = error_for(&format!(
+        "{GOOD}\n[analysis]\ninterval = \"5s\"\nmax_degradation = 1.0\n"
+    ));
+    assert!(
+        err.contains("analysis.max_degradation") && err.contains("add min_success_rate"),
+        "{err}"
+    );
+    // A post-switch analysis shorter than one interval judges nothing.
+    let two = GOOD.replace(
+        "[balancer]",
+        "[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.12\"\nroot = \"fleet/web2\"\n\n[balancer]",
+    );
+    let bg = two.replace(
+        "kind = \"rolling\"\nbatch = 1\n",
+        "kind = \"blue-green\"\npost_switch_analysis = \"2s\"\n",
+    ) + "\n[analysis]\ninterval = \"5s\"\nmin_success_rate = 99.0\n";
+    let err = error_for(&bg);
+    assert!(err.contains("not one interval would be judged"), "{err}");
 }

@@ -522,7 +522,10 @@ async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
     git(&repo, &["branch", "release", "v1"]);
     let (_, err) = fleet.deploy("release", 0).await;
     let v1 = sha("v1^{commit}");
-    assert!(err.contains(&format!("release is a branch, now at {v1}")), "{err}");
+    assert!(
+        err.contains(&format!("release is a branch, now at {v1}")),
+        "{err}"
+    );
     fleet.assert_on(&hosts, &v1).await;
 
     git(&repo, &["branch", "-f", "release", "v2"]);

@@ -459,3 +459,35 @@ async fn resuming_a_killed_canary_starts_it_again_from_a_clean_fleet() {
     assert!(err.contains("cannot continue where it stopped"), "{err}");
     fleet.assert_on("v2").await;
 }
+
+/// A post-switch analysis with no traffic to judge holds the window (blue ready to take the
+/// traffic back) past `scale_down_delay` until an operator decides: never a silent pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_analysis_without_traffic_holds_blue_until_an_operator_decides() {
+    let mut spec = FleetSpec::new(2, 53);
+    spec.strategy =
+        "kind = \"blue-green\"\nscale_down_delay = \"1s\"\npost_switch_analysis = \"400ms\"\n"
+            .into();
+    spec.extra =
+        "[analysis]\ninterval = \"200ms\"\nmin_success_rate = 99.0\nmin_requests = 5\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the held window", |d| {
+            phase(d).contains("inconclusive post-switch analysis")
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(!deploy.is_finished(), "held past scale_down_delay");
+    assert_eq!(
+        fleet.live_instances().len(),
+        4,
+        "blue still runs beside green"
+    );
+    let (code, out, err) = fleet.cutover(&["promote"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet.assert_on("v2").await;
+}
