@@ -1508,6 +1508,52 @@ async fn random_bytes_never_break_the_listener_or_the_admin_api() {
 }
 
 #[tokio::test]
+async fn a_quiet_stream_outlives_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options = ProxyOptions {
+        timeouts: cutover::proxy::Timeouts {
+            client_idle: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+    let mut conn = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    conn.write_all(b"GET /stream HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut conn).await.starts_with("http/1.1 200"));
+    // The first event, then nothing for five idle periods: still open (it was cut after two).
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(DEADLINE, conn.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("first"));
+    let quiet = tokio::time::timeout(Duration::from_millis(1_000), conn.read(&mut buf)).await;
+    assert!(quiet.is_err(), "the stream was closed while quiet: {quiet:?}");
+    // An idle keep-alive connection still goes.
+    let mut idle = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut idle).await.starts_with("http/1.1 200"));
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, idle.read_to_end(&mut rest))
+        .await
+        .expect("an idle connection is closed")
+        .unwrap();
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+#[tokio::test]
 async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let options = ProxyOptions {

@@ -9,8 +9,10 @@
 //!   with a 503 (cleartext) or closed (TLS) at once, so it is told instead of left hanging in
 //!   the kernel's backlog.
 //! - Each connection task watches its own idleness (the IO wrapper stamps the time of every
-//!   read and write): past `client_idle` with nothing moving, the connection is closed
-//!   gracefully; past a second period, at once.
+//!   read and write): past `client_idle` with nothing moving and no response under way, the
+//!   connection is closed gracefully; past a second period, at once. A response still
+//!   streaming (a quiet SSE stream, a slow download) keeps it open however quiet: closing it
+//!   would cut the response (shutdown's drain deadline still does, and counts it).
 //! - Shutdown in three steps: stop accepting and answer each busy HTTP/1.1 connection's next
 //!   response with `Connection: close` for a short linger (so no client sends a request into a
 //!   closing socket); then close idle connections gracefully (HTTP/2 gets GOAWAY) and wait for
@@ -21,7 +23,7 @@ use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -193,9 +195,13 @@ impl Conn {
         last.store(io.now_ms(), Ordering::Relaxed);
         let proxy = self.proxy.clone();
         let peer = Arc::new(peer);
+        // Responses under way on this connection (from the request until the body ends).
+        let busy = Arc::new(AtomicUsize::new(0));
+        let in_service = busy.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let peer = peer.clone();
+            let guard = BusyGuard::new(&in_service);
             async move {
                 let h1 = req.version() < Version::HTTP_2;
                 let mut resp = forward::handle(&proxy, req, &peer).await;
@@ -206,7 +212,10 @@ impl Conn {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                Ok::<_, Infallible>(resp)
+                Ok::<_, Infallible>(resp.map(|body| Busy {
+                    body,
+                    _guard: guard,
+                }))
             }
         });
         let conn = self
@@ -215,6 +224,7 @@ impl Conn {
         tokio::pin!(conn);
         let idle = self.proxy.options.timeouts.client_idle;
         let mut closing = false;
+        let mut shutting_down = false;
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
@@ -223,11 +233,20 @@ impl Conn {
                     }
                     return;
                 }
-                _ = async { self.close.wait_for(|c| *c).await.map(|_| ()) }, if !closing => {
-                    conn.as_mut().graceful_shutdown();
+                _ = async { self.close.wait_for(|c| *c).await.map(|_| ()) }, if !shutting_down => {
+                    if !closing {
+                        conn.as_mut().graceful_shutdown();
+                    }
                     closing = true;
+                    shutting_down = true;
                 }
                 _ = idle_for(&last, self.epoch, idle) => {
+                    if busy.load(Ordering::Acquire) > 0 && !shutting_down {
+                        // Quiet, not idle: a response is still under way.
+                        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                        last.store(now, Ordering::Relaxed);
+                        continue;
+                    }
                     if closing {
                         debug!("connection idle past its graceful close: closed");
                         return;
@@ -237,6 +256,48 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+/// Counts a response under way on a connection until its body is done or dropped.
+struct BusyGuard(Arc<AtomicUsize>);
+
+impl BusyGuard {
+    fn new(busy: &Arc<AtomicUsize>) -> BusyGuard {
+        busy.fetch_add(1, Ordering::AcqRel);
+        BusyGuard(busy.clone())
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its connection's [`BusyGuard`] until it is dropped.
+struct Busy {
+    body: forward::ProxyBody,
+    _guard: BusyGuard,
+}
+
+impl hyper::body::Body for Busy {
+    type Data = bytes::Bytes;
+    type Error = <forward::ProxyBody as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
