@@ -537,6 +537,14 @@ pub async fn github_hook(
                     if let Err(e) = Name::parse(&version) {
                         return ApiError::BadRequest(e).into_response();
                     }
+                    if let Err(why) = state.pushes.accept(&push) {
+                        state.say(&format!("github webhook {delivery}: {why}"));
+                        return (
+                            StatusCode::ACCEPTED,
+                            Json(json!({ "queued": false, "ignored": why })),
+                        )
+                            .into_response();
+                    }
                     let (job, replaced) =
                         state
                             .queue

@@ -92,6 +92,57 @@ pub struct Commit {
     pub message: String,
 }
 
+/// Pushes accepted for deployment (newest last, bounded): GitHub neither orders deliveries nor
+/// stops anyone from redelivering an old one, and a stale push deployed after a newer one
+/// would move the fleet back.
+#[derive(Default)]
+pub struct Accepted(std::sync::Mutex<std::collections::VecDeque<(String, String)>>);
+
+/// How many accepted pushes are remembered.
+const REMEMBERED: usize = 256;
+
+impl Accepted {
+    /// Records `push` as accepted unless it is stale: its commit was accepted already (a
+    /// redelivery), or it is an ancestor, through the `before` links of accepted pushes, of the
+    /// newest one (a push that arrived late). Then says why.
+    pub fn accept(&self, push: &PushEvent) -> Result<(), String> {
+        let after = push.after.to_ascii_lowercase();
+        let before = push.before.to_ascii_lowercase();
+        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.iter().any(|(_, a)| *a == after) {
+            return Err(format!(
+                "{} was accepted before (a redelivery): not deployed again",
+                short(&after)
+            ));
+        }
+        if let Some((newest_before, newest)) = seen.back() {
+            let mut x = newest_before.clone();
+            for _ in 0..seen.len() {
+                if x == after {
+                    return Err(format!(
+                        "{} is older than {}, accepted already (a late delivery): not deployed",
+                        short(&after),
+                        short(newest)
+                    ));
+                }
+                match seen.iter().rev().find(|(_, a)| *a == x) {
+                    Some((b, _)) => x = b.clone(),
+                    None => break,
+                }
+            }
+        }
+        seen.push_back((before, after));
+        if seen.len() > REMEMBERED {
+            seen.pop_front();
+        }
+        Ok(())
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(SHORT_SHA)]
+}
+
 /// What to do with a verified push.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PushDecision {
@@ -219,5 +270,29 @@ mod tests {
             decide(&push("refs/heads/main", &"0".repeat(40)), "main", false),
             PushDecision::Ignore(_)
         ));
+    }
+
+    #[test]
+    fn redelivered_and_late_pushes_are_not_accepted() {
+        let (a, b, c) = ("a".repeat(40), "b".repeat(40), "c".repeat(40));
+        let zero = "0".repeat(40);
+        let p = |before: &str, after: &str| {
+            let mut e = push("refs/heads/main", after);
+            e.before = before.to_string();
+            e
+        };
+        let seen = Accepted::default();
+        seen.accept(&p(&zero, &a)).unwrap();
+        seen.accept(&p(&a, &b)).unwrap();
+        let e = seen.accept(&p(&zero, &a)).unwrap_err();
+        assert!(e.contains("redelivery"), "{e}");
+        // B -> C arrives before A -> B: A -> B is then late.
+        let seen = Accepted::default();
+        seen.accept(&p(&zero, &a)).unwrap();
+        seen.accept(&p(&b, &c)).unwrap();
+        let e = seen.accept(&p(&a, &b)).unwrap_err();
+        assert!(e.contains("older than cccccc"), "{e}");
+        // A force push to another line of history is new.
+        seen.accept(&p(&c, &"d".repeat(40))).unwrap();
     }
 }

@@ -77,19 +77,11 @@ impl Settings {
                 "{file}: no [serve] section: add one with listen = \"127.0.0.1:8480\" and token_file = \"serve.token\" (see docs/serve.md)"
             )
         })?;
-        let token = secret(
-            &serve.token,
-            &serve.token_file,
-            &format!("{file}: serve.token"),
-        )?;
+        let token = secret(&serve.token, &serve.token_file, &file, "serve.token")?;
         let github = match &serve.github {
             None => None,
             Some(g) => {
-                let secret = secret(
-                    &g.secret,
-                    &g.secret_file,
-                    &format!("{file}: serve.github.secret"),
-                )?;
+                let secret = secret(&g.secret, &g.secret_file, &file, "serve.github.secret")?;
                 if g.branch.trim().is_empty() || g.branch.starts_with("refs/") {
                     anyhow::bail!(
                         "{file}: serve.github.branch = {:?}: name the branch alone, e.g. \"main\"",
@@ -110,24 +102,28 @@ impl Settings {
     }
 }
 
+/// A secret given inline (`key`) or in a file (`key_file`) of the config `file`.
 fn secret(
     value: &Option<String>,
-    file: &Option<std::path::PathBuf>,
-    what: &str,
+    path: &Option<std::path::PathBuf>,
+    file: &dyn std::fmt::Display,
+    key: &str,
 ) -> anyhow::Result<String> {
-    let s = match (value, file) {
-        (Some(_), Some(_)) => anyhow::bail!("{what}: set {what} or {what}_file, not both"),
+    let s = match (value, path) {
+        (Some(_), Some(_)) => {
+            anyhow::bail!("{file}: {key}: set either {key} or {key}_file, not both")
+        }
         (Some(v), None) => v.trim().to_string(),
         (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("{what}_file {}", path.display()))?
+            .with_context(|| format!("{file}: {key}_file: cannot read {}", path.display()))?
             .trim()
             .to_string(),
         (None, None) => anyhow::bail!(
-            "{what} is not set: set it or {what}_file (a long random string, e.g. `openssl rand -hex 24`)"
+            "{file}: {key} is not set: set {key}, or {key}_file to a file holding it (a long random string, e.g. `openssl rand -hex 24`)"
         ),
     };
     if s.len() < MIN_SECRET {
-        anyhow::bail!("{what} is too short: use at least {MIN_SECRET} characters");
+        anyhow::bail!("{file}: {key} is too short: use at least {MIN_SECRET} characters");
     }
     Ok(s)
 }
@@ -143,6 +139,8 @@ pub struct Inner {
     pub live: Arc<sampler::Live>,
     /// Progress lines of the running job (newest last, bounded).
     pub log: Mutex<std::collections::VecDeque<String>>,
+    /// Pushes accepted so far, to tell a redelivered or late push from a new one.
+    pub pushes: github::Accepted,
 }
 
 /// The server's shared state (cheap to clone).
@@ -174,6 +172,7 @@ impl ServeState {
             balancer,
             queue: Queue::new(),
             log: Mutex::new(Default::default()),
+            pushes: Default::default(),
         })))
     }
 
