@@ -787,7 +787,16 @@ impl Inner {
     }
 
     fn edit_state<T>(&self, f: impl FnOnce(&mut StateFile) -> T) -> anyhow::Result<T> {
-        let _g = self.lock_state();
+        let held = self.lock_state();
+        self.edit_state_held(&held, f)
+    }
+
+    /// [`Inner::edit_state`] under a state lock the caller holds.
+    fn edit_state_held<T>(
+        &self,
+        _held: &MutexGuard<'_, ()>,
+        f: impl FnOnce(&mut StateFile) -> T,
+    ) -> anyhow::Result<T> {
         let path = &self.settings.state_file;
         let mut state = load_state(path)?;
         let r = f(&mut state);
@@ -908,7 +917,10 @@ impl Inner {
         self.set_state(&name, "maint")?;
         let deadline = Instant::now() + DELETE_DEADLINE;
         loop {
-            // Counters are final: no new traffic reaches a server in maint.
+            // Counters are final: no new traffic reaches a server in maint. The state lock
+            // spans the read, the delete and the tally, so a `stats` never sees the server
+            // both live and retired (counted twice).
+            let held = self.lock_state();
             let last = self.find(&self.rows()?, id);
             match self.delete(&name) {
                 Ok(()) => {
@@ -920,13 +932,14 @@ impl Inner {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .update(&name, &last);
-                        self.edit_state(|s| {
+                        self.edit_state_held(&held, |s| {
                             s.disabled.remove(&name);
                             if let Some(r) = release {
                                 s.retired.entry(r).or_default().add(&c);
                             }
                         })?;
                     }
+                    drop(held);
                     self.latency
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -940,7 +953,10 @@ impl Inner {
                         self.full(&name)
                     )));
                 }
-                Err(_) => std::thread::sleep(POLL),
+                Err(_) => {
+                    drop(held);
+                    std::thread::sleep(POLL)
+                }
             }
         }
     }
@@ -1178,10 +1194,11 @@ impl Balancer for HaproxyBalancer {
 
     async fn stats(&self) -> anyhow::Result<Stats> {
         self.blocking(|i| {
-            let rows = i.rows()?;
-            let retired = {
+            // One state lock over both reads: a server deleted in between would be counted
+            // live and retired (see `remove`).
+            let (rows, retired) = {
                 let _g = i.lock_state();
-                load_state(&i.settings.state_file)?.retired
+                (i.rows()?, load_state(&i.settings.state_file)?.retired)
             };
             let mut stats = Stats::default();
             if let Some(be) = rows.iter().find(|r| r.name == "BACKEND") {
