@@ -734,6 +734,15 @@ impl Deployer {
             .unwrap_or_else(|_| stats_before.clone());
         let (served, failed_requests, served_by_release) =
             traffic_between(stats_before, &stats_after);
+        let restarted = stats_after.counting_since_ms != stats_before.counting_since_ms
+            || stats_after.total.requests < stats_before.total.requests
+            || stats_after.unrouted < stats_before.unrouted;
+        if restarted {
+            // The proxy restarted (or was replaced with --takeover): its counters began again.
+            notes.push(
+                "the balancer's counters restarted during the deployment (a restart or --takeover): the request counts cover only the time since".into(),
+            );
+        }
         let report = Report {
             id: run.id.clone(),
             app: self.config.app.name.to_string(),

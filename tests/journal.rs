@@ -169,6 +169,12 @@ async fn balancer_restart_during_a_deploy_is_waited_out() {
         err.contains("balancer unreachable"),
         "it noticed and waited:\n{err}"
     );
+    // The restarted proxy counts from zero: the report says its counts are partial.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("counters restarted during the deployment"),
+        "{stdout}"
+    );
     let report = run.stop().await;
     assert_eq!(
         report.failed, after_restart.failed,

@@ -171,6 +171,10 @@ pub struct Stats {
     /// Requests answered by the proxy itself because no backend could (502/503).
     pub unrouted: u64,
     pub total: Counters,
+    /// When the process counting began (unix ms; 0: not known, as with HAProxy): two
+    /// snapshots with different values straddle a restart, so their difference is partial.
+    #[serde(default)]
+    pub counting_since_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

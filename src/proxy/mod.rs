@@ -286,6 +286,9 @@ pub struct Proxy {
     draining: AtomicBool,
     /// Changes made to the routing table so far (see [`Proxy::persist`]).
     changes: AtomicU64,
+    /// When this process began counting (unix ms): `/stats` says so, so a deployer can tell a
+    /// restart (counters from zero) from quiet.
+    pub(crate) started_ms: u64,
     /// Serializes state file writes so the last write holds the latest state; holds the
     /// number of changes the file holds.
     persisted: tokio::sync::Mutex<u64>,
@@ -322,6 +325,7 @@ impl Proxy {
             connections: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             changes: AtomicU64::new(0),
+            started_ms: crate::journal::now_ms(),
             persisted: tokio::sync::Mutex::new(0),
         })
     }
