@@ -1535,7 +1535,10 @@ async fn a_quiet_stream_outlives_the_idle_timeout() {
         .unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("first"));
     let quiet = tokio::time::timeout(Duration::from_millis(1_000), conn.read(&mut buf)).await;
-    assert!(quiet.is_err(), "the stream was closed while quiet: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "the stream was closed while quiet: {quiet:?}"
+    );
     // An idle keep-alive connection still goes.
     let mut idle = tokio::net::TcpStream::connect(h.proxy.listen)
         .await

@@ -66,6 +66,26 @@ async fn signed_push_to_the_branch_deploys_once_and_nothing_else_does() {
     .await;
     assert_eq!(status, 401);
 
+    // GitHub's default content type, form-encoded: told what to change.
+    let form = format!("payload={}", body_b.len());
+    let (status, _, text) = serve_support::request(
+        served.addr,
+        "POST",
+        "/hooks/github",
+        &[
+            ("x-github-event", "push".into()),
+            ("content-type", "application/x-www-form-urlencoded".into()),
+            (
+                "x-hub-signature-256",
+                cutover::server::github::sign(SECRET.as_bytes(), form.as_bytes()),
+            ),
+        ],
+        form.clone(),
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("Content type to application/json"), "{text}");
+
     // Another branch, a tag, another event → 202 ignored.
     let (status, v) = served
         .hook(

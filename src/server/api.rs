@@ -524,7 +524,16 @@ pub async fn github_hook(
             let push: github::PushEvent = match serde_json::from_slice(&body) {
                 Ok(p) => p,
                 Err(e) => {
-                    return ApiError::BadRequest(format!("not a push payload: {e}"))
+                    let form = headers
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+                    let hint = if form {
+                        ": the webhook sends form-encoded payloads; set its Content type to application/json in GitHub"
+                    } else {
+                        ""
+                    };
+                    return ApiError::BadRequest(format!("not a push payload: {e}{hint}"))
                         .into_response();
                 }
             };
