@@ -410,7 +410,11 @@ fn resolve(
             if !inv.groups.contains_key(c) {
                 anyhow::bail!("{file}: group {g} lists child {c}, which is not defined");
             }
-            parents.entry(c).or_default().push(g);
+            // `all` is every group's parent already: naming a group under
+            // `[all:children]` does not make it deeper than one left at the top.
+            if g != "all" {
+                parents.entry(c).or_default().push(g);
+            }
         }
     }
     // Members of a group: its hosts and its children's, recursively (cycles refused).
@@ -584,6 +588,22 @@ mod tests {
         );
         let e = expand_range("w[0:99999]x[0:99999]").unwrap_err();
         assert!(e.contains("more than 100000 hosts"), "{e}");
+    }
+
+    #[test]
+    fn groups_listed_under_all_children_are_no_deeper_than_the_others() {
+        // Ansible: alpha and zeta are both children of `all`, so at equal depth the later
+        // name (zeta) wins, whether or not alpha is listed under [all:children].
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.ini");
+        std::fs::write(
+            &p,
+            "[all:children]\nalpha\n\n[alpha]\nh1 ansible_host=127.0.0.1\n\n[alpha:vars]\nansible_port=2201\n\n\
+             [zeta]\nh1\n\n[zeta:vars]\nansible_port=2299\n",
+        )
+        .unwrap();
+        let hosts = load(&p, None).unwrap();
+        assert_eq!(hosts[0].port, Some(2299));
     }
 
     #[test]
