@@ -453,6 +453,18 @@ impl Deployer {
     }
 
     /// One analysis interval of `release` (against `stable`, when given), from two snapshots.
+    /// The newest latency samples of `release`, as many as the interval `c` had responses
+    /// (at most 2000).
+    async fn interval_samples(&self, release: &str, c: &Counters) -> Vec<u64> {
+        let n = usize::try_from(c.responses())
+            .unwrap_or(usize::MAX)
+            .min(2000);
+        if n == 0 {
+            return Vec::new();
+        }
+        self.balancer.samples(release, n).await.unwrap_or_default()
+    }
+
     async fn judge_interval(
         &self,
         a: &crate::config::Analysis,
@@ -465,16 +477,15 @@ impl Deployer {
         let get = |s: &Stats, r: &str| s.releases.get(r).cloned().unwrap_or_default();
         let canary = analysis::delta(&get(after, release), &get(before, release));
         let stable_c = stable.map(|r| analysis::delta(&get(after, r), &get(before, r)));
-        let judge_on = a.judge.is_some();
-        let (cl, sl) = if judge_on {
+        // The judge compares this interval's latencies: the newest samples, as many as the
+        // interval's responses (at most 2000), not ones an earlier interval (or an earlier
+        // deployment of the same release) already had judged.
+        let (cl, sl) = if a.judge.is_some() {
             (
-                self.balancer
-                    .samples(release, 2000)
-                    .await
-                    .unwrap_or_default(),
-                match stable {
-                    Some(r) => self.balancer.samples(r, 2000).await.unwrap_or_default(),
-                    None => Vec::new(),
+                self.interval_samples(release, &canary).await,
+                match (stable, &stable_c) {
+                    (Some(r), Some(c)) => self.interval_samples(r, c).await,
+                    _ => Vec::new(),
                 },
             )
         } else {
