@@ -60,17 +60,17 @@ pub fn over_budget(
     batch_size: usize,
     failed_in_all: usize,
 ) -> Option<String> {
-    if batch_size > 0 && batch_failures == batch_size {
-        // Ansible ends the play when a whole batch fails, whatever max_fail_percentage says;
-        // going on would only fail the next batch the same way.
-        return Some(format!(
-            "{label}: all {batch_size} host(s) of the batch failed"
-        ));
-    }
     if batch_failed(batch_failures, batch_size, strategy.max_fail_percentage) {
         return Some(format!(
             "{label}: {batch_failures} of {batch_size} host(s) failed, more than max_fail_percentage = {}%",
             strategy.max_fail_percentage.0
+        ));
+    }
+    if batch_size > 0 && batch_failures == batch_size {
+        // Ansible ends the play when a whole batch fails, whatever max_fail_percentage says;
+        // going on would only fail the next batch the same way.
+        return Some(format!(
+            "{label}: all {batch_size} host(s) of the batch failed (a whole batch failing stops the deploy, whatever max_fail_percentage says)"
         ));
     }
     strategy
@@ -164,7 +164,9 @@ mod tests {
         assert_eq!(over_budget(&strategy, "batch 1/2", 3, 4, 3), None);
         assert_eq!(
             over_budget(&strategy, "batch 1/4", 1, 1, 1).as_deref(),
-            Some("batch 1/4: all 1 host(s) of the batch failed")
+            Some(
+                "batch 1/4: all 1 host(s) of the batch failed (a whole batch failing stops the deploy, whatever max_fail_percentage says)"
+            )
         );
     }
 }
