@@ -279,6 +279,7 @@ async fn handle(
             TestBody::Endless(false)
         }
         "/reset" => return Err(Reset),
+        "/big" => TestBody::Full(Some(Bytes::from(vec![b'x'; BIG]))),
         // Promises more than it sends: the connection ends mid-body.
         "/truncated" => {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -1552,6 +1553,43 @@ async fn a_quiet_stream_outlives_the_idle_timeout() {
         .await
         .expect("an idle connection is closed")
         .unwrap();
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+/// Size of `/big`: far more than socket buffers hold.
+const BIG: usize = 16 << 20;
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_idle_and_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options = ProxyOptions {
+        timeouts: cutover::proxy::Timeouts {
+            client_idle: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut conn = socket.connect(h.proxy.listen).await.unwrap();
+    conn.write_all(b"GET /big HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    // Not reading for many idle periods: the proxy gives up on this client.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, conn.read_to_end(&mut got))
+        .await
+        .expect("the connection ends");
+    assert!(
+        got.len() < BIG,
+        "cut, not delivered whole: {} bytes",
+        got.len()
+    );
     h.proxy.shutdown().await;
     b.stop().await;
 }

@@ -9,10 +9,11 @@
 //!   with a 503 (cleartext) or closed (TLS) at once, so it is told instead of left hanging in
 //!   the kernel's backlog.
 //! - Each connection task watches its own idleness (the IO wrapper stamps the time of every
-//!   read and write): past `client_idle` with nothing moving and no response under way, the
-//!   connection is closed gracefully; past a second period, at once. A response still
-//!   streaming (a quiet SSE stream, a slow download) keeps it open however quiet: closing it
-//!   would cut the response (shutdown's drain deadline still does, and counts it).
+//!   read and write): past `client_idle` with nothing moving, the connection is closed
+//!   gracefully; past a second period, at once. A response waiting on its backend for more
+//!   (a quiet SSE stream) keeps it open however quiet: closing it would cut the response
+//!   (shutdown's drain deadline still does, and counts it). A client that stops reading does
+//!   not: then the response waits on the client, and the connection is idle.
 //! - Shutdown in three steps: stop accepting and answer each busy HTTP/1.1 connection's next
 //!   response with `Connection: close` for a short linger (so no client sends a request into a
 //!   closing socket); then close idle connections gracefully (HTTP/2 gets GOAWAY) and wait for
@@ -195,13 +196,13 @@ impl Conn {
         last.store(io.now_ms(), Ordering::Relaxed);
         let proxy = self.proxy.clone();
         let peer = Arc::new(peer);
-        // Responses under way on this connection (from the request until the body ends).
-        let busy = Arc::new(AtomicUsize::new(0));
-        let in_service = busy.clone();
+        // Response bodies on this connection waiting on their backend for more.
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let in_service = waiting.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let peer = peer.clone();
-            let guard = BusyGuard::new(&in_service);
+            let waiting = in_service.clone();
             async move {
                 let h1 = req.version() < Version::HTTP_2;
                 let mut resp = forward::handle(&proxy, req, &peer).await;
@@ -212,9 +213,10 @@ impl Conn {
                     resp.headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                Ok::<_, Infallible>(resp.map(|body| Busy {
+                Ok::<_, Infallible>(resp.map(|body| Watched {
                     body,
-                    _guard: guard,
+                    waiting,
+                    pending: false,
                 }))
             }
         });
@@ -241,8 +243,8 @@ impl Conn {
                     shutting_down = true;
                 }
                 _ = idle_for(&last, self.epoch, idle) => {
-                    if busy.load(Ordering::Acquire) > 0 && !shutting_down {
-                        // Quiet, not idle: a response is still under way.
+                    if waiting.load(Ordering::Acquire) > 0 && !shutting_down {
+                        // Quiet, not idle: a response waits on its backend.
                         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
                         last.store(now, Ordering::Relaxed);
                         continue;
@@ -259,29 +261,35 @@ impl Conn {
     }
 }
 
-/// Counts a response under way on a connection until its body is done or dropped.
-struct BusyGuard(Arc<AtomicUsize>);
-
-impl BusyGuard {
-    fn new(busy: &Arc<AtomicUsize>) -> BusyGuard {
-        busy.fetch_add(1, Ordering::AcqRel);
-        BusyGuard(busy.clone())
-    }
-}
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A response body that keeps its connection's [`BusyGuard`] until it is dropped.
-struct Busy {
+/// A response body that counts itself in its connection's `waiting` while its last poll found
+/// nothing from the backend yet (hyper polls a body only when it can write, so a client that
+/// stops reading leaves it uncounted).
+struct Watched {
     body: forward::ProxyBody,
-    _guard: BusyGuard,
+    waiting: Arc<AtomicUsize>,
+    pending: bool,
 }
 
-impl hyper::body::Body for Busy {
+impl Watched {
+    fn set_pending(&mut self, pending: bool) {
+        if pending != self.pending {
+            self.pending = pending;
+            if pending {
+                self.waiting.fetch_add(1, Ordering::AcqRel);
+            } else {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        self.set_pending(false);
+    }
+}
+
+impl hyper::body::Body for Watched {
     type Data = bytes::Bytes;
     type Error = <forward::ProxyBody as hyper::body::Body>::Error;
 
@@ -289,7 +297,10 @@ impl hyper::body::Body for Busy {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.body).poll_frame(cx);
+        this.set_pending(r.is_pending());
+        r
     }
 
     fn is_end_stream(&self) -> bool {
