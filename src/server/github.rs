@@ -64,6 +64,9 @@ pub struct PushEvent {
     pub after: String,
     #[serde(default)]
     pub deleted: bool,
+    /// A force push (history rewritten): whatever it points at is the new head.
+    #[serde(default)]
+    pub forced: bool,
     #[serde(default)]
     pub repository: Option<Repository>,
     #[serde(default)]
@@ -102,19 +105,42 @@ pub struct Accepted(std::sync::Mutex<std::collections::VecDeque<(String, String)
 const REMEMBERED: usize = 256;
 
 impl Accepted {
-    /// Records `push` as accepted unless it is stale: its commit was accepted already (a
-    /// redelivery), or it is an ancestor, through the `before` links of accepted pushes, of the
-    /// newest one (a push that arrived late). Then says why.
+    /// Records `push` as accepted unless it is stale: an older push delivered again (a
+    /// redelivery of anything but the newest, which retries it), or a push whose commit is an
+    /// ancestor, through the `before` links of accepted pushes, of the newest one (it arrived
+    /// late). A push that continues from the newest (its `before` is the newest commit, as a
+    /// force push back to an older commit is) or is forced is always new. Says why when stale.
     pub fn accept(&self, push: &PushEvent) -> Result<(), String> {
         let after = push.after.to_ascii_lowercase();
         let before = push.before.to_ascii_lowercase();
         let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.iter().any(|(_, a)| *a == after) {
-            return Err(format!(
-                "{} was accepted before (a redelivery): not deployed again",
-                short(&after)
-            ));
+        let newest = seen.back().cloned();
+        let continues = newest.as_ref().is_none_or(|(_, a)| *a == before);
+        let retry = newest.as_ref() == Some(&(before.clone(), after.clone()));
+        if !(continues || retry || push.forced) {
+            if seen.iter().any(|(b, a)| *a == after && *b == before) {
+                return Err(format!(
+                    "{} was accepted before (a redelivery of an older push): not deployed again",
+                    short(&after)
+                ));
+            }
+            self.late(&seen, &after)?;
         }
+        if !retry {
+            seen.push_back((before, after));
+            if seen.len() > REMEMBERED {
+                seen.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Err when `after` is an ancestor of the newest accepted push through the `before` links.
+    fn late(
+        &self,
+        seen: &std::collections::VecDeque<(String, String)>,
+        after: &str,
+    ) -> Result<(), String> {
         if let Some((newest_before, newest)) = seen.back() {
             let mut x = newest_before.clone();
             for _ in 0..seen.len() {
@@ -130,10 +156,6 @@ impl Accepted {
                     None => break,
                 }
             }
-        }
-        seen.push_back((before, after));
-        if seen.len() > REMEMBERED {
-            seen.pop_front();
         }
         Ok(())
     }
@@ -294,5 +316,9 @@ mod tests {
         assert!(e.contains("older than cccccc"), "{e}");
         // A force push to another line of history is new.
         seen.accept(&p(&c, &"d".repeat(40))).unwrap();
+        // ... and so is one back to a commit deployed before: it continues from the newest.
+        seen.accept(&p(&"d".repeat(40), &a)).unwrap();
+        // Redelivering the newest push retries it.
+        seen.accept(&p(&"d".repeat(40), &a)).unwrap();
     }
 }
