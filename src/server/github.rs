@@ -147,7 +147,7 @@ impl Accepted {
                 if x == after {
                     return Err(format!(
                         "{} is older than {}, accepted already (a late delivery): not deployed",
-                        short(&after),
+                        short(after),
                         short(newest)
                     ));
                 }
