@@ -34,12 +34,14 @@ impl Deployer {
     /// Reads the operator's commands between `done` (the batch that just ended) and `next`
     /// (the one about to start, `None` after the last); holds while paused (the next batch
     /// publishes its own status). `strategy` labels the status the dashboard and `cutover
-    /// status` show while paused. `on_hold` runs once when a pause begins: work the rollout
+    /// status` show while paused. A rollout that is itself a rollback (`rolling_back`) takes
+    /// `rollback` as said already. `on_hold` runs once when a pause begins: work the rollout
     /// would have left to the next batch must finish now (a rolling deploy's old backends).
     pub(crate) async fn at_boundary(
         &self,
         run: &Run,
         strategy: &str,
+        rolling_back: bool,
         done: &str,
         next: Option<&str>,
         on_hold: impl FnOnce(),
@@ -47,7 +49,7 @@ impl Deployer {
         let mut paused = false;
         let mut on_hold = Some(on_hold);
         let Some(next) = next else {
-            return self.after_last(run, done);
+            return self.after_last(run, done, rolling_back);
         };
         loop {
             let Some(command) = self.journal.take_command(&run.id)? else {
@@ -83,6 +85,9 @@ impl Deployer {
                 "resume" | "promote" | "promote-full" => self
                     .progress
                     .say(&format!("{command}: the rollout is not paused; going on")),
+                "rollback" if rolling_back => self
+                    .progress
+                    .say("rollback: this deployment is the rollback; it goes on"),
                 "abort" | "rollback" => {
                     return Ok(Boundary::Stop(format!(
                         "{command} requested by an operator after {done}"
@@ -96,9 +101,12 @@ impl Deployer {
     }
 
     /// The boundary after the last batch: only a stop has anything left to act on.
-    fn after_last(&self, run: &Run, done: &str) -> anyhow::Result<Boundary> {
+    fn after_last(&self, run: &Run, done: &str, rolling_back: bool) -> anyhow::Result<Boundary> {
         while let Some(command) = self.journal.take_command(&run.id)? {
             match command.as_str() {
+                "rollback" if rolling_back => self
+                    .progress
+                    .say("rollback: this deployment is the rollback; it ends as it is"),
                 "abort" | "rollback" => {
                     return Ok(Boundary::Stop(format!(
                         "{command} requested by an operator during {done}, the last batch"

@@ -434,6 +434,7 @@ impl Deployer {
                 .iter()
                 .any(|v| v.at.contains(&crate::config::VerifyPoint::AfterBatch));
 
+        let rolling_back = req.kind == "rollback";
         self.progress.plan(&plan_names(&plan));
         for (i, hosts) in plan.iter().enumerate() {
             let label = format!("batch {}/{}", i + 1, plan.len());
@@ -549,26 +550,49 @@ impl Deployer {
                 (outcome, stuck) = self.budget_spent(&run, &moved).await;
                 break;
             }
-            let next = plan
+            // The boundary after the last batch is read below, once its settles have ended.
+            let Some(next) = plan
                 .get(i + 1)
-                .map(|_| format!("batch {}/{}", i + 2, plan.len()));
+                .map(|_| format!("batch {}/{}", i + 2, plan.len()))
+            else {
+                continue;
+            };
             if let Boundary::Stop(why) = self
-                .at_boundary(&run, "rolling", &label, next.as_deref(), || {
+                .at_boundary(&run, "rolling", rolling_back, &label, Some(&next), || {
                     settling.release()
                 })
                 .await?
             {
-                self.progress
-                    .say(&format!("{why}: returning every moved host"));
-                self.journal.event(Some(&run.id), &why)?;
-                notes.push(why);
                 failed.extend(settling.wait().await);
-                (outcome, stuck) = self.roll_back(&run, &moved).await;
+                (outcome, stuck) = self
+                    .operator_stop(&run, req.kind, why, &moved, &mut notes)
+                    .await?;
                 break;
             }
         }
 
         failed.extend(settling.wait().await);
+        if outcome == Outcome::Succeeded {
+            let last = plan
+                .len()
+                .checked_sub(1)
+                .map(|i| format!("batch {}/{}", i + 1, plan.len()));
+            if let Boundary::Stop(why) = self
+                .at_boundary(
+                    &run,
+                    "rolling",
+                    rolling_back,
+                    last.as_deref().unwrap_or("the deploy"),
+                    None,
+                    || (),
+                )
+                .await?
+            {
+                (outcome, stuck) = self
+                    .operator_stop(&run, req.kind, why, &moved, &mut notes)
+                    .await?;
+            }
+        }
         if outcome == Outcome::Succeeded {
             let target = crate::verify::Target {
                 url: format!("http://{}", config.balancer.listen),
@@ -609,14 +633,15 @@ impl Deployer {
     }
 
     /// With a git source, the commit a branch points at now, as the version to deploy (see
-    /// [`crate::source::branch_commit`]); `None` to deploy the name as given. A resumed
-    /// deployment already names its commit. When the repository cannot be asked, the name
-    /// stands (a rollback to a release still staged needs no repository).
+    /// [`crate::source::branch_commit`]); `None` to deploy the name as given. When the
+    /// repository cannot be asked, the name stands.
     async fn pin_branch(&self, req: &Request) -> anyhow::Result<Option<Name>> {
         let Some(url) = self.config.release.git.as_deref() else {
             return Ok(None);
         };
-        if req.resume.is_some() {
+        // A resumed deployment already names its commit; a rollback returns to a release
+        // that served before, whatever its name: resolving a branch would ship new code.
+        if req.resume.is_some() || req.kind == "rollback" {
             return Ok(None);
         }
         match crate::source::branch_commit(url, &req.version).await {
@@ -961,6 +986,30 @@ impl Deployer {
                 (Outcome::Halted, Vec::new())
             }
         }
+    }
+
+    /// What an operator's stop (`cutover abort`, `cutover rollback`) does to a rollout: a deploy
+    /// returns every moved host; a rollback has nowhere further back to go, so it halts where
+    /// it is (a person decides what comes next).
+    pub(crate) async fn operator_stop(
+        &self,
+        run: &Run,
+        kind: &str,
+        why: String,
+        moved: &[Host],
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<(Outcome, Vec<HostFailure>)> {
+        self.journal.event(Some(&run.id), &why)?;
+        notes.push(why.clone());
+        if kind == "rollback" {
+            self.progress.say(&format!(
+                "{why}: this is a rollback; it stops here and leaves the fleet as it is"
+            ));
+            return Ok((Outcome::Halted, Vec::new()));
+        }
+        self.progress
+            .say(&format!("{why}: returning every moved host"));
+        Ok(self.roll_back(run, moved).await)
     }
 
     /// Returns every moved host ([`Deployer::undo`]): rolled back, or failed when a host could

@@ -746,7 +746,7 @@ impl Deployer {
                         .get(i + 1)
                         .map(|_| format!("promote {}/{}", i + 2, plan.len()));
                     match self
-                        .at_boundary(run, "canary", &label, next.as_deref(), || ())
+                        .at_boundary(run, "canary", false, &label, next.as_deref(), || ())
                         .await?
                     {
                         Boundary::Next => continue,

@@ -441,6 +441,8 @@ async fn paused_rolling_deploy(
 ) {
     let mut spec = FleetSpec::new(4, net);
     spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 0\n".into();
+    // About a second per batch, so the pause lands at an early boundary, not after the last.
+    spec.health_extra = "healthy_threshold = 5\n".into();
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     let run = traffic(&fleet);
@@ -541,4 +543,26 @@ async fn rollback_of_a_running_rolling_deploy_returns_every_moved_host() {
         report.failures
     );
     assert_fleet_on(&fleet, "v1").await;
+}
+
+/// `cutover rollback` while a rollback runs must not roll the rollback back (that would put
+/// the fleet on the release being left); it waits for the running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_during_a_rollback_waits_for_it_instead_of_undoing_it() {
+    let mut spec = FleetSpec::new(4, 54);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    spec.health_extra = "healthy_threshold = 5\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    let first = fleet.spawn_cutover(&["rollback"]);
+    fleet
+        .wait_status("the rollback", |d| d["kind"] == "rollback")
+        .await;
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("a rollback is already running"), "{err}");
+    let (code, out, err) = first.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet.assert_on("v1").await;
 }

@@ -346,6 +346,8 @@ async fn an_operator_aborts_a_canary_during_its_promotion() {
     // One step, then a promotion a host per batch, which `pause` holds and `abort` undoes.
     let mut spec = canary_spec(50, "[{ weight = 100, pause = \"300ms\" }]", "", "");
     spec.strategy = spec.strategy.replace("batch = 2\n", "batch = 1\n");
+    // About a second per promotion batch, so the pause lands before the last one.
+    spec.health_extra = "healthy_threshold = 5\n".into();
     assert!(spec.strategy.contains("batch = 1\n"), "{}", spec.strategy);
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;

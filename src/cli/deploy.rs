@@ -42,7 +42,11 @@ pub(crate) async fn take_lock(
 ) -> anyhow::Result<LockGuard> {
     let app = config.app.name.to_string();
     let me = LockHolder::me(what);
-    let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+    // A wait beyond what an Instant can hold waits as long as it can.
+    let now = std::time::Instant::now();
+    let deadline = now
+        .checked_add(wait.unwrap_or_default())
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 24 * 3600));
     let mut told = false;
     loop {
         match journal.lock(&app, &me, config.lock_lease) {
@@ -310,6 +314,16 @@ pub(super) fn wait_for_command(
         "sent {command} to the running deployment {}; waiting for it to end",
         row.id
     );
+    wait_for_end(config, row)
+}
+
+/// Waits until the deployment `row` has ended; prints its outcome. Exit 0 when it rolled back
+/// or, for a rollback, succeeded.
+pub(super) fn wait_for_end(
+    config: &Config,
+    row: &crate::journal::DeploymentRow,
+) -> anyhow::Result<u8> {
+    let journal = Journal::open(&config.state_dir)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     loop {
         if let Some(d) = journal.deployment(&row.id)? {
@@ -325,7 +339,9 @@ pub(super) fn wait_for_command(
                         println!("  {n}");
                     }
                 }
-                return Ok(if outcome == "rolled_back" { 0 } else { 1 });
+                let back =
+                    outcome == "rolled_back" || (row.kind == "rollback" && outcome == "succeeded");
+                return Ok(if back { 0 } else { 1 });
             }
         }
         anyhow::ensure!(

@@ -38,7 +38,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
             })
             .collect();
         let deployment = deployment.as_ref().map(|(row, running)| {
-            serde_json::json!({ "id": row.id, "from": row.from, "to": row.to, "strategy": row.strategy,
+            serde_json::json!({ "id": row.id, "kind": row.kind, "from": row.from, "to": row.to, "strategy": row.strategy,
                 "state": if *running { "running" } else { "interrupted" }, "status": row.status })
         });
         println!(

@@ -31,7 +31,7 @@ use crate::transport::local::LocalTransport;
 
 pub use deploy::print_report;
 pub(crate) use deploy::take_lock;
-use deploy::{Action, control, deploy_cmd, running_deployment, wait_for_command};
+use deploy::{Action, control, deploy_cmd, running_deployment, wait_for_command, wait_for_end};
 use inspect::{logs_cmd, print_history, show_cmd, status_cmd};
 use plan::print_plan;
 pub use proxy::ProxyArgs;
@@ -322,6 +322,14 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let config = Config::load(&cli.config)?;
             if args.to.is_none() {
                 if let Some(row) = running_deployment(&config)? {
+                    if row.kind == "rollback" {
+                        // Asking a rollback to roll back would send the fleet forward again.
+                        eprintln!(
+                            "a rollback is already running (deployment {}, to {}): waiting for it to end",
+                            row.id, row.to
+                        );
+                        return wait_for_end(&config, &row);
+                    }
                     // The running deployer goes back itself: a blue-green in its switch-back
                     // window within milliseconds, a canary at once, a rolling deploy (or a
                     // canary's promotion) once its current batch ends.

@@ -419,6 +419,12 @@ async fn command(
             row.id
         )));
     }
+    if row.kind == "rollback" && command == "rollback" {
+        return Err(ApiError::Conflict(format!(
+            "deployment {} is a rollback already (to {}): it goes on; abort stops it where it is",
+            row.id, row.to
+        )));
+    }
     state.journal.post_command(&row.id, &command)?;
     tracing::info!("command {command} posted to deployment {}", row.id);
     Ok((
