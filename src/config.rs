@@ -963,7 +963,7 @@ impl Config {
         let mut hosts = raw.hosts;
         if let Some(inv) = &raw.inventory {
             let inv_path = resolve(inv);
-            let found =
+            let mut found =
                 crate::inventory::load(&inv_path, raw.hosts_group.as_deref()).map_err(|e| {
                     let offset = find_key(text, "inventory").unwrap_or(0);
                     ConfigError::at(
@@ -974,6 +974,17 @@ impl Config {
                         format!("{e:#}"),
                     )
                 })?;
+            if transport == TransportKind::Local {
+                // A local root is a path on this machine, relative to the inventory.
+                let inv_dir = inv_path.parent().unwrap_or(Path::new("."));
+                for h in found.iter_mut().filter(|h| !h.root.as_os_str().is_empty()) {
+                    let r = match (h.root.strip_prefix("~"), &home) {
+                        (Ok(rest), Some(home)) => home.join(rest),
+                        _ => h.root.clone(),
+                    };
+                    h.root = if r.is_absolute() { r } else { inv_dir.join(r) };
+                }
+            }
             hosts.extend(found);
         } else if raw.hosts_group.is_some() {
             let offset = find_key(text, "hosts_group").unwrap_or(0);

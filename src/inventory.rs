@@ -531,8 +531,10 @@ fn to_host(at: &str, base: &Path, name: &str, vars: &Vars) -> anyhow::Result<Hos
     }
     let identity = get(&["ansible_ssh_private_key_file", "ansible_private_key_file"])
         .map(|p| absolute(base, &p));
+    // As written: whether it is a path on this machine (local transport, resolved against
+    // the inventory's directory by the config) or on the host (SSH) is the config's call.
     let root = get(&["cutover_root"])
-        .map(|p| absolute(base, &p))
+        .map(PathBuf::from)
         .unwrap_or_default();
     Ok(Host {
         name: Name::parse(name).map_err(|m| anyhow::anyhow!("{at}: host {m}"))?,

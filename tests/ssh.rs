@@ -798,6 +798,24 @@ fn config_reads_an_inventory_group_as_its_hosts() {
     assert_eq!(names, ["web1", "web2"]);
     assert_eq!(c.hosts[0].root, PathBuf::from("/srv/shop"));
     assert_eq!(c.hosts[1].root, PathBuf::from("/srv/other"));
+
+    // Over SSH a root is a path on the host: one this machine would have to complete
+    // (relative, or `~` with the local home) is refused, from an inventory too.
+    std::fs::write(
+        d.path().join("hosts.ini"),
+        INI.replace("cutover_root=/srv/other", "cutover_root=srv/other"),
+    )
+    .unwrap();
+    let e = cutover::config::Config::load(&p).unwrap_err().to_string();
+    assert!(e.contains("web2") && e.contains("not absolute"), "{e}");
+    // On the local transport it is a directory here, relative to the inventory.
+    std::fs::write(
+        &p,
+        text.replace("transport = \"ssh\"", "transport = \"local\""),
+    )
+    .unwrap();
+    let c = cutover::config::Config::load(&p).unwrap();
+    assert_eq!(c.hosts[1].root, d.path().join("srv/other"));
 }
 
 /// Sessions are normally opened on the master's control socket; the `ssh` process path they
