@@ -280,8 +280,8 @@ async fn handle(
         }
         "/reset" => return Err(Reset),
         "/big" => TestBody::Full(Some(Bytes::from(vec![b'x'; BIG]))),
-        // Promises more than it sends: the connection ends mid-body.
-        "/truncated" => {
+        // Promises more than it sends: the connection ends mid-body (after a 500 head too).
+        "/truncated" | "/truncated-500" => {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
             tx.try_send(Bytes::from_static(b"part")).unwrap();
             // The head and the first part go out before the body ends, short.
@@ -294,6 +294,9 @@ async fn handle(
                 "content-length",
                 hyper::header::HeaderValue::from_static("1000"),
             );
+            if path == "/truncated-500" {
+                *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+            }
             return Ok(r);
         }
         _ => TestBody::Full(Some(Bytes::from(format!("{name}\n")))),
@@ -601,6 +604,12 @@ async fn drain_deadline_cuts_a_streaming_response() {
         .expect("the cut stream ends");
     assert!(rest.is_err(), "a cut stream must not look complete");
     assert_eq!(h.view("a").await.in_flight, 0);
+    // The deploy's proof counts the cut response as failed.
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.backends["a"].broken, 1, "{stats:?}");
+    let (served, failed, _) =
+        cutover::deploy::traffic_between(&cutover::balancer::Stats::default(), &stats);
+    assert_eq!((served, failed), (1, 1), "{stats:?}");
 
     h.proxy.shutdown().await;
     a.stop().await;
@@ -684,6 +693,21 @@ async fn a_response_cut_off_mid_body_counts_as_failed() {
         Some(0.0),
         "{stats:?}"
     );
+
+    // A 500 whose body breaks is one failed request, not two.
+    let resp = h.send(Method::GET, "/truncated-500", "").await;
+    assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(resp.into_body().collect().await.is_err());
+    // The proxy counts the break before the client can see it.
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(
+        (stats.total.status_5xx, stats.total.broken),
+        (1, 1),
+        "{stats:?}"
+    );
+    let (served, failed, _) =
+        cutover::deploy::traffic_between(&cutover::balancer::Stats::default(), &stats);
+    assert_eq!((served, failed), (2, 2), "{stats:?}");
     h.proxy.shutdown().await;
     a.stop().await;
 }

@@ -105,8 +105,9 @@ pub struct Counters {
     pub proxy_errors: u64,
     /// Requests sent again to another backend after this one failed before answering.
     pub retries: u64,
-    /// Responses counted by status whose body the backend then broke off: the client got a
-    /// truncated response, a failure whatever the status said.
+    /// Responses counted by a non-5xx status whose body then broke off (the backend failed, or
+    /// the drain deadline closed it): the client got a truncated response, a failure whatever
+    /// the status said. A 5xx whose body breaks is counted once, as a 5xx.
     #[serde(default)]
     pub broken: u64,
     /// Sum of response-head latencies in microseconds (mean = sum / responses).

@@ -267,7 +267,11 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ProxyBody::Upstream(Upstream::new(body, guard)))
+    let status = parts.status.as_u16();
+    Response::from_parts(
+        parts,
+        ProxyBody::Upstream(Upstream::new(body, guard, status)),
+    )
 }
 
 /// Copies bytes both ways for an upgraded connection until either side closes or the backend's
@@ -474,15 +478,28 @@ pub struct Upstream {
     guard: Option<InFlight>,
     /// Registered on the backend's cut signal the first time the body has to wait.
     cut: Option<Pin<Box<OwnedNotified>>>,
+    /// The response head's status, already counted: a body that breaks after a 5xx is not a
+    /// second failure.
+    status: u16,
 }
 
 impl Upstream {
-    fn new(inner: Incoming, guard: InFlight) -> Self {
+    fn new(inner: Incoming, guard: InFlight, status: u16) -> Self {
         Upstream {
             inner,
             guard: Some(guard),
             cut: None,
+            status,
         }
+    }
+
+    /// Ends the body at the drain deadline. The client gets a truncated response: counted as
+    /// broken, so the deploy's proof shows it as failed.
+    fn cut(&mut self) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(guard) = self.guard.take() {
+            guard.backend().cut_off(self.status);
+        }
+        Poll::Ready(Some(Err(BodyError::Cut)))
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
@@ -490,7 +507,7 @@ impl Upstream {
             return Poll::Ready(None);
         };
         if guard.is_cut() {
-            return Poll::Ready(Some(Err(BodyError::Cut)));
+            return self.cut();
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(None) => {
@@ -499,7 +516,7 @@ impl Upstream {
             }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
-                guard.backend().broke();
+                guard.backend().broke(self.status);
                 warn!(backend = %guard.backend().id, "response body failed: {e}");
                 Poll::Ready(Some(Err(BodyError::Upstream(e))))
             }
@@ -510,13 +527,13 @@ impl Upstream {
                         let mut n = Box::pin(guard.backend().cut.clone().notified_owned());
                         n.as_mut().enable();
                         if guard.is_cut() {
-                            return Poll::Ready(Some(Err(BodyError::Cut)));
+                            return self.cut();
                         }
                         self.cut.insert(n)
                     }
                 };
                 if cut.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Some(Err(BodyError::Cut)));
+                    return self.cut();
                 }
                 Poll::Pending
             }

@@ -204,12 +204,25 @@ impl BackendShared {
         0
     }
 
-    /// Records a response whose body the backend broke off after its head was counted;
-    /// returns the failures in a row (passive health).
-    pub(crate) fn broke(&self) -> u64 {
-        self.counters.broke();
-        self.release.counters.broke();
+    /// Records a response whose body the backend broke off after its head (with `status`)
+    /// was counted; returns the failures in a row (passive health).
+    pub(crate) fn broke(&self, status: u16) -> u64 {
+        self.count_broken(status);
         self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Records a response the drain deadline cut off mid-body: a failure for the client, not
+    /// the backend's (passive health is left alone).
+    pub(crate) fn cut_off(&self, status: u16) {
+        self.count_broken(status);
+    }
+
+    /// A 5xx head already counts as a failure: its broken body is not a second one.
+    fn count_broken(&self, status: u16) {
+        if status < 500 {
+            self.counters.broke();
+            self.release.counters.broke();
+        }
     }
 
     pub(crate) fn retried(&self) {
