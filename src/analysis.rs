@@ -50,9 +50,11 @@
 //! the defaults (alpha 0.05, pass 95, marginal 75) that is: pass for p >= 0.0475, marginal for
 //! 0.0375 <= p < 0.0475, fail for p < 0.0375. The test is one-sided because a faster canary is
 //! never a reason to stop. The judge runs only with at least [`MIN_JUDGE_SAMPLES`] samples on
-//! each side (the normal approximation is poor below that); with fewer, the interval is
-//! inconclusive, like any check that could not be made. Without a stable side (blue-green after
-//! its switch) there is nothing to compare and the judge is skipped. Note
+//! each side (the normal approximation is poor below that); with fewer canary samples the
+//! interval is inconclusive, like any check that could not be made. Without a stable side
+//! (blue-green after its switch) or with too few stable samples (a canary's 100% step, where
+//! stable gets no traffic) there is nothing to compare and the judge is skipped, as
+//! `max_degradation` is. Note
 //! that, like any significance test without an effect-size tolerance, a large sample makes a
 //! small systematic difference (say, slower hardware under the canary) significant.
 //!
@@ -425,8 +427,15 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
                     ));
                 }
             }
+        } else if w.stable.is_some() && cn >= MIN_JUDGE_SAMPLES {
+            // Stable gets (almost) no traffic, as at a canary's 100% step: like
+            // max_degradation, there is nothing to compare with, and the absolute checks decide.
+            skipped.push(format!(
+                "judge: too little stable traffic ({sn} latency samples) to compare with"
+            ));
         } else if w.stable.is_some() {
-            // A check that could not be made: the interval is inconclusive, never a silent pass.
+            // The canary's own samples are missing: the interval is inconclusive, never a
+            // silent pass.
             unknown.push(format!(
                 "too few latency samples for the judge ({cn} canary, {sn} stable; it needs {MIN_JUDGE_SAMPLES} each)"
             ));
@@ -1105,9 +1114,30 @@ mod tests {
         let slow20: Vec<u64> = (0..20).map(|i| 9_000 + i).collect();
         assert!(is_fail(&judged(&slow20, &stable, 0.05)));
         assert!(is_fail(&judged(&slow20, &stable[..20], 0.05)));
+        // Enough canary samples but (almost) no stable traffic, as at a canary's 100% step:
+        // the judge is skipped like max_degradation, and the absolute checks decide.
         let j = judged(&slow20, &stable[..19], 0.05);
         assert_eq!(j.score, None);
-        assert!(inconclusive_reason(&j).starts_with("too few latency samples"));
+        assert_eq!(
+            inconclusive_reason(&j),
+            "no check could be made (judge: too little stable traffic (19 latency samples) to compare with)"
+        );
+        let mut c = cfg();
+        c.min_success_rate = Some(Percent(95.0));
+        c.judge = Some(Judge {
+            alpha: 0.05,
+            pass: 95.0,
+            marginal: 75.0,
+        });
+        let traffic = counters(100, 0);
+        let idle = counters(0, 0);
+        let at_full_weight = Window {
+            canary: &traffic,
+            stable: Some(&idle),
+            canary_latencies_us: &slow20,
+            stable_latencies_us: &[],
+        };
+        assert_eq!(judge(&c, &at_full_weight).verdict, Verdict::Pass);
     }
 
     // ------------------------------------------------------------------ tracker
