@@ -231,6 +231,21 @@ pub struct Judgement {
 }
 
 impl Judgement {
+    /// An interval that could not be judged at all, e.g. when the balancer's counters could not
+    /// be read.
+    pub fn unjudged(reason: String) -> Judgement {
+        Judgement {
+            verdict: Verdict::Inconclusive { reason },
+            requests: 0,
+            success_rate: None,
+            stable_success_rate: None,
+            p99_ms: None,
+            score: None,
+            p_value: None,
+            p99_overflow: false,
+        }
+    }
+
     /// One line with the verdict, its reasons and the numbers, e.g.
     /// `fail: success 80.0% < 99.0%; 250 requests, success 80.0%, p99 12 ms`.
     pub fn summary(&self) -> String {

@@ -260,7 +260,7 @@ impl Deployer {
             .as_ref()
             .map(|a| Tracker::new(a.failure_limit));
         let mut last_tick = Instant::now();
-        let mut last_stats = self.balancer.stats().await.unwrap_or_default();
+        let mut last_stats = self.balancer.stats().await.ok();
         let delay = *config.strategy.scale_down_delay;
         self.status(
             run,
@@ -296,11 +296,9 @@ impl Deployer {
                 if (switched_at.elapsed() < analysis_for || !passed)
                     && last_tick.elapsed() >= *a.interval
                 {
-                    let now = self.balancer.stats().await.unwrap_or_default();
                     let j = self
-                        .judge_interval(a, version.as_str(), None, &last_stats, &now)
+                        .judge_since(a, version.as_str(), None, &mut last_stats)
                         .await;
-                    last_stats = now;
                     last_tick = Instant::now();
                     self.progress
                         .say(&format!("post-switch analysis: {}", j.summary()));
@@ -463,6 +461,34 @@ impl Deployer {
             return Vec::new();
         }
         self.balancer.samples(release, n).await.unwrap_or_default()
+    }
+
+    /// Judges the interval since `last` (the balancer's counters at the previous tick) and
+    /// moves `last` to now. Counters that cannot be read make the interval inconclusive and
+    /// leave `last` where it was: an empty snapshot in its place would make the next interval
+    /// cover the releases' whole lifetime.
+    async fn judge_since(
+        &self,
+        a: &crate::config::Analysis,
+        release: &str,
+        stable: Option<&str>,
+        last: &mut Option<Stats>,
+    ) -> Judgement {
+        let now = match self.balancer.stats().await {
+            Ok(s) => s,
+            Err(e) => {
+                return Judgement::unjudged(format!(
+                    "the balancer's counters could not be read: {e:#}"
+                ));
+            }
+        };
+        let Some(before) = last.replace(now.clone()) else {
+            return Judgement::unjudged(
+                "no earlier reading of the balancer's counters: judging from the next interval"
+                    .into(),
+            );
+        };
+        self.judge_interval(a, release, stable, &before, &now).await
     }
 
     async fn judge_interval(
@@ -849,7 +875,7 @@ impl Deployer {
         let config = &self.config;
         let step_start = Instant::now();
         let mut last_tick = Instant::now();
-        let mut last_stats = self.balancer.stats().await.unwrap_or_default();
+        let mut last_stats = self.balancer.stats().await.ok();
         let mut paused = false;
         // With analysis, a step ends only after a conclusive pass of its latest interval.
         let mut conclusive = config.analysis.is_none();
@@ -886,11 +912,9 @@ impl Deployer {
             }
             if let (Some(a), Some(t)) = (&config.analysis, tracker.as_deref_mut()) {
                 if last_tick.elapsed() >= *a.interval {
-                    let now = self.balancer.stats().await.unwrap_or_default();
                     let j = self
-                        .judge_interval(a, release, Some(stable), &last_stats, &now)
+                        .judge_since(a, release, Some(stable), &mut last_stats)
                         .await;
-                    last_stats = now;
                     last_tick = Instant::now();
                     let decision = t.record(&j);
                     self.progress
