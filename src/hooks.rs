@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use crate::config::{Config, Hook, HookPoint, HookWhere, Host, Name};
 use crate::progress::Progress;
 use crate::release::Layout;
-use crate::transport::{Transport, last_lines, sh_quote};
+use crate::transport::{Transport, Unreachable, last_lines, sh_quote};
 
 /// Extra time a host hook gets over its own `timeout` before the transport gives up (the host
 /// enforces the hook's timeout with `timeout(1)` when it has it).
@@ -114,8 +114,9 @@ fn host_script(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>, host: &Host
     )
 }
 
-/// Runs a host hook on one host. `Err(Ok(e))`: the host could not be reached;
-/// `Err(Err(e))`: the hook ran and failed.
+/// Runs a host hook on one host. `Err(Ok(e))`: the host could not be reached, nothing was
+/// sent; `Err(Err(e))`: the hook failed, or may have run (a timeout or a connection lost
+/// after the script was sent).
 async fn on_host(
     point: HookPoint,
     hook: &Hook,
@@ -128,12 +129,23 @@ async fn on_host(
         .run(host, &script, *hook.timeout + TRANSPORT_SLACK)
         .await
         .map_err(|e| {
-            Ok(e.context(format!(
-                "hook {} `{}` could not run on host {}",
-                point_name(point),
-                hook.command,
-                host.name
-            )))
+            if Unreachable::is(&e) {
+                Ok(e.context(format!(
+                    "hook {} `{}` could not run on host {}",
+                    point_name(point),
+                    hook.command,
+                    host.name
+                )))
+            } else {
+                // Sent, then lost or out of time: it may have run, so a run_once hook is not
+                // tried again elsewhere (a migration must not run twice).
+                Err(e.context(format!(
+                    "hook {} `{}` on host {} did not report back: it may have run there",
+                    point_name(point),
+                    hook.command,
+                    host.name
+                )))
+            }
         })?;
     if !out.success() {
         let output = format!("{}{}", out.stdout, out.stderr);
@@ -154,8 +166,8 @@ async fn on_host(
     Ok(())
 }
 
-/// On the first host that can be reached; a host that cannot is skipped, a hook that fails is
-/// not retried elsewhere (it ran).
+/// On the first host that can be reached; a host that cannot is skipped, a hook that fails or
+/// may have run is not retried elsewhere.
 async fn run_once(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyhow::Result<()> {
     let mut unreachable = Vec::new();
     for host in ctx.hosts {
@@ -284,18 +296,24 @@ mod tests {
     use crate::transport::Output;
     use crate::transport::local::LocalTransport;
 
-    /// The local transport, except that hosts named in `down` cannot be reached.
+    /// The local transport, except that hosts named in `down` cannot be reached, and that on
+    /// hosts named in `lost` the script runs but its connection is lost before it reports.
     struct Flaky {
         down: Vec<&'static str>,
+        lost: Vec<&'static str>,
     }
 
     #[async_trait]
     impl Transport for Flaky {
         async fn run(&self, host: &Host, script: &str, t: Duration) -> anyhow::Result<Output> {
             if self.down.contains(&host.name.as_str()) {
-                anyhow::bail!("host {}: connection refused", host.name);
+                return Err(Unreachable(format!("host {}: connection refused", host.name)).into());
             }
-            LocalTransport::new().run(host, script, t).await
+            let out = LocalTransport::new().run(host, script, t).await;
+            if self.lost.contains(&host.name.as_str()) {
+                anyhow::bail!("host {}: SSH failed: the connection closed", host.name);
+            }
+            out
         }
         async fn copy_dir(&self, _: &Host, _: &Path, _: &Path) -> anyhow::Result<()> {
             unreachable!()
@@ -328,7 +346,10 @@ mod tests {
             ),
         );
         let v = Name::parse("v2").unwrap();
-        let t = Flaky { down: vec!["web1"] };
+        let t = Flaky {
+            down: vec!["web1"],
+            lost: vec![],
+        };
         let p = Progress::quiet();
         let ctx = HookContext {
             config: &c,
@@ -347,6 +368,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn run_once_is_not_tried_again_when_the_first_host_may_have_run_it() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("ran");
+        let c = config(
+            d.path(),
+            &format!(
+                "[[hooks]]\nat = \"after_stage\"\nrun_once = true\ncommand = \"echo $CUTOVER_HOST >> {}\"\n",
+                log.display()
+            ),
+        );
+        let v = Name::parse("v2").unwrap();
+        let t = Flaky {
+            down: vec![],
+            lost: vec!["web1"],
+        };
+        let p = Progress::quiet();
+        let ctx = HookContext {
+            config: &c,
+            transport: &t,
+            progress: &p,
+            version: &v,
+            previous: Some("v1"),
+            hosts: &c.hosts,
+        };
+        let e = format!("{:#}", run(HookPoint::AfterStage, &ctx).await.unwrap_err());
+        assert!(
+            e.contains("on host web1 did not report back: it may have run there"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&log).unwrap(),
+            "web1\n",
+            "ran once, on web1 only"
+        );
+    }
+
+    #[tokio::test]
     async fn failures_name_hook_host_code_and_output() {
         let d = tempfile::tempdir().unwrap();
         let c = config(
@@ -354,7 +412,10 @@ mod tests {
             "[[hooks]]\nat = \"before_deploy\"\ncommand = \"echo migrating; echo 'no database' >&2; exit 3\"\n",
         );
         let v = Name::parse("v2").unwrap();
-        let t = Flaky { down: vec![] };
+        let t = Flaky {
+            down: vec![],
+            lost: vec![],
+        };
         let p = Progress::quiet();
         let ctx = HookContext {
             config: &c,

@@ -14,7 +14,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 
 use super::session::{self, Pool, Session, SessionError};
-use super::{Output, Transport, last_lines, sh_quote};
+use super::{Output, Transport, Unreachable, last_lines, sh_quote};
 use crate::config::Host;
 
 #[derive(Default, Clone)]
@@ -35,7 +35,8 @@ impl LocalTransport {
         let token = session::new_token()?;
         let mut c = session::local_command();
         c.env("CUTOVER_HOST", host.name.as_str());
-        Session::spawn(c, token).with_context(|| format!("host {}", host.name))
+        Session::spawn(c, token)
+            .map_err(|e| anyhow::Error::new(Unreachable(format!("host {}: {e:#}", host.name))))
     }
 }
 

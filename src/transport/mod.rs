@@ -54,6 +54,21 @@ pub trait Transport: Send + Sync {
     }
 }
 
+/// The host could not be reached, so nothing was sent to it: an error a caller may answer by
+/// trying another host. Any other error of [`Transport::run`] (a timeout, a connection lost
+/// mid-script) may come after the script began, so it may have run. Find it with
+/// `anyhow::Error::downcast_ref::<Unreachable>()`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unreachable(pub String);
+
+impl Unreachable {
+    /// Whether `e` says that nothing was sent.
+    pub fn is(e: &anyhow::Error) -> bool {
+        e.downcast_ref::<Unreachable>().is_some()
+    }
+}
+
 /// Quotes `s` for POSIX sh: single quotes, with embedded single quotes closed and escaped.
 pub fn sh_quote(s: impl AsRef<str>) -> String {
     let s = s.as_ref();

@@ -53,7 +53,12 @@ const CONTROL_PERSIST: u64 = 120;
 /// outgoing connections rarely sit on them.
 const PORT_RANGE: (u16, u16) = (20000, 32767);
 
-type Master = Arc<OnceCell<Result<(), String>>>;
+/// A host's master connection: opened once, or the error and when it was met.
+type Master = Arc<OnceCell<Result<(), (String, std::time::Instant)>>>;
+
+/// How long a failed connection is remembered: the steps of one deploy fail fast on a host
+/// that is down, and a long-lived `cutover serve` tries again once it may be back.
+const RETRY_CONNECT_AFTER: Duration = Duration::from_secs(10);
 
 /// Reaches hosts through `ssh`, one multiplexed connection per host.
 pub struct SshTransport {
@@ -197,7 +202,8 @@ impl SshTransport {
         self.control_dir.path().join(name)
     }
 
-    /// Opens the host's master connection once; later calls reuse (or repeat) its outcome.
+    /// Opens the host's master connection once; later calls reuse its outcome (a failure only
+    /// for [`RETRY_CONNECT_AFTER`], then they try again).
     /// A master left by an earlier command (`ssh_persist`) is used as it is: its socket is
     /// there, so the first session rides on it at once, without a `true` round trip first (a
     /// login on the host, ~10 ms a host). Should that master have died, ssh removes its stale
@@ -205,52 +211,63 @@ impl SshTransport {
     async fn connect(&self, host: &Host) -> anyhow::Result<()> {
         let cell = {
             let mut masters = self.masters.lock().expect("masters lock");
-            masters
+            let entry = masters
                 .entry(host.name.to_string())
-                .or_insert_with(|| (host.clone(), Arc::new(OnceCell::new())))
-                .1
-                .clone()
+                .or_insert_with(|| (host.clone(), Arc::new(OnceCell::new())));
+            if matches!(entry.1.get(), Some(Err((_, at))) if at.elapsed() >= RETRY_CONNECT_AFTER) {
+                entry.1 = Arc::new(OnceCell::new());
+            }
+            entry.1.clone()
         };
         let outcome = cell
             .get_or_init(|| async {
-                if matches!(self.control_dir, ControlDir::Shared(_))
-                    && std::fs::symlink_metadata(self.control_path(host)).is_ok()
-                {
-                    return Ok(());
-                }
-                let _permit = self.connecting.acquire().await;
-                let mut c = self.command(host, "true");
-                c.stdin(Stdio::null());
-                let limit = self.settings.connect_timeout * 2 + Duration::from_secs(5);
-                let out = match tokio::time::timeout(limit, c.output()).await {
-                    Err(_) => {
-                        return Err(format!(
-                            "host {}: no SSH connection within {}",
-                            describe(host),
-                            humantime::format_duration(limit)
-                        ));
-                    }
-                    Ok(Err(e)) => {
-                        return Err(format!(
-                            "host {}: cannot run ssh (is the OpenSSH client installed?): {e}",
-                            describe(host)
-                        ));
-                    }
-                    Ok(Ok(out)) => out,
-                };
-                if out.status.success() {
-                    return Ok(());
-                }
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                Err(format!(
-                    "host {}: cannot connect over SSH: {}{}",
-                    describe(host),
-                    last_lines(stderr.trim(), 6),
-                    hint(&stderr, host, self.settings.host_key_checking)
-                ))
+                self.open_master(host)
+                    .await
+                    .map_err(|e| (e, std::time::Instant::now()))
             })
             .await;
-        outcome.clone().map_err(anyhow::Error::msg)
+        outcome
+            .clone()
+            .map_err(|(e, _)| anyhow::Error::new(super::Unreachable(e)))
+    }
+
+    /// Opens the host's master connection (or finds a persisting one).
+    async fn open_master(&self, host: &Host) -> Result<(), String> {
+        if matches!(self.control_dir, ControlDir::Shared(_))
+            && std::fs::symlink_metadata(self.control_path(host)).is_ok()
+        {
+            return Ok(());
+        }
+        let _permit = self.connecting.acquire().await;
+        let mut c = self.command(host, "true");
+        c.stdin(Stdio::null());
+        let limit = self.settings.connect_timeout * 2 + Duration::from_secs(5);
+        let out = match tokio::time::timeout(limit, c.output()).await {
+            Err(_) => {
+                return Err(format!(
+                    "host {}: no SSH connection within {}",
+                    describe(host),
+                    humantime::format_duration(limit)
+                ));
+            }
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "host {}: cannot run ssh (is the OpenSSH client installed?): {e}",
+                    describe(host)
+                ));
+            }
+            Ok(Ok(out)) => out,
+        };
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(format!(
+            "host {}: cannot connect over SSH: {}{}",
+            describe(host),
+            last_lines(stderr.trim(), 6),
+            hint(&stderr, host, self.settings.host_key_checking)
+        ))
     }
 
     /// Runs `remote` on the host with `stdin`, within `timeout`.
@@ -338,7 +355,12 @@ impl SshTransport {
         c.args(self.args(host))
             .arg(host.address.to_string())
             .arg(session::remote_command());
-        Session::spawn(c, token).with_context(|| format!("host {}", describe(host)))
+        Session::spawn(c, token).map_err(|e| {
+            anyhow::Error::new(super::Unreachable(format!(
+                "host {}: {e:#}",
+                describe(host)
+            )))
+        })
     }
 
     /// Runs a script in a session of the host; the session goes back to the pool only when the
