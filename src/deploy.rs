@@ -1637,43 +1637,6 @@ impl Deployer {
         }
     }
 
-    /// Retires everything on the host but `keep`: other backends are drained and removed, other
-    /// instances stopped, dead pid files forgotten. Problems are reported, not fatal: the host
-    /// already serves `keep`. (`current` is left alone: see [`Deployer::settle_host`].)
-    pub async fn retire_others(&self, run: &Run, label: &str, host: &Host, keep: &Instance) {
-        let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
-        let t = self.transport.as_ref();
-        let h = host.name.as_str();
-        let app = &self.config.app;
-        self.retire_backends(run, label, host, keep, None).await;
-        let recorded = instance::list(t, host).await.unwrap_or_default();
-        for r in recorded.iter().filter(|r| r.instance != *keep) {
-            if r.alive {
-                let detail = format!("{}@{}", r.instance.version, r.instance.address);
-                let stopped = self
-                    .step(run, h, "stop", &detail, async {
-                        instance::stop(t, host, &r.instance, app.stop_signal, *app.stop_timeout)
-                            .await
-                            .map_err(|e| format!("{e:#}"))
-                    })
-                    .await;
-                match stopped {
-                    Ok(instance::Stopped::Gracefully) => say(format!(
-                        "stopped {} (pid {})",
-                        r.instance.version, r.instance.pid
-                    )),
-                    Ok(instance::Stopped::Killed) => say(format!(
-                        "stopped {} (pid {}) with KILL after stop_timeout {}",
-                        r.instance.version, r.instance.pid, app.stop_timeout
-                    )),
-                    Err(e) => say(format!("WARNING: {e}")),
-                }
-            } else {
-                let _ = instance::forget(t, host, &r.instance).await;
-            }
-        }
-    }
-
     /// Takes a failed new instance out of the balancer (if it got there) and stops it.
     pub async fn discard(&self, run: &Run, host: &Host, inst: &Instance) {
         let app = &self.config.app;

@@ -384,11 +384,13 @@ impl Deployer {
         // Blue's time is up: it is already draining; wait for it, remove it, stop it.
         self.progress
             .say("blue-green: scale_down_delay over; stopping blue");
-        join_all(
-            green
-                .iter()
-                .map(|(h, inst)| self.retire_others(run, "blue", h, inst)),
-        )
+        // Then each host settles as a rolling switch does: other instances stopped, releases
+        // beyond `keep` pruned (blue's kept, for a quick way back).
+        join_all(green.iter().map(|(h, inst)| async move {
+            self.retire_backends(run, "blue", h, inst, None).await;
+            // A host that cannot settle serves green all the same; settle_host says why.
+            let _ = self.settle_host(run, "blue", h, inst).await;
+        }))
         .await;
         self.finish_with(
             run,

@@ -493,3 +493,32 @@ async fn blue_green_analysis_without_traffic_holds_blue_until_an_operator_decide
     assert_eq!(code, 0, "{out}\n{err}");
     fleet.assert_on("v2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_prunes_releases_beyond_keep() {
+    let mut spec = FleetSpec::new(2, 55);
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"200ms\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    for v in ["v3", "v4"] {
+        cutover::init::write_sample_release(
+            &fleet.dir.path().join("releases").join(v),
+            &common::exe(),
+            v,
+            "",
+        )
+        .unwrap();
+    }
+    for v in ["v1", "v2", "v3", "v4"] {
+        fleet.deploy(v, 0).await;
+    }
+    fleet.assert_on("v4").await;
+    // keep = 3: v4 (live), v3 (the way back) and v2 stay; v1 is gone from every host.
+    for host in ["web1", "web2"] {
+        let mut kept: Vec<String> = std::fs::read_dir(fleet.root(host).join("releases"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, ["v2", "v3", "v4"], "{host}");
+    }
+}
