@@ -644,7 +644,10 @@ impl Deployer {
         if req.resume.is_some() || req.kind == "rollback" {
             return Ok(None);
         }
-        match crate::source::branch_commit(url, &req.version).await {
+        self.progress
+            .say(&format!("asking {url} which commit {} is", req.version));
+        match crate::source::branch_commit(url, &req.version, self.config.ssh.command_timeout).await
+        {
             Ok(Some(sha)) => {
                 let pinned = Name::parse(&sha).map_err(|e| {
                     anyhow::anyhow!("branch {} points at {sha:?}: {e}", req.version)

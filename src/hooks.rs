@@ -246,35 +246,31 @@ async fn run_local(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyh
         .env("CUTOVER_RELEASE_DIR", release_dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
-    let child = c.spawn().with_context(|| {
-        format!(
-            "hook {} `{}`: cannot run sh",
-            point_name(point),
-            hook.command
-        )
-    })?;
-    let pid = child.id();
-    let out = match tokio::time::timeout(*hook.timeout, child.wait_with_output()).await {
-        Ok(r) => r.context("waiting for a hook")?,
-        Err(_) => {
-            if let Some(pid) = pid {
-                // SAFETY: kill(2) on the hook's own process group, created above.
-                unsafe {
-                    libc::kill(-(pid as i32), libc::SIGKILL);
-                }
-            }
-            return Err(failed(point, hook, "on this machine", 124, ""));
-        }
-    };
-    if !out.status.success() {
+        .stderr(Stdio::null());
+    let out = crate::bounded::run(c, *hook.timeout)
+        .await
+        .with_context(|| {
+            format!(
+                "hook {} `{}`: cannot run sh",
+                point_name(point),
+                hook.command
+            )
+        })?;
+    if out.timed_out() {
         return Err(failed(
             point,
             hook,
             "on this machine",
-            out.status.code().unwrap_or(-1),
+            124,
+            &String::from_utf8_lossy(&out.stdout),
+        ));
+    }
+    if !out.success() {
+        return Err(failed(
+            point,
+            hook,
+            "on this machine",
+            out.status.and_then(|s| s.code()).unwrap_or(-1),
             &String::from_utf8_lossy(&out.stdout),
         ));
     }

@@ -11,6 +11,7 @@ pub mod analysis;
 pub mod atomic_file;
 pub mod balancer;
 pub mod batch;
+pub mod bounded;
 pub mod cli;
 pub mod config;
 mod control;

@@ -147,7 +147,7 @@ pub async fn build(
 ) -> anyhow::Result<Archive> {
     let (tree, commit) = match &release.git {
         Some(url) => {
-            let (tree, commit) = checkout(url, version, state_dir).await?;
+            let (tree, commit) = checkout(url, version, state_dir, timeout).await?;
             (tree, Some(commit))
         }
         None => {
@@ -206,10 +206,14 @@ pub fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
 /// branch moves, but a staged release never changes under a running instance, so a deploy of
 /// a branch deploys its commit, named by its full sha as a push webhook names it. `None` for a
 /// tag or a commit, which name one tree for good.
-pub async fn branch_commit(url: &str, version: &Name) -> anyhow::Result<Option<String>> {
+pub async fn branch_commit(
+    url: &str,
+    version: &Name,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
     let heads = format!("refs/heads/{version}");
     let tags = format!("refs/tags/{version}");
-    let out = git(&["ls-remote", "--", url, &heads, &tags], None)
+    let out = git(&["ls-remote", "--", url, &heads, &tags], None, timeout)
         .await
         .with_context(|| format!("asking {url} what {version} is"))?;
     let mut branch = None;
@@ -223,23 +227,31 @@ pub async fn branch_commit(url: &str, version: &Name) -> anyhow::Result<Option<S
     Ok(branch)
 }
 
-async fn git(args: &[&str], cwd: Option<&Path>) -> anyhow::Result<String> {
+/// Runs git, for at most `timeout` (a remote that accepts and never answers must not hold
+/// the deploy lock forever).
+async fn git(args: &[&str], cwd: Option<&Path>, timeout: Duration) -> anyhow::Result<String> {
     let mut c = Command::new("git");
     if let Some(d) = cwd {
         c.arg("-C").arg(d);
     }
-    let out = c
-        .args(args)
+    c.args(args)
         .env("GIT_TERMINAL_PROMPT", "0")
         .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = crate::bounded::run(c, timeout)
         .await
         .context("cannot run git (is it installed?)")?;
-    if !out.status.success() {
+    let what = args.first().copied().unwrap_or("");
+    if out.timed_out() {
         anyhow::bail!(
-            "git {} failed: {}",
-            args.first().copied().unwrap_or(""),
+            "git {what} did not finish within {} (raise command_timeout if the repository needs longer)",
+            humantime::format_duration(timeout)
+        );
+    }
+    if !out.success() {
+        anyhow::bail!(
+            "git {what} failed: {}",
             last_lines(String::from_utf8_lossy(&out.stderr).trim(), 5)
         );
     }
@@ -252,6 +264,7 @@ async fn checkout(
     url: &str,
     version: &Name,
     state_dir: &Path,
+    timeout: Duration,
 ) -> anyhow::Result<(PathBuf, String)> {
     let key: String = Sha256::digest(url.as_bytes())
         .iter()
@@ -262,7 +275,7 @@ async fn checkout(
     if !cache.join("HEAD").is_file() {
         std::fs::create_dir_all(&cache)
             .with_context(|| format!("cannot create {}", cache.display()))?;
-        git(&["init", "--quiet", "--bare"], Some(&cache)).await?;
+        git(&["init", "--quiet", "--bare"], Some(&cache), timeout).await?;
     }
     git(
         &[
@@ -277,6 +290,7 @@ async fn checkout(
             "+refs/tags/*:refs/tags/*",
         ],
         Some(&cache),
+        timeout,
     )
     .await
     .with_context(|| format!("fetching {url}"))?;
@@ -284,6 +298,7 @@ async fn checkout(
     let commit = git(
         &["rev-parse", "--verify", "--quiet", "--end-of-options", &spec],
         Some(&cache),
+        timeout,
     )
     .await
     .map_err(|_| {
@@ -310,11 +325,13 @@ async fn checkout(
             &tree_s,
         ],
         None,
+        timeout,
     )
     .await?;
     git(
         &["checkout", "--quiet", "--detach", &commit, "--"],
         Some(&tree),
+        timeout,
     )
     .await
     .with_context(|| format!("checking out {version} ({commit})"))?;
@@ -335,38 +352,25 @@ async fn run_build(
         .env("CUTOVER_VERSION", version.as_str())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
+        .stderr(Stdio::null());
     if let Some(c2) = commit {
         c.env("CUTOVER_COMMIT", c2);
     }
-    let child = c
-        .spawn()
+    let out = crate::bounded::run(c, timeout)
+        .await
         .with_context(|| format!("cannot run the build in {}", tree.display()))?;
-    let pid = child.id();
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Ok(r) => r.context("waiting for the build")?,
-        Err(_) => {
-            if let Some(pid) = pid {
-                // SAFETY: kill(2) on the build's own process group, which we created.
-                unsafe {
-                    libc::kill(-(pid as i32), libc::SIGKILL);
-                }
-            }
-            anyhow::bail!(
-                "release {version}: build `{cmd}` did not finish within {}",
-                humantime::format_duration(timeout)
-            );
-        }
-    };
-    if !out.status.success() {
+    if out.timed_out() {
         anyhow::bail!(
-            "release {version}: build `{cmd}` failed in {} (exit {}); last output lines:\n{}",
+            "release {version}: build `{cmd}` did not finish within {} (raise command_timeout if it needs longer); last output lines:\n{}",
+            humantime::format_duration(timeout),
+            last_lines(String::from_utf8_lossy(&out.stdout).trim_end(), 10)
+        );
+    }
+    if !out.success() {
+        anyhow::bail!(
+            "release {version}: build `{cmd}` failed in {} ({}); last output lines:\n{}",
             tree.display(),
-            out.status
-                .code()
-                .map_or("by a signal".to_string(), |c| c.to_string()),
+            out.describe_exit(),
             last_lines(String::from_utf8_lossy(&out.stdout).trim_end(), 10)
         );
     }

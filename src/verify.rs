@@ -33,28 +33,23 @@ pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Re
             .env("CUTOVER_POINT", point.name())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         if target.preview {
             cmd.env(
                 "CUTOVER_PREVIEW_HEADER",
                 format!("{}: 1", crate::balancer::api::PREVIEW_HEADER),
             );
         }
-        let child = cmd
-            .spawn()
+        let out = crate::bounded::run(cmd, *v.timeout)
+            .await
             .map_err(|e| format!("verify `{}`: cannot start sh: {e}", v.command))?;
-        let out = match tokio::time::timeout(*v.timeout, child.wait_with_output()).await {
-            Ok(Ok(out)) => out,
-            Ok(Err(e)) => return Err(format!("verify `{}`: {e}", v.command)),
-            Err(_) => {
-                return Err(format!(
-                    "verify `{}` did not finish within {}",
-                    v.command, v.timeout
-                ));
-            }
-        };
-        if !out.status.success() {
+        if out.timed_out() {
+            return Err(format!(
+                "verify `{}` did not finish within {} (it and everything it started were stopped)",
+                v.command, v.timeout
+            ));
+        }
+        if !out.success() {
             let text = format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stdout),
@@ -64,7 +59,7 @@ pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Re
                 "verify `{}` failed at {} ({}): {}",
                 v.command,
                 point.name(),
-                out.status,
+                out.describe_exit(),
                 last_lines(text.trim(), 5)
             ));
         }

@@ -1,0 +1,220 @@
+//! Commands run on this machine (builds, git, local hooks, verify commands) under a time limit.
+//!
+//! Why a module: each of them starts `sh` (or git), which may start more processes. Killing
+//! only the top process on timeout left its children running after the deploy, and waiting
+//! for the output pipes to close made a command that left a background process behind hold
+//! the deploy until its timeout, then fail although it had exited 0. Here every command gets
+//! its own process group, killed whole on timeout (or when the caller gives up), and its
+//! output is read until it exits and then for at most [`PIPE_GRACE`].
+
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+
+/// How long output is still read after the command exited, for what its last writes left in
+/// the pipes; a background process holding them open is not waited for beyond this.
+pub const PIPE_GRACE: Duration = Duration::from_millis(500);
+
+/// What a bounded command printed and how it ended.
+#[derive(Debug)]
+pub struct Ran {
+    /// `None`: killed at the timeout.
+    pub status: Option<ExitStatus>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Ran {
+    pub fn timed_out(&self) -> bool {
+        self.status.is_none()
+    }
+
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// The exit code, or why there is none, for messages.
+    pub fn describe_exit(&self) -> String {
+        match self.status {
+            None => "killed at its timeout".into(),
+            Some(s) => s
+                .code()
+                .map_or_else(|| "killed by a signal".into(), |c| format!("exit {c}")),
+        }
+    }
+}
+
+/// Kills the command's process group when dropped while it runs.
+struct Group {
+    pid: Option<u32>,
+}
+
+impl Group {
+    fn kill(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            // SAFETY: kill(2) on the process group this module created for the command, whose
+            // leader has not been reaped yet (so the group id cannot have been reused).
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `cmd` for at most `timeout`. Pipe its stdout and stderr to capture them; stdin is the
+/// caller's to set. Errors only when the command cannot be started.
+pub async fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
+    cmd.process_group(0).kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    let mut group = Group { pid: child.id() };
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let readers = [
+        child.stdout.take().map(|p| reader(p, stdout.clone())),
+        child.stderr.take().map(|p| reader(p, stderr.clone())),
+    ];
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => {
+            let status = status?;
+            // Exited and not yet reaped by anyone else: the group may still hold its
+            // background processes, which are the command's business now.
+            group.pid = None;
+            Some(status)
+        }
+        Err(_) => {
+            group.kill();
+            let _ = child.wait().await;
+            None
+        }
+    };
+    // Past the grace, a pipe still open is held by a process the command left behind: stop
+    // reading (dropping a reader aborts it, keeping what it read).
+    let _ = tokio::time::timeout(
+        PIPE_GRACE,
+        futures_util::future::join_all(readers.into_iter().flatten()),
+    )
+    .await;
+    let take = |b: &Arc<Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().expect("output buffer"));
+    Ok(Ran {
+        status,
+        stdout: take(&stdout),
+        stderr: take(&stderr),
+    })
+}
+
+/// Reads `pipe` into `into` until end of file; aborted (with what it read kept) when the
+/// handle is dropped.
+fn reader(
+    mut pipe: impl AsyncRead + Unpin + Send + 'static,
+    into: Arc<Mutex<Vec<u8>>>,
+) -> AbortOnDrop {
+    AbortOnDrop(tokio::spawn(async move {
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            into.lock()
+                .expect("output buffer")
+                .extend_from_slice(&buf[..n]);
+        }
+    }))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl std::future::Future for AbortOnDrop {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Stdio;
+
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    }
+
+    #[tokio::test]
+    async fn output_and_exit_code() {
+        let r = run(sh("echo out; echo err >&2; exit 3"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(r.stdout, b"out\n");
+        assert_eq!(r.stderr, b"err\n");
+        assert_eq!(r.describe_exit(), "exit 3");
+        assert!(!r.success() && !r.timed_out());
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_whole_group() {
+        let d = tempfile::tempdir().unwrap();
+        let pid_file = d.path().join("pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
+        let r = run(sh(&script), Duration::from_millis(300)).await.unwrap();
+        assert!(r.timed_out(), "{r:?}");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let t = std::time::Instant::now();
+        while alive(pid) && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !alive(pid),
+            "the timed-out command's child {pid} still runs"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_background_process_holding_the_pipes_does_not_hold_the_caller() {
+        let t = std::time::Instant::now();
+        let r = run(sh("sleep 5 & echo $!"), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert!(r.success(), "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        let pid: i32 = String::from_utf8_lossy(&r.stdout).trim().parse().unwrap();
+        assert!(alive(pid), "left alone after a successful exit");
+        // SAFETY: kill(2) on the sleep this test started.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
