@@ -641,6 +641,8 @@ impl Deployer {
             .map(|a| Tracker::new(a.failure_limit));
         let steps = strategy.steps.clone();
         let mut full = false;
+        // Steps held (ended by their pause, an analysis pass or `cutover promote`).
+        let mut held = 0;
         for (i, step) in steps.iter().enumerate() {
             if full {
                 break;
@@ -701,8 +703,11 @@ impl Deployer {
                 )
                 .await?
             {
-                StepEnd::Next => {}
-                StepEnd::Full => full = true,
+                StepEnd::Next => held = i + 1,
+                StepEnd::Full => {
+                    held = i + 1;
+                    full = true;
+                }
                 StepEnd::Abort(reason) => {
                     return self
                         .canary_aborted(
@@ -840,11 +845,19 @@ impl Deployer {
         if !reset.is_empty() {
             let _ = self.balancer.set_weights(&reset).await;
         }
-        notes.push(format!(
-            "canary passed {} step(s); promoted to {} host(s)",
-            steps.len(),
-            moved.len()
-        ));
+        notes.push(if held < steps.len() {
+            format!(
+                "canary ran {held} of {} step(s), then `cutover promote --full` skipped the rest; promoted to {} host(s)",
+                steps.len(),
+                moved.len()
+            )
+        } else {
+            format!(
+                "canary passed {} step(s); promoted to {} host(s)",
+                steps.len(),
+                moved.len()
+            )
+        });
         // Failures within the budget are a success with failed hosts, as in a rolling deploy.
         let outcome = stopped.unwrap_or(Outcome::Succeeded);
         self.finish(

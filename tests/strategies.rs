@@ -522,3 +522,29 @@ async fn blue_green_prunes_releases_beyond_keep() {
         assert_eq!(kept, ["v2", "v3", "v4"], "{host}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_full_skips_the_remaining_steps_and_the_report_says_so() {
+    let spec = canary_spec(
+        56,
+        "[{ weight = 10 }, { weight = 50 }, { weight = 100 }]",
+        "",
+        "",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("step 1", |d| d["status"]["step"] == "step 1/3")
+        .await;
+    let (code, out, _) = fleet.cutover(&["promote", "--full"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("canary ran 1 of 3 step(s), then `cutover promote --full` skipped the rest"),
+        "{out}"
+    );
+    assert!(!out.contains("canary passed"), "{out}");
+    fleet.assert_on("v2").await;
+}
