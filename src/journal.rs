@@ -785,14 +785,27 @@ impl Journal {
 
     /// Takes the oldest untaken command for a deployment.
     pub fn take_command(&self, deployment: &str) -> anyhow::Result<Option<String>> {
+        self.take_first(deployment, "")
+    }
+
+    /// Takes the oldest `abort` or `rollback` queued for `deployment`, leaving any other
+    /// command queued for the moment it means something (a strategy checks this before it
+    /// moves traffic, where `promote` or `pause` would be premature).
+    pub fn take_stop_command(&self, deployment: &str) -> anyhow::Result<Option<String>> {
+        self.take_first(deployment, "AND command IN ('abort', 'rollback')")
+    }
+
+    /// Marks the oldest untaken command of `deployment` that matches `filter` (SQL, a
+    /// constant) taken, and returns it.
+    fn take_first(&self, deployment: &str, filter: &str) -> anyhow::Result<Option<String>> {
+        let query = format!(
+            "SELECT id, command FROM commands WHERE deployment = ?1 AND taken = 0 {filter} ORDER BY id LIMIT 1"
+        );
         self.with(|c| {
-            let tx = rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
             let cmd: Option<(i64, String)> = tx
-                .query_row(
-                    "SELECT id, command FROM commands WHERE deployment = ?1 AND taken = 0 ORDER BY id LIMIT 1",
-                    params![deployment],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                .query_row(&query, params![deployment], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             if let Some((id, _)) = &cmd {
                 tx.execute("UPDATE commands SET taken = 1 WHERE id = ?1", params![id])?;
@@ -913,6 +926,18 @@ mod tests {
         assert_eq!(j.deployments(10).unwrap()[0].id, "old");
         j.post_command("old", "promote").unwrap();
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));
+        // A stop command is taken ahead of the others, which stay queued in order.
+        for c in ["pause", "promote", "abort"] {
+            j.post_command("old", c).unwrap();
+        }
+        assert_eq!(
+            j.take_stop_command("old").unwrap().as_deref(),
+            Some("abort")
+        );
+        assert_eq!(j.take_stop_command("old").unwrap(), None);
+        assert_eq!(j.take_command("old").unwrap().as_deref(), Some("pause"));
+        assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));
+        assert_eq!(j.take_command("old").unwrap(), None);
     }
 
     #[test]

@@ -185,6 +185,26 @@ impl Deployer {
                 .await;
         }
 
+        // An abort or rollback sent while green started or was verified: no traffic moved yet.
+        if let Some(cmd) = self.journal.take_stop_command(&run.id)? {
+            self.progress.say(&format!(
+                "blue-green: {cmd} requested before the switch; green is discarded, blue never stopped serving"
+            ));
+            notes.push(format!("{cmd} requested before the switch"));
+            return self
+                .abandon_green(
+                    run,
+                    &green,
+                    from,
+                    version,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+
         // The switch: one admin call.
         let green_ids: Vec<String> = green.iter().map(|(_, i)| i.backend_id()).collect();
         let blue_ids: Vec<String> = self
@@ -648,6 +668,26 @@ impl Deployer {
                 break;
             }
             let label = format!("step {}/{}", i + 1, steps.len());
+            // An abort or rollback sent while the canary started: it never gets traffic.
+            // (Later ones are read while each step holds.)
+            if i == 0 {
+                if let Some(cmd) = self.journal.take_stop_command(&run.id)? {
+                    return self
+                        .canary_aborted(
+                            run,
+                            &canaries,
+                            &stable_ids,
+                            format!("{cmd} requested"),
+                            from,
+                            version,
+                            started,
+                            stats_before,
+                            failed,
+                            notes,
+                        )
+                        .await;
+                }
+            }
             let weights = canary_weights(&canary_ids, &stable_ids, step.weight);
             self.step(
                 run,

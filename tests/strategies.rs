@@ -548,3 +548,31 @@ async fn promote_full_skips_the_remaining_steps_and_the_report_says_so() {
     assert!(!out.contains("canary passed"), "{out}");
     fleet.assert_on("v2").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_while_green_starts_discards_green_before_any_switch() {
+    let mut spec = FleetSpec::new(2, 57);
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"200ms\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    cutover::init::write_sample_release(
+        &fleet.dir.path().join("releases").join("slow"),
+        &common::exe(),
+        "slow",
+        "--startup-delay 1500ms",
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "slow"]);
+    fleet.wait_status("the deployment", |_| true).await;
+    let (code, out, _) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("abort requested before the switch"), "{out}");
+    assert!(
+        err.contains("green is discarded, blue never stopped serving"),
+        "{err}"
+    );
+    assert!(!err.contains("switched blue -> green"), "{err}");
+    fleet.assert_on("v1").await;
+}
