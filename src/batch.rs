@@ -1,7 +1,7 @@
 //! Rolling batches with Ansible `serial` semantics, and the failure budget.
 //!
 //! Pure functions, checked against Ansible's own `_get_serialized_batches` and `pct_to_int`:
-//! a share is `floor(pct × all hosts)` but at least 1, always of *all* hosts (not of those left);
+//! a share is `int(pct / 100.0 × all hosts)` in floating point, as Python computes it, but at least 1, always of *all* hosts (not of those left);
 //! in a list each entry is used once and the last one repeats. Unlike Ansible, 0 and shares above
 //! 100 % are refused when the config loads (see `config::BatchSpec`) instead of meaning "all".
 
@@ -15,7 +15,9 @@ pub fn batch_sizes(spec: &BatchSpec, hosts: usize) -> Vec<usize> {
     while left > 0 {
         let size = match spec.0.get(entry).or(spec.0.last()) {
             Some(BatchSize::Count(n)) => *n as usize,
-            Some(BatchSize::Percent(p)) => (hosts * *p as usize / 100).max(1),
+            // In floating point, as Ansible's `int((pct / 100.0) * n)`: "29%" of 100 hosts
+            // is 28 there (0.29 * 100 = 28.999...), and so it is here.
+            Some(BatchSize::Percent(p)) => ((f64::from(*p) / 100.0 * hosts as f64) as usize).max(1),
             None => hosts,
         }
         .max(1);
@@ -99,6 +101,14 @@ mod tests {
             batch_sizes(&spec(&[Count(1), Count(5), Pct(20)]), 20),
             vec![1, 5, 4, 4, 4, 2]
         );
+    }
+
+    #[test]
+    fn shares_round_as_ansible_does_in_floating_point() {
+        // Python: int(29 / 100.0 * 100) == 28, int(57 / 100.0 * 200) == 113.
+        assert_eq!(batch_sizes(&spec(&[Pct(29)]), 100)[0], 28);
+        assert_eq!(batch_sizes(&spec(&[Pct(57)]), 200)[0], 113);
+        assert_eq!(batch_sizes(&spec(&[Pct(25)]), 4), vec![1, 1, 1, 1]);
     }
 
     #[test]
