@@ -787,8 +787,9 @@ impl Name {
 }
 
 impl fmt::Display for Name {
+    /// Pads, so `{:<12}` lines up tables (`cutover status`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -1583,6 +1584,11 @@ batch = [1, "50%"]
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("cutover.toml"), text)
+    }
+
+    #[test]
+    fn names_pad_in_tables() {
+        assert_eq!(format!("[{:<6}]", Name::parse("web1").unwrap()), "[web1  ]");
     }
 
     #[test]
