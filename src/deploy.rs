@@ -680,8 +680,7 @@ impl Deployer {
             id: interrupted.id.clone(),
             previous: interrupted.previous.clone(),
         };
-        self.journal
-            .event(Some(&run.id), "rollback of the interrupted deployment")?;
+        self.journal.event(Some(&run.id), RESTORE_EVENT)?;
         self.progress.say(&format!(
             "rolling back interrupted deployment {} ({} -> {}): every host returns to where it was",
             run.id,
@@ -1686,7 +1685,18 @@ impl Deployer {
 
     /// Returns every moved host to the release it had, in parallel. Returns the hosts that
     /// could not be returned.
+    /// Journals that `run` has begun going back, before it does: a deployment killed from
+    /// here on must be finished by going back, not forward (see [`was_going_back`]).
+    pub(crate) fn going_back(&self, run: &Run) {
+        if let Err(e) = self.journal.event(Some(&run.id), UNDO_EVENT) {
+            self.progress.say(&format!(
+                "WARNING: cannot journal the rollback's start: {e:#}"
+            ));
+        }
+    }
+
     pub(crate) async fn undo(&self, run: &Run, moved: &[Host]) -> Vec<HostFailure> {
+        self.going_back(run);
         // The board counts hosts on the new release; the lines tell the way back.
         self.progress.plan(&[]);
         if moved.is_empty() {
@@ -1809,6 +1819,21 @@ pub fn most_common<'a>(values: impl Iterator<Item = &'a String>) -> Option<Strin
 /// The release most hosts point `current` at.
 pub fn most_common_release(views: &[HostView]) -> Option<String> {
     most_common(views.iter().filter_map(|v| v.current.as_ref()))
+}
+
+/// Journaled when a deployment starts returning its moved hosts (an abort, a rollback, a spent
+/// failure budget): see [`was_going_back`].
+const UNDO_EVENT: &str = "returning every moved host to its previous release";
+/// Journaled when `cutover rollback` starts returning an interrupted deployment's hosts.
+const RESTORE_EVENT: &str = "rollback of the interrupted deployment";
+
+/// Whether the interrupted deployment `id` had begun returning its hosts: finishing it means
+/// finishing that, whether the operator says `deploy --resume` or `rollback`.
+pub fn was_going_back(journal: &Journal, id: &str) -> anyhow::Result<bool> {
+    Ok(journal
+        .events(id)?
+        .iter()
+        .any(|e| e.message == UNDO_EVENT || e.message == RESTORE_EVENT))
 }
 
 /// Requests served and failed between two balancer snapshots.

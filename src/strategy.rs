@@ -343,6 +343,7 @@ impl Deployer {
         }
 
         if let Some(reason) = back_reason {
+            self.going_back(run);
             let to_blue = SwitchRequest {
                 activate: blue_ids.clone(),
                 standby: green_ids.clone(),
@@ -438,6 +439,7 @@ impl Deployer {
         failed: Vec<HostFailure>,
         notes: Vec<String>,
     ) -> anyhow::Result<Report> {
+        self.going_back(run);
         for (h, inst) in green {
             self.discard(run, h, inst).await;
         }
@@ -1055,6 +1057,7 @@ impl Deployer {
         ));
         self.journal
             .event(Some(&run.id), &format!("canary aborted: {reason}"))?;
+        self.going_back(run);
         self.abort_canary(run, canaries, stable_ids).await;
         notes.push(format!("canary aborted: {reason}"));
         self.status(run, serde_json::json!({"strategy": "canary", "phase": "aborted", "weight": 0, "reason": reason}));

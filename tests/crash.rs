@@ -177,3 +177,92 @@ async fn crash_in_place_at_every_third_boundary() {
     spec.app_extra = format!("mode = \"in-place\"\nport = {port}\n");
     crash_every_boundary_of(spec, 1, 3).await;
 }
+
+/// Runs `cutover <args>` with a crash after journal write `k`; the exit code (-9: crashed).
+async fn crash_running(fleet: &Fleet, args: &[&str], k: u64) -> i32 {
+    let k_s = k.to_string();
+    fleet
+        .cutover_env(args, &[("CUTOVER_CRASH_AFTER_WRITE", &k_s)])
+        .await
+        .0
+}
+
+/// A deploy killed after it began returning its hosts (its failure budget spent) is finished by
+/// `--resume` going back, never forward; a killed `cutover rollback` is finished by the next
+/// `cutover rollback`, never undone (undoing it would send the fleet to the release it left).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_returns_are_finished_going_back() {
+    let mut s = FleetSpec::new(3, 58);
+    s.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    s.health_extra = "healthy_threshold = 1\n".into();
+    let fleet = Fleet::start(s).await;
+    common::write_release_healthy_only_on(
+        &fleet.dir.path().join("releases"),
+        "half",
+        &["web1", "web2"],
+    );
+    fleet.deploy("v1", 0).await;
+
+    // The first write after which the journal says the deploy was going back (web1 and web2
+    // moved, web3 failed): found by bisection, the fleet back on v1 after every probe.
+    let going_back = |show: &str| show.contains("returning every moved host");
+    let (mut lo, mut hi) = (1u64, 400u64);
+    while lo < hi {
+        let k = (lo + hi) / 2;
+        let code = crash_running(&fleet, &["deploy", "--version", "half"], k).await;
+        let after = match code {
+            -9 => going_back(&fleet.cutover(&["show"]).await.1),
+            1 => true, // ended (rolled back) before write k
+            other => panic!("deploy half with a crash at {k}: exit {other}"),
+        };
+        if code == -9 && interrupted(&fleet).await {
+            let (code, out, err) = fleet.cutover(&["rollback"]).await;
+            assert_eq!(code, 0, "{out}\n{err}");
+        }
+        fleet.assert_on("v1").await;
+        if after {
+            hi = k;
+        } else {
+            lo = k + 1;
+        }
+    }
+    assert_eq!(
+        crash_running(&fleet, &["deploy", "--version", "half"], lo).await,
+        -9
+    );
+    assert!(interrupted(&fleet).await);
+    let (_, status, _) = fleet.cutover(&["status"]).await;
+    assert!(
+        status.contains("INTERRUPTED while it returned hosts to v1"),
+        "{status}"
+    );
+    let (code, _, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("`cutover rollback` (or `cutover deploy --resume`) to finish that"),
+        "{err}"
+    );
+    let (_, out, err) = fleet.cutover(&["deploy", "--resume"]).await;
+    assert!(
+        err.contains("was returning its hosts when it stopped"),
+        "{out}\n{err}"
+    );
+    fleet.assert_on("v1").await;
+
+    // A rollback v2 -> v1 killed once it is recorded: the next `cutover rollback` finishes it.
+    fleet.deploy("v2", 0).await;
+    let mut k = 4;
+    loop {
+        assert!(k < 100, "no crash left the rollback interrupted");
+        if crash_running(&fleet, &["rollback"], k).await == -9 && interrupted(&fleet).await {
+            break;
+        }
+        // Crashed before its record (nothing changed) or ended: start over from v2.
+        fleet.deploy("v2", 0).await;
+        k += 3;
+    }
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("was interrupted: finishing it"), "{err}");
+    fleet.assert_on("v1").await;
+}

@@ -118,9 +118,40 @@ pub(super) async fn deploy_cmd(
     let interrupted = journal.unfinished()?;
     // `cutover rollback` of an interrupted deployment asked for exactly what "rolled back" says.
     let asked_to_restore = matches!(action, Action::Rollback(_)) && interrupted.is_some();
+    // An interrupted deployment that had begun going back (an abort, a spent budget, or an
+    // earlier `cutover rollback` of it) is finished by going back, whichever command asks.
+    let going_back = match &interrupted {
+        Some(row) if row.kind != "rollback" => crate::deploy::was_going_back(&journal, &row.id)?,
+        _ => false,
+    };
     let report = match (action, interrupted) {
+        (Action::Deploy(_), Some(row)) if going_back || row.kind == "rollback" => {
+            anyhow::bail!(
+                "{} {} ({} -> {}) was interrupted while it returned hosts to {}: run `cutover rollback` (or `cutover deploy --resume`) to finish that",
+                if row.kind == "rollback" {
+                    "rollback"
+                } else {
+                    "deployment"
+                },
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to,
+                if row.kind == "rollback" {
+                    row.to.as_str()
+                } else {
+                    row.from.as_deref().unwrap_or("where they were")
+                },
+            );
+        }
         (Action::Deploy(_), Some(row)) => {
-            let last = journal.steps(&row.id)?.into_iter().last();
+            // The step it stopped in: the newest unfinished one (steps run in parallel, so
+            // the newest of all may be a background settle that ended).
+            let steps = journal.steps(&row.id)?;
+            let last = steps
+                .iter()
+                .rev()
+                .find(|s| s.result.is_none())
+                .or(steps.last());
             let at = last.map_or("before its first step".to_string(), |s| {
                 format!(
                     "at step \"{} {} {}\"{}",
@@ -142,6 +173,13 @@ pub(super) async fn deploy_cmd(
             );
         }
         (Action::Deploy(version), None) => deployer.run(&Request::deploy(version)).await?,
+        (Action::Resume, Some(row)) if going_back => {
+            deployer.progress.say(&format!(
+                "deployment {} was returning its hosts when it stopped: finishing that (--resume never moves a fleet forward that had begun going back)",
+                row.id
+            ));
+            deployer.restore(&row).await?
+        }
         (Action::Resume, Some(row))
             if row.kind != "rollback"
                 && matches!(row.strategy.as_str(), "canary" | "blue-green") =>
@@ -177,6 +215,29 @@ pub(super) async fn deploy_cmd(
         }
         (Action::Resume, None) => {
             anyhow::bail!("there is no interrupted deployment to resume (see `cutover history`)")
+        }
+        (Action::Rollback(to), Some(row)) if row.kind == "rollback" => {
+            // An interrupted rollback is finished, not undone: undoing it would send the
+            // fleet forward to the release it was leaving.
+            if let Some(v) = to.filter(|v| v.as_str() != row.to) {
+                anyhow::bail!(
+                    "rollback {} to {} was interrupted: `cutover rollback` finishes it first; --to {v} is not possible until then",
+                    row.id,
+                    row.to
+                );
+            }
+            deployer.progress.say(&format!(
+                "rollback {} to {} was interrupted: finishing it",
+                row.id, row.to
+            ));
+            let version = parse_version(&row.to)?;
+            deployer
+                .run(&Request {
+                    version,
+                    kind: "rollback",
+                    resume: Some(row),
+                })
+                .await?
         }
         (Action::Rollback(to), Some(row)) => {
             if let Some(v) = to {

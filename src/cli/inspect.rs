@@ -113,6 +113,23 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
             if let Some(st) = &row.status {
                 println!("  {}", fleet::describe_status(st));
             }
+        } else if row.kind == "rollback" {
+            println!(
+                "\nrollback {} ({} -> {}) was INTERRUPTED: `cutover rollback` (or `cutover deploy --resume`) finishes it; `cutover show {}` tells where it stopped",
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to,
+                row.id
+            );
+        } else if crate::deploy::was_going_back(&journal, &row.id)? {
+            println!(
+                "\ndeployment {} ({} -> {}) was INTERRUPTED while it returned hosts to {}: `cutover rollback` (or `cutover deploy --resume`) finishes that; `cutover show {}` tells where it stopped",
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to,
+                row.from.as_deref().unwrap_or("where they were"),
+                row.id
+            );
         } else {
             println!(
                 "\ndeployment {} ({} -> {}) was INTERRUPTED: `cutover deploy --resume` finishes it, `cutover rollback` undoes it; `cutover show {}` tells where it stopped",
