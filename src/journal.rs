@@ -560,11 +560,14 @@ impl Journal {
         })
     }
 
-    /// The release before the live one: the `from` of the newest succeeded deploy.
+    /// Where `cutover rollback` returns: the `from` of the newest deployment that changed the
+    /// fleet (succeeded, or halted with some hosts moved). Deployments that rolled back or
+    /// failed left it where it was, and a deploy of the live release changed nothing.
     pub fn previous_release(&self) -> anyhow::Result<Option<String>> {
         self.with(|c| {
             c.query_row(
-                "SELECT version_from FROM deployments WHERE outcome = 'succeeded' ORDER BY started_ms DESC LIMIT 1",
+                "SELECT version_from FROM deployments WHERE outcome IN ('succeeded', 'halted') \
+                 AND (version_from IS NULL OR version_from != version_to) ORDER BY started_ms DESC, rowid DESC LIMIT 1",
                 [],
                 |r| r.get::<_, Option<String>>(0),
             )
@@ -857,13 +860,28 @@ mod tests {
             vec![("web1".into(), "v2".into(), 4000)]
         );
         assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        // A deploy of the live release changed nothing; a rolled-back one left the fleet where
+        // it was; a halted one moved hosts, so a rollback returns to its `from`.
+        let mut ended = |id: &str, from: &str, to: &str, outcome: &str| {
+            let mut r = row(id, to);
+            r.from = Some(from.into());
+            j.begin(&r).unwrap();
+            j.finish(id, outcome, &serde_json::json!({})).unwrap();
+        };
+        ended("d2", "v2", "v2", "succeeded");
+        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        ended("d3", "v2", "v3", "rolled_back");
+        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        ended("d4", "v2", "v3", "halted");
+        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v2"));
         // Reopening reads the same.
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(
             j.deployments(10).unwrap()[0].outcome.as_deref(),
-            Some("succeeded")
+            Some("halted")
         );
+        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v2"));
     }
 
     #[test]
