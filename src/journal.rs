@@ -156,6 +156,12 @@ pub struct LockHolder {
 }
 
 impl LockHolder {
+    /// Known to be gone: a process of this machine that no longer runs. (A holder on another
+    /// machine sharing the journal is not known to be gone; its lease tells.)
+    pub fn is_gone(&self) -> bool {
+        self.machine == machine_name() && !process_alive(self.pid)
+    }
+
     /// This process, doing `what`.
     pub fn me(what: &str) -> LockHolder {
         LockHolder {

@@ -266,3 +266,33 @@ async fn interrupted_returns_are_finished_going_back() {
     assert!(err.contains("was interrupted: finishing it"), "{err}");
     fleet.assert_on("v1").await;
 }
+
+/// `cutover rollback` sent to a running deploy waits for it; when that deployer dies instead
+/// of ending, the waiter says so at once rather than waiting out its 10 minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_waiting_on_a_deployer_that_died_says_so() {
+    let fleet = Fleet::start(spec(59)).await;
+    cutover::init::write_sample_release(
+        &fleet.dir.path().join("releases").join("slow"),
+        &common::exe(),
+        "slow",
+        "--startup-delay 3s",
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "slow"]);
+    fleet.wait_status("the deployment", |_| true).await;
+    let rollback = fleet.spawn_cutover(&["rollback"]);
+    // Time for it to find the running deploy and post its command (the app boots for 3 s).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let t = std::time::Instant::now();
+    fleet.kill_running_deploy(deploy).await;
+    let (code, out, err) = rollback.await.unwrap();
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("stopped without finishing"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // And `cutover rollback` then returns every host.
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet.assert_on("v1").await;
+}

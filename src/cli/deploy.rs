@@ -405,6 +405,23 @@ pub(super) fn wait_for_end(
                 return Ok(if back { 0 } else { 1 });
             }
         }
+        // The deployer died before it recorded an outcome (killed, or the machine's OOM
+        // killer): nobody will, so waiting longer helps no one.
+        let holder = journal.lock_holder(config.app.name.as_str())?;
+        if holder.as_ref().is_none_or(|h| h.is_gone())
+            && journal
+                .deployment(&row.id)?
+                .is_some_and(|d| d.outcome.is_none())
+        {
+            anyhow::bail!(
+                "deployment {} stopped without finishing ({}): run `cutover rollback` again to return every host to where it was",
+                row.id,
+                holder.map_or("it holds no lock".to_string(), |h| format!(
+                    "its process {} is gone",
+                    h.pid
+                ))
+            );
+        }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "deployment {} did not end within 10 minutes",
