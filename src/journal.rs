@@ -868,7 +868,7 @@ mod tests {
         assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
         // A deploy of the live release changed nothing; a rolled-back one left the fleet where
         // it was; a halted one moved hosts, so a rollback returns to its `from`.
-        let mut ended = |id: &str, from: &str, to: &str, outcome: &str| {
+        let ended = |id: &str, from: &str, to: &str, outcome: &str| {
             let mut r = row(id, to);
             r.from = Some(from.into());
             j.begin(&r).unwrap();
