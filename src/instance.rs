@@ -268,6 +268,26 @@ pub async fn log_tail(
     }
 }
 
+/// The instance logs on the host as `(version, port)`, newest first (`<version>-<port>.log`
+/// in the log directory; other files are skipped).
+pub async fn logs_newest_first(
+    transport: &dyn Transport,
+    host: &Host,
+) -> anyhow::Result<Vec<(String, u16)>> {
+    let dir = Layout::of(host).log_dir();
+    let script = format!(
+        "cd {} 2>/dev/null || exit 0\nls -1t 2>/dev/null || true\n",
+        sh_quote(dir.to_string_lossy())
+    );
+    let out = run_ok(transport, host, "listing logs", &script, SCRIPT_TIMEOUT).await?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_suffix(".log"))
+        .filter_map(|l| l.rsplit_once('-'))
+        .filter_map(|(v, p)| Some((v.to_string(), p.parse().ok()?)))
+        .collect())
+}
+
 /// Why an instance did not pass its health gate.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {

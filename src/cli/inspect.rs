@@ -278,7 +278,7 @@ pub(super) async fn logs_cmd(config: Config, args: LogsArgs) -> anyhow::Result<(
             crate::release::Layout::of(&host).run_dir().display()
         );
     }
-    for r in instances.iter().filter(|r| r.alive || args.all) {
+    for r in instances.iter().filter(|r| r.alive) {
         let i = &r.instance;
         println!(
             "==> {} {} on {} (pid {}, {}) <==",
@@ -294,5 +294,33 @@ pub(super) async fn logs_cmd(config: Config, args: LogsArgs) -> anyhow::Result<(
                 .await
         );
     }
+    if args.all {
+        // Stopped and failed instances have no pid file any more: their logs are what is left.
+        let live: Vec<(String, u16)> = instances
+            .iter()
+            .filter(|r| r.alive)
+            .map(|r| (r.instance.version.clone(), r.instance.port()))
+            .collect();
+        let logs = crate::instance::logs_newest_first(transport.as_ref(), &host).await?;
+        let stopped: Vec<&(String, u16)> = logs.iter().filter(|l| !live.contains(l)).collect();
+        for (version, port) in stopped.iter().take(MAX_STOPPED_LOGS) {
+            println!("==> {} {version} on port {port} (stopped) <==", host.name);
+            println!(
+                "{}",
+                crate::instance::log_tail(transport.as_ref(), &host, version, *port, args.lines)
+                    .await
+            );
+        }
+        if stopped.len() > MAX_STOPPED_LOGS {
+            println!(
+                "({} older logs in {} not shown)",
+                stopped.len() - MAX_STOPPED_LOGS,
+                crate::release::Layout::of(&host).log_dir().display()
+            );
+        }
+    }
     Ok(())
 }
+
+/// The stopped instances' logs `cutover logs --all` shows, newest first.
+const MAX_STOPPED_LOGS: usize = 20;
