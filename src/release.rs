@@ -116,6 +116,7 @@ pub async fn stage(
     let script = format!(
         "set -e
          a={upload}
+         trap 'rm -rf {partial_q} \"$a\"' EXIT
          if command -v sha256sum >/dev/null 2>&1; then got=$(sha256sum \"$a\"); else got=$(shasum -a 256 \"$a\"); fi
          got=${{got%% *}}
          if [ \"$got\" != {expected} ]; then rm -f \"$a\"; echo \"digest $got\"; exit 0; fi
@@ -130,14 +131,17 @@ pub async fn stage(
         upload = q(&upload),
         expected = sh_quote(&archive.sha256),
         partial = q(&partial),
+        partial_q = q(&partial).replace('\'', "'\\''"),
         dest = q(&dest),
     );
+    // At least 5 minutes, more when command_timeout says a step may take longer (a large
+    // release on a slow disk).
     let out = run_ok(
         transport,
         host,
         &format!("unpacking {version}"),
         &script,
-        Duration::from_secs(300),
+        source.command_timeout().max(Duration::from_secs(300)),
     )
     .await?;
     if let Some(got) = out.trim().strip_prefix("digest ") {

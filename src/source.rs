@@ -63,6 +63,12 @@ impl ReleaseSource {
         }
     }
 
+    /// `command_timeout`: how long one step with this release (its build, its unpacking on a
+    /// host) may take.
+    pub fn command_timeout(&self) -> Duration {
+        self.build_timeout
+    }
+
     /// A source whose archive is already built (benchmarks, tests).
     pub fn prebuilt(version: &Name, archive: Archive) -> ReleaseSource {
         ReleaseSource {
@@ -174,12 +180,38 @@ pub async fn build(
     let path = out_dir.join(format!("{version}.tar.gz"));
     pack(&tree, &entries, &path).await?;
     let (sha256, bytes) = digest(&path)?;
+    // With push-to-deploy every commit is a version: what one build leaves must not pile up.
+    // The checkout goes once packed (a failed build keeps it, for a look), and only the
+    // newest archives stay (one is read only during its own deploy).
+    if release.git.is_some() {
+        let _ = std::fs::remove_dir_all(&tree);
+    }
+    prune_archives(&out_dir, ARCHIVES_KEPT);
     Ok(Archive {
         path,
         sha256,
         bytes,
         commit,
     })
+}
+
+/// Archives kept in `<state_dir>/archives`, newest first.
+const ARCHIVES_KEPT: usize = 3;
+
+/// Removes all but the `keep` newest `*.tar.gz` files of `dir`. Best effort.
+fn prune_archives(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut archives: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    archives.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, path) in archives.into_iter().skip(keep) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The sha256 (hex) and size of a file.
@@ -497,6 +529,24 @@ mod tests {
 
     fn segs(p: &str) -> Vec<&str> {
         p.split('/').collect()
+    }
+
+    #[test]
+    fn only_the_newest_archives_stay() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..5u64 {
+            let f = std::fs::File::create(d.path().join(format!("v{i}.tar.gz"))).unwrap();
+            f.set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000 + i))
+                .unwrap();
+        }
+        std::fs::write(d.path().join("notes.txt"), "").unwrap();
+        prune_archives(d.path(), 3);
+        let mut left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["notes.txt", "v2.tar.gz", "v3.tar.gz", "v4.tar.gz"]);
     }
 
     #[test]

@@ -90,7 +90,14 @@ pub async fn run_ok(
     script: &str,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let out = transport.run(host, script, timeout).await?;
+    // A transport error ("did not finish within 30s", "SSH failed") says which step it was.
+    let out = transport.run(host, script, timeout).await.map_err(|e| {
+        if Unreachable::is(&e) {
+            e // nothing was sent: which step does not matter, and the type must stay
+        } else {
+            anyhow::anyhow!("{what}: {e:#}")
+        }
+    })?;
     if !out.success() {
         let detail = out.stderr.trim();
         let detail = if detail.is_empty() {
