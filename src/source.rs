@@ -208,7 +208,7 @@ fn prune_archives(dir: &Path, keep: usize) {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tar.gz"))
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
         .collect();
-    archives.sort_by(|a, b| b.0.cmp(&a.0));
+    archives.sort_by_key(|a| std::cmp::Reverse(a.0));
     for (_, path) in archives.into_iter().skip(keep) {
         let _ = std::fs::remove_file(path);
     }
