@@ -232,6 +232,7 @@ pub struct Release {
 pub struct Host {
     pub name: Name,
     /// IP address instances bind to, the balancer connects to, and SSH reaches.
+    #[serde(deserialize_with = "ip_address")]
     pub address: IpAddr,
     /// The host's directory: `releases/`, `current`, `run/`, `log/` live here (default: the
     /// top-level `root`).
@@ -243,6 +244,18 @@ pub struct Host {
     pub user: Option<String>,
     /// SSH private key file.
     pub identity: Option<PathBuf>,
+}
+
+/// An IP address; a host name gets told why not (instances bind to it and the balancer
+/// connects to it, so it must be one address, known when the config loads).
+fn ip_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "address {text:?} is not an IP address: write the host's IP address ({}instances bind to it and the balancer connects to it); an Ansible inventory's ansible_host may be a name, it is resolved when the inventory loads",
+            if text.eq_ignore_ascii_case("localhost") { "`localhost` is 127.0.0.1; " } else { "" }
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -489,6 +502,16 @@ pub enum OnFailure {
     Rollback,
     /// Stop where it failed and leave the fleet for a person to decide.
     Halt,
+}
+
+impl fmt::Display for OnFailure {
+    /// As written in the config.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnFailure::Rollback => "rollback",
+            OnFailure::Halt => "halt",
+        })
+    }
 }
 
 /// One entry of `batch`: a host count or a share of all hosts.

@@ -157,7 +157,8 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                 }
                 let names = expand_range(&pattern).map_err(|m| err(n, m))?;
                 for name in &names {
-                    Name::parse(name).map_err(|m| err(n, format!("host {m}")))?;
+                    Name::parse(name)
+                        .map_err(|m| err(n, format!("host {m}{}", port_hint(name))))?;
                 }
                 let mut vars = Vars::new();
                 for w in words {
@@ -537,7 +538,8 @@ fn to_host(at: &str, base: &Path, name: &str, vars: &Vars) -> anyhow::Result<Hos
         .map(PathBuf::from)
         .unwrap_or_default();
     Ok(Host {
-        name: Name::parse(name).map_err(|m| anyhow::anyhow!("{at}: host {m}"))?,
+        name: Name::parse(name)
+            .map_err(|m| anyhow::anyhow!("{at}: host {m}{}", port_hint(name)))?,
         address,
         root,
         port,
@@ -569,6 +571,16 @@ fn resolve_address(target: &str) -> anyhow::Result<IpAddr> {
         .next()
         .map(|a| a.ip())
         .ok_or_else(|| anyhow::anyhow!("ansible_host {target:?} resolves to no address"))
+}
+
+/// For `web1:2222`, Ansible's host:port form, which cutover reads from `ansible_port`.
+fn port_hint(name: &str) -> String {
+    match name.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => format!(
+            " (for a port, write `{host} ansible_port={port}` in INI or `ansible_port: {port}` under the host in YAML)"
+        ),
+        _ => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -606,6 +618,16 @@ mod tests {
         .unwrap();
         let hosts = load(&p, None).unwrap();
         assert_eq!(hosts[0].port, Some(2299));
+    }
+
+    #[test]
+    fn host_port_form_gets_a_hint() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.ini");
+        std::fs::write(&p, "[web]\nweb1:2222 ansible_host=127.0.0.1\n").unwrap();
+        let e = format!("{:#}", load(&p, None).unwrap_err());
+        assert!(e.contains("hosts.ini:2"), "{e}");
+        assert!(e.contains("write `web1 ansible_port=2222`"), "{e}");
     }
 
     #[test]

@@ -311,3 +311,14 @@ fn analysis_that_could_judge_nothing_is_refused() {
     let err = error_for(&bg);
     assert!(err.contains("not one interval would be judged"), "{err}");
 }
+
+#[test]
+fn a_host_name_as_address_says_to_write_an_ip() {
+    let err = error_for(&GOOD.replace("address = \"127.0.0.11\"", "address = \"localhost\""));
+    assert!(err.contains(":10:11: hosts.address:"), "{err}");
+    assert!(
+        err.contains("\"localhost\" is not an IP address")
+            && err.contains("`localhost` is 127.0.0.1"),
+        "{err}"
+    );
+}

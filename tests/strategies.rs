@@ -90,6 +90,10 @@ async fn blue_green_rollback_in_the_window_switches_back_in_under_100ms() {
         .await;
     run.wait_until(|r| r.by_version.get("v2").copied().unwrap_or(0) >= 200)
         .await;
+    // Blue-green has no batches: a pause is refused, not "sent" and then ignored.
+    let (code, _, err) = fleet.cutover(&["pause"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("has no batches to pause"), "{err}");
 
     let (code, out, err) = fleet.cutover(&["rollback"]).await;
     assert_eq!(code, 0, "{out}\n{err}");

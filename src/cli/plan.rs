@@ -142,7 +142,7 @@ fn print_rolling_plan(config: &Config, version: &Name) {
     let plan = batch::batches(&config.strategy.batch, &config.hosts);
     let h = &config.app.health;
     println!(
-        "plan: rolling deploy of {} {} to {} host(s) in {} batch(es) (batch = {}, max_fail_percentage = {}%, on_failure = {:?})",
+        "plan: rolling deploy of {} {} to {} host(s) in {} batch(es) (batch = {}, max_fail_percentage = {}%, on_failure = \"{}\")",
         config.app.name,
         version,
         config.hosts.len(),

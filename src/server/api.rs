@@ -425,6 +425,9 @@ async fn command(
             row.id, row.to
         )));
     }
+    if let Some(why) = crate::control::pointless(&row.strategy, &command) {
+        return Err(ApiError::Conflict(format!("deployment {}: {why}", row.id)));
+    }
     state.journal.post_command(&row.id, &command)?;
     tracing::info!("command {command} posted to deployment {}", row.id);
     Ok((
