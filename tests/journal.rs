@@ -129,6 +129,23 @@ async fn stale_lock_of_a_dead_process_is_taken_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlock_force_is_refused_while_the_holder_runs_here() {
+    let fleet = Fleet::start(FleetSpec::new(1, 6)).await;
+    fleet.deploy("v1", 0).await;
+    slow_release(&fleet, "slow", "2s");
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "slow"]);
+    fleet.wait_status("the deployment", |_| true).await;
+    let (code, _, err) = fleet.cutover(&["unlock", "--force"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("the lock's holder still runs on this machine"),
+        "{err}"
+    );
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "the deploy went on under its lock: {out}\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn balancer_restart_during_a_deploy_is_waited_out() {
     let mut spec = FleetSpec::new(4, 23);
     spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();

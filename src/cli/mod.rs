@@ -393,6 +393,17 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                     "the lock is released by the deploy that holds it; a stale one is taken over automatically. To remove it anyway, run `cutover unlock --force` (recorded in the journal)"
                 );
             }
+            // A holder running on this machine is not stale: unlocking under it would let a
+            // second deployer work on the same fleet.
+            if let Some(h) = journal.lock_holder(config.app.name.as_str())? {
+                if h.machine == LockHolder::me("").machine && crate::journal::process_alive(h.pid) {
+                    anyhow::bail!(
+                        "the lock's holder still runs on this machine: {}. Let it finish, send it back with `cutover abort`, or end it (kill {}) and then `cutover rollback` or `cutover deploy --resume`; no unlock is needed after that",
+                        h.describe(),
+                        h.pid
+                    );
+                }
+            }
             match journal
                 .force_unlock(config.app.name.as_str(), &LockHolder::me("unlock --force"))?
             {
