@@ -357,7 +357,11 @@ impl Deployer {
                         .map_err(|e| format!("{e:#}"))
                 })
                 .await
-                .map_err(anyhow::Error::msg)?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "switching back to blue ({reason}) failed: {e}; green still serves: run `cutover rollback` once the balancer answers, to return every host"
+                    )
+                })?;
             notes.push(format!(
                 "switched back to blue ({reason}) at the balancer in {} µs, {:.1} ms after the decision",
                 back.took_us,
