@@ -35,7 +35,7 @@ impl LocalTransport {
         let token = session::new_token()?;
         let mut c = session::local_command();
         c.env("CUTOVER_HOST", host.name.as_str());
-        Session::spawn(c, token)
+        Session::spawn_group(c, token)
             .map_err(|e| anyhow::Error::new(Unreachable(format!("host {}: {e:#}", host.name))))
     }
 }
@@ -120,5 +120,40 @@ impl Transport for LocalTransport {
             )
         })?;
         Ok(listener.local_addr()?.port())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_timed_out_script_leaves_no_process_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let host = Host::for_test(d.path());
+        let pid_file = d.path().join("pid");
+        let script = format!(
+            "sleep 30 & echo $! > {}; wait",
+            sh_quote(pid_file.to_string_lossy())
+        );
+        let t = LocalTransport::new();
+        let e = t
+            .run(&host, &script, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("did not finish within"), "{e:#}");
+        let pid: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while crate::journal::process_alive(pid) && started.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            !crate::journal::process_alive(pid),
+            "the script's child {pid} outlived its timeout"
+        );
     }
 }

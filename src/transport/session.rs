@@ -141,6 +141,9 @@ pub struct Session {
     token: String,
     /// Between exchanges: the shell waits for its next script, so closing its stdin ends it.
     idle: bool,
+    /// The process group the session leads (local sessions): killed whole when the session
+    /// is dropped mid-exchange.
+    group: Option<u32>,
 }
 
 impl Drop for Session {
@@ -151,6 +154,14 @@ impl Drop for Session {
     fn drop(&mut self) {
         if !self.idle {
             if let Process::Child(child) = &mut self.process {
+                if let Some(pgid) = self.group {
+                    // The script's own children too (a `sleep` a timed-out hook left).
+                    // SAFETY: kill(2) on the process group this session leads; its leader
+                    // is not reaped yet, so the id is still ours.
+                    unsafe {
+                        libc::kill(-(pgid as i32), libc::SIGKILL);
+                    }
+                }
                 let _ = child.start_kill();
             }
         }
@@ -185,7 +196,19 @@ impl Session {
             stderr: Stream::new(Box::new(stderr)),
             token,
             idle: true,
+            group: None,
         })
+    }
+
+    /// Like [`Session::spawn`], with the session in a process group of its own, killed whole
+    /// (every script's children included) when it is dropped mid-exchange.
+    pub fn spawn_group(mut command: Command, token: String) -> anyhow::Result<Session> {
+        command.process_group(0);
+        let mut s = Session::spawn(command, token)?;
+        if let Process::Child(child) = &s.process {
+            s.group = child.id();
+        }
+        Ok(s)
     }
 
     /// A session opened on an OpenSSH master by [`super::mux::open`] with
@@ -200,6 +223,7 @@ impl Session {
             stderr: Stream::new(Box::new(pipe::Receiver::from_owned_fd(m.stderr)?)),
             token,
             idle: true,
+            group: None,
         })
     }
 
