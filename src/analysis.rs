@@ -52,9 +52,9 @@
 //! never a reason to stop. The judge runs only with at least [`MIN_JUDGE_SAMPLES`] samples on
 //! each side (the normal approximation is poor below that); with fewer canary samples the
 //! interval is inconclusive, like any check that could not be made. Without a stable side
-//! (blue-green after its switch) or with too few stable samples (a canary's 100% step, where
-//! stable gets no traffic) there is nothing to compare and the judge is skipped, as
-//! `max_degradation` is. Note
+//! (blue-green after its switch) or with stable serving fewer than `min_requests` (a canary's
+//! 100% step, where stable gets no traffic) there is nothing to compare and the judge is
+//! skipped, as `max_degradation` is. Note
 //! that, like any significance test without an effect-size tolerance, a large sample makes a
 //! small systematic difference (say, slower hardware under the canary) significant.
 //!
@@ -417,45 +417,44 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
     let mut marginal = None;
     if let Some(jc) = &cfg.judge {
         let (cn, sn) = (w.canary_latencies_us.len(), w.stable_latencies_us.len());
-        if w.stable.is_some() && cn >= MIN_JUDGE_SAMPLES && sn >= MIN_JUDGE_SAMPLES {
-            let x: Vec<f64> = w.canary_latencies_us.iter().map(|&v| v as f64).collect();
-            let y: Vec<f64> = w.stable_latencies_us.iter().map(|&v| v as f64).collect();
-            if let Some(mw) = mann_whitney(&x, &y) {
-                made += 1;
-                let score = judge_score(mw.p_greater, jc.alpha);
-                j.score = Some(score);
-                j.p_value = Some(mw.p_greater);
-                if score < jc.marginal {
-                    failures.push(format!(
-                        "latency score {score:.0} < marginal {} (canary slower than stable, \
-                         Mann-Whitney p {:.4} < alpha {})",
-                        num(jc.marginal),
-                        mw.p_greater,
-                        jc.alpha
-                    ));
-                } else if score < jc.pass {
-                    marginal = Some(format!(
-                        "marginal score {score:.0} (pass {}, marginal {}; Mann-Whitney p {:.4})",
-                        num(jc.pass),
-                        num(jc.marginal),
-                        mw.p_greater
-                    ));
+        match w.stable {
+            None => skipped.push("judge: no stable release to compare with".into()),
+            // Stable served (almost) nothing, as at a canary's 100% step: like
+            // max_degradation, there is nothing to compare with; the absolute checks decide.
+            Some(st) if st.requests < cfg.min_requests.max(1) => skipped.push(format!(
+                "judge: too little stable traffic ({} requests) to compare with",
+                st.requests
+            )),
+            Some(_) if cn >= MIN_JUDGE_SAMPLES && sn >= MIN_JUDGE_SAMPLES => {
+                let x: Vec<f64> = w.canary_latencies_us.iter().map(|&v| v as f64).collect();
+                let y: Vec<f64> = w.stable_latencies_us.iter().map(|&v| v as f64).collect();
+                if let Some(mw) = mann_whitney(&x, &y) {
+                    made += 1;
+                    let score = judge_score(mw.p_greater, jc.alpha);
+                    j.score = Some(score);
+                    j.p_value = Some(mw.p_greater);
+                    if score < jc.marginal {
+                        failures.push(format!(
+                            "latency score {score:.0} < marginal {} (canary slower than stable, \
+                             Mann-Whitney p {:.4} < alpha {})",
+                            num(jc.marginal),
+                            mw.p_greater,
+                            jc.alpha
+                        ));
+                    } else if score < jc.pass {
+                        marginal = Some(format!(
+                            "marginal score {score:.0} (pass {}, marginal {}; Mann-Whitney p {:.4})",
+                            num(jc.pass),
+                            num(jc.marginal),
+                            mw.p_greater
+                        ));
+                    }
                 }
             }
-        } else if w.stable.is_some() && cn >= MIN_JUDGE_SAMPLES {
-            // Stable gets (almost) no traffic, as at a canary's 100% step: like
-            // max_degradation, there is nothing to compare with, and the absolute checks decide.
-            skipped.push(format!(
-                "judge: too little stable traffic ({sn} latency samples) to compare with"
-            ));
-        } else if w.stable.is_some() {
-            // The canary's own samples are missing: the interval is inconclusive, never a
-            // silent pass.
-            unknown.push(format!(
+            // Samples missing on a side that had traffic: inconclusive, never a silent pass.
+            Some(_) => unknown.push(format!(
                 "too few latency samples for the judge ({cn} canary, {sn} stable; it needs {MIN_JUDGE_SAMPLES} each)"
-            ));
-        } else {
-            skipped.push("judge: no stable release to compare with".into());
+            )),
         }
     }
     unknown.extend(marginal);
@@ -1129,14 +1128,11 @@ mod tests {
         let slow20: Vec<u64> = (0..20).map(|i| 9_000 + i).collect();
         assert!(is_fail(&judged(&slow20, &stable, 0.05)));
         assert!(is_fail(&judged(&slow20, &stable[..20], 0.05)));
-        // Enough canary samples but (almost) no stable traffic, as at a canary's 100% step:
-        // the judge is skipped like max_degradation, and the absolute checks decide.
         let j = judged(&slow20, &stable[..19], 0.05);
         assert_eq!(j.score, None);
-        assert_eq!(
-            inconclusive_reason(&j),
-            "no check could be made (judge: too little stable traffic (19 latency samples) to compare with)"
-        );
+        assert!(inconclusive_reason(&j).starts_with("too few latency samples"));
+        // No stable traffic at all, as at a canary's 100% step: the judge is skipped like
+        // max_degradation, and the absolute checks decide.
         let mut c = cfg();
         c.min_success_rate = Some(Percent(95.0));
         c.judge = Some(Judge {

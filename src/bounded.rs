@@ -185,7 +185,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let pid_file = d.path().join("pid");
         let script = format!("sleep 30 & echo $! > {}; wait", pid_file.display());
-        let r = run(sh(&script), Duration::from_millis(300)).await.unwrap();
+        let r = run(sh(&script), Duration::from_secs(1)).await.unwrap();
         assert!(r.timed_out(), "{r:?}");
         let pid: i32 = std::fs::read_to_string(&pid_file)
             .unwrap()

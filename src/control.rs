@@ -21,11 +21,12 @@ use crate::deploy::{Deployer, Run};
 /// How often a paused rollout looks for the command that ends the pause.
 const POLL: Duration = Duration::from_millis(10);
 
-/// Why `command` means nothing to a running deployment of `strategy`, if it does not: a
+/// Why `command` means nothing to a running deployment (`kind`, `strategy`), if it does not: a
 /// blue-green deploy has no batches to hold, so `pause` and `resume` would be accepted and
 /// then ignored. The CLI and the API refuse such a command rather than say "sent".
-pub(crate) fn pointless(strategy: &str, command: &str) -> Option<String> {
-    (strategy == "blue-green" && matches!(command, "pause" | "resume")).then(|| {
+pub(crate) fn pointless(strategy: &str, kind: &str, command: &str) -> Option<String> {
+    // A rollback runs in rolling batches whatever the strategy: it can be paused.
+    (strategy == "blue-green" && kind != "rollback" && matches!(command, "pause" | "resume")).then(|| {
         "a blue-green deployment has no batches to pause: its switch-back window ends early with `cutover promote`, or goes back with `cutover rollback`".to_string()
     })
 }

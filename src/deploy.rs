@@ -546,6 +546,9 @@ impl Deployer {
             if let Some(why) = over {
                 self.progress.say(&why);
                 self.journal.event(Some(&run.id), &why)?;
+                if config.strategy.on_failure == OnFailure::Rollback {
+                    self.going_back(&run);
+                }
                 failed.extend(settling.wait().await);
                 (outcome, stuck) = self.budget_spent(&run, &moved).await;
                 break;
@@ -563,6 +566,9 @@ impl Deployer {
                 })
                 .await?
             {
+                if req.kind != "rollback" {
+                    self.going_back(&run);
+                }
                 failed.extend(settling.wait().await);
                 (outcome, stuck) = self
                     .operator_stop(&run, req.kind, why, &moved, &mut notes)
@@ -1688,6 +1694,10 @@ impl Deployer {
     /// Journals that `run` has begun going back, before it does: a deployment killed from
     /// here on must be finished by going back, not forward (see [`was_going_back`]).
     pub(crate) fn going_back(&self, run: &Run) {
+        // Once per deployment: the decision journals it, the undo that follows would again.
+        if was_going_back(&self.journal, &run.id).unwrap_or(false) {
+            return;
+        }
         if let Err(e) = self.journal.event(Some(&run.id), UNDO_EVENT) {
             self.progress.say(&format!(
                 "WARNING: cannot journal the rollback's start: {e:#}"

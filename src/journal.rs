@@ -567,12 +567,14 @@ impl Journal {
     }
 
     /// Where `cutover rollback` returns: the `from` of the newest deployment that changed the
-    /// fleet (succeeded, or halted with some hosts moved). Deployments that rolled back or
-    /// failed left it where it was, and a deploy of the live release changed nothing.
+    /// fleet (succeeded, or a deploy halted with some hosts moved). Deployments that rolled
+    /// back or failed left it where it was, a deploy of the live release changed nothing, and
+    /// a halted rollback is not a release to return from (its `from` is the one it left).
     pub fn previous_release(&self) -> anyhow::Result<Option<String>> {
         self.with(|c| {
             c.query_row(
-                "SELECT version_from FROM deployments WHERE outcome IN ('succeeded', 'halted') \
+                "SELECT version_from FROM deployments WHERE (outcome = 'succeeded' \
+                 OR (outcome = 'halted' AND kind = 'deploy' AND json_array_length(report_json, '$.moved_hosts') > 0)) \
                  AND (version_from IS NULL OR version_from != version_to) ORDER BY started_ms DESC, rowid DESC LIMIT 1",
                 [],
                 |r| r.get::<_, Option<String>>(0),
@@ -868,17 +870,23 @@ mod tests {
         assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
         // A deploy of the live release changed nothing; a rolled-back one left the fleet where
         // it was; a halted one moved hosts, so a rollback returns to its `from`.
-        let ended = |id: &str, from: &str, to: &str, outcome: &str| {
+        let ended = |id: &str, kind: &str, from: &str, to: &str, outcome: &str, moved: &[&str]| {
             let mut r = row(id, to);
             r.from = Some(from.into());
+            r.kind = kind.into();
             j.begin(&r).unwrap();
-            j.finish(id, outcome, &serde_json::json!({})).unwrap();
+            j.finish(id, outcome, &serde_json::json!({ "moved_hosts": moved }))
+                .unwrap();
         };
-        ended("d2", "v2", "v2", "succeeded");
+        ended("d2", "deploy", "v2", "v2", "succeeded", &["web1"]);
         assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
-        ended("d3", "v2", "v3", "rolled_back");
+        ended("d3", "deploy", "v2", "v3", "rolled_back", &[]);
         assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
-        ended("d4", "v2", "v3", "halted");
+        // Halted before any host moved, or a halted rollback: not a change to return from.
+        ended("d3b", "deploy", "v2", "v3", "halted", &[]);
+        ended("d3c", "rollback", "v2", "v1", "halted", &["web1"]);
+        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        ended("d4", "deploy", "v2", "v3", "halted", &["web1"]);
         assert_eq!(j.previous_release().unwrap().as_deref(), Some("v2"));
         // Reopening reads the same.
         drop(j);

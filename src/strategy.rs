@@ -411,12 +411,18 @@ impl Deployer {
             .say("blue-green: scale_down_delay over; stopping blue");
         // Then each host settles as a rolling switch does: other instances stopped, releases
         // beyond `keep` pruned (blue's kept, for a quick way back).
-        join_all(green.iter().map(|(h, inst)| async move {
+        let unsettled = join_all(green.iter().map(|(h, inst)| async move {
             self.retire_backends(run, "blue", h, inst, None).await;
-            // A host that cannot settle serves green all the same; settle_host says why.
-            let _ = self.settle_host(run, "blue", h, inst).await;
+            self.settle_host(run, "blue", h, inst).await.err()
         }))
         .await;
+        // A host that could not settle serves green all the same: the report says so.
+        notes.extend(unsettled.into_iter().flatten().map(|f| {
+            format!(
+                "{}: serves green but could not stop blue or prune: {}",
+                f.host, f.reason
+            )
+        }));
         self.finish_with(
             run,
             from,
@@ -645,6 +651,7 @@ impl Deployer {
             }
         }
         if !failed.is_empty() {
+            self.going_back(run);
             self.abort_canary(run, &canaries, &stable_ids).await;
             return self
                 .finish_with(
@@ -838,6 +845,7 @@ impl Deployer {
             notes.push(format!("promotion stopped: {why}"));
             let roll_back = operator || strategy.on_failure == crate::config::OnFailure::Rollback;
             if roll_back {
+                self.going_back(run);
                 // Every backend but the canaries of hosts not promoted yet back to full
                 // weight (the last step left the stable ones at 0), those canaries to 0
                 // and out; then the promoted hosts back to their release.

@@ -512,18 +512,21 @@ async fn blue_green_prunes_releases_beyond_keep() {
         )
         .unwrap();
     }
+    // keep = 1: only the live release counts, and the way back (the previous release) is
+    // protected beside it.
+    let text = std::fs::read_to_string(&fleet.config).unwrap();
+    std::fs::write(&fleet.config, text.replace("keep = 3", "keep = 1")).unwrap();
     for v in ["v1", "v2", "v3", "v4"] {
         fleet.deploy(v, 0).await;
     }
     fleet.assert_on("v4").await;
-    // keep = 3: v4 (live), v3 (the way back) and v2 stay; v1 is gone from every host.
     for host in ["web1", "web2"] {
         let mut kept: Vec<String> = std::fs::read_dir(fleet.root(host).join("releases"))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         kept.sort();
-        assert_eq!(kept, ["v2", "v3", "v4"], "{host}");
+        assert_eq!(kept, ["v3", "v4"], "{host}");
     }
 }
 

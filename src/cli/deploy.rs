@@ -352,7 +352,7 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
     let row = running_deployment(config)?.ok_or_else(|| {
         anyhow::anyhow!("no deployment is running (see `cutover status`): `{command}` applies to a running deployment")
     })?;
-    if let Some(why) = crate::control::pointless(&row.strategy, command) {
+    if let Some(why) = crate::control::pointless(&row.strategy, &row.kind, command) {
         anyhow::bail!("deployment {}: {why}", row.id);
     }
     let journal = Journal::open(&config.state_dir)?;

@@ -415,7 +415,7 @@ async fn command(
     let running = current(&state)?.is_some_and(|(r, running)| r.id == row.id && running);
     if !running {
         return Err(ApiError::Conflict(format!(
-            "deployment {} was interrupted and nothing runs it: finish it with `cutover deploy --resume` or undo it with `cutover rollback`",
+            "deployment {} was interrupted and nothing runs it: `cutover status` says how to resolve it (`cutover deploy --resume` or `cutover rollback`)",
             row.id
         )));
     }
@@ -425,7 +425,7 @@ async fn command(
             row.id, row.to
         )));
     }
-    if let Some(why) = crate::control::pointless(&row.strategy, &command) {
+    if let Some(why) = crate::control::pointless(&row.strategy, &row.kind, &command) {
         return Err(ApiError::Conflict(format!("deployment {}: {why}", row.id)));
     }
     state.journal.post_command(&row.id, &command)?;

@@ -375,7 +375,7 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
     .await?;
     if let Some(row) = state.journal.unfinished()? {
         anyhow::bail!(
-            "deployment {} ({} -> {}) was interrupted: finish it with `cutover deploy --resume` or undo it with `cutover rollback`; serve does not guess which",
+            "deployment {} ({} -> {}) was interrupted: resolve it from the command line (`cutover status` says how: `cutover deploy --resume` finishes it, `cutover rollback` returns the hosts, or finishes it when it was already going back); serve does not guess which",
             row.id,
             row.from.as_deref().unwrap_or("(nothing)"),
             row.to
