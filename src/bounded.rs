@@ -47,14 +47,71 @@ impl Ran {
     }
 }
 
+/// Process groups that run on our behalf right now: a command here, or a local session
+/// (see `transport::session`). Leading its own group takes a command out of the terminal's
+/// foreground group, so Ctrl-C no longer reaches it: [`stop_groups_on_signal`] does.
+static LIVE_GROUPS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a live process group (its leader's pid).
+pub fn register_group(pgid: u32) {
+    LIVE_GROUPS.lock().expect("live groups").push(pgid);
+}
+
+/// Forgets a process group: it ended, or was killed.
+pub fn forget_group(pgid: u32) {
+    LIVE_GROUPS
+        .lock()
+        .expect("live groups")
+        .retain(|g| *g != pgid);
+}
+
+/// On SIGINT or SIGTERM, kills every live group and exits as the signal would have (130 or
+/// 143). For commands that have no shutdown of their own (`deploy`, `rollback`); `proxy` and
+/// `serve` handle their signals themselves.
+pub async fn stop_groups_on_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let code = tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    };
+    for pgid in LIVE_GROUPS.lock().expect("live groups").drain(..) {
+        // SAFETY: kill(2) on a group that is registered only while its leader is unreaped.
+        unsafe {
+            libc::kill(-(pgid as i32), libc::SIGKILL);
+        }
+    }
+    std::process::exit(code);
+}
+
 /// Kills the command's process group when dropped while it runs.
 struct Group {
     pid: Option<u32>,
 }
 
 impl Group {
+    fn new(pid: Option<u32>) -> Group {
+        if let Some(p) = pid {
+            register_group(p);
+        }
+        Group { pid }
+    }
+
+    /// The leader exited (and is about to be reaped): the group is no longer ours to kill.
+    fn disarm(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            forget_group(pid);
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(pid) = self.pid.take() {
+            forget_group(pid);
             // SAFETY: kill(2) on the process group this module created for the command, whose
             // leader has not been reaped yet (so the group id cannot have been reused).
             unsafe {
@@ -75,7 +132,7 @@ impl Drop for Group {
 pub async fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
     cmd.process_group(0).kill_on_drop(true);
     let mut child = cmd.spawn()?;
-    let mut group = Group { pid: child.id() };
+    let mut group = Group::new(child.id());
     let stdout = Arc::new(Mutex::new(Vec::new()));
     let stderr = Arc::new(Mutex::new(Vec::new()));
     let readers = [
@@ -85,9 +142,9 @@ pub async fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
     let status = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(status) => {
             let status = status?;
-            // Exited and not yet reaped by anyone else: the group may still hold its
-            // background processes, which are the command's business now.
-            group.pid = None;
+            // Exited: the group may still hold its background processes, which are the
+            // command's business now.
+            group.disarm();
             Some(status)
         }
         Err(_) => {

@@ -575,3 +575,56 @@ async fn rollback_during_a_rollback_waits_for_it_instead_of_undoing_it() {
     assert_eq!(code, 0, "{out}\n{err}");
     fleet.assert_on("v1").await;
 }
+
+/// A verify command leads its own process group (so its timeout kills all of it); Ctrl-C on
+/// the deploy must still end it, and what it started, instead of orphaning them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
+    let mut spec = FleetSpec::new(1, 9);
+    let pid_file = std::env::temp_dir().join(format!("cutover-verify-{}.pid", std::process::id()));
+    spec.extra = format!(
+        "[[verify]]\ncommand = \"sleep 30 & echo $! > {}; wait\"\nat = [\"after_batch\"]\ntimeout = \"60s\"\n",
+        pid_file.display()
+    );
+    let fleet = Fleet::start(spec).await;
+    let _ = std::fs::remove_file(&pid_file);
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v1"]);
+    let t = std::time::Instant::now();
+    let pid: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the verify command never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let holder = cutover::journal::Journal::open(&fleet.dir.path().join(".cutover"))
+        .unwrap()
+        .lock_holder("test")
+        .unwrap()
+        .expect("the deploy holds the lock");
+    // SAFETY: kill(2) on the deploy process this test started, as Ctrl-C would.
+    unsafe {
+        libc::kill(holder.pid as i32, libc::SIGINT);
+    }
+    let (code, _, err) = deploy.await.unwrap();
+    assert_eq!(code, 130, "{err}");
+    let t = std::time::Instant::now();
+    while cutover::journal::process_alive(pid as u32) && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let alive = cutover::journal::process_alive(pid as u32);
+    if alive {
+        // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    assert!(!alive, "the verify command's sleep outlived the deploy");
+}

@@ -110,6 +110,8 @@ pub(super) async fn deploy_cmd(
         Action::Rollback(Some(v)) => format!("rollback to {v}"),
         Action::Rollback(None) => "rollback".to_string(),
     };
+    // Commands and local sessions lead their own process groups: Ctrl-C must still end them.
+    tokio::spawn(crate::bounded::stop_groups_on_signal());
     let config = Arc::new(config);
     let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
     deployer.warm();

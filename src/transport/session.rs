@@ -152,6 +152,9 @@ impl Drop for Session {
     /// kill and a reap per host at every command's exit. A session dropped mid-exchange (a
     /// timeout, an abandoned step) may be running anything: its process is killed.
     fn drop(&mut self) {
+        if let Some(pgid) = self.group {
+            crate::bounded::forget_group(pgid);
+        }
         if !self.idle {
             if let Process::Child(child) = &mut self.process {
                 if let Some(pgid) = self.group {
@@ -207,6 +210,9 @@ impl Session {
         let mut s = Session::spawn(command, token)?;
         if let Process::Child(child) = &s.process {
             s.group = child.id();
+        }
+        if let Some(pgid) = s.group {
+            crate::bounded::register_group(pgid);
         }
         Ok(s)
     }
