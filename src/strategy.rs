@@ -281,7 +281,12 @@ impl Deployer {
             .map(|a| Tracker::new(a.failure_limit));
         let mut last_tick = Instant::now();
         let mut last_stats = self.balancer.stats().await.ok();
-        let delay = *config.strategy.scale_down_delay;
+        // A first deploy has no blue to switch back to: no window to hold open.
+        let delay = if blue_ids.is_empty() {
+            Duration::ZERO
+        } else {
+            *config.strategy.scale_down_delay
+        };
         self.status(
             run,
             serde_json::json!({

@@ -80,7 +80,14 @@ async fn blue_green_rollback_in_the_window_switches_back_in_under_100ms() {
     let mut spec = FleetSpec::new(4, 42);
     spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"60s\"\n".into();
     let fleet = Fleet::start(spec).await;
+    // The first deploy has no blue to switch back to: it does not hold a 60 s window open.
+    let first = std::time::Instant::now();
     fleet.deploy("v1", 0).await;
+    assert!(
+        first.elapsed() < Duration::from_secs(30),
+        "the first deploy held the switch-back window: {:?}",
+        first.elapsed()
+    );
 
     let run = traffic(&fleet, 250, Vec::new());
     run.wait_until(|r| r.ok >= 100).await;
