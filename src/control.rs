@@ -59,7 +59,7 @@ impl Deployer {
         let mut paused = false;
         let mut on_hold = Some(on_hold);
         let Some(next) = next else {
-            return self.after_last(run, done, rolling_back);
+            return self.after_last(run, &format!("{done}, the last batch"), rolling_back);
         };
         loop {
             let Some(command) = self.journal.take_command(&run.id)? else {
@@ -110,8 +110,14 @@ impl Deployer {
         }
     }
 
-    /// The boundary after the last batch: only a stop has anything left to act on.
-    fn after_last(&self, run: &Run, done: &str, rolling_back: bool) -> anyhow::Result<Boundary> {
+    /// The boundary after the last batch (or the verification after it, `during`): only a stop
+    /// has anything left to act on.
+    pub(crate) fn after_last(
+        &self,
+        run: &Run,
+        during: &str,
+        rolling_back: bool,
+    ) -> anyhow::Result<Boundary> {
         while let Some(command) = self.journal.take_command(&run.id)? {
             match command.as_str() {
                 "rollback" if rolling_back => self
@@ -119,11 +125,11 @@ impl Deployer {
                     .say("rollback: this deployment is the rollback; it ends as it is"),
                 "abort" | "rollback" => {
                     return Ok(Boundary::Stop(format!(
-                        "{command} requested by an operator during {done}, the last batch"
+                        "{command} requested by an operator during {during}"
                     )));
                 }
                 other => self.progress.say(&format!(
-                    "{other} arrived during {done}, the last batch: nothing is left to hold"
+                    "{other} arrived during {during}: nothing is left to hold"
                 )),
             }
         }

@@ -521,8 +521,16 @@ impl Deployer {
                 version: version.as_str(),
                 preview: false,
             };
-            let verified =
-                crate::verify::run(config, crate::config::VerifyPoint::AfterBatch, &target).await;
+            // Stopped by an operator: the boundary below reads the command.
+            let verified = self
+                .verify_unless_stopped(
+                    &run,
+                    crate::config::VerifyPoint::AfterBatch,
+                    &target,
+                    !rolling_back,
+                )
+                .await
+                .unwrap_or(Ok(()));
             let verify_failed = verified.is_err();
             if let Err(e) = verified {
                 self.progress.say(&format!("{label}: {e}"));
@@ -605,17 +613,35 @@ impl Deployer {
                 version: version.as_str(),
                 preview: false,
             };
-            if let Err(e) =
-                crate::verify::run(config, crate::config::VerifyPoint::AfterDeploy, &target).await
+            match self
+                .verify_unless_stopped(
+                    &run,
+                    crate::config::VerifyPoint::AfterDeploy,
+                    &target,
+                    !rolling_back,
+                )
+                .await
             {
-                self.progress
-                    .say(&format!("{e}: returning every moved host"));
-                self.journal.event(Some(&run.id), &e)?;
-                failed.push(HostFailure {
-                    host: "fleet".into(),
-                    reason: e,
-                });
-                (outcome, stuck) = self.roll_back(&run, &moved).await;
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    self.progress
+                        .say(&format!("{e}: returning every moved host"));
+                    self.journal.event(Some(&run.id), &e)?;
+                    failed.push(HostFailure {
+                        host: "fleet".into(),
+                        reason: e,
+                    });
+                    (outcome, stuck) = self.roll_back(&run, &moved).await;
+                }
+                None => {
+                    if let Boundary::Stop(why) =
+                        self.after_last(&run, "the after_deploy verification", rolling_back)?
+                    {
+                        (outcome, stuck) = self
+                            .operator_stop(&run, req.kind, why, &moved, &mut notes)
+                            .await?;
+                    }
+                }
             }
         }
         self.stranded_into(&mut stuck, &mut outcome);
@@ -827,6 +853,42 @@ impl Deployer {
         crate::hooks::run(point, &ctx)
             .await
             .map_err(|e| format!("{e:#}"))
+    }
+
+    /// Runs the `[[verify]]` commands of `point` unless an operator's stop comes first: an
+    /// integration suite may run for minutes, and `cutover abort` should not wait for it.
+    /// `None`: stopped, with the verification's processes ended and the command left queued
+    /// for the caller's usual reader. A rollback stops only a run that is not itself a
+    /// rollback (`rollback_stops`).
+    pub(crate) async fn verify_unless_stopped(
+        &self,
+        run: &Run,
+        point: crate::config::VerifyPoint,
+        target: &crate::verify::Target<'_>,
+        rollback_stops: bool,
+    ) -> Option<Result<(), String>> {
+        let verify = crate::verify::run(&self.config, point, target);
+        tokio::pin!(verify);
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut verify => return Some(r),
+                () = tokio::time::sleep(VERIFY_COMMAND_POLL) => {
+                    // An unreadable journal fails the deployment's next write, which says why.
+                    if self
+                        .journal
+                        .stop_command_waiting(&run.id, rollback_stops)
+                        .unwrap_or(false)
+                    {
+                        self.progress.say(&format!(
+                            "{}: an operator's stop arrived; the verification is stopped",
+                            point.name()
+                        ));
+                        return None;
+                    }
+                }
+            }
+        }
     }
 
     /// Ends a blue-green or canary deployment: the report, with the strategy's notes.
@@ -1833,6 +1895,10 @@ pub fn most_common_release(views: &[HostView]) -> Option<String> {
 
 /// Journaled when a deployment starts returning its moved hosts (an abort, a rollback, a spent
 /// failure budget): see [`was_going_back`].
+/// How often a running verification looks for an operator's stop: commands come from people,
+/// and each look is a journal read.
+const VERIFY_COMMAND_POLL: Duration = Duration::from_millis(100);
+
 const UNDO_EVENT: &str = "returning every moved host to its previous release";
 /// Journaled when `cutover rollback` starts returning an interrupted deployment's hosts.
 const RESTORE_EVENT: &str = "rollback of the interrupted deployment";

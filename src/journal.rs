@@ -806,6 +806,25 @@ impl Journal {
         self.take_first(deployment, "AND command IN ('abort', 'rollback')")
     }
 
+    /// Whether an `abort` (or, with `rollback_stops`, a `rollback`) waits for `deployment`. It
+    /// stays queued: work that may run for minutes (a verification command) watches for one
+    /// to end early, and the usual reader then takes and acts on it.
+    pub fn stop_command_waiting(
+        &self,
+        deployment: &str,
+        rollback_stops: bool,
+    ) -> anyhow::Result<bool> {
+        let commands = if rollback_stops {
+            "('abort', 'rollback')"
+        } else {
+            "('abort')"
+        };
+        let query = format!(
+            "SELECT EXISTS (SELECT 1 FROM commands WHERE deployment = ?1 AND taken = 0 AND command IN {commands})"
+        );
+        self.with(|c| c.query_row(&query, params![deployment], |r| r.get(0)))
+    }
+
     /// Marks the oldest untaken command of `deployment` that matches `filter` (SQL, a
     /// constant) taken, and returns it.
     fn take_first(&self, deployment: &str, filter: &str) -> anyhow::Result<Option<String>> {
@@ -959,13 +978,18 @@ mod tests {
         j.post_command("old", "promote").unwrap();
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));
         // A stop command is taken ahead of the others, which stay queued in order.
-        for c in ["pause", "promote", "abort"] {
+        for c in ["pause", "promote", "rollback"] {
             j.post_command("old", c).unwrap();
         }
+        // Seen without being taken; a rollback only where it stops the run.
+        assert!(j.stop_command_waiting("old", true).unwrap());
+        assert!(!j.stop_command_waiting("old", false).unwrap());
+        assert!(j.stop_command_waiting("old", true).unwrap());
         assert_eq!(
             j.take_stop_command("old").unwrap().as_deref(),
-            Some("abort")
+            Some("rollback")
         );
+        assert!(!j.stop_command_waiting("old", true).unwrap());
         assert_eq!(j.take_stop_command("old").unwrap(), None);
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("pause"));
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));

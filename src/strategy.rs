@@ -154,14 +154,13 @@ impl Deployer {
             version: version.as_str(),
             preview: true,
         };
+        // An operator's stop ends the verification early; it is read just below.
         if let Err(e) = self
-            .step(
-                run,
-                "fleet",
-                "verify",
-                "before_switch",
-                verify::run(config, VerifyPoint::BeforeSwitch, &target),
-            )
+            .step(run, "fleet", "verify", "before_switch", async {
+                self.verify_unless_stopped(run, VerifyPoint::BeforeSwitch, &target, true)
+                    .await
+                    .unwrap_or(Ok(()))
+            })
             .await
         {
             self.progress.say(&format!(
@@ -267,8 +266,17 @@ impl Deployer {
             version: version.as_str(),
             preview: false,
         };
-        if let Err(e) = verify::run(config, VerifyPoint::AfterSwitch, &target).await {
-            back_reason = Some(e);
+        match self
+            .verify_unless_stopped(run, VerifyPoint::AfterSwitch, &target, true)
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => back_reason = Some(e),
+            None => {
+                if let Some(cmd) = self.journal.take_stop_command(&run.id)? {
+                    back_reason = Some(format!("{cmd} requested"));
+                }
+            }
         }
         let analysis_for = config
             .strategy
@@ -734,7 +742,17 @@ impl Deployer {
                 version: version.as_str(),
                 preview: false,
             };
-            if let Err(e) = verify::run(config, VerifyPoint::AfterStep, &target).await {
+            let verified = match self
+                .verify_unless_stopped(run, VerifyPoint::AfterStep, &target, true)
+                .await
+            {
+                Some(r) => r,
+                None => match self.journal.take_stop_command(&run.id)? {
+                    Some(cmd) => Err(format!("{cmd} requested")),
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = verified {
                 return self
                     .canary_aborted(
                         run,

@@ -628,3 +628,63 @@ async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
     let _ = std::fs::remove_file(&pid_file);
     assert!(!alive, "the verify command's sleep outlived the deploy");
 }
+
+/// An integration suite can run for minutes: `cutover rollback` sent meanwhile stops it at once
+/// (and what it started) and returns the moved hosts, instead of waiting for it to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_stops_a_long_verification_and_returns_the_moved_hosts() {
+    let mut spec = FleetSpec::new(2, 60);
+    let pid_file =
+        std::env::temp_dir().join(format!("cutover-verify60-{}.pid", std::process::id()));
+    spec.extra = format!(
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait\"\nat = [\"after_batch\"]\ntimeout = \"60s\"\n",
+        pid_file.display()
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let _ = std::fs::remove_file(&pid_file);
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    let t = std::time::Instant::now();
+    let pid: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the verify command never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let sent = std::time::Instant::now();
+    let (code, out, err) = deploy.await.unwrap();
+    let took = sent.elapsed();
+    let alive = cutover::journal::process_alive(pid as u32);
+    if alive {
+        // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("after_batch: an operator's stop arrived; the verification is stopped"),
+        "{err}"
+    );
+    assert!(
+        out.contains("rollback requested by an operator after batch 1/2"),
+        "{out}"
+    );
+    assert!(out.contains("deploy v1 -> v2: rolled_back in"), "{out}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the deploy waited {took:?} for the verification it should have stopped"
+    );
+    assert!(!alive, "the verify command's sleep outlived the stop");
+    fleet.assert_on("v1").await;
+}

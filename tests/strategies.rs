@@ -590,3 +590,50 @@ async fn an_abort_while_green_starts_discards_green_before_any_switch() {
     assert!(!err.contains("switched blue -> green"), "{err}");
     fleet.assert_on("v1").await;
 }
+
+/// An abort sent while green's verification runs ends it at once: green is discarded before
+/// any switch, and the verification's processes are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
+    let mut spec = FleetSpec::new(2, 37);
+    let marker = std::env::temp_dir().join(format!("cutover-verify37-{}.pid", std::process::id()));
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"200ms\"\n".into();
+    spec.extra = format!(
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait\"\nat = [\"before_switch\"]\ntimeout = \"60s\"\n",
+        marker.display()
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let _ = std::fs::remove_file(&marker);
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    let t = std::time::Instant::now();
+    let pid: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(&marker)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the verify command never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (code, out, _) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = deploy.await.unwrap();
+    let alive = cutover::journal::process_alive(pid as u32);
+    if alive {
+        // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("abort requested before the switch"), "{out}");
+    assert!(!err.contains("switched blue -> green"), "{err}");
+    assert!(!alive, "the verify command's sleep outlived the abort");
+    fleet.assert_on("v1").await;
+}
