@@ -168,7 +168,7 @@ pub(crate) async fn handle(
                         resp.headers_mut().append(header::SET_COOKIE, c.clone());
                     }
                 }
-                return respond(resp, guard, client_upgrade);
+                return respond(resp, guard, client_upgrade, failures > 0);
             }
             Err(e) => {
                 let failures = backend.failed();
@@ -244,10 +244,13 @@ async fn send(
     })
 }
 
+/// `head_failed`: the head already counted against the backend's passive health (a 5xx with
+/// `eject_on_5xx`).
 fn respond(
     mut resp: Response<Incoming>,
     guard: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    head_failed: bool,
 ) -> Response<ProxyBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client) = client_upgrade {
@@ -270,7 +273,7 @@ fn respond(
     let status = parts.status.as_u16();
     Response::from_parts(
         parts,
-        ProxyBody::Upstream(Upstream::new(body, guard, status)),
+        ProxyBody::Upstream(Upstream::new(body, guard, status, head_failed)),
     )
 }
 
@@ -481,15 +484,19 @@ pub struct Upstream {
     /// The response head's status, already counted: a body that breaks after a 5xx is not a
     /// second failure.
     status: u16,
+    /// The head already counted against passive health: a broken body is not a second
+    /// failure in a row either.
+    head_failed: bool,
 }
 
 impl Upstream {
-    fn new(inner: Incoming, guard: InFlight, status: u16) -> Self {
+    fn new(inner: Incoming, guard: InFlight, status: u16, head_failed: bool) -> Self {
         Upstream {
             inner,
             guard: Some(guard),
             cut: None,
             status,
+            head_failed,
         }
     }
 
@@ -516,7 +523,7 @@ impl Upstream {
             }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
-                guard.backend().broke(self.status);
+                guard.backend().broke(self.status, self.head_failed);
                 warn!(backend = %guard.backend().id, "response body failed: {e}");
                 Poll::Ready(Some(Err(BodyError::Upstream(e))))
             }

@@ -205,9 +205,13 @@ impl BackendShared {
     }
 
     /// Records a response whose body the backend broke off after its head (with `status`)
-    /// was counted; returns the failures in a row (passive health).
-    pub(crate) fn broke(&self, status: u16) -> u64 {
+    /// was counted; returns the failures in a row (passive health). `head_failed`: the head
+    /// already counted as one, and one response is one failure.
+    pub(crate) fn broke(&self, status: u16, head_failed: bool) -> u64 {
         self.count_broken(status);
+        if head_failed {
+            return self.consecutive_errors.load(Ordering::Relaxed);
+        }
         self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
     }
 
@@ -788,6 +792,22 @@ mod tests {
         drop(g1);
         drop(g2);
         assert_eq!(shared.in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn one_broken_response_is_one_failure_in_a_row() {
+        let t = table(&[("a", 1)]);
+        let b = &t.get("a").unwrap().shared;
+        // A 5xx head that counted (eject_on_5xx), then its body broke: still one.
+        assert_eq!(b.answered(503, 10, true), 1);
+        assert_eq!(b.broke(503, true), 1);
+        // A 200 whose body broke counts once; the next success clears the run.
+        assert_eq!(b.answered(200, 10, true), 0);
+        assert_eq!(b.broke(200, false), 1);
+        assert_eq!(b.answered(200, 10, true), 0);
+        // Without eject_on_5xx the 5xx head does not count, its broken body does.
+        assert_eq!(b.answered(502, 10, false), 0);
+        assert_eq!(b.broke(502, false), 1);
     }
 
     #[test]
