@@ -158,6 +158,9 @@ pub struct Deployer {
     ports: Arc<std::sync::Mutex<BTreeMap<String, PortLookup>>>,
     /// Hosts a failure in place left serving nothing ([`Deployer::restore_in_place`]).
     stranded: Arc<std::sync::Mutex<Vec<HostFailure>>>,
+    /// Requests and upgraded connections (WebSocket) the drain deadline closed during this
+    /// deployment: the report says so, since a tunnel's client saw its connection end.
+    closed_at_deadline: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type PortLookup = tokio::task::JoinHandle<anyhow::Result<u16>>;
@@ -188,6 +191,7 @@ impl Deployer {
             forks,
             ports: Arc::default(),
             stranded: Default::default(),
+            closed_at_deadline: Default::default(),
         }
     }
 
@@ -259,6 +263,7 @@ impl Deployer {
         let started = Instant::now();
         // A deployment starts with no stranded hosts (see `stranded_into`).
         self.take_stranded();
+        self.take_closed_at_deadline();
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
         let version = pinned.as_ref().unwrap_or(&req.version);
@@ -707,6 +712,7 @@ impl Deployer {
         let started = Instant::now();
         // A deployment starts with no stranded hosts (see `stranded_into`).
         self.take_stranded();
+        self.take_closed_at_deadline();
         let stats_before = self.balancer.stats().await?;
         let run = Run {
             id: interrupted.id.clone(),
@@ -796,6 +802,12 @@ impl Deployer {
         let restarted = stats_after.counting_since_ms != stats_before.counting_since_ms
             || stats_after.total.requests < stats_before.total.requests
             || stats_after.unrouted < stats_before.unrouted;
+        let closed = self.take_closed_at_deadline();
+        if closed > 0 {
+            notes.push(format!(
+                "{closed} request(s) or upgraded connection(s) (WebSocket) were still open at a drain deadline and were closed: a cut response counts as failed above, a WebSocket client must reconnect (a longer app.drain_timeout gives them more time)"
+            ));
+        }
         if restarted {
             // The proxy restarted (or was replaced with --takeover): its counters began again.
             notes.push(
@@ -1417,6 +1429,12 @@ impl Deployer {
             });
     }
 
+    /// What the drain deadlines closed since the last call (the deployment's start).
+    fn take_closed_at_deadline(&self) -> u64 {
+        self.closed_at_deadline
+            .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn take_stranded(&self) -> Vec<HostFailure> {
         std::mem::take(&mut *self.stranded.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -1741,6 +1759,10 @@ impl Deployer {
                 .retire(id, *self.config.app.drain_timeout)
                 .await?;
             if !report.drained {
+                self.closed_at_deadline.fetch_add(
+                    report.closed_at_deadline,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 self.progress.say(&format!(
                     "{id}: drain_timeout reached after {} ms; {} request(s) closed",
                     report.waited_ms, report.closed_at_deadline
@@ -1916,9 +1938,11 @@ pub fn was_going_back(journal: &Journal, id: &str) -> anyhow::Result<bool> {
 pub fn traffic_between(before: &Stats, after: &Stats) -> (u64, u64, BTreeMap<String, u64>) {
     let d = crate::analysis::delta(&after.total, &before.total);
     let unrouted = after.unrouted.saturating_sub(before.unrouted);
-    // Client requests, not attempts: a retried request counts once, by its answer.
-    let served = d.responses() + unrouted;
-    let failed = (d.status_5xx + d.broken + unrouted).min(served);
+    // Client requests, not attempts: a retried request counts once, by its answer. A response
+    // whose head came before and whose body was cut during the deployment (a stream at a
+    // drain deadline) failed during it: it counts, so served is at least failed.
+    let failed = d.status_5xx + d.broken + unrouted;
+    let served = (d.responses() + unrouted).max(failed);
     let by_release = after
         .releases
         .iter()

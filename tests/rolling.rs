@@ -688,3 +688,36 @@ async fn a_rollback_stops_a_long_verification_and_returns_the_moved_hosts() {
     assert!(!alive, "the verify command's sleep outlived the stop");
     fleet.assert_on("v1").await;
 }
+
+/// A stream still open when its old instance's drain deadline comes is cut: the proof counts it
+/// as failed, and the report says what the deadline closed and what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_at_the_drain_deadline_is_failed_and_explained() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut spec = FleetSpec::new(1, 38);
+    spec.app_extra = "drain_timeout = \"300ms\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let mut stream = tokio::net::TcpStream::connect(fleet.listen).await.unwrap();
+    stream
+        .write_all(b"GET /sse?events=100&interval_ms=100 HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut first = [0u8; 12];
+    stream.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let (out, _) = fleet.deploy("v2", 0).await;
+    // The client saw its response end early: no terminating chunk.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("\r\n0\r\n\r\n"),
+        "the stream ended cleanly, it was not cut"
+    );
+    assert!(out.contains("1 served, 1 failed"), "{out}");
+    assert!(
+        out.contains("1 request(s) or upgraded connection(s) (WebSocket) were still open at a drain deadline and were closed"),
+        "{out}"
+    );
+    fleet.assert_on("v2").await;
+}

@@ -121,11 +121,17 @@ impl Fleet {
             })
             .collect();
         let mut text = format!(
-            "transport = \"local\"\n\n[app]\nname = \"test\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\ndrain_timeout = \"5s\"\n{}\n\
+            "transport = \"local\"\n\n[app]\nname = \"test\"\nstart = \"exec sh ./run.sh\"\nstop_timeout = \"5s\"\n{}\n\
              [app.health]\npath = \"/health\"\ninterval = \"200ms\"\ntimeout = \"1s\"\ndeadline = \"10s\"\n{}\n\
              [release]\npath = \"releases/{{version}}\"\nkeep = 3\n\n\
              [balancer]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\ntoken = \"{TOKEN}\"\n\n[strategy]\n{}\n",
-            spec.app_extra, spec.health_extra, spec.strategy
+            if spec.app_extra.contains("drain_timeout") {
+                spec.app_extra.clone()
+            } else {
+                format!("drain_timeout = \"5s\"\n{}", spec.app_extra)
+            },
+            spec.health_extra,
+            spec.strategy
         );
         for (name, addr) in &hosts {
             text.push_str(&format!(
