@@ -526,8 +526,7 @@ impl Deployer {
                 version: version.as_str(),
                 preview: false,
             };
-            // Stopped by an operator: the boundary below reads the command.
-            let verified = self
+            let verified = match self
                 .verify_unless_stopped(
                     &run,
                     crate::config::VerifyPoint::AfterBatch,
@@ -535,7 +534,39 @@ impl Deployer {
                     !rolling_back,
                 )
                 .await
-                .unwrap_or(Ok(()));
+            {
+                Some(r) => r,
+                // The operator's stop decides before the failure budget: read this boundary
+                // now (the last batch's too).
+                None => {
+                    let next = plan
+                        .get(i + 1)
+                        .map(|_| format!("batch {}/{}", i + 2, plan.len()));
+                    match self
+                        .at_boundary(
+                            &run,
+                            "rolling",
+                            rolling_back,
+                            &label,
+                            next.as_deref(),
+                            || settling.release(),
+                        )
+                        .await?
+                    {
+                        Boundary::Stop(why) => {
+                            if req.kind != "rollback" {
+                                self.going_back(&run);
+                            }
+                            failed.extend(settling.wait().await);
+                            (outcome, stuck) = self
+                                .operator_stop(&run, req.kind, why, &moved, &mut notes)
+                                .await?;
+                            break;
+                        }
+                        Boundary::Next => Err(format!("{label}: {VERIFY_STOPPED_UNCLAIMED}")),
+                    }
+                }
+            };
             let verify_failed = verified.is_err();
             if let Err(e) = verified {
                 self.progress.say(&format!("{label}: {e}"));
@@ -639,12 +670,23 @@ impl Deployer {
                     (outcome, stuck) = self.roll_back(&run, &moved).await;
                 }
                 None => {
-                    if let Boundary::Stop(why) =
-                        self.after_last(&run, "the after_deploy verification", rolling_back)?
-                    {
-                        (outcome, stuck) = self
-                            .operator_stop(&run, req.kind, why, &moved, &mut notes)
-                            .await?;
+                    match self.after_last(&run, "the after_deploy verification", rolling_back)? {
+                        Boundary::Stop(why) => {
+                            (outcome, stuck) = self
+                                .operator_stop(&run, req.kind, why, &moved, &mut notes)
+                                .await?;
+                        }
+                        Boundary::Next => {
+                            let e = format!("after_deploy: {VERIFY_STOPPED_UNCLAIMED}");
+                            self.progress
+                                .say(&format!("{e}: returning every moved host"));
+                            self.journal.event(Some(&run.id), &e)?;
+                            failed.push(HostFailure {
+                                host: "fleet".into(),
+                                reason: e,
+                            });
+                            (outcome, stuck) = self.roll_back(&run, &moved).await;
+                        }
                     }
                 }
             }
@@ -1915,12 +1957,20 @@ pub fn most_common_release(views: &[HostView]) -> Option<String> {
     most_common(views.iter().filter_map(|v| v.current.as_ref()))
 }
 
-/// Journaled when a deployment starts returning its moved hosts (an abort, a rollback, a spent
-/// failure budget): see [`was_going_back`].
 /// How often a running verification looks for an operator's stop: commands come from people,
 /// and each look is a journal read.
 const VERIFY_COMMAND_POLL: Duration = Duration::from_millis(100);
 
+/// Why a verification the operator's stop ended did not pass (it is not a pass: the caller
+/// acts on the stop, and treats the verification as failed if the stop is no longer queued).
+pub(crate) const VERIFY_STOPPED: &str =
+    "the verification was stopped by an operator's abort or rollback";
+
+/// A verification stopped for a command that someone else took meanwhile: it did not pass.
+pub(crate) const VERIFY_STOPPED_UNCLAIMED: &str = "the verification was stopped for an operator's abort or rollback that is no longer queued: it counts as failed";
+
+/// Journaled when a deployment starts returning its moved hosts (an abort, a rollback, a spent
+/// failure budget): see [`was_going_back`].
 const UNDO_EVENT: &str = "returning every moved host to its previous release";
 /// Journaled when `cutover rollback` starts returning an interrupted deployment's hosts.
 const RESTORE_EVENT: &str = "rollback of the interrupted deployment";

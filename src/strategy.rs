@@ -30,7 +30,9 @@ use crate::balancer::api::{Counters, SwitchRequest};
 use crate::balancer::{BackendState, Stats};
 use crate::config::{Host, Name, VerifyPoint};
 use crate::control::Boundary;
-use crate::deploy::{Deployer, HostFailure, Outcome, Report, Run};
+use crate::deploy::{
+    Deployer, HostFailure, Outcome, Report, Run, VERIFY_STOPPED, VERIFY_STOPPED_UNCLAIMED,
+};
 use crate::instance::Instance;
 use crate::verify;
 
@@ -155,13 +157,16 @@ impl Deployer {
             preview: true,
         };
         // An operator's stop ends the verification early; it is read just below.
-        if let Err(e) = self
+        let verified = self
             .step(run, "fleet", "verify", "before_switch", async {
                 self.verify_unless_stopped(run, VerifyPoint::BeforeSwitch, &target, true)
                     .await
-                    .unwrap_or(Ok(()))
+                    .unwrap_or_else(|| Err(VERIFY_STOPPED.to_string()))
             })
-            .await
+            .await;
+        let verify_stopped = matches!(&verified, Err(e) if e == VERIFY_STOPPED);
+        if let Err(e) = verified
+            && !verify_stopped
         {
             self.progress.say(&format!(
                 "blue-green: {e}; green is discarded, blue never stopped serving"
@@ -190,6 +195,28 @@ impl Deployer {
                 "blue-green: {cmd} requested before the switch; green is discarded, blue never stopped serving"
             ));
             notes.push(format!("{cmd} requested before the switch"));
+            return self
+                .abandon_green(
+                    run,
+                    &green,
+                    from,
+                    version,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
+        }
+        if verify_stopped {
+            let reason = format!("before_switch: {VERIFY_STOPPED_UNCLAIMED}");
+            self.progress.say(&format!(
+                "blue-green: {reason}; green is discarded, blue never stopped serving"
+            ));
+            failed.push(HostFailure {
+                host: "fleet".into(),
+                reason,
+            });
             return self
                 .abandon_green(
                     run,
@@ -273,9 +300,10 @@ impl Deployer {
             Some(Ok(())) => {}
             Some(Err(e)) => back_reason = Some(e),
             None => {
-                if let Some(cmd) = self.journal.take_stop_command(&run.id)? {
-                    back_reason = Some(format!("{cmd} requested"));
-                }
+                back_reason = Some(match self.journal.take_stop_command(&run.id)? {
+                    Some(cmd) => format!("{cmd} requested"),
+                    None => format!("after_switch: {VERIFY_STOPPED_UNCLAIMED}"),
+                });
             }
         }
         let analysis_for = config
@@ -749,7 +777,7 @@ impl Deployer {
                 Some(r) => r,
                 None => match self.journal.take_stop_command(&run.id)? {
                     Some(cmd) => Err(format!("{cmd} requested")),
-                    None => Ok(()),
+                    None => Err(format!("after_step: {VERIFY_STOPPED_UNCLAIMED}")),
                 },
             };
             if let Err(e) = verified {

@@ -637,7 +637,7 @@ async fn a_rollback_stops_a_long_verification_and_returns_the_moved_hosts() {
     let pid_file =
         std::env::temp_dir().join(format!("cutover-verify60-{}.pid", std::process::id()));
     spec.extra = format!(
-        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait\"\nat = [\"after_batch\"]\ntimeout = \"60s\"\n",
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"after_batch\"]\ntimeout = \"60s\"\n",
         pid_file.display()
     );
     let fleet = Fleet::start(spec).await;
@@ -658,9 +658,10 @@ async fn a_rollback_stops_a_long_verification_and_returns_the_moved_hosts() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // `cutover rollback` returns once the deployment has ended.
+    let sent = std::time::Instant::now();
     let (code, out, err) = fleet.cutover(&["rollback"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    let sent = std::time::Instant::now();
     let (code, out, err) = deploy.await.unwrap();
     let took = sent.elapsed();
     let alive = cutover::journal::process_alive(pid as u32);

@@ -599,7 +599,7 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
     let marker = std::env::temp_dir().join(format!("cutover-verify37-{}.pid", std::process::id()));
     spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"200ms\"\n".into();
     spec.extra = format!(
-        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait\"\nat = [\"before_switch\"]\ntimeout = \"60s\"\n",
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"before_switch\"]\ntimeout = \"60s\"\n",
         marker.display()
     );
     let fleet = Fleet::start(spec).await;
@@ -620,9 +620,12 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // `cutover abort` returns once the deployment has ended.
+    let sent = std::time::Instant::now();
     let (code, out, _) = fleet.cutover(&["abort"]).await;
     assert_eq!(code, 0, "{out}");
     let (code, out, err) = deploy.await.unwrap();
+    let took = sent.elapsed();
     let alive = cutover::journal::process_alive(pid as u32);
     if alive {
         // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
@@ -633,7 +636,15 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
     let _ = std::fs::remove_file(&marker);
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(out.contains("abort requested before the switch"), "{out}");
+    assert!(
+        err.contains("before_switch: an operator's stop arrived; the verification is stopped"),
+        "{err}"
+    );
     assert!(!err.contains("switched blue -> green"), "{err}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the deploy waited {took:?} for the verification it should have stopped"
+    );
     assert!(!alive, "the verify command's sleep outlived the abort");
     fleet.assert_on("v1").await;
 }
