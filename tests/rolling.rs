@@ -629,15 +629,25 @@ async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
     assert!(!alive, "the verify command's sleep outlived the deploy");
 }
 
-/// An integration suite can run for minutes: `cutover rollback` sent meanwhile stops it at once
-/// (and what it started) and returns the moved hosts, instead of waiting for it to finish.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rollback_stops_a_long_verification_and_returns_the_moved_hosts() {
-    let mut spec = FleetSpec::new(2, 60);
+/// What an operator's command did to a deploy of v2 (after v1) whose `point` verification
+/// runs a 30 s suite: the deploy's exit, stdout and stderr, how long the command took to end
+/// it, and whether the suite's `sleep` outlived it.
+struct StoppedVerification {
+    code: i32,
+    out: String,
+    err: String,
+    took: Duration,
+    suite_alive: bool,
+    fleet: Fleet,
+}
+
+async fn stop_a_long_verification(net: u8, point: &str, command: &str) -> StoppedVerification {
+    let mut spec = FleetSpec::new(2, net);
     let pid_file =
-        std::env::temp_dir().join(format!("cutover-verify60-{}.pid", std::process::id()));
+        std::env::temp_dir().join(format!("cutover-verify{net}-{}.pid", std::process::id()));
+    // v1 passes at once; v2's suite runs 30 s and would fail if it ever finished.
     spec.extra = format!(
-        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"after_batch\"]\ntimeout = \"60s\"\n",
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"{point}\"]\ntimeout = \"60s\"\n",
         pid_file.display()
     );
     let fleet = Fleet::start(spec).await;
@@ -658,36 +668,80 @@ async fn a_rollback_stops_a_long_verification_and_returns_the_moved_hosts() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    // `cutover rollback` returns once the deployment has ended.
+    // The command returns once the deployment has ended.
     let sent = std::time::Instant::now();
-    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    let (code, out, err) = fleet.cutover(&[command]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let (code, out, err) = deploy.await.unwrap();
     let took = sent.elapsed();
-    let alive = cutover::journal::process_alive(pid as u32);
-    if alive {
+    let suite_alive = cutover::journal::process_alive(pid as u32);
+    if suite_alive {
         // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
         unsafe {
             libc::kill(pid, libc::SIGKILL);
         }
     }
     let _ = std::fs::remove_file(&pid_file);
-    assert_eq!(code, 1, "{out}\n{err}");
-    assert!(
-        err.contains("after_batch: an operator's stop arrived; the verification is stopped"),
-        "{err}"
-    );
-    assert!(
-        out.contains("rollback requested by an operator after batch 1/2"),
-        "{out}"
-    );
-    assert!(out.contains("deploy v1 -> v2: rolled_back in"), "{out}");
-    assert!(
-        took < Duration::from_secs(20),
-        "the deploy waited {took:?} for the verification it should have stopped"
-    );
-    assert!(!alive, "the verify command's sleep outlived the stop");
-    fleet.assert_on("v1").await;
+    StoppedVerification {
+        code,
+        out,
+        err,
+        took,
+        suite_alive,
+        fleet,
+    }
+}
+
+impl StoppedVerification {
+    /// Stopped at once, the suite gone, every host back on v1.
+    async fn assert_returned(&self, point: &str, why: &str) {
+        let (out, err) = (&self.out, &self.err);
+        assert_eq!(self.code, 1, "{out}\n{err}");
+        assert!(
+            err.contains(&format!(
+                "{point}: an operator's stop arrived; the verification is stopped"
+            )),
+            "{err}"
+        );
+        assert!(out.contains(why), "{out}");
+        assert!(out.contains("deploy v1 -> v2: rolled_back in"), "{out}");
+        assert!(
+            self.took < Duration::from_secs(20),
+            "the deploy waited {:?} for the verification it should have stopped",
+            self.took
+        );
+        assert!(
+            !self.suite_alive,
+            "the verify command's sleep outlived the stop"
+        );
+        self.fleet.assert_on("v1").await;
+    }
+}
+
+/// An integration suite can run for minutes: `cutover rollback` sent meanwhile stops it at once
+/// (and what it started) and returns the moved hosts, instead of waiting for it to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_stops_a_long_verification_and_returns_the_moved_hosts() {
+    stop_a_long_verification(60, "after_batch", "rollback")
+        .await
+        .assert_returned(
+            "after_batch",
+            "rollback requested by an operator after batch 1/2",
+        )
+        .await;
+}
+
+/// After the last batch too: an abort during the `after_deploy` suite returns every host
+/// (before, it was never read and the deploy ended "succeeded").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_during_the_after_deploy_verification_returns_every_host() {
+    stop_a_long_verification(39, "after_deploy", "abort")
+        .await
+        .assert_returned(
+            "after_deploy",
+            "abort requested by an operator during the after_deploy verification",
+        )
+        .await;
 }
 
 /// A stream still open when its old instance's drain deadline comes is cut: the proof counts it
