@@ -554,12 +554,16 @@ impl Deployer {
                         .await?
                     {
                         Boundary::Stop(why) => {
-                            if req.kind != "rollback" {
-                                self.going_back(&run);
-                            }
-                            failed.extend(settling.wait().await);
                             (outcome, stuck) = self
-                                .operator_stop(&run, req.kind, why, &moved, &mut notes)
+                                .stop_rollout(
+                                    &run,
+                                    req.kind,
+                                    why,
+                                    &mut settling,
+                                    &mut failed,
+                                    &moved,
+                                    &mut notes,
+                                )
                                 .await?;
                             break;
                         }
@@ -610,12 +614,16 @@ impl Deployer {
                 })
                 .await?
             {
-                if req.kind != "rollback" {
-                    self.going_back(&run);
-                }
-                failed.extend(settling.wait().await);
                 (outcome, stuck) = self
-                    .operator_stop(&run, req.kind, why, &moved, &mut notes)
+                    .stop_rollout(
+                        &run,
+                        req.kind,
+                        why,
+                        &mut settling,
+                        &mut failed,
+                        &moved,
+                        &mut notes,
+                    )
                     .await?;
                 break;
             }
@@ -1110,6 +1118,27 @@ impl Deployer {
                 (Outcome::Halted, Vec::new())
             }
         }
+    }
+
+    /// An operator's stop between two batches of a rolling deploy: going back is journaled
+    /// first (a deploy, not a rollback, goes back), the batches' settles end, then
+    /// [`Deployer::operator_stop`].
+    #[allow(clippy::too_many_arguments)]
+    async fn stop_rollout(
+        &self,
+        run: &Run,
+        kind: &str,
+        why: String,
+        settling: &mut Settling,
+        failed: &mut Vec<HostFailure>,
+        moved: &[Host],
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<(Outcome, Vec<HostFailure>)> {
+        if kind != "rollback" {
+            self.going_back(run);
+        }
+        failed.extend(settling.wait().await);
+        self.operator_stop(run, kind, why, moved, notes).await
     }
 
     /// What an operator's stop (`cutover abort`, `cutover rollback`) does to a rollout: a deploy

@@ -190,33 +190,27 @@ impl Deployer {
         }
 
         // An abort or rollback sent while green started or was verified: no traffic moved yet.
-        if let Some(cmd) = self.journal.take_stop_command(&run.id)? {
-            self.progress.say(&format!(
-                "blue-green: {cmd} requested before the switch; green is discarded, blue never stopped serving"
-            ));
-            notes.push(format!("{cmd} requested before the switch"));
-            return self
-                .abandon_green(
-                    run,
-                    &green,
-                    from,
-                    version,
-                    started,
-                    stats_before,
-                    failed,
-                    notes,
-                )
-                .await;
-        }
-        if verify_stopped {
-            let reason = format!("before_switch: {VERIFY_STOPPED_UNCLAIMED}");
-            self.progress.say(&format!(
-                "blue-green: {reason}; green is discarded, blue never stopped serving"
-            ));
-            failed.push(HostFailure {
-                host: "fleet".into(),
-                reason,
-            });
+        // (A verification stopped for a command no longer queued did not pass either.)
+        let stop = self.journal.take_stop_command(&run.id)?;
+        if stop.is_some() || verify_stopped {
+            match stop {
+                Some(cmd) => {
+                    self.progress.say(&format!(
+                        "blue-green: {cmd} requested before the switch; green is discarded, blue never stopped serving"
+                    ));
+                    notes.push(format!("{cmd} requested before the switch"));
+                }
+                None => {
+                    let reason = format!("before_switch: {VERIFY_STOPPED_UNCLAIMED}");
+                    self.progress.say(&format!(
+                        "blue-green: {reason}; green is discarded, blue never stopped serving"
+                    ));
+                    failed.push(HostFailure {
+                        host: "fleet".into(),
+                        reason,
+                    });
+                }
+            }
             return self
                 .abandon_green(
                     run,

@@ -589,20 +589,7 @@ async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
     let fleet = Fleet::start(spec).await;
     let _ = std::fs::remove_file(&pid_file);
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v1"]);
-    let t = std::time::Instant::now();
-    let pid: i32 = loop {
-        if let Some(p) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
-            break p;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the verify command never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = common::wait_for_pid_file(&pid_file, "the verify command").await;
     let holder = cutover::journal::Journal::open(&fleet.dir.path().join(".cutover"))
         .unwrap()
         .lock_holder("test")
@@ -618,13 +605,7 @@ async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
     while cutover::journal::process_alive(pid as u32) && t.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let alive = cutover::journal::process_alive(pid as u32);
-    if alive {
-        // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
+    let alive = common::kill_if_alive(pid);
     let _ = std::fs::remove_file(&pid_file);
     assert!(!alive, "the verify command's sleep outlived the deploy");
 }
@@ -654,33 +635,14 @@ async fn stop_a_long_verification(net: u8, point: &str, command: &str) -> Stoppe
     fleet.deploy("v1", 0).await;
     let _ = std::fs::remove_file(&pid_file);
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
-    let t = std::time::Instant::now();
-    let pid: i32 = loop {
-        if let Some(p) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
-            break p;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the verify command never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = common::wait_for_pid_file(&pid_file, "the verify command").await;
     // The command returns once the deployment has ended.
     let sent = std::time::Instant::now();
     let (code, out, err) = fleet.cutover(&[command]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let (code, out, err) = deploy.await.unwrap();
     let took = sent.elapsed();
-    let suite_alive = cutover::journal::process_alive(pid as u32);
-    if suite_alive {
-        // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
+    let suite_alive = common::kill_if_alive(pid);
     let _ = std::fs::remove_file(&pid_file);
     StoppedVerification {
         code,

@@ -606,33 +606,14 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
     fleet.deploy("v1", 0).await;
     let _ = std::fs::remove_file(&marker);
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
-    let t = std::time::Instant::now();
-    let pid: i32 = loop {
-        if let Some(p) = std::fs::read_to_string(&marker)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
-            break p;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "the verify command never ran"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = common::wait_for_pid_file(&marker, "the verify command").await;
     // `cutover abort` returns once the deployment has ended.
     let sent = std::time::Instant::now();
     let (code, out, _) = fleet.cutover(&["abort"]).await;
     assert_eq!(code, 0, "{out}");
     let (code, out, err) = deploy.await.unwrap();
     let took = sent.elapsed();
-    let alive = cutover::journal::process_alive(pid as u32);
-    if alive {
-        // SAFETY: kill(2) on the sleep the verify command started, so the test leaves nothing.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
-        }
-    }
+    let alive = common::kill_if_alive(pid);
     let _ = std::fs::remove_file(&marker);
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(out.contains("abort requested before the switch"), "{out}");

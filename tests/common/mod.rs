@@ -416,3 +416,32 @@ impl Drop for Fleet {
         }
     }
 }
+
+/// The pid a test's command wrote to `file`, once it has: the command is running. Panics
+/// after 30 s saying `what` never ran.
+pub async fn wait_for_pid_file(file: &Path, what: &str) -> i32 {
+    let t = Instant::now();
+    loop {
+        if let Some(p) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{what} never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `pid`, a process a test's command started, still lives; if it does it is killed,
+/// so the test leaves nothing behind whatever it asserts next.
+pub fn kill_if_alive(pid: i32) -> bool {
+    let alive = cutover::journal::process_alive(pid as u32);
+    if alive {
+        // SAFETY: kill(2) on a process the test's own command started and reported.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    alive
+}
