@@ -532,6 +532,9 @@ impl Deployer {
                     crate::config::VerifyPoint::AfterBatch,
                     &target,
                     !rolling_back,
+                    serde_json::json!({
+                        "strategy": "rolling", "phase": "verifying (after_batch)", "batch": label,
+                    }),
                 )
                 .await
             {
@@ -663,6 +666,7 @@ impl Deployer {
                     crate::config::VerifyPoint::AfterDeploy,
                     &target,
                     !rolling_back,
+                    serde_json::json!({"strategy": "rolling", "phase": "verifying (after_deploy)"}),
                 )
                 .await
             {
@@ -922,13 +926,20 @@ impl Deployer {
     /// `None`: stopped, with the verification's processes ended and the command left queued
     /// for the caller's usual reader. A rollback stops only a run that is not itself a
     /// rollback (`rollback_stops`).
+    ///
+    /// `status` is the live status while a verification runs (`cutover status` and the
+    /// dashboard show why the rollout waits); it is written only where there is one to run.
     pub(crate) async fn verify_unless_stopped(
         &self,
         run: &Run,
         point: crate::config::VerifyPoint,
         target: &crate::verify::Target<'_>,
         rollback_stops: bool,
+        status: serde_json::Value,
     ) -> Option<Result<(), String>> {
+        if self.config.verify.iter().any(|v| v.at.contains(&point)) {
+            self.status(run, status);
+        }
         let verify = crate::verify::run(&self.config, point, target);
         tokio::pin!(verify);
         loop {

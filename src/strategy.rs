@@ -159,7 +159,10 @@ impl Deployer {
         // An operator's stop ends the verification early; it is read just below.
         let verified = self
             .step(run, "fleet", "verify", "before_switch", async {
-                self.verify_unless_stopped(run, VerifyPoint::BeforeSwitch, &target, true)
+                let status = serde_json::json!({
+                    "strategy": "blue-green", "phase": "verifying green (before_switch)",
+                });
+                self.verify_unless_stopped(run, VerifyPoint::BeforeSwitch, &target, true, status)
                     .await
                     .unwrap_or_else(|| Err(VERIFY_STOPPED.to_string()))
             })
@@ -288,7 +291,16 @@ impl Deployer {
             preview: false,
         };
         match self
-            .verify_unless_stopped(run, VerifyPoint::AfterSwitch, &target, true)
+            .verify_unless_stopped(
+                run,
+                VerifyPoint::AfterSwitch,
+                &target,
+                true,
+                serde_json::json!({
+                    "strategy": "blue-green", "phase": "verifying (after_switch)",
+                    "live": version.as_str(),
+                }),
+            )
             .await
         {
             Some(Ok(())) => {}
@@ -765,7 +777,16 @@ impl Deployer {
                 preview: false,
             };
             let verified = match self
-                .verify_unless_stopped(run, VerifyPoint::AfterStep, &target, true)
+                .verify_unless_stopped(
+                    run,
+                    VerifyPoint::AfterStep,
+                    &target,
+                    true,
+                    serde_json::json!({
+                        "strategy": "canary", "phase": "verifying (after_step)",
+                        "step": label, "weight": step.weight,
+                    }),
+                )
                 .await
             {
                 Some(r) => r,

@@ -636,6 +636,16 @@ async fn stop_a_long_verification(net: u8, point: &str, command: &str) -> Stoppe
     let _ = std::fs::remove_file(&pid_file);
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
     let pid = common::wait_for_pid_file(&pid_file, "the verify command").await;
+    // `cutover status` says why the rollout waits.
+    let status = fleet
+        .deployment_status()
+        .await
+        .expect("a running deployment");
+    assert_eq!(
+        status["status"]["phase"],
+        format!("verifying ({point})"),
+        "{status}"
+    );
     // The command returns once the deployment has ended.
     let sent = std::time::Instant::now();
     let (code, out, err) = fleet.cutover(&[command]).await;

@@ -607,6 +607,14 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
     let _ = std::fs::remove_file(&marker);
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
     let pid = common::wait_for_pid_file(&marker, "the verify command").await;
+    let status = fleet
+        .deployment_status()
+        .await
+        .expect("a running deployment");
+    assert_eq!(
+        status["status"]["phase"], "verifying green (before_switch)",
+        "{status}"
+    );
     // `cutover abort` returns once the deployment has ended.
     let sent = std::time::Instant::now();
     let (code, out, _) = fleet.cutover(&["abort"]).await;
