@@ -91,7 +91,7 @@ pub enum Command {
     Promote(PromoteArgs),
     /// Stop a running deployment and return traffic to the stable release: a canary or
     /// blue-green at once, a rolling deploy (or a canary's promotion) when its current batch
-    /// ends, returning every moved host.
+    /// ends, returning every moved host. A `[[verify]]` suite running meanwhile is stopped.
     Abort,
     /// Hold a running canary at its current step, whatever its timer or analysis says, or a
     /// rolling deploy (or a canary's promotion) before its next batch.
