@@ -1331,6 +1331,41 @@ async fn shutdown_lets_long_lived_streams_run_until_drain_timeout_then_counts_th
     a.stop().await;
 }
 
+/// A backend whose responses keep breaking off mid-body fails its clients as surely as one
+/// that refuses them: `eject_after` broken bodies in a row take it out, and a whole response
+/// in between ends the run.
+#[tokio::test]
+async fn bodies_that_keep_breaking_off_eject_a_backend() {
+    // Checks every 300 ms (they pass: the health path is fine); eject after 3 in a row.
+    let h = Harness::start(settings(health(Duration::from_millis(300), 2, 3))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let broken = || async {
+        let resp = h.send(Method::GET, "/truncated", "").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.into_body().collect().await.is_err(), "a cut body");
+    };
+    broken().await;
+    broken().await;
+    assert_eq!(h.get("/").await.0, StatusCode::OK);
+    broken().await;
+    broken().await;
+    // Longer than the checker's pause: it has judged both breaks.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        h.view("a").await.health,
+        Health::Healthy,
+        "a whole response ended the first run; two breaks since are not three"
+    );
+    broken().await;
+    eventually("ejected after 3 broken bodies in a row", || async {
+        h.view("a").await.health == Health::Unhealthy
+    })
+    .await;
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
 #[tokio::test]
 async fn consecutive_5xx_eject_a_backend_until_the_active_check_readmits_it() {
     // Checks every 300 ms, 2 passes to admit: after the ejection there is a window in which

@@ -264,6 +264,7 @@ fn respond(
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            guard.backend().completed();
             tokio::spawn(tunnel(client, backend, guard));
             return Response::from_parts(parts, ProxyBody::Static(None));
         }
@@ -487,6 +488,18 @@ pub struct Upstream {
     /// The head already counted against passive health: a broken body is not a second
     /// failure in a row either.
     head_failed: bool,
+    /// The body broke off: it did not end whole.
+    broken: bool,
+}
+
+impl Drop for Upstream {
+    /// hyper stops polling a body whose length says it has ended (an empty or fixed-length
+    /// one), so the end may never be polled: a body dropped with all of it read ended whole.
+    fn drop(&mut self) {
+        if self.guard.is_some() && !self.broken && self.inner.is_end_stream() {
+            self.end_whole();
+        }
+    }
 }
 
 impl Upstream {
@@ -497,6 +510,17 @@ impl Upstream {
             cut: None,
             status,
             head_failed,
+            broken: false,
+        }
+    }
+
+    /// The body ended whole: the request is no longer in flight, and a response that did not
+    /// fail (a 5xx head with `eject_on_5xx` did) ends the backend's run of failures.
+    fn end_whole(&mut self) {
+        if let Some(guard) = self.guard.take() {
+            if !self.head_failed {
+                guard.backend().completed();
+            }
         }
     }
 
@@ -518,11 +542,12 @@ impl Upstream {
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                self.guard = None;
+                self.end_whole();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
+                self.broken = true;
                 guard.backend().broke(self.status, self.head_failed);
                 warn!(backend = %guard.backend().id, "response body failed: {e}");
                 Poll::Ready(Some(Err(BodyError::Upstream(e))))

@@ -10,6 +10,7 @@
 //!
 //! [`HealthTrack::record`]: super::router::HealthTrack::record
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -61,7 +62,20 @@ async fn run(proxy: Weak<Proxy>, backend: Arc<BackendShared>, path: String) {
             p.health_changed.notify_waiters();
         }
         drop(p);
-        tokio::time::sleep(interval.max(Duration::from_millis(10))).await;
+        // Between checks, judge the ejections a broken body asks for (its request cannot
+        // reach the table).
+        let pause = tokio::time::sleep(interval.max(Duration::from_millis(10)));
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = &mut pause => break,
+                () = backend.body_broke.notified() => {
+                    let Some(p) = proxy.upgrade() else { return };
+                    let failures = backend.consecutive_errors.load(Ordering::Relaxed);
+                    p.passive_failure(&backend, failures, "the response body broke off");
+                }
+            }
+        }
     }
 }
 

@@ -171,8 +171,13 @@ pub(crate) struct BackendShared {
     /// an older epoch are closed.
     pub(crate) cut_epoch: AtomicU64,
     pub(crate) cut: Arc<Notify>,
-    /// Connection failures in a row (passive health check).
+    /// Failed requests in a row (passive health check): connection failures, 5xx with
+    /// `eject_on_5xx`, and responses whose body broke off. A response clears it only once
+    /// its body has ended whole.
     pub(crate) consecutive_errors: AtomicU64,
+    /// Notified when a body broke off: the request's task cannot reach the table, so the
+    /// backend's checker judges the ejection.
+    pub(crate) body_broke: Notify,
 }
 
 impl BackendShared {
@@ -190,7 +195,8 @@ impl BackendShared {
     }
 
     /// Records a response head. With `fail_on_5xx` a 5xx counts as a failure in a row for
-    /// passive health; returns the failures in a row (0 after a success).
+    /// passive health: returns the failures in a row, 0 when the head is not one (its body
+    /// may still break; [`BackendShared::completed`] clears the run).
     pub(crate) fn answered(&self, status: u16, latency_us: u64, fail_on_5xx: bool) -> u64 {
         self.counters.response(status, latency_us);
         self.release.counters.response(status, latency_us);
@@ -198,21 +204,28 @@ impl BackendShared {
         if fail_on_5xx && status >= 500 {
             return self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
         }
-        if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
-            self.consecutive_errors.store(0, Ordering::Relaxed);
-        }
         0
     }
 
+    /// A response that did not fail ended whole (or became a tunnel): the run of failures
+    /// ends.
+    pub(crate) fn completed(&self) {
+        if self.consecutive_errors.load(Ordering::Relaxed) != 0 {
+            self.consecutive_errors.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Records a response whose body the backend broke off after its head (with `status`)
-    /// was counted; returns the failures in a row (passive health). `head_failed`: the head
-    /// already counted as one, and one response is one failure.
+    /// was counted, and tells the checker; returns the failures in a row (passive health).
+    /// `head_failed`: the head already counted as one, and one response is one failure.
     pub(crate) fn broke(&self, status: u16, head_failed: bool) -> u64 {
         self.count_broken(status);
         if head_failed {
             return self.consecutive_errors.load(Ordering::Relaxed);
         }
-        self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1
+        let failures = self.consecutive_errors.fetch_add(1, Ordering::Relaxed) + 1;
+        self.body_broke.notify_one();
+        failures
     }
 
     /// Records a response the drain deadline cut off mid-body: a failure for the client, not
@@ -471,6 +484,7 @@ impl Table {
             cut_epoch: AtomicU64::new(0),
             cut: Arc::new(Notify::new()),
             consecutive_errors: AtomicU64::new(0),
+            body_broke: Notify::new(),
         });
         self.entries.push(Entry {
             spec,
@@ -801,10 +815,15 @@ mod tests {
         // A 5xx head that counted (eject_on_5xx), then its body broke: still one.
         assert_eq!(b.answered(503, 10, true), 1);
         assert_eq!(b.broke(503, true), 1);
-        // A 200 whose body broke counts once; the next success clears the run.
+        // Bodies that break after good heads add up: the heads do not clear the run...
         assert_eq!(b.answered(200, 10, true), 0);
-        assert_eq!(b.broke(200, false), 1);
+        assert_eq!(b.broke(200, false), 2);
         assert_eq!(b.answered(200, 10, true), 0);
+        assert_eq!(b.broke(200, false), 3);
+        // ...a whole response does.
+        assert_eq!(b.answered(200, 10, true), 0);
+        b.completed();
+        assert_eq!(b.consecutive_errors.load(Ordering::Relaxed), 0);
         // Without eject_on_5xx the 5xx head does not count, its broken body does.
         assert_eq!(b.answered(502, 10, false), 0);
         assert_eq!(b.broke(502, false), 1);
