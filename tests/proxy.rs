@@ -1350,18 +1350,58 @@ async fn bodies_that_keep_breaking_off_eject_a_backend() {
     assert_eq!(h.get("/").await.0, StatusCode::OK);
     broken().await;
     broken().await;
-    // Longer than the checker's pause: it has judged both breaks.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(
-        h.view("a").await.health,
-        Health::Healthy,
-        "a whole response ended the first run; two breaks since are not three"
+    // A client that leaves mid-stream is no failure of the backend's: it ends the run too.
+    let stream = h.send(Method::GET, "/stream", "").await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let mut body = stream.into_body();
+    assert!(body.frame().await.is_some(), "the stream began");
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    broken().await;
+    broken().await;
+    // Longer than the checker takes to judge a break.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = h.admin.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("cutover_ejections_total{backend=\"a\",release=\"v1\"} 0"),
+        "a whole response, then an abandoned stream, ended each run; two breaks are not three:\n{metrics}"
     );
     broken().await;
     eventually("ejected after 3 broken bodies in a row", || async {
         h.view("a").await.health == Health::Unhealthy
     })
     .await;
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
+/// Streams that break after their backend was ejected (it crashed with them in flight) are
+/// history once the active check readmits it: one more break must not eject it again.
+#[tokio::test]
+async fn a_readmitted_backend_starts_a_new_run_of_failures() {
+    let h = Harness::start(settings(health(Duration::from_millis(300), 2, 3))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let broken = |delay: u64| {
+        let h = &h;
+        async move {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            let resp = h.send(Method::GET, "/truncated", "").await;
+            let _ = resp.into_body().collect().await;
+        }
+    };
+    // Three break together (ejected); two picked 50 ms later break after the ejection.
+    futures_util::future::join_all([0, 0, 0, 50, 50].map(broken)).await;
+    assert_eq!(h.view("a").await.health, Health::Unhealthy, "ejected");
+    h.admin.wait_healthy("a", DEADLINE).await.unwrap();
+    broken(0).await;
+    // Longer than the checker takes to judge a break; shorter than a readmission (2 checks).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = h.admin.metrics_text().await.unwrap();
+    assert!(
+        metrics.contains("cutover_ejections_total{backend=\"a\",release=\"v1\"} 1"),
+        "one break after readmission ejected it again:\n{metrics}"
+    );
     h.proxy.shutdown().await;
     a.stop().await;
 }

@@ -494,9 +494,11 @@ pub struct Upstream {
 
 impl Drop for Upstream {
     /// hyper stops polling a body whose length says it has ended (an empty or fixed-length
-    /// one), so the end may never be polled: a body dropped with all of it read ended whole.
+    /// one), so its end may never be polled; and a client may leave mid-body, which is no
+    /// failure of the backend's. Either way the backend did not fail this response (a cut
+    /// took the guard already).
     fn drop(&mut self) {
-        if self.guard.is_some() && !self.broken && self.inner.is_end_stream() {
+        if self.guard.is_some() && !self.broken {
             self.end_whole();
         }
     }

@@ -20,6 +20,7 @@ use hyper::Request;
 use hyper::http::uri::{self, PathAndQuery, Scheme};
 use tracing::{debug, info, warn};
 
+use super::Health;
 use super::Proxy;
 use super::router::BackendShared;
 
@@ -60,6 +61,11 @@ async fn run(proxy: Weak<Proxy>, backend: Arc<BackendShared>, path: String) {
         }
         if changed.is_some() {
             p.health_changed.notify_waiters();
+        }
+        if changed == Some(Health::Healthy) {
+            // (Re)admitted: failures counted while it was out (streams breaking after an
+            // ejection, a break judged after this check) start no new run.
+            backend.consecutive_errors.store(0, Ordering::Relaxed);
         }
         drop(p);
         // Between checks, judge the ejections a broken body asks for (its request cannot
