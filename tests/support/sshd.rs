@@ -156,8 +156,38 @@ impl Sshd {
 }
 
 impl Drop for Sshd {
+    /// The listener, and first the connection processes it forked: they would otherwise keep
+    /// the clients' master connections open until `ssh_persist` runs out (60 s), after the
+    /// test has ended.
     fn drop(&mut self) {
+        for pid in children_of(self.child.id()) {
+            // SAFETY: kill(2) on a connection process our own sshd forked.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Processes whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // "pid (comm) state ppid ...": comm may hold spaces, so split after it.
+                    let (_, rest) = stat.rsplit_once(") ")?;
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
