@@ -920,6 +920,16 @@ impl ConfigError {
         }
     }
 
+    /// An error about `key` (dotted, e.g. `serve.github.branch`) found after the config
+    /// loaded: placed at the key's line when the file still reads, else named by the key.
+    pub fn at_key(file: &Path, key: &str, message: String) -> Self {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        match find_key(&text, key) {
+            Some(offset) => ConfigError::at(file, &text, offset, Some(key.to_string()), message),
+            None => ConfigError::whole(file, format!("{key}: {message}")),
+        }
+    }
+
     fn at(file: &Path, text: &str, offset: usize, key: Option<String>, message: String) -> Self {
         let (line, col) = line_col(text, offset);
         let key = key.unwrap_or_else(|| key_at(text, offset));

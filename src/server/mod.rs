@@ -34,7 +34,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::balancer::Balancer;
-use crate::config::{Config, Name};
+use crate::config::{Config, ConfigError, Name};
 use crate::deploy::{Report, Request};
 use crate::journal::{Journal, LockHolder};
 use crate::progress::Progress;
@@ -71,22 +71,25 @@ const MIN_SECRET: usize = 16;
 
 impl Settings {
     pub fn from_config(config: &Config) -> anyhow::Result<Settings> {
-        let file = config.file.display();
+        let file = config.file.as_path();
         let serve = config.serve.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
-                "{file}: no [serve] section: add one with listen = \"127.0.0.1:8480\" and token_file = \"serve.token\" (see docs/serve.md)"
+                "{}: no [serve] section: add one with listen = \"127.0.0.1:8480\" and token_file = \"serve.token\" (see docs/serve.md)",
+                file.display()
             )
         })?;
-        let token = secret(&serve.token, &serve.token_file, &file, "serve.token")?;
+        let token = secret(&serve.token, &serve.token_file, file, "serve.token")?;
         let github = match &serve.github {
             None => None,
             Some(g) => {
-                let secret = secret(&g.secret, &g.secret_file, &file, "serve.github.secret")?;
+                let secret = secret(&g.secret, &g.secret_file, file, "serve.github.secret")?;
                 if g.branch.trim().is_empty() || g.branch.starts_with("refs/") {
-                    anyhow::bail!(
-                        "{file}: serve.github.branch = {:?}: name the branch alone, e.g. \"main\"",
-                        g.branch
-                    );
+                    return Err(ConfigError::at_key(
+                        file,
+                        "serve.github.branch",
+                        format!("{:?}: name the branch alone, e.g. \"main\"", g.branch),
+                    )
+                    .into());
                 }
                 Some(GithubSettings {
                     secret: secret.into_bytes(),
@@ -102,28 +105,52 @@ impl Settings {
     }
 }
 
-/// A secret given inline (`key`) or in a file (`key_file`) of the config `file`.
+/// A secret given inline (`key`) or in a file (`key_file`) of the config `file`; errors point
+/// at the key's line.
 fn secret(
     value: &Option<String>,
     path: &Option<std::path::PathBuf>,
-    file: &dyn std::fmt::Display,
+    file: &std::path::Path,
     key: &str,
 ) -> anyhow::Result<String> {
+    let table = key.rsplit_once('.').map_or("", |(t, _)| t);
+    let err = |key: &str, message: String| ConfigError::at_key(file, key, message).into();
     let s = match (value, path) {
         (Some(_), Some(_)) => {
-            anyhow::bail!("{file}: {key}: set either {key} or {key}_file, not both")
+            return Err(err(
+                key,
+                format!("set either {key} or {key}_file, not both"),
+            ));
         }
         (Some(v), None) => v.trim().to_string(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("{file}: {key}_file: cannot read {}", path.display()))?
-            .trim()
-            .to_string(),
-        (None, None) => anyhow::bail!(
-            "{file}: {key} is not set: set {key}, or {key}_file to a file holding it (a long random string, e.g. `openssl rand -hex 24`)"
-        ),
+        (None, Some(path)) => match std::fs::read_to_string(path) {
+            Ok(text) => text.trim().to_string(),
+            Err(e) => {
+                return Err(err(
+                    &format!("{key}_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        },
+        (None, None) => {
+            return Err(err(
+                table,
+                format!(
+                    "{key} is not set: set {key}, or {key}_file to a file holding it (a long random string, e.g. `openssl rand -hex 24`)"
+                ),
+            ));
+        }
     };
     if s.len() < MIN_SECRET {
-        anyhow::bail!("{file}: {key} is too short: use at least {MIN_SECRET} characters");
+        let given = if value.is_some() {
+            key.to_string()
+        } else {
+            format!("{key}_file")
+        };
+        return Err(err(
+            &given,
+            format!("{key} is too short: use at least {MIN_SECRET} characters"),
+        ));
     }
     Ok(s)
 }
@@ -437,4 +464,65 @@ pub fn other_holder(state: &ServeState) -> Option<LockHolder> {
         .ok()
         .flatten()
         .filter(|h| h.pid != std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "[app]\nname = \"shop\"\nstart = \"exec ./server --port {port}\"\n\n\
+        [release]\npath = \"builds/{version}\"\n\n\
+        [[hosts]]\nname = \"web1\"\naddress = \"127.0.0.11\"\nroot = \"fleet/web1\"\n\n\
+        [balancer]\nlisten = \"127.0.0.1:8080\"\nadmin = \"127.0.0.1:8081\"\ntoken = \"0123456789abcdef\"\n\n";
+
+    /// The error `[serve]` (appended to a good config) gives, and the line where `needle` is.
+    fn error_of(serve: &str, needle: &str) -> (String, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cutover.toml");
+        let text = format!("{BASE}{serve}");
+        std::fs::write(&path, &text).unwrap();
+        let config = Config::load(&path).unwrap();
+        let line = text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+        let e = Settings::from_config(&config).unwrap_err().to_string();
+        (e.replace(&path.display().to_string(), "FILE"), line)
+    }
+
+    #[test]
+    fn serve_errors_name_the_line_and_key() {
+        let (e, line) = error_of("[serve]\ntoken = \"short\"\n", "token = \"short\"");
+        assert_eq!(
+            e,
+            format!(
+                "FILE:{line}:1: serve.token: serve.token is too short: use at least 16 characters"
+            )
+        );
+        let (e, line) = error_of(
+            "[serve]\ntoken = \"0123456789abcdef0\"\ntoken_file = \"t\"\n",
+            "token = \"0123456789abcdef0\"",
+        );
+        assert!(
+            e.starts_with(&format!("FILE:{line}:1: serve.token: set either")),
+            "{e}"
+        );
+        let (e, line) = error_of("[serve]\nlisten = \"127.0.0.1:8480\"\n", "[serve]");
+        assert!(
+            e.starts_with(&format!("FILE:{line}:1: serve: serve.token is not set")),
+            "{e}"
+        );
+        let (e, line) = error_of(
+            "[serve]\ntoken = \"0123456789abcdef0\"\n\n[serve.github]\nsecret = \"0123456789abcdef0\"\nbranch = \"refs/heads/main\"\n",
+            "branch = ",
+        );
+        assert_eq!(
+            e,
+            format!(
+                "FILE:{line}:1: serve.github.branch: \"refs/heads/main\": name the branch alone, e.g. \"main\""
+            )
+        );
+        let (e, line) = error_of("[serve]\ntoken_file = \"missing.token\"\n", "token_file = ");
+        assert!(
+            e.starts_with(&format!("FILE:{line}:1: serve.token_file: cannot read ")),
+            "{e}"
+        );
+    }
 }
