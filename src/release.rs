@@ -63,6 +63,44 @@ fn q(p: &Path) -> String {
     sh_quote(p.to_string_lossy())
 }
 
+/// The host's side of staging: check the uploaded archive's sha256 (printing `digest <got>`
+/// on a mismatch), unpack it into `partial` within `tar_limit` seconds (where `timeout(1)`
+/// exists), and rename that into `dest` (printing `verified`). The upload and `partial` go
+/// whatever happens.
+fn unpack_script(
+    upload: &Path,
+    sha256: &str,
+    partial: &Path,
+    dest: &Path,
+    tar_limit: u64,
+) -> String {
+    format!(
+        "set -e
+         a={upload}
+         trap 'rm -rf {partial_q} \"$a\"' EXIT
+         if command -v sha256sum >/dev/null 2>&1; then got=$(sha256sum \"$a\"); else got=$(shasum -a 256 \"$a\"); fi
+         got=${{got%% *}}
+         if [ \"$got\" != {expected} ]; then rm -f \"$a\"; echo \"digest $got\"; exit 0; fi
+         rm -rf {partial}
+         mkdir -p {partial}
+         if command -v timeout >/dev/null 2>&1; then
+           timeout -k 5 {tar_limit} tar -xzf \"$a\" -C {partial} || {{ s=$?; [ $s -ne 124 ] || echo 'tar did not finish within {tar_limit} s: raise command_timeout' >&2; exit $s; }}
+         else
+           tar -xzf \"$a\" -C {partial}
+         fi
+         rm -f \"$a\"
+         if [ -d {dest} ]; then rm -rf {partial}; else mv {partial} {dest}; fi
+         touch {dest}
+         echo verified
+",
+        upload = q(upload),
+        expected = sh_quote(sha256),
+        partial = q(partial),
+        partial_q = q(partial).replace('\'', "'\\''"),
+        dest = q(dest),
+    )
+}
+
 /// A staging failure that must stop the whole deploy before any host changes traffic: the
 /// release could not be built, or what arrived on a host is not what was built.
 #[derive(Debug, thiserror::Error)]
@@ -113,35 +151,22 @@ pub async fn stage(
     let upload = layout.releases().join(format!(".{version}.tar.gz"));
     transport.upload(host, &archive.path, &upload).await?;
     let partial = layout.releases().join(format!("{version}.partial"));
-    let script = format!(
-        "set -e
-         a={upload}
-         trap 'rm -rf {partial_q} \"$a\"' EXIT
-         if command -v sha256sum >/dev/null 2>&1; then got=$(sha256sum \"$a\"); else got=$(shasum -a 256 \"$a\"); fi
-         got=${{got%% *}}
-         if [ \"$got\" != {expected} ]; then rm -f \"$a\"; echo \"digest $got\"; exit 0; fi
-         rm -rf {partial}
-         mkdir -p {partial}
-         tar -xzf \"$a\" -C {partial}
-         rm -f \"$a\"
-         if [ -d {dest} ]; then rm -rf {partial}; else mv {partial} {dest}; fi
-         touch {dest}
-         echo verified
-",
-        upload = q(&upload),
-        expected = sh_quote(&archive.sha256),
-        partial = q(&partial),
-        partial_q = q(&partial).replace('\'', "'\\''"),
-        dest = q(&dest),
-    );
     // At least 5 minutes, more when command_timeout says a step may take longer (a large
-    // release on a slow disk).
+    // release on a slow disk). The host ends `tar` itself a little earlier (with `timeout(1)`
+    // where it has it): a transport that gives up only closes its session, and a `tar` left
+    // running would still write into `.partial` while the next attempt unpacks there.
+    let limit = source.command_timeout().max(Duration::from_secs(300));
+    let tar_limit = limit
+        .saturating_sub(Duration::from_secs(10))
+        .as_secs()
+        .max(1);
+    let script = unpack_script(&upload, &archive.sha256, &partial, &dest, tar_limit);
     let out = run_ok(
         transport,
         host,
         &format!("unpacking {version}"),
         &script,
-        source.command_timeout().max(Duration::from_secs(300)),
+        limit,
     )
     .await?;
     if let Some(got) = out.trim().strip_prefix("digest ") {
@@ -220,6 +245,50 @@ mod tests {
     use super::*;
     use crate::source::{Archive, ReleaseSource};
     use crate::transport::local::LocalTransport;
+
+    /// A `tar` that outlives its limit is ended on the host, which cleans up and says what to
+    /// raise, instead of writing into `.partial` after the deployer gave up.
+    #[test]
+    fn a_tar_past_its_limit_is_ended_and_cleaned_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let fake = bin.join("tar");
+        std::fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let upload = dir.path().join(".v1.tar.gz");
+        std::fs::write(&upload, b"not really an archive").unwrap();
+        let sum = std::process::Command::new("sha256sum")
+            .arg(&upload)
+            .output()
+            .unwrap();
+        let sum = String::from_utf8_lossy(&sum.stdout);
+        let sha = sum.split_whitespace().next().unwrap();
+        let (partial, dest) = (dir.path().join("v1.partial"), dir.path().join("v1"));
+        let script = unpack_script(&upload, sha, &partial, &dest, 1);
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .env("PATH", path)
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(out.status.code(), Some(124), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("tar did not finish within 1 s: raise command_timeout"),
+            "{out:?}"
+        );
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+        assert!(!partial.exists() && !upload.exists() && !dest.exists());
+    }
 
     fn host(root: &Path) -> Host {
         Host::for_test(root)
