@@ -526,6 +526,9 @@ impl Deployer {
                 version: version.as_str(),
                 preview: false,
             };
+            let next = plan
+                .get(i + 1)
+                .map(|_| format!("batch {}/{}", i + 2, plan.len()));
             let verified = match self
                 .verify_unless_stopped(
                     &run,
@@ -542,9 +545,6 @@ impl Deployer {
                 // The operator's stop decides before the failure budget: read this boundary
                 // now (the last batch's too).
                 None => {
-                    let next = plan
-                        .get(i + 1)
-                        .map(|_| format!("batch {}/{}", i + 2, plan.len()));
                     match self
                         .at_boundary(
                             &run,
@@ -605,10 +605,7 @@ impl Deployer {
                 break;
             }
             // The boundary after the last batch is read below, once its settles have ended.
-            let Some(next) = plan
-                .get(i + 1)
-                .map(|_| format!("batch {}/{}", i + 2, plan.len()))
-            else {
+            let Some(next) = next else {
                 continue;
             };
             if let Boundary::Stop(why) = self
@@ -660,7 +657,9 @@ impl Deployer {
                 version: version.as_str(),
                 preview: false,
             };
-            match self
+            // Stopped by an operator: the stop is acted on here, or, no longer queued, the
+            // verification did not pass.
+            let verified = match self
                 .verify_unless_stopped(
                     &run,
                     crate::config::VerifyPoint::AfterDeploy,
@@ -670,37 +669,28 @@ impl Deployer {
                 )
                 .await
             {
-                Some(Ok(())) => {}
-                Some(Err(e)) => {
-                    self.progress
-                        .say(&format!("{e}: returning every moved host"));
-                    self.journal.event(Some(&run.id), &e)?;
-                    failed.push(HostFailure {
-                        host: "fleet".into(),
-                        reason: e,
-                    });
-                    (outcome, stuck) = self.roll_back(&run, &moved).await;
-                }
+                Some(r) => r,
                 None => {
                     match self.after_last(&run, "the after_deploy verification", rolling_back)? {
                         Boundary::Stop(why) => {
                             (outcome, stuck) = self
                                 .operator_stop(&run, req.kind, why, &moved, &mut notes)
                                 .await?;
+                            Ok(())
                         }
-                        Boundary::Next => {
-                            let e = format!("after_deploy: {VERIFY_STOPPED_UNCLAIMED}");
-                            self.progress
-                                .say(&format!("{e}: returning every moved host"));
-                            self.journal.event(Some(&run.id), &e)?;
-                            failed.push(HostFailure {
-                                host: "fleet".into(),
-                                reason: e,
-                            });
-                            (outcome, stuck) = self.roll_back(&run, &moved).await;
-                        }
+                        Boundary::Next => Err(format!("after_deploy: {VERIFY_STOPPED_UNCLAIMED}")),
                     }
                 }
+            };
+            if let Err(e) = verified {
+                self.progress
+                    .say(&format!("{e}: returning every moved host"));
+                self.journal.event(Some(&run.id), &e)?;
+                failed.push(HostFailure {
+                    host: "fleet".into(),
+                    reason: e,
+                });
+                (outcome, stuck) = self.roll_back(&run, &moved).await;
             }
         }
         self.stranded_into(&mut stuck, &mut outcome);
@@ -937,9 +927,10 @@ impl Deployer {
         rollback_stops: bool,
         status: serde_json::Value,
     ) -> Option<Result<(), String>> {
-        if self.config.verify.iter().any(|v| v.at.contains(&point)) {
-            self.status(run, status);
+        if !self.config.verify.iter().any(|v| v.at.contains(&point)) {
+            return Some(Ok(()));
         }
+        self.status(run, status);
         let verify = crate::verify::run(&self.config, point, target);
         tokio::pin!(verify);
         loop {
@@ -962,6 +953,20 @@ impl Deployer {
                 }
             }
         }
+    }
+
+    /// Why a blue-green or canary run goes back after `point`'s verification was stopped: the
+    /// operator's queued stop, taken now, or, when it is no longer queued, a failed
+    /// verification.
+    pub(crate) fn stopped_verification(
+        &self,
+        run: &Run,
+        point: crate::config::VerifyPoint,
+    ) -> anyhow::Result<String> {
+        Ok(match self.journal.take_stop_command(&run.id)? {
+            Some(cmd) => format!("{cmd} requested"),
+            None => format!("{}: {VERIFY_STOPPED_UNCLAIMED}", point.name()),
+        })
     }
 
     /// Ends a blue-green or canary deployment: the report, with the strategy's notes.

@@ -304,12 +304,7 @@ impl Deployer {
         {
             Some(Ok(())) => {}
             Some(Err(e)) => back_reason = Some(e),
-            None => {
-                back_reason = Some(match self.journal.take_stop_command(&run.id)? {
-                    Some(cmd) => format!("{cmd} requested"),
-                    None => format!("after_switch: {VERIFY_STOPPED_UNCLAIMED}"),
-                });
-            }
+            None => back_reason = Some(self.stopped_verification(run, VerifyPoint::AfterSwitch)?),
         }
         let analysis_for = config
             .strategy
@@ -789,10 +784,7 @@ impl Deployer {
                 .await
             {
                 Some(r) => r,
-                None => match self.journal.take_stop_command(&run.id)? {
-                    Some(cmd) => Err(format!("{cmd} requested")),
-                    None => Err(format!("after_step: {VERIFY_STOPPED_UNCLAIMED}")),
-                },
+                None => Err(self.stopped_verification(run, VerifyPoint::AfterStep)?),
             };
             if let Err(e) = verified {
                 return self

@@ -590,15 +590,8 @@ async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
     let _ = std::fs::remove_file(&pid_file);
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v1"]);
     let pid = common::wait_for_pid_file(&pid_file, "the verify command").await;
-    let holder = cutover::journal::Journal::open(&fleet.dir.path().join(".cutover"))
-        .unwrap()
-        .lock_holder("test")
-        .unwrap()
-        .expect("the deploy holds the lock");
-    // SAFETY: kill(2) on the deploy process this test started, as Ctrl-C would.
-    unsafe {
-        libc::kill(holder.pid as i32, libc::SIGINT);
-    }
+    // As Ctrl-C would.
+    fleet.signal_running_deploy(libc::SIGINT);
     let (code, _, err) = deploy.await.unwrap();
     assert_eq!(code, 130, "{err}");
     let t = std::time::Instant::now();

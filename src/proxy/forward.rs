@@ -488,19 +488,15 @@ pub struct Upstream {
     /// The head already counted against passive health: a broken body is not a second
     /// failure in a row either.
     head_failed: bool,
-    /// The body broke off: it did not end whole.
-    broken: bool,
 }
 
 impl Drop for Upstream {
     /// hyper stops polling a body whose length says it has ended (an empty or fixed-length
     /// one), so its end may never be polled; and a client may leave mid-body, which is no
-    /// failure of the backend's. Either way the backend did not fail this response (a cut
-    /// took the guard already).
+    /// failure of the backend's. Either way the backend did not fail this response (a cut or
+    /// a break took the guard already).
     fn drop(&mut self) {
-        if self.guard.is_some() && !self.broken {
-            self.end_whole();
-        }
+        self.end_unfailed();
     }
 }
 
@@ -512,13 +508,13 @@ impl Upstream {
             cut: None,
             status,
             head_failed,
-            broken: false,
         }
     }
 
-    /// The body ended whole: the request is no longer in flight, and a response that did not
-    /// fail (a 5xx head with `eject_on_5xx` did) ends the backend's run of failures.
-    fn end_whole(&mut self) {
+    /// The body ended without the backend failing it (whole, or the client left): the request
+    /// is no longer in flight, and a response that did not fail (a 5xx head with
+    /// `eject_on_5xx` did) ends the backend's run of failures.
+    fn end_unfailed(&mut self) {
         if let Some(guard) = self.guard.take() {
             if !self.head_failed {
                 guard.backend().completed();
@@ -544,14 +540,14 @@ impl Upstream {
         }
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                self.end_whole();
+                self.end_unfailed();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
             Poll::Ready(Some(Err(e))) => {
-                self.broken = true;
                 guard.backend().broke(self.status, self.head_failed);
                 warn!(backend = %guard.backend().id, "response body failed: {e}");
+                self.guard = None;
                 Poll::Ready(Some(Err(BodyError::Upstream(e))))
             }
             Poll::Pending => {

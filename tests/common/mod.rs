@@ -243,6 +243,14 @@ impl Fleet {
         &self,
         deploy: tokio::task::JoinHandle<(i32, String, String)>,
     ) {
+        self.signal_running_deploy(libc::SIGKILL);
+        let (code, _, _) = deploy.await.unwrap();
+        assert_eq!(code, -9, "killed");
+    }
+
+    /// Sends `signal` to the running deployment (the deploy lock's holder, a process the test
+    /// started).
+    pub fn signal_running_deploy(&self, signal: i32) {
         let journal = cutover::journal::Journal::open(&self.dir.path().join(".cutover")).unwrap();
         let holder = journal
             .lock_holder("test")
@@ -250,10 +258,8 @@ impl Fleet {
             .expect("a running deploy holds the lock");
         // SAFETY: kill(2) on the deploy process this test spawned.
         unsafe {
-            libc::kill(holder.pid as i32, libc::SIGKILL);
+            libc::kill(holder.pid as i32, signal);
         }
-        let (code, _, _) = deploy.await.unwrap();
-        assert_eq!(code, -9, "killed");
     }
 
     /// Runs `cutover <args> -c <config>`; returns exit code, stdout, stderr.
