@@ -75,6 +75,51 @@ pub fn replace(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     }
 }
 
+/// Held across a read-modify-write of a file that [`replace`] writes: an exclusive `flock` on
+/// `<name>.lock` beside it, released on drop. [`replace`] alone keeps each write whole, but two
+/// processes that both read, change and write back (a deploy and a `cutover status` editing the
+/// HAProxy state) would lose one change. The lock is taken through a new open file each time, so
+/// it also excludes other threads of this process; it is not re-entrant.
+#[derive(Debug)]
+pub struct EditLock {
+    _file: std::fs::File,
+}
+
+/// Takes the [`EditLock`] of `path`, waiting for its holder, and creates the directory if needed.
+pub fn lock_for_edit(path: &Path) -> anyhow::Result<EditLock> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock = path.with_file_name(name);
+    let open = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock)
+    };
+    let file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = lock.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create the directory {}", dir.display()))?;
+            }
+            open()
+        }
+        other => other,
+    }
+    .with_context(|| format!("cannot open the lock file {}", lock.display()))?;
+    loop {
+        // SAFETY: flock on a descriptor this function owns; released when it is closed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } == 0 {
+            return Ok(EditLock { _file: file });
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e).with_context(|| format!("cannot lock {}", lock.display()));
+        }
+    }
+}
+
 /// The target's companion, `<name>.prev`: scratch space for the next write, and meanwhile the
 /// content before the last one.
 pub fn spare_path(path: &Path) -> PathBuf {
@@ -184,6 +229,44 @@ mod tests {
         replace(&path, b"3").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"3");
         assert_eq!(std::fs::read(spare_path(&path)).unwrap(), b"two, longer");
+    }
+
+    #[test]
+    fn edits_under_the_edit_lock_take_turns_across_threads_and_processes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/count");
+        replace(&path, b"0").unwrap();
+        // Read, wait, write back: without the lock most increments would be lost.
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let _held = lock_for_edit(&path).unwrap();
+                    let n: u32 = String::from_utf8(std::fs::read(&path).unwrap())
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                    replace(&path, (n + 1).to_string().as_bytes()).unwrap();
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"8");
+        // Another process sees it taken while held, and free after.
+        let try_lock = || {
+            std::process::Command::new("flock")
+                .args(["-n", "-E", "3"])
+                .arg(dir.path().join("sub/count.lock"))
+                .arg("true")
+                .status()
+                .unwrap()
+                .code()
+        };
+        let held = lock_for_edit(&path).unwrap();
+        assert_eq!(try_lock(), Some(3), "another process took a held edit lock");
+        drop(held);
+        assert_eq!(try_lock(), Some(0));
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   the server's final counters to a per-release tally in `<state_dir>/haproxy-<backend>.json`,
 //!   so per-release counters stay monotonic across a deploy. Totals come from the backend's own
 //!   row, which survives deletions (and counts HAProxy's own 503s when no server is up).
+//!   Every read-modify-write of that file holds an `flock` on `<file>.lock`, so two cutover
+//!   processes driving one HAProxy (a deploy and `cutover status`) never lose each other's edit.
 //! - Cleanup: every server cutover puts in drain or maint is written to the same state file
 //!   first (with the pid and start time of the process). When the balancer is dropped (the end of
 //!   every command, also after an error), and at connect for entries of processes that no longer
@@ -32,7 +34,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -41,6 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use super::api::{BackendSpec, BackendState, BackendView, Counters, DrainReport, Health, Stats};
 use super::{Balancer, Unreachable};
+use crate::atomic_file::EditLock;
 use crate::config::{BalancerKind, Config};
 
 /// Oldest HAProxy with dynamic servers (`add server` / `del server`).
@@ -609,8 +612,6 @@ struct Inner {
     version: String,
     /// `experimental-mode on;` before add/del on HAProxy 2.4.
     prefix: &'static str,
-    /// Serialises read-modify-write of the state file within this process.
-    state_lock: Mutex<()>,
     latency: Mutex<LatencyTracker>,
     me: (u32, Option<u64>),
 }
@@ -648,7 +649,6 @@ impl HaproxyBalancer {
             } else {
                 ""
             },
-            state_lock: Mutex::new(()),
             latency: Mutex::new(LatencyTracker::default()),
             me: (me, process_start(me)),
             settings,
@@ -685,7 +685,7 @@ impl HaproxyBalancer {
     /// Servers cutover put in drain or maint and has not removed or restored yet (name →
     /// record), as the state file holds them.
     pub fn disabled(&self) -> anyhow::Result<BTreeMap<String, Disabled>> {
-        let _g = self.inner.lock_state();
+        let _g = self.inner.lock_state()?;
         Ok(load_state(&self.inner.settings.state_file)?.disabled)
     }
 
@@ -729,8 +729,11 @@ impl Drop for HaproxyBalancer {
 }
 
 impl Inner {
-    fn lock_state(&self) -> MutexGuard<'_, ()> {
-        self.state_lock.lock().unwrap_or_else(|p| p.into_inner())
+    /// Serialises read-modify-write of the state file with this process's other threads and
+    /// with other cutover processes driving the same HAProxy (a deploy, `cutover status`, the
+    /// dashboard): the deploy lock alone does not cover those.
+    fn lock_state(&self) -> anyhow::Result<EditLock> {
+        crate::atomic_file::lock_for_edit(&self.settings.state_file)
     }
 
     fn full(&self, server: &str) -> String {
@@ -787,14 +790,14 @@ impl Inner {
     }
 
     fn edit_state<T>(&self, f: impl FnOnce(&mut StateFile) -> T) -> anyhow::Result<T> {
-        let held = self.lock_state();
+        let held = self.lock_state()?;
         self.edit_state_held(&held, f)
     }
 
     /// [`Inner::edit_state`] under a state lock the caller holds.
     fn edit_state_held<T>(
         &self,
-        _held: &MutexGuard<'_, ()>,
+        _held: &EditLock,
         f: impl FnOnce(&mut StateFile) -> T,
     ) -> anyhow::Result<T> {
         let path = &self.settings.state_file;
@@ -920,7 +923,7 @@ impl Inner {
             // Counters are final: no new traffic reaches a server in maint. The state lock
             // spans the read, the delete and the tally, so a `stats` never sees the server
             // both live and retired (counted twice).
-            let held = self.lock_state();
+            let held = self.lock_state()?;
             let last = self.find(&self.rows()?, id);
             match self.delete(&name) {
                 Ok(()) => {
@@ -964,7 +967,7 @@ impl Inner {
     /// Restores the disabled servers `which` selects (see the module docs).
     fn restore(&self, which: impl Fn(&Disabled) -> bool) -> anyhow::Result<Vec<Restoration>> {
         let chosen: Vec<(String, Disabled)> = {
-            let _g = self.lock_state();
+            let _g = self.lock_state()?;
             load_state(&self.settings.state_file)?
                 .disabled
                 .into_iter()
@@ -1197,7 +1200,7 @@ impl Balancer for HaproxyBalancer {
             // One state lock over both reads: a server deleted in between would be counted
             // live and retired (see `remove`).
             let (rows, retired) = {
-                let _g = i.lock_state();
+                let _g = i.lock_state()?;
                 (i.rows()?, load_state(&i.settings.state_file)?.retired)
             };
             let mut stats = Stats::default();
