@@ -853,9 +853,10 @@ impl Deployer {
             ));
         }
         if restarted {
-            // The proxy restarted (or was replaced with --takeover): its counters began again.
+            // The proxy restarted, or a --takeover lost the old proxy's counts: its counters
+            // began again.
             notes.push(
-                "the balancer's counters restarted during the deployment (a restart or --takeover): the request counts cover only the time since".into(),
+                "the balancer's counters restarted during the deployment (a proxy restart, or a --takeover whose old proxy did not hand over its counts): the request counts cover only the time since".into(),
             );
         }
         let report = Report {

@@ -144,7 +144,7 @@ fn routes(views: &[cutover::balancer::BackendView]) -> Vec<(String, u32, Backend
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_the_routes() {
+async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_routes_and_counts() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("children.log");
     let config = write_config(dir.path());
@@ -161,6 +161,7 @@ async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_the_rout
     admin.set_weight("b2", 50).await.unwrap();
     admin.drain("b3").await.unwrap();
     let before = routes(&admin.backends().await.unwrap());
+    let counting_since = admin.stats().await.unwrap().counting_since_ms;
 
     let run = load::start(LoadSpec {
         rate: 800,
@@ -171,6 +172,10 @@ async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_the_rout
     });
     for round in 1..=3u64 {
         run.wait_until(|r| r.sent >= round * 900).await;
+        // A slow request in flight across the takeover: the old proxy finishes it while it
+        // drains, and hands its count over after.
+        let slow = tokio::spawn(slow_get(listen, 600));
+        tokio::time::sleep(Duration::from_millis(50)).await;
         let (new, new_listen, new_admin) = proxy(&config, true, &log).await;
         assert_eq!(
             (new_listen, new_admin),
@@ -182,6 +187,10 @@ async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_the_rout
             .expect("the replaced proxy exits after draining")
             .unwrap();
         assert!(status.success(), "replaced proxy exited with {status}");
+        assert!(
+            slow.await.unwrap(),
+            "the slow request across takeover {round} failed"
+        );
         old = new;
         assert_eq!(
             routes(&admin.backends().await.unwrap()),
@@ -198,7 +207,28 @@ async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_the_rout
         report.failures
     );
     assert_eq!(report.ok, report.sent, "{report}");
+    // Every proxy handed its counts to the next: the last one counted every response since
+    // the first started.
+    let stats = admin.stats().await.unwrap();
+    assert_eq!(stats.counting_since_ms, counting_since, "{stats:?}");
+    assert_eq!(
+        stats.total.responses(),
+        report.ok + 3,
+        "{report}: {stats:?}"
+    );
+    assert_eq!(stats.unrouted, 0);
     let _ = old.start_kill();
+}
+
+/// `GET /sleep/{ms}` through the proxy on a connection of its own: whether it got a 200.
+async fn slow_get(listen: SocketAddr, ms: u64) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let req = format!("GET /sleep/{ms} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer)).await;
+    read.is_ok() && answer.starts_with(b"HTTP/1.1 200")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

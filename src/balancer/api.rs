@@ -131,6 +131,29 @@ impl Counters {
         self.status_1xx + self.status_2xx + self.status_3xx + self.status_4xx + self.status_5xx
     }
 
+    /// What was counted since `earlier`, a snapshot of the same counters (saturating at 0).
+    pub fn since(&self, earlier: &Counters) -> Counters {
+        let d = |now: u64, then: u64| now.saturating_sub(then);
+        Counters {
+            requests: d(self.requests, earlier.requests),
+            status_1xx: d(self.status_1xx, earlier.status_1xx),
+            status_2xx: d(self.status_2xx, earlier.status_2xx),
+            status_3xx: d(self.status_3xx, earlier.status_3xx),
+            status_4xx: d(self.status_4xx, earlier.status_4xx),
+            status_5xx: d(self.status_5xx, earlier.status_5xx),
+            proxy_errors: d(self.proxy_errors, earlier.proxy_errors),
+            retries: d(self.retries, earlier.retries),
+            broken: d(self.broken, earlier.broken),
+            latency_us_sum: d(self.latency_us_sum, earlier.latency_us_sum),
+            latency_buckets: self
+                .latency_buckets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| d(*n, earlier.latency_buckets.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
     /// Adds `other` into `self`.
     pub fn add(&mut self, other: &Counters) {
         self.requests += other.requests;

@@ -380,7 +380,7 @@ async fn stats(State(proxy): State<Arc<Proxy>>) -> Json<Stats> {
         releases,
         unrouted: proxy.unrouted.load(Ordering::Relaxed),
         total,
-        counting_since_ms: proxy.started_ms,
+        counting_since_ms: proxy.counting_since_ms(),
     })
 }
 

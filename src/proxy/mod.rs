@@ -286,9 +286,10 @@ pub struct Proxy {
     draining: AtomicBool,
     /// Changes made to the routing table so far (see [`Proxy::persist`]).
     changes: AtomicU64,
-    /// When this process began counting (unix ms): `/stats` says so, so a deployer can tell a
-    /// restart (counters from zero) from quiet.
-    pub(crate) started_ms: u64,
+    /// When counting began (unix ms): `/stats` says so, so a deployer can tell a restart
+    /// (counters from zero) from quiet. A takeover keeps the replaced proxy's (see
+    /// [`takeover::Carried`]).
+    started_ms: AtomicU64,
     /// Serializes state file writes so the last write holds the latest state; holds the
     /// number of changes the file holds.
     persisted: tokio::sync::Mutex<u64>,
@@ -325,7 +326,7 @@ impl Proxy {
             connections: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             changes: AtomicU64::new(0),
-            started_ms: crate::journal::now_ms(),
+            started_ms: AtomicU64::new(crate::journal::now_ms()),
             persisted: tokio::sync::Mutex::new(0),
         })
     }
@@ -453,6 +454,33 @@ impl Proxy {
         Ok(())
     }
 
+    /// When the counters of `/stats` began (unix ms).
+    pub(crate) fn counting_since_ms(&self) -> u64 {
+        self.started_ms.load(Ordering::Relaxed)
+    }
+
+    /// Everything this proxy counted, for its successor at a takeover.
+    fn carried(&self) -> takeover::Carried {
+        let table = self.table();
+        takeover::Carried {
+            started_ms: self.counting_since_ms(),
+            backends: table.backend_counters(),
+            releases: table.release_counters(),
+            unrouted: self.unrouted.load(Ordering::Relaxed),
+            ejections: self.ejections.load(Ordering::Relaxed),
+            closed_at_deadline: self.closed_at_deadline.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds a replaced proxy's counts to this one's.
+    fn carry_in(&self, c: &takeover::Carried) {
+        self.table().add_counts(&c.backends, &c.releases);
+        self.unrouted.fetch_add(c.unrouted, Ordering::Relaxed);
+        self.ejections.fetch_add(c.ejections, Ordering::Relaxed);
+        self.closed_at_deadline
+            .fetch_add(c.closed_at_deadline, Ordering::Relaxed);
+    }
+
     /// Waits (at most one health check timeout, plus a little) until every backend has a
     /// health result, so a restarted proxy routes at once instead of answering 503.
     async fn wait_checked(&self) {
@@ -520,6 +548,9 @@ pub struct ProxyHandle {
     stop: Arc<watch::Sender<bool>>,
     tasks: Vec<JoinHandle<()>>,
     proxy: Arc<Proxy>,
+    /// A successor's end of the takeover exchange, once the admin API is released: it gets
+    /// the drain's counts.
+    released: takeover::ReleaseSlot,
 }
 
 impl ProxyHandle {
@@ -531,6 +562,14 @@ impl ProxyHandle {
             let _ = t.await;
         }
         self.proxy.table().stop_checkers();
+        let successor = self
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(session) = successor {
+            session.drained(self.proxy.carried()).await;
+        }
         let closed_at_deadline = self.proxy.closed_at_deadline.load(Ordering::Relaxed);
         info!(closed_at_deadline, "proxy stopped");
         ShutdownReport { closed_at_deadline }
@@ -612,8 +651,25 @@ pub async fn start_with(
     if let Some(session) = handover {
         // The old proxy stops accepting now; its last admin changes are on disk once it says
         // it released the admin API.
-        session.finish().await;
+        let from_old = session.finish().await;
         proxy.restore()?;
+        if let Some(from_old) = from_old {
+            proxy.carry_in(&from_old.counts);
+            proxy
+                .started_ms
+                .store(from_old.counts.started_ms, Ordering::Relaxed);
+            let core = proxy.clone();
+            let drain_timeout = proxy.settings.drain_timeout;
+            tokio::spawn(async move {
+                match from_old.drained.wait(drain_timeout).await {
+                    Some(c) => core.carry_in(&c),
+                    // Requests finished on the old proxy are missing: say the counts restarted.
+                    None => core
+                        .started_ms
+                        .store(crate::journal::now_ms(), Ordering::Relaxed),
+                }
+            });
+        }
     }
     let admin_task = tokio::spawn(serve_admin(
         admin,
@@ -629,7 +685,7 @@ pub async fn start_with(
             handed,
             stop.clone(),
             stop_rx,
-            released,
+            released.clone(),
         )));
     }
     info!(%listen, admin = %admin_addr, takeover, "proxy listening");
@@ -639,6 +695,7 @@ pub async fn start_with(
         stop,
         tasks,
         proxy,
+        released,
     })
 }
 
@@ -650,7 +707,7 @@ async fn serve_admin(
     mut stop: watch::Receiver<bool>,
     released: takeover::ReleaseSlot,
 ) {
-    let router = admin_router(proxy);
+    let router = admin_router(proxy.clone());
     let mut signal = stop.clone();
     let server = axum::serve(admin, router).with_graceful_shutdown(async move {
         let _ = signal.wait_for(|s| *s).await;
@@ -665,10 +722,13 @@ async fn serve_admin(
     {
         abort.abort();
     }
-    let session = released.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(session) = session {
-        session.released().await;
+    // The admin API is done: hand the successor the counters so far, and keep the exchange
+    // for the drain's counts (see `ProxyHandle::shutdown`).
+    let mut slot = released.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(session) = &mut slot {
+        session.released(proxy.carried()).await;
     }
+    *released.lock().unwrap_or_else(|p| p.into_inner()) = slot;
 }
 
 /// Runs the proxy until `shutdown` completes or a replacement takes over, then shuts down

@@ -88,6 +88,26 @@ impl AtomicCounters {
         self.broken.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Adds counts another proxy made (its counters at a takeover).
+    pub(crate) fn add(&self, c: &Counters) {
+        let add = |a: &AtomicU64, n: u64| {
+            a.fetch_add(n, Ordering::Relaxed);
+        };
+        add(&self.requests, c.requests);
+        add(&self.status_1xx, c.status_1xx);
+        add(&self.status_2xx, c.status_2xx);
+        add(&self.status_3xx, c.status_3xx);
+        add(&self.status_4xx, c.status_4xx);
+        add(&self.status_5xx, c.status_5xx);
+        add(&self.proxy_errors, c.proxy_errors);
+        add(&self.retries, c.retries);
+        add(&self.broken, c.broken);
+        add(&self.latency_us_sum, c.latency_us_sum);
+        for (mine, n) in self.buckets.iter().zip(&c.latency_buckets) {
+            add(mine, *n);
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> Counters {
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
         Counters {
@@ -714,6 +734,27 @@ impl Table {
             .iter()
             .map(|(r, c)| (r.clone(), c.counters.snapshot()))
             .collect()
+    }
+
+    /// Adds another proxy's counts (see [`super::takeover::Carried`]): per backend where this
+    /// table has the backend, per release always (release counters include removed backends').
+    pub(crate) fn add_counts(
+        &mut self,
+        backends: &BTreeMap<String, Counters>,
+        releases: &BTreeMap<String, Counters>,
+    ) {
+        for e in &self.entries {
+            if let Some(c) = backends.get(&e.spec.id) {
+                e.shared.counters.add(c);
+            }
+        }
+        for (release, c) in releases {
+            self.releases
+                .entry(release.clone())
+                .or_default()
+                .counters
+                .add(c);
+        }
     }
 
     /// Specs and states, for persistence.

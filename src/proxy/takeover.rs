@@ -13,15 +13,23 @@
 //!    as `SCM_RIGHTS`; it keeps accepting meanwhile;
 //! 3. the new proxy accepts traffic on them and sends `ready`;
 //! 4. the old proxy stops accepting (both listeners), finishes its admin calls (their
-//!    changes are persisted), sends `released`, then drains its client connections as at any
-//!    shutdown (`drain_timeout`, long-lived connections closed and counted at the deadline)
-//!    and exits;
-//! 5. the new proxy re-reads the routing state (changes made through the old admin API in the
-//!    meantime), starts serving the admin API (calls queued in between are answered now) and
-//!    binds a fresh control socket for the next replacement.
+//!    changes are persisted), sends `released` and its counters so far (`counts <json>`), then
+//!    drains its client connections as at any shutdown (`drain_timeout`, long-lived
+//!    connections closed and counted at the deadline), sends what it counted while draining
+//!    (`drained <json>`) and exits;
+//! 5. the new proxy adds the counters to its own and keeps the old one's counting start, so
+//!    `/stats` counts on across the replacement and a deploy that spans it gets whole numbers;
+//!    re-reads the routing state (changes made through the old admin API in the meantime),
+//!    starts serving the admin API (calls queued in between are answered now) and binds a
+//!    fresh control socket for the next replacement. It adds the drain's counts when they
+//!    come; if they never come (the old proxy died draining), it restarts its counting start,
+//!    so a deploy's report says its counts are partial instead of quietly missing requests.
 //!
-//! If the new proxy dies before `ready`, the old one keeps running as if nothing happened.
+//! If the new proxy dies before `ready`, the old one keeps running as if nothing happened. An
+//! old proxy of a release before the counters' hand-over sends only `released`: the new one
+//! then counts from zero, as after a restart.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -29,15 +37,61 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{info, warn};
+
+use crate::balancer::api::Counters;
 
 /// Time the other side has for each step of the exchange.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest Unix socket path (`sun_path` holds 108 bytes with the terminating zero).
 const MAX_PATH: usize = 107;
+/// Longest line of the exchange: the counters of a few thousand backends.
+const MAX_LINE: usize = 16 << 20;
+/// How long the new proxy waits for the drain's counts beyond the drain timeout.
+const DRAINED_GRACE: Duration = Duration::from_secs(30);
+
+/// What a proxy counted, handed to its successor at a takeover so that `/stats` counts on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Carried {
+    /// When the replaced proxy (or the one it replaced) began counting.
+    pub(crate) started_ms: u64,
+    pub(crate) backends: BTreeMap<String, Counters>,
+    pub(crate) releases: BTreeMap<String, Counters>,
+    pub(crate) unrouted: u64,
+    pub(crate) ejections: u64,
+    pub(crate) closed_at_deadline: u64,
+}
+
+impl Carried {
+    /// What was counted since `earlier` (the same proxy's counters, sent at `released`).
+    pub(crate) fn since(&self, earlier: &Carried) -> Carried {
+        let diff = |now: &BTreeMap<String, Counters>, then: &BTreeMap<String, Counters>| {
+            now.iter()
+                .map(|(k, c)| {
+                    let d = match then.get(k) {
+                        Some(t) => c.since(t),
+                        None => c.clone(),
+                    };
+                    (k.clone(), d)
+                })
+                .collect()
+        };
+        Carried {
+            started_ms: self.started_ms,
+            backends: diff(&self.backends, &earlier.backends),
+            releases: diff(&self.releases, &earlier.releases),
+            unrouted: self.unrouted.saturating_sub(earlier.unrouted),
+            ejections: self.ejections.saturating_sub(earlier.ejections),
+            closed_at_deadline: self
+                .closed_at_deadline
+                .saturating_sub(earlier.closed_at_deadline),
+        }
+    }
+}
 
 /// Where the old proxy keeps the exchange until its admin API is released.
 pub(crate) type ReleaseSlot = Arc<Mutex<Option<OldSession>>>;
@@ -153,19 +207,42 @@ async fn hand_over(mut stream: UnixStream, listeners: &Listeners) -> anyhow::Res
     if ready != "ready" {
         anyhow::bail!("the new proxy did not confirm ({ready:?})");
     }
-    Ok(OldSession { stream })
+    Ok(OldSession { stream, sent: None })
 }
 
 /// The old proxy's end of a finished hand-over.
 pub(crate) struct OldSession {
     stream: UnixStream,
+    /// The counters sent with `released`.
+    sent: Option<Carried>,
 }
 
 impl OldSession {
-    /// Tells the new proxy that the admin API is released and the routing state final.
-    pub(crate) async fn released(mut self) {
-        let _ = tokio::time::timeout(STEP_TIMEOUT, self.stream.write_all(b"released\n")).await;
+    /// Tells the new proxy that the admin API is released and the routing state final, and
+    /// hands it the counters so far.
+    pub(crate) async fn released(&mut self, counts: Carried) {
+        let msg = format!("released\ncounts {}\n", json_line(&counts));
+        if tokio::time::timeout(STEP_TIMEOUT, self.stream.write_all(msg.as_bytes()))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            self.sent = Some(counts);
+        }
     }
+
+    /// After the drain: hands over what was counted since [`OldSession::released`].
+    pub(crate) async fn drained(mut self, counts: Carried) {
+        let Some(sent) = self.sent.take() else {
+            return;
+        };
+        let msg = format!("drained {}\n", json_line(&counts.since(&sent)));
+        let _ = tokio::time::timeout(STEP_TIMEOUT, self.stream.write_all(msg.as_bytes())).await;
+    }
+}
+
+fn json_line(c: &Carried) -> String {
+    // JSON without pretty-printing has no raw newline: strings escape theirs.
+    serde_json::to_string(c).unwrap_or_else(|_| "{}".into())
 }
 
 /// What the new proxy gets from the old one.
@@ -212,20 +289,105 @@ pub(crate) struct NewSession {
     stream: UnixStream,
 }
 
+/// The old proxy's counters, as [`NewSession::finish`] got them.
+pub(crate) struct Handed {
+    pub(crate) counts: Carried,
+    /// Where the counts of the old proxy's drain arrive.
+    pub(crate) drained: DrainedCounts,
+}
+
 impl NewSession {
     /// Step 3 and 5: confirms (the new proxy is accepting) and waits until the old proxy has
-    /// released its admin API.
-    pub(crate) async fn finish(mut self) {
+    /// released its admin API; returns its counters when it sent them.
+    pub(crate) async fn finish(mut self) -> Option<Handed> {
         let wait = async {
             self.stream.write_all(b"ready\n").await?;
             read_line(&mut self.stream).await
         };
         match tokio::time::timeout(STEP_TIMEOUT, wait).await {
             Ok(Ok(l)) if l == "released" => info!("took over the listeners of the running proxy"),
-            Ok(Ok(l)) => warn!("unexpected answer from the old proxy: {l:?}"),
-            Ok(Err(e)) => warn!("the old proxy went away during the takeover: {e:#}"),
-            Err(_) => warn!("the old proxy did not release its admin API in time"),
+            Ok(Ok(l)) => {
+                warn!("unexpected answer from the old proxy: {l:?}");
+                return None;
+            }
+            Ok(Err(e)) => {
+                warn!("the old proxy went away during the takeover: {e:#}");
+                return None;
+            }
+            Err(_) => {
+                warn!("the old proxy did not release its admin API in time");
+                return None;
+            }
         }
+        let mut rest = BufReader::new(self.stream);
+        let counts = match read_message(&mut rest, "counts").await {
+            Ok(c) => c,
+            Err(e) => {
+                info!("the old proxy handed over no counters ({e:#}): counting from zero");
+                return None;
+            }
+        };
+        Some(Handed {
+            counts,
+            drained: DrainedCounts { stream: rest },
+        })
+    }
+}
+
+/// The rest of the exchange: the old proxy's counts while it drained.
+pub(crate) struct DrainedCounts {
+    stream: BufReader<UnixStream>,
+}
+
+impl DrainedCounts {
+    /// Waits for them, at most `drain_timeout` plus a grace; `None` when they do not come.
+    pub(crate) async fn wait(mut self, drain_timeout: Duration) -> Option<Carried> {
+        let read = read_message_untimed(&mut self.stream, "drained");
+        match tokio::time::timeout(drain_timeout + DRAINED_GRACE, read).await {
+            Ok(Ok(c)) => Some(c),
+            Ok(Err(e)) => {
+                warn!("the replaced proxy sent no counts of its drain: {e:#}");
+                None
+            }
+            Err(_) => {
+                warn!("the replaced proxy did not finish draining in time");
+                None
+            }
+        }
+    }
+}
+
+/// Reads `<kind> <json>`, one line, within [`STEP_TIMEOUT`].
+async fn read_message(stream: &mut BufReader<UnixStream>, kind: &str) -> anyhow::Result<Carried> {
+    tokio::time::timeout(STEP_TIMEOUT, read_message_untimed(stream, kind))
+        .await
+        .map_err(|_| anyhow::anyhow!("no {kind} within {STEP_TIMEOUT:?}"))?
+}
+
+async fn read_message_untimed(
+    stream: &mut BufReader<UnixStream>,
+    kind: &str,
+) -> anyhow::Result<Carried> {
+    let mut line = Vec::new();
+    (&mut *stream)
+        .take(MAX_LINE as u64)
+        .read_until(b'\n', &mut line)
+        .await?;
+    if line.pop() != Some(b'\n') {
+        anyhow::bail!("{kind}: the line ended early or is too long");
+    }
+    let line = String::from_utf8_lossy(&line);
+    let json = line
+        .strip_prefix(kind)
+        .and_then(|rest| rest.strip_prefix(' '))
+        .ok_or_else(|| anyhow::anyhow!("expected {kind}, got {:?}", truncate(&line)))?;
+    serde_json::from_str(json).with_context(|| format!("{kind}: not valid counters"))
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
     }
 }
 
@@ -372,6 +534,59 @@ mod tests {
         assert_eq!(fds.len(), 2);
         let got = std::net::TcpListener::from(fds.into_iter().next().unwrap());
         assert_eq!(got.local_addr().unwrap(), addr);
+    }
+
+    fn counts(release: &str, ok: u64) -> Carried {
+        let c = Counters {
+            requests: ok,
+            status_2xx: ok,
+            latency_buckets: vec![ok, 0],
+            ..Counters::default()
+        };
+        Carried {
+            started_ms: 7,
+            backends: [("b1".to_string(), c.clone())].into(),
+            releases: [(release.to_string(), c)].into(),
+            unrouted: 1,
+            ..Carried::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_follow_the_release_and_the_drain() {
+        let (old, new) = UnixStream::pair().unwrap();
+        let mut old = OldSession {
+            stream: old,
+            sent: None,
+        };
+        let new = NewSession { stream: new };
+        let finish = tokio::spawn(new.finish());
+        // The new side writes `ready` first; read it as the old side would.
+        assert_eq!(read_line(&mut old.stream).await.unwrap(), "ready");
+        old.released(counts("v1", 10)).await;
+        let handed = finish.await.unwrap().expect("counts handed over");
+        assert_eq!(handed.counts, counts("v1", 10));
+        // While draining: 5 more of v1 and a release the first message did not have.
+        let mut last = counts("v1", 15);
+        last.releases
+            .insert("v2".into(), counts("v2", 2).releases["v2"].clone());
+        old.drained(last).await;
+        let delta = handed.drained.wait(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(delta.releases["v1"].status_2xx, 5);
+        assert_eq!(delta.releases["v1"].latency_buckets, vec![5, 0]);
+        assert_eq!(delta.releases["v2"].status_2xx, 2);
+        assert_eq!(delta.backends["b1"].requests, 5);
+        assert_eq!(delta.unrouted, 0);
+    }
+
+    #[tokio::test]
+    async fn an_old_proxy_without_counts_means_counting_from_zero() {
+        let (mut old, new) = UnixStream::pair().unwrap();
+        let finish = tokio::spawn(NewSession { stream: new }.finish());
+        assert_eq!(read_line(&mut old).await.unwrap(), "ready");
+        old.write_all(b"released\n").await.unwrap();
+        drop(old);
+        assert!(finish.await.unwrap().is_none());
     }
 
     #[test]
