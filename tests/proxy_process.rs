@@ -220,6 +220,35 @@ async fn three_takeovers_during_steady_traffic_drop_no_request_and_keep_routes_a
     let _ = old.start_kill();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retire_right_after_a_takeover_waits_for_the_old_proxys_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("children.log");
+    let config = write_config(dir.path());
+    let (mut b1, a1) = sample_app("v1", &log).await;
+    let (_b2, a2) = sample_app("v2", &log).await;
+    let (old, listen, admin_addr) = proxy(&config, false, &log).await;
+    let admin = AdminClient::new(admin_addr, TOKEN.into());
+    admin.add(&spec("b1", a1, "v1")).await.unwrap();
+    admin.wait_healthy("b1", DEADLINE).await.unwrap();
+    // In flight on b1 through the old proxy while it is replaced.
+    let slow = tokio::spawn(slow_get(listen, 1500));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin.add(&spec("b2", a2, "v2")).await.unwrap();
+    admin.wait_healthy("b2", DEADLINE).await.unwrap();
+    let (_new, _, _) = proxy(&config, true, &log).await;
+    // What a deployer does next: retire b1 through the new proxy, then stop its instance.
+    let report = admin.retire("b1", Duration::from_secs(5)).await.unwrap();
+    let _ = b1.start_kill();
+    assert!(
+        slow.await.unwrap(),
+        "the instance was stopped under a request the old proxy was still finishing ({report:?})"
+    );
+    assert!(report.drained, "{report:?}");
+    assert!(report.waited_ms >= 500, "{report:?}");
+    drop(old);
+}
+
 /// `GET /sleep/{ms}` through the proxy on a connection of its own: whether it got a 200.
 async fn slow_get(listen: SocketAddr, ms: u64) -> bool {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

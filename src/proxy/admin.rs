@@ -295,8 +295,11 @@ async fn settle_drain(proxy: &Proxy, id: &str, timeout: Duration) -> Result<Drai
     let started = Instant::now();
     let waited_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     if wait_idle(&shared, started + timeout).await {
+        // Idle here; a proxy this one took over may still be finishing requests on it (it
+        // closes them itself at its own drain deadline, and counts them).
+        let drained = proxy.wait_predecessor(&id, started + timeout).await;
         return Ok(DrainReport {
-            drained: true,
+            drained,
             closed_at_deadline: 0,
             waited_ms: waited_ms(),
         });

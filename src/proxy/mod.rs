@@ -290,6 +290,9 @@ pub struct Proxy {
     /// (counters from zero) from quiet. A takeover keeps the replaced proxy's (see
     /// [`takeover::Carried`]).
     started_ms: AtomicU64,
+    /// Backends the proxy this one took over still had requests in flight on, until that
+    /// proxy's drain ends: a drain here waits for them too (see [`Proxy::wait_predecessor`]).
+    predecessor_busy: watch::Sender<std::collections::BTreeSet<String>>,
     /// Serializes state file writes so the last write holds the latest state; holds the
     /// number of changes the file holds.
     persisted: tokio::sync::Mutex<u64>,
@@ -327,6 +330,7 @@ impl Proxy {
             draining: AtomicBool::new(false),
             changes: AtomicU64::new(0),
             started_ms: AtomicU64::new(crate::journal::now_ms()),
+            predecessor_busy: watch::Sender::new(Default::default()),
             persisted: tokio::sync::Mutex::new(0),
         })
     }
@@ -469,7 +473,23 @@ impl Proxy {
             unrouted: self.unrouted.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
             closed_at_deadline: self.closed_at_deadline.load(Ordering::Relaxed),
+            busy: table
+                .entries()
+                .filter(|e| e.shared.in_flight.load(Ordering::Acquire) > 0)
+                .map(|e| e.spec.id.clone())
+                .collect(),
         }
+    }
+
+    /// Waits until the proxy this one took over has finished with backend `id` (its drain
+    /// ended), or the deadline: false then. Without this, a deployer retiring a backend
+    /// right after a takeover would see it idle here and stop its instance while the old
+    /// proxy still finishes requests on it.
+    pub(crate) async fn wait_predecessor(&self, id: &str, deadline: Instant) -> bool {
+        let mut busy = self.predecessor_busy.subscribe();
+        tokio::time::timeout_at(deadline, busy.wait_for(|b| !b.contains(id)))
+            .await
+            .is_ok()
     }
 
     /// Adds a replaced proxy's counts to this one's.
@@ -658,6 +678,9 @@ pub async fn start_with(
             proxy
                 .started_ms
                 .store(from_old.counts.started_ms, Ordering::Relaxed);
+            proxy
+                .predecessor_busy
+                .send_replace(from_old.counts.busy.clone());
             let core = proxy.clone();
             let drain_timeout = proxy.settings.drain_timeout;
             tokio::spawn(async move {
@@ -668,6 +691,8 @@ pub async fn start_with(
                         .started_ms
                         .store(crate::journal::now_ms(), Ordering::Relaxed),
                 }
+                // Finished or gone: nothing of the old proxy's is in flight any more.
+                core.predecessor_busy.send_replace(Default::default());
             });
         }
     }

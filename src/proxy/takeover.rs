@@ -64,6 +64,10 @@ pub(crate) struct Carried {
     pub(crate) unrouted: u64,
     pub(crate) ejections: u64,
     pub(crate) closed_at_deadline: u64,
+    /// Backends with requests or long-lived connections in flight when the counts were taken:
+    /// the successor's drain of such a backend also waits for the replaced proxy's drain.
+    #[serde(default)]
+    pub(crate) busy: std::collections::BTreeSet<String>,
 }
 
 impl Carried {
@@ -89,6 +93,7 @@ impl Carried {
             closed_at_deadline: self
                 .closed_at_deadline
                 .saturating_sub(earlier.closed_at_deadline),
+            busy: self.busy.clone(),
         }
     }
 }
