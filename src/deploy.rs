@@ -304,8 +304,11 @@ impl Deployer {
             None => {
                 let run = Run {
                     id: new_id(),
+                    // Only hosts that could be read: an unreachable host's release is unknown,
+                    // and a rollback must leave it as it is, not empty it.
                     previous: before
                         .iter()
+                        .filter(|v| v.error.is_none())
                         .map(|v| (v.host.name.to_string(), v.current.clone()))
                         .collect(),
                 };
@@ -1893,7 +1896,8 @@ impl Deployer {
         self.return_hosts(run, moved).await
     }
 
-    /// Returns `hosts` to their release in `run.previous` (clearing those that had none), in
+    /// Returns `hosts` to their release in `run.previous` (clearing those that had none, leaving
+    /// those it does not name: they were unreachable when the deployment began), in
     /// parallel; in place, in waves the size of the plan's largest batch, since a host
     /// being returned serves nothing meanwhile. Returns the hosts that could not be returned.
     async fn return_hosts(&self, run: &Run, hosts: &[Host]) -> Vec<HostFailure> {
@@ -1908,15 +1912,22 @@ impl Deployer {
         let mut stuck = Vec::new();
         for wave in hosts.chunks(wave.max(1)) {
             let results = join_all(wave.iter().map(|h| async move {
-                match run.previous.get(h.name.as_str()).cloned().flatten() {
-                    Some(prev) => {
-                        let prev = Name::parse(&prev).map_err(|e| HostFailure {
+                match run.previous.get(h.name.as_str()) {
+                    Some(Some(prev)) => {
+                        let prev = Name::parse(prev).map_err(|e| HostFailure {
                             host: h.name.to_string(),
                             reason: e,
                         })?;
                         self.switch_host(run, "rollback", h, &prev, false).await
                     }
-                    None => self.clear_host(run, h).await,
+                    Some(None) => self.clear_host(run, h).await,
+                    None => {
+                        self.progress.say(&format!(
+                            "rollback {}: left as it is (it could not be read when the deployment began, so the deployment did not change it)",
+                            h.name
+                        ));
+                        Ok(())
+                    }
                 }
             }))
             .await;

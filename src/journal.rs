@@ -456,11 +456,29 @@ impl Journal {
     }
 
     fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRow> {
+        let id: String = r.get(0)?;
+        let outcome: Option<String> = r.get(9)?;
         let previous: String = r.get(10)?;
         let report: Option<String> = r.get(11)?;
         let status: Option<String> = r.get(12)?;
+        let previous = match serde_json::from_str(&previous) {
+            Ok(p) => p,
+            // An interrupted deployment is resumed or rolled back from this record: read as
+            // empty, every host would look like it served nothing and be emptied.
+            Err(e) if outcome.is_none() => {
+                return Err(rusqlite::Error::FromSqlConversionFailure(
+                    10,
+                    rusqlite::types::Type::Text,
+                    format!(
+                        "the unfinished deployment {id} has a damaged record of what each host served before it (previous_json: {e}), so it cannot be resumed or rolled back safely: check every host with `cutover status`, then mark it ended with `sqlite3 <journal> \"UPDATE deployments SET outcome = 'failed' WHERE id = '{id}'\"`"
+                    )
+                    .into(),
+                ));
+            }
+            Err(_) => BTreeMap::new(),
+        };
         Ok(DeploymentRow {
-            id: r.get(0)?,
+            id,
             app: r.get(1)?,
             kind: r.get(2)?,
             strategy: r.get(3)?,
@@ -469,8 +487,8 @@ impl Journal {
             who: r.get(6)?,
             started_ms: r.get::<_, i64>(7)? as u64,
             ended_ms: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
-            outcome: r.get(9)?,
-            previous: serde_json::from_str(&previous).unwrap_or_default(),
+            outcome,
+            previous,
             report: report.and_then(|r| serde_json::from_str(&r).ok()),
             status: status.and_then(|s| serde_json::from_str(&s).ok()),
         })

@@ -296,3 +296,85 @@ async fn a_rollback_waiting_on_a_deployer_that_died_says_so() {
     assert_eq!(code, 0, "{out}\n{err}");
     fleet.assert_on("v1").await;
 }
+
+/// Interrupts a deploy of `to` after the first host moved (and before the last did).
+async fn interrupt_after_first_host(fleet: &Fleet, to: &str) {
+    let first = fleet.hosts[0].0.clone();
+    let last = fleet.hosts[fleet.hosts.len() - 1].0.clone();
+    for k in 1..200 {
+        assert!(
+            crash_at(fleet, to, k).await,
+            "the deploy of {to} ended before a crash"
+        );
+        if fleet.current(&first).as_deref() == Some(to)
+            && fleet.current(&last).as_deref() != Some(to)
+        {
+            return;
+        }
+        if interrupted(fleet).await {
+            let (code, out, err) = fleet.cutover(&["rollback"]).await;
+            assert_eq!(
+                code, 0,
+                "rollback after a crash at write {k}:\n{out}\n{err}"
+            );
+        }
+    }
+    panic!("no crash point left {first} moved and {last} not");
+}
+
+/// Rewrites the interrupted deployment's record of where each host was.
+fn edit_previous(fleet: &Fleet, edit: impl FnOnce(String) -> String) {
+    let db = rusqlite::Connection::open(fleet.dir.path().join(".cutover/journal.db")).unwrap();
+    let previous: String = db
+        .query_row(
+            "SELECT previous_json FROM deployments WHERE outcome IS NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE deployments SET previous_json = ?1 WHERE outcome IS NULL",
+        [edit(previous)],
+    )
+    .unwrap();
+}
+
+/// A rollback of an interrupted deployment acts on its record of where each host was: a host
+/// the record does not name (it was unreachable when the deployment began) is left as it is,
+/// not emptied; a damaged record refuses the rollback instead of emptying every host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_changes_only_hosts_its_record_names() {
+    let mut s = FleetSpec::new(3, 40);
+    s.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    s.health_extra = "healthy_threshold = 1\n".into();
+    let fleet = Fleet::start(s).await;
+    fleet.deploy("v1", 0).await;
+    let last = fleet.hosts[2].0.clone();
+
+    interrupt_after_first_host(&fleet, "v2").await;
+    edit_previous(&fleet, |p| {
+        let mut m: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&p).unwrap();
+        assert!(m.remove(&last).is_some(), "{p}");
+        serde_json::to_string(&m).unwrap()
+    });
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        format!("{out}{err}").contains(&format!("rollback {last}: left as it is")),
+        "{out}\n{err}"
+    );
+    // Every host is back on v1; the one the record did not name was never emptied.
+    fleet.assert_on("v1").await;
+
+    interrupt_after_first_host(&fleet, "v2").await;
+    let live = fleet.live_instances().len();
+    edit_previous(&fleet, |p| p[..p.len() / 2].to_string());
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert!(err.contains("damaged record"), "{err}");
+    assert_eq!(
+        fleet.live_instances().len(),
+        live,
+        "a host was changed: {out}\n{err}"
+    );
+}
