@@ -48,7 +48,9 @@ pub fn batch_failed(failed: usize, batch_size: usize, max_fail: Percent) -> bool
     if failed == 0 || batch_size == 0 {
         return false;
     }
-    (failed as f64 / batch_size as f64) * 100.0 > max_fail.0
+    // Ansible's own comparison, `failed / batch_size > max_fail_percentage / 100.0`: scaling
+    // the share up by 100 instead rounds 11/20 to 55.000000000000007, over a budget of 55.
+    failed as f64 / batch_size as f64 > max_fail.0 / 100.0
 }
 
 /// Why failures exhaust the strategy's budget, if they do: every host of the batch (`label`),
@@ -144,6 +146,14 @@ mod tests {
         assert!(!batch_failed(0, 4, Percent(0.0)));
         assert!(batch_failed(4, 4, Percent(99.0)));
         assert!(!batch_failed(4, 4, Percent(100.0)));
+        // Exactly at the budget is not over it, where scaling by 100 first rounded up.
+        for (failed, size, pct) in [(11, 20, 55.0), (7, 100, 7.0), (7, 25, 28.0), (7, 50, 14.0)] {
+            assert!(
+                !batch_failed(failed, size, Percent(pct)),
+                "{failed}/{size} is exactly {pct}%"
+            );
+            assert!(batch_failed(failed + 1, size, Percent(pct)));
+        }
     }
 
     #[test]

@@ -1194,6 +1194,12 @@ impl Config {
                 format!("forks must be between 1 and {MAX_FORKS}"),
             ));
         }
+        if self.history_keep == 0 {
+            return Err(err(
+                "history_keep",
+                "history_keep must be at least 1: the journal's newest deployments are what `cutover rollback`, `status` and `show` read (0 would forget each deployment as it ends)".into(),
+            ));
+        }
         if self.lock_lease < Duration::from_secs(1) {
             return Err(err(
                 "lock_lease",
@@ -1667,6 +1673,8 @@ batch = [1, "50%"]
         let top = |line: &str| GOOD.replacen("[app]", &format!("{line}\n\n[app]"), 1);
         let e = error_of(&top("forks = 4611686018427387904"));
         assert!(e.contains("forks must be between 1 and 10000"), "{e}");
+        let e = error_of(&top("history_keep = 0"));
+        assert!(e.contains("history_keep must be at least 1"), "{e}");
         let e = error_of(&top("lock_lease = \"0s\""));
         assert!(e.contains("lock_lease must be at least 1s"), "{e}");
         assert!(parse(&top("lock_lease = \"1s\"\nforks = 10000")).is_ok());

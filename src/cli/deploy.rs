@@ -9,7 +9,23 @@ use crate::deploy::{Report, Request};
 use crate::journal::{Journal, LockHeld, LockHolder, Taken};
 use crate::progress::Progress;
 
-use super::{deployer, parse_version};
+use super::deployer;
+
+/// The target of a recorded deployment, checked as a name: a bad one names the deployment and
+/// the journal, not a `--version` the user did not give.
+fn recorded_version(
+    row: &crate::journal::DeploymentRow,
+    journal: &std::path::Path,
+) -> anyhow::Result<Name> {
+    Name::parse(&row.to).map_err(|e| {
+        anyhow::anyhow!(
+            "deployment {} in {} records the version {:?}, which cannot be deployed: {e}",
+            row.id,
+            journal.display(),
+            row.to
+        )
+    })
+}
 
 /// What `deploy_cmd` is asked to do.
 pub(super) enum Action {
@@ -188,7 +204,7 @@ pub(super) async fn deploy_cmd(
         {
             // A canary or blue-green cannot pick up mid-way (its steps, weights, analysis and
             // green set lived in the killed process): undo what it left, then start it again.
-            let version = parse_version(&row.to)?;
+            let version = recorded_version(&row, journal.path())?;
             deployer.progress.say(&format!(
                 "{} deployment {} cannot continue where it stopped: returning every host to where it was, then starting {version} again",
                 row.strategy, row.id
@@ -201,7 +217,7 @@ pub(super) async fn deploy_cmd(
             }
         }
         (Action::Resume, Some(row)) => {
-            let version = parse_version(&row.to)?;
+            let version = recorded_version(&row, journal.path())?;
             let kind = if row.kind == "rollback" {
                 "rollback"
             } else {
@@ -232,7 +248,7 @@ pub(super) async fn deploy_cmd(
                 "rollback {} to {} was interrupted: finishing it",
                 row.id, row.to
             ));
-            let version = parse_version(&row.to)?;
+            let version = recorded_version(&row, journal.path())?;
             deployer
                 .run(&Request {
                     version,
@@ -260,7 +276,12 @@ pub(super) async fn deploy_cmd(
                             journal.path().display()
                         )
                     })?;
-                    parse_version(&prev)?
+                    Name::parse(&prev).map_err(|e| {
+                        anyhow::anyhow!(
+                            "the journal {} records the earlier release {prev:?}, which cannot be deployed: {e}; name one with `cutover rollback --to VERSION`",
+                            journal.path().display()
+                        )
+                    })?
                 }
             };
             deployer
