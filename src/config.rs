@@ -1210,6 +1210,12 @@ impl Config {
             if hook.command.trim().is_empty() {
                 return Err(err("hooks.command", "a hook's command is empty".into()));
             }
+            if hook.timeout.is_zero() {
+                return Err(err(
+                    "hooks.timeout",
+                    "a hook's timeout must be longer than 0s (it is how long the hook may run; default 5m)".into(),
+                ));
+            }
             if hook.run_once && !matches!(hook.at, HookPoint::BeforeDeploy | HookPoint::AfterStage)
             {
                 return Err(err(

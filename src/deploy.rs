@@ -62,7 +62,9 @@ pub enum Outcome {
     Succeeded,
     /// A batch exceeded its failure budget and every moved host went back.
     RolledBack,
-    /// A batch exceeded its failure budget and `on_failure = "halt"` left the fleet as it was.
+    /// Stopped with the fleet as it was: a batch exceeded its failure budget and
+    /// `on_failure = "halt"` left it there, or a step before any traffic change failed (a
+    /// `before_deploy` or `after_stage` hook, the build, staging).
     Halted,
     /// The rollback itself failed on some host: a person must look (the report names them).
     Failed,
@@ -387,13 +389,15 @@ impl Deployer {
                     host: "fleet".into(),
                     reason: e,
                 }];
+                // Halted, not rolled back: nothing moved, so nothing went back, and the
+                // `on_rollback` hooks (a `migrate down`, a notification) must not run.
                 return self
                     .finish(
                         &run,
                         req.kind,
                         from,
                         version.as_str(),
-                        Outcome::RolledBack,
+                        Outcome::Halted,
                         started,
                         &stats_before,
                         Vec::new(),

@@ -76,10 +76,15 @@ fn hosts_list(ctx: &HookContext<'_>) -> String {
 }
 
 fn failed(point: HookPoint, hook: &Hook, on: &str, code: i32, output: &str) -> anyhow::Error {
-    let how = if code == 124 {
-        format!("timed out after {}", hook.timeout)
-    } else {
-        format!("failed with exit code {code}")
+    // `timeout(1)` exits 124 when it stopped the command, 137 when the command ignored the
+    // stop and was killed 5 s later (or something else killed it).
+    let how = match code {
+        124 => format!("timed out after {}", hook.timeout),
+        137 => format!(
+            "was killed (SIGKILL): it ignored the stop at its timeout of {} and was killed 5s later, or something else killed it",
+            hook.timeout
+        ),
+        _ => format!("failed with exit code {code}"),
     };
     let tail = last_lines(output.trim_end(), 10);
     anyhow::anyhow!(
@@ -90,7 +95,9 @@ fn failed(point: HookPoint, hook: &Hook, on: &str, code: i32, output: &str) -> a
     )
 }
 
-/// The script that runs a host hook: cd, environment, the command with its timeout.
+/// The script that runs a host hook: cd, environment, the command with its timeout. Its output
+/// goes to a file first, printed when it ends: a process the hook leaves in the background
+/// keeps the file, not the session's pipe, so it cannot write into the replies to later steps.
 fn host_script(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>, host: &Host) -> String {
     let layout = Layout::of(host);
     let rel = layout.release(ctx.version.as_str());
@@ -100,8 +107,10 @@ fn host_script(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>, host: &Host
         "cd {rel} 2>/dev/null || cd {cur} 2>/dev/null || cd {root} 2>/dev/null || cd /\n\
          CUTOVER_VERSION={v}; CUTOVER_PREVIOUS_VERSION={pv}; CUTOVER_HOST={h}; CUTOVER_HOSTS={hs}; CUTOVER_HOOK={p}; CUTOVER_RELEASE_DIR={rel}\n\
          export CUTOVER_VERSION CUTOVER_PREVIOUS_VERSION CUTOVER_HOST CUTOVER_HOSTS CUTOVER_HOOK CUTOVER_RELEASE_DIR\n\
-         if command -v timeout >/dev/null 2>&1; then exec timeout -k 5 {secs} sh -c {cmd} </dev/null 2>&1; fi\n\
-         exec sh -c {cmd} </dev/null 2>&1\n",
+         _co_out=$(mktemp \"${{TMPDIR:-/tmp}}/cutover-hook.XXXXXX\") || exit 125\n\
+         if command -v timeout >/dev/null 2>&1; then timeout -k 5 {secs} sh -c {cmd} </dev/null >\"$_co_out\" 2>&1\n\
+         else sh -c {cmd} </dev/null >\"$_co_out\" 2>&1; fi\n\
+         _co_rc=$?; cat \"$_co_out\"; rm -f \"$_co_out\"; exit $_co_rc\n",
         rel = q(&rel),
         cur = q(&layout.current()),
         root = q(&layout.root),

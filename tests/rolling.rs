@@ -741,3 +741,17 @@ async fn a_stream_cut_at_the_drain_deadline_is_failed_and_explained() {
     );
     fleet.assert_on("v2").await;
 }
+
+/// A host hook that leaves a process writing in the background: its output must not reach the
+/// session's replies, where a later step (an instance's start) would read it as its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hooks_background_output_does_not_corrupt_later_steps() {
+    let mut spec = FleetSpec::new(3, 14);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    spec.extra = "[[hooks]]\nat = \"after_stage\"\nwhere = \"host\"\ncommand = \"(for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do sleep 0.05; echo JUNK; done) & echo staged\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    // Before: "starting v2 printed no pid: JUNK JUNK 7130", a rollback, and v2 left running.
+    fleet.deploy("v2", 0).await;
+    fleet.assert_on("v2").await;
+}

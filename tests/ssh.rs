@@ -567,13 +567,23 @@ async fn failing_before_deploy_hook_leaves_every_host_untouched() {
     let mut fleet = SshFleet::start(Opts::default()).await;
     fleet.deploy("v1", 0).await;
     let before = fleet.backends().await;
+    let undone = fleet.dir.path().join("on_rollback.log");
     fleet.write_config(&Opts {
-        extra: "[[hooks]]\nat = \"before_deploy\"\nwhere = \"host\"\ncommand = \"echo 'database is locked' >&2; exit 3\"\n".into(),
+        extra: format!(
+            "[[hooks]]\nat = \"before_deploy\"\nwhere = \"host\"\ncommand = \"echo 'database is locked' >&2; exit 3\"\n\n\
+             [[hooks]]\nat = \"on_rollback\"\nwhere = \"local\"\ncommand = \"echo $CUTOVER_HOST >> {}\"\n",
+            undone.display()
+        ),
         ..Opts::default()
     });
     let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
     let all = format!("{out}\n{err}");
     assert_ne!(code, 0, "{all}");
+    assert!(all.contains("halted"), "{all}");
+    assert!(
+        !undone.exists(),
+        "on_rollback ran though nothing moved: {all}"
+    );
     assert!(all.contains("hook before_deploy"), "{all}");
     assert!(all.contains("exit code 3"), "{all}");
     assert!(all.contains("database is locked"), "{all}");
