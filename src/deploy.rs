@@ -604,6 +604,16 @@ impl Deployer {
             if let Some(why) = over {
                 self.progress.say(&why);
                 self.journal.event(Some(&run.id), &why)?;
+                if rolling_back {
+                    // Going "back" from a rollback is forward, to the release it is leaving:
+                    // the hosts already returned stay returned, and a person decides the rest.
+                    failed.extend(settling.wait().await);
+                    self.progress.say(
+                        "the rollback stops here: the hosts it returned stay returned; fix the failed host(s), then run `cutover rollback` again or deploy a release",
+                    );
+                    outcome = Outcome::Halted;
+                    break;
+                }
                 if config.strategy.on_failure == OnFailure::Rollback {
                     self.going_back(&run);
                 }

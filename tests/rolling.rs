@@ -755,3 +755,26 @@ async fn a_hooks_background_output_does_not_corrupt_later_steps() {
     fleet.deploy("v2", 0).await;
     fleet.assert_on("v2").await;
 }
+
+/// A rollback that fails on a host stops where it is: going "back" from a rollback would send
+/// the hosts it already returned forward, to the release being rolled back from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_that_fails_on_a_host_does_not_send_the_others_forward() {
+    let mut spec = FleetSpec::new(3, 15);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    spec.health_extra = "healthy_threshold = 1\n".into();
+    let fleet = Fleet::start(spec).await;
+    let (first, last) = (fleet.hosts[0].0.clone(), fleet.hosts[2].0.clone());
+    common::write_release_healthy_only_on(
+        &fleet.dir.path().join("releases"),
+        "v5",
+        &[&first, &fleet.hosts[1].0],
+    );
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    let (code, out, err) = fleet.cutover(&["rollback", "--to", "v5"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("halted"), "{out}\n{err}");
+    assert_eq!(fleet.current(&first).as_deref(), Some("v5"), "{out}\n{err}");
+    assert_eq!(fleet.current(&last).as_deref(), Some("v2"), "{out}\n{err}");
+}
