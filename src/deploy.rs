@@ -496,12 +496,14 @@ impl Deployer {
                             .admit_started(run, &label, h, version, started?, Some(answered))
                             .await?;
                         if !retire_in_batch {
-                            return Ok((h.clone(), m, label, Ok(()), false));
+                            let later = Retire::Later(m.backends.clone());
+                            return Ok((h.clone(), m, label, Ok(()), later));
                         }
-                        self.retire_backends(run, &label, h, &m.instance, Some(&m.backends))
+                        let unretired = self
+                            .retire_backends(run, &label, h, &m.instance, Some(&m.backends))
                             .await;
                         let hooked = self.after_switch_hook(run, h, version).await;
-                        Ok::<_, HostFailure>((h.clone(), m, label, hooked, true))
+                        Ok::<_, HostFailure>((h.clone(), m, label, hooked, Retire::Done(unretired)))
                     }
                 },
             ))
@@ -509,8 +511,7 @@ impl Deployer {
             let mut batch_failures = 0;
             for r in results {
                 match r {
-                    Ok((h, m, label, hooked, retired)) => {
-                        let retire = (!retired).then_some(m.backends);
+                    Ok((h, m, label, hooked, retire)) => {
                         settling.spawn(self, &run, label.clone(), &h, m.instance, retire);
                         // A failed after_switch hook fails the host, which serves the new
                         // release: it counts as moved, so an undo returns it too.
@@ -853,11 +854,15 @@ impl Deployer {
                 _ => {}
             }
         }
-        let stats_after = self
-            .balancer
-            .stats()
-            .await
-            .unwrap_or_else(|_| stats_before.clone());
+        let stats_after = match self.balancer.stats().await {
+            Ok(s) => s,
+            Err(e) => {
+                notes.push(format!(
+                    "the balancer's counters could not be read at the end ({e:#}): the request counts below are not known, not zero"
+                ));
+                stats_before.clone()
+            }
+        };
         let (served, failed_requests, served_by_release) =
             traffic_between(stats_before, &stats_after);
         let restarted = stats_after.counting_since_ms != stats_before.counting_since_ms
@@ -1125,14 +1130,17 @@ impl Deployer {
         after_switch: bool,
     ) -> Result<(), HostFailure> {
         let moved = self.admit_new(run, label, host, version, None).await?;
-        self.retire_backends(run, label, host, &moved.instance, Some(&moved.backends))
+        let unretired = self
+            .retire_backends(run, label, host, &moved.instance, Some(&moved.backends))
             .await;
         let hooked = if after_switch {
             self.after_switch_hook(run, host, version).await
         } else {
             Ok(())
         };
-        let settled = self.settle_host(run, label, host, &moved.instance).await;
+        let settled = self
+            .settle_host(run, label, host, &moved.instance, &unretired)
+            .await;
         hooked.and(settled)
     }
 
@@ -1494,7 +1502,7 @@ impl Deployer {
         self.admit_or_discard(run, host, &inst, None).await?;
         self.progress
             .say(&format!("restore {h}: {back} healthy and in the balancer"));
-        self.settle_host(run, "restore", host, &inst)
+        self.settle_host(run, "restore", host, &inst, &[])
             .await
             .map_err(|f| f.reason)
     }
@@ -1622,12 +1630,15 @@ impl Deployer {
     }
 
     /// Step 6 of a switch: other instances stopped, `current` moved, old releases pruned.
+    /// Stops the host's other instances, moves `current` and prunes releases, leaving the
+    /// `unretired` instances running: the balancer may still route to them.
     pub async fn settle_host(
         &self,
         run: &Run,
         label: &str,
         host: &Host,
         keep: &Instance,
+        unretired: &[Unretired],
     ) -> Result<(), HostFailure> {
         let _permit = self.forks.acquire().await;
         let app = &self.config.app;
@@ -1647,6 +1658,10 @@ impl Deployer {
                     app,
                     self.config.release.keep.0,
                     &protect,
+                    &unretired
+                        .iter()
+                        .map(|u| u.instance.clone())
+                        .collect::<Vec<_>>(),
                 )
                 .await
                 .map_err(|e| format!("{e:#}"))
@@ -1678,6 +1693,21 @@ impl Deployer {
                 "removed old release(s) {}",
                 settled.pruned.join(", ")
             ));
+        }
+        if !unretired.is_empty() {
+            let list: Vec<String> = unretired
+                .iter()
+                .map(|u| format!("{} (backend {}: {})", u.instance, u.backend, u.why))
+                .collect();
+            self.progress.host(host.name.as_str(), Phase::Unsettled);
+            return Err(HostFailure {
+                host: host.name.to_string(),
+                reason: format!(
+                    "serves {} but the balancer may still route to {}, which is left running: retire it there, then stop it",
+                    keep.version,
+                    list.join(", ")
+                ),
+            });
         }
         self.progress.host(host.name.as_str(), Phase::Done);
         Ok(())
@@ -1794,7 +1824,7 @@ impl Deployer {
         host: &Host,
         keep: &Instance,
         known: Option<&[crate::balancer::BackendView]>,
-    ) {
+    ) -> Vec<Unretired> {
         let h = host.name.as_str();
         let keep_id = keep.backend_id();
         let fresh;
@@ -1805,9 +1835,10 @@ impl Deployer {
                     fresh = b;
                     &fresh
                 }
-                Err(_) => return,
+                Err(_) => return Vec::new(),
             },
         };
+        let mut unretired = Vec::new();
         for b in backends
             .iter()
             .filter(|b| b.spec.host == h && b.spec.id != keep_id)
@@ -1823,11 +1854,17 @@ impl Deployer {
                 .await;
             if let Err(e) = r {
                 self.progress.say(&format!(
-                    "{label} {h}: WARNING: could not retire backend {}: {e}",
+                    "{label} {h}: WARNING: could not retire backend {}: {e}; its instance is left running",
                     b.spec.id
                 ));
+                unretired.push(Unretired {
+                    instance: format!("{}-{}", b.spec.release, b.spec.address.port()),
+                    backend: b.spec.id.clone(),
+                    why: e,
+                });
             }
         }
+        unretired
     }
 
     /// Takes a failed new instance out of the balancer (if it got there) and stops it.
@@ -2127,6 +2164,23 @@ struct Settling {
     go: Option<tokio::sync::watch::Sender<bool>>,
 }
 
+/// Where a moved host's old backends stand when its settle is spawned.
+enum Retire {
+    /// Still in the balancer: the settle retires them first.
+    Later(Vec<crate::balancer::BackendView>),
+    /// Retired in the batch; these could not be.
+    Done(Vec<Unretired>),
+}
+
+/// An old instance whose backend could not be taken out of the balancer: it is left running,
+/// since stopping it would fail the requests the balancer still routes to it.
+pub struct Unretired {
+    /// `<release>-<port>`, as its pid file is named.
+    instance: String,
+    backend: String,
+    why: String,
+}
+
 impl Settling {
     fn spawn(
         &mut self,
@@ -2135,7 +2189,7 @@ impl Settling {
         label: String,
         host: &Host,
         keep: Instance,
-        retire: Option<Vec<crate::balancer::BackendView>>,
+        retire: Retire,
     ) {
         let (deployer, run, host) = (deployer.clone(), run.clone(), host.clone());
         let mut go = self
@@ -2145,12 +2199,17 @@ impl Settling {
         self.tasks.push(tokio::spawn(async move {
             // Released, or the sender is gone: either way, go.
             let _ = go.wait_for(|released| *released).await;
-            if let Some(backends) = retire {
-                deployer
-                    .retire_backends(&run, &label, &host, &keep, Some(&backends))
-                    .await;
-            }
-            deployer.settle_host(&run, &label, &host, &keep).await
+            let unretired = match retire {
+                Retire::Later(backends) => {
+                    deployer
+                        .retire_backends(&run, &label, &host, &keep, Some(&backends))
+                        .await
+                }
+                Retire::Done(unretired) => unretired,
+            };
+            deployer
+                .settle_host(&run, &label, &host, &keep, &unretired)
+                .await
         }));
     }
 

@@ -25,7 +25,9 @@ pub struct Settled {
 }
 
 /// Settles `host` on `keep`: see the module docs. `protect` names releases never to remove
-/// besides `keep`'s (the host's previous release, for a quick way back).
+/// besides `keep`'s (the host's previous release, for a quick way back); `spare` names other
+/// instances to leave running, as `<version>-<port>` (old instances the balancer may still
+/// route to).
 pub async fn settle(
     transport: &dyn Transport,
     host: &Host,
@@ -33,10 +35,12 @@ pub async fn settle(
     app: &App,
     keep_releases: usize,
     protect: &[String],
+    spare: &[String],
 ) -> anyhow::Result<Settled> {
     let layout = Layout::of(host);
     let version = keep.version.as_str();
-    let keep_file = format!("{version}-{}.pid", keep.port());
+    let mut running: Vec<String> = vec![format!("{version}-{}.pid", keep.port())];
+    running.extend(spare.iter().map(|s| format!("{s}.pid")));
     let mut protected: Vec<&str> = vec![version];
     protected.extend(protect.iter().map(String::as_str));
     // The stop signal first, then `current` and pruning while the old processes exit (a
@@ -48,7 +52,8 @@ pub async fn settle(
          set --\n\
          if cd {run} 2>/dev/null; then\n\
          \x20 for f in *.pid; do\n\
-         \x20   [ -e \"$f\" ] && [ \"$f\" != {keep_file} ] && set -- \"$@\" \"$PWD/$f\"\n\
+         \x20   case {running} in *\" $f \"*) continue ;; esac\n\
+         \x20   [ -e \"$f\" ] && set -- \"$@\" \"$PWD/$f\"\n\
          \x20 done\n\
          fi\n\
          signal_all \"$@\"\n\
@@ -73,7 +78,7 @@ pub async fn settle(
          exit 0\n",
         stop_fn = instance::stop_all_fn(app.stop_signal, *app.stop_timeout),
         run = sh_quote(layout.run_dir().to_string_lossy()),
-        keep_file = sh_quote(&keep_file),
+        running = sh_quote(format!(" {} ", running.join(" "))),
         root = sh_quote(layout.root.to_string_lossy()),
         rel = sh_quote(format!("releases/{version}")),
         target = sh_quote(format!("releases/{version}")),
@@ -170,6 +175,7 @@ mod tests {
             &app(),
             2,
             &["v1".to_string()],
+            &[],
         )
         .await
         .unwrap();
@@ -211,7 +217,7 @@ mod tests {
             address: "127.0.0.1:5000".parse().unwrap(),
             pid: 1,
         };
-        let e = settle(&LocalTransport::new(), &h, &keep, &app(), 3, &[])
+        let e = settle(&LocalTransport::new(), &h, &keep, &app(), 3, &[], &[])
             .await
             .unwrap_err();
         assert!(

@@ -453,8 +453,10 @@ impl Deployer {
         // Then each host settles as a rolling switch does: other instances stopped, releases
         // beyond `keep` pruned (blue's kept, for a quick way back).
         let unsettled = join_all(green.iter().map(|(h, inst)| async move {
-            self.retire_backends(run, "blue", h, inst, None).await;
-            self.settle_host(run, "blue", h, inst).await.err()
+            let unretired = self.retire_backends(run, "blue", h, inst, None).await;
+            self.settle_host(run, "blue", h, inst, &unretired)
+                .await
+                .err()
         }))
         .await;
         // A host that could not settle serves green all the same: the report says so.

@@ -585,3 +585,51 @@ async fn a_killed_deploy_leaves_no_live_server_drained() {
     );
     slow.abort();
 }
+
+/// An old server that cannot be taken out of HAProxy (here its state file turned unwritable
+/// mid-deploy, so the drain cannot be recorded) keeps its instance: stopping it would fail
+/// the requests HAProxy still sends there. The report names it and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_server_that_cannot_be_retired_keeps_running() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state-marker");
+    let strategy = format!(
+        "kind = \"rolling\"\nbatch = 1\n\n[[hooks]]\nat = \"before_switch\"\nwhere = \"local\"\ncommand = \"touch {}\"\n",
+        state.display()
+    );
+    let fleet = Fleet::start(2, 27, &strategy, "5s").await;
+    fleet.deploy("v1", 0).await;
+    std::fs::remove_file(&state).unwrap();
+    // The hook above only marks the moment; the break itself is the state file turned into a
+    // directory once the first v2 instance is about to enter HAProxy.
+    let file = fleet
+        .dir
+        .path()
+        .join(format!(".cutover/haproxy-{BACKEND}.json"));
+    let breaker = tokio::spawn(async move {
+        while !state.exists() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let _ = std::fs::remove_file(&file);
+        std::fs::create_dir_all(&file).unwrap();
+    });
+    let run = fleet.traffic(250, 30_000);
+    run.wait_until(|r| r.ok >= 100).await;
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    breaker.await.unwrap();
+    let load = stop_after(run, 1_000).await;
+    assert_eq!(
+        load.failed, 0,
+        "a server HAProxy still routes to was stopped: {load}\n{:#?}\n{out}\n{err}",
+        load.failures
+    );
+    assert!(
+        format!("{out}{err}").contains("is left running"),
+        "exit {code}\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("counters could not be read"),
+        "no known counts must not read as zero: {out}"
+    );
+}
