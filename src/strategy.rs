@@ -744,7 +744,28 @@ impl Deployer {
                         .await;
                 }
             }
-            let weights = canary_weights(&canary_ids, &stable_ids, step.weight);
+            let weights = canary_weights(
+                &canary_ids,
+                &stable_ids,
+                step.weight,
+                self.balancer.max_weight(),
+            );
+            let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
+            let to_canary: u64 = canary_ids
+                .iter()
+                .filter_map(|id| weights.get(id))
+                .map(|w| u64::from(*w))
+                .sum();
+            if total > 0 {
+                let share = to_canary as f64 * 100.0 / total as f64;
+                if (share - f64::from(step.weight)).abs() > 1.0 {
+                    self.progress.say(&format!(
+                        "{label}: WARNING: the balancer's largest weight ({}) gives the canary {share:.1}% of the requests, not {}%",
+                        self.balancer.max_weight(),
+                        step.weight
+                    ));
+                }
+            }
             self.step(
                 run,
                 "fleet",
@@ -1159,17 +1180,46 @@ fn staging_failures(staged: &BTreeMap<String, Result<bool, String>>) -> Vec<Host
         .collect()
 }
 
-/// Weights that give the canary backends `percent` of the requests in total, split evenly.
-pub fn canary_weights(canary: &[String], stable: &[String], percent: u32) -> BTreeMap<String, u32> {
-    let (nc, ns) = (canary.len().max(1) as u32, stable.len().max(1) as u32);
+/// Weights that give the canary backends `percent` of the requests in total, split evenly,
+/// none above `max_weight` (HAProxy's is 256). Exact when the reduced weights fit; otherwise
+/// scaled down and rounded, which moves the canary's share by a fraction of a percent.
+pub fn canary_weights(
+    canary: &[String],
+    stable: &[String],
+    percent: u32,
+    max_weight: u32,
+) -> BTreeMap<String, u32> {
+    let percent = percent.min(100);
+    let (nc, ns) = (canary.len().max(1) as u64, stable.len().max(1) as u64);
+    let (wc, ws) = (u64::from(percent) * ns, u64::from(100 - percent) * nc);
+    let g = gcd(wc, ws).max(1);
+    let (mut wc, mut ws) = (wc / g, ws / g);
+    let top = wc.max(ws);
+    let max = u64::from(max_weight.max(1));
+    if top > max {
+        // A non-zero weight stays at least 1: scaling must not take a side out of rotation.
+        let scale = |w: u64| {
+            if w == 0 {
+                0
+            } else {
+                ((w * max + top / 2) / top).max(1)
+            }
+        };
+        (wc, ws) = (scale(wc), scale(ws));
+    }
+    let (wc, ws) = (wc as u32, ws as u32);
     let mut w = BTreeMap::new();
     for id in canary {
-        w.insert(id.clone(), percent * ns);
+        w.insert(id.clone(), wc);
     }
     for id in stable {
-        w.insert(id.clone(), (100 - percent.min(100)) * nc);
+        w.insert(id.clone(), ws);
     }
     w
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
 }
 
 #[cfg(test)]
@@ -1191,13 +1241,37 @@ mod tests {
         let c = vec!["c1".to_string()];
         let s: Vec<String> = (1..=4).map(|i| format!("s{i}")).collect();
         for p in [1, 5, 10, 25, 50, 99] {
-            let w = canary_weights(&c, &s, p);
+            let w = canary_weights(&c, &s, p, u32::MAX);
             assert!((share(&w, "c") - f64::from(p)).abs() < 1e-9, "{p}: {w:?}");
         }
         let two = vec!["c1".to_string(), "c2".to_string()];
-        let w = canary_weights(&two, &s, 10);
+        let w = canary_weights(&two, &s, 10, u32::MAX);
         assert!((share(&w, "c") - 10.0).abs() < 1e-9);
-        let w = canary_weights(&c, &s, 100);
+        let w = canary_weights(&c, &s, 100, u32::MAX);
         assert_eq!(w["s1"], 0);
+        assert!(w["c1"] > 0);
+    }
+
+    #[test]
+    fn weights_fit_a_balancers_maximum() {
+        // HAProxy: 256. 20 stable backends at a 10% canary: 200 and 90 reduce to 20 and 9.
+        let c = vec!["c1".to_string()];
+        let s: Vec<String> = (1..=20).map(|i| format!("s{i}")).collect();
+        for p in [1, 5, 10, 25, 33, 50, 75, 90, 99, 100] {
+            let w = canary_weights(&c, &s, p, 256);
+            assert!(w.values().all(|v| *v <= 256), "{p}: {w:?}");
+            assert!(w["c1"] > 0, "{p}: the canary keeps traffic");
+            if p < 100 {
+                assert!(w["s1"] > 0, "{p}: the stable keep traffic");
+            }
+            // 256 against 20 backends at 1 each caps one canary at 256/276 = 92.8%.
+            let best = f64::from(p).min(100.0 * 256.0 / 276.0);
+            let got = share(&w, "c");
+            assert!((got - best).abs() < 0.5 || p == 100, "{p}: {got} {w:?}");
+        }
+        // 3 stable backends at 100%: 300 would be refused by HAProxy.
+        let three: Vec<String> = (1..=3).map(|i| format!("s{i}")).collect();
+        let w = canary_weights(&c, &three, 100, 256);
+        assert_eq!((w["c1"], w["s1"]), (1, 0));
     }
 }

@@ -633,3 +633,21 @@ async fn an_old_server_that_cannot_be_retired_keeps_running() {
         "no known counts must not read as zero: {out}"
     );
 }
+
+/// A canary beside 3 stable servers through HAProxy: its weights stay within HAProxy's 256
+/// (100% of the requests was weight 300 and refused, which left the deploy interrupted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_beside_three_servers_reaches_every_step_through_haproxy() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(
+        4,
+        28,
+        "kind = \"canary\"\ncanary_hosts = 1\nbatch = 2\nsteps = [{ weight = 10, pause = \"300ms\" }, { weight = 100, pause = \"300ms\" }]",
+        "5s",
+    )
+    .await;
+    fleet.deploy("v1", 0).await;
+    let (out, err) = fleet.deploy("v2", 0).await;
+    assert!(!out.contains("WARNING"), "{out}\n{err}");
+    fleet.assert_all_ready_on("v2");
+}

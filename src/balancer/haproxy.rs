@@ -1068,6 +1068,10 @@ fn probe_blocking(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(),
 
 #[async_trait]
 impl Balancer for HaproxyBalancer {
+    fn max_weight(&self) -> u32 {
+        MAX_WEIGHT
+    }
+
     async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
         self.blocking(|i| {
             let rows = i.rows()?;

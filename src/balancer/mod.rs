@@ -83,12 +83,19 @@ pub trait Balancer: Send + Sync {
     }
 
     /// Several weights at once. The built-in balancer applies them atomically; this default
-    /// sets them one by one.
+    /// sets them one by one, non-zero ones first, so no moment in between has every backend
+    /// at weight 0.
     async fn set_weights(&self, weights: &BTreeMap<String, u32>) -> anyhow::Result<()> {
-        for (id, w) in weights {
+        let (up, zero): (Vec<_>, Vec<_>) = weights.iter().partition(|(_, w)| **w > 0);
+        for (id, w) in up.into_iter().chain(zero) {
             self.set_weight(id, *w).await?;
         }
         Ok(())
+    }
+
+    /// The largest weight a backend may have here.
+    fn max_weight(&self) -> u32 {
+        u32::MAX
     }
 
     /// The most recent response latencies (µs, oldest first) of a release, at most `max`.

@@ -83,6 +83,9 @@ impl Patient {
 
 #[async_trait]
 impl Balancer for Patient {
+    fn max_weight(&self) -> u32 {
+        self.inner.max_weight()
+    }
     async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
         self.retry("listing backends", || self.inner.backends())
             .await
