@@ -733,7 +733,7 @@ impl Deployer {
 
     /// With a git source, the commit a branch points at now, as the version to deploy (see
     /// [`crate::source::branch_commit`]); `None` to deploy the name as given. When the
-    /// repository cannot be asked, the name stands.
+    /// repository cannot be asked, an error, unless the name is a full commit id.
     async fn pin_branch(&self, req: &Request) -> anyhow::Result<Option<Name>> {
         let Some(url) = self.config.release.git.as_deref() else {
             return Ok(None);
@@ -758,13 +758,14 @@ impl Deployer {
                 Ok(Some(pinned))
             }
             Ok(None) => Ok(None),
-            Err(e) => {
-                self.progress.say(&format!(
-                    "WARNING: {e:#}; deploying {} as named",
-                    req.version
-                ));
-                Ok(None)
-            }
+            // A full commit id cannot move: deploying it as named is safe.
+            Err(_) if is_commit_id(req.version.as_str()) => Ok(None),
+            // Anything else may be a branch: staged under its moving name, it would never be
+            // rebuilt, and a later deploy of the branch would find the old code "already there".
+            Err(e) => Err(anyhow::anyhow!(
+                "{e:#}: cutover must know whether {} is a branch (a branch is deployed as its commit) before it builds; retry once {url} answers, or deploy a full 40-character commit id",
+                req.version
+            )),
         }
     }
 
@@ -2247,6 +2248,11 @@ impl Settling {
         }
         failed
     }
+}
+
+/// A full git commit id (40 hex digits), which no push can move.
+fn is_commit_id(v: &str) -> bool {
+    v.len() == 40 && v.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 #[cfg(test)]

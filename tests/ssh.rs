@@ -537,6 +537,18 @@ async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
     let (_, err) = fleet.deploy("v1", 0).await;
     assert!(!err.contains("is a branch"), "{err}");
     fleet.assert_on(&hosts, "v1").await;
+    // A repository that cannot be asked stops the deploy before anything is built: a branch
+    // staged under its moving name would never be rebuilt.
+    let away = fleet.dir.path().join("repo-away");
+    std::fs::rename(&repo, &away).unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "release"]).await;
+    std::fs::rename(&away, &repo).unwrap();
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("must know whether release is a branch"),
+        "{err}"
+    );
+    fleet.assert_on(&hosts, "v1").await;
 }
 
 /// Needs the deployer to call `hooks::run(HookPoint::AfterStage, ..)` once per deploy.
