@@ -227,7 +227,7 @@ async fn phases(config: Arc<Config>, proxy: &ProxyHandle, rate: u32) -> anyhow::
         // Like `cutover rollback` from another terminal, a second after the switch.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while std::time::Instant::now() < deadline {
-            if let Ok(Some(row)) = journal.unfinished() {
+            if let Ok(Some(row)) = journal.unfinished(config.app.name.as_str()) {
                 let switched = row
                     .status
                     .as_ref()

@@ -535,15 +535,16 @@ impl Journal {
         })
     }
 
-    /// The deployment without an outcome, if any: running now, or interrupted.
-    pub fn unfinished(&self) -> anyhow::Result<Option<DeploymentRow>> {
+    /// `app`'s deployment without an outcome, if any: running now, or interrupted. Apps that
+    /// share a state directory share the journal, never each other's deployments.
+    pub fn unfinished(&self, app: &str) -> anyhow::Result<Option<DeploymentRow>> {
         self.with(|c| {
             c.query_row(
                 &format!(
-                    "SELECT {} FROM deployments WHERE outcome IS NULL ORDER BY started_ms DESC LIMIT 1",
+                    "SELECT {} FROM deployments WHERE outcome IS NULL AND app = ?1 ORDER BY started_ms DESC LIMIT 1",
                     Self::COLUMNS
                 ),
-                [],
+                params![app],
                 Self::row,
             )
             .optional()
@@ -588,13 +589,13 @@ impl Journal {
     /// fleet (succeeded, or a deploy halted with some hosts moved). Deployments that rolled
     /// back or failed left it where it was, a deploy of the live release changed nothing, and
     /// a halted rollback is not a release to return from (its `from` is the one it left).
-    pub fn previous_release(&self) -> anyhow::Result<Option<String>> {
+    pub fn previous_release(&self, app: &str) -> anyhow::Result<Option<String>> {
         self.with(|c| {
             c.query_row(
-                "SELECT version_from FROM deployments WHERE (outcome = 'succeeded' \
+                "SELECT version_from FROM deployments WHERE app = ?1 AND (outcome = 'succeeded' \
                  OR (outcome = 'halted' AND kind = 'deploy' AND json_array_length(report_json, '$.moved_hosts') > 0)) \
                  AND (version_from IS NULL OR version_from != version_to) ORDER BY started_ms DESC, rowid DESC LIMIT 1",
-                [],
+                params![app],
                 |r| r.get::<_, Option<String>>(0),
             )
             .optional()
@@ -892,11 +893,21 @@ mod tests {
         let j = Journal::open(dir.path()).unwrap();
         j.begin(&row("d1", "v2")).unwrap();
         let s = j.step_start("d1", "web1", "start", "v2").unwrap();
-        assert!(j.unfinished().unwrap().is_some());
+        assert!(j.unfinished("a").unwrap().is_some());
         j.step_end(s, "ok", Some("v2@127.0.0.11:4000")).unwrap();
         j.finish("d1", "succeeded", &serde_json::json!({"served": 5}))
             .unwrap();
-        assert!(j.unfinished().unwrap().is_none());
+        assert!(j.unfinished("a").unwrap().is_none());
+        // Another app sharing the state directory: its deployments are not this app's.
+        let mut other = row("o1", "v9");
+        other.app = "b".into();
+        other.from = Some("v7".into());
+        j.begin(&other).unwrap();
+        assert!(j.unfinished("a").unwrap().is_none());
+        assert_eq!(j.unfinished("b").unwrap().unwrap().id, "o1");
+        j.finish("o1", "succeeded", &serde_json::json!({})).unwrap();
+        assert_eq!(j.previous_release("b").unwrap().as_deref(), Some("v7"));
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
         let steps = j.steps("d1").unwrap();
         assert_eq!(steps.len(), 1);
         assert_eq!(steps[0].result.as_deref(), Some("ok"));
@@ -904,7 +915,7 @@ mod tests {
             j.started_instances().unwrap(),
             vec![("web1".into(), "v2".into(), 4000)]
         );
-        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
         // A deploy of the live release changed nothing; a rolled-back one left the fleet where
         // it was; a halted one moved hosts, so a rollback returns to its `from`.
         let ended = |id: &str, kind: &str, from: &str, to: &str, outcome: &str, moved: &[&str]| {
@@ -916,15 +927,15 @@ mod tests {
                 .unwrap();
         };
         ended("d2", "deploy", "v2", "v2", "succeeded", &["web1"]);
-        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
         ended("d3", "deploy", "v2", "v3", "rolled_back", &[]);
-        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
         // Halted before any host moved, or a halted rollback: not a change to return from.
         ended("d3b", "deploy", "v2", "v3", "halted", &[]);
         ended("d3c", "rollback", "v2", "v1", "halted", &["web1"]);
-        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v1"));
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
         ended("d4", "deploy", "v2", "v3", "halted", &["web1"]);
-        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v2"));
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
         // Reopening reads the same.
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
@@ -932,7 +943,7 @@ mod tests {
             j.deployments(10).unwrap()[0].outcome.as_deref(),
             Some("halted")
         );
-        assert_eq!(j.previous_release().unwrap().as_deref(), Some("v2"));
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
     }
 
     #[test]

@@ -133,7 +133,7 @@ pub(super) async fn deploy_cmd(
     deployer.warm();
     let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
     // We hold the lock, so an unfinished deployment in the journal is not running: it was interrupted.
-    let interrupted = journal.unfinished()?;
+    let interrupted = journal.unfinished(config.app.name.as_str())?;
     // `cutover rollback` of an interrupted deployment asked for exactly what "rolled back" says.
     let asked_to_restore = matches!(action, Action::Rollback(_)) && interrupted.is_some();
     // An interrupted deployment that had begun going back (an abort, a spent budget, or an
@@ -270,7 +270,7 @@ pub(super) async fn deploy_cmd(
             let target = match to {
                 Some(v) => v,
                 None => {
-                    let prev = journal.previous_release()?.ok_or_else(|| {
+                    let prev = journal.previous_release(config.app.name.as_str())?.ok_or_else(|| {
                         anyhow::anyhow!(
                             "no earlier release is recorded in the journal ({}): name one with `cutover rollback --to VERSION`",
                             journal.path().display()
@@ -361,7 +361,7 @@ pub(super) fn running_deployment(
     config: &Config,
 ) -> anyhow::Result<Option<crate::journal::DeploymentRow>> {
     let journal = Journal::open(&config.state_dir)?;
-    let Some(row) = journal.unfinished()? else {
+    let Some(row) = journal.unfinished(config.app.name.as_str())? else {
         return Ok(None);
     };
     let running = journal

@@ -13,7 +13,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
     let started = journal.started_instances()?;
     let drift = fleet::drift(&views, &started);
     let lock = journal.lock_holder(config.app.name.as_str())?;
-    let unfinished = journal.unfinished()?;
+    let unfinished = journal.unfinished(config.app.name.as_str())?;
     let deployment = unfinished.map(|row| {
         let running = lock
             .as_ref()

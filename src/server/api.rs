@@ -199,7 +199,7 @@ fn enum_name<T: serde::Serialize>(v: &T) -> String {
 
 /// The deployment without an outcome, and whether something is carrying it out right now.
 fn current(state: &ServeState) -> ApiResult<Option<(DeploymentRow, bool)>> {
-    let Some(row) = state.journal.unfinished()? else {
+    let Some(row) = state.journal.unfinished(state.config.app.name.as_str())? else {
         return Ok(None);
     };
     let ours = state.queue.view().running.is_some_and(|j| {
@@ -360,7 +360,12 @@ async fn rollback(
         b.to.map(|v| Name::parse(&v).map(|n| n.to_string()))
             .transpose()
             .map_err(ApiError::BadRequest)?;
-    if to.is_none() && state.journal.previous_release()?.is_none() {
+    if to.is_none()
+        && state
+            .journal
+            .previous_release(state.config.app.name.as_str())?
+            .is_none()
+    {
         return Err(ApiError::Conflict(
             "no earlier release is recorded in the journal: name one with {\"to\": VERSION}".into(),
         ));

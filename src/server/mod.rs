@@ -400,7 +400,7 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
         Some(Duration::from_secs(3600)),
     )
     .await?;
-    if let Some(row) = state.journal.unfinished()? {
+    if let Some(row) = state.journal.unfinished(state.config.app.name.as_str())? {
         anyhow::bail!(
             "deployment {} ({} -> {}) was interrupted: resolve it from the command line (`cutover status` says how: `cutover deploy --resume` finishes it, `cutover rollback` returns the hosts, or finishes it when it was already going back); serve does not guess which",
             row.id,
@@ -418,7 +418,7 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
         Work::Rollback { to } => {
             let target = match to {
                 Some(v) => name(v)?,
-                None => name(&state.journal.previous_release()?.ok_or_else(|| {
+                None => name(&state.journal.previous_release(state.config.app.name.as_str())?.ok_or_else(|| {
                     anyhow::anyhow!(
                         "no earlier release is recorded in the journal: name one (\"to\": VERSION)"
                     )
@@ -437,7 +437,7 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
         let since = job.started_ms.unwrap_or(0).saturating_sub(1000);
         tokio::spawn(async move {
             loop {
-                if let Ok(Some(row)) = state.journal.unfinished() {
+                if let Ok(Some(row)) = state.journal.unfinished(state.config.app.name.as_str()) {
                     if row.started_ms >= since {
                         state.queue.set_deployment(&row.id);
                         return;
