@@ -91,6 +91,14 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
     let mut inv = Inventory::default();
     let mut section = ("ungrouped".to_string(), Kind::Hosts);
     let err = |line: usize, msg: String| anyhow::anyhow!("{}:{line}: {msg}", path.display());
+    // Ansible refuses a group that is only ever named, never defined: a typo such as `dbb`
+    // under `[app:children]` would otherwise quietly drop db's hosts from the deploy. A group
+    // is defined by a `[name]` or `[name:children]` section anywhere in the file (so a child
+    // may be defined after the line naming it), and `all` and `ungrouped` always exist. The
+    // references are checked once the whole file is read.
+    let mut defined: HashSet<String> = ["all", "ungrouped"].map(String::from).into();
+    // (line, group named, the section naming it) in file order.
+    let mut named: Vec<(usize, String, String)> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
         let n = i + 1;
         let line = raw.trim();
@@ -119,6 +127,11 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
             };
             check_group(name).map_err(|m| err(n, m))?;
             inv.group(name);
+            if kind == Kind::Vars {
+                named.push((n, name.to_string(), format!("[{name}:vars]")));
+            } else {
+                defined.insert(name.to_string());
+            }
             section = (name.to_string(), kind);
             continue;
         }
@@ -138,6 +151,7 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                     ));
                 }
                 check_group(line).map_err(|m| err(n, m))?;
+                named.push((n, line.to_string(), format!("[{group}:children]")));
                 inv.group(line);
                 let g = inv.group(&group);
                 if !g.children.iter().any(|c| c == line) {
@@ -171,7 +185,49 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
             }
         }
     }
+    if let Some((n, name, by)) = named.iter().find(|(_, name, _)| !defined.contains(name)) {
+        let what = if by.ends_with(":vars]") {
+            "sets variables for"
+        } else {
+            "includes"
+        };
+        return Err(err(
+            *n,
+            format!(
+                "{by} {what} group {name:?}, which the inventory never defines: \
+                 add a [{name}] section (its hosts) or [{name}:children], or fix the name{}",
+                did_you_mean(name, &defined)
+            ),
+        ));
+    }
     Ok(inv)
+}
+
+/// `" (did you mean \"db\"?)"` for a name one or two typos away from a defined group, as
+/// `dbb` is from `db`; nothing when no group is that close.
+fn did_you_mean(name: &str, defined: &HashSet<String>) -> String {
+    defined
+        .iter()
+        .map(|d| (edit_distance(name, d), d))
+        // Short names are a typo or two from many others: only suggest what is close.
+        .filter(|(dist, _)| *dist <= (name.chars().count() / 3 + 1).min(2))
+        .min()
+        .map_or_else(String::new, |(_, d)| format!(" (did you mean {d:?}?)"))
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 fn check_group(name: &str) -> Result<(), String> {
@@ -637,6 +693,91 @@ mod tests {
             ["web1", "a=1", "b=two words"]
         );
         assert!(split_words("web1 a=\"open").is_err());
+    }
+
+    /// Writes `text` as an INI inventory and loads `group` from it.
+    fn ini(text: &str, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.ini");
+        std::fs::write(&p, text).unwrap();
+        load(&p, group)
+    }
+
+    fn names(hosts: &[Host]) -> Vec<&str> {
+        hosts.iter().map(|h| h.name.as_str()).collect()
+    }
+
+    #[test]
+    fn a_group_named_but_never_defined_is_refused_with_its_line() {
+        // `dbb` is a typo for `db`: accepting it would quietly leave db1 out of `app`.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nw1 ansible_host=127.0.0.1\n[db]\nd1 ansible_host=127.0.0.1\n\n\
+                 [app:children]\nweb\ndbb\n",
+                Some("app"),
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:8: [app:children] includes group \"dbb\""),
+            "{e}"
+        );
+        assert!(
+            e.contains("add a [dbb] section") && e.contains("fix the name"),
+            "{e}"
+        );
+        assert!(e.contains("did you mean \"db\"?"), "{e}");
+        // Variables for a group that has no section of its own.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nw1 ansible_host=127.0.0.1\n\n[wbe:vars]\nansible_port=2201\n",
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:4: [wbe:vars] sets variables for group \"wbe\""),
+            "{e}"
+        );
+        assert!(e.contains("did you mean \"web\"?"), "{e}");
+        // Far from every group: no guess.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nw1 ansible_host=127.0.0.1\n[app:children]\nx\n",
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:4:") && !e.contains("did you mean"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn groups_may_be_defined_after_the_line_that_names_them() {
+        // db is named as a child and given vars before its [db:children] section, and
+        // dbmain before its [dbmain] section; `all` and `ungrouped` need no section.
+        let hosts = ini(
+            "solo ansible_host=127.0.0.1\n[all:vars]\nansible_user=deploy\n\
+             [ungrouped:vars]\nansible_port=2200\n\
+             [app:children]\nweb\ndb\n[db:vars]\nansible_port=2202\n\
+             [web]\nw1 ansible_host=127.0.0.1\n[db:children]\ndbmain\n\
+             [dbmain]\nd1 ansible_host=127.0.0.1\n[empty]\n[app2:children]\nempty\n",
+            Some("app"),
+        )
+        .unwrap();
+        assert_eq!(names(&hosts), ["w1", "d1"]);
+        assert_eq!(hosts[1].port, Some(2202));
+        let all = ini(
+            "solo ansible_host=127.0.0.1\n[ungrouped:vars]\nansible_port=2200\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(all[0].port, Some(2200));
     }
 
     #[test]
