@@ -28,12 +28,16 @@ struct Inventory {
     /// Hosts in the order they first appear, with their own vars and the line (INI) they
     /// first appear on.
     hosts: Vec<(String, Vars, usize)>,
+    /// Where each host is in `hosts`, so adding one is a lookup and not a scan: with the scan,
+    /// a `w[1:20000]` range took minutes.
+    index: HashMap<String, usize>,
     groups: BTreeMap<String, Group>,
 }
 
 #[derive(Debug, Default)]
 struct Group {
-    hosts: Vec<String>,
+    /// The hosts placed directly in the group; their order is `Inventory::hosts`'.
+    hosts: HashSet<String>,
     children: Vec<String>,
     vars: Vars,
 }
@@ -44,14 +48,14 @@ impl Inventory {
     }
 
     fn add_host(&mut self, group: &str, name: String, vars: Vars, line: usize) {
-        match self.hosts.iter_mut().find(|(h, _, _)| *h == name) {
-            Some((_, own, _)) => own.extend(vars),
-            None => self.hosts.push((name.clone(), vars, line)),
+        match self.index.get(&name) {
+            Some(&i) => self.hosts[i].1.extend(vars),
+            None => {
+                self.index.insert(name.clone(), self.hosts.len());
+                self.hosts.push((name.clone(), vars, line));
+            }
         }
-        let g = self.group(group);
-        if !g.hosts.contains(&name) {
-            g.hosts.push(name);
-        }
+        self.group(group).hosts.insert(name);
     }
 }
 
@@ -453,6 +457,9 @@ fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
 }
 
 /// Picks the group, merges variables and turns inventory hosts into cutover hosts.
+///
+/// Each group's place in the hierarchy is worked out once, and each host's groups from the
+/// groups it is placed in, so the work grows with the file and not with hosts × groups.
 fn resolve(
     path: &Path,
     base: &Path,
@@ -460,42 +467,38 @@ fn resolve(
     group: Option<&str>,
 ) -> anyhow::Result<Vec<Host>> {
     let file = path.display();
-    // Every group is a child of `all`; depth orders variable precedence.
+    // `up`: every group a group is a child of; `parents` the same without `all`, which is
+    // every group's parent already: naming a group under `[all:children]` does not make it
+    // deeper (for variable precedence) than one left at the top.
+    let mut up: HashMap<&str, Vec<&str>> = HashMap::new();
     let mut parents: HashMap<&str, Vec<&str>> = HashMap::new();
     for (g, body) in &inv.groups {
         for c in &body.children {
             if !inv.groups.contains_key(c) {
                 anyhow::bail!("{file}: group {g} lists child {c}, which is not defined");
             }
-            // `all` is every group's parent already: naming a group under
-            // `[all:children]` does not make it deeper than one left at the top.
+            up.entry(c).or_default().push(g);
             if g != "all" {
                 parents.entry(c).or_default().push(g);
             }
         }
     }
-    // Members of a group: its hosts and its children's, recursively (cycles refused).
-    fn members<'a>(
-        inv: &'a Inventory,
-        g: &'a str,
-        seen: &mut Vec<&'a str>,
-        out: &mut HashSet<&'a str>,
-    ) -> Result<(), String> {
-        if seen.contains(&g) {
-            seen.push(g);
-            return Err(format!("groups include each other: {}", seen.join(" -> ")));
-        }
-        seen.push(g);
-        if let Some(body) = inv.groups.get(g) {
-            out.extend(body.hosts.iter().map(String::as_str));
-            for c in &body.children {
-                members(inv, c, seen, out)?;
-            }
-        }
-        seen.pop();
-        Ok(())
+    let order = parents_first(inv).map_err(|m| anyhow::anyhow!("{file}: {m}"))?;
+    // Depth orders variable precedence.
+    let mut depth: HashMap<&str, usize> = HashMap::new();
+    for &g in &order {
+        let ps = parents.get(g).map_or(&[][..], Vec::as_slice);
+        let d = ps.iter().map(|p| depth[p] + 1).max().unwrap_or(0);
+        depth.insert(g, d);
     }
-    let picked: Option<HashSet<&str>> = match group {
+    // The groups each host is placed in directly.
+    let mut placed: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (g, body) in &inv.groups {
+        for h in &body.hosts {
+            placed.entry(h.as_str()).or_default().push(g.as_str());
+        }
+    }
+    let picked = match group {
         None | Some("all") => None,
         Some(g) => {
             if !inv.groups.contains_key(g) {
@@ -505,43 +508,27 @@ fn resolve(
                     known.join(", ")
                 );
             }
-            let mut out = HashSet::new();
-            members(inv, g, &mut Vec::new(), &mut out)
-                .map_err(|m| anyhow::anyhow!("{file}: {m}"))?;
-            Some(out)
+            Some(g)
         }
     };
-    for g in inv.groups.keys() {
-        members(inv, g, &mut Vec::new(), &mut HashSet::new())
-            .map_err(|m| anyhow::anyhow!("{file}: {m}"))?;
-    }
-    fn depth(parents: &HashMap<&str, Vec<&str>>, g: &str, guard: usize) -> usize {
-        if guard > 64 {
-            return guard;
-        }
-        parents.get(g).map_or(0, |ps| {
-            ps.iter()
-                .map(|p| depth(parents, p, guard + 1) + 1)
-                .max()
-                .unwrap_or(0)
-        })
-    }
     let mut hosts = Vec::new();
     for (name, own, line) in &inv.hosts {
-        if picked.as_ref().is_some_and(|p| !p.contains(name.as_str())) {
+        // The groups the host belongs to, directly or through children: up from the groups
+        // it is placed in, each group once.
+        let mut groups: HashSet<&str> = HashSet::new();
+        let mut todo: Vec<&str> = placed.get(name.as_str()).cloned().unwrap_or_default();
+        while let Some(g) = todo.pop() {
+            if groups.insert(g) {
+                todo.extend(up.get(g).into_iter().flatten().copied());
+            }
+        }
+        if picked.is_some_and(|p| !groups.contains(p)) {
             continue;
         }
-        // The groups the host belongs to, directly or through children.
-        let mut groups: Vec<(usize, &str)> = inv
-            .groups
-            .iter()
-            .filter(|(g, _)| g.as_str() != "all")
-            .filter(|(g, _)| {
-                let mut out = HashSet::new();
-                let _ = members(inv, g, &mut Vec::new(), &mut out);
-                out.contains(name.as_str())
-            })
-            .map(|(g, _)| (depth(&parents, g, 0), g.as_str()))
+        let mut groups: Vec<(usize, &str)> = groups
+            .into_iter()
+            .filter(|g| *g != "all")
+            .map(|g| (depth[g], g))
             .collect();
         groups.sort();
         let mut vars = inv
@@ -567,6 +554,61 @@ fn resolve(
         }
     }
     Ok(hosts)
+}
+
+/// Every group, each after all the groups it is a child of; groups that include each other
+/// are refused. Iterative, so a very deep nesting cannot overflow the stack.
+fn parents_first(inv: &Inventory) -> Result<Vec<&str>, String> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Seen {
+        OnPath,
+        Done,
+    }
+    let mut seen: HashMap<&str, Seen> = HashMap::new();
+    // Children before their parents; reversed at the end.
+    let mut order = Vec::with_capacity(inv.groups.len());
+    for root in inv.groups.keys() {
+        if seen.contains_key(root.as_str()) {
+            continue;
+        }
+        // The path from `root`, with the next child to visit of each group on it.
+        let mut path: Vec<(&str, usize)> = vec![(root, 0)];
+        seen.insert(root, Seen::OnPath);
+        while let Some((g, next)) = path.last_mut() {
+            let children = inv
+                .groups
+                .get(*g)
+                .map_or(&[][..], |b| b.children.as_slice());
+            match children.get(*next) {
+                Some(c) => {
+                    *next += 1;
+                    match seen.get(c.as_str()) {
+                        Some(Seen::Done) => {}
+                        Some(Seen::OnPath) => {
+                            let mut names: Vec<&str> = path.iter().map(|(p, _)| *p).collect();
+                            names.push(c);
+                            return Err(format!(
+                                "groups include each other: {}",
+                                names.join(" -> ")
+                            ));
+                        }
+                        None => {
+                            seen.insert(c, Seen::OnPath);
+                            path.push((c, 0));
+                        }
+                    }
+                }
+                None => {
+                    let g = *g;
+                    seen.insert(g, Seen::Done);
+                    order.push(g);
+                    path.pop();
+                }
+            }
+        }
+    }
+    order.reverse();
+    Ok(order)
 }
 
 fn to_host(at: &str, base: &Path, name: &str, vars: &Vars) -> anyhow::Result<Host> {
@@ -778,6 +820,70 @@ mod tests {
         )
         .unwrap();
         assert_eq!(all[0].port, Some(2200));
+    }
+
+    #[test]
+    fn groups_that_include_each_other_are_refused() {
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nw1 ansible_host=127.0.0.1\n[a:children]\nb\n[b:children]\nweb\nc\n\
+                 [c:children]\na\n",
+                None,
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini: groups include each other: a -> b -> c -> a"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn deeply_nested_groups_do_not_overflow_the_stack() {
+        // g0 > g1 > ... > g19999 > h1: the walks over the groups are loops, not recursion.
+        let mut text = String::new();
+        for i in 0..20_000 {
+            text.push_str(&format!("[g{i}:children]\ng{}\n", i + 1));
+        }
+        text.push_str("[g20000]\nh1 ansible_host=127.0.0.1\n[g19999:vars]\nansible_port=2201\n");
+        let hosts = ini(&text, Some("g0")).unwrap();
+        assert_eq!(names(&hosts), ["h1"]);
+        assert_eq!(hosts[0].port, Some(2201));
+    }
+
+    #[test]
+    fn host_order_and_variable_precedence_survive_many_groups() {
+        // Hosts keep the order the file first names them in, whichever groups they are in;
+        // variables go all < parent < child (siblings by name) < host.
+        let hosts = ini(
+            "[all:vars]\nansible_user=a\n[b]\nh3 ansible_host=127.0.0.1\nh1 ansible_host=127.0.0.1\n\
+             [a]\nh2 ansible_host=127.0.0.1\nh1\n[top:children]\na\nb\n\
+             [top:vars]\nansible_user=top\nansible_port=2200\n[a:vars]\nansible_user=ga\n\
+             [b:vars]\nansible_user=gb\n[b]\nh2 ansible_port=2299\n",
+            Some("top"),
+        )
+        .unwrap();
+        assert_eq!(names(&hosts), ["h3", "h1", "h2"]);
+        let got: Vec<_> = hosts.iter().map(|h| (h.user.as_deref(), h.port)).collect();
+        assert_eq!(
+            got,
+            [
+                (Some("gb"), Some(2200)),
+                (Some("gb"), Some(2200)),
+                (Some("gb"), Some(2299)),
+            ]
+        );
+        assert_eq!(
+            names(
+                &ini(
+                    "[a]\nh2 ansible_host=127.0.0.1\n[b]\nh1 ansible_host=127.0.0.1\n",
+                    Some("b")
+                )
+                .unwrap()
+            ),
+            ["h1"]
+        );
     }
 
     #[test]
