@@ -76,12 +76,27 @@ pub fn load(path: &Path, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
     resolve(path, base, &inv, group)
 }
 
-/// A file whose first meaningful line is `key:` (and not `[section]`) is YAML.
+/// A file whose first meaningful line is `key:` (and not `[section]`) is YAML. A trailing
+/// comment (`all:   # production servers`) does not count: it is common at the top of a file.
 fn looks_like_yaml(text: &str) -> bool {
     text.lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
+        .map(strip_comment)
         .is_some_and(|l| l == "---" || (!l.starts_with('[') && l.ends_with(':')))
+}
+
+/// The line up to a `#` comment that starts it or follows whitespace (as in YAML and in
+/// Ansible's INI), trimmed. A `#` inside a word (`web#1`) is not a comment.
+fn strip_comment(line: &str) -> &str {
+    let mut prev_space = true;
+    for (i, c) in line.char_indices() {
+        if c == '#' && prev_space {
+            return line[..i].trim();
+        }
+        prev_space = c.is_whitespace();
+    }
+    line.trim()
 }
 
 /// Parses Ansible's INI format.
@@ -891,5 +906,24 @@ mod tests {
         assert!(looks_like_yaml("# c\nall:\n  hosts:\n"));
         assert!(!looks_like_yaml("[web]\nweb1\n"));
         assert!(!looks_like_yaml("web1 ansible_host=1.2.3.4\n"));
+        // A comment after the first key, or after `---`.
+        assert!(looks_like_yaml("all:   # production servers\n  hosts:\n"));
+        assert!(looks_like_yaml("--- # inventory\nall:\n"));
+        // A comment that happens to end in ':' does not make an INI line YAML.
+        assert!(!looks_like_yaml("web1   # the first one, see:\n"));
+    }
+
+    #[test]
+    fn yaml_without_extension_and_with_a_comment_is_read_as_yaml() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("production");
+        std::fs::write(
+            &p,
+            "all:   # production servers\n  hosts:\n    web1:\n      ansible_host: 127.0.0.1\n      ansible_port: 2201\n",
+        )
+        .unwrap();
+        let hosts = load(&p, None).unwrap();
+        assert_eq!(names(&hosts), ["web1"]);
+        assert_eq!(hosts[0].port, Some(2201));
     }
 }
