@@ -125,12 +125,25 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
             continue;
         }
         if let Some(rest) = line.strip_prefix('[') {
-            let Some(head) = rest.split_once(']').map(|(h, _)| h.trim()) else {
+            let Some((head, after)) = rest.split_once(']') else {
                 return Err(err(
                     n,
                     format!("{line:?}: a section header needs a closing ']', e.g. [web]"),
                 ));
             };
+            let head = head.trim();
+            // Only a comment may follow, as in Ansible: anything else is a mistake (a host
+            // on the header's line, a stray `]`) that would otherwise be dropped unseen.
+            if !strip_comment(after).is_empty() {
+                return Err(err(
+                    n,
+                    format!(
+                        "{line:?}: unexpected {:?} after the section header: put [{head}] alone \
+                         on its line (a comment after it starts with #)",
+                        after.trim()
+                    ),
+                ));
+            }
             let (name, kind) = match head.split_once(':') {
                 None => (head, Kind::Hosts),
                 Some((g, "vars")) => (g, Kind::Vars),
@@ -161,7 +174,9 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                 inv.group(&group).vars.insert(k, v);
             }
             Kind::Children => {
-                if line.contains(char::is_whitespace) || line.contains('=') {
+                // `web   # the web tier`: Ansible allows a comment after the name.
+                let child = strip_comment(line);
+                if child.contains(char::is_whitespace) || child.contains('=') {
                     return Err(err(
                         n,
                         format!(
@@ -169,6 +184,7 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                         ),
                     ));
                 }
+                let line = child;
                 check_group(line).map_err(|m| err(n, m))?;
                 named.push((n, line.to_string(), format!("[{group}:children]")));
                 inv.group(line);
@@ -898,6 +914,51 @@ mod tests {
                 .unwrap()
             ),
             ["h1"]
+        );
+    }
+
+    #[test]
+    fn comments_after_children_and_headers_are_allowed_junk_is_not() {
+        let hosts = ini(
+            "[web] # the web tier\nw1 ansible_host=127.0.0.1\n[db]#databases\n\
+             d1 ansible_host=127.0.0.1\n[app:children]   # all of it\nweb   # the web tier\ndb\t#x\n",
+            Some("app"),
+        )
+        .unwrap();
+        assert_eq!(names(&hosts), ["w1", "d1"]);
+        // Text after a header is refused, with its line, not dropped.
+        for (text, line, what) in [
+            (
+                "[web]\nw1 ansible_host=127.0.0.1\n[db] junk\nd1\n",
+                3,
+                "\"junk\"",
+            ),
+            ("[web]]\nw1 ansible_host=127.0.0.1\n", 1, "\"]\""),
+            (
+                "[web]\nw1 ansible_host=127.0.0.1\n[app:children] web\n",
+                3,
+                "\"web\"",
+            ),
+        ] {
+            let e = format!("{:#}", ini(text, None).unwrap_err());
+            assert!(
+                e.contains(&format!("hosts.ini:{line}:")) && e.contains(what),
+                "{text:?} -> {e}"
+            );
+            assert!(e.contains("alone on its line"), "{e}");
+        }
+        // Two names on one children line are still refused.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nw1 ansible_host=127.0.0.1\n[app:children]\nweb db # two\n",
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:4:") && e.contains("one group name per line"),
+            "{e}"
         );
     }
 
