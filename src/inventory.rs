@@ -25,8 +25,8 @@ type Vars = BTreeMap<String, String>;
 /// What an inventory says, before a group is picked.
 #[derive(Debug, Default)]
 struct Inventory {
-    /// Hosts in the order they first appear, with their own vars and the line (INI) they
-    /// first appear on.
+    /// Hosts in the order they first appear, with their own vars and the line they first
+    /// appear on (in YAML, the host's key; 0 if unknown).
     hosts: Vec<(String, Vars, usize)>,
     /// Where each host is in `hosts`, so adding one is a lookup and not a scan: with the scan,
     /// a `w[1:20000]` range took minutes.
@@ -381,8 +381,9 @@ fn expand_range(pattern: &str) -> Result<Vec<String>, String> {
 /// The most hosts one range pattern may name (ranges multiply: `web[0:999]x[0:999]`).
 const MAX_RANGE_HOSTS: usize = 100_000;
 
-/// A map that keeps the file's order.
-struct Ordered<V>(Vec<(String, V)>);
+/// A map that keeps the file's order, with the line of each key (0 when unknown), so errors
+/// about a group or host can point at it.
+struct Ordered<V>(Vec<(String, usize, V)>);
 
 impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -397,8 +398,8 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
-                while let Some((k, v)) = m.next_entry::<String, V>()? {
-                    out.push((k, v));
+                while let Some((k, v)) = m.next_entry::<serde_saphyr::Spanned<String>, V>()? {
+                    out.push((k.value, k.referenced.line() as usize, v));
                 }
                 Ok(Ordered(out))
             }
@@ -446,43 +447,47 @@ fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
     let top: Ordered<Option<YamlGroup>> = serde_saphyr::from_str(text)
         .map_err(|e| anyhow::anyhow!("{}: not a valid YAML inventory: {e}", path.display()))?;
     let mut inv = Inventory::default();
-    fn walk(
-        path: &Path,
-        inv: &mut Inventory,
-        name: &str,
-        g: Option<YamlGroup>,
-    ) -> anyhow::Result<()> {
-        check_group(name).map_err(|m| anyhow::anyhow!("{}: {m}", path.display()))?;
-        inv.group(name);
-        let Some(g) = g else { return Ok(()) };
+    // `file:line` of a key, as the INI errors have it (just the file if the line is unknown).
+    let at = |line: usize| {
+        if line > 0 {
+            format!("{}:{line}", path.display())
+        } else {
+            path.display().to_string()
+        }
+    };
+    // Depth-first, in the file's order; a loop rather than recursion, so a deeply nested
+    // file cannot overflow the stack. Children are pushed in reverse to pop in order.
+    let mut todo: Vec<(String, usize, Option<YamlGroup>)> = top.0.into_iter().rev().collect();
+    while let Some((name, line, g)) = todo.pop() {
+        check_group(&name).map_err(|m| anyhow::anyhow!("{}: {m}", at(line)))?;
+        inv.group(&name);
+        let Some(g) = g else { continue };
         if let Some(vars) = g.vars {
-            for (k, v) in vars.0 {
-                inv.group(name).vars.insert(k, v.text());
+            for (k, _, v) in vars.0 {
+                inv.group(&name).vars.insert(k, v.text());
             }
         }
-        for (pattern, vars) in g.hosts.map(|h| h.0).unwrap_or_default() {
+        for (pattern, line, vars) in g.hosts.map(|h| h.0).unwrap_or_default() {
             let vars: Vars = vars
-                .map(|v| v.0.into_iter().map(|(k, v)| (k, v.text())).collect())
+                .map(|v| v.0.into_iter().map(|(k, _, v)| (k, v.text())).collect())
                 .unwrap_or_default();
             for host in expand_range(&pattern)
-                .map_err(|m| anyhow::anyhow!("{}: group {name}: {m}", path.display()))?
+                .map_err(|m| anyhow::anyhow!("{}: group {name}: {m}", at(line)))?
             {
-                Name::parse(&host)
-                    .map_err(|m| anyhow::anyhow!("{}: group {name}: host {m}", path.display()))?;
-                inv.add_host(name, host, vars.clone(), 0);
+                Name::parse(&host).map_err(|m| {
+                    anyhow::anyhow!("{}: group {name}: host {m}{}", at(line), port_hint(&host))
+                })?;
+                inv.add_host(&name, host, vars.clone(), line);
             }
         }
-        for (child, cg) in g.children.map(|c| c.0).unwrap_or_default() {
-            let parent = inv.group(name);
-            if !parent.children.contains(&child) {
+        let children = g.children.map(|c| c.0).unwrap_or_default();
+        for (child, _, _) in &children {
+            let parent = inv.group(&name);
+            if !parent.children.contains(child) {
                 parent.children.push(child.clone());
             }
-            walk(path, inv, &child, cg)?;
         }
-        Ok(())
-    }
-    for (name, g) in top.0 {
-        walk(path, &mut inv, &name, g)?;
+        todo.extend(children.into_iter().rev());
     }
     Ok(inv)
 }
@@ -960,6 +965,48 @@ mod tests {
             e.contains("hosts.ini:4:") && e.contains("one group name per line"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn yaml_errors_name_the_line_of_the_host_or_group() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.yml");
+        for (text, line, what) in [
+            (
+                "all:\n  children:\n    web:\n      hosts:\n        web1:\n          ansible_host: 127.0.0.1\n\
+                 \x20         ansible_port: 99999\n",
+                5,
+                "host web1: ansible_port = \"99999\" is not a port number",
+            ),
+            (
+                "all:\n  hosts:\n    ok1:\n      ansible_host: 127.0.0.1\n    web1:2222:\n",
+                5,
+                "write `web1 ansible_port=2222`",
+            ),
+            (
+                "all:\n  hosts:\n    web[3:1]:\n",
+                3,
+                "a host range looks like",
+            ),
+            (
+                "all:\n  children:\n    web:\n      hosts:\n        w1:\n    bad group:\n",
+                6,
+                "\"bad group\" is not a group name",
+            ),
+            (
+                "all:\n  vars:\n    ansible_user: \"-oProxyCommand=x\"\n  hosts:\n    w1:\n\
+                 \x20     ansible_host: 127.0.0.1\n",
+                5,
+                "host w1: ansible_user",
+            ),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = format!("{:#}", load(&p, None).unwrap_err());
+            assert!(
+                e.contains(&format!("hosts.yml:{line}: ")) && e.contains(what),
+                "{text:?} -> {e}"
+            );
+        }
     }
 
     #[test]
