@@ -813,6 +813,28 @@ impl Journal {
         })
     }
 
+    /// Commands a deployment never read, marked taken so nothing acts on them later: for a
+    /// deployment that has ended, they came too late.
+    pub fn drop_unread_commands(&self, deployment: &str) -> anyhow::Result<Vec<String>> {
+        self.with(|c| {
+            let tx =
+                rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
+            let unread = {
+                let mut stmt = tx.prepare(
+                    "SELECT command FROM commands WHERE deployment = ?1 AND taken = 0 ORDER BY id",
+                )?;
+                let rows = stmt.query_map(params![deployment], |r| r.get::<_, String>(0))?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()?
+            };
+            tx.execute(
+                "UPDATE commands SET taken = 1 WHERE deployment = ?1 AND taken = 0",
+                params![deployment],
+            )?;
+            tx.commit()?;
+            Ok(unread)
+        })
+    }
+
     /// Takes the oldest untaken command for a deployment.
     pub fn take_command(&self, deployment: &str) -> anyhow::Result<Option<String>> {
         self.take_first(deployment, "")
@@ -885,6 +907,19 @@ mod tests {
             report: None,
             status: None,
         }
+    }
+
+    #[test]
+    fn commands_a_deployment_never_read_are_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.begin(&row("d1", "v2")).unwrap();
+        j.post_command("d1", "pause").unwrap();
+        j.post_command("d1", "rollback").unwrap();
+        assert_eq!(j.take_command("d1").unwrap().as_deref(), Some("pause"));
+        assert_eq!(j.drop_unread_commands("d1").unwrap(), vec!["rollback"]);
+        assert!(j.drop_unread_commands("d1").unwrap().is_empty());
+        assert!(j.take_command("d1").unwrap().is_none());
     }
 
     #[test]

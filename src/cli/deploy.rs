@@ -428,6 +428,20 @@ pub(super) fn wait_for_end(
                 }
                 let back =
                     outcome == "rolled_back" || (row.kind == "rollback" && outcome == "succeeded");
+                // A command the deployment never read (it sent its last batch or closed its
+                // switch-back window first) did nothing: say so rather than let its outcome
+                // read as the command's.
+                let unread = journal.drop_unread_commands(&row.id)?;
+                if let Some(cmd) = unread.iter().find(|c| *c == "rollback" || *c == "abort") {
+                    eprintln!(
+                        "the deployment ended before it read your {cmd}: the {cmd} did nothing{}",
+                        if back {
+                            String::new()
+                        } else {
+                            " (the fleet is where the deployment left it): run `cutover rollback` now to return it".to_string()
+                        }
+                    );
+                }
                 return Ok(if back { 0 } else { 1 });
             }
         }
