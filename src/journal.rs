@@ -198,6 +198,33 @@ pub fn process_alive(pid: u32) -> bool {
         .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
+/// Whether the process now running as `pid` started after `ms` (unix ms): then it is not the
+/// one that took a lock at `ms`, but a later one that reuses its pid.
+fn process_started_after(pid: u32, ms: u64) -> bool {
+    let start_ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(") ")?.1.to_string();
+            // `rest` starts at field 3 (state): field 22, the start time, is index 19.
+            rest.split_whitespace().nth(19)?.parse::<u64>().ok()
+        });
+    let boot_secs = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    });
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    match (start_ticks, boot_secs, u64::try_from(ticks_per_sec)) {
+        (Some(t), Some(boot), Ok(hz)) if hz > 0 => {
+            let started_ms = boot * 1000 + t * 1000 / hz;
+            // Clock ticks and btime are coarse (10 ms, 1 s): only a clear margin counts.
+            started_ms > ms + 2000
+        }
+        _ => false,
+    }
+}
+
 fn machine_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
@@ -667,9 +694,16 @@ impl Journal {
                     });
                     if holder.machine == me.machine && holder.pid == me.pid {
                         Ok(Taken::Free)
-                    } else if holder.machine == me.machine && !process_alive(holder.pid) {
+                    } else if holder.machine == me.machine
+                        && (!process_alive(holder.pid)
+                            || process_started_after(holder.pid, holder.started_ms))
+                    {
                         Ok(Taken::TookOver(holder, "its process is gone"))
-                    } else if (lease_until as u64) < now_ms() {
+                    } else if holder.machine != me.machine && (lease_until as u64) < now_ms() {
+                        // On this machine a live holder keeps its lock whatever its lease: a
+                        // stopped (Ctrl-Z) or slow deployer would otherwise lose it and carry
+                        // on beside the deploy that took it. Only a holder elsewhere, whose
+                        // process cannot be seen from here, is judged by its lease.
                         Ok(Taken::TookOver(holder, "its lease expired"))
                     } else {
                         Err(holder)
@@ -700,9 +734,10 @@ impl Journal {
         }
     }
 
-    /// Extends our lease.
-    pub fn renew(&self, app: &str, me: &LockHolder, lease: Duration) -> anyhow::Result<()> {
-        self.with(|c| {
+    /// Extends our lease; false when the lock is no longer ours (another machine's deploy
+    /// took it over after our lease expired).
+    pub fn renew(&self, app: &str, me: &LockHolder, lease: Duration) -> anyhow::Result<bool> {
+        let updated = self.with(|c| {
             c.execute(
                 "UPDATE lock SET lease_until_ms = ?1 WHERE app = ?2 AND holder_json = ?3",
                 params![
@@ -712,7 +747,7 @@ impl Journal {
                 ],
             )
         })?;
-        Ok(())
+        Ok(updated > 0)
     }
 
     /// Releases our lock.
@@ -1019,6 +1054,27 @@ mod tests {
         assert!(matches!(
             j.lock("a", &me, Duration::from_secs(60)).unwrap(),
             Taken::TookOver(_, "its lease expired")
+        ));
+        // The remote holder learns it at its next renewal.
+        assert!(!j.renew("a", &remote, Duration::from_secs(60)).unwrap());
+        assert!(j.renew("a", &me, Duration::from_secs(60)).unwrap());
+        // On this machine a live holder keeps the lock past its lease (a deployer stopped
+        // with Ctrl-Z must not find another deploy running beside it when it continues)...
+        j.force_unlock("a", &me).unwrap();
+        j.lock("a", &other, Duration::from_millis(0)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(j.lock("a", &me, Duration::from_secs(60)).is_err());
+        // ...unless its pid now belongs to a later process (pid 1 began after 1970).
+        j.force_unlock("a", &me).unwrap();
+        let reused = LockHolder {
+            pid: 1,
+            started_ms: 1_000,
+            ..LockHolder::me("deploy v0")
+        };
+        j.lock("a", &reused, Duration::from_secs(60)).unwrap();
+        assert!(matches!(
+            j.lock("a", &me, Duration::from_secs(60)).unwrap(),
+            Taken::TookOver(_, "its process is gone")
         ));
     }
 

@@ -99,9 +99,17 @@ pub(crate) async fn take_lock(
         let journal = journal.clone();
         let (app, me, lease) = (app.clone(), me.clone(), config.lock_lease);
         tokio::spawn(async move {
+            let mut warned = false;
             loop {
                 tokio::time::sleep(lease / 3).await;
-                let _ = journal.renew(&app, &me, lease);
+                if let Ok(false) = journal.renew(&app, &me, lease) {
+                    if !warned {
+                        eprintln!(
+                            "WARNING: this deploy lost its deploy lock: another machine's deploy took it after this one's lease expired (see `cutover lock`); two deploys may now change the fleet at once"
+                        );
+                        warned = true;
+                    }
+                }
             }
         })
     };
