@@ -233,10 +233,16 @@ impl SshTransport {
 
     /// Opens the host's master connection (or finds a persisting one).
     async fn open_master(&self, host: &Host) -> Result<(), String> {
-        if matches!(self.control_dir, ControlDir::Shared(_))
-            && std::fs::symlink_metadata(self.control_path(host)).is_ok()
-        {
-            return Ok(());
+        if matches!(self.control_dir, ControlDir::Shared(_)) {
+            let path = self.control_path(host);
+            // A persisting master answers on its socket. A socket left by a master that died
+            // (the host went down, the machine slept) must not pass for one: every step would
+            // then fail as a lost session instead of "cannot connect", and ssh would not
+            // start a new master over the stale file.
+            if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                return Ok(());
+            }
+            let _ = std::fs::remove_file(&path);
         }
         let _permit = self.connecting.acquire().await;
         let mut c = self.command(host, "true");
@@ -679,6 +685,41 @@ mod tests {
         let port: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert!((PORT_RANGE.0..=PORT_RANGE.1).contains(&port));
         std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    }
+
+    #[test]
+    fn a_dead_masters_socket_does_not_pass_for_a_connection() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = SshTransport::new(
+            crate::config::SshSettings {
+                host_key_checking: crate::config::HostKeyChecking::Strict,
+                connect_timeout: Duration::from_secs(2),
+                command_timeout: Duration::from_secs(5),
+                persist: Duration::from_secs(60),
+            },
+            1,
+        )
+        .unwrap();
+        if !matches!(t.control_dir, ControlDir::Shared(_)) {
+            return; // no shared directory on this machine: nothing persists to go stale
+        }
+        // A closed port on loopback: nothing answers SSH there.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let mut host = Host::for_test(std::path::Path::new("/nonexistent"));
+        host.port = Some(port);
+        let path = t.control_path(&host);
+        // What a master that died leaves: the socket file, with nobody listening.
+        let _ = std::fs::remove_file(&path);
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let e = rt.block_on(t.open_master(&host)).unwrap_err();
+        assert!(e.contains("cannot connect over SSH"), "{e}");
+        assert!(!path.exists(), "the stale socket is gone");
     }
 
     #[test]
