@@ -612,16 +612,22 @@ impl Journal {
         })
     }
 
-    /// Where `cutover rollback` returns: the `from` of the newest deployment that changed the
-    /// fleet (succeeded, or a deploy halted with some hosts moved). Deployments that rolled
-    /// back or failed left it where it was, a deploy of the live release changed nothing, and
-    /// a halted rollback is not a release to return from (its `from` is the one it left).
+    /// Where `cutover rollback` returns: the `from` of the newest deploy that changed the fleet
+    /// (succeeded, or halted with some hosts moved) and that no later rollback has undone.
+    /// Deployments that rolled back or failed left the fleet where it was, and a deploy of the
+    /// live release changed nothing. Rollbacks are not counted: the release a rollback left is
+    /// the one it was taking the fleet away from, so a second `cutover rollback` goes further
+    /// back instead of redeploying it.
     pub fn previous_release(&self, app: &str) -> anyhow::Result<Option<String>> {
         self.with(|c| {
             c.query_row(
-                "SELECT version_from FROM deployments WHERE app = ?1 AND (outcome = 'succeeded' \
-                 OR (outcome = 'halted' AND kind = 'deploy' AND json_array_length(report_json, '$.moved_hosts') > 0)) \
-                 AND (version_from IS NULL OR version_from != version_to) ORDER BY started_ms DESC, rowid DESC LIMIT 1",
+                "SELECT version_from FROM deployments d WHERE app = ?1 AND kind = 'deploy' \
+                 AND (outcome = 'succeeded' \
+                   OR (outcome = 'halted' AND json_array_length(report_json, '$.moved_hosts') > 0)) \
+                 AND (version_from IS NULL OR version_from != version_to) \
+                 AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.app = d.app AND r.kind = 'rollback' \
+                   AND r.outcome = 'succeeded' AND r.version_from = d.version_to AND r.started_ms >= d.started_ms) \
+                 ORDER BY started_ms DESC, rowid DESC LIMIT 1",
                 params![app],
                 |r| r.get::<_, Option<String>>(0),
             )
@@ -1014,6 +1020,19 @@ mod tests {
             Some("halted")
         );
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
+        // A rollback away from v3 undid the deploy that brought it: the next rollback goes
+        // further back (to v1, where the deploy of v2 came from), never forward to v3.
+        let mut back = row("d5", "v2");
+        back.from = Some("v3".into());
+        back.kind = "rollback".into();
+        j.begin(&back).unwrap();
+        j.finish(
+            "d5",
+            "succeeded",
+            &serde_json::json!({ "moved_hosts": ["web1"] }),
+        )
+        .unwrap();
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
     }
 
     #[test]
