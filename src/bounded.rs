@@ -65,8 +65,37 @@ pub fn forget_group(pgid: u32) {
         .retain(|g| *g != pgid);
 }
 
-/// On SIGINT or SIGTERM, kills every live group and exits as the signal would have (130 or
-/// 143). For commands that have no shutdown of their own (`deploy`, `rollback`); `proxy` and
+type ExitHooks = Mutex<Vec<(u64, Box<dyn Fn() + Send>)>>;
+
+/// Cleanups [`stop_groups_on_signal`] runs before it exits, which skips every destructor.
+static EXIT_HOOKS: ExitHooks = Mutex::new(Vec::new());
+static NEXT_HOOK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A cleanup run if a signal ends the process (see [`stop_groups_on_signal`]); unregistered
+/// when dropped, for owners that clean up on their normal way out.
+pub struct ExitHook(u64);
+
+/// Registers `f` to run before a signal ends the process.
+pub fn at_signal_exit(f: impl Fn() + Send + 'static) -> ExitHook {
+    let id = NEXT_HOOK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    EXIT_HOOKS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push((id, Box::new(f)));
+    ExitHook(id)
+}
+
+impl Drop for ExitHook {
+    fn drop(&mut self) {
+        EXIT_HOOKS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(id, _)| *id != self.0);
+    }
+}
+
+/// On SIGINT or SIGTERM, kills every live group, runs the [`at_signal_exit`] cleanups and
+/// exits as the signal would have (130 or 143). For commands that have no shutdown of their own (`deploy`, `rollback`); `proxy` and
 /// `serve` handle their signals themselves.
 pub async fn stop_groups_on_signal() {
     use tokio::signal::unix::{SignalKind, signal};
@@ -85,6 +114,9 @@ pub async fn stop_groups_on_signal() {
         unsafe {
             libc::kill(-(pgid as i32), libc::SIGKILL);
         }
+    }
+    for (_, hook) in EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        hook();
     }
     std::process::exit(code);
 }

@@ -860,6 +860,7 @@ async fn sessions_through_ssh_processes_deploy_as_well() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_persist_zero_closes_the_masters_when_the_command_ends() {
+    let _own = PRIVATE_CONTROL.lock().await;
     let fleet = SshFleet::start(Opts {
         extra_top: "ssh_persist = \"0s\"\n".into(),
         ..Opts::default()
@@ -873,5 +874,104 @@ async fn ssh_persist_zero_closes_the_masters_when_the_command_ends() {
         fleet.logins(),
         8,
         "the deploy's masters were closed, so status logged in again"
+    );
+}
+
+/// Held by tests that run with private control directories, so each can tell its own.
+static PRIVATE_CONTROL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Private control directories (`ssh_persist = "0s"`) under the temp dir.
+fn private_control_dirs() -> Vec<std::path::PathBuf> {
+    let uid_dir = format!("cutover-ssh-{}", unsafe { libc::getuid() });
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("cutover-ssh-") && n != uid_dir)
+        })
+        .collect()
+}
+
+/// Processes whose command line names a path under `dir` (an ssh master shows its socket).
+fn processes_using(dir: &Path) -> Vec<i32> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmd).contains(&needle)
+        })
+        .collect()
+}
+
+/// Ctrl-C ends a deploy without its destructors: with ssh_persist = "0s" its masters must be
+/// closed and its private socket directory removed all the same, not left for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_closes_the_masters_of_a_deploy_that_does_not_persist_them() {
+    let _own = PRIVATE_CONTROL.lock().await;
+    let mut fleet = SshFleet::start(Opts::default()).await;
+    let marker = fleet.dir.path().join("hook-started");
+    fleet.write_config(&Opts {
+        extra_top: "ssh_persist = \"0s\"\n".into(),
+        extra: format!(
+            "[[hooks]]\nat = \"after_stage\"\nwhere = \"host\"\nrun_once = true\ncommand = \"touch {}; sleep 20\"\n",
+            marker.display()
+        ),
+        ..Opts::default()
+    });
+    let before = private_control_dirs();
+    let child = Command::new(common::exe())
+        .arg("-c")
+        .arg(&fleet.config)
+        .args(["deploy", "--version", "v1"])
+        .env(cutover::transport::ssh::CONFIG_ENV, &fleet.sshd.ssh_config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !marker.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the hook never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mine: Vec<_> = private_control_dirs()
+        .into_iter()
+        .filter(|d| !before.contains(d))
+        .collect();
+    assert_eq!(mine.len(), 1, "one private control directory: {mine:?}");
+    let dir = &mine[0];
+    assert!(
+        !processes_using(dir).is_empty(),
+        "masters are up during the deploy"
+    );
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGINT) };
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("the deploy ends on Ctrl-C")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    let ended = Instant::now();
+    while !processes_using(dir).is_empty() && ended.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        processes_using(dir),
+        Vec::<i32>::new(),
+        "ssh masters left running"
+    );
+    assert!(
+        !dir.exists(),
+        "the private control directory is left behind"
     );
 }

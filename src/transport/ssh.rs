@@ -71,6 +71,9 @@ pub struct SshTransport {
     no_mux: bool,
     /// Sessions waiting for their next script.
     idle: session::Pool,
+    /// With a private control directory: closes its masters and removes it if a signal ends
+    /// the process, which skips [`Drop`].
+    _on_signal: Option<crate::bounded::ExitHook>,
 }
 
 impl SshTransport {
@@ -111,7 +114,18 @@ impl SshTransport {
                     })?,
             ),
         };
+        let on_signal = match &control_dir {
+            ControlDir::Private(dir) => {
+                let dir = dir.path().to_path_buf();
+                Some(crate::bounded::at_signal_exit(move || {
+                    close_masters_in(&dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                }))
+            }
+            ControlDir::Shared(_) => None,
+        };
         Ok(SshTransport {
+            _on_signal: on_signal,
             settings,
             config_file,
             control_dir,
@@ -561,6 +575,24 @@ impl Drop for SshTransport {
                 .stderr(Stdio::null())
                 .status();
         }
+    }
+}
+
+/// Asks the master behind every control socket in `dir` to exit (`ssh -O exit`).
+fn close_masters_in(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for socket in entries.flatten() {
+        // The destination is required but unused: the control socket names the connection.
+        let _ = std::process::Command::new("ssh")
+            .arg("-o")
+            .arg(format!("ControlPath={}", socket.path().display()))
+            .args(["-O", "exit", "cutover-master"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
