@@ -168,27 +168,49 @@ pub async fn start(
         log_file = sh_quote(log_file.to_string_lossy()),
         launch = launch(&command),
     );
-    let out = run_ok(
+    let launched = Instance {
+        host: host.name.to_string(),
+        version: v.to_string(),
+        address: SocketAddr::new(host.address, port),
+        pid: 0,
+    };
+    let started = run_ok(
         transport,
         host,
         &format!("starting {v}"),
         &script,
         SCRIPT_TIMEOUT,
     )
-    .await?;
-    let pid = out.trim().parse::<u32>().map_err(|_| {
-        anyhow::anyhow!(
-            "host {}: starting {v} printed no pid: {:?}",
-            host.name,
-            out.trim()
-        )
-    })?;
-    Ok(Instance {
-        host: host.name.to_string(),
-        version: v.to_string(),
-        address: SocketAddr::new(host.address, port),
-        pid,
-    })
+    .await
+    .and_then(|out| {
+        out.trim().parse::<u32>().map_err(|_| {
+            anyhow::anyhow!(
+                "host {}: starting {v} printed no pid: {:?}",
+                host.name,
+                out.trim()
+            )
+        })
+    });
+    let pid = match started {
+        Ok(pid) => pid,
+        Err(e) => {
+            // The script may have launched the app before it failed (a timeout, a lost
+            // connection, an answer that did not parse): stop what its pid file names, so a
+            // failed start leaves no instance that nothing tracks.
+            if !crate::transport::Unreachable::is(&e) {
+                let _ = stop(
+                    transport,
+                    host,
+                    &launched,
+                    app.stop_signal,
+                    *app.stop_timeout,
+                )
+                .await;
+            }
+            return Err(e);
+        }
+    };
+    Ok(Instance { pid, ..launched })
 }
 
 /// What `setsid` runs for a start command: the command's own words when it is plain words (an
@@ -609,6 +631,57 @@ mod tests {
 
     /// `answered` fires at the app's first answer, an interval before the gate passes: what the
     /// rolling loop waits for before the previous batch's settles may use the cores.
+    /// The local transport, with junk added to what a start script prints: the answer no
+    /// longer parses though the app was launched.
+    struct Garbled(crate::transport::local::LocalTransport);
+
+    #[async_trait::async_trait]
+    impl Transport for Garbled {
+        async fn run(
+            &self,
+            host: &Host,
+            script: &str,
+            timeout: Duration,
+        ) -> anyhow::Result<crate::transport::Output> {
+            let mut out = self.0.run(host, script, timeout).await?;
+            if script.contains("setsid") {
+                out.stdout.insert_str(0, "JUNK\n");
+            }
+            Ok(out)
+        }
+        async fn copy_dir(
+            &self,
+            host: &Host,
+            from: &std::path::Path,
+            to: &std::path::Path,
+        ) -> anyhow::Result<()> {
+            self.0.copy_dir(host, from, to).await
+        }
+        async fn free_port(&self, host: &Host) -> anyhow::Result<u16> {
+            self.0.free_port(host).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_start_that_fails_after_launching_leaves_no_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::for_test(dir.path());
+        std::fs::create_dir_all(dir.path().join("releases/v1")).unwrap();
+        let app: App =
+            toml::from_str("name = \"a\"\nstart = \"sleep 30\"\nstop_timeout = \"2s\"\n").unwrap();
+        let t = Garbled(crate::transport::local::LocalTransport::new());
+        let v = Name::parse("v1").unwrap();
+        let e = start(&t, &app, &host, &v, 45_678).await.unwrap_err();
+        assert!(format!("{e:#}").contains("printed no pid"), "{e:#}");
+        let pid_file = Layout::of(&host).pid_file("v1", 45_678);
+        assert!(
+            !pid_file.exists(),
+            "the launched instance is still recorded"
+        );
+        let left = list(&t.0, &host).await.unwrap();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
     #[tokio::test]
     async fn the_gate_tells_of_the_first_answer_before_it_passes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
