@@ -472,7 +472,7 @@ pub(super) fn wait_for_end(
         }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "deployment {} did not end within 10 minutes",
+            "deployment {} did not end within the 10 minutes this command waits; what you sent stays queued and takes effect when the deployment reads it (a rolling deploy at its next batch boundary): follow it with `cutover status`",
             row.id
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
