@@ -492,11 +492,11 @@ impl Deployer {
                     let label = label.clone();
                     let run = &run;
                     async move {
-                        let m = self
+                        let mut m = self
                             .admit_started(run, &label, h, version, started?, Some(answered))
                             .await?;
                         if !retire_in_batch {
-                            let later = Retire::Later(m.backends.clone());
+                            let later = Retire::Later(std::mem::take(&mut m.backends));
                             return Ok((h.clone(), m, label, Ok(()), later));
                         }
                         let unretired = self

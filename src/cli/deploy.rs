@@ -11,18 +11,13 @@ use crate::progress::Progress;
 
 use super::deployer;
 
-/// The target of a recorded deployment, checked as a name: a bad one names the deployment and
-/// the journal, not a `--version` the user did not give.
-fn recorded_version(
-    row: &crate::journal::DeploymentRow,
-    journal: &std::path::Path,
-) -> anyhow::Result<Name> {
-    Name::parse(&row.to).map_err(|e| {
+/// A version read back from the journal (`whose`: which record), checked as a name: a bad one
+/// names the record and the journal, not a `--version` the user did not give.
+fn recorded_version(version: &str, whose: &str, journal: &std::path::Path) -> anyhow::Result<Name> {
+    Name::parse(version).map_err(|e| {
         anyhow::anyhow!(
-            "deployment {} in {} records the version {:?}, which cannot be deployed: {e}",
-            row.id,
-            journal.display(),
-            row.to
+            "{whose} in {} records the version {version:?}, which cannot be deployed: {e}",
+            journal.display()
         )
     })
 }
@@ -212,7 +207,8 @@ pub(super) async fn deploy_cmd(
         {
             // A canary or blue-green cannot pick up mid-way (its steps, weights, analysis and
             // green set lived in the killed process): undo what it left, then start it again.
-            let version = recorded_version(&row, journal.path())?;
+            let version =
+                recorded_version(&row.to, &format!("deployment {}", row.id), journal.path())?;
             deployer.progress.say(&format!(
                 "{} deployment {} cannot continue where it stopped: returning every host to where it was, then starting {version} again",
                 row.strategy, row.id
@@ -225,7 +221,8 @@ pub(super) async fn deploy_cmd(
             }
         }
         (Action::Resume, Some(row)) => {
-            let version = recorded_version(&row, journal.path())?;
+            let version =
+                recorded_version(&row.to, &format!("deployment {}", row.id), journal.path())?;
             let kind = if row.kind == "rollback" {
                 "rollback"
             } else {
@@ -256,7 +253,8 @@ pub(super) async fn deploy_cmd(
                 "rollback {} to {} was interrupted: finishing it",
                 row.id, row.to
             ));
-            let version = recorded_version(&row, journal.path())?;
+            let version =
+                recorded_version(&row.to, &format!("deployment {}", row.id), journal.path())?;
             deployer
                 .run(&Request {
                     version,
@@ -284,11 +282,8 @@ pub(super) async fn deploy_cmd(
                             journal.path().display()
                         )
                     })?;
-                    Name::parse(&prev).map_err(|e| {
-                        anyhow::anyhow!(
-                            "the journal {} records the earlier release {prev:?}, which cannot be deployed: {e}; name one with `cutover rollback --to VERSION`",
-                            journal.path().display()
-                        )
+                    recorded_version(&prev, "the earlier release", journal.path()).map_err(|e| {
+                        anyhow::anyhow!("{e:#}; name one with `cutover rollback --to VERSION`")
                     })?
                 }
             };
