@@ -363,9 +363,9 @@ pub struct Strategy {
     /// canary: traffic weight steps; a pause without a duration waits for `cutover promote`.
     #[serde(default)]
     pub steps: Vec<CanaryStep>,
-    /// canary: instances that serve the canary share.
-    #[serde(default = "one")]
-    pub canary_hosts: u32,
+    /// canary: instances that serve the canary share (default 1; see
+    /// [`Strategy::canary_host_count`]).
+    pub canary_hosts: Option<u32>,
     /// canary: keep a client on one release: `"cookie"` or the name of a request header.
     pub sticky: Option<String>,
 }
@@ -381,9 +381,16 @@ impl Default for Strategy {
             scale_down_delay: secs::<30>(),
             post_switch_analysis: None,
             steps: Vec::new(),
-            canary_hosts: 1,
+            canary_hosts: None,
             sticky: None,
         }
+    }
+}
+
+impl Strategy {
+    /// How many hosts carry a canary instance.
+    pub fn canary_host_count(&self) -> u32 {
+        self.canary_hosts.unwrap_or(1)
     }
 }
 
@@ -393,6 +400,17 @@ pub enum StrategyKind {
     Rolling,
     BlueGreen,
     Canary,
+}
+
+impl StrategyKind {
+    /// The name as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            StrategyKind::Rolling => "rolling",
+            StrategyKind::BlueGreen => "blue-green",
+            StrategyKind::Canary => "canary",
+        }
+    }
 }
 
 /// One canary step.
@@ -455,11 +473,32 @@ pub enum VerifyPoint {
     AfterSwitch,
     /// canary: after each step's weight is set.
     AfterStep,
-    /// every strategy: after the whole fleet moved.
+    /// rolling: after the whole fleet moved.
     AfterDeploy,
 }
 
 impl VerifyPoint {
+    pub const ALL: [VerifyPoint; 6] = [
+        VerifyPoint::BeforeTraffic,
+        VerifyPoint::AfterBatch,
+        VerifyPoint::BeforeSwitch,
+        VerifyPoint::AfterSwitch,
+        VerifyPoint::AfterStep,
+        VerifyPoint::AfterDeploy,
+    ];
+
+    /// Whether a forward deploy of `kind` reaches this point. Every strategy starts new
+    /// instances through the same gate, so `before_traffic` runs in all of them; a canary's
+    /// very first deploy (nothing live to compare with) rolls out and skips its steps.
+    pub fn runs_in(self, kind: StrategyKind) -> bool {
+        match self {
+            VerifyPoint::BeforeTraffic => true,
+            VerifyPoint::AfterBatch | VerifyPoint::AfterDeploy => kind == StrategyKind::Rolling,
+            VerifyPoint::BeforeSwitch | VerifyPoint::AfterSwitch => kind == StrategyKind::BlueGreen,
+            VerifyPoint::AfterStep => kind == StrategyKind::Canary,
+        }
+    }
+
     /// The name as written in the config.
     pub fn name(self) -> &'static str {
         match self {
@@ -835,9 +874,6 @@ fn three() -> Threshold {
 fn default_keep() -> Keep {
     Keep(5)
 }
-fn one() -> u32 {
-    1
-}
 fn default_min_requests() -> u64 {
     20
 }
@@ -1030,12 +1066,12 @@ impl Config {
                 "hosts_group picks a group of an inventory: set inventory = \"path\" too".into(),
             ));
         }
-        for h in &mut hosts {
+        for (i, h) in hosts.iter_mut().enumerate() {
             if h.root.as_os_str().is_empty() {
                 match &raw.root {
                     Some(r) => h.root = r.clone(),
                     None => {
-                        let offset = find_key(text, "hosts.root")
+                        let offset = find_entry_key(text, "hosts", i, "root")
                             .or_else(|| find_key(text, "hosts"))
                             .unwrap_or(0);
                         return Err(ConfigError::at(
@@ -1055,7 +1091,7 @@ impl Config {
                 // A path on the host: nothing on this machine can say what `~` or a relative
                 // path means there.
                 if !h.root.is_absolute() {
-                    let offset = find_key(text, "hosts.root")
+                    let offset = find_entry_key(text, "hosts", i, "root")
                         .or_else(|| find_key(text, "root"))
                         .unwrap_or(0);
                     return Err(ConfigError::at(
@@ -1125,15 +1161,29 @@ impl Config {
                 "no hosts: add at least one [[hosts]] table with name, address and root".into(),
             ));
         }
+        let at_host = |i: usize, key: &str, message: String| {
+            let offset = find_entry_key(text, "hosts", i, key).unwrap_or(0);
+            ConfigError::at(
+                &self.file,
+                text,
+                offset,
+                Some(format!("hosts.{key}")),
+                message,
+            )
+        };
         let mut names = HashSet::new();
         // Local hosts share this machine, so each needs its own root; SSH hosts share a
         // root path only when they are the same machine (address and port).
         let mut roots = HashSet::new();
+        // In place, every host's app holds app.port on the host's address: two hosts on one
+        // address would fight over it (and the balancer could not tell them apart).
+        let mut fixed_ports = std::collections::HashMap::new();
         let local = self.transport == TransportKind::Local;
-        for h in &self.hosts {
+        for (i, h) in self.hosts.iter().enumerate() {
             if !names.insert(h.name.as_str()) {
-                return Err(err(
-                    "hosts.name",
+                return Err(at_host(
+                    i,
+                    "name",
                     format!(
                         "host name {} appears twice: every host needs its own name",
                         h.name
@@ -1143,14 +1193,15 @@ impl Config {
             let place = (!local).then_some((h.address, h.port));
             if !roots.insert((place, h.root.clone())) {
                 let (key, what) = if local {
-                    ("hosts.root", "local hosts share this machine")
+                    ("root", "local hosts share this machine")
                 } else {
                     (
-                        "hosts.address",
+                        "address",
                         "these hosts are the same machine (address and port)",
                     )
                 };
-                return Err(err(
+                return Err(at_host(
+                    i,
                     key,
                     format!(
                         "host {} and another share the root {}: {what}; give every host its own directory",
@@ -1159,14 +1210,65 @@ impl Config {
                     ),
                 ));
             }
+            if self.app.mode == Mode::InPlace {
+                if let Some(other) = fixed_ports.insert(h.address, h.name.as_str()) {
+                    return Err(at_host(
+                        i,
+                        "address",
+                        format!(
+                            "hosts {other} and {} are on one address ({}), and in place each app holds app.port there: give each host its own address, or use mode = \"side-by-side\"",
+                            h.name, h.address
+                        ),
+                    ));
+                }
+            }
         }
         if self.app.start.trim().is_empty() {
             return Err(err("app.start", "the start command is empty".into()));
         }
-        if !self.app.health.path.starts_with('/') {
+        let health = &self.app.health;
+        if !health.path.starts_with('/') {
             return Err(err(
                 "app.health.path",
-                format!("{:?} must start with '/'", self.app.health.path),
+                format!("{:?} must start with '/'", health.path),
+            ));
+        }
+        if format!("http://127.0.0.1{}", health.path)
+            .parse::<hyper::Uri>()
+            .is_err()
+        {
+            return Err(err(
+                "app.health.path",
+                format!(
+                    "{:?} is not a valid request path: spaces and non-ASCII characters must be percent-encoded (e.g. %20)",
+                    health.path
+                ),
+            ));
+        }
+        if *health.interval < Duration::from_millis(10) {
+            return Err(err(
+                "app.health.interval",
+                format!(
+                    "interval = {} is too short: at least 10ms between checks (default 1s)",
+                    health.interval
+                ),
+            ));
+        }
+        for (key, value, default) in [
+            ("app.health.timeout", health.timeout, "2s"),
+            ("app.health.deadline", health.deadline, "60s"),
+        ] {
+            if value.is_zero() {
+                return Err(err(
+                    key,
+                    format!("{key} must be longer than 0s (default {default})"),
+                ));
+            }
+        }
+        if self.app.port == Some(0) {
+            return Err(err(
+                "app.port",
+                "port = 0 is not a port the app can be reached on: set the fixed port your app listens on (1-65535)".into(),
             ));
         }
         match (&self.release.path, &self.release.git) {
@@ -1206,9 +1308,26 @@ impl Config {
                 "lock_lease must be at least 1s: the running deploy renews it every third of it, and a shorter one lets a second deploy take a lock that is still held".into(),
             ));
         }
-        for hook in &self.hooks {
+        for (i, hook) in self.hooks.iter().enumerate() {
+            let err = |key: &str, message: String| {
+                let key = key.strip_prefix("hooks.").unwrap_or(key);
+                let offset = find_entry_key(text, "hooks", i, key).unwrap_or(0);
+                ConfigError::at(
+                    &self.file,
+                    text,
+                    offset,
+                    Some(format!("hooks.{key}")),
+                    message,
+                )
+            };
             if hook.command.trim().is_empty() {
                 return Err(err("hooks.command", "a hook's command is empty".into()));
+            }
+            if hook.at == HookPoint::AfterSwitch && self.strategy.kind == StrategyKind::BlueGreen {
+                return Err(err(
+                    "hooks.at",
+                    "after_switch hooks run per host as its traffic moves (rolling, a canary's promotion); a blue-green switch moves every host at once: use at = \"after_deploy\"".into(),
+                ));
             }
             if hook.timeout.is_zero() {
                 return Err(err(
@@ -1224,12 +1343,37 @@ impl Config {
                 ));
             }
         }
+        if self.balancer.listen.port() == 0 {
+            return Err(err(
+                "balancer.listen",
+                "port 0 is not an address clients can be sent to: give the port the balancer listens on".into(),
+            ));
+        }
         if self.balancer.kind == BalancerKind::Haproxy {
-            if self.balancer.socket.is_none() {
+            if self
+                .balancer
+                .socket
+                .as_deref()
+                .is_none_or(|s| s.trim().is_empty())
+            {
                 return Err(err("balancer.socket", "kind = \"haproxy\" needs socket = \"/run/haproxy/admin.sock\" (or \"host:port\")".into()));
             }
-            if self.balancer.backend.is_none() {
+            let Some(backend) = &self.balancer.backend else {
                 return Err(err("balancer.backend", "kind = \"haproxy\" needs backend = \"NAME\": the HAProxy backend cutover manages".into()));
+            };
+            // HAProxy's own rule for proxy names; it also keeps the name from ending a
+            // runtime-API command (`;`) or leaving the state directory (`/`).
+            let valid = !backend.is_empty()
+                && backend
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+            if !valid {
+                return Err(err(
+                    "balancer.backend",
+                    format!(
+                        "{backend:?} is not an HAProxy backend name: use the name after `backend` in haproxy.cfg (letters, digits, '-', '_', '.', ':')"
+                    ),
+                ));
             }
             return Ok(());
         }
@@ -1260,6 +1404,12 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        if admin.port() == 0 {
+            return Err(err(
+                "balancer.admin",
+                "port 0 is not an address cutover can reach the admin API on: give it a port, e.g. 127.0.0.1:8081".into(),
+            ));
         }
         if self.balancer.listen == admin {
             return Err(err(
@@ -1300,6 +1450,12 @@ impl Config {
                 }
             }
             StrategyKind::BlueGreen => {
+                if self.balancer.kind == BalancerKind::Haproxy {
+                    return Err(err(
+                        "strategy.kind",
+                        "blue-green verifies green through the built-in balancer's preview route and switches with one admin call; HAProxy has neither: use the built-in balancer (kind = \"builtin\"), or a rolling or canary strategy".into(),
+                    ));
+                }
                 if self.app.mode == Mode::InPlace {
                     return Err(err(
                         "strategy.kind",
@@ -1348,6 +1504,15 @@ impl Config {
                             format!("step {}: weight {} is above 100", i + 1, step.weight),
                         ));
                     }
+                    if step.pause.is_some_and(|p| p.is_zero()) {
+                        return Err(err(
+                            "strategy.steps",
+                            format!(
+                                "step {}: pause = \"0s\" holds the step for no time, so nothing judges it: give a duration, or leave pause out to wait for `cutover promote`",
+                                i + 1
+                            ),
+                        ));
+                    }
                     if step.weight == 0 || step.weight <= last {
                         return Err(err(
                             "strategy.steps",
@@ -1371,12 +1536,12 @@ impl Config {
                 // One host may carry a canary beside its stable instance; with more, some
                 // hosts must stay on the stable release.
                 let most = if hosts > 1 { hosts - 1 } else { 1 };
-                if s.canary_hosts == 0 || s.canary_hosts > most {
+                let count = s.canary_host_count();
+                if count == 0 || count > most {
                     return Err(err(
                         "strategy.canary_hosts",
                         format!(
-                            "canary_hosts = {} must be between 1 and {most} with {hosts} host(s) (with several hosts, the rest serve the stable release)",
-                            s.canary_hosts
+                            "canary_hosts = {count} must be between 1 and {most} with {hosts} host(s) (with several hosts, the rest serve the stable release)"
                         ),
                     ));
                 }
@@ -1402,6 +1567,55 @@ impl Config {
                 }
             }
         }
+        // Keys only another kind reads would be silently ignored: name them instead.
+        let foreign = [
+            ("steps", !s.steps.is_empty(), StrategyKind::Canary),
+            (
+                "canary_hosts",
+                s.canary_hosts.is_some(),
+                StrategyKind::Canary,
+            ),
+            ("sticky", s.sticky.is_some(), StrategyKind::Canary),
+            (
+                "post_switch_analysis",
+                s.post_switch_analysis.is_some(),
+                StrategyKind::BlueGreen,
+            ),
+        ];
+        for (key, set, owner) in foreign {
+            if set && s.kind != owner {
+                return Err(err(
+                    &format!("strategy.{key}"),
+                    format!(
+                        "{key} belongs to kind = \"{}\"; this deploy is {} and would ignore it: remove it or change kind",
+                        owner.name(),
+                        s.kind.name()
+                    ),
+                ));
+            }
+        }
+        let analysed = match s.kind {
+            StrategyKind::Canary => true,
+            StrategyKind::BlueGreen => s.post_switch_analysis.is_some(),
+            StrategyKind::Rolling => false,
+        };
+        if self.analysis.is_some() && !analysed {
+            let fix = match s.kind {
+                StrategyKind::BlueGreen => {
+                    "set strategy.post_switch_analysis = \"1m\" to judge green after the switch, or remove [analysis]"
+                }
+                _ => {
+                    "a rolling deploy gates on health checks and [[verify]] commands: remove [analysis], or use kind = \"canary\""
+                }
+            };
+            return Err(err(
+                "analysis",
+                format!(
+                    "[analysis] is never run in this {} deploy: {fix}",
+                    s.kind.name()
+                ),
+            ));
+        }
         if let Some(a) = &self.analysis {
             if a.min_success_rate.is_none()
                 && a.max_p99_latency.is_none()
@@ -1417,6 +1631,12 @@ impl Config {
                     "analysis.judge"
                 };
                 return Err(err(key, "max_degradation and judge compare with the stable release, which serves nothing at a canary's 100% step or after a blue-green switch: add min_success_rate or max_p99_latency, so every interval has something to judge".into()));
+            }
+            if self.balancer.kind == BalancerKind::Haproxy && a.max_p99_latency.is_some() {
+                return Err(err(
+                    "analysis.max_p99_latency",
+                    "HAProxy gives no latency histogram, so this check could never be made and every interval would be inconclusive (the rollout would hold): remove max_p99_latency and judge by min_success_rate, or use the built-in balancer".into(),
+                ));
             }
             if *a.interval < Duration::from_millis(100) {
                 return Err(err(
@@ -1443,11 +1663,50 @@ impl Config {
                 }
             }
         }
-        for v in &self.verify {
+        for (i, v) in self.verify.iter().enumerate() {
+            let at_verify = |key: &str, message: String| {
+                let offset = find_entry_key(text, "verify", i, key).unwrap_or(0);
+                ConfigError::at(
+                    &self.file,
+                    text,
+                    offset,
+                    Some(format!("verify.{key}")),
+                    message,
+                )
+            };
+            if v.command.trim().is_empty() {
+                return Err(at_verify(
+                    "command",
+                    "the verify command is empty: it would pass every gate without testing anything".into(),
+                ));
+            }
+            if v.timeout.is_zero() {
+                return Err(at_verify(
+                    "timeout",
+                    "a verify command's timeout must be longer than 0s (default 30s)".into(),
+                ));
+            }
             if v.at.is_empty() {
-                return Err(err(
-                    "verify.at",
+                return Err(at_verify(
+                    "at",
                     "a verify command needs at least one point in at = [...]".into(),
+                ));
+            }
+            if let Some(point) = v.at.iter().find(|p| !p.runs_in(s.kind)) {
+                return Err(at_verify(
+                    "at",
+                    format!(
+                        "{} never runs in a {} deploy, so this check would be skipped; points of {}: {}",
+                        point.name(),
+                        s.kind.name(),
+                        s.kind.name(),
+                        VerifyPoint::ALL
+                            .iter()
+                            .filter(|p| p.runs_in(s.kind))
+                            .map(|p| p.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 ));
             }
         }
@@ -1598,6 +1857,34 @@ fn find_key(text: &str, dotted: &str) -> Option<usize> {
         offset += line.len();
     }
     table_offset
+}
+
+/// Where `key` of the `n`-th `[[table]]` entry (counting from 0) is: the key's line, else the
+/// entry's header, else (an entry written inline or read from an inventory) the first `key` of
+/// any entry, so an error about the second host points at the second host.
+fn find_entry_key(text: &str, table: &str, n: usize, key: &str) -> Option<usize> {
+    let header = format!("[[{table}]]");
+    let mut offset = 0;
+    let mut seen = 0;
+    let mut entry = None;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if entry.is_some() {
+                break;
+            }
+            if t.split('#').next().map(str::trim) == Some(header.as_str()) {
+                if seen == n {
+                    entry = Some(offset + line.find('[').unwrap_or(0));
+                }
+                seen += 1;
+            }
+        } else if entry.is_some() && t.split_once('=').map(|(k, _)| k.trim()) == Some(key) {
+            return Some(offset + line.len() - line.trim_start().len());
+        }
+        offset += line.len();
+    }
+    entry.or_else(|| find_key(text, &format!("{table}.{key}")))
 }
 
 #[cfg(test)]

@@ -257,7 +257,7 @@ async fn phases(config: Arc<Config>, proxy: &ProxyHandle, rate: u32) -> anyhow::
     say("phase 5: canary v5 (answers 20% errors) at 20% of requests: the analysis must abort it");
     let mut canary = (*config).clone();
     canary.strategy.kind = crate::config::StrategyKind::Canary;
-    canary.strategy.canary_hosts = 1;
+    canary.strategy.canary_hosts = Some(1);
     canary.strategy.steps = vec![
         crate::config::CanaryStep {
             weight: 20,

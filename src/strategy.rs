@@ -637,7 +637,7 @@ impl Deployer {
         let canary_hosts: Vec<Host> = config
             .hosts
             .iter()
-            .take(strategy.canary_hosts as usize)
+            .take(strategy.canary_host_count() as usize)
             .cloned()
             .collect();
         let stable_ids: Vec<String> = self

@@ -39,6 +39,18 @@ kind = "rolling"
 batch = 1
 "#;
 
+/// GOOD as a canary over two hosts: the strategy `[analysis]` belongs to.
+fn canary() -> String {
+    GOOD.replace(
+        "[balancer]",
+        "[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.12\"\nroot = \"fleet/web2\"\n\n[balancer]",
+    )
+    .replace(
+        "kind = \"rolling\"\nbatch = 1\n",
+        "kind = \"canary\"\nsteps = [{ weight = 10, pause = \"1m\" }, { weight = 100 }]\n",
+    )
+}
+
 fn error_for(config: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = run(dir.path(), config, &["plan", "--version", "v1"]);
@@ -180,7 +192,7 @@ fn blue_green_needs_room_for_green() {
 
 #[test]
 fn analysis_that_checks_nothing_is_refused() {
-    let err = error_for(&format!("{GOOD}\n[analysis]\ninterval = \"5s\"\n"));
+    let err = error_for(&format!("{}\n[analysis]\ninterval = \"5s\"\n", canary()));
     assert!(err.contains("checks nothing"), "{err}");
 }
 
@@ -237,11 +249,11 @@ fn plan_shows_every_strategy() {
 
 #[test]
 fn judge_through_haproxy_is_refused() {
-    let haproxy = GOOD.replace(
+    let haproxy = canary().replace(
         "[balancer]\nlisten = \"127.0.0.1:18080\"\nadmin = \"127.0.0.1:18081\"\ntoken = \"0123456789abcdef\"\n",
         "[balancer]\nkind = \"haproxy\"\nlisten = \"127.0.0.1:18080\"\nsocket = \"/run/haproxy/admin.sock\"\nbackend = \"app\"\n",
     );
-    assert_ne!(haproxy, GOOD);
+    assert_ne!(haproxy, canary());
     let err = error_for(&format!(
         "{haproxy}\n[analysis]\nmin_success_rate = 99.0\n\n[analysis.judge]\n"
     ));
@@ -293,7 +305,8 @@ fn init_writes_the_config_dash_c_names_and_it_loads() {
 fn analysis_that_could_judge_nothing_is_refused() {
     // Only a comparison: at a canary's 100% step the stable release serves nothing.
     let err = error_for(&format!(
-        "{GOOD}\n[analysis]\ninterval = \"5s\"\nmax_degradation = 1.0\n"
+        "{}\n[analysis]\ninterval = \"5s\"\nmax_degradation = 1.0\n",
+        canary()
     ));
     assert!(
         err.contains("analysis.max_degradation") && err.contains("add min_success_rate"),
@@ -320,5 +333,169 @@ fn a_host_name_as_address_says_to_write_an_ip() {
         err.contains("\"localhost\" is not an IP address")
             && err.contains("`localhost` is 127.0.0.1"),
         "{err}"
+    );
+}
+
+/// Settings a deploy would silently skip are refused, each at its own line.
+#[test]
+fn settings_the_strategy_never_uses_are_refused() {
+    let line_of = |config: &str, needle: &str| {
+        config
+            .lines()
+            .position(|l| l.contains(needle))
+            .map(|i| i + 1)
+            .unwrap()
+    };
+    // A verify point another strategy owns: rolling never reaches after_step.
+    let verify = format!(
+        "{GOOD}\n[[verify]]\ncommand = \"true\"\nat = [\"after_batch\"]\n\n[[verify]]\ncommand = \"exit 1\"\nat = [\"after_step\"]\n"
+    );
+    let err = error_for(&verify);
+    let line = line_of(&verify, "after_step");
+    assert!(
+        err.contains(&format!(":{line}:"))
+            && err.contains("after_step never runs in a rolling deploy"),
+        "{err}"
+    );
+    // An empty verify command would pass every gate.
+    let empty = format!("{GOOD}\n[[verify]]\ncommand = \" \"\nat = [\"after_batch\"]\n");
+    assert!(error_for(&empty).contains("verify command is empty"));
+    // [analysis] beside a rolling strategy judges nothing.
+    let err = error_for(&format!("{GOOD}\n[analysis]\nmin_success_rate = 99.0\n"));
+    assert!(err.contains("never run in this rolling deploy"), "{err}");
+    // Canary keys beside another kind.
+    let err = error_for(&GOOD.replace("batch = 1\n", "batch = 1\ncanary_hosts = 1\n"));
+    assert!(
+        err.contains("strategy.canary_hosts") && err.contains("belongs to kind = \"canary\""),
+        "{err}"
+    );
+    // A zero pause holds a step for no time.
+    let err = error_for(&canary().replace("pause = \"1m\"", "pause = \"0s\""));
+    assert!(err.contains("step 1: pause = \"0s\""), "{err}");
+    // Blue-green needs the built-in balancer's preview route and atomic switch.
+    let bg = GOOD
+        .replace("kind = \"rolling\"\nbatch = 1\n", "kind = \"blue-green\"\n")
+        .replace(
+            "admin = \"127.0.0.1:18081\"\ntoken = \"0123456789abcdef\"\n",
+            "kind = \"haproxy\"\nsocket = \"/run/haproxy/admin.sock\"\nbackend = \"app\"\n",
+        );
+    assert!(error_for(&bg).contains("HAProxy has neither"));
+    // A blue-green switch has no per-host after_switch moment.
+    let hook = GOOD.replace("kind = \"rolling\"\nbatch = 1\n", "kind = \"blue-green\"\n")
+        + "\n[[hooks]]\nat = \"after_deploy\"\ncommand = \"true\"\n\n[[hooks]]\nat = \"after_switch\"\ncommand = \"true\"\n";
+    let err = error_for(&hook);
+    assert!(
+        err.contains(&format!(":{}:", line_of(&hook, "after_switch")))
+            && err.contains("use at = \"after_deploy\""),
+        "{err}"
+    );
+}
+
+/// Values that would make every deploy fail, or fail slowly as if the app were broken.
+#[test]
+fn values_no_deploy_could_use_are_refused() {
+    let err = error_for(&format!("{GOOD}\n[app.health]\npath = \"/he alth\"\n"));
+    assert!(
+        err.contains("app.health.path") && err.contains("percent-encoded"),
+        "{err}"
+    );
+    let err = error_for(&format!("{GOOD}\n[app.health]\ntimeout = \"0s\"\n"));
+    assert!(
+        err.contains("app.health.timeout must be longer than 0s"),
+        "{err}"
+    );
+    let err = error_for(&format!("{GOOD}\n[app.health]\ninterval = \"1ms\"\n"));
+    assert!(err.contains("at least 10ms"), "{err}");
+    let in_place = GOOD.replace(
+        "start = \"exec ./server\"",
+        "start = \"exec ./server\"\nmode = \"in-place\"\nport = 0",
+    );
+    assert!(error_for(&in_place).contains("port = 0 is not a port"));
+    // In place, two hosts on one address would fight over app.port: the second host's line.
+    let shared = GOOD
+        .replace("start = \"exec ./server\"", "start = \"exec ./server\"\nmode = \"in-place\"\nport = 8000")
+        .replace(
+            "[balancer]",
+            "[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.11\"\nroot = \"fleet/web2\"\n\n[balancer]",
+        );
+    let err = error_for(&shared);
+    let line = shared
+        .lines()
+        .position(|l| l == "address = \"127.0.0.11\"")
+        .unwrap()
+        + 1;
+    let second = shared
+        .lines()
+        .skip(line)
+        .position(|l| l == "address = \"127.0.0.11\"")
+        .unwrap()
+        + line
+        + 1;
+    assert!(
+        err.contains(&format!(":{second}:"))
+            && err.contains("hosts web1 and web2 are on one address"),
+        "{err}"
+    );
+    // An HAProxy backend name must not carry a second runtime-API command.
+    let haproxy = GOOD.replace(
+        "admin = \"127.0.0.1:18081\"\ntoken = \"0123456789abcdef\"\n",
+        "kind = \"haproxy\"\nsocket = \"/run/haproxy/admin.sock\"\nbackend = \"app; set server app/x state maint\"\n",
+    );
+    let err = error_for(&haproxy);
+    assert!(
+        err.contains("balancer.backend") && err.contains("not an HAProxy backend name"),
+        "{err}"
+    );
+}
+
+/// An error about the second host points at the second host, not the first.
+#[test]
+fn a_host_error_points_at_its_own_host() {
+    let config = GOOD.replace(
+        "[balancer]",
+        "[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.12\"\nroot = \"fleet/web1\"\n\n[balancer]",
+    );
+    let err = error_for(&config);
+    let lines: Vec<&str> = config.lines().collect();
+    let line = lines
+        .iter()
+        .rposition(|l| *l == "root = \"fleet/web1\"")
+        .unwrap()
+        + 1;
+    assert!(
+        err.contains(&format!(":{line}:")) && err.contains("host web2 and another share the root"),
+        "{err}"
+    );
+}
+
+/// `plan`'s worst case counts the verify commands and hooks at their timeouts, and a git
+/// release shows its URL.
+#[test]
+fn plan_counts_gates_and_names_a_git_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = |config: &str| {
+        let (code, err) = run(dir.path(), config, &["plan", "--version", "v2"]);
+        assert_eq!(code, 0, "{err}");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .arg("-c")
+            .arg(dir.path().join("cutover.toml"))
+            .args(["plan", "--version", "v2"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let base = plain(GOOD);
+    assert!(base.contains("worst case: 2m 40s"), "{base}");
+    let gated = plain(&format!(
+        "{GOOD}\n[[verify]]\ncommand = \"true\"\ntimeout = \"1h\"\nat = [\"after_batch\"]\n\n[[hooks]]\nat = \"before_deploy\"\ncommand = \"true\"\ntimeout = \"2h\"\n"
+    ));
+    assert!(gated.contains("worst case: 3h 2m 40s"), "{gated}");
+    let git = plain(&GOOD.replace(
+        "path = \"builds/{version}\"",
+        "git = \"https://example.com/shop.git\"",
+    ));
+    assert!(
+        git.contains("source: https://example.com/shop.git at v2"),
+        "{git}"
     );
 }

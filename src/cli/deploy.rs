@@ -22,6 +22,52 @@ fn recorded_version(version: &str, whose: &str, journal: &std::path::Path) -> an
     })
 }
 
+/// Refuses, before the lock is taken and anything is recorded, a version whose release can be
+/// found nowhere: not in `release.path` (a git ref is resolved by the deploy itself) and in no
+/// deployment of this app the journal remembers (which may still be staged on the hosts). A
+/// typo is an input error, not a deployment that fails on every host and rolls back.
+pub(super) fn check_release_known(
+    config: &Config,
+    version: &Name,
+    flag: &str,
+) -> anyhow::Result<()> {
+    if config.release.git.is_some() {
+        return Ok(());
+    }
+    let dir = config.release_source(version);
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut known = Vec::new();
+    if config.state_dir.join("journal.db").is_file() {
+        let journal = Journal::open(&config.state_dir)?;
+        for row in journal.deployments(usize::MAX >> 1)? {
+            if row.app != config.app.name.as_str() {
+                continue;
+            }
+            for v in std::iter::once(row.to.clone()).chain(row.previous.into_values().flatten()) {
+                if v == version.as_str() {
+                    return Ok(());
+                }
+                if !known.contains(&v) {
+                    known.push(v);
+                }
+            }
+        }
+    }
+    let seen = if known.is_empty() {
+        String::new()
+    } else {
+        format!(" (deployed before: {})", known.join(", "))
+    };
+    anyhow::bail!(
+        "{flag} {version}: no such release: {} is not a directory (release.path in {}), and no deployment of {} went to {version}{seen}; build the release there first, or check the name",
+        dir.display(),
+        config.file.display(),
+        config.app.name
+    )
+}
+
 /// What `deploy_cmd` is asked to do.
 pub(super) enum Action {
     Deploy(Name),

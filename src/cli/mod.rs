@@ -312,6 +312,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Deploy(args) => {
             let config = Config::load(&cli.config)?;
             let version = args.version.as_deref().map(parse_version).transpose()?;
+            if let Some(v) = &version {
+                deploy::check_release_known(&config, v, "--version")?;
+            }
             let what = match &version {
                 Some(v) => Action::Deploy(v.clone()),
                 None => Action::Resume,
@@ -341,6 +344,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 .as_deref()
                 .map(|v| parse_name("--to", v))
                 .transpose()?;
+            if let Some(v) = &to {
+                deploy::check_release_known(&config, v, "--to")?;
+            }
             runtime()?.block_on(deploy_cmd(
                 config,
                 Action::Rollback(to),

@@ -1,6 +1,8 @@
 //! `cutover plan`: what a deploy would do (batches, gates, worst-case time), without doing it.
 
-use crate::config::{Config, Name};
+use std::time::Duration;
+
+use crate::config::{Config, HookPoint, Name, VerifyPoint};
 use crate::{batch, deploy};
 
 pub(super) fn print_plan(config: &Config, version: &Name) {
@@ -34,9 +36,61 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
     }
 }
 
-/// Worst case of one host's gate: health deadline twice (own check and the balancer's).
-fn gate_worst(config: &Config) -> std::time::Duration {
+/// Worst case of one host's gate: health deadline twice (own check and the balancer's), then
+/// its `before_traffic` checks and `before_switch` hooks.
+fn gate_worst(config: &Config) -> Duration {
     *config.app.health.deadline * 2
+        + verify_time(config, VerifyPoint::BeforeTraffic)
+        + hook_time(config, HookPoint::BeforeSwitch)
+}
+
+/// The longest the `[[verify]]` commands at `point` may run, one after another.
+fn verify_time(config: &Config, point: VerifyPoint) -> Duration {
+    config
+        .verify
+        .iter()
+        .filter(|v| v.at.contains(&point))
+        .map(|v| *v.timeout)
+        .sum()
+}
+
+/// The longest the hooks at `point` may run.
+fn hook_time(config: &Config, point: HookPoint) -> Duration {
+    config
+        .hooks
+        .iter()
+        .filter(|h| h.at == point)
+        .map(|h| *h.timeout)
+        .sum()
+}
+
+/// What every deploy may spend outside its batches: the hooks before the first and after the
+/// last.
+fn fixed_worst(config: &Config) -> Duration {
+    [
+        HookPoint::BeforeDeploy,
+        HookPoint::AfterStage,
+        HookPoint::AfterDeploy,
+    ]
+    .into_iter()
+    .map(|p| hook_time(config, p))
+    .sum()
+}
+
+/// Worst case of one batch of a rolling switch (its hosts switch in parallel): the deadlines,
+/// then the per-host checks and hooks.
+fn switch_worst(config: &Config) -> Duration {
+    deploy::worst_case_per_host(config)
+        + verify_time(config, VerifyPoint::BeforeTraffic)
+        + hook_time(config, HookPoint::BeforeSwitch)
+        + hook_time(config, HookPoint::AfterSwitch)
+}
+
+fn print_source(config: &Config, version: &Name) {
+    match &config.release.git {
+        Some(url) => println!("  source: {url} at {version} (built once, shipped to every host)"),
+        None => println!("  source: {}", config.release_source(version).display()),
+    }
 }
 
 fn print_blue_green_plan(config: &Config, version: &Name) {
@@ -47,6 +101,7 @@ fn print_blue_green_plan(config: &Config, version: &Name) {
         version,
         config.hosts.len()
     );
+    print_source(config, version);
     println!("  1. stage {version} on every host, in parallel");
     println!(
         "  2. start green ({version}) beside blue on all {} host(s) in parallel; gate: health ({} passes, deadline {}), then the balancer's check; green enters as preview backends",
@@ -69,7 +124,10 @@ fn print_blue_green_plan(config: &Config, version: &Name) {
         "  6. blue keeps running for scale_down_delay = {}: `cutover rollback` switches back at once; then blue is drained and stopped",
         s.scale_down_delay
     );
-    let worst = gate_worst(config)
+    let worst = fixed_worst(config)
+        + gate_worst(config)
+        + verify_time(config, VerifyPoint::BeforeSwitch)
+        + verify_time(config, VerifyPoint::AfterSwitch)
         + *s.scale_down_delay
         + *config.app.drain_timeout
         + *config.app.stop_timeout;
@@ -82,32 +140,34 @@ fn print_canary_plan(config: &Config, version: &Name) {
         "plan: canary deploy of {} {} on {} of {} host(s){}",
         config.app.name,
         version,
-        s.canary_hosts,
+        s.canary_host_count(),
         config.hosts.len(),
         s.sticky
             .as_ref()
             .map_or(String::new(), |k| format!(", sticky by {k}"))
     );
+    print_source(config, version);
     println!(
         "  1. stage {version} on every host; start the canary beside the stable instance on {} host(s), weight 0",
-        s.canary_hosts
+        s.canary_host_count()
     );
-    let mut worst = gate_worst(config);
-    let interval = config
-        .analysis
-        .as_ref()
-        .map(|a| *a.interval)
-        .unwrap_or_default();
+    let mut worst = fixed_worst(config) + gate_worst(config);
+    let interval = config.analysis.as_ref().map(|a| *a.interval);
+    let after_step = verify_time(config, VerifyPoint::AfterStep);
     for (i, step) in s.steps.iter().enumerate() {
+        worst += after_step;
         match step.pause {
             Some(p) => {
-                worst += *p + interval;
+                worst += *p + interval.unwrap_or_default();
                 println!(
-                    "  step {}/{}: {}% of requests to the canary for {p}, analysis every {}",
+                    "  step {}/{}: {}% of requests to the canary for {p}{}",
                     i + 1,
                     s.steps.len(),
                     step.weight,
-                    humantime::format_duration(interval)
+                    interval.map_or(
+                        " (no [analysis]: the pause alone decides)".to_string(),
+                        |i| { format!(", analysis every {}", humantime::format_duration(i)) }
+                    )
                 );
             }
             None => println!(
@@ -119,7 +179,7 @@ fn print_canary_plan(config: &Config, version: &Name) {
         }
     }
     let batches = batch::batches(&s.batch, &config.hosts).len() as u32;
-    worst += deploy::worst_case_per_host(config) * batches;
+    worst += switch_worst(config) * batches;
     println!(
         "  then: roll {version} out to every host in {batches} batch(es) (batch = {}), no further analysis",
         s.batch
@@ -151,7 +211,7 @@ fn print_rolling_plan(config: &Config, version: &Name) {
         config.strategy.max_fail_percentage.0,
         config.strategy.on_failure
     );
-    println!("  source: {}", config.release_source(version).display());
+    print_source(config, version);
     println!("  stage: copy the release to <root>/releases/{version}/ on every host, in parallel");
     for (i, b) in plan.iter().enumerate() {
         let names: Vec<&str> = b.iter().map(|h| h.name.as_str()).collect();
@@ -196,11 +256,14 @@ fn print_rolling_plan(config: &Config, version: &Name) {
             );
         }
     }
-    let worst = deploy::worst_case_per_host(config) * plan.len() as u32;
+    let per_batch = switch_worst(config) + verify_time(config, VerifyPoint::AfterBatch);
+    let worst = fixed_worst(config)
+        + per_batch * plan.len() as u32
+        + verify_time(config, VerifyPoint::AfterDeploy);
     println!(
-        "  worst case: {} ({} batch(es) x {} per host)",
+        "  worst case: {} ({} batch(es) x {} per batch, with its verify commands and hooks at their timeouts)",
         humantime::format_duration(worst),
         plan.len(),
-        humantime::format_duration(deploy::worst_case_per_host(config))
+        humantime::format_duration(per_batch)
     );
 }
