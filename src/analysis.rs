@@ -339,6 +339,31 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
     };
 
     if requests == 0 || requests < cfg.min_requests {
+        // Too few requests to judge a pass, but perhaps enough to rule one out: when even
+        // `min_requests` answered with every missing one a success would stay below
+        // min_success_rate, waiting for more traffic cannot save the interval. (A broken
+        // release is starved of traffic by health checks and passive ejection, so this is
+        // often the only evidence there will ever be.)
+        if let Some(min) = cfg.min_success_rate {
+            let c = w.canary;
+            let good = (c.status_1xx + c.status_2xx + c.status_3xx + c.status_4xx)
+                .saturating_sub(c.broken);
+            let done = c.responses() + c.proxy_errors;
+            let failed = done.saturating_sub(good);
+            let best = (good + cfg.min_requests.saturating_sub(done)) as f64 * 100.0
+                / cfg.min_requests.max(done).max(1) as f64;
+            if failed > 0 && best < min.0 - EPS {
+                j.verdict = Verdict::Fail {
+                    reasons: vec![format!(
+                        "{failed} of {done} requests failed: even if the rest of min_requests {} succeeded, success would be {} < {}",
+                        cfg.min_requests,
+                        pct(best),
+                        pct(min.0)
+                    )],
+                };
+                return j;
+            }
+        }
         let reason = if requests < cfg.min_requests {
             format!(
                 "only {requests} requests, fewer than min_requests {}",
@@ -696,6 +721,25 @@ mod tests {
         matches!(j.verdict, Verdict::Fail { .. })
     }
 
+    #[test]
+    fn too_few_requests_fail_when_their_failures_already_rule_out_a_pass() {
+        let mut c = cfg();
+        c.min_success_rate = Some(Percent(95.0));
+        // 14 of 14 failed, min_requests 20: at best 6/20 = 30 %.
+        let j = judge(&c, &window(&counters(0, 14)));
+        assert!(is_fail(&j), "{j:?}");
+        // 1 of 5 failed: 19/20 = 95 % is still reachable.
+        let j = judge(&c, &window(&counters(4, 1)));
+        assert!(matches!(j.verdict, Verdict::Inconclusive { .. }), "{j:?}");
+        // 2 of 5 failed: at best 18/20 = 90 %.
+        assert!(is_fail(&judge(&c, &window(&counters(3, 2)))));
+        // Without a success-rate check there is nothing to rule out.
+        c.min_success_rate = None;
+        c.max_p99_latency = Some(Dur(Duration::from_secs(1)));
+        let j = judge(&c, &window(&counters(0, 14)));
+        assert!(matches!(j.verdict, Verdict::Inconclusive { .. }), "{j:?}");
+    }
+
     fn inconclusive_reason(j: &Judgement) -> String {
         match &j.verdict {
             Verdict::Inconclusive { reason } => reason.clone(),
@@ -844,13 +888,14 @@ mod tests {
             inconclusive_reason(&j),
             "only 19 requests, fewer than min_requests 20"
         );
-        // Too little traffic is inconclusive even when all of it failed: no verdict on 19.
+        // Too little traffic whose failures already rule out a pass fails (see
+        // `too_few_requests_fail_when_their_failures_already_rule_out_a_pass`); the numbers
+        // are reported.
         let bad = counters(0, 19);
         let mut c2 = cfg();
         c2.min_success_rate = Some(Percent(99.0));
-        assert!(inconclusive_reason(&judge(&c2, &window(&bad))).starts_with("only 19 requests"));
-        // The numbers are still reported.
         let j = judge(&c2, &window(&bad));
+        assert!(is_fail(&j), "{j:?}");
         assert_eq!(j.requests, 19);
         assert_eq!(j.success_rate, Some(0.0));
     }

@@ -424,6 +424,12 @@ impl Deployer {
                 // Nothing is live yet: there is no stable release to compare a canary with.
                 self.progress.say("first deploy: no stable release to compare a canary with; rolling it out directly");
             }
+            crate::config::StrategyKind::Canary if from.as_deref() == Some(version.as_str()) => {
+                // A canary of the live release would be compared with itself.
+                self.progress.say(&format!(
+                    "{version} is already the live release: no stable release to compare a canary with; rolling it out directly"
+                ));
+            }
             crate::config::StrategyKind::Canary => {
                 return self
                     .canary(&run, version, &staged, started, &stats_before)

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use crate::analysis::{self, Decision, Judgement, Tracker, Window};
-use crate::balancer::api::{Counters, SwitchRequest};
+use crate::balancer::api::{Counters, Health, SwitchRequest};
 use crate::balancer::{BackendState, Stats};
 use crate::config::{Host, Name, VerifyPoint};
 use crate::control::Boundary;
@@ -284,13 +284,29 @@ impl Deployer {
 
         // After the switch: verify, analysis, and the window for an instant switch back.
         let mut back_reason: Option<String> = None;
+        // Commands still queued were sent before the switch: a `promote` then would end the
+        // window before its analysis ever ran. A stop is acted on; the rest are dropped, and
+        // said so.
+        while let Some(cmd) = self.journal.take_command(&run.id)? {
+            if matches!(cmd.as_str(), "rollback" | "abort") {
+                back_reason = Some(format!("{cmd} requested"));
+                break;
+            }
+            let note = format!(
+                "ignored `{cmd}` sent before the switch (it would have skipped the switch-back window and its analysis); send it again to end the window early"
+            );
+            self.progress.say(&format!("blue-green: {note}"));
+            notes.push(note);
+        }
         let target = verify::Target {
             url: self.balancer_url(),
             version: version.as_str(),
             preview: false,
         };
-        match self
-            .verify_unless_stopped(
+        let verified = if back_reason.is_some() {
+            Some(Ok(()))
+        } else {
+            self.verify_unless_stopped(
                 run,
                 VerifyPoint::AfterSwitch,
                 &target,
@@ -301,7 +317,8 @@ impl Deployer {
                 }),
             )
             .await
-        {
+        };
+        match verified {
             Some(Ok(())) => {}
             Some(Err(e)) => back_reason = Some(e),
             None => back_reason = Some(self.stopped_verification(run, VerifyPoint::AfterSwitch)?),
@@ -336,7 +353,18 @@ impl Deployer {
         let analysing =
             config.analysis.is_some() && !analysis_for.is_zero() && !blue_ids.is_empty();
         let mut passed = !analysing;
+        // Green's health, checked every health interval: with green down and blue draining,
+        // nothing serves, and blue is the way back.
+        let health_every = (*config.app.health.interval).max(Duration::from_millis(100));
+        let mut last_health = Instant::now();
         while back_reason.is_none() && (switched_at.elapsed() < delay || !passed) {
+            if !blue_ids.is_empty() && last_health.elapsed() >= health_every {
+                last_health = Instant::now();
+                if let Some(why) = self.none_healthy(version.as_str()).await {
+                    back_reason = Some(why);
+                    break;
+                }
+            }
             if let Some(cmd) = self.journal.take_command(&run.id)? {
                 match cmd.as_str() {
                     "rollback" | "abort" => {
@@ -383,6 +411,10 @@ impl Deployer {
             tokio::time::sleep(COMMAND_POLL).await;
         }
 
+        // The last look before blue goes: a green that died since the last check.
+        if back_reason.is_none() && !blue_ids.is_empty() {
+            back_reason = self.none_healthy(version.as_str()).await;
+        }
         if let Some(reason) = back_reason {
             self.going_back(run);
             let to_blue = SwitchRequest {
@@ -565,7 +597,36 @@ impl Deployer {
                     .into(),
             );
         };
-        self.judge_interval(a, release, stable, &before, &now).await
+        let j = self.judge_interval(a, release, stable, &before, &now).await;
+        // Too little traffic: the next interval adds its requests to these, so a thin trickle
+        // adds up to `min_requests` instead of holding the rollout forever. (Not across a
+        // balancer restart: its counters begin again.)
+        let thin = matches!(j.verdict, analysis::Verdict::Inconclusive { .. })
+            && j.requests < a.min_requests
+            && before.counting_since_ms == now.counting_since_ms;
+        if thin {
+            *last = Some(before);
+        }
+        j
+    }
+
+    /// Why `release` cannot serve: it has active backends in the balancer and every one of
+    /// them fails its health checks. None when one is healthy or still unknown, or when the
+    /// balancer cannot say (a later check will).
+    async fn none_healthy(&self, release: &str) -> Option<String> {
+        let backends = self.balancer.backends().await.ok()?;
+        let mine: Vec<_> = backends
+            .iter()
+            .filter(|b| b.spec.release == release && b.state == BackendState::Active)
+            .collect();
+        if mine.is_empty() || mine.iter().any(|b| b.health != Health::Unhealthy) {
+            return None;
+        }
+        let ids: Vec<&str> = mine.iter().map(|b| b.spec.id.as_str()).collect();
+        Some(format!(
+            "no {release} backend is healthy (unhealthy at the balancer: {})",
+            ids.join(", ")
+        ))
     }
 
     async fn judge_interval(
@@ -864,8 +925,12 @@ impl Deployer {
         self.progress.say(&format!(
             "canary {version} promoted: rolling it out to every host"
         ));
+        // Every instance at its full weight: the rollout is a plain rolling deploy now. (After
+        // `promote --full` the stable ones still had a step's reduced weight, which left the
+        // canary nearly all of the traffic until the rollout reached them.)
         let full_weight: BTreeMap<String, u32> = canary_ids
             .iter()
+            .chain(&stable_ids)
             .map(|id| (id.clone(), crate::balancer::api::default_weight()))
             .collect();
         let _ = self.balancer.set_weights(&full_weight).await;
@@ -1061,9 +1126,14 @@ impl Deployer {
             }
             if let (Some(a), Some(t)) = (&config.analysis, tracker.as_deref_mut()) {
                 if last_tick.elapsed() >= *a.interval {
-                    let j = self
+                    let mut j = self
                         .judge_since(a, release, Some(stable), &mut last_stats)
                         .await;
+                    // A canary that serves nothing gives no failed requests to count: its
+                    // health is the evidence.
+                    if let Some(why) = self.none_healthy(release).await {
+                        j.verdict = analysis::Verdict::Fail { reasons: vec![why] };
+                    }
                     last_tick = Instant::now();
                     let decision = t.record(&j);
                     self.progress
@@ -1093,6 +1163,12 @@ impl Deployer {
             }
             let time_up = step.pause.is_some_and(|p| step_start.elapsed() >= *p);
             if time_up && !paused && conclusive {
+                // Without analysis, the canary's health is the one thing left to judge.
+                if config.analysis.is_none() {
+                    if let Some(why) = self.none_healthy(release).await {
+                        return Ok(StepEnd::Abort(why));
+                    }
+                }
                 return Ok(StepEnd::Next);
             }
             tokio::time::sleep(COMMAND_POLL).await;

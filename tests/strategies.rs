@@ -553,6 +553,28 @@ async fn promote_full_skips_the_remaining_steps_and_the_report_says_so() {
         .await;
     let (code, out, _) = fleet.cutover(&["promote", "--full"]).await;
     assert_eq!(code, 0, "{out}");
+    // Held before the promotion's second batch: every serving backend at its full weight, not
+    // the stable ones at step 1's reduced share beside a canary at 100.
+    let (code, out, _) = fleet.cutover(&["pause"]).await;
+    assert_eq!(code, 0, "{out}");
+    fleet
+        .wait_status("the paused promotion", |d| {
+            phase(d) == "paused by an operator"
+        })
+        .await;
+    let weights: Vec<(String, u32)> = fleet
+        .backends()
+        .await
+        .into_iter()
+        .filter(|b| b.state == cutover::balancer::BackendState::Active)
+        .map(|b| (b.spec.release, b.spec.weight))
+        .collect();
+    assert!(
+        weights.iter().any(|(r, _)| r == "v1") && weights.iter().all(|(_, w)| *w == 100),
+        "{weights:?}"
+    );
+    let (code, out, _) = fleet.cutover(&["resume"]).await;
+    assert_eq!(code, 0, "{out}");
     let (code, out, err) = deploy.await.unwrap();
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
@@ -635,5 +657,103 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
         "the deploy waited {took:?} for the verification it should have stopped"
     );
     assert!(!alive, "the verify command's sleep outlived the abort");
+    fleet.assert_on("v1").await;
+}
+
+/// A `promote` sent while green is verified does not skip the switch-back window, and a green
+/// that dies in the window sends traffic back to blue instead of leaving nothing to serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_switches_back_when_green_dies_in_the_window() {
+    let mut spec = FleetSpec::new(2, 10);
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"30s\"\n".into();
+    spec.extra = "[[verify]]\ncommand = \"sleep 1\"\nat = [\"before_switch\"]\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 200, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("green's verification", |d| {
+            phase(d).contains("before_switch")
+        })
+        .await;
+    let (code, out, err) = fleet.cutover(&["promote"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet
+        .wait_status("the switch", |d| phase(d) == "switched")
+        .await;
+    run.wait_until(|r| r.by_version.get("v2").copied().unwrap_or(0) >= 100)
+        .await;
+    for (version, pid) in fleet.live_instances() {
+        if version == "v2" {
+            common::kill_if_alive(pid as i32);
+        }
+    }
+    let (code, out, err) = tokio::time::timeout(Duration::from_secs(20), deploy)
+        .await
+        .expect("the deploy ends well before scale_down_delay")
+        .unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("ignored `promote` sent before the switch"),
+        "{out}"
+    );
+    assert!(
+        out.contains("switched back to blue (no v2 backend is healthy"),
+        "{out}"
+    );
+    // Blue serves again.
+    let back = run.snapshot();
+    let later = run.wait_until(|r| r.ok >= back.ok + 200).await;
+    assert_eq!(
+        later.by_version.get("v2").copied().unwrap_or(0),
+        back.by_version.get("v2").copied().unwrap_or(0)
+    );
+    let _ = run.stop().await;
+    fleet.assert_on("v1").await;
+}
+
+/// A canary that dies serves no requests to count as failures: its health aborts the step
+/// instead of an inconclusive analysis holding it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_dies_is_aborted_not_held_as_inconclusive() {
+    let spec = canary_spec(
+        30,
+        "[{ weight = 20, pause = \"60s\" }, { weight = 100 }]",
+        "",
+        "[analysis]\ninterval = \"500ms\"\nmin_success_rate = 95.0\nmin_requests = 1000\n",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 100, Vec::new());
+    run.wait_until(|r| r.ok >= 50).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("step 1", |d| {
+            d["status"]["step"] == "step 1/2" && d["status"]["verdict"].is_object()
+        })
+        .await;
+    for (version, pid) in fleet.live_instances() {
+        if version == "v2" {
+            common::kill_if_alive(pid as i32);
+        }
+    }
+    let (code, out, err) = tokio::time::timeout(Duration::from_secs(30), deploy)
+        .await
+        .expect("the step ends well before its pause")
+        .unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("canary aborted") && out.contains("no v2 backend is healthy"),
+        "{out}"
+    );
+    let _ = run.stop().await;
+    fleet.assert_on("v1").await;
+    // A canary of the live release would be judged against itself: it rolls out directly.
+    let (out, err) = fleet.deploy("v1", 0).await;
+    assert!(
+        err.contains("v1 is already the live release: no stable release to compare a canary with"),
+        "{out}\n{err}"
+    );
     fleet.assert_on("v1").await;
 }
