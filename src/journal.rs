@@ -878,6 +878,12 @@ impl Journal {
 
     /// Takes the oldest untaken command for a deployment.
     pub fn take_command(&self, deployment: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.take_first(deployment, "")?.map(|(c, _)| c))
+    }
+
+    /// As [`Journal::take_command`], with when the command was posted (unix ms): a command
+    /// aimed at one moment (the canary step on screen) can be told from one that arrives late.
+    pub fn take_command_at(&self, deployment: &str) -> anyhow::Result<Option<(String, u64)>> {
         self.take_first(deployment, "")
     }
 
@@ -885,7 +891,9 @@ impl Journal {
     /// command queued for the moment it means something (a strategy checks this before it
     /// moves traffic, where `promote` or `pause` would be premature).
     pub fn take_stop_command(&self, deployment: &str) -> anyhow::Result<Option<String>> {
-        self.take_first(deployment, "AND command IN ('abort', 'rollback')")
+        Ok(self
+            .take_first(deployment, "AND command IN ('abort', 'rollback')")?
+            .map(|(c, _)| c))
     }
 
     /// Whether an `abort` (or, with `rollback_stops`, a `rollback`) waits for `deployment`. It
@@ -908,22 +916,24 @@ impl Journal {
     }
 
     /// Marks the oldest untaken command of `deployment` that matches `filter` (SQL, a
-    /// constant) taken, and returns it.
-    fn take_first(&self, deployment: &str, filter: &str) -> anyhow::Result<Option<String>> {
+    /// constant) taken, and returns it with when it was posted.
+    fn take_first(&self, deployment: &str, filter: &str) -> anyhow::Result<Option<(String, u64)>> {
         let query = format!(
-            "SELECT id, command FROM commands WHERE deployment = ?1 AND taken = 0 {filter} ORDER BY id LIMIT 1"
+            "SELECT id, command, at_ms FROM commands WHERE deployment = ?1 AND taken = 0 {filter} ORDER BY id LIMIT 1"
         );
         self.with(|c| {
             let tx =
                 rusqlite::Transaction::new_unchecked(c, rusqlite::TransactionBehavior::Immediate)?;
-            let cmd: Option<(i64, String)> = tx
-                .query_row(&query, params![deployment], |r| Ok((r.get(0)?, r.get(1)?)))
+            let cmd: Option<(i64, String, i64)> = tx
+                .query_row(&query, params![deployment], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
                 .optional()?;
-            if let Some((id, _)) = &cmd {
+            if let Some((id, _, _)) = &cmd {
                 tx.execute("UPDATE commands SET taken = 1 WHERE id = ?1", params![id])?;
             }
             tx.commit()?;
-            Ok(cmd.map(|(_, c)| c))
+            Ok(cmd.map(|(_, c, at)| (c, at.max(0) as u64)))
         })
     }
 }

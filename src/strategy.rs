@@ -827,20 +827,39 @@ impl Deployer {
                     ));
                 }
             }
-            self.step(
-                run,
-                "fleet",
-                "weight",
-                &format!("{label}: canary {}%", step.weight),
-                async {
-                    self.balancer
-                        .set_weights(&weights)
-                        .await
-                        .map_err(|e| format!("{e:#}"))
-                },
-            )
-            .await
-            .map_err(anyhow::Error::msg)?;
+            let weighted = self
+                .step(
+                    run,
+                    "fleet",
+                    "weight",
+                    &format!("{label}: canary {}%", step.weight),
+                    async {
+                        self.balancer
+                            .set_weights(&weights)
+                            .await
+                            .map_err(|e| format!("{e:#}"))
+                    },
+                )
+                .await;
+            // A step whose weights could not be set is not watched: abort (the canary back to
+            // 0 and stopped, as far as the balancer lets it) rather than leave the canary at
+            // the previous step's share with nobody judging it.
+            if let Err(e) = weighted {
+                return self
+                    .canary_aborted(
+                        run,
+                        &canaries,
+                        &stable_ids,
+                        format!("{label}: the balancer refused the weights: {e}"),
+                        from,
+                        version,
+                        started,
+                        stats_before,
+                        failed,
+                        notes,
+                    )
+                    .await;
+            }
             self.progress.say(&format!(
                 "{label}: canary {version} at {}% of requests{}",
                 step.weight,
@@ -1088,6 +1107,7 @@ impl Deployer {
     ) -> anyhow::Result<StepEnd> {
         let config = &self.config;
         let step_start = Instant::now();
+        let step_start_ms = crate::journal::now_ms();
         let mut last_tick = Instant::now();
         let mut last_stats = self.balancer.stats().await.ok();
         let mut paused = false;
@@ -1105,9 +1125,19 @@ impl Deployer {
         };
         publish("analysing", &last_verdict);
         loop {
-            if let Some(cmd) = self.journal.take_command(&run.id)? {
+            if let Some((cmd, at_ms)) = self.journal.take_command_at(&run.id)? {
                 self.progress.say(&format!("{label}: command {cmd}"));
                 match cmd.as_str() {
+                    // Sent before this step began: meant for the one before (whose pause ran
+                    // out meanwhile) or for the canary's start; acting on it would skip this
+                    // step unseen.
+                    "promote" if at_ms < step_start_ms => {
+                        let note = format!(
+                            "{label}: ignored a promote sent before this step began; send it again to end this step"
+                        );
+                        self.progress.say(&note);
+                        let _ = self.journal.event(Some(&run.id), &note);
+                    }
                     "promote" => return Ok(StepEnd::Next),
                     "promote-full" => return Ok(StepEnd::Full),
                     "abort" | "rollback" => return Ok(StepEnd::Abort(format!("{cmd} requested"))),

@@ -757,3 +757,34 @@ async fn a_canary_that_dies_is_aborted_not_held_as_inconclusive() {
     );
     fleet.assert_on("v1").await;
 }
+
+/// A `promote` sent before a step began (here: while the canary starts) does not skip that
+/// step; one sent during the step ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_sent_before_a_step_does_not_skip_it() {
+    let mut spec = canary_spec(48, "[{ weight = 10 }, { weight = 100 }]", "", "");
+    spec.extra = "[[verify]]\ncommand = \"sleep 1\"\nat = [\"before_traffic\"]\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the canary's start", |d| phase(d) == "starting canary")
+        .await;
+    let (code, out, err) = fleet.cutover(&["promote"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet
+        .wait_status("step 1", |d| d["status"]["step"] == "step 1/2")
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = fleet.deployment_status().await.expect("still running");
+    assert_eq!(d["status"]["step"], "step 1/2", "{d}");
+    let (code, out, err) = fleet.cutover(&["promote", "--full"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("ignored a promote sent before this step began"),
+        "{err}"
+    );
+    fleet.assert_on("v2").await;
+}
