@@ -985,14 +985,33 @@ impl ConfigError {
 impl Config {
     /// Reads and checks the config at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            let hint = if e.kind() == std::io::ErrorKind::NotFound {
-                " (run `cutover init` to write an example, or pass -c PATH)"
-            } else {
-                ""
+        // Bounded: `-c /dev/zero` (or a log file passed by mistake) must not read forever.
+        const MAX_CONFIG_BYTES: u64 = 4 << 20;
+        let read = || -> std::io::Result<String> {
+            use std::io::Read;
+            let mut text = String::new();
+            std::fs::File::open(path)?
+                .take(MAX_CONFIG_BYTES + 1)
+                .read_to_string(&mut text)?;
+            Ok(text)
+        };
+        let text = read().map_err(|e| {
+            let hint = match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    " (run `cutover init` to write an example, or pass -c PATH)"
+                }
+                std::io::ErrorKind::InvalidData => " (is it a cutover.toml? it is not UTF-8 text)",
+                std::io::ErrorKind::IsADirectory => " (pass the file: -c DIR/cutover.toml)",
+                _ => "",
             };
             ConfigError::whole(path, format!("cannot read the config: {e}{hint}"))
         })?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(ConfigError::whole(
+                path,
+                "the config is larger than 4 MiB: is this the right file? (hosts of a large fleet belong in an inventory file)",
+            ));
+        }
         Config::parse(path, &text)
     }
 
@@ -1404,6 +1423,40 @@ impl Config {
                 ));
             }
             _ => {}
+        }
+        let b = &self.balancer;
+        if b.max_header_bytes.is_some_and(|v| v < 8192) {
+            return Err(err(
+                "balancer.max_header_bytes",
+                "max_header_bytes must be at least 8192 (browsers send cookies and headers of several KB; default 65536)".into(),
+            ));
+        }
+        for (key, value) in [
+            ("balancer.max_connections", b.max_connections),
+            ("balancer.max_headers", b.max_headers),
+        ] {
+            if value == Some(0) {
+                return Err(err(
+                    key,
+                    format!("{key} = 0 would refuse every request: leave it out for the default"),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("balancer.client_header_timeout", b.client_header_timeout),
+            ("balancer.client_idle_timeout", b.client_idle_timeout),
+            (
+                "balancer.backend_connect_timeout",
+                b.backend_connect_timeout,
+            ),
+            ("balancer.backend_header_timeout", b.backend_header_timeout),
+        ] {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(err(
+                    key,
+                    format!("{key} must be longer than 0s: leave it out for the default"),
+                ));
+            }
         }
         if admin.port() == 0 {
             return Err(err(

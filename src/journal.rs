@@ -258,8 +258,17 @@ pub struct Journal {
 impl Journal {
     /// Opens (creating or migrating) `<state_dir>/journal.db`.
     pub fn open(state_dir: &Path) -> anyhow::Result<Journal> {
+        if state_dir.exists() && !state_dir.is_dir() {
+            anyhow::bail!(
+                "the state directory {} is a file: set state_dir in the config to a directory (default: .cutover beside the config)",
+                state_dir.display()
+            );
+        }
         std::fs::create_dir_all(state_dir).with_context(|| {
-            format!("cannot create the state directory {}", state_dir.display())
+            format!(
+                "cannot create the state directory {} (state_dir in the config; default: .cutover beside it)",
+                state_dir.display()
+            )
         })?;
         Journal::open_file(&state_dir.join("journal.db"))
     }

@@ -499,3 +499,31 @@ fn plan_counts_gates_and_names_a_git_source() {
         "{git}"
     );
 }
+
+/// The balancer's limits fail at load, at their line, not when the proxy starts; a config that
+/// is no text file ends with an error, not a hang.
+#[test]
+fn balancer_limits_and_odd_files_are_refused_up_front() {
+    let err = error_for(&GOOD.replace(
+        "token = \"0123456789abcdef\"\n",
+        "token = \"0123456789abcdef\"\nmax_header_bytes = 10\n",
+    ));
+    assert!(
+        err.contains(":17:") && err.contains("max_header_bytes must be at least 8192"),
+        "{err}"
+    );
+    let err = error_for(&GOOD.replace(
+        "token = \"0123456789abcdef\"\n",
+        "token = \"0123456789abcdef\"\nmax_connections = 0\n",
+    ));
+    assert!(err.contains("would refuse every request"), "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .args(["-c", "/dev/zero", "history"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("larger than 4 MiB"),
+        "{out:?}"
+    );
+}
