@@ -373,11 +373,25 @@ impl Deployer {
                 .filter(|h| matches!(staged.get(h.name.as_str()), Some(Ok(_))))
                 .cloned()
                 .collect();
-            if !staged_ok.is_empty() {
-                self.hook(HookPoint::AfterStage, version, from.as_deref(), &staged_ok)
-                    .await
-                    .map_err(|e| (e, "no host changes traffic"))?;
+            if staged_ok.is_empty() {
+                // No host could take the release: every batch would fail and "roll back"
+                // hosts that never moved.
+                let first = config
+                    .hosts
+                    .iter()
+                    .find_map(|h| match staged.get(h.name.as_str()) {
+                        Some(Err(e)) => Some(format!("{}: {e}", h.name)),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| "no host was reachable".into());
+                return Err((
+                    format!("staging {version} failed on every host ({first})"),
+                    "no host changes traffic",
+                ));
             }
+            self.hook(HookPoint::AfterStage, version, from.as_deref(), &staged_ok)
+                .await
+                .map_err(|e| (e, "no host changes traffic"))?;
             Ok(staged)
         }
         .await;

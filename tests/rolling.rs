@@ -778,3 +778,29 @@ async fn a_rollback_that_fails_on_a_host_does_not_send_the_others_forward() {
     assert_eq!(fleet.current(&first).as_deref(), Some("v5"), "{out}\n{err}");
     assert_eq!(fleet.current(&last).as_deref(), Some("v2"), "{out}\n{err}");
 }
+
+/// A release no host could take (its build fails) halts before the first batch: no host is
+/// started, "failed" and sent back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_no_host_can_stage_halts_before_any_batch() {
+    let fleet = Fleet::start(FleetSpec::new(2, 12)).await;
+    fleet.deploy("v1", 0).await;
+    let text = std::fs::read_to_string(&fleet.config).unwrap();
+    std::fs::write(
+        &fleet.config,
+        text.replace(
+            "[release]\n",
+            "[release]\nbuild = \"echo no compiler >&2; exit 3\"\n",
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("halted"), "{out}\n{err}");
+    assert!(
+        err.contains("staging v2 failed on every host"),
+        "{out}\n{err}"
+    );
+    assert!(!err.contains("batch 1/"), "no batch started: {err}");
+    fleet.assert_on("v1").await;
+}
