@@ -832,7 +832,7 @@ impl Name {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
         if s.is_empty() || s.len() > 128 || !ok_first || !ok_rest || s.contains("..") {
             return Err(format!(
-                "{s:?} is not a valid name: use letters, digits and . _ + - (starting with a letter or digit, at most 128 characters)"
+                "{s:?} is not a valid name: use letters, digits and . _ + - (starting with a letter or digit, no \"..\", at most 128 characters)"
             ));
         }
         if s.ends_with(".partial") {
@@ -1018,7 +1018,22 @@ impl Config {
     /// Parses config text; `path` is used for messages and relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().to_string();
+            let mut message = e.message().trim().to_string();
+            // serde names Rust types; say what to write instead.
+            if message.starts_with("invalid type: string") && message.contains("expected ") {
+                let number = [
+                    "i64", "u64", "u32", "u16", "usize", "f64", "integer", "a number",
+                ]
+                .iter()
+                .any(|t| message.ends_with(t));
+                if number {
+                    message.push_str(": write the number without quotes");
+                }
+            } else if message.starts_with("invalid type: integer")
+                && message.contains("expected a string")
+            {
+                message.push_str(": put the value in quotes");
+            }
             match e.span() {
                 Some(span) => {
                     let key = missing_field_key(text, span.start, &message);

@@ -527,3 +527,14 @@ fn balancer_limits_and_odd_files_are_refused_up_front() {
         "{out:?}"
     );
 }
+
+/// A value of the wrong type says how to write it, not only which Rust type was expected.
+#[test]
+fn wrong_types_say_how_to_write_the_value() {
+    let err = error_for(&format!(
+        "{GOOD}\n[app.health]\nhealthy_threshold = \"2\"\n"
+    ));
+    assert!(err.contains("write the number without quotes"), "{err}");
+    let err = error_for(&GOOD.replace("name = \"shop\"", "name = 5"));
+    assert!(err.contains("put the value in quotes"), "{err}");
+}
