@@ -115,7 +115,9 @@ fn print_blue_green_plan(config: &Config, version: &Name) {
     );
     println!("  4. switch: one atomic admin call makes green active and blue draining");
     match s.post_switch_analysis {
-        Some(d) => println!("  5. post-switch analysis for {d}: failure switches back to blue"),
+        Some(d) => println!(
+            "  5. post-switch analysis for {d}: failure switches back to blue; without enough traffic to judge, blue is held (no time limit) until traffic comes, `cutover promote` or `cutover rollback`"
+        ),
         None => println!(
             "  5. (no post-switch analysis: set post_switch_analysis and [analysis] to judge green after the switch)"
         ),
@@ -187,6 +189,11 @@ fn print_canary_plan(config: &Config, version: &Name) {
     println!(
         "  abort (analysis failure, `cutover abort`): canary weight 0, canary stopped, stable untouched"
     );
+    if config.analysis.is_some() {
+        println!(
+            "  an inconclusive interval (too little traffic) holds its step with no time limit, until traffic comes, `cutover promote` or `cutover abort`"
+        );
+    }
     println!(
         "  worst case: {}{}",
         humantime::format_duration(worst),
