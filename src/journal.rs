@@ -37,10 +37,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 /// The schema this cutover writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Migrations from version N-1 to N, in order; index 0 creates version 1.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     // 1: deployments and steps.
     "CREATE TABLE deployments (
         id TEXT PRIMARY KEY,
@@ -95,7 +95,21 @@ const MIGRATIONS: [&str; 3] = [
         data_json TEXT NOT NULL
     );
     CREATE INDEX samples_by_deployment ON samples(deployment, at_ms);",
+    // 4: GitHub pushes `cutover serve` accepted, so a redelivered or replayed one is known as
+    // such after a restart too.
+    "CREATE TABLE pushes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        delivery TEXT UNIQUE,
+        key TEXT NOT NULL,
+        before_sha TEXT NOT NULL,
+        after_sha TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX pushes_by_key ON pushes(key, id);",
 ];
+
+/// Accepted pushes kept in the journal (the oldest are dropped past this).
+const PUSHES_KEPT: i64 = 10_000;
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -863,6 +877,79 @@ impl Journal {
         })
     }
 
+    /// Whether a webhook delivery (`X-GitHub-Delivery`) was accepted before.
+    pub fn push_delivered(&self, delivery: &str) -> anyhow::Result<bool> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT 1 FROM pushes WHERE delivery = ?1",
+                params![delivery],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+        })
+    }
+
+    /// The newest `limit` pushes accepted for `key` (repository and ref) as `(before, after)`,
+    /// oldest first.
+    pub fn pushes(&self, key: &str, limit: usize) -> anyhow::Result<Vec<(String, String)>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT before_sha, after_sha FROM pushes WHERE key = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![key, limit as i64], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })?;
+            let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            out.reverse();
+            Ok(out)
+        })
+    }
+
+    /// Records an accepted push (`delivery`: its `X-GitHub-Delivery`, when it had one).
+    pub fn add_push(
+        &self,
+        delivery: Option<&str>,
+        key: &str,
+        before: &str,
+        after: &str,
+    ) -> anyhow::Result<()> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO pushes (delivery, key, before_sha, after_sha, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![delivery, key, before, after, now_ms() as i64],
+            )?;
+            c.execute(
+                "DELETE FROM pushes WHERE id <= (SELECT max(id) FROM pushes) - ?1",
+                params![PUSHES_KEPT],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The release the fleet was left on by the newest finished deployment, as far as the
+    /// journal knows: its target when it succeeded, its start when it rolled back; `None`
+    /// when it halted or failed part-way (hosts may differ) or nothing ran yet.
+    pub fn live_release(&self, app: &str) -> anyhow::Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT outcome, version_from, version_to FROM deployments \
+                 WHERE app = ?1 AND outcome IS NOT NULL ORDER BY started_ms DESC, rowid DESC LIMIT 1",
+                params![app],
+                |r| {
+                    let outcome: String = r.get(0)?;
+                    Ok(match outcome.as_str() {
+                        "succeeded" => Some(r.get::<_, String>(2)?),
+                        "rolled_back" => r.get::<_, Option<String>>(1)?,
+                        _ => None,
+                    })
+                },
+            )
+            .optional()
+            .map(Option::flatten)
+        })
+    }
+
     /// Commands a deployment never read, marked taken so nothing acts on them later: for a
     /// deployment that has ended, they came too late.
     pub fn drop_unread_commands(&self, deployment: &str) -> anyhow::Result<Vec<String>> {
@@ -1152,6 +1239,31 @@ mod tests {
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("pause"));
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));
         assert_eq!(j.take_command("old").unwrap(), None);
+    }
+
+    #[test]
+    fn accepted_pushes_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.db");
+        {
+            let j = Journal::open_file(&path).unwrap();
+            j.add_push(Some("d1"), "k", "0", "a").unwrap();
+            j.add_push(None, "k", "a", "b").unwrap();
+            j.add_push(None, "other", "x", "y").unwrap();
+            assert!(
+                j.add_push(Some("d1"), "k", "b", "c").is_err(),
+                "one row per delivery"
+            );
+        }
+        let j = Journal::open_file(&path).unwrap();
+        assert!(j.push_delivered("d1").unwrap());
+        assert!(!j.push_delivered("d2").unwrap());
+        let pair = |b: &str, a: &str| (b.to_string(), a.to_string());
+        assert_eq!(
+            j.pushes("k", 10).unwrap(),
+            vec![pair("0", "a"), pair("a", "b")]
+        );
+        assert_eq!(j.pushes("k", 1).unwrap(), vec![pair("a", "b")]);
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod serve_support;
 use std::time::Duration;
 
 use common::FleetSpec;
-use serve_support::{BRANCH, Gate, SECRET, Served, push_payload, write_release};
+use serve_support::{BRANCH, Gate, SECRET, Served, push_payload, push_payload_from, write_release};
 
 const SHA_A: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678";
 const SHA_B: &str = "b2c3d4e5f60718293a4b5c6d7e8f901234567890";
@@ -214,4 +214,99 @@ async fn quick_pushes_during_a_deploy_run_only_the_newest_after_it() {
         .collect();
     assert_eq!(tos, vec![short(SHA_A), short(SHA_C)], "A ran, then only C");
     served.fleet.assert_on(short(SHA_C)).await;
+}
+
+/// Review finding 1: a redelivered or replayed push (same delivery id, or the same before and
+/// after under a new id, forced or not, the newest one too) never deploys again, also after a
+/// restart of `cutover serve`; a push of the live commit is not deployed again either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redelivered_pushes_never_deploy_again_even_after_a_restart() {
+    let mut served = Served::start(FleetSpec::new(2, 16)).await;
+    write_release(&served, short(SHA_A), None);
+    write_release(&served, short(SHA_B), None);
+    let main_ref = format!("refs/heads/{BRANCH}");
+    let zero = "1111111111111111111111111111111111111111";
+    let not_queued = |(status, v): (u16, serde_json::Value), what: &str| {
+        assert_eq!(status, 202, "{what}: {v}");
+        assert_eq!(v["queued"], false, "{what} is not queued: {v}");
+        v["ignored"].as_str().unwrap().to_string()
+    };
+
+    // A force push to A, then B on top of it: both deploy.
+    let push_a = push_payload_from(&main_ref, zero, SHA_A, true);
+    let (status, a) = served
+        .hook_as("delivery-a", "push", &push_a, Some(SECRET))
+        .await;
+    assert_eq!((status, a["queued"].as_bool()), (202, Some(true)), "{a}");
+    let job = served.wait_job(a["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    // GitHub's "Redeliver" (same id): acknowledged, not queued, also while A is the newest.
+    let why = not_queued(
+        served
+            .hook_as("delivery-a", "push", &push_a, Some(SECRET))
+            .await,
+        "the same delivery",
+    );
+    assert!(why.contains("delivery-a"), "{why}");
+    let push_b = push_payload_from(&main_ref, SHA_A, SHA_B, false);
+    let (status, b) = served
+        .hook_as("delivery-b", "push", &push_b, Some(SECRET))
+        .await;
+    assert_eq!((status, b["queued"].as_bool()), (202, Some(true)), "{b}");
+    let job = served.wait_job(b["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+
+    // After a restart, the journal still knows them.
+    served.restart().await;
+    not_queued(
+        served
+            .hook_as("delivery-a", "push", &push_a, Some(SECRET))
+            .await,
+        "the old force push redelivered",
+    );
+    let why = not_queued(
+        served
+            .hook_as("replay-a", "push", &push_a, Some(SECRET))
+            .await,
+        "the old force push replayed under a new id",
+    );
+    assert!(why.contains("redelivery"), "{why}");
+    not_queued(
+        served
+            .hook_as("replay-b", "push", &push_b, Some(SECRET))
+            .await,
+        "the newest push replayed",
+    );
+    // A new push whose commit is live already: nothing to deploy.
+    let why = not_queued(
+        served
+            .hook_as(
+                "delivery-c",
+                "push",
+                &push_payload_from(&main_ref, SHA_C, SHA_B, false),
+                Some(SECRET),
+            )
+            .await,
+        "a push of the live commit",
+    );
+    assert!(why.contains("live"), "{why}");
+
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(
+        q["running"].is_null() && q["queued"].as_array().unwrap().is_empty(),
+        "nothing queued after the restart: {q}"
+    );
+    let tos: Vec<String> = served
+        .deployments()
+        .await
+        .iter()
+        .rev()
+        .map(|d| d["to"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        tos,
+        vec![short(SHA_A), short(SHA_B)],
+        "A, then B, nothing more"
+    );
+    served.fleet.assert_on(short(SHA_B)).await;
 }

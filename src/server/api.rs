@@ -497,6 +497,60 @@ async fn metrics(State(state): State<ServeState>, Query(q): Query<MetricsQuery>)
     }))
 }
 
+/// Whether a verified push for `version` is queued: `Some(why not)` for a delivery accepted
+/// before, a redelivered, replayed or late push ([`github::judge`] over the pushes the journal
+/// keeps), or a commit already live or already queued or running. An accepted push is recorded
+/// in the journal before it is queued. The caller holds `state.pushes`.
+fn admit(
+    state: &ServeState,
+    delivery: Option<&str>,
+    key: &str,
+    version: &str,
+    push: &github::PushEvent,
+) -> ApiResult<Option<String>> {
+    if let Some(d) = delivery {
+        if state.journal.push_delivered(d)? {
+            return Ok(Some(format!(
+                "delivery {d} was accepted before (a redelivery): not queued again"
+            )));
+        }
+    }
+    let seen = state.journal.pushes(key, github::REMEMBERED)?;
+    if let Err(why) = github::judge(&seen, push) {
+        return Ok(Some(why));
+    }
+    let view = state.queue.view();
+    let waiting = view
+        .running
+        .iter()
+        .chain(view.queued.iter())
+        .find(|j| matches!(&j.work, Work::Deploy { version: v } if v == version));
+    if let Some(job) = waiting {
+        return Ok(Some(format!(
+            "{version} is already {} (job {}): not queued again",
+            if job.state == super::queue::JobState::Running {
+                "being deployed"
+            } else {
+                "queued"
+            },
+            job.id
+        )));
+    }
+    let live = state.journal.live_release(state.config.app.name.as_str())?;
+    if live.as_deref() == Some(version) {
+        return Ok(Some(format!(
+            "{version} is live already: not deployed again"
+        )));
+    }
+    state.journal.add_push(
+        delivery,
+        key,
+        &push.before.to_ascii_lowercase(),
+        &push.after.to_ascii_lowercase(),
+    )?;
+    Ok(None)
+}
+
 /// `POST /hooks/github`: see [`github`].
 pub async fn github_hook(
     State(state): State<ServeState>,
@@ -560,13 +614,23 @@ pub async fn github_hook(
                     if let Err(e) = Name::parse(&version) {
                         return ApiError::BadRequest(e).into_response();
                     }
-                    if let Err(why) = state.pushes.accept(&push) {
-                        state.say(&format!("github webhook {delivery}: {why}"));
-                        return (
-                            StatusCode::ACCEPTED,
-                            Json(json!({ "queued": false, "ignored": why })),
-                        )
-                            .into_response();
+                    let _one_at_a_time = state.pushes.lock().unwrap_or_else(|p| p.into_inner());
+                    let given = headers
+                        .get("x-github-delivery")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::trim)
+                        .filter(|d| !d.is_empty());
+                    match admit(&state, given, &key, &version, &push) {
+                        Ok(None) => {}
+                        Ok(Some(why)) => {
+                            state.say(&format!("github webhook {delivery}: {why}"));
+                            return (
+                                StatusCode::ACCEPTED,
+                                Json(json!({ "queued": false, "ignored": why })),
+                            )
+                                .into_response();
+                        }
+                        Err(e) => return e.into_response(),
                     }
                     let (job, replaced) =
                         state

@@ -95,70 +95,54 @@ pub struct Commit {
     pub message: String,
 }
 
-/// Pushes accepted for deployment (newest last, bounded): GitHub neither orders deliveries nor
-/// stops anyone from redelivering an old one, and a stale push deployed after a newer one
-/// would move the fleet back.
-#[derive(Default)]
-pub struct Accepted(std::sync::Mutex<std::collections::VecDeque<(String, String)>>);
+/// How many accepted pushes of a branch [`judge`] looks at.
+pub const REMEMBERED: usize = 256;
 
-/// How many accepted pushes are remembered.
-const REMEMBERED: usize = 256;
+/// Whether `push` is new given the pushes accepted before for its repository and branch
+/// (`seen`: `(before, after)`, oldest first, as the journal keeps them across restarts).
+///
+/// GitHub neither orders deliveries nor stops anyone from redelivering an old one, and a stale
+/// push deployed after a newer one would move the fleet back. Stale, with the reason:
+/// - a push accepted before (the same `before` and `after`): a redelivery or a replay, also of
+///   the newest push and also when forced (deploy a commit again from the API or dashboard);
+/// - a push that does not continue from the newest (its `before` is not the newest `after`)
+///   whose commit is an ancestor of the newest through the `before` links (it arrived late),
+///   unless it is forced: a force push rewrites history, whatever it points at is the new head.
+pub fn judge(seen: &[(String, String)], push: &PushEvent) -> Result<(), String> {
+    let after = push.after.to_ascii_lowercase();
+    let before = push.before.to_ascii_lowercase();
+    if seen.iter().any(|(b, a)| *a == after && *b == before) {
+        return Err(format!(
+            "{} was accepted before (a redelivery): not queued again; to deploy it again, use the dashboard or `cutover deploy --version VERSION`",
+            short(&after)
+        ));
+    }
+    let continues = seen.last().is_none_or(|(_, a)| *a == before);
+    if !(continues || push.forced) {
+        late(seen, &after)?;
+    }
+    Ok(())
+}
 
-impl Accepted {
-    /// Records `push` as accepted unless it is stale: an older push delivered again (a
-    /// redelivery of anything but the newest, which retries it), or a push whose commit is an
-    /// ancestor, through the `before` links of accepted pushes, of the newest one (it arrived
-    /// late). A push that continues from the newest (its `before` is the newest commit, as a
-    /// force push back to an older commit is) or is forced is always new. Says why when stale.
-    pub fn accept(&self, push: &PushEvent) -> Result<(), String> {
-        let after = push.after.to_ascii_lowercase();
-        let before = push.before.to_ascii_lowercase();
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let newest = seen.back().cloned();
-        let continues = newest.as_ref().is_none_or(|(_, a)| *a == before);
-        let retry = newest.as_ref() == Some(&(before.clone(), after.clone()));
-        if !(continues || retry || push.forced) {
-            if seen.iter().any(|(b, a)| *a == after && *b == before) {
+/// Err when `after` is an ancestor of the newest accepted push through the `before` links.
+fn late(seen: &[(String, String)], after: &str) -> Result<(), String> {
+    if let Some((newest_before, newest)) = seen.last() {
+        let mut x = newest_before.clone();
+        for _ in 0..seen.len() {
+            if x == after {
                 return Err(format!(
-                    "{} was accepted before (a redelivery of an older push): not deployed again",
-                    short(&after)
+                    "{} is older than {}, accepted already (a late delivery): not deployed",
+                    short(after),
+                    short(newest)
                 ));
             }
-            self.late(&seen, &after)?;
-        }
-        if !retry {
-            seen.push_back((before, after));
-            if seen.len() > REMEMBERED {
-                seen.pop_front();
+            match seen.iter().rev().find(|(_, a)| *a == x) {
+                Some((b, _)) => x = b.clone(),
+                None => break,
             }
         }
-        Ok(())
     }
-
-    /// Err when `after` is an ancestor of the newest accepted push through the `before` links.
-    fn late(
-        &self,
-        seen: &std::collections::VecDeque<(String, String)>,
-        after: &str,
-    ) -> Result<(), String> {
-        if let Some((newest_before, newest)) = seen.back() {
-            let mut x = newest_before.clone();
-            for _ in 0..seen.len() {
-                if x == after {
-                    return Err(format!(
-                        "{} is older than {}, accepted already (a late delivery): not deployed",
-                        short(after),
-                        short(newest)
-                    ));
-                }
-                match seen.iter().rev().find(|(_, a)| *a == x) {
-                    Some((b, _)) => x = b.clone(),
-                    None => break,
-                }
-            }
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 fn short(sha: &str) -> &str {
@@ -296,29 +280,47 @@ mod tests {
 
     #[test]
     fn redelivered_and_late_pushes_are_not_accepted() {
-        let (a, b, c) = ("a".repeat(40), "b".repeat(40), "c".repeat(40));
+        let (a, b, c, d) = (
+            "a".repeat(40),
+            "b".repeat(40),
+            "c".repeat(40),
+            "d".repeat(40),
+        );
         let zero = "0".repeat(40);
-        let p = |before: &str, after: &str| {
+        let p = |before: &str, after: &str, forced: bool| {
             let mut e = push("refs/heads/main", after);
             e.before = before.to_string();
+            e.forced = forced;
             e
         };
-        let seen = Accepted::default();
-        seen.accept(&p(&zero, &a)).unwrap();
-        seen.accept(&p(&a, &b)).unwrap();
-        let e = seen.accept(&p(&zero, &a)).unwrap_err();
+        let pair = |b: &str, a: &str| (b.to_string(), a.to_string());
+        let mut seen = Vec::new();
+        let accept = |seen: &mut Vec<(String, String)>, e: PushEvent| {
+            judge(seen, &e)?;
+            seen.push(pair(&e.before, &e.after));
+            Ok::<(), String>(())
+        };
+        accept(&mut seen, p(&zero, &a, false)).unwrap();
+        accept(&mut seen, p(&a, &b, false)).unwrap();
+        let e = accept(&mut seen, p(&zero, &a, false)).unwrap_err();
         assert!(e.contains("redelivery"), "{e}");
         // B -> C arrives before A -> B: A -> B is then late.
-        let seen = Accepted::default();
-        seen.accept(&p(&zero, &a)).unwrap();
-        seen.accept(&p(&b, &c)).unwrap();
-        let e = seen.accept(&p(&a, &b)).unwrap_err();
+        let mut seen = Vec::new();
+        accept(&mut seen, p(&zero, &a, false)).unwrap();
+        accept(&mut seen, p(&b, &c, false)).unwrap();
+        let e = accept(&mut seen, p(&a, &b, false)).unwrap_err();
         assert!(e.contains("older than cccccc"), "{e}");
         // A force push to another line of history is new.
-        seen.accept(&p(&c, &"d".repeat(40))).unwrap();
+        accept(&mut seen, p(&c, &d, true)).unwrap();
         // ... and so is one back to a commit deployed before: it continues from the newest.
-        seen.accept(&p(&"d".repeat(40), &a)).unwrap();
-        // Redelivering the newest push retries it.
-        seen.accept(&p(&"d".repeat(40), &a)).unwrap();
+        accept(&mut seen, p(&d, &a, false)).unwrap();
+        // Redelivering the newest push does not queue it again (it may be live, or have been
+        // rolled back on purpose).
+        let e = accept(&mut seen, p(&d, &a, false)).unwrap_err();
+        assert!(e.contains("redelivery"), "{e}");
+        // Nor does redelivering an older force push: "forced" only skips the lateness check.
+        let e = accept(&mut seen, p(&c, &d, true)).unwrap_err();
+        assert!(e.contains("redelivery"), "{e}");
+        assert_eq!(seen.last(), Some(&pair(&d, &a)));
     }
 }

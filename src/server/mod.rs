@@ -166,8 +166,9 @@ pub struct Inner {
     pub live: Arc<sampler::Live>,
     /// Progress lines of the running job (newest last, bounded).
     pub log: Mutex<std::collections::VecDeque<String>>,
-    /// Pushes accepted so far, to tell a redelivered or late push from a new one.
-    pub pushes: github::Accepted,
+    /// Held while a push is checked against the ones accepted before (in the journal) and
+    /// queued, so two deliveries of one push cannot both pass.
+    pub pushes: Mutex<()>,
 }
 
 /// The server's shared state (cheap to clone).
@@ -199,7 +200,7 @@ impl ServeState {
             balancer,
             queue: Queue::new(),
             log: Mutex::new(Default::default()),
-            pushes: Default::default(),
+            pushes: Mutex::new(()),
         })))
     }
 

@@ -35,51 +35,54 @@ pub struct Served {
 impl Served {
     /// Starts the fleet, adds `[serve]` to its config, starts `cutover serve`.
     pub async fn start(spec: FleetSpec) -> Served {
+        Served::start_with(spec, "").await
+    }
+
+    /// [`Served::start`] with `github_extra` lines added to `[serve.github]`.
+    pub async fn start_with(spec: FleetSpec, github_extra: &str) -> Served {
         let fleet = Fleet::start(spec).await;
         // Generous deadlines: a gated host may wait while a test looks at the dashboard.
         let text = std::fs::read_to_string(&fleet.config).unwrap();
         let text = text.replace("deadline = \"10s\"", "deadline = \"60s\"");
         let text = format!(
-            "{text}\n[serve]\nlisten = \"127.0.0.1:0\"\ntoken = \"{SERVE_TOKEN}\"\n\n[serve.github]\nsecret = \"{SECRET}\"\nbranch = \"{BRANCH}\"\n"
+            "{text}\n[serve]\nlisten = \"127.0.0.1:0\"\ntoken = \"{SERVE_TOKEN}\"\n\n[serve.github]\nsecret = \"{SECRET}\"\nbranch = \"{BRANCH}\"\n{github_extra}"
         );
         std::fs::write(&fleet.config, text).unwrap();
-        let log = std::fs::File::create(fleet.dir.path().join("serve.log")).unwrap();
-        let mut child = Command::new(exe())
-            .arg("-c")
-            .arg(&fleet.config)
-            .arg("-v")
-            .arg("serve")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("cutover serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("cutover serve prints its address in time")
-            .unwrap()
-            .unwrap_or_else(|| {
-                panic!(
-                    "cutover serve exited: {}",
-                    std::fs::read_to_string(fleet.dir.path().join("serve.log")).unwrap_or_default()
-                )
-            });
-        let addr = line
-            .split("http://")
-            .nth(1)
-            .and_then(|r| r.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        // Keep reading stdout so the pipe never fills.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (child, addr) = spawn_serve(&fleet).await;
         Served {
             fleet,
             addr,
             serve: Some(child),
         }
+    }
+
+    /// Stops `cutover serve` (SIGKILL) and starts it again on the same config and journal.
+    pub async fn restart(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill().await;
+        }
+        let (child, addr) = spawn_serve(&self.fleet).await;
+        self.addr = addr;
+        self.serve = Some(child);
+    }
+
+    /// The pid of `cutover serve`.
+    pub fn pid(&self) -> u32 {
+        self.serve
+            .as_ref()
+            .and_then(|c| c.id())
+            .expect("serve runs")
+    }
+
+    /// Waits (at most `within`) for `cutover serve` to exit; returns its exit status.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.serve.as_mut().expect("serve runs");
+        let status = tokio::time::timeout(within, child.wait())
+            .await
+            .expect("cutover serve exits in time")
+            .unwrap();
+        self.serve = None;
+        status
     }
 
     pub fn log(&self) -> String {
@@ -104,11 +107,26 @@ impl Served {
         (status, v)
     }
 
-    /// A GitHub delivery: `event` with `body`, signed with `secret` (None: no signature).
+    /// A GitHub delivery: `event` with `body`, signed with `secret` (None: no signature). Its
+    /// `X-GitHub-Delivery` id comes from the body: the same body is the same delivery, as when
+    /// GitHub redelivers one.
     pub async fn hook(&self, event: &str, body: &str, secret: Option<&str>) -> (u16, Value) {
+        let digest = cutover::server::github::sign(b"delivery", body.as_bytes());
+        let delivery = format!("test-{}", &digest["sha256=".len()..][..32]);
+        self.hook_as(&delivery, event, body, secret).await
+    }
+
+    /// [`Served::hook`] with the `X-GitHub-Delivery` id `delivery`.
+    pub async fn hook_as(
+        &self,
+        delivery: &str,
+        event: &str,
+        body: &str,
+        secret: Option<&str>,
+    ) -> (u16, Value) {
         let mut headers = vec![
             ("x-github-event", event.to_string()),
-            ("x-github-delivery", format!("test-{}", body.len())),
+            ("x-github-delivery", delivery.to_string()),
             ("content-type", "application/json".to_string()),
             ("user-agent", "GitHub-Hookshot/test".to_string()),
         ];
@@ -193,6 +211,48 @@ impl Drop for Served {
     }
 }
 
+/// Starts `cutover serve` on the fleet's config (stderr appended to `serve.log`); returns it
+/// and the address it printed.
+async fn spawn_serve(fleet: &Fleet) -> (Child, SocketAddr) {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(fleet.dir.path().join("serve.log"))
+        .unwrap();
+    let mut child = Command::new(exe())
+        .arg("-c")
+        .arg(&fleet.config)
+        .arg("-v")
+        .arg("serve")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("cutover serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("cutover serve prints its address in time")
+        .unwrap()
+        .unwrap_or_else(|| {
+            panic!(
+                "cutover serve exited: {}",
+                std::fs::read_to_string(fleet.dir.path().join("serve.log")).unwrap_or_default()
+            )
+        });
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    // Keep reading stdout so the pipe never fills.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
 /// One HTTP/1.1 request; returns status, headers, body text.
 pub async fn request(
     addr: SocketAddr,
@@ -235,13 +295,23 @@ pub async fn request(
 /// A GitHub push payload of the real shape (trimmed of fields cutover does not read, but with
 /// the ones GitHub always sends).
 pub fn push_payload(git_ref: &str, after: &str) -> String {
+    push_payload_from(
+        git_ref,
+        "1111111111111111111111111111111111111111",
+        after,
+        false,
+    )
+}
+
+/// [`push_payload`] from `before`, `forced` or not.
+pub fn push_payload_from(git_ref: &str, before: &str, after: &str, forced: bool) -> String {
     json!({
         "ref": git_ref,
-        "before": "1111111111111111111111111111111111111111",
+        "before": before,
         "after": after,
         "created": false,
         "deleted": false,
-        "forced": false,
+        "forced": forced,
         "base_ref": null,
         "compare": format!("https://github.com/acme/web/compare/111111111111...{}", &after[..12]),
         "commits": [{
