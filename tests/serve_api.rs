@@ -265,3 +265,31 @@ async fn every_endpoint_answers_with_the_token() {
         .await;
     assert_eq!(status, 404, "{v}");
 }
+
+/// Review finding 2: jobs still queued when `cutover serve` stops are not lost silently: each
+/// is printed with the command that runs it by hand (after the running deployment finished).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_left_at_shutdown_are_printed_with_their_command() {
+    let mut served = Served::start(FleetSpec::new(2, 17)).await;
+    let mut gate = Gate::new(served.fleet.dir.path(), "g2");
+    write_release(&served, "g2", Some(("web2", &gate)));
+    let running = served.queue_deploy("g2").await;
+    gate.wait_reached(Duration::from_secs(60)).await;
+    let waiting = served.queue_deploy("v1").await;
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert_eq!(q["running"]["id"], running, "{q}");
+    assert_eq!(q["queued"][0]["id"], waiting, "{q}");
+
+    assert_eq!(unsafe { libc::kill(served.pid() as i32, libc::SIGTERM) }, 0);
+    // The running deployment is waited for; then serve exits without starting v1.
+    gate.open();
+    let status = served.wait_exit(Duration::from_secs(60)).await;
+    assert!(status.success(), "{status:?}\n{}", served.log());
+    let log = served.log();
+    let expected = format!(
+        "job {waiting} (deploy v1 (api)) was queued and is not run: cutover serve stopped; to run it: cutover -c {} deploy --version v1",
+        served.fleet.config.display()
+    );
+    assert!(log.contains(&expected), "{expected}\nnot in:\n{log}");
+    served.fleet.assert_on("g2").await;
+}

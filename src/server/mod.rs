@@ -206,6 +206,11 @@ impl ServeState {
 
     fn say(&self, line: &str) {
         tracing::info!("{line}");
+        self.log_line(line);
+    }
+
+    /// Adds a line to the log the dashboard shows (`/api/status`), without tracing it.
+    fn log_line(&self, line: &str) {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
         log.push_back(line.to_string());
         while log.len() > LOG_KEPT {
@@ -318,7 +323,40 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = wait_for_signal() => {}
         }
     }
+    // Queued jobs do not survive the process: say what each was and how to run it by hand.
+    for line in dropped_jobs(&handle.state) {
+        eprintln!("cutover serve: {line}");
+        handle.state.log_line(&line);
+    }
     Ok(())
+}
+
+/// Cancels the jobs still queued (the server stops) and says, for each, the command that runs
+/// it from a terminal.
+fn dropped_jobs(state: &ServeState) -> Vec<String> {
+    let config = state.config.file.display().to_string();
+    let config = if config.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
+        format!("'{}'", config.replace('\'', "'\\''"))
+    } else {
+        config
+    };
+    state
+        .queue
+        .cancel_queued("not run: cutover serve stopped")
+        .iter()
+        .map(|job| {
+            let command = match &job.work {
+                Work::Deploy { version } => format!("cutover -c {config} deploy --version {version}"),
+                Work::Rollback { to: Some(v) } => format!("cutover -c {config} rollback --to {v}"),
+                Work::Rollback { to: None } => format!("cutover -c {config} rollback"),
+            };
+            format!(
+                "job {} ({}) was queued and is not run: cutover serve stopped; to run it: {command}",
+                job.id,
+                describe(job)
+            )
+        })
+        .collect()
 }
 
 async fn wait_for_signal() {

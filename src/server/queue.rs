@@ -197,6 +197,22 @@ impl Queue {
         }
     }
 
+    /// Ends every queued job as cancelled with `why` (the server stops); returns them, next
+    /// first.
+    pub fn cancel_queued(&self, why: &str) -> Vec<Job> {
+        let mut q = self.lock();
+        let jobs: Vec<Job> = q.queued.drain(..).collect();
+        let mut out = Vec::with_capacity(jobs.len());
+        for mut job in jobs {
+            job.state = JobState::Cancelled;
+            job.ended_ms = Some(now_ms());
+            job.error = Some(why.to_string());
+            remember(&mut q, job.clone());
+            out.push(job);
+        }
+        out
+    }
+
     /// Records the running job's deployment id once it is known.
     pub fn set_deployment(&self, id: &str) {
         if let Some(j) = self.lock().running.as_mut() {
@@ -290,6 +306,25 @@ mod tests {
         assert_eq!(q.cancel(b.id).unwrap().state, JobState::Cancelled);
         assert_eq!(q.cancel(b.id), Err(CancelError::Ended(b.id)));
         assert_eq!(q.cancel(99), Err(CancelError::NotFound(99)));
+    }
+
+    #[test]
+    fn cancel_queued_ends_every_waiting_job_not_the_running_one() {
+        let q = Queue::new();
+        let (a, _) = q.push(deploy("a"), None, "api".into());
+        let (b, _) = q.push(deploy("b"), None, "api".into());
+        let (c, _) = q.push(Work::Rollback { to: None }, None, "api".into());
+        q.start_next().unwrap();
+        let dropped = q.cancel_queued("serve stopped");
+        assert_eq!(
+            dropped.iter().map(|j| j.id).collect::<Vec<_>>(),
+            vec![b.id, c.id]
+        );
+        assert!(dropped.iter().all(|j| j.state == JobState::Cancelled));
+        let v = q.view();
+        assert_eq!(v.running.unwrap().id, a.id);
+        assert!(v.queued.is_empty());
+        assert_eq!(q.job(b.id).unwrap().error.as_deref(), Some("serve stopped"));
     }
 
     #[tokio::test]
