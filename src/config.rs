@@ -82,6 +82,9 @@ pub struct GithubConfig {
     /// Branch whose pushes deploy (default `main`).
     #[serde(default = "default_github_branch")]
     pub branch: String,
+    /// `owner/name` of the repository whose pushes deploy; pushes from any other are ignored.
+    /// Default: taken from `release.git` when that is a github.com URL.
+    pub repository: Option<String>,
 }
 
 fn default_serve_listen() -> SocketAddr {

@@ -310,3 +310,30 @@ async fn redelivered_pushes_never_deploy_again_even_after_a_restart() {
     );
     served.fleet.assert_on(short(SHA_B)).await;
 }
+
+/// Review finding 3: with `serve.github.repository` set, a signed push from another repository
+/// (one that shares the secret) is acknowledged and ignored; the job key names the repository.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_from_another_repository_do_not_deploy() {
+    let served = Served::start_with(FleetSpec::new(2, 18), "repository = \"Acme/Web\"\n").await;
+    write_release(&served, short(SHA_A), None);
+    let main_ref = format!("refs/heads/{BRANCH}");
+    let evil = push_payload(&main_ref, SHA_A).replace("\"acme/web\"", "\"evil/web\"");
+    assert!(evil.contains("evil/web"));
+    let (status, v) = served.hook("push", &evil, Some(SECRET)).await;
+    assert_eq!((status, v["queued"].as_bool()), (202, Some(false)), "{v}");
+    assert_eq!(v["ignored"], "repository evil/web is not acme/web", "{v}");
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(
+        q["running"].is_null() && q["finished"].as_array().unwrap().is_empty(),
+        "nothing queued: {q}"
+    );
+
+    let (status, v) = served
+        .hook("push", &push_payload(&main_ref, SHA_A), Some(SECRET))
+        .await;
+    assert_eq!((status, v["queued"].as_bool()), (202, Some(true)), "{v}");
+    assert_eq!(v["job"]["key"], "push:acme/web:refs/heads/main", "{v}");
+    let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+}

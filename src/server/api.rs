@@ -229,7 +229,7 @@ async fn status(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
         "deployment": deployment,
         "queue": state.queue.view(),
         "lock": state.journal.lock_holder(state.config.app.name.as_str())?,
-        "github": state.settings.github.as_ref().map(|g| json!({ "branch": g.branch })),
+        "github": state.settings.github.as_ref().map(|g| json!({ "branch": g.branch, "repository": g.repository })),
         "balancer_error": state.live.error(),
         "log": log,
     })))
@@ -605,7 +605,7 @@ pub async fn github_hook(
                         .into_response();
                 }
             };
-            match github::decide(&push, &gh.branch, state.config.release.git.is_some()) {
+            match github::decide(&push, gh, state.config.release.git.is_some()) {
                 PushDecision::Deploy {
                     version,
                     key,

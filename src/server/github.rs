@@ -17,6 +17,8 @@ use hmac::{KeyInit, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
 
+use super::GithubSettings;
+
 /// Hex digits of a short sha (git's default abbreviation).
 pub const SHORT_SHA: usize = 7;
 
@@ -161,8 +163,56 @@ pub enum PushDecision {
     Ignore(String),
 }
 
-/// Decides what a push means for a fleet that deploys `branch`.
-pub fn decide(push: &PushEvent, branch: &str, git_release: bool) -> PushDecision {
+/// `owner/name` in lower case (GitHub's names are case-insensitive), or `None` when `s` is
+/// not of that shape.
+pub fn repository_name(s: &str) -> Option<String> {
+    let s = s.trim();
+    let (owner, name) = s.split_once('/')?;
+    let ok = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    (ok(owner) && ok(name)).then(|| s.to_ascii_lowercase())
+}
+
+/// The `owner/name` of a github.com repository URL (`https://github.com/acme/web.git`,
+/// `git@github.com:acme/web.git`, `ssh://git@github.com/acme/web`, with or without
+/// credentials), `None` for any other host.
+pub fn repository_of_url(url: &str) -> Option<String> {
+    let url = url.trim();
+    let (host, path) = match url.split_once("://") {
+        Some((_, rest)) => rest.split_once('/')?,
+        // scp-like: [user@]host:path
+        None => url.split_once(':')?,
+    };
+    let host = host.rsplit('@').next()?;
+    let host = host.split(':').next()?;
+    if !host.eq_ignore_ascii_case("github.com") && !host.eq_ignore_ascii_case("www.github.com") {
+        return None;
+    }
+    let path = path.trim_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    repository_name(path)
+}
+
+/// Decides what a push means for a fleet that deploys `github.branch` of
+/// `github.repository`.
+pub fn decide(push: &PushEvent, github: &GithubSettings, git_release: bool) -> PushDecision {
+    let from = push
+        .repository
+        .as_ref()
+        .map(|r| r.full_name.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty());
+    if let Some(wanted) = &github.repository {
+        if from.as_ref() != Some(wanted) {
+            return PushDecision::Ignore(format!(
+                "repository {} is not {wanted}",
+                from.as_deref().unwrap_or("(none given)")
+            ));
+        }
+    }
+    let branch = &github.branch;
     let wanted = format!("refs/heads/{branch}");
     if push.git_ref != wanted {
         return PushDecision::Ignore(format!(
@@ -206,7 +256,7 @@ pub fn decide(push: &PushEvent, branch: &str, git_release: bool) -> PushDecision
         .unwrap_or_default();
     PushDecision::Deploy {
         version,
-        key: format!("push:{wanted}"),
+        key: format!("push:{}:{wanted}", from.as_deref().unwrap_or("-")),
         trigger: format!("github push {} by {by}{repo}{subject}", &sha[..SHORT_SHA]),
     }
 }
@@ -245,37 +295,97 @@ mod tests {
         .unwrap()
     }
 
+    fn main_of(repository: Option<&str>) -> GithubSettings {
+        GithubSettings {
+            secret: b"0123456789abcdef".to_vec(),
+            branch: "main".into(),
+            repository: repository.map(str::to_string),
+        }
+    }
+
     #[test]
     fn only_the_branch_deploys() {
         let sha = "abcdef0123456789abcdef0123456789abcdef01";
-        match decide(&push("refs/heads/main", sha), "main", false) {
+        let main = main_of(None);
+        match decide(&push("refs/heads/main", sha), &main, false) {
             PushDecision::Deploy {
                 version,
                 key,
                 trigger,
             } => {
                 assert_eq!(version, "abcdef0");
-                assert_eq!(key, "push:refs/heads/main");
+                assert_eq!(key, "push:acme/web:refs/heads/main");
                 assert!(trigger.contains("alice") && trigger.contains("Fix the thing"));
             }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
-            decide(&push("refs/heads/main", sha), "main", true),
+            decide(&push("refs/heads/main", sha), &main, true),
             PushDecision::Deploy { version, .. } if version == sha
         ));
         assert!(matches!(
-            decide(&push("refs/heads/dev", sha), "main", false),
+            decide(&push("refs/heads/dev", sha), &main, false),
             PushDecision::Ignore(_)
         ));
         assert!(matches!(
-            decide(&push("refs/tags/main", sha), "main", false),
+            decide(&push("refs/tags/main", sha), &main, false),
             PushDecision::Ignore(_)
         ));
         assert!(matches!(
-            decide(&push("refs/heads/main", &"0".repeat(40)), "main", false),
+            decide(&push("refs/heads/main", &"0".repeat(40)), &main, false),
             PushDecision::Ignore(_)
         ));
+    }
+
+    #[test]
+    fn only_the_repository_deploys() {
+        let sha = "abcdef0123456789abcdef0123456789abcdef01";
+        let mut other = push("refs/heads/main", sha);
+        other.repository = Some(Repository {
+            full_name: "evil/web".into(),
+        });
+        let acme = main_of(Some("acme/web"));
+        assert!(matches!(
+            decide(&push("refs/heads/main", sha), &acme, false),
+            PushDecision::Deploy { .. }
+        ));
+        assert_eq!(
+            decide(&other, &acme, false),
+            PushDecision::Ignore("repository evil/web is not acme/web".into())
+        );
+        other.repository = None;
+        assert!(matches!(
+            decide(&other, &acme, false),
+            PushDecision::Ignore(_)
+        ));
+        // Without a repository set, the key still tells repositories apart.
+        match decide(&push("refs/heads/main", sha), &main_of(None), false) {
+            PushDecision::Deploy { key, .. } => assert_eq!(key, "push:acme/web:refs/heads/main"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn repository_from_a_github_url() {
+        for url in [
+            "https://github.com/Acme/web.git",
+            "https://user:token@github.com/acme/web",
+            "git@github.com:acme/web.git",
+            "ssh://git@github.com:22/acme/web.git/",
+        ] {
+            assert_eq!(repository_of_url(url).as_deref(), Some("acme/web"), "{url}");
+        }
+        for url in [
+            "https://gitlab.com/acme/web.git",
+            "/srv/git/web.git",
+            "https://github.com/acme",
+            "file:///tmp/x",
+        ] {
+            assert_eq!(repository_of_url(url), None, "{url}");
+        }
+        assert_eq!(repository_name(" Acme/Web "), Some("acme/web".into()));
+        assert_eq!(repository_name("acme"), None);
+        assert_eq!(repository_name("a/b/c"), None);
     }
 
     #[test]

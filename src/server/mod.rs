@@ -55,13 +55,19 @@ pub struct Settings {
 pub struct GithubSettings {
     pub secret: Vec<u8>,
     pub branch: String,
+    /// `owner/name` (lower case) whose pushes deploy: `serve.github.repository`, or taken from
+    /// a github.com `release.git`. `None`: any repository that has the secret.
+    pub repository: Option<String>,
 }
 
 impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("listen", &self.listen)
-            .field("github", &self.github.as_ref().map(|g| &g.branch))
+            .field(
+                "github",
+                &self.github.as_ref().map(|g| (&g.branch, &g.repository)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -91,9 +97,24 @@ impl Settings {
                     )
                     .into());
                 }
+                let repository = match &g.repository {
+                    Some(r) => Some(github::repository_name(r).ok_or_else(|| {
+                        ConfigError::at_key(
+                            file,
+                            "serve.github.repository",
+                            format!("{r:?}: name the repository as owner/name, e.g. \"acme/web\""),
+                        )
+                    })?),
+                    None => config
+                        .release
+                        .git
+                        .as_deref()
+                        .and_then(github::repository_of_url),
+                };
                 Some(GithubSettings {
                     secret: secret.into_bytes(),
                     branch: g.branch.clone(),
+                    repository,
                 })
             }
         };
@@ -298,7 +319,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = ServeState::new(config)?;
     let handle = start(state).await?;
     let github = match &handle.state.settings.github {
-        Some(g) => format!(", GitHub pushes to {} deploy", g.branch),
+        Some(g) => match &g.repository {
+            Some(r) => format!(", GitHub pushes to {r} {} deploy", g.branch),
+            None => format!(", GitHub pushes to {} deploy", g.branch),
+        },
         None => String::new(),
     };
     {
