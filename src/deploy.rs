@@ -758,13 +758,14 @@ impl Deployer {
         let Some(url) = self.config.release.git.as_deref() else {
             return Ok(None);
         };
+        let shown = crate::source::redact_url(url);
         // A resumed deployment already names its commit; a rollback returns to a release
         // that served before, whatever its name: resolving a branch would ship new code.
         if req.resume.is_some() || req.kind == "rollback" {
             return Ok(None);
         }
         self.progress
-            .say(&format!("asking {url} which commit {} is", req.version));
+            .say(&format!("asking {shown} which commit {} is", req.version));
         match crate::source::branch_commit(url, &req.version, self.config.ssh.command_timeout).await
         {
             Ok(Some(sha)) => {
@@ -783,7 +784,7 @@ impl Deployer {
             // Anything else may be a branch: staged under its moving name, it would never be
             // rebuilt, and a later deploy of the branch would find the old code "already there".
             Err(e) => Err(anyhow::anyhow!(
-                "{e:#}: cutover must know whether {} is a branch (a branch is deployed as its commit) before it builds; retry once {url} answers, or deploy a full 40-character commit id",
+                "{e:#}: cutover must know whether {} is a branch (a branch is deployed as its commit) before it builds; retry once {shown} answers, or deploy a full 40-character commit id",
                 req.version
             )),
         }

@@ -234,6 +234,21 @@ pub fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
     Ok((hex, n))
 }
 
+/// `url` as it may be shown: the credentials of `https://user:token@host/...` (any userinfo
+/// of a `scheme://` URL) become `***`, so they reach no log, error or dashboard. Anything
+/// else (a path, `git@host:path`, which holds no secret) is returned as is.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    match authority.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+        None => url.to_string(),
+    }
+}
+
 /// The commit `version` names in `url` when it is a branch (and no tag of that name): a
 /// branch moves, but a staged release never changes under a running instance, so a deploy of
 /// a branch deploys its commit, named by its full sha as a push webhook names it. `None` for a
@@ -247,7 +262,7 @@ pub async fn branch_commit(
     let tags = format!("refs/tags/{version}");
     let out = git(&["ls-remote", "--", url, &heads, &tags], None, timeout)
         .await
-        .with_context(|| format!("asking {url} what {version} is"))?;
+        .with_context(|| format!("asking {} what {version} is", redact_url(url)))?;
     let mut branch = None;
     for line in out.lines() {
         match line.split_once('\t') {
@@ -282,10 +297,15 @@ async fn git(args: &[&str], cwd: Option<&Path>, timeout: Duration) -> anyhow::Re
         );
     }
     if !out.success() {
-        anyhow::bail!(
-            "git {what} failed: {}",
-            last_lines(String::from_utf8_lossy(&out.stderr).trim(), 5)
-        );
+        // git may echo the URL it was given: never with its credentials.
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        for arg in args {
+            let shown = redact_url(arg);
+            if shown != *arg {
+                stderr = stderr.replace(arg, &shown);
+            }
+        }
+        anyhow::bail!("git {what} failed: {}", last_lines(&stderr, 5));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -325,7 +345,7 @@ async fn checkout(
         timeout,
     )
     .await
-    .with_context(|| format!("fetching {url}"))?;
+    .with_context(|| format!("fetching {}", redact_url(url)))?;
     let spec = format!("{version}^{{commit}}");
     let commit = git(
         &["rev-parse", "--verify", "--quiet", "--end-of-options", &spec],
@@ -335,7 +355,8 @@ async fn checkout(
     .await
     .map_err(|_| {
         anyhow::anyhow!(
-            "release {version}: no branch, tag or commit named {version} in {url} (the version is the git ref to deploy)"
+            "release {version}: no branch, tag or commit named {version} in {} (the version is the git ref to deploy)",
+            redact_url(url)
         )
     })?;
     let tree = state_dir.join("build").join(version.as_str());
@@ -547,6 +568,51 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, ["notes.txt", "v2.tar.gz", "v3.tar.gz", "v4.tar.gz"]);
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("https://deploy:s3cret@example.com/acme/web.git"),
+            "https://***@example.com/acme/web.git"
+        );
+        assert_eq!(
+            redact_url("https://ghp_token@github.com:443/acme/web"),
+            "https://***@github.com:443/acme/web"
+        );
+        assert_eq!(
+            redact_url("ssh://git@example.com/web.git"),
+            "ssh://***@example.com/web.git"
+        );
+        for same in [
+            "https://github.com/acme/web.git",
+            "https://example.com/a@b",
+            "git@github.com:acme/web.git",
+            "/srv/git/web.git",
+        ] {
+            assert_eq!(redact_url(same), same);
+        }
+    }
+
+    /// Review finding 4: a repository that cannot be reached must not put its URL's
+    /// credentials in the error (shown in the dashboard, the job, stderr).
+    #[tokio::test]
+    async fn git_errors_do_not_show_credentials() {
+        let url = "https://deploy:s3cret-token@127.0.0.16:1/acme/web.git";
+        let version = Name::parse("main").unwrap();
+        let e = branch_commit(url, &version, Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("https://***@127.0.0.16:1/acme/web.git"), "{e}");
+        let state = tempfile::tempdir().unwrap();
+        let e = checkout(url, &version, state.path(), Duration::from_secs(20))
+            .await
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(!e.contains("s3cret"), "{e}");
+        assert!(e.contains("fetching https://***@127.0.0.16"), "{e}");
     }
 
     #[test]
