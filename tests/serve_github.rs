@@ -144,6 +144,40 @@ async fn signed_push_to_the_branch_deploys_once_and_nothing_else_does() {
     assert_eq!(deployments[0]["outcome"], "succeeded");
     let (_, q) = served.api("GET", "/api/queue", None).await;
     assert_eq!(q["finished"].as_array().unwrap().len(), 1, "{q}");
+
+    // Review finding 5: clients that send headers and then stall their body hold at most 4
+    // webhook slots; the next delivery is refused at once with 503 rather than piling up.
+    let ping = "{\"zen\":\"Stalled.\",\"hook_id\":1}";
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut c,
+            b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+        stalled.push(c);
+    }
+    let until = |want: u16| {
+        let served = &served;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let (status, v) = served.hook("ping", ping, Some(SECRET)).await;
+                if status == want {
+                    return v;
+                }
+                assert!(std::time::Instant::now() < deadline, "{status} {v}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let v = until(503).await;
+    assert!(v["error"].as_str().unwrap().contains("retry"), "{v}");
+    // Gone clients give their slot back.
+    drop(stalled);
+    until(200).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -40,6 +40,14 @@ pub enum ApiError {
     #[error("{0}")]
     Upstream(String),
     #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The client did not send its request in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Too many requests of this kind at once: retry later.
+    #[error("{0}")]
+    Busy(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -51,6 +59,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -551,17 +562,80 @@ fn admit(
     Ok(None)
 }
 
+/// Largest webhook body read: GitHub caps payloads at 25 MB (a push with a long file list).
+pub const WEBHOOK_BODY_LIMIT: usize = 25 << 20;
+/// Time a client has to send a webhook body once its headers are in.
+pub const WEBHOOK_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Webhook bodies read at once; more are refused with 503 (GitHub retries nothing, but
+/// delivers one push at a time per hook, so a real sender never hits this).
+pub const WEBHOOK_BODIES: usize = 4;
+
+/// Reads a webhook body before anything in it can be authenticated, so within bounds: at
+/// most `limit` bytes (413), within `timeout` (408), and only while one of `slots` is free
+/// (503 at once otherwise). A stalled or slow client holds a slot for `timeout` at most.
+pub async fn read_webhook_body(
+    slots: &tokio::sync::Semaphore,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> ApiResult<Bytes> {
+    use http_body_util::BodyExt;
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "the body is larger than {} MB, more than GitHub sends",
+            limit >> 20
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let Ok(_slot) = slots.try_acquire() else {
+        return Err(ApiError::Busy(
+            "too many webhook bodies are being read at once: retry shortly".into(),
+        ));
+    };
+    match tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::Timeout(format!(
+            "the body did not arrive within {}",
+            humantime::format_duration(timeout)
+        ))),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!("cannot read the body: {e}"))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
 /// `POST /hooks/github`: see [`github`].
 pub async fn github_hook(
     State(state): State<ServeState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Response {
     let Some(gh) = &state.settings.github else {
         return ApiError::NotFound(
             "GitHub webhooks are not configured: add [serve.github] with secret and branch".into(),
         )
         .into_response();
+    };
+    let body = match read_webhook_body(
+        &state.webhook_bodies,
+        &headers,
+        body,
+        WEBHOOK_BODY_LIMIT,
+        WEBHOOK_BODY_TIMEOUT,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!("github webhook: {e}");
+            return e.into_response();
+        }
     };
     let signature = headers
         .get("x-hub-signature-256")
@@ -669,6 +743,68 @@ pub async fn github_hook(
                 Json(json!({ "queued": false, "ignored": why })),
             )
                 .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn stalled() -> axum::body::Body {
+        axum::body::Body::from_stream(
+            futures_util::stream::pending::<Result<Bytes, std::io::Error>>(),
+        )
+    }
+
+    /// Review finding 5: a webhook body is read within a time limit, a size limit, and only
+    /// while a slot is free; stalled clients cannot pin memory and tasks.
+    #[tokio::test]
+    async fn webhook_bodies_are_bounded_in_time_size_and_number() {
+        let slots = tokio::sync::Semaphore::new(2);
+        let none = HeaderMap::new();
+        let t = Duration::from_millis(200);
+        // A body that never comes: 408 once the time is up, not later, and the slot is free again.
+        let started = Instant::now();
+        let e = read_webhook_body(&slots, &none, stalled(), 1 << 20, t)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ApiError::Timeout(_)), "{e:?}");
+        assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT);
+        let waited = started.elapsed();
+        assert!(
+            waited >= t && waited < Duration::from_secs(10),
+            "{waited:?}"
+        );
+        assert_eq!(slots.available_permits(), 2);
+        // Too large: by Content-Length at once, or as it arrives.
+        let mut big = HeaderMap::new();
+        big.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2000"));
+        let e = read_webhook_body(&slots, &big, stalled(), 1000, t)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
+        let e = read_webhook_body(&slots, &none, vec![b'x'; 1001].into(), 1000, t)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
+        let ok = read_webhook_body(&slots, &none, "{}".into(), 1000, t)
+            .await
+            .unwrap();
+        assert_eq!(&ok[..], b"{}");
+        // Every slot taken by a stalled body: the next is refused at once with 503.
+        let long = Duration::from_secs(600);
+        let a = read_webhook_body(&slots, &none, stalled(), 1000, long);
+        let b = read_webhook_body(&slots, &none, stalled(), 1000, long);
+        let third = async {
+            tokio::task::yield_now().await;
+            read_webhook_body(&slots, &none, "{}".into(), 1000, long).await
+        };
+        tokio::select! {
+            _ = a => panic!("a stalled body ended"),
+            _ = b => panic!("a stalled body ended"),
+            r = third => assert_eq!(r.unwrap_err().status(), StatusCode::SERVICE_UNAVAILABLE),
         }
     }
 }

@@ -190,6 +190,8 @@ pub struct Inner {
     /// Held while a push is checked against the ones accepted before (in the journal) and
     /// queued, so two deliveries of one push cannot both pass.
     pub pushes: Mutex<()>,
+    /// Webhook bodies being read right now (see `api::read_webhook_body`).
+    pub webhook_bodies: tokio::sync::Semaphore,
 }
 
 /// The server's shared state (cheap to clone).
@@ -222,6 +224,7 @@ impl ServeState {
             queue: Queue::new(),
             log: Mutex::new(Default::default()),
             pushes: Mutex::new(()),
+            webhook_bodies: tokio::sync::Semaphore::new(api::WEBHOOK_BODIES),
         })))
     }
 
@@ -240,19 +243,78 @@ impl ServeState {
     }
 }
 
+/// Time a client has to send a request's headers; past it the connection is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The whole HTTP surface: dashboard, JSON API, webhook.
 pub fn app(state: ServeState) -> Router {
     Router::new()
         .merge(dashboard::routes())
-        // GitHub sends payloads up to 25 MB (a push with a long file list); axum's default
-        // limit is 2 MB.
+        // The webhook reads its body itself (see `api::read_webhook_body`): bounded in size,
+        // time and in how many are read at once, before anything is authenticated.
         .route(
             "/hooks/github",
-            axum::routing::post(api::github_hook)
-                .layer(axum::extract::DefaultBodyLimit::max(25 << 20)),
+            axum::routing::post(api::github_hook).layer(axum::extract::DefaultBodyLimit::disable()),
         )
         .nest("/api", api::routes(state.clone()))
         .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then lets requests in flight
+/// finish. Unlike `axum::serve`, a client that opens a connection and sends its headers
+/// slowly (or never) is cut off after `header_read`: an unauthenticated client must not hold
+/// a connection, a task and its buffers for as long as it likes.
+pub async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_read: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use tower_service::Service;
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let router = router.clone();
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let mut router = router.clone();
+                        router.call(req.map(axum::body::Body::new))
+                    });
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                        .into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!("serve: connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors, usually: pause so it does not spin.
+                    tracing::warn!("serve: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// A running `cutover serve`.
@@ -296,12 +358,7 @@ pub async fn start(state: ServeState) -> anyhow::Result<Handle> {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            if let Err(e) = axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-            {
-                tracing::error!("serve: {e}");
-            }
+            serve_http(listener, router, HEADER_READ_TIMEOUT, shutdown).await;
         })
     };
     Ok(Handle {
@@ -548,6 +605,50 @@ mod tests {
         let line = text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
         let e = Settings::from_config(&config).unwrap_err().to_string();
         (e.replace(&path.display().to_string(), "FILE"), line)
+    }
+
+    /// Review finding 5: a client that never finishes its request headers is cut off after
+    /// the header read timeout (axum::serve waits forever).
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.16:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_http(
+            listener,
+            router,
+            Duration::from_millis(300),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        // A complete request is served.
+        let mut ok = tokio::net::TcpStream::connect(addr).await.unwrap();
+        ok.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        ok.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+        // Half a request line, then nothing: the server closes the connection.
+        let started = std::time::Instant::now();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"POST /hooks/github HTTP/1.1\r\nx-github-event: pu")
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        // Closed (cleanly or by a reset) rather than held open: `read_to_end` returns.
+        let _ = tokio::time::timeout(Duration::from_secs(20), slow.read_to_end(&mut rest))
+            .await
+            .expect("the server closes a connection whose headers do not come");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let _ = stop.send(());
+        server.await.unwrap();
     }
 
     #[test]
