@@ -137,8 +137,22 @@ impl Queue {
             .and_then(|k| q.queued.iter().position(|j| j.key.as_ref() == Some(k)));
         match same {
             Some(i) => {
-                // Take the older one's place in line: it was waiting longer.
-                let mut old = std::mem::replace(&mut q.queued[i], job.clone());
+                // Take the older one's place in line (it was waiting longer), unless a job that
+                // is not a push waits behind it: a rollback or a deploy asked for after the old
+                // push was meant to act on top of it, and must not be undone by the new push
+                // overtaking it. Then the new push goes to the end.
+                let overtakes = q
+                    .queued
+                    .iter()
+                    .skip(i + 1)
+                    .any(|j| !j.key.as_deref().is_some_and(|k| k.starts_with("push:")));
+                let mut old = if overtakes {
+                    let old = q.queued.remove(i).expect("position is in range");
+                    q.queued.push_back(job.clone());
+                    old
+                } else {
+                    std::mem::replace(&mut q.queued[i], job.clone())
+                };
                 old.state = JobState::Replaced;
                 old.ended_ms = Some(now_ms());
                 old.replaced_by = Some(job.id);
@@ -282,18 +296,43 @@ mod tests {
         assert_eq!(replaced.id, b.id);
         assert_eq!(replaced.state, JobState::Replaced);
         assert_eq!(replaced.replaced_by, Some(c.id));
-        // c took b's place, before the API job that came after b.
+        // c does not overtake the API job that was queued after b: it goes to the end.
         let v = q.view();
         assert_eq!(v.running.unwrap().id, a.id);
         assert_eq!(
             v.queued.iter().map(|j| j.id).collect::<Vec<_>>(),
-            vec![c.id, other.id]
+            vec![other.id, c.id]
         );
         assert!(q.start_next().is_none(), "one at a time");
         let mut done = running;
         done.state = JobState::Done;
         q.finish(done);
-        assert_eq!(q.start_next().unwrap().id, c.id);
+        assert_eq!(q.start_next().unwrap().id, other.id);
+    }
+
+    /// Review finding 6: a newer push never jumps ahead of a rollback queued after the push
+    /// it replaces (the rollback would then undo it); with only pushes behind, it keeps the
+    /// old push's place.
+    #[test]
+    fn a_newer_push_does_not_overtake_a_queued_rollback() {
+        let q = Queue::new();
+        let key = || Some("push:acme/web:refs/heads/main".to_string());
+        q.push(deploy("running"), None, "api".into());
+        q.start_next().unwrap();
+        let (b, _) = q.push(deploy("b"), key(), "push b".into());
+        let (back, _) = q.push(Work::Rollback { to: None }, None, "api".into());
+        let (c, replaced) = q.push(deploy("c"), key(), "push c".into());
+        assert_eq!(replaced.unwrap().id, b.id);
+        let order = |q: &Queue| q.view().queued.iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(order(&q), vec![back.id, c.id]);
+        // Only pushes (another branch's) behind it: the place in line is kept.
+        let other = Some("push:acme/web:refs/heads/other".to_string());
+        let q = Queue::new();
+        let (b, _) = q.push(deploy("b"), key(), "push b".into());
+        let (o, _) = q.push(deploy("o"), other, "push o".into());
+        let (c, _) = q.push(deploy("c"), key(), "push c".into());
+        assert_eq!(q.job(b.id).unwrap().state, JobState::Replaced);
+        assert_eq!(order(&q), vec![c.id, o.id]);
     }
 
     #[test]
