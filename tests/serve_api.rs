@@ -73,6 +73,19 @@ async fn api_without_the_token_is_401_and_does_nothing() {
         let (status, _, text) = request(served.addr, "GET", path, &[], String::new()).await;
         assert_eq!(status, 200, "{path}: {text}");
     }
+    // Review finding 7: the scheme is case-insensitive; a bad query string is a JSON 400.
+    let lower = [("authorization", format!("bearer {SERVE_TOKEN}"))];
+    let (status, _, text) = request(served.addr, "GET", "/api/queue", &lower, String::new()).await;
+    assert_eq!(status, 200, "{text}");
+    for path in [
+        "/api/deployments?limit=many",
+        "/api/metrics?since=yesterday",
+    ] {
+        let (status, _, text) = request(served.addr, "GET", path, &lower, String::new()).await;
+        assert_eq!(status, 400, "{path}: {text}");
+        let v: Value = serde_json::from_str(&text).expect("a JSON error");
+        assert!(v["error"].as_str().unwrap().contains("query"), "{text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

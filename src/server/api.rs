@@ -123,12 +123,25 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
         == 0
 }
 
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110), so `bearer` and `BEARER` work too.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
+/// A query string that does not parse is a 400 with the JSON error body, like every error.
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())))
+}
+
 async fn auth(State(state): State<ServeState>, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer);
     match given {
         Some(t) if same_secret(t.trim().as_bytes(), state.settings.token.as_bytes()) => {
             next.run(req).await
@@ -254,8 +267,9 @@ struct ListQuery {
 /// `GET /api/deployments?limit=N`: newest first.
 async fn deployments(
     State(state): State<ServeState>,
-    Query(q): Query<ListQuery>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
+    let q = query(q)?;
     let rows = state.journal.deployments(q.limit.unwrap_or(50).min(1000))?;
     Ok(Json(json!({ "deployments": rows })))
 }
@@ -496,16 +510,20 @@ struct MetricsQuery {
 }
 
 /// `GET /api/metrics?since=MS`: requests/s per release and failed share over time.
-async fn metrics(State(state): State<ServeState>, Query(q): Query<MetricsQuery>) -> Json<Value> {
+async fn metrics(
+    State(state): State<ServeState>,
+    q: Result<Query<MetricsQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let q = query(q)?;
     let now = crate::journal::now_ms();
     let since = q.since.unwrap_or(now.saturating_sub(120_000));
     let rates = report::rates(&state.live.window(since));
     let rates: Vec<_> = rates.into_iter().filter(|r| r.at_ms > since).collect();
-    Json(json!({
+    Ok(Json(json!({
         "now_ms": now,
         "rates": rates,
         "balancer_error": state.live.error(),
-    }))
+    })))
 }
 
 /// Whether a verified push for `version` is queued: `Some(why not)` for a delivery accepted
@@ -751,6 +769,15 @@ pub async fn github_hook(
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("abc"), None);
+    }
 
     fn stalled() -> axum::body::Body {
         axum::body::Body::from_stream(
