@@ -517,28 +517,43 @@ pub enum Stopped {
 /// `rm` for all). `stop_all` is both.
 pub(crate) fn stop_all_fn(signal: StopSignal, timeout: Duration) -> String {
     let limit_ms = timeout.as_millis().max(1);
+    // `kill -s SIG -- -PGID`: dash (Debian's and Ubuntu's /bin/sh) refuses `kill -SIG -- -PGID`
+    // ("Illegal number: -"), which used to leave only the group's leader signalled.
     format!(
-        r#"{ALIVE_FN}signal_all() {{
+        r#"{ALIVE_FN}{GROUP_LIVE_FN}signal_all() {{
   for _pf in "$@"; do
     if alive "$_pf"; then
-      kill -{sig} -- -$_pid 2>/dev/null || kill -{sig} $_pid 2>/dev/null || true
+      kill -s {sig} -- "-$_pid" 2>/dev/null || kill -s {sig} "$_pid" 2>/dev/null || true
       echo "signalled $_pf"
     fi
   done
 }}
+groups_of() {{
+  for _pf in "$@"; do _pid=; read -r _pid _rest < "$_pf" 2>/dev/null; [ -z "$_pid" ] || echo "$_pid"; done
+}}
 await_all() {{
   _t=0
+  _groups=$(groups_of "$@")
   while :; do
     _up=
+    _left=
     for _pf in "$@"; do if alive "$_pf"; then _up=1; break; fi; done
+    if [ -z "$_up" ]; then
+      _left=$(group_live $_groups)
+      [ -z "$_left" ] || _up=1
+    fi
     [ -n "$_up" ] && [ $_t -lt {limit_ms} ] || break
     if [ $_t -lt 10 ]; then sleep 0.001; _t=$((_t+1))
     elif [ $_t -lt 100 ]; then sleep 0.01; _t=$((_t+10))
     else sleep 0.1; _t=$((_t+100)); fi
   done
+  [ -z "$_up" ] || _left=$(group_live $_groups)
   for _pf in "$@"; do
-    if alive "$_pf"; then
-      kill -KILL -- -$_pid 2>/dev/null || kill -KILL $_pid 2>/dev/null || true
+    _pid=; read -r _pid _rest < "$_pf" 2>/dev/null
+    _held=
+    case " $_left " in *" $_pid "*) _held=1 ;; esac
+    if alive "$_pf" || [ -n "$_held" ]; then
+      kill -s KILL -- "-$_pid" 2>/dev/null || kill -s KILL "$_pid" 2>/dev/null || true
       echo "killed $_pf"
     else
       echo "down $_pf"
@@ -548,6 +563,7 @@ await_all() {{
   while [ $_j -lt 50 ]; do
     _up=
     for _pf in "$@"; do if alive "$_pf"; then _up=1; break; fi; done
+    [ -n "$_up" ] || [ -z "$(group_live $_groups)" ] || _up=1
     [ -n "$_up" ] || break
     sleep 0.1; _j=$((_j+1))
   done
@@ -558,6 +574,17 @@ stop_all() {{ signal_all "$@"; await_all "$@"; }}
         sig = signal.name(),
     )
 }
+
+/// `group_live PGID...` prints each process group among its arguments that still has a live
+/// (not zombie) member: an instance's children outlive its leader when the start command forks
+/// (`sh -c`, a `run.sh` without `exec`, a master with workers). One `/proc` read for all groups,
+/// and only once the leaders are gone. (`kill -0 -PGID` cannot tell: zombies count, and on hosts
+/// whose init does not reap, the leader stays one.)
+const GROUP_LIVE_FN: &str = r#"group_live() {
+  [ $# -gt 0 ] || return 0
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v want=" $* " '{ sub(/^.*\) /, ""); if ($1 != "Z" && $1 != "X" && index(want, " " $3 " ") && !seen[$3]++) print $3 }'
+}
+"#;
 
 /// How one pid file fared in `stop_all` (see [`stop_all_fn`]).
 pub(crate) fn stop_outcome(output: &str, pid_file: &str) -> Option<Stopped> {
@@ -680,6 +707,66 @@ mod tests {
         );
         let left = list(&t.0, &host).await.unwrap();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    /// Live (not zombie) processes of process group `pgid`.
+    fn group_members(pgid: u32) -> Vec<u32> {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let f: Vec<&str> = rest.split(' ').collect();
+            if f.len() > 2 && !matches!(f[0], "Z" | "X") && f[2] == pgid.to_string() {
+                found.push(pid);
+            }
+        }
+        found
+    }
+
+    /// A start command that forks (here a child that ignores SIGTERM) leaves children in the
+    /// instance's process group: the stop signals the whole group, and what is left at the
+    /// timeout is killed, though the leader itself went at the first signal.
+    #[tokio::test]
+    async fn a_stop_reaches_every_process_of_the_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::for_test(dir.path());
+        std::fs::create_dir_all(dir.path().join("releases/v1")).unwrap();
+        let app: App = toml::from_str(
+            "name = \"a\"\nstart = \"(trap '' TERM; exec sleep 300) & exec sleep 301\"\n",
+        )
+        .unwrap();
+        let t = crate::transport::local::LocalTransport::new();
+        let v = Name::parse("v1").unwrap();
+        let inst = start(&t, &app, &host, &v, 45_679).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while group_members(inst.pid).len() < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let before = group_members(inst.pid);
+        assert_eq!(before.len(), 2, "{before:?}");
+        let stopped = stop(
+            &t,
+            &host,
+            &inst,
+            StopSignal::Term,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+        let after = group_members(inst.pid);
+        for pid in &after {
+            // SAFETY: kill(2) on a process this test started; cleanup after a failure.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        assert!(after.is_empty(), "left running: {after:?}");
+        assert_eq!(stopped, Stopped::Killed);
     }
 
     #[tokio::test]
