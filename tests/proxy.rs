@@ -377,6 +377,19 @@ impl Harness {
             .expect("proxy answers")
     }
 
+    /// GET with the sticky cookie of `release` (the proxy needs `sticky: Cookie`): a test
+    /// can aim at one backend while another stands by in the same pool.
+    async fn get_pinned(&self, path: &str, release: &str) -> Response<Incoming> {
+        let req = Request::get(self.url(path))
+            .header("cookie", format!("cutover_release={release}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        tokio::time::timeout(DEADLINE, self.client.request(req))
+            .await
+            .expect("proxy answers in time")
+            .expect("proxy answers")
+    }
+
     /// GET and read the whole body.
     async fn get(&self, path: &str) -> (StatusCode, String) {
         let resp = self.send(Method::GET, path, "").await;
@@ -1334,24 +1347,35 @@ async fn shutdown_lets_long_lived_streams_run_until_drain_timeout_then_counts_th
 /// A backend whose responses keep breaking off mid-body fails its clients as surely as one
 /// that refuses them: `eject_after` broken bodies in a row take it out, and a whole response
 /// in between ends the run.
+/// Options that let a test pin requests to one release (see [`Harness::get_pinned`]).
+fn pinned() -> ProxyOptions {
+    ProxyOptions {
+        sticky: Some(cutover::proxy::Sticky::Cookie),
+        ..ProxyOptions::default()
+    }
+}
+
 #[tokio::test]
 async fn bodies_that_keep_breaking_off_eject_a_backend() {
-    // Checks every 300 ms (they pass: the health path is fine); eject after 3 in a row.
-    let h = Harness::start(settings(health(Duration::from_millis(300), 2, 3))).await;
+    // Checks every 300 ms (they pass: the health path is fine); eject after 3 in a row. "b"
+    // stands by so that "a" may be ejected; requests are pinned to "a"'s release.
+    let h = Harness::start_with(settings(health(Duration::from_millis(300), 2, 3)), pinned()).await;
     let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
     h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
     let broken = || async {
-        let resp = h.send(Method::GET, "/truncated", "").await;
+        let resp = h.get_pinned("/truncated", "v1").await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert!(resp.into_body().collect().await.is_err(), "a cut body");
     };
     broken().await;
     broken().await;
-    assert_eq!(h.get("/").await.0, StatusCode::OK);
+    assert_eq!(h.get_pinned("/", "v1").await.status(), StatusCode::OK);
     broken().await;
     broken().await;
     // A client that leaves mid-stream is no failure of the backend's: it ends the run too.
-    let stream = h.send(Method::GET, "/stream", "").await;
+    let stream = h.get_pinned("/stream", "v1").await;
     assert_eq!(stream.status(), StatusCode::OK);
     let mut body = stream.into_body();
     assert!(body.frame().await.is_some(), "the stream began");
@@ -1373,20 +1397,23 @@ async fn bodies_that_keep_breaking_off_eject_a_backend() {
     .await;
     h.proxy.shutdown().await;
     a.stop().await;
+    b.stop().await;
 }
 
 /// Streams that break after their backend was ejected (it crashed with them in flight) are
 /// history once the active check readmits it: one more break must not eject it again.
 #[tokio::test]
 async fn a_readmitted_backend_starts_a_new_run_of_failures() {
-    let h = Harness::start(settings(health(Duration::from_millis(300), 2, 3))).await;
+    let h = Harness::start_with(settings(health(Duration::from_millis(300), 2, 3)), pinned()).await;
     let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
     h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
     let broken = |delay: u64| {
         let h = &h;
         async move {
             tokio::time::sleep(Duration::from_millis(delay)).await;
-            let resp = h.send(Method::GET, "/truncated", "").await;
+            let resp = h.get_pinned("/truncated", "v1").await;
             let _ = resp.into_body().collect().await;
         }
     };
@@ -1395,7 +1422,7 @@ async fn a_readmitted_backend_starts_a_new_run_of_failures() {
     assert_eq!(h.view("a").await.health, Health::Unhealthy, "ejected");
     h.admin.wait_healthy("a", DEADLINE).await.unwrap();
     broken(0).await;
-    // Longer than the checker takes to judge a break; shorter than a readmission (2 checks).
+    // Longer than the checker takes to judge a break; shorter than a readmission.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let metrics = h.admin.metrics_text().await.unwrap();
     assert!(
@@ -1404,53 +1431,85 @@ async fn a_readmitted_backend_starts_a_new_run_of_failures() {
     );
     h.proxy.shutdown().await;
     a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]
-async fn consecutive_5xx_eject_a_backend_until_the_active_check_readmits_it() {
-    // Checks every 300 ms, 2 passes to admit: after the ejection there is a window in which
-    // the backend is out; eject after 3 failures in a row.
-    let h = Harness::start(settings(health(Duration::from_millis(300), 2, 3))).await;
+async fn consecutive_5xx_eject_a_backend_until_one_passing_check_readmits_it() {
+    // Checks every 300 ms, 3 passes to admit a new backend; eject after 3 failures in a row.
+    let h = Harness::start_with(settings(health(Duration::from_millis(300), 3, 3)), pinned()).await;
     let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
     h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
     a.hits.fail.store(true, Ordering::SeqCst);
     for _ in 0..3 {
-        assert_eq!(h.get("/").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        let r = h.get_pinned("/", "v1").await;
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
     assert_eq!(h.view("a").await.health, Health::Unhealthy, "ejected");
-    let (status, body) = h.get("/").await;
-    assert_eq!(
-        (status, body.as_str()),
-        (StatusCode::SERVICE_UNAVAILABLE, "no backend available\n")
-    );
+    assert_eq!(backend_of(h.get_pinned("/", "v1").await).await, "b");
     let metrics = h.admin.metrics_text().await.unwrap();
     assert!(
         metrics.contains("cutover_ejections_total{backend=\"a\",release=\"v1\"} 1"),
         "{metrics}"
     );
     a.hits.fail.store(false, Ordering::SeqCst);
+    // Readmitted by its next passing check, not after healthy_threshold (3) of them.
+    let ejected_at = tokio::time::Instant::now();
     h.admin.wait_healthy("a", DEADLINE).await.unwrap();
-    assert_eq!(
-        h.get("/").await.0,
-        StatusCode::OK,
-        "re-admitted by the active check"
+    assert!(
+        ejected_at.elapsed() < Duration::from_millis(750),
+        "readmission took {:?}",
+        ejected_at.elapsed()
     );
+    assert_eq!(backend_of(h.get_pinned("/", "v1").await).await, "a");
 
     // With eject_on_5xx off, 5xx answers never eject.
     h.proxy.shutdown().await;
     let options = ProxyOptions {
         eject_on_5xx: false,
-        ..ProxyOptions::default()
+        ..pinned()
     };
     let h = Harness::start_with(settings(health(Duration::from_millis(300), 2, 3)), options).await;
     h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
     a.hits.fail.store(true, Ordering::SeqCst);
     for _ in 0..6 {
-        assert_eq!(h.get("/").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+        let r = h.get_pinned("/", "v1").await;
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
     assert_eq!(h.view("a").await.health, Health::Healthy);
     h.proxy.shutdown().await;
     a.stop().await;
+    b.stop().await;
+}
+
+/// Any client can make a backend answer 5xx (a bad request to a buggy endpoint): that must
+/// never empty the pool. With every backend failing, half of them stay in, and the last one
+/// always does: its clients get its 500s, not the proxy's 503.
+#[tokio::test]
+async fn failing_requests_never_eject_the_last_backends_of_a_pool() {
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 3))).await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v1")).await;
+    a.hits.fail.store(true, Ordering::SeqCst);
+    b.hits.fail.store(true, Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(h.get("/").await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let healthy = [h.view("a").await.health, h.view("b").await.health]
+        .iter()
+        .filter(|&&x| x == Health::Healthy)
+        .count();
+    assert_eq!(healthy, 1, "one of two was ejected, not both");
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.unrouted, 0, "{stats:?}");
+    h.proxy.shutdown().await;
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test]

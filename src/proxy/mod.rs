@@ -49,7 +49,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use admin::admin_router;
 pub(crate) use health::describe as error_reason;
@@ -363,8 +363,9 @@ impl Proxy {
     }
 
     /// Passive health: after `eject_after` failed requests in a row (connection errors, and
-    /// 5xx with `eject_on_5xx`) a healthy backend is taken out until the active check admits
-    /// it again.
+    /// 5xx with `eject_on_5xx`) a healthy backend is taken out until its next passing active
+    /// check, unless that would leave its pool without an eligible backend or with more than
+    /// half of it ejected (see [`Table::may_eject`]).
     fn passive_failure(&self, backend: &BackendShared, failures: u64, reason: &str) {
         let threshold = self
             .options
@@ -375,11 +376,15 @@ impl Proxy {
         }
         let ejected = {
             let mut table = self.table();
+            if !table.may_eject(backend.uid) {
+                debug!(backend = %backend.id, "{failures} requests failed in a row ({reason}), not ejected: too few backends would be left");
+                return;
+            }
             match table.by_uid_mut(backend.uid) {
-                Some(e) if e.health.health == Health::Healthy => e
+                Some(e) => e
                     .health
                     .eject(format!("{failures} requests failed in a row: {reason}")),
-                _ => false,
+                None => false,
             }
         };
         if ejected {

@@ -309,6 +309,10 @@ pub(crate) struct HealthTrack {
     pub(crate) last_error: Option<String>,
     /// Admitted on the first passing check (a restored backend that served before).
     fast: bool,
+    /// Taken out by passive health and not yet judged by an active check since: such a
+    /// backend is readmitted on its first passing check, and counts against
+    /// [`Table::may_eject`]'s limit.
+    pub(crate) ejected: bool,
 }
 
 impl HealthTrack {
@@ -319,6 +323,7 @@ impl HealthTrack {
             fails: 0,
             last_error: None,
             fast: false,
+            ejected: false,
         }
     }
 
@@ -343,15 +348,24 @@ impl HealthTrack {
             Ok(()) => {
                 self.fails = 0;
                 self.passes = self.passes.saturating_add(1);
-                let need = if self.fast { 1 } else { healthy_threshold };
+                // A passive ejection is a guess from requests (a client can provoke 5xx): the
+                // first passing check overrules it.
+                let need = if self.fast || self.ejected {
+                    1
+                } else {
+                    healthy_threshold
+                };
                 if self.health != Health::Healthy && self.passes >= need {
                     self.health = Health::Healthy;
                     self.fast = false;
+                    self.ejected = false;
                 }
             }
             Err(e) => {
                 self.passes = 0;
                 self.fast = false;
+                // The active check confirms it: unhealthy now, readmitted by the threshold.
+                self.ejected = false;
                 self.fails = self.fails.saturating_add(1);
                 self.last_error = Some(e);
                 // An unchecked backend fails at once; a healthy one after the threshold.
@@ -365,11 +379,15 @@ impl HealthTrack {
         before != self.health
     }
 
-    /// Passive ejection: connection failures in a row seen by requests.
+    /// Passive ejection: failures in a row seen by requests. The backend returns on its next
+    /// passing active check.
     pub(crate) fn eject(&mut self, reason: String) -> bool {
         self.passes = 0;
         self.last_error = Some(reason);
         let changed = self.health == Health::Healthy;
+        if changed {
+            self.ejected = true;
+        }
         self.health = Health::Unhealthy;
         changed
     }
@@ -538,6 +556,29 @@ impl Table {
 
     pub(crate) fn get_mut(&mut self, id: &str) -> Option<&mut Entry> {
         self.entries.iter_mut().find(|e| e.spec.id == id)
+    }
+
+    /// Whether passive health may take backend `uid` out: it is healthy, its pool (the
+    /// backends in the same routing state: active, preview, ...) keeps another eligible
+    /// backend, and at most half the pool would be passively ejected at once (nginx/Envoy's
+    /// `max_ejection_percent` at 50 %). Requests can make a backend look failed (a client
+    /// can provoke 5xx on purpose), so they must never be able to empty a pool: the active
+    /// check is the only judge that can take the last backend out.
+    pub(crate) fn may_eject(&self, uid: u64) -> bool {
+        let Some(e) = self.entries.iter().find(|e| e.shared.uid == uid) else {
+            return false;
+        };
+        if e.health.health != Health::Healthy {
+            return false;
+        }
+        let pool = || self.entries.iter().filter(|o| o.state == e.state);
+        let others_eligible = pool()
+            .filter(|o| {
+                o.shared.uid != uid && o.health.health == Health::Healthy && o.spec.weight > 0
+            })
+            .count();
+        let ejected = pool().filter(|o| o.health.ejected).count();
+        others_eligible >= 1 && (ejected + 1) * 2 <= pool().count()
     }
 
     pub(crate) fn by_uid_mut(&mut self, uid: u64) -> Option<&mut Entry> {
@@ -913,6 +954,57 @@ mod tests {
         assert_eq!(h.health, Health::Unhealthy);
         h.record(Ok(()), 2, 3);
         assert_eq!(h.health, Health::Healthy);
+    }
+
+    fn eject(t: &mut Table, id: &str) -> bool {
+        let uid = t.get(id).unwrap().shared.uid;
+        t.may_eject(uid) && t.get_mut(id).unwrap().health.eject("5xx".into())
+    }
+
+    #[test]
+    fn passive_ejection_leaves_half_the_pool_and_never_the_last_backend() {
+        // One backend: never ejected by requests, whatever they see.
+        let mut t = table(&[("a", 1)]);
+        assert!(!eject(&mut t, "a"));
+        assert!(t.pick(&[], Route::default()).is_some());
+        // Two: one may go, the other stays.
+        let mut t = table(&[("a", 1), ("b", 1)]);
+        assert!(eject(&mut t, "a"));
+        assert!(!eject(&mut t, "b"));
+        assert_eq!(pick_id(&mut t), "b");
+        // Four: two at most; a pool is its routing state (a preview backend is not a spare).
+        let mut t = table(&[("a", 1), ("b", 1), ("c", 1), ("d", 1), ("p", 1)]);
+        t.set_state("p", BackendState::Preview);
+        assert!(eject(&mut t, "a"));
+        assert!(eject(&mut t, "b"));
+        assert!(!eject(&mut t, "c"));
+        // A backend the active check took out is no spare either.
+        let mut t = table(&[("a", 1), ("b", 1), ("c", 1)]);
+        t.get_mut("b")
+            .unwrap()
+            .health
+            .record(Err("down".into()), 1, 1);
+        assert!(eject(&mut t, "a"), "c is still eligible");
+        assert!(!eject(&mut t, "c"), "c is the last eligible one");
+        t.get_mut("a").unwrap().health.record(Ok(()), 1, 1);
+        t.set_weight("a", 0);
+        assert!(!eject(&mut t, "c"), "a weight-0 backend takes no request");
+    }
+
+    #[test]
+    fn a_passively_ejected_backend_returns_on_one_passing_check() {
+        let mut t = table(&[("a", 1), ("b", 1)]);
+        assert!(eject(&mut t, "a"));
+        let h = &mut t.get_mut("a").unwrap().health;
+        assert!(h.record(Ok(()), 3, 3), "one pass readmits it");
+        assert_eq!(h.health, Health::Healthy);
+        // Once the active check confirms the failure, the threshold applies again.
+        assert!(eject(&mut t, "a"));
+        let h = &mut t.get_mut("a").unwrap().health;
+        h.record(Err("down".into()), 3, 3);
+        assert!(!h.record(Ok(()), 3, 3));
+        assert!(!h.record(Ok(()), 3, 3));
+        assert!(h.record(Ok(()), 3, 3));
     }
 
     #[test]
