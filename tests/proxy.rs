@@ -1512,8 +1512,10 @@ async fn failing_requests_never_eject_the_last_backends_of_a_pool() {
     b.stop().await;
 }
 
+/// A backend that went quiet may still be working on the request, and trying each backend in
+/// turn would make the client wait N times the timeout: a timeout is not retried.
 #[tokio::test]
-async fn a_backend_that_sends_no_head_in_time_gets_504_after_one_try_each() {
+async fn a_backend_that_sends_no_head_in_time_gets_504_after_one_try() {
     let options = ProxyOptions {
         timeouts: cutover::proxy::Timeouts {
             backend_header: Duration::from_millis(300),
@@ -1532,12 +1534,12 @@ async fn a_backend_that_sends_no_head_in_time_gets_504_after_one_try_each() {
         (status, body.as_str()),
         (StatusCode::GATEWAY_TIMEOUT, "no backend answered in time\n")
     );
-    assert!(
-        started.elapsed() >= Duration::from_millis(600),
-        "each backend had its 300 ms"
-    );
-    assert_eq!(a.hits.slow_started.load(Ordering::SeqCst), 1);
-    assert_eq!(b.hits.slow_started.load(Ordering::SeqCst), 1);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let tried =
+        a.hits.slow_started.load(Ordering::SeqCst) + b.hits.slow_started.load(Ordering::SeqCst);
+    assert_eq!(tried, 1, "a GET that timed out was sent again");
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.total.retries, 0, "{stats:?}");
     // A POST is tried once.
     let resp = h.send(Method::POST, "/slow", "x").await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);

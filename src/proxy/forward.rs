@@ -4,7 +4,8 @@
 //!
 //! Design choices:
 //! - A retry is only safe when the request cannot have had an effect twice: an idempotent
-//!   method, no body, and a failure before any response head arrived. Such requests are sent
+//!   method, no body, and a failure before any response head arrived that is not a timeout
+//!   (a backend that went quiet may still be working on the request). Such requests are sent
 //!   with an empty body from the start, so a second attempt is identical to the first. Each
 //!   other eligible backend gets at most one attempt. POST, PATCH and any request with a body
 //!   are sent exactly once.
@@ -176,13 +177,19 @@ pub(crate) async fn handle(
                 let timed_out = matches!(e, SendError::Timeout(_));
                 debug!(backend = %backend.id, %method, path = %pq, "backend failed: {reason}");
                 proxy.passive_failure(&backend, failures, &reason);
+                // A backend that took the request and went quiet may still be working on it:
+                // only a refusal or a reset before any answer is retried (a timeout retried on
+                // every backend would also make the client wait N times the timeout).
+                if timed_out {
+                    return bad_gateway(proxy, true);
+                }
                 let Some((method, headers)) = &template else {
-                    return bad_gateway(proxy, timed_out);
+                    return bad_gateway(proxy, false);
                 };
                 tried.push(backend.uid);
                 drop(guard);
                 let Some((next, _)) = proxy.table().pick(&tried, route) else {
-                    return bad_gateway(proxy, timed_out);
+                    return bad_gateway(proxy, false);
                 };
                 backend.retried();
                 guard = next;

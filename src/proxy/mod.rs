@@ -159,7 +159,8 @@ pub struct Timeouts {
     pub client_idle: Duration,
     /// Connecting to a backend; a backend that does not accept within this is failed over.
     pub backend_connect: Duration,
-    /// A backend's response head; after it the request is retried when safe, else 504.
+    /// A backend's response head, counted from when the request body was sent; after it the
+    /// client gets 504 (never retried: the backend may still be working on the request).
     pub backend_header: Duration,
     /// Idle pooled backend connections are closed after this; kept below the 5 s keep-alive
     /// timeout common in app servers, so the proxy rarely reuses a connection being closed.
