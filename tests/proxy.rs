@@ -1858,6 +1858,80 @@ async fn request_bodies_stream_through_without_buffering() {
     b.stop().await;
 }
 
+/// A client that closes in the middle of its upload is not the backend's failure: it must not
+/// count as a proxy error (analysis fails a canary on those) nor towards passive ejection.
+#[tokio::test]
+async fn a_client_that_breaks_its_upload_off_is_no_backend_failure() {
+    use tokio::io::AsyncWriteExt;
+    let options = ProxyOptions {
+        eject_after: Some(1),
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 3)), options).await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v1")).await;
+    let mut conn = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\nfirst part")
+        .await
+        .unwrap();
+    eventually("the upload reached a backend", || async {
+        a.requests() + b.requests() == 1
+    })
+    .await;
+    // The client gives up: the proxy reads the end of its stream 990 bytes early.
+    conn.shutdown().await.unwrap();
+    eventually("the proxy saw the upload end", || async {
+        let m = h.admin.metrics_text().await.unwrap();
+        let errors = h.admin.stats().await.unwrap().total.proxy_errors;
+        m.contains("cutover_client_aborted_total 1") || errors > 0
+    })
+    .await;
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.total.proxy_errors, 0, "{stats:?}");
+    let m = h.admin.metrics_text().await.unwrap();
+    assert!(m.contains("cutover_client_aborted_total 1"), "{m}");
+    assert_eq!(h.view("a").await.health, Health::Healthy);
+    assert_eq!(h.view("b").await.health, Health::Healthy);
+    h.proxy.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The backend's head timeout is the backend's time: an upload slower than it is answered.
+#[tokio::test]
+async fn a_slow_upload_does_not_count_against_the_backend_head_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let options = ProxyOptions {
+        timeouts: cutover::proxy::Timeouts {
+            backend_header: Duration::from_millis(300),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 3)), options).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let mut conn = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    conn.write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nfirst")
+        .await
+        .unwrap();
+    // The client is slow (the point of this test): twice the backend's head timeout.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    conn.write_all(b"-last").await.unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.total.proxy_errors, 0, "{stats:?}");
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
 #[tokio::test]
 async fn metrics_report_requests_latency_in_flight_state_and_retries() {
     let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;

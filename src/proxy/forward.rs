@@ -24,7 +24,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -43,7 +43,97 @@ use super::{Proxy, Sticky};
 use crate::balancer::api::{PREVIEW_HEADER, STICKY_COOKIE};
 
 /// Body of requests sent to backends: the client's own, or empty (for retryable requests).
-pub(crate) type ForwardBody = Either<Incoming, Empty<Bytes>>;
+pub(crate) type ForwardBody = Either<Upload, Empty<Bytes>>;
+
+/// A client's request body on its way to a backend. It tells apart what the backend did from
+/// what the client did: a body the client broke off (it closed mid-upload) fails the attempt
+/// through no fault of the backend's, and the backend's head timeout only starts once the
+/// body was sent whole (a slow upload is the client's time, not the backend's).
+pub(crate) struct Upload {
+    inner: Incoming,
+    progress: Arc<UploadProgress>,
+}
+
+/// What [`Upload`] saw, shared with the request's task.
+#[derive(Debug, Default)]
+pub(crate) struct UploadProgress {
+    /// Reading the client's body failed (closed early, reset, malformed).
+    aborted: AtomicBool,
+    /// The body was read to its end.
+    sent: AtomicBool,
+    sent_changed: tokio::sync::Notify,
+}
+
+impl UploadProgress {
+    fn finish(&self) {
+        if !self.sent.swap(true, Ordering::AcqRel) {
+            self.sent_changed.notify_waiters();
+        }
+    }
+
+    fn aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the body was read to its end (never, if the client breaks it off).
+    async fn sent(&self) {
+        loop {
+            let changed = self.sent_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.sent.load(Ordering::Acquire) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl Upload {
+    fn new(inner: Incoming) -> (Upload, Arc<UploadProgress>) {
+        let progress = Arc::new(UploadProgress::default());
+        (
+            Upload {
+                inner,
+                progress: progress.clone(),
+            },
+            progress,
+        )
+    }
+}
+
+impl Body for Upload {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.progress.finish(),
+            Poll::Ready(Some(Err(_))) => self.progress.aborted.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.progress.finish(),
+            _ => {}
+        }
+        r
+    }
+
+    /// hyper stops polling a body that says it has ended (a fixed length all sent), so the
+    /// end is recorded here too.
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.progress.finish();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -137,10 +227,11 @@ pub(crate) async fn handle(
     // Keep what a second attempt needs only when one is possible.
     let template =
         (retryable && eligible > 1).then(|| (parts.method.clone(), parts.headers.clone()));
-    let body = if retryable {
-        Either::Right(Empty::new())
+    let (body, upload) = if retryable {
+        (Either::Right(Empty::new()), None)
     } else {
-        Either::Left(body)
+        let (body, progress) = Upload::new(body);
+        (Either::Left(body), Some(progress))
     };
     let mut req = Request::from_parts(parts, body);
     *req.version_mut() = Version::HTTP_11;
@@ -155,7 +246,7 @@ pub(crate) async fn handle(
         backend.sent();
         let started = Instant::now();
         let method = req.method().clone();
-        match send(proxy, &guard, req).await {
+        match send(proxy, &guard, req, upload.as_deref()).await {
             Ok(mut resp) => {
                 let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let status = resp.status().as_u16();
@@ -170,6 +261,13 @@ pub(crate) async fn handle(
                     }
                 }
                 return respond(resp, guard, client_upgrade, failures > 0);
+            }
+            Err(e) if upload.as_ref().is_some_and(|u| u.aborted()) => {
+                // The client broke its body off: no failure of the backend's (it would fail a
+                // canary's analysis and count towards ejecting a healthy backend).
+                proxy.client_aborted.fetch_add(1, Ordering::Relaxed);
+                debug!(backend = %backend.id, %method, path = %pq, "the client broke its request body off: {e}");
+                return plain(StatusCode::BAD_REQUEST, "the request body was broken off\n");
             }
             Err(e) => {
                 let failures = backend.failed();
@@ -220,11 +318,14 @@ impl fmt::Display for SendError {
     }
 }
 
-/// Sends one attempt, giving up when the backend's drain deadline cuts it.
+/// Sends one attempt, giving up when the backend's drain deadline cuts it, or when no response
+/// head came within `backend_header` of the request body's end (`upload`: the client's body,
+/// when it has one).
 async fn send(
     proxy: &Proxy,
     guard: &InFlight,
     req: Request<ForwardBody>,
+    upload: Option<&UploadProgress>,
 ) -> Result<Response<Incoming>, SendError> {
     // Waiting on the cut signal before looking at the flag: a cut between the two is seen.
     let cut = guard.backend().cut.notified();
@@ -233,7 +334,12 @@ async fn send(
     }
     let response = proxy.client.request(req);
     let limit = proxy.options.timeouts.backend_header;
-    let timeout = tokio::time::sleep(limit);
+    let timeout = async {
+        if let Some(u) = upload {
+            u.sent().await;
+        }
+        tokio::time::sleep(limit).await;
+    };
     tokio::pin!(response, cut, timeout);
     // Fast path: a pooled connection may answer without ever waiting on the cut signal.
     tokio::select! {

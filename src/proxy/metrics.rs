@@ -194,6 +194,12 @@ pub(crate) fn render(proxy: &Proxy) -> String {
             proxy.ejections.load(Ordering::Relaxed),
         ),
         (
+            "cutover_client_aborted_total",
+            "counter",
+            "Requests whose client broke its request body off while it was being sent (not a backend failure).",
+            proxy.client_aborted.load(Ordering::Relaxed),
+        ),
+        (
             "cutover_closed_at_deadline_total",
             "counter",
             "Requests and long-lived connections closed at a shutdown drain deadline.",

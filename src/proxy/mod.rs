@@ -279,6 +279,9 @@ pub struct Proxy {
     unrouted: AtomicU64,
     /// Passive ejections, all backends.
     ejections: AtomicU64,
+    /// Requests whose client broke the request body off while it was being forwarded: no
+    /// backend's failure, so neither in `proxy_errors` nor in passive health.
+    client_aborted: AtomicU64,
     /// Requests and long-lived connections closed at a drain deadline, all backends.
     closed_at_deadline: AtomicU64,
     /// Client connections open now.
@@ -326,6 +329,7 @@ impl Proxy {
             health_changed: Notify::new(),
             unrouted: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
+            client_aborted: AtomicU64::new(0),
             closed_at_deadline: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             draining: AtomicBool::new(false),
