@@ -948,17 +948,28 @@ async fn routing_state_is_restored_after_a_restart() {
     b.stop().await;
 }
 
+/// A second proxy (another state_dir, so no control socket in common) must not share the
+/// traffic port: the kernel would split clients between two routing tables. A replacement
+/// takes the socket over instead (`--takeover`).
 #[tokio::test]
-async fn a_replacement_proxy_can_bind_the_same_traffic_address() {
+async fn a_second_proxy_on_the_same_traffic_address_is_refused() {
     let first = cutover::proxy::start(settings(HealthConfig::default()))
         .await
         .unwrap();
     let mut s = settings(HealthConfig::default());
     s.listen = first.listen;
-    let second = cutover::proxy::start(s).await.unwrap();
-    assert_eq!(second.listen, first.listen);
+    let e = match cutover::proxy::start(s).await {
+        Ok(_) => panic!("two proxies listen on {}", first.listen),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        e.contains("balancer.listen")
+            && e.contains(&first.listen.to_string())
+            && e.contains("another program uses it")
+            && e.contains("--takeover"),
+        "{e}"
+    );
     first.shutdown().await;
-    second.shutdown().await;
 
     // A taken admin address is refused with the config key in the message.
     let blocker = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -797,15 +797,17 @@ fn bind_traffic(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         } else {
             TcpSocket::new_v6()?
         };
+        // No SO_REUSEPORT: a replacement takes the listening socket over (see `takeover`),
+        // and with it a second proxy (another state_dir) would silently share the port, the
+        // kernel splitting clients between two routing tables.
         socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
         socket.set_nodelay(true)?;
         socket.bind(addr)?;
         socket.listen(1024)
     };
     bind().with_context(|| {
         format!(
-            "cannot listen for traffic on {addr} (balancer.listen): is another program using it?"
+            "cannot listen for traffic on {addr} (balancer.listen): another program uses it, or another `cutover proxy` does (replace a running proxy with `cutover proxy --takeover`)"
         )
     })
 }
