@@ -985,6 +985,212 @@ async fn a_second_proxy_on_the_same_traffic_address_is_refused() {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Takeover in one process: two `start_with`s on one control socket and state file.
+
+/// Settings and options of a proxy with a state file and a control socket in `dir`.
+fn with_state(dir: &std::path::Path, health: HealthConfig) -> (ProxySettings, ProxyOptions) {
+    let mut s = settings(health);
+    s.state_file = Some(dir.join("routes.json"));
+    let o = ProxyOptions {
+        control_socket: Some(dir.join("proxy.sock")),
+        ..ProxyOptions::default()
+    };
+    (s, o)
+}
+
+/// What `cutover proxy` does with a running proxy: once a replacement takes over, drain and
+/// stop (which sends the replacement the drain's end).
+fn stop_when_replaced(proxy: ProxyHandle) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        proxy.stopped().await;
+        proxy.shutdown().await;
+    })
+}
+
+/// `GET path` on a connection of its own: (status line, the backend that answered).
+async fn get_alone(addr: SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    let status = text.lines().next().unwrap_or("").to_string();
+    let backend = text
+        .lines()
+        .find_map(|l| l.strip_prefix("x-backend: "))
+        .unwrap_or("")
+        .to_string();
+    (status, backend)
+}
+
+/// An admin change made on the old proxy while the new one starts (after its first read of
+/// the state file) must hold from the new proxy's first request, not only once the old one
+/// has released its admin API (which a long-polling call delays by seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_on_the_old_proxy_during_a_takeover_holds_on_the_new_one_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, o) = with_state(dir.path(), health(Duration::from_secs(600), 1, 1));
+    let old = cutover::proxy::start_with(s.clone(), o.clone())
+        .await
+        .unwrap();
+    let listen = old.listen;
+    let admin = AdminClient::new(old.admin, TOKEN.into());
+    // A request in flight on "slowpoke" and a wait-drained long poll on it: the old proxy's
+    // admin API takes its full grace to release.
+    let mut slowpoke = TestBackend::start("slowpoke").await;
+    admin.add(&slowpoke.spec("v1")).await.unwrap();
+    admin.wait_healthy("slowpoke", DEADLINE).await.unwrap();
+    let slow = tokio::spawn(get_alone(listen, "/slow"));
+    eventually("the slow request reached slowpoke", || async {
+        slowpoke.hits.slow_started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    for t in [&a, &b] {
+        admin.add(&t.spec("v1")).await.unwrap();
+        admin.wait_healthy(t.name, DEADLINE).await.unwrap();
+    }
+    admin.drain("slowpoke").await.unwrap();
+    let poll = admin.clone();
+    let long_poll =
+        tokio::spawn(async move { poll.wait_drained("slowpoke", Duration::from_secs(30)).await });
+    // A backend whose health check never answers: the new proxy's first check of it takes
+    // the check timeout (1 s), a window in which it has read the state file but not taken over.
+    let hole = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let seen = accepted.clone();
+    let hole_task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            held.push(c);
+        }
+    });
+    let mut spec = a.spec("v1");
+    spec.id = "hole".into();
+    spec.address = hole_addr;
+    admin.add(&spec).await.unwrap();
+    eventually("the old proxy checked the hole", || async {
+        accepted.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let old_task = stop_when_replaced(old);
+
+    let new_task = tokio::spawn(cutover::proxy::start_with(
+        s,
+        ProxyOptions {
+            takeover: true,
+            ..o
+        },
+    ));
+    eventually("the new proxy read the state file", || async {
+        accepted.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    // The change the new proxy has not seen yet.
+    admin.drain("a").await.unwrap();
+    let a_before = a.requests();
+    let mut answered = 0;
+    while !new_task.is_finished() && answered < 2000 {
+        let (status, body) = get_alone(listen, "/").await;
+        assert!(status.contains("200"), "{status} {body}");
+        answered += 1;
+    }
+    let new = new_task.await.unwrap().unwrap();
+    for _ in 0..10 {
+        assert_eq!(get_alone(listen, "/").await.1, "b");
+    }
+    assert_eq!(
+        a.requests(),
+        a_before,
+        "the drained backend got requests after the drain ({answered} sent during the takeover)"
+    );
+    slowpoke.release_slow.send(true).unwrap();
+    let _ = slow.await;
+    let _ = long_poll.await;
+    let _ = old_task.await;
+    new.shutdown().await;
+    hole_task.abort();
+    for t in [&mut a, &mut b, &mut slowpoke] {
+        t.stop().await;
+    }
+}
+
+/// After a takeover, the old proxy still serves the client connections it holds until its
+/// drain ends, and may send their new requests to any backend its table routes to: a retire
+/// on the new proxy must wait for that, not answer "drained" at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retire_on_the_new_proxy_waits_for_the_old_proxys_open_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (s, o) = with_state(dir.path(), health(Duration::from_millis(200), 1, 3));
+    let old = cutover::proxy::start_with(s.clone(), o.clone())
+        .await
+        .unwrap();
+    let admin = AdminClient::new(old.admin, TOKEN.into());
+    let mut a = TestBackend::start("a").await;
+    admin.add(&a.spec("v1")).await.unwrap();
+    admin.wait_healthy("a", DEADLINE).await.unwrap();
+    // A keep-alive client connection to the old proxy, idle at the takeover.
+    let mut conn = tokio::net::TcpStream::connect(old.listen).await.unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut body = Vec::new();
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    while !body.ends_with(b"0\r\n\r\n") {
+        body.push(conn.read_u8().await.unwrap());
+    }
+    let old_task = stop_when_replaced(old);
+    let new = cutover::proxy::start_with(
+        s,
+        ProxyOptions {
+            takeover: true,
+            ..o
+        },
+    )
+    .await
+    .unwrap();
+    let mut retire = {
+        let admin = admin.clone();
+        tokio::spawn(async move { admin.retire("a", Duration::from_secs(10)).await })
+    };
+    // The old proxy takes one more request on the connection it holds (it lingers).
+    conn.write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    eventually("the old proxy forwarded the request", || async {
+        a.hits.slow_started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Waiting for something not to happen: a bound, not a sleep for an event.
+    if let Ok(r) = tokio::time::timeout(Duration::from_secs(1), &mut retire).await {
+        panic!("the retire ended while the old proxy still sent a request to the backend: {r:?}");
+    }
+    a.release_slow.send(true).unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let report = tokio::time::timeout(DEADLINE, retire)
+        .await
+        .expect("the retire ends once the old proxy drained")
+        .unwrap()
+        .unwrap();
+    assert!(report.drained, "{report:?}");
+    let _ = old_task.await;
+    new.shutdown().await;
+    a.stop().await;
+}
+
 #[tokio::test]
 async fn http2_clients_are_served() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;

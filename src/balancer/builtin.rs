@@ -112,6 +112,13 @@ impl AdminClient {
         let message = serde_json::from_slice::<ApiError>(&bytes)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // The proxy is handing over to a replacement: as good as away for a moment.
+            return Err(anyhow::Error::new(super::Unreachable(format!(
+                "balancer at {}: {what}: {message}",
+                self.admin
+            ))));
+        }
         let hint = if status == StatusCode::UNAUTHORIZED {
             ": check that balancer.token in cutover.toml matches the running proxy's"
         } else {

@@ -58,6 +58,10 @@ pub(crate) enum AdminError {
     Timeout(String),
     #[error("{0}")]
     Internal(String),
+    #[error(
+        "this proxy is handing over to a new one (`cutover proxy --takeover`) and takes no more changes: retry, the new proxy answers in a moment"
+    )]
+    Replaced,
 }
 
 impl IntoResponse for AdminError {
@@ -69,6 +73,7 @@ impl IntoResponse for AdminError {
             AdminError::Conflict(_) => StatusCode::CONFLICT,
             AdminError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AdminError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AdminError::Replaced => StatusCode::SERVICE_UNAVAILABLE,
         };
         let body = ApiError {
             error: self.to_string(),
@@ -135,6 +140,16 @@ fn wait_timeout(body: &[u8], default: Duration) -> Result<Duration> {
     Ok(Duration::from_millis(w.timeout_ms).min(MAX_WAIT))
 }
 
+/// Held by an admin change while it changes the table and persists it: a takeover waits for
+/// it, then freezes the table (see [`Proxy::freeze`]); a change after that is refused.
+async fn change_gate(proxy: &Proxy) -> Result<tokio::sync::RwLockReadGuard<'_, bool>> {
+    let frozen = proxy.frozen.read().await;
+    if *frozen {
+        return Err(AdminError::Replaced);
+    }
+    Ok(frozen)
+}
+
 async fn persist(proxy: &Proxy) -> Result<()> {
     proxy.persist().await.map_err(|e| {
         AdminError::Internal(format!(
@@ -173,6 +188,7 @@ fn validate(spec: &BackendSpec) -> Result<()> {
 async fn add(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<StatusCode> {
     let spec: BackendSpec = parse(&body)?;
     validate(&spec)?;
+    let _gate = change_gate(&proxy).await?;
     let id = spec.id.clone();
     let (address, release, weight) = (spec.address, spec.release.clone(), spec.weight);
     let state = if spec.preview {
@@ -192,6 +208,7 @@ async fn add(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<StatusCode>
 }
 
 async fn remove(State(proxy): State<Arc<Proxy>>, Path(id): Path<String>) -> Result<StatusCode> {
+    let _gate = change_gate(&proxy).await?;
     let entry = proxy.table().remove(&id);
     let Some(entry) = entry else {
         return Err(AdminError::NotFound(id));
@@ -209,6 +226,7 @@ async fn set_weight(
     body: Bytes,
 ) -> Result<StatusCode> {
     let w: WeightRequest = parse(&body)?;
+    let _gate = change_gate(&proxy).await?;
     if !proxy.table().set_weight(&id, w.weight) {
         return Err(AdminError::NotFound(id));
     }
@@ -218,6 +236,7 @@ async fn set_weight(
 }
 
 async fn set_state(proxy: &Proxy, id: String, state: BackendState) -> Result<StatusCode> {
+    let _gate = change_gate(proxy).await?;
     let before = proxy.table().set_state(&id, state);
     match before {
         None => Err(AdminError::NotFound(id)),
@@ -257,6 +276,7 @@ async fn retire(
     body: Bytes,
 ) -> Result<Json<DrainReport>> {
     let timeout = wait_timeout(&body, proxy.settings.drain_timeout)?;
+    let gate = change_gate(&proxy).await?;
     let busy = {
         let mut table = proxy.table();
         if table.set_state(&id, BackendState::Draining).is_none() {
@@ -269,7 +289,12 @@ async fn retire(
     if busy {
         persist(&proxy).await?;
     }
+    // Not held while waiting: a takeover must not wait for a drain. A takeover meanwhile
+    // refuses the removal below; the deployer retries on the new proxy, where the backend is
+    // draining (the frozen table had it so).
+    drop(gate);
     let report = settle_drain(&proxy, &id, timeout).await?;
+    let _gate = change_gate(&proxy).await?;
     if proxy.table().remove(&id).is_some() {
         info!(backend = %id, drained = report.drained, waited_ms = report.waited_ms, "backend retired");
     }
@@ -390,6 +415,7 @@ async fn stats(State(proxy): State<Arc<Proxy>>) -> Json<Stats> {
 /// Blue-green in one step: one lock acquisition, so no request sees a half-switched set.
 async fn switch(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<Json<SwitchReport>> {
     let req: SwitchRequest = parse(&body)?;
+    let _gate = change_gate(&proxy).await?;
     let (result, took) = {
         let mut table = proxy.table();
         let started = std::time::Instant::now();
@@ -417,6 +443,7 @@ async fn switch(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<Json<Swi
 
 async fn set_weights(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<StatusCode> {
     let req: WeightsRequest = parse(&body)?;
+    let _gate = change_gate(&proxy).await?;
     proxy
         .table()
         .set_weights(&req.weights)

@@ -300,6 +300,10 @@ pub struct Proxy {
     /// Serializes state file writes so the last write holds the latest state; holds the
     /// number of changes the file holds.
     persisted: tokio::sync::Mutex<u64>,
+    /// Admin changes hold this for reading while they change the table and persist it; a
+    /// takeover takes it for writing and sets it (see [`Proxy::freeze`]): from then on the
+    /// table is what the state file says, and admin changes are refused.
+    frozen: tokio::sync::RwLock<bool>,
 }
 
 impl Proxy {
@@ -337,6 +341,7 @@ impl Proxy {
             started_ms: AtomicU64::new(crate::journal::now_ms()),
             predecessor_busy: watch::Sender::new(Default::default()),
             persisted: tokio::sync::Mutex::new(0),
+            frozen: tokio::sync::RwLock::new(false),
         })
     }
 
@@ -430,6 +435,25 @@ impl Proxy {
         Ok(())
     }
 
+    /// Before handing the listeners to a replacement: waits for the admin changes under way
+    /// (they are persisted when they return), refuses any later one and persists the table.
+    /// The replacement restores the state file after receiving the listeners and before
+    /// routing, so both proxies route by the same table from the first request on.
+    async fn freeze(&self) -> anyhow::Result<()> {
+        let mut frozen = self.frozen.write().await;
+        *frozen = true;
+        if let Err(e) = self.persist().await {
+            *frozen = false;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The replacement went away before taking over: admin changes are accepted again.
+    async fn unfreeze(&self) {
+        *self.frozen.write().await = false;
+    }
+
     /// Reads the state file and makes the table match it: backends are added (health
     /// `Unknown`, checked at once, admitted on their first passing check since they served
     /// before), updated (state, weight) or removed.
@@ -483,9 +507,15 @@ impl Proxy {
             unrouted: self.unrouted.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
             closed_at_deadline: self.closed_at_deadline.load(Ordering::Relaxed),
+            // Its table is frozen (see `freeze`), but connections it already holds may still
+            // bring requests until its drain ends: every backend it can route to is busy for
+            // the successor, not only those with a request in flight now.
             busy: table
                 .entries()
-                .filter(|e| e.shared.in_flight.load(Ordering::Acquire) > 0)
+                .filter(|e| {
+                    e.shared.in_flight.load(Ordering::Acquire) > 0
+                        || matches!(e.state, BackendState::Active | BackendState::Preview)
+                })
                 .map(|e| e.spec.id.clone())
                 .collect(),
         }
@@ -494,7 +524,8 @@ impl Proxy {
     /// Waits until the proxy this one took over has finished with backend `id` (its drain
     /// ended), or the deadline: false then. Without this, a deployer retiring a backend
     /// right after a takeover would see it idle here and stop its instance while the old
-    /// proxy still finishes requests on it.
+    /// proxy still finishes requests on it, or still sends it new ones on the client
+    /// connections it keeps until its drain ends.
     pub(crate) async fn wait_predecessor(&self, id: &str, deadline: Instant) -> bool {
         let mut busy = self.predecessor_busy.subscribe();
         tokio::time::timeout_at(deadline, busy.wait_for(|b| !b.contains(id)))
@@ -660,6 +691,11 @@ pub async fn start_with(
     let (traffic, admin, handover) = if takeover {
         let path = control.as_deref().expect("checked above");
         let got = takeover::request(path).await?;
+        // The old proxy froze and persisted its table before handing the listeners over:
+        // route by that table from the first request (admin changes made since the first
+        // restore are in it).
+        proxy.restore()?;
+        proxy.wait_checked().await;
         (got.traffic, got.admin, Some(got.session))
     } else {
         (
@@ -679,8 +715,9 @@ pub async fn start_with(
         stop_rx.clone(),
     ));
     if let Some(session) = handover {
-        // The old proxy stops accepting now; its last admin changes are on disk once it says
-        // it released the admin API.
+        // The old proxy stops accepting now. Its table was frozen before the hand-over; an
+        // old proxy of an earlier release without the freeze has its last admin changes on
+        // disk once it says it released the admin API, so restore again.
         let from_old = session.finish().await;
         proxy.restore()?;
         if let Some(from_old) = from_old {
@@ -718,6 +755,7 @@ pub async fn start_with(
         tasks.push(tokio::spawn(takeover::serve(
             control,
             handed,
+            proxy.clone(),
             stop.clone(),
             stop_rx,
             released.clone(),

@@ -9,9 +9,13 @@
 //! The exchange, over the Unix socket `state_dir/proxy.sock` that every proxy listens on:
 //! 1. the new proxy restores the routing state, checks its backends once, connects and sends
 //!    `takeover`;
-//! 2. the old proxy answers with one byte carrying both listening sockets (traffic and admin)
-//!    as `SCM_RIGHTS`; it keeps accepting meanwhile;
-//! 3. the new proxy accepts traffic on them and sends `ready`;
+//! 2. the old proxy freezes its routing table (waits for the admin changes under way, refuses
+//!    later ones with 503, persists the table), then answers with one byte carrying both
+//!    listening sockets (traffic and admin) as `SCM_RIGHTS`; it keeps accepting meanwhile;
+//! 3. the new proxy restores the routing state again (the frozen table), accepts traffic on
+//!    the sockets and sends `ready`; both proxies now route by the same table. Until the old
+//!    proxy's drain ends, the new one counts every backend the old one can still route to as
+//!    busy (its client connections may still bring requests), so a retire waits for it;
 //! 4. the old proxy stops accepting (both listeners), finishes its admin calls (their
 //!    changes are persisted), sends `released` and its counters so far (`counts <json>`), then
 //!    drains its client connections as at any shutdown (`drain_timeout`, long-lived
@@ -25,7 +29,8 @@
 //!    come; if they never come (the old proxy died draining), it restarts its counting start,
 //!    so a deploy's report says its counts are partial instead of quietly missing requests.
 //!
-//! If the new proxy dies before `ready`, the old one keeps running as if nothing happened. An
+//! If the new proxy dies before `ready`, the old one unfreezes and keeps running as if nothing
+//! happened. An
 //! old proxy of a release before the counters' hand-over sends only `released`: the new one
 //! then counts from zero, as after a restart.
 
@@ -163,6 +168,7 @@ pub(crate) fn bind(path: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
 pub(crate) async fn serve(
     control: (UnixListener, PathBuf),
     listeners: Listeners,
+    proxy: Arc<super::Proxy>,
     stop: Arc<watch::Sender<bool>>,
     mut stop_rx: watch::Receiver<bool>,
     released: ReleaseSlot,
@@ -185,7 +191,7 @@ pub(crate) async fn serve(
                 }
             },
         };
-        match hand_over(stream, &listeners).await {
+        match hand_over(stream, &listeners, &proxy).await {
             Ok(session) => {
                 *released.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
                 info!("a new proxy took the listeners over: draining and stopping");
@@ -197,20 +203,36 @@ pub(crate) async fn serve(
     }
 }
 
-async fn hand_over(mut stream: UnixStream, listeners: &Listeners) -> anyhow::Result<OldSession> {
+async fn hand_over(
+    mut stream: UnixStream,
+    listeners: &Listeners,
+    proxy: &super::Proxy,
+) -> anyhow::Result<OldSession> {
     let hello = read_line(&mut stream).await?;
     if hello != "takeover" {
         anyhow::bail!("unexpected request {hello:?}");
     }
-    send_fds(
-        &stream,
-        &[listeners.traffic.as_raw_fd(), listeners.admin.as_raw_fd()],
-    )
-    .await
-    .context("sending the listening sockets")?;
-    let ready = read_line(&mut stream).await?;
-    if ready != "ready" {
-        anyhow::bail!("the new proxy did not confirm ({ready:?})");
+    proxy
+        .freeze()
+        .await
+        .context("saving the routing state for the new proxy")?;
+    let handed = async {
+        send_fds(
+            &stream,
+            &[listeners.traffic.as_raw_fd(), listeners.admin.as_raw_fd()],
+        )
+        .await
+        .context("sending the listening sockets")?;
+        let ready = read_line(&mut stream).await?;
+        if ready != "ready" {
+            anyhow::bail!("the new proxy did not confirm ({ready:?})");
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = handed {
+        proxy.unfreeze().await;
+        return Err(e);
     }
     Ok(OldSession { stream, sent: None })
 }
