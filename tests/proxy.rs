@@ -816,6 +816,60 @@ async fn admin_api_refuses_missing_or_wrong_tokens_and_reports_errors() {
     h.proxy.shutdown().await;
 }
 
+/// What the admin API accepts must work: a health path that cannot be sent, a release that
+/// breaks the sticky cookie or a misspelled field are refused with 400 naming the problem.
+#[tokio::test]
+async fn admin_api_refuses_what_could_never_work() {
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1))).await;
+    let add = |health_path: &str, release: &str| {
+        format!(
+            r#"{{"id":"x","address":"127.0.0.1:9","host":"h","release":{},"health_path":{}}}"#,
+            serde_json::to_string(release).unwrap(),
+            serde_json::to_string(health_path).unwrap()
+        )
+    };
+    let a = h.proxy.admin;
+    let (status, body) = admin_raw(
+        a,
+        Method::POST,
+        "/backends",
+        Some(TOKEN),
+        &add("/he alth", "v1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("health_path"), "{body}");
+    let (status, body) = admin_raw(
+        a,
+        Method::POST,
+        "/backends",
+        Some(TOKEN),
+        &add("/health", "v1\r\nSet-Cookie: admin=1"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("release"), "{body}");
+    let (status, body) = admin_raw(
+        a,
+        Method::PUT,
+        "/weights",
+        Some(TOKEN),
+        r#"{"weights":{},"wieghts":{"x":1}}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("wieghts"), "{body}");
+    // The scheme of the Authorization header is case-insensitive.
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let req = Request::get(format!("http://{a}/stats"))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(client.request(req).await.unwrap().status(), StatusCode::OK);
+    h.proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn release_counters_survive_backend_removal() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;

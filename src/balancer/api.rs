@@ -202,11 +202,13 @@ pub struct Stats {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WeightRequest {
     pub weight: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WaitRequest {
     pub timeout_ms: u64,
 }
@@ -225,6 +227,7 @@ pub struct DrainReport {
 /// set), `activate` become Active and `standby` become Draining (their in-flight requests
 /// finish; they keep running for an instant switch back).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SwitchRequest {
     pub activate: Vec<String>,
     pub standby: Vec<String>,
@@ -241,6 +244,7 @@ pub struct SwitchReport {
 
 /// `PUT /weights`: weight per backend id, applied atomically.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct WeightsRequest {
     pub weights: BTreeMap<String, u32>,
 }

@@ -109,7 +109,7 @@ async fn require_token(State(proxy): State<Arc<Proxy>>, req: Request, next: Next
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+        .and_then(|v| bearer_token(v.as_bytes()));
     match given {
         Some(t) if constant_time_eq(t, proxy.settings.token.as_bytes()) => next.run(req).await,
         _ => {
@@ -117,6 +117,18 @@ async fn require_token(State(proxy): State<Arc<Proxy>>, req: Request, next: Next
             AdminError::Unauthorized.into_response()
         }
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 9110 §11.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let space = value.iter().position(|b| *b == b' ')?;
+    let (scheme, rest) = value.split_at(space);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
+        return None;
+    }
+    let token = rest.trim_ascii_start();
+    (!token.is_empty()).then_some(token)
 }
 
 /// Compares without an early exit, so timing reveals nothing about the token but its length.
@@ -173,16 +185,35 @@ fn validate(spec: &BackendSpec) -> Result<()> {
             spec.health_path
         ));
     }
+    // The check sends it as a request target: what cannot be one could never pass.
+    if let Err(e) = spec.health_path.parse::<hyper::http::uri::PathAndQuery>() {
+        return bad(format!(
+            "health_path {:?} is not a request path ({e}): percent-encode spaces and other such characters",
+            spec.health_path
+        ));
+    }
     if spec.address.port() == 0 || spec.address.ip().is_unspecified() {
         return bad(format!(
             "address {} is not a backend address: give a concrete IP and port",
             spec.address
         ));
     }
-    if spec.release.is_empty() {
-        return bad("release must not be empty".into());
+    if spec.release.is_empty() || spec.release.len() > 256 {
+        return bad("release must be 1 to 256 characters".into());
+    }
+    // The release names the sticky cookie's value: only cookie-safe characters (RFC 6265
+    // cookie-octet: no control character, space, '"', ',', ';' or '\\').
+    if let Some(c) = spec.release.chars().find(|c| !is_cookie_octet(*c)) {
+        return bad(format!(
+            "release {:?} contains {c:?}: use letters, digits and punctuation other than '\"', ',', ';' and '\\'",
+            spec.release
+        ));
     }
     Ok(())
+}
+
+fn is_cookie_octet(c: char) -> bool {
+    matches!(c, '!' | '#'..='+' | '-'..=':' | '<'..='[' | ']'..='~')
 }
 
 async fn add(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<StatusCode> {
@@ -489,6 +520,83 @@ async fn metrics(State(proxy): State<Arc<Proxy>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec() -> BackendSpec {
+        BackendSpec {
+            id: "h:1".into(),
+            address: "127.0.0.1:4000".parse().unwrap(),
+            host: "h".into(),
+            release: "v1.2_abc-2024+1".into(),
+            weight: 100,
+            health_path: "/health?deep=1".into(),
+            preview: false,
+            gated: false,
+        }
+    }
+
+    #[test]
+    fn health_paths_must_be_request_paths() {
+        assert!(validate(&spec()).is_ok());
+        for bad in ["/he alth", "health", "/a\nb", "/a\u{7f}"] {
+            let s = BackendSpec {
+                health_path: bad.into(),
+                ..spec()
+            };
+            match validate(&s) {
+                Err(AdminError::BadRequest(m)) => assert!(m.contains("health_path"), "{m}"),
+                other => panic!("{bad:?} accepted: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn releases_must_be_cookie_safe() {
+        for bad in [
+            "v1\nSet-Cookie: x=1",
+            "v 1",
+            "v1;x",
+            "a,b",
+            "\"v1\"",
+            "a\\b",
+            "v\u{e9}",
+        ] {
+            let s = BackendSpec {
+                release: bad.into(),
+                ..spec()
+            };
+            match validate(&s) {
+                Err(AdminError::BadRequest(m)) => assert!(m.contains("release"), "{m}"),
+                other => panic!("{bad:?} accepted: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"BEARER  abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer_token(b"Basic abc"), None);
+        assert_eq!(bearer_token(b"Bearer "), None);
+        assert_eq!(bearer_token(b"Bearerabc"), None);
+    }
+
+    #[test]
+    fn request_bodies_refuse_unknown_fields() {
+        assert!(parse::<WaitRequest>(br#"{"timeout_ms":1,"timeout":2}"#).is_err());
+        assert!(parse::<WeightRequest>(br#"{"weight":1,"wieght":2}"#).is_err());
+        assert!(parse::<SwitchRequest>(br#"{"activate":[],"standby":[],"x":1}"#).is_err());
+        assert!(parse::<WeightsRequest>(br#"{"weights":{},"x":1}"#).is_err());
+        // What the deployer sends passes.
+        let sent = serde_json::to_vec(&SwitchRequest {
+            activate: vec!["a".into()],
+            standby: vec!["b".into()],
+        })
+        .unwrap();
+        assert!(parse::<SwitchRequest>(&sent).is_ok());
+        let sent = serde_json::to_vec(&WaitRequest { timeout_ms: 5 }).unwrap();
+        assert!(parse::<WaitRequest>(&sent).is_ok());
+    }
 
     #[test]
     fn token_comparison() {
