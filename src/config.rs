@@ -1380,12 +1380,6 @@ impl Config {
                 ));
             }
         }
-        if self.balancer.listen.port() == 0 {
-            return Err(err(
-                "balancer.listen",
-                "port 0 is not an address clients can be sent to: give the port the balancer listens on".into(),
-            ));
-        }
         if self.balancer.kind == BalancerKind::Haproxy {
             if self
                 .balancer
@@ -1475,12 +1469,6 @@ impl Config {
                     format!("{key} must be longer than 0s: leave it out for the default"),
                 ));
             }
-        }
-        if admin.port() == 0 {
-            return Err(err(
-                "balancer.admin",
-                "port 0 is not an address cutover can reach the admin API on: give it a port, e.g. 127.0.0.1:8081".into(),
-            ));
         }
         if self.balancer.listen == admin {
             return Err(err(
