@@ -120,6 +120,9 @@ pub struct Report {
     pub failed_requests: u64,
     /// Requests served per release while the deployment ran.
     pub served_by_release: BTreeMap<String, u64>,
+    /// When the counts above are not the whole deployment's, why (and what they cover).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<String>,
     /// What the strategy wants remembered (switch times, analysis verdicts, abort reasons).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -173,6 +176,10 @@ pub struct Run {
     pub id: String,
     /// Release each host served before the deployment.
     pub previous: BTreeMap<String, Option<String>>,
+    /// This process took over an interrupted deployment (`--resume`, or `rollback` of it):
+    /// the balancer's counters before the interruption were never read, so the report's
+    /// request counts cover only what this process saw.
+    pub taken_over: bool,
 }
 
 impl Deployer {
@@ -301,6 +308,7 @@ impl Deployer {
                 Run {
                     id: row.id.clone(),
                     previous: row.previous.clone(),
+                    taken_over: true,
                 }
             }
             None => {
@@ -313,6 +321,7 @@ impl Deployer {
                         .filter(|v| v.error.is_none())
                         .map(|v| (v.host.name.to_string(), v.current.clone()))
                         .collect(),
+                    taken_over: false,
                 };
                 self.journal.begin(&DeploymentRow {
                     id: run.id.clone(),
@@ -801,6 +810,7 @@ impl Deployer {
         let run = Run {
             id: interrupted.id.clone(),
             previous: interrupted.previous.clone(),
+            taken_over: true,
         };
         self.journal.event(Some(&run.id), RESTORE_EVENT)?;
         self.progress.say(&format!(
@@ -876,20 +886,41 @@ impl Deployer {
                 _ => {}
             }
         }
-        let stats_after = match self.balancer.stats().await {
-            Ok(s) => s,
+        let (stats_after, known) = match self.balancer.stats().await {
+            Ok(s) => (s, true),
             Err(e) => {
                 notes.push(format!(
                     "the balancer's counters could not be read at the end ({e:#}): the request counts below are not known, not zero"
                 ));
-                stats_before.clone()
+                (stats_before.clone(), false)
             }
         };
-        let (served, failed_requests, served_by_release) =
-            traffic_between(stats_before, &stats_after);
         let restarted = stats_after.counting_since_ms != stats_before.counting_since_ms
             || stats_after.total.requests < stats_before.total.requests
             || stats_after.unrouted < stats_before.unrouted;
+        // After a restart the old counts are gone: what the new counters hold is everything
+        // known since (subtracting the old ones from them would mean nothing).
+        let baseline = if restarted {
+            Stats {
+                counting_since_ms: stats_after.counting_since_ms,
+                ..Stats::default()
+            }
+        } else {
+            stats_before.clone()
+        };
+        let (served, failed_requests, served_by_release) = traffic_between(&baseline, &stats_after);
+        let counts = if !known {
+            Some("not known: the balancer's counters could not be read at the end".to_string())
+        } else if restarted {
+            Some("only since the balancer's counters restarted during the deployment".to_string())
+        } else if run.taken_over {
+            Some(
+                "only since this command took the interrupted deployment over: the traffic before the interruption was not counted"
+                    .to_string(),
+            )
+        } else {
+            None
+        };
         let closed = self.take_closed_at_deadline();
         if closed > 0 {
             notes.push(format!(
@@ -925,6 +956,7 @@ impl Deployer {
             served,
             failed_requests,
             served_by_release,
+            counts,
             notes: strategy_notes.into_iter().chain(notes).collect(),
         };
         self.journal

@@ -286,6 +286,16 @@ pub fn served_failed(row: &DeploymentRow) -> Option<(u64, u64)> {
     ))
 }
 
+/// Why a finished deployment's counts are not its whole traffic (a balancer restart, a
+/// takeover of an interrupted deployment, counters unreadable at the end), if they are not.
+pub fn counts_caveat(row: &DeploymentRow) -> Option<String> {
+    row.report
+        .as_ref()?
+        .get("counts")?
+        .as_str()
+        .map(str::to_string)
+}
+
 /// The whole HTML document.
 pub fn render(
     row: &DeploymentRow,
@@ -328,6 +338,9 @@ pub fn render(
                 h,
                 "<p class=\"proof\" id=\"served-failed\">served {served}, failed {failed}</p>"
             );
+            if let Some(why) = counts_caveat(row) {
+                let _ = writeln!(h, "<p class=\"caveat\">counts: {}</p>", esc(&why));
+            }
             if let Some(by) = row
                 .report
                 .as_ref()

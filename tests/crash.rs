@@ -247,6 +247,10 @@ async fn interrupted_returns_are_finished_going_back() {
         err.contains("was returning its hosts when it stopped"),
         "{out}\n{err}"
     );
+    assert!(
+        out.contains("counted only since this command took the interrupted deployment over"),
+        "{out}\n{err}"
+    );
     fleet.assert_on("v1").await;
 
     // A rollback v2 -> v1 killed once it is recorded: the next `cutover rollback` finishes it.

@@ -180,6 +180,7 @@ async fn balancer_restart_during_a_deploy_is_waited_out() {
     let after_restart = run.snapshot();
 
     let out = deploy.await.unwrap();
+    let at_end = run.snapshot();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "the deploy completes:\n{err}");
     assert!(
@@ -191,6 +192,28 @@ async fn balancer_restart_during_a_deploy_is_waited_out() {
     assert!(
         stdout.contains("counters restarted during the deployment"),
         "{stdout}"
+    );
+    // What the new counters saw is reported (not the old counts subtracted from it, which
+    // came out as 0) and marked as partial.
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("requests during the deploy:"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let served: u64 = line
+        .split("deploy: ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // The new proxy answered at least what the client got back after it was up.
+    let since = at_end.ok - after_restart.ok;
+    assert!(
+        served >= since,
+        "{line}: the client got {since} answers after the restart"
+    );
+    assert!(
+        line.contains("counted only since the balancer's counters restarted"),
+        "{line}"
     );
     let report = run.stop().await;
     assert_eq!(

@@ -392,17 +392,26 @@ pub fn print_report(r: &Report) {
         .iter()
         .map(|(v, n)| format!("{v}: {n}"))
         .collect();
-    let _ = writeln!(
-        out,
-        "  requests during the deploy: {} served, {} failed{}",
-        r.served,
-        r.failed_requests,
-        if by.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", by.join(", "))
+    let by = if by.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", by.join(", "))
+    };
+    let _ = match &r.counts {
+        Some(c) if c.starts_with("not known") => {
+            writeln!(out, "  requests during the deploy: {c}")
         }
-    );
+        Some(c) => writeln!(
+            out,
+            "  requests during the deploy: {} served, {} failed{by}; counted {c}",
+            r.served, r.failed_requests
+        ),
+        None => writeln!(
+            out,
+            "  requests during the deploy: {} served, {} failed{by}",
+            r.served, r.failed_requests
+        ),
+    };
 }
 
 /// The deployment that is running right now (its lock holder alive), if any.

@@ -185,11 +185,31 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
                 "{:.1}",
                 e.saturating_sub(r.started_ms) as f64 / 1000.0
             )),
-            num("served").map_or("-".into(), |n| n.to_string()),
-            num("failed_requests").map_or("-".into(), |n| n.to_string()),
+            counted(num("served"), caveat(r)),
+            counted(num("failed_requests"), caveat(r)),
+        );
+    }
+    if records.iter().any(|r| caveat(r).is_some()) {
+        println!(
+            "(?: not known; *: only part of the deployment was counted; `cutover show ID` says why)"
         );
     }
     Ok(())
+}
+
+fn caveat(row: &crate::journal::DeploymentRow) -> Option<String> {
+    crate::report::counts_caveat(row)
+}
+
+/// A count for the history table: `?` when it is not known, `N*` when it covers only part of
+/// the deployment.
+fn counted(n: Option<u64>, caveat: Option<String>) -> String {
+    match (n, caveat) {
+        (None, _) => "-".into(),
+        (Some(_), Some(c)) if c.starts_with("not known") => "?".into(),
+        (Some(n), Some(_)) => format!("{n}*"),
+        (Some(n), None) => n.to_string(),
+    }
 }
 
 pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow::Result<()> {
@@ -218,11 +238,19 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
     );
     if let Some(r) = &row.report {
         let n = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        println!(
-            "  requests while it ran: {} served, {} failed",
-            n("served"),
-            n("failed_requests")
-        );
+        match caveat(&row) {
+            Some(c) if c.starts_with("not known") => println!("  requests while it ran: {c}"),
+            Some(c) => println!(
+                "  requests while it ran: {} served, {} failed ({c})",
+                n("served"),
+                n("failed_requests")
+            ),
+            None => println!(
+                "  requests while it ran: {} served, {} failed",
+                n("served"),
+                n("failed_requests")
+            ),
+        }
         if let Some(by) = r.get("served_by_release").and_then(|v| v.as_object()) {
             let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k}: {v}")).collect();
             if !parts.is_empty() {
