@@ -152,7 +152,7 @@ pub async fn start(
          [ -d {run} ] && [ -d {log} ] || mkdir -p {run} {log}\n\
          cd {rel}\n\
          export PORT={port} CUTOVER_VERSION={vq} CUTOVER_HOST={hq} CUTOVER_ADDRESS={addr} CUTOVER_RELEASE_DIR={rel} CUTOVER_INSTANCE={pid_file}\n\
-         setsid {launch} >{log_file} 2>&1 </dev/null &\n\
+         setsid {launch} >>{log_file} 2>&1 </dev/null &\n\
          p=$!\n\
          st=\n\
          if read -r s 2>/dev/null </proc/$p/stat; then s=${{s##*\") \"}}; set -- $s; st=${{20}}; fi\n\

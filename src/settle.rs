@@ -71,6 +71,11 @@ pub async fn settle(
          \x20     [ $n -le {keep_releases} ] && continue\n\
          \x20     case {protected} in *\" $r \"*) continue ;; esac\n\
          \x20     rm -rf -- \"$r\" && echo \"pruned $r\"\n\
+         \x20     for l in ../log/\"$r\"-*.log; do\n\
+         \x20       p=${{l##*/\"$r\"-}}; p=${{p%.log}}\n\
+         \x20       case $p in ''|*[!0-9]*) continue ;; esac\n\
+         \x20       rm -f -- \"$l\"\n\
+         \x20     done\n\
          \x20   done\n\
          \x20 }}\n\
          fi\n\
@@ -154,6 +159,15 @@ mod tests {
             std::fs::File::open(&dir).unwrap().set_modified(t).unwrap();
         }
         std::fs::create_dir_all(root.join("run")).unwrap();
+        std::fs::create_dir_all(root.join("log")).unwrap();
+        for log in [
+            "v2-3000.log",
+            "v2-3001.log",
+            "v2-rc-3100.log",
+            "v4-5000.log",
+        ] {
+            std::fs::write(root.join("log").join(log), "a line\n").unwrap();
+        }
         let mut old = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
@@ -194,6 +208,15 @@ mod tests {
             std::fs::read_link(root.join("current")).unwrap(),
             Path::new("releases/v4")
         );
+        // The pruned release's logs go with it; another release's whose name starts alike
+        // (v2-rc) stay.
+        let mut logs: Vec<String> = std::fs::read_dir(root.join("log"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        logs.sort();
+        assert_eq!(logs, ["v2-rc-3100.log", "v4-5000.log"]);
         let mut left: Vec<String> = std::fs::read_dir(root.join("run"))
             .unwrap()
             .flatten()
