@@ -514,7 +514,8 @@ pub enum Stopped {
 /// are gone (checking at once, then every millisecond for the first 10 ms, where a well-behaved
 /// app exits, then every 10 ms up to 100 ms, then every 100 ms) up to `timeout`, KILLs what is
 /// left, prints `down PF` or `killed PF` for each and removes the pid files (one
-/// `rm` for all). `stop_all` is both.
+/// `rm` for all) except of a process still alive 5 s after SIGKILL (`stuck PF`: a process
+/// stuck in the kernel stays recorded, never silently forgotten). `stop_all` is both.
 pub(crate) fn stop_all_fn(signal: StopSignal, timeout: Duration) -> String {
     let limit_ms = timeout.as_millis().max(1);
     // `kill -s SIG -- -PGID`: dash (Debian's and Ubuntu's /bin/sh) refuses `kill -SIG -- -PGID`
@@ -548,6 +549,7 @@ await_all() {{
     else sleep 0.1; _t=$((_t+100)); fi
   done
   [ -z "$_up" ] || _left=$(group_live $_groups)
+  _killed=
   for _pf in "$@"; do
     _pid=; read -r _pid _rest < "$_pf" 2>/dev/null
     _held=
@@ -555,18 +557,30 @@ await_all() {{
     if alive "$_pf" || [ -n "$_held" ]; then
       kill -s KILL -- "-$_pid" 2>/dev/null || kill -s KILL "$_pid" 2>/dev/null || true
       echo "killed $_pf"
+      _killed=1
     else
       echo "down $_pf"
     fi
   done
-  _j=0
-  while [ $_j -lt 50 ]; do
-    _up=
-    for _pf in "$@"; do if alive "$_pf"; then _up=1; break; fi; done
-    [ -n "$_up" ] || [ -z "$(group_live $_groups)" ] || _up=1
-    [ -n "$_up" ] || break
-    sleep 0.1; _j=$((_j+1))
+  if [ -n "$_killed" ]; then
+    _j=0
+    while [ $_j -lt 50 ]; do
+      _up=
+      _left=
+      for _pf in "$@"; do if alive "$_pf"; then _up=1; break; fi; done
+      if [ -z "$_up" ]; then _left=$(group_live $_groups); [ -z "$_left" ] || _up=1; fi
+      [ -n "$_up" ] || break
+      sleep 0.1; _j=$((_j+1))
+    done
+  fi
+  _n=$#
+  for _pf in "$@"; do
+    _pid=; read -r _pid _rest < "$_pf" 2>/dev/null
+    _held=
+    case " $_left " in *" $_pid "*) _held=1 ;; esac
+    if alive "$_pf" || [ -n "$_held" ]; then echo "stuck $_pf"; else set -- "$@" "$_pf"; fi
   done
+  shift $_n
   [ $# -eq 0 ] || rm -f -- "$@"
 }}
 stop_all() {{ signal_all "$@"; await_all "$@"; }}
@@ -628,6 +642,18 @@ pub async fn stop(
         timeout + SCRIPT_TIMEOUT,
     )
     .await?;
+    if out
+        .lines()
+        .any(|l| l.strip_prefix("stuck ") == Some(pid_file.as_str()))
+    {
+        // Its pid file stays, so `cutover status` and the next settle still see it.
+        anyhow::bail!(
+            "{} (pid {}) on {} is still alive 5 s after SIGKILL (a process stuck in the kernel, e.g. on a hung disk or NFS mount): it stays recorded; look at it on the host",
+            inst.version,
+            inst.pid,
+            host.name
+        );
+    }
     Ok(stop_outcome(&out, &pid_file).unwrap_or(Stopped::Gracefully))
 }
 
