@@ -12,7 +12,8 @@
 //!   (the caller pauses and says so). Exactly `min_requests` is judged.
 //! - **Success rate** (Flagger's `request-success-rate`): the share of non-5xx answers among
 //!   completed attempts, where an attempt the proxy could not complete (connect refused,
-//!   reset, timeout: `proxy_errors`) is a failure too. A rate exactly at `min_success_rate`
+//!   reset, timeout: `proxy_errors`) is a failure too, and so is a request its client gave up on
+//!   while waiting for the backend's answer (`abandoned`). A rate exactly at `min_success_rate`
 //!   passes. Comparisons allow 1e-9 points of float slack so that a value printed as equal
 //!   to the threshold is equal to it.
 //! - **p99 latency** (Flagger's `request-duration`): from the latency histogram, reported as
@@ -99,6 +100,7 @@ pub fn delta(after: &Counters, before: &Counters) -> Counters {
         proxy_errors: after.proxy_errors.saturating_sub(before.proxy_errors),
         retries: after.retries.saturating_sub(before.retries),
         broken: after.broken.saturating_sub(before.broken),
+        abandoned: after.abandoned.saturating_sub(before.abandoned),
         latency_us_sum: after.latency_us_sum.saturating_sub(before.latency_us_sum),
         latency_buckets: after
             .latency_buckets
@@ -110,14 +112,21 @@ pub fn delta(after: &Counters, before: &Counters) -> Counters {
 }
 
 /// Share of non-5xx among responses + proxy errors count as failures too, in percent; None when
-/// no requests. A response whose body broke off counts as a failure, not as its status.
+/// no requests. A response whose body broke off counts as a failure, not as its status, and so
+/// does a request its client gave up on while waiting for the head (`abandoned`: the client
+/// got nothing, because the backend was slower than the client's patience).
 ///
-/// The denominator is completed attempts: responses + proxy errors (requests still in flight
-/// have neither an answer nor an error yet).
+/// The denominator is completed attempts: responses + proxy errors + abandoned (requests still
+/// in flight have neither an answer nor an error yet).
 pub fn success_rate(c: &Counters) -> Option<f64> {
-    let good = (c.status_1xx + c.status_2xx + c.status_3xx + c.status_4xx).saturating_sub(c.broken);
-    let total = c.responses() + c.proxy_errors;
+    let (good, total) = good_and_done(c);
     (total > 0).then(|| good as f64 * 100.0 / total as f64)
+}
+
+/// Successful and completed attempts of [`success_rate`].
+fn good_and_done(c: &Counters) -> (u64, u64) {
+    let good = (c.status_1xx + c.status_2xx + c.status_3xx + c.status_4xx).saturating_sub(c.broken);
+    (good, c.responses() + c.proxy_errors + c.abandoned)
 }
 
 /// The 99th percentile as the histogram gives it.
@@ -345,10 +354,7 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
         // release is starved of traffic by health checks and passive ejection, so this is
         // often the only evidence there will ever be.)
         if let Some(min) = cfg.min_success_rate {
-            let c = w.canary;
-            let good = (c.status_1xx + c.status_2xx + c.status_3xx + c.status_4xx)
-                .saturating_sub(c.broken);
-            let done = c.responses() + c.proxy_errors;
+            let (good, done) = good_and_done(w.canary);
             let failed = done.saturating_sub(good);
             let best = (good + cfg.min_requests.saturating_sub(done)) as f64 * 100.0
                 / cfg.min_requests.max(done).max(1) as f64;
@@ -805,6 +811,39 @@ mod tests {
         };
         assert_eq!(success_rate(&inflight), None);
         assert_eq!(success_rate(&Counters::default()), None);
+    }
+
+    #[test]
+    fn a_request_its_client_gave_up_on_is_a_failure() {
+        let c = Counters {
+            requests: 10,
+            status_2xx: 9,
+            abandoned: 1,
+            ..Counters::default()
+        };
+        assert_eq!(success_rate(&c), Some(90.0));
+        // Only abandoned requests: 0 %, not "no completed response".
+        let stalled = Counters {
+            requests: 3,
+            abandoned: 3,
+            ..Counters::default()
+        };
+        assert_eq!(success_rate(&stalled), Some(0.0));
+        let later = Counters {
+            abandoned: 5,
+            ..stalled.clone()
+        };
+        assert_eq!(delta(&later, &stalled).abandoned, 2);
+        assert_eq!(later.since(&stalled).abandoned, 2);
+        let mut sum = stalled.clone();
+        sum.add(&later);
+        assert_eq!((sum.abandoned, sum.served(), sum.failed()), (8, 8, 8));
+        // Counters from before the field (an older proxy, a stored snapshot) still parse.
+        let old: Counters = serde_json::from_str(
+            r#"{"requests":1,"status_2xx":1,"status_3xx":0,"status_4xx":0,"status_5xx":0,"proxy_errors":0,"retries":0,"latency_us_sum":0}"#,
+        )
+        .unwrap();
+        assert_eq!(old.abandoned, 0);
     }
 
     fn hist(pairs: &[(usize, u64)]) -> Counters {

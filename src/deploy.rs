@@ -2152,15 +2152,16 @@ pub fn traffic_between(before: &Stats, after: &Stats) -> (u64, u64, BTreeMap<Str
     let unrouted = after.unrouted.saturating_sub(before.unrouted);
     // Client requests, not attempts: a retried request counts once, by its answer. A response
     // whose head came before and whose body was cut during the deployment (a stream at a
-    // drain deadline) failed during it: it counts, so served is at least failed.
-    let failed = d.status_5xx + d.broken + unrouted;
-    let served = (d.responses() + unrouted).max(failed);
+    // drain deadline) failed during it: it counts, so served is at least failed. A request
+    // whose client gave up waiting for the backend's head got nothing: served and failed.
+    let failed = d.failed() + unrouted;
+    let served = (d.served() + unrouted).max(failed);
     let by_release = after
         .releases
         .iter()
         .map(|(r, c)| {
-            let was = before.releases.get(r).map_or(0, Counters::responses);
-            (r.clone(), c.responses().saturating_sub(was))
+            let was = before.releases.get(r).map_or(0, Counters::served);
+            (r.clone(), c.served().saturating_sub(was))
         })
         .filter(|(_, n)| *n > 0)
         .collect();

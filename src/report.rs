@@ -21,6 +21,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
+#[cfg(doc)]
+use crate::balancer::Counters;
 use crate::balancer::{Balancer, Stats};
 use crate::journal::{DeploymentRow, EventRow, Journal, StepRow, now_ms};
 
@@ -28,7 +30,8 @@ use crate::journal::{DeploymentRow, EventRow, Journal, StepRow, now_ms};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Count {
     pub requests: u64,
-    /// 5xx answers from instances.
+    /// Failed requests: 5xx answers from instances, responses cut off mid-body, requests
+    /// abandoned by their client while the instance kept it waiting ([`Counters::failed`]).
     pub errors: u64,
 }
 
@@ -54,8 +57,8 @@ impl Sample {
                     (
                         r.clone(),
                         Count {
-                            requests: c.responses(),
-                            errors: c.status_5xx + c.broken,
+                            requests: c.served(),
+                            errors: c.failed(),
                         },
                     )
                 })

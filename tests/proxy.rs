@@ -2163,6 +2163,7 @@ async fn a_client_that_breaks_its_upload_off_is_no_backend_failure() {
     .await;
     let stats = h.admin.stats().await.unwrap();
     assert_eq!(stats.total.proxy_errors, 0, "{stats:?}");
+    assert_eq!(stats.total.abandoned, 0, "{stats:?}");
     let m = h.admin.metrics_text().await.unwrap();
     assert!(m.contains("cutover_client_aborted_total 1"), "{m}");
     assert_eq!(h.view("a").await.health, Health::Healthy);
@@ -2170,6 +2171,64 @@ async fn a_client_that_breaks_its_upload_off_is_no_backend_failure() {
     h.proxy.shutdown().await;
     a.stop().await;
     b.stop().await;
+}
+
+/// A client that gives up while a stalled backend keeps it waiting got nothing: the deploy's
+/// proof counts the request as failed instead of not at all (hyper drops the request's future,
+/// so no status, error or 502 is ever counted for it). Unlike a broken-off upload, this is the
+/// backend's failure.
+#[tokio::test]
+async fn a_request_its_client_gives_up_on_counts_as_failed() {
+    use tokio::io::AsyncWriteExt;
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 3))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let before = h.admin.stats().await.unwrap();
+    // A GET, and a POST whose body was sent whole: both wait on the backend when dropped.
+    let requests: [&[u8]; 2] = [
+        b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST /slow HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\n\r\nbody",
+    ];
+    for (i, request) in requests.into_iter().enumerate() {
+        let mut conn = tokio::net::TcpStream::connect(h.proxy.listen)
+            .await
+            .unwrap();
+        conn.write_all(request).await.unwrap();
+        let started = i as u64 + 1;
+        eventually("the request to reach the backend", || async {
+            a.hits.slow_started.load(Ordering::SeqCst) == started
+        })
+        .await;
+        drop(conn);
+        eventually("the proxy to see the client leave", || async {
+            h.admin.stats().await.unwrap().total.abandoned == started
+        })
+        .await;
+    }
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.backends["a"].abandoned, 2, "{stats:?}");
+    assert_eq!(stats.releases["v1"].abandoned, 2, "{stats:?}");
+    assert_eq!(
+        (stats.total.proxy_errors, stats.unrouted),
+        (0, 0),
+        "{stats:?}"
+    );
+    let (served, failed, by_release) = cutover::deploy::traffic_between(&before, &stats);
+    assert_eq!((served, failed), (2, 2), "{stats:?}");
+    assert_eq!(by_release.get("v1"), Some(&2));
+    let m = h.admin.metrics_text().await.unwrap();
+    assert!(m.contains("cutover_client_aborted_total 0"), "{m}");
+    for line in [
+        "cutover_abandoned_total{backend=\"a\",release=\"v1\"} 2",
+        "cutover_release_abandoned_total{release=\"v1\"} 2",
+    ] {
+        assert!(m.contains(line), "{line} missing from\n{m}");
+    }
+    // The client's patience is no evidence against the backend: passive health leaves it.
+    assert_eq!(h.view("a").await.health, Health::Healthy);
+    a.release_slow.send(true).unwrap();
+    h.proxy.shutdown().await;
+    a.stop().await;
 }
 
 /// The backend's head timeout is the backend's time: an upload slower than it is answered.

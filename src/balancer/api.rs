@@ -110,6 +110,15 @@ pub struct Counters {
     /// the status said. A 5xx whose body breaks is counted once, as a 5xx.
     #[serde(default)]
     pub broken: u64,
+    /// Requests whose client went away while waiting for this backend's response head (a
+    /// client timeout shorter than the backend's slowness): no status was ever counted for
+    /// them, yet the client got nothing, so they count as failed. Not to be confused with a
+    /// client that breaks its *upload* off (`cutover_client_aborted_total` in `/metrics`): that
+    /// is the client's doing and no failure; abandonment happens once the request was sent
+    /// whole, while the backend is the one keeping the client waiting. (Older snapshots and
+    /// HAProxy have no such count: 0.)
+    #[serde(default)]
+    pub abandoned: u64,
     /// Sum of response-head latencies in microseconds (mean = sum / responses).
     pub latency_us_sum: u64,
     /// Response-head latency histogram: counts per bucket of [`LATENCY_BUCKETS_MS`] (the last
@@ -131,6 +140,19 @@ impl Counters {
         self.status_1xx + self.status_2xx + self.status_3xx + self.status_4xx + self.status_5xx
     }
 
+    /// Client requests that reached a backend and ended there: answered (a head of any
+    /// status) or abandoned by the client while waiting for the head. What a deploy report
+    /// calls served (plus the proxy's own answers, [`Stats::unrouted`]).
+    pub fn served(&self) -> u64 {
+        self.responses() + self.abandoned
+    }
+
+    /// Requests among [`Counters::served`] that failed the client: a 5xx, a response whose
+    /// body broke off, or no answer before the client gave up.
+    pub fn failed(&self) -> u64 {
+        self.status_5xx + self.broken + self.abandoned
+    }
+
     /// What was counted since `earlier`, a snapshot of the same counters (saturating at 0).
     pub fn since(&self, earlier: &Counters) -> Counters {
         let d = |now: u64, then: u64| now.saturating_sub(then);
@@ -144,6 +166,7 @@ impl Counters {
             proxy_errors: d(self.proxy_errors, earlier.proxy_errors),
             retries: d(self.retries, earlier.retries),
             broken: d(self.broken, earlier.broken),
+            abandoned: d(self.abandoned, earlier.abandoned),
             latency_us_sum: d(self.latency_us_sum, earlier.latency_us_sum),
             latency_buckets: self
                 .latency_buckets
@@ -165,6 +188,7 @@ impl Counters {
         self.proxy_errors += other.proxy_errors;
         self.retries += other.retries;
         self.broken += other.broken;
+        self.abandoned += other.abandoned;
         self.latency_us_sum += other.latency_us_sum;
         if self.latency_buckets.len() < other.latency_buckets.len() {
             self.latency_buckets.resize(other.latency_buckets.len(), 0);

@@ -279,6 +279,7 @@ impl StatRow {
             proxy_errors: self.econ + self.eresp,
             retries: self.wretr + self.wredis,
             broken: 0,
+            abandoned: 0,
             latency_us_sum: 0,
             latency_buckets: Vec::new(),
         }

@@ -75,6 +75,10 @@ impl UploadProgress {
         self.aborted.load(Ordering::Acquire)
     }
 
+    fn is_sent(&self) -> bool {
+        self.sent.load(Ordering::Acquire)
+    }
+
     /// Resolves once the body was read to its end (never, if the client breaks it off).
     async fn sent(&self) {
         loop {
@@ -246,7 +250,10 @@ pub(crate) async fn handle(
         backend.sent();
         let started = Instant::now();
         let method = req.method().clone();
-        match send(proxy, &guard, req, upload.as_deref()).await {
+        let waiting = Waiting::new(proxy, &backend, upload.as_deref());
+        let sent = send(proxy, &guard, req, upload.as_deref()).await;
+        waiting.ended();
+        match sent {
             Ok(mut resp) => {
                 let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let status = resp.status().as_u16();
@@ -295,6 +302,59 @@ pub(crate) async fn handle(
                 *req.method_mut() = method.clone();
                 *req.headers_mut() = headers.clone();
             }
+        }
+    }
+}
+
+/// Watches an attempt while it waits for its backend's response head, so that every request
+/// ends with an outcome in the counters. When the client goes away meanwhile (its own timeout
+/// ran out, it closed the connection, it reset an HTTP/2 stream), hyper drops the request's
+/// future at its `.await`: no status, no proxy error, no 502 is counted. This guard's `Drop`
+/// sees that it was not [`Waiting::ended`] and records the outcome:
+/// - the request had been sent whole: **abandoned**, a failure of the backend's (it kept the
+///   client waiting past its patience; a backend stalled during a deploy must not look clean
+///   to clients whose timeout is shorter than `backend_header_timeout`);
+/// - the client had not finished sending its body: **client aborted**, the client's doing
+///   and no failure, like an upload broken off (see [`Upload`]).
+///
+/// Neither counts against passive health: when the client leaves is the client's choice.
+struct Waiting<'a> {
+    proxy: &'a Proxy,
+    /// `None` once the attempt ended with an outcome of its own.
+    backend: Option<&'a Arc<BackendShared>>,
+    upload: Option<&'a UploadProgress>,
+}
+
+impl<'a> Waiting<'a> {
+    fn new(
+        proxy: &'a Proxy,
+        backend: &'a Arc<BackendShared>,
+        upload: Option<&'a UploadProgress>,
+    ) -> Self {
+        Waiting {
+            proxy,
+            backend: Some(backend),
+            upload,
+        }
+    }
+
+    /// The attempt ended (a head, or an error): its outcome is counted where it is handled.
+    fn ended(mut self) {
+        self.backend = None;
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let Some(backend) = self.backend.take() else {
+            return;
+        };
+        if self.upload.is_some_and(|u| !u.is_sent()) {
+            self.proxy.client_aborted.fetch_add(1, Ordering::Relaxed);
+            debug!(backend = %backend.id, "the client went away before sending its request body whole");
+        } else {
+            backend.abandoned();
+            debug!(backend = %backend.id, "the client went away while waiting for the response head");
         }
     }
 }

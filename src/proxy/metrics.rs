@@ -78,6 +78,20 @@ pub(crate) fn render(proxy: &Proxy) -> String {
     }
     header(
         o,
+        "cutover_release_abandoned_total",
+        "counter",
+        "Requests whose client went away before the release answered, including removed backends' (counted as failed).",
+    );
+    for (r, c) in &releases {
+        let _ = writeln!(
+            o,
+            "cutover_release_abandoned_total{{release=\"{}\"}} {}",
+            esc(r),
+            c.abandoned
+        );
+    }
+    header(
+        o,
         "cutover_request_duration_seconds",
         "histogram",
         "Time to the response head, by release.",
@@ -171,6 +185,14 @@ pub(crate) fn render(proxy: &Proxy) -> String {
         "counter",
         "Responses whose body this backend broke off after the head (clients got them truncated).",
         |b| b.counters.broken,
+    );
+    per_backend(
+        o,
+        &backends,
+        "cutover_abandoned_total",
+        "counter",
+        "Requests whose client went away while this backend had not yet answered (counted as failed; an upload the client broke off is cutover_client_aborted_total instead).",
+        |b| b.counters.abandoned,
     );
     per_backend(
         o,

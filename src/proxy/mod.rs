@@ -279,8 +279,11 @@ pub struct Proxy {
     unrouted: AtomicU64,
     /// Passive ejections, all backends.
     ejections: AtomicU64,
-    /// Requests whose client broke the request body off while it was being forwarded: no
-    /// backend's failure, so neither in `proxy_errors` nor in passive health.
+    /// Requests whose client broke the request body off while it was being forwarded (or
+    /// went away before sending it whole): no backend's failure, so neither in
+    /// `proxy_errors` nor in passive health. A client that goes away after its request was
+    /// sent whole, while the backend keeps it waiting, is the backend's failure instead: it
+    /// counts as `abandoned` in the backend's counters.
     client_aborted: AtomicU64,
     /// Requests and long-lived connections closed at a drain deadline, all backends.
     closed_at_deadline: AtomicU64,

@@ -42,6 +42,7 @@ pub(crate) struct AtomicCounters {
     proxy_errors: AtomicU64,
     retries: AtomicU64,
     broken: AtomicU64,
+    abandoned: AtomicU64,
     latency_us_sum: AtomicU64,
     buckets: [AtomicU64; BUCKETS],
 }
@@ -88,6 +89,10 @@ impl AtomicCounters {
         self.broken.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn abandon(&self) {
+        self.abandoned.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Adds counts another proxy made (its counters at a takeover).
     pub(crate) fn add(&self, c: &Counters) {
         let add = |a: &AtomicU64, n: u64| {
@@ -102,6 +107,7 @@ impl AtomicCounters {
         add(&self.proxy_errors, c.proxy_errors);
         add(&self.retries, c.retries);
         add(&self.broken, c.broken);
+        add(&self.abandoned, c.abandoned);
         add(&self.latency_us_sum, c.latency_us_sum);
         for (mine, n) in self.buckets.iter().zip(&c.latency_buckets) {
             add(mine, *n);
@@ -120,6 +126,7 @@ impl AtomicCounters {
             proxy_errors: get(&self.proxy_errors),
             retries: get(&self.retries),
             broken: get(&self.broken),
+            abandoned: get(&self.abandoned),
             latency_us_sum: get(&self.latency_us_sum),
             latency_buckets: self.buckets.iter().map(get).collect(),
         }
@@ -260,6 +267,14 @@ impl BackendShared {
             self.counters.broke();
             self.release.counters.broke();
         }
+    }
+
+    /// Records a request whose client went away while it waited for this backend's response
+    /// head: a failure for the proof, but not for passive health (the client's patience, not
+    /// the backend, decided when it ended).
+    pub(crate) fn abandoned(&self) {
+        self.counters.abandon();
+        self.release.counters.abandon();
     }
 
     pub(crate) fn retried(&self) {
@@ -1014,12 +1029,19 @@ mod tests {
             let (g, _) = t.pick(&[], Route::default()).unwrap();
             g.backend().sent();
             g.backend().answered(200, 10, true);
+            g.backend().sent();
+            g.backend().abandoned();
+            assert_eq!(g.backend().counters.snapshot().abandoned, 1);
         }
         t.remove("a");
         assert!(t.backend_counters().is_empty());
         let r = t.release_counters();
-        assert_eq!(r["r-a"].requests, 1);
+        assert_eq!(r["r-a"].requests, 2);
         assert_eq!(r["r-a"].status_2xx, 1);
+        assert_eq!(r["r-a"].abandoned, 1);
+        // A takeover's carried counts keep them too.
+        t.add_counts(&BTreeMap::new(), &r);
+        assert_eq!(t.release_counters()["r-a"].abandoned, 2);
     }
 
     #[test]

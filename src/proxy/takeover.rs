@@ -565,8 +565,9 @@ mod tests {
 
     fn counts(release: &str, ok: u64) -> Carried {
         let c = Counters {
-            requests: ok,
+            requests: ok + 1,
             status_2xx: ok,
+            abandoned: 1,
             latency_buckets: vec![ok, 0],
             ..Counters::default()
         };
@@ -595,12 +596,16 @@ mod tests {
         assert_eq!(handed.counts, counts("v1", 10));
         // While draining: 5 more of v1 and a release the first message did not have.
         let mut last = counts("v1", 15);
+        last.releases.get_mut("v1").unwrap().abandoned = 3;
         last.releases
             .insert("v2".into(), counts("v2", 2).releases["v2"].clone());
         old.drained(last).await;
         let delta = handed.drained.wait(Duration::from_secs(1)).await.unwrap();
         assert_eq!(delta.releases["v1"].status_2xx, 5);
         assert_eq!(delta.releases["v1"].latency_buckets, vec![5, 0]);
+        // Requests given up on are failures to carry over like any other.
+        assert_eq!(delta.releases["v1"].abandoned, 2);
+        assert_eq!(delta.releases["v2"].abandoned, 1);
         assert_eq!(delta.releases["v2"].status_2xx, 2);
         assert_eq!(delta.backends["b1"].requests, 5);
         assert_eq!(delta.unrouted, 0);
