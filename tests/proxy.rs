@@ -628,6 +628,76 @@ async fn drain_deadline_cuts_a_streaming_response() {
     a.stop().await;
 }
 
+/// At a drain deadline, requests still waiting for their head are sent to another backend
+/// and answered: the drain report must not count them as closed (the deploy report printed
+/// "N request(s) ... were closed: a cut response counts as failed" next to 0 failed). A
+/// response cut mid-body still counts.
+#[tokio::test]
+async fn requests_retried_after_a_drain_deadline_are_not_reported_closed() {
+    let h = Harness::start_with(
+        settings(health(Duration::from_secs(600), 1, 1000)),
+        pinned(),
+    )
+    .await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
+    // "b" answers /slow at once; "a" holds it until the deadline.
+    b.release_slow.send(true).unwrap();
+    let mut slow = JoinSet::new();
+    for _ in 0..3 {
+        let req = Request::get(h.url("/slow"))
+            .header("cookie", "cutover_release=v1")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let client = h.client.clone();
+        slow.spawn(async move {
+            let resp = tokio::time::timeout(DEADLINE, client.request(req))
+                .await
+                .expect("answered in time")
+                .unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        });
+    }
+    let stream = h.get_pinned("/stream", "v1").await;
+    assert_eq!(stream.status(), StatusCode::OK);
+    let hits = a.hits.clone();
+    eventually("the slow requests to reach a", || {
+        let hits = hits.clone();
+        async move { hits.slow_started.load(Ordering::SeqCst) == 3 }
+    })
+    .await;
+
+    h.admin.drain("a").await.unwrap();
+    let report = h
+        .admin
+        .wait_drained("a", Duration::from_millis(100))
+        .await
+        .unwrap();
+    while let Some(r) = slow.join_next().await {
+        let (status, body) = r.unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, "slow done by b\n")
+        );
+    }
+    assert!(!report.drained, "{report:?}");
+    assert_eq!(
+        report.closed_at_deadline, 1,
+        "only the stream was closed on its client: {report:?}"
+    );
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!((stats.total.retries, stats.unrouted), (3, 0), "{stats:?}");
+    drop(stream);
+    a.release_slow.send(true).unwrap();
+    h.proxy.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_closed_backend_costs_no_failed_get_and_post_is_never_resent() {
     // Checks run once at add, then not again during the test; passive ejection is off

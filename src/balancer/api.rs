@@ -242,7 +242,10 @@ pub struct WaitRequest {
 pub struct DrainReport {
     /// True when in-flight requests reached zero before the deadline.
     pub drained: bool,
-    /// Requests (or long-lived connections) still open at the deadline and closed by the proxy.
+    /// Requests (or long-lived connections) still open at the deadline and closed on their
+    /// clients by the proxy: responses cut mid-body, upgraded connections (WebSocket) closed,
+    /// requests answered 502. A request cut while it still waited for its response head and
+    /// then answered by another backend (a safe retry) is not one: its client never knew.
     pub closed_at_deadline: u64,
     pub waited_ms: u64,
 }

@@ -360,6 +360,7 @@ async fn settle_drain(proxy: &Proxy, id: &str, timeout: Duration) -> Result<Drai
             waited_ms: waited_ms(),
         });
     }
+    let retried_before = shared.cut_and_retried.load(Ordering::Relaxed);
     let open = shared.in_flight.load(Ordering::Acquire);
     shared.cut_in_flight();
     let waited = waited_ms();
@@ -367,9 +368,15 @@ async fn settle_drain(proxy: &Proxy, id: &str, timeout: Duration) -> Result<Drai
         warn!(backend = %id, open, "drain deadline reached: closing requests still in flight");
         wait_idle(&shared, Instant::now() + CUT_SETTLE).await;
     }
+    // Requests cut while still waiting for a head and answered by another backend were not
+    // closed on their clients: the report counts what a client saw end early.
+    let retried = shared
+        .cut_and_retried
+        .load(Ordering::Relaxed)
+        .saturating_sub(retried_before);
     Ok(DrainReport {
         drained: open == 0,
-        closed_at_deadline: open,
+        closed_at_deadline: open.saturating_sub(retried),
         waited_ms: waited,
     })
 }

@@ -13,7 +13,9 @@
 //!   streaming response (SSE, downloads) keeps its backend busy until the last byte is sent or
 //!   the client goes away; draining therefore waits for it.
 //! - At a drain deadline the backend's cut signal fires: bodies still streaming end with an
-//!   error (the client connection is closed), requests still waiting for a head get a 502.
+//!   error (the client connection is closed), requests still waiting for a head are retried
+//!   on another backend when that is safe (their clients never know; the drain report does
+//!   not count them as closed), else they get a 502.
 //! - WebSocket (HTTP/1.1 `Upgrade`) requests are tunnelled; the tunnel holds the guard too and
 //!   is closed by the cut signal, so upgraded connections drain like any other request.
 //! - The hot path allocates little: the client's IP header value is built once per
@@ -280,6 +282,7 @@ pub(crate) async fn handle(
                 let failures = backend.failed();
                 let reason = e.to_string();
                 let timed_out = matches!(e, SendError::Timeout(_));
+                let cut = matches!(e, SendError::Cut);
                 debug!(backend = %backend.id, %method, path = %pq, "backend failed: {reason}");
                 proxy.passive_failure(&backend, failures, &reason);
                 // A backend that took the request and went quiet may still be working on it:
@@ -292,10 +295,15 @@ pub(crate) async fn handle(
                     return bad_gateway(proxy, false);
                 };
                 tried.push(backend.uid);
-                drop(guard);
                 let Some((next, _)) = proxy.table().pick(&tried, route) else {
                     return bad_gateway(proxy, false);
                 };
+                if cut {
+                    // Counted while the cut backend still has the request in flight, so a
+                    // drain report that waits for it to settle sees the count.
+                    backend.cut_and_retried.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(guard);
                 backend.retried();
                 guard = next;
                 req = Request::new(Either::Right(Empty::new()));

@@ -198,6 +198,10 @@ pub(crate) struct BackendShared {
     /// an older epoch are closed.
     pub(crate) cut_epoch: AtomicU64,
     pub(crate) cut: Arc<Notify>,
+    /// Requests a cut caught while they waited for a response head and that were then sent
+    /// to another backend: their clients never knew, so a drain report does not count them
+    /// as closed.
+    pub(crate) cut_and_retried: AtomicU64,
     /// Failed requests in a row (passive health check): connection failures, 5xx with
     /// `eject_on_5xx`, and responses whose body broke off. A response clears it only once
     /// its body has ended whole.
@@ -536,6 +540,7 @@ impl Table {
             idle: Notify::new(),
             cut_epoch: AtomicU64::new(0),
             cut: Arc::new(Notify::new()),
+            cut_and_retried: AtomicU64::new(0),
             consecutive_errors: AtomicU64::new(0),
             body_broke: Notify::new(),
         });
