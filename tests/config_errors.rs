@@ -538,3 +538,24 @@ fn wrong_types_say_how_to_write_the_value() {
     let err = error_for(&GOOD.replace("name = \"shop\"", "name = 5"));
     assert!(err.contains("put the value in quotes"), "{err}");
 }
+
+/// A version whose release exists nowhere is an input error before anything is recorded, not
+/// a deployment that fails on every host and reports a rollback.
+#[test]
+fn an_unknown_release_is_refused_before_anything_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(dir.path(), GOOD, &["deploy", "--version", "v9"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--version v9: no such release")
+            && err.contains("builds/v9 is not a directory"),
+        "{err}"
+    );
+    let (code, err) = run(dir.path(), GOOD, &["rollback", "--to", "v9"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--to v9: no such release"), "{err}");
+    assert!(
+        !dir.path().join(".cutover").exists(),
+        "nothing was recorded"
+    );
+}
