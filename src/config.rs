@@ -1198,16 +1198,8 @@ impl Config {
                 "no hosts: add at least one [[hosts]] table with name, address and root".into(),
             ));
         }
-        let at_host = |i: usize, key: &str, message: String| {
-            let offset = find_entry_key(text, "hosts", i, key).unwrap_or(0);
-            ConfigError::at(
-                &self.file,
-                text,
-                offset,
-                Some(format!("hosts.{key}")),
-                message,
-            )
-        };
+        let at_host =
+            |i: usize, key: &str, message: String| self.entry_error(text, "hosts", i, key, message);
         let mut names = HashSet::new();
         // Local hosts share this machine, so each needs its own root; SSH hosts share a
         // root path only when they are the same machine (address and port).
@@ -1348,14 +1340,7 @@ impl Config {
         for (i, hook) in self.hooks.iter().enumerate() {
             let err = |key: &str, message: String| {
                 let key = key.strip_prefix("hooks.").unwrap_or(key);
-                let offset = find_entry_key(text, "hooks", i, key).unwrap_or(0);
-                ConfigError::at(
-                    &self.file,
-                    text,
-                    offset,
-                    Some(format!("hooks.{key}")),
-                    message,
-                )
+                self.entry_error(text, "hooks", i, key, message)
             };
             if hook.command.trim().is_empty() {
                 return Err(err("hooks.command", "a hook's command is empty".into()));
@@ -1477,6 +1462,25 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// An error about `key` of the `i`-th `[[table]]` entry, placed at that entry's line.
+    fn entry_error(
+        &self,
+        text: &str,
+        table: &str,
+        i: usize,
+        key: &str,
+        message: String,
+    ) -> ConfigError {
+        let offset = find_entry_key(text, table, i, key).unwrap_or(0);
+        ConfigError::at(
+            &self.file,
+            text,
+            offset,
+            Some(format!("{table}.{key}")),
+            message,
+        )
     }
 
     /// Checks each strategy's spec, so a wrong one is a load-time error, never a silent success.
@@ -1723,16 +1727,8 @@ impl Config {
             }
         }
         for (i, v) in self.verify.iter().enumerate() {
-            let at_verify = |key: &str, message: String| {
-                let offset = find_entry_key(text, "verify", i, key).unwrap_or(0);
-                ConfigError::at(
-                    &self.file,
-                    text,
-                    offset,
-                    Some(format!("verify.{key}")),
-                    message,
-                )
-            };
+            let at_verify =
+                |key: &str, message: String| self.entry_error(text, "verify", i, key, message);
             if v.command.trim().is_empty() {
                 return Err(at_verify(
                     "command",

@@ -910,7 +910,10 @@ impl Deployer {
         };
         let (served, failed_requests, served_by_release) = traffic_between(&baseline, &stats_after);
         let counts = if !known {
-            Some("not known: the balancer's counters could not be read at the end".to_string())
+            Some(format!(
+                "{}: the balancer's counters could not be read at the end",
+                crate::report::COUNTS_NOT_KNOWN
+            ))
         } else if restarted {
             Some("only since the balancer's counters restarted during the deployment".to_string())
         } else if run.taken_over {

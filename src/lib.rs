@@ -7,6 +7,7 @@
 //! the built-in one; [`batch`] turns a rolling spec into batches (pure); [`deploy`] carries a
 //! strategy out step by step.
 
+pub mod accept;
 pub mod analysis;
 pub mod atomic_file;
 pub mod balancer;

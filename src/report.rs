@@ -289,6 +289,15 @@ pub fn served_failed(row: &DeploymentRow) -> Option<(u64, u64)> {
     ))
 }
 
+/// How `Report::counts` begins when the balancer's counters could not be read at the end: the
+/// numbers beside it are not known, not zero.
+pub const COUNTS_NOT_KNOWN: &str = "not known";
+
+/// Whether a `Report::counts` caveat says the counts are not known at all.
+pub fn counts_unknown(caveat: &str) -> bool {
+    caveat.starts_with(COUNTS_NOT_KNOWN)
+}
+
 /// Why a finished deployment's counts are not its whole traffic (a balancer restart, a
 /// takeover of an interrupted deployment, counters unreadable at the end), if they are not.
 pub fn counts_caveat(row: &DeploymentRow) -> Option<String> {

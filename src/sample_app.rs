@@ -40,9 +40,8 @@ use hyper::body::{Body, Frame};
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -161,37 +160,18 @@ pub async fn serve(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true).timer(TokioTimer::new());
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let app = app.clone();
-                    let service = service_fn(move |req| app.clone().handle(req));
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(error) = conn.await {
-                            tracing::debug!(error = %error, "sample-app connection ended with an error");
-                        }
-                    });
-                }
-                Err(error) => {
-                    // Usually a connection reset before accept, or out of file descriptors:
-                    // pause a little so the latter does not spin.
-                    tracing::warn!(error = %error, "sample-app accept failed");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-        }
-    }
-    drop(listener);
+    let graceful = crate::accept::serve_until(
+        listener,
+        &builder,
+        || {
+            let app = app.clone();
+            service_fn(move |req| app.clone().handle(req))
+        },
+        shutdown,
+        "sample-app",
+        Duration::from_millis(10),
+    )
+    .await;
     app.draining.send_replace(true);
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await

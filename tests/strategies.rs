@@ -27,6 +27,15 @@ async fn stop_after(run: load::LoadRun, min: u64) -> load::LoadReport {
     run.stop().await
 }
 
+/// SIGKILLs every live instance of `version`: a release that dies under the deploy.
+fn kill_instances_of(fleet: &Fleet, version: &str) {
+    for (v, pid) in fleet.live_instances() {
+        if v == version {
+            common::kill_if_alive(pid as i32);
+        }
+    }
+}
+
 fn phase(d: &serde_json::Value) -> String {
     d["status"]["phase"].as_str().unwrap_or("").to_string()
 }
@@ -684,11 +693,7 @@ async fn blue_green_switches_back_when_green_dies_in_the_window() {
         .await;
     run.wait_until(|r| r.by_version.get("v2").copied().unwrap_or(0) >= 100)
         .await;
-    for (version, pid) in fleet.live_instances() {
-        if version == "v2" {
-            common::kill_if_alive(pid as i32);
-        }
-    }
+    kill_instances_of(&fleet, "v2");
     let (code, out, err) = tokio::time::timeout(Duration::from_secs(20), deploy)
         .await
         .expect("the deploy ends well before scale_down_delay")
@@ -733,11 +738,7 @@ async fn a_canary_that_dies_is_aborted_not_held_as_inconclusive() {
             d["status"]["step"] == "step 1/2" && d["status"]["verdict"].is_object()
         })
         .await;
-    for (version, pid) in fleet.live_instances() {
-        if version == "v2" {
-            common::kill_if_alive(pid as i32);
-        }
-    }
+    kill_instances_of(&fleet, "v2");
     let (code, out, err) = tokio::time::timeout(Duration::from_secs(30), deploy)
         .await
         .expect("the step ends well before its pause")

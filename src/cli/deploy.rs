@@ -398,7 +398,7 @@ pub fn print_report(r: &Report) {
         format!(" ({})", by.join(", "))
     };
     let _ = match &r.counts {
-        Some(c) if c.starts_with("not known") => {
+        Some(c) if crate::report::counts_unknown(c) => {
             writeln!(out, "  requests during the deploy: {c}")
         }
         Some(c) => writeln!(

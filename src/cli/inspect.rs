@@ -3,6 +3,7 @@
 use crate::config::Config;
 use crate::fleet;
 use crate::journal::Journal;
+use crate::report::{counts_caveat, counts_unknown};
 
 use super::{LogsArgs, connect};
 
@@ -185,11 +186,11 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
                 "{:.1}",
                 e.saturating_sub(r.started_ms) as f64 / 1000.0
             )),
-            counted(num("served"), caveat(r)),
-            counted(num("failed_requests"), caveat(r)),
+            counted(num("served"), counts_caveat(r)),
+            counted(num("failed_requests"), counts_caveat(r)),
         );
     }
-    if records.iter().any(|r| caveat(r).is_some()) {
+    if records.iter().any(|r| counts_caveat(r).is_some()) {
         println!(
             "(?: not known; *: only part of the deployment was counted; `cutover show ID` says why)"
         );
@@ -197,16 +198,12 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn caveat(row: &crate::journal::DeploymentRow) -> Option<String> {
-    crate::report::counts_caveat(row)
-}
-
 /// A count for the history table: `?` when it is not known, `N*` when it covers only part of
 /// the deployment.
 fn counted(n: Option<u64>, caveat: Option<String>) -> String {
     match (n, caveat) {
         (None, _) => "-".into(),
-        (Some(_), Some(c)) if c.starts_with("not known") => "?".into(),
+        (Some(_), Some(c)) if counts_unknown(&c) => "?".into(),
         (Some(n), Some(_)) => format!("{n}*"),
         (Some(n), None) => n.to_string(),
     }
@@ -238,8 +235,8 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
     );
     if let Some(r) = &row.report {
         let n = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        match caveat(&row) {
-            Some(c) if c.starts_with("not known") => println!("  requests while it ran: {c}"),
+        match counts_caveat(&row) {
+            Some(c) if counts_unknown(&c) => println!("  requests while it ran: {c}"),
             Some(c) => println!(
                 "  requests while it ran: {} served, {} failed ({c})",
                 n("served"),

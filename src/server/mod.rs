@@ -270,9 +270,8 @@ pub async fn serve_http(
     header_read: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
     use hyper_util::server::conn::auto;
-    use hyper_util::server::graceful::GracefulShutdown;
     use tower_service::Service;
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -281,39 +280,21 @@ pub async fn serve_http(
         .timer(TokioTimer::new())
         .header_read_timeout(header_read);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let router = router.clone();
-                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let mut router = router.clone();
-                        router.call(req.map(axum::body::Body::new))
-                    });
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = graceful.watch(conn);
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!("serve: connection ended: {e}");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors, usually: pause so it does not spin.
-                    tracing::warn!("serve: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-        }
-    }
-    drop(listener);
+    let graceful = crate::accept::serve_until(
+        listener,
+        &builder,
+        || {
+            let router = router.clone();
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let mut router = router.clone();
+                router.call(req.map(axum::body::Body::new))
+            })
+        },
+        shutdown,
+        "serve",
+        Duration::from_millis(50),
+    )
+    .await;
     graceful.shutdown().await;
 }
 

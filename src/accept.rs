@@ -1,0 +1,64 @@
+//! The accept loop of the small HTTP servers (`cutover serve`, `sample-app`): every connection
+//! on its own task, watched for a graceful shutdown. (The proxy has its own listener: it hands
+//! sockets over between processes and counts connections.)
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::service::Service;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+/// Accepts connections on `listener` and serves each with `service()` until `shutdown`
+/// resolves; then closes the listener and returns the watch over the open connections, for the
+/// caller to drain as it sees fit. `what` names the server in logs; a failed accept (out of
+/// file descriptors, usually) pauses `pause` so it does not spin.
+pub async fn serve_until<S, B>(
+    listener: TcpListener,
+    builder: &auto::Builder<TokioExecutor>,
+    service: impl Fn() -> S,
+    shutdown: impl std::future::Future<Output = ()>,
+    what: &'static str,
+    pause: Duration,
+) -> GracefulShutdown
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn StdError + Send + Sync>>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn StdError + Send + Sync>>,
+{
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service())
+                        .into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!("{what}: connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("{what}: accept failed: {e}");
+                    tokio::time::sleep(pause).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    graceful
+}
