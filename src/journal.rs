@@ -37,10 +37,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 /// The schema this cutover writes.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// Migrations from version N-1 to N, in order; index 0 creates version 1.
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     // 1: deployments and steps.
     "CREATE TABLE deployments (
         id TEXT PRIMARY KEY,
@@ -106,7 +106,27 @@ const MIGRATIONS: [&str; 4] = [
         at_ms INTEGER NOT NULL
     );
     CREATE INDEX pushes_by_key ON pushes(key, id);",
+    // 5: jobs waiting in `cutover serve`'s queue, so a restart runs them instead of losing
+    // a push it had accepted. A job leaves the table when it starts, is replaced or cancelled;
+    // AUTOINCREMENT keeps job ids unique across restarts.
+    "CREATE TABLE serve_queue (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        work_json TEXT NOT NULL,
+        key TEXT,
+        trigger TEXT NOT NULL,
+        queued_ms INTEGER NOT NULL
+    );",
 ];
+
+/// A job `cutover serve` had queued (see [`Journal::queue_job`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedJob {
+    pub id: u64,
+    pub work_json: String,
+    pub key: Option<String>,
+    pub trigger: String,
+    pub queued_ms: u64,
+}
 
 /// Accepted pushes kept in the journal (the oldest are dropped past this).
 const PUSHES_KEPT: i64 = 10_000;
@@ -925,6 +945,48 @@ impl Journal {
             )
         })?;
         Ok(())
+    }
+
+    /// Keeps a job `cutover serve` queued; returns its id.
+    pub fn queue_job(
+        &self,
+        work_json: &str,
+        key: Option<&str>,
+        trigger: &str,
+        queued_ms: u64,
+    ) -> anyhow::Result<u64> {
+        self.write(|c| {
+            c.execute(
+                "INSERT INTO serve_queue (work_json, key, trigger, queued_ms) VALUES (?1, ?2, ?3, ?4)",
+                params![work_json, key, trigger, queued_ms as i64],
+            )?;
+            Ok(c.last_insert_rowid() as u64)
+        })
+    }
+
+    /// Forgets a queued job (it started, was replaced or cancelled).
+    pub fn unqueue_job(&self, id: u64) -> anyhow::Result<()> {
+        self.write(|c| c.execute("DELETE FROM serve_queue WHERE id = ?1", params![id as i64]))?;
+        Ok(())
+    }
+
+    /// The jobs `cutover serve` had queued, oldest first.
+    pub fn queued_jobs(&self) -> anyhow::Result<Vec<QueuedJob>> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT id, work_json, key, trigger, queued_ms FROM serve_queue ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(QueuedJob {
+                    id: r.get::<_, i64>(0)? as u64,
+                    work_json: r.get(1)?,
+                    key: r.get(2)?,
+                    trigger: r.get(3)?,
+                    queued_ms: r.get::<_, i64>(4)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     /// The release the fleet was left on by the newest finished deployment, as far as the

@@ -279,10 +279,11 @@ async fn every_endpoint_answers_with_the_token() {
     assert_eq!(status, 404, "{v}");
 }
 
-/// Review finding 2: jobs still queued when `cutover serve` stops are not lost silently: each
-/// is printed with the command that runs it by hand (after the running deployment finished).
+/// Jobs still queued when `cutover serve` stops are not lost: they stay in the journal, are
+/// said to stay, and run when serve starts again; `--drop-queued` drops them instead, each
+/// printed with the command that runs it by hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn queued_jobs_left_at_shutdown_are_printed_with_their_command() {
+async fn queued_jobs_outlive_a_restart_unless_dropped() {
     let mut served = Served::start(FleetSpec::new(2, 17)).await;
     let mut gate = Gate::new(served.fleet.dir.path(), "g2");
     write_release(&served, "g2", Some(("web2", &gate)));
@@ -298,11 +299,48 @@ async fn queued_jobs_left_at_shutdown_are_printed_with_their_command() {
     gate.open();
     let status = served.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{status:?}\n{}", served.log());
-    let log = served.log();
     let expected = format!(
-        "job {waiting} (deploy v1 (api)) was queued and is not run: cutover serve stopped; to run it: cutover -c {} deploy --version v1",
+        "job {waiting} (deploy v1 (api)) stays queued: it runs when cutover serve starts again"
+    );
+    assert!(
+        served.log().contains(&expected),
+        "{expected}\nnot in:\n{}",
+        served.log()
+    );
+    served.fleet.assert_on("g2").await;
+
+    // Started again, it runs the kept job under its id.
+    served.start_again(&[]).await;
+    let job = served.wait_job(waiting).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    served.fleet.assert_on("v1").await;
+
+    // With --drop-queued, a job kept from before is dropped and printed with its command.
+    let mut gate = Gate::new(served.fleet.dir.path(), "g3");
+    write_release(&served, "g3", Some(("web2", &gate)));
+    let running = served.queue_deploy("g3").await;
+    gate.wait_reached(Duration::from_secs(60)).await;
+    let dropped = served.queue_deploy("g2").await;
+    assert!(
+        dropped > waiting,
+        "job ids are not reused: {dropped} after {waiting}"
+    );
+    assert_eq!(unsafe { libc::kill(served.pid() as i32, libc::SIGTERM) }, 0);
+    gate.open();
+    assert!(served.wait_exit(Duration::from_secs(60)).await.success());
+    served.start_again(&["--drop-queued"]).await;
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(q["queued"].as_array().unwrap().is_empty(), "{q}");
+    assert!(q["running"].is_null(), "{q}");
+    let expected = format!(
+        "job {dropped} (deploy g2 (api)) was queued and is dropped (--drop-queued); to run it: cutover -c {} deploy --version g2",
         served.fleet.config.display()
     );
-    assert!(log.contains(&expected), "{expected}\nnot in:\n{log}");
-    served.fleet.assert_on("g2").await;
+    assert!(
+        served.log().contains(&expected),
+        "{expected}\nnot in:\n{}",
+        served.log()
+    );
+    assert!(running < dropped);
+    served.fleet.assert_on("g3").await;
 }

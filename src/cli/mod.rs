@@ -110,7 +110,15 @@ pub enum Command {
     SampleApp(crate::sample_app::SampleAppArgs),
     /// Push-button deployment: a dashboard, a JSON API and GitHub push webhooks on [serve]
     /// listen; deployments run one at a time from a queue. See docs/serve.md.
-    Serve,
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Drop the jobs that were still queued when `cutover serve` last stopped (each is printed
+    /// with the command that runs it by hand) instead of running them.
+    #[arg(long)]
+    pub drop_queued: bool,
 }
 
 #[derive(Args, Debug)]
@@ -274,9 +282,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             keep: args.keep,
             rate: args.rate,
         })),
-        Command::Serve => {
+        Command::Serve(args) => {
             let config = Config::load(&cli.config)?;
-            runtime()?.block_on(crate::server::run(config)).map(|_| 0)
+            runtime()?
+                .block_on(crate::server::run(config, args.drop_queued))
+                .map(|_| 0)
         }
         Command::SampleApp(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -364,7 +364,7 @@ async fn start_deploy(
         },
         None,
         "api".into(),
-    );
+    )?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
 }
 
@@ -395,7 +395,9 @@ async fn rollback(
             "no earlier release is recorded in the journal: name one with {\"to\": VERSION}".into(),
         ));
     }
-    let (job, _) = state.queue.push(Work::Rollback { to }, None, "api".into());
+    let (job, _) = state
+        .queue
+        .push(Work::Rollback { to }, None, "api".into())?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
 }
 
@@ -725,9 +727,13 @@ pub async fn github_hook(
                         Err(e) => return e.into_response(),
                     }
                     let (job, replaced) =
-                        state
+                        match state
                             .queue
-                            .push(Work::Deploy { version }, Some(key), trigger);
+                            .push(Work::Deploy { version }, Some(key), trigger)
+                        {
+                            Ok(queued) => queued,
+                            Err(e) => return ApiError::from(e).into_response(),
+                        };
                     state.say(&format!(
                         "github webhook {delivery}: queued job {} ({}){}",
                         job.id,

@@ -214,18 +214,23 @@ impl ServeState {
         let settings = Settings::from_config(&config)?;
         let journal = Arc::new(Journal::open(&config.state_dir)?);
         let (transport, balancer) = crate::cli::connect(&config)?;
-        Ok(ServeState(Arc::new(Inner {
+        let (queue, unreadable) = Queue::kept_in(journal.clone())?;
+        let state = ServeState(Arc::new(Inner {
             config: Arc::new(config),
             settings,
             journal,
             transport,
             live: Arc::new(sampler::Live::new(balancer.clone())),
             balancer,
-            queue: Queue::new(),
+            queue,
             log: Mutex::new(Default::default()),
             pushes: Mutex::new(()),
             webhook_bodies: tokio::sync::Semaphore::new(api::WEBHOOK_BODIES),
-        })))
+        }));
+        for line in unreadable {
+            state.say(&line);
+        }
+        Ok(state)
     }
 
     fn say(&self, line: &str) {
@@ -353,8 +358,26 @@ pub async fn start(state: ServeState) -> anyhow::Result<Handle> {
 /// `cutover serve`: runs until SIGINT or SIGTERM. A running deployment is not interrupted by
 /// the first signal: the process waits for it (a second signal exits at once; the journal
 /// then lets `cutover deploy --resume` or `cutover rollback` finish the job).
-pub async fn run(config: Config) -> anyhow::Result<()> {
+///
+/// Jobs still queued at the end stay in the journal and run when `cutover serve` starts again;
+/// `drop_queued` drops such jobs instead, printing for each the command that runs it by hand.
+pub async fn run(config: Config, drop_queued: bool) -> anyhow::Result<()> {
     let state = ServeState::new(config)?;
+    let kept = if drop_queued {
+        for line in dropped_jobs(&state, "dropped (--drop-queued)") {
+            state.say(&line);
+        }
+        Vec::new()
+    } else {
+        state.queue.view().queued
+    };
+    for job in &kept {
+        state.say(&format!(
+            "job {} ({}) was queued when cutover serve last stopped: it runs in turn (`cutover serve --drop-queued` drops such jobs instead)",
+            job.id,
+            describe(job)
+        ));
+    }
     let handle = start(state).await?;
     let github = match &handle.state.settings.github {
         Some(g) => match &g.repository {
@@ -385,17 +408,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = wait_for_signal() => {}
         }
     }
-    // Queued jobs do not survive the process: say what each was and how to run it by hand.
-    for line in dropped_jobs(&handle.state) {
+    // Queued jobs stay in the journal for the next start: say so, so that nobody waits for them.
+    for job in handle.state.queue.view().queued {
+        let line = format!(
+            "job {} ({}) stays queued: it runs when cutover serve starts again (`cutover serve --drop-queued` drops it instead)",
+            job.id,
+            describe(&job)
+        );
         eprintln!("cutover serve: {line}");
         handle.state.log_line(&line);
     }
     Ok(())
 }
 
-/// Cancels the jobs still queued (the server stops) and says, for each, the command that runs
-/// it from a terminal.
-fn dropped_jobs(state: &ServeState) -> Vec<String> {
+/// Cancels the jobs still queued, as `what`, and says, for each, the command that runs it from
+/// a terminal.
+fn dropped_jobs(state: &ServeState, what: &str) -> Vec<String> {
     let config = state.config.file.display().to_string();
     let config = if config.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
         format!("'{}'", config.replace('\'', "'\\''"))
@@ -404,16 +432,18 @@ fn dropped_jobs(state: &ServeState) -> Vec<String> {
     };
     state
         .queue
-        .cancel_queued("not run: cutover serve stopped")
+        .cancel_queued(&format!("not run: {what}"))
         .iter()
         .map(|job| {
             let command = match &job.work {
-                Work::Deploy { version } => format!("cutover -c {config} deploy --version {version}"),
+                Work::Deploy { version } => {
+                    format!("cutover -c {config} deploy --version {version}")
+                }
                 Work::Rollback { to: Some(v) } => format!("cutover -c {config} rollback --to {v}"),
                 Work::Rollback { to: None } => format!("cutover -c {config} rollback"),
             };
             format!(
-                "job {} ({}) was queued and is not run: cutover serve stopped; to run it: {command}",
+                "job {} ({}) was queued and is {what}; to run it: {command}",
                 job.id,
                 describe(job)
             )
@@ -441,6 +471,9 @@ async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
         };
         let mut job = job;
         state.say(&format!("job {} starts: {}", job.id, describe(&job)));
+        if let Some(warning) = job.error.take() {
+            state.say(&warning);
+        }
         state.live.set_fast(true);
         let from = crate::journal::now_ms();
         state.live.sample_now().await;

@@ -5,17 +5,21 @@
 //! delays the one people want. The running job is never replaced or cancelled from here:
 //! stopping a deployment mid-way is a decision (`abort`, `rollback`) that goes through the
 //! journal to the deployer, which knows how to leave the fleet whole.
+//!
+//! Kept in the journal ([`Queue::kept_in`]), waiting jobs outlive the process: a push accepted
+//! just before a restart (an upgrade of cutover, a reboot) is deployed when `cutover serve`
+//! starts again, instead of being lost where nobody reads the shutdown message.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
-use crate::journal::now_ms;
+use crate::journal::{Journal, now_ms};
 
 /// What a job does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Work {
     /// Deploy a version.
@@ -101,35 +105,82 @@ struct Inner {
 pub struct Queue {
     inner: Mutex<Inner>,
     wake: Notify,
+    /// Where waiting jobs are kept across restarts; `None`: in memory only.
+    store: Option<Arc<Journal>>,
 }
 
 impl Queue {
+    /// A queue in memory only.
     pub fn new() -> Queue {
         Queue::default()
+    }
+
+    /// A queue whose waiting jobs are kept in `journal`, holding the jobs that waited when
+    /// the last `cutover serve` stopped (next first). A kept job this cutover cannot read (a
+    /// newer one wrote it) is dropped and returned as a message.
+    pub fn kept_in(journal: Arc<Journal>) -> anyhow::Result<(Queue, Vec<String>)> {
+        let mut unreadable = Vec::new();
+        let mut inner = Inner::default();
+        for kept in journal.queued_jobs()? {
+            match serde_json::from_str::<Work>(&kept.work_json) {
+                Ok(work) => inner.queued.push_back(Job::queued(
+                    kept.id,
+                    work,
+                    kept.key,
+                    kept.trigger,
+                    kept.queued_ms,
+                )),
+                Err(e) => {
+                    journal.unqueue_job(kept.id)?;
+                    unreadable.push(format!(
+                        "job {} ({}) kept in {} cannot be read ({e}): dropped",
+                        kept.id,
+                        kept.work_json,
+                        journal.path().display()
+                    ));
+                }
+            }
+        }
+        let queue = Queue {
+            inner: Mutex::new(inner),
+            wake: Notify::new(),
+            store: Some(journal),
+        };
+        Ok((queue, unreadable))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a job; returns it and the queued job it replaced, if any.
-    pub fn push(&self, work: Work, key: Option<String>, trigger: String) -> (Job, Option<Job>) {
+    /// Forgets a job that no longer waits. A failure only means the job would run again
+    /// after a restart, so it is returned to say, not to stop anything.
+    fn unkeep(&self, id: u64) -> Option<String> {
+        let store = self.store.as_ref()?;
+        store.unqueue_job(id).err().map(|e| {
+            format!("job {id} left the queue, but the journal could not record it: it would run again after a restart: {e:#}")
+        })
+    }
+
+    /// Queues a job; returns it and the queued job it replaced, if any. Fails only when the
+    /// job cannot be kept in the journal.
+    pub fn push(
+        &self,
+        work: Work,
+        key: Option<String>,
+        trigger: String,
+    ) -> anyhow::Result<(Job, Option<Job>)> {
         let mut q = self.lock();
-        q.next_id += 1;
-        let job = Job {
-            id: q.next_id,
-            work,
-            key,
-            trigger,
-            state: JobState::Queued,
-            queued_ms: now_ms(),
-            started_ms: None,
-            ended_ms: None,
-            deployment: None,
-            outcome: None,
-            error: None,
-            replaced_by: None,
+        let queued_ms = now_ms();
+        let id = match &self.store {
+            Some(store) => {
+                let work_json = serde_json::to_string(&work)?;
+                store.queue_job(&work_json, key.as_deref(), &trigger, queued_ms)?
+            }
+            None => q.next_id + 1,
         };
+        q.next_id = q.next_id.max(id);
+        let job = Job::queued(id, work, key, trigger, queued_ms);
         let mut replaced = None;
         let same = job
             .key
@@ -156,6 +207,7 @@ impl Queue {
                 old.state = JobState::Replaced;
                 old.ended_ms = Some(now_ms());
                 old.replaced_by = Some(job.id);
+                old.error = self.unkeep(old.id);
                 replaced = Some(old.clone());
                 remember(&mut q, old);
             }
@@ -163,7 +215,7 @@ impl Queue {
         }
         drop(q);
         self.wake.notify_one();
-        (job, replaced)
+        Ok((job, replaced))
     }
 
     /// Removes a queued job.
@@ -183,6 +235,7 @@ impl Queue {
         let mut job = q.queued.remove(i).expect("position is in range");
         job.state = JobState::Cancelled;
         job.ended_ms = Some(now_ms());
+        job.error = self.unkeep(id);
         remember(&mut q, job.clone());
         Ok(job)
     }
@@ -196,6 +249,7 @@ impl Queue {
         let mut job = q.queued.pop_front()?;
         job.state = JobState::Running;
         job.started_ms = Some(now_ms());
+        job.error = self.unkeep(job.id);
         q.running = Some(job.clone());
         Some(job)
     }
@@ -220,7 +274,10 @@ impl Queue {
         for mut job in jobs {
             job.state = JobState::Cancelled;
             job.ended_ms = Some(now_ms());
-            job.error = Some(why.to_string());
+            job.error = Some(match self.unkeep(job.id) {
+                Some(e) => format!("{why}; {e}"),
+                None => why.to_string(),
+            });
             remember(&mut q, job.clone());
             out.push(job);
         }
@@ -266,6 +323,25 @@ impl Queue {
     }
 }
 
+impl Job {
+    fn queued(id: u64, work: Work, key: Option<String>, trigger: String, queued_ms: u64) -> Job {
+        Job {
+            id,
+            work,
+            key,
+            trigger,
+            state: JobState::Queued,
+            queued_ms,
+            started_ms: None,
+            ended_ms: None,
+            deployment: None,
+            outcome: None,
+            error: None,
+            replaced_by: None,
+        }
+    }
+}
+
 fn remember(q: &mut Inner, job: Job) {
     q.finished.push_front(job);
     q.finished.truncate(FINISHED_KEPT);
@@ -285,13 +361,13 @@ mod tests {
     fn newer_push_replaces_the_queued_one_never_the_running_one() {
         let q = Queue::new();
         let key = || Some("push:refs/heads/main".to_string());
-        let (a, _) = q.push(deploy("a"), key(), "push a".into());
+        let (a, _) = q.push(deploy("a"), key(), "push a".into()).unwrap();
         let running = q.start_next().unwrap();
         assert_eq!(running.id, a.id);
-        let (b, none) = q.push(deploy("b"), key(), "push b".into());
+        let (b, none) = q.push(deploy("b"), key(), "push b".into()).unwrap();
         assert!(none.is_none(), "the running job is not replaced");
-        let (other, _) = q.push(deploy("x"), None, "api".into());
-        let (c, replaced) = q.push(deploy("c"), key(), "push c".into());
+        let (other, _) = q.push(deploy("x"), None, "api".into()).unwrap();
+        let (c, replaced) = q.push(deploy("c"), key(), "push c".into()).unwrap();
         let replaced = replaced.unwrap();
         assert_eq!(replaced.id, b.id);
         assert_eq!(replaced.state, JobState::Replaced);
@@ -317,20 +393,22 @@ mod tests {
     fn a_newer_push_does_not_overtake_a_queued_rollback() {
         let q = Queue::new();
         let key = || Some("push:acme/web:refs/heads/main".to_string());
-        q.push(deploy("running"), None, "api".into());
+        q.push(deploy("running"), None, "api".into()).unwrap();
         q.start_next().unwrap();
-        let (b, _) = q.push(deploy("b"), key(), "push b".into());
-        let (back, _) = q.push(Work::Rollback { to: None }, None, "api".into());
-        let (c, replaced) = q.push(deploy("c"), key(), "push c".into());
+        let (b, _) = q.push(deploy("b"), key(), "push b".into()).unwrap();
+        let (back, _) = q
+            .push(Work::Rollback { to: None }, None, "api".into())
+            .unwrap();
+        let (c, replaced) = q.push(deploy("c"), key(), "push c".into()).unwrap();
         assert_eq!(replaced.unwrap().id, b.id);
         let order = |q: &Queue| q.view().queued.iter().map(|j| j.id).collect::<Vec<_>>();
         assert_eq!(order(&q), vec![back.id, c.id]);
         // Only pushes (another branch's) behind it: the place in line is kept.
         let other = Some("push:acme/web:refs/heads/other".to_string());
         let q = Queue::new();
-        let (b, _) = q.push(deploy("b"), key(), "push b".into());
-        let (o, _) = q.push(deploy("o"), other, "push o".into());
-        let (c, _) = q.push(deploy("c"), key(), "push c".into());
+        let (b, _) = q.push(deploy("b"), key(), "push b".into()).unwrap();
+        let (o, _) = q.push(deploy("o"), other, "push o".into()).unwrap();
+        let (c, _) = q.push(deploy("c"), key(), "push c".into()).unwrap();
         assert_eq!(q.job(b.id).unwrap().state, JobState::Replaced);
         assert_eq!(order(&q), vec![c.id, o.id]);
     }
@@ -338,8 +416,8 @@ mod tests {
     #[test]
     fn cancel_only_queued_jobs() {
         let q = Queue::new();
-        let (a, _) = q.push(deploy("a"), None, "api".into());
-        let (b, _) = q.push(deploy("b"), None, "api".into());
+        let (a, _) = q.push(deploy("a"), None, "api".into()).unwrap();
+        let (b, _) = q.push(deploy("b"), None, "api".into()).unwrap();
         q.start_next().unwrap();
         assert_eq!(q.cancel(a.id), Err(CancelError::Running(a.id)));
         assert_eq!(q.cancel(b.id).unwrap().state, JobState::Cancelled);
@@ -350,9 +428,11 @@ mod tests {
     #[test]
     fn cancel_queued_ends_every_waiting_job_not_the_running_one() {
         let q = Queue::new();
-        let (a, _) = q.push(deploy("a"), None, "api".into());
-        let (b, _) = q.push(deploy("b"), None, "api".into());
-        let (c, _) = q.push(Work::Rollback { to: None }, None, "api".into());
+        let (a, _) = q.push(deploy("a"), None, "api".into()).unwrap();
+        let (b, _) = q.push(deploy("b"), None, "api".into()).unwrap();
+        let (c, _) = q
+            .push(Work::Rollback { to: None }, None, "api".into())
+            .unwrap();
         q.start_next().unwrap();
         let dropped = q.cancel_queued("serve stopped");
         assert_eq!(
@@ -366,6 +446,51 @@ mod tests {
         assert_eq!(q.job(b.id).unwrap().error.as_deref(), Some("serve stopped"));
     }
 
+    /// Waiting jobs outlive the process: a second queue on the same journal holds them, next
+    /// first, with their ids, and new ids never reuse an old one.
+    #[test]
+    fn waiting_jobs_are_kept_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(dir.path()).unwrap());
+        let (q, unreadable) = Queue::kept_in(journal.clone()).unwrap();
+        assert!(unreadable.is_empty());
+        let key = || Some("push:acme/web:refs/heads/main".to_string());
+        let (ran, _) = q.push(deploy("a"), None, "api".into()).unwrap();
+        let (back, _) = q
+            .push(Work::Rollback { to: None }, None, "api".into())
+            .unwrap();
+        let (old, _) = q.push(deploy("b"), key(), "push b".into()).unwrap();
+        let (cancelled, _) = q.push(deploy("x"), None, "api".into()).unwrap();
+        let (new, _) = q.push(deploy("c"), key(), "push c".into()).unwrap();
+        assert_eq!(q.start_next().unwrap().id, ran.id);
+        q.cancel(cancelled.id).unwrap();
+        drop(q);
+
+        let (q, _) = Queue::kept_in(journal.clone()).unwrap();
+        let v = q.view();
+        assert!(v.running.is_none(), "a started job is not run again");
+        let kept: Vec<_> = v.queued.iter().map(|j| (j.id, j.work.clone())).collect();
+        assert_eq!(
+            kept,
+            vec![
+                (back.id, Work::Rollback { to: None }),
+                (new.id, deploy("c"))
+            ],
+            "replaced and cancelled jobs are gone; the rest keep their order"
+        );
+        assert_eq!(v.queued[1].key, key());
+        assert_eq!(v.queued[1].trigger, "push c");
+        assert!(old.id < new.id);
+        let (later, _) = q.push(deploy("d"), None, "api".into()).unwrap();
+        assert!(later.id > new.id, "{} after {}", later.id, new.id);
+        // A newer push still replaces a kept one.
+        let (_, replaced) = q.push(deploy("e"), key(), "push e".into()).unwrap();
+        assert_eq!(replaced.unwrap().id, new.id);
+        assert_eq!(q.cancel_queued("dropped").len(), 3);
+        let (q, _) = Queue::kept_in(journal).unwrap();
+        assert!(q.view().queued.is_empty(), "dropped jobs are forgotten");
+    }
+
     #[tokio::test]
     async fn next_waits_for_a_push() {
         let q = std::sync::Arc::new(Queue::new());
@@ -374,7 +499,7 @@ mod tests {
             tokio::spawn(async move { q.next().await })
         };
         tokio::task::yield_now().await;
-        q.push(deploy("a"), None, "api".into());
+        q.push(deploy("a"), None, "api".into()).unwrap();
         let job = waiter.await.unwrap();
         assert_eq!(job.work, deploy("a"));
         assert_eq!(job.state, JobState::Running);

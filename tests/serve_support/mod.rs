@@ -48,7 +48,7 @@ impl Served {
             "{text}\n[serve]\nlisten = \"127.0.0.1:0\"\ntoken = \"{SERVE_TOKEN}\"\n\n[serve.github]\nsecret = \"{SECRET}\"\nbranch = \"{BRANCH}\"\n{github_extra}"
         );
         std::fs::write(&fleet.config, text).unwrap();
-        let (child, addr) = spawn_serve(&fleet).await;
+        let (child, addr) = spawn_serve(&fleet, &[]).await;
         Served {
             fleet,
             addr,
@@ -61,7 +61,15 @@ impl Served {
         if let Some(mut c) = self.serve.take() {
             let _ = c.kill().await;
         }
-        let (child, addr) = spawn_serve(&self.fleet).await;
+        let (child, addr) = spawn_serve(&self.fleet, &[]).await;
+        self.addr = addr;
+        self.serve = Some(child);
+    }
+
+    /// Starts `cutover serve` again, with `args` after `serve`, once it has exited.
+    pub async fn start_again(&mut self, args: &[&str]) {
+        assert!(self.serve.is_none(), "cutover serve still runs");
+        let (child, addr) = spawn_serve(&self.fleet, args).await;
         self.addr = addr;
         self.serve = Some(child);
     }
@@ -213,7 +221,7 @@ impl Drop for Served {
 
 /// Starts `cutover serve` on the fleet's config (stderr appended to `serve.log`); returns it
 /// and the address it printed.
-async fn spawn_serve(fleet: &Fleet) -> (Child, SocketAddr) {
+async fn spawn_serve(fleet: &Fleet, args: &[&str]) -> (Child, SocketAddr) {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -224,6 +232,7 @@ async fn spawn_serve(fleet: &Fleet) -> (Child, SocketAddr) {
         .arg(&fleet.config)
         .arg("-v")
         .arg("serve")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
