@@ -521,9 +521,16 @@ pub(crate) fn stop_all_fn(signal: StopSignal, timeout: Duration) -> String {
     // `kill -s SIG -- -PGID`: dash (Debian's and Ubuntu's /bin/sh) refuses `kill -SIG -- -PGID`
     // ("Illegal number: -"), which used to leave only the group's leader signalled.
     format!(
-        r#"{ALIVE_FN}{GROUP_LIVE_FN}_family=
+        r#"{ALIVE_FN}{GROUP_LIVE_FN}leader_gone() {{
+  read -r _s 2>/dev/null < "/proc/$1/stat" || return 0
+  _s=${{_s##*") "}}
+  case $_s in Z*|X*) return 0 ;; esac
+  return 1
+}}
+_family=
 signal_all() {{
   for _pf in "$@"; do
+    _pid=
     if alive "$_pf"; then
       # A leader with children (any thread's; unknown where the kernel does not say) has a
       # group worth watching once the leader is gone.
@@ -536,6 +543,13 @@ signal_all() {{
       fi
       [ -z "$_kids" ] || _family="$_family $_pid"
       kill -s {sig} -- "-$_pid" 2>/dev/null || kill -s {sig} "$_pid" 2>/dev/null || true
+      echo "signalled $_pf"
+    elif [ -n "$_pid" ] && leader_gone "$_pid" && [ -n "$(group_live "$_pid")" ]; then
+      # The leader died first (the app's main process crashed) and left members of its
+      # group running: they are the instance's too. No process has the leader's pid, so
+      # the group is still the one it led (a pid is not handed out while a group uses it).
+      _family="$_family $_pid"
+      kill -s {sig} -- "-$_pid" 2>/dev/null || true
       echo "signalled $_pf"
     fi
   done
@@ -666,20 +680,6 @@ pub async fn stop(
     Ok(stop_outcome(&out, &pid_file).unwrap_or(Stopped::Gracefully))
 }
 
-/// Removes the pid file of an instance that is no longer alive.
-pub async fn forget(transport: &dyn Transport, host: &Host, inst: &Instance) -> anyhow::Result<()> {
-    let pid_file = Layout::of(host).pid_file(&inst.version, inst.port());
-    run_ok(
-        transport,
-        host,
-        "removing a stale pid file",
-        &format!("rm -f {}", sh_quote(pid_file.to_string_lossy())),
-        SCRIPT_TIMEOUT,
-    )
-    .await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -786,6 +786,54 @@ mod tests {
         }
         let before = group_members(inst.pid);
         assert_eq!(before.len(), 2, "{before:?}");
+        let stopped = stop(
+            &t,
+            &host,
+            &inst,
+            StopSignal::Term,
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap();
+        let after = group_members(inst.pid);
+        for pid in &after {
+            // SAFETY: kill(2) on a process this test started; cleanup after a failure.
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        assert!(after.is_empty(), "left running: {after:?}");
+        assert_eq!(stopped, Stopped::Killed);
+    }
+
+    /// An instance whose leader died first (the app's main process crashed) leaves the rest
+    /// of its process group running: the stop still finds and ends them, by the group the
+    /// pid file names, instead of forgetting the pid file and leaking them.
+    #[tokio::test]
+    async fn a_stop_ends_what_a_dead_leader_left_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let host = Host::for_test(dir.path());
+        std::fs::create_dir_all(dir.path().join("releases/v1")).unwrap();
+        let app: App = toml::from_str(
+            "name = \"a\"\nstart = \"(trap '' TERM; exec sleep 300) & exec sleep 301\"\n",
+        )
+        .unwrap();
+        let t = crate::transport::local::LocalTransport::new();
+        let v = Name::parse("v1").unwrap();
+        let inst = start(&t, &app, &host, &v, 45_680).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while group_members(inst.pid).len() < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(group_members(inst.pid).len(), 2);
+        // The leader dies alone; its child stays in the group.
+        // SAFETY: kill(2) on a process this test started.
+        unsafe { libc::kill(inst.pid as i32, libc::SIGKILL) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while group_members(inst.pid).len() != 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let orphans = group_members(inst.pid);
+        assert_eq!(orphans.len(), 1, "{orphans:?}");
+        assert!(!orphans.contains(&inst.pid));
         let stopped = stop(
             &t,
             &host,
