@@ -180,6 +180,9 @@ pub struct Run {
     /// the balancer's counters before the interruption were never read, so the report's
     /// request counts cover only what this process saw.
     pub taken_over: bool,
+    /// The run returns hosts to a release (`cutover rollback`, or undoing an interrupted
+    /// deployment): an operator's `rollback` does not stop it, only `abort` does.
+    pub rollback: bool,
 }
 
 impl Deployer {
@@ -309,6 +312,7 @@ impl Deployer {
                     id: row.id.clone(),
                     previous: row.previous.clone(),
                     taken_over: true,
+                    rollback: req.kind == "rollback",
                 }
             }
             None => {
@@ -322,6 +326,7 @@ impl Deployer {
                         .map(|v| (v.host.name.to_string(), v.current.clone()))
                         .collect(),
                     taken_over: false,
+                    rollback: req.kind == "rollback",
                 };
                 self.journal.begin(&DeploymentRow {
                     id: run.id.clone(),
@@ -538,6 +543,7 @@ impl Deployer {
             ))
             .await;
             let mut batch_failures = 0;
+            let mut unmoved = Vec::new();
             for r in results {
                 match r {
                     Ok((h, m, label, hooked, retire)) => {
@@ -551,12 +557,16 @@ impl Deployer {
                             failed.push(f);
                         }
                     }
-                    Err(f) => {
-                        self.report_failed_host(&run, &label, &f)?;
-                        batch_failures += 1;
-                        failed.push(f);
-                    }
+                    Err(f) => unmoved.push(f),
                 }
+            }
+            // A host an operator's stop cut short is no failure: the stop is read at this
+            // batch's boundary below.
+            let (unmoved, _) = self.operator_stopped(&run, unmoved)?;
+            for f in unmoved {
+                self.report_failed_host(&run, &label, &f)?;
+                batch_failures += 1;
+                failed.push(f);
             }
             let target = crate::verify::Target {
                 url: format!("http://{}", config.balancer.listen),
@@ -811,6 +821,7 @@ impl Deployer {
             id: interrupted.id.clone(),
             previous: interrupted.previous.clone(),
             taken_over: true,
+            rollback: true,
         };
         self.journal.event(Some(&run.id), RESTORE_EVENT)?;
         self.progress.say(&format!(
@@ -1047,6 +1058,39 @@ impl Deployer {
             Some(cmd) => format!("{cmd} requested"),
             None => format!("{}: {VERIFY_STOPPED_UNCLAIMED}", point.name()),
         })
+    }
+
+    /// Splits hosts that failed to move into those an operator's stop cut short (their
+    /// before_traffic verification was stopped; they keep serving what they served) and real
+    /// failures. When the stop is no longer queued (someone else took it), the cut-short hosts
+    /// are failures too: their verification never passed. Returns the failures and whether a
+    /// stop is waiting for the caller to act on.
+    pub(crate) fn operator_stopped(
+        &self,
+        run: &Run,
+        failures: Vec<HostFailure>,
+    ) -> anyhow::Result<(Vec<HostFailure>, bool)> {
+        let (cut, mut failures): (Vec<_>, Vec<_>) = failures
+            .into_iter()
+            .partition(|f| f.reason.ends_with(VERIFY_STOPPED));
+        if cut.is_empty() {
+            return Ok((failures, false));
+        }
+        let waiting = self.journal.stop_command_waiting(&run.id, !run.rollback)?;
+        for f in cut {
+            if waiting {
+                self.progress.say(&format!(
+                    "{}: before_traffic stopped for an operator's stop; it keeps serving what it served",
+                    f.host
+                ));
+            } else {
+                failures.push(HostFailure {
+                    host: f.host,
+                    reason: format!("before_traffic: {VERIFY_STOPPED_UNCLAIMED}"),
+                });
+            }
+        }
+        Ok((failures, waiting))
     }
 
     /// Ends a blue-green or canary deployment: the report, with the strategy's notes.
@@ -1841,12 +1885,20 @@ impl Deployer {
             version: version.as_str(),
             preview: false,
         };
-        crate::verify::run(
-            &self.config,
+        // An integration suite may run for minutes: an operator's abort stops it (the caller
+        // reads the command; see `operator_stopped`).
+        let status = serde_json::json!({
+            "phase": "verifying (before_traffic)", "host": host.name.as_str(),
+        });
+        self.verify_unless_stopped(
+            run,
             crate::config::VerifyPoint::BeforeTraffic,
             &target,
+            !run.rollback,
+            status,
         )
-        .await?;
+        .await
+        .unwrap_or_else(|| Err(VERIFY_STOPPED.to_string()))?;
         let previous = run.previous.get(host.name.as_str()).cloned().flatten();
         self.hook(
             HookPoint::BeforeSwitch,

@@ -114,20 +114,40 @@ impl Deployer {
         }))
         .await;
         let mut green: Vec<(Host, Instance)> = Vec::new();
+        let mut unstarted = Vec::new();
         for g in greens {
             match g {
                 Ok(pair) => green.push(pair),
                 Err((h, e, inst)) => {
-                    self.progress.say(&format!("green {}: FAILED: {e}", h.name));
+                    if !e.ends_with(VERIFY_STOPPED) {
+                        self.progress.say(&format!("green {}: FAILED: {e}", h.name));
+                    }
                     if let Some(inst) = inst {
                         self.discard(run, &h, &inst).await;
                     }
-                    failed.push(HostFailure {
+                    unstarted.push(HostFailure {
                         host: h.name.to_string(),
                         reason: e,
                     });
                 }
             }
+        }
+        let (unstarted, stopped) = self.operator_stopped(run, unstarted)?;
+        failed.extend(unstarted);
+        if stopped {
+            self.stop_before_traffic(run, "blue-green", "switch", &mut failed, &mut notes)?;
+            return self
+                .abandon_green(
+                    run,
+                    &green,
+                    from,
+                    version,
+                    started,
+                    stats_before,
+                    failed,
+                    notes,
+                )
+                .await;
         }
         if !failed.is_empty() {
             self.progress
@@ -512,6 +532,33 @@ impl Deployer {
     }
 
     /// Green did not make it: every green instance is stopped; blue never stopped serving.
+    /// Takes the operator's stop that cut a before_traffic verification short (see
+    /// [`Deployer::operator_stopped`]) and notes it; taken meanwhile by someone else, the
+    /// verification counts as failed.
+    fn stop_before_traffic(
+        &self,
+        run: &Run,
+        strategy: &str,
+        before: &str,
+        failed: &mut Vec<HostFailure>,
+        notes: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        match self.journal.take_stop_command(&run.id)? {
+            Some(cmd) => {
+                let note = format!("{cmd} requested before the {before}");
+                self.progress.say(&format!(
+                    "{strategy}: {note}; the new instances are discarded, the live release never stopped serving"
+                ));
+                notes.push(note);
+            }
+            None => failed.push(HostFailure {
+                host: "fleet".into(),
+                reason: format!("before_traffic: {VERIFY_STOPPED_UNCLAIMED}"),
+            }),
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn abandon_green(
         &self,
@@ -740,6 +787,7 @@ impl Deployer {
         }))
         .await;
         let mut canaries: Vec<(Host, Instance)> = Vec::new();
+        let mut unstarted = Vec::new();
         for c in started_canaries {
             match c {
                 Ok(pair) => canaries.push(pair),
@@ -747,14 +795,19 @@ impl Deployer {
                     if let Some(inst) = inst {
                         self.discard(run, &h, &inst).await;
                     }
-                    failed.push(HostFailure {
+                    unstarted.push(HostFailure {
                         host: h.name.to_string(),
                         reason: e,
                     });
                 }
             }
         }
-        if !failed.is_empty() {
+        let (unstarted, stopped) = self.operator_stopped(run, unstarted)?;
+        failed.extend(unstarted);
+        if stopped {
+            self.stop_before_traffic(run, "canary", "first step", &mut failed, &mut notes)?;
+        }
+        if !failed.is_empty() || stopped {
             self.going_back(run);
             self.abort_canary(run, &canaries, &stable_ids).await;
             return self

@@ -683,6 +683,21 @@ impl StoppedVerification {
     }
 }
 
+/// A `before_traffic` suite runs inside a batch, per host: an abort sent meanwhile stops it at
+/// once too (before, it waited for the suite to end), the host keeps serving v1, and the stop
+/// counts as the operator's, not as a failed host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_stops_a_long_before_traffic_verification() {
+    let stopped = stop_a_long_verification(28, "before_traffic", "abort").await;
+    stopped
+        .assert_returned(
+            "before_traffic",
+            "abort requested by an operator after batch 1/",
+        )
+        .await;
+    assert!(!stopped.out.contains("failed host"), "{}", stopped.out);
+}
+
 /// An integration suite can run for minutes: `cutover rollback` sent meanwhile stops it at once
 /// (and what it started) and returns the moved hosts, instead of waiting for it to finish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -626,11 +626,23 @@ async fn an_abort_while_green_starts_discards_green_before_any_switch() {
 /// any switch, and the verification's processes are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
-    let mut spec = FleetSpec::new(2, 37);
-    let marker = std::env::temp_dir().join(format!("cutover-verify37-{}.pid", std::process::id()));
+    abort_greens_verification(37, "before_switch", "verifying green (before_switch)").await;
+}
+
+/// The same for each green instance's own `before_traffic` suite (before, the abort waited
+/// for it to end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_during_greens_before_traffic_verification_stops_it() {
+    abort_greens_verification(26, "before_traffic", "verifying (before_traffic)").await;
+}
+
+async fn abort_greens_verification(net: u8, point: &str, phase: &str) {
+    let mut spec = FleetSpec::new(2, net);
+    let marker =
+        std::env::temp_dir().join(format!("cutover-verify{net}-{}.pid", std::process::id()));
     spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"200ms\"\n".into();
     spec.extra = format!(
-        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"before_switch\"]\ntimeout = \"60s\"\n",
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"{point}\"]\ntimeout = \"60s\"\n",
         marker.display()
     );
     let fleet = Fleet::start(spec).await;
@@ -642,10 +654,7 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
         .deployment_status()
         .await
         .expect("a running deployment");
-    assert_eq!(
-        status["status"]["phase"], "verifying green (before_switch)",
-        "{status}"
-    );
+    assert_eq!(status["status"]["phase"], phase, "{status}");
     // `cutover abort` returns once the deployment has ended.
     let sent = std::time::Instant::now();
     let (code, out, _) = fleet.cutover(&["abort"]).await;
@@ -657,9 +666,12 @@ async fn an_abort_during_greens_verification_stops_it_before_any_switch() {
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(out.contains("abort requested before the switch"), "{out}");
     assert!(
-        err.contains("before_switch: an operator's stop arrived; the verification is stopped"),
+        err.contains(&format!(
+            "{point}: an operator's stop arrived; the verification is stopped"
+        )),
         "{err}"
     );
+    assert!(!out.contains("failed host"), "{out}");
     assert!(!err.contains("switched blue -> green"), "{err}");
     assert!(
         took < Duration::from_secs(20),
