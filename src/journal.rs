@@ -22,8 +22,8 @@
 //! from a newer cutover are refused with a clear message, and a file that is not a database is
 //! reported, never misread.
 //!
-//! Testing hook: with `CUTOVER_CRASH_AFTER_WRITE=k` in the environment, the process kills itself
-//! with SIGKILL right after its k-th journal write. The crash tests use it to stop a deploy at
+//! Testing hook (debug builds only): with `CUTOVER_CRASH_AFTER_WRITE=k` in the environment, the
+//! process kills itself with SIGKILL right after its k-th journal write. The crash tests use it to stop a deploy at
 //! every step boundary.
 
 use std::collections::BTreeMap;
@@ -363,9 +363,15 @@ impl Journal {
                 tx.commit().map_err(corrupt)?;
             }
         }
-        let crash_after = std::env::var("CUTOVER_CRASH_AFTER_WRITE")
-            .ok()
-            .and_then(|v| v.parse().ok());
+        // Only in debug builds (the test suite's): a release binary ignores the variable, so
+        // nothing a user's environment holds can make a deploy kill itself.
+        let crash_after = if cfg!(debug_assertions) {
+            std::env::var("CUTOVER_CRASH_AFTER_WRITE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        } else {
+            None
+        };
         Ok(Journal {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
