@@ -318,8 +318,21 @@ impl Journal {
         };
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(corrupt)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(corrupt)?;
+        // Turning a new file to WAL needs it alone for an instant, and SQLite does not wait
+        // for that (no busy handler): two commands opening a new journal at once retry here.
+        let mut tries = 0;
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 200 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(corrupt(e)),
+            }
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(corrupt)?;
         // The WAL stays between commands (checkpointed as it grows, not at every close): every
@@ -351,7 +364,19 @@ impl Journal {
             }
             for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
                 let to = i as i64 + 1;
-                let tx = conn.unchecked_transaction().map_err(corrupt)?;
+                // Another command may be migrating the same file (two commands right after an
+                // upgrade): take the write lock first, then look again at what is done.
+                let tx = rusqlite::Transaction::new_unchecked(
+                    &conn,
+                    rusqlite::TransactionBehavior::Immediate,
+                )
+                .map_err(corrupt)?;
+                let done: i64 = tx
+                    .pragma_query_value(None, "user_version", |r| r.get(0))
+                    .map_err(corrupt)?;
+                if done >= to {
+                    continue;
+                }
                 tx.execute_batch(sql).with_context(|| {
                     format!(
                         "migrating the journal {} to schema version {to}",
@@ -1307,6 +1332,23 @@ mod tests {
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("pause"));
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));
         assert_eq!(j.take_command("old").unwrap(), None);
+    }
+
+    #[test]
+    fn commands_opening_a_new_journal_at_once_all_succeed() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let opened: Vec<_> = (0..4)
+                .map(|_| {
+                    let path = dir.path().to_path_buf();
+                    std::thread::spawn(move || Journal::open(&path).map(drop))
+                })
+                .collect();
+            for o in opened {
+                let r = o.join().unwrap();
+                assert!(r.is_ok(), "{:#}", r.unwrap_err());
+            }
+        }
     }
 
     #[test]
