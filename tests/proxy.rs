@@ -2165,6 +2165,82 @@ async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
     b.stop().await;
 }
 
+/// A connection over the limit: its whole answer (the proxy closes it at once).
+async fn refused(h: &Harness) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut c = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, c.read_to_end(&mut answer))
+        .await
+        .expect("a connection past max_connections is answered and closed at once, not served")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_websocket_tunnel_counts_against_max_connections_until_it_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options = ProxyOptions {
+        limits: cutover::proxy::Limits {
+            max_connections: 1,
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+
+    let mut tunnel = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    tunnel
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut tunnel).await.starts_with("http/1.1 101"));
+    // An echo through the tunnel: hyper has handed the connection over by now, so its
+    // connection future has ended; the tunnel lives on.
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::time::timeout(DEADLINE, tunnel.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // The tunnel still holds the only place, however many times a client tries.
+    for i in 0..3 {
+        let answer = refused(&h).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 503") && answer.ends_with("too many connections\n"),
+            "attempt {i} while the tunnel is open: {answer:?}"
+        );
+    }
+    // The tunnel still works, then the client closes it: the place is free again.
+    tunnel.write_all(b"pong").await.unwrap();
+    tokio::time::timeout(DEADLINE, tunnel.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"pong");
+    drop(tunnel);
+    eventually("the tunnel's place to free up", || async {
+        let mut c = tokio::net::TcpStream::connect(h.proxy.listen)
+            .await
+            .unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        read_head(&mut c).await.starts_with("http/1.1 200")
+    })
+    .await;
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn request_bodies_stream_through_without_buffering() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;

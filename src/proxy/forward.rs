@@ -17,7 +17,8 @@
 //!   on another backend when that is safe (their clients never know; the drain report does
 //!   not count them as closed), else they get a 502.
 //! - WebSocket (HTTP/1.1 `Upgrade`) requests are tunnelled; the tunnel holds the guard too and
-//!   is closed by the cut signal, so upgraded connections drain like any other request.
+//!   is closed by the cut signal, so upgraded connections drain like any other request. It
+//!   also holds the client connection's [`Slot`]: a tunnel counts against `max_connections`.
 //! - The hot path allocates little: the client's IP header value is built once per
 //!   connection, headers are edited in place, and the cut notification is only registered when
 //!   a body actually has to wait.
@@ -40,6 +41,7 @@ use hyper_util::rt::TokioIo;
 use tokio::sync::futures::OwnedNotified;
 use tracing::{debug, warn};
 
+use super::listener::Slot;
 use super::router::{BackendShared, InFlight, Route};
 use super::{Proxy, Sticky};
 use crate::balancer::api::{PREVIEW_HEADER, STICKY_COOKIE};
@@ -188,14 +190,16 @@ fn sticky_cookie(headers: &HeaderMap) -> Option<String> {
         })
 }
 
-/// Handles one client request; never fails (errors become 502/503 responses).
+/// Handles one client request; never fails (errors become 502/503 responses). `slot`: the
+/// client connection's, kept by a tunnel if the request is upgraded.
 pub(crate) async fn handle(
     proxy: &Arc<Proxy>,
     mut req: Request<Incoming>,
     peer: &Peer,
+    slot: &Arc<Slot>,
 ) -> Response<ProxyBody> {
     let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), slot.clone()));
     let (mut parts, body) = req.into_parts();
     // A WebSocket handshake is a GET like any other until a backend answers 101: retried alike.
     let retryable = is_idempotent(&parts.method) && has_no_body(&parts.headers, &body);
@@ -425,16 +429,17 @@ async fn send(
     })
 }
 
-/// `head_failed`: the head already counted against the backend's passive health (a 5xx with
-/// `eject_on_5xx`).
+/// `client_upgrade`: the client side of an upgrade and its connection's slot, when the client
+/// asked for one. `head_failed`: the head already counted against the backend's passive
+/// health (a 5xx with `eject_on_5xx`).
 fn respond(
     mut resp: Response<Incoming>,
     guard: InFlight,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<Slot>)>,
     head_failed: bool,
 ) -> Response<ProxyBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client) = client_upgrade {
+        if let Some((client, slot)) = client_upgrade {
             let backend = hyper::upgrade::on(&mut resp);
             let (mut parts, _) = resp.into_parts();
             let proto = parts.headers.get(header::UPGRADE).cloned();
@@ -446,7 +451,7 @@ fn respond(
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             guard.backend().completed();
-            tokio::spawn(tunnel(client, backend, guard));
+            tokio::spawn(tunnel(client, backend, guard, slot));
             return Response::from_parts(parts, ProxyBody::Static(None));
         }
     }
@@ -460,11 +465,12 @@ fn respond(
 }
 
 /// Copies bytes both ways for an upgraded connection until either side closes or the backend's
-/// drain deadline cuts it.
+/// drain deadline cuts it; the client connection's `slot` is given back when it ends.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     backend: hyper::upgrade::OnUpgrade,
     guard: InFlight,
+    _slot: Arc<Slot>,
 ) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,

@@ -7,7 +7,8 @@
 //!   one (bytes or field count) with 431 and closes; nothing a client sends reaches a panic.
 //! - A semaphore bounds the open connections. One over the limit is accepted and answered
 //!   with a 503 (cleartext) or closed (TLS) at once, so it is told instead of left hanging in
-//!   the kernel's backlog.
+//!   the kernel's backlog. A connection's permit ([`Slot`]) is shared with the WebSocket tunnel
+//!   it may be upgraded to: hyper's connection future ends at the upgrade, the tunnel does not.
 //! - Each connection task watches its own idleness (the IO wrapper stamps the time of every
 //!   read and write): past `client_idle` with nothing moving, the connection is closed
 //!   gracefully; past a second period, at once. A response waiting on its backend for more
@@ -36,7 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -89,24 +90,21 @@ pub(crate) async fn accept_loop(
                     builder: builder.clone(),
                     close: close_rx.clone(),
                     epoch,
+                    slot: Arc::new(Slot::new(permit, proxy.clone())),
                 };
                 let tls = tls.clone();
-                let counted = proxy.clone();
+                let handshake = proxy.options.timeouts.client_header;
                 conns.spawn(async move {
-                    let _permit = permit;
-                    counted.connections.fetch_add(1, Ordering::Relaxed);
                     match tls {
                         None => conn.serve(stream, Peer::new(peer_addr, false)).await,
                         Some(acceptor) => {
-                            let limit = counted.options.timeouts.client_header;
-                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                            match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
                                 Ok(Ok(s)) => conn.serve(s, Peer::new(peer_addr, true)).await,
                                 Ok(Err(e)) => debug!(client = %peer_addr, "TLS handshake failed: {e}"),
                                 Err(_) => debug!(client = %peer_addr, "TLS handshake timed out"),
                             }
                         }
                     }
-                    counted.connections.fetch_sub(1, Ordering::Relaxed);
                 });
             }
         }
@@ -172,6 +170,31 @@ async fn refuse(mut stream: TcpStream, plain: bool) {
     }
 }
 
+/// A client connection's place under `max_connections` and in the open-connections count.
+/// The connection's task holds it, and so does the tunnel the connection may be upgraded to
+/// (see [`forward`]): the place is given back when the last of them ends, so a client cannot
+/// open tunnels past the limit.
+pub(crate) struct Slot {
+    _permit: OwnedSemaphorePermit,
+    proxy: Arc<Proxy>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, proxy: Arc<Proxy>) -> Self {
+        proxy.connections.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            _permit: permit,
+            proxy,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.proxy.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What a connection task needs.
 struct Conn {
     proxy: Arc<Proxy>,
@@ -180,6 +203,8 @@ struct Conn {
     close: watch::Receiver<bool>,
     /// Time origin of the activity stamps.
     epoch: Instant,
+    /// This connection's place under `max_connections`, shared with a tunnel it turns into.
+    slot: Arc<Slot>,
 }
 
 impl Conn {
@@ -196,16 +221,18 @@ impl Conn {
         last.store(io.now_ms(), Ordering::Relaxed);
         let proxy = self.proxy.clone();
         let peer = Arc::new(peer);
+        let slot = self.slot.clone();
         // Response bodies on this connection waiting on their backend for more.
         let waiting = Arc::new(AtomicUsize::new(0));
         let in_service = waiting.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let proxy = proxy.clone();
             let peer = peer.clone();
+            let slot = slot.clone();
             let waiting = in_service.clone();
             async move {
                 let h1 = req.version() < Version::HTTP_2;
-                let mut resp = forward::handle(&proxy, req, &peer).await;
+                let mut resp = forward::handle(&proxy, req, &peer, &slot).await;
                 if h1
                     && proxy.draining.load(Ordering::Acquire)
                     && resp.status() != StatusCode::SWITCHING_PROTOCOLS
