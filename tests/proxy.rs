@@ -2165,6 +2165,56 @@ async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
     b.stop().await;
 }
 
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_is_closed_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let header = Duration::from_millis(300);
+    let options = ProxyOptions {
+        timeouts: cutover::proxy::Timeouts {
+            client_header: header,
+            client_idle: Duration::from_secs(20),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+
+    // A request whose head came in time is not cut by the first head's deadline, however long
+    // its backend takes.
+    let mut busy = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut got)).await;
+    let closed_after = started.elapsed();
+    assert!(
+        read.is_ok(),
+        "a silent connection still open after {closed_after:?} (client_header {header:?})"
+    );
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
+    assert!(
+        closed_after >= header - Duration::from_millis(50),
+        "closed after {closed_after:?}, before client_header"
+    );
+    eventually("the slow request to reach the backend", || async {
+        b.hits.slow_started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    b.release_slow.send(true).unwrap();
+    assert!(read_head(&mut busy).await.starts_with("http/1.1 200"));
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
 /// A connection over the limit: its whole answer (the proxy closes it at once).
 async fn refused(h: &Harness) -> String {
     use tokio::io::AsyncReadExt;

@@ -9,6 +9,10 @@
 //!   with a 503 (cleartext) or closed (TLS) at once, so it is told instead of left hanging in
 //!   the kernel's backlog. A connection's permit ([`Slot`]) is shared with the WebSocket tunnel
 //!   it may be upgraded to: hyper's connection future ends at the upgrade, the tunnel does not.
+//! - A new connection's first request head is due within `client_header` of accept (TLS
+//!   handshake included). hyper's own head timeout does not cover it: it starts only once the
+//!   auto builder has read enough bytes to pick HTTP/1.1, so a client that sends nothing would
+//!   be held until `client_idle`. Later heads are timed by hyper from when it waits for them.
 //! - Each connection task watches its own idleness (the IO wrapper stamps the time of every
 //!   read and write): past `client_idle` with nothing moving, the connection is closed
 //!   gracefully; past a second period, at once. A response waiting on its backend for more
@@ -25,7 +29,7 @@ use std::convert::Infallible;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -90,6 +94,7 @@ pub(crate) async fn accept_loop(
                     builder: builder.clone(),
                     close: close_rx.clone(),
                     epoch,
+                    accepted: Instant::now(),
                     slot: Arc::new(Slot::new(permit, proxy.clone())),
                 };
                 let tls = tls.clone();
@@ -203,6 +208,8 @@ struct Conn {
     close: watch::Receiver<bool>,
     /// Time origin of the activity stamps.
     epoch: Instant,
+    /// When the connection was accepted: its first request head is due `client_header` later.
+    accepted: Instant,
     /// This connection's place under `max_connections`, shared with a tunnel it turns into.
     slot: Arc<Slot>,
 }
@@ -222,10 +229,14 @@ impl Conn {
         let proxy = self.proxy.clone();
         let peer = Arc::new(peer);
         let slot = self.slot.clone();
+        // Set once a request head arrived whole (hyper calls the service).
+        let headed = Arc::new(AtomicBool::new(false));
+        let in_service_headed = headed.clone();
         // Response bodies on this connection waiting on their backend for more.
         let waiting = Arc::new(AtomicUsize::new(0));
         let in_service = waiting.clone();
         let service = service_fn(move |req: Request<Incoming>| {
+            in_service_headed.store(true, Ordering::Relaxed);
             let proxy = proxy.clone();
             let peer = peer.clone();
             let slot = slot.clone();
@@ -252,6 +263,9 @@ impl Conn {
             .serve_connection_with_upgrades(TokioIo::new(io), service);
         tokio::pin!(conn);
         let idle = self.proxy.options.timeouts.client_idle;
+        let head_timeout = self.proxy.options.timeouts.client_header;
+        let head_due = self.accepted + head_timeout;
+        let mut awaiting_first_head = true;
         let mut closing = false;
         let mut shutting_down = false;
         loop {
@@ -268,6 +282,14 @@ impl Conn {
                     }
                     closing = true;
                     shutting_down = true;
+                }
+                _ = tokio::time::sleep_until(head_due), if awaiting_first_head => {
+                    awaiting_first_head = false;
+                    if !headed.load(Ordering::Relaxed) {
+                        // Nothing to finish gracefully: no request was ever seen.
+                        debug!("no request head within {head_timeout:?} of accept: closed");
+                        return;
+                    }
                 }
                 _ = idle_for(&last, self.epoch, idle) => {
                     if waiting.load(Ordering::Acquire) > 0 && !shutting_down {

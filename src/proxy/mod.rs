@@ -151,8 +151,9 @@ impl Default for Limits {
 /// Client and backend timeouts.
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
-    /// Time to send a request head, counted from when the connection waits for one (for
-    /// HTTP/1.1 this also bounds an idle keep-alive connection); also bounds the TLS handshake.
+    /// Time to send a request head, counted from when the connection waits for one: from
+    /// accept for a new connection's first head, TLS handshake included (for HTTP/1.1 this also
+    /// bounds an idle keep-alive connection).
     pub client_header: Duration,
     /// A client connection with no bytes either way for this long is closed gracefully (and
     /// at once after a second such period).
