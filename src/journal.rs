@@ -599,7 +599,11 @@ impl Journal {
 
     /// The deployment `id`, or the newest without one (`cutover show [ID]`); the error says
     /// where to look.
-    pub fn deployment_or_newest(&self, id: Option<&str>) -> anyhow::Result<DeploymentRow> {
+    pub fn deployment_or_newest(
+        &self,
+        app: &str,
+        id: Option<&str>,
+    ) -> anyhow::Result<DeploymentRow> {
         match id {
             Some(id) => self.deployment(id)?.ok_or_else(|| {
                 anyhow::anyhow!(
@@ -607,20 +611,23 @@ impl Journal {
                     self.path().display()
                 )
             }),
-            None => self.deployments(1)?.into_iter().next().ok_or_else(|| {
-                anyhow::anyhow!("no deployments recorded in {}", self.path().display())
+            None => self.deployments(app, 1)?.into_iter().next().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no deployments of {app} recorded in {}",
+                    self.path().display()
+                )
             }),
         }
     }
 
-    /// Deployments, newest first.
-    pub fn deployments(&self, limit: usize) -> anyhow::Result<Vec<DeploymentRow>> {
+    /// `app`'s deployments, newest first (apps may share a state directory).
+    pub fn deployments(&self, app: &str, limit: usize) -> anyhow::Result<Vec<DeploymentRow>> {
         self.with(|c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT {} FROM deployments ORDER BY started_ms DESC, rowid DESC LIMIT ?1",
+                "SELECT {} FROM deployments WHERE app = ?2 ORDER BY started_ms DESC, rowid DESC LIMIT ?1",
                 Self::COLUMNS
             ))?;
-            let rows = stmt.query_map(params![limit as i64], Self::row)?;
+            let rows = stmt.query_map(params![limit as i64, app], Self::row)?;
             rows.collect()
         })
     }
@@ -733,12 +740,12 @@ impl Journal {
     }
 
     /// Keeps the newest `keep` finished deployments (and their steps and events).
-    pub fn prune(&self, keep: usize) -> anyhow::Result<usize> {
+    pub fn prune(&self, app: &str, keep: usize) -> anyhow::Result<usize> {
         self.with(|c| {
             let n = c.execute(
-                "DELETE FROM deployments WHERE outcome IS NOT NULL AND id NOT IN
-                 (SELECT id FROM deployments ORDER BY started_ms DESC LIMIT ?1)",
-                params![keep as i64],
+                "DELETE FROM deployments WHERE app = ?2 AND outcome IS NOT NULL AND id NOT IN
+                 (SELECT id FROM deployments WHERE app = ?2 ORDER BY started_ms DESC LIMIT ?1)",
+                params![keep as i64, app],
             )?;
             c.execute(
                 "DELETE FROM events WHERE deployment IS NOT NULL AND deployment NOT IN (SELECT id FROM deployments)",
@@ -1149,6 +1156,35 @@ mod tests {
         }
     }
 
+    /// Apps may share a state directory: each sees, and prunes, only its own deployments.
+    #[test]
+    fn apps_sharing_a_journal_see_and_prune_only_their_own_deployments() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let ended = |id: &str, app: &str| {
+            let mut r = row(id, "v2");
+            r.app = app.into();
+            j.begin(&r).unwrap();
+            j.finish(id, "succeeded", &serde_json::json!({})).unwrap();
+        };
+        ended("a1", "a");
+        ended("a2", "a");
+        ended("b1", "b");
+        ended("b2", "b");
+        let ids = |app: &str| {
+            j.deployments(app, 10)
+                .unwrap()
+                .into_iter()
+                .map(|d| d.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids("a"), ["a2", "a1"]);
+        assert_eq!(j.deployment_or_newest("a", None).unwrap().id, "a2");
+        assert_eq!(j.prune("b", 1).unwrap(), 1);
+        assert_eq!(ids("b"), ["b2"]);
+        assert_eq!(ids("a"), ["a2", "a1"], "b's history_keep left a's alone");
+    }
+
     #[test]
     fn commands_a_deployment_never_read_are_reported_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -1215,7 +1251,7 @@ mod tests {
         drop(j);
         let j = Journal::open(dir.path()).unwrap();
         assert_eq!(
-            j.deployments(10).unwrap()[0].outcome.as_deref(),
+            j.deployments("a", 10).unwrap()[0].outcome.as_deref(),
             Some("halted")
         );
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
@@ -1312,7 +1348,7 @@ mod tests {
             .unwrap();
         }
         let j = Journal::open_file(&path).unwrap();
-        assert_eq!(j.deployments(10).unwrap()[0].id, "old");
+        assert_eq!(j.deployments("a", 10).unwrap()[0].id, "old");
         j.post_command("old", "promote").unwrap();
         assert_eq!(j.take_command("old").unwrap().as_deref(), Some("promote"));
         // A stop command is taken ahead of the others, which stay queued in order.

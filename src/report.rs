@@ -249,7 +249,7 @@ pub fn write_report(journal: &Journal, id: &str, samples: &[Sample]) -> anyhow::
 /// ended yet.
 pub fn show_html(config: &crate::config::Config, id: Option<&str>) -> anyhow::Result<()> {
     let journal = Journal::open(&config.state_dir)?;
-    let row = journal.deployment_or_newest(id)?;
+    let row = journal.deployment_or_newest(config.app.name.as_str(), id)?;
     let mut path = report_path(&journal, &row.id);
     if row.outcome.is_none() || !path.exists() {
         path = write_report(&journal, &row.id, &[])?;

@@ -220,7 +220,7 @@ async fn a_batch_wider_than_forks_gates_its_hosts_together() {
     assert_fleet_on(&fleet, "v2").await;
 
     let journal = cutover::journal::Journal::open(&fleet.dir.path().join(".cutover")).unwrap();
-    let last = journal.deployments(1).unwrap().remove(0);
+    let last = journal.deployments("test", 1).unwrap().remove(0);
     assert_eq!(last.to, "v2");
     let admits: Vec<_> = journal
         .steps(&last.id)

@@ -41,10 +41,7 @@ pub(super) fn check_release_known(
     let mut known = Vec::new();
     if config.state_dir.join("journal.db").is_file() {
         let journal = Journal::open(&config.state_dir)?;
-        for row in journal.deployments(usize::MAX >> 1)? {
-            if row.app != config.app.name.as_str() {
-                continue;
-            }
+        for row in journal.deployments(config.app.name.as_str(), usize::MAX >> 1)? {
             for v in std::iter::once(row.to.clone()).chain(row.previous.into_values().flatten()) {
                 if v == version.as_str() {
                     return Ok(());
@@ -342,7 +339,7 @@ pub(super) async fn deploy_cmd(
                 .await?
         }
     };
-    let _ = journal.prune(config.history_keep);
+    let _ = journal.prune(config.app.name.as_str(), config.history_keep);
     // The HTML deploy report (`cutover show ID --html`); a failure to write it is not the deploy's.
     let _ = crate::report::write_report(&journal, &report.id, &[]);
     if json {

@@ -154,7 +154,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
 
 pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
     let journal = Journal::open(&config.state_dir)?;
-    let records = journal.deployments(config.history_keep)?;
+    let records = journal.deployments(config.app.name.as_str(), config.history_keep)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(());
@@ -211,7 +211,7 @@ fn counted(n: Option<u64>, caveat: Option<String>) -> String {
 
 pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow::Result<()> {
     let journal = Journal::open(&config.state_dir)?;
-    let row = journal.deployment_or_newest(id)?;
+    let row = journal.deployment_or_newest(config.app.name.as_str(), id)?;
     let steps = journal.steps(&row.id)?;
     let events = journal.events(&row.id)?;
     if json {

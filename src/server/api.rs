@@ -270,7 +270,10 @@ async fn deployments(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Value>> {
     let q = query(q)?;
-    let rows = state.journal.deployments(q.limit.unwrap_or(50).min(1000))?;
+    let rows = state.journal.deployments(
+        state.config.app.name.as_str(),
+        q.limit.unwrap_or(50).min(1000),
+    )?;
     Ok(Json(json!({ "deployments": rows })))
 }
 

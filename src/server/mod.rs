@@ -495,7 +495,9 @@ async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
                     Ok(p) => state.say(&format!("report: {}", p.display())),
                     Err(e) => state.say(&format!("cannot write the report: {e:#}")),
                 }
-                let _ = state.journal.prune(state.config.history_keep);
+                let _ = state
+                    .journal
+                    .prune(state.config.app.name.as_str(), state.config.history_keep);
                 state.say(&format!(
                     "job {} {}: served {}, failed {} (deployment {})",
                     job.id,
