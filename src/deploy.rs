@@ -2115,7 +2115,11 @@ impl Deployer {
         drop(permit);
         self.empty_host(run, "rollback", host, &recorded, &backends)
             .await
-            .map_err(fail)
+            .map_err(fail)?;
+        let _permit = self.forks.acquire().await;
+        release::clear_current(self.transport.as_ref(), host)
+            .await
+            .map_err(|e| fail(format!("{e:#}")))
     }
 }
 

@@ -240,6 +240,22 @@ pub async fn set_current(
     Ok(())
 }
 
+/// Removes `current` from a host that serves nothing again (a first deploy undone): left
+/// behind, it would name the rejected release as the one the host served, and the next
+/// deploy's rollback would return to it.
+pub async fn clear_current(transport: &dyn Transport, host: &Host) -> anyhow::Result<()> {
+    let script = format!("rm -f {}\n", q(&Layout::of(host).current()));
+    run_ok(
+        transport,
+        host,
+        "removing `current`",
+        &script,
+        SCRIPT_TIMEOUT,
+    )
+    .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

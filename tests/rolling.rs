@@ -144,6 +144,26 @@ async fn failure_in_a_later_batch_returns_moved_hosts() {
     assert_fleet_on(&fleet, "v1").await;
 }
 
+/// Undoing a first deploy leaves the moved host as it was, serving nothing, `current`
+/// included: left pointing at the rejected release, it made the next deploy record that
+/// release as the host's previous one, and a later rollback returned to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undone_first_deploy_leaves_no_current_behind() {
+    let mut spec = FleetSpec::new(2, 11);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    let fleet = Fleet::start(spec).await;
+    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "half", &["web1"]);
+    let (out, err) = fleet.deploy("half", 1).await;
+    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert_eq!(fleet.current("web1"), None, "{err}");
+    assert_eq!(fleet.current("web2"), None, "{err}");
+    fleet.deploy("v1", 0).await;
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("no earlier release"), "{out}\n{err}");
+    assert_fleet_on(&fleet, "v1").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_commands_gate_a_rolling_deploy() {
     let mut spec = FleetSpec::new(4, 5);
