@@ -411,6 +411,14 @@ impl Deployer {
         .await;
         let staged = match prepared {
             Ok(staged) => staged,
+            Err((e, _)) if req.resume.is_some() => {
+                // The interrupted run may have moved hosts already: "halted, nothing changed"
+                // would close it over a mixed fleet. It stays unfinished, to resume or undo.
+                anyhow::bail!(
+                    "{e}: deployment {} stays interrupted (hosts it moved before it stopped still serve {version}): fix that and run `cutover deploy --resume` again, or `cutover rollback` to return every host to where it was",
+                    run.id
+                );
+            }
             Err((e, consequence)) => {
                 self.progress.say(&format!("{e}: {consequence}"));
                 let failed = vec![HostFailure {

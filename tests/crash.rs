@@ -393,3 +393,35 @@ async fn a_rollback_changes_only_hosts_its_record_names() {
         "a host was changed: {out}\n{err}"
     );
 }
+
+/// A resume whose `before_deploy` hook fails (or staging, or `after_stage`) leaves the
+/// interrupted deployment unfinished: it used to close it as "halted: nothing was changed"
+/// over hosts it had moved, and a later rollback then skipped it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_fails_before_its_first_batch_leaves_the_deployment_interrupted() {
+    let mut spec = spec(2);
+    let fleet_marker =
+        std::env::temp_dir().join(format!("cutover-hookfail-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fleet_marker);
+    spec.extra = format!(
+        "[[hooks]]\nat = \"before_deploy\"\ncommand = \"test ! -e {}\"\nwhere = \"local\"\n",
+        fleet_marker.display()
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    assert!(
+        crash_at(&fleet, "v2", 12).await,
+        "the deploy reached write 12"
+    );
+    assert!(interrupted(&fleet).await);
+
+    std::fs::write(&fleet_marker, "").unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--resume"]).await;
+    let _ = std::fs::remove_file(&fleet_marker);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("stays interrupted"), "{out}\n{err}");
+    assert!(interrupted(&fleet).await, "{out}\n{err}");
+
+    recover(&fleet, &["deploy", "--resume"], 12).await;
+    fleet.assert_on("v2").await;
+}
