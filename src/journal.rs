@@ -891,6 +891,24 @@ impl Journal {
         self.event(Some(deployment), &format!("command received: {command}"))
     }
 
+    /// The first `abort` or `rollback` posted for `deployment` at or after `since_ms`, read or
+    /// not (an operator's command that a waiting terminal may already have taken).
+    pub fn stop_posted_since(
+        &self,
+        deployment: &str,
+        since_ms: u64,
+    ) -> anyhow::Result<Option<String>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT command FROM commands WHERE deployment = ?1 AND at_ms >= ?2
+                 AND command IN ('abort', 'rollback') ORDER BY id LIMIT 1",
+                params![deployment, since_ms as i64],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
     /// Stores timeline samples `(at_ms, data)` of a deployment (not counted as a step write:
     /// samples are observations, not decisions).
     pub fn add_samples(
@@ -1154,6 +1172,28 @@ mod tests {
             report: None,
             status: None,
         }
+    }
+
+    /// A stop posted while a resume undid an interrupted deployment is seen even when the
+    /// terminal that sent it took it first; older ones and other commands are not.
+    #[test]
+    fn stops_posted_since_a_moment_are_found_read_or_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.begin(&row("d1", "v2")).unwrap();
+        j.post_command("d1", "abort").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let since = now_ms();
+        assert_eq!(j.stop_posted_since("d1", since).unwrap(), None);
+        j.post_command("d1", "pause").unwrap();
+        assert_eq!(j.stop_posted_since("d1", since).unwrap(), None);
+        j.post_command("d1", "rollback").unwrap();
+        j.drop_unread_commands("d1").unwrap();
+        assert_eq!(
+            j.stop_posted_since("d1", since).unwrap().as_deref(),
+            Some("rollback")
+        );
+        assert_eq!(j.stop_posted_since("d2", since).unwrap(), None);
     }
 
     /// Apps may share a state directory: each sees, and prunes, only its own deployments.

@@ -256,8 +256,16 @@ pub(super) async fn deploy_cmd(
                 "{} deployment {} cannot continue where it stopped: returning every host to where it was, then starting {version} again",
                 row.strategy, row.id
             ));
+            let since = crate::journal::now_ms();
             let undone = deployer.restore(&row).await?;
             if undone.outcome != crate::deploy::Outcome::RolledBack {
+                undone
+            } else if let Some(cmd) = journal.stop_posted_since(&row.id, since)? {
+                // Sent while the hosts went back: whoever read it first, it asked for the
+                // fleet to stay where it is now, not for the deployment to start again.
+                deployer.progress.say(&format!(
+                    "{cmd} requested while the interrupted deployment was undone: {version} is not started again"
+                ));
                 undone
             } else {
                 deployer.run(&Request::deploy(version)).await?
