@@ -57,6 +57,28 @@ impl Inventory {
         }
         self.group(group).hosts.insert(name);
     }
+
+    /// Makes `ungrouped` what Ansible makes it once the file is read: the hosts in no group
+    /// but `all`, and always defined (perhaps empty). The INI parser puts every host before
+    /// the first section in `ungrouped`, even one a later `[web]` also lists, and YAML puts
+    /// `all: hosts:` in `all`: without this, `hosts_group = "ungrouped"` deployed hosts
+    /// Ansible counts as grouped, and was "no group" when every host has a group.
+    fn reconcile_ungrouped(&mut self) {
+        let grouped: HashSet<&str> = self
+            .groups
+            .iter()
+            .filter(|(g, _)| !matches!(g.as_str(), "all" | "ungrouped"))
+            .flat_map(|(_, body)| body.hosts.iter().map(String::as_str))
+            .collect();
+        let ungrouped: HashSet<String> = self
+            .hosts
+            .iter()
+            .map(|(name, _, _)| name)
+            .filter(|name| !grouped.contains(name.as_str()))
+            .cloned()
+            .collect();
+        self.group("ungrouped").hosts = ungrouped;
+    }
 }
 
 /// Reads the hosts of `group` (all hosts when None) from an Ansible inventory file.
@@ -72,6 +94,8 @@ pub fn load(path: &Path, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
     } else {
         parse_ini(path, &text)?
     };
+    let mut inv = inv;
+    inv.reconcile_ungrouped();
     let base = path.parent().unwrap_or(Path::new("."));
     resolve(path, base, &inv, group)
 }
@@ -856,6 +880,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(all[0].port, Some(2200));
+    }
+
+    #[test]
+    fn ungrouped_is_the_hosts_in_no_other_group_and_always_exists() {
+        // As in Ansible: h1 is in web, so only h2 is ungrouped, and only h2 gets its vars.
+        let text = "h1 ansible_host=127.0.0.1\nh2 ansible_host=127.0.0.1\n[web]\nh1\n\
+                    [ungrouped:vars]\nansible_port=2200\n";
+        let hosts = ini(text, Some("ungrouped")).unwrap();
+        assert_eq!(names(&hosts), ["h2"]);
+        let all = ini(text, None).unwrap();
+        assert_eq!(names(&all), ["h1", "h2"]);
+        assert_eq!(all[0].port, None);
+        assert_eq!(all[1].port, Some(2200));
+        // YAML: hosts right under `all` are ungrouped too, unless a group lists them.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.yml");
+        std::fs::write(
+            &p,
+            "all:\n  hosts:\n    h1:\n      ansible_host: 127.0.0.1\n    h2:\n      ansible_host: 127.0.0.1\n\
+             \x20 children:\n    web:\n      hosts:\n        h1:\n",
+        )
+        .unwrap();
+        assert_eq!(names(&load(&p, Some("ungrouped")).unwrap()), ["h2"]);
+        // Every host has a group: ungrouped exists and is empty, not unknown.
+        let e = format!(
+            "{:#}",
+            ini("[web]\nh1 ansible_host=127.0.0.1\n", Some("ungrouped")).unwrap_err()
+        );
+        assert!(e.contains("group ungrouped has no hosts"), "{e}");
     }
 
     #[test]
