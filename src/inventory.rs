@@ -8,6 +8,9 @@
 //! host's root directory. Variables merge as Ansible merges them: `all`, then groups from the
 //! outermost to the innermost (siblings by name), then the host's own.
 //!
+//! Only the inventory file is read: a `group_vars/` or `host_vars/` directory next to it, which
+//! Ansible would also read, is refused rather than silently ignored.
+//!
 //! `hosts_group` picks a group and its children; hosts keep the order in which the file first
 //! names them, so batches follow the file. Errors carry the file and line.
 
@@ -85,6 +88,7 @@ impl Inventory {
 pub fn load(path: &Path, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| anyhow::anyhow!("{}: cannot read the inventory: {e}", path.display()))?;
+    refuse_vars_dirs(path)?;
     let yaml = matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yml" | "yaml")
@@ -98,6 +102,48 @@ pub fn load(path: &Path, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
     inv.reconcile_ungrouped();
     let base = path.parent().unwrap_or(Path::new("."));
     resolve(path, base, &inv, group)
+}
+
+/// Ansible also reads `group_vars/` and `host_vars/` next to the inventory; cutover does not,
+/// so a fleet whose user, port or root lives there would be deployed with the wrong ones.
+/// Refuses such a directory when it holds any file (hidden ones, like `.gitkeep`, aside).
+fn refuse_vars_dirs(path: &Path) -> anyhow::Result<()> {
+    let base = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    for name in ["group_vars", "host_vars"] {
+        let dir = base.join(name);
+        if dir.is_dir() && holds_a_file(&dir, 8) {
+            anyhow::bail!(
+                "{}: Ansible reads variables from this directory, but cutover reads only the \
+                 inventory file {}, so hosts would get the wrong user, port or root: move the \
+                 variables into the inventory ([group:vars] sections and key=value on host \
+                 lines in INI, vars: in YAML), or remove {}",
+                dir.display(),
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Whether `dir` holds a file not starting with '.', looking `depth` directories down.
+fn holds_a_file(dir: &Path, depth: usize) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let path = e.path();
+        if e.file_name().to_string_lossy().starts_with('.') {
+            false
+        } else if path.is_dir() {
+            depth > 0 && holds_a_file(&path, depth - 1)
+        } else {
+            true
+        }
+    })
 }
 
 /// A file whose first meaningful line is `key:` (and not `[section]`) is YAML. A trailing
@@ -909,6 +955,27 @@ mod tests {
             ini("[web]\nh1 ansible_host=127.0.0.1\n", Some("ungrouped")).unwrap_err()
         );
         assert!(e.contains("group ungrouped has no hosts"), "{e}");
+    }
+
+    #[test]
+    fn group_vars_and_host_vars_next_to_the_inventory_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.ini");
+        std::fs::write(&p, "[web]\nw1 ansible_host=127.0.0.1\n").unwrap();
+        // Empty, or only hidden files: nothing is lost, so it loads.
+        std::fs::create_dir_all(d.path().join("group_vars/web")).unwrap();
+        std::fs::create_dir(d.path().join("host_vars")).unwrap();
+        std::fs::write(d.path().join("host_vars/.gitkeep"), "").unwrap();
+        assert_eq!(names(&load(&p, None).unwrap()), ["w1"]);
+        for file in ["group_vars/web/main.yml", "host_vars/w1.yml"] {
+            std::fs::write(d.path().join(file), "ansible_user: deploy\n").unwrap();
+            let dir = d.path().join(file.split('/').next().unwrap());
+            let e = format!("{:#}", load(&p, None).unwrap_err());
+            assert!(e.starts_with(&format!("{}: ", dir.display())), "{e}");
+            assert!(e.contains("cutover reads only the inventory file"), "{e}");
+            assert!(e.contains("[group:vars]") && e.contains("or remove"), "{e}");
+            std::fs::remove_file(d.path().join(file)).unwrap();
+        }
     }
 
     #[test]
