@@ -777,8 +777,19 @@ fn resolve_address(target: &str) -> anyhow::Result<IpAddr> {
         .ok_or_else(|| anyhow::anyhow!("ansible_host {target:?} resolves to no address"))
 }
 
-/// For `web1:2222`, Ansible's host:port form, which cutover reads from `ansible_port`.
+/// For `web1:2222`, Ansible's host:port form, which cutover reads from `ansible_port`. A name
+/// with more than one colon is an IPv6 address (perhaps mistyped), not host:port: the hint
+/// for `2001:db8::1` was to write `2001:db8: ansible_port=1`.
 fn port_hint(name: &str) -> String {
+    if name.matches(':').count() > 1 {
+        return match name.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => format!(
+                " (for an IPv6 address, name the host and give the address: `web1 ansible_host={name}` \
+                 in INI or `ansible_host: \"{name}\"` under the host in YAML)"
+            ),
+            Err(_) => String::new(),
+        };
+    }
     match name.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => format!(
             " (for a port, write `{host} ansible_port={port}` in INI or `ansible_port: {port}` under the host in YAML)"
@@ -832,6 +843,17 @@ mod tests {
         let e = format!("{:#}", load(&p, None).unwrap_err());
         assert!(e.contains("hosts.ini:2"), "{e}");
         assert!(e.contains("write `web1 ansible_port=2222`"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_host_names_get_no_port_hint() {
+        let e = format!("{:#}", ini("[web]\n2001:db8::1\n", None).unwrap_err());
+        assert!(e.contains("hosts.ini:2"), "{e}");
+        assert!(!e.contains("ansible_port"), "{e}");
+        assert!(e.contains("`web1 ansible_host=2001:db8::1`"), "{e}");
+        // Not an address either: no hint at all.
+        let e = format!("{:#}", ini("[web]\nfe80::zz:1\n", None).unwrap_err());
+        assert!(!e.contains("ansible_port") && !e.contains("(for"), "{e}");
     }
 
     #[test]
