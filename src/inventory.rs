@@ -23,7 +23,15 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 
 use crate::config::{Host, Name};
 
-type Vars = BTreeMap<String, String>;
+type Vars = BTreeMap<String, Var>;
+
+/// A variable's value and the line it was written on (0 if unknown), so a bad value set in
+/// `[web:vars]` is reported where it was written and not at each host it reaches.
+#[derive(Debug, Clone)]
+struct Var {
+    value: String,
+    line: usize,
+}
 
 /// What an inventory says, before a group is picked.
 #[derive(Debug, Default)]
@@ -241,7 +249,7 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
         match section.1 {
             Kind::Vars => {
                 let (k, v) = key_value(line).map_err(|m| err(n, m))?;
-                inv.group(&group).vars.insert(k, v);
+                inv.group(&group).vars.insert(k, Var { value: v, line: n });
             }
             Kind::Children => {
                 // `web   # the web tier`: Ansible allows a comment after the name.
@@ -282,7 +290,7 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                 let mut vars = Vars::new();
                 for w in words {
                     let (k, v) = key_value(&w).map_err(|m| err(n, m))?;
-                    vars.insert(k, v);
+                    vars.insert(k, Var { value: v, line: n });
                 }
                 for name in names {
                     inv.add_host(&group, name, vars.clone(), n);
@@ -533,13 +541,24 @@ fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
         inv.group(&name);
         let Some(g) = g else { continue };
         if let Some(vars) = g.vars {
-            for (k, _, v) in vars.0 {
-                inv.group(&name).vars.insert(k, v.text());
+            for (k, line, v) in vars.0 {
+                let var = Var {
+                    value: v.text(),
+                    line,
+                };
+                inv.group(&name).vars.insert(k, var);
             }
         }
         for (pattern, line, vars) in g.hosts.map(|h| h.0).unwrap_or_default() {
             let vars: Vars = vars
-                .map(|v| v.0.into_iter().map(|(k, _, v)| (k, v.text())).collect())
+                .map(|v| {
+                    v.0.into_iter()
+                        .map(|(k, line, v)| {
+                            let value = v.text();
+                            (k, Var { value, line })
+                        })
+                        .collect()
+                })
                 .unwrap_or_default();
             for host in expand_range(&pattern)
                 .map_err(|m| anyhow::anyhow!("{}: group {name}: {m}", at(line)))?
@@ -646,12 +665,7 @@ fn resolve(
             vars.extend(inv.groups[g].vars.clone());
         }
         vars.extend(own.clone());
-        let at = if *line > 0 {
-            format!("{file}:{line}")
-        } else {
-            file.to_string()
-        };
-        hosts.push(to_host(&at, base, name, &vars)?);
+        hosts.push(to_host(&file.to_string(), *line, base, name, &vars)?);
     }
     if hosts.is_empty() {
         match group {
@@ -717,33 +731,52 @@ fn parents_first(inv: &Inventory) -> Result<Vec<&str>, String> {
     Ok(order)
 }
 
-fn to_host(at: &str, base: &Path, name: &str, vars: &Vars) -> anyhow::Result<Host> {
+/// `file` and `line` locate the host; an error about a variable names the line the variable
+/// was written on (a `[group:vars]` line, say), or the host's when that is unknown.
+fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> anyhow::Result<Host> {
+    let at = |l: usize| match (l, line) {
+        (0, 0) => file.to_string(),
+        (0, l) | (l, _) => format!("{file}:{l}"),
+    };
     let get = |keys: &[&str]| keys.iter().find_map(|k| vars.get(*k)).cloned();
-    let target = get(&["ansible_host", "ansible_ssh_host"]).unwrap_or_else(|| name.to_string());
-    let address =
-        resolve_address(&target).map_err(|e| anyhow::anyhow!("{at}: host {name}: {e}"))?;
+    let (target, target_line) = match get(&["ansible_host", "ansible_ssh_host"]) {
+        Some(v) => (v.value, v.line),
+        None => (name.to_string(), line),
+    };
+    let address = resolve_address(&target)
+        .map_err(|e| anyhow::anyhow!("{}: host {name}: {e}", at(target_line)))?;
     let port = match get(&["ansible_port", "ansible_ssh_port"]) {
-        Some(p) => Some(p.parse::<u16>().map_err(|_| {
-            anyhow::anyhow!("{at}: host {name}: ansible_port = {p:?} is not a port number")
+        Some(p) => Some(p.value.parse::<u16>().map_err(|_| {
+            anyhow::anyhow!(
+                "{}: host {name}: ansible_port = {:?} is not a port number: write one from 1 to 65535",
+                at(p.line),
+                p.value
+            )
         })?),
         None => None,
     };
     let user = get(&["ansible_user", "ansible_ssh_user"]);
     if let Some(u) = &user {
-        if u.is_empty() || u.starts_with('-') || u.contains(char::is_whitespace) {
-            anyhow::bail!("{at}: host {name}: ansible_user = {u:?} is not a user name");
+        let v = &u.value;
+        if v.is_empty() || v.starts_with('-') || v.contains(char::is_whitespace) {
+            anyhow::bail!(
+                "{}: host {name}: ansible_user = {v:?} is not a user name: write the login \
+                 name, not empty, without spaces and not starting with '-'",
+                at(u.line)
+            );
         }
     }
+    let user = user.map(|u| u.value);
     let identity = get(&["ansible_ssh_private_key_file", "ansible_private_key_file"])
-        .map(|p| absolute(base, &p));
+        .map(|p| absolute(base, &p.value));
     // As written: whether it is a path on this machine (local transport, resolved against
     // the inventory's directory by the config) or on the host (SSH) is the config's call.
     let root = get(&["cutover_root"])
-        .map(PathBuf::from)
+        .map(|v| PathBuf::from(v.value))
         .unwrap_or_default();
     Ok(Host {
         name: Name::parse(name)
-            .map_err(|m| anyhow::anyhow!("{at}: host {m}{}", port_hint(name)))?,
+            .map_err(|m| anyhow::anyhow!("{}: host {m}{}", at(line), port_hint(name)))?,
         address,
         root,
         port,
@@ -854,6 +887,44 @@ mod tests {
         // Not an address either: no hint at all.
         let e = format!("{:#}", ini("[web]\nfe80::zz:1\n", None).unwrap_err());
         assert!(!e.contains("ansible_port") && !e.contains("(for"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_variable_is_reported_on_the_line_that_sets_it() {
+        // Set in [web:vars] on line 4, not on the host's line 2.
+        for (vars, what) in [
+            (
+                "ansible_port=abc",
+                "ansible_port = \"abc\" is not a port number",
+            ),
+            ("ansible_user=", "ansible_user = \"\" is not a user name"),
+            (
+                "ansible_host=no-such-host.invalid",
+                "ansible_host \"no-such-host.invalid\" does not resolve",
+            ),
+        ] {
+            let text = format!("[web]\nw1 ansible_host=127.0.0.1\n[web:vars]\n{vars}\n");
+            let text = if vars.starts_with("ansible_host") {
+                text.replace("w1 ansible_host=127.0.0.1", "w1")
+            } else {
+                text
+            };
+            let e = format!("{:#}", ini(&text, None).unwrap_err());
+            assert!(
+                e.contains("hosts.ini:4: host w1: ") && e.contains(what),
+                "{e}"
+            );
+        }
+        // On a second line naming the host: that line, not the first.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nw1 ansible_host=127.0.0.1\n[db]\nw1 ansible_port=99999\n",
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(e.contains("hosts.ini:4: host w1: ansible_port"), "{e}");
     }
 
     #[test]
@@ -1117,7 +1188,7 @@ mod tests {
             (
                 "all:\n  children:\n    web:\n      hosts:\n        web1:\n          ansible_host: 127.0.0.1\n\
                  \x20         ansible_port: 99999\n",
-                5,
+                7,
                 "host web1: ansible_port = \"99999\" is not a port number",
             ),
             (
@@ -1138,7 +1209,7 @@ mod tests {
             (
                 "all:\n  vars:\n    ansible_user: \"-oProxyCommand=x\"\n  hosts:\n    w1:\n\
                  \x20     ansible_host: 127.0.0.1\n",
-                5,
+                3,
                 "host w1: ansible_user",
             ),
         ] {
