@@ -6,7 +6,8 @@
 //! (`web[01:04].example.com`). Used: `ansible_host` (an IP or a DNS name, resolved here),
 //! `ansible_port`, `ansible_user`, `ansible_ssh_private_key_file`, and `cutover_root` for the
 //! host's root directory. Variables merge as Ansible merges them: `all`, then groups from the
-//! outermost to the innermost (siblings by name), then the host's own.
+//! outermost to the innermost (siblings by `ansible_group_priority`, default 1, the higher
+//! applied later so it wins, then by name), then the host's own.
 //!
 //! Only the inventory file is read: a `group_vars/` or `host_vars/` directory next to it, which
 //! Ansible would also read, is refused rather than silently ignored.
@@ -616,6 +617,26 @@ fn resolve(
         let d = ps.iter().map(|p| depth[p] + 1).max().unwrap_or(0);
         depth.insert(g, d);
     }
+    // Among groups at the same depth, Ansible applies the lower `ansible_group_priority`
+    // (default 1) first, so the higher one wins; at equal priority, by name.
+    let mut priority: HashMap<&str, i64> = HashMap::new();
+    for (g, body) in &inv.groups {
+        if let Some(v) = body.vars.get("ansible_group_priority") {
+            let p = v.value.trim().parse::<i64>().map_err(|_| {
+                let at = if v.line > 0 {
+                    format!("{file}:{}", v.line)
+                } else {
+                    file.to_string()
+                };
+                anyhow::anyhow!(
+                    "{at}: group {g}: ansible_group_priority = {:?} is not a whole number: \
+                     write one such as 10 (among groups at the same depth, the higher wins)",
+                    v.value
+                )
+            })?;
+            priority.insert(g.as_str(), p);
+        }
+    }
     // The groups each host is placed in directly.
     let mut placed: HashMap<&str, Vec<&str>> = HashMap::new();
     for (g, body) in &inv.groups {
@@ -650,10 +671,10 @@ fn resolve(
         if picked.is_some_and(|p| !groups.contains(p)) {
             continue;
         }
-        let mut groups: Vec<(usize, &str)> = groups
+        let mut groups: Vec<(usize, i64, &str)> = groups
             .into_iter()
             .filter(|g| *g != "all")
-            .map(|g| (depth[g], g))
+            .map(|g| (depth[g], priority.get(g).copied().unwrap_or(1), g))
             .collect();
         groups.sort();
         let mut vars = inv
@@ -661,7 +682,7 @@ fn resolve(
             .get("all")
             .map(|g| g.vars.clone())
             .unwrap_or_default();
-        for (_, g) in groups {
+        for (_, _, g) in groups {
             vars.extend(inv.groups[g].vars.clone());
         }
         vars.extend(own.clone());
@@ -1132,6 +1153,43 @@ mod tests {
                 .unwrap()
             ),
             ["h1"]
+        );
+    }
+
+    #[test]
+    fn group_priority_orders_siblings_as_in_ansible() {
+        // a and b are at the same depth: by name b would win; a's higher priority wins.
+        let text = "[a]\nh1 ansible_host=127.0.0.1\n[b]\nh1\n\
+                    [a:vars]\nansible_group_priority=10\nansible_user=u_a\n\
+                    [b:vars]\nansible_user=u_b\n";
+        assert_eq!(ini(text, None).unwrap()[0].user.as_deref(), Some("u_a"));
+        // Below the default of 1, a loses to b even though it comes first by name.
+        let low = text.replace("priority=10", "priority=0");
+        assert_eq!(ini(&low, None).unwrap()[0].user.as_deref(), Some("u_b"));
+        // Depth still comes first: a child beats its parent whatever their priorities.
+        let nested = "[p:children]\nc\n[c]\nh1 ansible_host=127.0.0.1\n\
+                      [p:vars]\nansible_group_priority=99\nansible_user=u_p\n\
+                      [c:vars]\nansible_user=u_c\n";
+        assert_eq!(ini(nested, None).unwrap()[0].user.as_deref(), Some("u_c"));
+        // YAML, where the priority is a number.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.yml");
+        std::fs::write(
+            &p,
+            "all:\n  children:\n    a:\n      vars:\n        ansible_group_priority: 10\n\
+             \x20       ansible_user: u_a\n      hosts:\n        h1:\n          ansible_host: 127.0.0.1\n\
+             \x20   b:\n      vars:\n        ansible_user: u_b\n      hosts:\n        h1:\n",
+        )
+        .unwrap();
+        assert_eq!(load(&p, None).unwrap()[0].user.as_deref(), Some("u_a"));
+        // Not a number: refused on its line.
+        let e = format!(
+            "{:#}",
+            ini(&text.replace("priority=10", "priority=high"), None).unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:6: group a: ansible_group_priority = \"high\""),
+            "{e}"
         );
     }
 
