@@ -190,10 +190,13 @@ pub struct LockHolder {
 }
 
 impl LockHolder {
-    /// Known to be gone: a process of this machine that no longer runs. (A holder on another
-    /// machine sharing the journal is not known to be gone; its lease tells.)
+    /// Known to be gone: a process of this machine that no longer runs, or whose pid a later
+    /// process now has (after a reboot, say). A holder on another machine sharing the journal
+    /// is not known to be gone; its lease tells. Every "is the deployer still there?" in
+    /// cutover asks this, so the lock, `status`, the commands and `unlock` agree.
     pub fn is_gone(&self) -> bool {
-        self.machine == machine_name() && !process_alive(self.pid)
+        self.machine == machine_name()
+            && (!process_alive(self.pid) || process_started_after(self.pid, self.started_ms))
     }
 
     /// This process, doing `what`.
@@ -781,10 +784,7 @@ impl Journal {
                     });
                     if holder.machine == me.machine && holder.pid == me.pid {
                         Ok(Taken::Free)
-                    } else if holder.machine == me.machine
-                        && (!process_alive(holder.pid)
-                            || process_started_after(holder.pid, holder.started_ms))
-                    {
+                    } else if holder.is_gone() {
                         Ok(Taken::TookOver(holder, "its process is gone"))
                     } else if holder.machine != me.machine && (lease_until as u64) < now_ms() {
                         // On this machine a live holder keeps its lock whatever its lease: a
@@ -1194,6 +1194,25 @@ mod tests {
             Some("rollback")
         );
         assert_eq!(j.stop_posted_since("d2", since).unwrap(), None);
+    }
+
+    /// A lock holder whose pid a later process now has (a reboot, pid reuse) is gone, though
+    /// that pid is alive: the lock, `status`, the commands and `unlock` must all see it so.
+    #[test]
+    fn a_holder_whose_pid_a_later_process_has_is_gone() {
+        let mut holder = LockHolder::me("deploy v2");
+        assert!(!holder.is_gone(), "this process holds it");
+        holder.started_ms = now_ms() - 3_600_000;
+        assert!(
+            holder.is_gone(),
+            "this process started long after: a reused pid"
+        );
+        holder.started_ms = now_ms();
+        holder.machine = "elsewhere".into();
+        assert!(
+            !holder.is_gone(),
+            "another machine's holder is judged by its lease"
+        );
     }
 
     /// Apps may share a state directory: each sees, and prunes, only its own deployments.

@@ -429,7 +429,7 @@ pub(super) fn running_deployment(
     };
     let running = journal
         .lock_holder(config.app.name.as_str())?
-        .is_some_and(|h| crate::journal::process_alive(h.pid));
+        .is_some_and(|h| !h.is_gone());
     Ok(running.then_some(row))
 }
 

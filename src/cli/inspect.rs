@@ -16,9 +16,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
     let lock = journal.lock_holder(config.app.name.as_str())?;
     let unfinished = journal.unfinished(config.app.name.as_str())?;
     let deployment = unfinished.map(|row| {
-        let running = lock
-            .as_ref()
-            .is_some_and(|h| crate::journal::process_alive(h.pid));
+        let running = lock.as_ref().is_some_and(|h| !h.is_gone());
         (row, running)
     });
     if json {
@@ -152,9 +150,18 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
     Ok(())
 }
 
+/// The deployment running now: the app's one without an outcome, while its deployer (the lock
+/// holder) is still there. Without an outcome and without a deployer, it was interrupted.
+fn running_id(journal: &Journal, config: &Config) -> anyhow::Result<Option<String>> {
+    let app = config.app.name.as_str();
+    let alive = journal.lock_holder(app)?.is_some_and(|h| !h.is_gone());
+    Ok(journal.unfinished(app)?.filter(|_| alive).map(|row| row.id))
+}
+
 pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
     let journal = Journal::open(&config.state_dir)?;
     let records = journal.deployments(config.app.name.as_str(), config.history_keep)?;
+    let running = running_id(&journal, config)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&records)?);
         return Ok(());
@@ -181,7 +188,13 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
             r.strategy,
             r.from.as_deref().unwrap_or("-"),
             r.to,
-            r.outcome.as_deref().unwrap_or("interrupted"),
+            r.outcome
+                .as_deref()
+                .unwrap_or(if running.as_deref() == Some(r.id.as_str()) {
+                    "running"
+                } else {
+                    "interrupted"
+                }),
             r.ended_ms.map_or("-".into(), |e| format!(
                 "{:.1}",
                 e.saturating_sub(r.started_ms) as f64 / 1000.0
@@ -214,6 +227,7 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
     let row = journal.deployment_or_newest(config.app.name.as_str(), id)?;
     let steps = journal.steps(&row.id)?;
     let events = journal.events(&row.id)?;
+    let running = running_id(&journal, config)?.as_deref() == Some(row.id.as_str());
     if json {
         println!(
             "{}",
@@ -230,7 +244,9 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
         row.strategy,
         row.from.as_deref().unwrap_or("(nothing)"),
         row.to,
-        row.outcome.as_deref().unwrap_or("interrupted or running"),
+        row.outcome
+            .as_deref()
+            .unwrap_or(if running { "running" } else { "interrupted" }),
         row.who
     );
     if let Some(r) = &row.report {
@@ -268,9 +284,11 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
             s.host,
             s.action,
             s.detail,
-            s.result
-                .as_deref()
-                .unwrap_or("INTERRUPTED (the process died here)")
+            s.result.as_deref().unwrap_or(if running {
+                "running"
+            } else {
+                "INTERRUPTED (the process died here)"
+            })
         );
     }
     for e in &events {

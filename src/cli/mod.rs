@@ -396,6 +396,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let config = Config::load(&cli.config)?;
             let journal = Journal::open(&config.state_dir)?;
             match journal.lock_holder(config.app.name.as_str())? {
+                Some(h) if h.is_gone() => println!(
+                    "locked by a deployer that is gone (the next deploy takes the lock over): {}",
+                    h.describe()
+                ),
                 Some(h) => println!("locked: {}", h.describe()),
                 None => println!("unlocked"),
             }
@@ -412,7 +416,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             // A holder running on this machine is not stale: unlocking under it would let a
             // second deployer work on the same fleet.
             if let Some(h) = journal.lock_holder(config.app.name.as_str())? {
-                if h.machine == LockHolder::me("").machine && crate::journal::process_alive(h.pid) {
+                if h.machine == LockHolder::me("").machine && !h.is_gone() {
                     anyhow::bail!(
                         "the lock's holder still runs on this machine: {}. Let it finish, send it back with `cutover abort`, or end it (kill {}) and then `cutover rollback` or `cutover deploy --resume`; no unlock is needed after that",
                         h.describe(),

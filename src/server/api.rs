@@ -22,7 +22,7 @@ use super::ServeState;
 use super::github::{self, PushDecision};
 use super::queue::Work;
 use crate::config::Name;
-use crate::journal::{DeploymentRow, process_alive};
+use crate::journal::DeploymentRow;
 use crate::report;
 
 /// Every error of the API.
@@ -232,7 +232,7 @@ fn current(state: &ServeState) -> ApiResult<Option<(DeploymentRow, bool)>> {
     let holder_alive = state
         .journal
         .lock_holder(state.config.app.name.as_str())?
-        .is_some_and(|h| process_alive(h.pid));
+        .is_some_and(|h| !h.is_gone());
     Ok(Some((row, ours || holder_alive)))
 }
 
