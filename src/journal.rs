@@ -314,6 +314,17 @@ impl Journal {
         let conn = Connection::open(path)
             .with_context(|| format!("cannot open the journal {}", path.display()))?;
         let corrupt = |e: rusqlite::Error| {
+            use rusqlite::ErrorCode::{CannotOpen, PermissionDenied, ReadOnly};
+            // A file this user may not write is not a damaged one: moving it aside would lose
+            // an interrupted deployment's record for nothing.
+            if let rusqlite::Error::SqliteFailure(f, _) = &e {
+                if matches!(f.code, ReadOnly | PermissionDenied | CannotOpen) {
+                    return anyhow::anyhow!(
+                        "cannot write the journal {} ({e}): cutover writes it even to read it (the deploy lock, commands); run as the user that owns it, or fix the permissions of the file, its -wal and -shm files and its directory",
+                        path.display()
+                    );
+                }
+            }
             anyhow::anyhow!(
                 "the journal {} is not a readable cutover journal ({e}): move it aside to start a new one (history is lost) or restore it from a backup",
                 path.display()

@@ -559,3 +559,38 @@ fn an_unknown_release_is_refused_before_anything_is_recorded() {
         "nothing was recorded"
     );
 }
+
+/// A journal this user may not write is not a damaged one: the error says to fix the
+/// permissions, not to move the file aside (which would lose an interrupted deployment's
+/// record). Runs the command as `nobody` through `setpriv`, so only as root (as in CI).
+#[test]
+fn a_journal_this_user_cannot_write_is_not_called_damaged() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a command as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join(".cutover");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("journal.db"), b"").unwrap();
+    std::fs::write(dir.path().join("cutover.toml"), GOOD).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A copy nobody can reach, wherever the build directory lies.
+    let exe = dir.path().join("cutover");
+    std::fs::copy(env!("CARGO_BIN_EXE_cutover"), &exe).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .arg("-c")
+        .arg(dir.path().join("cutover.toml"))
+        .arg("history")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot write the journal"), "{err}");
+    assert!(err.contains("permissions"), "{err}");
+    assert!(!err.contains("move it aside"), "{err}");
+}
