@@ -327,6 +327,7 @@ mod tests {
             version,
             &tree,
             &dir.join("state"),
+            &dir.join("cutover.toml"),
             Duration::from_secs(30),
         )
         .await

@@ -44,6 +44,8 @@ pub struct ReleaseSource {
     /// `release.path` with `{version}` substituted (path releases).
     dir: PathBuf,
     state_dir: PathBuf,
+    /// The config file, named by errors that a fix of the config cures.
+    config_file: PathBuf,
     build_timeout: Duration,
     built: OnceCell<Result<Arc<Archive>, String>>,
     /// Hosts the archive was uploaded to, in order.
@@ -57,6 +59,7 @@ impl ReleaseSource {
             version: version.clone(),
             dir: config.release_source(version),
             state_dir: config.state_dir.clone(),
+            config_file: config.file.clone(),
             build_timeout: config.ssh.command_timeout,
             built: OnceCell::new(),
             uploads: Mutex::new(Vec::new()),
@@ -82,6 +85,7 @@ impl ReleaseSource {
             version: version.clone(),
             dir: PathBuf::new(),
             state_dir: PathBuf::new(),
+            config_file: PathBuf::new(),
             build_timeout: Duration::ZERO,
             built: OnceCell::new_with(Some(Ok(Arc::new(archive)))),
             uploads: Mutex::new(Vec::new()),
@@ -97,6 +101,7 @@ impl ReleaseSource {
                     &self.version,
                     &self.dir,
                     &self.state_dir,
+                    &self.config_file,
                     self.build_timeout,
                 )
                 .await
@@ -149,6 +154,7 @@ pub async fn build(
     version: &Name,
     dir: &Path,
     state_dir: &Path,
+    config_file: &Path,
     timeout: Duration,
 ) -> anyhow::Result<Archive> {
     let (tree, commit) = match &release.git {
@@ -168,10 +174,19 @@ pub async fn build(
     if let Some(cmd) = &release.build {
         run_build(cmd, &tree, version, commit.as_deref(), timeout).await?;
     }
-    let entries = select(&tree, &release.include)?;
+    let Selection { entries, unmatched } = select(&tree, &release.include)?;
+    if !unmatched.is_empty() {
+        let globs: Vec<String> = unmatched.iter().map(|g| format!("{g:?}")).collect();
+        anyhow::bail!(
+            "release {version}: include {} matched nothing in {}: fix release.include in {}",
+            globs.join(", "),
+            tree.display(),
+            config_file.display()
+        );
+    }
     anyhow::ensure!(
         !entries.is_empty(),
-        "release {version}: nothing to ship from {} (check release.include)",
+        "release {version}: nothing to ship from {} (it is empty)",
         tree.display()
     );
     let out_dir = state_dir.join("archives");
@@ -430,9 +445,19 @@ async fn run_build(
     Ok(())
 }
 
-/// Paths (relative, sorted, directories before their contents) that ship: everything but
-/// `.git` when `include` is empty, else what the globs match (a matched directory ships whole).
-pub fn select(tree: &Path, include: &[String]) -> anyhow::Result<Vec<String>> {
+/// What ships from a tree.
+#[derive(Debug, PartialEq)]
+pub struct Selection {
+    /// Paths (relative, sorted, directories before their contents).
+    pub entries: Vec<String>,
+    /// The `include` globs that matched nothing: each is a mistake (a build that did not
+    /// produce `dist`, a typo), never something to skip quietly.
+    pub unmatched: Vec<String>,
+}
+
+/// What ships from `tree`: everything but `.git` when `include` is empty, else what the globs
+/// match (a matched directory ships whole).
+pub fn select(tree: &Path, include: &[String]) -> anyhow::Result<Selection> {
     let globs: Vec<Vec<&str>> = include
         .iter()
         .map(|g| {
@@ -443,15 +468,26 @@ pub fn select(tree: &Path, include: &[String]) -> anyhow::Result<Vec<String>> {
         })
         .collect();
     let mut out = Vec::new();
-    walk(tree, "", &globs, include.is_empty(), &mut out)?;
+    let mut hits = vec![false; globs.len()];
+    walk(tree, "", &globs, &mut hits, include.is_empty(), &mut out)?;
     out.sort();
-    Ok(out)
+    let unmatched = include
+        .iter()
+        .zip(hits)
+        .filter(|(_, hit)| !hit)
+        .map(|(g, _)| g.clone())
+        .collect();
+    Ok(Selection {
+        entries: out,
+        unmatched,
+    })
 }
 
 fn walk(
     dir: &Path,
     rel: &str,
     globs: &[Vec<&str>],
+    hits: &mut [bool],
     whole: bool,
     out: &mut Vec<String>,
 ) -> anyhow::Result<()> {
@@ -468,14 +504,20 @@ fn walk(
             format!("{rel}/{name}")
         };
         let segs: Vec<&str> = path.split('/').collect();
-        let matched = whole || globs.iter().any(|g| glob_match(g, &segs));
+        let mut matched = whole;
+        for (g, hit) in globs.iter().zip(hits.iter_mut()) {
+            if glob_match(g, &segs) {
+                *hit = true;
+                matched = true;
+            }
+        }
         let is_dir = e.file_type()?.is_dir();
         if matched {
             out.push(path.clone());
         }
         if is_dir {
             let before = out.len();
-            walk(&e.path(), &path, globs, matched, out)?;
+            walk(&e.path(), &path, globs, hits, matched, out)?;
             // A directory whose contents ship is listed too, so it keeps its mode.
             if !matched && out.len() > before {
                 out.push(path);
@@ -640,7 +682,7 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, "x").unwrap();
         }
-        let all = select(d.path(), &[]).unwrap();
+        let all = select(d.path(), &[]).unwrap().entries;
         assert_eq!(
             all,
             [
@@ -658,7 +700,8 @@ mod tests {
             d.path(),
             &["run.sh".into(), "bin".into(), "**/*.css".into()],
         )
-        .unwrap();
+        .unwrap()
+        .entries;
         assert_eq!(
             some,
             [
@@ -670,5 +713,59 @@ mod tests {
                 "static/css/a.css"
             ]
         );
+    }
+
+    /// Writes `files` (relative paths) under `root`, each holding its own path.
+    fn files(root: &Path, files: &[&str]) {
+        for f in files {
+            let p = root.join(f);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, f).unwrap();
+        }
+    }
+
+    fn path_release(include: &[&str]) -> Release {
+        Release {
+            path: Some("unused".into()),
+            git: None,
+            build: None,
+            include: include.iter().map(|s| s.to_string()).collect(),
+            keep: crate::config::Keep(1),
+        }
+    }
+
+    /// Review finding: `include = ["run.sh", "dist", "config/*.yml"]` with `dist` missing
+    /// (a build that did not produce it) shipped only run.sh, and the deploy went ahead.
+    #[tokio::test]
+    async fn every_include_glob_must_match_something() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        files(&tree, &["run.sh", "config/app.yml", "README"]);
+        let v = Name::parse("v2").unwrap();
+        let conf = d.path().join("cutover.toml");
+        let state = d.path().join("state");
+        let e = build(
+            &path_release(&["run.sh", "dist", "config/*.yml", "*.ini"]),
+            &v,
+            &tree,
+            &state,
+            &conf,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert_eq!(
+            e,
+            format!(
+                "release v2: include \"dist\", \"*.ini\" matched nothing in {}: fix release.include in {}",
+                tree.display(),
+                conf.display()
+            )
+        );
+        assert!(!state.join("archives/v2.tar.gz").exists());
+        let s = select(&tree, &["run.sh".into(), "config/*.yml".into()]).unwrap();
+        assert!(s.unmatched.is_empty());
+        assert_eq!(s.entries, ["config", "config/app.yml", "run.sh"]);
     }
 }
