@@ -328,6 +328,7 @@ mod tests {
             &tree,
             &dir.join("state"),
             &dir.join("cutover.toml"),
+            &[],
             Duration::from_secs(30),
         )
         .await

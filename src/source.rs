@@ -46,6 +46,9 @@ pub struct ReleaseSource {
     state_dir: PathBuf,
     /// The config file, named by errors that a fix of the config cures.
     config_file: PathBuf,
+    /// Directories of this machine that never ship though they lie in the tree: the state
+    /// directory and, on the local transport, the hosts' roots.
+    never_ship: Vec<PathBuf>,
     build_timeout: Duration,
     built: OnceCell<Result<Arc<Archive>, String>>,
     /// Hosts the archive was uploaded to, in order.
@@ -60,6 +63,15 @@ impl ReleaseSource {
             dir: config.release_source(version),
             state_dir: config.state_dir.clone(),
             config_file: config.file.clone(),
+            never_ship: std::iter::once(config.state_dir.clone())
+                .chain(
+                    config
+                        .hosts
+                        .iter()
+                        .filter(|_| config.transport == crate::config::TransportKind::Local)
+                        .map(|h| h.root.clone()),
+                )
+                .collect(),
             build_timeout: config.ssh.command_timeout,
             built: OnceCell::new(),
             uploads: Mutex::new(Vec::new()),
@@ -86,6 +98,7 @@ impl ReleaseSource {
             dir: PathBuf::new(),
             state_dir: PathBuf::new(),
             config_file: PathBuf::new(),
+            never_ship: Vec::new(),
             build_timeout: Duration::ZERO,
             built: OnceCell::new_with(Some(Ok(Arc::new(archive)))),
             uploads: Mutex::new(Vec::new()),
@@ -102,6 +115,7 @@ impl ReleaseSource {
                     &self.dir,
                     &self.state_dir,
                     &self.config_file,
+                    &self.never_ship,
                     self.build_timeout,
                 )
                 .await
@@ -155,6 +169,7 @@ pub async fn build(
     dir: &Path,
     state_dir: &Path,
     config_file: &Path,
+    never_ship: &[PathBuf],
     timeout: Duration,
 ) -> anyhow::Result<Archive> {
     let (tree, commit) = match &release.git {
@@ -174,7 +189,10 @@ pub async fn build(
     if let Some(cmd) = &release.build {
         run_build(cmd, &tree, version, commit.as_deref(), timeout).await?;
     }
-    let Selection { entries, unmatched } = select(&tree, &release.include)?;
+    // `path = "."` holds cutover's own state (journal, archives, the config with its token)
+    // and maybe the local hosts' roots: shipping them would leak and grow with each deploy.
+    let skip = inside(&tree, never_ship);
+    let Selection { entries, unmatched } = select(&tree, &release.include, &skip)?;
     if !unmatched.is_empty() {
         let globs: Vec<String> = unmatched.iter().map(|g| format!("{g:?}")).collect();
         anyhow::bail!(
@@ -455,9 +473,33 @@ pub struct Selection {
     pub unmatched: Vec<String>,
 }
 
-/// What ships from `tree`: everything but `.git` when `include` is empty, else what the globs
-/// match (a matched directory ships whole).
-pub fn select(tree: &Path, include: &[String]) -> anyhow::Result<Selection> {
+/// The paths of `dirs` that lie inside `tree`, relative to it (compared canonicalized, so a
+/// symlinked or `..` spelling of the same directory still counts).
+fn inside(tree: &Path, dirs: &[PathBuf]) -> Vec<String> {
+    let Ok(tree) = tree.canonicalize() else {
+        return Vec::new();
+    };
+    dirs.iter()
+        .filter_map(|d| {
+            let d = canonical(d)?;
+            let rel = d.strip_prefix(&tree).ok()?;
+            let rel = rel.to_str()?;
+            (!rel.is_empty()).then(|| rel.to_string())
+        })
+        .collect()
+}
+
+/// `p` canonicalized, where its missing tail (a host root not created yet) is kept as written.
+fn canonical(p: &Path) -> Option<PathBuf> {
+    match p.canonicalize() {
+        Ok(c) => Some(c),
+        Err(_) => Some(canonical(p.parent()?)?.join(p.file_name()?)),
+    }
+}
+
+/// What ships from `tree`: everything but `.git` and the `skip` paths (relative) when
+/// `include` is empty, else what the globs match (a matched directory ships whole) but `skip`.
+pub fn select(tree: &Path, include: &[String], skip: &[String]) -> anyhow::Result<Selection> {
     let globs: Vec<Vec<&str>> = include
         .iter()
         .map(|g| {
@@ -469,7 +511,15 @@ pub fn select(tree: &Path, include: &[String]) -> anyhow::Result<Selection> {
         .collect();
     let mut out = Vec::new();
     let mut hits = vec![false; globs.len()];
-    walk(tree, "", &globs, &mut hits, include.is_empty(), &mut out)?;
+    walk(
+        tree,
+        "",
+        &globs,
+        skip,
+        &mut hits,
+        include.is_empty(),
+        &mut out,
+    )?;
     out.sort();
     let unmatched = include
         .iter()
@@ -487,6 +537,7 @@ fn walk(
     dir: &Path,
     rel: &str,
     globs: &[Vec<&str>],
+    skip: &[String],
     hits: &mut [bool],
     whole: bool,
     out: &mut Vec<String>,
@@ -503,6 +554,9 @@ fn walk(
         } else {
             format!("{rel}/{name}")
         };
+        if skip.contains(&path) {
+            continue;
+        }
         let segs: Vec<&str> = path.split('/').collect();
         let mut matched = whole;
         for (g, hit) in globs.iter().zip(hits.iter_mut()) {
@@ -517,7 +571,7 @@ fn walk(
         }
         if is_dir {
             let before = out.len();
-            walk(&e.path(), &path, globs, hits, matched, out)?;
+            walk(&e.path(), &path, globs, skip, hits, matched, out)?;
             // A directory whose contents ship is listed too, so it keeps its mode.
             if !matched && out.len() > before {
                 out.push(path);
@@ -682,7 +736,7 @@ mod tests {
             std::fs::create_dir_all(p.parent().unwrap()).unwrap();
             std::fs::write(p, "x").unwrap();
         }
-        let all = select(d.path(), &[]).unwrap().entries;
+        let all = select(d.path(), &[], &[]).unwrap().entries;
         assert_eq!(
             all,
             [
@@ -699,6 +753,7 @@ mod tests {
         let some = select(
             d.path(),
             &["run.sh".into(), "bin".into(), "**/*.css".into()],
+            &[],
         )
         .unwrap()
         .entries;
@@ -750,6 +805,7 @@ mod tests {
             &tree,
             &state,
             &conf,
+            &[],
             Duration::from_secs(30),
         )
         .await
@@ -764,8 +820,57 @@ mod tests {
             )
         );
         assert!(!state.join("archives/v2.tar.gz").exists());
-        let s = select(&tree, &["run.sh".into(), "config/*.yml".into()]).unwrap();
+        let s = select(&tree, &["run.sh".into(), "config/*.yml".into()], &[]).unwrap();
         assert!(s.unmatched.is_empty());
         assert_eq!(s.entries, ["config", "config/app.yml", "run.sh"]);
+    }
+
+    /// Review finding: `path = "."` shipped cutover's state directory (journal, earlier
+    /// archives) and the local hosts' roots, the archive growing with each deploy.
+    #[tokio::test]
+    async fn the_state_directory_and_local_roots_never_ship() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("app");
+        files(
+            &tree,
+            &[
+                "run.sh",
+                ".cutover/journal.db",
+                ".cutover/archives/v1.tar.gz",
+                "fleet/web1/releases/v1/run.sh",
+                "fleet/keep.txt",
+            ],
+        );
+        let v = Name::parse("v2").unwrap();
+        // The state directory spelled through `..`, a host root not created yet.
+        let never = [
+            tree.join("fleet/../.cutover"),
+            tree.join("fleet/web1"),
+            tree.join("fleet/web2"),
+            d.path().join("elsewhere"),
+        ];
+        let a = build(
+            &path_release(&[]),
+            &v,
+            &tree,
+            &tree.join(".cutover"),
+            &tree.join("cutover.toml"),
+            &never,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        let out = std::process::Command::new("tar")
+            .arg("-tzf")
+            .arg(&a.path)
+            .output()
+            .unwrap();
+        let mut listed: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim_end_matches('/').to_string())
+            .collect();
+        listed.sort();
+        assert_eq!(listed, ["fleet", "fleet/keep.txt", "run.sh"]);
     }
 }
