@@ -65,7 +65,7 @@ fn q(p: &Path) -> String {
 
 /// The host's side of staging: check the uploaded archive's sha256 (printing `digest <got>`
 /// on a mismatch), unpack it into `partial` within `tar_limit` seconds (where `timeout(1)`
-/// exists), and rename that into `dest` (printing `verified`). The upload and `partial` go
+/// exists; files belong to whoever unpacks, modes are kept), and rename that into `dest` (printing `verified`). The upload and `partial` go
 /// whatever happens.
 fn unpack_script(
     upload: &Path,
@@ -84,9 +84,9 @@ fn unpack_script(
          rm -rf {partial}
          mkdir -p {partial}
          if command -v timeout >/dev/null 2>&1; then
-           timeout -k 5 {tar_limit} tar -xzf \"$a\" -C {partial} || {{ s=$?; [ $s -ne 124 ] || echo 'tar did not finish within {tar_limit} s: raise command_timeout' >&2; exit $s; }}
+           timeout -k 5 {tar_limit} tar -xz --no-same-owner -f \"$a\" -C {partial} || {{ s=$?; [ $s -ne 124 ] || echo 'tar did not finish within {tar_limit} s: raise command_timeout' >&2; exit $s; }}
          else
-           tar -xzf \"$a\" -C {partial}
+           tar -xz --no-same-owner -f \"$a\" -C {partial}
          fi
          rm -f \"$a\"
          if [ -d {dest} ]; then rm -rf {partial}; else mv {partial} {dest}; fi
@@ -387,5 +387,89 @@ mod tests {
             Some(format!("{e:#}")),
         );
         assert!(all.values().all(Result::is_err), "{all:?}");
+    }
+
+    /// Review finding: files owned by uid 4242 on the build machine unpacked as 4242 on a
+    /// host that unpacks as root (someone else there, or no one). The archive now says root
+    /// and hosts unpack as themselves; modes stay (executables stay executable).
+    #[tokio::test]
+    async fn owners_of_the_build_machine_do_not_reach_hosts() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        std::fs::create_dir_all(&tree).unwrap();
+        let run = tree.join("run.sh");
+        std::fs::write(&run, "echo hi\n").unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Only root can give a file away; elsewhere the archive still names uid 4242 below.
+        let _ = std::os::unix::fs::chown(&run, Some(4242), Some(4242));
+        let v = Name::parse("v1").unwrap();
+        let release = crate::config::Release {
+            path: None,
+            git: None,
+            build: None,
+            include: Vec::new(),
+            keep: crate::config::Keep(1),
+        };
+        let a = crate::source::build(
+            &release,
+            &v,
+            &tree,
+            &d.path().join("state"),
+            &d.path().join("cutover.toml"),
+            &[],
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        let list = std::process::Command::new("tar")
+            .args(["-tvz", "--numeric-owner", "-f"])
+            .arg(&a.path)
+            .output()
+            .unwrap();
+        let list = String::from_utf8_lossy(&list.stdout);
+        assert!(list.contains("-rwxr-xr-x 0/0 "), "{list}");
+        assert!(!list.contains("4242"), "{list}");
+        // An archive that does name an owner (an older cutover, another packer) unpacks as
+        // whoever unpacks all the same.
+        let foreign = d.path().join("foreign.tar.gz");
+        let st = std::process::Command::new("tar")
+            .args([
+                "-cz",
+                "--owner=4242",
+                "--group=4242",
+                "--numeric-owner",
+                "-f",
+            ])
+            .arg(&foreign)
+            .arg("-C")
+            .arg(&tree)
+            .arg("run.sh")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let (sha256, bytes) = crate::source::digest(&foreign).unwrap();
+        let me = std::fs::metadata(d.path()).unwrap().uid();
+        for (version, path, sha256, bytes) in [
+            ("v1", a.path.clone(), a.sha256.clone(), a.bytes),
+            ("v2", foreign, sha256, bytes),
+        ] {
+            let v = Name::parse(version).unwrap();
+            let src = ReleaseSource::prebuilt(
+                &v,
+                Archive {
+                    path,
+                    sha256,
+                    bytes,
+                    commit: None,
+                },
+            );
+            let h = host(&d.path().join("host"));
+            assert!(stage(&LocalTransport::new(), &h, &src, &v).await.unwrap());
+            let m = std::fs::metadata(d.path().join(format!("host/releases/{version}/run.sh")))
+                .unwrap();
+            assert_eq!((m.uid(), m.gid() == 4242), (me, false), "{version}");
+            assert_eq!(m.mode() & 0o111, 0o111, "{version}: still executable");
+        }
     }
 }

@@ -613,6 +613,9 @@ async fn pack(tree: &Path, entries: &[String], to: &Path) -> anyhow::Result<()> 
         .arg(&partial)
         .arg("-C")
         .arg(tree)
+        // Owners of this machine mean nothing on a host (uid 4242 here is someone else there,
+        // or no one): the archive says root, and hosts unpack as whoever unpacks.
+        .args(["--owner=0", "--group=0", "--numeric-owner"])
         .args(["--no-recursion", "--null", "-T", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
