@@ -1058,14 +1058,7 @@ impl Config {
         let base_dir = std::path::absolute(&base_dir).unwrap_or(base_dir);
         // A path on this machine: `~/` is the user's home (as a shell would read it), a
         // relative one is relative to the config file.
-        let home = std::env::var_os("HOME").map(PathBuf::from);
-        let resolve = |p: &Path| {
-            let p = match (p.strip_prefix("~"), &home) {
-                (Ok(rest), Some(home)) => home.join(rest),
-                _ => p.to_path_buf(),
-            };
-            if p.is_absolute() { p } else { base_dir.join(p) }
-        };
+        let resolve = |p: &Path| local_path(&base_dir, p);
         let transport = raw.transport.unwrap_or(TransportKind::Local);
         let mut hosts = raw.hosts;
         if let Some(inv) = &raw.inventory {
@@ -1085,11 +1078,7 @@ impl Config {
                 // A local root is a path on this machine, relative to the inventory.
                 let inv_dir = inv_path.parent().unwrap_or(Path::new("."));
                 for h in found.iter_mut().filter(|h| !h.root.as_os_str().is_empty()) {
-                    let r = match (h.root.strip_prefix("~"), &home) {
-                        (Ok(rest), Some(home)) => home.join(rest),
-                        _ => h.root.clone(),
-                    };
-                    h.root = if r.is_absolute() { r } else { inv_dir.join(r) };
+                    h.root = local_path(inv_dir, &h.root);
                 }
             }
             hosts.extend(found);
@@ -1811,17 +1800,22 @@ impl Config {
             .as_deref()
             .unwrap_or("")
             .replace("{version}", version.as_str());
-        let p = PathBuf::from(p);
-        if p.is_absolute() {
-            p
-        } else {
-            self.base_dir.join(p)
-        }
+        local_path(&self.base_dir, Path::new(&p))
     }
 
     pub fn host(&self, name: &str) -> Option<&Host> {
         self.hosts.iter().find(|h| h.name.as_str() == name)
     }
+}
+
+/// A path on this machine as the config file means it: `~/` is the user's home (as a shell
+/// would read it), a relative path is relative to the config file's directory `base_dir`.
+fn local_path(base_dir: &Path, p: &Path) -> PathBuf {
+    let p = match (p.strip_prefix("~"), std::env::var_os("HOME")) {
+        (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => p.to_path_buf(),
+    };
+    if p.is_absolute() { p } else { base_dir.join(p) }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -1994,6 +1988,20 @@ batch = [1, "50%"]
             BatchSpec(vec![BatchSize::Count(1), BatchSize::Percent(50)])
         );
         assert!(c.hosts[0].root.is_absolute());
+    }
+
+    /// Review finding: README says paths on this machine may start with `~/`, but
+    /// `release.path = "~/builds/{version}"` looked for a directory named `~` beside the config.
+    #[test]
+    fn release_path_may_start_with_home() {
+        let Some(home) = std::env::var_os("HOME") else {
+            return;
+        };
+        let c = parse(&GOOD.replace("builds/{version}", "~/builds/{version}")).unwrap();
+        let v = Name::parse("v2").unwrap();
+        assert_eq!(c.release_source(&v), PathBuf::from(home).join("builds/v2"));
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.release_source(&v), c.base_dir.join("builds/v2"));
     }
 
     fn error_of(text: &str) -> String {
