@@ -291,6 +291,7 @@ pub async fn branch_commit(
     version: &Name,
     timeout: Duration,
 ) -> anyhow::Result<Option<String>> {
+    fixed_ref(version)?;
     let heads = format!("refs/heads/{version}");
     let tags = format!("refs/tags/{version}");
     let out = git(&["ls-remote", "--", url, &heads, &tags], None, timeout)
@@ -343,6 +344,73 @@ async fn git(args: &[&str], cwd: Option<&Path>, timeout: Duration) -> anyhow::Re
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Refuses a version that names no fixed ref: `HEAD` and its kin (`FETCH_HEAD`, `ORIG_HEAD`,
+/// ...) point wherever the repository is now, so one version name would ship different code
+/// over time (and the mirror's own `HEAD` is not the remote's default branch anyway).
+pub fn fixed_ref(version: &Name) -> anyhow::Result<()> {
+    let v = version.as_str();
+    let moving = v.ends_with("HEAD") && v.bytes().all(|b| b.is_ascii_uppercase() || b == b'_');
+    let odd = v.contains(['@', '^', '~', ':']);
+    anyhow::ensure!(
+        !moving && !odd,
+        "release {v}: {v} is not a fixed git ref (it names whatever the repository points at now): deploy a tag, a branch or a commit id (at least 7 hex digits, e.g. from `git rev-parse HEAD`)"
+    );
+    Ok(())
+}
+
+/// The commit `version` names in the mirror: the tag `refs/tags/<v>`, else the branch
+/// `refs/heads/<v>`, else, for at least 7 hex digits, the commit they start.
+async fn resolve(
+    cache: &Path,
+    url: &str,
+    version: &Name,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    fixed_ref(version)?;
+    let v = version.as_str();
+    for r in [format!("refs/tags/{v}"), format!("refs/heads/{v}")] {
+        let spec = format!("{r}^{{commit}}");
+        let found = git(
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                "--end-of-options",
+                &spec,
+            ],
+            Some(cache),
+            timeout,
+        )
+        .await;
+        if let Ok(commit) = found {
+            return Ok(commit);
+        }
+    }
+    let hex = v.len() >= 7 && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
+    if hex {
+        let spec = format!("{v}^{{commit}}");
+        let found = git(
+            &[
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                "--end-of-options",
+                &spec,
+            ],
+            Some(cache),
+            timeout,
+        )
+        .await;
+        if let Ok(commit) = found {
+            return Ok(commit);
+        }
+    }
+    anyhow::bail!(
+        "release {v}: no tag, branch or commit named {v} in {} (the version is the git ref to deploy: a tag, a branch or a commit id of at least 7 hex digits)",
+        redact_url(url)
+    )
+}
+
 /// Mirrors `url` into the cache, resolves `version` as a ref and checks it out into a fresh
 /// tree under `<state_dir>/build/`. Returns the tree and the commit.
 async fn checkout(
@@ -379,19 +447,7 @@ async fn checkout(
     )
     .await
     .with_context(|| format!("fetching {}", redact_url(url)))?;
-    let spec = format!("{version}^{{commit}}");
-    let commit = git(
-        &["rev-parse", "--verify", "--quiet", "--end-of-options", &spec],
-        Some(&cache),
-        timeout,
-    )
-    .await
-    .map_err(|_| {
-        anyhow::anyhow!(
-            "release {version}: no branch, tag or commit named {version} in {} (the version is the git ref to deploy)",
-            redact_url(url)
-        )
-    })?;
+    let commit = resolve(&cache, url, version, timeout).await?;
     let tree = state_dir.join("build").join(version.as_str());
     if tree.exists() {
         std::fs::remove_dir_all(&tree)
@@ -875,5 +931,82 @@ mod tests {
             .collect();
         listed.sort();
         assert_eq!(listed, ["fleet", "fleet/keep.txt", "run.sh"]);
+    }
+
+    /// Runs git in `dir` for a test, returning its trimmed stdout.
+    fn sh_git(dir: &Path, args: &[&str], stdin: &str) -> String {
+        use std::io::Write;
+        let mut c = std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "git {args:?}");
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// Review finding: `--version HEAD` resolved in the mirror, whose HEAD is
+    /// `refs/heads/master` whatever the remote's default: it shipped master's commit under
+    /// the fixed name HEAD (and FETCH_HEAD, ORIG_HEAD likewise move).
+    #[tokio::test]
+    async fn a_git_version_is_a_tag_a_branch_or_a_commit_id() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = d.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh_git(&repo, &["init", "--quiet", "-b", "main"], "");
+        files(&repo, &["run.sh"]);
+        sh_git(&repo, &["add", "."], "");
+        sh_git(&repo, &["commit", "--quiet", "-m", "one"], "");
+        let first = sh_git(&repo, &["rev-parse", "HEAD"], "");
+        sh_git(&repo, &["branch", "master"], "");
+        sh_git(&repo, &["tag", "v1"], "");
+        sh_git(
+            &repo,
+            &["commit", "--quiet", "--allow-empty", "-m", "two"],
+            "",
+        );
+        let second = sh_git(&repo, &["rev-parse", "HEAD"], "");
+        let url = format!("file://{}", repo.display());
+        let state = d.path().join("state");
+        let t = Duration::from_secs(30);
+        let at = |v: &str| Name::parse(v).unwrap();
+        for v in ["HEAD", "FETCH_HEAD", "ORIG_HEAD"] {
+            let e = checkout(&url, &at(v), &state, t).await.unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                e.starts_with(&format!("release {v}: {v} is not a fixed git ref"))
+                    && e.contains("deploy a tag, a branch or a commit id"),
+                "{e}"
+            );
+            let e = branch_commit(&url, &at(v), t).await.unwrap_err();
+            assert!(format!("{e:#}").contains("not a fixed git ref"), "{e:#}");
+        }
+        for (v, want) in [
+            ("v1", &first),
+            ("main", &second),
+            ("master", &first),
+            (&second[..7], &second),
+            (second.as_str(), &second),
+        ] {
+            let (_, commit) = checkout(&url, &at(v), &state, t).await.unwrap();
+            assert_eq!(&commit, want, "{v}");
+        }
+        // Too short to name one commit for good, and a name that is nowhere.
+        for v in [&second[..6], "v9"] {
+            let e = checkout(&url, &at(v), &state, t).await.unwrap_err();
+            let e = format!("{e:#}");
+            assert!(
+                e.starts_with(&format!(
+                    "release {v}: no tag, branch or commit named {v} in file://"
+                )) && e.contains("at least 7 hex digits"),
+                "{e}"
+            );
+        }
     }
 }
