@@ -404,6 +404,26 @@ async fn resolve(
         if let Ok(commit) = found {
             return Ok(commit);
         }
+        // Missing, or ambiguous: several commits (or tags) start with these digits.
+        let all = git(
+            &["rev-parse", &format!("--disambiguate={v}")],
+            Some(cache),
+            timeout,
+        )
+        .await
+        .unwrap_or_default();
+        let mut commits = 0;
+        for id in all.lines().take(16) {
+            let kind = git(&["cat-file", "-t", id.trim()], Some(cache), timeout).await;
+            if matches!(kind.as_deref(), Ok("commit" | "tag")) {
+                commits += 1;
+            }
+        }
+        anyhow::ensure!(
+            commits < 2,
+            "release {v}: commit id {v} is ambiguous in {}: {commits} commits start with it; give more characters (or the full id)",
+            redact_url(url)
+        );
     }
     anyhow::bail!(
         "release {v}: no tag, branch or commit named {v} in {} (the version is the git ref to deploy: a tag, a branch or a commit id of at least 7 hex digits)",
@@ -1008,5 +1028,47 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    /// Review finding: a short commit id that two commits start with was reported as
+    /// missing ("no branch, tag or commit named ..."), hiding what to do: give more digits.
+    #[tokio::test]
+    async fn an_ambiguous_commit_id_says_so() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = d.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh_git(&repo, &["init", "--quiet", "--bare"], "");
+        let tree = sh_git(&repo, &["hash-object", "-t", "tree", "-w", "--stdin"], "");
+        // Two root commits whose ids both start with d8b5112 (found by trying messages).
+        for (branch, message) in [("a", "26736"), ("b", "32859")] {
+            let body = format!(
+                "tree {tree}\nauthor a <a@a> 1700000000 +0000\ncommitter a <a@a> 1700000000 +0000\n\n{message}\n"
+            );
+            let id = sh_git(
+                &repo,
+                &["hash-object", "-t", "commit", "-w", "--stdin"],
+                &body,
+            );
+            assert!(id.starts_with("d8b5112"), "{id}");
+            sh_git(
+                &repo,
+                &["update-ref", &format!("refs/heads/{branch}"), &id],
+                "",
+            );
+        }
+        let url = format!("file://{}", repo.display());
+        let state = d.path().join("state");
+        let t = Duration::from_secs(30);
+        let v = Name::parse("d8b5112").unwrap();
+        let e = checkout(&url, &v, &state, t).await.unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.starts_with("release d8b5112: commit id d8b5112 is ambiguous in file://")
+                && e.contains("give more characters"),
+            "{e}"
+        );
+        let v = Name::parse("d8b51123").unwrap();
+        let (_, commit) = checkout(&url, &v, &state, t).await.unwrap();
+        assert_eq!(commit, "d8b51123122a883d1190f3b6e5a5fc8e03a95c26");
     }
 }
