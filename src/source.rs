@@ -63,7 +63,9 @@ impl ReleaseSource {
             dir: config.release_source(version),
             state_dir: config.state_dir.clone(),
             config_file: config.file.clone(),
-            never_ship: std::iter::once(config.state_dir.clone())
+            // The config holds the balancer's admin token: never on the hosts.
+            never_ship: [config.state_dir.clone(), config.file.clone()]
+                .into_iter()
                 .chain(
                     config
                         .hosts
@@ -914,6 +916,7 @@ mod tests {
             &tree,
             &[
                 "run.sh",
+                "cutover.toml",
                 ".cutover/journal.db",
                 ".cutover/archives/v1.tar.gz",
                 "fleet/web1/releases/v1/run.sh",
@@ -924,6 +927,7 @@ mod tests {
         // The state directory spelled through `..`, a host root not created yet.
         let never = [
             tree.join("fleet/../.cutover"),
+            tree.join("cutover.toml"),
             tree.join("fleet/web1"),
             tree.join("fleet/web2"),
             d.path().join("elsewhere"),
