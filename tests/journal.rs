@@ -110,7 +110,12 @@ async fn stale_lock_of_a_dead_process_is_taken_over() {
         .await;
     assert_eq!(code, -9);
     let (_, out, _) = fleet.cutover(&["lock"]).await;
-    assert!(out.starts_with("locked: deploy v1 by"), "{out}");
+    assert!(
+        out.starts_with(
+            "locked by a deployer that is gone (the next deploy takes the lock over): deploy v1 by"
+        ),
+        "{out}"
+    );
     let (code, _, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(
