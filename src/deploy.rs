@@ -1178,7 +1178,10 @@ impl Deployer {
                 let unreachable = view.and_then(|v| v.error.clone());
                 let present =
                     view.is_some_and(|v| v.releases.iter().any(|r| r == version.as_str()));
-                if present && unreachable.is_none() {
+                // A git tag may have moved since the host staged it: `stage` compares the
+                // commits (a rollback returns to what the hosts hold, whatever the tag says).
+                let check_commit = self.config.release.git.is_some() && !run.rollback;
+                if present && unreachable.is_none() && !check_commit {
                     // Read with the fleet a moment ago: nothing to do, nothing to journal.
                     return (h.name.to_string(), Ok(false));
                 }

@@ -67,13 +67,26 @@ fn q(p: &Path) -> String {
 /// on a mismatch), unpack it into `partial` within `tar_limit` seconds (where `timeout(1)`
 /// exists; files belong to whoever unpacks, modes are kept), and rename that into `dest` (printing `verified`). The upload and `partial` go
 /// whatever happens.
+/// Written into each unpacked release: what it was built from, so a later deploy of the same
+/// version can tell when the name now stands for other code (a moved tag).
+pub const MARKER: &str = ".cutover-release";
+
 fn unpack_script(
     upload: &Path,
-    sha256: &str,
+    archive: &crate::source::Archive,
     partial: &Path,
     dest: &Path,
     tar_limit: u64,
 ) -> String {
+    let marker = format!(
+        "sha256 {}\n{}",
+        archive.sha256,
+        archive
+            .commit
+            .as_deref()
+            .map(|c| format!("commit {c}\n"))
+            .unwrap_or_default()
+    );
     format!(
         "set -e
          a={upload}
@@ -89,12 +102,14 @@ fn unpack_script(
            tar -xz --no-same-owner -f \"$a\" -C {partial}
          fi
          rm -f \"$a\"
+         printf '%s' {marker} > {partial}/{MARKER}
          if [ -d {dest} ]; then rm -rf {partial}; else mv {partial} {dest}; fi
          touch {dest}
          echo verified
 ",
         upload = q(upload),
-        expected = sh_quote(sha256),
+        expected = sh_quote(&archive.sha256),
+        marker = sh_quote(&marker),
         partial = q(partial),
         partial_q = q(partial).replace('\'', "'\\''"),
         dest = q(dest),
@@ -116,6 +131,16 @@ pub enum Fatal {
         expected: String,
         got: String,
     },
+    #[error(
+        "host {host}: release {version} there was built from commit {staged}, but {version} now names commit {now} (a moved tag): a version names one build for good, so the fleet would run two codes under one name. Deploy {now} under a new version (tag it anew), or remove {dest} on every host to build {version} again"
+    )]
+    Moved {
+        host: String,
+        version: String,
+        staged: String,
+        now: String,
+        dest: String,
+    },
 }
 
 /// Puts the release in `<root>/releases/<version>/` unless it is already there: uploads the
@@ -130,11 +155,12 @@ pub async fn stage(
     let layout = Layout::of(host);
     let dest = layout.release(version.as_str());
     let check = format!(
-        "mkdir -p {releases} {run} {log} && if [ -d {dest} ]; then echo present; else echo absent; fi",
+        "mkdir -p {releases} {run} {log} && if [ -d {dest} ]; then echo present; cat {marker} 2>/dev/null || true; else echo absent; fi",
         releases = q(&layout.releases()),
         run = q(&layout.run_dir()),
         log = q(&layout.log_dir()),
         dest = q(&dest),
+        marker = q(&dest.join(MARKER)),
     );
     let state = run_ok(
         transport,
@@ -144,7 +170,23 @@ pub async fn stage(
         SCRIPT_TIMEOUT,
     )
     .await?;
-    if state.trim() == "present" {
+    let mut lines = state.lines();
+    if lines.next().map(str::trim) == Some("present") {
+        let staged_from = lines.find_map(|l| l.trim().strip_prefix("commit "));
+        if let Some(staged) = staged_from {
+            // Releases staged before markers existed, and path releases, have no commit.
+            let now = source.named_commit().await.map_err(Fatal::Build)?;
+            if let Some(now) = now.filter(|now| now != staged) {
+                return Err(Fatal::Moved {
+                    host: host.name.to_string(),
+                    version: version.to_string(),
+                    staged: staged.to_string(),
+                    now,
+                    dest: dest.display().to_string(),
+                }
+                .into());
+            }
+        }
         return Ok(false);
     }
     let archive = source.archive().await.map_err(Fatal::Build)?;
@@ -160,7 +202,7 @@ pub async fn stage(
         .saturating_sub(Duration::from_secs(10))
         .as_secs()
         .max(1);
-    let script = unpack_script(&upload, &archive.sha256, &partial, &dest, tar_limit);
+    let script = unpack_script(&upload, &archive, &partial, &dest, tar_limit);
     let out = run_ok(
         transport,
         host,
@@ -282,7 +324,13 @@ mod tests {
         let sum = String::from_utf8_lossy(&sum.stdout);
         let sha = sum.split_whitespace().next().unwrap();
         let (partial, dest) = (dir.path().join("v1.partial"), dir.path().join("v1"));
-        let script = unpack_script(&upload, sha, &partial, &dest, 1);
+        let archive = Archive {
+            path: upload.clone(),
+            sha256: sha.to_string(),
+            bytes: 0,
+            commit: None,
+        };
+        let script = unpack_script(&upload, &archive, &partial, &dest, 1);
         let path = format!(
             "{}:{}",
             bin.display(),

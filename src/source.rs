@@ -51,6 +51,9 @@ pub struct ReleaseSource {
     never_ship: Vec<PathBuf>,
     build_timeout: Duration,
     built: OnceCell<Result<Arc<Archive>, String>>,
+    /// The commit the version's tag or branch names in the repository now (git releases),
+    /// asked once: see [`ReleaseSource::named_commit`].
+    named: OnceCell<Result<Option<String>, String>>,
     /// Hosts the archive was uploaded to, in order.
     uploads: Mutex<Vec<String>>,
 }
@@ -76,6 +79,7 @@ impl ReleaseSource {
                 .collect(),
             build_timeout: config.ssh.command_timeout,
             built: OnceCell::new(),
+            named: OnceCell::new(),
             uploads: Mutex::new(Vec::new()),
         }
     }
@@ -103,8 +107,27 @@ impl ReleaseSource {
             never_ship: Vec::new(),
             build_timeout: Duration::ZERO,
             built: OnceCell::new_with(Some(Ok(Arc::new(archive)))),
+            named: OnceCell::new_with(Some(Ok(None))),
             uploads: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The commit the version names in the repository now, when it is a tag or a branch of a
+    /// git release (`None`: a commit id, or not a git release). A host that staged the version
+    /// from another commit holds other code under the same name (a moved tag): see
+    /// [`crate::release::stage`].
+    pub async fn named_commit(&self) -> Result<Option<String>, String> {
+        let Some(url) = self.release.git.as_deref() else {
+            return Ok(None);
+        };
+        self.named
+            .get_or_init(|| async {
+                tag_or_branch_commit(url, &self.version, self.build_timeout)
+                    .await
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .await
+            .clone()
     }
 
     /// The archive, built on the first call; every later call gets the same result.
@@ -308,6 +331,35 @@ pub async fn branch_commit(
         }
     }
     Ok(branch)
+}
+
+/// The commit a tag (peeled) or else a branch named `version` points at in `url` now.
+async fn tag_or_branch_commit(
+    url: &str,
+    version: &Name,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
+    let heads = format!("refs/heads/{version}");
+    let tags = format!("refs/tags/{version}");
+    let peeled = format!("{tags}^{{}}");
+    let out = git(&["ls-remote", "--", url, &heads, &tags], None, timeout)
+        .await
+        .with_context(|| format!("asking {} what {version} is", redact_url(url)))?;
+    let (mut tag, mut tag_peeled, mut branch) = (None, None, None);
+    for line in out.lines() {
+        let Some((sha, r)) = line.split_once('\t') else {
+            continue;
+        };
+        let sha = Some(sha.trim().to_ascii_lowercase());
+        if r == peeled {
+            tag_peeled = sha;
+        } else if r == tags {
+            tag = sha;
+        } else if r == heads {
+            branch = sha;
+        }
+    }
+    Ok(tag_peeled.or(tag).or(branch))
 }
 
 /// Runs git, for at most `timeout` (a remote that accepts and never answers must not hold

@@ -551,6 +551,26 @@ async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
     fleet.assert_on(&hosts, "v1").await;
 }
 
+/// A moved tag names other code under a version the hosts already staged: the deploy stops
+/// before any traffic change, naming both commits and what to do, instead of reusing the old
+/// build on some hosts and shipping the new one to others (a mixed fleet under one name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_tag_is_refused_instead_of_mixing_two_builds() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    let repo = fleet.dir.path().join("repo");
+    let hosts = ["web1", "web2", "web3", "web4"];
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    git(&repo, &["tag", "-f", "v1", "v2"]);
+    let (out, err) = fleet.deploy("v1", 1).await;
+    assert!(err.contains("(a moved tag)"), "{out}\n{err}");
+    assert!(err.contains("tag it anew"), "{err}");
+    fleet.assert_on(&hosts, "v2").await;
+    // A tag that did not move deploys as before.
+    git(&repo, &["tag", "-f", "v1", "v1~0"]);
+    fleet.deploy("v2", 0).await;
+}
+
 /// Needs the deployer to call `hooks::run(HookPoint::AfterStage, ..)` once per deploy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_once_migration_hook_runs_exactly_once_per_deploy() {
