@@ -778,6 +778,23 @@ impl Deployer {
         Ok(report)
     }
 
+    /// Whether a deployment of this app went to `version`, or found it on a host.
+    fn deployed_before(&self, version: &Name) -> anyhow::Result<bool> {
+        let app = self.config.app.name.as_str();
+        Ok(self
+            .journal
+            .deployments(app, usize::MAX >> 1)?
+            .iter()
+            .any(|row| {
+                row.to == version.as_str()
+                    || row
+                        .previous
+                        .values()
+                        .flatten()
+                        .any(|v| v == version.as_str())
+            }))
+    }
+
     /// With a git source, the commit a branch points at now, as the version to deploy (see
     /// [`crate::source::branch_commit`]); `None` to deploy the name as given. When the
     /// repository cannot be asked, an error, unless the name is a full commit id.
@@ -786,9 +803,10 @@ impl Deployer {
             return Ok(None);
         };
         let shown = crate::source::redact_url(url);
-        // A resumed deployment already names its commit; a rollback returns to a release
-        // that served before, whatever its name: resolving a branch would ship new code.
-        if req.resume.is_some() || req.kind == "rollback" {
+        // A resumed deployment already names its commit; a rollback to a release that served
+        // before returns to it, whatever its name: resolving a branch would ship new code. A
+        // rollback to a name never deployed is a deploy of it, resolved the same way.
+        if req.resume.is_some() || (req.kind == "rollback" && self.deployed_before(&req.version)?) {
             return Ok(None);
         }
         self.progress
@@ -806,6 +824,7 @@ impl Deployer {
                 Ok(Some(pinned))
             }
             Ok(None) => Ok(None),
+            Err(e) if e.is::<crate::source::NoSuchRef>() => Err(e),
             // A full commit id cannot move: deploying it as named is safe.
             Err(_) if is_commit_id(req.version.as_str()) => Ok(None),
             // Anything else may be a branch: staged under its moving name, it would never be

@@ -330,7 +330,26 @@ pub async fn branch_commit(
             _ => {}
         }
     }
+    let hex = version.as_str().bytes().all(|b| b.is_ascii_hexdigit());
+    if branch.is_none() && !(hex && (7..=64).contains(&version.as_str().len())) {
+        return Err(NoSuchRef {
+            version: version.to_string(),
+            url: redact_url(url),
+        }
+        .into());
+    }
     Ok(branch)
+}
+
+/// A version that names no tag or branch of the repository and is no commit id: a typo, to
+/// refuse before anything is recorded.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{url} has no tag or branch named {version}, and {version} is not a commit id: check the name (`git ls-remote {url}` lists them)"
+)]
+pub struct NoSuchRef {
+    pub version: String,
+    pub url: String,
 }
 
 /// The commit a tag (peeled) or else a branch named `version` points at in `url` now.

@@ -571,6 +571,48 @@ async fn a_moved_tag_is_refused_instead_of_mixing_two_builds() {
     fleet.deploy("v2", 0).await;
 }
 
+/// A version that names nothing in the repository is refused before anything is recorded
+/// (it used to be recorded as a deployment halted on every host), and `rollback --to` a branch
+/// never deployed resolves it to its commit as a deploy does, instead of staging the moving
+/// name (which a later rollback to it found "already there", with the old code).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_refs_are_refused_and_a_rollback_to_a_branch_ships_its_commit() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    let repo = fleet.dir.path().join("repo");
+    let sha = |rev: &str| {
+        let out = std::process::Command::new("git")
+            .args(["-C", &repo.to_string_lossy(), "rev-parse", rev])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let hosts = ["web1", "web2", "web3", "web4"];
+    fleet.deploy("v1", 0).await;
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "nosuchref"]).await;
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("has no tag or branch named nosuchref"),
+        "{err}"
+    );
+    let (_, history, _) = fleet.cutover(&["history", "--json"]).await;
+    assert!(
+        !history.contains("nosuchref"),
+        "nothing recorded: {history}"
+    );
+
+    fleet.deploy("v2", 0).await;
+    git(&repo, &["branch", "stable", "v1"]);
+    let (code, out, err) = fleet.cutover(&["rollback", "--to", "stable"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let v1 = sha("v1^{commit}");
+    fleet.assert_on(&hosts, &v1).await;
+    fleet.deploy("v2", 0).await;
+    git(&repo, &["branch", "-f", "stable", "v2"]);
+    let (code, out, err) = fleet.cutover(&["rollback", "--to", "stable"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet.assert_on(&hosts, &sha("v2^{commit}")).await;
+}
+
 /// Needs the deployer to call `hooks::run(HookPoint::AfterStage, ..)` once per deploy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_once_migration_hook_runs_exactly_once_per_deploy() {
