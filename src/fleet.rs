@@ -43,6 +43,15 @@ pub async fn observe(
     balancer: &Arc<dyn Balancer>,
 ) -> anyhow::Result<Vec<HostView>> {
     let backends = balancer.backends().await?;
+    Ok(observe_hosts(config, transport, &backends).await)
+}
+
+/// Reads every host (in parallel, one round trip each), with `backends` as the balancer's.
+pub async fn observe_hosts(
+    config: &Config,
+    transport: &Arc<dyn Transport>,
+    backends: &[BackendView],
+) -> Vec<HostView> {
     let reads = config.hosts.iter().map(|h| {
         let transport = transport.clone();
         let host = h.clone();
@@ -52,7 +61,7 @@ pub async fn observe(
         }
     });
     let results = join_all(reads).await;
-    Ok(results
+    results
         .into_iter()
         .map(|(host, read)| {
             let mine = backends
@@ -73,7 +82,7 @@ pub async fn observe(
                 error,
             }
         })
-        .collect())
+        .collect()
 }
 
 /// What one host reports about itself.

@@ -425,3 +425,26 @@ async fn a_resume_that_fails_before_its_first_batch_leaves_the_deployment_interr
     recover(&fleet, &["deploy", "--resume"], 12).await;
     fleet.assert_on("v2").await;
 }
+
+/// `cutover status` with the balancer down (after a reboot, say) still shows the hosts and the
+/// interrupted deployment, which is when it is needed most; it used to print only that the
+/// admin API could not be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_without_the_balancer_still_tells_of_an_interrupted_deployment() {
+    let mut fleet = Fleet::start(spec(3)).await;
+    fleet.deploy("v1", 0).await;
+    assert!(
+        crash_at(&fleet, "v2", 12).await,
+        "the deploy reached write 12"
+    );
+    fleet.kill_proxy().await;
+    let (code, out, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("BALANCER UNREACHABLE"), "{out}");
+    assert!(out.contains("was INTERRUPTED"), "{out}");
+    assert!(out.contains("web1"), "{out}");
+    assert!(out.contains("drift not checked"), "{out}");
+    fleet.start_proxy().await;
+    recover(&fleet, &["rollback"], 12).await;
+    fleet.assert_on("v1").await;
+}

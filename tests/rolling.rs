@@ -149,7 +149,7 @@ async fn failure_in_a_later_batch_returns_moved_hosts() {
 /// release as the host's previous one, and a later rollback returned to it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undone_first_deploy_leaves_no_current_behind() {
-    let mut spec = FleetSpec::new(2, 11);
+    let mut spec = FleetSpec::new(2, 44);
     spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
     let fleet = Fleet::start(spec).await;
     common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "half", &["web1"]);

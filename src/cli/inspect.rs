@@ -9,10 +9,24 @@ use super::{LogsArgs, connect};
 
 pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()> {
     let (transport, balancer) = connect(&config)?;
-    let views = fleet::observe(&config, &transport, &balancer).await?;
+    // Without the balancer (after a reboot, say) the hosts and the journal still tell what
+    // status is for, an interrupted deployment above all; only drift needs the balancer.
+    let (views, balancer_error) = match balancer.backends().await {
+        Ok(backends) => (
+            fleet::observe_hosts(&config, &transport, &backends).await,
+            None,
+        ),
+        Err(e) => (
+            fleet::observe_hosts(&config, &transport, &[]).await,
+            Some(format!("{e:#}")),
+        ),
+    };
     let journal = Journal::open(&config.state_dir)?;
     let started = journal.started_instances()?;
-    let drift = fleet::drift(&views, &started);
+    let drift = match &balancer_error {
+        None => fleet::drift(&views, &started),
+        Some(_) => Vec::new(),
+    };
     let lock = journal.lock_holder(config.app.name.as_str())?;
     let unfinished = journal.unfinished(config.app.name.as_str())?;
     let deployment = unfinished.map(|row| {
@@ -43,10 +57,15 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "hosts": hosts, "drift": drift, "deployment": deployment })
+                &serde_json::json!({ "hosts": hosts, "drift": drift, "deployment": deployment, "balancer_error": balancer_error })
             )?
         );
         return Ok(());
+    }
+    if let Some(e) = &balancer_error {
+        println!(
+            "BALANCER UNREACHABLE: {e}\n(is the balancer running? the hosts and the journal follow; drift is not checked)\n"
+        );
     }
     println!(
         "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
@@ -139,7 +158,9 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
             );
         }
     }
-    if drift.is_empty() {
+    if balancer_error.is_some() {
+        println!("\ndrift not checked: the balancer could not be read");
+    } else if drift.is_empty() {
         println!("\nno drift: hosts and balancer match the journal");
     } else {
         println!("\nDRIFT (what the journal does not explain):");
