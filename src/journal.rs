@@ -753,12 +753,16 @@ impl Journal {
         })
     }
 
-    /// Keeps the newest `keep` finished deployments (and their steps and events).
+    /// Keeps the newest `keep` finished deployments (and their steps and events), and the newest
+    /// that succeeded: it started the instances the fleet most likely still runs, and without
+    /// its steps `cutover status` would call them drift after a few failed deploys.
     pub fn prune(&self, app: &str, keep: usize) -> anyhow::Result<usize> {
         self.with(|c| {
             let n = c.execute(
                 "DELETE FROM deployments WHERE app = ?2 AND outcome IS NOT NULL AND id NOT IN
-                 (SELECT id FROM deployments WHERE app = ?2 ORDER BY started_ms DESC LIMIT ?1)",
+                 (SELECT id FROM deployments WHERE app = ?2 ORDER BY started_ms DESC, rowid DESC LIMIT ?1)
+                 AND id NOT IN (SELECT id FROM deployments WHERE app = ?2 AND outcome = 'succeeded'
+                 ORDER BY started_ms DESC, rowid DESC LIMIT 1)",
                 params![keep as i64, app],
             )?;
             c.execute(
@@ -1253,6 +1257,14 @@ mod tests {
         assert_eq!(j.prune("b", 1).unwrap(), 1);
         assert_eq!(ids("b"), ["b2"]);
         assert_eq!(ids("a"), ["a2", "a1"], "b's history_keep left a's alone");
+        // The newest success outlives failures after it: its instances are the live ones.
+        for id in ["a3", "a4"] {
+            let r = row(id, "v3");
+            j.begin(&r).unwrap();
+            j.finish(id, "rolled_back", &serde_json::json!({})).unwrap();
+        }
+        j.prune("a", 2).unwrap();
+        assert_eq!(ids("a"), ["a4", "a3", "a2"]);
     }
 
     #[test]
