@@ -570,6 +570,32 @@ async fn checkout(
     )
     .await
     .with_context(|| format!("checking out {version} ({commit})"))?;
+    if tree.join(".gitmodules").is_file() {
+        // Submodules are part of the code at that commit: fetched here, they ship; left
+        // out, they would arrive as empty directories. Relative submodule URLs resolve
+        // against the repository's own URL, not the local mirror the tree was cloned from.
+        git(&["remote", "set-url", "origin", url], Some(&tree), timeout).await?;
+        // git refuses local submodules by default (a remote repository must not pull in files
+        // of this machine); a repository that is itself local may use them.
+        let local = url.starts_with("file://") || url.starts_with('/');
+        let allow: &[&str] = if local {
+            &["-c", "protocol.file.allow=always"]
+        } else {
+            &[]
+        };
+        let update = ["submodule", "update", "--init", "--recursive", "--quiet"];
+        git(
+            &[allow, &update[..]].concat(),
+            Some(&tree),
+            timeout,
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "fetching the submodules of {version} ({commit}) from the URLs in its .gitmodules"
+            )
+        })?;
+    }
     Ok((tree, commit))
 }
 
@@ -695,7 +721,8 @@ fn walk(
     for e in rd {
         let e = e?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if rel.is_empty() && name == ".git" {
+        // Git's own data never ships, a submodule's `.git` file included.
+        if name == ".git" {
             continue;
         }
         let path = if rel.is_empty() {
@@ -1049,6 +1076,58 @@ mod tests {
     /// Review finding: `--version HEAD` resolved in the mirror, whose HEAD is
     /// `refs/heads/master` whatever the remote's default: it shipped master's commit under
     /// the fixed name HEAD (and FETCH_HEAD, ORIG_HEAD likewise move).
+    /// A repository with a submodule ships the submodule's files (they used to arrive as an
+    /// empty directory), and no `.git` of either.
+    #[tokio::test]
+    async fn submodules_ship_with_the_release() {
+        let d = tempfile::tempdir().unwrap();
+        let lib = d.path().join("lib");
+        std::fs::create_dir_all(&lib).unwrap();
+        sh_git(&lib, &["init", "--quiet", "-b", "main"], "");
+        files(&lib, &["lib.txt"]);
+        sh_git(&lib, &["add", "."], "");
+        sh_git(&lib, &["commit", "--quiet", "-m", "lib"], "");
+        let repo = d.path().join("repo");
+        std::fs::create_dir_all(&repo).unwrap();
+        sh_git(&repo, &["init", "--quiet", "-b", "main"], "");
+        files(&repo, &["run.sh"]);
+        sh_git(
+            &repo,
+            &[
+                "-c",
+                "protocol.file.allow=always",
+                "submodule",
+                "add",
+                "--quiet",
+                "../lib",
+                "vendor/lib",
+            ],
+            "",
+        );
+        sh_git(&repo, &["add", "."], "");
+        sh_git(&repo, &["commit", "--quiet", "-m", "app"], "");
+        sh_git(&repo, &["tag", "v1"], "");
+        let url = format!("file://{}", repo.display());
+        let (tree, _) = checkout(
+            &url,
+            &Name::parse("v1").unwrap(),
+            &d.path().join("state"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        assert!(tree.join("vendor/lib/lib.txt").is_file());
+        let Selection { entries, .. } = select(&tree, &[], &[]).unwrap();
+        assert!(
+            entries.contains(&"vendor/lib/lib.txt".to_string()),
+            "{entries:?}"
+        );
+        assert!(
+            !entries.iter().any(|e| e.split('/').any(|s| s == ".git")),
+            "{entries:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_git_version_is_a_tag_a_branch_or_a_commit_id() {
         let d = tempfile::tempdir().unwrap();
