@@ -688,6 +688,7 @@ pub fn select(tree: &Path, include: &[String], skip: &[String]) -> anyhow::Resul
     let mut hits = vec![false; globs.len()];
     walk(
         tree,
+        tree,
         "",
         &globs,
         skip,
@@ -708,7 +709,9 @@ pub fn select(tree: &Path, include: &[String], skip: &[String]) -> anyhow::Resul
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn walk(
+    tree: &Path,
     dir: &Path,
     rel: &str,
     globs: &[Vec<&str>],
@@ -741,18 +744,46 @@ fn walk(
                 matched = true;
             }
         }
-        let is_dir = e.file_type()?.is_dir();
+        let kind = e.file_type()?;
+        if matched && kind.is_symlink() {
+            refuse_absolute_link_into(tree, &e.path(), &path)?;
+        }
+        let is_dir = kind.is_dir();
         if matched {
             out.push(path.clone());
         }
         if is_dir {
             let before = out.len();
-            walk(&e.path(), &path, globs, skip, hits, matched, out)?;
+            walk(tree, &e.path(), &path, globs, skip, hits, matched, out)?;
             // A directory whose contents ship is listed too, so it keeps its mode.
             if !matched && out.len() > before {
                 out.push(path);
             }
         }
+    }
+    Ok(())
+}
+
+/// A symlink to an absolute path inside the tree being packed names this machine's build
+/// directory: on the hosts it would dangle, or worse, find something else there. Links to
+/// absolute system paths (`/etc/ssl/certs`) and relative links (Capistrano's `../../shared`)
+/// ship as they are.
+fn refuse_absolute_link_into(tree: &Path, link: &Path, rel: &str) -> anyhow::Result<()> {
+    let target =
+        std::fs::read_link(link).with_context(|| format!("cannot read {}", link.display()))?;
+    if !target.is_absolute() {
+        return Ok(());
+    }
+    let (Some(tree), Some(points)) = (canonical(tree), canonical(&target)) else {
+        return Ok(());
+    };
+    if let Ok(inside) = points.strip_prefix(&tree) {
+        let depth = rel.matches('/').count();
+        let relative = format!("{}{}", "../".repeat(depth), inside.display());
+        anyhow::bail!(
+            "{rel} is a symlink to {}, an absolute path into the release tree on this machine: on the hosts it would point at a path that is not there; make it relative (ln -sfn {relative} {rel})",
+            target.display()
+        );
     }
     Ok(())
 }
@@ -1076,6 +1107,26 @@ mod tests {
     /// Review finding: `--version HEAD` resolved in the mirror, whose HEAD is
     /// `refs/heads/master` whatever the remote's default: it shipped master's commit under
     /// the fixed name HEAD (and FETCH_HEAD, ORIG_HEAD likewise move).
+    /// A symlink to an absolute path inside the tree would dangle on the hosts: refused with
+    /// the relative link to make; relative links and links to system paths ship as they are.
+    #[test]
+    fn absolute_links_into_the_tree_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("app");
+        files(&tree, &["run.sh", "assets/logo.png"]);
+        std::os::unix::fs::symlink("/etc/hostname", tree.join("hostname")).unwrap();
+        std::os::unix::fs::symlink("../../shared/log", tree.join("log")).unwrap();
+        select(&tree, &[], &[]).unwrap();
+        std::fs::create_dir_all(tree.join("public")).unwrap();
+        std::os::unix::fs::symlink(tree.join("assets"), tree.join("public/assets")).unwrap();
+        let e = format!("{:#}", select(&tree, &[], &[]).unwrap_err());
+        assert!(
+            e.contains("public/assets is a symlink to")
+                && e.contains("ln -sfn ../assets public/assets"),
+            "{e}"
+        );
+    }
+
     /// A repository with a submodule ships the submodule's files (they used to arrive as an
     /// empty directory), and no `.git` of either.
     #[tokio::test]
