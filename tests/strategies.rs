@@ -636,6 +636,44 @@ async fn an_abort_during_greens_before_traffic_verification_stops_it() {
     abort_greens_verification(26, "before_traffic", "verifying (before_traffic)").await;
 }
 
+/// A canary's own `before_traffic` suite too: the abort stops it, the canary never gets
+/// traffic, and the stop is the operator's, not a failed host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_during_the_canarys_before_traffic_verification_stops_it() {
+    let mut spec = canary_spec(
+        49,
+        "[{ weight = 50, pause = \"1m\" }, { weight = 100 }]",
+        "",
+        "",
+    );
+    let marker = std::env::temp_dir().join(format!("cutover-verify49-{}.pid", std::process::id()));
+    spec.extra = format!(
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"before_traffic\"]\ntimeout = \"60s\"\n",
+        marker.display()
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let _ = std::fs::remove_file(&marker);
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    let pid = common::wait_for_pid_file(&marker, "the verify command").await;
+    let sent = std::time::Instant::now();
+    let (code, out, _) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0, "{out}");
+    let (code, out, err) = deploy.await.unwrap();
+    let took = sent.elapsed();
+    let alive = common::kill_if_alive(pid);
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("abort requested before the first step"),
+        "{out}\n{err}"
+    );
+    assert!(!out.contains("failed host"), "{out}");
+    assert!(took < Duration::from_secs(20), "waited {took:?}");
+    assert!(!alive, "the verify command's sleep outlived the abort");
+    fleet.assert_on("v1").await;
+}
+
 async fn abort_greens_verification(net: u8, point: &str, phase: &str) {
     let mut spec = FleetSpec::new(2, net);
     let marker =
