@@ -342,6 +342,7 @@ impl Deployer {
                     previous: run.previous.clone(),
                     report: None,
                     status: None,
+                    damaged: None,
                 })?;
                 run
             }

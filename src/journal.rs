@@ -157,6 +157,21 @@ pub struct DeploymentRow {
     pub report: Option<serde_json::Value>,
     /// Live status of a running deployment (step, weight, last analysis verdict).
     pub status: Option<serde_json::Value>,
+    /// Why `previous` could not be read, for an unfinished deployment: it is then read as
+    /// empty, fine to show, but not to resume or undo from (see [`DeploymentRow::recoverable`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
+}
+
+impl DeploymentRow {
+    /// Refuses to resume or undo from a record whose `previous` is damaged: read as empty,
+    /// every host would look like it served nothing and be emptied.
+    pub fn recoverable(&self) -> anyhow::Result<()> {
+        match &self.damaged {
+            Some(why) => anyhow::bail!("{why}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A step as recorded.
@@ -576,21 +591,17 @@ impl Journal {
         let previous: String = r.get(10)?;
         let report: Option<String> = r.get(11)?;
         let status: Option<String> = r.get(12)?;
+        let mut damaged = None;
         let previous = match serde_json::from_str(&previous) {
             Ok(p) => p,
-            // An interrupted deployment is resumed or rolled back from this record: read as
-            // empty, every host would look like it served nothing and be emptied.
-            Err(e) if outcome.is_none() => {
-                return Err(rusqlite::Error::FromSqlConversionFailure(
-                    10,
-                    rusqlite::types::Type::Text,
-                    format!(
+            Err(e) => {
+                if outcome.is_none() {
+                    damaged = Some(format!(
                         "the unfinished deployment {id} has a damaged record of what each host served before it (previous_json: {e}), so it cannot be resumed or rolled back safely: check every host with `cutover status`, then mark it ended with `sqlite3 <journal> \"UPDATE deployments SET outcome = 'failed' WHERE id = '{id}'\"`"
-                    )
-                    .into(),
-                ));
+                    ));
+                }
+                BTreeMap::new()
             }
-            Err(_) => BTreeMap::new(),
         };
         Ok(DeploymentRow {
             id,
@@ -606,6 +617,7 @@ impl Journal {
             previous,
             report: report.and_then(|r| serde_json::from_str(&r).ok()),
             status: status.and_then(|s| serde_json::from_str(&s).ok()),
+            damaged,
         })
     }
 
@@ -1186,6 +1198,7 @@ mod tests {
             previous: BTreeMap::from([("web1".to_string(), Some("v1".to_string()))]),
             report: None,
             status: None,
+            damaged: None,
         }
     }
 

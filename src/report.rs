@@ -736,6 +736,7 @@ mod tests {
             previous: BTreeMap::new(),
             report: Some(serde_json::json!({"served": 7, "failed_requests": 1})),
             status: None,
+            damaged: None,
         };
         let html = render(
             &row,

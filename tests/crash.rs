@@ -387,11 +387,17 @@ async fn a_rollback_changes_only_hosts_its_record_names() {
     let (code, out, err) = fleet.cutover(&["rollback"]).await;
     assert_ne!(code, 0, "{out}\n{err}");
     assert!(err.contains("damaged record"), "{err}");
+    assert_eq!(err.matches("damaged record").count(), 1, "said once: {err}");
     assert_eq!(
         fleet.live_instances().len(),
         live,
         "a host was changed: {out}\n{err}"
     );
+    // What the message tells to run works: status, history and show still read the journal.
+    for args in [&["status"][..], &["history"], &["show"]] {
+        let (code, out, err) = fleet.cutover(args).await;
+        assert_eq!(code, 0, "{args:?}: {out}\n{err}");
+    }
 }
 
 /// A resume whose `before_deploy` hook fails (or staging, or `after_stage`) leaves the

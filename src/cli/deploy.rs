@@ -180,6 +180,9 @@ pub(super) async fn deploy_cmd(
     let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
     // We hold the lock, so an unfinished deployment in the journal is not running: it was interrupted.
     let interrupted = journal.unfinished(config.app.name.as_str())?;
+    if let Some(row) = &interrupted {
+        row.recoverable()?;
+    }
     // `cutover rollback` of an interrupted deployment asked for exactly what "rolled back" says.
     let asked_to_restore = matches!(action, Action::Rollback(_)) && interrupted.is_some();
     // An interrupted deployment that had begun going back (an abort, a spent budget, or an
