@@ -2291,6 +2291,59 @@ async fn a_websocket_tunnel_counts_against_max_connections_until_it_closes() {
     b.stop().await;
 }
 
+/// A tunnel holds a `max_connections` place: one with nothing moving either way for
+/// `client_idle` is closed (one that keeps talking is not), so idle WebSockets cannot fill
+/// the places for good.
+#[tokio::test]
+async fn an_idle_websocket_tunnel_is_closed_after_client_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let options = ProxyOptions {
+        timeouts: cutover::proxy::Timeouts {
+            client_idle: Duration::from_millis(400),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut b = TestBackend::start("b1").await;
+    h.add_healthy(&b.spec("v1")).await;
+    let mut tunnel = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    tunnel
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_head(&mut tunnel).await.starts_with("http/1.1 101"));
+    // Talking every 150 ms for 1.2 s: three times client_idle, never idle that long.
+    let mut buf = [0u8; 4];
+    let mut last_echo = std::time::Instant::now();
+    for i in 0..8 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        tunnel.write_all(b"ping").await.unwrap();
+        tokio::time::timeout(DEADLINE, tunnel.read_exact(&mut buf))
+            .await
+            .expect("the tunnel still echoes")
+            .expect("the tunnel is open while it talks");
+        last_echo = std::time::Instant::now();
+    }
+    // Then silence: closed by the proxy (end of stream), well before the deadline.
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, tunnel.read_to_end(&mut rest))
+        .await
+        .expect("an idle tunnel is closed")
+        .unwrap();
+    assert!(
+        last_echo.elapsed() >= Duration::from_millis(350),
+        "closed {:?} after the last bytes, before client_idle",
+        last_echo.elapsed()
+    );
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn request_bodies_stream_through_without_buffering() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;

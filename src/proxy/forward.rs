@@ -273,7 +273,8 @@ pub(crate) async fn handle(
                         resp.headers_mut().append(header::SET_COOKIE, c.clone());
                     }
                 }
-                return respond(resp, guard, client_upgrade, failures > 0);
+                let idle = proxy.options.timeouts.client_idle;
+                return respond(resp, guard, client_upgrade, failures > 0, idle);
             }
             Err(e) if upload.as_ref().is_some_and(|u| u.aborted()) => {
                 // The client broke its body off: no failure of the backend's (it would fail a
@@ -437,6 +438,7 @@ fn respond(
     guard: InFlight,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<Slot>)>,
     head_failed: bool,
+    idle: std::time::Duration,
 ) -> Response<ProxyBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some((client, slot)) = client_upgrade {
@@ -451,7 +453,7 @@ fn respond(
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             guard.backend().completed();
-            tokio::spawn(tunnel(client, backend, guard, slot));
+            tokio::spawn(tunnel(client, backend, guard, slot, idle));
             return Response::from_parts(parts, ProxyBody::Static(None));
         }
     }
@@ -466,11 +468,16 @@ fn respond(
 
 /// Copies bytes both ways for an upgraded connection until either side closes or the backend's
 /// drain deadline cuts it; the client connection's `slot` is given back when it ends.
+/// An upgraded connection (a WebSocket) carried both ways until either side closes it, the
+/// backend's drain deadline cuts it, or nothing moves either way for `idle` (`client_idle`,
+/// as nginx's `proxy_read_timeout` does): a tunnel holds a `max_connections` place, and idle
+/// ones left open would fill them for good. Apps that keep WebSockets open ping well within it.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     backend: hyper::upgrade::OnUpgrade,
     guard: InFlight,
     _slot: Arc<Slot>,
+    idle: std::time::Duration,
 ) {
     let (client, backend) = match tokio::try_join!(client, backend) {
         Ok(pair) => pair,
@@ -479,8 +486,15 @@ async fn tunnel(
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(backend);
+    let moved = Arc::new(LastMoved::new());
+    let mut client = Watched {
+        io: TokioIo::new(client),
+        moved: moved.clone(),
+    };
+    let mut upstream = Watched {
+        io: TokioIo::new(backend),
+        moved: moved.clone(),
+    };
     let cut = guard.backend().cut.notified();
     tokio::pin!(cut);
     cut.as_mut().enable();
@@ -494,6 +508,80 @@ async fn tunnel(
             }
         }
         _ = &mut cut => debug!(backend = %guard.backend().id, "upgraded connection closed at the drain deadline"),
+        _ = moved.idle_for(idle) => debug!(backend = %guard.backend().id, "upgraded connection closed: idle for client_idle"),
+    }
+}
+
+/// When bytes last moved through a tunnel, either way.
+struct LastMoved {
+    start: tokio::time::Instant,
+    /// Milliseconds after `start`.
+    at_ms: std::sync::atomic::AtomicU64,
+}
+
+impl LastMoved {
+    fn new() -> LastMoved {
+        LastMoved {
+            start: tokio::time::Instant::now(),
+            at_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.at_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Returns once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: std::time::Duration) {
+        loop {
+            let last = self.at_ms.load(Ordering::Relaxed);
+            let due = self.start + std::time::Duration::from_millis(last) + idle;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// One side of a tunnel, noting every read that brought bytes (what one side reads, the other
+/// is written: reads on both sides see all traffic).
+struct Watched<T> {
+    io: T,
+    moved: Arc<LastMoved>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.moved.touch();
+        }
+        r
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
