@@ -445,11 +445,19 @@ async fn status_without_the_balancer_still_tells_of_an_interrupted_deployment() 
     );
     fleet.kill_proxy().await;
     let (code, out, err) = fleet.cutover(&["status"]).await;
-    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(code, 2, "the balancer is unreachable: {out}\n{err}");
     assert!(out.contains("BALANCER UNREACHABLE"), "{out}");
     assert!(out.contains("was INTERRUPTED"), "{out}");
     assert!(out.contains("web1"), "{out}");
     assert!(out.contains("drift not checked"), "{out}");
+    let (code, out, _) = fleet.cutover(&["status", "--json"]).await;
+    assert_eq!(code, 2);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v["drift"].is_null(),
+        "not checked is not \"no drift\": {out}"
+    );
+    assert_eq!(v["deployment"]["state"], "interrupted", "{out}");
     fleet.start_proxy().await;
     recover(&fleet, &["rollback"], 12).await;
     fleet.assert_on("v1").await;

@@ -7,7 +7,9 @@ use crate::report::{counts_caveat, counts_unknown};
 
 use super::{LogsArgs, connect};
 
-pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()> {
+/// `cutover status`; the exit code is 2 when the balancer could not be read (what could be
+/// read is shown all the same), else 0.
+pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8> {
     let (transport, balancer) = connect(&config)?;
     // Without the balancer (after a reboot, say) the hosts and the journal still tell what
     // status is for, an interrupted deployment above all; only drift needs the balancer.
@@ -21,6 +23,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
             Some(format!("{e:#}")),
         ),
     };
+    let exit = if balancer_error.is_some() { 2 } else { 0 };
     let journal = Journal::open(&config.state_dir)?;
     let started = journal.started_instances()?;
     let drift = match &balancer_error {
@@ -56,11 +59,15 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
         });
         println!(
             "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({ "hosts": hosts, "drift": drift, "deployment": deployment, "balancer_error": balancer_error })
-            )?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "hosts": hosts,
+                // Not checked without the balancer: null, never an empty "no drift".
+                "drift": if balancer_error.is_none() { Some(&drift) } else { None },
+                "deployment": deployment,
+                "balancer_error": balancer_error,
+            }))?
         );
-        return Ok(());
+        return Ok(exit);
     }
     if let Some(e) = &balancer_error {
         println!(
@@ -168,7 +175,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<()>
             println!("  - {d}");
         }
     }
-    Ok(())
+    Ok(exit)
 }
 
 /// The deployment running now: the app's one without an outcome, while its deployer (the lock

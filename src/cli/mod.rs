@@ -366,9 +366,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Status(args) => {
             let config = Config::load(&cli.config)?;
-            runtime()?
-                .block_on(status_cmd(config, args.json))
-                .map(|_| 0)
+            runtime()?.block_on(status_cmd(config, args.json))
         }
         Command::History(args) => {
             let config = Config::load(&cli.config)?;
