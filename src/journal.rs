@@ -111,6 +111,7 @@ const MIGRATIONS: [&str; 5] = [
     // AUTOINCREMENT keeps job ids unique across restarts.
     "CREATE TABLE serve_queue (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
+        app TEXT NOT NULL,
         work_json TEXT NOT NULL,
         key TEXT,
         trigger TEXT NOT NULL,
@@ -1030,9 +1031,10 @@ impl Journal {
         Ok(())
     }
 
-    /// Keeps a job `cutover serve` queued; returns its id.
+    /// Keeps a job `app`'s `cutover serve` queued; returns its id.
     pub fn queue_job(
         &self,
+        app: &str,
         work_json: &str,
         key: Option<&str>,
         trigger: &str,
@@ -1040,8 +1042,8 @@ impl Journal {
     ) -> anyhow::Result<u64> {
         self.write(|c| {
             c.execute(
-                "INSERT INTO serve_queue (work_json, key, trigger, queued_ms) VALUES (?1, ?2, ?3, ?4)",
-                params![work_json, key, trigger, queued_ms as i64],
+                "INSERT INTO serve_queue (app, work_json, key, trigger, queued_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![app, work_json, key, trigger, queued_ms as i64],
             )?;
             Ok(c.last_insert_rowid() as u64)
         })
@@ -1053,13 +1055,14 @@ impl Journal {
         Ok(())
     }
 
-    /// The jobs `cutover serve` had queued, oldest first.
-    pub fn queued_jobs(&self) -> anyhow::Result<Vec<QueuedJob>> {
+    /// The jobs `app`'s `cutover serve` had queued, oldest first (apps may share a state
+    /// directory: each runs only its own).
+    pub fn queued_jobs(&self, app: &str) -> anyhow::Result<Vec<QueuedJob>> {
         self.with(|c| {
             let mut stmt = c.prepare(
-                "SELECT id, work_json, key, trigger, queued_ms FROM serve_queue ORDER BY id",
+                "SELECT id, work_json, key, trigger, queued_ms FROM serve_queue WHERE app = ?1 ORDER BY id",
             )?;
-            let rows = stmt.query_map([], |r| {
+            let rows = stmt.query_map(params![app], |r| {
                 Ok(QueuedJob {
                     id: r.get::<_, i64>(0)? as u64,
                     work_json: r.get(1)?,

@@ -214,7 +214,7 @@ impl ServeState {
         let settings = Settings::from_config(&config)?;
         let journal = Arc::new(Journal::open(&config.state_dir)?);
         let (transport, balancer) = crate::cli::connect(&config)?;
-        let (queue, unreadable) = Queue::kept_in(journal.clone())?;
+        let (queue, unreadable) = Queue::kept_in(journal.clone(), config.app.name.as_str())?;
         let state = ServeState(Arc::new(Inner {
             config: Arc::new(config),
             settings,

@@ -105,8 +105,9 @@ struct Inner {
 pub struct Queue {
     inner: Mutex<Inner>,
     wake: Notify,
-    /// Where waiting jobs are kept across restarts; `None`: in memory only.
-    store: Option<Arc<Journal>>,
+    /// Where waiting jobs are kept across restarts, and whose (the app's name); `None`: in
+    /// memory only.
+    store: Option<(Arc<Journal>, String)>,
 }
 
 impl Queue {
@@ -118,10 +119,10 @@ impl Queue {
     /// A queue whose waiting jobs are kept in `journal`, holding the jobs that waited when
     /// the last `cutover serve` stopped (next first). A kept job this cutover cannot read (a
     /// newer one wrote it) is dropped and returned as a message.
-    pub fn kept_in(journal: Arc<Journal>) -> anyhow::Result<(Queue, Vec<String>)> {
+    pub fn kept_in(journal: Arc<Journal>, app: &str) -> anyhow::Result<(Queue, Vec<String>)> {
         let mut unreadable = Vec::new();
         let mut inner = Inner::default();
-        for kept in journal.queued_jobs()? {
+        for kept in journal.queued_jobs(app)? {
             match serde_json::from_str::<Work>(&kept.work_json) {
                 Ok(work) => inner.queued.push_back(Job::queued(
                     kept.id,
@@ -144,7 +145,7 @@ impl Queue {
         let queue = Queue {
             inner: Mutex::new(inner),
             wake: Notify::new(),
-            store: Some(journal),
+            store: Some((journal, app.to_string())),
         };
         Ok((queue, unreadable))
     }
@@ -156,7 +157,7 @@ impl Queue {
     /// Forgets a job that no longer waits. A failure only means the job would run again
     /// after a restart, so it is returned to say, not to stop anything.
     fn unkeep(&self, id: u64) -> Option<String> {
-        let store = self.store.as_ref()?;
+        let (store, _) = self.store.as_ref()?;
         store.unqueue_job(id).err().map(|e| {
             format!("job {id} left the queue, but the journal could not record it: it would run again after a restart: {e:#}")
         })
@@ -173,9 +174,9 @@ impl Queue {
         let mut q = self.lock();
         let queued_ms = now_ms();
         let id = match &self.store {
-            Some(store) => {
+            Some((store, app)) => {
                 let work_json = serde_json::to_string(&work)?;
-                store.queue_job(&work_json, key.as_deref(), &trigger, queued_ms)?
+                store.queue_job(app, &work_json, key.as_deref(), &trigger, queued_ms)?
             }
             None => q.next_id + 1,
         };
@@ -452,8 +453,11 @@ mod tests {
     fn waiting_jobs_are_kept_in_the_journal() {
         let dir = tempfile::tempdir().unwrap();
         let journal = Arc::new(Journal::open(dir.path()).unwrap());
-        let (q, unreadable) = Queue::kept_in(journal.clone()).unwrap();
+        let (q, unreadable) = Queue::kept_in(journal.clone(), "a").unwrap();
         assert!(unreadable.is_empty());
+        // Another app sharing the state directory keeps its own queue.
+        let (other, _) = Queue::kept_in(journal.clone(), "b").unwrap();
+        other.push(deploy("b1"), None, "api".into()).unwrap();
         let key = || Some("push:acme/web:refs/heads/main".to_string());
         let (ran, _) = q.push(deploy("a"), None, "api".into()).unwrap();
         let (back, _) = q
@@ -466,7 +470,7 @@ mod tests {
         q.cancel(cancelled.id).unwrap();
         drop(q);
 
-        let (q, _) = Queue::kept_in(journal.clone()).unwrap();
+        let (q, _) = Queue::kept_in(journal.clone(), "a").unwrap();
         let v = q.view();
         assert!(v.running.is_none(), "a started job is not run again");
         let kept: Vec<_> = v.queued.iter().map(|j| (j.id, j.work.clone())).collect();
@@ -487,8 +491,11 @@ mod tests {
         let (_, replaced) = q.push(deploy("e"), key(), "push e".into()).unwrap();
         assert_eq!(replaced.unwrap().id, new.id);
         assert_eq!(q.cancel_queued("dropped").len(), 3);
-        let (q, _) = Queue::kept_in(journal).unwrap();
+        let (q, _) = Queue::kept_in(journal.clone(), "a").unwrap();
         assert!(q.view().queued.is_empty(), "dropped jobs are forgotten");
+        let (other, _) = Queue::kept_in(journal, "b").unwrap();
+        let kept: Vec<_> = other.view().queued.iter().map(|j| j.work.clone()).collect();
+        assert_eq!(kept, vec![deploy("b1")], "b's job is b's alone");
     }
 
     #[tokio::test]
