@@ -1229,6 +1229,9 @@ impl Deployer {
         if let Some(line) = source.summary() {
             self.progress.say(&line);
         }
+        if let Some(line) = source.unchecked() {
+            self.progress.say(&line);
+        }
         let results = release::stop_on_fatal(results, fatal.into_inner().expect("fatal lock"));
         let copied = results
             .iter()

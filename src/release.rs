@@ -175,7 +175,13 @@ pub async fn stage(
         let staged_from = lines.find_map(|l| l.trim().strip_prefix("commit "));
         if let Some(staged) = staged_from {
             // Releases staged before markers existed, and path releases, have no commit.
-            let now = source.named_commit().await.map_err(Fatal::Build)?;
+            let now = match source.named_commit().await {
+                Ok(now) => now,
+                Err(e) => {
+                    source.note_unchecked(&e);
+                    None
+                }
+            };
             if let Some(now) = now.filter(|now| now != staged) {
                 return Err(Fatal::Moved {
                     host: host.name.to_string(),

@@ -54,6 +54,8 @@ pub struct ReleaseSource {
     /// The commit the version's tag or branch names in the repository now (git releases),
     /// asked once: see [`ReleaseSource::named_commit`].
     named: OnceCell<Result<Option<String>, String>>,
+    /// Why staged builds could not be checked against the repository, said once.
+    unchecked: Mutex<Option<String>>,
     /// Hosts the archive was uploaded to, in order.
     uploads: Mutex<Vec<String>>,
 }
@@ -80,6 +82,7 @@ impl ReleaseSource {
             build_timeout: config.ssh.command_timeout,
             built: OnceCell::new(),
             named: OnceCell::new(),
+            unchecked: Mutex::new(None),
             uploads: Mutex::new(Vec::new()),
         }
     }
@@ -108,6 +111,7 @@ impl ReleaseSource {
             build_timeout: Duration::ZERO,
             built: OnceCell::new_with(Some(Ok(Arc::new(archive)))),
             named: OnceCell::new_with(Some(Ok(None))),
+            unchecked: Mutex::new(None),
             uploads: Mutex::new(Vec::new()),
         }
     }
@@ -120,6 +124,11 @@ impl ReleaseSource {
         let Some(url) = self.release.git.as_deref() else {
             return Ok(None);
         };
+        // A commit id names one tree for good: nothing to ask.
+        let v = self.version.as_str();
+        if (7..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
         self.named
             .get_or_init(|| async {
                 tag_or_branch_commit(url, &self.version, self.build_timeout)
@@ -128,6 +137,21 @@ impl ReleaseSource {
             })
             .await
             .clone()
+    }
+
+    /// Notes that the repository could not be asked whether the staged builds are still what
+    /// the version names: they are used as they are (a resume or redeploy must not depend on
+    /// the git server being up), and the deploy says so once.
+    pub fn note_unchecked(&self, why: &str) {
+        self.unchecked
+            .lock()
+            .expect("unchecked lock")
+            .get_or_insert_with(|| format!("WARNING: {why}: the builds of {} already on the hosts are used as they are, not checked against a moved tag", self.version));
+    }
+
+    /// The warning of [`ReleaseSource::note_unchecked`], if any.
+    pub fn unchecked(&self) -> Option<String> {
+        self.unchecked.lock().expect("unchecked lock").clone()
     }
 
     /// The archive, built on the first call; every later call gets the same result.

@@ -566,9 +566,26 @@ async fn a_moved_tag_is_refused_instead_of_mixing_two_builds() {
     assert!(err.contains("(a moved tag)"), "{out}\n{err}");
     assert!(err.contains("tag it anew"), "{err}");
     fleet.assert_on(&hosts, "v2").await;
-    // A tag that did not move deploys as before.
-    git(&repo, &["tag", "-f", "v1", "v1~0"]);
+    // A release named by its full commit id cannot move: deployed again while the git
+    // server is down, the builds on the hosts are used without asking it.
+    let out = std::process::Command::new("git")
+        .args([
+            "-C",
+            &repo.to_string_lossy(),
+            "rev-parse",
+            "broken~1^{commit}",
+        ])
+        .output()
+        .unwrap();
+    let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    fleet.deploy(&sha, 0).await;
     fleet.deploy("v2", 0).await;
+    let away = fleet.dir.path().join("repo-away");
+    std::fs::rename(&repo, &away).unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", &sha]).await;
+    std::fs::rename(&away, &repo).unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet.assert_on(&hosts, &sha).await;
 }
 
 /// A version that names nothing in the repository is refused before anything is recorded
