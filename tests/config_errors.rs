@@ -594,3 +594,25 @@ fn a_journal_this_user_cannot_write_is_not_called_damaged() {
     assert!(err.contains("permissions"), "{err}");
     assert!(!err.contains("move it aside"), "{err}");
 }
+
+/// `plan` names a git source without the credentials its URL may carry (every other place
+/// that shows the URL redacts them).
+#[test]
+fn plan_never_prints_the_credentials_of_a_git_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = GOOD.replace(
+        "path = \"builds/{version}\"",
+        "git = \"https://alice:s3cret@github.com/acme/shop.git\"",
+    );
+    std::fs::write(dir.path().join("cutover.toml"), config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+        .arg("-c")
+        .arg(dir.path().join("cutover.toml"))
+        .args(["plan", "--version", "v1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("github.com/acme/shop.git at v1"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}

@@ -88,7 +88,10 @@ fn switch_worst(config: &Config) -> Duration {
 
 fn print_source(config: &Config, version: &Name) {
     match &config.release.git {
-        Some(url) => println!("  source: {url} at {version} (built once, shipped to every host)"),
+        Some(url) => println!(
+            "  source: {} at {version} (built once, shipped to every host; a branch is deployed as the commit it points at then, staged as releases/<sha>)",
+            crate::source::redact_url(url)
+        ),
         None => println!("  source: {}", config.release_source(version).display()),
     }
 }
