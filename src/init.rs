@@ -83,6 +83,18 @@ pub fn run(dir: &Path, config_name: &Path, force: bool) -> anyhow::Result<()> {
     if config.exists() && !force {
         anyhow::bail!("{} exists: pass --force to overwrite it", config.display());
     }
+    // `releases/<version>` is also where a user's own builds go: never written over unasked.
+    if !force {
+        for v in ["v1", "v2"] {
+            let release = dir.join("releases").join(v);
+            if release.exists() {
+                anyhow::bail!(
+                    "{} exists (a release of yours?): pass --force to replace it with the sample app, or run init in another directory (--dir)",
+                    release.display()
+                );
+            }
+        }
+    }
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let exe = std::env::current_exe().context("cannot find this binary's path")?;
     let text = EXAMPLE.replace("{token}", &random_token()?);
@@ -95,8 +107,17 @@ pub fn run(dir: &Path, config_name: &Path, force: bool) -> anyhow::Result<()> {
         config.display(),
         dir.join("releases").display()
     );
+    // The commands as they must be typed from here: `-c` unless the config is ./cutover.toml.
+    let c = if config == Path::new("cutover.toml") || config == Path::new("./cutover.toml") {
+        String::new()
+    } else {
+        format!(
+            "-c {} ",
+            crate::transport::sh_quote(config.to_string_lossy())
+        )
+    };
     println!(
-        "next: `cutover proxy` in one terminal, then `cutover deploy --version v1` and `--version v2` in another"
+        "next: `cutover {c}proxy` in one terminal, then `cutover {c}deploy --version v1` and `--version v2` in another"
     );
     Ok(())
 }

@@ -292,6 +292,34 @@ fn init_writes_the_config_dash_c_names_and_it_loads() {
     assert!(config.is_file(), "{out:?}");
     assert!(!dir.path().join("cutover.toml").exists());
     assert!(dir.path().join("releases/v2/run.sh").is_file());
+    // The next steps name the config, so they work as typed.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("`cutover -c {} proxy`", config.display())),
+        "{said}"
+    );
+    // A release already there (the user's own build, say) is never written over unasked.
+    std::fs::remove_file(&config).unwrap();
+    std::fs::write(dir.path().join("releases/v1/run.sh"), "mine\n").unwrap();
+    let again = |force: bool| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"));
+        c.args(["-c", "other.toml", "init", "--dir"])
+            .arg(dir.path());
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let refused = again(false);
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("releases/v1 exists"),
+        "{refused:?}"
+    );
+    let run_sh = dir.path().join("releases/v1/run.sh");
+    assert_eq!(std::fs::read_to_string(&run_sh).unwrap(), "mine\n");
+    assert!(again(true).status.success());
+    assert_ne!(std::fs::read_to_string(&run_sh).unwrap(), "mine\n");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
         .arg("-c")
         .arg(&config)
