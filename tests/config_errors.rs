@@ -68,6 +68,15 @@ fn good_config_plans() {
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = run(dir.path(), GOOD, &["plan", "--version", "v1"]);
     assert_eq!(code, 0, "{err}");
+    // Planned before the release is built: the plan says a deploy now would be refused.
+    assert!(
+        err.contains("note: a deploy now would be refused: --version v1: no such release"),
+        "{err}"
+    );
+    std::fs::create_dir_all(dir.path().join("builds/v1")).unwrap();
+    let (code, err) = run(dir.path(), GOOD, &["plan", "--version", "v1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("would be refused"), "{err}");
 }
 
 #[test]

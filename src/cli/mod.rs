@@ -317,6 +317,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let config = Config::load(&cli.config)?;
             let version = parse_version(&args.version)?;
             print_plan(&config, &version);
+            // A plan may come before the build; it still says a deploy now would be refused.
+            if let Err(e) = deploy::check_release_known(&config, &version, "--version") {
+                eprintln!("note: a deploy now would be refused: {e:#}");
+            }
             Ok(0)
         }
         Command::Deploy(args) => {
