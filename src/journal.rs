@@ -567,7 +567,9 @@ impl Journal {
         let report = report.to_string();
         self.write_synced(|c| {
             c.execute(
-                "UPDATE deployments SET ended_ms = ?1, outcome = ?2, report_json = ?3 WHERE id = ?4",
+                // The live status was the running deployment's; once it ended, its outcome and
+                // report say what happened, and a last "verifying" phase would only mislead.
+                "UPDATE deployments SET ended_ms = ?1, outcome = ?2, report_json = ?3, status_json = NULL WHERE id = ?4",
                 params![now_ms() as i64, outcome, report, id],
             )
         })?;
@@ -1203,6 +1205,22 @@ mod tests {
             status: None,
             damaged: None,
         }
+    }
+
+    /// A finished deployment keeps no live status: its last phase would read as current.
+    #[test]
+    fn a_finished_deployment_has_no_live_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        j.begin(&row("d1", "v2")).unwrap();
+        j.set_status(
+            "d1",
+            &serde_json::json!({"phase": "verifying (after_batch)"}),
+        )
+        .unwrap();
+        assert!(j.deployment("d1").unwrap().unwrap().status.is_some());
+        j.finish("d1", "failed", &serde_json::json!({})).unwrap();
+        assert!(j.deployment("d1").unwrap().unwrap().status.is_none());
     }
 
     /// A stop posted while a resume undid an interrupted deployment is seen even when the
