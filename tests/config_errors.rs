@@ -521,20 +521,28 @@ fn plan_counts_gates_and_names_a_git_source() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // One batch of 2m 40s, and unpacking the release on the hosts (up to 5m).
     let base = plain(GOOD);
-    assert!(base.contains("worst case: 2m 40s"), "{base}");
+    assert!(base.contains("worst case: 7m 40s"), "{base}");
     let gated = plain(&format!(
-        "{GOOD}\n[[verify]]\ncommand = \"true\"\ntimeout = \"1h\"\nat = [\"after_batch\"]\n\n[[hooks]]\nat = \"before_deploy\"\ncommand = \"true\"\ntimeout = \"2h\"\n"
+        "{GOOD}\n[[verify]]\ncommand = \"true\"\ntimeout = \"1h\"\nat = [\"after_batch\"]\n\n[[hooks]]\nat = \"before_deploy\"\ncommand = \"./migrate\"\ntimeout = \"2h\"\nrun_once = true\n"
     ));
-    assert!(gated.contains("worst case: 3h 2m 40s"), "{gated}");
+    assert!(gated.contains("worst case: 3h 7m 40s"), "{gated}");
+    assert!(
+        gated.contains("hooks: `./migrate` at before_deploy (once, on one host, timeout 2h)"),
+        "{gated}"
+    );
+    // A git source adds its fetch, clone and checkout, and the build, each up to 5m.
     let git = plain(&GOOD.replace(
         "path = \"builds/{version}\"",
-        "git = \"https://example.com/shop.git\"",
+        "git = \"https://example.com/shop.git\"\nbuild = \"make\"",
     ));
     assert!(
         git.contains("source: https://example.com/shop.git at v2"),
         "{git}"
     );
+    assert!(git.contains("build: `make` once on this machine"), "{git}");
+    assert!(git.contains("worst case: 27m 40s"), "{git}");
 }
 
 /// The balancer's limits fail at load, at their line, not when the proxy starts; a config that

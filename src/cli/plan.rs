@@ -19,6 +19,26 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
     if !points.is_empty() {
         println!("  verify: {}", points.join("; "));
     }
+    let hooks: Vec<String> = config
+        .hooks
+        .iter()
+        .map(|h| {
+            format!(
+                "`{}` at {} ({}, timeout {})",
+                h.command,
+                crate::hooks::point_name(h.at),
+                match (h.where_, h.run_once) {
+                    (crate::config::HookWhere::Local, _) => "on this machine",
+                    (_, true) => "once, on one host",
+                    (_, false) => "on each host",
+                },
+                h.timeout
+            )
+        })
+        .collect();
+    if !hooks.is_empty() {
+        println!("  hooks: {}", hooks.join("; "));
+    }
     if let Some(a) = &config.analysis {
         println!(
             "  analysis every {}: min_success_rate {:?}, max_p99_latency {}, min_requests {} (fewer: inconclusive, the rollout holds), failure_limit {}{}",
@@ -65,16 +85,22 @@ fn hook_time(config: &Config, point: HookPoint) -> Duration {
 }
 
 /// What every deploy may spend outside its batches: the hooks before the first and after the
-/// last.
+/// last, and preparing the release (the git fetch, clone and checkout, the build, each bounded
+/// by `command_timeout`, and unpacking on the hosts, in parallel, bounded by the longer of
+/// `command_timeout` and 5 minutes; the upload's time depends on the release's size).
 fn fixed_worst(config: &Config) -> Duration {
-    [
+    let hooks: Duration = [
         HookPoint::BeforeDeploy,
         HookPoint::AfterStage,
         HookPoint::AfterDeploy,
     ]
     .into_iter()
     .map(|p| hook_time(config, p))
-    .sum()
+    .sum();
+    let step = config.ssh.command_timeout;
+    let git = if config.release.git.is_some() { 3 } else { 0 };
+    let build = u32::from(config.release.build.is_some());
+    hooks + step * (git + build) + step.max(Duration::from_secs(300))
 }
 
 /// Worst case of one batch of a rolling switch (its hosts switch in parallel): the deadlines,
@@ -87,6 +113,12 @@ fn switch_worst(config: &Config) -> Duration {
 }
 
 fn print_source(config: &Config, version: &Name) {
+    if let Some(b) = &config.release.build {
+        println!(
+            "  build: `{b}` once on this machine (up to command_timeout {})",
+            humantime::format_duration(config.ssh.command_timeout)
+        );
+    }
     match &config.release.git {
         Some(url) => println!(
             "  source: {} at {version} (built once, shipped to every host; a branch is deployed as the commit it points at then, staged as releases/<sha>)",
@@ -271,7 +303,7 @@ fn print_rolling_plan(config: &Config, version: &Name) {
         + per_batch * plan.len() as u32
         + verify_time(config, VerifyPoint::AfterDeploy);
     println!(
-        "  worst case: {} ({} batch(es) x {} per batch, with its verify commands and hooks at their timeouts)",
+        "  worst case: {} ({} batch(es) x {} per batch, with its build, staging, verify commands and hooks at their timeouts)",
         humantime::format_duration(worst),
         plan.len(),
         humantime::format_duration(per_batch)
