@@ -657,6 +657,36 @@ pub fn utc(ms: u64) -> String {
     )
 }
 
+/// The CSP source that allows the report's own stylesheet and nothing else (`'sha256-…'`): a
+/// report opened from the dashboard is a `blob:` page that inherits the dashboard's policy,
+/// which would otherwise block its inline `<style>`.
+pub fn style_source() -> String {
+    use sha2::Digest;
+    format!(
+        "'sha256-{}'",
+        base64(&sha2::Sha256::digest(REPORT_CSS.as_bytes()))
+    )
+}
+
+/// Standard base64 with padding (RFC 4648), for the CSP hash.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 const REPORT_CSS: &str = "body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1000px;color:#111827;padding:0 12px}\
 h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px}code{font-size:13px}\
 .meta{color:#4b5563;margin:2px 0}.proof{font-size:18px;font-weight:600;margin:12px 0 4px}\
@@ -670,6 +700,41 @@ svg .ax{font-size:10px;fill:#6b7280}svg .legend{font-size:11px;fill:#111827}svg 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_is_rfc_4648() {
+        for (raw, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(raw.as_bytes()), want, "{raw:?}");
+        }
+    }
+
+    /// The hash the dashboard's policy allows is the hash of the stylesheet a report carries,
+    /// checked against `openssl` (what a browser computes is the same sha256, base64).
+    #[test]
+    fn the_style_source_is_the_hash_of_the_reports_stylesheet() {
+        let dir = tempfile::tempdir().unwrap();
+        let css = dir.path().join("report.css");
+        std::fs::write(&css, REPORT_CSS).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl dgst -sha256 -binary '{}' | openssl base64 -A",
+                css.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let want = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(style_source(), format!("'sha256-{want}'"));
+    }
 
     fn sample(at: u64, v1: u64, v2: u64, err: u64) -> Sample {
         Sample {

@@ -401,4 +401,22 @@ async fn dashboard_shows_both_releases_under_traffic_and_abort_reaches_the_deplo
     assert_eq!(job["state"], "done", "{job}\n{}", served.log());
     let traffic = run.stop().await;
     assert_eq!(traffic.failed, 0, "{traffic}: {:?}", traffic.failures);
+
+    // The deployment's report, opened as the dashboard opens it (a `blob:` page that inherits
+    // the dashboard's policy), keeps its own stylesheet: it used to show unstyled.
+    browser
+        .eval(&format!(
+            "(async () => {{ const r = await fetch('/api/deployments/{deployment}/report', {{ headers: {{ Authorization: 'Bearer ' + sessionStorage.getItem('cutover-token') }} }}); const html = await r.text(); location = URL.createObjectURL(new Blob([html], {{ type: 'text/html' }})); return r.status; }})()"
+        ))
+        .await;
+    browser
+        .wait_for(
+            "location.protocol === 'blob:' && document.readyState === 'complete' && document.querySelector('h1')",
+            "the report",
+        )
+        .await;
+    let width = browser
+        .eval("getComputedStyle(document.body).maxWidth")
+        .await;
+    assert_eq!(width, json!("1000px"), "the report's stylesheet applies");
 }

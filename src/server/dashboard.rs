@@ -27,15 +27,21 @@ const NO_STORE: (header::HeaderName, &str) = (header::CACHE_CONTROL, "no-store")
 async fn page() -> impl IntoResponse {
     (
         [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            NO_STORE,
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
-            ),
-            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
+            (NO_STORE.0, NO_STORE.1.to_string()),
+            (header::CONTENT_SECURITY_POLICY, policy()),
+            (header::REFERRER_POLICY, "no-referrer".to_string()),
         ],
         HTML,
+    )
+}
+
+/// The page's Content-Security-Policy. A report opened from the page (a `blob:` page, which
+/// inherits this policy) needs its own inline stylesheet: allowed by its hash, nothing more.
+fn policy() -> String {
+    format!(
+        "default-src 'self'; img-src 'self' data:; style-src 'self' {}; script-src 'self'; connect-src 'self'; frame-ancestors 'none'",
+        crate::report::style_source()
     )
 }
 
