@@ -765,11 +765,16 @@ mod tests {
         found
     }
 
-    /// A start command that forks (here a child that ignores SIGTERM) leaves children in the
-    /// instance's process group: the stop signals the whole group, and what is left at the
-    /// timeout is killed, though the leader itself went at the first signal.
-    #[tokio::test]
-    async fn a_stop_reaches_every_process_of_the_instance() {
+    /// An instance on `port` whose start command forks a child that ignores SIGTERM, once both
+    /// run in its process group.
+    async fn start_forking_instance(
+        port: u16,
+    ) -> (
+        tempfile::TempDir,
+        Host,
+        crate::transport::local::LocalTransport,
+        Instance,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let host = Host::for_test(dir.path());
         std::fs::create_dir_all(dir.path().join("releases/v1")).unwrap();
@@ -779,13 +784,22 @@ mod tests {
         .unwrap();
         let t = crate::transport::local::LocalTransport::new();
         let v = Name::parse("v1").unwrap();
-        let inst = start(&t, &app, &host, &v, 45_679).await.unwrap();
+        let inst = start(&t, &app, &host, &v, port).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while group_members(inst.pid).len() < 2 && std::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let before = group_members(inst.pid);
-        assert_eq!(before.len(), 2, "{before:?}");
+        let members = group_members(inst.pid);
+        assert_eq!(members.len(), 2, "{members:?}");
+        (dir, host, t, inst)
+    }
+
+    /// A start command that forks (here a child that ignores SIGTERM) leaves children in the
+    /// instance's process group: the stop signals the whole group, and what is left at the
+    /// timeout is killed, though the leader itself went at the first signal.
+    #[tokio::test]
+    async fn a_stop_reaches_every_process_of_the_instance() {
+        let (_dir, host, t, inst) = start_forking_instance(45_679).await;
         let stopped = stop(
             &t,
             &host,
@@ -809,21 +823,7 @@ mod tests {
     /// pid file names, instead of forgetting the pid file and leaking them.
     #[tokio::test]
     async fn a_stop_ends_what_a_dead_leader_left_running() {
-        let dir = tempfile::tempdir().unwrap();
-        let host = Host::for_test(dir.path());
-        std::fs::create_dir_all(dir.path().join("releases/v1")).unwrap();
-        let app: App = toml::from_str(
-            "name = \"a\"\nstart = \"(trap '' TERM; exec sleep 300) & exec sleep 301\"\n",
-        )
-        .unwrap();
-        let t = crate::transport::local::LocalTransport::new();
-        let v = Name::parse("v1").unwrap();
-        let inst = start(&t, &app, &host, &v, 45_680).await.unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while group_members(inst.pid).len() < 2 && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(group_members(inst.pid).len(), 2);
+        let (_dir, host, t, inst) = start_forking_instance(45_680).await;
         // The leader dies alone; its child stays in the group.
         // SAFETY: kill(2) on a process this test started.
         unsafe { libc::kill(inst.pid as i32, libc::SIGKILL) };

@@ -136,22 +136,11 @@ impl Deployer {
         failed.extend(unstarted);
         if stopped {
             self.stop_before_traffic(run, "blue-green", "switch", &mut failed, &mut notes)?;
-            return self
-                .abandon_green(
-                    run,
-                    &green,
-                    from,
-                    version,
-                    started,
-                    stats_before,
-                    failed,
-                    notes,
-                )
-                .await;
-        }
-        if !failed.is_empty() {
+        } else if !failed.is_empty() {
             self.progress
                 .say("blue-green: the green set is incomplete; blue never stopped serving");
+        }
+        if stopped || !failed.is_empty() {
             return self
                 .abandon_green(
                     run,
