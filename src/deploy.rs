@@ -852,6 +852,13 @@ impl Deployer {
             rollback: true,
         };
         self.journal.event(Some(&run.id), RESTORE_EVENT)?;
+        // Its own phase, not the killed process's last one, for `cutover status` meanwhile.
+        self.status(
+            &run,
+            serde_json::json!({
+                "strategy": interrupted.strategy, "phase": "returning every host to where it was",
+            }),
+        );
         self.progress.say(&format!(
             "rolling back interrupted deployment {} ({} -> {}): every host returns to where it was",
             run.id,
