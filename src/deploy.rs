@@ -827,7 +827,7 @@ impl Deployer {
             Ok(None) => Ok(None),
             Err(e) if e.is::<crate::source::NoSuchRef>() => Err(e),
             // A full commit id cannot move: deploying it as named is safe.
-            Err(_) if is_commit_id(req.version.as_str()) => Ok(None),
+            Err(_) if is_full_commit_id(req.version.as_str()) => Ok(None),
             // Anything else may be a branch: staged under its moving name, it would never be
             // rebuilt, and a later deploy of the branch would find the old code "already there".
             Err(e) => Err(anyhow::anyhow!(
@@ -2405,7 +2405,7 @@ impl Settling {
 }
 
 /// A full git commit id (40 hex digits), which no push can move.
-fn is_commit_id(v: &str) -> bool {
+fn is_full_commit_id(v: &str) -> bool {
     v.len() == 40 && v.bytes().all(|b| b.is_ascii_hexdigit())
 }
 

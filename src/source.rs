@@ -125,14 +125,14 @@ impl ReleaseSource {
             return Ok(None);
         };
         // A commit id names one tree for good: nothing to ask.
-        let v = self.version.as_str();
-        if (7..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if is_commit_id(self.version.as_str()) {
             return Ok(None);
         }
         self.named
             .get_or_init(|| async {
-                tag_or_branch_commit(url, &self.version, self.build_timeout)
+                remote_refs(url, &self.version, self.build_timeout)
                     .await
+                    .map(|r| r.tag.or(r.branch))
                     .map_err(|e| format!("{e:#}"))
             })
             .await
@@ -341,28 +341,23 @@ pub async fn branch_commit(
     timeout: Duration,
 ) -> anyhow::Result<Option<String>> {
     fixed_ref(version)?;
-    let heads = format!("refs/heads/{version}");
-    let tags = format!("refs/tags/{version}");
-    let out = git(&["ls-remote", "--", url, &heads, &tags], None, timeout)
-        .await
-        .with_context(|| format!("asking {} what {version} is", redact_url(url)))?;
-    let mut branch = None;
-    for line in out.lines() {
-        match line.split_once('\t') {
-            Some((_, r)) if r == tags || r == format!("{tags}^{{}}") => return Ok(None),
-            Some((sha, r)) if r == heads => branch = Some(sha.trim().to_ascii_lowercase()),
-            _ => {}
-        }
+    let refs = remote_refs(url, version, timeout).await?;
+    if refs.tag.is_some() {
+        return Ok(None);
     }
-    let hex = version.as_str().bytes().all(|b| b.is_ascii_hexdigit());
-    if branch.is_none() && !(hex && (7..=64).contains(&version.as_str().len())) {
+    if refs.branch.is_none() && !is_commit_id(version.as_str()) {
         return Err(NoSuchRef {
             version: version.to_string(),
             url: redact_url(url),
         }
         .into());
     }
-    Ok(branch)
+    Ok(refs.branch)
+}
+
+/// A version git takes as a commit id: 7 to 64 hex digits (sha1 or sha256, abbreviated).
+pub fn is_commit_id(v: &str) -> bool {
+    (7..=64).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// A version that names no tag or branch of the repository and is no commit id: a typo, to
@@ -376,12 +371,14 @@ pub struct NoSuchRef {
     pub url: String,
 }
 
-/// The commit a tag (peeled) or else a branch named `version` points at in `url` now.
-async fn tag_or_branch_commit(
-    url: &str,
-    version: &Name,
-    timeout: Duration,
-) -> anyhow::Result<Option<String>> {
+/// The commits the tag and the branch named `version` point at in `url` now (a tag's peeled
+/// commit when it is annotated), in one `ls-remote`.
+struct RemoteRefs {
+    tag: Option<String>,
+    branch: Option<String>,
+}
+
+async fn remote_refs(url: &str, version: &Name, timeout: Duration) -> anyhow::Result<RemoteRefs> {
     let heads = format!("refs/heads/{version}");
     let tags = format!("refs/tags/{version}");
     let peeled = format!("{tags}^{{}}");
@@ -402,7 +399,10 @@ async fn tag_or_branch_commit(
             branch = sha;
         }
     }
-    Ok(tag_peeled.or(tag).or(branch))
+    Ok(RemoteRefs {
+        tag: tag_peeled.or(tag),
+        branch,
+    })
 }
 
 /// Runs git, for at most `timeout` (a remote that accepts and never answers must not hold
@@ -483,8 +483,7 @@ async fn resolve(
             return Ok(commit);
         }
     }
-    let hex = v.len() >= 7 && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_hexdigit());
-    if hex {
+    if is_commit_id(v) {
         let spec = format!("{v}^{{commit}}");
         let found = git(
             &[
