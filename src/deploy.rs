@@ -779,23 +779,6 @@ impl Deployer {
         Ok(report)
     }
 
-    /// Whether a deployment of this app went to `version`, or found it on a host.
-    fn deployed_before(&self, version: &Name) -> anyhow::Result<bool> {
-        let app = self.config.app.name.as_str();
-        Ok(self
-            .journal
-            .deployments(app, usize::MAX >> 1)?
-            .iter()
-            .any(|row| {
-                row.to == version.as_str()
-                    || row
-                        .previous
-                        .values()
-                        .flatten()
-                        .any(|v| v == version.as_str())
-            }))
-    }
-
     /// With a git source, the commit a branch points at now, as the version to deploy (see
     /// [`crate::source::branch_commit`]); `None` to deploy the name as given. When the
     /// repository cannot be asked, an error, unless the name is a full commit id.
@@ -807,7 +790,11 @@ impl Deployer {
         // A resumed deployment already names its commit; a rollback to a release that served
         // before returns to it, whatever its name: resolving a branch would ship new code. A
         // rollback to a name never deployed is a deploy of it, resolved the same way.
-        if req.resume.is_some() || (req.kind == "rollback" && self.deployed_before(&req.version)?) {
+        let deployed_before = || -> anyhow::Result<bool> {
+            let known = self.journal.known_releases(self.config.app.name.as_str())?;
+            Ok(known.iter().any(|v| v == req.version.as_str()))
+        };
+        if req.resume.is_some() || (req.kind == "rollback" && deployed_before()?) {
             return Ok(None);
         }
         self.progress

@@ -649,6 +649,20 @@ impl Journal {
         }
     }
 
+    /// Releases `app`'s recorded deployments went to or found on a host, newest first, each
+    /// once: what may still be staged on the hosts, under its name.
+    pub fn known_releases(&self, app: &str) -> anyhow::Result<Vec<String>> {
+        let mut known: Vec<String> = Vec::new();
+        for row in self.deployments(app, usize::MAX >> 1)? {
+            for v in std::iter::once(row.to).chain(row.previous.into_values().flatten()) {
+                if !known.contains(&v) {
+                    known.push(v);
+                }
+            }
+        }
+        Ok(known)
+    }
+
     /// `app`'s deployments, newest first (apps may share a state directory).
     pub fn deployments(&self, app: &str, limit: usize) -> anyhow::Result<Vec<DeploymentRow>> {
         self.with(|c| {

@@ -38,19 +38,13 @@ pub(super) fn check_release_known(
     if dir.is_dir() {
         return Ok(());
     }
-    let mut known = Vec::new();
-    if config.state_dir.join("journal.db").is_file() {
-        let journal = Journal::open(&config.state_dir)?;
-        for row in journal.deployments(config.app.name.as_str(), usize::MAX >> 1)? {
-            for v in std::iter::once(row.to.clone()).chain(row.previous.into_values().flatten()) {
-                if v == version.as_str() {
-                    return Ok(());
-                }
-                if !known.contains(&v) {
-                    known.push(v);
-                }
-            }
-        }
+    let known = if config.state_dir.join("journal.db").is_file() {
+        Journal::open(&config.state_dir)?.known_releases(config.app.name.as_str())?
+    } else {
+        Vec::new()
+    };
+    if known.iter().any(|v| v == version.as_str()) {
+        return Ok(());
     }
     let seen = if known.is_empty() {
         String::new()
