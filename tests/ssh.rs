@@ -30,6 +30,18 @@ fn git(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "git {args:?}: {out:?}");
 }
 
+/// The commit `rev` names in `repo`.
+fn rev_parse(repo: &Path, rev: &str) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["rev-parse", rev])
+        .output()
+        .expect("git runs");
+    assert!(out.status.success(), "git rev-parse {rev}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// A four-host fleet over SSH behind a real `cutover proxy`, deploying from a local git repo.
 struct SshFleet {
     sshd: Sshd,
@@ -511,13 +523,7 @@ async fn failed_build_stops_the_deploy_before_any_host_changes() {
 async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
     let fleet = SshFleet::start(Opts::default()).await;
     let repo = fleet.dir.path().join("repo");
-    let sha = |rev: &str| {
-        let out = std::process::Command::new("git")
-            .args(["-C", &repo.to_string_lossy(), "rev-parse", rev])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let sha = |rev: &str| rev_parse(&repo, rev);
     let hosts = ["web1", "web2", "web3", "web4"];
     git(&repo, &["branch", "release", "v1"]);
     let (_, err) = fleet.deploy("release", 0).await;
@@ -568,16 +574,7 @@ async fn a_moved_tag_is_refused_instead_of_mixing_two_builds() {
     fleet.assert_on(&hosts, "v2").await;
     // A release named by its full commit id cannot move: deployed again while the git
     // server is down, the builds on the hosts are used without asking it.
-    let out = std::process::Command::new("git")
-        .args([
-            "-C",
-            &repo.to_string_lossy(),
-            "rev-parse",
-            "broken~1^{commit}",
-        ])
-        .output()
-        .unwrap();
-    let sha = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let sha = rev_parse(&repo, "broken~1^{commit}");
     fleet.deploy(&sha, 0).await;
     fleet.deploy("v2", 0).await;
     let away = fleet.dir.path().join("repo-away");
@@ -596,13 +593,7 @@ async fn a_moved_tag_is_refused_instead_of_mixing_two_builds() {
 async fn unknown_refs_are_refused_and_a_rollback_to_a_branch_ships_its_commit() {
     let fleet = SshFleet::start(Opts::default()).await;
     let repo = fleet.dir.path().join("repo");
-    let sha = |rev: &str| {
-        let out = std::process::Command::new("git")
-            .args(["-C", &repo.to_string_lossy(), "rev-parse", rev])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let sha = |rev: &str| rev_parse(&repo, rev);
     let hosts = ["web1", "web2", "web3", "web4"];
     fleet.deploy("v1", 0).await;
     let (code, out, err) = fleet.cutover(&["deploy", "--version", "nosuchref"]).await;
