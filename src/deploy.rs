@@ -1196,6 +1196,16 @@ impl Deployer {
                 // commits (a rollback returns to what the hosts hold, whatever the tag says).
                 let check_commit = self.config.release.git.is_some() && !run.rollback;
                 if present && unreachable.is_none() && !check_commit {
+                    // A path release rebuilt in place since the host staged it: its marker
+                    // was read with the fleet, the files here are printed once for all hosts.
+                    let staged = view.and_then(|v| v.trees.get(version.as_str()));
+                    if let Some(staged) = staged.filter(|_| !run.rollback) {
+                        if let Err(e) = release::check_tree(h, source, version, staged).await {
+                            let msg = e.to_string();
+                            fatal.lock().expect("fatal lock").get_or_insert(msg.clone());
+                            return (h.name.to_string(), Err(msg));
+                        }
+                    }
                     // Read with the fleet a moment ago: nothing to do, nothing to journal.
                     return (h.name.to_string(), Ok(false));
                 }

@@ -1,6 +1,7 @@
 //! What the fleet looks like right now, read from the hosts (pid files, `current`) and the
 //! balancer (backends), never only from our own records.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
@@ -9,6 +10,7 @@ use crate::balancer::{BackendView, Balancer};
 use crate::config::{Config, Host};
 use crate::instance::{self, Recorded};
 use crate::release;
+use crate::source::TreePrint;
 use crate::transport::{Transport, run_ok, sh_quote};
 
 /// One host as observed.
@@ -21,6 +23,9 @@ pub struct HostView {
     pub instances: Vec<Recorded>,
     /// Releases staged on the host (`releases/<version>/`).
     pub releases: Vec<String>,
+    /// What each staged path release was packed from, by release (from its marker): see
+    /// [`crate::release::check_tree`].
+    pub trees: BTreeMap<String, TreePrint>,
     /// Balancer backends that belong to this host.
     pub backends: Vec<BackendView>,
     /// Set when the host could not be read.
@@ -78,6 +83,7 @@ pub async fn observe_hosts(
                 current: snap.current,
                 instances: snap.instances,
                 releases: snap.releases,
+                trees: snap.trees,
                 backends: mine,
                 error,
             }
@@ -91,23 +97,51 @@ struct Snapshot {
     current: Option<String>,
     instances: Vec<Recorded>,
     releases: Vec<String>,
+    trees: BTreeMap<String, TreePrint>,
 }
 
-/// `current`, pid files and staged releases, in one script.
+/// `current`, pid files and staged releases (with their markers' `tree` lines: builtins only,
+/// no `cat` per release), in one script.
 async fn snapshot(transport: &dyn Transport, host: &Host) -> anyhow::Result<Snapshot> {
     let layout = release::Layout::of(host);
     let script = format!(
         "{alive}if cd -P {current} 2>/dev/null; then echo \"current ${{PWD##*/}}\"; fi\n\
          echo '--instances'\n{list}echo '--releases'\n\
-         if cd {releases} 2>/dev/null; then for r in *; do [ -d \"$r\" ] && echo \"$r\"; done; fi\nexit 0\n",
+         if cd {releases} 2>/dev/null; then for r in *; do [ -d \"$r\" ] && echo \"$r\"; done\n\
+         echo '--marks'\n\
+         for r in *; do [ -f \"$r/{marker}\" ] || continue\n\
+         while IFS= read -r l; do case $l in tree*) echo \"$r $l\" ;; esac; done < \"$r/{marker}\"\n\
+         done; fi\nexit 0\n",
         alive = instance::alive_fn(),
         current = sh_quote(layout.current().to_string_lossy()),
         list = instance::list_script(host),
         releases = sh_quote(layout.releases().to_string_lossy()),
+        marker = release::MARKER,
     );
     let out = run_ok(transport, host, "reading the host", &script, SCRIPT_TIMEOUT).await?;
     let (head, rest) = out.split_once("--instances\n").unwrap_or((&out, ""));
     let (instances, releases) = rest.split_once("--releases\n").unwrap_or((rest, ""));
+    let (releases, marks) = releases.split_once("--marks\n").unwrap_or((releases, ""));
+    let mut stats = BTreeMap::new();
+    let mut contents = BTreeMap::new();
+    for line in marks.lines() {
+        let mut words = line.split(' ');
+        let (Some(r), Some(key), Some(value)) = (words.next(), words.next(), words.next()) else {
+            continue;
+        };
+        match key {
+            "tree-stat" => stats.insert(r.to_string(), value.to_string()),
+            "tree" => contents.insert(r.to_string(), value.to_string()),
+            _ => None,
+        };
+    }
+    let trees = stats
+        .into_iter()
+        .filter_map(|(r, stat)| {
+            let content = contents.remove(&r)?;
+            Some((r, TreePrint { stat, content }))
+        })
+        .collect();
     Ok(Snapshot {
         current: head
             .lines()
@@ -120,6 +154,7 @@ async fn snapshot(transport: &dyn Transport, host: &Host) -> anyhow::Result<Snap
             .filter(|r| !r.is_empty() && !r.ends_with(".partial") && *r != "*")
             .map(str::to_string)
             .collect(),
+        trees,
     })
 }
 

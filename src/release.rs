@@ -79,12 +79,17 @@ fn unpack_script(
     tar_limit: u64,
 ) -> String {
     let marker = format!(
-        "sha256 {}\n{}",
+        "sha256 {}\n{}{}",
         archive.sha256,
         archive
             .commit
             .as_deref()
             .map(|c| format!("commit {c}\n"))
+            .unwrap_or_default(),
+        archive
+            .tree
+            .as_ref()
+            .map(|t| format!("tree-stat {}\ntree {}\n", t.stat, t.content))
             .unwrap_or_default()
     );
     format!(
@@ -141,6 +146,37 @@ pub enum Fatal {
         now: String,
         dest: String,
     },
+    #[error(
+        "host {host}: release {version} there was staged from other files than {dir} holds now (it was changed or rebuilt in place since): a version names one build for good, so the fleet would run two codes under one name. Give the new build a new version (build it into another directory), or remove {dest} on every host to stage {version} again"
+    )]
+    Changed {
+        host: String,
+        version: String,
+        dir: String,
+        dest: String,
+    },
+}
+
+/// Fails with [`Fatal::Changed`] when `release.path` now holds other files than `staged` (what
+/// the host's copy of a path release was packed from) says.
+pub async fn check_tree(
+    host: &Host,
+    source: &ReleaseSource,
+    version: &Name,
+    staged: &crate::source::TreePrint,
+) -> Result<(), Fatal> {
+    if !source.tree_changed(staged).await {
+        return Ok(());
+    }
+    Err(Fatal::Changed {
+        host: host.name.to_string(),
+        version: version.to_string(),
+        dir: source.dir().display().to_string(),
+        dest: Layout::of(host)
+            .release(version.as_str())
+            .display()
+            .to_string(),
+    })
 }
 
 /// Puts the release in `<root>/releases/<version>/` unless it is already there: uploads the
@@ -172,7 +208,16 @@ pub async fn stage(
     .await?;
     let mut lines = state.lines();
     if lines.next().map(str::trim) == Some("present") {
-        let staged_from = lines.find_map(|l| l.trim().strip_prefix("commit "));
+        let marker: Vec<&str> = lines.map(str::trim).collect();
+        let field = |key: &str| marker.iter().find_map(|l| l.strip_prefix(key));
+        if let (Some(stat), Some(content)) = (field("tree-stat "), field("tree ")) {
+            let staged = crate::source::TreePrint {
+                stat: stat.to_string(),
+                content: content.to_string(),
+            };
+            check_tree(host, source, version, &staged).await?;
+        }
+        let staged_from = field("commit ");
         if let Some(staged) = staged_from {
             // Releases staged before markers existed, and path releases, have no commit.
             let now = match source.named_commit().await {
@@ -335,6 +380,7 @@ mod tests {
             sha256: sha.to_string(),
             bytes: 0,
             commit: None,
+            tree: None,
         };
         let script = unpack_script(&upload, &archive, &partial, &dest, 1);
         let path = format!(
@@ -516,6 +562,7 @@ mod tests {
                     sha256,
                     bytes,
                     commit: None,
+                    tree: None,
                 },
             );
             let h = host(&d.path().join("host"));

@@ -35,6 +35,21 @@ pub struct Archive {
     pub bytes: u64,
     /// The commit it was built from (git releases).
     pub commit: Option<String>,
+    /// The files it was packed from (path releases).
+    pub tree: Option<TreePrint>,
+}
+
+/// What a path release's files were when they were packed. A version names one build for
+/// good, but `release.path` is a directory the user may rebuild in place: without this, hosts
+/// that have the version would keep the old files and hosts that lack it get the new ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreePrint {
+    /// sha256 over every shipped path's kind, mode, size and mtime: cheap to take again (no
+    /// file is read), and equal while nothing was touched.
+    pub stat: String,
+    /// sha256 over every shipped path's kind, mode and content (or link target): equal for
+    /// the same files copied or rebuilt identically, whatever their times.
+    pub content: String,
 }
 
 /// The source of one version, built at most once, on first use.
@@ -54,6 +69,10 @@ pub struct ReleaseSource {
     /// The commit the version's tag or branch names in the repository now (git releases),
     /// asked once: see [`ReleaseSource::named_commit`].
     named: OnceCell<Result<Option<String>, String>>,
+    /// The shipped files of `release.path` as they are now (path releases), taken once each:
+    /// see [`ReleaseSource::tree_changed`].
+    now_stat: OnceCell<Option<String>>,
+    now_content: OnceCell<Option<String>>,
     /// Why staged builds could not be checked against the repository, said once.
     unchecked: Mutex<Option<String>>,
     /// Hosts the archive was uploaded to, in order.
@@ -82,9 +101,16 @@ impl ReleaseSource {
             build_timeout: config.ssh.command_timeout,
             built: OnceCell::new(),
             named: OnceCell::new(),
+            now_stat: OnceCell::new(),
+            now_content: OnceCell::new(),
             unchecked: Mutex::new(None),
             uploads: Mutex::new(Vec::new()),
         }
+    }
+
+    /// `release.path` with the version substituted (path releases).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// `command_timeout`: how long one step with this release (its build, its unpacking on a
@@ -111,6 +137,8 @@ impl ReleaseSource {
             build_timeout: Duration::ZERO,
             built: OnceCell::new_with(Some(Ok(Arc::new(archive)))),
             named: OnceCell::new_with(Some(Ok(None))),
+            now_stat: OnceCell::new_with(Some(None)),
+            now_content: OnceCell::new_with(Some(None)),
             unchecked: Mutex::new(None),
             uploads: Mutex::new(Vec::new()),
         }
@@ -137,6 +165,41 @@ impl ReleaseSource {
             })
             .await
             .clone()
+    }
+
+    /// Whether `release.path` now holds other files than the `staged` print says a host
+    /// unpacked: the same version name would then stand for two builds across the fleet. The
+    /// cheap print is compared first; only when it differs (a touch, a copy, another build
+    /// machine) are the files read. `false` when it cannot tell: a git release, or the
+    /// directory is gone or unreadable (the hosts' copies are then all there is).
+    pub async fn tree_changed(&self, staged: &TreePrint) -> bool {
+        if self.release.git.is_some() {
+            return false;
+        }
+        let print = |content: bool| {
+            let (dir, include, never_ship) = (
+                self.dir.clone(),
+                self.release.include.clone(),
+                self.never_ship.clone(),
+            );
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let entries = shipped(&dir, &include, &never_ship).ok()?;
+                    tree_print(&dir, &entries, content).ok()
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+        };
+        let stat = self.now_stat.get_or_init(|| print(false)).await;
+        if stat.is_none() || stat.as_deref() == Some(staged.stat.as_str()) {
+            return false;
+        }
+        let content = self.now_content.get_or_init(|| print(true)).await;
+        content
+            .as_deref()
+            .is_some_and(|now| now != staged.content.as_str())
     }
 
     /// Notes that the repository could not be asked whether the staged builds are still what
@@ -260,6 +323,15 @@ pub async fn build(
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let path = out_dir.join(format!("{version}.tar.gz"));
+    // Taken before packing: a file changed meanwhile makes the next deploy read the files
+    // again, never pass a change by.
+    let print = match &commit {
+        Some(_) => None,
+        None => Some(TreePrint {
+            stat: tree_print(&tree, &entries, false)?,
+            content: tree_print(&tree, &entries, true)?,
+        }),
+    };
     pack(&tree, &entries, &path).await?;
     let (sha256, bytes) = digest(&path)?;
     // With push-to-deploy every commit is a version: what one build leaves must not pile up.
@@ -274,7 +346,72 @@ pub async fn build(
         sha256,
         bytes,
         commit,
+        tree: print,
     })
+}
+
+/// The paths of `dir` a build would ship (see [`select`]).
+fn shipped(dir: &Path, include: &[String], never_ship: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let skip = inside(dir, never_ship);
+    Ok(select(dir, include, &skip)?.entries)
+}
+
+/// A [`TreePrint`] half: with `content`, of what the files hold; without, of their sizes and
+/// times. Each entry is length-prefixed, so no two trees print alike by shifting bytes across
+/// entries.
+fn tree_print(tree: &Path, entries: &[String], content: bool) -> anyhow::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    for rel in entries {
+        let path = tree.join(rel);
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let kind = if meta.is_dir() {
+            "d"
+        } else if meta.file_type().is_symlink() {
+            "l"
+        } else {
+            "f"
+        };
+        h.update((rel.len() as u64).to_le_bytes());
+        h.update(rel.as_bytes());
+        h.update(format!("\0{kind}\0{:o}\0", meta.mode() & 0o7777).as_bytes());
+        if !content {
+            h.update(
+                format!("{}\0{}.{}\n", meta.len(), meta.mtime(), meta.mtime_nsec()).as_bytes(),
+            );
+            continue;
+        }
+        match kind {
+            "l" => {
+                let target = std::fs::read_link(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                let target = target.as_os_str().as_encoded_bytes();
+                h.update((target.len() as u64).to_le_bytes());
+                h.update(target);
+            }
+            "f" => {
+                let mut f = std::fs::File::open(&path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                h.update(meta.len().to_le_bytes());
+                let mut n = 0u64;
+                loop {
+                    let k = f.read(&mut buf)?;
+                    if k == 0 {
+                        break;
+                    }
+                    n += k as u64;
+                    h.update(&buf[..k]);
+                }
+                // A file that grew or shrank while it was read prints unlike any tree.
+                h.update(n.to_le_bytes());
+            }
+            _ => {}
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Archives kept in `<state_dir>/archives`, newest first.
@@ -879,6 +1016,32 @@ mod tests {
 
     fn segs(p: &str) -> Vec<&str> {
         p.split('/').collect()
+    }
+
+    #[test]
+    fn a_touch_changes_the_stat_print_only_and_an_edit_both() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("bin")).unwrap();
+        std::fs::write(d.path().join("bin/app"), "v1\n").unwrap();
+        std::os::unix::fs::symlink("bin/app", d.path().join("run")).unwrap();
+        let entries = shipped(d.path(), &[], &[]).unwrap();
+        assert_eq!(entries, ["bin", "bin/app", "run"]);
+        let print = |content| tree_print(d.path(), &entries, content).unwrap();
+        let (stat, content) = (print(false), print(true));
+        let f = std::fs::File::options()
+            .write(true)
+            .open(d.path().join("bin/app"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() + Duration::from_secs(3600))
+            .unwrap();
+        assert_ne!(print(false), stat, "a new mtime");
+        assert_eq!(print(true), content, "the same files");
+        std::fs::write(d.path().join("bin/app"), "v2\n").unwrap();
+        assert_ne!(print(true), content, "other bytes, same size");
+        std::fs::write(d.path().join("bin/app"), "v1\n").unwrap();
+        std::fs::remove_file(d.path().join("run")).unwrap();
+        std::os::unix::fs::symlink("bin/other", d.path().join("run")).unwrap();
+        assert_ne!(print(true), content, "a link pointing elsewhere");
     }
 
     #[test]

@@ -839,3 +839,32 @@ async fn a_release_no_host_can_stage_halts_before_any_batch() {
     assert!(!err.contains("batch 1/"), "no batch started: {err}");
     fleet.assert_on("v1").await;
 }
+
+/// A path release rebuilt in place under the same version: the hosts that staged it would keep
+/// the old files while a host that lacked it got the new ones, one name for two codes. The
+/// deploy stops before any traffic change. A release only touched (the same files, new times,
+/// as a copy or another build machine leaves them) deploys as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_release_changed_in_place_is_refused() {
+    let fleet = Fleet::start(FleetSpec::new(2, 70)).await;
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    let releases = fleet.dir.path().join("releases");
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    for e in std::fs::read_dir(releases.join("v1")).unwrap().flatten() {
+        let f = std::fs::File::options().write(true).open(e.path()).unwrap();
+        f.set_modified(later).unwrap();
+    }
+    fleet.deploy("v1", 0).await;
+    std::fs::write(releases.join("v2").join("NOTES"), "rebuilt\n").unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("halted"), "{out}\n{err}");
+    assert!(
+        err.contains("release v2 there was staged from other files than")
+            && err.contains("Give the new build a new version"),
+        "{out}\n{err}"
+    );
+    assert!(!err.contains("batch 1/"), "no batch started: {err}");
+    fleet.assert_on("v1").await;
+}
