@@ -1,7 +1,9 @@
 //! What a host still needs once traffic has moved to its new instance, in one round trip: every
 //! other instance stopped (stop signal, `stop_timeout`, then KILL) and its pid file removed,
-//! `current` pointed at the new release, and releases beyond `keep` removed (never the live one
-//! or the one the host served before the deployment).
+//! `current` pointed at the new release, releases beyond `keep` removed (never the live one
+//! or the one the host served before the deployment), and what an interrupted staging left
+//! (an upload, a half-unpacked `.partial`) removed: staging is over once a host settles, and
+//! the deploy lock keeps any other from starting.
 //!
 //! Why one script: each of these used to be its own round trip (list instances, stop each, move
 //! `current`, list releases, remove), about 20 ms apiece over SSH, paid by every host. None of it
@@ -60,6 +62,9 @@ pub async fn settle(
          cd {root} || {{ await_all \"$@\"; exit 3; }}\n\
          [ -d {rel} ] || {{ echo 'release {version} is not staged on this host' >&2; await_all \"$@\"; exit 3; }}\n\
          ln -sfn {target} .current.tmp && mv -T .current.tmp current || {{ await_all \"$@\"; exit 4; }}\n\
+         for f in releases/.*.tar.gz releases/.*.tar.gz.upload releases/*.partial; do\n\
+         \x20 [ -e \"$f\" ] && rm -rf -- \"$f\"\n\
+         done\n\
          n=0\n\
          for r in releases/*; do [ -d \"$r\" ] && n=$((n+1)); done\n\
          if [ {keep_releases} -gt 0 ] && [ $n -gt {keep_releases} ] && cd releases; then\n\
@@ -228,6 +233,42 @@ mod tests {
             ["v4-5000.pid"],
             "only the kept instance's pid file stays"
         );
+    }
+
+    /// What a staging killed midway leaves (an upload, a `.partial` unpacking) used to stay
+    /// for good: pruning skips both.
+    #[tokio::test]
+    async fn leftovers_of_an_interrupted_staging_go() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let rel = root.join("releases");
+        std::fs::create_dir_all(rel.join("v4")).unwrap();
+        std::fs::create_dir_all(rel.join("v9.partial/bin")).unwrap();
+        std::fs::write(rel.join(".v9.tar.gz"), "half").unwrap();
+        std::fs::write(rel.join(".v8.tar.gz.upload"), "half").unwrap();
+        let keep = Instance {
+            host: "web1".into(),
+            version: "v4".into(),
+            address: "127.0.0.1:5000".parse().unwrap(),
+            pid: 1,
+        };
+        settle(
+            &LocalTransport::new(),
+            &host(root),
+            &keep,
+            &app(),
+            3,
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+        let left: Vec<String> = std::fs::read_dir(&rel)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, ["v4"]);
     }
 
     #[tokio::test]
