@@ -526,8 +526,20 @@ async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
     let sha = |rev: &str| rev_parse(&repo, rev);
     let hosts = ["web1", "web2", "web3", "web4"];
     git(&repo, &["branch", "release", "v1"]);
-    let (_, err) = fleet.deploy("release", 0).await;
     let v1 = sha("v1^{commit}");
+    // The plan asks as the deploy does, and shows the commit that would ship.
+    let (code, out, err) = fleet.cutover(&["plan", "--version", "release"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!("releases/{v1}/")) && err.contains(&format!("now at {v1}")),
+        "{out}\n{err}"
+    );
+    let (_, out, err) = fleet.cutover(&["plan", "--version", "v1"]).await;
+    assert!(
+        out.contains("releases/v1/") && !err.contains("is a branch"),
+        "{out}\n{err}"
+    );
+    let (_, err) = fleet.deploy("release", 0).await;
     assert!(
         err.contains(&format!("release is a branch, now at {v1}")),
         "{err}"
@@ -548,7 +560,10 @@ async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
     let away = fleet.dir.path().join("repo-away");
     std::fs::rename(&repo, &away).unwrap();
     let (code, out, err) = fleet.cutover(&["deploy", "--version", "release"]).await;
+    let (plan_code, _, plan_err) = fleet.cutover(&["plan", "--version", "release"]).await;
     std::fs::rename(&away, &repo).unwrap();
+    assert_eq!(plan_code, 0, "{plan_err}");
+    assert!(plan_err.contains("could not ask"), "{plan_err}");
     assert_eq!(code, 2, "{out}\n{err}");
     assert!(
         err.contains("must know whether release is a branch"),

@@ -316,7 +316,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Plan(args) => {
             let config = Config::load(&cli.config)?;
             let version = parse_version(&args.version)?;
+            let (version, note) = plan::resolve_branch(&config, version);
             print_plan(&config, &version);
+            if let Some(note) = note {
+                eprintln!("note: {note}");
+            }
             // A plan may come before the build; it still says a deploy now would be refused.
             if let Err(e) = deploy::check_release_known(&config, &version, "--version") {
                 eprintln!("note: a deploy now would be refused: {e:#}");

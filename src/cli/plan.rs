@@ -5,6 +5,53 @@ use std::time::Duration;
 use crate::config::{Config, HookPoint, Name, VerifyPoint};
 use crate::{batch, deploy};
 
+/// The version a deploy of `version` would ship, asked of the repository as a deploy asks it:
+/// a branch of a git release is deployed as the commit it points at now, so the plan shows
+/// that commit (and says so); a tag or commit id stays as named. The note says what was
+/// found, or why the repository could not tell.
+pub(super) fn resolve_branch(config: &Config, version: Name) -> (Name, Option<String>) {
+    let Some(url) = config.release.git.as_deref() else {
+        return (version, None);
+    };
+    let shown = crate::source::redact_url(url);
+    let asked = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| {
+            rt.block_on(crate::source::branch_commit(
+                url,
+                &version,
+                config.ssh.command_timeout,
+            ))
+        });
+    match asked {
+        Ok(Some(sha)) => match Name::parse(&sha) {
+            Ok(pinned) => {
+                let note = format!(
+                    "{version} is a branch of {shown}, now at {sha}: a deploy now ships that commit, as version {sha}"
+                );
+                (pinned, Some(note))
+            }
+            Err(e) => {
+                let note = format!("branch {version} points at {sha:?}: {e}");
+                (version, Some(note))
+            }
+        },
+        Ok(None) => (version, None),
+        Err(e) if e.is::<crate::source::NoSuchRef>() => (
+            version,
+            Some(format!("a deploy now would be refused: {e:#}")),
+        ),
+        Err(e) => {
+            let note = format!(
+                "could not ask {shown} what {version} is ({e:#}): shown as named; a branch would be deployed as the commit it points at then"
+            );
+            (version, Some(note))
+        }
+    }
+}
+
 pub(super) fn print_plan(config: &Config, version: &Name) {
     match config.strategy.kind {
         crate::config::StrategyKind::Rolling => print_rolling_plan(config, version),
@@ -121,7 +168,7 @@ fn print_source(config: &Config, version: &Name) {
     }
     match &config.release.git {
         Some(url) => println!(
-            "  source: {} at {version} (built once, shipped to every host; a branch is deployed as the commit it points at then, staged as releases/<sha>)",
+            "  source: {} at {version} (built once, shipped to every host)",
             crate::source::redact_url(url)
         ),
         None => println!("  source: {}", config.release_source(version).display()),
