@@ -2165,6 +2165,74 @@ async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
     b.stop().await;
 }
 
+/// An HTTP/2 connection that sends its preface but no request (a browser's pre-opened
+/// connection) is closed at the first request's deadline with a GOAWAY that says no stream
+/// was taken, so its client sends the next request elsewhere instead of seeing a reset.
+#[tokio::test]
+async fn an_http2_connection_with_no_request_gets_a_goaway_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let header = Duration::from_millis(300);
+    let options = ProxyOptions {
+        timeouts: cutover::proxy::Timeouts {
+            client_header: header,
+            client_idle: Duration::from_secs(20),
+            ..Default::default()
+        },
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let mut c = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    // The client preface, then an empty SETTINGS frame.
+    c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    // Frames: 3 bytes length, 1 type, 1 flags, 4 stream id. A graceful close is a GOAWAY
+    // with the largest stream id and a PING; once the PING is answered (as every client does),
+    // the GOAWAY that names the last stream taken: none, 0.
+    let started = tokio::time::Instant::now();
+    let mut goaways = Vec::new();
+    let mut got: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = c.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            got.extend_from_slice(&buf[..n]);
+            while got.len() >= 9 {
+                let len =
+                    usize::from(got[0]) << 16 | usize::from(got[1]) << 8 | usize::from(got[2]);
+                if got.len() < 9 + len {
+                    break;
+                }
+                let frame: Vec<u8> = got.drain(..9 + len).collect();
+                let (kind, flags, payload) = (frame[3], frame[4], &frame[9..]);
+                if kind == 7 && payload.len() >= 4 {
+                    let id = [payload[0], payload[1], payload[2], payload[3]];
+                    goaways.push(u32::from_be_bytes(id) & 0x7fff_ffff);
+                }
+                if kind == 6 && flags & 1 == 0 {
+                    let mut ack = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                    ack.extend_from_slice(payload);
+                    let _ = c.write_all(&ack).await;
+                }
+            }
+        }
+    })
+    .await;
+    let closed_after = started.elapsed();
+    assert!(read.is_ok(), "still open after {closed_after:?}");
+    assert!(
+        closed_after >= header - Duration::from_millis(50),
+        "closed after {closed_after:?}, before client_header"
+    );
+    assert_eq!(goaways.last(), Some(&0), "GOAWAYs: {goaways:?}");
+    h.proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_connection_that_never_sends_a_byte_is_closed_at_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

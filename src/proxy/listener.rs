@@ -164,6 +164,10 @@ fn builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// How long a connection that sent no request head by `client_header_timeout` may take to
+/// close gracefully (an HTTP/2 client reading its GOAWAY) before it is dropped.
+const HEAD_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Tells a client over the connection limit, then closes.
 async fn refuse(mut stream: TcpStream, plain: bool) {
     if plain {
@@ -266,6 +270,7 @@ impl Conn {
         let head_timeout = self.proxy.options.timeouts.client_header;
         let head_due = self.accepted + head_timeout;
         let mut awaiting_first_head = true;
+        let mut head_close_due: Option<tokio::time::Instant> = None;
         let mut closing = false;
         let mut shutting_down = false;
         loop {
@@ -286,10 +291,19 @@ impl Conn {
                 _ = tokio::time::sleep_until(head_due), if awaiting_first_head => {
                     awaiting_first_head = false;
                     if !headed.load(Ordering::Relaxed) {
-                        // Nothing to finish gracefully: no request was ever seen.
-                        debug!("no request head within {head_timeout:?} of accept: closed");
-                        return;
+                        // No request was ever seen: an HTTP/2 client (a browser's pre-opened
+                        // connection) is told by GOAWAY that none was taken, so it may send
+                        // its next one elsewhere; anything else closes at once. A client that
+                        // does not read the GOAWAY has `HEAD_CLOSE_GRACE` more.
+                        debug!("no request head within {head_timeout:?} of accept: closing");
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                        head_close_due = Some(tokio::time::Instant::now() + HEAD_CLOSE_GRACE);
                     }
+                }
+                _ = async { tokio::time::sleep_until(head_close_due.unwrap_or_else(tokio::time::Instant::now)).await }, if head_close_due.is_some() => {
+                    debug!("no request head, and the graceful close did not end: closed");
+                    return;
                 }
                 _ = idle_for(&last, self.epoch, idle) => {
                     if waiting.load(Ordering::Acquire) > 0 && !shutting_down {
