@@ -974,15 +974,43 @@ fn segment_match(g: &[u8], s: &[u8]) -> bool {
 
 /// Packs `entries` of `tree` into a gzipped tar at `to` (written beside it, then renamed).
 async fn pack(tree: &Path, entries: &[String], to: &Path) -> anyhow::Result<()> {
+    pack_with(std::ffi::OsStr::new("tar"), tree, entries, to).await
+}
+
+/// The options that make `tar` (the program at `program`) record root as every file's owner:
+/// GNU tar's and bsdtar's (macOS, the BSDs: the tar of many a laptop that deploys) differ, and
+/// each refuses the other's.
+async fn owner_args(program: &std::ffi::OsStr) -> &'static [&'static str] {
+    let version = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await;
+    match version {
+        Ok(out) if String::from_utf8_lossy(&out.stdout).contains("bsdtar") => {
+            &["--uid", "0", "--gid", "0", "--numeric-owner"]
+        }
+        _ => &["--owner=0", "--group=0", "--numeric-owner"],
+    }
+}
+
+/// [`pack`] with the `tar` at `program`.
+async fn pack_with(
+    program: &std::ffi::OsStr,
+    tree: &Path,
+    entries: &[String],
+    to: &Path,
+) -> anyhow::Result<()> {
     let partial = to.with_extension("gz.partial");
-    let mut child = Command::new("tar")
+    let mut child = Command::new(program)
         .arg("-czf")
         .arg(&partial)
         .arg("-C")
         .arg(tree)
         // Owners of this machine mean nothing on a host (uid 4242 here is someone else there,
         // or no one): the archive says root, and hosts unpack as whoever unpacks.
-        .args(["--owner=0", "--group=0", "--numeric-owner"])
+        .args(owner_args(program).await)
         .args(["--no-recursion", "--null", "-T", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -1042,6 +1070,33 @@ mod tests {
         std::fs::remove_file(d.path().join("run")).unwrap();
         std::os::unix::fs::symlink("bin/other", d.path().join("run")).unwrap();
         assert_ne!(print(true), content, "a link pointing elsewhere");
+    }
+
+    /// bsdtar (macOS, the BSDs) refused GNU tar's `--owner=0`: a deploy from such a laptop
+    /// could not pack any release. CI installs bsdtar (libarchive-tools) for this test.
+    #[tokio::test]
+    async fn bsdtar_packs_as_gnu_tar_does() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        std::fs::create_dir_all(tree.join("bin")).unwrap();
+        std::fs::write(tree.join("bin/app"), "hi\n").unwrap();
+        let entries = vec!["bin".to_string(), "bin/app".to_string()];
+        for program in ["bsdtar", "tar"] {
+            let to = d.path().join(format!("{program}.tar.gz"));
+            pack_with(std::ffi::OsStr::new(program), &tree, &entries, &to)
+                .await
+                .unwrap_or_else(|e| panic!("{program}: {e:#}"));
+            let list = std::process::Command::new("tar")
+                .args(["-tvz", "--numeric-owner", "-f"])
+                .arg(&to)
+                .output()
+                .unwrap();
+            let list = String::from_utf8_lossy(&list.stdout);
+            assert!(
+                list.contains(" 0/0 ") && list.contains("bin/app"),
+                "{program}: {list}"
+            );
+        }
     }
 
     #[test]
