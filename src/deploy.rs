@@ -279,7 +279,9 @@ impl Deployer {
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
         let version = pinned.as_ref().unwrap_or(&req.version);
-        let before = fleet::observe(config, &self.transport, &self.balancer)
+        // A path release's copies say what they were packed from: see `rebuilt_in_place`.
+        let deploying = config.release.git.is_none().then_some(version.as_str());
+        let before = fleet::observe_for(config, &self.transport, &self.balancer, deploying)
             .await
             .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
@@ -1172,6 +1174,53 @@ impl Deployer {
         result
     }
 
+    /// Why a path release may not ship: `release.path` holds other files than a host's copy
+    /// of `version` (rebuilt in place since), which would leave two codes under one name.
+    /// Checked before any host stages, against the build about to be uploaded when a host
+    /// lacks the release, else against the directory as it is now (unless a `build` would
+    /// remake it: then nothing ships and nothing is built). A rollback returns to what the
+    /// hosts hold, and is never refused for it.
+    async fn rebuilt_in_place(
+        &self,
+        run: &Run,
+        version: &Name,
+        before: &[HostView],
+        source: &crate::source::ReleaseSource,
+    ) -> Option<String> {
+        if run.rollback || self.config.release.git.is_some() {
+            return None;
+        }
+        let read: Vec<&HostView> = before.iter().filter(|v| v.error.is_none()).collect();
+        let copies: Vec<_> = read
+            .iter()
+            .filter_map(|v| Some((&v.host, v.print.as_ref()?)))
+            .collect();
+        if copies.is_empty() {
+            return None;
+        }
+        let lacking = read
+            .iter()
+            .any(|v| !v.releases.iter().any(|r| r == version.as_str()));
+        if lacking {
+            // A failed build is reported by the hosts that need it.
+            let archive = source.archive().await.ok()?;
+            let built = archive.tree.as_ref()?;
+            let (host, _) = copies
+                .iter()
+                .find(|(_, print)| print.content != built.content)?;
+            return Some(release::changed(host, source, version).to_string());
+        }
+        if self.config.release.build.is_some() {
+            return None;
+        }
+        for (host, print) in copies {
+            if let Err(e) = release::check_tree(host, source, version, print).await {
+                return Some(e.to_string());
+            }
+        }
+        None
+    }
+
     /// Copies the release to every host that lacks it, in parallel (at most `forks` at once).
     /// Maps host name to the outcome.
     pub(crate) async fn stage_all(
@@ -1183,7 +1232,9 @@ impl Deployer {
         // Built once, by the first host that lacks the release (a rollback builds nothing); a
         // failed build or a digest mismatch on any host stops every host before traffic moves.
         let source = crate::source::ReleaseSource::new(&self.config, version);
-        let fatal = std::sync::Mutex::new(None::<String>);
+        let refusal = self.rebuilt_in_place(run, version, before, &source).await;
+        let refused = refusal.is_some();
+        let fatal = std::sync::Mutex::new(refusal);
         let results = join_all(self.config.hosts.iter().map(|h| {
             let (source, fatal) = (&source, &fatal);
             async move {
@@ -1196,17 +1247,10 @@ impl Deployer {
                 // commits (a rollback returns to what the hosts hold, whatever the tag says).
                 let check_commit = self.config.release.git.is_some() && !run.rollback;
                 if present && unreachable.is_none() && !check_commit {
-                    // A path release rebuilt in place since the host staged it: its marker
-                    // was read with the fleet, the files here are printed once for all hosts.
-                    let staged = view.and_then(|v| v.trees.get(version.as_str()));
-                    if let Some(staged) = staged.filter(|_| !run.rollback) {
-                        if let Err(e) = release::check_tree(h, source, version, staged).await {
-                            let msg = e.to_string();
-                            fatal.lock().expect("fatal lock").get_or_insert(msg.clone());
-                            return (h.name.to_string(), Err(msg));
-                        }
-                    }
                     // Read with the fleet a moment ago: nothing to do, nothing to journal.
+                    return (h.name.to_string(), Ok(false));
+                }
+                if refused {
                     return (h.name.to_string(), Ok(false));
                 }
                 let work = async {

@@ -1,7 +1,6 @@
 //! What the fleet looks like right now, read from the hosts (pid files, `current`) and the
 //! balancer (backends), never only from our own records.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures_util::future::join_all;
@@ -23,9 +22,10 @@ pub struct HostView {
     pub instances: Vec<Recorded>,
     /// Releases staged on the host (`releases/<version>/`).
     pub releases: Vec<String>,
-    /// What each staged path release was packed from, by release (from its marker): see
+    /// What the host's copy of the release being deployed was packed from (its marker's
+    /// `tree` lines; path releases, and only in a deploy's read): see
     /// [`crate::release::check_tree`].
-    pub trees: BTreeMap<String, TreePrint>,
+    pub print: Option<TreePrint>,
     /// Balancer backends that belong to this host.
     pub backends: Vec<BackendView>,
     /// Set when the host could not be read.
@@ -47,8 +47,18 @@ pub async fn observe(
     transport: &Arc<dyn Transport>,
     balancer: &Arc<dyn Balancer>,
 ) -> anyhow::Result<Vec<HostView>> {
+    observe_for(config, transport, balancer, None).await
+}
+
+/// [`observe`] for a deploy of `deploying`: each host's [`HostView::print`] of it too.
+pub async fn observe_for(
+    config: &Config,
+    transport: &Arc<dyn Transport>,
+    balancer: &Arc<dyn Balancer>,
+    deploying: Option<&str>,
+) -> anyhow::Result<Vec<HostView>> {
     let backends = balancer.backends().await?;
-    Ok(observe_hosts(config, transport, &backends).await)
+    Ok(read_hosts(config, transport, &backends, deploying).await)
 }
 
 /// Reads every host (in parallel, one round trip each), with `backends` as the balancer's.
@@ -57,11 +67,20 @@ pub async fn observe_hosts(
     transport: &Arc<dyn Transport>,
     backends: &[BackendView],
 ) -> Vec<HostView> {
+    read_hosts(config, transport, backends, None).await
+}
+
+async fn read_hosts(
+    config: &Config,
+    transport: &Arc<dyn Transport>,
+    backends: &[BackendView],
+    deploying: Option<&str>,
+) -> Vec<HostView> {
     let reads = config.hosts.iter().map(|h| {
         let transport = transport.clone();
         let host = h.clone();
         async move {
-            let read = snapshot(transport.as_ref(), &host).await;
+            let read = snapshot(transport.as_ref(), &host, deploying).await;
             (host, read)
         }
     });
@@ -83,7 +102,7 @@ pub async fn observe_hosts(
                 current: snap.current,
                 instances: snap.instances,
                 releases: snap.releases,
-                trees: snap.trees,
+                print: snap.print,
                 backends: mine,
                 error,
             }
@@ -97,51 +116,46 @@ struct Snapshot {
     current: Option<String>,
     instances: Vec<Recorded>,
     releases: Vec<String>,
-    trees: BTreeMap<String, TreePrint>,
+    print: Option<TreePrint>,
 }
 
-/// `current`, pid files and staged releases (with their markers' `tree` lines: builtins only,
-/// no `cat` per release), in one script.
-async fn snapshot(transport: &dyn Transport, host: &Host) -> anyhow::Result<Snapshot> {
+/// `current`, pid files and staged releases (and the `tree` lines of the marker of the release
+/// being deployed, read with builtins: no `cat`), in one script.
+async fn snapshot(
+    transport: &dyn Transport,
+    host: &Host,
+    deploying: Option<&str>,
+) -> anyhow::Result<Snapshot> {
     let layout = release::Layout::of(host);
+    let marks = deploying.map_or(String::new(), |v| {
+        format!(
+            "echo '--marks'\n\
+             if [ -f {marker} ]; then while IFS= read -r l; do case $l in tree*) echo \"$l\" ;; esac; done < {marker}; fi\n",
+            marker = sh_quote(format!("{v}/{}", release::MARKER)),
+        )
+    });
     let script = format!(
         "{alive}if cd -P {current} 2>/dev/null; then echo \"current ${{PWD##*/}}\"; fi\n\
          echo '--instances'\n{list}echo '--releases'\n\
          if cd {releases} 2>/dev/null; then for r in *; do [ -d \"$r\" ] && echo \"$r\"; done\n\
-         echo '--marks'\n\
-         for r in *; do [ -f \"$r/{marker}\" ] || continue\n\
-         while IFS= read -r l; do case $l in tree*) echo \"$r $l\" ;; esac; done < \"$r/{marker}\"\n\
-         done; fi\nexit 0\n",
+         {marks}fi\nexit 0\n",
         alive = instance::alive_fn(),
         current = sh_quote(layout.current().to_string_lossy()),
         list = instance::list_script(host),
         releases = sh_quote(layout.releases().to_string_lossy()),
-        marker = release::MARKER,
     );
     let out = run_ok(transport, host, "reading the host", &script, SCRIPT_TIMEOUT).await?;
     let (head, rest) = out.split_once("--instances\n").unwrap_or((&out, ""));
     let (instances, releases) = rest.split_once("--releases\n").unwrap_or((rest, ""));
     let (releases, marks) = releases.split_once("--marks\n").unwrap_or((releases, ""));
-    let mut stats = BTreeMap::new();
-    let mut contents = BTreeMap::new();
-    for line in marks.lines() {
-        let mut words = line.split(' ');
-        let (Some(r), Some(key), Some(value)) = (words.next(), words.next(), words.next()) else {
-            continue;
-        };
-        match key {
-            "tree-stat" => stats.insert(r.to_string(), value.to_string()),
-            "tree" => contents.insert(r.to_string(), value.to_string()),
-            _ => None,
-        };
-    }
-    let trees = stats
-        .into_iter()
-        .filter_map(|(r, stat)| {
-            let content = contents.remove(&r)?;
-            Some((r, TreePrint { stat, content }))
-        })
-        .collect();
+    let field = |key: &str| marks.lines().find_map(|l| l.strip_prefix(key));
+    let print = match (field("tree-stat "), field("tree ")) {
+        (Some(stat), Some(content)) => Some(TreePrint {
+            stat: stat.to_string(),
+            content: content.to_string(),
+        }),
+        _ => None,
+    };
     Ok(Snapshot {
         current: head
             .lines()
@@ -154,7 +168,7 @@ async fn snapshot(transport: &dyn Transport, host: &Host) -> anyhow::Result<Snap
             .filter(|r| !r.is_empty() && !r.ends_with(".partial") && *r != "*")
             .map(str::to_string)
             .collect(),
-        trees,
+        print,
     })
 }
 

@@ -147,13 +147,12 @@ pub enum Fatal {
         dest: String,
     },
     #[error(
-        "host {host}: release {version} there was staged from other files than {dir} holds now (it was changed or rebuilt in place since): a version names one build for good, so the fleet would run two codes under one name. Give the new build a new version (build it into another directory), or remove {dest} on every host to stage {version} again"
+        "host {host}: its release {version} was staged from other files than {dir} holds now (changed or rebuilt in place since): a version names one build for good, and the fleet would run two codes under one name. Give the new build a new version (build it into another directory), or remove <root>/releases/{version} on every host (deploy another version first where it is live) to stage {version} again"
     )]
     Changed {
         host: String,
         version: String,
         dir: String,
-        dest: String,
     },
 }
 
@@ -165,18 +164,19 @@ pub async fn check_tree(
     version: &Name,
     staged: &crate::source::TreePrint,
 ) -> Result<(), Fatal> {
-    if !source.tree_changed(staged).await {
-        return Ok(());
+    if source.tree_changed(staged).await {
+        return Err(changed(host, source, version));
     }
-    Err(Fatal::Changed {
+    Ok(())
+}
+
+/// [`Fatal::Changed`] for `host`'s copy of `version`.
+pub fn changed(host: &Host, source: &ReleaseSource, version: &Name) -> Fatal {
+    Fatal::Changed {
         host: host.name.to_string(),
         version: version.to_string(),
         dir: source.dir().display().to_string(),
-        dest: Layout::of(host)
-            .release(version.as_str())
-            .display()
-            .to_string(),
-    })
+    }
 }
 
 /// Puts the release in `<root>/releases/<version>/` unless it is already there: uploads the
@@ -210,13 +210,6 @@ pub async fn stage(
     if lines.next().map(str::trim) == Some("present") {
         let marker: Vec<&str> = lines.map(str::trim).collect();
         let field = |key: &str| marker.iter().find_map(|l| l.strip_prefix(key));
-        if let (Some(stat), Some(content)) = (field("tree-stat "), field("tree ")) {
-            let staged = crate::source::TreePrint {
-                stat: stat.to_string(),
-                content: content.to_string(),
-            };
-            check_tree(host, source, version, &staged).await?;
-        }
         let staged_from = field("commit ");
         if let Some(staged) = staged_from {
             // Releases staged before markers existed, and path releases, have no commit.

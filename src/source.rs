@@ -44,8 +44,8 @@ pub struct Archive {
 /// that have the version would keep the old files and hosts that lack it get the new ones.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreePrint {
-    /// sha256 over every shipped path's kind, mode, size and mtime: cheap to take again (no
-    /// file is read), and equal while nothing was touched.
+    /// sha256 over every shipped path's kind, mode, size, mtime, ctime and inode: cheap to take
+    /// again (no file is read), and equal while nothing was touched.
     pub stat: String,
     /// sha256 over every shipped path's kind, mode and content (or link target): equal for
     /// the same files copied or rebuilt identically, whatever their times.
@@ -323,16 +323,25 @@ pub async fn build(
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let path = out_dir.join(format!("{version}.tar.gz"));
-    // Taken before packing: a file changed meanwhile makes the next deploy read the files
-    // again, never pass a change by.
-    let print = match &commit {
+    let stat_before = match &commit {
         Some(_) => None,
-        None => Some(TreePrint {
-            stat: tree_print(&tree, &entries, false)?,
-            content: tree_print(&tree, &entries, true)?,
-        }),
+        None => Some(tree_print(&tree, &entries, false)?),
     };
     pack(&tree, &entries, &path).await?;
+    // Printed once packed, and only if nothing moved meanwhile: the print must be of the
+    // files the archive holds.
+    let print = match stat_before {
+        None => None,
+        Some(stat) => {
+            let content = tree_print(&tree, &entries, true)?;
+            anyhow::ensure!(
+                tree_print(&tree, &entries, false)? == stat,
+                "release {version}: files in {} changed while they were packed: deploy again once nothing writes there",
+                tree.display()
+            );
+            Some(TreePrint { stat, content })
+        }
+    };
     let (sha256, bytes) = digest(&path)?;
     // With push-to-deploy every commit is a version: what one build leaves must not pile up.
     // The checkout goes once packed (a failed build keeps it, for a look), and only the
@@ -372,15 +381,29 @@ fn tree_print(tree: &Path, entries: &[String], content: bool) -> anyhow::Result<
             "d"
         } else if meta.file_type().is_symlink() {
             "l"
-        } else {
+        } else if meta.is_file() {
             "f"
+        } else {
+            // A FIFO or socket: opening one could block; tar packs it as what it is.
+            "o"
         };
         h.update((rel.len() as u64).to_le_bytes());
         h.update(rel.as_bytes());
         h.update(format!("\0{kind}\0{:o}\0", meta.mode() & 0o7777).as_bytes());
         if !content {
+            // The change time too: a copy with `cp -p`, `rsync -t` or `touch -r` keeps size and
+            // mtime, but nobody can set ctime.
             h.update(
-                format!("{}\0{}.{}\n", meta.len(), meta.mtime(), meta.mtime_nsec()).as_bytes(),
+                format!(
+                    "{}\0{}.{}\0{}.{}\0{}\n",
+                    meta.len(),
+                    meta.mtime(),
+                    meta.mtime_nsec(),
+                    meta.ctime(),
+                    meta.ctime_nsec(),
+                    meta.ino()
+                )
+                .as_bytes(),
             );
             continue;
         }
@@ -1064,12 +1087,40 @@ mod tests {
             .unwrap();
         assert_ne!(print(false), stat, "a new mtime");
         assert_eq!(print(true), content, "the same files");
+        // Other bytes of the same size under the old mtime (`touch -r`): the change time
+        // still tells.
+        let (mtime, stat) = (
+            std::fs::metadata(d.path().join("bin/app"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            print(false),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(d.path().join("bin/app"), "v9\n").unwrap();
+        let f = std::fs::File::options()
+            .write(true)
+            .open(d.path().join("bin/app"))
+            .unwrap();
+        f.set_modified(mtime).unwrap();
+        assert_ne!(print(false), stat, "same size and mtime, new ctime");
+        std::fs::write(d.path().join("bin/app"), "v1\n").unwrap();
         std::fs::write(d.path().join("bin/app"), "v2\n").unwrap();
         assert_ne!(print(true), content, "other bytes, same size");
         std::fs::write(d.path().join("bin/app"), "v1\n").unwrap();
         std::fs::remove_file(d.path().join("run")).unwrap();
         std::os::unix::fs::symlink("bin/other", d.path().join("run")).unwrap();
         assert_ne!(print(true), content, "a link pointing elsewhere");
+        // A FIFO is printed as what it is, never opened (that would block for a writer).
+        let fifo = d.path().join("app.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let entries = shipped(d.path(), &[], &[]).unwrap();
+        assert!(entries.contains(&"app.fifo".to_string()), "{entries:?}");
+        tree_print(d.path(), &entries, true).unwrap();
     }
 
     /// bsdtar (macOS, the BSDs) refused GNU tar's `--owner=0`: a deploy from such a laptop

@@ -842,8 +842,9 @@ async fn a_release_no_host_can_stage_halts_before_any_batch() {
 
 /// A path release rebuilt in place under the same version: the hosts that staged it would keep
 /// the old files while a host that lacked it got the new ones, one name for two codes. The
-/// deploy stops before any traffic change. A release only touched (the same files, new times,
-/// as a copy or another build machine leaves them) deploys as before.
+/// deploy stops before any traffic change and before any host stages, whether every host has a
+/// copy or one lacks it. A release only touched (the same files, new times, as a copy or another
+/// build machine leaves them) deploys as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_path_release_changed_in_place_is_refused() {
     let fleet = Fleet::start(FleetSpec::new(2, 70)).await;
@@ -857,14 +858,50 @@ async fn a_path_release_changed_in_place_is_refused() {
     }
     fleet.deploy("v1", 0).await;
     std::fs::write(releases.join("v2").join("NOTES"), "rebuilt\n").unwrap();
+    let refused = |code: i32, out: &str, err: &str| {
+        assert_eq!(code, 1, "{out}\n{err}");
+        assert!(out.contains("halted"), "{out}\n{err}");
+        assert!(
+            err.contains("its release v2 was staged from other files than")
+                && err.contains("Give the new build a new version"),
+            "{out}\n{err}"
+        );
+        assert!(!err.contains("batch 1/"), "no batch started: {err}");
+    };
     let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    refused(code, &out, &err);
+    // A host without a copy would get the new files: refused before it does.
+    let (web2, _) = &fleet.hosts[1];
+    let copy = fleet.root(web2).join("releases/v2");
+    std::fs::remove_dir_all(&copy).unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    refused(code, &out, &err);
+    assert!(!copy.exists(), "nothing staged on {web2}: {err}");
+    fleet.assert_on("v1").await;
+}
+
+/// With a `build`, what ships is the build's output: a host that lacks a release the others
+/// hold gets a new build, refused when it differs from theirs (a build that stamps the time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_build_of_a_staged_path_release_is_refused_when_it_differs() {
+    let fleet = Fleet::start(FleetSpec::new(2, 72)).await;
+    let text = std::fs::read_to_string(&fleet.config).unwrap();
+    std::fs::write(
+        &fleet.config,
+        text.replace("[release]\n", "[release]\nbuild = \"date +%s%N > STAMP\"\n"),
+    )
+    .unwrap();
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    let (web2, _) = &fleet.hosts[1];
+    let copy = fleet.root(web2).join("releases/v1");
+    std::fs::remove_dir_all(&copy).unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
     assert_eq!(code, 1, "{out}\n{err}");
-    assert!(out.contains("halted"), "{out}\n{err}");
     assert!(
-        err.contains("release v2 there was staged from other files than")
-            && err.contains("Give the new build a new version"),
+        err.contains("its release v1 was staged from other files than"),
         "{out}\n{err}"
     );
-    assert!(!err.contains("batch 1/"), "no batch started: {err}");
-    fleet.assert_on("v1").await;
+    assert!(!copy.exists(), "nothing staged on {web2}: {err}");
+    fleet.assert_on("v2").await;
 }

@@ -539,6 +539,8 @@ async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
         out.contains("releases/v1/") && !err.contains("is a branch"),
         "{out}\n{err}"
     );
+    let (_, _, err) = fleet.cutover(&["plan", "--version", "HEAD"]).await;
+    assert!(err.contains("a deploy now would be refused"), "{err}");
     let (_, err) = fleet.deploy("release", 0).await;
     assert!(
         err.contains(&format!("release is a branch, now at {v1}")),

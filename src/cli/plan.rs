@@ -13,6 +13,12 @@ pub(super) fn resolve_branch(config: &Config, version: Name) -> (Name, Option<St
     let Some(url) = config.release.git.as_deref() else {
         return (version, None);
     };
+    if let Err(e) = crate::source::fixed_ref(&version) {
+        return (
+            version,
+            Some(format!("a deploy now would be refused: {e:#}")),
+        );
+    }
     let shown = crate::source::redact_url(url);
     let asked = tokio::runtime::Builder::new_current_thread()
         .enable_all()
