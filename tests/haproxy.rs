@@ -586,6 +586,45 @@ async fn a_killed_deploy_leaves_no_live_server_drained() {
     slow.abort();
 }
 
+/// Ctrl-C ends a deploy without unwinding; the server it was draining is restored then
+/// (its instance still answers), not left drained until the next cutover command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_on_a_deploy_leaves_no_live_server_drained() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(1, 76, "kind = \"rolling\"\nbatch = 1", "60s").await;
+    fleet.deploy("v1", 0).await;
+    let slow = tokio::spawn(load::get(fleet.listen, "/sleep/20000", &[]));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let balancer = fleet.balancer();
+    while balancer.backends().await.unwrap()[0].in_flight == 0 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let deploy = fleet
+        .command(&["deploy", "--version", "v2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fleet.servers().iter().any(|s| s.admin_state == 8) {
+        assert!(Instant::now() < deadline, "v1 never entered drain");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // As Ctrl-C would.
+    unsafe { libc::kill(deploy.id().unwrap() as i32, libc::SIGINT) };
+    let out = deploy.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("restored HAProxy server app/web1:"), "{err}");
+    let servers = fleet.servers();
+    assert!(
+        servers.iter().all(|s| s.admin_state == 0),
+        "nothing left drained: {servers:?}"
+    );
+    slow.abort();
+}
+
 /// An old server that cannot be taken out of HAProxy (here its state file turned unwritable
 /// mid-deploy, so the drain cannot be recorded) keeps its instance: stopping it would fail
 /// the requests HAProxy still sends there. The report names it and what to do.

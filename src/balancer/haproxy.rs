@@ -620,6 +620,8 @@ struct Inner {
 /// The [`Balancer`] of an existing HAProxy.
 pub struct HaproxyBalancer {
     inner: Arc<Inner>,
+    /// Ctrl-C ends a deploy without unwinding: what `Drop` restores is restored then too.
+    _at_signal: crate::bounded::ExitHook,
 }
 
 impl fmt::Debug for HaproxyBalancer {
@@ -666,8 +668,14 @@ impl HaproxyBalancer {
                 }
             }
         }
+        let inner = Arc::new(inner);
+        let at_signal = {
+            let inner = inner.clone();
+            crate::bounded::at_signal_exit(move || inner.restore_mine_now())
+        };
         let balancer = HaproxyBalancer {
-            inner: Arc::new(inner),
+            inner,
+            _at_signal: at_signal,
         };
         let orphans = balancer
             .inner
@@ -719,17 +727,23 @@ impl HaproxyBalancer {
 
 impl Drop for HaproxyBalancer {
     fn drop(&mut self) {
-        let me = self.inner.me;
-        match self.inner.restore(|d| (d.pid, d.pid_start) == me) {
+        self.inner.restore_mine_now();
+    }
+}
+
+impl Inner {
+    /// Restores what this process disabled and did not remove, saying what happened (the
+    /// end of every command: dropped, or at Ctrl-C).
+    fn restore_mine_now(&self) {
+        let me = self.me;
+        match self.restore(|d| (d.pid, d.pid_start) == me) {
             Ok(list) => list.iter().for_each(|r| eprintln!("haproxy: {r}")),
             Err(e) => eprintln!(
                 "haproxy: WARNING: cannot check for servers cutover left disabled: {e:#}; run `cutover status` to retry"
             ),
         }
     }
-}
 
-impl Inner {
     /// Serialises read-modify-write of the state file with this process's other threads and
     /// with other cutover processes driving the same HAProxy (a deploy, `cutover status`, the
     /// dashboard): the deploy lock alone does not cover those.
