@@ -614,6 +614,10 @@ async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
     fleet.signal_running_deploy(libc::SIGINT);
     let (code, _, err) = deploy.await.unwrap();
     assert_eq!(code, 130, "{err}");
+    assert!(
+        err.contains("interrupted: deployment") && err.contains("cutover deploy --resume"),
+        "says what comes next: {err}"
+    );
     let t = std::time::Instant::now();
     while cutover::journal::process_alive(pid as u32) && t.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -172,6 +172,29 @@ pub(super) async fn deploy_cmd(
     let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
     deployer.warm();
     let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
+    // Ctrl-C ends the deployment where it is (the journal knows where): say what comes next.
+    let _interrupted = {
+        let (state_dir, app) = (config.state_dir.clone(), config.app.name.to_string());
+        crate::bounded::at_signal_exit(move || {
+            let unfinished = Journal::open(&state_dir).and_then(|j| j.unfinished(&app));
+            if let Ok(Some(row)) = unfinished {
+                let next = if row.kind == "rollback" {
+                    "run `cutover rollback` again to finish it"
+                } else {
+                    "run `cutover deploy --resume` to finish it, or `cutover rollback` to return every host to where it was"
+                };
+                eprintln!(
+                    "interrupted: {} {} stays unfinished in the journal: {next} (`cutover status` shows where it stopped)",
+                    if row.kind == "rollback" {
+                        "rollback"
+                    } else {
+                        "deployment"
+                    },
+                    row.id
+                );
+            }
+        })
+    };
     // We hold the lock, so an unfinished deployment in the journal is not running: it was interrupted.
     let interrupted = journal.unfinished(config.app.name.as_str())?;
     if let Some(row) = &interrupted {
