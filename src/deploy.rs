@@ -111,6 +111,10 @@ pub struct Report {
     pub duration_ms: u64,
     pub batches: Vec<Vec<String>>,
     pub moved_hosts: Vec<String>,
+    /// Of `moved_hosts`, those that already served `to` when the deployment began: nothing
+    /// was done there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchanged_hosts: Vec<String>,
     pub failed_hosts: Vec<HostFailure>,
     /// Hosts that the rollback could not return (only with outcome `failed`).
     pub stuck_hosts: Vec<HostFailure>,
@@ -163,6 +167,8 @@ pub struct Deployer {
     ports: Arc<std::sync::Mutex<BTreeMap<String, PortLookup>>>,
     /// Hosts a failure in place left serving nothing ([`Deployer::restore_in_place`]).
     stranded: Arc<std::sync::Mutex<Vec<HostFailure>>>,
+    /// Hosts found already serving the target release, where this deployment did nothing.
+    already: Arc<std::sync::Mutex<Vec<String>>>,
     /// Requests and upgraded connections (WebSocket) the drain deadline closed during this
     /// deployment: the report says so, since a tunnel's client saw its connection end.
     closed_at_deadline: Arc<std::sync::atomic::AtomicU64>,
@@ -203,6 +209,7 @@ impl Deployer {
             forks,
             ports: Arc::default(),
             stranded: Default::default(),
+            already: Default::default(),
             closed_at_deadline: Default::default(),
         }
     }
@@ -275,6 +282,7 @@ impl Deployer {
         let started = Instant::now();
         // A deployment starts with no stranded hosts (see `stranded_into`).
         self.take_stranded();
+        self.take_already();
         self.take_closed_at_deadline();
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
@@ -972,6 +980,7 @@ impl Deployer {
                 "the balancer's counters restarted during the deployment (a proxy restart, or a --takeover whose old proxy did not hand over its counts): the request counts cover only the time since".into(),
             );
         }
+        let already = self.take_already();
         let report = Report {
             id: run.id.clone(),
             app: self.config.app.name.to_string(),
@@ -986,6 +995,15 @@ impl Deployer {
             // must know which.
             moved_hosts: if matches!(outcome, Outcome::Succeeded | Outcome::Halted) {
                 moved.iter().map(|h| h.name.to_string()).collect()
+            } else {
+                Vec::new()
+            },
+            unchanged_hosts: if matches!(outcome, Outcome::Succeeded | Outcome::Halted) {
+                moved
+                    .iter()
+                    .map(|h| h.name.to_string())
+                    .filter(|h| already.contains(h))
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -1498,6 +1516,10 @@ impl Deployer {
                     "already serving {version} on {}",
                     r.instance.address
                 ));
+                self.already
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(host.name.to_string());
                 // A canary's steps leave the stable backends at other weights (0 at a 100%
                 // step): one that stays must carry its full share again.
                 let id = r.instance.backend_id();
@@ -1729,6 +1751,10 @@ impl Deployer {
     fn take_closed_at_deadline(&self) -> u64 {
         self.closed_at_deadline
             .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn take_already(&self) -> Vec<String> {
+        std::mem::take(&mut *self.already.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn take_stranded(&self) -> Vec<HostFailure> {

@@ -840,6 +840,11 @@ async fn a_release_no_host_can_stage_halts_before_any_batch() {
         err.contains("staging v2 failed on every host"),
         "{out}\n{err}"
     );
+    // The build failed on this machine: no host is named as the one that failed.
+    assert!(
+        out.contains("  failed: staging v2 failed on every host") && !out.contains("host fleet"),
+        "{out}"
+    );
     assert!(!err.contains("batch 1/"), "no batch started: {err}");
     fleet.assert_on("v1").await;
 }
@@ -908,4 +913,22 @@ async fn a_new_build_of_a_staged_path_release_is_refused_when_it_differs() {
     );
     assert!(!copy.exists(), "nothing staged on {web2}: {err}");
     fleet.assert_on("v2").await;
+}
+
+/// A deploy of the release every host already serves changes nothing, and says so instead of
+/// listing the hosts as moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_of_the_live_release_says_nothing_moved() {
+    let fleet = Fleet::start(FleetSpec::new(2, 77)).await;
+    fleet.deploy("v1", 0).await;
+    let (out, _) = fleet.deploy("v1", 0).await;
+    assert!(
+        out.contains("already on v1 (nothing done there): web1, web2") && !out.contains("moved:"),
+        "{out}"
+    );
+    let (out, _) = fleet.deploy("v2", 0).await;
+    assert!(
+        out.contains("moved: web1, web2") && !out.contains("already on"),
+        "{out}"
+    );
 }

@@ -393,8 +393,33 @@ pub fn print_report(r: &Report) {
         r.outcome.label(),
         r.duration_ms as f64 / 1000.0
     );
-    if !r.moved_hosts.is_empty() {
-        let _ = writeln!(out, "  moved: {}", r.moved_hosts.join(", "));
+    let (unchanged, moved): (Vec<&String>, Vec<&String>) = r
+        .moved_hosts
+        .iter()
+        .partition(|h| r.unchanged_hosts.contains(h));
+    let list = |hosts: &[&String]| {
+        hosts
+            .iter()
+            .map(|h| h.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !moved.is_empty() {
+        let _ = writeln!(out, "  moved: {}", list(&moved));
+    }
+    if !unchanged.is_empty() {
+        let _ = writeln!(
+            out,
+            "  already on {} (nothing done there): {}",
+            r.to,
+            list(&unchanged)
+        );
+    }
+    for f in &r.failed_hosts {
+        if f.host == "fleet" {
+            // Not a host's failure: the build, a hook, a check of the whole fleet.
+            let _ = writeln!(out, "  failed: {}", f.reason.replace('\n', "\n    "));
+        }
     }
     for n in &r.notes {
         let _ = writeln!(out, "  {n}");
@@ -403,7 +428,10 @@ pub fn print_report(r: &Report) {
         ("failed host", &r.failed_hosts),
         ("NOT ROLLED BACK", &r.stuck_hosts),
     ] {
-        for f in hosts {
+        for f in hosts
+            .iter()
+            .filter(|f| f.host != "fleet" || label != "failed host")
+        {
             let _ = writeln!(
                 out,
                 "  {label} {}: {}",
