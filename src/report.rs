@@ -376,12 +376,14 @@ pub fn render(
             ("stuck_hosts", "NOT ROLLED BACK"),
         ] {
             for f in r.get(key).and_then(|v| v.as_array()).into_iter().flatten() {
-                let _ = writeln!(
-                    h,
-                    "<p class=\"bad\">{label} {}: {}</p>",
-                    esc(f.get("host").and_then(|v| v.as_str()).unwrap_or("?")),
-                    esc(f.get("reason").and_then(|v| v.as_str()).unwrap_or(""))
-                );
+                let host = f.get("host").and_then(|v| v.as_str()).unwrap_or("?");
+                let reason = esc(f.get("reason").and_then(|v| v.as_str()).unwrap_or(""));
+                // "fleet": the build, a hook or a fleet-wide check, no host's failure.
+                let _ = if host == "fleet" && key == "failed_hosts" {
+                    writeln!(h, "<p class=\"bad\">failed: {reason}</p>")
+                } else {
+                    writeln!(h, "<p class=\"bad\">{label} {}: {reason}</p>", esc(host))
+                };
             }
         }
     }
@@ -814,5 +816,35 @@ mod tests {
         assert!(html.contains("<svg id=\"timeline\""));
         assert!(html.contains("data-release=\"v2\""));
         assert!(!html.contains("http://") || !html.contains("src=\"http"));
+    }
+
+    /// A failure of the build, a hook or a fleet-wide check is recorded under the host name
+    /// "fleet": the report says "failed", not "failed host fleet".
+    #[test]
+    fn a_failure_that_is_no_hosts_names_no_host() {
+        let failed = |host: &str| serde_json::json!({"host": host, "reason": "boom"});
+        let row = DeploymentRow {
+            id: "1-2".into(),
+            app: "a".into(),
+            kind: "deploy".into(),
+            strategy: "rolling".into(),
+            from: Some("v1".into()),
+            to: "v2".into(),
+            who: "me".into(),
+            started_ms: 1_000,
+            ended_ms: Some(3_000),
+            outcome: Some("halted".into()),
+            previous: BTreeMap::new(),
+            report: Some(serde_json::json!({
+                "failed_hosts": [failed("fleet"), failed("web1")],
+                "stuck_hosts": [],
+            })),
+            status: None,
+            damaged: None,
+        };
+        let html = render(&row, &[], &[], &[]);
+        assert!(html.contains("<p class=\"bad\">failed: boom</p>"), "{html}");
+        assert!(html.contains("failed host web1: boom"), "{html}");
+        assert!(!html.contains("host fleet"), "{html}");
     }
 }
