@@ -237,6 +237,11 @@ fn plan_shows_every_strategy() {
         text.contains("until `cutover promote`") && text.contains("worst case"),
         "{text}"
     );
+    // The analysis reads as the config is written, not as Rust's `Some(99.0)`.
+    assert!(
+        text.contains("min_success_rate 99%, max_p99_latency -,"),
+        "{text}"
+    );
     let bg = two.replace("kind = \"rolling\"\nbatch = 1\n", "kind = \"blue-green\"\n");
     std::fs::write(dir.path().join("cutover.toml"), bg).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
@@ -528,6 +533,10 @@ fn plan_counts_gates_and_names_a_git_source() {
         "{GOOD}\n[[verify]]\ncommand = \"true\"\ntimeout = \"1h\"\nat = [\"after_batch\"]\n\n[[hooks]]\nat = \"before_deploy\"\ncommand = \"./migrate\"\ntimeout = \"2h\"\nrun_once = true\n"
     ));
     assert!(gated.contains("worst case: 3h 7m 40s"), "{gated}");
+    assert!(
+        gated.contains("verify: `true` at after_batch (timeout 1h)"),
+        "the points as the config names them: {gated}"
+    );
     assert!(
         gated.contains("hooks: `./migrate` at before_deploy (once, on one host, timeout 2h)"),
         "{gated}"

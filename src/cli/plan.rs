@@ -67,7 +67,16 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
     let points: Vec<String> = config
         .verify
         .iter()
-        .map(|v| format!("`{}` at {:?} (timeout {})", v.command, v.at, v.timeout))
+        .map(|v| {
+            // The points as the config names them (`after_batch`), not Rust's `[AfterBatch]`.
+            let at: Vec<&str> = v.at.iter().map(|p| p.name()).collect();
+            format!(
+                "`{}` at {} (timeout {})",
+                v.command,
+                at.join(", "),
+                v.timeout
+            )
+        })
         .collect();
     if !points.is_empty() {
         println!("  verify: {}", points.join("; "));
@@ -94,9 +103,11 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
     }
     if let Some(a) = &config.analysis {
         println!(
-            "  analysis every {}: min_success_rate {:?}, max_p99_latency {}, min_requests {} (fewer: inconclusive, the rollout holds), failure_limit {}{}",
+            "  analysis every {}: min_success_rate {}, max_p99_latency {}, min_requests {} (fewer: inconclusive, the rollout holds), failure_limit {}{}",
             a.interval,
-            a.min_success_rate.map(|p| p.0),
+            // As the config writes it (`99.5` means 99.5 %), not Rust's `Some(99.5)`.
+            a.min_success_rate
+                .map_or("-".to_string(), |p| format!("{}%", p.0)),
             a.max_p99_latency.map_or("-".to_string(), |d| d.to_string()),
             a.min_requests,
             a.failure_limit,
