@@ -218,9 +218,7 @@ impl LockHolder {
     /// This process, doing `what`.
     pub fn me(what: &str) -> LockHolder {
         LockHolder {
-            user: std::env::var("USER")
-                .or_else(|_| std::env::var("LOGNAME"))
-                .unwrap_or_else(|_| "unknown".into()),
+            user: user_name(),
             machine: machine_name(),
             pid: std::process::id(),
             started_ms: now_ms(),
@@ -276,6 +274,57 @@ fn process_started_after(pid: u32, ms: u64) -> bool {
         }
         _ => false,
     }
+}
+
+/// Who runs this process, for the journal's `who`, lock messages and reports: `$USER` or
+/// `$LOGNAME` as a login sets them; else (cron, systemd units, containers set neither) the name
+/// the password database gives the real uid; else the uid itself, which still tells who it was
+/// where "unknown" would not.
+fn user_name() -> String {
+    let from_env = ["USER", "LOGNAME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .find(|v| !v.trim().is_empty());
+    if let Some(name) = from_env {
+        return name;
+    }
+    // SAFETY: getuid(2) cannot fail.
+    let uid = unsafe { libc::getuid() };
+    passwd_name(uid).unwrap_or_else(|| uid.to_string())
+}
+
+/// The login name of `uid` in the password database (files, LDAP, ... as nsswitch says).
+fn passwd_name(uid: libc::uid_t) -> Option<String> {
+    let mut buf = vec![0u8; 1024];
+    // Large groups of LDAP users can need more than the first guess: grow on ERANGE, bounded.
+    while buf.len() <= 1 << 20 {
+        // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids); getpwuid_r fills it.
+        let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        // SAFETY: `pwd`, `buf` and `found` outlive the call and `buf.len()` is its size; on
+        // success `found` points at `pwd`, whose strings point into `buf`.
+        let rc = unsafe {
+            libc::getpwuid_r(
+                uid,
+                &mut pwd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        if rc == libc::ERANGE {
+            buf.resize(buf.len() * 2, 0);
+            continue;
+        }
+        if rc != 0 || found.is_null() || pwd.pw_name.is_null() {
+            return None;
+        }
+        // SAFETY: getpwuid_r succeeded: `pw_name` is a NUL-terminated string inside `buf`.
+        let name = unsafe { std::ffi::CStr::from_ptr(pwd.pw_name) };
+        let name = name.to_string_lossy().into_owned();
+        return (!name.is_empty()).then_some(name);
+    }
+    None
 }
 
 fn machine_name() -> String {

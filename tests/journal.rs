@@ -315,3 +315,32 @@ async fn corrupted_journal_is_reported_not_panicked_on() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// Cron, systemd units and containers often set neither `$USER` nor `$LOGNAME`: the deployer
+/// is then the real uid's name, not "unknown".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployer_without_user_in_the_environment_is_named_by_uid() {
+    let fleet = Fleet::start(FleetSpec::new(1, 74)).await;
+    let out = tokio::process::Command::new(common::exe())
+        .arg("-c")
+        .arg(&fleet.config)
+        .args(["deploy", "--version", "v1"])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let me = std::process::Command::new("id")
+        .arg("-un")
+        .output()
+        .unwrap();
+    let me = String::from_utf8_lossy(&me.stdout).trim().to_string();
+    assert!(!me.is_empty());
+    let (code, show, err) = fleet.cutover(&["show", "--json"]).await;
+    assert_eq!(code, 0, "{err}");
+    let show: serde_json::Value = serde_json::from_str(&show).unwrap();
+    assert_eq!(show["deployment"]["who"], me.as_str(), "{show}");
+}
