@@ -219,17 +219,44 @@ pub fn drift(views: &[HostView], started: &[(String, String, u16)]) -> Vec<Strin
     found
 }
 
-/// One line from a running deployment's live status.
+/// One line from a running deployment's live status. A value that already starts with its
+/// key (`"batch": "batch 1/3"`, kept so in the JSON) is shown alone: `batch: batch 1/3` reads
+/// as a stutter.
 pub fn describe_status(status: &serde_json::Value) -> String {
     match status.as_object() {
         Some(map) => map
             .iter()
             .map(|(k, v)| match v {
+                serde_json::Value::String(s)
+                    if s.strip_prefix(k.as_str())
+                        .is_some_and(|rest| rest.starts_with(' ')) =>
+                {
+                    s.clone()
+                }
                 serde_json::Value::String(s) => format!("{k}: {s}"),
                 other => format!("{k}: {other}"),
             })
             .collect::<Vec<_>>()
             .join(", "),
         None => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rolling deploy's status names its batch "batch 1/3": `status` shows that once.
+    #[test]
+    fn a_status_value_that_names_its_key_is_not_prefixed_again() {
+        let line = describe_status(&serde_json::json!({
+            "strategy": "rolling", "phase": "moving hosts", "batch": "batch 1/3",
+            "next": "batch 2/3", "weight": 10,
+        }));
+        assert!(!line.contains("batch: batch"), "{line}");
+        assert!(line.contains("batch 1/3"), "{line}");
+        assert!(line.contains("next: batch 2/3"), "{line}");
+        assert!(line.contains("phase: moving hosts"), "{line}");
+        assert!(line.contains("weight: 10"), "{line}");
     }
 }
