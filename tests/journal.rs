@@ -316,6 +316,128 @@ async fn corrupted_journal_is_reported_not_panicked_on() {
     }
 }
 
+/// A config for commands that read only the journal (`show`, `history`): nothing runs.
+const JOURNAL_ONLY: &str = r#"transport = "local"
+
+[app]
+name = "test"
+start = "exec ./server"
+
+[release]
+path = "releases/{version}"
+
+[[hosts]]
+name = "web1"
+address = "127.0.75.11"
+root = "fleet/web1"
+
+[balancer]
+listen = "127.0.75.1:18080"
+admin = "127.0.75.1:18081"
+token = "0123456789abcdef"
+"#;
+
+/// Runs `cutover -c <dir>/cutover.toml <args>` (no fleet, no balancer); returns stdout.
+fn cutover_in(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(common::exe())
+        .arg("-c")
+        .arg(dir.join("cutover.toml"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "cutover {args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A workspace whose journal holds deployment `d1`, v1 -> v2, rolled back after web1's health
+/// gate failed with the instance's last log lines.
+fn rolled_back_deployment() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cutover.toml"), JOURNAL_ONLY).unwrap();
+    let journal = cutover::journal::Journal::open(&dir.path().join(".cutover")).unwrap();
+    journal
+        .begin(&cutover::journal::DeploymentRow {
+            id: "d1".into(),
+            app: "test".into(),
+            kind: "deploy".into(),
+            strategy: "rolling".into(),
+            from: Some("v1".into()),
+            to: "v2".into(),
+            who: "tester".into(),
+            started_ms: cutover::journal::now_ms(),
+            ended_ms: None,
+            outcome: None,
+            previous: Default::default(),
+            report: None,
+            status: None,
+            damaged: None,
+        })
+        .unwrap();
+    let step = journal
+        .step_start("d1", "web1", "start", "v2 on port 4000")
+        .unwrap();
+    journal
+        .step_end(
+            step,
+            "failed: the process exited (status 1); its last log lines:\npanic: no DATABASE_URL\nexiting",
+            None,
+        )
+        .unwrap();
+    journal
+        .event(Some("d1"), "rollback: web1\nstill serving v1")
+        .unwrap();
+    journal
+        .finish(
+            "d1",
+            "rolled_back",
+            &serde_json::json!({"served": 3, "failed_requests": 0}),
+        )
+        .unwrap();
+    dir
+}
+
+/// A health gate's failure carries the instance's last log lines: `show` keeps them under
+/// their step (at the left margin they read as rows of their own), and events likewise.
+#[test]
+fn show_keeps_a_multi_line_failure_under_its_step() {
+    let dir = rolled_back_deployment();
+    let out = cutover_in(dir.path(), &["show"]);
+    let lines: Vec<&str> = out.lines().collect();
+    let at = |text: &str| {
+        lines
+            .iter()
+            .position(|l| l.contains(text))
+            .unwrap_or_else(|| panic!("no line with {text:?}:\n{out}"))
+    };
+    let row = at("failed: the process exited");
+    assert!(
+        lines[row]
+            .trim_start()
+            .starts_with(|c: char| c.is_ascii_digit()),
+        "the step's row: {out}"
+    );
+    for (i, text) in ["panic: no DATABASE_URL", "exiting"].iter().enumerate() {
+        assert_eq!(at(text), row + 1 + i, "in order under the row: {out}");
+        assert_eq!(
+            lines[row + 1 + i],
+            format!("{:21}{text}", ""),
+            "indented to the row's HOST column: {out}"
+        );
+    }
+    let event = at("event: rollback: web1");
+    assert_eq!(
+        lines[event + 1],
+        format!("{:18}still serving v1", ""),
+        "under the event's message: {out}"
+    );
+}
+
 /// Cron, systemd units and containers often set neither `$USER` nor `$LOGNAME`: the deployer
 /// is then the real uid's name, not "unknown".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

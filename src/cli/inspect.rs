@@ -304,7 +304,7 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
         "AT(s)", "TOOK(ms)", "HOST", "STEP", "DETAIL"
     );
     for s in &steps {
-        println!(
+        let line = format!(
             "  {:>8.1} {:>8}  {:<8} {:<9} {:<28} {}",
             s.started_ms.saturating_sub(row.started_ms) as f64 / 1000.0,
             s.ended_ms
@@ -318,15 +318,31 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
                 "INTERRUPTED (the process died here)"
             })
         );
+        println!("{}", continued(&line, STEP_INDENT));
     }
     for e in &events {
-        println!(
+        let line = format!(
             "  {:>8.1} event: {}",
             e.at_ms.saturating_sub(row.started_ms) as f64 / 1000.0,
             e.message
         );
+        println!("{}", continued(&line, EVENT_INDENT));
     }
     Ok(())
+}
+
+/// Where the continuation lines of a step's multi-line detail or result start in `show`: under
+/// its HOST column, inside the row, clear of the AT(s) column where the next row starts.
+const STEP_INDENT: usize = 21;
+/// Where an event's continuation lines start: under its message.
+const EVENT_INDENT: usize = 18;
+
+/// `line` with every line after its first indented by `indent` spaces: a health gate's
+/// failure carries the instance's last log lines, which at the left margin read as rows of
+/// their own.
+fn continued(line: &str, indent: usize) -> String {
+    let pad = format!("\n{:indent$}", "");
+    line.trim_end_matches('\n').replace('\n', &pad)
 }
 
 pub(super) async fn logs_cmd(config: Config, args: LogsArgs) -> anyhow::Result<()> {
