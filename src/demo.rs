@@ -393,7 +393,7 @@ fn print_table(phases: &[Phase]) {
             shares[3],
             balancer,
             p.report.duration_ms as f64 / 1000.0,
-            p.report.outcome.label()
+            p.report.outcome.words()
         );
     }
     let _ = writeln!(

@@ -81,6 +81,12 @@ impl Outcome {
         }
     }
 
+    /// The outcome as people read it ("rolled back"); [`Outcome::label`] stays the value of
+    /// the JSON and the journal, which scripts match.
+    pub fn words(self) -> String {
+        outcome_words(self.label())
+    }
+
     /// The process exit code: 0 deployed, 1 rolled back or stopped cleanly.
     pub fn exit_code(self) -> u8 {
         match self {
@@ -88,6 +94,12 @@ impl Outcome {
             Outcome::RolledBack | Outcome::Halted | Outcome::Failed => 1,
         }
     }
+}
+
+/// A recorded outcome (`rolled_back`, as the journal and the JSON hold it) as human text writes
+/// it: `rolled back`.
+pub fn outcome_words(label: &str) -> String {
+    label.replace('_', " ")
 }
 
 /// A host that did not make it, and why.

@@ -323,7 +323,9 @@ pub fn render(
         row.from.as_deref().unwrap_or("(nothing)"),
         row.to
     );
+    // The class keeps the recorded value (`rolled_back`, a CSS name); the text reads as words.
     let outcome = row.outcome.as_deref().unwrap_or("running or interrupted");
+    let outcome_text = crate::deploy::outcome_words(outcome);
     let took = row
         .ended_ms
         .map(|e| format!("{:.1} s", e.saturating_sub(row.started_ms) as f64 / 1000.0))
@@ -342,7 +344,7 @@ pub fn render(
         who = esc(&row.who),
         started = esc(&utc(row.started_ms)),
         outcome_class = esc(outcome),
-        outcome = esc(outcome),
+        outcome = esc(&outcome_text),
     );
     match served_failed(row) {
         Some((served, failed)) => {

@@ -438,6 +438,36 @@ fn show_keeps_a_multi_line_failure_under_its_step() {
     );
 }
 
+/// People read "rolled back" in `show`, `history` and the HTML report; the JSON keeps
+/// `rolled_back`, the value scripts match.
+#[test]
+fn outcomes_read_as_words_and_stay_values_in_json() {
+    let dir = rolled_back_deployment();
+    let show = cutover_in(dir.path(), &["show"]);
+    assert!(
+        show.contains("deployment d1: deploy rolling v1 -> v2 (rolled back), by tester"),
+        "{show}"
+    );
+    let history = cutover_in(dir.path(), &["history"]);
+    let row = history.lines().find(|l| l.starts_with("d1 ")).unwrap();
+    assert!(row.contains(" rolled back "), "{history}");
+    for text in [&show, &history] {
+        assert!(!text.contains("rolled_back"), "{text}");
+    }
+    let report = cutover_in(dir.path(), &["show", "--html"]);
+    let html = std::fs::read_to_string(report.trim()).unwrap();
+    assert!(
+        html.contains("<b class=\"outcome rolled_back\">rolled back</b>"),
+        "the class keeps the value, the text reads as words: {html}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cutover_in(dir.path(), &["show", "--json"])).unwrap();
+    assert_eq!(json["deployment"]["outcome"], "rolled_back");
+    let json: serde_json::Value =
+        serde_json::from_str(&cutover_in(dir.path(), &["history", "--json"])).unwrap();
+    assert_eq!(json[0]["outcome"], "rolled_back");
+}
+
 /// Cron, systemd units and containers often set neither `$USER` nor `$LOGNAME`: the deployer
 /// is then the real uid's name, not "unknown".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,7 +99,7 @@ async fn bad_release_rolls_back(version: &str, net: u8) {
         report.failures
     );
     assert_eq!(report.share("v1"), 100.0, "v1 served throughout: {report}");
-    assert!(out.contains("rolled_back"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
     assert!(
         out.contains("failed host web1"),
         "the failed host is named: {out}"
@@ -140,7 +140,7 @@ async fn failure_in_a_later_batch_returns_moved_hosts() {
         "web1 served the new release for a while: {report}"
     );
     assert!(err.contains("rollback: returning 1 host(s)"), "{err}");
-    assert!(out.contains("rolled_back"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
     assert_fleet_on(&fleet, "v1").await;
 }
 
@@ -154,7 +154,7 @@ async fn an_undone_first_deploy_leaves_no_current_behind() {
     let fleet = Fleet::start(spec).await;
     common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "half", &["web1"]);
     let (out, err) = fleet.deploy("half", 1).await;
-    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(out.contains("rolled back"), "{out}\n{err}");
     assert_eq!(fleet.current("web1"), None, "{err}");
     assert_eq!(fleet.current("web2"), None, "{err}");
     fleet.deploy("v1", 0).await;
@@ -175,7 +175,7 @@ async fn verify_commands_gate_a_rolling_deploy() {
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     let (out, err) = fleet.deploy("v2", 1).await;
-    assert!(out.contains("rolled_back"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
     assert!(err.contains("failed at after_batch"), "{err}");
     assert_fleet_on(&fleet, "v1").await;
 }
@@ -209,7 +209,7 @@ async fn after_switch_hooks_run_per_moved_host_and_their_failure_fails_it() {
     // The first batch (web1) fails its hook: with no failure budget, web1 is returned to v2.
     std::fs::write(fleet.dir.path().join("fail-after-switch"), "").unwrap();
     let (out, err) = fleet.deploy("v1", 1).await;
-    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(out.contains("rolled back"), "{out}\n{err}");
     assert!(err.contains("after_switch"), "the hook is named: {err}");
     assert_fleet_on(&fleet, "v2").await;
     // A rollback runs no after_switch hook: only web1's failed attempt was added.
@@ -302,7 +302,7 @@ async fn in_place_mode_restarts_each_host_on_its_fixed_port_without_a_failed_req
             "{host} was drained and stopped before its new instance started:\n{err}"
         );
     }
-    assert!(bad_out.contains("rolled_back"), "{bad_out}\n{bad_err}");
+    assert!(bad_out.contains("rolled back"), "{bad_out}\n{bad_err}");
     assert!(
         bad_err.contains("restore web1: starting v2 again in place")
             && bad_out.contains("restored: v2 serves again on the host"),
@@ -392,7 +392,7 @@ async fn in_place_rollback_returns_hosts_a_batch_at_a_time() {
         "no failed request: {report}\n{:#?}\n{err}",
         report.failures
     );
-    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(out.contains("rolled back"), "{out}\n{err}");
     assert!(
         out.contains("failed host web3") && out.contains("restored: v1 serves again on the host"),
         "{out}"
@@ -438,7 +438,7 @@ async fn in_place_refuses_a_port_held_by_a_foreign_process() {
     let foreign = std::net::TcpListener::bind(format!("127.0.{net}.11:{port}")).unwrap();
 
     let (out, err) = fleet.deploy("v1", 1).await;
-    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(out.contains("rolled back"), "{out}\n{err}");
     assert!(
         out.contains(&format!(
             "127.0.{net}.11:{port} still accepts connections after the host's instances stopped"
@@ -557,10 +557,10 @@ async fn rollback_of_a_running_rolling_deploy_returns_every_moved_host() {
     // `cutover rollback` asks the running deploy to go back and waits for it to end.
     let (code, out, err) = fleet.cutover(&["rollback"]).await;
     assert_eq!(code, 0, "the rollback happened: {out}\n{err}");
-    assert!(out.contains("rolled_back"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
     let (code, out, err) = deploy.await.unwrap();
     assert_eq!(code, 1, "the deploy was rolled back: {out}\n{err}");
-    assert!(out.contains("rolled_back"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
     assert!(
         out.contains(&format!("rollback requested by an operator after {done}")),
         "the report says why: {out}"
@@ -693,7 +693,7 @@ impl StoppedVerification {
             "{err}"
         );
         assert!(out.contains(why), "{out}");
-        assert!(out.contains("deploy v1 -> v2: rolled_back in"), "{out}");
+        assert!(out.contains("deploy v1 -> v2: rolled back in"), "{out}");
         assert!(
             self.took < Duration::from_secs(20),
             "the deploy waited {:?} for the verification it should have stopped",

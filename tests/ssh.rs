@@ -409,7 +409,7 @@ async fn unreachable_host_with_no_budget_rolls_the_fleet_back() {
     let all = format!("{out}\n{err}");
     assert!(all.contains("failed host web4"), "{all}");
     assert!(all.contains("127.0.0.24"), "{all}");
-    assert!(out.contains("rolled_back"), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
     fleet
         .assert_on(&["web1", "web2", "web3", "web4"], "v1")
         .await;

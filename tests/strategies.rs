@@ -350,7 +350,7 @@ async fn canary_promotion_that_fails_a_batch_rolls_the_fleet_back() {
     let (out, err) = fleet.deploy("late", 1).await;
     let report = stop_after(run, 1_500).await;
 
-    assert!(out.contains("rolled_back"), "{out}\n{err}");
+    assert!(out.contains("rolled back"), "{out}\n{err}");
     assert!(
         err.contains("promote 1/2: 1 of 2 host(s) failed, more than max_fail_percentage = 0%"),
         "{err}"

@@ -390,7 +390,7 @@ pub fn print_report(r: &Report) {
         r.kind,
         r.from.as_deref().unwrap_or("(nothing)"),
         r.to,
-        r.outcome.label(),
+        r.outcome.words(),
         r.duration_ms as f64 / 1000.0
     );
     let (unchanged, moved): (Vec<&String>, Vec<&String>) = r
@@ -526,7 +526,11 @@ pub(super) fn wait_for_end(
     loop {
         if let Some(d) = journal.deployment(&row.id)? {
             if let Some(outcome) = d.outcome {
-                println!("deployment {}: {outcome}", row.id);
+                println!(
+                    "deployment {}: {}",
+                    row.id,
+                    crate::deploy::outcome_words(&outcome)
+                );
                 if let Some(notes) = d
                     .report
                     .as_ref()

@@ -1,6 +1,7 @@
 //! `cutover status`, `history`, `show` and `logs`: what the fleet runs and what was deployed.
 
 use crate::config::Config;
+use crate::deploy::outcome_words;
 use crate::fleet;
 use crate::journal::Journal;
 use crate::report::{counts_caveat, counts_unknown};
@@ -216,13 +217,16 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
             r.strategy,
             r.from.as_deref().unwrap_or("-"),
             r.to,
-            r.outcome
-                .as_deref()
-                .unwrap_or(if running.as_deref() == Some(r.id.as_str()) {
-                    "running"
-                } else {
-                    "interrupted"
-                }),
+            r.outcome.as_deref().map_or_else(
+                || {
+                    if running.as_deref() == Some(r.id.as_str()) {
+                        "running".to_string()
+                    } else {
+                        "interrupted".to_string()
+                    }
+                },
+                outcome_words
+            ),
             r.ended_ms.map_or("-".into(), |e| format!(
                 "{:.1}",
                 e.saturating_sub(r.started_ms) as f64 / 1000.0
@@ -272,9 +276,10 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
         row.strategy,
         row.from.as_deref().unwrap_or("(nothing)"),
         row.to,
-        row.outcome
-            .as_deref()
-            .unwrap_or(if running { "running" } else { "interrupted" }),
+        row.outcome.as_deref().map_or_else(
+            || if running { "running" } else { "interrupted" }.to_string(),
+            outcome_words
+        ),
         row.who
     );
     if let Some(r) = &row.report {

@@ -443,8 +443,9 @@ async fn command(
     let row = find(&state, &id)?;
     if let Some(outcome) = &row.outcome {
         return Err(ApiError::Conflict(format!(
-            "deployment {} already ended ({outcome})",
-            row.id
+            "deployment {} already ended ({})",
+            row.id,
+            crate::deploy::outcome_words(outcome)
         )));
     }
     let running = current(&state)?.is_some_and(|(r, running)| r.id == row.id && running);

@@ -501,7 +501,7 @@ async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
                 state.say(&format!(
                     "job {} {}: served {}, failed {} (deployment {})",
                     job.id,
-                    report.outcome.label(),
+                    report.outcome.words(),
                     report.served,
                     report.failed_requests,
                     report.id

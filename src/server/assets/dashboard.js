@@ -214,6 +214,12 @@ function describeJob(j) {
   return j.kind === "deploy" ? "deploy " + j.version : "rollback" + (j.to ? " to " + j.to : "");
 }
 
+// An outcome as people read it ("rolled back"); the API keeps the value scripts match
+// ("rolled_back"), and so do the rows' classes.
+function words(outcome) {
+  return outcome.replace(/_/g, " ");
+}
+
 function renderQueue(q) {
   const jobs = [].concat(q.running ? [q.running] : [], q.queued, q.finished.slice(0, 10));
   $("queue").tBodies[0].replaceChildren(...jobs.map((j) => {
@@ -221,7 +227,7 @@ function renderQueue(q) {
       ? el("button", { "data-job": j.id, class: "cancel" }, "Cancel") : "";
     return el("tr", { class: j.state },
       el("td", {}, j.id), el("td", {}, describeJob(j)), el("td", {}, j.trigger),
-      el("td", { class: j.state === "failed" ? "bad" : "" }, j.state + (j.outcome ? ": " + j.outcome : "") + (j.error ? ": " + j.error : "")),
+      el("td", { class: j.state === "failed" ? "bad" : "" }, j.state + (j.outcome ? ": " + words(j.outcome) : "") + (j.error ? ": " + j.error : "")),
       el("td", {}, j.deployment || ""), el("td", {}, cancel));
   }));
 }
@@ -232,7 +238,7 @@ function renderHistory(rows) {
     const link = el("a", { href: "#", "data-report": r.id }, "open");
     return el("tr", { class: r.outcome || "" },
       el("td", {}, r.id), el("td", {}, r.kind), el("td", {}, r.strategy), el("td", {}, r.from || "-"), el("td", {}, r.to),
-      el("td", { class: r.outcome === "succeeded" ? "ok" : (r.outcome ? "bad" : "") }, r.outcome || "running"),
+      el("td", { class: r.outcome === "succeeded" ? "ok" : (r.outcome ? "bad" : "") }, r.outcome ? words(r.outcome) : "running"),
       el("td", { class: "num" }, r.ended_ms ? ((r.ended_ms - r.started_ms) / 1000).toFixed(1) : "-"),
       el("td", { class: "num" }, rep.served === undefined ? "-" : rep.served),
       el("td", { class: "num" }, rep.failed_requests === undefined ? "-" : rep.failed_requests),
