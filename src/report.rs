@@ -433,6 +433,12 @@ pub fn render(
     h
 }
 
+/// The timeline's text when it has no samples, one SVG line each.
+pub const EMPTY_TIMELINE: [&str; 2] = [
+    "No traffic samples were recorded: traffic over time is sampled only while `cutover serve` runs a deployment.",
+    "A deploy or rollback run from the command line has its steps and request counts here, but no timeline.",
+];
+
 /// The timeline: traffic share per release (stacked to 100 %), requests/s and errors, and a
 /// marker at the start of every step.
 fn timeline_svg(row: &DeploymentRow, steps: &[StepRow], samples: &[Sample]) -> String {
@@ -486,12 +492,18 @@ fn timeline_svg(row: &DeploymentRow, steps: &[StepRow], samples: &[Sample]) -> S
         ry = RATE_TOP + RATE_H / 2.0,
     );
     if rates.is_empty() {
-        let _ = writeln!(
-            svg,
-            "<text x=\"{}\" y=\"{}\" class=\"note\">no traffic samples were recorded for this deployment</text>",
-            LEFT + 12.0,
-            SHARE_TOP + SHARE_H / 2.0
-        );
+        // Says why, since it is the usual case: only `cutover serve` samples, and a report of a
+        // deploy from the terminal is none the worse for it. The row does not say who ran the
+        // deployment, so the text holds either way.
+        for (i, line) in EMPTY_TIMELINE.iter().enumerate() {
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{}\" class=\"note\">{}</text>",
+                LEFT + 12.0,
+                SHARE_TOP + SHARE_H / 2.0 + 20.0 * i as f64,
+                esc(line)
+            );
+        }
     } else {
         // Share: stacked areas, one polygon per release (bottom edge = the previous top).
         let mut lower = vec![0.0f64; rates.len()];
@@ -848,5 +860,38 @@ mod tests {
         assert!(html.contains("<p class=\"bad\">failed: boom</p>"), "{html}");
         assert!(html.contains("failed host web1: boom"), "{html}");
         assert!(!html.contains("host fleet"), "{html}");
+    }
+
+    /// A deployment run from the command line has no samples: the report says why there is
+    /// no timeline instead of leaving it to look like a fault.
+    #[test]
+    fn a_report_without_samples_says_only_serve_samples() {
+        let row = DeploymentRow {
+            id: "1-3".into(),
+            app: "a".into(),
+            kind: "deploy".into(),
+            strategy: "rolling".into(),
+            from: Some("v1".into()),
+            to: "v2".into(),
+            who: "me".into(),
+            started_ms: 1_000,
+            ended_ms: Some(3_000),
+            outcome: Some("succeeded".into()),
+            previous: BTreeMap::new(),
+            report: Some(serde_json::json!({"served": 7, "failed_requests": 0})),
+            status: None,
+            damaged: None,
+        };
+        let html = render(&row, &[], &[], &[]);
+        assert!(
+            html.contains(
+                "traffic over time is sampled only while `cutover serve` runs a deployment"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains("run from the command line has its steps and request counts here"),
+            "{html}"
+        );
     }
 }
