@@ -401,6 +401,26 @@ async fn unreachable_host_within_the_budget_is_named_and_the_rest_deploy() {
     assert!(out.contains("succeeded"), "{out}");
     fleet.assert_on(&["web1", "web2", "web3"], "v2").await;
     fleet.assert_on(&["web4"], "v1").await;
+
+    // `status` cannot read web4 either: it shows what the balancer knows of it (v1 still takes
+    // traffic there), says drift was not checked there, and exits 2; it used to skip the
+    // host's backends and report "no drift" with exit 0.
+    let (code, out, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 2, "a host could not be read: {out}\n{err}");
+    let web4: Vec<&str> = out.lines().filter(|l| l.starts_with("web4 ")).collect();
+    assert!(web4.iter().any(|l| l.contains("unreachable:")), "{out}");
+    assert!(
+        web4.iter()
+            .any(|l| l.contains(&format!("v1@{}:", ADDRESSES[3])) && l.contains("active")),
+        "web4's backend is shown: {out}"
+    );
+    assert!(!out.contains("no drift: hosts and balancer"), "{out}");
+    assert!(out.contains("drift not checked on web4"), "{out}");
+    let (code, out, _) = fleet.cutover(&["status", "--json"]).await;
+    assert_eq!(code, 2, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["drift_unchecked"], serde_json::json!(["web4"]), "{out}");
+    assert!(v["hosts"][3]["error"].is_string(), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,9 @@ use crate::report::{counts_caveat, counts_unknown};
 
 use super::{LogsArgs, connect};
 
-/// `cutover status`; the exit code is 2 when the balancer could not be read (what could be
-/// read is shown all the same), else 0.
+/// `cutover status`; the exit code is 2 when the balancer or a host could not be read (what
+/// could be read is shown all the same: a script must not take a partial picture for a whole
+/// one), else 0.
 pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8> {
     let (transport, balancer) = connect(&config)?;
     // Without the balancer (after a reboot, say) the hosts and the journal still tell what
@@ -24,7 +25,23 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
             Some(format!("{e:#}")),
         ),
     };
-    let exit = if balancer_error.is_some() { 2 } else { 0 };
+    // Drift is only checked on hosts that could be read: an unreadable host's instances are
+    // not known, so "no drift" would be a guess.
+    let unchecked: Vec<&str> = views
+        .iter()
+        .filter(|v| balancer_error.is_some() || v.error.is_some())
+        .map(|v| v.host.name.as_str())
+        .collect();
+    let unreadable: Vec<&str> = views
+        .iter()
+        .filter(|v| v.error.is_some())
+        .map(|v| v.host.name.as_str())
+        .collect();
+    let exit = if balancer_error.is_some() || !unreadable.is_empty() {
+        2
+    } else {
+        0
+    };
     let journal = Journal::open(&config.state_dir)?;
     let started = journal.started_instances()?;
     let drift = match &balancer_error {
@@ -64,6 +81,10 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 "hosts": hosts,
                 // Not checked without the balancer: null, never an empty "no drift".
                 "drift": if balancer_error.is_none() { Some(&drift) } else { None },
+                // The hosts `drift` does not cover (all of them without the balancer, else
+                // those that could not be read): an empty `drift` is "no drift" only when
+                // this is empty too.
+                "drift_unchecked": unchecked,
                 "deployment": deployment,
                 "balancer_error": balancer_error,
             }))?
@@ -80,12 +101,19 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
         "HOST", "CURRENT", "INSTANCE", "PID", "BALANCER", "HEALTH", "REQUESTS", "5XX"
     );
     for v in &views {
-        if let Some(e) = &v.error {
-            println!("{:<12} unreachable: {e}", v.host.name);
-            continue;
-        }
-        let current = v.current.clone().unwrap_or_else(|| "-".into());
-        if v.instances.is_empty() && v.backends.is_empty() {
+        // An unreadable host's instances and `current` are not known ("?"), but the
+        // balancer's backends for it are: they tell whether it still takes traffic.
+        let current = match &v.error {
+            Some(e) => {
+                // An SSH error ends with a hint line: keep it under the host's row.
+                let line = format!("{:<12} unreachable: {e}", v.host.name);
+                println!("{}", continued(&line, 13));
+                "?".to_string()
+            }
+            None => v.current.clone().unwrap_or_else(|| "-".into()),
+        };
+        let no_pid = if v.error.is_some() { "?" } else { "no pid" };
+        if v.error.is_none() && v.instances.is_empty() && v.backends.is_empty() {
             println!("{:<12} {:<10} (no instance)", v.host.name, current);
         }
         for r in &v.instances {
@@ -119,7 +147,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 v.host.name,
                 current,
                 format!("{}@{}", b.spec.release, b.spec.address),
-                "no pid",
+                no_pid,
                 format!("{:?}", b.state).to_lowercase(),
                 format!("{:?}", b.health).to_lowercase(),
                 b.counters.requests,
@@ -168,13 +196,21 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
     }
     if balancer_error.is_some() {
         println!("\ndrift not checked: the balancer could not be read");
-    } else if drift.is_empty() {
+    } else if drift.is_empty() && unreadable.is_empty() {
         println!("\nno drift: hosts and balancer match the journal");
     } else {
-        println!("\nDRIFT (what the journal does not explain):");
-        for d in &drift {
-            println!("  - {d}");
+        if !drift.is_empty() {
+            println!("\nDRIFT (what the journal does not explain):");
+            for d in &drift {
+                println!("  - {d}");
+            }
+        } else if unreadable.len() < views.len() {
+            println!("\nno drift on the hosts that could be read");
         }
+        println!(
+            "\ndrift not checked on {}: could not be read (the error is in the table above; fix it and run `cutover status` again)",
+            unreadable.join(", ")
+        );
     }
     Ok(exit)
 }
