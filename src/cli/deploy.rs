@@ -383,7 +383,13 @@ pub(super) async fn deploy_cmd(
 
 /// The human summary of a deployment.
 pub fn print_report(r: &Report) {
-    let mut out = std::io::stdout().lock();
+    let _ = std::io::stdout().lock().write_all(summary(r).as_bytes());
+}
+
+/// The text [`print_report`] prints.
+fn summary(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let _ = writeln!(
         out,
         "{} {} -> {}: {} in {:.1}s",
@@ -440,11 +446,20 @@ pub fn print_report(r: &Report) {
             );
         }
     }
-    let by: Vec<String> = r
+    let mut by: Vec<String> = r
         .served_by_release
         .iter()
         .map(|(v, n)| format!("{v}: {n}"))
         .collect();
+    // What no release answered (the balancer's own 502/503 when no backend could) is in the
+    // total: shown, so the parts add up.
+    let by_release: u64 = r.served_by_release.values().sum();
+    if !by.is_empty() && r.served > by_release {
+        by.push(format!(
+            "answered by the balancer itself: {}",
+            r.served - by_release
+        ));
+    }
     let by = if by.is_empty() {
         String::new()
     } else {
@@ -465,6 +480,7 @@ pub fn print_report(r: &Report) {
             r.served, r.failed_requests
         ),
     };
+    out
 }
 
 /// The deployment that is running right now (its lock holder alive), if any.
@@ -583,5 +599,29 @@ pub(super) fn wait_for_end(
             row.id
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Requests no release answered (the balancer's own 502s) are part of the total: the
+    /// per-release parts used not to add up to it ("14 served (v7: 13)").
+    #[test]
+    fn the_per_release_split_adds_up_to_what_was_served() {
+        let r: Report = serde_json::from_value(serde_json::json!({
+            "id": "1-2", "app": "a", "kind": "deploy", "from": "v6", "to": "v7",
+            "outcome": "succeeded", "started_unix": 0, "duration_ms": 1000, "batches": [],
+            "moved_hosts": ["web1"], "failed_hosts": [], "stuck_hosts": [],
+            "served": 14, "failed_requests": 1, "served_by_release": {"v7": 13},
+        }))
+        .unwrap();
+        assert!(
+            summary(&r)
+                .contains("14 served, 1 failed (v7: 13, answered by the balancer itself: 1)"),
+            "{}",
+            summary(&r)
+        );
     }
 }
