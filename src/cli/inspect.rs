@@ -432,7 +432,10 @@ pub(super) async fn logs_cmd(config: Config, args: LogsArgs) -> anyhow::Result<(
         let logs = crate::instance::logs_newest_first(transport.as_ref(), &host).await?;
         let stopped: Vec<&(String, u16)> = logs.iter().filter(|l| !live.contains(l)).collect();
         for (version, port) in stopped.iter().take(MAX_STOPPED_LOGS) {
-            println!("==> {} {version} on port {port} (stopped) <==", host.name);
+            println!(
+                "==> {} {version} on port {port} (not running: stopped, or failed) <==",
+                host.name
+            );
             println!(
                 "{}",
                 crate::instance::log_tail(transport.as_ref(), &host, version, *port, args.lines)
