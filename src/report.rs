@@ -801,11 +801,11 @@ mod tests {
         assert_eq!(utc(1_700_000_000_000), "2023-11-14 22:13:20 UTC");
     }
 
-    #[test]
-    fn report_escapes_and_has_the_chart() {
-        let row = DeploymentRow {
+    /// A finished deployment of app `app`, v1 -> v2, with `report`.
+    fn finished(app: &str, outcome: &str, report: serde_json::Value) -> DeploymentRow {
+        DeploymentRow {
             id: "1-2".into(),
-            app: "a<b".into(),
+            app: app.into(),
             kind: "deploy".into(),
             strategy: "rolling".into(),
             from: Some("v1".into()),
@@ -813,12 +813,21 @@ mod tests {
             who: "me".into(),
             started_ms: 1_000,
             ended_ms: Some(3_000),
-            outcome: Some("succeeded".into()),
+            outcome: Some(outcome.into()),
             previous: BTreeMap::new(),
-            report: Some(serde_json::json!({"served": 7, "failed_requests": 1})),
+            report: Some(report),
             status: None,
             damaged: None,
-        };
+        }
+    }
+
+    #[test]
+    fn report_escapes_and_has_the_chart() {
+        let row = finished(
+            "a<b",
+            "succeeded",
+            serde_json::json!({"served": 7, "failed_requests": 1}),
+        );
         let html = render(
             &row,
             &[],
@@ -837,25 +846,11 @@ mod tests {
     #[test]
     fn a_failure_that_is_no_hosts_names_no_host() {
         let failed = |host: &str| serde_json::json!({"host": host, "reason": "boom"});
-        let row = DeploymentRow {
-            id: "1-2".into(),
-            app: "a".into(),
-            kind: "deploy".into(),
-            strategy: "rolling".into(),
-            from: Some("v1".into()),
-            to: "v2".into(),
-            who: "me".into(),
-            started_ms: 1_000,
-            ended_ms: Some(3_000),
-            outcome: Some("halted".into()),
-            previous: BTreeMap::new(),
-            report: Some(serde_json::json!({
-                "failed_hosts": [failed("fleet"), failed("web1")],
-                "stuck_hosts": [],
-            })),
-            status: None,
-            damaged: None,
-        };
+        let report = serde_json::json!({
+            "failed_hosts": [failed("fleet"), failed("web1")],
+            "stuck_hosts": [],
+        });
+        let row = finished("a", "halted", report);
         let html = render(&row, &[], &[], &[]);
         assert!(html.contains("<p class=\"bad\">failed: boom</p>"), "{html}");
         assert!(html.contains("failed host web1: boom"), "{html}");
@@ -866,22 +861,11 @@ mod tests {
     /// no timeline instead of leaving it to look like a fault.
     #[test]
     fn a_report_without_samples_says_only_serve_samples() {
-        let row = DeploymentRow {
-            id: "1-3".into(),
-            app: "a".into(),
-            kind: "deploy".into(),
-            strategy: "rolling".into(),
-            from: Some("v1".into()),
-            to: "v2".into(),
-            who: "me".into(),
-            started_ms: 1_000,
-            ended_ms: Some(3_000),
-            outcome: Some("succeeded".into()),
-            previous: BTreeMap::new(),
-            report: Some(serde_json::json!({"served": 7, "failed_requests": 0})),
-            status: None,
-            damaged: None,
-        };
+        let row = finished(
+            "a",
+            "succeeded",
+            serde_json::json!({"served": 7, "failed_requests": 0}),
+        );
         let html = render(&row, &[], &[], &[]);
         assert!(
             html.contains(

@@ -369,10 +369,8 @@ fn shipped(dir: &Path, include: &[String], never_ship: &[PathBuf]) -> anyhow::Re
 /// times. Each entry is length-prefixed, so no two trees print alike by shifting bytes across
 /// entries.
 fn tree_print(tree: &Path, entries: &[String], content: bool) -> anyhow::Result<String> {
-    use std::io::Read;
     use std::os::unix::fs::MetadataExt;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
     for rel in entries {
         let path = tree.join(rel);
         let meta = std::fs::symlink_metadata(&path)
@@ -416,18 +414,8 @@ fn tree_print(tree: &Path, entries: &[String], content: bool) -> anyhow::Result<
                 h.update(target);
             }
             "f" => {
-                let mut f = std::fs::File::open(&path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
                 h.update(meta.len().to_le_bytes());
-                let mut n = 0u64;
-                loop {
-                    let k = f.read(&mut buf)?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k as u64;
-                    h.update(&buf[..k]);
-                }
+                let n = hash_file(&mut h, &path)?;
                 // A file that grew or shrank while it was read prints unlike any tree.
                 h.update(n.to_le_bytes());
             }
@@ -456,22 +444,27 @@ fn prune_archives(dir: &Path, keep: usize) {
     }
 }
 
-/// The sha256 (hex) and size of a file.
-pub fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
+/// Feeds the file at `path` to `h`; returns how many bytes it read.
+fn hash_file(h: &mut Sha256, path: &Path) -> anyhow::Result<u64> {
     use std::io::Read;
     let mut f =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut n = 0u64;
     loop {
         let k = f.read(&mut buf)?;
         if k == 0 {
-            break;
+            return Ok(n);
         }
         n += k as u64;
         h.update(&buf[..k]);
     }
+}
+
+/// The sha256 (hex) and size of a file.
+pub fn digest(path: &Path) -> anyhow::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let n = hash_file(&mut h, path)?;
     let hex = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
     Ok((hex, n))
 }

@@ -538,35 +538,43 @@ async fn a_drained_server_is_restored_when_the_balancer_is_dropped() {
     fleet.assert_all_ready_on("v1");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_deploy_leaves_no_live_server_drained() {
-    let _serial = SERIAL.lock().await;
-    // One host, a long drain: a slow request keeps v1 draining while we kill the deploy.
-    let fleet = Fleet::start(1, 26, "kind = \"rolling\"\nbatch = 1", "60s").await;
+/// One host on v1 behind HAProxy with a long drain, a slow request on it, and a deploy of v2
+/// (its stderr to `stderr`) caught while it drains v1: the fleet, the slow request, the deploy.
+async fn deploy_while_draining(
+    net: u8,
+    stderr: Stdio,
+) -> (
+    Fleet,
+    tokio::task::JoinHandle<anyhow::Result<(u16, String, Option<String>)>>,
+    Child,
+) {
+    let fleet = Fleet::start(1, net, "kind = \"rolling\"\nbatch = 1", "60s").await;
     fleet.deploy("v1", 0).await;
     let slow = tokio::spawn(load::get(fleet.listen, "/sleep/20000", &[]));
-
-    // Wait until the slow request is on the v1 server, then deploy v2 in the background.
     let deadline = Instant::now() + Duration::from_secs(10);
     let balancer = fleet.balancer();
     while balancer.backends().await.unwrap()[0].in_flight == 0 {
         assert!(Instant::now() < deadline, "the slow request never arrived");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut deploy = fleet
+    let deploy = fleet
         .command(&["deploy", "--version", "v2"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if fleet.servers().iter().any(|s| s.admin_state == 8) {
-            break;
-        }
+    while !fleet.servers().iter().any(|s| s.admin_state == 8) {
         assert!(Instant::now() < deadline, "v1 never entered drain");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    (fleet, slow, deploy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_deploy_leaves_no_live_server_drained() {
+    let _serial = SERIAL.lock().await;
+    let (fleet, slow, mut deploy) = deploy_while_draining(26, Stdio::null()).await;
     deploy.kill().await.unwrap(); // SIGKILL: no cleanup of its own can run
     let left = fleet.servers();
     assert!(left.iter().any(|s| s.admin_state == 8), "{left:?}");
@@ -591,26 +599,7 @@ async fn a_killed_deploy_leaves_no_live_server_drained() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_on_a_deploy_leaves_no_live_server_drained() {
     let _serial = SERIAL.lock().await;
-    let fleet = Fleet::start(1, 76, "kind = \"rolling\"\nbatch = 1", "60s").await;
-    fleet.deploy("v1", 0).await;
-    let slow = tokio::spawn(load::get(fleet.listen, "/sleep/20000", &[]));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let balancer = fleet.balancer();
-    while balancer.backends().await.unwrap()[0].in_flight == 0 {
-        assert!(Instant::now() < deadline, "the slow request never arrived");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let deploy = fleet
-        .command(&["deploy", "--version", "v2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !fleet.servers().iter().any(|s| s.admin_state == 8) {
-        assert!(Instant::now() < deadline, "v1 never entered drain");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (fleet, slow, deploy) = deploy_while_draining(76, Stdio::piped()).await;
     // As Ctrl-C would.
     unsafe { libc::kill(deploy.id().unwrap() as i32, libc::SIGINT) };
     let out = deploy.wait_with_output().await.unwrap();

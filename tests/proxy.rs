@@ -2165,12 +2165,8 @@ async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
     b.stop().await;
 }
 
-/// An HTTP/2 connection that sends its preface but no request (a browser's pre-opened
-/// connection) is closed at the first request's deadline with a GOAWAY that says no stream
-/// was taken, so its client sends the next request elsewhere instead of seeing a reset.
-#[tokio::test]
-async fn an_http2_connection_with_no_request_gets_a_goaway_at_the_header_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A proxy whose `client_header_timeout` is short (returned) and whose idle timeout is not.
+async fn short_header_timeout() -> (Harness, Duration) {
     let header = Duration::from_millis(300);
     let options = ProxyOptions {
         timeouts: cutover::proxy::Timeouts {
@@ -2181,6 +2177,16 @@ async fn an_http2_connection_with_no_request_gets_a_goaway_at_the_header_timeout
         ..ProxyOptions::default()
     };
     let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    (h, header)
+}
+
+/// An HTTP/2 connection that sends its preface but no request (a browser's pre-opened
+/// connection) is closed at the first request's deadline with a GOAWAY that says no stream
+/// was taken, so its client sends the next request elsewhere instead of seeing a reset.
+#[tokio::test]
+async fn an_http2_connection_with_no_request_gets_a_goaway_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (h, header) = short_header_timeout().await;
     let mut c = tokio::net::TcpStream::connect(h.proxy.listen)
         .await
         .unwrap();
@@ -2236,16 +2242,7 @@ async fn an_http2_connection_with_no_request_gets_a_goaway_at_the_header_timeout
 #[tokio::test]
 async fn a_connection_that_never_sends_a_byte_is_closed_at_the_header_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let header = Duration::from_millis(300);
-    let options = ProxyOptions {
-        timeouts: cutover::proxy::Timeouts {
-            client_header: header,
-            client_idle: Duration::from_secs(20),
-            ..Default::default()
-        },
-        ..ProxyOptions::default()
-    };
-    let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
+    let (h, header) = short_header_timeout().await;
     let mut b = TestBackend::start("b1").await;
     h.add_healthy(&b.spec("v1")).await;
 
