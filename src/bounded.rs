@@ -109,16 +109,35 @@ pub async fn stop_groups_on_signal() {
         _ = int.recv() => 130,
         _ = term.recv() => 143,
     };
-    for pgid in LIVE_GROUPS.lock().expect("live groups").drain(..) {
+    kill_live_groups();
+    // The cleanups may wait on a balancer (seconds at worst): a second Ctrl-C ends at once,
+    // and a cleanup that panics does not keep the others from running.
+    let cleanups = tokio::task::spawn_blocking(|| {
+        for (_, hook) in EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook));
+        }
+    });
+    tokio::select! {
+        _ = cleanups => {}
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    // What the deployment started while the cleanups ran.
+    kill_live_groups();
+    std::process::exit(code);
+}
+
+fn kill_live_groups() {
+    for pgid in LIVE_GROUPS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
         // SAFETY: kill(2) on a group that is registered only while its leader is unreaped.
         unsafe {
             libc::kill(-(pgid as i32), libc::SIGKILL);
         }
     }
-    for (_, hook) in EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        hook();
-    }
-    std::process::exit(code);
 }
 
 /// Kills the command's process group when dropped while it runs.

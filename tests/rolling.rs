@@ -923,12 +923,12 @@ async fn a_deploy_of_the_live_release_says_nothing_moved() {
     fleet.deploy("v1", 0).await;
     let (out, _) = fleet.deploy("v1", 0).await;
     assert!(
-        out.contains("already on v1 (nothing done there): web1, web2") && !out.contains("moved:"),
+        out.contains("already running v1 (not restarted): web1, web2") && !out.contains("moved:"),
         "{out}"
     );
     let (out, _) = fleet.deploy("v2", 0).await;
     assert!(
-        out.contains("moved: web1, web2") && !out.contains("already on"),
+        out.contains("moved: web1, web2") && !out.contains("already running"),
         "{out}"
     );
 }

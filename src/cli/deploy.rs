@@ -176,10 +176,14 @@ pub(super) async fn deploy_cmd(
     let _interrupted = {
         let (state_dir, app) = (config.state_dir.clone(), config.app.name.to_string());
         crate::bounded::at_signal_exit(move || {
-            let unfinished = Journal::open(&state_dir).and_then(|j| j.unfinished(&app));
-            if let Ok(Some(row)) = unfinished {
-                let next = if row.kind == "rollback" {
-                    "run `cutover rollback` again to finish it"
+            let Ok(journal) = Journal::open(&state_dir) else {
+                return;
+            };
+            if let Ok(Some(row)) = journal.unfinished(&app) {
+                let going_back = row.kind == "rollback"
+                    || crate::deploy::was_going_back(&journal, &row.id).unwrap_or(false);
+                let next = if going_back {
+                    "it was returning hosts: run `cutover rollback` (or `cutover deploy --resume`) to finish that"
                 } else {
                     "run `cutover deploy --resume` to finish it, or `cutover rollback` to return every host to where it was"
                 };
@@ -416,7 +420,7 @@ fn summary(r: &Report) -> String {
     if !unchanged.is_empty() {
         let _ = writeln!(
             out,
-            "  already on {} (nothing done there): {}",
+            "  already running {} (not restarted): {}",
             r.to,
             list(&unchanged)
         );
@@ -451,12 +455,13 @@ fn summary(r: &Report) -> String {
         .iter()
         .map(|(v, n)| format!("{v}: {n}"))
         .collect();
-    // What no release answered (the balancer's own 502/503 when no backend could) is in the
-    // total: shown, so the parts add up.
+    // What no release is credited with (the balancer's own 502/503 when no backend could,
+    // servers of an existing HAProxy that cutover did not add) is in the total: shown, so the
+    // parts add up.
     let by_release: u64 = r.served_by_release.values().sum();
     if !by.is_empty() && r.served > by_release {
         by.push(format!(
-            "answered by the balancer itself: {}",
+            "not attributed to a release: {}",
             r.served - by_release
         ));
     }
@@ -618,8 +623,7 @@ mod tests {
         }))
         .unwrap();
         assert!(
-            summary(&r)
-                .contains("14 served, 1 failed (v7: 13, answered by the balancer itself: 1)"),
+            summary(&r).contains("14 served, 1 failed (v7: 13, not attributed to a release: 1)"),
             "{}",
             summary(&r)
         );
