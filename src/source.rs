@@ -1372,6 +1372,15 @@ mod tests {
     }
 
     /// Runs git in `dir` for a test, returning its trimmed stdout.
+    /// A new repository at `dir` (branch `main`) with `names` committed as `message`.
+    fn repo_with(dir: &Path, names: &[&str], message: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        sh_git(dir, &["init", "--quiet", "-b", "main"], "");
+        files(dir, names);
+        sh_git(dir, &["add", "."], "");
+        sh_git(dir, &["commit", "--quiet", "-m", message], "");
+    }
+
     fn sh_git(dir: &Path, args: &[&str], stdin: &str) -> String {
         use std::io::Write;
         let mut c = std::process::Command::new("git")
@@ -1417,12 +1426,7 @@ mod tests {
     #[tokio::test]
     async fn submodules_ship_with_the_release() {
         let d = tempfile::tempdir().unwrap();
-        let lib = d.path().join("lib");
-        std::fs::create_dir_all(&lib).unwrap();
-        sh_git(&lib, &["init", "--quiet", "-b", "main"], "");
-        files(&lib, &["lib.txt"]);
-        sh_git(&lib, &["add", "."], "");
-        sh_git(&lib, &["commit", "--quiet", "-m", "lib"], "");
+        repo_with(&d.path().join("lib"), &["lib.txt"], "lib");
         let repo = d.path().join("repo");
         std::fs::create_dir_all(&repo).unwrap();
         sh_git(&repo, &["init", "--quiet", "-b", "main"], "");
@@ -1468,11 +1472,7 @@ mod tests {
     async fn a_git_version_is_a_tag_a_branch_or_a_commit_id() {
         let d = tempfile::tempdir().unwrap();
         let repo = d.path().join("repo");
-        std::fs::create_dir_all(&repo).unwrap();
-        sh_git(&repo, &["init", "--quiet", "-b", "main"], "");
-        files(&repo, &["run.sh"]);
-        sh_git(&repo, &["add", "."], "");
-        sh_git(&repo, &["commit", "--quiet", "-m", "one"], "");
+        repo_with(&repo, &["run.sh"], "one");
         let first = sh_git(&repo, &["rev-parse", "HEAD"], "");
         sh_git(&repo, &["branch", "master"], "");
         sh_git(&repo, &["tag", "v1"], "");

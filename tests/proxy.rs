@@ -1857,13 +1857,10 @@ async fn failing_requests_never_eject_the_last_backends_of_a_pool() {
 /// turn would make the client wait N times the timeout: a timeout is not retried.
 #[tokio::test]
 async fn a_backend_that_sends_no_head_in_time_gets_504_after_one_try() {
-    let options = ProxyOptions {
-        timeouts: cutover::proxy::Timeouts {
-            backend_header: Duration::from_millis(300),
-            ..Default::default()
-        },
-        ..ProxyOptions::default()
-    };
+    let options = with_timeouts(cutover::proxy::Timeouts {
+        backend_header: Duration::from_millis(300),
+        ..Default::default()
+    });
     let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 1000)), options).await;
     let mut a = TestBackend::start("a").await;
     let mut b = TestBackend::start("b").await;
@@ -2012,13 +2009,10 @@ async fn random_bytes_never_break_the_listener_or_the_admin_api() {
 #[tokio::test]
 async fn a_quiet_stream_outlives_the_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let options = ProxyOptions {
-        timeouts: cutover::proxy::Timeouts {
-            client_idle: Duration::from_millis(200),
-            ..Default::default()
-        },
-        ..ProxyOptions::default()
-    };
+    let options = with_timeouts(cutover::proxy::Timeouts {
+        client_idle: Duration::from_millis(200),
+        ..Default::default()
+    });
     let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
     let mut b = TestBackend::start("b1").await;
     h.add_healthy(&b.spec("v1")).await;
@@ -2064,13 +2058,10 @@ const BIG: usize = 16 << 20;
 #[tokio::test]
 async fn a_client_that_stops_reading_is_idle_and_cut() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let options = ProxyOptions {
-        timeouts: cutover::proxy::Timeouts {
-            client_idle: Duration::from_millis(200),
-            ..Default::default()
-        },
-        ..ProxyOptions::default()
-    };
+    let options = with_timeouts(cutover::proxy::Timeouts {
+        client_idle: Duration::from_millis(200),
+        ..Default::default()
+    });
     let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
     let mut b = TestBackend::start("b1").await;
     h.add_healthy(&b.spec("v1")).await;
@@ -2165,17 +2156,22 @@ async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
     b.stop().await;
 }
 
+/// Default proxy options but for `timeouts`.
+fn with_timeouts(timeouts: cutover::proxy::Timeouts) -> ProxyOptions {
+    ProxyOptions {
+        timeouts,
+        ..ProxyOptions::default()
+    }
+}
+
 /// A proxy whose `client_header_timeout` is short (returned) and whose idle timeout is not.
 async fn short_header_timeout() -> (Harness, Duration) {
     let header = Duration::from_millis(300);
-    let options = ProxyOptions {
-        timeouts: cutover::proxy::Timeouts {
-            client_header: header,
-            client_idle: Duration::from_secs(20),
-            ..Default::default()
-        },
-        ..ProxyOptions::default()
-    };
+    let options = with_timeouts(cutover::proxy::Timeouts {
+        client_header: header,
+        client_idle: Duration::from_secs(20),
+        ..Default::default()
+    });
     let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
     (h, header)
 }
@@ -2362,13 +2358,10 @@ async fn a_websocket_tunnel_counts_against_max_connections_until_it_closes() {
 #[tokio::test]
 async fn an_idle_websocket_tunnel_is_closed_after_client_idle() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let options = ProxyOptions {
-        timeouts: cutover::proxy::Timeouts {
-            client_idle: Duration::from_millis(400),
-            ..Default::default()
-        },
-        ..ProxyOptions::default()
-    };
+    let options = with_timeouts(cutover::proxy::Timeouts {
+        client_idle: Duration::from_millis(400),
+        ..Default::default()
+    });
     let h = Harness::start_with(settings(health(Duration::from_millis(20), 1, 2)), options).await;
     let mut b = TestBackend::start("b1").await;
     h.add_healthy(&b.spec("v1")).await;
@@ -2549,13 +2542,10 @@ async fn a_request_its_client_gives_up_on_counts_as_failed() {
 #[tokio::test]
 async fn a_slow_upload_does_not_count_against_the_backend_head_timeout() {
     use tokio::io::AsyncWriteExt;
-    let options = ProxyOptions {
-        timeouts: cutover::proxy::Timeouts {
-            backend_header: Duration::from_millis(300),
-            ..Default::default()
-        },
-        ..ProxyOptions::default()
-    };
+    let options = with_timeouts(cutover::proxy::Timeouts {
+        backend_header: Duration::from_millis(300),
+        ..Default::default()
+    });
     let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 3)), options).await;
     let mut a = TestBackend::start("a").await;
     h.add_healthy(&a.spec("v1")).await;

@@ -641,13 +641,9 @@ struct StoppedVerification {
 
 async fn stop_a_long_verification(net: u8, point: &str, command: &str) -> StoppedVerification {
     let mut spec = FleetSpec::new(2, net);
-    let pid_file =
-        std::env::temp_dir().join(format!("cutover-verify{net}-{}.pid", std::process::id()));
     // v1 passes at once; v2's suite runs 30 s and would fail if it ever finished.
-    spec.extra = format!(
-        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"{point}\"]\ntimeout = \"60s\"\n",
-        pid_file.display()
-    );
+    let (pid_file, extra) = common::long_verification(net, point);
+    spec.extra = extra;
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     let _ = std::fs::remove_file(&pid_file);

@@ -646,11 +646,8 @@ async fn an_abort_during_the_canarys_before_traffic_verification_stops_it() {
         "",
         "",
     );
-    let marker = std::env::temp_dir().join(format!("cutover-verify49-{}.pid", std::process::id()));
-    spec.extra = format!(
-        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"before_traffic\"]\ntimeout = \"60s\"\n",
-        marker.display()
-    );
+    let (marker, extra) = common::long_verification(49, "before_traffic");
+    spec.extra = extra;
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     let _ = std::fs::remove_file(&marker);
@@ -676,13 +673,9 @@ async fn an_abort_during_the_canarys_before_traffic_verification_stops_it() {
 
 async fn abort_greens_verification(net: u8, point: &str, phase: &str) {
     let mut spec = FleetSpec::new(2, net);
-    let marker =
-        std::env::temp_dir().join(format!("cutover-verify{net}-{}.pid", std::process::id()));
+    let (marker, extra) = common::long_verification(net, point);
     spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"200ms\"\n".into();
-    spec.extra = format!(
-        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"{point}\"]\ntimeout = \"60s\"\n",
-        marker.display()
-    );
+    spec.extra = extra;
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     let _ = std::fs::remove_file(&marker);

@@ -451,3 +451,16 @@ pub fn kill_if_alive(pid: i32) -> bool {
     }
     alive
 }
+
+/// A `[[verify]]` suite at `point` that passes at once for v1 and, for any other version,
+/// runs 30 s (and would then fail), its `sleep`'s pid in the returned file: what an
+/// operator's abort or rollback must stop. Returns the pid file and the config text.
+pub fn long_verification(net: u8, point: &str) -> (PathBuf, String) {
+    let pid_file =
+        std::env::temp_dir().join(format!("cutover-verify{net}-{}.pid", std::process::id()));
+    let extra = format!(
+        "[[verify]]\ncommand = \"test $CUTOVER_VERSION = v1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"{point}\"]\ntimeout = \"60s\"\n",
+        pid_file.display()
+    );
+    (pid_file, extra)
+}
