@@ -618,7 +618,12 @@ async fn resolve(
 ) -> anyhow::Result<String> {
     fixed_ref(version)?;
     let v = version.as_str();
-    for r in [format!("refs/tags/{v}"), format!("refs/heads/{v}")] {
+    // A tag first, then a branch, then (when it looks like one) a commit id.
+    let mut refs = vec![format!("refs/tags/{v}"), format!("refs/heads/{v}")];
+    if is_commit_id(v) {
+        refs.push(v.to_string());
+    }
+    for r in refs {
         let spec = format!("{r}^{{commit}}");
         let found = git(
             &[
@@ -637,22 +642,6 @@ async fn resolve(
         }
     }
     if is_commit_id(v) {
-        let spec = format!("{v}^{{commit}}");
-        let found = git(
-            &[
-                "rev-parse",
-                "--verify",
-                "--quiet",
-                "--end-of-options",
-                &spec,
-            ],
-            Some(cache),
-            timeout,
-        )
-        .await;
-        if let Ok(commit) = found {
-            return Ok(commit);
-        }
         // Missing, or ambiguous: several commits (or tags) start with these digits.
         let all = git(
             &["rev-parse", &format!("--disambiguate={v}")],
