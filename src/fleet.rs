@@ -148,14 +148,6 @@ async fn snapshot(
     let (head, rest) = out.split_once("--instances\n").unwrap_or((&out, ""));
     let (instances, releases) = rest.split_once("--releases\n").unwrap_or((rest, ""));
     let (releases, marks) = releases.split_once("--marks\n").unwrap_or((releases, ""));
-    let field = |key: &str| marks.lines().find_map(|l| l.strip_prefix(key));
-    let print = match (field("tree-stat "), field("tree ")) {
-        (Some(stat), Some(content)) => Some(TreePrint {
-            stat: stat.to_string(),
-            content: content.to_string(),
-        }),
-        _ => None,
-    };
     Ok(Snapshot {
         current: head
             .lines()
@@ -168,7 +160,7 @@ async fn snapshot(
             .filter(|r| !r.is_empty() && !r.ends_with(".partial") && *r != "*")
             .map(str::to_string)
             .collect(),
-        print,
+        print: TreePrint::from_marker(marks),
     })
 }
 

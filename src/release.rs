@@ -89,7 +89,7 @@ fn unpack_script(
         archive
             .tree
             .as_ref()
-            .map(|t| format!("tree-stat {}\ntree {}\n", t.stat, t.content))
+            .map(crate::source::TreePrint::marker_lines)
             .unwrap_or_default()
     );
     format!(

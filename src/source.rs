@@ -52,6 +52,22 @@ pub struct TreePrint {
     pub content: String,
 }
 
+impl TreePrint {
+    /// The lines a release's marker ([`crate::release::MARKER`]) holds for it.
+    pub fn marker_lines(&self) -> String {
+        format!("tree-stat {}\ntree {}\n", self.stat, self.content)
+    }
+
+    /// The print in a marker's text (or the part of it read back), when it holds one.
+    pub fn from_marker(text: &str) -> Option<TreePrint> {
+        let field = |key: &str| text.lines().find_map(|l| l.trim().strip_prefix(key));
+        Some(TreePrint {
+            stat: field("tree-stat ")?.to_string(),
+            content: field("tree ")?.to_string(),
+        })
+    }
+}
+
 /// The source of one version, built at most once, on first use.
 pub struct ReleaseSource {
     release: Release,
