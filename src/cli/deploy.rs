@@ -403,45 +403,36 @@ fn summary(r: &Report) -> String {
         r.outcome.words(),
         r.duration_ms as f64 / 1000.0
     );
-    let (unchanged, moved): (Vec<&String>, Vec<&String>) = r
+    let (unchanged, moved): (Vec<&str>, Vec<&str>) = r
         .moved_hosts
         .iter()
-        .partition(|h| r.unchanged_hosts.contains(h));
-    let list = |hosts: &[&String]| {
-        hosts
-            .iter()
-            .map(|h| h.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+        .map(String::as_str)
+        .partition(|h| r.unchanged_hosts.iter().any(|u| u == h));
     if !moved.is_empty() {
-        let _ = writeln!(out, "  moved: {}", list(&moved));
+        let _ = writeln!(out, "  moved: {}", moved.join(", "));
     }
     if !unchanged.is_empty() {
         let _ = writeln!(
             out,
             "  already running {} (not restarted): {}",
             r.to,
-            list(&unchanged)
+            unchanged.join(", ")
         );
     }
-    for f in &r.failed_hosts {
-        if f.host == "fleet" {
-            // Not a host's failure: the build, a hook, a check of the whole fleet.
-            let _ = writeln!(out, "  failed: {}", f.reason.replace('\n', "\n    "));
-        }
+    // "fleet": the build, a hook, a check of the whole fleet, no host's failure.
+    let (of_fleet, of_hosts): (Vec<_>, Vec<_>) =
+        r.failed_hosts.iter().partition(|f| f.host == "fleet");
+    for f in of_fleet {
+        let _ = writeln!(out, "  failed: {}", f.reason.replace('\n', "\n    "));
     }
     for n in &r.notes {
         let _ = writeln!(out, "  {n}");
     }
     for (label, hosts) in [
-        ("failed host", &r.failed_hosts),
-        ("NOT ROLLED BACK", &r.stuck_hosts),
+        ("failed host", of_hosts),
+        ("NOT ROLLED BACK", r.stuck_hosts.iter().collect()),
     ] {
-        for f in hosts
-            .iter()
-            .filter(|f| f.host != "fleet" || label != "failed host")
-        {
+        for f in hosts {
             let _ = writeln!(
                 out,
                 "  {label} {}: {}",
