@@ -675,29 +675,50 @@ fn hint(stderr: &str, host: &Host, checking: HostKeyChecking) -> String {
     String::new()
 }
 
-/// A shell script printing one TCP port that no socket of the host uses (per /proc/net/tcp*),
-/// from random candidates in [`PORT_RANGE`]: one `grep` per candidate tried, usually one.
+/// A shell script printing one TCP port that no socket of the host uses, from random
+/// candidates in [`PORT_RANGE`] (usually the first is free). It asks `ss` for sockets on the
+/// candidate port, falling back to `grep` over /proc/net/tcp and tcp6 where `ss` (iproute2) is
+/// missing. Both make the kernel walk its whole connection table, whose size follows the
+/// host's memory, not its connections: `ss` walks it once (about 4 ms on a 24 GiB host), the
+/// two files once each (about 9 ms), and the first batch of a deploy waits for it.
 fn free_port_script() -> String {
-    let (lo, hi) = PORT_RANGE;
     let seed = session::new_token()
         .ok()
         .and_then(|t| u64::from_str_radix(&t[..12], 16).ok())
         .unwrap_or_else(|| u64::from(std::process::id()));
+    free_port_script_trying(&port_candidates(seed))
+}
+
+/// 32 ports of [`PORT_RANGE`] drawn from `seed`, in the order to try them.
+fn port_candidates(seed: u64) -> Vec<u16> {
+    let (lo, hi) = PORT_RANGE;
     let span = u64::from(hi - lo) + 1;
-    let candidates: Vec<String> = (0..32u64)
-        .map(|i| {
-            let p = lo + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % span) as u16;
-            format!("{p}:{p:04X}")
-        })
-        .collect();
+    (0..32u64)
+        .map(|i| lo + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % span) as u16)
+        .collect()
+}
+
+fn free_port_script_trying(ports: &[u16]) -> String {
+    let (lo, hi) = PORT_RANGE;
+    let candidates: Vec<String> = ports.iter().map(|p| format!("{p}:{p:04X}")).collect();
+    // `ss` prints a header (older ones have no -H to drop it), then one line per socket whose
+    // local address ends in `:PORT`.
     format!(
-        r#"for c in {candidates}; do
-  if ! grep -qi ":${{c#*:}} " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then echo "${{c%%:*}}"; exit 0; fi
+        r#"command -v ss >/dev/null 2>&1 && use_ss=1
+for c in {candidates}; do
+  p=${{c%%:*}}
+  if [ -n "$use_ss" ] && used=$(ss -atn "sport = :$p" 2>/dev/null); then
+    case $used in *":$p "*) continue ;; esac
+    echo "$p"; exit 0
+  fi
+  use_ss=
+  if ! grep -qi ":${{c#*:}} " /proc/net/tcp /proc/net/tcp6 2>/dev/null; then echo "$p"; exit 0; fi
 done
-echo "no free TCP port found in {lo}-{hi} after 32 tries" >&2
+echo "no free TCP port found in {lo}-{hi} after {n} tries" >&2
 exit 1
 "#,
-        candidates = candidates.join(" ")
+        candidates = candidates.join(" "),
+        n = ports.len(),
     )
 }
 
@@ -706,17 +727,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn free_port_script_skips_used_ports() {
-        // Run the script locally: the port it prints is not listening here.
-        let out = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(free_port_script())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let port: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        assert!((PORT_RANGE.0..=PORT_RANGE.1).contains(&port));
-        std::net::TcpListener::bind(("127.0.0.1", port)).expect("the port is free");
+    fn free_port_script_skips_used_ports_with_ss_and_without() {
+        // Run the script here, with the first candidates taken: it must print the first port
+        // nobody uses, asking `ss`, and asking /proc/net/tcp where there is no `ss`.
+        let candidates = port_candidates(0x5eed);
+        let taken: Vec<std::net::TcpListener> = candidates[..3]
+            .iter()
+            .filter_map(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).ok())
+            .collect();
+        assert_eq!(taken.len(), 3, "the test's candidate ports are in use here");
+        let only_grep = tempfile::tempdir().unwrap();
+        let grep = String::from_utf8(
+            std::process::Command::new("sh")
+                .args(["-c", "command -v grep"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(grep.trim(), only_grep.path().join("grep")).unwrap();
+        for path in [std::env::var_os("PATH").unwrap(), only_grep.path().into()] {
+            let out = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(free_port_script_trying(&candidates))
+                .env("PATH", &path)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let port: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+            let first_free = candidates[3..]
+                .iter()
+                .find(|p| std::net::TcpListener::bind(("127.0.0.1", **p)).is_ok())
+                .copied();
+            assert_eq!(Some(port), first_free, "PATH={path:?}");
+        }
+        drop(taken);
     }
 
     #[test]
