@@ -1228,6 +1228,9 @@ impl Config {
                     ),
                 ));
             }
+            if local {
+                self.check_local_root(text, i)?;
+            }
             if self.app.mode == Mode::InPlace {
                 if let Some(other) = fixed_ports.insert(h.address, h.name.as_str()) {
                     return Err(at_host(
@@ -1454,6 +1457,79 @@ impl Config {
     }
 
     /// An error about `key` of the `i`-th `[[table]]` entry, placed at that entry's line.
+    /// A local host's root must not overlap another host's, nor may its `releases/` overlap
+    /// the release source or the state directory: a deploy prunes old releases there with
+    /// `rm -rf`, and took a user's own builds for staged releases. Paths are compared as
+    /// directories (`a/../b` is `b`; symlinks are followed where the path exists).
+    fn check_local_root(&self, text: &str, i: usize) -> Result<(), ConfigError> {
+        let h = &self.hosts[i];
+        let root = place_of(&h.root);
+        let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+        for other in &self.hosts[..i] {
+            let theirs = place_of(&other.root);
+            if overlap(&root, &theirs) {
+                let how = if root == theirs {
+                    "is the same directory as".to_string()
+                } else if root.starts_with(&theirs) {
+                    "lies inside".to_string()
+                } else {
+                    "contains".to_string()
+                };
+                return Err(self.entry_error(
+                    text,
+                    "hosts",
+                    i,
+                    "root",
+                    format!(
+                        "host {}'s root {} {how} host {}'s root {}: local hosts share this machine, and each prunes its own releases; give each host its own directory, none inside another (e.g. \"fleet/{}\" beside \"fleet/{}\")",
+                        h.name,
+                        root.display(),
+                        other.name,
+                        theirs.display(),
+                        other.name,
+                        h.name
+                    ),
+                ));
+            }
+        }
+        let releases = root.join("releases");
+        let mut guarded = vec![("the state directory (state_dir)", place_of(&self.state_dir))];
+        if let Some(path) = &self.release.path {
+            // The directory the versions live in: `builds/{version}` -> `builds`.
+            let dir = match path.find("{version}") {
+                Some(at) if path[..at].ends_with('/') => PathBuf::from(&path[..at]),
+                Some(at) => Path::new(&path[..at])
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+                None => PathBuf::from(path),
+            };
+            guarded.push((
+                "the release source (release.path)",
+                place_of(&local_path(&self.base_dir, &dir)),
+            ));
+        }
+        for (what, dir) in guarded {
+            if overlap(&releases, &dir) {
+                return Err(self.entry_error(
+                    text,
+                    "hosts",
+                    i,
+                    "root",
+                    format!(
+                        "host {}'s root {} keeps its staged releases in {}, which overlaps {what} {}: a deploy removes old releases there. Give the host a root of its own, e.g. root = \"fleet/{}\"",
+                        h.name,
+                        root.display(),
+                        releases.display(),
+                        dir.display(),
+                        h.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn entry_error(
         &self,
         text: &str,
@@ -1818,6 +1894,36 @@ fn local_path(base_dir: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() { p } else { base_dir.join(p) }
 }
 
+/// Where `p` is on this machine, for telling whether two paths overlap: `p` with `.` and `..`
+/// taken out as written, then its longest existing part replaced by its real path (symlinks
+/// followed), so that one directory reached two ways compares equal.
+fn place_of(p: &Path) -> PathBuf {
+    let mut lexical = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                lexical.pop();
+            }
+            c => lexical.push(c),
+        }
+    }
+    let mut rest = Vec::new();
+    let mut existing = lexical.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(existing) {
+            return rest.iter().rev().fold(real, |path, part| path.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return lexical,
+        }
+    }
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
     let before = &text[..offset];
@@ -2034,6 +2140,40 @@ batch = [1, "50%"]
         let e = error_of(&top("lock_lease = \"0s\""));
         assert!(e.contains("lock_lease must be at least 1s"), "{e}");
         assert!(parse(&top("lock_lease = \"1s\"\nforks = 10000")).is_ok());
+    }
+
+    /// Review finding: `root = "."` beside `path = "releases/{version}"` let a deploy prune
+    /// (`rm -rf`) the user's own builds, and `a/../b` or a root inside another passed.
+    #[test]
+    fn local_roots_may_not_overlap_each_other_the_builds_or_the_state() {
+        let with = |web1: &str, web2: &str| {
+            GOOD.replace("builds/{version}", "releases/{version}")
+                .replace("root = \"fleet/web1\"", &format!("root = \"{web1}\""))
+                + &format!(
+                    "\n[[hosts]]\nname = \"web2\"\naddress = \"127.0.0.12\"\nroot = \"{web2}\"\n"
+                )
+        };
+        assert!(parse(&with("fleet/web1", "fleet/web2")).is_ok());
+        // The config's own directory holds releases/, the builds.
+        let e = error_of(&with(".", "fleet/web2"));
+        assert!(
+            e.contains("hosts.root") && e.contains("release source") && e.contains("fleet/web1"),
+            "{e}"
+        );
+        let e = error_of(&with("fleet/web1", "fleet/x/../web1"));
+        assert!(e.contains("is the same directory as host web1's"), "{e}");
+        let e = error_of(&with("fleet/web1", "fleet/web1/releases/w"));
+        assert!(e.contains("lies inside host web1's root"), "{e}");
+        let e = error_of(&with("fleet/web1", "fleet"));
+        assert!(e.contains("contains host web1's root"), "{e}");
+        let e = error_of(&with("fleet/web1", ".cutover/web2"));
+        assert!(e.contains("state directory"), "{e}");
+        // A `{version}` inside a name: the versions live in builds/.
+        let e = error_of(
+            &with("fleet/web1", "fleet/web2")
+                .replace("releases/{version}", "fleet/web2/releases/app-{version}"),
+        );
+        assert!(e.contains("release source") && e.contains("web2"), "{e}");
     }
 
     #[test]
