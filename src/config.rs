@@ -990,15 +990,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         // Bounded: `-c /dev/zero` (or a log file passed by mistake) must not read forever.
         const MAX_CONFIG_BYTES: u64 = 4 << 20;
-        let read = || -> std::io::Result<String> {
-            use std::io::Read;
-            let mut text = String::new();
-            std::fs::File::open(path)?
-                .take(MAX_CONFIG_BYTES + 1)
-                .read_to_string(&mut text)?;
-            Ok(text)
-        };
-        let text = read().map_err(|e| {
+        let text = read_at_most(path, MAX_CONFIG_BYTES).map_err(|e| {
             let hint = match e.kind() {
                 std::io::ErrorKind::NotFound => {
                     " (run `cutover init` to write an example, or pass -c PATH)"
@@ -1013,6 +1005,12 @@ impl Config {
             return Err(ConfigError::whole(
                 path,
                 "the config is larger than 4 MiB: is this the right file? (hosts of a large fleet belong in an inventory file)",
+            ));
+        }
+        if text.trim().is_empty() {
+            return Err(ConfigError::whole(
+                path,
+                "the config is empty: run `cutover init` to write an example, or pass -c PATH",
             ));
         }
         Config::parse(path, &text)
@@ -1230,6 +1228,22 @@ impl Config {
             }
             if local {
                 self.check_local_root(text, i)?;
+                // Every local host runs here: an address this machine does not have would
+                // only fail when its batch comes, after the hosts before it moved.
+                if let Err(e) = std::net::TcpListener::bind((h.address, 0)) {
+                    if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                        return Err(at_host(
+                            i,
+                            "address",
+                            format!(
+                                "host {}: {} is not an address of this machine, and transport = \"local\" runs every host here: use a loopback address such as 127.0.0.{} (or transport = \"ssh\" for a server)",
+                                h.name,
+                                h.address,
+                                11 + i.min(200)
+                            ),
+                        ));
+                    }
+                }
             }
             if self.app.mode == Mode::InPlace {
                 if let Some(other) = fixed_ports.insert(h.address, h.name.as_str()) {
@@ -1286,6 +1300,20 @@ impl Config {
                 ));
             }
         }
+        // The gate needs healthy_threshold passes, `interval` apart, before its deadline.
+        let passing = *health.interval * health.healthy_threshold.0.saturating_sub(1);
+        if passing >= *health.deadline {
+            return Err(err(
+                "app.health.deadline",
+                format!(
+                    "deadline = {} leaves no time to pass the health gate: {} passing checks {} apart take {} (raise deadline, or shorten interval)",
+                    health.deadline,
+                    health.healthy_threshold.0,
+                    health.interval,
+                    humantime::format_duration(passing)
+                ),
+            ));
+        }
         if self.app.port == Some(0) {
             return Err(err(
                 "app.port",
@@ -1316,6 +1344,19 @@ impl Config {
                 "forks",
                 format!("forks must be between 1 and {MAX_FORKS}"),
             ));
+        }
+        for (key, value, default) in [
+            ("command_timeout", self.ssh.command_timeout, "5m"),
+            ("connect_timeout", self.ssh.connect_timeout, "10s"),
+        ] {
+            if value.is_zero() {
+                return Err(err(
+                    key,
+                    format!(
+                        "{key} must be longer than 0s: leave it out for the default ({default})"
+                    ),
+                ));
+            }
         }
         if self.history_keep == 0 {
             return Err(err(
@@ -1405,11 +1446,10 @@ impl Config {
                         .into(),
                 ));
             }
-            (Some(t), None) if t.trim().len() < 8 => {
-                return Err(err(
-                    "balancer.token",
-                    "the token is shorter than 8 characters: use a long random string".into(),
-                ));
+            (Some(t), None) => {
+                if let Some(problem) = token_problem(t) {
+                    return Err(err("balancer.token", format!("the token {problem}")));
+                }
             }
             _ => {}
         }
@@ -1447,10 +1487,32 @@ impl Config {
                 ));
             }
         }
-        if self.balancer.listen == admin {
+        for (key, addr) in [
+            ("balancer.listen", self.balancer.listen),
+            ("balancer.admin", admin),
+        ] {
+            if addr.port() == 0 {
+                return Err(err(
+                    key,
+                    format!(
+                        "port 0 would make the proxy take a random port that deploys and clients cannot find: give {key} a fixed port, e.g. {}:8080",
+                        addr.ip()
+                    ),
+                ));
+            }
+        }
+        // 0.0.0.0:P (or [::]:P) takes port P on every address, so it cannot share P with either.
+        let listen = self.balancer.listen;
+        let clash = listen.port() == admin.port()
+            && (listen.ip() == admin.ip()
+                || listen.ip().is_unspecified()
+                || admin.ip().is_unspecified());
+        if clash {
             return Err(err(
                 "balancer.admin",
-                "admin and listen are the same address: give the admin API its own port".into(),
+                format!(
+                    "admin ({admin}) and listen ({listen}) would take the same port: give the admin API its own port"
+                ),
             ));
         }
         Ok(())
@@ -1858,6 +1920,13 @@ impl Config {
                 path.display()
             );
         }
+        if let Some(problem) = token_problem(&t) {
+            anyhow::bail!(
+                "{}: balancer.token_file: the token in {} {problem}",
+                self.file.display(),
+                path.display()
+            );
+        }
         Ok(t)
     }
 
@@ -1892,6 +1961,34 @@ fn local_path(base_dir: &Path, p: &Path) -> PathBuf {
         _ => p.to_path_buf(),
     };
     if p.is_absolute() { p } else { base_dir.join(p) }
+}
+
+/// The text of the file at `path`, read up to `limit + 1` bytes (the caller refuses more):
+/// a file given by mistake (`/dev/zero`, a log) must not be read forever.
+pub(crate) fn read_at_most(path: &Path, limit: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(limit + 1)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// What is wrong with an admin token, if anything: it travels in an HTTP header, so only
+/// visible ASCII can be sent as written (anything else used to turn into a baffling 401).
+fn token_problem(token: &str) -> Option<&'static str> {
+    let t = token.trim();
+    if t.len() < 8 {
+        return Some(
+            "is shorter than 8 characters: use a long random string (e.g. `openssl rand -hex 32`)",
+        );
+    }
+    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+        return Some(
+            "holds a space, a control character or non-ASCII: it is sent in an HTTP header, so use letters, digits and punctuation only (e.g. `openssl rand -hex 32`)",
+        );
+    }
+    None
 }
 
 /// Where `p` is on this machine, for telling whether two paths overlap: `p` with `.` and `..`
@@ -2140,6 +2237,42 @@ batch = [1, "50%"]
         let e = error_of(&top("lock_lease = \"0s\""));
         assert!(e.contains("lock_lease must be at least 1s"), "{e}");
         assert!(parse(&top("lock_lease = \"1s\"\nforks = 10000")).is_ok());
+    }
+
+    /// Review findings: each of these was accepted, then failed late or misleadingly (a gate
+    /// that ignored its deadline, a 401 for a token with a newline, a proxy on a random
+    /// port, a build that "did not finish within 0s", a host that failed in its batch).
+    #[test]
+    fn values_that_could_only_fail_later_are_refused_at_load() {
+        let health =
+            |lines: &str| GOOD.replace("[release]", &format!("[app.health]\n{lines}\n\n[release]"));
+        let e = error_of(&health("interval = \"10s\"\ndeadline = \"5s\""));
+        assert!(
+            e.contains("app.health.deadline") && e.contains("2 passing checks 10s apart take 10s"),
+            "{e}"
+        );
+        assert!(parse(&health("interval = \"2s\"\ndeadline = \"5s\"")).is_ok());
+        let e = error_of(&GOOD.replace("0123456789abcdef", "0123456789\\nabcdef"));
+        assert!(
+            e.contains("balancer.token") && e.contains("control character"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("127.0.0.1:8081", "127.0.0.1:0"));
+        assert!(e.contains("balancer.admin") && e.contains("port 0"), "{e}");
+        let e = error_of(&GOOD.replace("127.0.0.1:8080", "127.0.0.1:0"));
+        assert!(e.contains("balancer.listen") && e.contains("port 0"), "{e}");
+        let e = error_of(&GOOD.replace("127.0.0.1:8081", "0.0.0.0:8080"));
+        assert!(e.contains("would take the same port"), "{e}");
+        let e = error_of(&format!("command_timeout = \"0s\"\n{GOOD}"));
+        assert!(e.contains("command_timeout must be longer than 0s"), "{e}");
+        let e = error_of(&GOOD.replace("127.0.0.11", "192.0.2.1"));
+        assert!(
+            e.contains("hosts.address") && e.contains("not an address of this machine"),
+            "{e}"
+        );
+        let empty = tempfile::NamedTempFile::new().unwrap();
+        let e = Config::load(empty.path()).unwrap_err().to_string();
+        assert!(e.contains("the config is empty: run `cutover init`"), "{e}");
     }
 
     /// Review finding: `root = "."` beside `path = "releases/{version}"` let a deploy prune

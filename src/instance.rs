@@ -381,8 +381,20 @@ pub async fn wait_healthy(
                 if passes >= health.healthy_threshold.0 {
                     return Ok(());
                 }
-                sleep_precisely_until(probe_started + *health.interval).await;
-                continue;
+                if Instant::now() + *health.interval <= deadline {
+                    sleep_precisely_until(probe_started + *health.interval).await;
+                    continue;
+                }
+                // The next check would come after the deadline: the gate cannot pass in time.
+                let log = log_tail(transport, host, &inst.version, inst.port(), 10).await;
+                return Err(GateError::Deadline {
+                    deadline: humantime::format_duration(*health.deadline).to_string(),
+                    last: format!(
+                        "{passes} of {} passing checks, and the next is due after the deadline",
+                        health.healthy_threshold.0
+                    ),
+                    log,
+                });
             }
             Err(e) => {
                 passes = 0;
@@ -905,6 +917,70 @@ mod tests {
             "told at {told_at:?}, passed at {passed_at:?}"
         );
         server.abort();
+    }
+
+    /// Review finding: with passes due after the deadline, the gate slept past it and passed.
+    #[tokio::test]
+    async fn the_gate_gives_up_when_its_next_pass_would_come_after_the_deadline() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = free.local_addr().unwrap();
+        drop(free);
+        // Answers from 400ms on: passes at ~400 and ~700ms, the third would be due at ~1000ms.
+        let server = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "transport = \"local\"\n[app]\nname = \"x\"\nstart = \"./app\"\n\
+             [app.health]\ninterval = \"300ms\"\nhealthy_threshold = 3\ndeadline = \"850ms\"\n\
+             [release]\npath = \"r/{{version}}\"\n\
+             [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"0123456789abcdef\"\n\
+             [[hosts]]\nname = \"h\"\naddress = \"127.0.0.1\"\nroot = {:?}\n",
+            dir.path().display().to_string()
+        );
+        let config = crate::config::Config::parse(&dir.path().join("c.toml"), &text).unwrap();
+        let inst = Instance {
+            host: "h".into(),
+            version: "v1".into(),
+            address,
+            pid: std::process::id(),
+        };
+        // The gate checks that the instance's process lives: this test's process stands for it.
+        let pid_file = Layout::of(&config.hosts[0]).pid_file("v1", address.port());
+        std::fs::create_dir_all(pid_file.parent().unwrap()).unwrap();
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let start = stat[stat.rfind(") ").unwrap() + 2..]
+            .split(' ')
+            .nth(19)
+            .unwrap()
+            .to_string();
+        std::fs::write(&pid_file, format!("{} {start}\n", std::process::id())).unwrap();
+        let transport = crate::transport::local::LocalTransport::new();
+        let t = Instant::now();
+        let gate = wait_healthy(
+            &transport,
+            &config.hosts[0],
+            &inst,
+            &config.app.health,
+            None,
+        )
+        .await;
+        let ended = t.elapsed();
+        server.abort();
+        let e = gate.unwrap_err().to_string();
+        assert!(e.contains("not healthy within 850ms"), "{e}");
+        assert!(e.contains("2 of 3 passing checks"), "{e}");
+        assert!(ended < Duration::from_millis(850), "gave up at {ended:?}");
     }
 
     #[test]

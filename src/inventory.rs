@@ -95,8 +95,16 @@ impl Inventory {
 
 /// Reads the hosts of `group` (all hosts when None) from an Ansible inventory file.
 pub fn load(path: &Path, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
-    let text = std::fs::read_to_string(path)
+    // Bounded, as the config is: 64 MiB is hundreds of thousands of hosts.
+    const MAX_INVENTORY_BYTES: u64 = 64 << 20;
+    let text = crate::config::read_at_most(path, MAX_INVENTORY_BYTES)
         .map_err(|e| anyhow::anyhow!("{}: cannot read the inventory: {e}", path.display()))?;
+    if text.len() as u64 > MAX_INVENTORY_BYTES {
+        anyhow::bail!(
+            "{}: the inventory is larger than 64 MiB: is this the right file?",
+            path.display()
+        );
+    }
     refuse_vars_dirs(path)?;
     let yaml = matches!(
         path.extension().and_then(|e| e.to_str()),

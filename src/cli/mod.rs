@@ -302,7 +302,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Some(1) => tokio::runtime::Builder::new_current_thread(),
                 Some(n) => {
                     let mut b = tokio::runtime::Builder::new_multi_thread();
-                    b.worker_threads(n.max(1));
+                    b.worker_threads(usize::from(n));
                     b
                 }
                 None => tokio::runtime::Builder::new_multi_thread(),

@@ -13,9 +13,9 @@ pub struct ProxyArgs {
     /// take over its listening sockets; it stops accepting, drains and exits.
     #[arg(long)]
     pub takeover: bool,
-    /// Worker threads (default: one per CPU core; 1 runs everything on this thread).
-    #[arg(long)]
-    pub threads: Option<usize>,
+    /// Worker threads, 1-1024 (default: one per CPU core; 1 runs everything on this thread).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
 }
 
 pub(super) async fn run_proxy(config: Config, args: ProxyArgs) -> anyhow::Result<()> {
