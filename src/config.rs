@@ -1226,6 +1226,34 @@ impl Config {
                     ),
                 ));
             }
+            if !local {
+                if h.port == Some(0) {
+                    return Err(at_host(
+                        i,
+                        "port",
+                        format!(
+                            "host {}: SSH port 0 cannot be connected to: leave port out for 22, or set sshd's port",
+                            h.name
+                        ),
+                    ));
+                }
+                // Passed to ssh as `-l USER`: one that looks like an option, or none, is a mistake.
+                if let Some(user) = h.user.as_deref() {
+                    if user.is_empty()
+                        || user.starts_with('-')
+                        || user.chars().any(char::is_whitespace)
+                    {
+                        return Err(at_host(
+                            i,
+                            "user",
+                            format!(
+                                "host {}: {user:?} is not a user name: leave user out for your SSH default, or write the login name",
+                                h.name
+                            ),
+                        ));
+                    }
+                }
+            }
             if local {
                 self.check_local_root(text, i)?;
                 // Every local host runs here: an address this machine does not have would
@@ -1338,6 +1366,17 @@ impl Config {
             }
             _ => {}
         }
+        if self
+            .release
+            .build
+            .as_deref()
+            .is_some_and(|b| b.trim().is_empty())
+        {
+            return Err(err(
+                "release.build",
+                "the build command is empty: remove build to ship the tree as it is".into(),
+            ));
+        }
         self.validate_strategy(text)?;
         if self.forks == 0 || self.forks > MAX_FORKS {
             return Err(err(
@@ -1395,6 +1434,12 @@ impl Config {
                 return Err(err(
                     "hooks.run_once",
                     "run_once hooks run before the first batch: use at = \"before_deploy\" or \"after_stage\"".into(),
+                ));
+            }
+            if hook.run_once && hook.where_ == HookWhere::Local {
+                return Err(err(
+                    "hooks.run_once",
+                    "run_once picks one host for a where = \"host\" hook; a local hook already runs once, on this machine: remove run_once, or set where = \"host\"".into(),
                 ));
             }
         }
@@ -1826,6 +1871,25 @@ impl Config {
                 return Err(err(
                     "analysis.max_p99_latency",
                     "HAProxy gives no latency histogram, so this check could never be made and every interval would be inconclusive (the rollout would hold): remove max_p99_latency and judge by min_success_rate, or use the built-in balancer".into(),
+                ));
+            }
+            if let Some(rate) = a.min_success_rate {
+                if rate.0 > 0.0 && rate.0 < 1.0 {
+                    return Err(err(
+                        "analysis.min_success_rate",
+                        format!(
+                            "min_success_rate is a percentage: {} would pass with almost every request failing; write {} for {}%",
+                            rate.0,
+                            (rate.0 * 1e8).round() / 1e6,
+                            (rate.0 * 1e8).round() / 1e6
+                        ),
+                    ));
+                }
+            }
+            if a.max_p99_latency.is_some_and(|d| d.is_zero()) {
+                return Err(err(
+                    "analysis.max_p99_latency",
+                    "max_p99_latency = 0s fails every interval: set the slowest p99 you accept, e.g. \"500ms\"".into(),
                 ));
             }
             if *a.interval < Duration::from_millis(100) {
@@ -2273,6 +2337,50 @@ batch = [1, "50%"]
         let empty = tempfile::NamedTempFile::new().unwrap();
         let e = Config::load(empty.path()).unwrap_err().to_string();
         assert!(e.contains("the config is empty: run `cutover init`"), "{e}");
+    }
+
+    /// Review findings: settings that were accepted and then did nothing, or nonsense.
+    #[test]
+    fn settings_that_would_do_nothing_or_nonsense_are_refused() {
+        let e = error_of(&GOOD.replace("[release]", "[[hooks]]\nat = \"before_deploy\"\ncommand = \"true\"\nrun_once = true\nwhere = \"local\"\n\n[release]"));
+        assert!(
+            e.contains("hooks.run_once") && e.contains("already runs once"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace(
+            "path = \"builds/{version}\"",
+            "path = \"builds/{version}\"\nbuild = \" \"",
+        ));
+        assert!(e.contains("release.build") && e.contains("empty"), "{e}");
+        let canary = GOOD.replace(
+            "kind = \"rolling\"\nbatch = [1, \"50%\"]",
+            "kind = \"canary\"\nsteps = [{ weight = 50 }, { weight = 100 }]",
+        ) + "\n[analysis]\ninterval = \"1s\"\n";
+        let e = error_of(&format!("{canary}min_success_rate = 0.995\n"));
+        assert!(
+            e.contains("is a percentage") && e.contains("write 99.5 for 99.5%"),
+            "{e}"
+        );
+        assert!(parse(&format!("{canary}min_success_rate = 99.5\n")).is_ok());
+        let e = error_of(&format!("{canary}max_p99_latency = \"0s\"\n"));
+        assert!(e.contains("fails every interval"), "{e}");
+        let ssh = |host: &str| {
+            format!(
+                "transport = \"ssh\"\n{}",
+                GOOD.replace(
+                    "root = \"fleet/web1\"",
+                    &format!("root = \"/srv/shop\"\n{host}")
+                )
+            )
+        };
+        assert!(parse(&ssh("user = \"deploy\"")).is_ok());
+        let e = error_of(&ssh("user = \"-oProxyCommand=x\""));
+        assert!(
+            e.contains("hosts.user") && e.contains("not a user name"),
+            "{e}"
+        );
+        let e = error_of(&ssh("port = 0"));
+        assert!(e.contains("hosts.port") && e.contains("port 0"), "{e}");
     }
 
     /// Review finding: `root = "."` beside `path = "releases/{version}"` let a deploy prune
