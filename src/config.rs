@@ -1019,22 +1019,7 @@ impl Config {
     /// Parses config text; `path` is used for messages and relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let mut message = e.message().trim().to_string();
-            // serde names Rust types; say what to write instead.
-            if message.starts_with("invalid type: string") && message.contains("expected ") {
-                let number = [
-                    "i64", "u64", "u32", "u16", "usize", "f64", "integer", "a number",
-                ]
-                .iter()
-                .any(|t| message.ends_with(t));
-                if number {
-                    message.push_str(": write the number without quotes");
-                }
-            } else if message.starts_with("invalid type: integer")
-                && message.contains("expected a string")
-            {
-                message.push_str(": put the value in quotes");
-            }
+            let message = plain_message(e.message().trim());
             match e.span() {
                 Some(span) => {
                     let key = missing_field_key(text, span.start, &message);
@@ -2027,6 +2012,63 @@ fn local_path(base_dir: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() { p } else { base_dir.join(p) }
 }
 
+/// A TOML or serde error message in the words of the config file: serde names Rust types
+/// ("expected u32"), which a user cannot act on.
+fn plain_message(message: &str) -> String {
+    let mut message = message.to_string();
+    if message.starts_with("invalid type: string") && message.contains("expected ") {
+        let number = [
+            "i64", "u64", "u32", "u16", "usize", "f64", "integer", "a number",
+        ]
+        .iter()
+        .any(|t| message.ends_with(t));
+        if number {
+            message.push_str(": write the number without quotes");
+        }
+    } else if message.starts_with("invalid type: integer") && message.contains("expected a string")
+    {
+        message.push_str(": put the value in quotes");
+    }
+    for (rust, words) in [
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u64", "expected a whole number, 0 or more"),
+        (
+            "expected u32",
+            "expected a whole number from 0 to 4294967295",
+        ),
+        ("expected u16", "expected a whole number from 0 to 65535"),
+        ("expected u8", "expected a whole number from 0 to 255"),
+        ("expected i64", "expected a whole number"),
+        ("expected f64", "expected a number"),
+    ] {
+        if let Some(head) = message.strip_suffix(rust) {
+            message = format!("{head}{words}");
+            break;
+        }
+        if let Some(at) = message.find(&format!("{rust}:")) {
+            message.replace_range(at..at + rust.len(), words);
+            break;
+        }
+    }
+    if let Some(head) = message.strip_suffix("expected struct Judge") {
+        message = format!("{head}expected a table: [analysis.judge] with pass, marginal and alpha");
+    }
+    if message.ends_with("expected a sequence") {
+        if message.starts_with("invalid type: map") {
+            message.push_str(": write each entry as [[name]] (double brackets), or a list [...]");
+        } else {
+            message.push_str(": write a list in brackets, e.g. [\"value\"]");
+        }
+    }
+    if message == "duplicate key" {
+        message.push_str(": it is set twice in the file (entries of a list such as hosts or hooks are each written [[hosts]], with double brackets)");
+    }
+    if message == "invalid socket address syntax" {
+        message.push_str(": write IP:port, e.g. \"127.0.0.1:8080\" (names are not looked up)");
+    }
+    message
+}
+
 /// The text of the file at `path`, read up to `limit + 1` bytes (the caller refuses more):
 /// a file given by mistake (`/dev/zero`, a log) must not be read forever.
 pub(crate) fn read_at_most(path: &Path, limit: u64) -> std::io::Result<String> {
@@ -2337,6 +2379,30 @@ batch = [1, "50%"]
         let empty = tempfile::NamedTempFile::new().unwrap();
         let e = Config::load(empty.path()).unwrap_err().to_string();
         assert!(e.contains("the config is empty: run `cutover init`"), "{e}");
+    }
+
+    /// Review finding: serde's words ("expected u32", "expected struct Judge") reached users.
+    #[test]
+    fn type_errors_say_what_to_write_not_which_rust_type() {
+        let top = |line: &str| GOOD.replacen("[app]", &format!("{line}\n\n[app]"), 1);
+        let e = error_of(&top("forks = -1"));
+        assert!(e.ends_with("expected a whole number, 0 or more"), "{e}");
+        let e = error_of(&GOOD.replace("127.0.0.11\"", "127.0.0.11\"\nport = 70000"));
+        assert!(
+            e.ends_with("expected a whole number from 0 to 65535"),
+            "{e}"
+        );
+        let e = error_of(&GOOD.replace("127.0.0.1:8081", "localhost:8081"));
+        assert!(e.contains("write IP:port"), "{e}");
+        let e = error_of(
+            &GOOD
+                .replacen("[[hosts]]", "[hosts]", 1)
+                .replace("[balancer]", "[[hosts]]\nname = \"w\"\n\n[balancer]"),
+        );
+        assert!(e.contains("[[hosts]], with double brackets"), "{e}");
+        for e in [&e, &error_of(&top("forks = 1.5"))] {
+            assert!(!e.contains("usize") && !e.contains("u16"), "{e}");
+        }
     }
 
     /// Review findings: settings that were accepted and then did nothing, or nonsense.
