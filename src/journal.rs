@@ -787,19 +787,36 @@ impl Journal {
 
     /// Where `cutover rollback` returns: the `from` of the newest deploy that changed the fleet
     /// (succeeded, or halted with some hosts moved) and that no later rollback has undone.
-    /// Deployments that rolled back or failed left the fleet where it was, and a deploy of the
-    /// live release changed nothing. Rollbacks are not counted: the release a rollback left is
+    /// Deployments that rolled back left the fleet where it was, and a deploy of the live
+    /// release changed nothing. Rollbacks are not counted: the release a rollback left is
     /// the one it was taking the fleet away from, so a second `cutover rollback` goes further
-    /// back instead of redeploying it.
+    /// back instead of redeploying it; a rollback to where most hosts already were (after a
+    /// failed deploy) undid nothing before it. When the newest deployment is a deploy that
+    /// failed, it may have left hosts on its release (one it could not return): the way back
+    /// is its `from`.
     pub fn previous_release(&self, app: &str) -> anyhow::Result<Option<String>> {
         self.with(|c| {
+            let newest: Option<(String, String, Option<String>, String)> = c
+                .query_row(
+                    "SELECT kind, outcome, version_from, version_to FROM deployments \
+                     WHERE app = ?1 AND outcome IS NOT NULL ORDER BY started_ms DESC, rowid DESC LIMIT 1",
+                    params![app],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .optional()?;
+            if let Some((kind, outcome, Some(from), to)) = newest {
+                if kind == "deploy" && outcome == "failed" && from != to {
+                    return Ok(Some(from));
+                }
+            }
             c.query_row(
                 "SELECT version_from FROM deployments d WHERE app = ?1 AND kind = 'deploy' \
                  AND (outcome = 'succeeded' \
                    OR (outcome = 'halted' AND json_array_length(report_json, '$.moved_hosts') > 0)) \
                  AND (version_from IS NULL OR version_from != version_to) \
                  AND NOT EXISTS (SELECT 1 FROM deployments r WHERE r.app = d.app AND r.kind = 'rollback' \
-                   AND r.outcome = 'succeeded' AND r.version_from = d.version_to AND r.started_ms >= d.started_ms) \
+                   AND r.outcome = 'succeeded' AND r.version_from = d.version_to \
+                   AND r.version_from != r.version_to AND r.started_ms >= d.started_ms) \
                  ORDER BY started_ms DESC, rowid DESC LIMIT 1",
                 params![app],
                 |r| r.get::<_, Option<String>>(0),
@@ -1447,6 +1464,22 @@ mod tests {
         )
         .unwrap();
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
+        // Review finding: a deploy of v4 failed and left a host on v4 (most stayed on v3). The
+        // way back is v3, not v2; and a rollback "v3 -> v3" to mend it undid no deploy, so
+        // the next rollback still goes to v2.
+        let ended = |id: &str, kind: &str, from: &str, to: &str, outcome: &str, moved: &[&str]| {
+            let mut r = row(id, to);
+            r.from = Some(from.into());
+            r.kind = kind.into();
+            j.begin(&r).unwrap();
+            j.finish(id, outcome, &serde_json::json!({ "moved_hosts": moved }))
+                .unwrap();
+        };
+        ended("d6", "deploy", "v2", "v3", "succeeded", &["web1"]);
+        ended("d7", "deploy", "v3", "v4", "failed", &["web1"]);
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v3"));
+        ended("d8", "rollback", "v3", "v3", "succeeded", &["web1"]);
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
     }
 
     #[test]
