@@ -136,8 +136,9 @@ pub struct DemoArgs {
     /// Keep the temporary workspace (printed at the end) instead of removing it.
     #[arg(long)]
     pub keep: bool,
-    /// Requests per second of the steady traffic during each phase.
-    #[arg(long, default_value_t = 150)]
+    /// Requests per second of the steady traffic during each phase (1-5000): the proof that
+    /// no request failed needs requests.
+    #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u32).range(1..=5000))]
     pub rate: u32,
 }
 
@@ -245,8 +246,17 @@ fn init_logging(verbose: u8) {
         // Log lines would come between the board's redraws.
         crate::progress::no_board();
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let filter = match tracing_subscriber::EnvFilter::try_from_env("CUTOVER_LOG") {
+        Ok(filter) => filter,
+        Err(e) => {
+            if let Some(value) = std::env::var_os("CUTOVER_LOG") {
+                eprintln!(
+                    "WARNING: CUTOVER_LOG={value:?} is not a log filter ({e}); logging at {default:?}. Write a level (debug) or target=level pairs (cutover=debug,hyper=warn)"
+                );
+            }
+            tracing_subscriber::EnvFilter::new(default)
+        }
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
