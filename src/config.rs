@@ -247,6 +247,10 @@ pub struct Host {
     pub user: Option<String>,
     /// SSH private key file.
     pub identity: Option<PathBuf>,
+    /// Where an inventory defined the host (`hosts.ini:12`), for errors about it; `None` for
+    /// a `[[hosts]]` table.
+    #[serde(skip)]
+    pub origin: Option<String>,
 }
 
 /// An IP address; a host name gets told why not (instances bind to it and the balancer
@@ -272,6 +276,7 @@ impl Host {
             port: None,
             user: None,
             identity: None,
+            origin: None,
         }
     }
 }
@@ -969,6 +974,15 @@ impl ConfigError {
         }
     }
 
+    /// An error about a host an inventory defined, placed at its line there.
+    fn in_inventory(origin: &str, message: String) -> Self {
+        ConfigError {
+            file: origin.to_string(),
+            place: String::new(),
+            message,
+        }
+    }
+
     fn at(file: &Path, text: &str, offset: usize, key: Option<String>, message: String) -> Self {
         let (line, col) = line_col(text, offset);
         let key = key.unwrap_or_else(|| key_at(text, offset));
@@ -1077,9 +1091,19 @@ impl Config {
         }
         for (i, h) in hosts.iter_mut().enumerate() {
             if h.root.as_os_str().is_empty() {
-                match &raw.root {
-                    Some(r) => h.root = r.clone(),
-                    None => {
+                match (&raw.root, &h.origin) {
+                    (Some(r), _) => h.root = r.clone(),
+                    (None, Some(origin)) => {
+                        return Err(ConfigError::in_inventory(
+                            origin,
+                            format!(
+                                "host {} has no root: set cutover_root=/srv/app for it here (on its line or in its group's vars), or root = \"/srv/app\" at the top level of {}",
+                                h.name,
+                                path.display()
+                            ),
+                        ));
+                    }
+                    (None, None) => {
                         let offset = find_entry_key(text, "hosts", i, "root")
                             .or_else(|| find_key(text, "hosts"))
                             .unwrap_or(0);
@@ -1170,8 +1194,7 @@ impl Config {
                 "no hosts: add at least one [[hosts]] table with name, address and root".into(),
             ));
         }
-        let at_host =
-            |i: usize, key: &str, message: String| self.entry_error(text, "hosts", i, key, message);
+        let at_host = |i: usize, key: &str, message: String| self.host_error(text, i, key, message);
         let mut names = HashSet::new();
         // Local hosts share this machine, so each needs its own root; SSH hosts share a
         // root path only when they are the same machine (address and port).
@@ -1567,9 +1590,8 @@ impl Config {
                 } else {
                     "contains".to_string()
                 };
-                return Err(self.entry_error(
+                return Err(self.host_error(
                     text,
-                    "hosts",
                     i,
                     "root",
                     format!(
@@ -1603,9 +1625,8 @@ impl Config {
         }
         for (what, dir) in guarded {
             if overlap(&releases, &dir) {
-                return Err(self.entry_error(
+                return Err(self.host_error(
                     text,
-                    "hosts",
                     i,
                     "root",
                     format!(
@@ -1620,6 +1641,15 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// An error about the `i`-th host's `key`: at its `[[hosts]]` entry, or at its line in the
+    /// inventory that defined it.
+    fn host_error(&self, text: &str, i: usize, key: &str, message: String) -> ConfigError {
+        match &self.hosts[i].origin {
+            Some(origin) => ConfigError::in_inventory(origin, message),
+            None => self.entry_error(text, "hosts", i, key, message),
+        }
     }
 
     fn entry_error(
@@ -2403,6 +2433,38 @@ batch = [1, "50%"]
         for e in [&e, &error_of(&top("forks = 1.5"))] {
             assert!(!e.contains("usize") && !e.contains("u16"), "{e}");
         }
+    }
+
+    /// Review finding: errors about inventory hosts pointed at `cutover.toml:1:1` and told the
+    /// user to set `root = ...` on a `[[hosts]]` table that does not exist.
+    #[test]
+    fn errors_about_inventory_hosts_point_into_the_inventory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("hosts.ini"),
+            "[web]\nw1 ansible_host=127.0.0.21\nw2 ansible_host=127.0.0.22 cutover_root=fleet/w1\n",
+        )
+        .unwrap();
+        // GOOD without its [[hosts]] table, the hosts coming from the inventory.
+        let text = format!(
+            "inventory = \"hosts.ini\"\n{}{}",
+            GOOD.split("[[hosts]]").next().unwrap(),
+            &GOOD[GOOD.find("[balancer]").unwrap()..]
+        );
+        let file = dir.path().join("cutover.toml");
+        let e = Config::parse(&file, &text).unwrap_err().to_string();
+        let ini = dir.path().join("hosts.ini").display().to_string();
+        assert!(
+            e.starts_with(&format!("{ini}:2: host w1 has no root: set cutover_root=")),
+            "{e}"
+        );
+        std::fs::write(
+            dir.path().join("hosts.ini"),
+            "[web]\nw1 ansible_host=127.0.0.21 cutover_root=fleet/w1\nw2 ansible_host=127.0.0.22 cutover_root=fleet/w1/x/..\n",
+        )
+        .unwrap();
+        let e = Config::parse(&file, &text).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{ini}:3: host w2")), "{e}");
     }
 
     /// Review findings: settings that were accepted and then did nothing, or nonsense.

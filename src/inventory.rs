@@ -811,6 +811,7 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
         port,
         user,
         identity,
+        origin: Some(at(line)),
     })
 }
 

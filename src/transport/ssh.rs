@@ -808,6 +808,7 @@ mod tests {
             port: Some(2222),
             user: None,
             identity: None,
+            origin: None,
         };
         let h = hint(
             "No ED25519 host key is known for [10.0.0.5]:2222 and you have requested strict checking.\nHost key verification failed.",
