@@ -55,14 +55,43 @@ pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Re
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr)
             );
+            let said = match text.trim() {
+                "" => "it printed nothing".to_string(),
+                text => last_lines(text, 5),
+            };
             return Err(format!(
-                "verify `{}` failed at {} ({}): {}",
+                "verify `{}` failed at {} ({}): {said}",
                 v.command,
                 point.name(),
                 out.describe_exit(),
-                last_lines(text.trim(), 5)
             ));
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Review finding: a failing command that printed nothing read "(exit 1): )".
+    #[tokio::test]
+    async fn a_silent_failure_says_it_printed_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[app]\nname = \"x\"\nstart = \"./app\"\n\
+                    [release]\npath = \"r/{version}\"\n\
+                    [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"0123456789abcdef\"\n\
+                    [[verify]]\ncommand = \"exit 3\"\nat = [\"before_traffic\"]\n\
+                    [[hosts]]\nname = \"h\"\naddress = \"127.0.0.1\"\nroot = \"h\"\n";
+        let config = Config::parse(&dir.path().join("c.toml"), text).unwrap();
+        let target = Target {
+            url: "http://127.0.0.1:1".into(),
+            version: "v1",
+            preview: false,
+        };
+        let e = run(&config, VerifyPoint::BeforeTraffic, &target)
+            .await
+            .unwrap_err();
+        assert!(e.ends_with("(exit 3): it printed nothing"), "{e}");
+    }
 }
