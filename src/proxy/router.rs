@@ -736,6 +736,8 @@ impl Table {
         for e in &mut self.entries {
             if activate.contains(&e.spec.id) {
                 e.state = BackendState::Active;
+                // Live now: `/backends` must not still call it a preview.
+                e.spec.preview = false;
             } else if standby.contains(&e.spec.id) {
                 e.state = BackendState::Draining;
             }
@@ -1140,9 +1142,16 @@ mod tests {
         assert_eq!(t.switch(&["b".into()], &["zz".into()]), Err("zz".into()));
         assert_eq!(t.get("b").unwrap().state, BackendState::Preview);
         assert!(t.switch(&["a".into()], &["a".into()]).is_err());
+        for e in t.entries.iter_mut().filter(|e| e.spec.id == "b") {
+            e.spec.preview = true;
+        }
         t.switch(&["b".into()], &["a".into()]).unwrap();
         assert_eq!(t.get("a").unwrap().state, BackendState::Draining);
         assert_eq!(t.get("b").unwrap().state, BackendState::Active);
+        assert!(
+            !t.get("b").unwrap().spec.preview,
+            "switched in, no longer a preview"
+        );
         let w = BTreeMap::from([("a".to_string(), 9), ("q".to_string(), 1)]);
         assert_eq!(t.set_weights(&w), Err("q".into()));
         assert_eq!(t.get("a").unwrap().spec.weight, 1);
