@@ -941,57 +941,23 @@ impl Deployer {
                 _ => {}
             }
         }
-        let (stats_after, known) = match self.balancer.stats().await {
-            Ok(s) => (s, true),
+        let after = match self.balancer.stats().await {
+            Ok(s) => Some(s),
             Err(e) => {
                 notes.push(format!(
                     "the balancer's counters could not be read at the end ({e:#}): the request counts below are not known, not zero"
                 ));
-                (stats_before.clone(), false)
+                None
             }
         };
-        let restarted = stats_after.counting_since_ms != stats_before.counting_since_ms
-            || stats_after.total.requests < stats_before.total.requests
-            || stats_after.unrouted < stats_before.unrouted;
-        // After a restart the old counts are gone: what the new counters hold is everything
-        // known since (subtracting the old ones from them would mean nothing).
-        let baseline = if restarted {
-            Stats {
-                counting_since_ms: stats_after.counting_since_ms,
-                ..Stats::default()
-            }
-        } else {
-            stats_before.clone()
-        };
-        let (served, failed_requests, served_by_release) = traffic_between(&baseline, &stats_after);
-        let counts = if !known {
-            Some(format!(
-                "{}: the balancer's counters could not be read at the end",
-                crate::report::COUNTS_NOT_KNOWN
-            ))
-        } else if restarted {
-            Some("only since the balancer's counters restarted during the deployment".to_string())
-        } else if run.taken_over {
-            Some(
-                "only since this command took the interrupted deployment over: the traffic before the interruption was not counted"
-                    .to_string(),
-            )
-        } else {
-            None
-        };
+        let traffic = Traffic::between(stats_before, after.as_ref(), run.taken_over);
         let closed = self.take_closed_at_deadline();
         if closed > 0 {
             notes.push(format!(
                 "{closed} request(s) or upgraded connection(s) (WebSocket) were still open at a drain deadline and were closed: a cut response counts as failed above, a WebSocket client must reconnect (a longer app.drain_timeout gives them more time)"
             ));
         }
-        if restarted {
-            // The proxy restarted, or a --takeover lost the old proxy's counts: its counters
-            // began again.
-            notes.push(
-                "the balancer's counters restarted during the deployment (a proxy restart, or a --takeover whose old proxy did not hand over its counts): the request counts cover only the time since".into(),
-            );
-        }
+        notes.extend(traffic.notes);
         let already = self.take_already();
         let report = Report {
             id: run.id.clone(),
@@ -1021,10 +987,10 @@ impl Deployer {
             },
             failed_hosts: failed,
             stuck_hosts: stuck,
-            served,
-            failed_requests,
-            served_by_release,
-            counts,
+            served: traffic.served,
+            failed_requests: traffic.failed,
+            served_by_release: traffic.by_release,
+            counts: traffic.counts,
             notes: strategy_notes.into_iter().chain(notes).collect(),
         };
         self.journal
@@ -2347,6 +2313,83 @@ pub fn traffic_between(before: &Stats, after: &Stats) -> (u64, u64, BTreeMap<Str
     (served, failed, by_release)
 }
 
+/// What a deployment reports of the traffic while it ran, from the balancer's counters before
+/// and after it (`after`: `None` when they could not be read at the end).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Traffic {
+    served: u64,
+    failed: u64,
+    by_release: BTreeMap<String, u64>,
+    /// [`Report::counts`]: why the numbers are not the whole deployment's, if they are not.
+    counts: Option<String>,
+    /// What the report's notes should say about the counts.
+    notes: Vec<String>,
+}
+
+impl Traffic {
+    fn between(before: &Stats, after: Option<&Stats>, taken_over: bool) -> Traffic {
+        let Some(after) = after else {
+            return Traffic {
+                counts: Some(format!(
+                    "{}: the balancer's counters could not be read at the end",
+                    crate::report::COUNTS_NOT_KNOWN
+                )),
+                ..Traffic::default()
+            };
+        };
+        let restarted = after.counting_since_ms != before.counting_since_ms
+            || after.total.requests < before.total.requests
+            || after.unrouted < before.unrouted;
+        // After a restart the old counts are gone: what the new counters hold is everything
+        // known since (subtracting the old ones from them would mean nothing).
+        let baseline = if restarted {
+            Stats {
+                counting_since_ms: after.counting_since_ms,
+                ..Stats::default()
+            }
+        } else {
+            before.clone()
+        };
+        let (served, failed, by_release) = traffic_between(&baseline, after);
+        // A proxy replaced by `--takeover` that died while draining never said what it was
+        // finishing: the counts go on (what it handed over is right), without those.
+        let lost = !restarted && after.lost_drains > before.lost_drains;
+        let mut notes = Vec::new();
+        let counts = if restarted {
+            // The proxy restarted, or a --takeover lost the old proxy's counts: its counters
+            // began again.
+            notes.push(
+                "the balancer's counters restarted during the deployment (a proxy restart, or a --takeover whose old proxy did not hand over its counts): the request counts cover only the time since".into(),
+            );
+            Some("only since the balancer's counters restarted during the deployment".to_string())
+        } else if taken_over {
+            Some(
+                "only since this command took the interrupted deployment over: the traffic before the interruption was not counted"
+                    .to_string(),
+            )
+        } else if lost {
+            Some(
+                "without the requests a proxy replaced by --takeover was still finishing when it died"
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        if lost {
+            notes.push(
+                "a balancer proxy replaced by `cutover proxy --takeover` during the deployment died while it drained, before it reported the requests it was still finishing: those are in neither count above, and how many there were and how they ended is not known".into(),
+            );
+        }
+        Traffic {
+            served,
+            failed,
+            by_release,
+            counts,
+            notes,
+        }
+    }
+}
+
 /// Where the host's layout is, for messages.
 pub fn describe_host(host: &Host) -> String {
     format!(
@@ -2532,5 +2575,64 @@ mod tests {
             held_for >= SETTLE_HOLD_MAX && held_for < SETTLE_HOLD_MAX * 3,
             "held for {held_for:?}"
         );
+    }
+
+    /// Counters as the proxy reports them: `ok` answers of `release` since `since`.
+    fn stats(since: u64, release: &str, ok: u64) -> Stats {
+        let c = Counters {
+            requests: ok,
+            status_2xx: ok,
+            ..Counters::default()
+        };
+        Stats {
+            releases: [(release.to_string(), c.clone())].into(),
+            total: c,
+            counting_since_ms: since,
+            ..Stats::default()
+        }
+    }
+
+    /// Regression: a `--takeover` whose old proxy died draining used to restart the counting
+    /// start, so the report counted the balancer's whole history ("750487 served") as its own
+    /// and said the counters had restarted, which they had not. The counts go on: the delta is
+    /// right, and the report says only that the dead proxy's last requests are missing.
+    #[test]
+    fn a_takeover_whose_old_proxy_died_draining_keeps_the_delta_and_says_what_is_missing() {
+        let before = stats(1_000, "v1", 750_000);
+        let mut after = stats(1_000, "v1", 750_400);
+        after.lost_drains = 1;
+        let t = Traffic::between(&before, Some(&after), false);
+        assert_eq!((t.served, t.failed), (400, 0), "{t:?}");
+        assert_eq!(t.by_release, [("v1".to_string(), 400)].into());
+        let counts = t.counts.as_deref().unwrap_or_default();
+        assert!(counts.contains("died"), "{t:?}");
+        assert!(!counts.contains("restarted"), "{t:?}");
+        assert!(
+            t.notes.iter().any(|n| n.contains("--takeover")
+                && n.contains("not known")
+                && !n.contains("restarted")),
+            "{t:?}"
+        );
+        // A lost drain before the deployment began is none of its business.
+        let mut before = before;
+        before.lost_drains = 1;
+        let t = Traffic::between(&before, Some(&after), false);
+        assert_eq!((t.served, t.counts, t.notes), (400, None, Vec::new()));
+    }
+
+    #[test]
+    fn a_restart_counts_from_the_new_start_and_says_so() {
+        let before = stats(1_000, "v1", 500);
+        let after = stats(2_000, "v1", 30);
+        let t = Traffic::between(&before, Some(&after), false);
+        assert_eq!(t.served, 30);
+        assert!(
+            t.counts
+                .as_deref()
+                .unwrap_or_default()
+                .contains("restarted")
+        );
+        let t = Traffic::between(&before, None, false);
+        assert!(crate::report::counts_unknown(t.counts.as_deref().unwrap()));
     }
 }

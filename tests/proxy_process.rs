@@ -51,11 +51,16 @@ async fn spawn_reading(cmd: &mut Command, log: &Path) -> (Child, String) {
 
 /// A `cutover sample-app` process answering as `version`.
 async fn sample_app(version: &str, log: &Path) -> (Child, SocketAddr) {
+    sample_app_on("127.0.0.1", version, log).await
+}
+
+/// [`sample_app`] listening on `ip`.
+async fn sample_app_on(ip: &str, version: &str, log: &Path) -> (Child, SocketAddr) {
     let (child, line) = spawn_reading(
         Command::new(exe()).args([
             "sample-app",
             "--listen",
-            "127.0.0.1:0",
+            &format!("{ip}:0"),
             "--version",
             version,
         ]),
@@ -80,6 +85,11 @@ fn spec(id: &str, addr: SocketAddr, release: &str) -> BackendSpec {
 }
 
 fn write_config(dir: &Path) -> std::path::PathBuf {
+    write_config_on(dir, "127.0.0.1", "127.0.0.2")
+}
+
+/// [`write_config`] with the proxy's traffic on `listen` and its admin API on `admin`.
+fn write_config_on(dir: &Path, listen: &str, admin: &str) -> std::path::PathBuf {
     let path = dir.join("cutover.toml");
     std::fs::write(
         &path,
@@ -100,8 +110,8 @@ interval = "200ms"
 path = "releases/{{version}}"
 
 [balancer]
-listen = "127.0.0.1:0"
-admin = "127.0.0.2:0"
+listen = "{listen}:0"
+admin = "{admin}:0"
 token = "{TOKEN}"
 
 [strategy]
@@ -247,6 +257,67 @@ async fn a_retire_right_after_a_takeover_waits_for_the_old_proxys_requests() {
     assert!(report.drained, "{report:?}");
     assert!(report.waited_ms >= 500, "{report:?}");
     drop(old);
+}
+
+/// Regression: when the proxy replaced by a takeover was killed while it drained, its
+/// successor restarted its `counting_since_ms` yet kept the counts handed over, so a deployer
+/// took the balancer's whole history for its own traffic and said the counters had restarted.
+/// The counts handed over are still right: the start stays, and `/stats` says a drain's counts
+/// were lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_proxy_killed_while_draining_keeps_the_counting_start_and_is_said_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("children.log");
+    let config = write_config_on(dir.path(), "127.0.90.1", "127.0.90.2");
+    let (_b1, a1) = sample_app_on("127.0.90.1", "v1", &log).await;
+    let (mut old, listen, admin_addr) = proxy(&config, false, &log).await;
+    let admin = AdminClient::new(admin_addr, TOKEN.into());
+    admin.add(&spec("b1", a1, "v1")).await.unwrap();
+    admin.wait_healthy("b1", DEADLINE).await.unwrap();
+    for _ in 0..5 {
+        assert!(slow_get(listen, 0).await);
+    }
+    let before = admin.stats().await.unwrap();
+    assert_eq!(before.total.responses(), 5, "{before:?}");
+    // In flight on the old proxy when it is replaced, and lost with it.
+    let slow = tokio::spawn(slow_get(listen, 5000));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while admin.backends().await.unwrap()[0].in_flight == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_new, _, _) = proxy(&config, true, &log).await;
+    // The new proxy serves: the old one has handed its counts over and is draining.
+    let pid = old.id().unwrap() as i32;
+    // SAFETY: plain kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let _ = old.wait().await;
+    assert!(!slow.await.unwrap(), "the request died with the old proxy");
+    let after = loop {
+        let s = admin.stats().await.unwrap();
+        if s.lost_drains > 0 {
+            break s;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the successor never noticed the lost drain: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(after.lost_drains, 1, "{after:?}");
+    assert_eq!(
+        after.counting_since_ms, before.counting_since_ms,
+        "the counts handed over are kept, so their start is too: {after:?}"
+    );
+    assert_eq!(after.total.responses(), 5, "{after:?}");
+    // A deployer's delta across it: nothing new was answered, and nothing restarted.
+    assert!(slow_get(listen, 0).await);
+    let last = admin.stats().await.unwrap();
+    assert_eq!(last.total.responses() - before.total.responses(), 1);
+    assert_eq!(last.counting_since_ms, before.counting_since_ms);
 }
 
 /// `GET /sleep/{ms}` through the proxy on a connection of its own: whether it got a 200.

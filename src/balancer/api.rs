@@ -223,6 +223,12 @@ pub struct Stats {
     /// snapshots with different values straddle a restart, so their difference is partial.
     #[serde(default)]
     pub counting_since_ms: u64,
+    /// Takeovers (`cutover proxy --takeover`) whose replaced proxy died while it drained,
+    /// before it reported what it counted meanwhile: the requests it was finishing then are in
+    /// no counter here, and how many there were and how they ended is not known. Two snapshots
+    /// with different values miss some requests between them. (0 with HAProxy.)
+    #[serde(default)]
+    pub lost_drains: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

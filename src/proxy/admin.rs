@@ -447,6 +447,7 @@ async fn stats(State(proxy): State<Arc<Proxy>>) -> Json<Stats> {
         unrouted: proxy.unrouted.load(Ordering::Relaxed),
         total,
         counting_since_ms: proxy.counting_since_ms(),
+        lost_drains: proxy.lost_drains.load(Ordering::Relaxed),
     })
 }
 

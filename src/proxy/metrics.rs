@@ -228,6 +228,12 @@ pub(crate) fn render(proxy: &Proxy) -> String {
             proxy.closed_at_deadline.load(Ordering::Relaxed),
         ),
         (
+            "cutover_lost_drains_total",
+            "counter",
+            "Takeovers whose replaced proxy died while draining, before it reported what it counted meanwhile (those requests are in no counter).",
+            proxy.lost_drains.load(Ordering::Relaxed),
+        ),
+        (
             "cutover_client_connections",
             "gauge",
             "Client connections open.",

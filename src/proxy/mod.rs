@@ -288,6 +288,9 @@ pub struct Proxy {
     client_aborted: AtomicU64,
     /// Requests and long-lived connections closed at a drain deadline, all backends.
     closed_at_deadline: AtomicU64,
+    /// Takeovers whose replaced proxy died before it reported what it counted while draining
+    /// (see [`crate::balancer::api::Stats::lost_drains`]).
+    lost_drains: AtomicU64,
     /// Client connections open now.
     connections: AtomicU64,
     /// Shutting down: HTTP/1.1 responses carry `Connection: close`.
@@ -339,6 +342,7 @@ impl Proxy {
             ejections: AtomicU64::new(0),
             client_aborted: AtomicU64::new(0),
             closed_at_deadline: AtomicU64::new(0),
+            lost_drains: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             draining: AtomicBool::new(false),
             changes: AtomicU64::new(0),
@@ -511,6 +515,7 @@ impl Proxy {
             unrouted: self.unrouted.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
             closed_at_deadline: self.closed_at_deadline.load(Ordering::Relaxed),
+            lost_drains: self.lost_drains.load(Ordering::Relaxed),
             // Its table is frozen (see `freeze`), but connections it already holds may still
             // bring requests until its drain ends: every backend it can route to is busy for
             // the successor, not only those with a request in flight now.
@@ -544,6 +549,7 @@ impl Proxy {
         self.ejections.fetch_add(c.ejections, Ordering::Relaxed);
         self.closed_at_deadline
             .fetch_add(c.closed_at_deadline, Ordering::Relaxed);
+        self.lost_drains.fetch_add(c.lost_drains, Ordering::Relaxed);
     }
 
     /// Waits (at most one health check timeout, plus a little) until every backend has a
@@ -737,10 +743,13 @@ pub async fn start_with(
             tokio::spawn(async move {
                 match from_old.drained.wait(drain_timeout).await {
                     Some(c) => core.carry_in(&c),
-                    // Requests finished on the old proxy are missing: say the counts restarted.
-                    None => core
-                        .started_ms
-                        .store(crate::journal::now_ms(), Ordering::Relaxed),
+                    // What the old proxy finished (or cut) while it drained is not known. The
+                    // counts it handed over are still right, and so is their start: keep it
+                    // (a new start would make a deployer drop its baseline and report this
+                    // proxy's whole history as its own), and say that some are missing.
+                    None => {
+                        core.lost_drains.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 // Finished or gone: nothing of the old proxy's is in flight any more.
                 core.predecessor_busy.send_replace(Default::default());

@@ -26,8 +26,10 @@
 //!    re-reads the routing state (changes made through the old admin API in the meantime),
 //!    starts serving the admin API (calls queued in between are answered now) and binds a
 //!    fresh control socket for the next replacement. It adds the drain's counts when they
-//!    come; if they never come (the old proxy died draining), it restarts its counting start,
-//!    so a deploy's report says its counts are partial instead of quietly missing requests.
+//!    come; if they never come (the old proxy died draining), it keeps the counting start (the
+//!    counts it got are still right) and counts one more lost drain in `/stats`, so a deploy's
+//!    report says the requests that proxy was finishing are missing instead of quietly
+//!    leaving them out.
 //!
 //! If the new proxy dies before `ready`, the old one unfreezes and keeps running as if nothing
 //! happened. An
@@ -69,6 +71,10 @@ pub(crate) struct Carried {
     pub(crate) unrouted: u64,
     pub(crate) ejections: u64,
     pub(crate) closed_at_deadline: u64,
+    /// Takeovers whose replaced proxy died before it reported its drain (see
+    /// [`crate::balancer::api::Stats::lost_drains`]).
+    #[serde(default)]
+    pub(crate) lost_drains: u64,
     /// Backends with requests or long-lived connections in flight when the counts were taken:
     /// the successor's drain of such a backend also waits for the replaced proxy's drain.
     #[serde(default)]
@@ -98,6 +104,7 @@ impl Carried {
             closed_at_deadline: self
                 .closed_at_deadline
                 .saturating_sub(earlier.closed_at_deadline),
+            lost_drains: self.lost_drains.saturating_sub(earlier.lost_drains),
             busy: self.busy.clone(),
         }
     }
