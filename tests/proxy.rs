@@ -2156,6 +2156,72 @@ async fn connections_over_the_limit_get_503_and_slow_heads_are_cut() {
     b.stop().await;
 }
 
+/// Regression: a connection over `max_connections` was answered 503 (or, with TLS, closed)
+/// and counted nowhere, so clients got thousands of 503s while the proxy's counters and the
+/// deploy's report said 0 failed. It is the proxy's own answer: failed, not attributed to a
+/// release, in `/stats` (what a deploy reads) and in `/metrics`.
+async fn refusals_count_as_failed(tls: bool) {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let net = if tls { "127.0.92" } else { "127.0.93" };
+    let mut settings = settings(health(Duration::from_millis(20), 1, 2));
+    settings.listen = format!("{net}.1:0").parse().unwrap();
+    settings.admin = format!("{net}.2:0").parse().unwrap();
+    let options = ProxyOptions {
+        limits: cutover::proxy::Limits {
+            max_connections: 1,
+            ..Default::default()
+        },
+        tls: tls.then(|| {
+            let (cert, key) = test_certificate(dir.path());
+            cutover::proxy::TlsFiles { cert, key }
+        }),
+        ..ProxyOptions::default()
+    };
+    let h = Harness::start_with(settings, options).await;
+    let mut b = TestBackend::start_on("b1", format!("{net}.3:0").parse().unwrap()).await;
+    h.add_healthy(&b.spec("v1")).await;
+    let before = h.admin.stats().await.unwrap();
+    // The one place, held by a connection that has sent nothing yet.
+    let held = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(h.proxy.listen)
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, c.read_to_end(&mut answer))
+            .await
+            .expect("refused at once");
+        let answer = String::from_utf8_lossy(&answer);
+        assert_eq!(answer.starts_with("HTTP/1.1 503"), !tls, "{answer}");
+    }
+    let after = h.admin.stats().await.unwrap();
+    assert_eq!(after.unrouted - before.unrouted, 3, "{after:?}");
+    let (served, failed, by_release) = cutover::deploy::traffic_between(&before, &after);
+    assert_eq!((served, failed), (3, 3));
+    assert!(by_release.is_empty(), "{by_release:?}");
+    let (_, metrics) = admin_raw(h.proxy.admin, Method::GET, "/metrics", Some(TOKEN), "").await;
+    assert!(
+        metrics.lines().any(|l| l == "cutover_unrouted_total 3"),
+        "{metrics}"
+    );
+    drop(held);
+    h.proxy.shutdown().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn connections_refused_over_the_limit_count_as_failed() {
+    refusals_count_as_failed(false).await;
+}
+
+#[tokio::test]
+async fn tls_connections_closed_over_the_limit_count_as_failed() {
+    refusals_count_as_failed(true).await;
+}
+
 /// Default proxy options but for `timeouts`.
 fn with_timeouts(timeouts: cutover::proxy::Timeouts) -> ProxyOptions {
     ProxyOptions {

@@ -216,7 +216,9 @@ pub struct BackendView {
 pub struct Stats {
     pub backends: BTreeMap<String, Counters>,
     pub releases: BTreeMap<String, Counters>,
-    /// Requests answered by the proxy itself because no backend could (502/503).
+    /// Requests answered by the proxy itself because no backend could (502/503/504), and
+    /// connections refused over `max_connections` (503, or closed with TLS): failed, and no
+    /// release's.
     pub unrouted: u64,
     pub total: Counters,
     /// When the process counting began (unix ms; 0: not known, as with HAProxy): two

@@ -7,7 +7,8 @@
 //!   one (bytes or field count) with 431 and closes; nothing a client sends reaches a panic.
 //! - A semaphore bounds the open connections. One over the limit is accepted and answered
 //!   with a 503 (cleartext) or closed (TLS) at once, so it is told instead of left hanging in
-//!   the kernel's backlog. A connection's permit ([`Slot`]) is shared with the WebSocket tunnel
+//!   the kernel's backlog. Either way its client's request failed: it counts as the proxy's
+//!   own answer (`unrouted`), so a deploy's report and `/metrics` count it as failed. A connection's permit ([`Slot`]) is shared with the WebSocket tunnel
 //!   it may be upgraded to: hyper's connection future ends at the upgrade, the tunnel does not.
 //! - A new connection's first request head is due within `client_header` of accept (TLS
 //!   handshake included). hyper's own head timeout does not cover it: it starts only once the
@@ -85,6 +86,7 @@ pub(crate) async fn accept_loop(
                 };
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
                     debug!(client = %peer_addr, "over max_connections: refused");
+                    proxy.unrouted.fetch_add(1, Ordering::Relaxed);
                     tokio::spawn(refuse(stream, tls.is_none()));
                     continue;
                 };

@@ -206,7 +206,7 @@ pub(crate) fn render(proxy: &Proxy) -> String {
         (
             "cutover_unrouted_total",
             "counter",
-            "Requests the proxy answered itself (502, 503, 504).",
+            "Requests the proxy answered itself (502, 503, 504), including connections refused over max_connections (503, or closed with TLS).",
             proxy.unrouted.load(Ordering::Relaxed),
         ),
         (

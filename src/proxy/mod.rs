@@ -276,7 +276,8 @@ pub struct Proxy {
     client: Client<HttpConnector, ForwardBody>,
     /// Notified whenever a backend's health changes (wakes wait-healthy).
     health_changed: Notify,
-    /// Requests answered by the proxy itself (502/503/504).
+    /// Requests answered by the proxy itself (502/503/504), and connections refused over
+    /// `max_connections` (see `listener`).
     unrouted: AtomicU64,
     /// Passive ejections, all backends.
     ejections: AtomicU64,
