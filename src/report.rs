@@ -1,7 +1,8 @@
 //! The deploy report: one self-contained HTML file per deployment
 //! (`<state_dir>/reports/<id>.html`) that a person can open, attach to a ticket or archive, with
 //! the timeline of the traffic (share per release, errors, the moment of every step), the steps
-//! table and the proof line "served N, failed F".
+//! table and the proof: "N served, F failed", by release, with the notes (the same lines as
+//! the deploy's own summary and `cutover show`, [`Proof`]).
 //!
 //! Why self-contained and server-rendered: the file must still open in five years, offline,
 //! from a mail attachment. So the chart is plain SVG written here (no script, no external asset,
@@ -308,6 +309,98 @@ pub fn counts_caveat(row: &DeploymentRow) -> Option<String> {
         .map(str::to_string)
 }
 
+/// What a finished deployment says about its traffic, as every summary of it shows it: the
+/// deploy's own output, `cutover show` and the HTML report print the same [`Proof::lines`], so
+/// none of them can drop a part (the requests no release is credited with, a note on what the
+/// counts miss) that another shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Proof {
+    pub served: u64,
+    pub failed: u64,
+    pub by_release: BTreeMap<String, u64>,
+    /// [`crate::deploy::Report::counts`].
+    pub counts: Option<String>,
+    pub notes: Vec<String>,
+}
+
+impl Proof {
+    pub fn of(r: &crate::deploy::Report) -> Proof {
+        Proof {
+            served: r.served,
+            failed: r.failed_requests,
+            by_release: r.served_by_release.clone(),
+            counts: r.counts.clone(),
+            notes: r.notes.clone(),
+        }
+    }
+
+    /// From a report as the journal keeps it (JSON); `None` when it has no counts.
+    pub fn from_json(r: &serde_json::Value) -> Option<Proof> {
+        let strings = |k: &str| -> Vec<String> {
+            r.get(k)
+                .and_then(|v| v.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect()
+        };
+        Some(Proof {
+            served: r.get("served")?.as_u64()?,
+            failed: r.get("failed_requests")?.as_u64()?,
+            by_release: r
+                .get("served_by_release")
+                .and_then(|v| v.as_object())
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect(),
+            counts: r.get("counts").and_then(|v| v.as_str()).map(str::to_string),
+            notes: strings("notes"),
+        })
+    }
+
+    /// "requests during the deploy: 519 served, 27 failed (v2: 459, v5: 33, not attributed
+    /// to a release: 27)", and what the counts cover when it is not the whole deployment.
+    pub fn requests(&self) -> String {
+        if let Some(c) = self.counts.as_deref().filter(|c| counts_unknown(c)) {
+            return format!("requests during the deploy: {c}");
+        }
+        let mut parts: Vec<String> = self
+            .by_release
+            .iter()
+            .map(|(v, n)| format!("{v}: {n}"))
+            .collect();
+        // What no release is credited with (the balancer's own 502/503, connections over its
+        // limit, servers of an existing HAProxy that cutover did not add) is in the total:
+        // shown, so the parts add up.
+        let credited: u64 = self.by_release.values().sum();
+        if self.served > credited {
+            parts.push(format!(
+                "not attributed to a release: {}",
+                self.served - credited
+            ));
+        }
+        let mut line = format!(
+            "requests during the deploy: {} served, {} failed",
+            self.served, self.failed
+        );
+        if !parts.is_empty() {
+            let _ = write!(line, " ({})", parts.join(", "));
+        }
+        if let Some(c) = &self.counts {
+            let _ = write!(line, "; counted {c}");
+        }
+        line
+    }
+
+    /// [`Proof::requests`], then the notes.
+    pub fn lines(&self) -> Vec<String> {
+        std::iter::once(self.requests())
+            .chain(self.notes.iter().cloned())
+            .collect()
+    }
+}
+
 /// The whole HTML document.
 pub fn render(
     row: &DeploymentRow,
@@ -346,28 +439,18 @@ pub fn render(
         outcome_class = esc(outcome),
         outcome = esc(&outcome_text),
     );
-    match served_failed(row) {
-        Some((served, failed)) => {
-            let _ = writeln!(
-                h,
-                "<p class=\"proof\" id=\"served-failed\">served {served}, failed {failed}</p>"
-            );
-            if let Some(why) = counts_caveat(row) {
-                let _ = writeln!(h, "<p class=\"caveat\">counts: {}</p>", esc(&why));
+    match row.report.as_ref().and_then(Proof::from_json) {
+        Some(proof) => {
+            let mut lines = proof.lines().into_iter();
+            if let Some(requests) = lines.next() {
+                let _ = writeln!(
+                    h,
+                    "<p class=\"proof\" id=\"served-failed\">{}</p>",
+                    esc(&requests)
+                );
             }
-            if let Some(by) = row
-                .report
-                .as_ref()
-                .and_then(|r| r.get("served_by_release"))
-                .and_then(|v| v.as_object())
-            {
-                let parts: Vec<String> = by
-                    .iter()
-                    .map(|(k, v)| format!("{}: {}", esc(k), v.as_u64().unwrap_or(0)))
-                    .collect();
-                if !parts.is_empty() {
-                    let _ = writeln!(h, "<p class=\"meta\">by release: {}</p>", parts.join(", "));
-                }
+            for note in lines {
+                let _ = writeln!(h, "<p class=\"meta note\">{}</p>", esc(&note));
             }
         }
         None => h.push_str("<p class=\"proof\">no report yet: the deployment did not finish</p>\n"),
@@ -821,6 +904,35 @@ mod tests {
         }
     }
 
+    /// Regression: the deploy's report said 519 served, 27 failed, and that 27 requests were
+    /// closed at a drain deadline; the HTML report (and `cutover show`) said only "v2: 459,
+    /// v5: 33", parts that did not add up, and no note. Every summary prints the same lines.
+    #[test]
+    fn the_html_report_says_what_the_deploy_said() {
+        let json = serde_json::json!({
+            "id": "1-2", "app": "a", "kind": "deploy", "from": "v2", "to": "v5",
+            "outcome": "succeeded", "started_unix": 0, "duration_ms": 1000, "batches": [],
+            "moved_hosts": ["web1"], "failed_hosts": [], "stuck_hosts": [],
+            "served": 519, "failed_requests": 27, "served_by_release": {"v2": 459, "v5": 33},
+            "counts": "only since <then>",
+            "notes": ["27 request(s) were closed at a drain deadline"],
+        });
+        let report: crate::deploy::Report = serde_json::from_value(json.clone()).unwrap();
+        let lines = Proof::of(&report).lines();
+        assert_eq!(Proof::from_json(&json).unwrap().lines(), lines);
+        assert_eq!(
+            lines,
+            [
+                "requests during the deploy: 519 served, 27 failed (v2: 459, v5: 33, not attributed to a release: 27); counted only since <then>",
+                "27 request(s) were closed at a drain deadline",
+            ]
+        );
+        let html = render(&finished("a", "succeeded", json), &[], &[], &[]);
+        for line in &lines {
+            assert!(html.contains(&esc(line)), "{line}\n{html}");
+        }
+    }
+
     #[test]
     fn report_escapes_and_has_the_chart() {
         let row = finished(
@@ -835,7 +947,7 @@ mod tests {
             &[sample(1_000, 0, 0, 0), sample(2_000, 5, 5, 1)],
         );
         assert!(html.contains("a&lt;b"));
-        assert!(html.contains("served 7, failed 1"));
+        assert!(html.contains("7 served, 1 failed (not attributed to a release: 7)"));
         assert!(html.contains("<svg id=\"timeline\""));
         assert!(html.contains("data-release=\"v2\""));
         assert!(!html.contains("http://") || !html.contains("src=\"http"));

@@ -358,6 +358,11 @@ fn cutover_in(dir: &std::path::Path, args: &[&str]) -> String {
 /// A workspace whose journal holds deployment `d1`, v1 -> v2, rolled back after web1's health
 /// gate failed with the instance's last log lines.
 fn rolled_back_deployment() -> tempfile::TempDir {
+    rolled_back_deployment_with(serde_json::json!({"served": 3, "failed_requests": 0}))
+}
+
+/// [`rolled_back_deployment`] whose report is `report`.
+fn rolled_back_deployment_with(report: serde_json::Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cutover.toml"), JOURNAL_ONLY).unwrap();
     let journal = cutover::journal::Journal::open(&dir.path().join(".cutover")).unwrap();
@@ -392,14 +397,36 @@ fn rolled_back_deployment() -> tempfile::TempDir {
     journal
         .event(Some("d1"), "rollback: web1\nstill serving v1")
         .unwrap();
-    journal
-        .finish(
-            "d1",
-            "rolled_back",
-            &serde_json::json!({"served": 3, "failed_requests": 0}),
-        )
-        .unwrap();
+    journal.finish("d1", "rolled_back", &report).unwrap();
     dir
+}
+
+/// Regression: the deploy printed 519 served, 27 failed, the part no release was credited
+/// with and a note that 27 requests were closed at a drain deadline; `show` and the HTML
+/// report said only "by release: v2: 459, v5: 33" (which does not add up) and no note. All
+/// three print the same lines.
+#[test]
+fn show_and_the_html_report_print_what_the_deploy_printed() {
+    let report = serde_json::json!({
+        "id": "d1", "app": "test", "kind": "deploy", "from": "v1", "to": "v2",
+        "outcome": "rolled_back", "started_unix": 0, "duration_ms": 1000, "batches": [],
+        "moved_hosts": [], "failed_hosts": [], "stuck_hosts": [],
+        "served": 519, "failed_requests": 27, "served_by_release": {"v2": 459, "v5": 33},
+        "notes": ["27 request(s) or upgraded connection(s) (WebSocket) were still open at a drain deadline and were closed"],
+    });
+    let dir = rolled_back_deployment_with(report.clone());
+    let report: cutover::deploy::Report = serde_json::from_value(report).unwrap();
+    let lines = cutover::report::Proof::of(&report).lines();
+    assert_eq!(
+        lines[0],
+        "requests during the deploy: 519 served, 27 failed (v2: 459, v5: 33, not attributed to a release: 27)"
+    );
+    let show = cutover_in(dir.path(), &["show"]);
+    let html = std::fs::read_to_string(cutover_in(dir.path(), &["show", "--html"]).trim()).unwrap();
+    for line in &lines {
+        assert!(show.contains(&format!("  {line}\n")), "{line}\n{show}");
+        assert!(html.contains(&cutover::report::esc(line)), "{line}\n{html}");
+    }
 }
 
 /// A health gate's failure carries the instance's last log lines: `show` keeps them under

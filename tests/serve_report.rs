@@ -80,7 +80,7 @@ async fn report_of_a_finished_deploy_has_the_chart_and_the_balancers_numbers() {
     std::fs::create_dir_all(&artifacts).unwrap();
     std::fs::write(artifacts.join("deploy-report.html"), &html).unwrap();
     assert!(
-        html.contains(&format!("served {served_n}, failed {failed_n}")),
+        html.contains(&format!("{served_n} served, {failed_n} failed")),
         "served/failed as the balancer counted them ({served_n}/{failed_n}):\n{}",
         html.lines()
             .filter(|l| l.contains("served"))

@@ -425,9 +425,6 @@ fn summary(r: &Report) -> String {
     for f in of_fleet {
         let _ = writeln!(out, "  failed: {}", f.reason.replace('\n', "\n    "));
     }
-    for n in &r.notes {
-        let _ = writeln!(out, "  {n}");
-    }
     for (label, hosts) in [
         ("failed host", of_hosts),
         ("NOT ROLLED BACK", r.stuck_hosts.iter().collect()),
@@ -441,41 +438,9 @@ fn summary(r: &Report) -> String {
             );
         }
     }
-    let mut by: Vec<String> = r
-        .served_by_release
-        .iter()
-        .map(|(v, n)| format!("{v}: {n}"))
-        .collect();
-    // What no release is credited with (the balancer's own 502/503 when no backend could,
-    // servers of an existing HAProxy that cutover did not add) is in the total: shown, so the
-    // parts add up.
-    let by_release: u64 = r.served_by_release.values().sum();
-    if !by.is_empty() && r.served > by_release {
-        by.push(format!(
-            "not attributed to a release: {}",
-            r.served - by_release
-        ));
+    for line in crate::report::Proof::of(r).lines() {
+        let _ = writeln!(out, "  {line}");
     }
-    let by = if by.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", by.join(", "))
-    };
-    let _ = match &r.counts {
-        Some(c) if crate::report::counts_unknown(c) => {
-            writeln!(out, "  requests during the deploy: {c}")
-        }
-        Some(c) => writeln!(
-            out,
-            "  requests during the deploy: {} served, {} failed{by}; counted {c}",
-            r.served, r.failed_requests
-        ),
-        None => writeln!(
-            out,
-            "  requests during the deploy: {} served, {} failed{by}",
-            r.served, r.failed_requests
-        ),
-    };
     out
 }
 
@@ -615,6 +580,24 @@ mod tests {
         .unwrap();
         assert!(
             summary(&r).contains("14 served, 1 failed (v7: 13, not attributed to a release: 1)"),
+            "{}",
+            summary(&r)
+        );
+    }
+
+    /// Regression: with no release credited at all (every request answered by the balancer
+    /// itself), the "not attributed" part was left out and the total stood unexplained.
+    #[test]
+    fn what_no_release_served_is_shown_when_no_release_served_anything() {
+        let r: Report = serde_json::from_value(serde_json::json!({
+            "id": "1-2", "app": "a", "kind": "deploy", "from": "v6", "to": "v7",
+            "outcome": "rolled_back", "started_unix": 0, "duration_ms": 1000, "batches": [],
+            "moved_hosts": [], "failed_hosts": [], "stuck_hosts": [],
+            "served": 5, "failed_requests": 5, "served_by_release": {},
+        }))
+        .unwrap();
+        assert!(
+            summary(&r).contains("5 served, 5 failed (not attributed to a release: 5)"),
             "{}",
             summary(&r)
         );

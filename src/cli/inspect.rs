@@ -4,7 +4,7 @@ use crate::config::Config;
 use crate::deploy::outcome_words;
 use crate::fleet;
 use crate::journal::Journal;
-use crate::report::{counts_caveat, counts_unknown};
+use crate::report::{Proof, counts_caveat, counts_unknown};
 
 use super::{LogsArgs, connect};
 
@@ -318,26 +318,9 @@ pub(super) fn show_cmd(config: &Config, id: Option<&str>, json: bool) -> anyhow:
         ),
         row.who
     );
-    if let Some(r) = &row.report {
-        let n = |k: &str| r.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        match counts_caveat(&row) {
-            Some(c) if counts_unknown(&c) => println!("  requests while it ran: {c}"),
-            Some(c) => println!(
-                "  requests while it ran: {} served, {} failed ({c})",
-                n("served"),
-                n("failed_requests")
-            ),
-            None => println!(
-                "  requests while it ran: {} served, {} failed",
-                n("served"),
-                n("failed_requests")
-            ),
-        }
-        if let Some(by) = r.get("served_by_release").and_then(|v| v.as_object()) {
-            let parts: Vec<String> = by.iter().map(|(k, v)| format!("{k}: {v}")).collect();
-            if !parts.is_empty() {
-                println!("  by release: {}", parts.join(", "));
-            }
+    if let Some(proof) = row.report.as_ref().and_then(Proof::from_json) {
+        for line in proof.lines() {
+            println!("  {line}");
         }
     }
     println!(
