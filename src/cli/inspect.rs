@@ -194,25 +194,42 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
             );
         }
     }
-    if balancer_error.is_some() {
-        println!("\ndrift not checked: the balancer could not be read");
-    } else if drift.is_empty() && unreadable.is_empty() {
-        println!("\nno drift: hosts and balancer match the journal");
-    } else {
-        if !drift.is_empty() {
-            println!("\nDRIFT (what the journal does not explain):");
-            for d in &drift {
-                println!("  - {d}");
-            }
-        } else if unreadable.len() < views.len() {
-            println!("\nno drift on the hosts that could be read");
+    print!(
+        "{}",
+        drift_report(balancer_error.is_some(), &drift, &unreadable, views.len())
+    );
+    Ok(exit)
+}
+
+/// What `cutover status` says about drift: what the journal does not explain on the hosts
+/// that could be read, and which hosts could not be checked (only when some could not).
+fn drift_report(no_balancer: bool, drift: &[String], unreadable: &[&str], hosts: usize) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if no_balancer {
+        out.push_str("\ndrift not checked: the balancer could not be read\n");
+        return out;
+    }
+    if drift.is_empty() && unreadable.is_empty() {
+        out.push_str("\nno drift: hosts and balancer match the journal\n");
+        return out;
+    }
+    if !drift.is_empty() {
+        out.push_str("\nDRIFT (what the journal does not explain):\n");
+        for d in drift {
+            let _ = writeln!(out, "  - {d}");
         }
-        println!(
+    } else if unreadable.len() < hosts {
+        out.push_str("\nno drift on the hosts that could be read\n");
+    }
+    if !unreadable.is_empty() {
+        let _ = writeln!(
+            out,
             "\ndrift not checked on {}: could not be read (the error is in the table above; fix it and run `cutover status` again)",
             unreadable.join(", ")
         );
     }
-    Ok(exit)
+    out
 }
 
 /// The deployment running now: the app's one without an outcome, while its deployer (the lock
@@ -438,3 +455,30 @@ pub(super) async fn logs_cmd(config: Config, args: LogsArgs) -> anyhow::Result<(
 
 /// The stopped instances' logs `cutover logs --all` shows, newest first.
 const MAX_STOPPED_LOGS: usize = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: drift on hosts that were all read also printed "drift not checked on :
+    /// could not be read", naming no host.
+    #[test]
+    fn drift_on_hosts_all_read_names_no_unchecked_host() {
+        let drift = vec!["web1: an instance the journal does not know".to_string()];
+        let out = drift_report(false, &drift, &[], 2);
+        assert!(out.contains("DRIFT"), "{out}");
+        assert!(!out.contains("not checked"), "{out}");
+        let out = drift_report(false, &drift, &["web2"], 2);
+        assert!(
+            out.contains("drift not checked on web2: could not be read"),
+            "{out}"
+        );
+        let out = drift_report(false, &[], &["web2"], 2);
+        assert!(
+            out.contains("no drift on the hosts that could be read"),
+            "{out}"
+        );
+        assert!(out.contains("drift not checked on web2"), "{out}");
+        assert!(drift_report(false, &[], &[], 2).contains("no drift: hosts and balancer match"));
+    }
+}
