@@ -88,8 +88,19 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
     write_config_on(dir, "127.0.0.1", "127.0.0.2")
 }
 
-/// [`write_config`] with the proxy's traffic on `listen` and its admin API on `admin`.
+/// [`write_config`] with the proxy's traffic on `listen` and its admin API on `admin` (IPs;
+/// the ports are free ones picked now: the config refuses port 0).
 fn write_config_on(dir: &Path, listen: &str, admin: &str) -> std::path::PathBuf {
+    let free = |ip: &str| {
+        std::net::TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let (listen, admin) = (
+        format!("{listen}:{}", free(listen)),
+        format!("{admin}:{}", free(admin)),
+    );
     let path = dir.join("cutover.toml");
     std::fs::write(
         &path,
@@ -110,8 +121,8 @@ interval = "200ms"
 path = "releases/{{version}}"
 
 [balancer]
-listen = "{listen}:0"
-admin = "{admin}:0"
+listen = "{listen}"
+admin = "{admin}"
 token = "{TOKEN}"
 
 [strategy]
