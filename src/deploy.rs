@@ -2128,6 +2128,18 @@ impl Deployer {
 
     pub(crate) async fn undo(&self, run: &Run, moved: &[Host]) -> Vec<HostFailure> {
         self.going_back(run);
+        // An `abort` or `rollback` queued by now asks for what the undo does: it is taken
+        // here, so it cannot cut the undo's own before_traffic verifications short (leaving a
+        // host on the release being undone), and its sender sees it read. From here on the
+        // undo is a rollback: a `rollback` does not stop it, an `abort` does.
+        while let Ok(Some(cmd)) = self.journal.take_stop_command(&run.id) {
+            self.progress
+                .say(&format!("{cmd}: carried out by the rollback under way"));
+        }
+        let run = &Run {
+            rollback: true,
+            ..run.clone()
+        };
         // The board counts hosts on the new release; the lines tell the way back.
         self.progress.plan(&[]);
         if moved.is_empty() {
