@@ -1012,39 +1012,75 @@ impl Deployer {
                     .map(|h| self.switch_host(run, &label, h, version, true)),
             )
             .await;
-            let mut batch_failures = 0;
+            let mut unmoved = Vec::new();
             for (h, r) in hosts.iter().zip(results) {
                 match r {
                     Ok(()) => moved.push(h.clone()),
-                    Err(f) => {
-                        self.report_failed_host(run, &label, &f)?;
-                        batch_failures += 1;
-                        failed.push(f);
-                    }
+                    Err(f) => unmoved.push(f),
                 }
             }
-            // The failure budget first (`on_failure` decides), then the operator (a stop
-            // always returns the hosts).
-            let (why, operator) = match crate::batch::over_budget(
-                strategy,
-                &label,
-                batch_failures,
-                hosts.len(),
-                failed.len(),
-            ) {
-                Some(why) => (why, false),
-                None => {
-                    let next = plan
-                        .get(i + 1)
-                        .map(|_| format!("promote {}/{}", i + 2, plan.len()));
-                    match self
-                        .at_boundary(run, "canary", false, &label, next.as_deref(), || ())
-                        .await?
-                    {
-                        Boundary::Next => continue,
-                        Boundary::Stop(why) => (why, true),
+            // A host whose before_traffic suite an operator's stop cut short keeps serving
+            // what it served and is no failure (as in a rolling deploy): the stop is read at
+            // the boundary below, before the failure budget, since a stop always returns
+            // every promoted host whatever `on_failure` says.
+            let cut: Vec<String> = unmoved
+                .iter()
+                .filter(|f| f.reason.ends_with(VERIFY_STOPPED))
+                .map(|f| f.host.clone())
+                .collect();
+            let (unmoved, stop_waiting) = self.operator_stopped(run, unmoved)?;
+            let mut batch_failures = 0;
+            for f in unmoved {
+                self.report_failed_host(run, &label, &f)?;
+                batch_failures += 1;
+                failed.push(f);
+            }
+            let budget = |failed: &[HostFailure], batch_failures: usize| {
+                crate::batch::over_budget(
+                    strategy,
+                    &label,
+                    batch_failures,
+                    hosts.len(),
+                    failed.len(),
+                )
+            };
+            let mut over = if stop_waiting {
+                None
+            } else {
+                budget(&failed, batch_failures)
+            };
+            let mut operator = false;
+            if over.is_none() {
+                let next = plan
+                    .get(i + 1)
+                    .map(|_| format!("promote {}/{}", i + 2, plan.len()));
+                match self
+                    .at_boundary(run, "canary", false, &label, next.as_deref(), || ())
+                    .await?
+                {
+                    Boundary::Stop(why) => {
+                        over = Some(why);
+                        operator = true;
                     }
+                    // The stop that cut those hosts short was taken by someone else
+                    // meanwhile: their verification never passed, so they failed.
+                    Boundary::Next if stop_waiting => {
+                        for host in cut {
+                            let f = HostFailure {
+                                host,
+                                reason: format!("before_traffic: {VERIFY_STOPPED_UNCLAIMED}"),
+                            };
+                            self.report_failed_host(run, &label, &f)?;
+                            batch_failures += 1;
+                            failed.push(f);
+                        }
+                        over = budget(&failed, batch_failures);
+                    }
+                    Boundary::Next => {}
                 }
+            }
+            let Some(why) = over else {
+                continue;
             };
             self.progress.say(&why);
             self.journal.event(Some(&run.id), &why)?;

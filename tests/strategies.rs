@@ -832,3 +832,68 @@ async fn a_promote_sent_before_a_step_does_not_skip_it() {
     );
     fleet.assert_on("v2").await;
 }
+
+/// An abort sent while a canary promotion host runs its before_traffic suite: that host keeps
+/// serving the stable release and is no failed host; every promoted host returns, as at an
+/// abort during a step. (It once counted as failed, the failure budget went first, and the
+/// queued abort then cut the undo's own suite: web1 was left on the new release.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_during_a_promotion_hosts_before_traffic_suite_returns_every_host() {
+    stop_a_promotion_hosts_suite(78, "abort").await;
+}
+
+/// The same with `cutover rollback`, which also reports that the deployment read it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_during_a_promotion_hosts_before_traffic_suite_returns_every_host() {
+    stop_a_promotion_hosts_suite(80, "rollback").await;
+}
+
+async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
+    // canary_hosts = 1, batch = 2: the canary is web1, promote 1/2 is web1 and web2.
+    let mut spec = canary_spec(net, "[{ weight = 50 }, { weight = 100 }]", "", "");
+    let tmp = std::env::temp_dir();
+    let slow = tmp.join(format!("cutover-slow{net}-{}", std::process::id()));
+    let pid_file = tmp.join(format!("cutover-verify{net}-{}.pid", std::process::id()));
+    let _ = std::fs::remove_file(&slow);
+    let _ = std::fs::remove_file(&pid_file);
+    // Passes at once until `slow` exists. Then v1's (the undo's) takes a second, time enough
+    // for a queued stop to cut it, and v2's runs until it is stopped.
+    spec.extra = format!(
+        "[[verify]]\ncommand = \"test -f {} || exit 0; test $CUTOVER_VERSION = v1 && sleep 1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"before_traffic\"]\ntimeout = \"60s\"\n",
+        slow.display(),
+        pid_file.display()
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 200, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("step 1", |d| d["status"]["step"] == "step 1/2")
+        .await;
+    std::fs::write(&slow, "").unwrap();
+    let (code, out, err) = fleet.cutover(&["promote", "--full"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let pid = common::wait_for_pid_file(&pid_file, "web2's before_traffic suite").await;
+    let (ccode, cout, cerr) = fleet.cutover(&[command]).await;
+    let (code, out, err) = deploy.await.unwrap();
+    let alive = common::kill_if_alive(pid);
+    let _ = std::fs::remove_file(&slow);
+    let _ = std::fs::remove_file(&pid_file);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "promotion stopped: {command} requested by an operator after promote 1/2"
+        )),
+        "{out}\n{err}"
+    );
+    assert!(!out.contains("failed host"), "{out}\n{err}");
+    assert!(!out.contains("NOT ROLLED BACK"), "{out}\n{err}");
+    assert!(!alive, "the verify command's sleep outlived the {command}");
+    assert_eq!(ccode, 0, "{cout}\n{cerr}");
+    assert!(!cerr.contains("ended before it read"), "{cout}\n{cerr}");
+    let report = stop_after(run, 1_500).await;
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    fleet.assert_on("v1").await;
+}
