@@ -6,7 +6,9 @@
 //! `before_switch` verify commands test it through that route; one atomic admin call then makes
 //! green active and blue draining. Blue keeps running for `scale_down_delay`, so a
 //! `cutover rollback` in that window is one more switch (the deployer polls its commands every
-//! 10 ms). `post_switch_analysis` failing switches back by itself.
+//! 10 ms). `post_switch_analysis` failing switches back by itself. A switch back needs a blue
+//! the balancer sees healthy: to a dead blue it would be an outage, so green keeps serving and
+//! the deployment fails instead.
 //!
 //! **Canary**: `canary_hosts` instances of the new release start beside the stable ones with
 //! weight 0; each step sets the weights so the canary receives exactly `weight` percent of the
@@ -425,6 +427,50 @@ impl Deployer {
             back_reason = self.none_healthy(version.as_str()).await;
         }
         if let Some(reason) = back_reason {
+            // Switching to a blue that cannot serve is an outage: green keeps the traffic
+            // (a green that is down too serves no worse), and a person decides. (A first
+            // deploy had no blue: going back to serving nothing is where it was.)
+            let unfit = if blue_ids.is_empty() {
+                None
+            } else {
+                self.unfit_blue(&blue_ids).await
+            };
+            if let Some(unfit) = unfit {
+                let why = format!(
+                    "cannot switch back to blue ({reason}): {unfit}; green ({version}) keeps serving"
+                );
+                self.progress.say(&format!("blue-green: {why}"));
+                self.journal.event(Some(&run.id), &why)?;
+                notes.push(why.clone());
+                let again = from
+                    .as_deref()
+                    .map_or(String::new(), |v| format!(" --to {v}"));
+                failed.push(HostFailure {
+                    host: "fleet".into(),
+                    reason: format!(
+                        "{why}: run `cutover rollback{again}` to start the previous release again side by side on every host"
+                    ),
+                });
+                self.status(
+                    run,
+                    serde_json::json!({
+                        "strategy": "blue-green", "phase": "switch back refused: blue is not healthy",
+                        "live": version.as_str(),
+                    }),
+                );
+                return self
+                    .finish_with(
+                        run,
+                        from,
+                        version,
+                        Outcome::Failed,
+                        started,
+                        stats_before,
+                        failed,
+                        notes,
+                    )
+                    .await;
+            }
             self.going_back(run);
             let to_blue = SwitchRequest {
                 activate: blue_ids.clone(),
@@ -662,6 +708,44 @@ impl Deployer {
         Some(format!(
             "no {release} backend is healthy (unhealthy at the balancer: {})",
             ids.join(", ")
+        ))
+    }
+
+    /// Why blue cannot take the traffic back: none of its backends (`blue_ids`) is healthy at
+    /// the balancer, or the balancer cannot say. None when one is.
+    async fn unfit_blue(&self, blue_ids: &[String]) -> Option<String> {
+        let backends = match self.balancer.backends().await {
+            Ok(b) => b,
+            Err(e) => {
+                return Some(format!(
+                    "blue's health could not be read from the balancer: {e:#}"
+                ));
+            }
+        };
+        let blue: Vec<_> = backends
+            .iter()
+            .filter(|b| blue_ids.contains(&b.spec.id))
+            .collect();
+        if blue.iter().any(|b| b.health == Health::Healthy) {
+            return None;
+        }
+        if blue.is_empty() {
+            return Some("no blue backend is left in the balancer".into());
+        }
+        let states: Vec<String> = blue
+            .iter()
+            .map(|b| {
+                let health = match b.health {
+                    Health::Unknown => "not yet checked",
+                    Health::Healthy => "healthy",
+                    Health::Unhealthy => "unhealthy",
+                };
+                format!("{} {health}", b.spec.id)
+            })
+            .collect();
+        Some(format!(
+            "no blue backend is healthy at the balancer ({})",
+            states.join(", ")
         ))
     }
 

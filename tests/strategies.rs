@@ -897,3 +897,62 @@ async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
     assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
     fleet.assert_on("v1").await;
 }
+
+/// A rollback in the switch-back window while every blue instance is dead: switching to blue
+/// would leave nothing to serve. Green keeps serving, and the deploy and the rollback say it
+/// failed (once they said "switched back to blue" and exited 0: a full outage). An ordinary
+/// rollback then brings the previous release back side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_does_not_switch_back_to_a_dead_blue() {
+    let mut spec = FleetSpec::new(2, 79);
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"20s\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 100, Vec::new());
+    run.wait_until(|r| r.ok >= 50).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the switch", |d| phase(d) == "switched")
+        .await;
+    kill_instances_of(&fleet, "v1");
+    let t = std::time::Instant::now();
+    while !fleet
+        .backends()
+        .await
+        .iter()
+        .filter(|b| b.spec.release == "v1")
+        .all(|b| b.health == cutover::balancer::api::Health::Unhealthy)
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(15),
+            "the balancer never saw blue down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 1, "the rollback did not happen: {out}\n{err}");
+    assert!(!out.contains("switched back to blue"), "{out}\n{err}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        out.contains("cannot switch back to blue (rollback requested): no blue backend is healthy"),
+        "{out}\n{err}"
+    );
+    assert!(!out.contains("switched back to blue"), "{out}\n{err}");
+    // Green still serves.
+    let before = run.snapshot();
+    let later = run.wait_until(|r| r.ok >= before.ok + 100).await;
+    assert_eq!(later.failed, before.failed, "{later}");
+
+    // The way back the report names: the previous release, side by side.
+    assert!(
+        out.contains("run `cutover rollback --to v1`"),
+        "{out}\n{err}"
+    );
+    let (code, out, err) = fleet.cutover(&["rollback", "--to", "v1"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let report = stop_after(run, 800).await;
+    assert!(report.share("v1") > 0.0, "{report}");
+    fleet.assert_on("v1").await;
+}
