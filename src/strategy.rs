@@ -41,6 +41,9 @@ use crate::verify;
 /// How often a waiting deployer looks for commands: bounds the reaction time of a rollback.
 const COMMAND_POLL: Duration = Duration::from_millis(10);
 
+/// How often a status that shows a countdown (blue's time left) is published again.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
 /// What the analysis loop of a step concluded.
 enum StepEnd {
     Next,
@@ -351,13 +354,23 @@ impl Deployer {
         } else {
             *config.strategy.scale_down_delay
         };
-        self.status(
-            run,
-            serde_json::json!({
-                "strategy": "blue-green", "phase": "switched", "live": version.as_str(),
-                "blue_stops_in_s": delay.as_secs_f64(),
-            }),
-        );
+        // The window's status, with the time blue has left: published again every second
+        // (and with each analysis), so `cutover status` counts it down.
+        let publish = |phase: &str, verdict: Option<&Judgement>| {
+            let left = delay.saturating_sub(switched_at.elapsed()).as_secs_f64();
+            let mut status = serde_json::json!({
+                "strategy": "blue-green", "phase": phase, "live": version.as_str(),
+                "blue_stops_in_s": (left * 10.0).round() / 10.0,
+            });
+            if let Some(j) = verdict {
+                status["verdict"] = serde_json::json!(j);
+            }
+            self.status(run, status);
+        };
+        let mut phase = "switched";
+        let mut verdict: Option<Judgement> = None;
+        publish(phase, None);
+        let mut published = Instant::now();
         // With post-switch analysis the window ends only after a conclusive pass: an
         // analysis that could not judge (no traffic) holds blue ready, never passes silently.
         // (A first deploy has no blue to go back to: nothing to hold.)
@@ -369,6 +382,10 @@ impl Deployer {
         let health_every = (*config.app.health.interval).max(Duration::from_millis(100));
         let mut last_health = Instant::now();
         while back_reason.is_none() && (switched_at.elapsed() < delay || !passed) {
+            if published.elapsed() >= STATUS_REFRESH {
+                publish(phase, verdict.as_ref());
+                published = Instant::now();
+            }
             if !blue_ids.is_empty() && last_health.elapsed() >= health_every {
                 last_health = Instant::now();
                 if let Some(why) = self.none_healthy(version.as_str()).await {
@@ -403,20 +420,19 @@ impl Deployer {
                     self.progress
                         .say(&format!("post-switch analysis: {}", j.summary()));
                     let decision = t.record(&j);
-                    let phase = match decision {
+                    phase = match decision {
                         Decision::Inconclusive => {
                             "paused: inconclusive post-switch analysis (blue stays ready; waiting for traffic, `cutover promote` or `cutover rollback`)"
                         }
                         _ => "post-switch analysis",
                     };
                     passed |= matches!(j.verdict, analysis::Verdict::Pass);
-                    self.status(
-                        run,
-                        serde_json::json!({"strategy": "blue-green", "phase": phase, "verdict": j}),
-                    );
                     if decision == Decision::Abort {
                         back_reason = Some(format!("post-switch analysis failed: {}", j.summary()));
                     }
+                    verdict = Some(j);
+                    publish(phase, verdict.as_ref());
+                    published = Instant::now();
                 }
             }
             tokio::time::sleep(COMMAND_POLL).await;

@@ -911,8 +911,15 @@ async fn blue_green_does_not_switch_back_to_a_dead_blue() {
     let run = traffic(&fleet, 100, Vec::new());
     run.wait_until(|r| r.ok >= 50).await;
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
-    fleet
+    let switched = fleet
         .wait_status("the switch", |d| phase(d) == "switched")
+        .await;
+    // `cutover status` counts blue's time down (it once showed 20.0 all window long).
+    let stops_in = |d: &serde_json::Value| d["status"]["blue_stops_in_s"].as_f64().unwrap();
+    let first = stops_in(&switched);
+    assert!(first <= 20.0, "{switched}");
+    fleet
+        .wait_status("blue's time to count down", |d| stops_in(d) < first - 1.0)
         .await;
     kill_instances_of(&fleet, "v1");
     let t = std::time::Instant::now();
