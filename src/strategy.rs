@@ -1291,8 +1291,28 @@ impl Deployer {
         let mut paused = false;
         // With analysis, a step ends only after a conclusive pass of its latest interval.
         let mut conclusive = config.analysis.is_none();
+        let mut inconclusive = false;
         let mut last_verdict: Option<Judgement> = None;
-        let publish = |phase: &str, verdict: &Option<Judgement>| {
+        // What holds the step, as `cutover status` shows it: an operator's pause outlasts every
+        // analysis interval until `resume`; a step without `pause` waits for `cutover promote`.
+        let waits = if step.pause.is_some() {
+            ""
+        } else {
+            " (waits for `cutover promote`)"
+        };
+        let publish = |paused: bool, inconclusive: bool, verdict: &Option<Judgement>| {
+            let phase = if paused {
+                "paused by an operator".to_string()
+            } else if inconclusive {
+                "paused: inconclusive analysis (waiting for traffic or `cutover promote`)"
+                    .to_string()
+            } else if config.analysis.is_some() {
+                format!("analysing{waits}")
+            } else if step.pause.is_some() {
+                "holding the step".to_string()
+            } else {
+                "waiting for `cutover promote`".to_string()
+            };
             self.status(
                 run,
                 serde_json::json!({
@@ -1301,7 +1321,7 @@ impl Deployer {
                 }),
             );
         };
-        publish("analysing", &last_verdict);
+        publish(paused, inconclusive, &last_verdict);
         loop {
             if let Some((cmd, at_ms)) = self.journal.take_command_at(&run.id)? {
                 self.progress.say(&format!("{label}: command {cmd}"));
@@ -1321,11 +1341,11 @@ impl Deployer {
                     "abort" | "rollback" => return Ok(StepEnd::Abort(format!("{cmd} requested"))),
                     "pause" => {
                         paused = true;
-                        publish("paused by an operator", &last_verdict);
+                        publish(paused, inconclusive, &last_verdict);
                     }
                     "resume" => {
                         paused = false;
-                        publish("analysing", &last_verdict);
+                        publish(paused, inconclusive, &last_verdict);
                     }
                     other => self
                         .progress
@@ -1355,16 +1375,15 @@ impl Deployer {
                         }
                         Decision::Inconclusive => {
                             conclusive = false;
+                            inconclusive = true;
                             last_verdict = Some(j);
-                            publish(
-                                "paused: inconclusive analysis (waiting for traffic or `cutover promote`)",
-                                &last_verdict,
-                            );
+                            publish(paused, inconclusive, &last_verdict);
                         }
                         Decision::Continue => {
                             conclusive = matches!(j.verdict, analysis::Verdict::Pass);
+                            inconclusive = false;
                             last_verdict = Some(j);
-                            publish("analysing", &last_verdict);
+                            publish(paused, inconclusive, &last_verdict);
                         }
                     }
                 }

@@ -850,7 +850,12 @@ async fn a_rollback_during_a_promotion_hosts_before_traffic_suite_returns_every_
 
 async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
     // canary_hosts = 1, batch = 2: the canary is web1, promote 1/2 is web1 and web2.
-    let mut spec = canary_spec(net, "[{ weight = 50 }, { weight = 100 }]", "", "");
+    let mut spec = canary_spec(
+        net,
+        "[{ weight = 50 }, { weight = 100 }]",
+        "",
+        "[analysis]\ninterval = \"300ms\"\nmin_success_rate = 90.0\nmin_requests = 5\n",
+    );
     let tmp = std::env::temp_dir();
     let slow = tmp.join(format!("cutover-slow{net}-{}", std::process::id()));
     let pid_file = tmp.join(format!("cutover-verify{net}-{}.pid", std::process::id()));
@@ -858,7 +863,7 @@ async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
     let _ = std::fs::remove_file(&pid_file);
     // Passes at once until `slow` exists. Then v1's (the undo's) takes a second, time enough
     // for a queued stop to cut it, and v2's runs until it is stopped.
-    spec.extra = format!(
+    spec.extra += &format!(
         "[[verify]]\ncommand = \"test -f {} || exit 0; test $CUTOVER_VERSION = v1 && sleep 1 && exit 0; sleep 30 & echo $! > {}; wait; exit 1\"\nat = [\"before_traffic\"]\ntimeout = \"60s\"\n",
         slow.display(),
         pid_file.display()
@@ -869,9 +874,25 @@ async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
     run.wait_until(|r| r.ok >= 100).await;
 
     let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    // A step without `pause` says what it waits for, and an operator's pause outlasts the
+    // next analysis (which once published "analysing" over it).
     fleet
-        .wait_status("step 1", |d| d["status"]["step"] == "step 1/2")
+        .wait_status("step 1", |d| {
+            d["status"]["step"] == "step 1/2"
+                && phase(d) == "analysing (waits for `cutover promote`)"
+        })
         .await;
+    let (code, out, err) = fleet.cutover(&["pause"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let paused = fleet
+        .wait_status("the pause", |d| phase(d) == "paused by an operator")
+        .await;
+    let d = fleet
+        .wait_status("the next analysis", |d| {
+            d["status"]["verdict"] != paused["status"]["verdict"]
+        })
+        .await;
+    assert_eq!(phase(&d), "paused by an operator", "{d}");
     std::fs::write(&slow, "").unwrap();
     let (code, out, err) = fleet.cutover(&["promote", "--full"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
