@@ -474,6 +474,12 @@ impl Deployer {
             // wait for a `cutover promote`).
             _ if req.kind == "rollback" => {}
             crate::config::StrategyKind::Rolling => {}
+            crate::config::StrategyKind::BlueGreen if from.as_deref() == Some(version.as_str()) => {
+                // A green set of the live release would restart every host for nothing.
+                self.progress.say(&format!(
+                    "{version} is already the live release: no green set to switch to; hosts that serve it stay as they are, any other moves side by side"
+                ));
+            }
             crate::config::StrategyKind::BlueGreen => {
                 return self
                     .blue_green(&run, version, &staged, started, &stats_before)
@@ -1729,6 +1735,15 @@ impl Deployer {
     fn take_closed_at_deadline(&self) -> u64 {
         self.closed_at_deadline
             .swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hosts whose instance of the new release this deployment started, though a later step
+    /// found it serving: they are reported as moved, not as already running the release.
+    pub(crate) fn started_here<'a>(&self, hosts: impl IntoIterator<Item = &'a str>) {
+        let mut already = self.already.lock().unwrap_or_else(|p| p.into_inner());
+        for host in hosts {
+            already.retain(|a| a != host);
+        }
     }
 
     fn take_already(&self) -> Vec<String> {

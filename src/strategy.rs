@@ -552,7 +552,7 @@ impl Deployer {
 
         // Blue's time is up: it is already draining; wait for it, remove it, stop it.
         self.progress
-            .say("blue-green: scale_down_delay over; stopping blue");
+            .say("blue-green: the switch-back window is over; stopping blue");
         // Then each host settles as a rolling switch does: other instances stopped, releases
         // beyond `keep` pruned (blue's kept, for a quick way back).
         let unsettled = join_all(green.iter().map(|(h, inst)| async move {
@@ -1254,6 +1254,9 @@ impl Deployer {
                 moved.len()
             )
         });
+        // The promotion found each canary host serving the new release, from the instance this
+        // deployment started there: it moved, it was not already running it.
+        self.started_here(canaries.iter().map(|(h, _)| h.name.as_str()));
         // Failures within the budget are a success with failed hosts, as in a rolling deploy.
         let outcome = stopped.unwrap_or(Outcome::Succeeded);
         self.finish(

@@ -82,6 +82,17 @@ async fn blue_green_switches_atomically_and_blue_stops_after_the_delay() {
     assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
     // After the delay blue is gone: one process per host, all green.
     fleet.assert_on("v2").await;
+    // Deploying the live release again starts no second set: as with the other strategies,
+    // hosts that serve it stay as they are.
+    let pids = fleet.live_instances();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("already running v2 (not restarted)"),
+        "{out}\n{err}"
+    );
+    assert!(!err.contains("started v2"), "{err}");
+    assert_eq!(fleet.live_instances(), pids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -591,6 +602,9 @@ async fn promote_full_skips_the_remaining_steps_and_the_report_says_so() {
         "{out}"
     );
     assert!(!out.contains("canary passed"), "{out}");
+    // The canary host's instance started in this deployment: it moved, it was not "already
+    // running v2".
+    assert!(!out.contains("already running"), "{out}");
     fleet.assert_on("v2").await;
 }
 
