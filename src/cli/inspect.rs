@@ -98,7 +98,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
     }
     println!(
         "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
-        "HOST", "CURRENT", "INSTANCE", "PID", "BALANCER", "HEALTH", "REQUESTS", "5XX"
+        "HOST", "CURRENT", "INSTANCE", "PID", "BALANCER", "HEALTH", "REQUESTS", "FAILED"
     );
     for v in &views {
         // An unreadable host's instances and `current` are not known ("?"), but the
@@ -134,7 +134,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 b.map_or("absent".into(), |b| format!("{:?}", b.state).to_lowercase()),
                 b.map_or("-".into(), |b| format!("{:?}", b.health).to_lowercase()),
                 b.map_or(0, |b| b.counters.requests),
-                b.map_or(0, |b| b.counters.status_5xx),
+                b.map_or(0, |b| b.counters.failed_attempts()),
             );
         }
         for b in v.backends.iter().filter(|b| {
@@ -151,7 +151,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 format!("{:?}", b.state).to_lowercase(),
                 format!("{:?}", b.health).to_lowercase(),
                 b.counters.requests,
-                b.counters.status_5xx,
+                b.counters.failed_attempts(),
             );
         }
     }

@@ -188,7 +188,7 @@ async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
                 "weight": b.map(|b| b.spec.weight),
                 "in_flight": b.map_or(0, |b| b.in_flight),
                 "requests": b.map_or(0, |b| b.counters.requests),
-                "errors": b.map_or(0, |b| b.counters.status_5xx),
+                "errors": b.map_or(0, |b| b.counters.failed_attempts()),
             }));
         }
         for b in v.backends.iter().filter(|b| !seen.contains(&b.spec.id)) {
@@ -205,7 +205,7 @@ async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
                 "weight": b.spec.weight,
                 "in_flight": b.in_flight,
                 "requests": b.counters.requests,
-                "errors": b.counters.status_5xx,
+                "errors": b.counters.failed_attempts(),
             }));
         }
     }
