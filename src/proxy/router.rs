@@ -655,7 +655,20 @@ impl Table {
                 return Some((guard, eligible));
             }
         }
-        self.pick_where(exclude, |e| e.eligible(route.preview))
+        if let Some(picked) = self.pick_where(exclude, |e| e.eligible(route.preview)) {
+            return Some(picked);
+        }
+        if route.preview {
+            return None;
+        }
+        // No active backend can take it: a healthy one being drained still runs and can, as a
+        // balancer falls back to its backup servers. Better than "no backend available" when
+        // the release just switched to dies (a blue-green window, an unhealthy batch).
+        self.pick_where(exclude, |e| {
+            e.state == BackendState::Draining
+                && e.health.health == Health::Healthy
+                && e.spec.weight > 0
+        })
     }
 
     /// The release a sticky hash lands on: releases in name order, each with a share of the
@@ -866,6 +879,30 @@ mod tests {
     fn pick_id(t: &mut Table) -> String {
         let (guard, _) = t.pick(&[], Route::default()).expect("a backend");
         guard.backend().id.clone()
+    }
+
+    /// Review finding: when green died in a blue-green window, clients got 502s and 503s for
+    /// half a second while blue, draining but healthy, could still have answered.
+    #[test]
+    fn draining_backends_answer_when_no_active_one_can() {
+        let mut t = table(&[("blue", 1), ("green", 1)]);
+        t.set_state("blue", BackendState::Draining);
+        assert_eq!(pick_id(&mut t), "green", "an active backend first");
+        t.get_mut("green").unwrap().health.health = Health::Unhealthy;
+        assert_eq!(pick_id(&mut t), "blue", "then a healthy draining one");
+        let preview = Route {
+            preview: true,
+            ..Route::default()
+        };
+        assert!(
+            t.pick(&[], preview).is_none(),
+            "never for a preview request"
+        );
+        t.get_mut("blue").unwrap().health.health = Health::Unhealthy;
+        assert!(
+            t.pick(&[], Route::default()).is_none(),
+            "an unhealthy one never"
+        );
     }
 
     #[test]
