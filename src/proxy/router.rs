@@ -933,7 +933,11 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(pick_id(&mut t), "b");
         }
+        // Only an unchecked active backend is left: a healthy draining one answers meanwhile
+        // (see `draining_backends_answer_when_no_active_one_can`), until none is active.
         t.set_state("b", BackendState::Draining);
+        assert!(["a", "b"].contains(&pick_id(&mut t).as_str()));
+        t.set_state("new", BackendState::Draining);
         assert!(t.pick(&[], Route::default()).is_none());
     }
 
