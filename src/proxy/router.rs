@@ -658,12 +658,14 @@ impl Table {
         if let Some(picked) = self.pick_where(exclude, |e| e.eligible(route.preview)) {
             return Some(picked);
         }
-        if route.preview {
+        // The active backends are all failing: a healthy one being drained still runs and can
+        // answer, as a balancer falls back to its backup servers. Better than "no backend
+        // available" when the release just switched to dies (a blue-green window, an unhealthy
+        // batch). With no active backend at all the drains are meant to empty the fleet (in
+        // place, every host at once): they are left to finish.
+        if route.preview || !self.entries.iter().any(|e| e.state == BackendState::Active) {
             return None;
         }
-        // No active backend can take it: a healthy one being drained still runs and can, as a
-        // balancer falls back to its backup servers. Better than "no backend available" when
-        // the release just switched to dies (a blue-green window, an unhealthy batch).
         self.pick_where(exclude, |e| {
             e.state == BackendState::Draining
                 && e.health.health == Health::Healthy
@@ -898,6 +900,12 @@ mod tests {
             t.pick(&[], preview).is_none(),
             "never for a preview request"
         );
+        t.set_state("green", BackendState::Draining);
+        assert!(
+            t.pick(&[], Route::default()).is_none(),
+            "with no active backend at all, the drains are meant to empty the fleet"
+        );
+        t.set_state("green", BackendState::Active);
         t.get_mut("blue").unwrap().health.health = Health::Unhealthy;
         assert!(
             t.pick(&[], Route::default()).is_none(),
