@@ -1814,6 +1814,14 @@ impl Config {
                             format!("{sticky:?} is neither \"cookie\" nor a header name"),
                         ));
                     }
+                    if sticky != "cookie" && sticky.eq_ignore_ascii_case("cookie") {
+                        return Err(err(
+                            "strategy.sticky",
+                            format!(
+                                "{sticky:?} would hash the whole Cookie header (every cookie the client holds), not pin a release with cutover's cookie: write sticky = \"cookie\""
+                            ),
+                        ));
+                    }
                 }
             }
         }
@@ -2492,6 +2500,11 @@ batch = [1, "50%"]
         assert!(parse(&format!("{canary}min_success_rate = 99.5\n")).is_ok());
         let e = error_of(&format!("{canary}max_p99_latency = \"0s\"\n"));
         assert!(e.contains("fails every interval"), "{e}");
+        let e = error_of(&canary.replace(
+            "kind = \"canary\"",
+            "kind = \"canary\"\nsticky = \"Cookie\"",
+        ));
+        assert!(e.contains("write sticky = \"cookie\""), "{e}");
         let ssh = |host: &str| {
             format!(
                 "transport = \"ssh\"\n{}",
