@@ -992,6 +992,13 @@ async fn blue_green_does_not_switch_back_to_a_dead_blue() {
         out.contains("run `cutover rollback --to v1`"),
         "{out}\n{err}"
     );
+    // `cutover status` says the last deployment failed, and where a rollback goes.
+    let (_, status, _) = fleet.cutover(&["status"]).await;
+    assert!(
+        status.contains(") FAILED: hosts may be left on either release")
+            && status.contains("`cutover rollback` returns the fleet to v1"),
+        "{status}"
+    );
     let (code, out, err) = fleet.cutover(&["rollback", "--to", "v1"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let report = stop_after(run, 800).await;

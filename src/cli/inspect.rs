@@ -54,6 +54,16 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
         let running = lock.as_ref().is_some_and(|h| !h.is_gone());
         (row, running)
     });
+    // A deploy that failed may have left hosts on its release (one it could not return):
+    // nothing else here would say so while no deployment runs.
+    let last_failed = match &deployment {
+        Some(_) => None,
+        None => journal
+            .deployments(config.app.name.as_str(), 1)?
+            .into_iter()
+            .next()
+            .filter(|row| row.outcome.as_deref() == Some("failed")),
+    };
     if json {
         let hosts: Vec<serde_json::Value> = views
             .iter()
@@ -86,6 +96,9 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 // this is empty too.
                 "drift_unchecked": unchecked,
                 "deployment": deployment,
+                "last_failed": last_failed.as_ref().map(|row| serde_json::json!({
+                    "id": row.id, "kind": row.kind, "from": row.from, "to": row.to,
+                })),
                 "balancer_error": balancer_error,
             }))?
         );
@@ -193,6 +206,27 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 row.id
             );
         }
+    }
+    if let Some(row) = &last_failed {
+        let (what, next) = if row.kind == "rollback" {
+            (
+                "rollback",
+                format!("`cutover rollback --to {}` tries again", row.to),
+            )
+        } else {
+            let back = row.from.as_deref().unwrap_or("where it was");
+            (
+                "deployment",
+                format!("`cutover rollback` returns the fleet to {back}"),
+            )
+        };
+        println!(
+            "\nlast {what} {} ({} -> {}) FAILED: hosts may be left on either release; `cutover show {}` lists them, {next}",
+            row.id,
+            row.from.as_deref().unwrap_or("(nothing)"),
+            row.to,
+            row.id,
+        );
     }
     print!(
         "{}",
