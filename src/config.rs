@@ -1263,7 +1263,6 @@ impl Config {
                 }
             }
             if local {
-                self.check_local_root(text, i)?;
                 // Every local host runs here: an address this machine does not have would
                 // only fail when its batch comes, after the hosts before it moved.
                 if let Err(e) = std::net::TcpListener::bind((h.address, 0)) {
@@ -1293,6 +1292,9 @@ impl Config {
                     ));
                 }
             }
+        }
+        if local {
+            self.check_local_roots(text)?;
         }
         if self.app.start.trim().is_empty() {
             return Err(err("app.start", "the start command is empty".into()));
@@ -1575,38 +1577,11 @@ impl Config {
     /// A local host's root must not overlap another host's, nor may its `releases/` overlap
     /// the release source or the state directory: a deploy prunes old releases there with
     /// `rm -rf`, and took a user's own builds for staged releases. Paths are compared as
-    /// directories (`a/../b` is `b`; symlinks are followed where the path exists).
-    fn check_local_root(&self, text: &str, i: usize) -> Result<(), ConfigError> {
-        let h = &self.hosts[i];
-        let root = place_of(&h.root);
+    /// directories (`a/../b` is `b`; symlinks are followed where the path exists), each
+    /// resolved once (a fleet of hundreds is compared pairwise).
+    fn check_local_roots(&self, text: &str) -> Result<(), ConfigError> {
+        let places: Vec<PathBuf> = self.hosts.iter().map(|h| place_of(&h.root)).collect();
         let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
-        for other in &self.hosts[..i] {
-            let theirs = place_of(&other.root);
-            if overlap(&root, &theirs) {
-                let how = if root == theirs {
-                    "is the same directory as".to_string()
-                } else if root.starts_with(&theirs) {
-                    "lies inside".to_string()
-                } else {
-                    "contains".to_string()
-                };
-                return Err(self.host_error(
-                    text,
-                    i,
-                    "root",
-                    format!(
-                        "host {}'s root {} {how} host {}'s root {}: local hosts share this machine, and each prunes its own releases; give each host its own directory, none inside another (e.g. \"fleet/{}\" beside \"fleet/{}\")",
-                        h.name,
-                        root.display(),
-                        other.name,
-                        theirs.display(),
-                        other.name,
-                        h.name
-                    ),
-                ));
-            }
-        }
-        let releases = root.join("releases");
         let mut guarded = vec![("the state directory (state_dir)", place_of(&self.state_dir))];
         if let Some(path) = &self.release.path {
             // The directory the versions live in: `builds/{version}` -> `builds`.
@@ -1623,21 +1598,50 @@ impl Config {
                 place_of(&local_path(&self.base_dir, &dir)),
             ));
         }
-        for (what, dir) in guarded {
-            if overlap(&releases, &dir) {
+        for (i, (h, root)) in self.hosts.iter().zip(&places).enumerate() {
+            for (other, theirs) in self.hosts[..i].iter().zip(&places) {
+                if !overlap(root, theirs) {
+                    continue;
+                }
+                let how = if root == theirs {
+                    "is the same directory as"
+                } else if root.starts_with(theirs) {
+                    "lies inside"
+                } else {
+                    "contains"
+                };
                 return Err(self.host_error(
                     text,
                     i,
                     "root",
                     format!(
-                        "host {}'s root {} keeps its staged releases in {}, which overlaps {what} {}: a deploy removes old releases there. Give the host a root of its own, e.g. root = \"fleet/{}\"",
+                        "host {}'s root {} {how} host {}'s root {}: local hosts share this machine, and each prunes its own releases; give each host its own directory, none inside another (e.g. \"fleet/{}\" beside \"fleet/{}\")",
                         h.name,
                         root.display(),
-                        releases.display(),
-                        dir.display(),
+                        other.name,
+                        theirs.display(),
+                        other.name,
                         h.name
                     ),
                 ));
+            }
+            let releases = root.join("releases");
+            for (what, dir) in &guarded {
+                if overlap(&releases, dir) {
+                    return Err(self.host_error(
+                        text,
+                        i,
+                        "root",
+                        format!(
+                            "host {}'s root {} keeps its staged releases in {}, which overlaps {what} {}: a deploy removes old releases there. Give the host a root of its own, e.g. root = \"fleet/{}\"",
+                            h.name,
+                            root.display(),
+                            releases.display(),
+                            dir.display(),
+                            h.name
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
