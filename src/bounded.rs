@@ -140,6 +140,105 @@ fn kill_live_groups() {
     }
 }
 
+/// Where this process lists the process groups of its running commands, so that the next
+/// deployer can stop what this one left if it is killed (`kill -9` runs no cleanup): a verify
+/// suite or a hook would otherwise run on, unowned. See [`stop_groups_left_behind`].
+static GROUPS_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// The groups listed in [`GROUPS_FILE`], each with its leader's start time (so that a pid
+/// used again later is never taken for the group).
+static LISTED: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
+
+/// Lists this process's command groups under `state_dir` from now on (a deploy, a rollback).
+pub fn list_groups_under(state_dir: &std::path::Path) {
+    let dir = state_dir.join("groups");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = GROUPS_FILE.set(dir.join(format!(
+            "{}-{}",
+            std::process::id(),
+            crate::journal::now_ms()
+        )));
+    }
+}
+
+/// The start time of process `pid` (field 22 of /proc/PID/stat), if it runs.
+fn start_time(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(") ")? + 2..];
+    after.split(' ').nth(19).map(str::to_string)
+}
+
+/// Adds (`live`) or removes a group in this process's list, if it keeps one.
+fn list_group(pgid: u32, live: bool) {
+    let Some(path) = GROUPS_FILE.get() else {
+        return;
+    };
+    let mut listed = LISTED.lock().unwrap_or_else(|p| p.into_inner());
+    if live {
+        if let Some(start) = start_time(pgid) {
+            listed.push((pgid, start));
+        }
+    } else {
+        listed.retain(|(g, _)| *g != pgid);
+    }
+    if listed.is_empty() {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
+    let mut text = format!("machine {}\n", crate::journal::machine_name());
+    for (g, start) in listed.iter() {
+        text.push_str(&format!("{g} {start}\n"));
+    }
+    let _ = crate::atomic_file::replace(path, text.as_bytes());
+}
+
+/// Kills the command groups that deployers of this machine which are gone (killed) left
+/// running, as their lists under `state_dir` say; returns how many it stopped. Called with
+/// the deploy lock held, before anything else runs.
+pub fn stop_groups_left_behind(state_dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("groups")) else {
+        return 0;
+    };
+    let mut stopped = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((pid, since)) = name.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), Ok(since)) = (pid.parse::<u32>(), since.parse::<u64>()) else {
+            continue; // not a list (a temporary file of one being written)
+        };
+        let gone = !crate::journal::process_alive(pid)
+            || crate::journal::process_started_after(pid, since);
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        let mut lines = text.lines();
+        let here = lines.next() == Some(&format!("machine {}", crate::journal::machine_name()));
+        if !gone || !here {
+            continue; // still running, or another machine's (sharing the state directory)
+        }
+        for line in lines {
+            let Some((group, start)) = line.split_once(' ') else {
+                continue;
+            };
+            let Ok(group) = group.parse::<u32>() else {
+                continue;
+            };
+            // A leader that runs with another start time is a new process with a used pid:
+            // not the group. Without a leader, its members keep the group id from reuse.
+            if start_time(group).is_some_and(|s| s != start) {
+                continue;
+            }
+            // SAFETY: kill(2) on a group a killed deployer of this machine led for a command;
+            // checked above not to be another process's.
+            if unsafe { libc::kill(-(group as i32), libc::SIGKILL) } == 0 {
+                stopped += 1;
+            }
+        }
+        let _ = std::fs::remove_file(entry.path());
+    }
+    stopped
+}
+
 /// Kills the command's process group when dropped while it runs.
 struct Group {
     pid: Option<u32>,
@@ -149,6 +248,7 @@ impl Group {
     fn new(pid: Option<u32>) -> Group {
         if let Some(p) = pid {
             register_group(p);
+            list_group(p, true);
         }
         Group { pid }
     }
@@ -157,12 +257,14 @@ impl Group {
     fn disarm(&mut self) {
         if let Some(pid) = self.pid.take() {
             forget_group(pid);
+            list_group(pid, false);
         }
     }
 
     fn kill(&mut self) {
         if let Some(pid) = self.pid.take() {
             forget_group(pid);
+            list_group(pid, false);
             // SAFETY: kill(2) on the process group this module created for the command, whose
             // leader has not been reaped yet (so the group id cannot have been reused).
             unsafe {

@@ -251,7 +251,7 @@ pub fn process_alive(pid: u32) -> bool {
 
 /// Whether the process now running as `pid` started after `ms` (unix ms): then it is not the
 /// one that took a lock at `ms`, but a later one that reuses its pid.
-fn process_started_after(pid: u32, ms: u64) -> bool {
+pub(crate) fn process_started_after(pid: u32, ms: u64) -> bool {
     let start_ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -327,7 +327,7 @@ fn passwd_name(uid: libc::uid_t) -> Option<String> {
     None
 }
 
-fn machine_name() -> String {
+pub(crate) fn machine_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|s| s.trim().to_string())

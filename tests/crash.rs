@@ -462,3 +462,59 @@ async fn status_without_the_balancer_still_tells_of_an_interrupted_deployment() 
     recover(&fleet, &["rollback"], 12).await;
     fleet.assert_on("v1").await;
 }
+
+/// Review finding: a deployer killed with `kill -9` while a verify suite ran left the suite
+/// (and what it started) running, unowned. The next deployer stops it before it begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_deploy_stops_what_a_killed_one_left_running() {
+    let mut spec = spec(78);
+    let (pid_file, extra) = common::long_verification(78, "before_traffic");
+    spec.extra = extra;
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let _ = std::fs::remove_file(&pid_file);
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    let t = std::time::Instant::now();
+    let suite = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "the suite never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    fleet.kill_running_deploy(deploy).await;
+    // SAFETY: kill(2) with signal 0 only asks whether the test's own grandchild lives.
+    let alive = |pid: u32| unsafe { libc::kill(pid as i32, 0) } == 0 && {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        !stat.contains(") Z")
+    };
+    assert!(
+        alive(suite),
+        "the killed deploy's suite should still run here"
+    );
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    let t = std::time::Instant::now();
+    while alive(suite) && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = alive(suite);
+    if left {
+        // SAFETY: cleanup of the test's own grandchild after a failure.
+        unsafe { libc::kill(suite as i32, libc::SIGKILL) };
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    assert!(
+        !left,
+        "the suite's sleep outlived the next command\n{out}\n{err}"
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        // Two: the batch's two hosts each ran their suite.
+        err.contains("stopped 2 command(s) (a verify suite, a hook or a build"),
+        "{err}"
+    );
+    fleet.assert_on("v1").await;
+}

@@ -172,6 +172,13 @@ pub(super) async fn deploy_cmd(
     let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
     deployer.warm();
     let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
+    let stopped = crate::bounded::stop_groups_left_behind(&config.state_dir);
+    if stopped > 0 {
+        eprintln!(
+            "stopped {stopped} command(s) (a verify suite, a hook or a build, with what they started) that a killed deploy left running"
+        );
+    }
+    crate::bounded::list_groups_under(&config.state_dir);
     // Ctrl-C ends the deployment where it is (the journal knows where): say what comes next.
     let _interrupted = {
         let (state_dir, app) = (config.state_dir.clone(), config.app.name.to_string());
