@@ -1485,28 +1485,48 @@ impl Deployer {
             .backends()
             .await
             .map_err(|e| fail(format!("{e:#}")))?;
-        let serving_target = recorded.iter().find(|r| {
-            r.alive
-                && r.instance.version == version.as_str()
-                && backends.iter().any(|b| {
-                    b.spec.id == r.instance.backend_id()
-                        && b.state == BackendState::Active
-                        && b.health == crate::balancer::api::Health::Healthy
-                })
-        });
+        let healthy_target = |state: BackendState| {
+            recorded.iter().find(|r| {
+                r.alive
+                    && r.instance.version == version.as_str()
+                    && backends.iter().any(|b| {
+                        b.spec.id == r.instance.backend_id()
+                            && b.state == state
+                            && b.health == crate::balancer::api::Health::Healthy
+                    })
+            })
+        };
+        // An instance of the release still running and healthy while it drains (blue in a
+        // blue-green window, the old instance of a host whose deployer was killed) goes back
+        // into the balancer at once: no start, no gate, as the switch back it stands for.
+        let (serving_target, draining) = match healthy_target(BackendState::Active) {
+            Some(r) => (Some(r), false),
+            None => (healthy_target(BackendState::Draining), true),
+        };
         let (instance, serving, emptied) = match serving_target {
             Some(r) => {
-                say(format!(
-                    "already serving {version} on {}",
-                    r.instance.address
-                ));
-                self.already
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(host.name.to_string());
+                let id = r.instance.backend_id();
+                if draining {
+                    self.balancer
+                        .activate(&id)
+                        .await
+                        .map_err(|e| fail(format!("putting {id} back into the balancer: {e:#}")))?;
+                    say(format!(
+                        "{version} on {} was draining and still healthy: back in the balancer",
+                        r.instance.address
+                    ));
+                } else {
+                    say(format!(
+                        "already serving {version} on {}",
+                        r.instance.address
+                    ));
+                    self.already
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(host.name.to_string());
+                }
                 // A canary's steps leave the stable backends at other weights (0 at a 100%
                 // step): one that stays must carry its full share again.
-                let id = r.instance.backend_id();
                 let weight = crate::balancer::api::default_weight();
                 if backends
                     .iter()

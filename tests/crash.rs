@@ -467,8 +467,8 @@ async fn status_without_the_balancer_still_tells_of_an_interrupted_deployment() 
 /// (and what it started) running, unowned. The next deployer stops it before it begins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_deploy_stops_what_a_killed_one_left_running() {
-    let mut spec = spec(78);
-    let (pid_file, extra) = common::long_verification(78, "before_traffic");
+    let mut spec = spec(94);
+    let (pid_file, extra) = common::long_verification(94, "before_traffic");
     spec.extra = extra;
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;

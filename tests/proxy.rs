@@ -589,6 +589,58 @@ async fn draining_sends_no_new_requests_and_waits_for_the_slow_one() {
     b.stop().await;
 }
 
+/// A retire whose backend is put back into service while it waits (a deployer's switch back
+/// after another deployer died mid-retire) ends without cutting or removing anything.
+#[tokio::test]
+async fn a_retire_gives_up_when_its_backend_is_put_back_into_service() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let slow = {
+        let req = Request::get(h.url("/slow"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let client = h.client.clone();
+        tokio::spawn(async move {
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        })
+    };
+    let hits = a.hits.clone();
+    eventually("the slow request to reach a", || {
+        let hits = hits.clone();
+        async move { hits.slow_started.load(Ordering::SeqCst) == 1 }
+    })
+    .await;
+    let retire = {
+        let admin = h.admin.clone();
+        tokio::spawn(async move { admin.retire("a", Duration::from_secs(2)).await })
+    };
+    eventually("a to drain", || {
+        let h = &h;
+        async move { h.view("a").await.state == BackendState::Draining }
+    })
+    .await;
+    h.admin.activate("a").await.unwrap();
+    let e = retire.await.unwrap().unwrap_err();
+    assert!(format!("{e:#}").contains("put back into service"), "{e:#}");
+    // Past the retire's deadline: nothing was cut, and a serves on.
+    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    assert_eq!(h.view("a").await.state, BackendState::Active);
+    a.release_slow.send(true).unwrap();
+    let (status, body) = slow.await.unwrap();
+    assert_eq!(
+        (status, &body[..]),
+        (StatusCode::OK, &b"slow done by a\n"[..])
+    );
+    let (status, _) = h.get("/").await;
+    assert_eq!(status, StatusCode::OK);
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
 #[tokio::test]
 async fn drain_deadline_cuts_a_streaming_response() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;

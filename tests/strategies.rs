@@ -1005,3 +1005,45 @@ async fn blue_green_does_not_switch_back_to_a_dead_blue() {
     assert!(report.share("v1") > 0.0, "{report}");
     fleet.assert_on("v1").await;
 }
+
+/// Review finding: a deployer killed in the blue-green window lost the instant switch back:
+/// `cutover rollback` started blue's release again on every host, although blue still ran,
+/// healthy, only draining. Now blue goes back into the balancer as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_killed_blue_green_window_rollback_puts_the_running_blue_back() {
+    let mut spec = FleetSpec::new(2, 95);
+    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"60s\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let blue: Vec<u32> = fleet
+        .live_instances()
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    let run = traffic(&fleet, 150, Vec::new());
+    run.wait_until(|r| r.ok >= 50).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the switch", |d| phase(d) == "switched")
+        .await;
+    fleet.kill_running_deploy(deploy).await;
+
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        err.matches("was draining and still healthy: back in the balancer")
+            .count(),
+        2,
+        "{err}"
+    );
+    assert!(!err.contains("started v1"), "{err}");
+    let report = stop_after(run, 500).await;
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    fleet.assert_on("v1").await;
+    let now: Vec<u32> = fleet
+        .live_instances()
+        .into_iter()
+        .map(|(_, pid)| pid)
+        .collect();
+    assert_eq!(now, blue, "blue's own processes serve again");
+}

@@ -326,6 +326,15 @@ async fn retire(
     drop(gate);
     let report = settle_drain(&proxy, &id, timeout).await?;
     let _gate = change_gate(&proxy).await?;
+    if proxy
+        .table()
+        .get(&id)
+        .is_some_and(|e| e.state == BackendState::Active)
+    {
+        return Err(AdminError::Conflict(format!(
+            "backend {id} was put back into service while it drained: left in place"
+        )));
+    }
     if proxy.table().remove(&id).is_some() {
         info!(backend = %id, drained = report.drained, waited_ms = report.waited_ms, "backend retired");
     }
@@ -350,7 +359,36 @@ async fn settle_drain(proxy: &Proxy, id: &str, timeout: Duration) -> Result<Drai
     };
     let started = Instant::now();
     let waited_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    if wait_idle(&shared, started + timeout).await {
+    // Put back into service meanwhile (`activate`: a deployer's switch back, an operator):
+    // the drain is over, and nothing of it may be cut or removed.
+    let reactivated = || {
+        proxy
+            .table()
+            .get(&id)
+            .is_some_and(|e| e.state == BackendState::Active)
+    };
+    let put_back = || {
+        AdminError::Conflict(format!(
+            "backend {id} was put back into service while it drained: left in place"
+        ))
+    };
+    let deadline = started + timeout;
+    let idle = loop {
+        let check = (Instant::now() + REACTIVATION_CHECK).min(deadline);
+        if wait_idle(&shared, check).await {
+            break true;
+        }
+        if reactivated() {
+            return Err(put_back());
+        }
+        if Instant::now() >= deadline {
+            break false;
+        }
+    };
+    if reactivated() {
+        return Err(put_back());
+    }
+    if idle {
         // Idle here; a proxy this one took over may still be finishing requests on it (it
         // closes them itself at its own drain deadline, and counts them).
         let drained = proxy.wait_predecessor(&id, started + timeout).await;
@@ -380,6 +418,10 @@ async fn settle_drain(proxy: &Proxy, id: &str, timeout: Duration) -> Result<Drai
         waited_ms: waited,
     })
 }
+
+/// How often a drain waiting for requests in flight looks whether its backend was put back
+/// into service.
+const REACTIVATION_CHECK: Duration = Duration::from_millis(100);
 
 /// Waits until the backend has no request in flight; false at the deadline.
 pub(crate) async fn wait_idle(shared: &super::router::BackendShared, deadline: Instant) -> bool {
