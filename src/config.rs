@@ -1550,8 +1550,9 @@ impl Config {
                 return Err(err(
                     key,
                     format!(
-                        "port 0 would make the proxy take a random port that deploys and clients cannot find: give {key} a fixed port, e.g. {}:8080",
-                        addr.ip()
+                        "port 0 would make the proxy take a random port that deploys and clients cannot find: give {key} a fixed port, e.g. {}:{}",
+                        addr.ip(),
+                        if key == "balancer.admin" { 8081 } else { 8080 }
                     ),
                 ));
             }
@@ -1573,12 +1574,12 @@ impl Config {
         Ok(())
     }
 
-    /// An error about `key` of the `i`-th `[[table]]` entry, placed at that entry's line.
-    /// A local host's root must not overlap another host's, nor may its `releases/` overlap
-    /// the release source or the state directory: a deploy prunes old releases there with
-    /// `rm -rf`, and took a user's own builds for staged releases. Paths are compared as
-    /// directories (`a/../b` is `b`; symlinks are followed where the path exists), each
-    /// resolved once (a fleet of hundreds is compared pairwise).
+    /// A local host's root must not overlap another host's, and the release source (the
+    /// versions' directory) or the state directory must not be, or lie inside, its
+    /// `releases/`: a deploy prunes old releases there with `rm -rf`, and took a user's own
+    /// builds for staged releases. (A root inside the release source is fine: roots never
+    /// ship.) Paths are compared as directories (`a/../b` is `b`; symlinks are followed where
+    /// the path exists), each resolved once (a fleet of hundreds is compared pairwise).
     fn check_local_roots(&self, text: &str) -> Result<(), ConfigError> {
         let places: Vec<PathBuf> = self.hosts.iter().map(|h| place_of(&h.root)).collect();
         let overlap = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
@@ -1615,36 +1616,44 @@ impl Config {
                     i,
                     "root",
                     format!(
-                        "host {}'s root {} {how} host {}'s root {}: local hosts share this machine, and each prunes its own releases; give each host its own directory, none inside another (e.g. \"fleet/{}\" beside \"fleet/{}\")",
+                        "host {}'s root {} {how} host {}'s root {}: local hosts share this machine, and each prunes its own releases; give each host its own directory, none inside another (e.g. {} beside {})",
                         h.name,
                         root.display(),
                         other.name,
                         theirs.display(),
-                        other.name,
-                        h.name
+                        self.root_setting(other, &format!("fleet/{}", other.name)),
+                        self.root_setting(h, &format!("fleet/{}", h.name)),
                     ),
                 ));
             }
             let releases = root.join("releases");
             for (what, dir) in &guarded {
-                if overlap(&releases, dir) {
+                if dir.starts_with(&releases) {
                     return Err(self.host_error(
                         text,
                         i,
                         "root",
                         format!(
-                            "host {}'s root {} keeps its staged releases in {}, which overlaps {what} {}: a deploy removes old releases there. Give the host a root of its own, e.g. root = \"fleet/{}\"",
+                            "host {}'s root {} keeps its staged releases in {}, where {what} {} is: a deploy removes old releases there. Give the host a root of its own, e.g. {}",
                             h.name,
                             root.display(),
                             releases.display(),
                             dir.display(),
-                            h.name
+                            self.root_setting(h, &format!("fleet/{}", h.name))
                         ),
                     ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// How the user sets `host`'s root to `root`: in cutover.toml, or on its inventory line.
+    fn root_setting(&self, host: &Host, root: &str) -> String {
+        match host.origin {
+            Some(_) => format!("cutover_root={root}"),
+            None => format!("root = \"{root}\""),
+        }
     }
 
     /// An error about the `i`-th host's `key`: at its `[[hosts]]` entry, or at its line in the
@@ -1656,6 +1665,7 @@ impl Config {
         }
     }
 
+    /// An error about `key` of the `i`-th `[[table]]` entry, placed at that entry's line.
     fn entry_error(
         &self,
         text: &str,
@@ -2131,9 +2141,11 @@ fn token_problem(token: &str) -> Option<&'static str> {
             "is shorter than 8 characters: use a long random string (e.g. `openssl rand -hex 32`)",
         );
     }
-    if !t.bytes().all(|b| b.is_ascii_graphic()) {
+    // A space inside is fine (a passphrase): the header keeps it, and the admin API reads
+    // everything after "Bearer ".
+    if !t.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         return Some(
-            "holds a space, a control character or non-ASCII: it is sent in an HTTP header, so use letters, digits and punctuation only (e.g. `openssl rand -hex 32`)",
+            "holds a control character or non-ASCII: it is sent in an HTTP header, so use letters, digits, punctuation and spaces only (e.g. `openssl rand -hex 32`)",
         );
     }
     None
@@ -2405,6 +2417,8 @@ batch = [1, "50%"]
             e.contains("balancer.token") && e.contains("control character"),
             "{e}"
         );
+        // A passphrase with spaces still works (it did before the check came).
+        assert!(parse(&GOOD.replace("0123456789abcdef", "correct horse battery staple")).is_ok());
         let e = error_of(&GOOD.replace("127.0.0.1:8081", "127.0.0.1:0"));
         assert!(e.contains("balancer.admin") && e.contains("port 0"), "{e}");
         let e = error_of(&GOOD.replace("127.0.0.1:8080", "127.0.0.1:0"));
@@ -2552,8 +2566,18 @@ batch = [1, "50%"]
         assert!(e.contains("lies inside host web1's root"), "{e}");
         let e = error_of(&with("fleet/web1", "fleet"));
         assert!(e.contains("contains host web1's root"), "{e}");
-        let e = error_of(&with("fleet/web1", ".cutover/web2"));
-        assert!(e.contains("state directory"), "{e}");
+        let e = error_of(&format!(
+            "state_dir = \"fleet/web2/releases/state\"\n{}",
+            with("fleet/web1", "fleet/web2")
+        ));
+        assert!(e.contains("state directory") && e.contains("web2"), "{e}");
+        // Review finding: roots inside a release source that ships the config's directory
+        // (path = ".", or "{version}") are fine: roots never ship, and no build is in them.
+        for path in [".", "{version}", "{version}/dist"] {
+            let text = with("fleet/web1", "fleet/web2")
+                .replace("\"releases/{version}\"", &format!("\"{path}\""));
+            assert!(parse(&text).is_ok(), "path = {path:?}: {}", error_of(&text));
+        }
         // A `{version}` inside a name: the versions live in builds/.
         let e = error_of(
             &with("fleet/web1", "fleet/web2")

@@ -381,7 +381,7 @@ pub async fn wait_healthy(
                 if passes >= health.healthy_threshold.0 {
                     return Ok(());
                 }
-                if Instant::now() + *health.interval <= deadline {
+                if (probe_started + *health.interval).into_std() <= deadline {
                     sleep_precisely_until(probe_started + *health.interval).await;
                     continue;
                 }

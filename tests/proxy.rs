@@ -589,6 +589,45 @@ async fn draining_sends_no_new_requests_and_waits_for_the_slow_one() {
     b.stop().await;
 }
 
+/// A draining backend that stands in for failing active ones answers until its drain
+/// deadline: an idle moment between two requests does not end the drain (review finding).
+#[tokio::test]
+async fn a_draining_backend_standing_in_drains_until_its_deadline() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 1))).await;
+    let mut a = TestBackend::start("a").await;
+    let mut b = TestBackend::start("b").await;
+    h.add_healthy(&a.spec("v1")).await;
+    h.add_healthy(&b.spec("v2")).await;
+    b.healthy.store(false, Ordering::SeqCst);
+    eventually("b to be seen unhealthy", || {
+        let h = &h;
+        async move { h.view("b").await.health == Health::Unhealthy }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let retire = {
+        let admin = h.admin.clone();
+        tokio::spawn(async move { admin.retire("a", Duration::from_millis(1_500)).await })
+    };
+    // a is idle, yet it stands in for b: it answers, and its drain runs to the deadline.
+    for _ in 0..10 {
+        let (status, body) = h.get("/").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, "a\n"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!retire.is_finished(), "the drain ended at an idle moment");
+    let report = retire.await.unwrap().unwrap();
+    assert!(report.drained, "{report:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1_400),
+        "{:?}",
+        started.elapsed()
+    );
+    h.proxy.shutdown().await;
+    a.stop().await;
+    b.stop().await;
+}
+
 /// A retire whose backend is put back into service while it waits (a deployer's switch back
 /// after another deployer died mid-retire) ends without cutting or removing anything.
 #[tokio::test]

@@ -208,17 +208,22 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
         }
     }
     if let Some(row) = &last_failed {
-        let (what, next) = if row.kind == "rollback" {
-            (
+        // What `cutover rollback` would do, asked the way it asks.
+        let back = journal.previous_release(config.app.name.as_str())?;
+        let (what, next) = match (row.kind.as_str(), back) {
+            ("rollback", _) => (
                 "rollback",
                 format!("`cutover rollback --to {}` tries again", row.to),
-            )
-        } else {
-            let back = row.from.as_deref().unwrap_or("where it was");
-            (
+            ),
+            (_, Some(back)) => (
                 "deployment",
                 format!("`cutover rollback` returns the fleet to {back}"),
-            )
+            ),
+            (_, None) => (
+                "deployment",
+                "no earlier release is recorded: `cutover rollback --to VERSION` names one"
+                    .to_string(),
+            ),
         };
         println!(
             "\nlast {what} {} ({} -> {}) FAILED: hosts may be left on either release; `cutover show {}` lists them, {next}",

@@ -373,16 +373,22 @@ async fn settle_drain(proxy: &Proxy, id: &str, timeout: Duration) -> Result<Drai
         ))
     };
     let deadline = started + timeout;
+    // While the backend stands in for failing active ones (see `Table::pick`), an idle moment
+    // does not end its drain: new requests keep coming until the deadline.
     let idle = loop {
         let check = (Instant::now() + REACTIVATION_CHECK).min(deadline);
-        if wait_idle(&shared, check).await {
-            break true;
-        }
+        let idle = wait_idle(&shared, check).await;
         if reactivated() {
             return Err(put_back());
         }
+        if idle && !proxy.table().stands_in(&id) {
+            break true;
+        }
         if Instant::now() >= deadline {
-            break false;
+            break idle;
+        }
+        if idle {
+            tokio::time::sleep_until(check.into()).await;
         }
     };
     if reactivated() {

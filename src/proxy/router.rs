@@ -663,7 +663,9 @@ impl Table {
         // available" when the release just switched to dies (a blue-green window, an unhealthy
         // batch). With no active backend at all the drains are meant to empty the fleet (in
         // place, every host at once): they are left to finish.
-        if route.preview || !self.entries.iter().any(|e| e.state == BackendState::Active) {
+        // Whether the active backends are failing is asked of all of them: a retry that has
+        // tried every healthy one does not go on to the old release.
+        if route.preview || !self.actives_all_failing() {
             return None;
         }
         self.pick_where(exclude, |e| {
@@ -671,6 +673,22 @@ impl Table {
                 && e.health.health == Health::Healthy
                 && e.spec.weight > 0
         })
+    }
+
+    /// Whether the draining backend `id` takes new requests because no active backend can
+    /// (see [`Table::pick`]).
+    pub(crate) fn stands_in(&self, id: &str) -> bool {
+        self.get(id).is_some_and(|e| {
+            e.state == BackendState::Draining
+                && e.health.health == Health::Healthy
+                && e.spec.weight > 0
+        }) && self.actives_all_failing()
+    }
+
+    /// There are active backends, and none of them can take a request.
+    fn actives_all_failing(&self) -> bool {
+        self.entries.iter().any(|e| e.state == BackendState::Active)
+            && !self.entries.iter().any(|e| e.eligible(false))
     }
 
     /// The release a sticky hash lands on: releases in name order, each with a share of the
@@ -900,6 +918,15 @@ mod tests {
             t.pick(&[], preview).is_none(),
             "never for a preview request"
         );
+        // Review finding: a retry that has tried every healthy active backend does not fall
+        // back to the old release.
+        t.get_mut("green").unwrap().health.health = Health::Healthy;
+        let green = t.get("green").unwrap().shared.uid;
+        assert!(
+            t.pick(&[green], Route::default()).is_none(),
+            "green was only tried"
+        );
+        t.get_mut("green").unwrap().health.health = Health::Unhealthy;
         t.set_state("green", BackendState::Draining);
         assert!(
             t.pick(&[], Route::default()).is_none(),
