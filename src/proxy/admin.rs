@@ -388,7 +388,7 @@ async fn settle_drain(proxy: &Proxy, id: &str, timeout: Duration) -> Result<Drai
             break idle;
         }
         if idle {
-            tokio::time::sleep_until(check.into()).await;
+            tokio::time::sleep_until(check).await;
         }
     };
     if reactivated() {
