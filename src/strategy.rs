@@ -1128,7 +1128,11 @@ impl Deployer {
                 .filter(|f| f.reason.ends_with(VERIFY_STOPPED))
                 .map(|f| f.host.clone())
                 .collect();
-            let (unmoved, stop_waiting) = self.operator_stopped(run, unmoved)?;
+            let (unmoved, cut_by_stop) = self.operator_stopped(run, unmoved)?;
+            // A stop waiting now is read before the budget whether or not it cut a suite: it
+            // returns every promoted host, whatever `on_failure` would make of the failures.
+            let stop_waiting =
+                cut_by_stop || self.journal.stop_command_waiting(&run.id, !run.rollback)?;
             let mut batch_failures = 0;
             for f in unmoved {
                 self.report_failed_host(run, &label, &f)?;
