@@ -1394,6 +1394,27 @@ mod tests {
         assert!(j.take_command("d1").unwrap().is_none());
     }
 
+    /// Records a finished deployment `id` of `kind`, `from` -> `to`, that moved `moved`.
+    fn finished(
+        j: &Journal,
+        id: &str,
+        kind: &str,
+        from: &str,
+        to: &str,
+        outcome: &str,
+        moved: &[&str],
+    ) {
+        // Deployments start one after another: a rollback started in the same millisecond as
+        // a deploy would count as undoing it.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let mut r = row(id, to);
+        r.from = Some(from.into());
+        r.kind = kind.into();
+        j.begin(&r).unwrap();
+        j.finish(id, outcome, &serde_json::json!({ "moved_hosts": moved }))
+            .unwrap();
+    }
+
     #[test]
     fn records_deployments_and_steps() {
         let dir = tempfile::tempdir().unwrap();
@@ -1425,23 +1446,15 @@ mod tests {
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
         // A deploy of the live release changed nothing; a rolled-back one left the fleet where
         // it was; a halted one moved hosts, so a rollback returns to its `from`.
-        let ended = |id: &str, kind: &str, from: &str, to: &str, outcome: &str, moved: &[&str]| {
-            let mut r = row(id, to);
-            r.from = Some(from.into());
-            r.kind = kind.into();
-            j.begin(&r).unwrap();
-            j.finish(id, outcome, &serde_json::json!({ "moved_hosts": moved }))
-                .unwrap();
-        };
-        ended("d2", "deploy", "v2", "v2", "succeeded", &["web1"]);
+        finished(&j, "d2", "deploy", "v2", "v2", "succeeded", &["web1"]);
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
-        ended("d3", "deploy", "v2", "v3", "rolled_back", &[]);
+        finished(&j, "d3", "deploy", "v2", "v3", "rolled_back", &[]);
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
         // Halted before any host moved, or a halted rollback: not a change to return from.
-        ended("d3b", "deploy", "v2", "v3", "halted", &[]);
-        ended("d3c", "rollback", "v2", "v1", "halted", &["web1"]);
+        finished(&j, "d3b", "deploy", "v2", "v3", "halted", &[]);
+        finished(&j, "d3c", "rollback", "v2", "v1", "halted", &["web1"]);
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v1"));
-        ended("d4", "deploy", "v2", "v3", "halted", &["web1"]);
+        finished(&j, "d4", "deploy", "v2", "v3", "halted", &["web1"]);
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
         // Reopening reads the same.
         drop(j);
@@ -1453,6 +1466,7 @@ mod tests {
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
         // A rollback away from v3 undid the deploy that brought it: the next rollback goes
         // further back (to v1, where the deploy of v2 came from), never forward to v3.
+        std::thread::sleep(std::time::Duration::from_millis(2));
         let mut back = row("d5", "v2");
         back.from = Some("v3".into());
         back.kind = "rollback".into();
@@ -1467,18 +1481,10 @@ mod tests {
         // Review finding: a deploy of v4 failed and left a host on v4 (most stayed on v3). The
         // way back is v3, not v2; and a rollback "v3 -> v3" to mend it undid no deploy, so
         // the next rollback still goes to v2.
-        let ended = |id: &str, kind: &str, from: &str, to: &str, outcome: &str, moved: &[&str]| {
-            let mut r = row(id, to);
-            r.from = Some(from.into());
-            r.kind = kind.into();
-            j.begin(&r).unwrap();
-            j.finish(id, outcome, &serde_json::json!({ "moved_hosts": moved }))
-                .unwrap();
-        };
-        ended("d6", "deploy", "v2", "v3", "succeeded", &["web1"]);
-        ended("d7", "deploy", "v3", "v4", "failed", &["web1"]);
+        finished(&j, "d6", "deploy", "v2", "v3", "succeeded", &["web1"]);
+        finished(&j, "d7", "deploy", "v3", "v4", "failed", &["web1"]);
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v3"));
-        ended("d8", "rollback", "v3", "v3", "succeeded", &["web1"]);
+        finished(&j, "d8", "rollback", "v3", "v3", "succeeded", &["web1"]);
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
     }
 
