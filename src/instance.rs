@@ -864,31 +864,39 @@ mod tests {
         assert_eq!(stopped, Stopped::Killed);
     }
 
+    /// Answers every request on `listener` with 200, one connection at a time.
+    async fn answer_ok(listener: tokio::net::TcpListener) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        }
+    }
+
+    /// A one-host local config rooted in `dir`, with `health` lines under `[app.health]`.
+    fn gate_config(dir: &std::path::Path, health: &str) -> crate::config::Config {
+        let text = format!(
+            "transport = \"local\"\n[app]\nname = \"x\"\nstart = \"./app\"\n\
+             [app.health]\n{health}\n\
+             [release]\npath = \"r/{{version}}\"\n\
+             [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"0123456789abcdef\"\n\
+             [[hosts]]\nname = \"h\"\naddress = \"127.0.0.1\"\nroot = {:?}\n",
+            dir.display().to_string()
+        );
+        crate::config::Config::parse(&dir.join("c.toml"), &text).unwrap()
+    }
+
     #[tokio::test]
     async fn the_gate_tells_of_the_first_answer_before_it_passes() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-            }
-        });
+        let server = tokio::spawn(answer_ok(listener));
         let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            "transport = \"local\"\n[app]\nname = \"x\"\nstart = \"./app\"\n\
-             [app.health]\ninterval = \"300ms\"\nhealthy_threshold = 2\n\
-             [release]\npath = \"r/{{version}}\"\n\
-             [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"0123456789abcdef\"\n\
-             [[hosts]]\nname = \"h\"\naddress = \"127.0.0.1\"\nroot = {:?}\n",
-            dir.path().display().to_string()
-        );
-        let config = crate::config::Config::parse(&dir.path().join("c.toml"), &text).unwrap();
+        let config = gate_config(dir.path(), "interval = \"300ms\"\nhealthy_threshold = 2");
         let inst = Instance {
             host: "h".into(),
             version: "v1".into(),
@@ -927,28 +935,14 @@ mod tests {
         drop(free);
         // Answers from 400ms on: passes at ~400 and ~700ms, the third would be due at ~1000ms.
         let server = tokio::spawn(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
             tokio::time::sleep(Duration::from_millis(400)).await;
-            let listener = tokio::net::TcpListener::bind(address).await.unwrap();
-            loop {
-                let (mut s, _) = listener.accept().await.unwrap();
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-                    .await;
-            }
+            answer_ok(tokio::net::TcpListener::bind(address).await.unwrap()).await;
         });
         let dir = tempfile::tempdir().unwrap();
-        let text = format!(
-            "transport = \"local\"\n[app]\nname = \"x\"\nstart = \"./app\"\n\
-             [app.health]\ninterval = \"300ms\"\nhealthy_threshold = 3\ndeadline = \"850ms\"\n\
-             [release]\npath = \"r/{{version}}\"\n\
-             [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"0123456789abcdef\"\n\
-             [[hosts]]\nname = \"h\"\naddress = \"127.0.0.1\"\nroot = {:?}\n",
-            dir.path().display().to_string()
+        let config = gate_config(
+            dir.path(),
+            "interval = \"300ms\"\nhealthy_threshold = 3\ndeadline = \"850ms\"",
         );
-        let config = crate::config::Config::parse(&dir.path().join("c.toml"), &text).unwrap();
         let inst = Instance {
             host: "h".into(),
             version: "v1".into(),
