@@ -147,7 +147,7 @@ static GROUPS_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLoc
 
 /// The groups listed in [`GROUPS_FILE`], each with its leader's start time (so that a pid
 /// used again later is never taken for the group).
-static LISTED: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
+static LISTED: Mutex<Vec<(u32, u64)>> = Mutex::new(Vec::new());
 
 /// Lists this process's command groups under `state_dir` from now on (a deploy, a rollback).
 pub fn list_groups_under(state_dir: &std::path::Path) {
@@ -161,13 +161,6 @@ pub fn list_groups_under(state_dir: &std::path::Path) {
     }
 }
 
-/// The start time of process `pid` (field 22 of /proc/PID/stat), if it runs.
-fn start_time(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(") ")? + 2..];
-    after.split(' ').nth(19).map(str::to_string)
-}
-
 /// Adds (`live`) or removes a group in this process's list, if it keeps one.
 fn list_group(pgid: u32, live: bool) {
     let Some(path) = GROUPS_FILE.get() else {
@@ -175,7 +168,7 @@ fn list_group(pgid: u32, live: bool) {
     };
     let mut listed = LISTED.lock().unwrap_or_else(|p| p.into_inner());
     if live {
-        if let Some(start) = start_time(pgid) {
+        if let Some(start) = crate::journal::process_start_ticks(pgid) {
             listed.push((pgid, start));
         }
     } else {
@@ -220,12 +213,12 @@ pub fn stop_groups_left_behind(state_dir: &std::path::Path) -> usize {
             let Some((group, start)) = line.split_once(' ') else {
                 continue;
             };
-            let Ok(group) = group.parse::<u32>() else {
+            let (Ok(group), Ok(start)) = (group.parse::<u32>(), start.parse::<u64>()) else {
                 continue;
             };
             // A leader that runs with another start time is a new process with a used pid:
             // not the group. Without a leader, its members keep the group id from reuse.
-            if start_time(group).is_some_and(|s| s != start) {
+            if crate::journal::process_start_ticks(group).is_some_and(|s| s != start) {
                 continue;
             }
             // SAFETY: kill(2) on a group a killed deployer of this machine led for a command;

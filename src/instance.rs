@@ -952,13 +952,9 @@ mod tests {
         // The gate checks that the instance's process lives: this test's process stands for it.
         let pid_file = Layout::of(&config.hosts[0]).pid_file("v1", address.port());
         std::fs::create_dir_all(pid_file.parent().unwrap()).unwrap();
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let start = stat[stat.rfind(") ").unwrap() + 2..]
-            .split(' ')
-            .nth(19)
-            .unwrap()
-            .to_string();
-        std::fs::write(&pid_file, format!("{} {start}\n", std::process::id())).unwrap();
+        let me = std::process::id();
+        let start = crate::journal::process_start_ticks(me).unwrap();
+        std::fs::write(&pid_file, format!("{me} {start}\n")).unwrap();
         let transport = crate::transport::local::LocalTransport::new();
         let t = Instant::now();
         let gate = wait_healthy(

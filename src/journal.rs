@@ -249,16 +249,23 @@ pub fn process_alive(pid: u32) -> bool {
         .is_some_and(|state| state != 'Z' && state != 'X')
 }
 
+/// When the process running as `pid` started, in clock ticks since boot (field 22 of
+/// /proc/PID/stat): with the pid, it names one process, where a pid alone may be reused.
+pub(crate) fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command's ") " comes field 3 (state): field 22 is index 19.
+    stat.rsplit_once(") ")?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 /// Whether the process now running as `pid` started after `ms` (unix ms): then it is not the
 /// one that took a lock at `ms`, but a later one that reuses its pid.
 pub(crate) fn process_started_after(pid: u32, ms: u64) -> bool {
-    let start_ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(") ")?.1.to_string();
-            // `rest` starts at field 3 (state): field 22, the start time, is index 19.
-            rest.split_whitespace().nth(19)?.parse::<u64>().ok()
-        });
+    let start_ticks = process_start_ticks(pid);
     let boot_secs = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
         s.lines()
             .find_map(|l| l.strip_prefix("btime "))

@@ -146,9 +146,7 @@ mod tests {
 
     /// Writes a pid file for `pid` the way `instance::start` does (with its start time).
     fn pid_file(root: &Path, name: &str, pid: u32) {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let after = &stat[stat.rfind(") ").unwrap() + 2..];
-        let start = after.split(' ').nth(19).unwrap();
+        let start = crate::journal::process_start_ticks(pid).unwrap();
         std::fs::write(root.join("run").join(name), format!("{pid} {start}\n")).unwrap();
     }
 

@@ -356,6 +356,34 @@ impl Harness {
     }
 
     /// Adds a backend and waits until the proxy's own check admits it.
+    /// Sends `GET /slow`, which `backend` (the only one taking requests) holds until its
+    /// `release_slow`; returns once the request is in flight there, with its answer to come.
+    async fn slow_request_in_flight_on(
+        &self,
+        backend: &TestBackend,
+    ) -> JoinHandle<(StatusCode, Bytes)> {
+        let req = Request::get(self.url("/slow"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let client = self.client.clone();
+        let slow = tokio::spawn(async move {
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, body)
+        });
+        let hits = backend.hits.clone();
+        eventually(
+            &format!("the slow request to reach {}", backend.name),
+            || {
+                let hits = hits.clone();
+                async move { hits.slow_started.load(Ordering::SeqCst) == 1 }
+            },
+        )
+        .await;
+        slow
+    }
+
     async fn add_healthy(&self, spec: &BackendSpec) {
         self.admin.add(spec).await.unwrap();
         self.admin.wait_healthy(&spec.id, DEADLINE).await.unwrap();
@@ -532,25 +560,7 @@ async fn draining_sends_no_new_requests_and_waits_for_the_slow_one() {
     let mut b = TestBackend::start("b").await;
     h.add_healthy(&a.spec("v1")).await;
 
-    // A slow request in flight on `a`.
-    let slow = {
-        let req = Request::get(h.url("/slow"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let client = h.client.clone();
-        tokio::spawn(async move {
-            let resp = client.request(req).await.unwrap();
-            let status = resp.status();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, body)
-        })
-    };
-    let hits = a.hits.clone();
-    eventually("the slow request to reach a", || {
-        let hits = hits.clone();
-        async move { hits.slow_started.load(Ordering::SeqCst) == 1 }
-    })
-    .await;
+    let slow = h.slow_request_in_flight_on(&a).await;
 
     h.add_healthy(&b.spec("v2")).await;
     h.admin.drain("a").await.unwrap();
@@ -635,24 +645,7 @@ async fn a_retire_gives_up_when_its_backend_is_put_back_into_service() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
     let mut a = TestBackend::start("a").await;
     h.add_healthy(&a.spec("v1")).await;
-    let slow = {
-        let req = Request::get(h.url("/slow"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let client = h.client.clone();
-        tokio::spawn(async move {
-            let resp = client.request(req).await.unwrap();
-            let status = resp.status();
-            let body = resp.into_body().collect().await.unwrap().to_bytes();
-            (status, body)
-        })
-    };
-    let hits = a.hits.clone();
-    eventually("the slow request to reach a", || {
-        let hits = hits.clone();
-        async move { hits.slow_started.load(Ordering::SeqCst) == 1 }
-    })
-    .await;
+    let slow = h.slow_request_in_flight_on(&a).await;
     let retire = {
         let admin = h.admin.clone();
         tokio::spawn(async move { admin.retire("a", Duration::from_secs(2)).await })

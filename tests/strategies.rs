@@ -933,14 +933,20 @@ async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
     fleet.assert_on("v1").await;
 }
 
-/// A rollback in the switch-back window while every blue instance is dead: switching to blue
-/// would leave nothing to serve. Green keeps serving, and the deploy and the rollback say it
-/// failed (once they said "switched back to blue" and exited 0: a full outage). An ordinary
-/// rollback then brings the previous release back side by side.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn blue_green_does_not_switch_back_to_a_dead_blue() {
-    let mut spec = FleetSpec::new(2, 79);
-    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"20s\"\n".into();
+/// A blue-green fleet of 2 hosts on `net`, v1 live under steady traffic, in the switch-back
+/// window (`scale_down_delay`) of a deploy of v2: the fleet, the traffic, the running deploy
+/// and the status at the switch.
+async fn in_the_switch_back_window(
+    net: u8,
+    scale_down_delay: &str,
+) -> (
+    Fleet,
+    load::LoadRun,
+    tokio::task::JoinHandle<(i32, String, String)>,
+    serde_json::Value,
+) {
+    let mut spec = FleetSpec::new(2, net);
+    spec.strategy = format!("kind = \"blue-green\"\nscale_down_delay = \"{scale_down_delay}\"\n");
     let fleet = Fleet::start(spec).await;
     fleet.deploy("v1", 0).await;
     let run = traffic(&fleet, 100, Vec::new());
@@ -949,6 +955,16 @@ async fn blue_green_does_not_switch_back_to_a_dead_blue() {
     let switched = fleet
         .wait_status("the switch", |d| phase(d) == "switched")
         .await;
+    (fleet, run, deploy, switched)
+}
+
+/// A rollback in the switch-back window while every blue instance is dead: switching to blue
+/// would leave nothing to serve. Green keeps serving, and the deploy and the rollback say it
+/// failed (once they said "switched back to blue" and exited 0: a full outage). An ordinary
+/// rollback then brings the previous release back side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blue_green_does_not_switch_back_to_a_dead_blue() {
+    let (fleet, run, deploy, switched) = in_the_switch_back_window(79, "20s").await;
     // `cutover status` counts blue's time down (it once showed 20.0 all window long).
     let stops_in = |d: &serde_json::Value| d["status"]["blue_stops_in_s"].as_f64().unwrap();
     let first = stops_in(&switched);
@@ -1011,21 +1027,13 @@ async fn blue_green_does_not_switch_back_to_a_dead_blue() {
 /// healthy, only draining. Now blue goes back into the balancer as it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_killed_blue_green_window_rollback_puts_the_running_blue_back() {
-    let mut spec = FleetSpec::new(2, 95);
-    spec.strategy = "kind = \"blue-green\"\nscale_down_delay = \"60s\"\n".into();
-    let fleet = Fleet::start(spec).await;
-    fleet.deploy("v1", 0).await;
+    let (fleet, run, deploy, _) = in_the_switch_back_window(95, "60s").await;
     let blue: Vec<u32> = fleet
         .live_instances()
         .into_iter()
+        .filter(|(version, _)| version == "v1")
         .map(|(_, pid)| pid)
         .collect();
-    let run = traffic(&fleet, 150, Vec::new());
-    run.wait_until(|r| r.ok >= 50).await;
-    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
-    fleet
-        .wait_status("the switch", |d| phase(d) == "switched")
-        .await;
     fleet.kill_running_deploy(deploy).await;
 
     let (code, out, err) = fleet.cutover(&["rollback"]).await;
