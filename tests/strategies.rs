@@ -408,6 +408,46 @@ async fn an_operator_aborts_a_canary_during_its_promotion() {
     fleet.assert_on("v1").await;
 }
 
+/// An abort queued while a promotion host fails its health gate is read before the failure
+/// budget: with `on_failure = "halt"` the budget alone would halt with the canary host left on
+/// the new release, but an operator's stop returns every host whatever `on_failure` says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_waiting_when_a_promotion_batch_fails_returns_every_host_despite_halt() {
+    // canary_hosts = 1, batch = 2: promote 1/2 is web1 (the canary) and web2, where "late"
+    // answers its health checks with 503: its gate fails after 15 checks 200 ms apart, time
+    // enough for the abort to be queued while it runs.
+    let mut spec = canary_spec(
+        96,
+        "[{ weight = 100, pause = \"300ms\" }]",
+        "on_failure = \"halt\"\n",
+        "",
+    );
+    spec.health_extra = "unhealthy_threshold = 15\n".into();
+    let fleet = Fleet::start(spec).await;
+    common::write_release_healthy_only_on(&fleet.dir.path().join("releases"), "late", &["web1"]);
+    fleet.deploy("v1", 0).await;
+    let run = traffic(&fleet, 200, Vec::new());
+    run.wait_until(|r| r.ok >= 100).await;
+
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "late"]);
+    fleet
+        .wait_status("the promotion", |d| phase(d) == "promoting")
+        .await;
+    let (code, out, err) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("rolled back"), "{out}\n{err}");
+    assert!(!out.contains("halted"), "{out}\n{err}");
+    assert!(
+        out.contains("promotion stopped: abort requested by an operator after promote 1/2"),
+        "{out}\n{err}"
+    );
+    let report = stop_after(run, 1_500).await;
+    assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
+    fleet.assert_on("v1").await;
+}
+
 /// A canary killed at its 100% step leaves the stable backends at weight 0: a rollback must
 /// give them their share back (it once left every backend at 0: an outage), and run side by
 /// side, not as another canary.
