@@ -474,6 +474,10 @@ impl Deployer {
                         "live": version.as_str(),
                     }),
                 );
+                // Green serves every host: it settles as at the window's end (blue's backends
+                // out of the balancer, its processes stopped, `current` on green), so what the
+                // hosts say matches what serves, and the side-by-side rollback starts clean.
+                notes.extend(self.stop_blue(run, &green).await);
                 return self
                     .finish_with(
                         run,
@@ -553,22 +557,7 @@ impl Deployer {
         // Blue's time is up: it is already draining; wait for it, remove it, stop it.
         self.progress
             .say("blue-green: the switch-back window is over; stopping blue");
-        // Then each host settles as a rolling switch does: other instances stopped, releases
-        // beyond `keep` pruned (blue's kept, for a quick way back).
-        let unsettled = join_all(green.iter().map(|(h, inst)| async move {
-            let unretired = self.retire_backends(run, "blue", h, inst, None).await;
-            self.settle_host(run, "blue", h, inst, &unretired)
-                .await
-                .err()
-        }))
-        .await;
-        // A host that could not settle serves green all the same: the report says so.
-        notes.extend(unsettled.into_iter().flatten().map(|f| {
-            format!(
-                "{}: serves green but could not stop blue or prune: {}",
-                f.host, f.reason
-            )
-        }));
+        notes.extend(self.stop_blue(run, &green).await);
         self.finish_with(
             run,
             from,
@@ -580,6 +569,30 @@ impl Deployer {
             notes,
         )
         .await
+    }
+
+    /// Blue out of the balancer and stopped once green serves for good: each host settles as a
+    /// rolling switch does (other instances stopped, releases beyond `keep` pruned, blue's
+    /// kept for a quick way back). Returns a note per host that could not settle: it serves
+    /// green all the same.
+    async fn stop_blue(&self, run: &Run, green: &[(Host, Instance)]) -> Vec<String> {
+        let unsettled = join_all(green.iter().map(|(h, inst)| async move {
+            let unretired = self.retire_backends(run, "blue", h, inst, None).await;
+            self.settle_host(run, "blue", h, inst, &unretired)
+                .await
+                .err()
+        }))
+        .await;
+        unsettled
+            .into_iter()
+            .flatten()
+            .map(|f| {
+                format!(
+                    "{}: serves green but could not stop blue or prune: {}",
+                    f.host, f.reason
+                )
+            })
+            .collect()
     }
 
     /// Green did not make it: every green instance is stopped; blue never stopped serving.

@@ -1042,6 +1042,8 @@ async fn blue_green_does_not_switch_back_to_a_dead_blue() {
     let before = run.snapshot();
     let later = run.wait_until(|r| r.ok >= before.ok + 100).await;
     assert_eq!(later.failed, before.failed, "{later}");
+    // And green settled: blue's dead backends left the balancer, `current` names green.
+    fleet.assert_on("v2").await;
 
     // The way back the report names: the previous release, side by side.
     assert!(
