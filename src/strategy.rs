@@ -36,6 +36,10 @@ use crate::deploy::{
     Deployer, HostFailure, Outcome, Report, Run, VERIFY_STOPPED, VERIFY_STOPPED_UNCLAIMED,
 };
 use crate::instance::Instance;
+
+/// A host whose new instance did not make it into the balancer: why, and the instance if it
+/// started (to discard).
+type Unstarted = (Host, String, Option<Instance>);
 use crate::verify;
 
 /// How often a waiting deployer looks for commands: bounds the reaction time of a rollback.
@@ -118,25 +122,7 @@ impl Deployer {
             }
         }))
         .await;
-        let mut green: Vec<(Host, Instance)> = Vec::new();
-        let mut unstarted = Vec::new();
-        for g in greens {
-            match g {
-                Ok(pair) => green.push(pair),
-                Err((h, e, inst)) => {
-                    if !e.ends_with(VERIFY_STOPPED) {
-                        self.progress.say(&format!("green {}: FAILED: {e}", h.name));
-                    }
-                    if let Some(inst) = inst {
-                        self.discard(run, &h, &inst).await;
-                    }
-                    unstarted.push(HostFailure {
-                        host: h.name.to_string(),
-                        reason: e,
-                    });
-                }
-            }
-        }
+        let (green, unstarted) = self.keep_started(run, "green", greens).await;
         let (unstarted, stopped) = self.operator_stopped(run, unstarted)?;
         failed.extend(unstarted);
         if stopped {
@@ -571,6 +557,38 @@ impl Deployer {
         .await
     }
 
+    /// Sorts a set of new instances started side by side (green, the canaries): each that
+    /// failed is said, its instance (if it started) discarded, and its host returned as failed.
+    async fn keep_started(
+        &self,
+        run: &Run,
+        role: &str,
+        started: Vec<Result<(Host, Instance), Unstarted>>,
+    ) -> (Vec<(Host, Instance)>, Vec<HostFailure>) {
+        let mut kept = Vec::new();
+        let mut unstarted = Vec::new();
+        for s in started {
+            match s {
+                Ok(pair) => kept.push(pair),
+                Err((h, e, inst)) => {
+                    // A suite an operator's stop cut short is not the host's failure to report.
+                    if !e.ends_with(VERIFY_STOPPED) {
+                        self.progress
+                            .say(&format!("{role} {}: FAILED: {e}", h.name));
+                    }
+                    if let Some(inst) = inst {
+                        self.discard(run, &h, &inst).await;
+                    }
+                    unstarted.push(HostFailure {
+                        host: h.name.to_string(),
+                        reason: e,
+                    });
+                }
+            }
+        }
+        (kept, unstarted)
+    }
+
     /// Blue out of the balancer and stopped once green serves for good: each host settles as a
     /// rolling switch does (other instances stopped, releases beyond `keep` pruned, blue's
     /// kept for a quick way back). Returns a note per host that could not settle: it serves
@@ -888,22 +906,7 @@ impl Deployer {
             }
         }))
         .await;
-        let mut canaries: Vec<(Host, Instance)> = Vec::new();
-        let mut unstarted = Vec::new();
-        for c in started_canaries {
-            match c {
-                Ok(pair) => canaries.push(pair),
-                Err((h, e, inst)) => {
-                    if let Some(inst) = inst {
-                        self.discard(run, &h, &inst).await;
-                    }
-                    unstarted.push(HostFailure {
-                        host: h.name.to_string(),
-                        reason: e,
-                    });
-                }
-            }
-        }
+        let (canaries, unstarted) = self.keep_started(run, "canary", started_canaries).await;
         let (unstarted, stopped) = self.operator_stopped(run, unstarted)?;
         failed.extend(unstarted);
         if stopped {
