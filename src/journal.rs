@@ -800,20 +800,28 @@ impl Journal {
     /// back instead of redeploying it; a rollback to where most hosts already were (after a
     /// failed deploy) undid nothing before it. When the newest deployment is a deploy that
     /// failed, it may have left hosts on its release (one it could not return): the way back
-    /// is its `from`.
+    /// is its `from`; when it is a rollback that failed, the way back is where it was going.
+    /// Deployments that moved no host (halted before any, or rolled back) are passed over in
+    /// that look: a mending rollback that could not reach its hosts leaves the failed deploy
+    /// before it as the newest change.
     pub fn previous_release(&self, app: &str) -> anyhow::Result<Option<String>> {
         self.with(|c| {
             let newest: Option<(String, String, Option<String>, String)> = c
                 .query_row(
                     "SELECT kind, outcome, version_from, version_to FROM deployments \
-                     WHERE app = ?1 AND outcome IS NOT NULL ORDER BY started_ms DESC, rowid DESC LIMIT 1",
+                     WHERE app = ?1 AND outcome IS NOT NULL \
+                     AND NOT (outcome IN ('halted', 'rolled_back') \
+                       AND coalesce(json_array_length(report_json, '$.moved_hosts'), 0) = 0) \
+                     ORDER BY started_ms DESC, rowid DESC LIMIT 1",
                     params![app],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
                 )
                 .optional()?;
-            if let Some((kind, outcome, Some(from), to)) = newest {
-                if kind == "deploy" && outcome == "failed" && from != to {
-                    return Ok(Some(from));
+            if let Some((kind, outcome, from, to)) = newest {
+                match (kind.as_str(), outcome.as_str(), from) {
+                    ("deploy", "failed", Some(from)) if from != to => return Ok(Some(from)),
+                    ("rollback", "failed", _) => return Ok(Some(to)),
+                    _ => {}
                 }
             }
             c.query_row(
@@ -1493,6 +1501,15 @@ mod tests {
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v3"));
         finished(&j, "d8", "rollback", "v3", "v3", "succeeded", &["web1"]);
         assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v2"));
+        // Review finding: the mending rollback halted with nothing moved (the stranded host
+        // was unreachable). The failed deploy is still the newest change: the way back stays
+        // v4's `from`, not two releases back.
+        finished(&j, "d9", "deploy", "v3", "v4", "failed", &["web1"]);
+        finished(&j, "d10", "rollback", "v3", "v3", "halted", &[]);
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v3"));
+        // A mending rollback that failed (it moved some hosts, not all) goes on to its target.
+        finished(&j, "d11", "rollback", "v3", "v3", "failed", &[]);
+        assert_eq!(j.previous_release("a").unwrap().as_deref(), Some("v3"));
     }
 
     #[test]
