@@ -2021,13 +2021,24 @@ impl Deployer {
         .await
         .unwrap_or_else(|| Err(VERIFY_STOPPED.to_string()))?;
         let previous = run.previous.get(host.name.as_str()).cloned().flatten();
-        self.hook(
-            HookPoint::BeforeSwitch,
-            &version,
-            previous.as_deref(),
-            std::slice::from_ref(host),
-        )
-        .await?;
+        let hooked = self
+            .hook(
+                HookPoint::BeforeSwitch,
+                &version,
+                previous.as_deref(),
+                std::slice::from_ref(host),
+            )
+            .await;
+        match hooked {
+            Ok(()) => {}
+            // The way back is not held up by a hook of the way forward: the release being
+            // returned to served before, and a host left on the one being undone is worse.
+            Err(e) if run.rollback => self.progress.say(&format!(
+                "rollback {}: WARNING: {e}; the host returns all the same",
+                host.name
+            )),
+            Err(e) => return Err(e),
+        }
         let mut spec = backend_spec(inst, &health.path, preview);
         spec.gated = true;
         if let Some(w) = weight {

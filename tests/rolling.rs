@@ -216,6 +216,33 @@ async fn after_switch_hooks_run_per_moved_host_and_their_failure_fails_it() {
     assert_eq!(lines().iter().filter(|l| l.ends_with(" v1")).count(), 5);
 }
 
+/// Review finding: a `before_switch` hook that fails for the release being returned to held
+/// every host on the release being undone. In a rollback its failure is a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_before_switch_hook_does_not_hold_up_a_rollback() {
+    let mut spec = FleetSpec::new(2, 105);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    // Fails for v1 once the marker exists.
+    spec.extra = "[[hooks]]\nat = \"before_switch\"\nwhere = \"local\"\ncommand = \"test $CUTOVER_VERSION != v1 || test ! -e fail-v1\"\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    std::fs::write(fleet.dir.path().join("fail-v1"), "").unwrap();
+    // Going forward, the hook still fails the host.
+    let (out, err) = fleet.deploy("v1", 1).await;
+    assert!(out.contains("rolled back"), "{out}\n{err}");
+    assert!(err.contains("before_switch"), "the hook is named: {err}");
+    assert_fleet_on(&fleet, "v2").await;
+    // Going back, it warns and the hosts return.
+    let (code, out, err) = fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("WARNING") && err.contains("the host returns all the same"),
+        "{err}"
+    );
+    assert_fleet_on(&fleet, "v1").await;
+}
+
 /// `forks` bounds host operations at once, not hosts waiting at the health gate: a batch wider
 /// than `forks` gates all its hosts together rather than `forks` at a time (one health
 /// interval per group).
