@@ -518,6 +518,37 @@ async fn paused_rolling_deploy(
     (fleet, run, deploy, paused)
 }
 
+/// Review finding: an `abort` sent to a deployer that was then killed stayed queued, and
+/// `cutover deploy --resume` carried it out at its first batch boundary: one more host moved
+/// for nothing, then everything went back. The resume drops it and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_drops_commands_the_killed_deployer_never_read() {
+    let mut spec = FleetSpec::new(3, 106);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    // About a second per batch: the abort waits for a boundary the killed deployer never reaches.
+    spec.health_extra = "healthy_threshold = 5\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    fleet
+        .wait_status("the first batch", |d| d["status"]["batch"] == "batch 1/3")
+        .await;
+    let (code, out, err) = fleet.cutover(&["abort"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    fleet.kill_running_deploy(deploy).await;
+
+    let (code, out, err) = fleet.cutover(&["deploy", "--resume"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains(
+            "`cutover abort` was sent to the interrupted deployer and never read: dropped"
+        ),
+        "{err}"
+    );
+    assert!(out.contains("succeeded"), "{out}\n{err}");
+    assert_fleet_on(&fleet, "v2").await;
+}
+
 /// How many hosts the balancer routes to each release.
 async fn routed(fleet: &Fleet) -> std::collections::BTreeMap<String, usize> {
     let mut n = std::collections::BTreeMap::new();

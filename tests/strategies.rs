@@ -510,6 +510,15 @@ async fn resuming_a_killed_canary_starts_it_again_from_a_clean_fleet() {
         .await["id"]
         .clone();
     fleet.kill_running_deploy(deploy).await;
+    // What the hints say --resume does is what it does: it cannot pick up mid-way.
+    let (_, status, _) = fleet.cutover(&["status"]).await;
+    assert!(
+        status.contains("`cutover deploy --resume` to return every host and start it again"),
+        "{status}"
+    );
+    let (code, _, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("start it again from the beginning"), "{err}");
 
     let resumed = fleet.spawn_cutover(&["deploy", "--resume"]);
     let d = fleet

@@ -153,6 +153,18 @@ pub(crate) async fn take_lock(
     })
 }
 
+/// What `cutover deploy --resume` does with an interrupted deployment of `strategy`: a rolling
+/// deploy goes on from where it stopped; a canary or blue-green cannot (its steps, weights and
+/// green set lived in the killed process), so it is undone and started again.
+pub(super) fn resume_does(strategy: &str) -> &'static str {
+    match strategy {
+        "canary" | "blue-green" => {
+            "to return every host and start it again from the beginning (a canary or blue-green cannot go on mid-way)"
+        }
+        _ => "to finish it",
+    }
+}
+
 pub(super) async fn deploy_cmd(
     config: Config,
     action: Action,
@@ -192,7 +204,10 @@ pub(super) async fn deploy_cmd(
                 let next = if going_back {
                     "it was returning hosts: run `cutover rollback` (or `cutover deploy --resume`) to finish that"
                 } else {
-                    "run `cutover deploy --resume` to finish it, or `cutover rollback` to return every host to where it was"
+                    &format!(
+                        "run `cutover deploy --resume` {}, or `cutover rollback` to return every host to where it was",
+                        resume_does(&row.strategy)
+                    )
                 };
                 eprintln!(
                     "interrupted: {} {} stays unfinished in the journal: {next} (`cutover status` shows where it stopped)",
@@ -261,10 +276,11 @@ pub(super) async fn deploy_cmd(
                 )
             });
             anyhow::bail!(
-                "deployment {} ({} -> {}) was interrupted {at}: run `cutover deploy --resume` to finish it, or `cutover rollback` to return every host to where it was",
+                "deployment {} ({} -> {}) was interrupted {at}: run `cutover deploy --resume` {}, or `cutover rollback` to return every host to where it was",
                 row.id,
                 row.from.as_deref().unwrap_or("(nothing)"),
-                row.to
+                row.to,
+                resume_does(&row.strategy)
             );
         }
         (Action::Deploy(version), None) => deployer.run(&Request::deploy(version)).await?,
@@ -305,6 +321,15 @@ pub(super) async fn deploy_cmd(
         (Action::Resume, Some(row)) => {
             let version =
                 recorded_version(&row.to, &format!("deployment {}", row.id), journal.path())?;
+            // Commands sent to the deployer that was killed were never read: asking for
+            // --resume came after them, so they are dropped, not carried out by the resumed run
+            // at its first batch boundary (an abort after moving one more host, a pause that
+            // parks it). Said, so nobody waits on them.
+            for cmd in journal.drop_unread_commands(&row.id)? {
+                deployer.progress.say(&format!(
+                    "`cutover {cmd}` was sent to the interrupted deployer and never read: dropped, since --resume asks to go on (send it again to act on the resumed deployment)"
+                ));
+            }
             let kind = if row.kind == "rollback" {
                 "rollback"
             } else {

@@ -199,10 +199,11 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
             );
         } else {
             println!(
-                "\ndeployment {} ({} -> {}) was INTERRUPTED: `cutover deploy --resume` finishes it, `cutover rollback` undoes it; `cutover show {}` tells where it stopped",
+                "\ndeployment {} ({} -> {}) was INTERRUPTED: run `cutover deploy --resume` {}; `cutover rollback` undoes it; `cutover show {}` tells where it stopped",
                 row.id,
                 row.from.as_deref().unwrap_or("(nothing)"),
                 row.to,
+                super::deploy::resume_does(&row.strategy),
                 row.id
             );
         }
