@@ -1895,9 +1895,13 @@ impl Deployer {
                     "{label} {}: WARNING: serves {} but could not settle: {reason}",
                     host.name, keep.version
                 ));
+                // A deploy of the release it serves retires and settles what is left.
                 HostFailure {
                     host: host.name.to_string(),
-                    reason,
+                    reason: format!(
+                        "serves {v}, but its other instances may still run and `current` may name another release ({reason}): run `cutover deploy --version {v}` again once the host answers, to settle it",
+                        v = keep.version
+                    ),
                 }
             })?;
         let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));

@@ -549,6 +549,36 @@ async fn a_resume_drops_commands_the_killed_deployer_never_read() {
     assert_fleet_on(&fleet, "v2").await;
 }
 
+/// Review finding: a host that serves the new release but could not settle (its old instance
+/// still running, `current` not moved) was reported without a way to mend it. The report says
+/// to deploy the release again, and that does settle it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_could_not_settle_is_mended_by_deploying_again() {
+    let mut spec = FleetSpec::new(2, 107);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\nmax_fail_percentage = 50\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    // `current` replaced by a directory with something in it: the settle cannot move it.
+    let host = fleet.hosts[1].0.clone();
+    let current = fleet.root(&host).join("current");
+    std::fs::remove_file(&current).unwrap();
+    std::fs::create_dir(&current).unwrap();
+    std::fs::write(current.join("keep"), "").unwrap();
+
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 0, "within the failure budget: {out}\n{err}");
+    assert!(
+        out.contains(&format!(
+            "failed host {host}: serves v2, but its other instances may still run"
+        )) && out.contains("run `cutover deploy --version v2` again once the host answers"),
+        "{out}\n{err}"
+    );
+    std::fs::remove_dir_all(&current).unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_fleet_on(&fleet, "v2").await;
+}
+
 /// How many hosts the balancer routes to each release.
 async fn routed(fleet: &Fleet) -> std::collections::BTreeMap<String, usize> {
     let mut n = std::collections::BTreeMap::new();
