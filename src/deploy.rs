@@ -1235,31 +1235,35 @@ impl Deployer {
         // failed build or a digest mismatch on any host stops every host before traffic moves.
         let source = crate::source::ReleaseSource::new(&self.config, version);
         let refusal = self.rebuilt_in_place(run, version, before, &source).await;
-        let refused = refusal.is_some();
         let fatal = std::sync::Mutex::new(refusal);
-        let results = join_all(self.config.hosts.iter().map(|h| {
+        // A git tag may have moved since a host staged it: `stage` compares the commits (a
+        // rollback returns to what the hosts hold, whatever the tag says).
+        let check_commit = self.config.release.git.is_some() && !run.rollback;
+        let view = |h: &Host| before.iter().find(|v| v.host.name == h.name);
+        let present = |h: &Host| {
+            view(h).is_some_and(|v| {
+                v.error.is_none() && v.releases.iter().any(|r| r == version.as_str())
+            })
+        };
+        let stage_one = |h: &Host| {
             let (source, fatal) = (&source, &fatal);
+            let name = h.name.to_string();
+            let h = h.clone();
             async move {
                 let _permit = self.forks.acquire().await;
-                let view = before.iter().find(|v| v.host.name == h.name);
-                let unreachable = view.and_then(|v| v.error.clone());
-                let present =
-                    view.is_some_and(|v| v.releases.iter().any(|r| r == version.as_str()));
-                // A git tag may have moved since the host staged it: `stage` compares the
-                // commits (a rollback returns to what the hosts hold, whatever the tag says).
-                let check_commit = self.config.release.git.is_some() && !run.rollback;
-                if present && unreachable.is_none() && !check_commit {
+                let unreachable = view(&h).and_then(|v| v.error.clone());
+                if present(&h) && !check_commit {
                     // Read with the fleet a moment ago: nothing to do, nothing to journal.
-                    return (h.name.to_string(), Ok(false));
+                    return (name, Ok(false));
                 }
-                if refused {
-                    return (h.name.to_string(), Ok(false));
+                if fatal.lock().expect("fatal lock").is_some() {
+                    return (name, Ok(false));
                 }
                 let work = async {
                     if let Some(e) = unreachable {
                         return Err(e);
                     }
-                    release::stage(self.transport.as_ref(), h, source, version)
+                    release::stage(self.transport.as_ref(), &h, source, version)
                         .await
                         .map_err(|e| {
                             let msg = format!("{e:#}");
@@ -1272,10 +1276,19 @@ impl Deployer {
                 let r = self
                     .step(run, h.name.as_str(), "stage", version.as_str(), work)
                     .await;
-                (h.name.to_string(), r)
+                (name, r)
             }
-        }))
-        .await;
+        };
+        // The hosts that hold the version are checked first: a moved tag must stop the deploy
+        // before the new build reaches any host that lacks it (which would then hold the other
+        // code under the same name).
+        let (holding, rest): (Vec<&Host>, Vec<&Host>) = self
+            .config
+            .hosts
+            .iter()
+            .partition(|h| check_commit && present(h));
+        let mut results = join_all(holding.into_iter().map(stage_one)).await;
+        results.extend(join_all(rest.into_iter().map(stage_one)).await);
         if let Some(line) = source.summary() {
             self.progress.say(&line);
         }

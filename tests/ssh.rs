@@ -604,10 +604,19 @@ async fn a_moved_tag_is_refused_instead_of_mixing_two_builds() {
     let hosts = ["web1", "web2", "web3", "web4"];
     fleet.deploy("v1", 0).await;
     fleet.deploy("v2", 0).await;
+    // web4 no longer holds v1: the refusal must come before the new build reaches it (review
+    // finding: it was uploaded there in parallel with the others' check, leaving web4 with
+    // the other code under the same name).
+    let web4_v1 = fleet.root("web4").join("releases/v1");
+    std::fs::remove_dir_all(&web4_v1).unwrap();
     git(&repo, &["tag", "-f", "v1", "v2"]);
     let (out, err) = fleet.deploy("v1", 1).await;
     assert!(err.contains("(a moved tag)"), "{out}\n{err}");
     assert!(err.contains("tag it anew"), "{err}");
+    assert!(
+        !web4_v1.exists(),
+        "the moved tag's build reached web4:\n{err}"
+    );
     fleet.assert_on(&hosts, "v2").await;
     // A release named by its full commit id cannot move: deployed again while the git
     // server is down, the builds on the hosts are used without asking it.
