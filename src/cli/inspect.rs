@@ -44,12 +44,20 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
     };
     let journal = Journal::open(&config.state_dir)?;
     let started = journal.started_instances()?;
-    let drift = match &balancer_error {
-        None => fleet::drift(&views, &started),
-        Some(_) => Vec::new(),
-    };
     let lock = journal.lock_holder(config.app.name.as_str())?;
     let unfinished = journal.unfinished(config.app.name.as_str())?;
+    // The releases an unfinished deployment moves hosts between (see `fleet::drift`).
+    let moving: Vec<&str> = unfinished
+        .iter()
+        .flat_map(|row| {
+            std::iter::once(row.to.as_str())
+                .chain(row.previous.values().flatten().map(String::as_str))
+        })
+        .collect();
+    let drift = match &balancer_error {
+        None => fleet::drift(&views, &started, &moving),
+        Some(_) => Vec::new(),
+    };
     let deployment = unfinished.map(|row| {
         let running = lock.as_ref().is_some_and(|h| !h.is_gone());
         (row, running)
