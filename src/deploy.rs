@@ -413,18 +413,32 @@ impl Deployer {
             if staged_ok.is_empty() {
                 // No host could take the release: every batch would fail and "roll back"
                 // hosts that never moved.
-                let first = config
+                let errors: Vec<(&Host, &String)> = config
                     .hosts
                     .iter()
-                    .find_map(|h| match staged.get(h.name.as_str()) {
-                        Some(Err(e)) => Some(format!("{}: {e}", h.name)),
+                    .filter_map(|h| match staged.get(h.name.as_str()) {
+                        Some(Err(e)) => Some((h, e)),
                         _ => None,
                     })
-                    .unwrap_or_else(|| "no host was reachable".into());
-                return Err((
-                    format!("staging {version} failed on every host ({first})"),
-                    "no host changes traffic",
-                ));
+                    .collect();
+                // A failed build (an unknown commit, a failing build command) or a moved tag
+                // is the release's problem, not a host's: said as itself, not as web1's.
+                let fatal = errors
+                    .iter()
+                    .find_map(|(_, e)| e.strip_prefix(release::STOPPED_BY_FATAL));
+                let why = match (fatal, errors.first()) {
+                    (Some(why), _) => why.to_string(),
+                    (None, Some((_, e))) if errors.iter().all(|(_, other)| other == e) => {
+                        format!("staging {version} failed on every host: {e}")
+                    }
+                    (None, Some((h, e))) => {
+                        format!("staging {version} failed on every host ({}: {e})", h.name)
+                    }
+                    (None, None) => {
+                        format!("staging {version} failed on every host (no host was reachable)")
+                    }
+                };
+                return Err((why, "no host changes traffic"));
             }
             self.hook(HookPoint::AfterStage, version, from.as_deref(), &staged_ok)
                 .await

@@ -270,6 +270,10 @@ pub async fn stage(
 
 /// After staging on every host: when one hit a [`Fatal`] error (`fatal`), every host fails with
 /// it, so no host changes traffic. Maps host name to the outcome (true: uploaded).
+/// How a host's staging result starts when another host's (or the build's) fatal failure
+/// stopped the deploy: the reason follows.
+pub const STOPPED_BY_FATAL: &str = "deploy stopped before any traffic change: ";
+
 pub fn stop_on_fatal(
     results: Vec<(String, Result<bool, String>)>,
     fatal: Option<String>,
@@ -278,9 +282,7 @@ pub fn stop_on_fatal(
         .into_iter()
         .map(|(name, r)| {
             let r = match (&fatal, r) {
-                (Some(why), Ok(_)) => {
-                    Err(format!("deploy stopped before any traffic change: {why}"))
-                }
+                (Some(why), Ok(_)) => Err(format!("{STOPPED_BY_FATAL}{why}")),
                 (_, r) => r,
             };
             (name, r)

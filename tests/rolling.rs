@@ -924,11 +924,15 @@ async fn a_release_no_host_can_stage_halts_before_any_batch() {
         err.contains("staging v2 failed on every host"),
         "{out}\n{err}"
     );
-    // The build failed on this machine: no host is named as the one that failed.
+    // The build failed on this machine: no host is named as the one that failed (the
+    // message once read "failed on every host (web1: ...)", a build problem as a host's).
     assert!(
         out.contains("  failed: staging v2 failed on every host") && !out.contains("host fleet"),
         "{out}"
     );
+    let first = &fleet.hosts[0].0;
+    assert!(!err.contains(&format!("({first}: ")), "{err}");
+    assert!(err.contains("no compiler"), "the build's own words: {err}");
     assert!(!err.contains("batch 1/"), "no batch started: {err}");
     fleet.assert_on("v1").await;
 }
