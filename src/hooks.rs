@@ -75,14 +75,28 @@ fn hosts_list(ctx: &HookContext<'_>) -> String {
         .join(" ")
 }
 
-fn failed(point: HookPoint, hook: &Hook, on: &str, code: i32, output: &str) -> anyhow::Error {
+/// The error of a hook that exited with `code` after running for `ran`.
+fn failed(
+    point: HookPoint,
+    hook: &Hook,
+    on: &str,
+    code: i32,
+    ran: std::time::Duration,
+    output: &str,
+) -> anyhow::Error {
     // `timeout(1)` exits 124 when it stopped the command, 137 when the command ignored the
-    // stop and was killed 5 s later (or something else killed it).
+    // stop and was killed 5 s later. A command can exit with those codes itself: only one that
+    // ran as long as its timeout was stopped by it.
+    let reached_timeout = ran >= *hook.timeout;
     let how = match code {
-        124 => format!("timed out after {}", hook.timeout),
-        137 => format!(
-            "was killed (SIGKILL): it ignored the stop at its timeout of {} and was killed 5s later, or something else killed it",
+        124 if reached_timeout => format!("timed out after {}", hook.timeout),
+        137 if reached_timeout => format!(
+            "was killed (SIGKILL): it ignored the stop at its timeout of {} and was killed 5s later",
             hook.timeout
+        ),
+        137 => format!(
+            "was killed (SIGKILL) after {}, before its timeout: something else killed it (out of memory?)",
+            humantime::format_duration(std::time::Duration::from_millis(ran.as_millis() as u64))
         ),
         _ => format!("failed with exit code {code}"),
     };
@@ -133,6 +147,7 @@ async fn on_host(
     host: &Host,
 ) -> Result<(), Result<anyhow::Error, anyhow::Error>> {
     let script = host_script(point, hook, ctx, host);
+    let began = std::time::Instant::now();
     let out = ctx
         .transport
         .run(host, &script, *hook.timeout + TRANSPORT_SLACK)
@@ -163,6 +178,7 @@ async fn on_host(
             hook,
             &format!("on host {}", host.name),
             out.status,
+            began.elapsed(),
             &output,
         )));
     }
@@ -256,6 +272,7 @@ async fn run_local(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyh
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
+    let began = std::time::Instant::now();
     let out = crate::bounded::run(c, *hook.timeout)
         .await
         .with_context(|| {
@@ -271,6 +288,7 @@ async fn run_local(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyh
             hook,
             "on this machine",
             124,
+            (*hook.timeout).max(began.elapsed()),
             &String::from_utf8_lossy(&out.stdout),
         ));
     }
@@ -280,6 +298,7 @@ async fn run_local(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>) -> anyh
             hook,
             "on this machine",
             out.status.and_then(|s| s.code()).unwrap_or(-1),
+            began.elapsed(),
             &String::from_utf8_lossy(&out.stdout),
         ));
     }
@@ -337,6 +356,61 @@ mod tests {
              [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"0123456789\"\n{hooks}"
         );
         Config::parse(&dir.join("cutover.toml"), &text).unwrap()
+    }
+
+    /// Review finding: a hook that itself exits 124 (or 137) was reported as "timed out after
+    /// 10s" though it ran for a moment: those are also `timeout(1)`'s codes.
+    #[tokio::test]
+    async fn a_hook_exiting_124_at_once_did_not_time_out() {
+        let d = tempfile::tempdir().unwrap();
+        let v = Name::parse("v2").unwrap();
+        let t = Flaky {
+            down: vec![],
+            lost: vec![],
+        };
+        let p = Progress::quiet();
+        for (place, code, timeout, expected) in [
+            ("host", 124, "10s", "failed with exit code 124"),
+            ("local", 124, "10s", "failed with exit code 124"),
+            (
+                "host",
+                137,
+                "10s",
+                "before its timeout: something else killed it",
+            ),
+            ("host", 0, "200ms", "timed out after 200ms"),
+            ("local", 0, "200ms", "timed out after 200ms"),
+        ] {
+            let command = if code == 0 {
+                "sleep 3".to_string()
+            } else {
+                format!("exit {code}")
+            };
+            let c = config(
+                d.path(),
+                &format!(
+                    "[[hooks]]\nat = \"before_deploy\"\nwhere = \"{place}\"\n{once}timeout = \"{timeout}\"\ncommand = \"{command}\"\n",
+                    once = if place == "host" {
+                        "run_once = true\n"
+                    } else {
+                        ""
+                    },
+                ),
+            );
+            let ctx = HookContext {
+                config: &c,
+                transport: &t,
+                progress: &p,
+                version: &v,
+                previous: Some("v1"),
+                hosts: &c.hosts,
+            };
+            let e = format!(
+                "{:#}",
+                run(HookPoint::BeforeDeploy, &ctx).await.unwrap_err()
+            );
+            assert!(e.contains(expected), "{place} {command}: {e}");
+        }
     }
 
     #[tokio::test]
