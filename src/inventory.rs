@@ -7,7 +7,9 @@
 //! `ansible_port`, `ansible_user`, `ansible_ssh_private_key_file`, and `cutover_root` for the
 //! host's root directory. Variables merge as Ansible merges them: `all`, then groups from the
 //! outermost to the innermost (siblings by `ansible_group_priority`, default 1, the higher
-//! applied later so it wins, then by name), then the host's own.
+//! applied later so it wins, then by name), then the host's own. Only then are the older
+//! aliases (`ansible_ssh_host`, `ansible_ssh_port`, `ansible_ssh_user`,
+//! `ansible_private_key_file`) weighed, the way Ansible's ssh plugin weighs them: see `to_host`.
 //!
 //! Only the inventory file is read: a `group_vars/` or `host_vars/` directory next to it, which
 //! Ansible would also read, is refused rather than silently ignored.
@@ -767,17 +769,30 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
         (0, 0) => file.to_string(),
         (0, l) | (l, _) => format!("{file}:{l}"),
     };
-    let get = |keys: &[&str]| keys.iter().find_map(|k| vars.get(*k)).cloned();
+    // Aliases are listed as Ansible's ssh connection plugin lists them (its `vars:` for
+    // `host`, `port`, `remote_user`, `private_key_file`), and, as there, the LAST one the
+    // merged variables define wins: ansible-core's `ConfigManager._loop_entries`
+    // (lib/ansible/config/manager.py) keeps looping after a hit, "last one wins". The merge
+    // has already put host vars over group vars, so a group's `ansible_port` does not beat
+    // a host's `ansible_ssh_port`; but, as in Ansible, a defined `ansible_ssh_port` beats
+    // `ansible_port` whatever level each was set at. Returns the variable's name too, for
+    // errors.
+    let get = |aliases: &[&'static str]| {
+        aliases
+            .iter()
+            .rev()
+            .find_map(|k| vars.get(*k).map(|v| (*k, v.clone())))
+    };
     let (target, target_line) = match get(&["ansible_host", "ansible_ssh_host"]) {
-        Some(v) => (v.value, v.line),
+        Some((_, v)) => (v.value, v.line),
         None => (name.to_string(), line),
     };
     let address = resolve_address(&target)
         .map_err(|e| anyhow::anyhow!("{}: host {name}: {e}", at(target_line)))?;
     let port = match get(&["ansible_port", "ansible_ssh_port"]) {
-        Some(p) => Some(p.value.parse::<u16>().map_err(|_| {
+        Some((key, p)) => Some(p.value.parse::<u16>().map_err(|_| {
             anyhow::anyhow!(
-                "{}: host {name}: ansible_port = {:?} is not a port number: write one from 1 to 65535",
+                "{}: host {name}: {key} = {:?} is not a port number: write one from 1 to 65535",
                 at(p.line),
                 p.value
             )
@@ -785,23 +800,23 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
         None => None,
     };
     let user = get(&["ansible_user", "ansible_ssh_user"]);
-    if let Some(u) = &user {
+    if let Some((key, u)) = &user {
         let v = &u.value;
         if v.is_empty() || v.starts_with('-') || v.contains(char::is_whitespace) {
             anyhow::bail!(
-                "{}: host {name}: ansible_user = {v:?} is not a user name: write the login \
+                "{}: host {name}: {key} = {v:?} is not a user name: write the login \
                  name, not empty, without spaces and not starting with '-'",
                 at(u.line)
             );
         }
     }
-    let user = user.map(|u| u.value);
-    let identity = get(&["ansible_ssh_private_key_file", "ansible_private_key_file"])
-        .map(|p| absolute(base, &p.value));
+    let user = user.map(|(_, u)| u.value);
+    let identity = get(&["ansible_private_key_file", "ansible_ssh_private_key_file"])
+        .map(|(_, p)| absolute(base, &p.value));
     // As written: whether it is a path on this machine (local transport, resolved against
     // the inventory's directory by the config) or on the host (SSH) is the config's call.
     let root = get(&["cutover_root"])
-        .map(|v| PathBuf::from(v.value))
+        .map(|(_, v)| PathBuf::from(v.value))
         .unwrap_or_default();
     Ok(Host {
         name: Name::parse(name)
@@ -1129,6 +1144,38 @@ mod tests {
         let hosts = ini(&text, Some("g0")).unwrap();
         assert_eq!(names(&hosts), ["h1"]);
         assert_eq!(hosts[0].port, Some(2201));
+    }
+
+    #[test]
+    fn ssh_aliases_pick_as_ansible_after_the_merge() {
+        // The review's inventory: cutover connected to deploy@...:2200, the group's
+        // `ansible_port`/`ansible_user` beating the host's `ansible_ssh_*`. Ansible merges
+        // first (host over group), then the last alias defined wins.
+        let hosts = ini(
+            "[web]\nweb4 ansible_host=127.0.100.4 ansible_ssh_port=2299 ansible_ssh_user=root\n\
+             [web:vars]\nansible_port=2200\nansible_user=deploy\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(hosts[0].port, Some(2299));
+        assert_eq!(hosts[0].user.as_deref(), Some("root"));
+        // Both at the same level: `ansible_ssh_*` is listed last, so it wins; likewise for
+        // the address.
+        let hosts = ini(
+            "web5 ansible_host=127.0.100.5 ansible_ssh_host=127.0.100.6 ansible_port=2200 \
+             ansible_ssh_port=2201 ansible_user=deploy ansible_ssh_user=root\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(hosts[0].address.to_string(), "127.0.100.6");
+        assert_eq!(hosts[0].port, Some(2201));
+        assert_eq!(hosts[0].user.as_deref(), Some("root"));
+        // An error names the alias that was read.
+        let e = format!(
+            "{:#}",
+            ini("web6 ansible_host=127.0.100.7 ansible_ssh_port=x\n", None).unwrap_err()
+        );
+        assert!(e.contains("host web6: ansible_ssh_port = \"x\""), "{e}");
     }
 
     #[test]
