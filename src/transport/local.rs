@@ -99,16 +99,26 @@ impl Transport for LocalTransport {
         Ok(())
     }
 
-    /// The host is this machine: an upload is a copy.
+    /// The host is this machine: an upload is a copy, into `<to>.upload` first and renamed
+    /// once complete, as over SSH. A copy that fails (a full disk) removes its partial file:
+    /// left behind, it kept the disk full.
     async fn upload(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
-        tokio::fs::copy(from, to).await.with_context(|| {
-            format!(
-                "host {}: copying {} to {}",
+        let mut tmp = to.as_os_str().to_owned();
+        tmp.push(".upload");
+        let tmp = std::path::PathBuf::from(tmp);
+        let copied = match tokio::fs::copy(from, &tmp).await {
+            Ok(_) => tokio::fs::rename(&tmp, to).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = copied {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(anyhow::Error::new(e).context(format!(
+                "host {}: copying {} to {} (the partial file was removed)",
                 host.name,
                 from.display(),
                 to.display()
-            )
-        })?;
+            )));
+        }
         Ok(())
     }
 
@@ -126,6 +136,27 @@ impl Transport for LocalTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a copy that failed on a full disk left its partial file. A symlink to
+    /// /dev/full stands for the full disk.
+    #[tokio::test]
+    async fn a_failed_upload_leaves_no_partial_file() {
+        let d = tempfile::tempdir().unwrap();
+        let host = Host::for_test(d.path());
+        let from = d.path().join("release.tar.gz");
+        std::fs::write(&from, "data").unwrap();
+        let to = d.path().join(".v1.tar.gz");
+        let tmp = d.path().join(".v1.tar.gz.upload");
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let t = LocalTransport::new();
+        let e = format!("{:#}", t.upload(&host, &from, &to).await.unwrap_err());
+        assert!(e.contains("host web1") && e.contains(".v1.tar.gz"), "{e}");
+        assert!(tmp.symlink_metadata().is_err(), "the partial file stays");
+        assert!(!to.exists());
+        t.upload(&host, &from, &to).await.unwrap();
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "data");
+        assert!(!tmp.exists());
+    }
 
     #[tokio::test]
     async fn a_timed_out_script_leaves_no_process_behind() {

@@ -506,17 +506,13 @@ impl Transport for SshTransport {
     }
 
     async fn upload(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
-        let to_s = to.to_string_lossy();
-        let remote = format!(
-            "sh -c {}",
-            sh_quote(format!(
-                "set -e; cat > {tmp}; mv {tmp} {to}",
-                tmp = sh_quote(format!("{to_s}.upload")),
-                to = sh_quote(&to_s),
-            ))
-        );
         let file = std::fs::File::open(from)
             .with_context(|| format!("cannot open {} to upload it", from.display()))?;
+        let size = file
+            .metadata()
+            .with_context(|| format!("cannot read the size of {}", from.display()))?
+            .len();
+        let remote = format!("sh -c {}", sh_quote(upload_script(to, size)));
         let out = self
             .exec(
                 host,
@@ -524,11 +520,16 @@ impl Transport for SshTransport {
                 Input::File(file),
                 self.settings.command_timeout,
             )
-            .await?;
+            .await
+            .with_context(|| format!("uploading {} to {}", from.display(), to.display()))?;
         if !out.success() {
             return Err(Self::fail(
                 host,
-                &format!("uploading {}", from.display()),
+                &format!(
+                    "uploading {} to {} (the partial file was removed)",
+                    from.display(),
+                    to.display()
+                ),
                 &out,
             ));
         }
@@ -675,6 +676,22 @@ fn hint(stderr: &str, host: &Host, checking: HostKeyChecking) -> String {
     String::new()
 }
 
+/// The host's side of an upload of `size` bytes: stdin into `<to>.upload`, renamed to `to`
+/// once it is all there. A failed write (a full disk), a short one (the connection closed
+/// midway, which `cat` takes for the end) or a signal removes the partial file: left behind,
+/// it kept the disk at 100% until the next deploy settled the host.
+fn upload_script(to: &Path, size: u64) -> String {
+    let to_s = to.to_string_lossy();
+    format!(
+        "set -e; t={tmp}; trap 'rm -f \"$t\"' EXIT; trap 'exit 129' HUP; trap 'exit 143' TERM\n\
+         cat > \"$t\"\n\
+         n=$(wc -c < \"$t\"); [ \"$n\" -eq {size} ] || {{ echo \"received $n of {size} bytes\" >&2; exit 1; }}\n\
+         mv \"$t\" {to}; trap - EXIT\n",
+        tmp = sh_quote(format!("{to_s}.upload")),
+        to = sh_quote(&to_s),
+    )
+}
+
 /// A shell script printing one TCP port that no socket of the host uses, from random
 /// candidates in [`PORT_RANGE`] (usually the first is free). It asks `ss` for sockets on the
 /// candidate port, falling back to `grep` over /proc/net/tcp and tcp6 where `ss` (iproute2) is
@@ -797,6 +814,43 @@ mod tests {
         let e = rt.block_on(t.open_master(&host)).unwrap_err();
         assert!(e.contains("cannot connect over SSH"), "{e}");
         assert!(!path.exists(), "the stale socket is gone");
+    }
+
+    /// Regression: on a full disk the half-written `<archive>.upload` stayed on the host,
+    /// keeping the disk full. A symlink to /dev/full stands for the full disk.
+    #[test]
+    fn a_failed_upload_leaves_no_partial_file() {
+        let d = tempfile::tempdir().unwrap();
+        let to = d.path().join(".v1.tar.gz");
+        let tmp = d.path().join(".v1.tar.gz.upload");
+        let upload = |size: u64, data: &str| {
+            let mut c = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(upload_script(&to, size))
+                .stdin(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(data.as_bytes()).unwrap();
+            c.wait_with_output().unwrap()
+        };
+        std::os::unix::fs::symlink("/dev/full", &tmp).unwrap();
+        let out = upload(4, "data");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("No space left"), "{stderr}");
+        assert!(tmp.symlink_metadata().is_err(), "the partial file stays");
+        assert!(!to.exists());
+        // A short upload (the connection closed midway) is not renamed into place either.
+        let out = upload(10, "data");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("received 4 of 10 bytes"), "{stderr}");
+        assert!(!tmp.exists() && !to.exists());
+        let out = upload(4, "data");
+        assert!(out.status.success());
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "data");
+        assert!(!tmp.exists());
     }
 
     #[test]
