@@ -6,6 +6,10 @@
 //! the deploy until its timeout, then fail although it had exited 0. Here every command gets
 //! its own process group, killed whole on timeout (or when the caller gives up), and its
 //! output is read until it exits and then for at most [`PIPE_GRACE`].
+//!
+//! Of the output only the last [`TAIL_BYTES`] of each stream are kept (with a note of how much
+//! came before): callers show the last lines, and a build printing 600 MB made cutover itself
+//! grow to 1 GB. [`run_keeping_stdout`] keeps stdout whole, for output the caller parses (git).
 
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
@@ -18,12 +22,18 @@ use tokio::process::Command;
 /// the pipes; a background process holding them open is not waited for beyond this.
 pub const PIPE_GRACE: Duration = Duration::from_millis(500);
 
+/// How much of a stream's end [`run`] keeps: far more than the lines any message shows.
+pub const TAIL_BYTES: usize = 64 * 1024;
+
 /// What a bounded command printed and how it ended.
 #[derive(Debug)]
 pub struct Ran {
     /// `None`: killed at the timeout.
     pub status: Option<ExitStatus>,
+    /// The last [`TAIL_BYTES`] (from a line's start), after a line saying how many bytes
+    /// came before; all of it with [`run_keeping_stdout`].
     pub stdout: Vec<u8>,
+    /// As `stdout`, always the tail.
     pub stderr: Vec<u8>,
 }
 
@@ -273,14 +283,29 @@ impl Drop for Group {
     }
 }
 
-/// Runs `cmd` for at most `timeout`. Pipe its stdout and stderr to capture them; stdin is the
-/// caller's to set. Errors only when the command cannot be started.
-pub async fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
+/// Runs `cmd` for at most `timeout`. Pipe its stdout and stderr to capture them (their last
+/// [`TAIL_BYTES`] each); stdin is the caller's to set. Errors only when the command cannot be
+/// started.
+pub async fn run(cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
+    run_with(cmd, timeout, Some(TAIL_BYTES)).await
+}
+
+/// [`run`], keeping all of stdout: for a command whose output the caller parses (git's list
+/// of refs, a commit id), which is not the unbounded log of a build.
+pub async fn run_keeping_stdout(cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
+    run_with(cmd, timeout, None).await
+}
+
+async fn run_with(
+    mut cmd: Command,
+    timeout: Duration,
+    stdout_limit: Option<usize>,
+) -> std::io::Result<Ran> {
     cmd.process_group(0).kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let mut group = Group::new(child.id());
-    let stdout = Arc::new(Mutex::new(Vec::new()));
-    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let stdout = Arc::new(Mutex::new(Tail::new(stdout_limit)));
+    let stderr = Arc::new(Mutex::new(Tail::new(Some(TAIL_BYTES))));
     let readers = [
         child.stdout.take().map(|p| reader(p, stdout.clone())),
         child.stderr.take().map(|p| reader(p, stderr.clone())),
@@ -306,7 +331,9 @@ pub async fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
         futures_util::future::join_all(readers.into_iter().flatten()),
     )
     .await;
-    let take = |b: &Arc<Mutex<Vec<u8>>>| std::mem::take(&mut *b.lock().expect("output buffer"));
+    let take = |b: &Arc<Mutex<Tail>>| {
+        std::mem::replace(&mut *b.lock().expect("output buffer"), Tail::new(None)).into_bytes()
+    };
     Ok(Ran {
         status,
         stdout: take(&stdout),
@@ -314,11 +341,61 @@ pub async fn run(mut cmd: Command, timeout: Duration) -> std::io::Result<Ran> {
     })
 }
 
+/// The end of a stream: at most `limit` bytes (none: all), and how many came before them.
+struct Tail {
+    kept: Vec<u8>,
+    dropped: u64,
+    limit: Option<usize>,
+}
+
+impl Tail {
+    fn new(limit: Option<usize>) -> Tail {
+        Tail {
+            kept: Vec::new(),
+            dropped: 0,
+            limit,
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.kept.extend_from_slice(bytes);
+        // Trimmed once twice the limit is held, so that a stream costs a copy of the limit
+        // per limit's worth of output, not one per read.
+        if let Some(limit) = self.limit.filter(|l| self.kept.len() > 2 * l) {
+            self.trim(limit);
+        }
+    }
+
+    fn trim(&mut self, limit: usize) {
+        let cut = self.kept.len().saturating_sub(limit);
+        self.kept.drain(..cut);
+        self.dropped += cut as u64;
+    }
+
+    /// What was kept, from the first whole line, after a line saying what was dropped.
+    fn into_bytes(mut self) -> Vec<u8> {
+        if let Some(limit) = self.limit {
+            self.trim(limit);
+        }
+        if self.dropped == 0 {
+            return self.kept;
+        }
+        let start = match self.kept.iter().position(|&b| b == b'\n') {
+            Some(i) if i + 1 < self.kept.len() => i + 1,
+            _ => 0,
+        };
+        let dropped = self.dropped + start as u64;
+        let mut out = format!("[{dropped} bytes of earlier output not kept]\n").into_bytes();
+        out.extend_from_slice(&self.kept[start..]);
+        out
+    }
+}
+
 /// Reads `pipe` into `into` until end of file; aborted (with what it read kept) when the
 /// handle is dropped.
 fn reader(
     mut pipe: impl AsyncRead + Unpin + Send + 'static,
-    into: Arc<Mutex<Vec<u8>>>,
+    into: Arc<Mutex<Tail>>,
 ) -> AbortOnDrop {
     AbortOnDrop(tokio::spawn(async move {
         let mut buf = [0u8; 8192];
@@ -326,9 +403,7 @@ fn reader(
             if n == 0 {
                 break;
             }
-            into.lock()
-                .expect("output buffer")
-                .extend_from_slice(&buf[..n]);
+            into.lock().expect("output buffer").push(&buf[..n]);
         }
     }))
 }
@@ -381,6 +456,46 @@ mod tests {
         assert_eq!(r.stderr, b"err\n");
         assert_eq!(r.describe_exit(), "exit 3");
         assert!(!r.success() && !r.timed_out());
+    }
+
+    /// Regression: a build printing 600 MB was held whole, and cutover grew to 1 GB; only its
+    /// last lines are ever shown.
+    #[tokio::test]
+    async fn only_the_tail_of_a_flood_is_kept() {
+        let flood = "yes 'a line of build output' | head -n 1000000; echo last; \
+                     yes err | head -n 1000000 >&2; echo done >&2";
+        let r = run(sh(flood), Duration::from_secs(30)).await.unwrap();
+        assert!(r.success(), "{}", r.describe_exit());
+        for (out, end) in [
+            (&r.stdout, "a line of build output\nlast\n"),
+            (&r.stderr, "err\ndone\n"),
+        ] {
+            assert!(out.len() <= TAIL_BYTES + 64, "{} bytes kept", out.len());
+            let text = String::from_utf8_lossy(out);
+            assert!(text.ends_with(end), "{}", &text[text.len() - 100..]);
+            let (note, rest) = text.split_once('\n').unwrap();
+            assert!(
+                note.ends_with(" bytes of earlier output not kept]"),
+                "{note}"
+            );
+            // The note counts every byte not kept; what follows starts at a line's start.
+            let dropped: usize = note[1..].split(' ').next().unwrap().parse().unwrap();
+            let total = if end.starts_with('a') {
+                23_000_005
+            } else {
+                4_000_005
+            };
+            assert_eq!(dropped + rest.len(), total);
+            assert!(
+                rest.starts_with("a line") || rest.starts_with("err"),
+                "{rest:.40}"
+            );
+        }
+        // Whole when the caller parses it.
+        let r = run_keeping_stdout(sh("yes ref | head -c 200000"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(r.stdout.len(), 200_000);
     }
 
     #[tokio::test]

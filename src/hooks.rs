@@ -112,6 +112,9 @@ fn failed(
 /// The script that runs a host hook: cd, environment, the command with its timeout. Its output
 /// goes to a file first, printed when it ends: a process the hook leaves in the background
 /// keeps the file, not the session's pipe, so it cannot write into the replies to later steps.
+/// Only the file's last [`crate::bounded::TAIL_BYTES`] come back (after a line saying how much
+/// was left out): the error shows the last lines, and a hook printing gigabytes would
+/// otherwise send them all through the session into cutover's memory.
 fn host_script(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>, host: &Host) -> String {
     let layout = Layout::of(host);
     let rel = layout.release(ctx.version.as_str());
@@ -124,7 +127,10 @@ fn host_script(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>, host: &Host
          _co_out=$(mktemp \"${{TMPDIR:-/tmp}}/cutover-hook.XXXXXX\") || exit 125\n\
          if command -v timeout >/dev/null 2>&1; then timeout -k 5 {secs} sh -c {cmd} </dev/null >\"$_co_out\" 2>&1\n\
          else sh -c {cmd} </dev/null >\"$_co_out\" 2>&1; fi\n\
-         _co_rc=$?; cat \"$_co_out\"; rm -f \"$_co_out\"; exit $_co_rc\n",
+         _co_rc=$?; _co_n=$(wc -c < \"$_co_out\")\n\
+         if [ \"$_co_n\" -gt {tail} ]; then echo \"[$((_co_n - {tail})) bytes of earlier output not kept]\"; fi\n\
+         tail -c {tail} \"$_co_out\"; rm -f \"$_co_out\"; exit $_co_rc\n",
+        tail = crate::bounded::TAIL_BYTES,
         rel = q(&rel),
         cur = q(&layout.current()),
         root = q(&layout.root),
@@ -512,6 +518,47 @@ mod tests {
         assert!(e.contains("on host web1"), "{e}");
         assert!(e.contains("exit code 3"), "{e}");
         assert!(e.contains("migrating\nno database"), "{e}");
+    }
+
+    /// Regression: a host hook's whole output came back through the session (`cat`), however
+    /// large, though only its last lines are shown.
+    #[tokio::test]
+    async fn a_host_hook_sends_back_only_the_tail_of_its_output() {
+        let d = tempfile::tempdir().unwrap();
+        let c = config(
+            d.path(),
+            "[[hooks]]\nat = \"before_deploy\"\ncommand = \"yes warming | head -n 500000; echo last\"\n",
+        );
+        let v = Name::parse("v2").unwrap();
+        let t = LocalTransport::new();
+        let p = Progress::quiet();
+        let ctx = HookContext {
+            config: &c,
+            transport: &t,
+            progress: &p,
+            version: &v,
+            previous: None,
+            hosts: &c.hosts[..1],
+        };
+        let script = host_script(HookPoint::BeforeDeploy, &c.hooks[0], &ctx, &c.hosts[0]);
+        let out = t
+            .run(&c.hosts[0], &script, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(out.success(), "{out:?}");
+        let size = out.stdout.len();
+        assert!(
+            size <= crate::bounded::TAIL_BYTES + 64,
+            "{size} bytes came back"
+        );
+        assert!(out.stdout.ends_with("warming\nlast\n"));
+        let dropped = 500_000 * 8 + 5 - crate::bounded::TAIL_BYTES;
+        assert!(
+            out.stdout
+                .starts_with(&format!("[{dropped} bytes of earlier output not kept]\n")),
+            "{:.80}",
+            out.stdout
+        );
     }
 
     #[tokio::test]

@@ -586,7 +586,8 @@ async fn git(args: &[&str], cwd: Option<&Path>, timeout: Duration) -> anyhow::Re
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let out = crate::bounded::run(c, timeout)
+    // Whole stdout: callers parse it (`ls-remote` lists every matching ref).
+    let out = crate::bounded::run_keeping_stdout(c, timeout)
         .await
         .context("cannot run git (is it installed?)")?;
     let what = args.first().copied().unwrap_or("");
