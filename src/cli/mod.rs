@@ -278,10 +278,13 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             | Command::Status(_)
             | Command::History(_)
             | Command::Show(_)
+            | Command::Logs(_)
             | Command::Lock
     ) {
-        // Read-only commands end quietly when their reader goes away (`cutover history | head`),
-        // like other command-line tools, instead of failing on a broken pipe.
+        // Read-only commands end quietly when their reader goes away (`cutover history | head`,
+        // `cutover logs web1 --all | head`), like other command-line tools, instead of
+        // panicking on a broken pipe. Commands that change something are not listed: killed
+        // mid-write, they would leave their work half done.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
