@@ -1091,3 +1091,67 @@ async fn ctrl_c_closes_the_masters_of_a_deploy_that_does_not_persist_them() {
         "the private control directory is left behind"
     );
 }
+
+/// Regression: with a user whose shell is `nologin`, the error showed only sshd's "Could not
+/// chdir to home directory"; the reason, "This account is currently not available.", went to
+/// stdout, which was not shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_refused_by_the_users_shell_shows_what_the_shell_said() {
+    use std::os::unix::fs::PermissionsExt;
+    let shell = std::fs::read_to_string("/etc/passwd")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("nobody:")
+                .map(|r| r.rsplit(':').next().unwrap_or("").to_string())
+        })
+        .unwrap_or_default();
+    if !shell.ends_with("nologin") {
+        eprintln!("skipped: this machine's `nobody` has the shell {shell:?}, not nologin");
+        return;
+    }
+    let sshd = Sshd::start(&ADDRESSES[..1]);
+    // sshd reads authorized_keys as the user logging in: let `nobody` read it.
+    std::fs::set_permissions(sshd.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("cutover.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "transport = \"ssh\"\nhost_key_checking = \"strict\"\nconnect_timeout = \"5s\"\n\
+             [app]\nname = \"shop\"\nstart = \"exec ./server\"\n\
+             [release]\npath = \"builds/{{version}}\"\n\
+             [balancer]\nlisten = \"127.0.0.1:1\"\nadmin = \"127.0.0.1:2\"\ntoken = \"{token}\"\n\
+             [[hosts]]\nname = \"web1\"\naddress = \"{addr}\"\nport = {port}\nuser = \"nobody\"\n\
+             identity = \"{key}\"\nroot = \"{root}\"\n",
+            token = common::TOKEN,
+            addr = ADDRESSES[0],
+            port = sshd.port,
+            key = sshd.client_key.display(),
+            root = dir.path().join("web1").display(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(common::exe())
+        .arg("-c")
+        .arg(&config)
+        .args(["logs", "web1"])
+        .env(cutover::transport::ssh::CONFIG_ENV, &sshd.ssh_config)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("cannot connect over SSH"),
+        "{err}\nsshd:\n{}",
+        sshd.log()
+    );
+    assert!(
+        err.contains("This account is currently not available"),
+        "{err}\nsshd:\n{}",
+        sshd.log()
+    );
+}

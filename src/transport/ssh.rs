@@ -282,8 +282,22 @@ impl SshTransport {
             return Ok(());
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
+        // What the login printed on stdout, often the real reason: a `nologin` shell says
+        // "This account is currently not available." there, while stderr holds only sshd's
+        // "Could not chdir to home directory".
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let printed = match stdout.trim() {
+            "" => String::new(),
+            s if s.contains("currently not available") => format!(
+                "\nthe host printed: {}\nhint: the user's login shell refuses logins (nologin): \
+                 set the host's `user` (in cutover.toml, the inventory or ~/.ssh/config) to an \
+                 account with a shell",
+                last_lines(s, 6)
+            ),
+            s => format!("\nthe host printed: {}", last_lines(s, 6)),
+        };
         Err(format!(
-            "host {}: cannot connect over SSH: {}{}",
+            "host {}: cannot connect over SSH: {}{printed}{}",
             describe(host),
             last_lines(stderr.trim(), 6),
             hint(&stderr, host, self.settings.host_key_checking)
