@@ -265,13 +265,7 @@ impl Deployer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(host.name.as_str());
-        if let Some(Ok(Ok(port))) = match ahead {
-            Some(lookup) => Some(lookup.await),
-            None => None,
-        } {
-            return Ok(port);
-        }
-        self.transport.free_port(host).await
+        port_after_lookup(ahead, self.transport.as_ref(), host).await
     }
 
     /// Opens every host's session in the background (at most `forks` at once), so that reading
@@ -2298,6 +2292,27 @@ impl Deployer {
     }
 }
 
+/// The port a lookup made ahead found, else a fresh lookup's. A lookup that failed because the
+/// host did not answer in time is not repeated: the host is unlikely to answer the next within
+/// the time it just took, and the step would pay the timeout twice. Any other failure (a
+/// session lost a health interval ago) gets one fresh lookup.
+async fn port_after_lookup(
+    ahead: Option<tokio::task::JoinHandle<anyhow::Result<u16>>>,
+    transport: &dyn Transport,
+    host: &Host,
+) -> anyhow::Result<u16> {
+    if let Some(lookup) = ahead {
+        match lookup.await {
+            Ok(Ok(port)) => return Ok(port),
+            Ok(Err(e)) if crate::transport::TimedOut::is(&e) => {
+                return Err(e.context("finding a free port"));
+            }
+            _ => {}
+        }
+    }
+    transport.free_port(host).await
+}
+
 /// The balancer spec of an instance.
 pub fn backend_spec(inst: &Instance, health_path: &str, preview: bool) -> BackendSpec {
     BackendSpec {
@@ -2707,6 +2722,60 @@ mod tests {
         before.lost_drains = 1;
         let t = Traffic::between(&before, Some(&after), false);
         assert_eq!((t.served, t.counts, t.notes), (400, None, Vec::new()));
+    }
+
+    /// A host whose port lookups time out (`calls` counts them).
+    struct Hung {
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Transport for Hung {
+        async fn run(
+            &self,
+            _: &Host,
+            _: &str,
+            _: Duration,
+        ) -> anyhow::Result<crate::transport::Output> {
+            unreachable!()
+        }
+        async fn copy_dir(
+            &self,
+            _: &Host,
+            _: &std::path::Path,
+            _: &std::path::Path,
+        ) -> anyhow::Result<()> {
+            unreachable!()
+        }
+        async fn free_port(&self, host: &Host) -> anyhow::Result<u16> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(crate::transport::TimedOut(format!(
+                "host {}: command did not finish within 5s",
+                host.name
+            ))
+            .into())
+        }
+    }
+
+    /// Regression: when the port lookup made ahead had timed out, the start looked again
+    /// from scratch, and a hung host cost the timeout twice.
+    #[tokio::test]
+    async fn a_timed_out_port_lookup_is_not_repeated() {
+        let hung = Arc::new(Hung {
+            calls: Default::default(),
+        });
+        let d = tempfile::tempdir().unwrap();
+        let host = Host::for_test(d.path());
+        let (t, h) = (hung.clone(), host.clone());
+        let ahead = tokio::spawn(async move { t.free_port(&h).await });
+        let e = port_after_lookup(Some(ahead), hung.as_ref(), &host)
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("did not finish within 5s"),
+            "{e:#}"
+        );
+        assert_eq!(hung.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -144,7 +144,14 @@ async fn snapshot(
         list = instance::list_script(host),
         releases = sh_quote(layout.releases().to_string_lossy()),
     );
-    let out = run_ok(transport, host, "reading the host", &script, SCRIPT_TIMEOUT).await?;
+    let out = run_ok(
+        transport,
+        host,
+        "reading the host",
+        &script,
+        transport.step_timeout(),
+    )
+    .await?;
     let (head, rest) = out.split_once("--instances\n").unwrap_or((&out, ""));
     let (instances, releases) = rest.split_once("--releases\n").unwrap_or((rest, ""));
     let (releases, marks) = releases.split_once("--marks\n").unwrap_or((releases, ""));
@@ -163,8 +170,6 @@ async fn snapshot(
         print: TreePrint::from_marker(marks),
     })
 }
-
-const SCRIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What hosts and the balancer show that the journal does not explain, one sentence each:
 /// instances no deployment started, backends pointing where nothing runs, hosts whose
@@ -298,6 +303,35 @@ mod tests {
         assert!(drift(views, &started, &["v2", "v1"]).is_empty());
         // Another release routed is drift all the same.
         assert_eq!(drift(views, &started, &["v3", "v1"]).len(), 1);
+    }
+
+    /// Regression: with `command_timeout = "5s"`, `cutover status` against a hung host waited
+    /// 30 s and said "within 30s". A pid file that is a FIFO nobody writes hangs the read
+    /// like a hung disk.
+    #[tokio::test]
+    async fn reading_a_hung_host_gives_up_at_the_command_timeout() {
+        let d = tempfile::tempdir().unwrap();
+        let host = Host::for_test(d.path());
+        let run = release::Layout::of(&host).run_dir();
+        std::fs::create_dir_all(&run).unwrap();
+        let st = std::process::Command::new("mkfifo")
+            .arg(run.join("v1-20001.pid"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let t = crate::transport::local::LocalTransport::with_step_timeout(
+            std::time::Duration::from_millis(500),
+        );
+        let started = std::time::Instant::now();
+        let e = format!("{:#}", snapshot(&t, &host, None).await.unwrap_err());
+        assert!(e.contains("did not finish within 500ms"), "{e}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let e = format!("{:#}", instance::list(&t, &host).await.unwrap_err());
+        assert!(e.contains("did not finish within 500ms"), "{e}");
     }
 
     /// The rolling deploy's status names its batch "batch 1/3": `status` shows that once.

@@ -18,7 +18,8 @@ use crate::probe::{ProbeError, probe};
 use crate::release::Layout;
 use crate::transport::{Transport, run_ok, sh_quote};
 
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped instance's script waits after SIGKILL before it calls the process stuck.
+const AFTER_KILL: Duration = Duration::from_secs(5);
 
 /// A running (or recorded) instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +75,7 @@ pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<
         host,
         "listing instances",
         &script,
-        SCRIPT_TIMEOUT,
+        transport.step_timeout(),
     )
     .await?;
     Ok(parse_list(host, &out))
@@ -179,7 +180,7 @@ pub async fn start(
         host,
         &format!("starting {v}"),
         &script,
-        SCRIPT_TIMEOUT,
+        transport.step_timeout(),
     )
     .await
     .and_then(|out| {
@@ -265,7 +266,7 @@ pub async fn is_alive(
         host,
         "checking an instance",
         &script,
-        SCRIPT_TIMEOUT,
+        transport.step_timeout(),
     )
     .await?;
     Ok(out.trim() == "up")
@@ -284,7 +285,7 @@ pub async fn log_tail(
         "tail -n {lines} {} 2>/dev/null || true",
         sh_quote(log.to_string_lossy())
     );
-    match transport.run(host, &script, SCRIPT_TIMEOUT).await {
+    match transport.run(host, &script, transport.step_timeout()).await {
         Ok(out) => out.stdout.trim_end().to_string(),
         Err(e) => format!("(log unavailable: {e})"),
     }
@@ -301,7 +302,14 @@ pub async fn logs_newest_first(
         "cd {} 2>/dev/null || exit 0\nls -1t 2>/dev/null || true\n",
         sh_quote(dir.to_string_lossy())
     );
-    let out = run_ok(transport, host, "listing logs", &script, SCRIPT_TIMEOUT).await?;
+    let out = run_ok(
+        transport,
+        host,
+        "listing logs",
+        &script,
+        transport.step_timeout(),
+    )
+    .await?;
     Ok(out
         .lines()
         .filter_map(|l| l.strip_suffix(".log"))
@@ -674,7 +682,8 @@ pub async fn stop(
         host,
         &format!("stopping {} (pid {})", inst.version, inst.pid),
         &script,
-        timeout + SCRIPT_TIMEOUT,
+        // The stop may take its whole timeout and the wait after SIGKILL, then a step's time.
+        timeout + AFTER_KILL + transport.step_timeout(),
     )
     .await?;
     if out

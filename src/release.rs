@@ -22,8 +22,6 @@ use crate::config::{Host, Name};
 use crate::source::ReleaseSource;
 use crate::transport::{Transport, run_ok, sh_quote};
 
-const SCRIPT_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Paths on one host.
 #[derive(Debug, Clone)]
 pub struct Layout {
@@ -203,7 +201,7 @@ pub async fn stage(
         host,
         "preparing the release directory",
         &check,
-        SCRIPT_TIMEOUT,
+        transport.step_timeout(),
     )
     .await?;
     let mut lines = state.lines();
@@ -302,7 +300,7 @@ pub async fn current(transport: &dyn Transport, host: &Host) -> anyhow::Result<O
         host,
         "reading `current`",
         &script,
-        SCRIPT_TIMEOUT,
+        transport.step_timeout(),
     )
     .await?;
     let v = out.trim();
@@ -324,7 +322,14 @@ pub async fn set_current(
         tmp = q(&tmp),
         cur = q(&layout.current()),
     );
-    run_ok(transport, host, "moving `current`", &script, SCRIPT_TIMEOUT).await?;
+    run_ok(
+        transport,
+        host,
+        "moving `current`",
+        &script,
+        transport.step_timeout(),
+    )
+    .await?;
     Ok(())
 }
 
@@ -338,7 +343,7 @@ pub async fn clear_current(transport: &dyn Transport, host: &Host) -> anyhow::Re
         host,
         "removing `current`",
         &script,
-        SCRIPT_TIMEOUT,
+        transport.step_timeout(),
     )
     .await?;
     Ok(())

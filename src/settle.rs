@@ -99,7 +99,8 @@ pub async fn settle(
         host,
         &format!("settling on {version}"),
         &script,
-        *app.stop_timeout + Duration::from_secs(30),
+        // Stopping strays may take their stop timeout and the wait after SIGKILL.
+        *app.stop_timeout + Duration::from_secs(5) + transport.step_timeout(),
     )
     .await?;
     Ok(parse(&out, &layout))

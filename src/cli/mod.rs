@@ -466,7 +466,9 @@ fn parse_name(flag: &str, v: &str) -> anyhow::Result<Name> {
 /// The transport and balancer client a config asks for.
 pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
     let transport: Arc<dyn Transport> = match config.transport {
-        crate::config::TransportKind::Local => Arc::new(LocalTransport::new()),
+        crate::config::TransportKind::Local => Arc::new(LocalTransport::with_step_timeout(
+            config.ssh.command_timeout,
+        )),
         crate::config::TransportKind::Ssh => Arc::new(crate::transport::ssh::SshTransport::new(
             config.ssh.clone(),
             config.forks,

@@ -17,15 +17,34 @@ use super::session::{self, Pool, Session, SessionError};
 use super::{Output, Transport, Unreachable, last_lines, sh_quote};
 use crate::config::Host;
 
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct LocalTransport {
     /// Idle session shells per host, shared by clones; killed when the last clone goes.
     idle: Arc<Pool>,
+    /// See [`Transport::step_timeout`].
+    step_timeout: Duration,
+}
+
+impl Default for LocalTransport {
+    fn default() -> LocalTransport {
+        LocalTransport {
+            idle: Arc::default(),
+            step_timeout: super::DEFAULT_STEP_TIMEOUT,
+        }
+    }
 }
 
 impl LocalTransport {
     pub fn new() -> LocalTransport {
         LocalTransport::default()
+    }
+
+    /// A transport whose remote steps get `step_timeout` (the config's `command_timeout`).
+    pub fn with_step_timeout(step_timeout: Duration) -> LocalTransport {
+        LocalTransport {
+            step_timeout,
+            ..LocalTransport::default()
+        }
     }
 
     fn session(&self, host: &Host) -> anyhow::Result<Session> {
@@ -50,11 +69,11 @@ impl Transport for LocalTransport {
             .await
         {
             Ok(out) => Ok(out),
-            Err(SessionError::Timeout) => Err(anyhow::anyhow!(
+            Err(SessionError::Timeout) => Err(anyhow::Error::new(super::TimedOut(format!(
                 "host {}: command did not finish within {}",
                 host.name,
                 humantime::format_duration(timeout)
-            )),
+            )))),
             Err(SessionError::Ended { stderr }) => Err(anyhow::anyhow!(
                 "host {}: the shell running the script ended{}",
                 host.name,
@@ -74,6 +93,10 @@ impl Transport for LocalTransport {
         if let Ok(s) = self.session(host) {
             self.idle.put(host.name.as_str(), s);
         }
+    }
+
+    fn step_timeout(&self) -> Duration {
+        self.step_timeout
     }
 
     async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {

@@ -52,6 +52,29 @@ pub trait Transport: Send + Sync {
     async fn warm(&self, host: &Host) {
         let _ = host;
     }
+    /// How long one remote step (a short script: read the host, start or list instances, move
+    /// `current`) may take: the config's `command_timeout`. Steps that legitimately take
+    /// longer (stopping an instance, unpacking a release) add to it or take more.
+    fn step_timeout(&self) -> Duration {
+        DEFAULT_STEP_TIMEOUT
+    }
+}
+
+/// [`Transport::step_timeout`] of a transport that was given none (test doubles).
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The host did not answer within the step's time: a caller should not ask it the same again
+/// at once, which would wait as long again. Find it with
+/// `anyhow::Error::downcast_ref::<TimedOut>()`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TimedOut(pub String);
+
+impl TimedOut {
+    /// Whether `e` is a step that did not finish in time.
+    pub fn is(e: &anyhow::Error) -> bool {
+        e.downcast_ref::<TimedOut>().is_some()
+    }
 }
 
 /// The host could not be reached, so nothing was sent to it: an error a caller may answer by

@@ -328,11 +328,11 @@ impl SshTransport {
         let out = tokio::time::timeout(timeout, child.wait_with_output())
             .await
             .map_err(|_| {
-                anyhow::anyhow!(
+                anyhow::Error::new(super::TimedOut(format!(
                     "host {}: command did not finish within {}",
                     describe(host),
                     humantime::format_duration(timeout)
-                )
+                )))
             })?
             .with_context(|| format!("host {}: waiting for ssh", describe(host)))?;
         let status = out.status.code().unwrap_or(-1);
@@ -416,11 +416,11 @@ impl SshTransport {
             .await
         {
             Ok(out) => Ok(out),
-            Err(SessionError::Timeout) => Err(anyhow::anyhow!(
+            Err(SessionError::Timeout) => Err(anyhow::Error::new(super::TimedOut(format!(
                 "host {}: command did not finish within {}",
                 describe(host),
                 humantime::format_duration(timeout)
-            )),
+            )))),
             Err(SessionError::Ended { stderr }) => Err(anyhow::anyhow!(
                 "host {}: SSH failed: {}{}",
                 describe(host),
@@ -467,6 +467,10 @@ impl Transport for SshTransport {
         if let Ok(s) = self.session(host).await {
             self.idle.put(host.name.as_str(), s);
         }
+    }
+
+    fn step_timeout(&self) -> Duration {
+        self.settings.command_timeout
     }
 
     async fn copy_dir(&self, host: &Host, from: &Path, to: &Path) -> anyhow::Result<()> {
