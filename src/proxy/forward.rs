@@ -8,7 +8,10 @@
 //!   (a backend that went quiet may still be working on the request). Such requests are sent
 //!   with an empty body from the start, so a second attempt is identical to the first. Each
 //!   other eligible backend gets at most one attempt. POST, PATCH and any request with a body
-//!   are sent exactly once.
+//!   are sent at most once: they go to another backend only when connecting to the first
+//!   failed (refused, unreachable, connect timeout), so no byte of them left the proxy. Their
+//!   body is kept for that: [`Upload`] hands the client's body back when hyper drops it
+//!   unpolled (nginx's `proxy_next_upstream error` and HAProxy's `redispatch` do the same).
 //! - The in-flight guard ([`InFlight`]) travels inside the response body ([`ProxyBody`]), so a
 //!   streaming response (SSE, downloads) keeps its backend busy until the last byte is sent or
 //!   the client goes away; draining therefore waits for it.
@@ -54,8 +57,11 @@ pub(crate) type ForwardBody = Either<Upload, Empty<Bytes>>;
 /// through no fault of the backend's, and the backend's head timeout only starts once the
 /// body was sent whole (a slow upload is the client's time, not the backend's).
 pub(crate) struct Upload {
-    inner: Incoming,
+    /// `None` only once handed back (see [`Drop`]).
+    inner: Option<Incoming>,
     progress: Arc<UploadProgress>,
+    /// Set by the first `poll_frame`: from then on bytes of the body may have left.
+    polled: bool,
 }
 
 /// What [`Upload`] saw, shared with the request's task.
@@ -66,6 +72,9 @@ pub(crate) struct UploadProgress {
     /// The body was read to its end.
     sent: AtomicBool,
     sent_changed: tokio::sync::Notify,
+    /// The body of an attempt that dropped it without ever polling it (hyper drops the request
+    /// when it cannot connect): still whole, so another backend can be sent it.
+    unsent: std::sync::Mutex<Option<Incoming>>,
 }
 
 impl UploadProgress {
@@ -81,6 +90,11 @@ impl UploadProgress {
 
     fn is_sent(&self) -> bool {
         self.sent.load(Ordering::Acquire)
+    }
+
+    /// The body back from an attempt that never read a byte of it, if that is what happened.
+    fn take_unsent(&self) -> Option<Incoming> {
+        self.unsent.lock().ok()?.take()
     }
 
     /// Resolves once the body was read to its end (never, if the client breaks it off).
@@ -100,13 +114,29 @@ impl UploadProgress {
 impl Upload {
     fn new(inner: Incoming) -> (Upload, Arc<UploadProgress>) {
         let progress = Arc::new(UploadProgress::default());
-        (
-            Upload {
-                inner,
-                progress: progress.clone(),
-            },
+        (Upload::resend(inner, progress.clone()), progress)
+    }
+
+    /// The same client body again, for another backend after a failed connect.
+    fn resend(inner: Incoming, progress: Arc<UploadProgress>) -> Upload {
+        Upload {
+            inner: Some(inner),
             progress,
-        )
+            polled: false,
+        }
+    }
+}
+
+impl Drop for Upload {
+    /// An attempt that never polled the body (its connection could not be made) gives it
+    /// back, so the request can go to another backend with nothing lost.
+    fn drop(&mut self) {
+        if self.polled {
+            return;
+        }
+        if let (Some(inner), Ok(mut unsent)) = (self.inner.take(), self.progress.unsent.lock()) {
+            *unsent = Some(inner);
+        }
     }
 }
 
@@ -115,14 +145,19 @@ impl Body for Upload {
     type Error = hyper::Error;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = self.get_mut();
+        this.polled = true;
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let r = Pin::new(&mut *inner).poll_frame(cx);
         match &r {
-            Poll::Ready(None) => self.progress.finish(),
-            Poll::Ready(Some(Err(_))) => self.progress.aborted.store(true, Ordering::Release),
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.progress.finish(),
+            Poll::Ready(None) => this.progress.finish(),
+            Poll::Ready(Some(Err(_))) => this.progress.aborted.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => this.progress.finish(),
             _ => {}
         }
         r
@@ -131,7 +166,7 @@ impl Body for Upload {
     /// hyper stops polling a body that says it has ended (a fixed length all sent), so the
     /// end is recorded here too.
     fn is_end_stream(&self) -> bool {
-        let end = self.inner.is_end_stream();
+        let end = self.inner.as_ref().is_none_or(Body::is_end_stream);
         if end {
             self.progress.finish();
         }
@@ -139,7 +174,9 @@ impl Body for Upload {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -234,9 +271,9 @@ pub(crate) async fn handle(
         return plain(StatusCode::SERVICE_UNAVAILABLE, "no backend available\n");
     };
 
-    // Keep what a second attempt needs only when one is possible.
-    let template =
-        (retryable && eligible > 1).then(|| (parts.method.clone(), parts.headers.clone()));
+    // Keep what a second attempt needs only when one is possible (a request with a body gets
+    // one only if its first connect fails).
+    let template = (eligible > 1).then(|| (parts.method.clone(), parts.headers.clone()));
     let (body, upload) = if retryable {
         (Either::Right(Empty::new()), None)
     } else {
@@ -288,6 +325,7 @@ pub(crate) async fn handle(
                 let reason = e.to_string();
                 let timed_out = matches!(e, SendError::Timeout(_));
                 let cut = matches!(e, SendError::Cut);
+                let not_connected = matches!(&e, SendError::Client(c) if c.is_connect());
                 debug!(backend = %backend.id, %method, path = %pq, "backend failed: {reason}");
                 proxy.passive_failure(&backend, failures, &reason);
                 // A backend that took the request and went quiet may still be working on it:
@@ -298,6 +336,15 @@ pub(crate) async fn handle(
                 }
                 let Some((method, headers)) = &template else {
                     return bad_gateway(proxy, false);
+                };
+                // A request with a body goes on only if no byte of it can have left: the
+                // connect failed, and hyper handed its body back untouched.
+                let body = match &upload {
+                    None => Either::Right(Empty::new()),
+                    Some(progress) => match progress.take_unsent().filter(|_| not_connected) {
+                        Some(body) => Either::Left(Upload::resend(body, progress.clone())),
+                        None => return bad_gateway(proxy, false),
+                    },
                 };
                 tried.push(backend.uid);
                 let Some((next, _)) = proxy.table().pick(&tried, route) else {
@@ -311,7 +358,7 @@ pub(crate) async fn handle(
                 drop(guard);
                 backend.retried();
                 guard = next;
-                req = Request::new(Either::Right(Empty::new()));
+                req = Request::new(body);
                 *req.method_mut() = method.clone();
                 *req.headers_mut() = headers.clone();
             }
