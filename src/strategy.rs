@@ -2,7 +2,8 @@
 //! (`deploy.rs`): start an instance, gate it, admit it to the balancer, retire what it replaces.
 //!
 //! **Blue-green**: a complete green set starts beside blue on every host in parallel and enters
-//! the balancer as *preview* backends (only requests with `x-cutover-preview: 1` reach them);
+//! the balancer as *preview* backends (only requests with `x-cutover-preview` set to a secret
+//! derived from the admin token reach them);
 //! `before_switch` verify commands test it through that route; one atomic admin call then makes
 //! green active and blue draining. Blue keeps running for `scale_down_delay`, so a
 //! `cutover rollback` in that window is one more switch (the deployer polls its commands every

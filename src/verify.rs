@@ -3,7 +3,8 @@
 //!
 //! The command gets `CUTOVER_URL` (where to test: an instance, the balancer, or the balancer
 //! with the preview header), `CUTOVER_VERSION`, `CUTOVER_POINT`, and for blue-green previews
-//! `CUTOVER_PREVIEW_HEADER` (`x-cutover-preview: 1`), to pass to curl with `-H`.
+//! `CUTOVER_PREVIEW_HEADER` (`x-cutover-preview: <secret>`, the secret derived from the admin
+//! token by [`crate::balancer::api::preview_value`]), to pass to curl with `-H`.
 
 use std::process::Stdio;
 
@@ -23,6 +24,7 @@ pub struct Target<'a> {
 /// Runs every verify command configured for `point`; the first failure is returned with the
 /// command, its exit and its last output lines.
 pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Result<(), String> {
+    let mut preview_header = None;
     for v in config.verify.iter().filter(|v| v.at.contains(&point)) {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
@@ -35,9 +37,22 @@ pub async fn run(config: &Config, point: VerifyPoint, target: &Target<'_>) -> Re
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if target.preview {
+            if preview_header.is_none() {
+                let token = config.admin_token().map_err(|e| {
+                    format!(
+                        "verify `{}`: the preview header is derived from the balancer's admin token, which cannot be read: {e:#}",
+                        v.command
+                    )
+                })?;
+                preview_header = Some(format!(
+                    "{}: {}",
+                    crate::balancer::api::PREVIEW_HEADER,
+                    crate::balancer::api::preview_value(&token)
+                ));
+            }
             cmd.env(
                 "CUTOVER_PREVIEW_HEADER",
-                format!("{}: 1", crate::balancer::api::PREVIEW_HEADER),
+                preview_header.as_deref().unwrap_or(""),
             );
         }
         let out = crate::bounded::run(cmd, *v.timeout)

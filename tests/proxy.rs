@@ -267,6 +267,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let preview_seen = req.headers().contains_key("x-cutover-preview");
     let _ = req.into_body().collect().await;
     let body = match path.as_str() {
         "/slow" => {
@@ -307,6 +308,10 @@ async fn handle(
     r.headers_mut().insert("x-saw-xff", xff.parse().unwrap());
     r.headers_mut()
         .insert("x-saw-proto", proto.parse().unwrap());
+    if preview_seen {
+        r.headers_mut()
+            .insert("x-saw-preview", "yes".parse().unwrap());
+    }
     Ok(r)
 }
 
@@ -2901,8 +2906,12 @@ async fn backend_of(resp: Response<Incoming>) -> String {
     String::from_utf8_lossy(&body).trim().to_string()
 }
 
+/// The preview route opens only with the secret the deployer derives from the admin token: a
+/// client that guesses the header (review finding: `x-cutover-preview: 1` reached unreleased
+/// code, and with no preview backend made 503s that every deploy counted as failed) gets an
+/// ordinary answer. The header never reaches a backend.
 #[tokio::test]
-async fn preview_requests_go_only_to_preview_backends() {
+async fn preview_requests_need_the_secret_and_go_only_to_preview_backends() {
     let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
     let mut live = TestBackend::start("live").await;
     let mut next = TestBackend::start("next").await;
@@ -2910,14 +2919,29 @@ async fn preview_requests_go_only_to_preview_backends() {
     let mut p = next.spec("v2");
     p.preview = true;
     h.add_healthy(&p).await;
+    let secret = cutover::balancer::api::preview_value(TOKEN);
+    let preview = [(cutover::balancer::api::PREVIEW_HEADER, secret.as_str())];
+    let forged = [(cutover::balancer::api::PREVIEW_HEADER, "1")];
     for _ in 0..10 {
         assert_eq!(backend_of(get_with(&h, "/", &[]).await).await, "live");
-        let r = get_with(&h, "/", &[(cutover::balancer::api::PREVIEW_HEADER, "1")]).await;
+        let r = get_with(&h, "/", &preview).await;
+        assert!(!r.headers().contains_key("x-saw-preview"), "{r:?}");
         assert_eq!(backend_of(r).await, "next");
+        let r = get_with(&h, "/", &forged).await;
+        assert!(!r.headers().contains_key("x-saw-preview"), "{r:?}");
+        assert_eq!(
+            backend_of(r).await,
+            "live",
+            "a wrong value is an ordinary request"
+        );
     }
-    // No preview backend: preview requests get 503, never a live backend.
+    // No preview backend: preview requests get 503, never a live backend; a forged one is
+    // served by live and counts as nothing failed.
     h.admin.drain("next").await.unwrap();
-    let r = get_with(&h, "/", &[("x-cutover-preview", "1")]).await;
+    let r = get_with(&h, "/", &forged).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(h.admin.stats().await.unwrap().unrouted, 0);
+    let r = get_with(&h, "/", &preview).await;
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     // Activated, it is a normal backend.
     h.admin.activate("next").await.unwrap();

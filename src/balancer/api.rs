@@ -18,8 +18,8 @@
 //!
 //! Preview routing: a backend added with `preview: true` starts in state
 //! [`BackendState::Preview`] and receives only requests that carry the header
-//! [`PREVIEW_HEADER`]`: 1` (and such requests go only to preview backends). `activate` or a
-//! switch makes it a normal active backend.
+//! [`PREVIEW_HEADER`] with the value [`preview_value`] of the admin token (and such requests go
+//! only to preview backends). `activate` or a switch makes it a normal active backend.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -41,7 +41,8 @@ pub struct BackendSpec {
     pub weight: u32,
     /// Path the balancer's active health check requests.
     pub health_path: String,
-    /// Start in [`BackendState::Preview`]: only requests with [`PREVIEW_HEADER`] reach it.
+    /// Start in [`BackendState::Preview`]: only requests with [`PREVIEW_HEADER`] set to
+    /// [`preview_value`] reach it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub preview: bool,
     /// The deployer's health gate has just passed (`healthy_threshold` checks in a row): the
@@ -52,8 +53,26 @@ pub struct BackendSpec {
     pub gated: bool,
 }
 
-/// Requests with this header set to `1` are routed to preview backends only.
+/// Requests with this header set to [`preview_value`] are routed to preview backends only.
 pub const PREVIEW_HEADER: &str = "x-cutover-preview";
+
+/// The value of [`PREVIEW_HEADER`] that reaches preview backends: hex HMAC-SHA256 of a fixed
+/// label keyed with the balancer's admin token. Only who holds the token (the deployer, whose
+/// verify commands get it in `CUTOVER_PREVIEW_HEADER`) can reach an unreleased release: with
+/// a fixed value, any client could, and could make every deploy's preview count 503s. Derived
+/// rather than the token itself, so a verify command that logs its headers leaks no admin
+/// access; the proxy and the deployer compute it alike from the same config.
+pub fn preview_value(token: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(token.trim().as_bytes())
+        .expect("HMAC takes any key length");
+    mac.update(b"cutover preview route v1");
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// Cookie the balancer sets with `sticky = "cookie"`: the release that served the client.
 pub const STICKY_COOKIE: &str = "cutover_release";
@@ -324,5 +343,16 @@ mod tests {
         };
         assert_eq!(c.failed(), 3);
         assert_eq!(c.failed_attempts(), 6);
+    }
+
+    /// The proxy and the deployer derive the preview secret alike, from the token alone.
+    #[test]
+    fn the_preview_value_is_a_secret_of_the_token() {
+        let v = preview_value("test-token-0123456789");
+        assert_eq!(v.len(), 64);
+        assert!(v.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(v, preview_value(" test-token-0123456789\n"));
+        assert_ne!(v, preview_value("test-token-0123456780"));
+        assert!(!v.contains("0123456789abc"),);
     }
 }

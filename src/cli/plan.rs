@@ -209,7 +209,7 @@ fn print_blue_green_plan(config: &Config, version: &Name) {
         config.app.health.deadline
     );
     println!(
-        "  3. verify green through the preview route: requests with `x-cutover-preview: 1` at http://{}",
+        "  3. verify green through the preview route: requests with `$CUTOVER_PREVIEW_HEADER` (`x-cutover-preview` and a secret derived from the admin token) at http://{}",
         config.balancer.listen
     );
     println!("  4. switch: one atomic admin call makes green active and blue draining");

@@ -132,7 +132,7 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 }
 
 /// Compares without an early exit, so timing reveals nothing about the token but its length.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -249,10 +249,12 @@ pub(crate) async fn handle(
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
+    // Only the deployer's secret value opens the preview route; any other value is an ordinary
+    // request. Never passed on: a backend has no use for it, and must not learn the secret.
     let preview = parts
         .headers
-        .get(&PREVIEW)
-        .is_some_and(|v| v.as_bytes() == b"1");
+        .remove(&PREVIEW)
+        .is_some_and(|v| proxy.is_preview_value(v.as_bytes()));
     let (cookie, hash) = match &proxy.options.sticky {
         None => (None, None),
         Some(Sticky::Cookie) => (sticky_cookie(&parts.headers), None),

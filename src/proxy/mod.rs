@@ -274,6 +274,9 @@ pub struct Proxy {
     options: ProxyOptions,
     table: Mutex<Table>,
     client: Client<HttpConnector, ForwardBody>,
+    /// The `x-cutover-preview` value that opens the preview route, derived from the admin
+    /// token once (see [`crate::balancer::api::preview_value`]).
+    preview_value: String,
     /// Notified whenever a backend's health changes (wakes wait-healthy).
     health_changed: Notify,
     /// Requests answered by the proxy itself (502/503/504), and connections refused over
@@ -333,11 +336,13 @@ impl Proxy {
             .build(connector);
         let mut table = Table::default();
         table.sticky_cookie = options.sticky == Some(Sticky::Cookie);
+        let preview_value = crate::balancer::api::preview_value(&settings.token);
         Arc::new(Proxy {
             settings,
             options,
             table: Mutex::new(table),
             client,
+            preview_value,
             health_changed: Notify::new(),
             unrouted: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
@@ -352,6 +357,12 @@ impl Proxy {
             persisted: tokio::sync::Mutex::new(0),
             frozen: tokio::sync::RwLock::new(false),
         })
+    }
+
+    /// Whether a request's `x-cutover-preview` value is the deployer's secret (compared in
+    /// constant time, like the admin token it is derived from).
+    fn is_preview_value(&self, value: &[u8]) -> bool {
+        admin::constant_time_eq(value, self.preview_value.as_bytes())
     }
 
     /// The backend table. A poisoned lock is recovered: the table stays consistent because no

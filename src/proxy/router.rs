@@ -469,7 +469,7 @@ pub(crate) enum Added {
 /// How a request wants its backend chosen.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Route<'a> {
-    /// The request carries `x-cutover-preview: 1`.
+    /// The request carries `x-cutover-preview` with the deployer's secret value.
     pub(crate) preview: bool,
     /// Prefer this release (sticky cookie) when one of its backends is eligible.
     pub(crate) release: Option<&'a str>,
