@@ -315,6 +315,88 @@ async fn handle(
     Ok(r)
 }
 
+/// A backend speaking raw bytes, for what a hyper server would never send: `/health` gets a
+/// plain 200, any other request `answer`, and the connection is closed after each answer. It
+/// keeps the heads of the requests it saw (health checks excluded). Stops when dropped.
+struct RawBackend {
+    addr: SocketAddr,
+    heads: Arc<std::sync::Mutex<Vec<String>>>,
+    task: JoinHandle<()>,
+}
+
+impl RawBackend {
+    async fn start(answer: &'static [u8]) -> RawBackend {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = heads.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let seen = seen.clone();
+                conns.spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let reply: &[u8] = if head.starts_with("GET /health ") {
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    } else {
+                        seen.lock().unwrap().push(head);
+                        answer
+                    };
+                    let _ = conn.write_all(reply).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+        });
+        RawBackend { addr, heads, task }
+    }
+
+    fn spec(&self, id: &str) -> BackendSpec {
+        BackendSpec {
+            id: id.to_string(),
+            address: self.addr,
+            host: "localhost".into(),
+            release: "v1".into(),
+            weight: 100,
+            health_path: "/health".into(),
+            preview: false,
+            gated: false,
+        }
+    }
+
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Sends raw request bytes to the proxy on a fresh connection and reads until it closes
+/// (the request should say `connection: close`), within `DEADLINE`.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(DEADLINE, conn.read_to_end(&mut out))
+        .await
+        .expect("the proxy answers and closes in time")
+        .expect("the connection reads");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Proxy and client helpers
 
@@ -3136,4 +3218,22 @@ async fn balancer_trait_defaults_fall_back_to_single_calls_or_say_unsupported() 
     );
     let e = format!("{:#}", r.samples("v1", 10).await.unwrap_err());
     assert!(e.contains("unsupported by this balancer"), "{e}");
+}
+
+/// Review finding: a backend's `HTTP/1.0` status line reached HTTP/1.1 clients (RFC 9110
+/// §2.5: an intermediary sends its own version).
+#[tokio::test]
+async fn a_backends_http10_status_line_goes_out_as_the_clients_version() {
+    let backend = RawBackend::start(b"HTTP/1.0 200 OK\r\ncontent-length: 3\r\n\r\nold").await;
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    h.add_healthy(&backend.spec("old")).await;
+    let out = raw_exchange(
+        h.proxy.listen,
+        b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\nold"), "{out}");
+    assert_eq!(backend.heads().len(), 1);
+    h.proxy.shutdown().await;
 }

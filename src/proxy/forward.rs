@@ -313,7 +313,12 @@ pub(crate) async fn handle(
                     }
                 }
                 let idle = proxy.options.timeouts.client_idle;
-                return respond(resp, guard, client_upgrade, failures > 0, idle);
+                let version = if h2 {
+                    Version::HTTP_2
+                } else {
+                    Version::HTTP_11
+                };
+                return respond(resp, guard, client_upgrade, failures > 0, idle, version);
             }
             Err(e) if upload.as_ref().is_some_and(|u| u.aborted()) => {
                 // The client broke its body off: no failure of the backend's (it would fail a
@@ -481,14 +486,19 @@ async fn send(
 
 /// `client_upgrade`: the client side of an upgrade and its connection's slot, when the client
 /// asked for one. `head_failed`: the head already counted against the backend's passive
-/// health (a 5xx with `eject_on_5xx`).
+/// health (a 5xx with `eject_on_5xx`). `version`: the client connection's; the response goes
+/// out in it, whatever the backend spoke (RFC 9110 §2.5: an intermediary sends its own
+/// version; hyper would otherwise write a backend's `HTTP/1.0` to an HTTP/1.1 client, which
+/// then treats the connection as HTTP/1.0).
 fn respond(
     mut resp: Response<Incoming>,
     guard: InFlight,
     client_upgrade: Option<(hyper::upgrade::OnUpgrade, Arc<Slot>)>,
     head_failed: bool,
     idle: std::time::Duration,
+    version: Version,
 ) -> Response<ProxyBody> {
+    *resp.version_mut() = version;
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some((client, slot)) = client_upgrade {
             let backend = hyper::upgrade::on(&mut resp);
