@@ -58,9 +58,11 @@ struct TestBackend {
     task: Option<JoinHandle<()>>,
 }
 
-/// A response body: all at once, one chunk and then pending forever, or chunks from a channel.
+/// A response body: all at once, one chunk and then pending forever, chunks from a channel, or
+/// all at once followed by trailers.
 enum TestBody {
     Full(Option<Bytes>),
+    Trailed(Option<Bytes>, Option<hyper::HeaderMap>),
     Endless(bool),
     Chunks(tokio::sync::mpsc::Receiver<Bytes>),
 }
@@ -81,6 +83,10 @@ impl Body for TestBody {
             // Never ends; the connection closing drops it.
             TestBody::Endless(_) => Poll::Pending,
             TestBody::Chunks(rx) => rx.poll_recv(_cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+            TestBody::Trailed(data, trailers) => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
         }
     }
 }
@@ -234,6 +240,26 @@ async fn handle(
             }
         });
         return Ok(Response::new(TestBody::Chunks(rx)));
+    }
+    if path == "/trailers" {
+        // Echoes the body, and the request's `x-sent` trailer as the response's `x-echo`.
+        let mut body = req.into_body();
+        let (mut data, mut sent) = (Vec::new(), String::from("none"));
+        while let Some(Ok(f)) = body.frame().await {
+            match f.into_data() {
+                Ok(d) => data.extend_from_slice(&d),
+                Err(f) => {
+                    if let Some(v) = f.trailers_ref().and_then(|t| t.get("x-sent")) {
+                        sent = v.to_str().unwrap_or("").to_string();
+                    }
+                }
+            }
+        }
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("x-echo", sent.parse().unwrap());
+        let mut r = Response::new(TestBody::Trailed(Some(data.into()), Some(trailers)));
+        r.headers_mut().insert("trailer", "x-echo".parse().unwrap());
+        return Ok(r);
     }
     if path == "/sse" {
         // One event at once, a second one when released, then the end.
@@ -3236,4 +3262,29 @@ async fn a_backends_http10_status_line_goes_out_as_the_clients_version() {
     assert!(out.ends_with("\r\n\r\nold"), "{out}");
     assert_eq!(backend.heads().len(), 1);
     h.proxy.shutdown().await;
+}
+
+/// Review finding: `Trailer` was stripped as if hop-by-hop (RFC 9110 §6.6.2: it is not), and
+/// hyper sends only the trailer fields it lists: trailers were lost both ways.
+#[tokio::test]
+async fn trailers_pass_both_ways() {
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    let out = raw_exchange(
+        h.proxy.listen,
+        b"POST /trailers HTTP/1.1\r\nhost: t\r\nte: trailers\r\ntrailer: x-sent\r\n\
+          transfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+          5\r\nhello\r\n0\r\nx-sent: yes\r\n\r\n",
+    )
+    .await
+    .to_ascii_lowercase();
+    assert!(out.starts_with("http/1.1 200 ok\r\n"), "{out}");
+    assert!(out.contains("\r\ntrailer: x-echo\r\n"), "{out}");
+    assert!(
+        out.ends_with("\r\n5\r\nhello\r\n0\r\nx-echo: yes\r\n\r\n"),
+        "the backend got the request's trailer and the client the response's: {out}"
+    );
+    h.proxy.shutdown().await;
+    a.stop().await;
 }

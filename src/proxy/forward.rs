@@ -711,6 +711,8 @@ fn tokens(v: &HeaderValue) -> impl Iterator<Item = &str> {
 }
 
 /// Removes hop-by-hop headers: the fixed list and every header the `Connection` header names.
+/// `Trailer` is not one (RFC 9110 §6.6.2): it says which trailer fields follow a chunked body,
+/// and hyper sends trailers only for the fields it lists, so it must pass both ways.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -728,7 +730,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &KEEP_ALIVE,
         &PROXY_CONNECTION,
         &header::TE,
-        &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
     ] {
@@ -753,7 +754,17 @@ fn prepare_request_headers(
     } else {
         None
     };
+    // `TE` is hop-by-hop, but the proxy passes trailers on: a client that accepts them has
+    // the backend told so for this hop too (a hyper backend sends trailers only then).
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .flat_map(tokens)
+        .any(|t| t.eq_ignore_ascii_case("trailers"));
     strip_hop_by_hop(headers);
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if let Some(proto) = upgrade_to {
         headers.insert(header::UPGRADE, proto);
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
