@@ -3288,3 +3288,33 @@ async fn trailers_pass_both_ways() {
     h.proxy.shutdown().await;
     a.stop().await;
 }
+
+/// Review finding: `Transfer-Encoding: gzip, chunked` was accepted and its gzip coding
+/// silently dropped on the way to the backend. RFC 9112 §6.1 (and nginx): 501.
+#[tokio::test]
+async fn a_transfer_coding_other_than_chunked_gets_501() {
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    for te in ["gzip, chunked", "chunked, chunked"] {
+        let request = format!(
+            "POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: {te}\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+        let out = raw_exchange(h.proxy.listen, request.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 501 "), "{te}: {out}");
+    }
+    let out = raw_exchange(
+        h.proxy.listen,
+        b"POST / HTTP/1.1\r\nhost: t\r\ntransfer-encoding: Chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    assert_eq!(
+        a.hits.posts.load(Ordering::SeqCst),
+        1,
+        "only the chunked POST is sent"
+    );
+    assert_eq!(h.admin.stats().await.unwrap().unrouted, 0);
+    h.proxy.shutdown().await;
+    a.stop().await;
+}

@@ -236,6 +236,9 @@ pub(crate) async fn handle(
     slot: &Arc<Slot>,
 ) -> Response<ProxyBody> {
     let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
+    if let Some(refused) = refuse_request(&req) {
+        return refused;
+    }
     let client_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), slot.clone()));
     let (mut parts, body) = req.into_parts();
     // A WebSocket handshake is a GET like any other until a backend answers 101: retried alike.
@@ -371,6 +374,32 @@ pub(crate) async fn handle(
             }
         }
     }
+}
+
+/// The proxy's own answer to a request it must not forward, if this is one. These are the
+/// client's errors, answered before any backend is picked: no backend's failure, and not
+/// counted in `unrouted` (like hyper's own 400 to a malformed head).
+fn refuse_request<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
+    // hyper decodes `chunked` (it must come last) and leaves any coding before it in the
+    // header, which is hop-by-hop and removed: the backend would get a body still encoded
+    // with no word of it. RFC 9112 §6.1: a coding the server does not understand gets 501.
+    let mut codings = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("?").split(','))
+        .map(str::trim);
+    let chunked_alone = codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case("chunked"))
+        && codings.next().is_none();
+    if req.headers().contains_key(header::TRANSFER_ENCODING) && !chunked_alone {
+        return Some(plain(
+            StatusCode::NOT_IMPLEMENTED,
+            "transfer codings other than chunked are not supported: send the body with Content-Length or Transfer-Encoding: chunked alone\n",
+        ));
+    }
+    None
 }
 
 /// Watches an attempt while it waits for its backend's response head, so that every request
