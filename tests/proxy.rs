@@ -294,6 +294,13 @@ async fn handle(
         .unwrap_or("")
         .to_string();
     let preview_seen = req.headers().contains_key("x-cutover-preview");
+    let host = req
+        .headers()
+        .get_all("host")
+        .iter()
+        .map(|v| v.to_str().unwrap_or("?"))
+        .collect::<Vec<_>>()
+        .join(" | ");
     let _ = req.into_body().collect().await;
     let body = match path.as_str() {
         "/slow" => {
@@ -334,6 +341,7 @@ async fn handle(
     r.headers_mut().insert("x-saw-xff", xff.parse().unwrap());
     r.headers_mut()
         .insert("x-saw-proto", proto.parse().unwrap());
+    r.headers_mut().insert("x-saw-host", host.parse().unwrap());
     if preview_seen {
         r.headers_mut()
             .insert("x-saw-preview", "yes".parse().unwrap());
@@ -3314,6 +3322,48 @@ async fn a_transfer_coding_other_than_chunked_gets_501() {
         1,
         "only the chunked POST is sent"
     );
+    assert_eq!(h.admin.stats().await.unwrap().unrouted, 0);
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
+/// Review finding (RFC 9112 §3.2): an HTTP/1.1 request without Host or with two went to a
+/// backend (nginx and HAProxy answer 400), `Connection: close, host` dropped the Host, and an
+/// absolute-form target's authority was not the Host forwarded.
+#[tokio::test]
+async fn host_rules_of_http11_hold() {
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    for bad in [
+        &b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nhost: one\r\nhost: two\r\nconnection: close\r\n\r\n",
+    ] {
+        let out = raw_exchange(h.proxy.listen, bad).await;
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+    }
+    assert_eq!(a.requests(), 0, "no bad request reaches the backend");
+    // HTTP/1.0 has no Host requirement.
+    let out = raw_exchange(h.proxy.listen, b"GET / HTTP/1.0\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.0 200 "), "{out}");
+    let saw_host = |out: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix("x-saw-host: "))
+            .unwrap_or("(none)")
+            .to_string()
+    };
+    let out = raw_exchange(
+        h.proxy.listen,
+        b"GET / HTTP/1.1\r\nhost: app.test\r\nconnection: close, host\r\n\r\n",
+    )
+    .await;
+    assert_eq!(saw_host(&out), "app.test", "{out}");
+    let out = raw_exchange(
+        h.proxy.listen,
+        b"GET http://target.test:8080/x HTTP/1.1\r\nhost: other.test\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(saw_host(&out), "target.test:8080", "{out}");
     assert_eq!(h.admin.stats().await.unwrap().unrouted, 0);
     h.proxy.shutdown().await;
     a.stop().await;

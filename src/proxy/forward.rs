@@ -399,6 +399,15 @@ fn refuse_request<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
             "transfer codings other than chunked are not supported: send the body with Content-Length or Transfer-Encoding: chunked alone\n",
         ));
     }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets 400 (nginx
+    // and HAProxy do): which site it is for would be the backend's guess.
+    let hosts = req.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && req.version() == Version::HTTP_11) {
+        return Some(plain(
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request needs exactly one Host header\n",
+        ));
+    }
     None
 }
 
@@ -749,6 +758,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .iter()
             .flat_map(tokens)
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            // `Connection` may name only hop-by-hop fields (RFC 9110 §7.6.1): the ones every
+            // hop needs are never taken out on its word (`Connection: close, host` would send
+            // the backend no Host, and a named `Content-Length` would reframe the body).
+            .filter(|n| *n != header::HOST && *n != header::CONTENT_LENGTH)
             .collect();
         for n in named {
             headers.remove(n);
@@ -801,12 +814,11 @@ fn prepare_request_headers(
     if h2 {
         join_cookies(headers);
     }
-    // HTTP/2 clients send the host as :authority; HTTP/1.1 backends want a Host header.
-    if !headers.contains_key(header::HOST) {
-        if let Some(a) = uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(header::HOST, v);
-            }
+    // HTTP/2 clients send the host as :authority; HTTP/1.1 backends want a Host header. An
+    // HTTP/1.1 absolute-form target's authority wins over its Host too (RFC 9112 §3.2.2).
+    if let Some(a) = uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+            headers.insert(header::HOST, v);
         }
     }
     let xff = match headers.get(&X_FORWARDED_FOR) {
