@@ -3368,3 +3368,37 @@ async fn host_rules_of_http11_hold() {
     h.proxy.shutdown().await;
     a.stop().await;
 }
+
+/// Review finding: an unsolicited 101 from a backend reached a client that asked for no
+/// upgrade; a CONNECT was forwarded; a `*` target went out on methods other than OPTIONS.
+#[tokio::test]
+async fn unsolicited_switches_connect_and_stray_asterisks_are_refused() {
+    let backend = RawBackend::start(
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: other\r\nconnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let h = Harness::start(settings(health(Duration::from_secs(600), 1, 1000))).await;
+    h.add_healthy(&backend.spec("switcher")).await;
+    let out = raw_exchange(
+        h.proxy.listen,
+        b"GET / HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.backends["switcher"].proxy_errors, 1, "{stats:?}");
+    assert_eq!(stats.unrouted, 1, "{stats:?}");
+    assert_eq!(backend.heads().len(), 1);
+    for (request, status) in [
+        (
+            &b"CONNECT target.test:443 HTTP/1.1\r\nhost: target.test:443\r\nconnection: close\r\n\r\n"[..],
+            "405",
+        ),
+        (b"GET * HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n", "400"),
+    ] {
+        let out = raw_exchange(h.proxy.listen, request).await;
+        assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
+    }
+    assert_eq!(backend.heads().len(), 1, "neither was forwarded");
+    h.proxy.shutdown().await;
+}

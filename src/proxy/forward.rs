@@ -302,6 +302,16 @@ pub(crate) async fn handle(
         let sent = send(proxy, &guard, req, upload.as_deref()).await;
         waiting.ended();
         match sent {
+            Ok(resp)
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_none() =>
+            {
+                // A switch the client never asked for: the client cannot speak whatever the
+                // backend switched to, so this is the backend failing the request.
+                let failures = backend.failed();
+                proxy.passive_failure(&backend, failures, "101 to a request without Upgrade");
+                debug!(backend = %backend.id, %method, path = %pq, "unsolicited 101: 502");
+                return bad_gateway(proxy, false);
+            }
             Ok(mut resp) => {
                 let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 let status = resp.status().as_u16();
@@ -397,6 +407,21 @@ fn refuse_request<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
         return Some(plain(
             StatusCode::NOT_IMPLEMENTED,
             "transfer codings other than chunked are not supported: send the body with Content-Length or Transfer-Encoding: chunked alone\n",
+        ));
+    }
+    // A reverse proxy is no tunnel to anywhere a client names: CONNECT is never forwarded.
+    if req.method() == Method::CONNECT {
+        return Some(plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported: this is a reverse proxy, not a forward proxy\n",
+        ));
+    }
+    // The asterisk-form target means the server as a whole, and only for OPTIONS (RFC 9112
+    // §3.2.4).
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        return Some(plain(
+            StatusCode::BAD_REQUEST,
+            "the request-target `*` is only for OPTIONS\n",
         ));
     }
     // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, gets 400 (nginx
