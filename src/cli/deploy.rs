@@ -74,6 +74,14 @@ pub(crate) struct LockGuard {
     renew: tokio::task::JoinHandle<()>,
 }
 
+impl LockGuard {
+    /// Who holds it: for a cleanup that must release it where `Drop` never runs (an exit on
+    /// a signal).
+    pub(crate) fn holder(&self) -> LockHolder {
+        self.me.clone()
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.renew.abort();
@@ -191,13 +199,16 @@ pub(super) async fn deploy_cmd(
         );
     }
     crate::bounded::list_groups_under(&config.state_dir);
-    // Ctrl-C ends the deployment where it is (the journal knows where): say what comes next.
+    // Ctrl-C ends the deployment where it is (the journal knows where): say what comes next,
+    // and free the lock (the exit skips `LockGuard`'s drop, which left it to a dead holder).
     let _interrupted = {
         let (state_dir, app) = (config.state_dir.clone(), config.app.name.to_string());
+        let holder = _lock.holder();
         crate::bounded::at_signal_exit(move || {
             let Ok(journal) = Journal::open(&state_dir) else {
                 return;
             };
+            let _ = journal.unlock(&app, &holder);
             if let Ok(Some(row)) = journal.unfinished(&app) {
                 let going_back = row.kind == "rollback"
                     || crate::deploy::was_going_back(&journal, &row.id).unwrap_or(false);
