@@ -147,6 +147,17 @@ fn late(seen: &[(String, String)], after: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `text`'s first `max` characters, with "…" when there were more.
+fn clip(text: &str, max: usize) -> String {
+    let mut chars = text.chars();
+    let head: String = chars.by_ref().take(max).collect();
+    if chars.next().is_some() {
+        format!("{head}…")
+    } else {
+        head
+    }
+}
+
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(SHORT_SHA)]
 }
@@ -235,16 +246,18 @@ pub fn decide(push: &PushEvent, github: &GithubSettings, git_release: bool) -> P
     } else {
         sha[..SHORT_SHA].to_string()
     };
+    // Each part cut to a length a person reads: the trigger goes into the queue, the log, the
+    // API and the dashboard, and a signed push may carry names of any length.
     let by = push
         .pusher
         .as_ref()
-        .map(|p| p.name.as_str())
+        .map(|p| clip(&p.name, 64))
         .filter(|n| !n.is_empty())
-        .unwrap_or("someone");
+        .unwrap_or_else(|| "someone".into());
     let repo = push
         .repository
         .as_ref()
-        .map(|r| r.full_name.as_str())
+        .map(|r| clip(&r.full_name, 160))
         .filter(|n| !n.is_empty())
         .map(|r| format!(" to {r}"))
         .unwrap_or_default();
@@ -252,7 +265,7 @@ pub fn decide(push: &PushEvent, github: &GithubSettings, git_release: bool) -> P
         .head_commit
         .as_ref()
         .and_then(|c| c.message.lines().next())
-        .map(|m| format!(": {}", m.chars().take(80).collect::<String>()))
+        .map(|m| format!(": {}", clip(m, 80)))
         .unwrap_or_default();
     PushDecision::Deploy {
         version,
@@ -301,6 +314,31 @@ mod tests {
             branch: "main".into(),
             repository: repository.map(str::to_string),
         }
+    }
+
+    /// Review finding: a signed push with a 100 KB pusher name put all of it into the trigger
+    /// (queue, log, API, dashboard).
+    #[test]
+    fn names_in_the_trigger_are_cut_to_a_readable_length() {
+        let sha = "abcdef0123456789abcdef0123456789abcdef01";
+        let mut p = push("refs/heads/main", sha);
+        p.pusher.as_mut().unwrap().name = "x".repeat(100_000);
+        p.head_commit.as_mut().unwrap().message = "é".repeat(500);
+        match decide(&p, &main_of(None), false) {
+            PushDecision::Deploy { trigger, .. } => {
+                assert!(trigger.chars().count() < 300, "{}", trigger.len());
+                assert!(
+                    trigger.contains(&format!("{}…", "x".repeat(64))),
+                    "{trigger}"
+                );
+                assert!(
+                    trigger.ends_with(&format!("{}…", "é".repeat(80))),
+                    "{trigger}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(clip("short", 64), "short");
     }
 
     #[test]
