@@ -13,10 +13,16 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+/// Connections served at once, at most: past it, new ones wait in the listen queue until one
+/// ends. Why: each costs a descriptor, and a flood of idle connections must not use up those a
+/// deploy needs (journal, child processes, balancer sockets).
+pub const MAX_CONNECTIONS: usize = 2048;
+
 /// Accepts connections on `listener` and serves each with `service()` until `shutdown`
-/// resolves; then closes the listener and returns the watch over the open connections, for the
-/// caller to drain as it sees fit. `what` names the server in logs; a failed accept (out of
-/// file descriptors, usually) pauses `pause` so it does not spin.
+/// resolves, at most [`MAX_CONNECTIONS`] at once; then closes the listener and returns the
+/// watch over the open connections, for the caller to drain as it sees fit. `what` names the
+/// server in logs; a failed accept (out of file descriptors, usually) pauses `pause` so it does
+/// not spin.
 pub async fn serve_until<S, B>(
     listener: TcpListener,
     builder: &auto::Builder<TokioExecutor>,
@@ -34,22 +40,42 @@ where
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
     let graceful = GracefulShutdown::new();
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
+        // A slot first: with every slot taken, clients wait in the kernel's listen queue.
+        let slot = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
-                    let conn = builder
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service())
-                        .into_owned();
-                    let conn = graceful.watch(conn);
+                    let io = TokioIo::new(stream);
+                    // hyper-util's upgradeable connection ignores an HTTP/1-only builder: it
+                    // takes HTTP/2 whenever the client opens with its preface.
+                    let conn: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+                        if builder.is_http2_available() {
+                            let conn = builder
+                                .serve_connection_with_upgrades(io, service())
+                                .into_owned();
+                            Box::pin(graceful.watch(conn))
+                        } else {
+                            let conn = builder.serve_connection(io, service()).into_owned();
+                            Box::pin(graceful.watch(conn))
+                        };
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!("{what}: connection ended: {e}");
                         }
+                        drop(slot);
                     });
                 }
                 Err(e) => {

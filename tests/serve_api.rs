@@ -106,6 +106,67 @@ async fn every_endpoint_answers_with_the_token() {
         "{v}"
     );
 
+    // The router's own answers are JSON errors too (review finding: 405, 404 and 413 came
+    // with an empty or plain-text body).
+    let auth = vec![("authorization", format!("Bearer {SERVE_TOKEN}"))];
+    for (method, path, body, status, why) in [
+        (
+            "PUT",
+            "/api/deployments",
+            String::new(),
+            405,
+            "GET,HEAD,POST",
+        ),
+        ("DELETE", "/api/status", String::new(), 405, "GET,HEAD"),
+        ("GET", "/hooks/github", String::new(), 405, "POST"),
+        (
+            "GET",
+            "/nope",
+            String::new(),
+            404,
+            "no page or endpoint GET /nope",
+        ),
+        (
+            "POST",
+            "/api/deployments",
+            format!("{{\"version\": \"{}\"}}", "v".repeat(3 << 20)),
+            413,
+            "over the 2 MB limit",
+        ),
+    ] {
+        let (got, headers, text) = request(served.addr, method, path, &auth, body).await;
+        assert_eq!(got, status, "{method} {path}: {text} {headers:?}");
+        assert!(
+            headers
+                .iter()
+                .any(|(k, v)| k == "content-type" && v == "application/json"),
+            "{method} {path}: {headers:?}"
+        );
+        let v: Value = serde_json::from_str(&text).expect("a JSON error");
+        let said = v["error"].as_str().unwrap();
+        let allow = headers.iter().find(|(k, _)| k == "allow").map(|(_, v)| v);
+        assert!(
+            said.contains(why) || (status == 405 && allow.is_some_and(|a| a == why)),
+            "{method} {path}: {v} {headers:?}"
+        );
+    }
+    // HTTP/1 only: an HTTP/2 preface is not served (review finding: such connections escaped
+    // the header timeout and stayed open for good).
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(served.addr).await.unwrap();
+        c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the connection stayed open");
+        assert!(
+            !answer.starts_with(b"\0"),
+            "an HTTP/2 frame came back: {answer:?}"
+        );
+    }
+
     // Bad requests are JSON errors.
     for (body, why) in [
         (json!({}), "missing"),

@@ -263,6 +263,46 @@ pub fn app(state: ServeState) -> Router {
         )
         .nest("/api", api::routes(state.clone()))
         .with_state(state)
+        .layer(axum::middleware::from_fn(json_errors))
+}
+
+/// The router's own answers (a wrong method, an unknown path outside `/api`, a body over the
+/// 2 MB limit) come with an empty or plain-text body; every error of this server is JSON
+/// (`{"error": ...}`) that says what to do, these included.
+async fn json_errors(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json || !(resp.status().is_client_error()) {
+        return resp;
+    }
+    let error = match resp.status() {
+        // The router adds the `Allow` header once this layer is done.
+        StatusCode::METHOD_NOT_ALLOWED => format!(
+            "{method} is not allowed on {path}: the Allow header lists the methods it takes (see docs/serve.md)"
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => {
+            "the request body is over the 2 MB limit: send a smaller one".to_string()
+        }
+        StatusCode::NOT_FOUND => format!("no page or endpoint {method} {path} (see docs/serve.md)"),
+        _ => return resp,
+    };
+    let (mut parts, _) = resp.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::json!({ "error": error }).to_string();
+    axum::response::Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then lets requests in flight
@@ -279,12 +319,14 @@ pub async fn serve_http(
     use hyper_util::server::conn::auto;
     use tower_service::Service;
 
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1 only: browsers and GitHub speak it, and an HTTP/2 connection (cleartext, with
+    // prior knowledge) escaped the header timeout: one that sent its preface and nothing else
+    // stayed open for good, and a few thousand of them used up the descriptors deploys need.
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read);
-    builder.http2().timer(TokioTimer::new());
     let graceful = crate::accept::serve_until(
         listener,
         &builder,
