@@ -319,6 +319,9 @@ pub struct BalancerConfig {
     pub backend_connect_timeout: Option<Dur>,
     /// Built-in balancer: time a backend has to send the response head (default 60s).
     pub backend_header_timeout: Option<Dur>,
+    /// Built-in balancer: time a backend may leave the request body's next chunk untaken
+    /// before the client gets 504 (default 60s).
+    pub backend_send_timeout: Option<Dur>,
     /// Built-in balancer: pooled idle connections to backends are closed after this (default 4s).
     pub backend_idle_timeout: Option<Dur>,
     /// Built-in balancer: passive ejection after this many failed requests in a row (default
@@ -1534,6 +1537,7 @@ impl Config {
                 b.backend_connect_timeout,
             ),
             ("balancer.backend_header_timeout", b.backend_header_timeout),
+            ("balancer.backend_send_timeout", b.backend_send_timeout),
         ] {
             if value.is_some_and(|d| d.is_zero()) {
                 return Err(err(

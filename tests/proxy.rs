@@ -350,8 +350,10 @@ async fn handle(
 }
 
 /// A backend speaking raw bytes, for what a hyper server would never send: `/health` gets a
-/// plain 200, any other request `answer`, and the connection is closed after each answer. It
-/// keeps the heads of the requests it saw (health checks excluded). Stops when dropped.
+/// plain 200, any other request `answer` (or, when `None`, nothing: the connection is held
+/// open and never read again, as by an app stuck before reading the body), and the connection
+/// is closed after each answer. It keeps the heads of the requests it saw (health checks
+/// excluded). Stops when dropped.
 struct RawBackend {
     addr: SocketAddr,
     heads: Arc<std::sync::Mutex<Vec<String>>>,
@@ -360,6 +362,10 @@ struct RawBackend {
 
 impl RawBackend {
     async fn start(answer: &'static [u8]) -> RawBackend {
+        Self::start_answering(Some(answer)).await
+    }
+
+    async fn start_answering(answer: Option<&'static [u8]>) -> RawBackend {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -383,7 +389,10 @@ impl RawBackend {
                         b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
                     } else {
                         seen.lock().unwrap().push(head);
-                        answer
+                        match answer {
+                            Some(a) => a,
+                            None => return std::future::pending().await,
+                        }
                     };
                     let _ = conn.write_all(reply).await;
                     let _ = conn.shutdown().await;
@@ -2803,12 +2812,14 @@ async fn a_request_its_client_gives_up_on_counts_as_failed() {
     a.stop().await;
 }
 
-/// The backend's head timeout is the backend's time: an upload slower than it is answered.
+/// The backend's head and send timeouts are the backend's time: an upload slower than both is
+/// answered.
 #[tokio::test]
 async fn a_slow_upload_does_not_count_against_the_backend_head_timeout() {
     use tokio::io::AsyncWriteExt;
     let options = with_timeouts(cutover::proxy::Timeouts {
         backend_header: Duration::from_millis(300),
+        backend_send: Duration::from_millis(300),
         ..Default::default()
     });
     let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 3)), options).await;
@@ -2829,6 +2840,68 @@ async fn a_slow_upload_does_not_count_against_the_backend_head_timeout() {
     assert_eq!(stats.total.proxy_errors, 0, "{stats:?}");
     h.proxy.shutdown().await;
     a.stop().await;
+}
+
+/// A backend that stops reading an upload leaves a chunk of it in the proxy's hands: after
+/// `backend_send_timeout` the client gets 504 (instead of hanging until `client_idle_timeout`
+/// and a reset), counted as the backend's failed request, not as a client that went away.
+#[tokio::test]
+async fn a_backend_that_stops_reading_an_upload_gets_504_after_the_send_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let send = Duration::from_millis(300);
+    let options = with_timeouts(cutover::proxy::Timeouts {
+        backend_send: send,
+        // Without the send timeout, the client would be cut here with no answer.
+        client_idle: Duration::from_secs(3),
+        ..Default::default()
+    });
+    let h = Harness::start_with(settings(health(Duration::from_secs(600), 1, 3)), options).await;
+    let stuck = RawBackend::start_answering(None).await;
+    h.add_healthy(&stuck.spec("a")).await;
+    let before = h.admin.stats().await.unwrap();
+    // More than the loopback socket buffers and hyper's write buffer hold between the two.
+    const UPLOAD: usize = 64 << 20;
+    let conn = tokio::net::TcpStream::connect(h.proxy.listen)
+        .await
+        .unwrap();
+    let (mut read, mut write) = conn.into_split();
+    let started = tokio::time::Instant::now();
+    let upload = tokio::spawn(async move {
+        let head = format!("POST /hang HTTP/1.1\r\nHost: t\r\nContent-Length: {UPLOAD}\r\n\r\n");
+        write.write_all(head.as_bytes()).await?;
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..UPLOAD / chunk.len() {
+            write.write_all(&chunk).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let head = tokio::time::timeout(DEADLINE, async {
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && read.read(&mut byte).await.unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).to_lowercase()
+    })
+    .await
+    .expect("the proxy answers the stuck upload in time");
+    assert!(head.starts_with("http/1.1 504"), "{head:?}");
+    assert!(started.elapsed() >= send, "{:?}", started.elapsed());
+    // The client connection ends with the answer, not at `client_idle_timeout`: the proxy
+    // drops the body it was trying to pass on.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(2), read.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the connection stayed open after the 504");
+    upload.abort();
+    assert_eq!(stuck.heads().len(), 1, "{:?}", stuck.heads());
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(stats.backends["a"].proxy_errors, 1, "{stats:?}");
+    assert_eq!(stats.total.abandoned, 0, "{stats:?}");
+    let (_, failed, _) = cutover::deploy::traffic_between(&before, &stats);
+    assert_eq!(failed, 1, "{stats:?}");
+    let m = h.admin.metrics_text().await.unwrap();
+    assert!(m.contains("cutover_client_aborted_total 0"), "{m}");
+    h.proxy.shutdown().await;
 }
 
 #[tokio::test]

@@ -12,6 +12,9 @@
 //!   failed (refused, unreachable, connect timeout), so no byte of them left the proxy. Their
 //!   body is kept for that: [`Upload`] hands the client's body back when hyper drops it
 //!   unpolled (nginx's `proxy_next_upstream error` and HAProxy's `redispatch` do the same).
+//! - A backend that stops reading a request body (hyper holds a chunk of it and asks for no
+//!   more) for `backend_send` fails the request with 504, like a late head; time waiting on a
+//!   slow client's body is the client's and never counts (nginx's `proxy_send_timeout`).
 //! - The in-flight guard ([`InFlight`]) travels inside the response body ([`ProxyBody`]), so a
 //!   streaming response (SSE, downloads) keeps its backend busy until the last byte is sent or
 //!   the client goes away; draining therefore waits for it.
@@ -30,7 +33,7 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -55,32 +58,70 @@ pub(crate) type ForwardBody = Either<Upload, Empty<Bytes>>;
 /// A client's request body on its way to a backend. It tells apart what the backend did from
 /// what the client did: a body the client broke off (it closed mid-upload) fails the attempt
 /// through no fault of the backend's, and the backend's head timeout only starts once the
-/// body was sent whole (a slow upload is the client's time, not the backend's).
+/// body was sent whole (a slow upload is the client's time, not the backend's). While it is
+/// being sent, the time the backend leaves a chunk untaken is the backend's: hyper asks the
+/// body for its next chunk only once it could write what it has, so a chunk handed over and
+/// not followed by another poll for `backend_send` means the backend stopped reading.
+///
+/// The client's body itself lives in [`UploadProgress::body`], where the request's task can
+/// drop it when it gives up on a backend that stopped reading: hyper's client holds the
+/// request body until its connection closes, and cannot close a connection it still has bytes
+/// to flush to, so the client connection would otherwise wait on a body nobody reads.
 pub(crate) struct Upload {
-    /// `None` only once handed back (see [`Drop`]).
-    inner: Option<Incoming>,
     progress: Arc<UploadProgress>,
     /// Set by the first `poll_frame`: from then on bytes of the body may have left.
     polled: bool,
 }
 
 /// What [`Upload`] saw, shared with the request's task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct UploadProgress {
     /// Reading the client's body failed (closed early, reset, malformed).
     aborted: AtomicBool,
+    /// Some attempt polled the body: bytes of it may have left.
+    polled: AtomicBool,
     /// The body was read to its end.
     sent: AtomicBool,
-    sent_changed: tokio::sync::Notify,
-    /// The body of an attempt that dropped it without ever polling it (hyper drops the request
-    /// when it cannot connect): still whole, so another backend can be sent it.
-    unsent: std::sync::Mutex<Option<Incoming>>,
+    /// When the last chunk was handed to hyper (milliseconds after `epoch`), while hyper has
+    /// not asked for the next one: the chunk waits on the backend. [`NOT_HANDED`] while hyper
+    /// waits on the client for more.
+    handed_at: AtomicU64,
+    epoch: tokio::time::Instant,
+    /// Notified when the body ends and when a chunk is handed over.
+    changed: tokio::sync::Notify,
+    /// The client's body. An attempt that polled it takes it away when dropped; one that never
+    /// did (hyper drops the request when it cannot connect) leaves it whole, so another
+    /// backend can be sent it. `None` once taken away or given up.
+    body: std::sync::Mutex<Option<Incoming>>,
 }
 
+/// [`UploadProgress::handed_at`] when no chunk waits on the backend.
+const NOT_HANDED: u64 = u64::MAX;
+
 impl UploadProgress {
+    fn new(body: Incoming) -> Self {
+        UploadProgress {
+            aborted: AtomicBool::new(false),
+            polled: AtomicBool::new(false),
+            sent: AtomicBool::new(false),
+            handed_at: AtomicU64::new(NOT_HANDED),
+            epoch: tokio::time::Instant::now(),
+            changed: tokio::sync::Notify::new(),
+            body: std::sync::Mutex::new(Some(body)),
+        }
+    }
+
     fn finish(&self) {
         if !self.sent.swap(true, Ordering::AcqRel) {
-            self.sent_changed.notify_waiters();
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// hyper took a chunk: until it polls again, the chunk waits on the backend.
+    fn handed(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(NOT_HANDED - 1);
+        if self.handed_at.swap(now, Ordering::AcqRel) == NOT_HANDED {
+            self.changed.notify_waiters();
         }
     }
 
@@ -92,15 +133,22 @@ impl UploadProgress {
         self.sent.load(Ordering::Acquire)
     }
 
-    /// The body back from an attempt that never read a byte of it, if that is what happened.
-    fn take_unsent(&self) -> Option<Incoming> {
-        self.unsent.lock().ok()?.take()
+    /// The body is still whole: no attempt read a byte of it.
+    fn unsent(&self) -> bool {
+        !self.polled.load(Ordering::Acquire) && self.body.lock().is_ok_and(|b| b.is_some())
+    }
+
+    /// Drops the client's body: no backend gets it any more, and the client connection stops
+    /// waiting for it to be read (it closes once its response is out).
+    fn give_up(&self) {
+        let body = self.body.lock().ok().and_then(|mut b| b.take());
+        drop(body);
     }
 
     /// Resolves once the body was read to its end (never, if the client breaks it off).
     async fn sent(&self) {
         loop {
-            let changed = self.sent_changed.notified();
+            let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
             if self.sent.load(Ordering::Acquire) {
@@ -109,18 +157,42 @@ impl UploadProgress {
             changed.await;
         }
     }
+
+    /// Resolves once a chunk handed to hyper has waited `limit` for the backend to take it
+    /// (hyper asks for the next chunk only when it could write). Never once the body was read
+    /// whole: the head timeout takes over then. Time spent waiting on the client is not
+    /// counted.
+    async fn stalled(&self, limit: std::time::Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.is_sent() {
+                return std::future::pending().await;
+            }
+            match self.handed_at.load(Ordering::Acquire) {
+                NOT_HANDED => changed.await,
+                at => {
+                    let due = self.epoch + std::time::Duration::from_millis(at) + limit;
+                    tokio::time::sleep_until(due).await;
+                    if self.handed_at.load(Ordering::Acquire) == at && !self.is_sent() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Upload {
     fn new(inner: Incoming) -> (Upload, Arc<UploadProgress>) {
-        let progress = Arc::new(UploadProgress::default());
-        (Upload::resend(inner, progress.clone()), progress)
+        let progress = Arc::new(UploadProgress::new(inner));
+        (Upload::resend(progress.clone()), progress)
     }
 
     /// The same client body again, for another backend after a failed connect.
-    fn resend(inner: Incoming, progress: Arc<UploadProgress>) -> Upload {
+    fn resend(progress: Arc<UploadProgress>) -> Upload {
         Upload {
-            inner: Some(inner),
             progress,
             polled: false,
         }
@@ -128,14 +200,12 @@ impl Upload {
 }
 
 impl Drop for Upload {
-    /// An attempt that never polled the body (its connection could not be made) gives it
-    /// back, so the request can go to another backend with nothing lost.
+    /// An attempt that polled the body takes it away (part of it may have left); one that
+    /// never did (its connection could not be made) leaves it, so the request can go to
+    /// another backend with nothing lost.
     fn drop(&mut self) {
         if self.polled {
-            return;
-        }
-        if let (Some(inner), Ok(mut unsent)) = (self.inner.take(), self.progress.unsent.lock()) {
-            *unsent = Some(inner);
+            self.progress.give_up();
         }
     }
 }
@@ -149,8 +219,16 @@ impl Body for Upload {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        this.polled = true;
-        let Some(inner) = &mut this.inner else {
+        if !this.polled {
+            this.polled = true;
+            this.progress.polled.store(true, Ordering::Release);
+        }
+        // hyper asks for more: it wrote what it had, so the backend is taking the body.
+        this.progress.handed_at.store(NOT_HANDED, Ordering::Release);
+        let Ok(mut body) = this.progress.body.lock() else {
+            return Poll::Ready(None);
+        };
+        let Some(inner) = &mut *body else {
             return Poll::Ready(None);
         };
         let r = Pin::new(&mut *inner).poll_frame(cx);
@@ -158,7 +236,8 @@ impl Body for Upload {
             Poll::Ready(None) => this.progress.finish(),
             Poll::Ready(Some(Err(_))) => this.progress.aborted.store(true, Ordering::Release),
             Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => this.progress.finish(),
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => this.progress.handed(),
+            Poll::Pending => {}
         }
         r
     }
@@ -166,7 +245,14 @@ impl Body for Upload {
     /// hyper stops polling a body that says it has ended (a fixed length all sent), so the
     /// end is recorded here too.
     fn is_end_stream(&self) -> bool {
-        let end = self.inner.as_ref().is_none_or(Body::is_end_stream);
+        let Ok(body) = self.progress.body.lock() else {
+            return true;
+        };
+        // A body given up on is not the client's whole body: no end of it is recorded.
+        let Some(inner) = &*body else {
+            return true;
+        };
+        let end = inner.is_end_stream();
         if end {
             self.progress.finish();
         }
@@ -174,9 +260,13 @@ impl Body for Upload {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        self.progress.body.lock().ok().map_or_else(
+            || SizeHint::with_exact(0),
+            |b| {
+                b.as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+            },
+        )
     }
 }
 
@@ -343,32 +433,40 @@ pub(crate) async fn handle(
             Err(e) => {
                 let failures = backend.failed();
                 let reason = e.to_string();
-                let timed_out = matches!(e, SendError::Timeout(_));
+                let timed_out = matches!(e, SendError::Timeout(_) | SendError::SendStalled(_));
                 let cut = matches!(e, SendError::Cut);
                 let not_connected = matches!(&e, SendError::Client(c) if c.is_connect());
                 debug!(backend = %backend.id, %method, path = %pq, "backend failed: {reason}");
                 proxy.passive_failure(&backend, failures, &reason);
+                // The client's body goes with the request: a connection still trying to write
+                // it to a backend that stopped reading must not keep the client waiting.
+                let fail = |timed_out| {
+                    if let Some(u) = &upload {
+                        u.give_up();
+                    }
+                    bad_gateway(proxy, timed_out)
+                };
                 // A backend that took the request and went quiet may still be working on it:
                 // only a refusal or a reset before any answer is retried (a timeout retried on
                 // every backend would also make the client wait N times the timeout).
                 if timed_out {
-                    return bad_gateway(proxy, true);
+                    return fail(true);
                 }
                 let Some((method, headers)) = &template else {
-                    return bad_gateway(proxy, false);
+                    return fail(false);
                 };
                 // A request with a body goes on only if no byte of it can have left: the
                 // connect failed, and hyper handed its body back untouched.
                 let body = match &upload {
                     None => Either::Right(Empty::new()),
-                    Some(progress) => match progress.take_unsent().filter(|_| not_connected) {
-                        Some(body) => Either::Left(Upload::resend(body, progress.clone())),
-                        None => return bad_gateway(proxy, false),
-                    },
+                    Some(progress) if not_connected && progress.unsent() => {
+                        Either::Left(Upload::resend(progress.clone()))
+                    }
+                    Some(_) => return fail(false),
                 };
                 tried.push(backend.uid);
                 let Some((next, _)) = proxy.table().pick(&tried, route) else {
-                    return bad_gateway(proxy, false);
+                    return fail(false);
                 };
                 if cut {
                     // Counted while the cut backend still has the request in flight, so a
@@ -496,6 +594,8 @@ enum SendError {
     Cut,
     /// No response head within `backend_header_timeout`.
     Timeout(std::time::Duration),
+    /// The backend took none of the request body for `backend_send_timeout`.
+    SendStalled(std::time::Duration),
 }
 
 impl fmt::Display for SendError {
@@ -504,13 +604,14 @@ impl fmt::Display for SendError {
             SendError::Client(e) => f.write_str(&super::health::describe(e)),
             SendError::Cut => f.write_str("closed at the drain deadline"),
             SendError::Timeout(d) => write!(f, "no response head within {d:?}"),
+            SendError::SendStalled(d) => write!(f, "took none of the request body for {d:?}"),
         }
     }
 }
 
-/// Sends one attempt, giving up when the backend's drain deadline cuts it, or when no response
-/// head came within `backend_header` of the request body's end (`upload`: the client's body,
-/// when it has one).
+/// Sends one attempt, giving up when the backend's drain deadline cuts it, when it left a chunk
+/// of the request body untaken for `backend_send`, or when no response head came within
+/// `backend_header` of the request body's end (`upload`: the client's body, when it has one).
 async fn send(
     proxy: &Proxy,
     guard: &InFlight,
@@ -530,13 +631,21 @@ async fn send(
         }
         tokio::time::sleep(limit).await;
     };
-    tokio::pin!(response, cut, timeout);
+    let send_limit = proxy.options.timeouts.backend_send;
+    let stalled = async {
+        match upload {
+            Some(u) => u.stalled(send_limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(response, cut, timeout, stalled);
     // Fast path: a pooled connection may answer without ever waiting on the cut signal.
     tokio::select! {
         biased;
         r = &mut response => r.map_err(SendError::Client),
         _ = &mut cut => Err(SendError::Cut),
         _ = &mut timeout => Err(SendError::Timeout(limit)),
+        _ = &mut stalled => Err(SendError::SendStalled(send_limit)),
     }
     .and_then(|r| {
         if guard.is_cut() {

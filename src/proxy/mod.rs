@@ -163,6 +163,10 @@ pub struct Timeouts {
     /// A backend's response head, counted from when the request body was sent; after it the
     /// client gets 504 (never retried: the backend may still be working on the request).
     pub backend_header: Duration,
+    /// A request body's next chunk waiting this long for the backend to take it (the backend
+    /// stopped reading the upload): the client gets 504. A client slow to send its body is
+    /// not timed by it: only time spent with a chunk in hand that the backend would not take.
+    pub backend_send: Duration,
     /// Idle pooled backend connections are closed after this; kept below the 5 s keep-alive
     /// timeout common in app servers, so the proxy rarely reuses a connection being closed.
     pub backend_idle: Duration,
@@ -175,6 +179,7 @@ impl Default for Timeouts {
             client_idle: Duration::from_secs(75),
             backend_connect: Duration::from_secs(2),
             backend_header: Duration::from_secs(60),
+            backend_send: Duration::from_secs(60),
             backend_idle: Duration::from_secs(4),
         }
     }
@@ -251,6 +256,7 @@ impl ProxyOptions {
                 client_idle: dur(b.client_idle_timeout, dt.client_idle),
                 backend_connect: dur(b.backend_connect_timeout, dt.backend_connect),
                 backend_header: dur(b.backend_header_timeout, dt.backend_header),
+                backend_send: dur(b.backend_send_timeout, dt.backend_send),
                 backend_idle: dur(b.backend_idle_timeout, dt.backend_idle),
             },
             eject_after: b.eject_after,
