@@ -2100,6 +2100,66 @@ async fn a_backend_that_sends_no_head_in_time_gets_504_after_one_try() {
     b.stop().await;
 }
 
+/// The head limits hold for HTTP/2 as for HTTP/1.1: too many fields, or a header list over
+/// `max_header_bytes`, get a 431 (not a stream reset, which clients retry), answered by the
+/// proxy and counted nowhere, like hyper's HTTP/1.1 431. An HTTP/2 client's `Cookie` fields
+/// count as the one field the backend gets.
+#[tokio::test]
+async fn oversized_http2_heads_get_431() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    // A raw backend: it takes any number of fields, and keeps every head that reached it.
+    let b = RawBackend::start(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        .await;
+    h.add_healthy(&b.spec("b1")).await;
+    let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let send = |fields: Vec<(String, String)>| {
+        let mut req = Request::get(h.url("/"));
+        for (n, v) in fields {
+            req = req.header(n, v);
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
+        let h2 = h2.clone();
+        async move {
+            let resp = tokio::time::timeout(DEADLINE, h2.request(req))
+                .await
+                .expect("the proxy answers in time")
+                .expect("the proxy answers");
+            assert_eq!(resp.version(), hyper::Version::HTTP_2);
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    // The proxy's own answer, not HTTP/2's (a bodiless 431 followed by a stream reset).
+    let too_large = (
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request header fields too large\n".to_string(),
+    );
+    let many = (0..200).map(|i| (format!("x-h{i}"), "v".into())).collect();
+    assert_eq!(send(many).await, too_large);
+    let big = vec![("x-big".into(), "a".repeat(70_000))];
+    assert_eq!(send(big).await, too_large);
+    assert_eq!(
+        b.heads(),
+        Vec::<String>::new(),
+        "an oversized head was forwarded"
+    );
+    let cookies = (0..150)
+        .map(|i| ("cookie".into(), format!("c{i}=v")))
+        .collect();
+    assert_eq!(send(cookies).await.0, StatusCode::OK);
+    assert_eq!(b.heads().len(), 1);
+    let stats = h.admin.stats().await.unwrap();
+    assert_eq!(
+        (stats.unrouted, stats.total.proxy_errors),
+        (0, 0),
+        "{stats:?}"
+    );
+    h.proxy.shutdown().await;
+}
+
 #[tokio::test]
 async fn oversized_heads_get_431_and_garbage_gets_400() {
     use tokio::io::AsyncWriteExt;

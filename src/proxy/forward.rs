@@ -326,7 +326,7 @@ pub(crate) async fn handle(
     slot: &Arc<Slot>,
 ) -> Response<ProxyBody> {
     let upgrade = req.version() == Version::HTTP_11 && wants_upgrade(req.headers());
-    if let Some(refused) = refuse_request(&req) {
+    if let Some(refused) = refuse_request(&req, &proxy.options.limits) {
         return refused;
     }
     let client_upgrade = upgrade.then(|| (hyper::upgrade::on(&mut req), slot.clone()));
@@ -487,7 +487,16 @@ pub(crate) async fn handle(
 /// The proxy's own answer to a request it must not forward, if this is one. These are the
 /// client's errors, answered before any backend is picked: no backend's failure, and not
 /// counted in `unrouted` (like hyper's own 400 to a malformed head).
-fn refuse_request<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
+fn refuse_request<B>(req: &Request<B>, limits: &super::Limits) -> Option<Response<ProxyBody>> {
+    // hyper enforces both head limits on HTTP/1.1 (431, not counted either); on HTTP/2 it
+    // counts no fields, and lets a header list through up to a multiple of the byte limit
+    // (see the listener) so that one over it gets this 431 rather than a stream reset.
+    if req.version() == Version::HTTP_2 && h2_head_too_large(req, limits) {
+        return Some(plain(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "request header fields too large\n",
+        ));
+    }
     // hyper decodes `chunked` (it must come last) and leaves any coding before it in the
     // header, which is hop-by-hop and removed: the backend would get a body still encoded
     // with no word of it. RFC 9112 §6.1: a coding the server does not understand gets 501.
@@ -532,6 +541,38 @@ fn refuse_request<B>(req: &Request<B>) -> Option<Response<ProxyBody>> {
         ));
     }
     None
+}
+
+/// An HTTP/2 request over `max_headers` fields or `max_header_bytes`. Fields are counted as
+/// they reach the backend: the `Cookie` fields an HTTP/2 client sends apart (RFC 9113 §8.2.3)
+/// are joined into one. Bytes are counted as HTTP/2 does (RFC 9113 §6.5.2: name, value and 32
+/// per field, pseudo-header fields included).
+fn h2_head_too_large<B>(req: &Request<B>, limits: &super::Limits) -> bool {
+    let headers = req.headers();
+    let cookies = headers.get_all(header::COOKIE).iter().count();
+    let fields = headers.len() - cookies.saturating_sub(1);
+    if fields > limits.max_headers {
+        return true;
+    }
+    let uri = req.uri();
+    let pseudo = [
+        (":method", req.method().as_str().len()),
+        (":scheme", uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority",
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path",
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    let bytes = pseudo.iter().map(|(n, v)| n.len() + v + 32).sum::<usize>()
+        + headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum::<usize>();
+    bytes > limits.max_header_bytes
 }
 
 /// Watches an attempt while it waits for its backend's response head, so that every request

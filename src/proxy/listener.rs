@@ -5,6 +5,8 @@
 //! - hyper-util's `auto` server: HTTP/2 with prior knowledge (h2c) or through TLS ALPN, else
 //!   HTTP/1.1 with upgrades. hyper answers a malformed request head with 400 and an oversized
 //!   one (bytes or field count) with 431 and closes; nothing a client sends reaches a panic.
+//!   HTTP/2 heads get the same 431 from the proxy (hyper would reset the stream, and counts no
+//!   fields): hyper lets header lists through up to a multiple of `max_header_bytes`.
 //! - A semaphore bounds the open connections. One over the limit is accepted and answered
 //!   with a 503 (cleartext) or closed (TLS) at once, so it is told instead of left hanging in
 //!   the kernel's backlog. Either way its client's request failed: it counts as the proxy's
@@ -159,12 +161,20 @@ fn builder(proxy: &Proxy) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(proxy.options.timeouts.client_header)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .max_headers(limits.max_headers);
+    // HTTP/2's own limit would answer a header list over it with a stream reset (which clients
+    // retry), and it counts no fields: the proxy enforces both limits itself with a 431 (see
+    // `forward`), and hyper only stops lists far over them.
+    let h2_list = limits.max_header_bytes.saturating_mul(H2_HEADER_LIST_SLACK);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(h2_list).unwrap_or(u32::MAX));
     builder
 }
+
+/// How many times `max_header_bytes` an HTTP/2 header list may reach before hyper refuses its
+/// stream itself; up to that, one over the limit is answered 431 by the proxy.
+const H2_HEADER_LIST_SLACK: usize = 4;
 
 /// How long a connection that sent no request head by `client_header_timeout` may take to
 /// close gracefully (an HTTP/2 client reading its GOAWAY) before it is dropped.

@@ -131,10 +131,11 @@ pub struct TlsFiles {
 pub struct Limits {
     /// Client connections open at once; more get a 503 (cleartext) or are closed (TLS).
     pub max_connections: usize,
-    /// Largest HTTP/1.1 request head (and HTTP/2 header list) in bytes; larger gets 431.
-    /// At least 8192.
+    /// Largest HTTP/1.1 request head (and HTTP/2 header list, as RFC 9113 §6.5.2 counts it)
+    /// in bytes; larger gets 431. At least 8192.
     pub max_header_bytes: usize,
-    /// Most HTTP/1.1 header fields in a request; more gets 431.
+    /// Most header fields in a request (an HTTP/2 request's `Cookie` fields count as one);
+    /// more gets 431.
     pub max_headers: usize,
 }
 
