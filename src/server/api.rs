@@ -77,6 +77,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let mut resp = (status, Json(json!({ "error": self.to_string() }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -590,19 +594,42 @@ fn admit(
 pub const WEBHOOK_BODY_LIMIT: usize = 25 << 20;
 /// Time a client has to send a webhook body once its headers are in.
 pub const WEBHOOK_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// Webhook bodies read at once; more are refused with 503 (GitHub retries nothing, but
-/// delivers one push at a time per hook, so a real sender never hits this).
-pub const WEBHOOK_BODIES: usize = 4;
+/// Time a webhook body may go without a byte arriving: a client that stalls gives its slot
+/// back then, not at [`WEBHOOK_BODY_TIMEOUT`].
+pub const WEBHOOK_BODY_IDLE: std::time::Duration = std::time::Duration::from_secs(5);
+/// Webhook bodies read at once. GitHub delivers one push at a time per hook, so a real sender
+/// rarely needs more than one; the rest bounds what unauthenticated clients can hold.
+pub const WEBHOOK_BODIES: usize = 32;
+/// How long a webhook waits for a free slot before the 503: a burst of stalled clients (a
+/// few used to block every delivery at once) must not cost a real push that comes meanwhile.
+pub const WEBHOOK_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a webhook body may take: in all, between two of its bytes, and to find a free slot.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyTimes {
+    pub total: std::time::Duration,
+    pub idle: std::time::Duration,
+    pub slot_wait: std::time::Duration,
+}
+
+impl BodyTimes {
+    pub const WEBHOOK: BodyTimes = BodyTimes {
+        total: WEBHOOK_BODY_TIMEOUT,
+        idle: WEBHOOK_BODY_IDLE,
+        slot_wait: WEBHOOK_SLOT_WAIT,
+    };
+}
 
 /// Reads a webhook body before anything in it can be authenticated, so within bounds: at
-/// most `limit` bytes (413), within `timeout` (408), and only while one of `slots` is free
-/// (503 at once otherwise). A stalled or slow client holds a slot for `timeout` at most.
+/// most `limit` bytes (413), within `times.total` and with no pause longer than `times.idle`
+/// (408), and only while one of `slots` is free (503, after waiting `times.slot_wait` for
+/// one). A stalled client holds a slot for `times.idle` at most.
 pub async fn read_webhook_body(
     slots: &tokio::sync::Semaphore,
     headers: &HeaderMap,
     body: axum::body::Body,
     limit: usize,
-    timeout: std::time::Duration,
+    times: BodyTimes,
 ) -> ApiResult<Bytes> {
     use http_body_util::BodyExt;
     let too_large = || {
@@ -618,20 +645,38 @@ pub async fn read_webhook_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let Ok(_slot) = slots.try_acquire() else {
+    let Ok(Ok(_slot)) = tokio::time::timeout(times.slot_wait, slots.acquire()).await else {
         return Err(ApiError::Busy(
             "too many webhook bodies are being read at once: retry shortly".into(),
         ));
     };
-    match tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ApiError::Timeout(format!(
-            "the body did not arrive within {}",
-            humantime::format_duration(timeout)
-        ))),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(ApiError::BadRequest(format!("cannot read the body: {e}"))),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-    }
+    let timed_out = |what: &str, t: std::time::Duration| {
+        ApiError::Timeout(format!("{what} {}", humantime::format_duration(t)))
+    };
+    let read = async {
+        let mut body = http_body_util::Limited::new(body, limit);
+        let mut got = bytes::BytesMut::new();
+        loop {
+            match tokio::time::timeout(times.idle, body.frame()).await {
+                Err(_) => return Err(timed_out("no byte of the body came for", times.idle)),
+                Ok(None) => return Ok(got.freeze()),
+                Ok(Some(Err(e))) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(too_large());
+                }
+                Ok(Some(Err(e))) => {
+                    return Err(ApiError::BadRequest(format!("cannot read the body: {e}")));
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        got.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(times.total, read)
+        .await
+        .unwrap_or_else(|_| Err(timed_out("the body did not arrive within", times.total)))
 }
 
 /// `POST /hooks/github`: see [`github`].
@@ -651,7 +696,7 @@ pub async fn github_hook(
         &headers,
         body,
         WEBHOOK_BODY_LIMIT,
-        WEBHOOK_BODY_TIMEOUT,
+        BodyTimes::WEBHOOK,
     )
     .await
     {
@@ -802,9 +847,14 @@ mod tests {
         let slots = tokio::sync::Semaphore::new(2);
         let none = HeaderMap::new();
         let t = Duration::from_millis(200);
+        let times = |total: Duration| BodyTimes {
+            total,
+            idle: total,
+            slot_wait: Duration::from_millis(100),
+        };
         // A body that never comes: 408 once the time is up, not later, and the slot is free again.
         let started = Instant::now();
-        let e = read_webhook_body(&slots, &none, stalled(), 1 << 20, t)
+        let e = read_webhook_body(&slots, &none, stalled(), 1 << 20, times(t))
             .await
             .unwrap_err();
         assert!(matches!(e, ApiError::Timeout(_)), "{e:?}");
@@ -818,20 +868,20 @@ mod tests {
         // Too large: by Content-Length at once, or as it arrives.
         let mut big = HeaderMap::new();
         big.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2000"));
-        let e = read_webhook_body(&slots, &big, stalled(), 1000, t)
+        let e = read_webhook_body(&slots, &big, stalled(), 1000, times(t))
             .await
             .unwrap_err();
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
-        let e = read_webhook_body(&slots, &none, vec![b'x'; 1001].into(), 1000, t)
+        let e = read_webhook_body(&slots, &none, vec![b'x'; 1001].into(), 1000, times(t))
             .await
             .unwrap_err();
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
-        let ok = read_webhook_body(&slots, &none, "{}".into(), 1000, t)
+        let ok = read_webhook_body(&slots, &none, "{}".into(), 1000, times(t))
             .await
             .unwrap();
         assert_eq!(&ok[..], b"{}");
-        // Every slot taken by a stalled body: the next is refused at once with 503.
-        let long = Duration::from_secs(600);
+        // Every slot taken by a stalled body: the next waits `slot_wait` for one, then 503.
+        let long = times(Duration::from_secs(600));
         let a = read_webhook_body(&slots, &none, stalled(), 1000, long);
         let b = read_webhook_body(&slots, &none, stalled(), 1000, long);
         let third = async {
@@ -841,7 +891,40 @@ mod tests {
         tokio::select! {
             _ = a => panic!("a stalled body ended"),
             _ = b => panic!("a stalled body ended"),
-            r = third => assert_eq!(r.unwrap_err().status(), StatusCode::SERVICE_UNAVAILABLE),
+            r = third => {
+                let e = r.unwrap_err();
+                assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+                let resp = e.into_response();
+                assert!(resp.headers().contains_key(header::RETRY_AFTER), "{resp:?}");
+            }
         }
+    }
+
+    /// Review finding: four clients that sent a byte of body and stalled blocked every push
+    /// for 30 s. A stalled body gives its slot back at `idle`, and a push waits for a slot.
+    #[tokio::test]
+    async fn a_stalled_body_gives_its_slot_back_and_a_push_waits_for_it() {
+        let slots = tokio::sync::Semaphore::new(1);
+        let none = HeaderMap::new();
+        let times = BodyTimes {
+            total: Duration::from_secs(600),
+            idle: Duration::from_millis(300),
+            slot_wait: Duration::from_secs(5),
+        };
+        let started = Instant::now();
+        let stalled = read_webhook_body(&slots, &none, stalled(), 1000, times);
+        let push = async {
+            tokio::task::yield_now().await;
+            read_webhook_body(&slots, &none, "{}".into(), 1000, times).await
+        };
+        let (stalled, push) = tokio::join!(stalled, push);
+        let e = stalled.unwrap_err();
+        assert_eq!(e.status(), StatusCode::REQUEST_TIMEOUT, "{e:?}");
+        assert!(
+            e.to_string().contains("no byte of the body came for 300ms"),
+            "{e}"
+        );
+        assert_eq!(&push.unwrap()[..], b"{}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 }
