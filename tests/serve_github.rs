@@ -371,3 +371,93 @@ async fn pushes_from_another_repository_do_not_deploy() {
     let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
     assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
 }
+
+/// Review finding (serve restart): `cutover serve` killed mid-deploy (push C -> D running,
+/// D -> E queued) and started again keeps the queued push queued while the interrupted
+/// deployment waits, says it is blocked and what to run, and deploys E by itself once the
+/// deployment is resolved from the command line. Before, the queued job failed at once on
+/// the interrupted deployment and left the journal's queue: the push was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_pushes_wait_for_an_interrupted_deployment_after_a_restart() {
+    let mut served = Served::start(FleetSpec::new(2, 135)).await;
+    let mut gate = Gate::new(served.fleet.dir.path(), "d");
+    write_release(&served, short(SHA_A), None);
+    write_release(&served, short(SHA_B), Some(("web2", &gate)));
+    write_release(&served, short(SHA_C), None);
+    let main_ref = format!("refs/heads/{BRANCH}");
+    let zero = "1111111111111111111111111111111111111111";
+    let queue = |(status, v): (u16, serde_json::Value)| {
+        assert_eq!((status, v["queued"].as_bool()), (202, Some(true)), "{v}");
+        v["job"]["id"].as_u64().unwrap()
+    };
+
+    let c = queue(
+        served
+            .hook(
+                "push",
+                &push_payload_from(&main_ref, zero, SHA_A, false),
+                Some(SECRET),
+            )
+            .await,
+    );
+    let job = served.wait_job(c).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    // C -> D runs (held at the gate on web2), D -> E waits behind it.
+    queue(
+        served
+            .hook(
+                "push",
+                &push_payload_from(&main_ref, SHA_A, SHA_B, false),
+                Some(SECRET),
+            )
+            .await,
+    );
+    gate.wait_reached(Duration::from_secs(60)).await;
+    let e = queue(
+        served
+            .hook(
+                "push",
+                &push_payload_from(&main_ref, SHA_B, SHA_C, false),
+                Some(SECRET),
+            )
+            .await,
+    );
+
+    // kill -9 mid-deploy, start again: E stays queued, and the runner says why and what to run.
+    served.restart().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let blocked = loop {
+        let (status, v) = served.api("GET", "/api/status", None).await;
+        assert_eq!(status, 200, "{v}");
+        let queue = &v["queue"];
+        assert!(queue["running"].is_null(), "nothing runs: {v}");
+        assert_eq!(queue["queued"][0]["id"], e, "E is still queued: {v}");
+        if let Some(why) = queue["blocked"].as_str() {
+            assert_eq!(v["deployment"]["state"], "interrupted", "{v}");
+            break why.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the runner never says it is blocked: {v}\n{}",
+            served.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        blocked.contains("was interrupted")
+            && blocked.contains("deploy --resume")
+            && blocked.contains("rollback"),
+        "{blocked}"
+    );
+    assert!(served.log().contains(&blocked), "said in the log too");
+
+    // Resolved from the command line: serve goes on by itself and deploys E.
+    let (code, out, err) = served.fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let job = served.wait_job(e).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    served.fleet.assert_on(short(SHA_C)).await;
+    assert!(served.log().contains("was resolved"), "{}", served.log());
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(q["blocked"].is_null(), "{q}");
+}

@@ -466,12 +466,7 @@ pub async fn run(config: Config, drop_queued: bool) -> anyhow::Result<()> {
 /// Cancels the jobs still queued, as `what`, and says, for each, the command that runs it from
 /// a terminal.
 fn dropped_jobs(state: &ServeState, what: &str) -> Vec<String> {
-    let config = state.config.file.display().to_string();
-    let config = if config.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
-        format!("'{}'", config.replace('\'', "'\\''"))
-    } else {
-        config
-    };
+    let config = shell_quoted(&state.config.file.display().to_string());
     state
         .queue
         .cancel_queued(&format!("not run: {what}"))
@@ -493,6 +488,15 @@ fn dropped_jobs(state: &ServeState, what: &str) -> Vec<String> {
         .collect()
 }
 
+/// `s` as one shell word (quoted when it needs to be).
+fn shell_quoted(s: &str) -> String {
+    if s.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    } else {
+        s.to_string()
+    }
+}
+
 async fn wait_for_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
@@ -501,27 +505,59 @@ async fn wait_for_signal() {
     }
 }
 
-/// Takes jobs one at a time until stopped (a running job is finished first).
+/// How often a blocked runner looks whether the interrupted deployment was resolved.
+pub const BLOCKED_POLL: Duration = Duration::from_secs(2);
+
+/// Takes jobs one at a time until stopped (a running job is finished first). While an
+/// interrupted deployment waits to be resolved from the command line, queued jobs stay queued
+/// (and kept in the journal): the runner says it is blocked and goes on by itself once the
+/// deployment is resumed or rolled back.
 async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
     loop {
         // A stop wins over a queued job: after SIGTERM the HTTP side is gone (no dashboard, no
         // abort button), so no new deployment may start.
-        let job = tokio::select! {
+        tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => return,
-            job = state.queue.next() => job,
-        };
-        let mut job = job;
-        state.say(&format!("job {} starts: {}", job.id, describe(&job)));
-        if let Some(warning) = job.error.take() {
-            state.say(&warning);
+            _ = state.queue.ready() => {}
         }
+        match blocker(&state) {
+            Some(why) => {
+                if state.queue.set_blocked(Some(why.clone())) {
+                    state.say(&why);
+                }
+                tokio::select! {
+                    biased;
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(BLOCKED_POLL) => {}
+                }
+                continue;
+            }
+            None => {
+                if state.queue.set_blocked(None) {
+                    state.say("the interrupted deployment was resolved: queued jobs run in turn");
+                }
+            }
+        }
+        let Some(mut job) = state.queue.start_next() else {
+            continue;
+        };
+        state.say(&format!("job {} starts: {}", job.id, describe(&job)));
         state.live.set_fast(true);
         let from = crate::journal::now_ms();
         state.live.sample_now().await;
         let result = run_job(&state, &job).await;
         state.live.sample_now().await;
         state.live.set_fast(false);
+        if let Err(e) = &result {
+            if e.is::<Interrupted>() {
+                // Found under the lock (it was interrupted after the runner looked): the job
+                // did not begin; it waits at the head of the queue like the others.
+                state.say(&format!("job {} goes back to the queue: {e:#}", job.id));
+                state.queue.requeue(job);
+                continue;
+            }
+        }
         job.ended_ms = Some(crate::journal::now_ms());
         match result {
             Ok(report) => {
@@ -567,6 +603,45 @@ fn describe(job: &Job) -> String {
     }
 }
 
+/// A deployment of the app was interrupted (the one who ran it is gone): what to run.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Interrupted(String);
+
+/// Why queued jobs cannot start now, if they cannot: a deployment was interrupted and nobody
+/// carries it on (a live holder of the lock, a `cutover deploy --resume` in a terminal, is
+/// waited for by the job instead). A journal that cannot be read blocks too, with the error.
+fn blocker(state: &ServeState) -> Option<String> {
+    let app = state.config.app.name.as_str();
+    let row = match state.journal.unfinished(app) {
+        Ok(row) => row?,
+        Err(e) => {
+            return Some(format!(
+                "queued jobs wait: cannot read the journal ({e:#}); serve retries every {}",
+                humantime::format_duration(BLOCKED_POLL)
+            ));
+        }
+    };
+    let carried_on = state
+        .journal
+        .lock_holder(app)
+        .ok()
+        .flatten()
+        .is_some_and(|h| !h.is_gone());
+    (!carried_on).then(|| blocked_by(state, &row))
+}
+
+/// The message for queued jobs held back by the interrupted deployment `row`.
+fn blocked_by(state: &ServeState, row: &crate::journal::DeploymentRow) -> String {
+    let config = shell_quoted(&state.config.file.display().to_string());
+    format!(
+        "queued jobs wait: deployment {} ({} -> {}) was interrupted; resolve it from the command line: `cutover -c {config} deploy --resume` finishes it, `cutover -c {config} rollback` returns the hosts (or finishes it when it was already going back; `cutover -c {config} status` says which applies); serve does not guess which, and goes on by itself once it is resolved",
+        row.id,
+        row.from.as_deref().unwrap_or("(nothing)"),
+        row.to
+    )
+}
+
 /// One job: the lock, the interrupted-deployment check, the deploy.
 async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
     let config = &state.config;
@@ -579,12 +654,10 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
     )
     .await?;
     if let Some(row) = state.journal.unfinished(state.config.app.name.as_str())? {
-        anyhow::bail!(
-            "deployment {} ({} -> {}) was interrupted: resolve it from the command line (`cutover status` says how: `cutover deploy --resume` finishes it, `cutover rollback` returns the hosts, or finishes it when it was already going back); serve does not guess which",
-            row.id,
-            row.from.as_deref().unwrap_or("(nothing)"),
-            row.to
-        );
+        return Err(Interrupted(blocked_by(state, &row)).into());
+    }
+    if let Some(warning) = state.queue.unkeep_started(job.id) {
+        state.say(&warning);
     }
     let progress = {
         let state = state.clone();

@@ -68,12 +68,15 @@ pub struct Job {
 }
 
 /// What the queue holds: the running job, the queued ones (next first), the finished ones
-/// (newest first).
+/// (newest first), and why queued jobs wait when nothing runs (`blocked`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueueView {
     pub running: Option<Job>,
     pub queued: Vec<Job>,
     pub finished: Vec<Job>,
+    /// Why no queued job starts (an interrupted deployment waits to be resolved), and what to
+    /// run; `None` when jobs start in turn.
+    pub blocked: Option<String>,
 }
 
 /// Why a job cannot be cancelled.
@@ -98,6 +101,7 @@ struct Inner {
     queued: VecDeque<Job>,
     running: Option<Job>,
     finished: VecDeque<Job>,
+    blocked: Option<String>,
 }
 
 /// The queue, shared by the API (push, cancel, view) and the runner (next, finish).
@@ -242,6 +246,9 @@ impl Queue {
     }
 
     /// Marks the next queued job running and returns it, if there is one and nothing runs.
+    /// The job stays kept in the journal until [`Queue::unkeep_started`]: until its deployment
+    /// really begins, it may go back to the queue ([`Queue::requeue`]) or be cut short by a
+    /// crash, and must then run later.
     pub fn start_next(&self) -> Option<Job> {
         let mut q = self.lock();
         if q.running.is_some() {
@@ -250,9 +257,51 @@ impl Queue {
         let mut job = q.queued.pop_front()?;
         job.state = JobState::Running;
         job.started_ms = Some(now_ms());
-        job.error = self.unkeep(job.id);
         q.running = Some(job.clone());
         Some(job)
+    }
+
+    /// Forgets the running job `id` in the journal: its deployment begins, so a restart must
+    /// not run it again. Returns a warning when the journal could not record it.
+    pub fn unkeep_started(&self, id: u64) -> Option<String> {
+        self.unkeep(id)
+    }
+
+    /// Puts the running `job`, which did not begin (an interrupted deployment was found),
+    /// back at the head of the queue as it was. It is still kept in the journal.
+    pub fn requeue(&self, mut job: Job) {
+        let mut q = self.lock();
+        if q.running.as_ref().is_some_and(|j| j.id == job.id) {
+            q.running = None;
+        }
+        job.state = JobState::Queued;
+        job.started_ms = None;
+        job.deployment = None;
+        q.queued.push_front(job);
+        drop(q);
+        self.wake.notify_one();
+    }
+
+    /// Records why queued jobs wait (`None`: they no longer do); true when that changed.
+    pub fn set_blocked(&self, why: Option<String>) -> bool {
+        let mut q = self.lock();
+        let changed = q.blocked != why;
+        q.blocked = why;
+        changed
+    }
+
+    /// Waits until a job is queued and nothing runs, without starting it.
+    pub async fn ready(&self) {
+        loop {
+            let woken = self.wake.notified();
+            {
+                let q = self.lock();
+                if q.running.is_none() && !q.queued.is_empty() {
+                    return;
+                }
+            }
+            woken.await;
+        }
     }
 
     /// Waits for a job to run (see [`Queue::start_next`]).
@@ -309,6 +358,11 @@ impl Queue {
             running: q.running.clone(),
             queued: q.queued.iter().cloned().collect(),
             finished: q.finished.iter().cloned().collect(),
+            // Said only while it holds a job back.
+            blocked: q
+                .blocked
+                .clone()
+                .filter(|_| q.running.is_none() && !q.queued.is_empty()),
         }
     }
 
@@ -467,6 +521,7 @@ mod tests {
         let (cancelled, _) = q.push(deploy("x"), None, "api".into()).unwrap();
         let (new, _) = q.push(deploy("c"), key(), "push c".into()).unwrap();
         assert_eq!(q.start_next().unwrap().id, ran.id);
+        assert!(q.unkeep_started(ran.id).is_none());
         q.cancel(cancelled.id).unwrap();
         drop(q);
 
@@ -496,6 +551,37 @@ mod tests {
         let (other, _) = Queue::kept_in(journal, "b").unwrap();
         let kept: Vec<_> = other.view().queued.iter().map(|j| j.work.clone()).collect();
         assert_eq!(kept, vec![deploy("b1")], "b's job is b's alone");
+    }
+
+    /// A job that starts stays kept in the journal until its deployment begins: put back
+    /// (an interrupted deployment was found), it waits at the head of the queue and would run
+    /// after a restart too.
+    #[test]
+    fn a_started_job_stays_kept_until_its_deployment_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(dir.path()).unwrap());
+        let (q, _) = Queue::kept_in(journal.clone(), "a").unwrap();
+        let (a, _) = q.push(deploy("a"), None, "api".into()).unwrap();
+        let (b, _) = q.push(deploy("b"), None, "api".into()).unwrap();
+        let started = q.start_next().unwrap();
+        assert_eq!(started.id, a.id);
+        let (kept, _) = Queue::kept_in(journal.clone(), "a").unwrap();
+        let ids = |q: &Queue| q.view().queued.iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(ids(&kept), vec![a.id, b.id], "not begun: still kept");
+        assert!(q.set_blocked(Some("interrupted".into())));
+        assert!(!q.set_blocked(Some("interrupted".into())), "no change");
+        q.requeue(started);
+        let v = q.view();
+        assert!(v.running.is_none());
+        assert_eq!(v.blocked.as_deref(), Some("interrupted"));
+        assert_eq!(v.queued[0].state, JobState::Queued);
+        assert_eq!(v.queued[0].started_ms, None);
+        assert_eq!(ids(&q), vec![a.id, b.id]);
+        assert!(q.set_blocked(None));
+        assert_eq!(q.start_next().unwrap().id, a.id);
+        assert!(q.unkeep_started(a.id).is_none());
+        let (kept, _) = Queue::kept_in(journal, "a").unwrap();
+        assert_eq!(ids(&kept), vec![b.id], "begun: forgotten");
     }
 
     #[tokio::test]
