@@ -37,10 +37,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 /// The schema this cutover writes.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 /// Migrations from version N-1 to N, in order; index 0 creates version 1.
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     // 1: deployments and steps.
     "CREATE TABLE deployments (
         id TEXT PRIMARY KEY,
@@ -117,6 +117,9 @@ const MIGRATIONS: [&str; 5] = [
         trigger TEXT NOT NULL,
         queued_ms INTEGER NOT NULL
     );",
+    // 6: a push is looked up by its (before, after) among every push kept for its branch, so
+    // a replay of an old one is known however many pushes came since.
+    "CREATE INDEX pushes_by_pair ON pushes(key, after_sha, before_sha);",
 ];
 
 /// A job `cutover serve` had queued (see [`Journal::queue_job`]).
@@ -1107,6 +1110,21 @@ impl Journal {
         })
     }
 
+    /// Whether a push from `before` to `after` was accepted for `key` (repository and ref),
+    /// among every push the journal keeps (not only the newest): `X-GitHub-Delivery` is not
+    /// signed, so a replay comes under a fresh id and only this pair tells it.
+    pub fn push_accepted(&self, key: &str, before: &str, after: &str) -> anyhow::Result<bool> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT 1 FROM pushes WHERE key = ?1 AND after_sha = ?2 AND before_sha = ?3 LIMIT 1",
+                params![key, after, before],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+        })
+    }
+
     /// Records an accepted push (`delivery`: its `X-GitHub-Delivery`, when it had one).
     pub fn add_push(
         &self,
@@ -1645,6 +1663,9 @@ mod tests {
         }
         let j = Journal::open_file(&path).unwrap();
         assert!(j.push_delivered("d1").unwrap());
+        assert!(j.push_accepted("k", "0", "a").unwrap());
+        assert!(!j.push_accepted("k", "a", "0").unwrap());
+        assert!(!j.push_accepted("other", "0", "a").unwrap());
         assert!(!j.push_delivered("d2").unwrap());
         let pair = |b: &str, a: &str| (b.to_string(), a.to_string());
         assert_eq!(

@@ -461,3 +461,62 @@ async fn queued_pushes_wait_for_an_interrupted_deployment_after_a_restart() {
     let (_, q) = served.api("GET", "/api/queue", None).await;
     assert!(q["blocked"].is_null(), "{q}");
 }
+
+/// Review finding (replay past 256 pushes): `X-GitHub-Delivery` is not signed, so a captured
+/// push replayed under a fresh delivery id must be known by its before and after among every
+/// push the journal keeps, not only the newest 256: replayed after 300 later pushes, it is
+/// ignored as a redelivery instead of moving the fleet back to its old commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_push_replayed_after_many_pushes_is_not_deployed_again() {
+    let served = Served::start(FleetSpec::new(2, 136)).await;
+    write_release(&served, short(SHA_A), None);
+    write_release(&served, short(SHA_B), None);
+    let main_ref = format!("refs/heads/{BRANCH}");
+    let zero = "1111111111111111111111111111111111111111";
+    let push_a = push_payload_from(&main_ref, zero, SHA_A, false);
+    let (status, a) = served
+        .hook_as("delivery-a", "push", &push_a, Some(SECRET))
+        .await;
+    assert_eq!((status, a["queued"].as_bool()), (202, Some(true)), "{a}");
+    let job = served.wait_job(a["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    let (status, b) = served
+        .hook_as(
+            "delivery-b",
+            "push",
+            &push_payload_from(&main_ref, SHA_A, SHA_B, false),
+            Some(SECRET),
+        )
+        .await;
+    assert_eq!((status, b["queued"].as_bool()), (202, Some(true)), "{b}");
+    let job = served.wait_job(b["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+
+    // 300 more pushes of the branch accepted since (recorded as serve records them: deploying
+    // each would only take longer), continuing from B.
+    let key = b["job"]["key"].as_str().unwrap();
+    let journal =
+        cutover::journal::Journal::open(&served.fleet.dir.path().join(".cutover")).unwrap();
+    let mut before = SHA_B.to_string();
+    for i in 0..300 {
+        let after = format!("{i:040x}");
+        journal
+            .add_push(Some(&format!("later-{i}")), key, &before, &after)
+            .unwrap();
+        before = after;
+    }
+
+    // The push to A replayed under a fresh delivery id: ignored, the fleet stays on B.
+    let (status, v) = served
+        .hook_as("replay-a", "push", &push_a, Some(SECRET))
+        .await;
+    assert_eq!((status, v["queued"].as_bool()), (202, Some(false)), "{v}");
+    let why = v["ignored"].as_str().unwrap();
+    assert!(why.contains("redelivery"), "{why}");
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(
+        q["running"].is_null() && q["queued"].as_array().unwrap().is_empty(),
+        "nothing queued: {q}"
+    );
+    served.fleet.assert_on(short(SHA_B)).await;
+}

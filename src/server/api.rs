@@ -554,8 +554,15 @@ fn admit(
             )));
         }
     }
+    // The pair is looked up among every push the journal keeps: a replay comes under a fresh
+    // delivery id, possibly long after (the newest `REMEMBERED` are for the lateness check).
+    let accepted_before = state.journal.push_accepted(
+        key,
+        &push.before.to_ascii_lowercase(),
+        &push.after.to_ascii_lowercase(),
+    )?;
     let seen = state.journal.pushes(key, github::REMEMBERED)?;
-    if let Err(why) = github::judge(&seen, push) {
+    if let Err(why) = github::judge(&seen, push, accepted_before) {
         return Ok(Some(why));
     }
     let view = state.queue.view();

@@ -97,23 +97,33 @@ pub struct Commit {
     pub message: String,
 }
 
-/// How many accepted pushes of a branch [`judge`] looks at.
+/// How many accepted pushes of a branch [`judge`] follows back to tell a late push. Whether a
+/// push was accepted before is looked up among every push the journal keeps instead
+/// (`accepted_before`), never only among these.
 pub const REMEMBERED: usize = 256;
 
 /// Whether `push` is new given the pushes accepted before for its repository and branch
-/// (`seen`: `(before, after)`, oldest first, as the journal keeps them across restarts).
+/// (`seen`: `(before, after)`, oldest first, the newest [`REMEMBERED`] as the journal keeps
+/// them across restarts) and whether its very `(before, after)` was accepted before, among all
+/// the pushes the journal keeps (`accepted_before`).
 ///
 /// GitHub neither orders deliveries nor stops anyone from redelivering an old one, and a stale
 /// push deployed after a newer one would move the fleet back. Stale, with the reason:
 /// - a push accepted before (the same `before` and `after`): a redelivery or a replay, also of
-///   the newest push and also when forced (deploy a commit again from the API or dashboard);
+///   the newest push, also when forced, and however many pushes came since (the delivery id is
+///   not signed, so a captured push replayed later comes under a fresh one); to deploy a
+///   commit again, use the API or dashboard;
 /// - a push that does not continue from the newest (its `before` is not the newest `after`)
 ///   whose commit is an ancestor of the newest through the `before` links (it arrived late),
 ///   unless it is forced: a force push rewrites history, whatever it points at is the new head.
-pub fn judge(seen: &[(String, String)], push: &PushEvent) -> Result<(), String> {
+pub fn judge(
+    seen: &[(String, String)],
+    push: &PushEvent,
+    accepted_before: bool,
+) -> Result<(), String> {
     let after = push.after.to_ascii_lowercase();
     let before = push.before.to_ascii_lowercase();
-    if seen.iter().any(|(b, a)| *a == after && *b == before) {
+    if accepted_before || seen.iter().any(|(b, a)| *a == after && *b == before) {
         return Err(format!(
             "{} was accepted before (a redelivery): not queued again; to deploy it again, use the dashboard or `cutover deploy --version VERSION`",
             short(&after)
@@ -444,7 +454,7 @@ mod tests {
         let pair = |b: &str, a: &str| (b.to_string(), a.to_string());
         let mut seen = Vec::new();
         let accept = |seen: &mut Vec<(String, String)>, e: PushEvent| {
-            judge(seen, &e)?;
+            judge(seen, &e, false)?;
             seen.push(pair(&e.before, &e.after));
             Ok::<(), String>(())
         };
@@ -470,5 +480,8 @@ mod tests {
         let e = accept(&mut seen, p(&c, &d, true)).unwrap_err();
         assert!(e.contains("redelivery"), "{e}");
         assert_eq!(seen.last(), Some(&pair(&d, &a)));
+        // Accepted before, as the journal says, though no longer among the newest: a replay.
+        let e = judge(&[pair(&b, &c)], &p(&zero, &a, false), true).unwrap_err();
+        assert!(e.contains("redelivery"), "{e}");
     }
 }
