@@ -405,3 +405,59 @@ async fn queued_jobs_outlive_a_restart_unless_dropped() {
     assert!(running < dropped);
     served.fleet.assert_on("g3").await;
 }
+
+/// Review finding (double click): `POST /api/deployments` for a version that is the last
+/// queued job answers with that job (200, `"queued": false`, saying so) instead of queuing it
+/// again; the running deploy of the same version does not count, and each distinct request
+/// after another job is queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_deploy_posted_three_times_is_queued_once() {
+    let served = Served::start(FleetSpec::new(2, 137)).await;
+    let mut gate = Gate::new(served.fleet.dir.path(), "g");
+    write_release(&served, "g", Some(("web2", &gate)));
+    let running = served.queue_deploy("g").await;
+    gate.wait_reached(Duration::from_secs(60)).await;
+
+    let post = |version: &'static str| {
+        let served = &served;
+        async move {
+            served
+                .api(
+                    "POST",
+                    "/api/deployments",
+                    Some(json!({ "version": version })),
+                )
+                .await
+        }
+    };
+    // "g" runs: asking for it again queues it (it is not waiting).
+    let (status, g) = post("g").await;
+    assert_eq!(status, 202, "{g}");
+    assert_ne!(g["job"]["id"].as_u64(), Some(running));
+    let (status, first) = post("v1").await;
+    assert_eq!(status, 202, "{first}");
+    for _ in 0..2 {
+        let (status, again) = post("v1").await;
+        assert_eq!(
+            again["job"]["id"], first["job"]["id"],
+            "not queued again: {again}"
+        );
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["queued"], false, "{again}");
+        let why = again["ignored"].as_str().unwrap();
+        assert!(why.contains("queued already"), "{why}");
+    }
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    let queued: Vec<_> = q["queued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["version"].clone())
+        .collect();
+    assert_eq!(queued, vec![json!("g"), json!("v1")], "v1 once: {q}");
+
+    gate.open();
+    let job = served.wait_job(first["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    served.fleet.assert_on("v1").await;
+}

@@ -346,7 +346,8 @@ struct DeployBody {
     version: Option<String>,
 }
 
-/// `POST /api/deployments` `{"version": "v2"}`: queues a deploy; 202 with the job.
+/// `POST /api/deployments` `{"version": "v2"}`: queues a deploy; 202 with the job. When the
+/// last queued job already deploys that version (from the API), 200 with that job instead.
 async fn start_deploy(
     State(state): State<ServeState>,
     body: Bytes,
@@ -365,14 +366,27 @@ async fn start_deploy(
             )));
         }
     }
-    let (job, _) = state.queue.push(
+    let (job, new) = state.queue.push_once(
         Work::Deploy {
             version: name.to_string(),
         },
-        None,
         "api".into(),
     )?;
-    Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+    if !new {
+        // A double click, or a retry of a request that was queued: the job already waits.
+        let why = format!(
+            "deploy {name} is queued already as the last job (job {}): not queued again; it runs in turn",
+            job.id
+        );
+        return Ok((
+            StatusCode::OK,
+            Json(json!({ "job": job, "queued": false, "ignored": why })),
+        ));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job": job, "queued": true })),
+    ))
 }
 
 #[derive(Deserialize, Default)]

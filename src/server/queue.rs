@@ -176,6 +176,36 @@ impl Queue {
         trigger: String,
     ) -> anyhow::Result<(Job, Option<Job>)> {
         let mut q = self.lock();
+        let pushed = self.push_locked(&mut q, work, key, trigger);
+        drop(q);
+        self.wake.notify_one();
+        pushed
+    }
+
+    /// Queues `work` asked for without a key (the API, the dashboard), unless the last queued
+    /// job is that same work asked for the same way: queuing it again would change nothing but
+    /// the time it takes (a double click on the dashboard's form). Returns the job and whether
+    /// it is new (false: the one already queued).
+    pub fn push_once(&self, work: Work, trigger: String) -> anyhow::Result<(Job, bool)> {
+        let mut q = self.lock();
+        if let Some(last) = q.queued.back() {
+            if last.key.is_none() && last.work == work {
+                return Ok((last.clone(), false));
+            }
+        }
+        let pushed = self.push_locked(&mut q, work, None, trigger);
+        drop(q);
+        self.wake.notify_one();
+        pushed.map(|(job, _)| (job, true))
+    }
+
+    fn push_locked(
+        &self,
+        q: &mut Inner,
+        work: Work,
+        key: Option<String>,
+        trigger: String,
+    ) -> anyhow::Result<(Job, Option<Job>)> {
         let queued_ms = now_ms();
         let id = match &self.store {
             Some((store, app)) => {
@@ -214,12 +244,10 @@ impl Queue {
                 old.replaced_by = Some(job.id);
                 old.error = self.unkeep(old.id);
                 replaced = Some(old.clone());
-                remember(&mut q, old);
+                remember(q, old);
             }
             None => q.queued.push_back(job.clone()),
         }
-        drop(q);
-        self.wake.notify_one();
         Ok((job, replaced))
     }
 
@@ -582,6 +610,28 @@ mod tests {
         assert!(q.unkeep_started(a.id).is_none());
         let (kept, _) = Queue::kept_in(journal, "a").unwrap();
         assert_eq!(ids(&kept), vec![b.id], "begun: forgotten");
+    }
+
+    /// Review finding (double click): the same deploy asked for again while it is the last
+    /// queued job is that job; asked for after something else, or while it runs, it is new.
+    #[test]
+    fn the_same_request_twice_in_a_row_is_queued_once() {
+        let q = Queue::new();
+        let (a, new) = q.push_once(deploy("a"), "api".into()).unwrap();
+        assert!(new);
+        let (again, new) = q.push_once(deploy("a"), "api".into()).unwrap();
+        assert_eq!((again.id, new), (a.id, false));
+        let (b, _) = q.push_once(deploy("b"), "api".into()).unwrap();
+        let (a2, new) = q.push_once(deploy("a"), "api".into()).unwrap();
+        assert!(new && a2.id > b.id, "a after b is not a duplicate");
+        let key = Some("push:acme/web:refs/heads/main".to_string());
+        let (p, _) = q.push(deploy("c"), key, "push c".into()).unwrap();
+        let (c, new) = q.push_once(deploy("c"), "api".into()).unwrap();
+        assert!(
+            new && c.id != p.id,
+            "a push may be replaced: not the same request"
+        );
+        assert_eq!(q.view().queued.len(), 5);
     }
 
     #[tokio::test]

@@ -376,7 +376,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (!version || !(await confirmAction("Deploy " + version + " to the fleet?"))) return;
     try {
       const r = await api("POST", "/deployments", { version });
-      toast("queued job " + r.job.id + ": deploy " + version);
+      toast(r.queued === false ? r.ignored : "queued job " + r.job.id + ": deploy " + version);
       $("deploy-version").value = "";
     } catch (e) { toast("deploy failed: " + e.message, true); }
   });
