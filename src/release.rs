@@ -266,12 +266,12 @@ pub async fn stage(
     Ok(true)
 }
 
-/// After staging on every host: when one hit a [`Fatal`] error (`fatal`), every host fails with
-/// it, so no host changes traffic. Maps host name to the outcome (true: uploaded).
 /// How a host's staging result starts when another host's (or the build's) fatal failure
 /// stopped the deploy: the reason follows.
 pub const STOPPED_BY_FATAL: &str = "deploy stopped before any traffic change: ";
 
+/// After staging on every host: when one hit a [`Fatal`] error (`fatal`), every host fails with
+/// it, so no host changes traffic. Maps host name to the outcome (true: uploaded).
 pub fn stop_on_fatal(
     results: Vec<(String, Result<bool, String>)>,
     fatal: Option<String>,

@@ -466,7 +466,7 @@ pub async fn run(config: Config, drop_queued: bool) -> anyhow::Result<()> {
 /// Cancels the jobs still queued, as `what`, and says, for each, the command that runs it from
 /// a terminal.
 fn dropped_jobs(state: &ServeState, what: &str) -> Vec<String> {
-    let config = shell_quoted(&state.config.file.display().to_string());
+    let config = crate::transport::sh_quote(state.config.file.display().to_string());
     state
         .queue
         .cancel_queued(&format!("not run: {what}"))
@@ -486,15 +486,6 @@ fn dropped_jobs(state: &ServeState, what: &str) -> Vec<String> {
             )
         })
         .collect()
-}
-
-/// `s` as one shell word (quoted when it needs to be).
-fn shell_quoted(s: &str) -> String {
-    if s.contains(|c: char| c.is_whitespace() || "'\"$`\\".contains(c)) {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    } else {
-        s.to_string()
-    }
 }
 
 async fn wait_for_signal() {
@@ -633,7 +624,7 @@ fn blocker(state: &ServeState) -> Option<String> {
 
 /// The message for queued jobs held back by the interrupted deployment `row`.
 fn blocked_by(state: &ServeState, row: &crate::journal::DeploymentRow) -> String {
-    let config = shell_quoted(&state.config.file.display().to_string());
+    let config = crate::transport::sh_quote(state.config.file.display().to_string());
     format!(
         "queued jobs wait: deployment {} ({} -> {}) was interrupted; resolve it from the command line: `cutover -c {config} deploy --resume` finishes it, `cutover -c {config} rollback` returns the hosts (or finishes it when it was already going back; `cutover -c {config} status` says which applies); serve does not guess which, and goes on by itself once it is resolved",
         row.id,
