@@ -332,7 +332,8 @@ pub struct BalancerConfig {
     pub eject_on_5xx: Option<bool>,
 }
 
-/// `[balancer.tls]`: PEM files for TLS termination (paths relative to the config file).
+/// `[balancer.tls]`: PEM files for TLS termination (paths relative to the config file, `~/`
+/// for the home directory).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalancerTls {
@@ -1149,6 +1150,10 @@ impl Config {
         }
         let mut balancer = raw.balancer;
         balancer.token_file = balancer.token_file.as_deref().map(resolve);
+        if let Some(t) = &mut balancer.tls {
+            t.cert = resolve(&t.cert);
+            t.key = resolve(&t.key);
+        }
         let mut serve = raw.serve;
         if let Some(s) = &mut serve {
             s.token_file = s.token_file.as_deref().map(resolve);
@@ -2200,14 +2205,10 @@ fn key_at(text: &str, offset: usize) -> String {
     let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
     let line = &text[line_start..line_end];
     let table = table_above(text, line_start);
-    let trimmed = line.trim();
-    if trimmed.starts_with('[') {
-        return trimmed
-            .trim_matches(|c| c == '[' || c == ']')
-            .trim()
-            .to_string();
+    if let Some(header) = table_header(line) {
+        return header;
     }
-    match trimmed.split_once('=') {
+    match line.trim().split_once('=') {
         Some((k, _)) => join_key(&table, k.trim()),
         None => table,
     }
@@ -2217,10 +2218,38 @@ fn table_above(text: &str, before: usize) -> String {
     text[..before]
         .lines()
         .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+        .find_map(table_header)
         .unwrap_or_default()
+}
+
+/// The table a header line opens (`[a.b]` or `[[a]]`, a trailing `# comment` allowed), or
+/// `None` for any other line.
+fn table_header(line: &str) -> Option<String> {
+    let t = line.trim();
+    if !t.starts_with('[') {
+        return None;
+    }
+    // A comment starts at a `#` outside quotes (a quoted key may hold one).
+    let mut quote = None;
+    let mut end = t.len();
+    for (i, c) in t.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '#') => {
+                end = i;
+                break;
+            }
+            _ => {}
+        }
+    }
+    Some(
+        t[..end]
+            .trim()
+            .trim_matches(|c| c == '[' || c == ']')
+            .trim()
+            .to_string(),
+    )
 }
 
 fn join_key(table: &str, key: &str) -> String {
@@ -2259,8 +2288,8 @@ fn find_key(text: &str, dotted: &str) -> Option<usize> {
     let mut table_offset = None;
     for line in text.split_inclusive('\n') {
         let t = line.trim();
-        if t.starts_with('[') {
-            current = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        if let Some(header) = table_header(line) {
+            current = header;
             if current == dotted {
                 return Some(offset + line.find('[').unwrap_or(0));
             }
@@ -2279,17 +2308,16 @@ fn find_key(text: &str, dotted: &str) -> Option<usize> {
 /// entry's header, else (an entry written inline or read from an inventory) the first `key` of
 /// any entry, so an error about the second host points at the second host.
 fn find_entry_key(text: &str, table: &str, n: usize, key: &str) -> Option<usize> {
-    let header = format!("[[{table}]]");
     let mut offset = 0;
     let mut seen = 0;
     let mut entry = None;
     for line in text.split_inclusive('\n') {
         let t = line.trim();
-        if t.starts_with('[') {
+        if let Some(header) = table_header(line) {
             if entry.is_some() {
                 break;
             }
-            if t.split('#').next().map(str::trim) == Some(header.as_str()) {
+            if t.starts_with("[[") && header == table {
                 if seen == n {
                     entry = Some(offset + line.find('[').unwrap_or(0));
                 }
@@ -2369,6 +2397,23 @@ batch = [1, "50%"]
         assert_eq!(c.release_source(&v), PathBuf::from(home).join("builds/v2"));
         let c = parse(GOOD).unwrap();
         assert_eq!(c.release_source(&v), c.base_dir.join("builds/v2"));
+    }
+
+    /// Review finding: `cert = "~/certs/cert.pem"` passed `plan` but the proxy looked for a
+    /// directory named `~` beside the config.
+    #[test]
+    fn tls_files_may_start_with_home_or_be_relative() {
+        let Some(home) = std::env::var_os("HOME") else {
+            return;
+        };
+        let text = GOOD.replace(
+            "token = \"0123456789abcdef\"",
+            "token = \"0123456789abcdef\"\n\n[balancer.tls]\ncert = \"~/certs/cert.pem\"\nkey = \"tls/key.pem\"",
+        );
+        let c = parse(&text).unwrap();
+        let tls = c.balancer.tls.as_ref().unwrap();
+        assert_eq!(tls.cert, PathBuf::from(&home).join("certs/cert.pem"));
+        assert_eq!(tls.key, c.base_dir.join("tls/key.pem"));
     }
 
     fn error_of(text: &str) -> String {
@@ -2665,6 +2710,26 @@ batch = [1, "50%"]
         let e = error_of(&GOOD.replace("batch = [1, \"50%\"]", "batch = \"120%\""));
         assert!(e.starts_with("cutover.toml:21:9: strategy.batch:"), "{e}");
         assert!(e.contains("120%"), "{e}");
+    }
+
+    #[test]
+    fn a_comment_after_a_table_header_keeps_errors_in_place() {
+        let commented = GOOD
+            .replace("[strategy]", "[strategy]   # how to roll")
+            .replace("[balancer]", "[balancer] # LB")
+            .replace("[[hosts]]", "[[hosts]] # first, [not a table]");
+        let e = error_of(&commented.replace("batch = [1, \"50%\"]", "batch = \"120%\""));
+        assert!(e.starts_with("cutover.toml:21:9: strategy.batch:"), "{e}");
+        let e = error_of(
+            &commented.replace("admin = \"127.0.0.1:8081\"", "admin = \"127.0.0.1:8080\""),
+        );
+        assert!(e.starts_with("cutover.toml:16:1: balancer.admin:"), "{e}");
+        let e = error_of(&commented.replace("\"127.0.0.11\"", "\"127.0.0.999\""));
+        assert!(e.starts_with("cutover.toml:11:"), "{e}");
+        assert!(
+            e.contains(" hosts.address:") || e.contains(" hosts[0].address:"),
+            "{e}"
+        );
     }
 
     #[test]

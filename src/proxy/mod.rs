@@ -227,7 +227,6 @@ impl ProxyOptions {
     /// `state_dir/proxy.sock`.
     pub fn from_config(c: &crate::config::Config) -> anyhow::Result<Self> {
         let b = &c.balancer;
-        let base = c.file.parent().map(|p| p.to_path_buf()).unwrap_or_default();
         let d = ProxyOptions::default();
         let (dl, dt) = (d.limits, d.timeouts);
         let dur = |v: Option<crate::config::Dur>, default: Duration| v.map_or(default, |d| *d);
@@ -241,9 +240,10 @@ impl ProxyOptions {
             );
         }
         Ok(ProxyOptions {
+            // Resolved by the config parser (relative to the config file, `~/` expanded).
             tls: b.tls.as_ref().map(|t| TlsFiles {
-                cert: base.join(&t.cert),
-                key: base.join(&t.key),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
             }),
             limits: Limits {
                 max_connections: b
