@@ -104,6 +104,29 @@ impl Drop for ExitHook {
     }
 }
 
+/// Resolves at the first SIGINT (Ctrl-C), SIGTERM (`kill`, `timeout`, a CI job cancelled) or
+/// SIGHUP (a closed terminal), with the signal's name: for commands that clean up after
+/// themselves before exiting. A signal that cannot be watched is not waited for.
+pub async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn next(s: &mut Option<Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    let mut int = signal(SignalKind::interrupt()).ok();
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut hup = signal(SignalKind::hangup()).ok();
+    tokio::select! {
+        _ = next(&mut int) => "SIGINT",
+        _ = next(&mut term) => "SIGTERM",
+        _ = next(&mut hup) => "SIGHUP",
+    }
+}
+
 /// On SIGINT or SIGTERM, kills every live group, runs the [`at_signal_exit`] cleanups and
 /// exits as the signal would have (130 or 143). For commands that have no shutdown of their own (`deploy`, `rollback`); `proxy` and
 /// `serve` handle their signals themselves.

@@ -71,7 +71,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<u8> {
 
     let result = tokio::select! {
         r = phases(config.clone(), &proxy, opts.rate) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted (Ctrl-C): cleaning up")),
+        signal = crate::bounded::shutdown_signal() => Err(anyhow::anyhow!("interrupted ({signal}): cleaned up")),
     };
 
     // Clean up whatever happened: every instance on every host, then the balancer.

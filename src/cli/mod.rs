@@ -69,7 +69,8 @@ pub enum Command {
     /// Write a commented example cutover.toml (and a sample release) that works on this machine.
     Init(InitArgs),
     /// Run the whole story on a temporary local fleet: deploy v1, roll v2 under traffic, watch a
-    /// broken v3 roll back by itself. Needs no set-up; leaves nothing behind.
+    /// broken v3 roll back by itself, switch a blue-green v4 back, watch the analysis abort a
+    /// failing canary v5. Needs no set-up; leaves nothing behind (also on Ctrl-C or SIGTERM).
     Demo(DemoArgs),
     /// Show what a deploy would do: batches, gates and the worst-case duration. Changes nothing.
     Plan(VersionArgs),
@@ -137,7 +138,8 @@ pub struct DemoArgs {
     #[arg(long)]
     pub keep: bool,
     /// Requests per second of the steady traffic during each phase (1-5000): the proof that
-    /// no request failed needs requests.
+    /// no request failed needs requests. The canary phase sends at least 100, so that the
+    /// canary's 20% share gives its analysis enough to judge.
     #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u32).range(1..=5000))]
     pub rate: u32,
 }
