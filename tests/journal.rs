@@ -523,3 +523,27 @@ async fn a_deployer_without_user_in_the_environment_is_named_by_uid() {
     let show: serde_json::Value = serde_json::from_str(&show).unwrap();
     assert_eq!(show["deployment"]["who"], me.as_str(), "{show}");
 }
+
+/// Review finding: a deploy whose balancer was never up said "run `cutover deploy --resume`
+/// once the balancer is back", and `--resume` then found nothing to resume. It now says that
+/// nothing began, and running it again once the balancer is up works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_stopped_before_it_began_says_there_is_nothing_to_resume() {
+    let mut fleet = Fleet::start(FleetSpec::new(2, 108)).await;
+    fleet.deploy("v1", 0).await;
+    let text = std::fs::read_to_string(&fleet.config)
+        .unwrap()
+        .replace("[balancer]\n", "[balancer]\nunreachable_timeout = \"1s\"\n");
+    std::fs::write(&fleet.config, text).unwrap();
+
+    fleet.kill_proxy().await;
+    let (code, _, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("stopped before the deployment began") && !err.contains("--resume"),
+        "{err}"
+    );
+    fleet.start_proxy().await;
+    fleet.deploy("v2", 0).await;
+    fleet.assert_on("v2").await;
+}

@@ -84,7 +84,7 @@ impl AdminClient {
         let exchange = async {
             let resp = self.client.request(req).await.map_err(|e| {
                 anyhow::Error::new(super::Unreachable(format!(
-                    "cannot reach the balancer admin API at {}: {}: is `cutover proxy` running? start it with `cutover proxy -c cutover.toml`",
+                    "cannot reach the balancer admin API at {}: {}: is `cutover proxy` running? start it with `cutover proxy` and this command's config",
                     self.admin,
                     crate::proxy::error_reason(&e)
                 )))
@@ -367,6 +367,9 @@ mod tests {
         let c = AdminClient::new(addr, "0123456789abcdef".into());
         let e = format!("{:#}", c.backends().await.unwrap_err());
         assert!(e.contains(&addr.to_string()), "{e}");
-        assert!(e.contains("cutover proxy -c cutover.toml"), "{e}");
+        assert!(
+            e.contains("start it with `cutover proxy` and this command"),
+            "{e}"
+        );
     }
 }

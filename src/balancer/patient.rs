@@ -63,7 +63,7 @@ impl Patient {
                 }
                 Err(e) if is_unreachable(&e) => {
                     return Err(e.context(format!(
-                        "the balancer stayed unreachable for {}: stopping here (instances keep running; run `cutover deploy --resume` once the balancer is back)",
+                        "the balancer stayed unreachable for {}: stopping here (instances keep running)",
                         humantime::format_duration(self.deadline)
                     )));
                 }

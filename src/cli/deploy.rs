@@ -173,6 +173,43 @@ pub(super) fn resume_does(strategy: &str) -> &'static str {
     }
 }
 
+/// What is left of an unfinished deployment and how to finish it, for a deployer that stops
+/// before its end (a signal, an error such as a balancer that stayed away).
+fn what_next(journal: &Journal, row: &crate::journal::DeploymentRow) -> String {
+    let going_back =
+        row.kind == "rollback" || crate::deploy::was_going_back(journal, &row.id).unwrap_or(false);
+    let next = if going_back {
+        "it was returning hosts: run `cutover rollback` (or `cutover deploy --resume`) to finish that"
+            .to_string()
+    } else {
+        format!(
+            "run `cutover deploy --resume` {}, or `cutover rollback` to return every host to where it was",
+            resume_does(&row.strategy)
+        )
+    };
+    format!(
+        "{} {} stays unfinished in the journal: {next} (`cutover status` shows where it stopped)",
+        if row.kind == "rollback" {
+            "rollback"
+        } else {
+            "deployment"
+        },
+        row.id
+    )
+}
+
+/// An error that ended a deployment's run before its report: says whether the deployment
+/// stays unfinished (and how to finish it) or never began (nothing to resume).
+fn with_next_step(journal: &Journal, app: &str, e: anyhow::Error) -> anyhow::Error {
+    match journal.unfinished(app) {
+        Ok(Some(row)) => anyhow::anyhow!("{e:#}; {}", what_next(journal, &row)),
+        Ok(None) => anyhow::anyhow!(
+            "{e:#}; this stopped before the deployment began: no host changed and there is nothing to resume, run the command again once that is fixed"
+        ),
+        Err(_) => e,
+    }
+}
+
 pub(super) async fn deploy_cmd(
     config: Config,
     action: Action,
@@ -210,25 +247,7 @@ pub(super) async fn deploy_cmd(
             };
             let _ = journal.unlock(&app, &holder);
             if let Ok(Some(row)) = journal.unfinished(&app) {
-                let going_back = row.kind == "rollback"
-                    || crate::deploy::was_going_back(&journal, &row.id).unwrap_or(false);
-                let next = if going_back {
-                    "it was returning hosts: run `cutover rollback` (or `cutover deploy --resume`) to finish that"
-                } else {
-                    &format!(
-                        "run `cutover deploy --resume` {}, or `cutover rollback` to return every host to where it was",
-                        resume_does(&row.strategy)
-                    )
-                };
-                eprintln!(
-                    "interrupted: {} {} stays unfinished in the journal: {next} (`cutover status` shows where it stopped)",
-                    if row.kind == "rollback" {
-                        "rollback"
-                    } else {
-                        "deployment"
-                    },
-                    row.id
-                );
+                eprintln!("interrupted: {}", what_next(&journal, &row));
             }
         })
     };
@@ -245,6 +264,7 @@ pub(super) async fn deploy_cmd(
         Some(row) if row.kind != "rollback" => crate::deploy::was_going_back(&journal, &row.id)?,
         _ => false,
     };
+    let app = config.app.name.as_str();
     let report = match (action, interrupted) {
         (Action::Deploy(_), Some(row)) if going_back || row.kind == "rollback" => {
             anyhow::bail!(
@@ -294,13 +314,19 @@ pub(super) async fn deploy_cmd(
                 resume_does(&row.strategy)
             );
         }
-        (Action::Deploy(version), None) => deployer.run(&Request::deploy(version)).await?,
+        (Action::Deploy(version), None) => deployer
+            .run(&Request::deploy(version))
+            .await
+            .map_err(|e| with_next_step(&journal, app, e))?,
         (Action::Resume, Some(row)) if going_back => {
             deployer.progress.say(&format!(
                 "deployment {} was returning its hosts when it stopped: finishing that (--resume never moves a fleet forward that had begun going back)",
                 row.id
             ));
-            deployer.restore(&row).await?
+            deployer
+                .restore(&row)
+                .await
+                .map_err(|e| with_next_step(&journal, app, e))?
         }
         (Action::Resume, Some(row))
             if row.kind != "rollback"
@@ -315,7 +341,10 @@ pub(super) async fn deploy_cmd(
                 row.strategy, row.id
             ));
             let since = crate::journal::now_ms();
-            let undone = deployer.restore(&row).await?;
+            let undone = deployer
+                .restore(&row)
+                .await
+                .map_err(|e| with_next_step(&journal, app, e))?;
             if undone.outcome != crate::deploy::Outcome::RolledBack {
                 undone
             } else if let Some(cmd) = journal.stop_posted_since(&row.id, since)? {
@@ -326,7 +355,10 @@ pub(super) async fn deploy_cmd(
                 ));
                 undone
             } else {
-                deployer.run(&Request::deploy(version)).await?
+                deployer
+                    .run(&Request::deploy(version))
+                    .await
+                    .map_err(|e| with_next_step(&journal, app, e))?
             }
         }
         (Action::Resume, Some(row)) => {
@@ -352,7 +384,8 @@ pub(super) async fn deploy_cmd(
                     kind,
                     resume: Some(row),
                 })
-                .await?
+                .await
+                .map_err(|e| with_next_step(&journal, app, e))?
         }
         (Action::Resume, None) => {
             anyhow::bail!("there is no interrupted deployment to resume (see `cutover history`)")
@@ -379,7 +412,8 @@ pub(super) async fn deploy_cmd(
                     kind: "rollback",
                     resume: Some(row),
                 })
-                .await?
+                .await
+                .map_err(|e| with_next_step(&journal, app, e))?
         }
         (Action::Rollback(to), Some(row)) => {
             if let Some(v) = to {
@@ -388,7 +422,10 @@ pub(super) async fn deploy_cmd(
                     row.id
                 );
             }
-            deployer.restore(&row).await?
+            deployer
+                .restore(&row)
+                .await
+                .map_err(|e| with_next_step(&journal, app, e))?
         }
         (Action::Rollback(to), None) => {
             let target = match to {
@@ -411,7 +448,8 @@ pub(super) async fn deploy_cmd(
                     kind: "rollback",
                     resume: None,
                 })
-                .await?
+                .await
+                .map_err(|e| with_next_step(&journal, app, e))?
         }
     };
     let _ = journal.prune(config.app.name.as_str(), config.history_keep);
