@@ -679,3 +679,42 @@ async fn a_canary_beside_three_servers_reaches_every_step_through_haproxy() {
     assert!(!out.contains("WARNING"), "{out}\n{err}");
     fleet.assert_all_ready_on("v2");
 }
+
+/// Review finding: a new server left maintenance counted as up before HAProxy's first check
+/// ran, so an address HAProxy cannot reach (a firewall between it and a host whose own gate
+/// passed) took requests and failed them. It waits at weight 0 until HAProxy's check passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_haproxy_cannot_reach_takes_no_request() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(1, 110, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    fleet.deploy("v1", 0).await;
+    let run = fleet.traffic(200, 20_000);
+    run.wait_until(|r| r.ok >= 50).await;
+
+    let balancer = fleet.balancer();
+    let dead: SocketAddr = format!("127.0.110.40:{}", free_port("127.0.110.40"))
+        .parse()
+        .unwrap();
+    let spec = BackendSpec {
+        id: format!("dead:{}", dead.port()),
+        address: dead,
+        host: "dead".into(),
+        release: "v2".into(),
+        weight: 100,
+        health_path: "/health".into(),
+        preview: false,
+        gated: false,
+    };
+    balancer.add(&spec).await.unwrap();
+    let before = run.snapshot().sent;
+    let waited = balancer
+        .wait_healthy(&spec.id, Duration::from_millis(1500))
+        .await;
+    assert!(waited.is_err(), "a dead server is never seen healthy");
+    let view = balancer.backends().await.unwrap();
+    let server = view.iter().find(|b| b.spec.id == spec.id).unwrap();
+    assert_eq!(server.spec.weight, 0, "it waits at weight 0: {server:?}");
+    balancer.remove(&spec.id).await.unwrap();
+    let load = stop_after(run, before + 200).await;
+    assert_eq!(load.failed, 0, "{load}\n{:#?}", load.failures);
+}

@@ -615,6 +615,8 @@ struct Inner {
     prefix: &'static str,
     latency: Mutex<LatencyTracker>,
     me: (u32, Option<u64>),
+    /// Weights of servers added at weight 0, given once HAProxy's own check passes (see `add`).
+    pending_weights: Mutex<BTreeMap<String, u32>>,
 }
 
 /// The [`Balancer`] of an existing HAProxy.
@@ -654,6 +656,7 @@ impl HaproxyBalancer {
             },
             latency: Mutex::new(LatencyTracker::default()),
             me: (me, process_start(me)),
+            pending_weights: Mutex::default(),
             settings,
         };
         let rows = inner.rows()?;
@@ -890,18 +893,24 @@ impl Inner {
                 r.name,
                 spec.id
             );
+            // Added by a deployer that stopped before HAProxy's check passed: still waiting.
+            if r.weight == 0 && spec.weight > 0 && !r.is_up() {
+                self.pending(&spec.id, Some(spec.weight));
+            }
             return Ok(());
         }
         let c = &self.settings;
+        // At weight 0 until HAProxy's own check passes (`wait_healthy` sets the weight): a
+        // server leaving maintenance counts as up before its first check has run, so an
+        // address HAProxy cannot reach would otherwise take requests and fail them.
         let add = format!(
-            "{}add server {} {} check inter {}ms rise {} fall {} weight {}",
+            "{}add server {} {} check inter {}ms rise {} fall {} weight 0",
             self.prefix,
             self.full(&name),
             spec.address,
             c.check_interval.as_millis().max(1),
             c.rise,
             c.fall,
-            spec.weight
         );
         self.command(&add, &["New server registered"]).map_err(|e| {
             e.context(format!(
@@ -916,7 +925,20 @@ impl Inner {
             let _ = self.delete(&name);
             return Err(e);
         }
+        self.pending(&spec.id, (spec.weight > 0).then_some(spec.weight));
         Ok(())
+    }
+
+    /// Records (or forgets, with `None`) the weight `id` gets once HAProxy sees it up.
+    fn pending(&self, id: &str, weight: Option<u32>) {
+        let mut pending = self
+            .pending_weights
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match weight {
+            Some(w) => pending.insert(id.to_string(), w),
+            None => pending.remove(id),
+        };
     }
 
     fn delete(&self, server: &str) -> anyhow::Result<()> {
@@ -927,6 +949,7 @@ impl Inner {
     }
 
     fn remove(&self, id: &str) -> anyhow::Result<()> {
+        self.pending(id, None);
         let Some(row) = self.find(&self.rows()?, id) else {
             // Already gone; forget a stale record.
             return self.edit_state(|s| s.disabled.retain(|_, d| d.id != id));
@@ -1197,6 +1220,15 @@ impl Balancer for HaproxyBalancer {
             let id2 = id.to_string();
             let row = self.blocking(move |i| i.server_of(&id2)).await?;
             if row.is_up() {
+                let weight = self
+                    .inner
+                    .pending_weights
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(id);
+                if let Some(w) = weight {
+                    self.set_weight(id, w).await?;
+                }
                 return Ok(());
             }
             if started.elapsed() >= timeout {
