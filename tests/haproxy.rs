@@ -718,3 +718,88 @@ async fn a_server_haproxy_cannot_reach_takes_no_request() {
     let load = stop_after(run, before + 200).await;
     assert_eq!(load.failed, 0, "{load}\n{:#?}", load.failures);
 }
+
+/// Review finding: a socket at level user hid every server's address and a `backend` naming a
+/// frontend had no servers to read, so `cutover status` showed every host absent, "no drift",
+/// exit 0; a TCP backend reported 0 requests served under load; and a consistent-hash backend,
+/// which takes dynamic servers, was refused. Connecting now says which it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_refuses_what_would_hide_or_break_a_deploy() {
+    let _serial = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("admin.sock");
+    let user = dir.path().join("user.sock");
+    let port = free_port("127.0.0.1");
+    let cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "global\n    stats socket {admin} level admin\n    stats socket {user} level user\n\n\
+             defaults\n    mode http\n    timeout connect 2s\n    timeout client 30s\n    timeout server 30s\n\n\
+             frontend fe\n    bind 127.0.0.1:{port}\n    default_backend app\n\n\
+             backend app\n    balance roundrobin\n    option httpchk GET /health\n\n\
+             backend tcpapp\n    mode tcp\n    balance roundrobin\n\n\
+             backend hashed\n    balance uri\n    hash-type consistent\n\n\
+             backend fixed\n    balance static-rr\n",
+            admin = admin.display(),
+            user = user.display(),
+        ),
+    )
+    .unwrap();
+    let _haproxy = Command::new("haproxy")
+        .arg("-f")
+        .arg(&cfg)
+        .arg("-db")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy starts (apt-get install haproxy)");
+    let api = RuntimeApi::new(SocketAddress::Unix(admin.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while api.exec("show info").is_err() {
+        assert!(Instant::now() < deadline, "haproxy did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let connect = |socket: &Path, backend: &str| {
+        HaproxyBalancer::connect(HaproxySettings {
+            socket: SocketAddress::Unix(socket.to_path_buf()),
+            backend: backend.into(),
+            health_path: "/health".into(),
+            check_interval: Duration::from_millis(500),
+            rise: 2,
+            fall: 3,
+            state_file: dir.path().join(format!("state-{backend}.json")),
+        })
+        .map_err(|e| format!("{e:#}"))
+    };
+    assert!(connect(&admin, "app").is_ok());
+    let e = connect(&user, "app").unwrap_err();
+    assert!(
+        e.contains("level \"user\"") && e.contains("level admin"),
+        "{e}"
+    );
+    let e = connect(&admin, "fe").unwrap_err();
+    assert!(e.contains("\"fe\" is not a backend"), "{e}");
+    let e = connect(&admin, "tcpapp").unwrap_err();
+    assert!(e.contains("mode tcp"), "{e}");
+    let e = connect(&admin, "fixed").unwrap_err();
+    assert!(e.contains("static-rr"), "{e}");
+    let hashed = connect(&admin, "hashed").unwrap();
+    let spec = BackendSpec {
+        id: "web1:4100".into(),
+        address: "127.0.0.1:4100".parse().unwrap(),
+        host: "web1".into(),
+        release: "v1".into(),
+        weight: 100,
+        health_path: "/health".into(),
+        preview: false,
+        gated: false,
+    };
+    hashed
+        .add(&spec)
+        .await
+        .expect("a consistent hash takes dynamic servers");
+    hashed.remove(&spec.id).await.unwrap();
+}

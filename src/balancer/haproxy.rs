@@ -249,6 +249,8 @@ pub struct StatRow {
     pub addr: Option<String>,
     /// Balancing algorithm (backend row).
     pub algo: Option<String>,
+    /// Proxy mode (`http`, `tcp`), where HAProxy reports it.
+    pub mode: Option<String>,
 }
 
 impl StatRow {
@@ -389,6 +391,7 @@ pub fn parse_stat(text: &str) -> anyhow::Result<Vec<StatRow>> {
             rtime_max_ms: opt("rtime_max"),
             addr: non_empty("addr"),
             algo: non_empty("algo"),
+            mode: non_empty("mode"),
         });
     }
     Ok(rows)
@@ -659,18 +662,7 @@ impl HaproxyBalancer {
             pending_weights: Mutex::default(),
             settings,
         };
-        let rows = inner.rows()?;
-        if let Some(be) = rows.iter().find(|r| r.name == "BACKEND") {
-            if let Some(algo) = be.algo.as_deref() {
-                if !matches!(algo, "roundrobin" | "leastconn" | "first" | "random") {
-                    anyhow::bail!(
-                        "HAProxy backend {} at {} uses `balance {algo}`, which cannot take dynamic servers: use `balance roundrobin`",
-                        inner.settings.backend,
-                        inner.api.socket
-                    );
-                }
-            }
-        }
+        inner.check_backend()?;
         let inner = Arc::new(inner);
         let at_signal = {
             let inner = inner.clone();
@@ -750,6 +742,40 @@ impl Inner {
     /// Serialises read-modify-write of the state file with this process's other threads and
     /// with other cutover processes driving the same HAProxy (a deploy, `cutover status`, the
     /// dashboard): the deploy lock alone does not cover those.
+    /// Refuses, before anything changes, what would make a deploy fail half-way or a status
+    /// look clean while it sees nothing: a socket below level admin (which hides server
+    /// addresses and refuses changes), a `backend` that names no backend, a TCP backend
+    /// (no HTTP status counts, so no proof) and a static algorithm.
+    fn check_backend(&self) -> anyhow::Result<()> {
+        let (b, socket) = (&self.settings.backend, &self.api.socket);
+        // `show cli level` exists since HAProxy 2.0; cutover needs 2.4.
+        let level = self.api.exec("show cli level")?;
+        let level = level.trim();
+        anyhow::ensure!(
+            level == "admin",
+            "HAProxy's socket {socket} is at level {level:?}: cutover adds, drains and removes servers, which needs `level admin` on the `stats socket` line of haproxy.cfg"
+        );
+        let rows = self.rows()?;
+        let Some(be) = rows.iter().find(|r| r.name == "BACKEND") else {
+            anyhow::bail!(
+                "HAProxy at {socket}: {b:?} is not a backend (a frontend takes no servers): set [balancer] backend to the name of a `backend` section of haproxy.cfg"
+            );
+        };
+        if let Some(mode) = be.mode.as_deref().filter(|m| *m != "http") {
+            anyhow::bail!(
+                "HAProxy backend {b} at {socket} is in `mode {mode}`: cutover proves a deploy with HTTP status counts, which HAProxy keeps only in `mode http`"
+            );
+        }
+        // Hash-based algorithms take dynamic servers with `hash-type consistent`: HAProxy's
+        // answer to `add server` decides. static-rr never does.
+        if be.algo.as_deref() == Some("static-rr") {
+            anyhow::bail!(
+                "HAProxy backend {b} at {socket} uses `balance static-rr`, which cannot take dynamic servers: use `balance roundrobin`"
+            );
+        }
+        Ok(())
+    }
+
     fn lock_state(&self) -> anyhow::Result<EditLock> {
         crate::atomic_file::lock_for_edit(&self.settings.state_file)
     }
@@ -914,7 +940,7 @@ impl Inner {
         );
         self.command(&add, &["New server registered"]).map_err(|e| {
             e.context(format!(
-                "adding {} to HAProxy backend {b} (needs HAProxy 2.4+, `balance roundrobin`, and a server name HAProxy accepts)",
+                "adding {} to HAProxy backend {b} (needs HAProxy 2.4+, a dynamic algorithm such as `balance roundrobin` or a hash with `hash-type consistent`, and a server name HAProxy accepts)",
                 spec.id
             ))
         })?;
