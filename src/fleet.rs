@@ -173,7 +173,7 @@ async fn snapshot(
 
 /// What hosts and the balancer show that the journal does not explain, one sentence each:
 /// instances no deployment started, backends pointing where nothing runs, hosts whose
-/// `current` disagrees with what the balancer routes to. `moving` names the releases an
+/// `current` disagrees with what the balancer routes to, hosts the balancer lost. `moving` names the releases an
 /// unfinished deployment (running, or interrupted) moves hosts between: a host caught between
 /// two of them, its new instance routed and `current` not yet moved, is that deployment's.
 pub fn drift(
@@ -202,6 +202,18 @@ pub fn drift(
                     "{host}: balancer backend {} ({}) points at {} where no instance runs",
                     b.spec.id, b.spec.release, b.spec.address
                 ));
+            }
+        }
+        // A balancer that lost its servers (an HAProxy reload or restart drops the servers
+        // cutover added) leaves every client of this host failing or elsewhere.
+        if v.backends.is_empty() && moving.is_empty() {
+            if let Some(cur) = &v.current {
+                if let Some(i) = v.alive().find(|i| &i.version == cur) {
+                    found.push(format!(
+                        "{host}: {cur} runs on {} (pid {}) but the balancer has no backend for this host (an HAProxy reload or restart drops the servers cutover added): `cutover deploy --version {cur}` adds it back",
+                        i.address, i.pid
+                    ));
+                }
             }
         }
         let routed: Vec<&str> = v

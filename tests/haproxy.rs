@@ -803,3 +803,39 @@ async fn connecting_refuses_what_would_hide_or_break_a_deploy() {
         .expect("a consistent hash takes dynamic servers");
     hashed.remove(&spec.id).await.unwrap();
 }
+
+/// Review finding: an HAProxy reload or restart drops every server cutover added (dynamic
+/// servers are not in haproxy.cfg), and `cutover status` then said "no drift" with every
+/// client getting 503. It now names each host the balancer lost and how to add it back, and
+/// deploying the live release again does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_hosts_an_haproxy_restart_dropped_and_a_deploy_adds_them_back() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(2, 111, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    fleet.deploy("v1", 0).await;
+    let (code, out, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains("has no backend"), "{out}");
+
+    if let Some(mut h) = fleet.haproxy.take() {
+        let _ = h.kill().await;
+    }
+    fleet.start_haproxy().await;
+    assert!(
+        fleet.servers().is_empty(),
+        "a restart drops dynamic servers"
+    );
+    let (_, out, err) = fleet.cutover(&["status"]).await;
+    for host in ["web1", "web2"] {
+        assert!(
+            out.contains(&format!("{host}: v1 runs on"))
+                && out.contains("`cutover deploy --version v1` adds it back"),
+            "{out}\n{err}"
+        );
+    }
+
+    fleet.deploy("v1", 0).await;
+    fleet.assert_all_ready_on("v1");
+    let (_, out, _) = fleet.cutover(&["status"]).await;
+    assert!(!out.contains("has no backend"), "{out}");
+}
