@@ -804,15 +804,26 @@ async fn connecting_refuses_what_would_hide_or_break_a_deploy() {
     hashed.remove(&spec.id).await.unwrap();
 }
 
-/// Review finding: an HAProxy reload or restart drops every server cutover added (dynamic
+/// Review findings: an HAProxy reload or restart drops every server cutover added (dynamic
 /// servers are not in haproxy.cfg), and `cutover status` then said "no drift" with every
-/// client getting 503. It now names each host the balancer lost and how to add it back, and
-/// deploying the live release again does.
+/// client getting 503; and after it the counts of servers deleted before it (kept in the
+/// state file) were credited to the next deploy. Status now names each host the balancer
+/// lost and how to add it back, deploying the live release again does, and the counts start
+/// again with the new HAProxy process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_names_hosts_an_haproxy_restart_dropped_and_a_deploy_adds_them_back() {
+async fn after_an_haproxy_restart_status_names_the_lost_hosts_and_counts_start_again() {
     let _serial = SERIAL.lock().await;
     let mut fleet = Fleet::start(2, 111, "kind = \"rolling\"\nbatch = 1", "5s").await;
     fleet.deploy("v1", 0).await;
+    let load = fleet.traffic(0, 200).finish().await;
+    assert_eq!(load.failed, 0, "{load}");
+    fleet.deploy("v2", 0).await;
+    let before = fleet.balancer().stats().await.unwrap();
+    assert!(
+        before.releases["v1"].requests >= 200,
+        "{:?}",
+        before.releases
+    );
     let (code, out, err) = fleet.cutover(&["status"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(!out.contains("has no backend"), "{out}");
@@ -828,14 +839,22 @@ async fn status_names_hosts_an_haproxy_restart_dropped_and_a_deploy_adds_them_ba
     let (_, out, err) = fleet.cutover(&["status"]).await;
     for host in ["web1", "web2"] {
         assert!(
-            out.contains(&format!("{host}: v1 runs on"))
-                && out.contains("`cutover deploy --version v1` adds it back"),
+            out.contains(&format!("{host}: v2 runs on"))
+                && out.contains("`cutover deploy --version v2` adds it back"),
             "{out}\n{err}"
         );
     }
+    let after = fleet.balancer().stats().await.unwrap();
+    assert_ne!(after.counting_since_ms, before.counting_since_ms);
+    assert_eq!(
+        after.releases.get("v1").map_or(0, |c| c.requests),
+        0,
+        "v1's servers were counted by the HAProxy that is gone: {:?}",
+        after.releases
+    );
 
-    fleet.deploy("v1", 0).await;
-    fleet.assert_all_ready_on("v1");
+    fleet.deploy("v2", 0).await;
+    fleet.assert_all_ready_on("v2");
     let (_, out, _) = fleet.cutover(&["status"]).await;
     assert!(!out.contains("has no backend"), "{out}");
 }

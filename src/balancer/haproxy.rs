@@ -462,6 +462,11 @@ struct StateFile {
     /// Final counters of deleted servers, per release.
     #[serde(default)]
     retired: BTreeMap<String, Counters>,
+    /// The HAProxy process (`pid@start`, see [`Inner::process`]) whose servers `retired`
+    /// counted: a restarted HAProxy counts from zero, and so does the tally. `None` in files
+    /// written before it was recorded: taken as the running one.
+    #[serde(default)]
+    retired_for: Option<String>,
     /// Server name → what cutover disabled.
     #[serde(default)]
     disabled: BTreeMap<String, Disabled>,
@@ -620,6 +625,8 @@ struct Inner {
     me: (u32, Option<u64>),
     /// Weights of servers added at weight 0, given once HAProxy's own check passes (see `add`).
     pending_weights: Mutex<BTreeMap<String, u32>>,
+    /// The HAProxy process last seen, and the `counting_since_ms` given for it.
+    seen_process: Mutex<Option<(String, u64)>>,
 }
 
 /// The [`Balancer`] of an existing HAProxy.
@@ -660,6 +667,7 @@ impl HaproxyBalancer {
             latency: Mutex::new(LatencyTracker::default()),
             me: (me, process_start(me)),
             pending_weights: Mutex::default(),
+            seen_process: Mutex::default(),
             settings,
         };
         inner.check_backend()?;
@@ -774,6 +782,32 @@ impl Inner {
             );
         }
         Ok(())
+    }
+
+    /// The running HAProxy process, as `pid@start` (its identity: a reload or restart makes a
+    /// new one, whose counters start from zero), and when its counters started, in ms since the
+    /// epoch. HAProxy says when it started to the second (`Start_time_sec`, 2.5+; on 2.4 now
+    /// minus `Uptime_sec`, fixed per pid): a new process seen within the same second as the
+    /// last is given the next millisecond, so a restart always shows as a new count.
+    fn process(&self) -> anyhow::Result<(String, u64)> {
+        let info = parse_info(&self.api.exec("show info")?);
+        let field = |k: &str| info.get(k).and_then(|v| v.trim().parse::<u64>().ok());
+        let pid = info.get("Pid").map_or("", |p| p.trim()).to_string();
+        let mut seen = self.seen_process.lock().unwrap_or_else(|p| p.into_inner());
+        let start_sec = match (field("Start_time_sec"), &*seen) {
+            (Some(s), _) => s,
+            (None, Some((id, ms))) if id.starts_with(&format!("{pid}@")) => ms / 1000,
+            (None, _) => now_unix().saturating_sub(field("Uptime_sec").unwrap_or(0)),
+        };
+        let id = format!("{pid}@{start_sec}");
+        let mut ms = start_sec * 1000;
+        match &*seen {
+            Some((last, last_ms)) if *last == id => ms = *last_ms,
+            Some((_, last_ms)) if ms <= *last_ms => ms = last_ms + 1,
+            _ => {}
+        }
+        *seen = Some((id.clone(), ms));
+        Ok((id, ms))
     }
 
     fn lock_state(&self) -> anyhow::Result<EditLock> {
@@ -988,6 +1022,7 @@ impl Inner {
             // spans the read, the delete and the tally, so a `stats` never sees the server
             // both live and retired (counted twice).
             let held = self.lock_state()?;
+            let (process, _) = self.process()?;
             let last = self.find(&self.rows()?, id);
             match self.delete(&name) {
                 Ok(()) => {
@@ -1001,6 +1036,11 @@ impl Inner {
                             .update(&name, &last);
                         self.edit_state_held(&held, |s| {
                             s.disabled.remove(&name);
+                            if s.retired_for.as_ref().is_some_and(|p| *p != process) {
+                                // Counted by an HAProxy that has since restarted.
+                                s.retired.clear();
+                            }
+                            s.retired_for = Some(process);
                             if let Some(r) = release {
                                 s.retired.entry(r).or_default().add(&c);
                             }
@@ -1276,11 +1316,20 @@ impl Balancer for HaproxyBalancer {
         self.blocking(|i| {
             // One state lock over both reads: a server deleted in between would be counted
             // live and retired (see `remove`).
-            let (rows, retired) = {
+            let (rows, state, (process, since)) = {
                 let _g = i.lock_state()?;
-                (i.rows()?, load_state(&i.settings.state_file)?.retired)
+                (i.rows()?, load_state(&i.settings.state_file)?, i.process()?)
             };
-            let mut stats = Stats::default();
+            let mut stats = Stats {
+                counting_since_ms: since,
+                ..Stats::default()
+            };
+            // What servers of an HAProxy that has since restarted served is not in its counts.
+            let retired = if state.retired_for.as_ref().is_none_or(|p| *p == process) {
+                state.retired
+            } else {
+                BTreeMap::new()
+            };
             if let Some(be) = rows.iter().find(|r| r.name == "BACKEND") {
                 stats.total = be.counters();
                 stats.total.latency_us_sum = i
