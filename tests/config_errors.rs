@@ -670,3 +670,35 @@ fn plan_never_prints_the_credentials_of_a_git_url() {
     assert!(text.contains("github.com/acme/shop.git at v1"), "{text}");
     assert!(!text.contains("s3cret"), "{text}");
 }
+
+/// Review finding: the blue-green plan always said green is verified through the preview
+/// route, also with no `before_switch` verify command, when only health gates it.
+#[test]
+fn a_blue_green_plan_says_whether_green_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let bg = GOOD.replace("kind = \"rolling\"\nbatch = 1\n", "kind = \"blue-green\"\n");
+    let plan = |config: &str| {
+        let path = dir.path().join("cutover.toml");
+        std::fs::write(&path, config).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .arg("-c")
+            .arg(&path)
+            .args(["plan", "--version", "v2"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = plan(&bg);
+    assert!(
+        out.contains("no before_switch [[verify]] commands: only health gates green"),
+        "{out}"
+    );
+    let out = plan(&format!(
+        "{bg}\n[[verify]]\ncommand = \"curl -fsS $CUTOVER_URL/health\"\nat = [\"before_switch\"]\n"
+    ));
+    assert!(
+        out.contains("3. verify green: the before_switch [[verify]] commands"),
+        "{out}"
+    );
+}

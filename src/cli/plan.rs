@@ -208,10 +208,20 @@ fn print_blue_green_plan(config: &Config, version: &Name) {
         config.app.health.healthy_threshold.0,
         config.app.health.deadline
     );
-    println!(
-        "  3. verify green through the preview route: requests with `$CUTOVER_PREVIEW_HEADER` (`x-cutover-preview` and a secret derived from the admin token) at http://{}",
-        config.balancer.listen
-    );
+    if config
+        .verify
+        .iter()
+        .any(|v| v.at.contains(&VerifyPoint::BeforeSwitch))
+    {
+        println!(
+            "  3. verify green: the before_switch [[verify]] commands, through the preview route (requests with `$CUTOVER_PREVIEW_HEADER`: `x-cutover-preview` and a secret derived from the admin token) at http://{}",
+            config.balancer.listen
+        );
+    } else {
+        println!(
+            "  3. (no before_switch [[verify]] commands: only health gates green before the switch; add one to test green through the preview route first)"
+        );
+    }
     println!("  4. switch: one atomic admin call makes green active and blue draining");
     match s.post_switch_analysis {
         Some(d) => println!(
