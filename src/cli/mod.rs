@@ -259,9 +259,13 @@ fn init_logging(verbose: u8) {
             tracing_subscriber::EnvFilter::new(default)
         }
     };
+    // Colour only for a person at a terminal: escape codes in a log file or a journal are noise.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .try_init();
 }
 
