@@ -1849,27 +1849,50 @@ impl Config {
             }
         }
         // Keys only another kind reads would be silently ignored: name them instead.
-        let foreign = [
-            ("steps", !s.steps.is_empty(), StrategyKind::Canary),
-            (
-                "canary_hosts",
-                s.canary_hosts.is_some(),
-                StrategyKind::Canary,
-            ),
-            ("sticky", s.sticky.is_some(), StrategyKind::Canary),
+        // Keys written in [strategy] (those with defaults cannot tell otherwise).
+        let written: Vec<String> = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|t| t.get("strategy").and_then(|s| s.as_table()).cloned())
+            .map(|t| t.keys().cloned().collect())
+            .unwrap_or_default();
+        let written = |key: &str| written.iter().any(|k| k == key);
+        use StrategyKind::{BlueGreen, Canary, Rolling};
+        let batched: &[StrategyKind] = &[Rolling, Canary];
+        let foreign: [(&str, bool, &[StrategyKind]); 9] = [
+            ("steps", !s.steps.is_empty(), &[Canary]),
+            ("canary_hosts", s.canary_hosts.is_some(), &[Canary]),
+            ("sticky", s.sticky.is_some(), &[Canary]),
             (
                 "post_switch_analysis",
                 s.post_switch_analysis.is_some(),
-                StrategyKind::BlueGreen,
+                &[BlueGreen],
             ),
+            (
+                "scale_down_delay",
+                written("scale_down_delay"),
+                &[BlueGreen],
+            ),
+            // Blue-green starts every host's green at once and switches them together.
+            ("batch", written("batch"), batched),
+            (
+                "max_fail_percentage",
+                written("max_fail_percentage"),
+                batched,
+            ),
+            ("max_failed_hosts", s.max_failed_hosts.is_some(), batched),
+            ("on_failure", written("on_failure"), batched),
         ];
-        for (key, set, owner) in foreign {
-            if set && s.kind != owner {
+        for (key, set, owners) in foreign {
+            if set && !owners.contains(&s.kind) {
+                let owners: Vec<String> = owners
+                    .iter()
+                    .map(|o| format!("kind = \"{}\"", o.name()))
+                    .collect();
                 return Err(err(
                     &format!("strategy.{key}"),
                     format!(
-                        "{key} belongs to kind = \"{}\"; this deploy is {} and would ignore it: remove it or change kind",
-                        owner.name(),
+                        "{key} belongs to {}; this deploy is {} and would ignore it: remove it or change kind",
+                        owners.join(" and "),
                         s.kind.name()
                     ),
                 ));

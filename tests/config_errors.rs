@@ -411,6 +411,22 @@ fn settings_the_strategy_never_uses_are_refused() {
         err.contains("strategy.canary_hosts") && err.contains("belongs to kind = \"canary\""),
         "{err}"
     );
+    // Review finding: keys with defaults were taken silently beside a kind that ignores them.
+    let err = error_for(&GOOD.replace("batch = 1\n", "batch = 1\nscale_down_delay = \"5m\"\n"));
+    assert!(
+        err.contains("strategy.scale_down_delay")
+            && err.contains("belongs to kind = \"blue-green\"; this deploy is rolling"),
+        "{err}"
+    );
+    let err = error_for(&GOOD.replace(
+        "kind = \"rolling\"\nbatch = 1\n",
+        "kind = \"blue-green\"\nmax_fail_percentage = 50\n",
+    ));
+    assert!(
+        err.contains("strategy.max_fail_percentage")
+            && err.contains("belongs to kind = \"rolling\" and kind = \"canary\""),
+        "{err}"
+    );
     // A zero pause holds a step for no time.
     let err = error_for(&canary().replace("pause = \"1m\"", "pause = \"0s\""));
     assert!(err.contains("step 1: pause = \"0s\""), "{err}");
