@@ -858,3 +858,46 @@ async fn after_an_haproxy_restart_status_names_the_lost_hosts_and_counts_start_a
     let (_, out, _) = fleet.cutover(&["status"]).await;
     assert!(!out.contains("has no backend"), "{out}");
 }
+
+/// Review finding: with HAProxy down, `cutover status` printed only the error (no hosts, no
+/// JSON, not the interrupted deployment) and `cutover logs` failed, though neither needs it
+/// to read the hosts. Both now work as they do beside a stopped built-in balancer, and a
+/// deploy started while HAProxy is down waits for it like for a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_haproxy_down_status_and_logs_still_read_the_hosts() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(2, 112, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    fleet.deploy("v1", 0).await;
+    if let Some(mut h) = fleet.haproxy.take() {
+        let _ = h.kill().await;
+    }
+    let (code, out, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        out.contains("web1") && out.contains("web2") && out.contains("v1"),
+        "{out}\n{err}"
+    );
+    assert!(
+        format!("{out}{err}").contains("cannot reach HAProxy"),
+        "{out}\n{err}"
+    );
+    let (_, out, err) = fleet.cutover(&["status", "--json"]).await;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(v["hosts"].as_array().map(Vec::len), Some(2), "{v}");
+    let (code, _, err) = fleet.cutover(&["logs", "web1"]).await;
+    assert_eq!(code, 0, "{err}");
+
+    // Down when the deploy starts, back a moment later: waited out.
+    let deploy = {
+        let mut c = fleet.command(&["deploy", "--version", "v2"]);
+        tokio::spawn(async move { c.output().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    fleet.start_haproxy().await;
+    let out = deploy.await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("balancer unreachable"), "{err}");
+    fleet.assert_all_ready_on("v2");
+}

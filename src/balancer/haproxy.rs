@@ -42,7 +42,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::api::{BackendSpec, BackendState, BackendView, Counters, DrainReport, Health, Stats};
-use super::{Balancer, Unreachable};
+use super::{Balancer, SwitchReport, SwitchRequest, Unreachable};
 use crate::atomic_file::EditLock;
 use crate::config::{BalancerKind, Config};
 
@@ -1352,6 +1352,85 @@ impl Balancer for HaproxyBalancer {
             Ok(stats)
         })
         .await
+    }
+}
+
+/// An HAProxy connected at its first use, and at each use after until that succeeds: a
+/// `cutover status` or `cutover serve` started while HAProxy is down still shows the hosts and
+/// says the balancer cannot be reached, and a deploy waits HAProxy out (`unreachable_timeout`)
+/// as it waits out a restart, instead of failing before it begins.
+pub struct LazyHaproxy {
+    settings: HaproxySettings,
+    /// Where the balancer is configured, for errors found on connecting (`mode tcp`, ...).
+    configured_in: String,
+    connected: tokio::sync::OnceCell<HaproxyBalancer>,
+}
+
+impl LazyHaproxy {
+    pub fn new(settings: HaproxySettings, config_file: &std::path::Path) -> Self {
+        LazyHaproxy {
+            settings,
+            configured_in: format!("{}: [balancer] kind = \"haproxy\"", config_file.display()),
+            connected: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn get(&self) -> anyhow::Result<&HaproxyBalancer> {
+        self.connected
+            .get_or_try_init(|| async {
+                let settings = self.settings.clone();
+                tokio::task::spawn_blocking(move || HaproxyBalancer::connect(settings))
+                    .await
+                    .context("the HAProxy connection task stopped")?
+                    .with_context(|| self.configured_in.clone())
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl Balancer for LazyHaproxy {
+    fn max_weight(&self) -> u32 {
+        MAX_WEIGHT
+    }
+    async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
+        self.get().await?.backends().await
+    }
+    async fn add(&self, spec: &BackendSpec) -> anyhow::Result<()> {
+        self.get().await?.add(spec).await
+    }
+    async fn remove(&self, id: &str) -> anyhow::Result<()> {
+        self.get().await?.remove(id).await
+    }
+    async fn set_weight(&self, id: &str, weight: u32) -> anyhow::Result<()> {
+        self.get().await?.set_weight(id, weight).await
+    }
+    async fn drain(&self, id: &str) -> anyhow::Result<()> {
+        self.get().await?.drain(id).await
+    }
+    async fn activate(&self, id: &str) -> anyhow::Result<()> {
+        self.get().await?.activate(id).await
+    }
+    async fn wait_drained(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
+        self.get().await?.wait_drained(id, timeout).await
+    }
+    async fn retire(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
+        self.get().await?.retire(id, timeout).await
+    }
+    async fn wait_healthy(&self, id: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.get().await?.wait_healthy(id, timeout).await
+    }
+    async fn stats(&self) -> anyhow::Result<Stats> {
+        self.get().await?.stats().await
+    }
+    async fn switch(&self, req: &SwitchRequest) -> anyhow::Result<SwitchReport> {
+        self.get().await?.switch(req).await
+    }
+    async fn set_weights(&self, weights: &BTreeMap<String, u32>) -> anyhow::Result<()> {
+        self.get().await?.set_weights(weights).await
+    }
+    async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
+        self.get().await?.samples(release, max).await
     }
 }
 

@@ -486,12 +486,10 @@ pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn B
             config.admin_token()?,
         )),
         crate::config::BalancerKind::Haproxy => {
-            let settings = crate::balancer::haproxy::HaproxySettings::from_config(config)?;
-            Arc::new(
-                crate::balancer::haproxy::HaproxyBalancer::connect(settings).with_context(
-                    || format!("{}: [balancer] kind = \"haproxy\"", config.file.display()),
-                )?,
-            )
+            Arc::new(crate::balancer::haproxy::LazyHaproxy::new(
+                crate::balancer::haproxy::HaproxySettings::from_config(config)?,
+                &config.file,
+            ))
         }
     };
     Ok((transport, balancer))
