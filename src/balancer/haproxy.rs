@@ -454,7 +454,24 @@ pub struct Disabled {
     /// boot, from /proc), so a reused pid is not mistaken for it.
     pub pid: u32,
     pub pid_start: Option<u64>,
+    /// The pid namespace `pid` is in ([`pid_namespace`]): a cutover in another container
+    /// sees other pids, so it cannot tell whether that process still runs. `None` in files
+    /// written before it was recorded.
+    #[serde(default)]
+    pub pid_ns: Option<u64>,
     pub since_unix: u64,
+}
+
+impl Disabled {
+    /// Whether the cutover process that disabled the server is known to have ended, seen
+    /// from a process in pid namespace `my_ns`: never when it ran in another namespace, where
+    /// its pid means another process here (restoring then would undo a running deploy's drain).
+    fn left_by_ended_process(&self, my_ns: Option<u64>) -> bool {
+        if self.pid_ns.is_some() && self.pid_ns != my_ns {
+            return false;
+        }
+        process_start(self.pid) != self.pid_start
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -491,6 +508,12 @@ fn save_state(path: &Path, state: &StateFile) -> anyhow::Result<()> {
 
 /// Start time of a process (field 22 of /proc/PID/stat), `None` when it does not run (or is a
 /// zombie).
+/// This process's pid namespace (the inode /proc/self/ns/pid names), `None` without /proc.
+fn pid_namespace() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(") ")?.1;
@@ -682,7 +705,7 @@ impl HaproxyBalancer {
         };
         let orphans = balancer
             .inner
-            .restore(|d| process_start(d.pid) != d.pid_start)?;
+            .restore(|d| d.left_by_ended_process(pid_namespace()))?;
         for r in &orphans {
             eprintln!("haproxy: {r} (left by cutover pid that no longer runs)");
         }
@@ -712,7 +735,7 @@ impl HaproxyBalancer {
     pub async fn restore_mine(&self) -> anyhow::Result<Vec<Restoration>> {
         self.blocking(|i| {
             let me = i.me;
-            i.restore(move |d| (d.pid, d.pid_start) == me)
+            i.restore(move |d| (d.pid, d.pid_start) == me && d.pid_ns == pid_namespace())
         })
         .await
     }
@@ -739,7 +762,7 @@ impl Inner {
     /// end of every command: dropped, or at Ctrl-C).
     fn restore_mine_now(&self) {
         let me = self.me;
-        match self.restore(|d| (d.pid, d.pid_start) == me) {
+        match self.restore(|d| (d.pid, d.pid_start) == me && d.pid_ns == pid_namespace()) {
             Ok(list) => list.iter().for_each(|r| eprintln!("haproxy: {r}")),
             Err(e) => eprintln!(
                 "haproxy: WARNING: cannot check for servers cutover left disabled: {e:#}; run `cutover status` to retry"
@@ -892,6 +915,7 @@ impl Inner {
             state: state.to_string(),
             pid: self.me.0,
             pid_start: self.me.1,
+            pid_ns: pid_namespace(),
             since_unix: now_unix(),
         };
         self.edit_state(|s| {
@@ -1580,6 +1604,32 @@ app,BACKEND,0,0,0,1,999,28,2306,4024,0,0,,1,0,0,0,UP,100,1,0,,3,0,0,,1,3,0,,27,,
             SocketAddress::parse("ipv4@10.0.0.1:9999", base),
             SocketAddress::Tcp("10.0.0.1:9999".into())
         );
+    }
+
+    #[test]
+    fn a_record_from_another_pid_namespace_is_never_taken_as_orphaned() {
+        let mine = pid_namespace();
+        assert!(mine.is_some());
+        let record = |pid: u32, pid_start: Option<u64>, pid_ns: Option<u64>| Disabled {
+            id: "web1-v2".into(),
+            address: None,
+            state: "drain".into(),
+            pid,
+            pid_start,
+            pid_ns,
+            since_unix: 0,
+        };
+        let me = std::process::id();
+        let gone = u32::MAX;
+        // Here: judged by whether the process still runs.
+        assert!(record(gone, Some(1), mine).left_by_ended_process(mine));
+        assert!(!record(me, process_start(me), mine).left_by_ended_process(mine));
+        // Written before namespaces were recorded: as before.
+        assert!(record(gone, Some(1), None).left_by_ended_process(mine));
+        // Another container's deployer: its pid says nothing here, running or not.
+        let other = mine.map(|n| n + 1);
+        assert!(!record(gone, Some(1), other).left_by_ended_process(mine));
+        assert!(!record(me, Some(1), other).left_by_ended_process(mine));
     }
 
     #[test]
