@@ -901,3 +901,59 @@ async fn with_haproxy_down_status_and_logs_still_read_the_hosts() {
     assert!(err.contains("balancer unreachable"), "{err}");
     fleet.assert_all_ready_on("v2");
 }
+
+/// HAProxy answers a request cut at the drain deadline while it waits for its response head
+/// with a 502 and counts it, but counts a response it was passing on (an event stream, a
+/// download) as its status: each cut one is still a failed request in the deploy's proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_cut_at_the_drain_deadline_count_as_failed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(1, 113, "kind = \"rolling\"\nbatch = 1", "1s").await;
+    fleet.deploy("v1", 0).await;
+    let mut clients = Vec::new();
+    for path in ["/sleep/8000", "/sse?events=100&interval_ms=100"]
+        .iter()
+        .cycle()
+        .take(6)
+    {
+        let (addr, path) = (fleet.listen, path.to_string());
+        clients.push(tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut got = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut got));
+            let _ = read.await;
+            String::from_utf8_lossy(&got).into_owned()
+        }));
+    }
+    // Every stream open on v1 before its drain begins.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.servers().len() != 1
+        || fleet
+            .balancer()
+            .rows()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.scur < 6)
+    {
+        assert!(Instant::now() < deadline, "6 streams open");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (out, _) = fleet.deploy("v2", 0).await;
+    for c in clients {
+        let got = c.await.unwrap();
+        assert!(
+            got.starts_with("HTTP/1.1 502") || !got.contains("data: 100"),
+            "cut, not finished: {got}"
+        );
+    }
+    let r = report(&out);
+    assert_eq!(r["failed_requests"], 6, "{out}");
+    assert!(r["notes"].to_string().contains("6 request(s)"), "{out}");
+}

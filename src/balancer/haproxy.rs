@@ -484,9 +484,27 @@ struct StateFile {
     /// written before it was recorded: taken as the running one.
     #[serde(default)]
     retired_for: Option<String>,
+    /// Per release, responses cut at a drain deadline that HAProxy counted as no failure (a
+    /// stream whose head it had already passed on counts as its status): counted as broken,
+    /// as the built-in balancer counts them. Tied to `retired_for` like `retired`.
+    #[serde(default)]
+    cut: BTreeMap<String, u64>,
     /// Server name → what cutover disabled.
     #[serde(default)]
     disabled: BTreeMap<String, Disabled>,
+}
+
+impl StateFile {
+    /// The tallies, made the running HAProxy `process`'s: one that has since restarted
+    /// counted into counters that are gone, so its tallies go with them.
+    fn tally_for(&mut self, process: String) -> &mut StateFile {
+        if self.retired_for.as_ref().is_some_and(|p| *p != process) {
+            self.retired.clear();
+            self.cut.clear();
+        }
+        self.retired_for = Some(process);
+        self
+    }
 }
 
 fn load_state(path: &Path) -> anyhow::Result<StateFile> {
@@ -864,6 +882,10 @@ impl Inner {
             .cloned()
     }
 
+    fn find_by_name(&self, rows: &[StatRow], name: &str) -> Option<StatRow> {
+        rows.iter().find(|r| r.name == name).cloned()
+    }
+
     fn server_of(&self, id: &str) -> anyhow::Result<StatRow> {
         self.find(&self.rows()?, id).with_context(|| {
             format!(
@@ -906,6 +928,47 @@ impl Inner {
         let r = f(&mut state);
         save_state(path, &state)?;
         Ok(r)
+    }
+
+    /// Closes what `row`'s server (in maint) still has open at its drain deadline: `open`
+    /// streams. HAProxy answers a stream still waiting for its response head with a 502 and
+    /// counts it, but a stream whose head it had passed on (a download, an event stream) ends
+    /// cut and counted as its status: those are tallied as broken, as the built-in balancer
+    /// counts a cut response. Measured with HAProxy 2.6: 6 cut `GET /sleep` gave the server
+    /// `eresp` +6 and the backend `hrsp_5xx` +6; 6 cut event streams changed neither.
+    fn cut_sessions(&self, row: &StatRow, open: u64) -> anyhow::Result<()> {
+        self.command(
+            &format!("shutdown sessions server {}", self.full(&row.name)),
+            &[],
+        )?;
+        // HAProxy ends the streams at once, counting a response error on the server (and the
+        // 502 it answers on the backend) for each still waiting for its head; nothing new
+        // reaches a server in maint, so what the server's counts gain meanwhile is theirs.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut after = row.clone();
+        loop {
+            match self.find_by_name(&self.rows()?, &row.name) {
+                Some(now) => after = now,
+                None => break,
+            }
+            if after.scur + after.qcur == 0 || Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        let counted =
+            after.eresp.saturating_sub(row.eresp) + after.hrsp[4].saturating_sub(row.hrsp[4]);
+        let uncounted = open.saturating_sub(counted);
+        let Some((_, _, release)) = parse_server_name(&row.name) else {
+            return Ok(());
+        };
+        if uncounted == 0 {
+            return Ok(());
+        }
+        let (process, _) = self.process()?;
+        self.edit_state(|s| {
+            *s.tally_for(process).cut.entry(release).or_default() += uncounted;
+        })
     }
 
     fn record_disabled(&self, row: &StatRow, id: &str, state: &str) -> anyhow::Result<()> {
@@ -1060,11 +1123,7 @@ impl Inner {
                             .update(&name, &last);
                         self.edit_state_held(&held, |s| {
                             s.disabled.remove(&name);
-                            if s.retired_for.as_ref().is_some_and(|p| *p != process) {
-                                // Counted by an HAProxy that has since restarted.
-                                s.retired.clear();
-                            }
-                            s.retired_for = Some(process);
+                            let s = s.tally_for(process);
                             if let Some(r) = release {
                                 s.retired.entry(r).or_default().add(&c);
                             }
@@ -1289,10 +1348,7 @@ impl Balancer for HaproxyBalancer {
             i.record_disabled(&row, &id, "maint")?;
             i.set_state(&row.name, "maint")?;
             if !drained {
-                i.command(
-                    &format!("shutdown sessions server {}", i.full(&row.name)),
-                    &[],
-                )?;
+                i.cut_sessions(&row, closed)?;
             }
             Ok(())
         })
@@ -1349,10 +1405,10 @@ impl Balancer for HaproxyBalancer {
                 ..Stats::default()
             };
             // What servers of an HAProxy that has since restarted served is not in its counts.
-            let retired = if state.retired_for.as_ref().is_none_or(|p| *p == process) {
-                state.retired
+            let (retired, cut) = if state.retired_for.as_ref().is_none_or(|p| *p == process) {
+                (state.retired, state.cut)
             } else {
-                BTreeMap::new()
+                Default::default()
             };
             if let Some(be) = rows.iter().find(|r| r.name == "BACKEND") {
                 stats.total = be.counters();
@@ -1372,6 +1428,10 @@ impl Balancer for HaproxyBalancer {
             }
             for (release, c) in retired {
                 stats.releases.entry(release).or_default().add(&c);
+            }
+            for (release, n) in cut {
+                stats.releases.entry(release).or_default().broken += n;
+                stats.total.broken += n;
             }
             Ok(stats)
         })
