@@ -3,8 +3,9 @@
 //!
 //! Read: groups with their hosts, `[group:vars]` / `vars:`, `[group:children]` / `children:`,
 //! host variables on the host line or under the host, and numeric host ranges
-//! (`web[01:04].example.com`). Used: `ansible_host` (an IP or a DNS name, resolved here),
-//! `ansible_port`, `ansible_user`, `ansible_ssh_private_key_file`, and `cutover_root` for the
+//! (`web[01:04].example.com`; at most `MAX_HOSTS` hosts in all). Used: `ansible_host` (an IP
+//! or a DNS name, resolved here), `ansible_port`, `ansible_user`,
+//! `ansible_ssh_private_key_file`, and `cutover_root` for the
 //! host's root directory. Variables merge as Ansible merges them: `all`, then groups from the
 //! outermost to the innermost (siblings by `ansible_group_priority`, default 1, the higher
 //! applied later so it wins, then by name), then the host's own. Only then are the older
@@ -46,6 +47,8 @@ struct Inventory {
     /// a `w[1:20000]` range took minutes.
     index: HashMap<String, usize>,
     groups: BTreeMap<String, Group>,
+    /// Host names the lines have produced so far, repeats included (see `MAX_NAMED`).
+    named: usize,
 }
 
 #[derive(Debug, Default)]
@@ -61,15 +64,42 @@ impl Inventory {
         self.groups.entry(name.to_string()).or_default()
     }
 
-    fn add_host(&mut self, group: &str, name: String, vars: Vars, line: usize) {
-        match self.index.get(&name) {
-            Some(&i) => self.hosts[i].1.extend(vars),
-            None => {
-                self.index.insert(name.clone(), self.hosts.len());
-                self.hosts.push((name.clone(), vars, line));
-            }
+    /// Adds the hosts `pattern` names to `group`, each with `vars`, within the inventory's
+    /// limits: the range is counted before it is expanded, each new host as it is added.
+    fn add_hosts(
+        &mut self,
+        group: &str,
+        pattern: &HostPattern,
+        vars: &Vars,
+        line: usize,
+    ) -> Result<(), String> {
+        self.named += pattern.len;
+        if self.named > MAX_NAMED {
+            return Err(format!(
+                "too many hosts: the inventory's lines name more than {MAX_NAMED} hosts in all \
+                 (a host counts each time a line or range names it): list each host once per \
+                 group, or split the fleet into several inventories (one config each)"
+            ));
         }
-        self.group(group).hosts.insert(name);
+        for name in pattern.names() {
+            Name::parse(&name).map_err(|m| format!("host {m}{}", port_hint(&name)))?;
+            match self.index.get(&name) {
+                Some(&i) => self.hosts[i].1.extend(vars.clone()),
+                None => {
+                    if self.hosts.len() == MAX_HOSTS {
+                        return Err(format!(
+                            "too many hosts: the inventory names more than {MAX_HOSTS} hosts, \
+                             the most cutover reads from one inventory: split the fleet into \
+                             several inventories (one config each), or check the ranges"
+                        ));
+                    }
+                    self.index.insert(name.clone(), self.hosts.len());
+                    self.hosts.push((name.clone(), vars.clone(), line));
+                }
+            }
+            self.group(group).hosts.insert(name);
+        }
+        Ok(())
     }
 
     /// Makes `ungrouped` what Ansible makes it once the file is read: the hosts in no group
@@ -293,19 +323,14 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                         ),
                     ));
                 }
-                let names = expand_range(&pattern).map_err(|m| err(n, m))?;
-                for name in &names {
-                    Name::parse(name)
-                        .map_err(|m| err(n, format!("host {m}{}", port_hint(name))))?;
-                }
+                let names = HostPattern::parse(&pattern).map_err(|m| err(n, m))?;
                 let mut vars = Vars::new();
                 for w in words {
                     let (k, v) = key_value(&w).map_err(|m| err(n, m))?;
                     vars.insert(k, Var { value: v, line: n });
                 }
-                for name in names {
-                    inv.add_host(&group, name, vars.clone(), n);
-                }
+                inv.add_hosts(&group, &names, &vars, n)
+                    .map_err(|m| err(n, m))?;
             }
         }
     }
@@ -421,18 +446,112 @@ fn split_words(line: &str) -> Result<Vec<String>, String> {
     Ok(words)
 }
 
-/// `web[01:03].x` → web01.x, web02.x, web03.x (numeric ranges, optional `:step`).
-fn expand_range(pattern: &str) -> Result<Vec<String>, String> {
-    let Some(open) = pattern.find('[') else {
-        return Ok(vec![pattern.to_string()]);
-    };
-    let Some(close) = pattern[open..].find(']').map(|c| open + c) else {
-        return Err(format!("{pattern:?}: unclosed '[' in a host range"));
-    };
-    let inner = &pattern[open + 1..close];
-    let parts: Vec<&str> = inner.split(':').collect();
+/// The most hosts one inventory may hold. Ranges make a short file name many hosts (30 lines
+/// of `h[0:99999]` are three million), so the count is checked as hosts are added, and a
+/// range's size before it is expanded: memory stays bounded whatever the file says.
+const MAX_HOSTS: usize = 100_000;
+
+/// The most host names an inventory's lines may produce in all, a host counting each time a
+/// line or range names it: the same range repeated under many groups (or many times in one)
+/// adds no host but costs memory and time for each name.
+const MAX_NAMED: usize = 1_000_000;
+
+/// A host pattern, `web[01:03].x`, read but not expanded: how many hosts it names is known
+/// before any name is made.
+#[derive(Debug)]
+struct HostPattern {
+    parts: Vec<Part>,
+    /// How many names the pattern makes: the product of its ranges' lengths.
+    len: usize,
+}
+
+#[derive(Debug)]
+enum Part {
+    Text(String),
+    /// `[start:end:step]`; `width` > 0 zero-pads each number to that many digits.
+    Numbers {
+        start: u64,
+        step: u64,
+        width: usize,
+        len: usize,
+    },
+}
+
+impl Part {
+    fn len(&self) -> usize {
+        match self {
+            Part::Text(_) => 1,
+            Part::Numbers { len, .. } => *len,
+        }
+    }
+
+    fn push(&self, i: usize, out: &mut String) {
+        match self {
+            Part::Text(t) => out.push_str(t),
+            // i < len, so start + i * step <= end: no overflow.
+            Part::Numbers {
+                start, step, width, ..
+            } => out.push_str(&format!("{:0width$}", start + i as u64 * step)),
+        }
+    }
+}
+
+impl HostPattern {
+    /// `web[01:03].x` → web01.x, web02.x, web03.x (numeric ranges, optional `:step`); ranges
+    /// multiply, the last varying fastest, as Ansible expands them.
+    fn parse(pattern: &str) -> Result<HostPattern, String> {
+        let mut parts = Vec::new();
+        let mut len: usize = 1;
+        let mut rest = pattern;
+        while let Some(open) = rest.find('[') {
+            let Some(close) = rest[open..].find(']').map(|c| open + c) else {
+                return Err(format!("{pattern:?}: unclosed '[' in a host range"));
+            };
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].to_string()));
+            }
+            let part = parse_range(pattern, &rest[open + 1..close])?;
+            len = len
+                .checked_mul(part.len())
+                .filter(|n| *n <= MAX_HOSTS)
+                .ok_or_else(|| {
+                    format!(
+                        "{pattern:?}: too many hosts: the range names more than {MAX_HOSTS}, the \
+                         most cutover reads from one inventory: check the range, or split the \
+                         fleet into several inventories (one config each)"
+                    )
+                })?;
+            parts.push(part);
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Ok(HostPattern { parts, len })
+    }
+
+    /// The names, one at a time.
+    fn names(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.len).map(|mut i| {
+            // The digits of i in the mixed radix of the parts' lengths, the last part lowest.
+            let mut at = vec![0; self.parts.len()];
+            for (k, part) in self.parts.iter().enumerate().rev() {
+                at[k] = i % part.len();
+                i /= part.len();
+            }
+            let mut name = String::new();
+            for (part, i) in self.parts.iter().zip(at) {
+                part.push(i, &mut name);
+            }
+            name
+        })
+    }
+}
+
+/// The inside of one `[...]` of `pattern`.
+fn parse_range(pattern: &str, inner: &str) -> Result<Part, String> {
     let bad = || format!("{pattern:?}: a host range looks like web[01:10] or web[1:9:2]");
-    let (a, b, step) = match parts.as_slice() {
+    let (a, b, step) = match inner.split(':').collect::<Vec<_>>().as_slice() {
         [a, b] => (*a, *b, "1"),
         [a, b, s] => (*a, *b, *s),
         _ => return Err(bad()),
@@ -442,33 +561,21 @@ fn expand_range(pattern: &str) -> Result<Vec<String>, String> {
     } else {
         0
     };
-    let (a, b, step): (u64, u64, u64) = match (a.parse(), b.parse(), step.parse()) {
-        (Ok(a), Ok(b), Ok(s)) if a <= b && s >= 1 && b - a <= 100_000 => (a, b, s),
+    let (start, end, step): (u64, u64, u64) = match (a.parse(), b.parse(), step.parse()) {
+        (Ok(a), Ok(b), Ok(s)) if a <= b && s >= 1 => (a, b, s),
         _ => return Err(bad()),
     };
-    let tails = expand_range(&pattern[close + 1..])?;
-    let mut out = Vec::new();
-    let mut i = a;
-    while i <= b {
-        let head = format!("{}{:0width$}", &pattern[..open], i);
-        for tail in &tails {
-            out.push(format!("{head}{tail}"));
-        }
-        if out.len() > MAX_RANGE_HOSTS {
-            return Err(format!(
-                "{pattern:?} names more than {MAX_RANGE_HOSTS} hosts: split the fleet or check the range"
-            ));
-        }
-        match i.checked_add(step) {
-            Some(next) => i = next,
-            None => break,
-        }
-    }
-    Ok(out)
+    // Past MAX_HOSTS the exact length does not matter: the pattern is refused.
+    let len = usize::try_from((end - start) / step)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    Ok(Part::Numbers {
+        start,
+        step,
+        width,
+        len,
+    })
 }
-
-/// The most hosts one range pattern may name (ranges multiply: `web[0:999]x[0:999]`).
-const MAX_RANGE_HOSTS: usize = 100_000;
 
 /// A map that keeps the file's order, with the line of each key (0 when unknown), so errors
 /// about a group or host can point at it.
@@ -571,14 +678,9 @@ fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                         .collect()
                 })
                 .unwrap_or_default();
-            for host in expand_range(&pattern)
-                .map_err(|m| anyhow::anyhow!("{}: group {name}: {m}", at(line)))?
-            {
-                Name::parse(&host).map_err(|m| {
-                    anyhow::anyhow!("{}: group {name}: host {m}{}", at(line), port_hint(&host))
-                })?;
-                inv.add_host(&name, host, vars.clone(), line);
-            }
+            HostPattern::parse(&pattern)
+                .and_then(|p| inv.add_hosts(&name, &p, &vars, line))
+                .map_err(|m| anyhow::anyhow!("{}: group {name}: {m}", at(line)))?;
         }
         let children = g.children.map(|c| c.0).unwrap_or_default();
         for (child, _, _) in &children {
@@ -880,21 +982,73 @@ fn port_hint(name: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The names `pattern` expands to.
+    fn expand(pattern: &str) -> Result<Vec<String>, String> {
+        HostPattern::parse(pattern).map(|p| p.names().collect())
+    }
+
     #[test]
     fn ranges_expand() {
         assert_eq!(
-            expand_range("web[01:03].x").unwrap(),
+            expand("web[01:03].x").unwrap(),
             ["web01.x", "web02.x", "web03.x"]
         );
-        assert_eq!(expand_range("db[1:5:2]").unwrap(), ["db1", "db3", "db5"]);
-        assert!(expand_range("db[5:1]").is_err());
+        assert_eq!(expand("db[1:5:2]").unwrap(), ["db1", "db3", "db5"]);
+        assert_eq!(
+            expand("r[1:2]x[0:1]").unwrap(),
+            ["r1x0", "r1x1", "r2x0", "r2x1"]
+        );
+        assert!(expand("db[5:1]").is_err());
         // Near the integer limit, and ranges that multiply: an error, never a hang.
         assert_eq!(
-            expand_range("w[18446744073709551614:18446744073709551615]").unwrap(),
+            expand("w[18446744073709551614:18446744073709551615]").unwrap(),
             ["w18446744073709551614", "w18446744073709551615"]
         );
-        let e = expand_range("w[0:99999]x[0:99999]").unwrap_err();
-        assert!(e.contains("more than 100000 hosts"), "{e}");
+        assert!(expand("w[0:18446744073709551615]").is_err());
+        let e = expand("w[0:99999]x[0:99999]").unwrap_err();
+        assert!(
+            e.contains("too many hosts") && e.contains("more than 100000"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_inventory_holds_at_most_100000_hosts() {
+        // The review's file: 30 ranges of 100,000 took 3.9 GB and 31 s before an error. Now
+        // the host past the limit stops it, on its line.
+        let mut text = String::from("[web]\n");
+        for i in 0..30 {
+            text.push_str(&format!("h{i}-[0:99999] ansible_host=127.0.120.1\n"));
+        }
+        let e = format!("{:#}", ini(&text, None).unwrap_err());
+        assert!(
+            e.contains("hosts.ini:3: too many hosts: the inventory names more than 100000"),
+            "{e}"
+        );
+        // One range past the limit is refused before it is expanded.
+        let e = format!("{:#}", ini("[web]\nweb[0:100000]\n", None).unwrap_err());
+        assert!(
+            e.contains("hosts.ini:2: \"web[0:100000]\": too many hosts"),
+            "{e}"
+        );
+        // Listing the same hosts again adds none, but every name costs: bounded too.
+        let mut text = String::from("[web]\n");
+        for i in 0..11 {
+            text.push_str(&format!("[g{i}]\nh[0:99999]\n"));
+        }
+        let e = format!("{:#}", ini(&text, None).unwrap_err());
+        assert!(
+            e.contains(
+                "hosts.ini:23: too many hosts: the inventory's lines name more than 1000000"
+            ),
+            "{e}"
+        );
+        // YAML counts the same way.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.yml");
+        std::fs::write(&p, "all:\n  hosts:\n    a[0:59999]:\n    b[0:59999]:\n").unwrap();
+        let e = format!("{:#}", load(&p, None).unwrap_err());
+        assert!(e.contains("hosts.yml:4: group all: too many hosts"), "{e}");
     }
 
     #[test]
