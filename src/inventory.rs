@@ -2,8 +2,8 @@
 //! servers for Ansible does not describe them twice.
 //!
 //! Read: groups with their hosts, `[group:vars]` / `vars:`, `[group:children]` / `children:`,
-//! host variables on the host line or under the host, and numeric host ranges
-//! (`web[01:04].example.com`; at most `MAX_HOSTS` hosts in all). Used: `ansible_host` (an IP
+//! host variables on the host line or under the host, and host ranges
+//! (`web[01:04].example.com`, `db[a:c]`; at most `MAX_HOSTS` hosts in all). Used: `ansible_host` (an IP
 //! or a DNS name, resolved here), `ansible_port`, `ansible_user`,
 //! `ansible_ssh_private_key_file`, and `cutover_root` for the
 //! host's root directory. Variables merge as Ansible merges them: `all`, then groups from the
@@ -475,13 +475,19 @@ enum Part {
         width: usize,
         len: usize,
     },
+    /// `[a:f:step]`, as indexes into `LETTERS`.
+    Letters {
+        start: usize,
+        step: usize,
+        len: usize,
+    },
 }
 
 impl Part {
     fn len(&self) -> usize {
         match self {
             Part::Text(_) => 1,
-            Part::Numbers { len, .. } => *len,
+            Part::Numbers { len, .. } | Part::Letters { len, .. } => *len,
         }
     }
 
@@ -492,13 +498,14 @@ impl Part {
             Part::Numbers {
                 start, step, width, ..
             } => out.push_str(&format!("{:0width$}", start + i as u64 * step)),
+            Part::Letters { start, step, .. } => out.push(char::from(LETTERS[start + i * step])),
         }
     }
 }
 
 impl HostPattern {
-    /// `web[01:03].x` → web01.x, web02.x, web03.x (numeric ranges, optional `:step`); ranges
-    /// multiply, the last varying fastest, as Ansible expands them.
+    /// `web[01:03].x` → web01.x, web02.x, web03.x; `db[a:c]` → dba, dbb, dbc (see
+    /// `parse_range`). Ranges multiply, the last varying fastest, as Ansible expands them.
     fn parse(pattern: &str) -> Result<HostPattern, String> {
         let mut parts = Vec::new();
         let mut len: usize = 1;
@@ -548,23 +555,73 @@ impl HostPattern {
     }
 }
 
-/// The inside of one `[...]` of `pattern`.
+/// The letters a letter range runs through, in Ansible's order (`string.ascii_letters`):
+/// `[x:B]` is x, y, z, A, B.
+const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// The inside of one `[...]` of `pattern`, as Ansible reads it: `start:end` or
+/// `start:end:step`, between two numbers or two single letters; an empty start is 0. A start
+/// written with leading zeros pads every number to its width, so the end must be as wide.
 fn parse_range(pattern: &str, inner: &str) -> Result<Part, String> {
-    let bad = || format!("{pattern:?}: a host range looks like web[01:10] or web[1:9:2]");
+    let fail = |why: String| Err(format!("{pattern:?}: [{inner}]: {why}"));
     let (a, b, step) = match inner.split(':').collect::<Vec<_>>().as_slice() {
         [a, b] => (*a, *b, "1"),
         [a, b, s] => (*a, *b, *s),
-        _ => return Err(bad()),
+        _ => {
+            return fail(
+                "a host range is [start:end] or [start:end:step], e.g. web[01:10] or \
+                 web[1:9:2]"
+                    .into(),
+            );
+        }
+    };
+    let a = if a.is_empty() { "0" } else { a };
+    if b.is_empty() {
+        return fail(format!("a host range needs an end, e.g. [{a}:9]"));
+    }
+    let Some(step) = step.parse::<u64>().ok().filter(|s| *s >= 1) else {
+        return fail(format!(
+            "the step {step:?} is not a whole number of at least 1"
+        ));
+    };
+    let backwards = || fail(format!("the range runs backwards: write it [{b}:{a}]"));
+    let letter = |s: &str| match s.as_bytes() {
+        [c] => LETTERS.iter().position(|l| l == c),
+        _ => None,
+    };
+    if let (Some(start), Some(end)) = (letter(a), letter(b)) {
+        if start > end {
+            return backwards();
+        }
+        let step = usize::try_from(step).unwrap_or(usize::MAX);
+        return Ok(Part::Letters {
+            start,
+            step,
+            len: (end - start) / step + 1,
+        });
+    }
+    let (Ok(start), Ok(end)) = (a.parse::<u64>(), b.parse::<u64>()) else {
+        return fail(
+            "a host range runs between two numbers (web[01:10]) or two letters (web[a:f])".into(),
+        );
     };
     let width = if a.starts_with('0') && a.len() > 1 {
         a.len()
     } else {
         0
     };
-    let (start, end, step): (u64, u64, u64) = match (a.parse(), b.parse(), step.parse()) {
-        (Ok(a), Ok(b), Ok(s)) if a <= b && s >= 1 => (a, b, s),
-        _ => return Err(bad()),
-    };
+    if width > 0 && b.len() != width {
+        // Ansible refuses it too ("equal-length begin and end formats").
+        let w = width.max(b.len());
+        return fail(format!(
+            "{a} is zero-padded to {width} digits but {b} has {}: write both ends with as \
+             many digits, e.g. [{a:0>w$}:{b:0>w$}]",
+            b.len()
+        ));
+    }
+    if start > end {
+        return backwards();
+    }
     // Past MAX_HOSTS the exact length does not matter: the pattern is refused.
     let len = usize::try_from((end - start) / step)
         .unwrap_or(usize::MAX)
@@ -1010,6 +1067,52 @@ mod tests {
             e.contains("too many hosts") && e.contains("more than 100000"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ranges_read_as_ansible_reads_them() {
+        // Letters, running on through the capitals as Ansible's do, with a step too.
+        assert_eq!(expand("web[a:c]").unwrap(), ["weba", "webb", "webc"]);
+        assert_eq!(expand("x[y:B]").unwrap(), ["xy", "xz", "xA", "xB"]);
+        assert_eq!(expand("x[a:e:2]").unwrap(), ["xa", "xc", "xe"]);
+        // An empty start is 0.
+        assert_eq!(expand("web[:2]").unwrap(), ["web0", "web1", "web2"]);
+        assert_eq!(expand("web[1:010]").unwrap().len(), 10);
+        // Each mistake gets its own message, not "a host range looks like".
+        for (pattern, why) in [
+            (
+                "web[01:100]",
+                "[01:100]: 01 is zero-padded to 2 digits but 100 has 3: write both ends with \
+                 as many digits, e.g. [001:100]",
+            ),
+            ("web[001:10]", "e.g. [001:010]"),
+            ("web[00:3]", "00 is zero-padded to 2 digits but 3 has 1"),
+            ("web[1:]", "[1:]: a host range needs an end, e.g. [1:9]"),
+            ("web[c:a]", "the range runs backwards: write it [a:c]"),
+            ("web[5:1]", "the range runs backwards: write it [1:5]"),
+            (
+                "web[a:9]",
+                "two numbers (web[01:10]) or two letters (web[a:f])",
+            ),
+            (
+                "web[aa:b]",
+                "two numbers (web[01:10]) or two letters (web[a:f])",
+            ),
+            (
+                "web[1:5:0]",
+                "the step \"0\" is not a whole number of at least 1",
+            ),
+            ("web[1]", "a host range is [start:end] or [start:end:step]"),
+        ] {
+            let e = expand(pattern).unwrap_err();
+            assert!(
+                e.starts_with(&format!("{pattern:?}: ")) && e.contains(why),
+                "{pattern} -> {e}"
+            );
+        }
+        // Through a file, as hosts.
+        let hosts = ini("[web]\nweb[a:b] ansible_host=127.0.120.1\n", None).unwrap();
+        assert_eq!(names(&hosts), ["weba", "webb"]);
     }
 
     #[test]
@@ -1467,7 +1570,7 @@ mod tests {
             (
                 "all:\n  hosts:\n    web[3:1]:\n",
                 3,
-                "a host range looks like",
+                "\"web[3:1]\": [3:1]: the range runs backwards: write it [1:3]",
             ),
             (
                 "all:\n  children:\n    web:\n      hosts:\n        w1:\n    bad group:\n",
