@@ -11,6 +11,8 @@
 //! applied later so it wins, then by name), then the host's own. Only then are the older
 //! aliases (`ansible_ssh_host`, `ansible_ssh_port`, `ansible_ssh_user`,
 //! `ansible_private_key_file`) weighed, the way Ansible's ssh plugin weighs them: see `to_host`.
+//! A YAML null is not set, as in Ansible; a variable cutover reads must be a plain value, so a
+//! tagged one (`!unsafe`, `!vault`), a list or a map there is refused, not read as "".
 //!
 //! Only the inventory file is read: a `group_vars/` or `host_vars/` directory next to it, which
 //! Ansible would also read, is refused rather than silently ignored.
@@ -33,8 +35,29 @@ type Vars = BTreeMap<String, Var>;
 /// `[web:vars]` is reported where it was written and not at each host it reaches.
 #[derive(Debug, Clone)]
 struct Var {
-    value: String,
+    value: Value,
     line: usize,
+}
+
+#[derive(Debug, Clone)]
+enum Value {
+    Text(String),
+    /// YAML's null (`~`, `null`, nothing after the colon): as in Ansible, the variable counts
+    /// as not set, though like any value it hides what an outer group set.
+    Null,
+    /// What cutover cannot read as text (a tagged value, a list, a map), and why, as the
+    /// end of a sentence naming the variable. Fine in a variable cutover does not read (an
+    /// `ntp_servers` list); an error, on its line, in one it does.
+    Unreadable(String),
+}
+
+impl Var {
+    fn text(value: String, line: usize) -> Var {
+        Var {
+            value: Value::Text(value),
+            line,
+        }
+    }
 }
 
 /// What an inventory says, before a group is picked.
@@ -290,7 +313,7 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
         match section.1 {
             Kind::Vars => {
                 let (k, v) = key_value(line).map_err(|m| err(n, m))?;
-                inv.group(&group).vars.insert(k, Var { value: v, line: n });
+                inv.group(&group).vars.insert(k, Var::text(v, n));
             }
             Kind::Children => {
                 // `web   # the web tier`: Ansible allows a comment after the name.
@@ -327,7 +350,7 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                 let mut vars = Vars::new();
                 for w in words {
                     let (k, v) = key_value(&w).map_err(|m| err(n, m))?;
-                    vars.insert(k, Var { value: v, line: n });
+                    vars.insert(k, Var::text(v, n));
                 }
                 inv.add_hosts(&group, &names, &vars, n)
                     .map_err(|m| err(n, m))?;
@@ -661,9 +684,9 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Ordered<V> {
     }
 }
 
-/// A YAML variable's value: a scalar as Ansible would print it. Empty values, lists and maps
-/// (`ntp_servers: [a, b]`) are common in inventories and mean nothing to cutover, which reads
-/// only `ansible_*` connection variables and `cutover_root`: they read as empty text.
+/// A YAML variable's value: a scalar as Ansible would print it, null, or something else.
+/// Lists and maps (`ntp_servers: [a, b]`) are common in inventories and mean nothing to
+/// cutover, which reads only `ansible_*` connection variables and `cutover_root`.
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Scalar {
@@ -672,17 +695,46 @@ enum Scalar {
     Float(f64),
     Str(String),
     Null,
+    /// A map, or a value with a tag of its own: serde_saphyr hands `!unsafe x` to an untagged
+    /// enum as the map `{unsafe: x}`.
+    Map(BTreeMap<String, serde::de::IgnoredAny>),
     Other(serde::de::IgnoredAny),
 }
 
 impl Scalar {
-    fn text(self) -> String {
+    /// `text` is the file and `line` the variable's, where a tag would be written (or on the
+    /// line after, for `key:` and the value below it).
+    fn value(self, text: &str, line: usize) -> Value {
+        let tag = |m: &BTreeMap<String, serde::de::IgnoredAny>| match m.keys().next() {
+            Some(k) if m.len() == 1 && line > 0 => {
+                let tag = format!("!{k}");
+                text.lines()
+                    .skip(line - 1)
+                    .take(2)
+                    .any(|l| l.contains(&tag))
+                    .then_some(tag)
+            }
+            _ => None,
+        };
         match self {
-            Scalar::Bool(b) => b.to_string(),
-            Scalar::Int(i) => i.to_string(),
-            Scalar::Float(f) => f.to_string(),
-            Scalar::Str(s) => s,
-            Scalar::Null | Scalar::Other(_) => String::new(),
+            Scalar::Bool(b) => Value::Text(b.to_string()),
+            Scalar::Int(i) => Value::Text(i.to_string()),
+            Scalar::Float(f) => Value::Text(f.to_string()),
+            Scalar::Str(s) => Value::Text(s),
+            Scalar::Null => Value::Null,
+            Scalar::Map(m) => Value::Unreadable(match tag(&m).as_deref() {
+                Some("!vault") => "is encrypted (!vault), which cutover cannot decrypt: write \
+                                   it in plain text"
+                    .into(),
+                Some(tag) => format!(
+                    "is tagged {tag}, which cutover does not read: remove the tag (cutover \
+                     never templates, so it reads the value as written without it)"
+                ),
+                None => "is a map: write a single value".into(),
+            }),
+            Scalar::Other(_) => {
+                Value::Unreadable("is a list or a map: write a single value".into())
+            }
         }
     }
 }
@@ -717,11 +769,8 @@ fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
         let Some(g) = g else { continue };
         if let Some(vars) = g.vars {
             for (k, line, v) in vars.0 {
-                let var = Var {
-                    value: v.text(),
-                    line,
-                };
-                inv.group(&name).vars.insert(k, var);
+                let value = v.value(text, line);
+                inv.group(&name).vars.insert(k, Var { value, line });
             }
         }
         for (pattern, line, vars) in g.hosts.map(|h| h.0).unwrap_or_default() {
@@ -729,7 +778,7 @@ fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                 .map(|v| {
                     v.0.into_iter()
                         .map(|(k, line, v)| {
-                            let value = v.text();
+                            let value = v.value(text, line);
                             (k, Var { value, line })
                         })
                         .collect()
@@ -790,21 +839,27 @@ fn resolve(
     // (default 1) first, so the higher one wins; at equal priority, by name.
     let mut priority: HashMap<&str, i64> = HashMap::new();
     for (g, body) in &inv.groups {
-        if let Some(v) = body.vars.get("ansible_group_priority") {
-            let p = v.value.trim().parse::<i64>().map_err(|_| {
-                let at = if v.line > 0 {
-                    format!("{file}:{}", v.line)
-                } else {
-                    file.to_string()
-                };
+        let Some(v) = body.vars.get("ansible_group_priority") else {
+            continue;
+        };
+        let at = if v.line > 0 {
+            format!("{file}:{}", v.line)
+        } else {
+            file.to_string()
+        };
+        let p = match &v.value {
+            Value::Null => continue,
+            Value::Unreadable(why) => {
+                anyhow::bail!("{at}: group {g}: ansible_group_priority {why}")
+            }
+            Value::Text(t) => t.trim().parse::<i64>().map_err(|_| {
                 anyhow::anyhow!(
-                    "{at}: group {g}: ansible_group_priority = {:?} is not a whole number: \
-                     write one such as 10 (among groups at the same depth, the higher wins)",
-                    v.value
+                    "{at}: group {g}: ansible_group_priority = {t:?} is not a whole number: \
+                     write one such as 10 (among groups at the same depth, the higher wins)"
                 )
-            })?;
-            priority.insert(g.as_str(), p);
-        }
+            })?,
+        };
+        priority.insert(g.as_str(), p);
     }
     // The groups each host is placed in directly.
     let mut placed: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -934,48 +989,54 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
     // (lib/ansible/config/manager.py) keeps looping after a hit, "last one wins". The merge
     // has already put host vars over group vars, so a group's `ansible_port` does not beat
     // a host's `ansible_ssh_port`; but, as in Ansible, a defined `ansible_ssh_port` beats
-    // `ansible_port` whatever level each was set at. Returns the variable's name too, for
-    // errors.
-    let get = |aliases: &[&'static str]| {
-        aliases
-            .iter()
-            .rev()
-            .find_map(|k| vars.get(*k).map(|v| (*k, v.clone())))
+    // `ansible_port` whatever level each was set at. A null is not defined there either
+    // (`_loop_entries` skips None). Returns the variable's name and line too, for errors.
+    let get = |aliases: &[&'static str]| -> anyhow::Result<Option<(&'static str, Set)>> {
+        let found = aliases.iter().rev().find_map(|k| {
+            let v = vars.get(*k)?;
+            match &v.value {
+                Value::Null => None,
+                Value::Text(t) => Some(Ok((*k, Set(t.clone(), v.line)))),
+                Value::Unreadable(why) => Some(Err(anyhow::anyhow!(
+                    "{}: host {name}: {k} {why}",
+                    at(v.line)
+                ))),
+            }
+        });
+        found.transpose()
     };
-    let (target, target_line) = match get(&["ansible_host", "ansible_ssh_host"]) {
-        Some((_, v)) => (v.value, v.line),
+    let (target, target_line) = match get(&["ansible_host", "ansible_ssh_host"])? {
+        Some((_, Set(v, l))) => (v, l),
         None => (name.to_string(), line),
     };
     let address = resolve_address(&target)
         .map_err(|e| anyhow::anyhow!("{}: host {name}: {e}", at(target_line)))?;
-    let port = match get(&["ansible_port", "ansible_ssh_port"]) {
-        Some((key, p)) => Some(p.value.parse::<u16>().map_err(|_| {
+    let port = match get(&["ansible_port", "ansible_ssh_port"])? {
+        Some((key, Set(p, l))) => Some(p.parse::<u16>().map_err(|_| {
             anyhow::anyhow!(
-                "{}: host {name}: {key} = {:?} is not a port number: write one from 1 to 65535",
-                at(p.line),
-                p.value
+                "{}: host {name}: {key} = {p:?} is not a port number: write one from 1 to 65535",
+                at(l)
             )
         })?),
         None => None,
     };
-    let user = get(&["ansible_user", "ansible_ssh_user"]);
-    if let Some((key, u)) = &user {
-        let v = &u.value;
+    let user = get(&["ansible_user", "ansible_ssh_user"])?;
+    if let Some((key, Set(v, l))) = &user {
         if v.is_empty() || v.starts_with('-') || v.contains(char::is_whitespace) {
             anyhow::bail!(
                 "{}: host {name}: {key} = {v:?} is not a user name: write the login \
                  name, not empty, without spaces and not starting with '-'",
-                at(u.line)
+                at(*l)
             );
         }
     }
-    let user = user.map(|(_, u)| u.value);
-    let identity = get(&["ansible_private_key_file", "ansible_ssh_private_key_file"])
-        .map(|(_, p)| absolute(base, &p.value));
+    let user = user.map(|(_, Set(u, _))| u);
+    let identity = get(&["ansible_private_key_file", "ansible_ssh_private_key_file"])?
+        .map(|(_, Set(p, _))| absolute(base, &p));
     // As written: whether it is a path on this machine (local transport, resolved against
     // the inventory's directory by the config) or on the host (SSH) is the config's call.
-    let root = get(&["cutover_root"])
-        .map(|(_, v)| PathBuf::from(v.value))
+    let root = get(&["cutover_root"])?
+        .map(|(_, Set(v, _))| PathBuf::from(v))
         .unwrap_or_default();
     Ok(Host {
         name: Name::parse(name)
@@ -988,6 +1049,9 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
         origin: Some(at(line)),
     })
 }
+
+/// A variable's text and the line that set it.
+struct Set(String, usize);
 
 fn absolute(base: &Path, p: &str) -> PathBuf {
     let p = match p.strip_prefix("~/") {
@@ -1591,6 +1655,80 @@ mod tests {
                 "{text:?} -> {e}"
             );
         }
+    }
+
+    #[test]
+    fn yaml_nulls_are_unset_and_tagged_values_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.yml");
+        let load_with = |vars: &str| {
+            std::fs::write(
+                &p,
+                format!(
+                    "all:\n  vars:\n    ansible_port: 2200\n    cutover_root: /srv/a\n  hosts:\n    \
+                     w1:\n      ansible_host: 127.0.120.1\n{vars}"
+                ),
+            )
+            .unwrap();
+            load(&p, None)
+        };
+        // A null is not set: it hides the group's value, as in Ansible, and the default
+        // applies; the older alias, when set, is read instead.
+        let h = load_with("      ansible_port: ~\n      cutover_root:\n      ansible_user: null\n")
+            .unwrap();
+        assert_eq!((h[0].port, h[0].user.as_deref()), (None, None));
+        assert_eq!(h[0].root, PathBuf::new());
+        let h = load_with("      ansible_port: ~\n      ansible_ssh_port: 2201\n").unwrap();
+        assert_eq!(h[0].port, Some(2201));
+        // Tagged or not a single value: an error on its line, naming the variable. These
+        // used to read as "": the default root, the inventory's directory as the key.
+        for (var, what) in [
+            (
+                "cutover_root: !unsafe /srv/b",
+                "cutover_root is tagged !unsafe",
+            ),
+            (
+                "ansible_ssh_private_key_file: !unsafe /k/id",
+                "ansible_ssh_private_key_file is tagged !unsafe",
+            ),
+            (
+                "ansible_user: !unsafe deploy",
+                "ansible_user is tagged !unsafe",
+            ),
+            ("ansible_port: [22]", "ansible_port is a list or a map"),
+            ("cutover_root: {a: 1}", "cutover_root is a map"),
+            (
+                "ansible_user: !vault |\n        $ANSIBLE_VAULT;1.1;AES256\n        6162",
+                "ansible_user is encrypted (!vault)",
+            ),
+        ] {
+            let e = format!("{:#}", load_with(&format!("      {var}\n")).unwrap_err());
+            assert!(
+                e.contains(&format!("hosts.yml:8: host w1: {what}")),
+                "{var} -> {e}"
+            );
+        }
+        let e = format!(
+            "{:#}",
+            load_with("      cutover_root: !unsafe /b\n").unwrap_err()
+        );
+        assert!(e.contains("remove the tag"), "{e}");
+        // Where cutover does not read the variable, anything goes.
+        let h =
+            load_with("      ntp: [a, b]\n      motd: !unsafe '{{ x }}'\n      n: ~\n").unwrap();
+        assert_eq!(h[0].port, Some(2200));
+        // A group's priority is read too.
+        std::fs::write(
+            &p,
+            "all:\n  children:\n    web:\n      vars:\n        ansible_group_priority: !unsafe 3\n\
+             \x20     hosts:\n        w1:\n          ansible_host: 127.0.120.1\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", load(&p, None).unwrap_err());
+        assert!(
+            e.contains("hosts.yml:5: group web: ansible_group_priority is tagged !unsafe"),
+            "{e}"
+        );
     }
 
     #[test]
