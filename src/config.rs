@@ -916,7 +916,8 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     /// Default host root for hosts (and inventory hosts) that name none.
     root: Option<PathBuf>,
-    /// Ansible inventory (INI or YAML) to read hosts from, instead of or besides `[[hosts]]`.
+    /// Ansible inventory (INI, or YAML and its JSON form) to read hosts from, instead of or
+    /// besides `[[hosts]]`.
     inventory: Option<PathBuf>,
     /// Inventory group whose hosts are the fleet (default: all).
     hosts_group: Option<String>,

@@ -1,5 +1,5 @@
-//! Ansible inventories (INI and YAML) as the host list, so a team that already describes its
-//! servers for Ansible does not describe them twice.
+//! Ansible inventories (INI and YAML, JSON being YAML) as the host list, so a team that
+//! already describes its servers for Ansible does not describe them twice.
 //!
 //! Read: groups with their hosts, `[group:vars]` / `vars:`, `[group:children]` / `children:`,
 //! host variables on the host line or under the host, and host ranges
@@ -161,9 +161,10 @@ pub fn load(path: &Path, group: Option<&str>) -> anyhow::Result<Vec<Host>> {
         );
     }
     refuse_vars_dirs(path)?;
+    // JSON is YAML, and Ansible's YAML plugin reads `.json` inventories too.
     let yaml = matches!(
         path.extension().and_then(|e| e.to_str()),
-        Some("yml" | "yaml")
+        Some("yml" | "yaml" | "json")
     ) || looks_like_yaml(&text);
     let inv = if yaml {
         parse_yaml(path, &text)?
@@ -218,14 +219,17 @@ fn holds_a_file(dir: &Path, depth: usize) -> bool {
     })
 }
 
-/// A file whose first meaningful line is `key:` (and not `[section]`) is YAML. A trailing
+/// A file whose first meaningful line is `key:` (and not `[section]`) is YAML, and so is one
+/// that opens with `{`: JSON, which is YAML too (no INI line starts with `{`). A trailing
 /// comment (`all:   # production servers`) does not count: it is common at the top of a file.
 fn looks_like_yaml(text: &str) -> bool {
     text.lines()
         .map(str::trim)
         .find(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with(';'))
         .map(strip_comment)
-        .is_some_and(|l| l == "---" || (!l.starts_with('[') && l.ends_with(':')))
+        .is_some_and(|l| {
+            l == "---" || l.starts_with('{') || (!l.starts_with('[') && l.ends_with(':'))
+        })
 }
 
 /// The line up to a `#` comment that starts it or follows whitespace (as in YAML and in
@@ -749,8 +753,17 @@ struct YamlGroup {
 
 /// Parses Ansible's YAML format (`all:` → `hosts`, `vars`, `children`).
 fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
-    let top: Ordered<Option<YamlGroup>> = serde_saphyr::from_str(text)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid YAML inventory: {e}", path.display()))?;
+    let top: Ordered<Option<YamlGroup>> = serde_saphyr::from_str(text).map_err(|e| {
+        // `ansible-inventory --list` prints a script inventory's JSON, whose `_meta` and
+        // lists of hosts are not the YAML plugin's format.
+        let hint = if text.contains("\"_meta\"") {
+            " (this looks like the output of `ansible-inventory --list`, which cutover does not \
+             read: `ansible-inventory --list --yaml` writes the inventory in the format it reads)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{}: not a valid YAML inventory{hint}: {e}", path.display())
+    })?;
     let mut inv = Inventory::default();
     // `file:line` of a key, as the INI errors have it (just the file if the line is unknown).
     let at = |line: usize| {
@@ -1741,6 +1754,32 @@ mod tests {
         assert!(looks_like_yaml("--- # inventory\nall:\n"));
         // A comment that happens to end in ':' does not make an INI line YAML.
         assert!(!looks_like_yaml("web1   # the first one, see:\n"));
+        // JSON is YAML.
+        assert!(looks_like_yaml("\n  {\"all\": {}}\n"));
+    }
+
+    #[test]
+    fn json_inventories_are_read_as_yaml() {
+        // Read as INI, this was `host "{all:" is not a valid name`.
+        let d = tempfile::tempdir().unwrap();
+        let json = "{\"all\": {\"children\": {\"web\": {\"hosts\": {\"w1\": \
+                    {\"ansible_host\": \"127.0.120.1\", \"ansible_port\": 2201}}}}}}\n";
+        for file in ["hosts.json", "production"] {
+            let p = d.path().join(file);
+            std::fs::write(&p, json).unwrap();
+            let hosts = load(&p, Some("web")).unwrap();
+            assert_eq!(names(&hosts), ["w1"]);
+            assert_eq!(hosts[0].port, Some(2201));
+        }
+        // `ansible-inventory --list` output is not that format: say how to get it.
+        let p = d.path().join("list.json");
+        std::fs::write(
+            &p,
+            "{\"_meta\": {\"hostvars\": {}}, \"all\": {\"children\": [\"ungrouped\"]}}\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", load(&p, None).unwrap_err());
+        assert!(e.contains("ansible-inventory --list --yaml"), "{e}");
     }
 
     #[test]
