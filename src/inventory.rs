@@ -754,6 +754,19 @@ struct YamlGroup {
 /// Parses Ansible's YAML format (`all:` → `hosts`, `vars`, `children`).
 fn parse_yaml(path: &Path, text: &str) -> anyhow::Result<Inventory> {
     let top: Ordered<Option<YamlGroup>> = serde_saphyr::from_str(text).map_err(|e| {
+        // The library's own message ends "set DuplicateKeyPolicy in Options if acceptable",
+        // advice for its callers, not for whoever wrote the inventory.
+        if let serde_saphyr::Error::DuplicateMappingKey { key, location } = e.without_snippet() {
+            let what = key
+                .as_ref()
+                .map_or_else(|| "a key".to_string(), |k| format!("{k:?}"));
+            return anyhow::anyhow!(
+                "{}:{}: {what} is written twice in the same mapping (a group, host or variable \
+                 named twice): Ansible would keep only the last one; merge the two into one",
+                path.display(),
+                location.line()
+            );
+        }
         // `ansible-inventory --list` prints a script inventory's JSON, whose `_meta` and
         // lists of hosts are not the YAML plugin's format.
         let hint = if text.contains("\"_meta\"") {
@@ -1756,6 +1769,38 @@ mod tests {
         assert!(!looks_like_yaml("web1   # the first one, see:\n"));
         // JSON is YAML.
         assert!(looks_like_yaml("\n  {\"all\": {}}\n"));
+    }
+
+    #[test]
+    fn duplicate_yaml_keys_are_reported_in_our_words() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("hosts.yml");
+        for (text, line, key) in [
+            (
+                "all:\n  hosts:\n    w1:\n      ansible_host: 127.0.120.1\n    w1:\n      ansible_host: 127.0.120.2\n",
+                5,
+                "w1",
+            ),
+            (
+                "all:\n  vars:\n    ansible_user: a\n    ansible_user: b\n",
+                4,
+                "ansible_user",
+            ),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let e = format!("{:#}", load(&p, None).unwrap_err());
+            assert!(
+                e.starts_with(&format!(
+                    "{}:{line}: \"{key}\" is written twice in the same mapping",
+                    p.display()
+                )),
+                "{e}"
+            );
+            assert!(
+                e.contains("merge the two into one") && !e.contains("DuplicateKeyPolicy"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
