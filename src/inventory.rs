@@ -1031,12 +1031,52 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
         });
         found.transpose()
     };
+    // Variables that change how Ansible reaches the host: ignored, cutover would reach it
+    // another way (directly, where the inventory says through a bastion). The connection is
+    // checked before the address: a container's name need not resolve.
+    if let Some((key, Set(v, l))) = get(&["ansible_connection"])? {
+        let ssh = [
+            "ssh",
+            "smart",
+            "paramiko",
+            "paramiko_ssh",
+            "ansible.builtin.ssh",
+            "ansible.builtin.paramiko_ssh",
+        ];
+        if !ssh.contains(&v.as_str()) {
+            anyhow::bail!(
+                "{}: host {name}: {key} = {v:?}: cutover reaches every host one way, the \
+                 config's transport (\"ssh\", or \"local\" for directories on this machine), \
+                 and cannot reach one host otherwise: remove {key} (or set it to ssh), or \
+                 leave the host out of the group the config deploys (hosts_group)",
+                at(l)
+            );
+        }
+    }
     let (target, target_line) = match get(&["ansible_host", "ansible_ssh_host"])? {
         Some((_, Set(v, l))) => (v, l),
         None => (name.to_string(), line),
     };
     let address = resolve_address(&target)
         .map_err(|e| anyhow::anyhow!("{}: host {name}: {e}", at(target_line)))?;
+    for key in [
+        "ansible_ssh_common_args",
+        "ansible_ssh_extra_args",
+        "ansible_ssh_args",
+    ] {
+        if let Some((key, Set(v, l))) = get(&[key])? {
+            if !v.trim().is_empty() {
+                anyhow::bail!(
+                    "{}: host {name}: {key} = {v:?}: cutover does not pass ssh options from \
+                     the inventory, so it would connect without them (directly, say, where \
+                     they name a ProxyJump bastion): put them in ~/.ssh/config (or the file \
+                     CUTOVER_SSH_CONFIG names) under `Host {address}`, the address cutover \
+                     connects to, e.g. `ProxyJump bastion`, and remove {key}",
+                    at(l)
+                );
+            }
+        }
+    }
     let port = match get(&["ansible_port", "ansible_ssh_port"])? {
         Some((key, Set(p, l))) => Some(p.parse::<u16>().map_err(|_| {
             anyhow::anyhow!(
@@ -1801,6 +1841,82 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn connection_variables_cutover_would_ignore_are_refused() {
+        // Ignored, these made cutover connect directly where Ansible goes through a bastion,
+        // or over ssh to a host Ansible runs locally.
+        for (vars, line, what) in [
+            (
+                "ansible_connection=local",
+                2,
+                "host w1: ansible_connection = \"local\": cutover reaches every host one way",
+            ),
+            (
+                "ansible_ssh_common_args='-o ProxyJump=bastion'",
+                2,
+                "host w1: ansible_ssh_common_args = \"-o ProxyJump=bastion\": cutover does not \
+                 pass ssh options",
+            ),
+            (
+                "ansible_ssh_extra_args=-4",
+                2,
+                "host w1: ansible_ssh_extra_args = \"-4\"",
+            ),
+        ] {
+            let e = format!(
+                "{:#}",
+                ini(
+                    &format!("[web]\nw1 ansible_host=127.0.120.1 {vars}\n"),
+                    None
+                )
+                .unwrap_err()
+            );
+            assert!(e.contains(&format!("hosts.ini:{line}: {what}")), "{e}");
+        }
+        // Set for a group: reported where it is set, with the Host block to write.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nw1 ansible_host=127.0.120.1\n[web:vars]\n\
+                 ansible_ssh_common_args=\"-o ProxyJump=bastion\"\n",
+                None,
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:4: host w1: ansible_ssh_common_args"),
+            "{e}"
+        );
+        assert!(
+            e.contains("~/.ssh/config") && e.contains("`Host 127.0.120.1`"),
+            "{e}"
+        );
+        // A container Ansible reaches by a name that does not resolve: the connection is
+        // what to fix, not the address.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\nc1.invalid ansible_connection=community.docker.docker\n",
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains(
+                "hosts.ini:2: host c1.invalid: ansible_connection = \"community.docker.docker\""
+            ),
+            "{e}"
+        );
+        // ssh itself, empty options, and hosts outside the group deployed are fine.
+        let hosts = ini(
+            "localhost ansible_connection=local\n[web]\n\
+             w1 ansible_host=127.0.120.1 ansible_connection=ssh ansible_ssh_common_args=''\n",
+            Some("web"),
+        )
+        .unwrap();
+        assert_eq!(names(&hosts), ["w1"]);
     }
 
     #[test]
