@@ -1053,12 +1053,21 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
             );
         }
     }
-    let (target, target_line) = match get(&["ansible_host", "ansible_ssh_host"])? {
-        Some((_, Set(v, l))) => (v, l),
-        None => (name.to_string(), line),
+    let address = match get(&["ansible_host", "ansible_ssh_host"])? {
+        Some((key, Set(v, l))) => {
+            resolve_address(&v).map_err(|e| anyhow::anyhow!("{}: host {name}: {key} {e}", at(l)))?
+        }
+        // The name stands for the address only for want of an ansible_host: say so, and how
+        // to give one (the message read as if ansible_host had been set to the name).
+        None => resolve_address(name).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: host {name}: no ansible_host gives its address, and its name {e}: set \
+                 ansible_host=<address> for it (on its line, or `ansible_host: <address>` \
+                 under the host in YAML)",
+                at(line)
+            )
+        })?,
     };
-    let address = resolve_address(&target)
-        .map_err(|e| anyhow::anyhow!("{}: host {name}: {e}", at(target_line)))?;
     for key in [
         "ansible_ssh_common_args",
         "ansible_ssh_extra_args",
@@ -1137,11 +1146,11 @@ fn resolve_address(target: &str) -> anyhow::Result<IpAddr> {
     }
     let mut addrs = (target, 0u16)
         .to_socket_addrs()
-        .map_err(|e| anyhow::anyhow!("ansible_host {target:?} does not resolve: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{target:?} does not resolve ({e})"))?;
     addrs
         .next()
         .map(|a| a.ip())
-        .ok_or_else(|| anyhow::anyhow!("ansible_host {target:?} resolves to no address"))
+        .ok_or_else(|| anyhow::anyhow!("{target:?} resolves to no address"))
 }
 
 /// For `web1:2222`, Ansible's host:port form, which cutover reads from `ansible_port`. A name
@@ -1841,6 +1850,37 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_host_name_that_does_not_resolve_asks_for_ansible_host() {
+        // Without ansible_host the name is the address. This said `ansible_host
+        // "w1.invalid" does not resolve`, naming a variable the file never set.
+        for text in [
+            "[web]\nw1.invalid ansible_user=deploy\n",
+            "all:\n  hosts:\n    w1.invalid:\n      ansible_user: deploy\n",
+        ] {
+            let e = format!("{:#}", ini(text, None).unwrap_err());
+            assert!(
+                e.contains(&format!(
+                    "hosts.ini:{}: host w1.invalid: no ansible_host gives its address, and its \
+                     name \"w1.invalid\" does not resolve",
+                    if text.starts_with("all:") { 3 } else { 2 }
+                )),
+                "{e}"
+            );
+            assert!(e.contains("set ansible_host=<address> for it"), "{e}");
+        }
+        // With one, the variable that holds the name is the one named.
+        let e = format!(
+            "{:#}",
+            ini("[web]\nw1 ansible_ssh_host=w1.invalid\n", None).unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:2: host w1: ansible_ssh_host \"w1.invalid\" does not resolve"),
+            "{e}"
+        );
+        assert!(!e.contains("no ansible_host"), "{e}");
     }
 
     #[test]
