@@ -351,6 +351,13 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                     ));
                 }
                 let names = HostPattern::parse(&pattern).map_err(|m| err(n, m))?;
+                // The name before the variables: in `web1;touch /tmp/pwned`, the name is what
+                // is wrong, not `/tmp/pwned`. (Every name is checked as it is added; the
+                // first carries the pattern's text, which is where a bad character would be.)
+                if let Some(first) = names.names().next() {
+                    Name::parse(&first)
+                        .map_err(|m| err(n, format!("host {m}{}", port_hint(&first))))?;
+                }
                 let mut vars = Vars::new();
                 for w in words {
                     let (k, v) = key_value(&w).map_err(|m| err(n, m))?;
