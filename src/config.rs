@@ -1846,6 +1846,12 @@ impl Config {
                             ),
                         ));
                     }
+                    if self.balancer.kind == BalancerKind::Haproxy {
+                        return Err(err(
+                            "strategy.sticky",
+                            "HAProxy splits a canary's traffic by server weight, and cutover cannot add a stickiness rule to haproxy.cfg, so every request would be routed afresh: remove sticky, or use the built-in balancer".into(),
+                        ));
+                    }
                 }
             }
         }
@@ -2596,6 +2602,22 @@ batch = [1, "50%"]
             "kind = \"canary\"\nsticky = \"Cookie\"",
         ));
         assert!(e.contains("write sticky = \"cookie\""), "{e}");
+        let haproxy =
+            |strategy: &str| {
+                canary
+                .replace("kind = \"canary\"", &format!("kind = \"canary\"\n{strategy}"))
+                .replace(
+                    "admin = \"127.0.0.1:8081\"\ntoken = \"0123456789abcdef\"",
+                    "kind = \"haproxy\"\nsocket = \"/run/haproxy/admin.sock\"\nbackend = \"app\"",
+                )
+                + "min_success_rate = 99.5\n"
+            };
+        assert!(parse(&haproxy("")).is_ok(), "{}", error_of(&haproxy("")));
+        let e = error_of(&haproxy("sticky = \"cookie\""));
+        assert!(
+            e.contains("strategy.sticky") && e.contains("HAProxy splits"),
+            "{e}"
+        );
         let ssh = |host: &str| {
             format!(
                 "transport = \"ssh\"\n{}",
