@@ -833,6 +833,9 @@ impl Deployer {
         if req.resume.is_some() || (req.kind == "rollback" && deployed_before()?) {
             return Ok(None);
         }
+        // `HEAD` and the like are refused as themselves, not as a repository that did not
+        // answer.
+        crate::source::fixed_ref(&req.version)?;
         self.progress
             .say(&format!("asking {shown} which commit {} is", req.version));
         match crate::source::branch_commit(url, &req.version, self.config.ssh.command_timeout).await

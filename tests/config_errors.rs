@@ -218,28 +218,68 @@ fn plan_shows_every_strategy() {
     ) + "\n[analysis]\nmin_success_rate = 99.0\n";
     let (code, _) = run(dir.path(), &canary, &["plan", "--version", "v2"]);
     assert_eq!(code, 0);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
-        .args([
-            "-c",
-            &dir.path().join("cutover.toml").display().to_string(),
-            "plan",
-            "--version",
-            "v2",
-        ])
-        .output()
+    let plan = |version: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .args([
+                "-c",
+                &dir.path().join("cutover.toml").display().to_string(),
+                "plan",
+                "--version",
+                version,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Nothing deployed yet: a canary has nothing to compare with, and rolls out in batches.
+    let text = plan("v2");
+    assert!(
+        text.contains("first deploy") && text.contains("v2 rolls out in batches"),
+        "{text}"
+    );
+    assert!(!text.contains("step 1/2"), "{text}");
+    // Once v1 is live, v2 is a canary; v1 again is rolled out in batches.
+    let journal = cutover::journal::Journal::open(&dir.path().join(".cutover")).unwrap();
+    journal
+        .begin(&cutover::journal::DeploymentRow {
+            id: "d1".into(),
+            app: "shop".into(),
+            kind: "deploy".into(),
+            strategy: "canary".into(),
+            from: None,
+            to: "v1".into(),
+            who: "tester".into(),
+            started_ms: cutover::journal::now_ms(),
+            ended_ms: None,
+            outcome: None,
+            previous: Default::default(),
+            report: None,
+            status: None,
+            damaged: None,
+        })
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    journal
+        .finish("d1", "succeeded", &serde_json::json!({}))
+        .unwrap();
+    drop(journal);
+    let text = plan("v1");
+    assert!(
+        text.contains("v1 is already the live release") && !text.contains("step 1/2"),
+        "{text}"
+    );
+    let text = plan("v2");
     assert!(
         text.contains("step 1/2: 10% of requests to the canary for 1m"),
         "{text}"
     );
+    // A step that waits for `cutover promote` is analysed meanwhile, as the deploy does.
     assert!(
-        text.contains("until `cutover promote`") && text.contains("worst case"),
+        text.contains("until `cutover promote`, analysis every") && text.contains("worst case"),
         "{text}"
     );
     // The analysis reads as the config is written, not as Rust's `Some(99.0)`.
     assert!(
-        text.contains("min_success_rate 99%, max_p99_latency -,"),
+        text.contains("min_success_rate 99%, max_p99_latency -, max_degradation -,"),
         "{text}"
     );
     let bg = two.replace("kind = \"rolling\"\nbatch = 1\n", "kind = \"blue-green\"\n");
@@ -544,7 +584,12 @@ fn plan_counts_gates_and_names_a_git_source() {
     };
     // One batch of 2m 40s, and unpacking the release on the hosts (up to 5m).
     let base = plain(GOOD);
-    assert!(base.contains("worst case: 7m 40s"), "{base}");
+    assert!(
+        base.contains("worst case: 7m 40s (build, staging and hooks 5m + 1 batch(es) x 2m 40s;"),
+        "the sum as its parts: {base}"
+    );
+    let capped = plain(&GOOD.replace("batch = 1\n", "batch = 1\nmax_failed_hosts = 0\n"));
+    assert!(capped.contains(", max_failed_hosts = 0,"), "{capped}");
     let gated = plain(&format!(
         "{GOOD}\n[[verify]]\ncommand = \"true\"\ntimeout = \"1h\"\nat = [\"after_batch\"]\n\n[[hooks]]\nat = \"before_deploy\"\ncommand = \"./migrate\"\ntimeout = \"2h\"\nrun_once = true\n"
     ));

@@ -648,6 +648,17 @@ async fn unknown_refs_are_refused_and_a_rollback_to_a_branch_ships_its_commit() 
         err.contains("has no tag or branch named nosuchref"),
         "{err}"
     );
+    // `plan` says so too, and fails, so a pipeline that plans first stops there.
+    let (code, out, err) = fleet.cutover(&["plan", "--version", "nosuchref"]).await;
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(err.contains("a deploy now would be refused"), "{err}");
+    // A moving ref is refused as itself, not as a repository that did not answer.
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "HEAD"]).await;
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("HEAD is not a fixed git ref") && !err.contains("answers"),
+        "{err}"
+    );
     let (_, history, _) = fleet.cutover(&["history", "--json"]).await;
     assert!(
         !history.contains("nosuchref"),

@@ -337,14 +337,22 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let version = parse_version(&args.version)?;
             let (version, note) = plan::resolve_branch(&config, version);
             print_plan(&config, &version);
-            if let Some(note) = note {
-                eprintln!("note: {note}");
-            }
-            // A plan may come before the build; it still says a deploy now would be refused.
+            // A plan may come before the build of a `path` release: then it says a deploy now
+            // would be refused, and succeeds. A git ref that cannot be deployed fails it.
             if let Err(e) = deploy::check_release_known(&config, &version, "--version") {
                 eprintln!("note: a deploy now would be refused: {e:#}");
             }
-            Ok(0)
+            match note {
+                Some(plan::Note::Refused(why)) => {
+                    eprintln!("error: a deploy now would be refused: {why}");
+                    Ok(2)
+                }
+                Some(plan::Note::Info(note)) => {
+                    eprintln!("note: {note}");
+                    Ok(0)
+                }
+                None => Ok(0),
+            }
         }
         Command::Deploy(args) => {
             let config = Config::load(&cli.config)?;

@@ -9,15 +9,12 @@ use crate::{batch, deploy};
 /// a branch of a git release is deployed as the commit it points at now, so the plan shows
 /// that commit (and says so); a tag or commit id stays as named. The note says what was
 /// found, or why the repository could not tell.
-pub(super) fn resolve_branch(config: &Config, version: Name) -> (Name, Option<String>) {
+pub(super) fn resolve_branch(config: &Config, version: Name) -> (Name, Option<Note>) {
     let Some(url) = config.release.git.as_deref() else {
         return (version, None);
     };
     if let Err(e) = crate::source::fixed_ref(&version) {
-        return (
-            version,
-            Some(format!("a deploy now would be refused: {e:#}")),
-        );
+        return (version, Some(Note::Refused(format!("{e:#}"))));
     }
     let shown = crate::source::redact_url(url);
     let asked = tokio::runtime::Builder::new_current_thread()
@@ -37,32 +34,91 @@ pub(super) fn resolve_branch(config: &Config, version: Name) -> (Name, Option<St
                 let note = format!(
                     "{version} is a branch of {shown}, now at {sha}: a deploy now ships that commit, as version {sha}"
                 );
-                (pinned, Some(note))
+                (pinned, Some(Note::Info(note)))
             }
             Err(e) => {
-                let note = format!("branch {version} points at {sha:?}: {e}");
-                (version, Some(note))
+                let why = format!("branch {version} points at {sha:?}: {e}");
+                (version, Some(Note::Refused(why)))
             }
         },
         Ok(None) => (version, None),
-        Err(e) if e.is::<crate::source::NoSuchRef>() => (
-            version,
-            Some(format!("a deploy now would be refused: {e:#}")),
-        ),
+        Err(e) if e.is::<crate::source::NoSuchRef>() => {
+            (version, Some(Note::Refused(format!("{e:#}"))))
+        }
         Err(e) => {
             let note = format!(
                 "could not ask {shown} what {version} is ({e:#}): shown as named; a branch would be deployed as the commit it points at then"
             );
-            (version, Some(note))
+            (version, Some(Note::Info(note)))
         }
     }
 }
 
+/// What a plan adds about the version: something to know, or why a deploy of it now would be
+/// refused (`cutover plan` then fails, so a pipeline that plans first stops there).
+pub(super) enum Note {
+    Info(String),
+    Refused(String),
+}
+
+/// The live release as the journal knows it: a canary's first deploy and a redeploy of the
+/// live release (canary or blue-green) roll out in batches instead. The deploy itself decides
+/// from what the hosts run, which a plan does not ask them.
+enum Live {
+    /// No deployment of the app recorded in this state directory.
+    Nothing,
+    Release(String),
+    /// The newest deployment halted or failed part-way (hosts may differ), or the journal
+    /// cannot be read.
+    Unknown,
+}
+
+fn live(config: &Config) -> Live {
+    let path = config.state_dir.join("journal.db");
+    if !path.exists() {
+        return Live::Nothing;
+    }
+    let Ok(journal) = crate::journal::Journal::open_file(&path) else {
+        return Live::Unknown;
+    };
+    let app = config.app.name.as_str();
+    match journal.deployments(app, 1) {
+        Ok(rows) if rows.is_empty() => return Live::Nothing,
+        Ok(_) => {}
+        Err(_) => return Live::Unknown,
+    }
+    match journal.live_release(app) {
+        Ok(Some(v)) => Live::Release(v),
+        _ => Live::Unknown,
+    }
+}
+
 pub(super) fn print_plan(config: &Config, version: &Name) {
+    use crate::config::StrategyKind::{BlueGreen, Canary, Rolling};
+    let live = live(config);
+    let live_now = matches!(&live, Live::Release(v) if v == version.as_str());
+    let state = config.state_dir.display();
     match config.strategy.kind {
-        crate::config::StrategyKind::Rolling => print_rolling_plan(config, version),
-        crate::config::StrategyKind::BlueGreen => print_blue_green_plan(config, version),
-        crate::config::StrategyKind::Canary => print_canary_plan(config, version),
+        Rolling => print_rolling_plan(config, version),
+        Canary if matches!(live, Live::Nothing) => {
+            println!(
+                "first deploy (the journal in {state} records none): no stable release to compare a canary with, so {version} rolls out in batches, without steps or analysis:"
+            );
+            print_rolling_plan(config, version);
+        }
+        Canary | BlueGreen if live_now => {
+            println!(
+                "{version} is already the live release (the journal in {state} says so): no {} to compare or switch to; hosts that serve it stay as they are, any other moves in batches:",
+                if config.strategy.kind == Canary {
+                    "canary"
+                } else {
+                    "green set"
+                }
+            );
+            print_rolling_plan(config, version);
+        }
+        BlueGreen => print_blue_green_plan(config, version),
+        Canary => print_canary_plan(config, version),
     }
     let points: Vec<String> = config
         .verify
@@ -103,12 +159,14 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
     }
     if let Some(a) = &config.analysis {
         println!(
-            "  analysis every {}: min_success_rate {}, max_p99_latency {}, min_requests {} (fewer: inconclusive, the rollout holds), failure_limit {}{}",
+            "  analysis every {}: min_success_rate {}, max_p99_latency {}, max_degradation {}, min_requests {} (fewer: inconclusive, the rollout holds), failure_limit {}{}",
             a.interval,
             // As the config writes it (`99.5` means 99.5 %), not Rust's `Some(99.5)`.
             a.min_success_rate
                 .map_or("-".to_string(), |p| format!("{}%", p.0)),
             a.max_p99_latency.map_or("-".to_string(), |d| d.to_string()),
+            a.max_degradation
+                .map_or("-".to_string(), |p| format!("{}%", p.0)),
             a.min_requests,
             a.failure_limit,
             if a.judge.is_some() {
@@ -282,10 +340,16 @@ fn print_canary_plan(config: &Config, version: &Name) {
                 );
             }
             None => println!(
-                "  step {}/{}: {}% of requests to the canary until `cutover promote`",
+                "  step {}/{}: {}% of requests to the canary until `cutover promote`{}",
                 i + 1,
                 s.steps.len(),
-                step.weight
+                step.weight,
+                interval.map_or(String::new(), |i| {
+                    format!(
+                        ", analysis every {} meanwhile",
+                        humantime::format_duration(i)
+                    )
+                })
             ),
         }
     }
@@ -318,13 +382,17 @@ fn print_rolling_plan(config: &Config, version: &Name) {
     let plan = batch::batches(&config.strategy.batch, &config.hosts);
     let h = &config.app.health;
     println!(
-        "plan: rolling deploy of {} {} to {} host(s) in {} batch(es) (batch = {}, max_fail_percentage = {}%, on_failure = \"{}\")",
+        "plan: rolling deploy of {} {} to {} host(s) in {} batch(es) (batch = {}, max_fail_percentage = {}%{}, on_failure = \"{}\")",
         config.app.name,
         version,
         config.hosts.len(),
         plan.len(),
         config.strategy.batch,
         config.strategy.max_fail_percentage.0,
+        config
+            .strategy
+            .max_failed_hosts
+            .map_or(String::new(), |n| format!(", max_failed_hosts = {n}")),
         config.strategy.on_failure
     );
     print_source(config, version);
@@ -373,13 +441,23 @@ fn print_rolling_plan(config: &Config, version: &Name) {
         }
     }
     let per_batch = switch_worst(config) + verify_time(config, VerifyPoint::AfterBatch);
-    let worst = fixed_worst(config)
-        + per_batch * plan.len() as u32
-        + verify_time(config, VerifyPoint::AfterDeploy);
+    let (before, after) = (
+        fixed_worst(config),
+        verify_time(config, VerifyPoint::AfterDeploy),
+    );
     println!(
-        "  worst case: {} ({} batch(es) x {} per batch, with its build, staging, verify commands and hooks at their timeouts)",
-        humantime::format_duration(worst),
+        "  worst case: {} (build, staging and hooks {} + {} batch(es) x {}{}; every command at its timeout)",
+        humantime::format_duration(before + per_batch * plan.len() as u32 + after),
+        humantime::format_duration(before),
         plan.len(),
-        humantime::format_duration(per_batch)
+        humantime::format_duration(per_batch),
+        if after.is_zero() {
+            String::new()
+        } else {
+            format!(
+                " + after_deploy checks {}",
+                humantime::format_duration(after)
+            )
+        }
     );
 }
