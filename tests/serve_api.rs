@@ -461,3 +461,79 @@ async fn the_same_deploy_posted_three_times_is_queued_once() {
     assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
     served.fleet.assert_on("v1").await;
 }
+
+/// Waits until `/api/status` shows the unfinished deployment as interrupted; returns it.
+async fn wait_interrupted(served: &Served) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, s) = served.api("GET", "/api/status", None).await;
+        assert_eq!(status, 200, "{s}");
+        if s["deployment"]["state"] == "interrupted" {
+            return s["deployment"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never interrupted: {s}\n{}",
+            served.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Review finding (double rollback): with a deployment interrupted (serve killed mid-deploy),
+/// `POST /api/rollback` was queued; the operator then ran `cutover rollback` in a terminal as
+/// the log told them, and the queued job ran after it and rolled the fleet back a second time
+/// (a1 -> v1). Now, while a deployment is interrupted, a rollback is refused with the commands
+/// that resolve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
+    let mut served = Served::start(FleetSpec::new(2, 121)).await;
+    served.deploy("v1", "succeeded").await;
+    write_release(&served, "a1", None);
+    served.deploy("a1", "succeeded").await;
+    let mut gate = Gate::new(served.fleet.dir.path(), "g2");
+    write_release(&served, "g2", Some(("web2", &gate)));
+    served.queue_deploy("g2").await;
+    gate.wait_reached(Duration::from_secs(60)).await;
+
+    // kill -9 mid-deploy, start again: the deployment is interrupted.
+    served.restart().await;
+    let d = wait_interrupted(&served).await;
+    let id = d["id"].as_str().unwrap().to_string();
+    let resolve = d["resolve"].as_str().unwrap_or_default();
+    assert!(
+        resolve.contains("deploy --resume") && resolve.contains("rollback"),
+        "{d}"
+    );
+    for body in [json!({}), json!({"to": "v1"})] {
+        let (status, v) = served
+            .api("POST", "/api/rollback", Some(body.clone()))
+            .await;
+        assert_eq!(status, 409, "{body}: {v}");
+        let why = v["error"].as_str().unwrap();
+        assert!(
+            why.contains(&format!("deployment {id} (a1 -> g2) was interrupted"))
+                && why.contains("deploy --resume")
+                && why.contains("rollback` returns the hosts"),
+            "{why}"
+        );
+    }
+
+    // The operator resolves it from a terminal: back on a1, and nothing else moves the fleet.
+    let (code, out, err) = served.fleet.cutover(&["rollback"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    served.fleet.assert_on("a1").await;
+    let (_, q) = served.api("GET", "/api/queue", None).await;
+    assert!(
+        q["running"].is_null() && q["queued"].as_array().unwrap().is_empty(),
+        "nothing is queued to run after it: {q}"
+    );
+
+    // Resolved and idle: a rollback is queued.
+    let (status, v) = served.api("POST", "/api/rollback", Some(json!({}))).await;
+    assert_eq!(status, 202, "{v}");
+    let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    served.fleet.assert_on("v1").await;
+    gate.open();
+}

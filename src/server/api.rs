@@ -246,6 +246,9 @@ async fn status(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
     let deployment = current(&state)?.map(|(row, running)| {
         let mut v = serde_json::to_value(&row).unwrap_or(Value::Null);
         v["state"] = json!(if running { "running" } else { "interrupted" });
+        if !running {
+            v["resolve"] = json!(super::resolve_hint(&state, &row));
+        }
         v
     });
     let log: Vec<String> = {
@@ -397,6 +400,11 @@ struct RollbackBody {
 
 /// `POST /api/rollback` `{"to": "v1"}` (optional): queues a fleet rollback; 202 with the job.
 /// To undo the *running* deployment, post `rollback` to it instead.
+///
+/// While a deployment is interrupted: 409 with the commands that resolve it, `to` or not.
+/// Undoing it or finishing it is the command line's call (serve never guesses between them),
+/// and a rollback accepted meanwhile waited in the queue, then ran after the operator's own
+/// `cutover rollback`: the fleet was rolled back a second time.
 async fn rollback(
     State(state): State<ServeState>,
     body: Bytes,
@@ -406,6 +414,12 @@ async fn rollback(
         b.to.map(|v| Name::parse(&v).map(|n| n.to_string()))
             .transpose()
             .map_err(ApiError::BadRequest)?;
+    if let Some((row, false)) = &current(&state)? {
+        return Err(ApiError::Conflict(format!(
+            "{}; serve does not guess which, so it queues no rollback meanwhile (it could undo the wrong release): once it is resolved, roll back from here if it is still needed",
+            super::resolve_hint(&state, row)
+        )));
+    }
     if to.is_none()
         && state
             .journal

@@ -624,9 +624,18 @@ fn blocker(state: &ServeState) -> Option<String> {
 
 /// The message for queued jobs held back by the interrupted deployment `row`.
 fn blocked_by(state: &ServeState, row: &crate::journal::DeploymentRow) -> String {
+    format!(
+        "queued jobs wait: {}; serve does not guess which, and goes on by itself once it is resolved",
+        resolve_hint(state, row)
+    )
+}
+
+/// What the interrupted deployment `row` is and the commands that resolve it, for the queue's
+/// `blocked`, the API's refusals and the dashboard.
+pub(crate) fn resolve_hint(state: &ServeState, row: &crate::journal::DeploymentRow) -> String {
     let config = crate::transport::sh_quote(state.config.file.display().to_string());
     format!(
-        "queued jobs wait: deployment {} ({} -> {}) was interrupted; resolve it from the command line: `cutover -c {config} deploy --resume` finishes it, `cutover -c {config} rollback` returns the hosts (or finishes it when it was already going back; `cutover -c {config} status` says which applies); serve does not guess which, and goes on by itself once it is resolved",
+        "deployment {} ({} -> {}) was interrupted; resolve it from the command line: `cutover -c {config} deploy --resume` finishes it, `cutover -c {config} rollback` returns the hosts (or finishes it when it was already going back; `cutover -c {config} status` says which applies)",
         row.id,
         row.from.as_deref().unwrap_or("(nothing)"),
         row.to
