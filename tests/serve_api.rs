@@ -485,6 +485,8 @@ async fn wait_interrupted(served: &Served) -> Value {
 /// the log told them, and the queued job ran after it and rolled the fleet back a second time
 /// (a1 -> v1). Now, while a deployment is interrupted, a rollback is refused with the commands
 /// that resolve it.
+/// - While one runs, a rollback without `to` is refused too (its target would depend on how
+///   the running one ends, or is interrupted); otherwise its target is fixed when queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
     let mut served = Served::start(FleetSpec::new(2, 121)).await;
@@ -495,6 +497,17 @@ async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
     write_release(&served, "g2", Some(("web2", &gate)));
     served.queue_deploy("g2").await;
     gate.wait_reached(Duration::from_secs(60)).await;
+
+    // Running: a rollback without `to` is not queued behind it.
+    let (status, v) = served.api("POST", "/api/rollback", Some(json!({}))).await;
+    assert_eq!(status, 409, "{v}");
+    let why = v["error"].as_str().unwrap();
+    assert!(
+        why.contains("(a1 -> g2) is running")
+            && why.contains("/rollback")
+            && why.contains("\"to\""),
+        "{why}"
+    );
 
     // kill -9 mid-deploy, start again: the deployment is interrupted.
     served.restart().await;
@@ -529,9 +542,10 @@ async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
         "nothing is queued to run after it: {q}"
     );
 
-    // Resolved and idle: a rollback is queued.
+    // Resolved and idle: a rollback is queued with its target fixed now.
     let (status, v) = served.api("POST", "/api/rollback", Some(json!({}))).await;
     assert_eq!(status, 202, "{v}");
+    assert_eq!(v["job"]["to"], "v1", "{v}");
     let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
     assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
     served.fleet.assert_on("v1").await;

@@ -401,10 +401,16 @@ struct RollbackBody {
 /// `POST /api/rollback` `{"to": "v1"}` (optional): queues a fleet rollback; 202 with the job.
 /// To undo the *running* deployment, post `rollback` to it instead.
 ///
-/// While a deployment is interrupted: 409 with the commands that resolve it, `to` or not.
-/// Undoing it or finishing it is the command line's call (serve never guesses between them),
-/// and a rollback accepted meanwhile waited in the queue, then ran after the operator's own
-/// `cutover rollback`: the fleet was rolled back a second time.
+/// The job's target is fixed here, never worked out when the job runs: by then "the release
+/// before the live one" can be another release than the one asked about. (A rollback accepted
+/// while a deployment was interrupted waited in the queue; the operator resolved it with
+/// `cutover rollback`, and then the job rolled the fleet back a second time.) So:
+/// - while a deployment is interrupted: 409 with the commands that resolve it, `to` or not.
+///   Undoing it or finishing it is the command line's call: serve never guesses between them;
+/// - without `to`, while a deployment runs or a job is queued: 409, since the live release
+///   the job would go back from is not known yet (name it, or post rollback to the running
+///   deployment);
+/// - without `to` otherwise: `to` is the release before the live one, now.
 async fn rollback(
     State(state): State<ServeState>,
     body: Bytes,
@@ -414,25 +420,59 @@ async fn rollback(
         b.to.map(|v| Name::parse(&v).map(|n| n.to_string()))
             .transpose()
             .map_err(ApiError::BadRequest)?;
-    if let Some((row, false)) = &current(&state)? {
+    let unfinished = current(&state)?;
+    if let Some((row, false)) = &unfinished {
         return Err(ApiError::Conflict(format!(
             "{}; serve does not guess which, so it queues no rollback meanwhile (it could undo the wrong release): once it is resolved, roll back from here if it is still needed",
             super::resolve_hint(&state, row)
         )));
     }
-    if to.is_none()
-        && state
-            .journal
-            .previous_release(state.config.app.name.as_str())?
-            .is_none()
-    {
-        return Err(ApiError::Conflict(
-            "no earlier release is recorded in the journal: name one with {\"to\": VERSION}".into(),
-        ));
-    }
+    let to = match to {
+        Some(to) => to,
+        None => {
+            let ahead = match &unfinished {
+                Some((row, _)) => Some(format!(
+                    "deployment {} ({} -> {}) is running: to undo it, post rollback to it (POST /api/deployments/{}/rollback, the dashboard's Roll back)",
+                    row.id,
+                    row.from.as_deref().unwrap_or("(nothing)"),
+                    row.to,
+                    row.id
+                )),
+                None => {
+                    let view = state.queue.view();
+                    view.running
+                        .iter()
+                        .chain(view.queued.iter())
+                        .next()
+                        .map(|j| {
+                            format!(
+                                "job {} ({}) is {}",
+                                j.id,
+                                super::describe(j),
+                                enum_name(&j.state)
+                            )
+                        })
+                }
+            };
+            if let Some(ahead) = ahead {
+                return Err(ApiError::Conflict(format!(
+                    "{ahead}; which release is live once it is done is not known yet, so a rollback to the one before it is not queued: name the release to return to with {{\"to\": VERSION}}"
+                )));
+            }
+            state
+                .journal
+                .previous_release(state.config.app.name.as_str())?
+                .ok_or_else(|| {
+                    ApiError::Conflict(
+                        "no earlier release is recorded in the journal: name one with {\"to\": VERSION}"
+                            .into(),
+                    )
+                })?
+        }
+    };
     let (job, _) = state
         .queue
-        .push(Work::Rollback { to }, None, "api".into())?;
+        .push(Work::Rollback { to: Some(to) }, None, "api".into())?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
 }
 

@@ -586,7 +586,7 @@ async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
     }
 }
 
-fn describe(job: &Job) -> String {
+pub(crate) fn describe(job: &Job) -> String {
     match &job.work {
         Work::Deploy { version } => format!("deploy {version} ({})", job.trigger),
         Work::Rollback { to: Some(v) } => format!("rollback to {v} ({})", job.trigger),

@@ -348,7 +348,7 @@ async function onCommand(command) {
   if (!(await confirmAction(question.charAt(0).toUpperCase() + question.slice(1)))) return;
   try {
     const r = await call();
-    toast(r.job ? "queued job " + r.job.id : command + " sent to deployment " + r.deployment);
+    toast(r.job ? "queued job " + r.job.id + ": " + describeJob(r.job) : command + " sent to deployment " + r.deployment);
   } catch (e) {
     toast(command + " failed: " + e.message, true);
   }
