@@ -487,6 +487,7 @@ async fn wait_interrupted(served: &Served) -> Value {
 /// that resolve it.
 /// - While one runs, a rollback without `to` is refused too (its target would depend on how
 ///   the running one ends, or is interrupted); otherwise its target is fixed when queued.
+/// - A deploy is still queued while interrupted (it names its release), and says it waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
     let mut served = Served::start(FleetSpec::new(2, 121)).await;
@@ -531,6 +532,18 @@ async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
             "{why}"
         );
     }
+    // A deploy is queued (it waits), and says so.
+    let (status, v) = served
+        .api("POST", "/api/deployments", Some(json!({"version": "v2"})))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    let blocked = v["blocked"].as_str().unwrap_or_default();
+    assert!(blocked.contains("was interrupted"), "{v}");
+    let deploy = v["job"]["id"].as_u64().unwrap();
+    let (status, v) = served
+        .api("DELETE", &format!("/api/queue/{deploy}"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
 
     // The operator resolves it from a terminal: back on a1, and nothing else moves the fleet.
     let (code, out, err) = served.fleet.cutover(&["rollback"]).await;

@@ -375,6 +375,12 @@ async fn start_deploy(
         },
         "api".into(),
     )?;
+    // While a deployment is interrupted the job waits for it to be resolved (see `runner`):
+    // a deploy names its release, so it goes there however that is resolved. Say so.
+    let blocked = match current(&state)? {
+        Some((row, false)) => Some(super::blocked_by(&state, &row)),
+        _ => None,
+    };
     if !new {
         // A double click, or a retry of a request that was queued: the job already waits.
         let why = format!(
@@ -383,12 +389,12 @@ async fn start_deploy(
         );
         return Ok((
             StatusCode::OK,
-            Json(json!({ "job": job, "queued": false, "ignored": why })),
+            Json(json!({ "job": job, "queued": false, "ignored": why, "blocked": blocked })),
         ));
     }
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({ "job": job, "queued": true })),
+        Json(json!({ "job": job, "queued": true, "blocked": blocked })),
     ))
 }
 

@@ -623,7 +623,7 @@ fn blocker(state: &ServeState) -> Option<String> {
 }
 
 /// The message for queued jobs held back by the interrupted deployment `row`.
-fn blocked_by(state: &ServeState, row: &crate::journal::DeploymentRow) -> String {
+pub(crate) fn blocked_by(state: &ServeState, row: &crate::journal::DeploymentRow) -> String {
     format!(
         "queued jobs wait: {}; serve does not guess which, and goes on by itself once it is resolved",
         resolve_hint(state, row)

@@ -376,7 +376,8 @@ document.addEventListener("DOMContentLoaded", () => {
     if (!version || !(await confirmAction("Deploy " + version + " to the fleet?"))) return;
     try {
       const r = await api("POST", "/deployments", { version });
-      toast(r.queued === false ? r.ignored : "queued job " + r.job.id + ": deploy " + version);
+      const waits = r.blocked ? "; it waits until the interrupted deployment is resolved (see the queue)" : "";
+      toast((r.queued === false ? r.ignored : "queued job " + r.job.id + ": deploy " + version) + waits);
       $("deploy-version").value = "";
     } catch (e) { toast("deploy failed: " + e.message, true); }
   });
