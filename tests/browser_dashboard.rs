@@ -420,3 +420,61 @@ async fn dashboard_shows_both_releases_under_traffic_and_abort_reaches_the_deplo
         .await;
     assert_eq!(width, json!("1000px"), "the report's stylesheet applies");
 }
+
+/// After a crash: `cutover serve` killed mid-deploy and started again, a deploy queued behind
+/// the interrupted deployment. Review findings:
+/// - the page's Roll back button queued a fleet rollback that later ran a second time, after
+///   the operator's own `cutover rollback`: it is disabled and says the terminal resolves it;
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_an_interrupted_deployment() {
+    let mut served = Served::start(FleetSpec::new(2, 122)).await;
+    served.deploy("v1", "succeeded").await;
+    write_release(&served, "a1", None);
+    served.deploy("a1", "succeeded").await;
+    let mut gate = Gate::new(served.fleet.dir.path(), "g2");
+    write_release(&served, "g2", Some(("web2", &gate)));
+    served.queue_deploy("g2").await;
+    gate.wait_reached(Duration::from_secs(60)).await;
+    served.queue_deploy("v2").await;
+    let (_, s) = served.api("GET", "/api/status", None).await;
+    let deployment = s["deployment"]["id"].as_str().unwrap().to_string();
+    served.restart().await;
+
+    let mut browser = open_dashboard(&served).await;
+    let id = json!(deployment);
+    browser
+        .wait_for(
+            &format!("document.querySelector('#running').dataset.deployment === {id} && document.querySelector('#running').innerText.includes('(interrupted)')"),
+            "the interrupted deployment",
+        )
+        .await;
+    browser
+        .wait_for(
+            "document.querySelector('#btn-rollback').disabled && document.querySelector('#btn-rollback').textContent.includes('terminal') && document.querySelector('#btn-rollback').title.includes('deploy --resume')",
+            "a disabled Roll back button that says to use the terminal",
+        )
+        .await;
+    browser
+        .wait_for(
+            "document.querySelector('#queue').innerText.includes('deploy v2')",
+            "the queued deploy",
+        )
+        .await;
+    browser.screenshot("dashboard-interrupted.png").await;
+    gate.open();
+}
+
+/// Chromium on `served`'s dashboard, the token given in the address, the page loaded.
+async fn open_dashboard(served: &Served) -> Browser {
+    let mut browser = Browser::launch().await;
+    browser
+        .page(
+            "Page.navigate",
+            json!({ "url": format!("http://{}/?token={SERVE_TOKEN}", served.addr) }),
+        )
+        .await;
+    browser
+        .wait_for("document.readyState === 'complete'", "a loaded page")
+        .await;
+    browser
+}

@@ -12,6 +12,7 @@ const state = {
   lastAt: 0,
   colours: {},        // release -> colour, in order of first appearance
   running: null,      // the current deployment row (or null)
+  interrupted: null,  // the interrupted deployment row (or null): resolved from a terminal
   timers: [],
 };
 
@@ -133,6 +134,7 @@ async function pollStatus() {
   $("app-name").textContent = s.app;
   const wasRunning = state.running && state.running.id;
   state.running = s.deployment && s.deployment.state === "running" ? s.deployment : null;
+  state.interrupted = s.deployment && s.deployment.state === "interrupted" ? s.deployment : null;
   renderDeployment(s.deployment);
   renderQueue(s.queue);
   $("log").textContent = (s.log || []).join("\n");
@@ -187,6 +189,13 @@ function renderDeployment(d) {
   const box = $("running");
   const buttons = ["promote", "promote-full", "pause", "resume", "abort"];
   for (const b of buttons) $("btn-" + b).disabled = !(d && d.state === "running");
+  // An interrupted deployment is resumed or undone from a terminal (serve does not guess
+  // which, and refuses a rollback meanwhile): the button says so instead of asking.
+  const back = $("btn-rollback");
+  const stuck = !!(d && d.state === "interrupted");
+  back.disabled = stuck;
+  back.textContent = stuck ? "Roll back: from a terminal" : "Roll back";
+  back.title = stuck ? d.resolve || "" : "";
   if (!d) {
     box.replaceChildren(el("p", { class: "muted" }, "No deployment is running."));
     return;
@@ -196,6 +205,7 @@ function renderDeployment(d) {
   add("deployment", d.id + " (" + d.state + ")", d.state === "interrupted" ? "bad" : "");
   add("what", d.kind + " " + (d.from || "(nothing)") + " → " + d.to);
   add("strategy", d.strategy);
+  if (d.resolve) add("resolve", d.resolve, "bad");
   add("started", new Date(d.started_ms).toLocaleTimeString() + " (" + Math.round((Date.now() - d.started_ms) / 1000) + " s ago)");
   const st = d.status || {};
   for (const [k, v] of Object.entries(st)) {
@@ -337,6 +347,7 @@ function toast(text, bad) {
 async function onCommand(command) {
   const d = state.running;
   let question, call;
+  if (command === "rollback" && state.interrupted) return;
   if (command === "rollback" && !d) {
     question = "Roll the whole fleet back to the previous release?";
     call = () => api("POST", "/rollback", {});
