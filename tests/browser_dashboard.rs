@@ -425,6 +425,7 @@ async fn dashboard_shows_both_releases_under_traffic_and_abort_reaches_the_deplo
 /// the interrupted deployment. Review findings:
 /// - the page's Roll back button queued a fleet rollback that later ran a second time, after
 ///   the operator's own `cutover rollback`: it is disabled and says the terminal resolves it;
+/// - the history showed the interrupted deployment as "running";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_an_interrupted_deployment() {
     let mut served = Served::start(FleetSpec::new(2, 122)).await;
@@ -452,6 +453,12 @@ async fn dashboard_shows_an_interrupted_deployment() {
         .wait_for(
             "document.querySelector('#btn-rollback').disabled && document.querySelector('#btn-rollback').textContent.includes('terminal') && document.querySelector('#btn-rollback').title.includes('deploy --resume')",
             "a disabled Roll back button that says to use the terminal",
+        )
+        .await;
+    browser
+        .wait_for(
+            &format!("[...document.querySelectorAll('#history tbody tr')].some((r) => r.cells[0].textContent === {id} && r.cells[5].textContent === 'interrupted')"),
+            "the deployment as interrupted in the history",
         )
         .await;
     browser

@@ -488,6 +488,7 @@ async fn wait_interrupted(served: &Served) -> Value {
 /// - While one runs, a rollback without `to` is refused too (its target would depend on how
 ///   the running one ends, or is interrupted); otherwise its target is fixed when queued.
 /// - A deploy is still queued while interrupted (it names its release), and says it waits.
+/// - The history shows the deployment as running, then interrupted, then ended.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
     let mut served = Served::start(FleetSpec::new(2, 121)).await;
@@ -510,6 +511,15 @@ async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
         "{why}"
     );
 
+    // The history says which deployment runs, and which ended.
+    let list = served.deployments().await;
+    assert_eq!(
+        (list[0]["to"].as_str(), list[0]["state"].as_str()),
+        (Some("g2"), Some("running")),
+        "{list:?}"
+    );
+    assert_eq!(list[1]["state"], "ended", "{list:?}");
+
     // kill -9 mid-deploy, start again: the deployment is interrupted.
     served.restart().await;
     let d = wait_interrupted(&served).await;
@@ -519,6 +529,18 @@ async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
         resolve.contains("deploy --resume") && resolve.contains("rollback"),
         "{d}"
     );
+    // The history shows it as interrupted, not running (review finding: it said "running"
+    // for as long as nobody resolved it).
+    let list = served.deployments().await;
+    assert_eq!(
+        (list[0]["id"].as_str(), list[0]["state"].as_str()),
+        (Some(id.as_str()), Some("interrupted")),
+        "{list:?}"
+    );
+    let (_, one) = served
+        .api("GET", &format!("/api/deployments/{id}"), None)
+        .await;
+    assert_eq!(one["deployment"]["state"], "interrupted", "{one}");
     for body in [json!({}), json!({"to": "v1"})] {
         let (status, v) = served
             .api("POST", "/api/rollback", Some(body.clone()))
@@ -554,6 +576,9 @@ async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
         q["running"].is_null() && q["queued"].as_array().unwrap().is_empty(),
         "nothing is queued to run after it: {q}"
     );
+    let list = served.deployments().await;
+    let resolved = list.iter().find(|d| d["id"] == id.as_str()).unwrap();
+    assert_eq!(resolved["state"], "ended", "{resolved}");
 
     // Resolved and idle: a rollback is queued with its target fixed now.
     let (status, v) = served.api("POST", "/api/rollback", Some(json!({}))).await;

@@ -240,14 +240,29 @@ fn current(state: &ServeState) -> ApiResult<Option<(DeploymentRow, bool)>> {
     Ok(Some((row, ours || holder_alive)))
 }
 
+/// `row` as the API shows it, with its `state`: "ended" (it has an outcome), "running" (it is
+/// `current`'s and carried out now) or "interrupted" (no outcome, and nothing carries it on:
+/// it waits to be resolved from the command line). The history showed an interrupted
+/// deployment as running, for good.
+fn with_state(row: &DeploymentRow, current: Option<&(DeploymentRow, bool)>) -> Value {
+    let running = current.is_some_and(|(c, running)| *running && c.id == row.id);
+    let mut v = serde_json::to_value(row).unwrap_or(Value::Null);
+    v["state"] = json!(match (&row.outcome, running) {
+        (Some(_), _) => "ended",
+        (None, true) => "running",
+        (None, false) => "interrupted",
+    });
+    v
+}
+
 /// `GET /api/status`: the running (or interrupted) deployment with its live status, the
 /// queue, the lock, the last progress lines.
 async fn status(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
-    let deployment = current(&state)?.map(|(row, running)| {
-        let mut v = serde_json::to_value(&row).unwrap_or(Value::Null);
-        v["state"] = json!(if running { "running" } else { "interrupted" });
+    let deployment = current(&state)?.map(|unfinished| {
+        let (row, running) = &unfinished;
+        let mut v = with_state(row, Some(&unfinished));
         if !running {
-            v["resolve"] = json!(super::resolve_hint(&state, &row));
+            v["resolve"] = json!(super::resolve_hint(&state, row));
         }
         v
     });
@@ -271,7 +286,7 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-/// `GET /api/deployments?limit=N`: newest first.
+/// `GET /api/deployments?limit=N`: newest first, each with its `state` (see [`with_state`]).
 async fn deployments(
     State(state): State<ServeState>,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -281,6 +296,11 @@ async fn deployments(
         state.config.app.name.as_str(),
         q.limit.unwrap_or(50).min(1000),
     )?;
+    let current = current(&state)?;
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|row| with_state(row, current.as_ref()))
+        .collect();
     Ok(Json(json!({ "deployments": rows })))
 }
 
@@ -312,7 +332,7 @@ async fn deployment(
         .collect();
     let report_path = report::report_path(&state.journal, &row.id);
     Ok(Json(json!({
-        "deployment": row,
+        "deployment": with_state(&row, current(&state)?.as_ref()),
         "steps": steps,
         "events": events,
         "rates": report::rates(&samples),

@@ -246,9 +246,10 @@ function renderHistory(rows) {
   $("history").tBodies[0].replaceChildren(...rows.map((r) => {
     const rep = r.report || {};
     const link = el("a", { href: "#", "data-report": r.id }, "open");
-    return el("tr", { class: r.outcome || "" },
+    return el("tr", { class: r.outcome || r.state || "" },
       el("td", {}, r.id), el("td", {}, r.kind), el("td", {}, r.strategy), el("td", {}, r.from || "-"), el("td", {}, r.to),
-      el("td", { class: r.outcome === "succeeded" ? "ok" : (r.outcome ? "bad" : "") }, r.outcome ? words(r.outcome) : "running"),
+      el("td", { class: r.outcome === "succeeded" ? "ok" : (r.outcome || r.state === "interrupted" ? "bad" : "") },
+        r.outcome ? words(r.outcome) : (r.state === "interrupted" ? "interrupted" : "running")),
       el("td", { class: "num" }, r.ended_ms ? ((r.ended_ms - r.started_ms) / 1000).toFixed(1) : "-"),
       el("td", { class: "num" }, rep.served === undefined ? "-" : rep.served),
       el("td", { class: "num" }, rep.failed_requests === undefined ? "-" : rep.failed_requests),
