@@ -426,6 +426,7 @@ async fn dashboard_shows_both_releases_under_traffic_and_abort_reaches_the_deplo
 /// - the page's Roll back button queued a fleet rollback that later ran a second time, after
 ///   the operator's own `cutover rollback`: it is disabled and says the terminal resolves it;
 /// - the history showed the interrupted deployment as "running";
+/// - the queue did not say why its jobs wait (`blocked`, which /api/queue carries);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_an_interrupted_deployment() {
     let mut served = Served::start(FleetSpec::new(2, 122)).await;
@@ -463,8 +464,8 @@ async fn dashboard_shows_an_interrupted_deployment() {
         .await;
     browser
         .wait_for(
-            "document.querySelector('#queue').innerText.includes('deploy v2')",
-            "the queued deploy",
+            "document.querySelector('#queue').innerText.includes('deploy v2') && document.querySelector('#queue-blocked').textContent.includes('was interrupted') && document.querySelector('#queue-blocked').textContent.includes('deploy --resume')",
+            "the queued deploy and why it waits",
         )
         .await;
     browser.screenshot("dashboard-interrupted.png").await;

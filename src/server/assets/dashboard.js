@@ -231,6 +231,8 @@ function words(outcome) {
 }
 
 function renderQueue(q) {
+  // Why queued jobs do not start (an interrupted deployment) and what to run: said by the API.
+  $("queue-blocked").textContent = q.blocked || "";
   const jobs = [].concat(q.running ? [q.running] : [], q.queued, q.finished.slice(0, 10));
   $("queue").tBodies[0].replaceChildren(...jobs.map((j) => {
     const cancel = j.state === "queued"
