@@ -427,8 +427,10 @@ async fn dashboard_shows_both_releases_under_traffic_and_abort_reaches_the_deplo
 ///   the operator's own `cutover rollback`: it is disabled and says the terminal resolves it;
 /// - the history showed the interrupted deployment as "running";
 /// - the queue did not say why its jobs wait (`blocked`, which /api/queue carries);
+/// - when the balancer went down, the fleet rows stayed as they were, as if current: they show
+///   what the hosts run with the balancer's side unknown (as `cutover status` does);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dashboard_shows_an_interrupted_deployment() {
+async fn dashboard_shows_an_interrupted_deployment_and_a_fleet_it_cannot_read() {
     let mut served = Served::start(FleetSpec::new(2, 122)).await;
     served.deploy("v1", "succeeded").await;
     write_release(&served, "a1", None);
@@ -469,6 +471,22 @@ async fn dashboard_shows_an_interrupted_deployment() {
         )
         .await;
     browser.screenshot("dashboard-interrupted.png").await;
+
+    // The balancer goes down: the rows show what the hosts run, the balancer's side unknown.
+    browser
+        .wait_for(
+            "document.querySelector('#fleet tbody tr') && !document.querySelector('#fleet tbody tr.unknown')",
+            "the fleet with the balancer's side",
+        )
+        .await;
+    served.fleet.kill_proxy().await;
+    browser
+        .wait_for(
+            "(() => { const rows = [...document.querySelectorAll('#fleet tbody tr')]; return rows.length > 0 && rows.every((r) => r.classList.contains('unknown') && r.dataset.release); })() && document.querySelector('#fleet-error').textContent.includes('balancer unreachable') && !document.querySelector('#fleet').classList.contains('stale')",
+            "the hosts' rows with the balancer unknown, and why",
+        )
+        .await;
+    browser.screenshot("dashboard-no-balancer.png").await;
     gate.open();
 }
 

@@ -589,3 +589,41 @@ async fn a_fleet_rollback_is_refused_while_a_deployment_is_interrupted() {
     served.fleet.assert_on("v1").await;
     gate.open();
 }
+
+/// Review finding: without the balancer, `GET /api/fleet` was a 502 and the dashboard kept the
+/// rows it had, as if current. Like `cutover status`, it now reads the hosts all the same: what
+/// runs where, with the balancer's side unknown and `balancer_error` saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_without_its_balancer_still_shows_the_hosts() {
+    let mut served = Served::start(FleetSpec::new(2, 123)).await;
+    served.deploy("v1", "succeeded").await;
+    let (status, f) = served.api("GET", "/api/fleet", None).await;
+    assert_eq!(status, 200, "{f}");
+    assert!(f["balancer_error"].is_null(), "{f}");
+
+    served.fleet.kill_proxy().await;
+    let (status, f) = served.api("GET", "/api/fleet", None).await;
+    assert_eq!(status, 200, "{f}");
+    let why = f["balancer_error"].as_str().unwrap_or_default();
+    assert!(why.contains("cannot reach the balancer"), "{f}");
+    let hosts = f["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2, "{f}");
+    for h in hosts {
+        assert_eq!(h["current"], "v1", "{h}");
+        assert!(h["error"].is_null(), "{h}");
+    }
+    let rows = f["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "one instance per host: {f}");
+    for r in rows {
+        assert_eq!(r["release"], "v1", "{r}");
+        assert!(r["pid"].is_u64() && r["alive"] == true, "{r}");
+        assert_eq!(
+            (r["state"].as_str(), r["health"].as_str()),
+            (Some("unknown"), Some("unknown")),
+            "{r}"
+        );
+        for unknown in ["backend", "weight", "in_flight", "requests", "errors"] {
+            assert!(r[unknown].is_null(), "{unknown}: {r}");
+        }
+    }
+}

@@ -36,9 +36,6 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
-    /// The balancer or a host could not be read.
-    #[error("{0}")]
-    Upstream(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     /// The client did not send its request in time.
@@ -58,7 +55,6 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -159,10 +155,31 @@ async fn auth(State(state): State<ServeState>, req: Request, next: Next) -> Resp
 }
 
 /// `GET /api/fleet`: one row per instance or backend, as `cutover status` shows them.
+///
+/// Without the balancer, the hosts are still read and shown, as `cutover status` does: what
+/// runs where is known, only the balancer's side is not (`balancer_error` says why; those rows'
+/// `state` and `health` are "unknown", their weight and counters null). It was a 502, and the
+/// dashboard kept showing the rows it had before as if they were current.
 async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
-    let views = crate::fleet::observe(&state.config, &state.transport, &state.balancer)
-        .await
-        .map_err(|e| ApiError::Upstream(format!("cannot read the fleet: {e:#}")))?;
+    let (views, balancer_error) = match state.balancer.backends().await {
+        Ok(backends) => (
+            crate::fleet::observe_hosts(&state.config, &state.transport, &backends).await,
+            None,
+        ),
+        Err(e) => (
+            crate::fleet::observe_hosts(&state.config, &state.transport, &[]).await,
+            Some(format!("{e:#}")),
+        ),
+    };
+    let unknown = balancer_error.is_some();
+    // A backend's counters; none at all without the balancer (not 0).
+    let count = |n: Option<u64>| {
+        if unknown {
+            Value::Null
+        } else {
+            json!(n.unwrap_or(0))
+        }
+    };
     let mut rows = Vec::new();
     let mut hosts = Vec::new();
     for v in &views {
@@ -179,6 +196,12 @@ async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
             if let Some(b) = b {
                 seen.insert(b.spec.id.clone());
             }
+            // Without the balancer no backend is known: its side is unknown, not "absent".
+            let (backend_state, health) = match b {
+                Some(b) => (enum_name(&b.state), enum_name(&b.health)),
+                None if unknown => ("unknown".to_string(), "unknown".to_string()),
+                None => ("absent".to_string(), "-".to_string()),
+            };
             rows.push(json!({
                 "host": v.host.name.as_str(),
                 "current": v.current,
@@ -187,12 +210,12 @@ async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
                 "pid": r.instance.pid,
                 "alive": r.alive,
                 "backend": b.map(|b| b.spec.id.clone()),
-                "state": b.map_or("absent".to_string(), |b| enum_name(&b.state)),
-                "health": b.map_or("-".to_string(), |b| enum_name(&b.health)),
+                "state": backend_state,
+                "health": health,
                 "weight": b.map(|b| b.spec.weight),
-                "in_flight": b.map_or(0, |b| b.in_flight),
-                "requests": b.map_or(0, |b| b.counters.requests),
-                "errors": b.map_or(0, |b| b.counters.failed_attempts()),
+                "in_flight": count(b.map(|b| b.in_flight)),
+                "requests": count(b.map(|b| b.counters.requests)),
+                "errors": count(b.map(|b| b.counters.failed_attempts())),
             }));
         }
         for b in v.backends.iter().filter(|b| !seen.contains(&b.spec.id)) {
@@ -213,9 +236,12 @@ async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
             }));
         }
     }
-    Ok(Json(
-        json!({ "app": state.config.app.name.as_str(), "hosts": hosts, "rows": rows }),
-    ))
+    Ok(Json(json!({
+        "app": state.config.app.name.as_str(),
+        "hosts": hosts,
+        "rows": rows,
+        "balancer_error": balancer_error,
+    })))
 }
 
 fn enum_name<T: serde::Serialize>(v: &T) -> String {

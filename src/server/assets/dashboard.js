@@ -142,11 +142,15 @@ async function pollStatus() {
   if (wasRunning && !state.running) pollHistory();
 }
 
+// Without the balancer /api/fleet still shows what runs on the hosts (its side "unknown", as
+// `cutover status` shows it), and says why.
 async function pollFleet() {
   try {
     const f = await api("GET", "/fleet");
     renderFleet(f.rows);
-    $("fleet-error").textContent = f.hosts.filter((h) => h.error).map((h) => h.host + ": " + h.error).join("; ");
+    const errors = f.hosts.filter((h) => h.error).map((h) => h.host + ": " + h.error);
+    if (f.balancer_error) errors.unshift("balancer unreachable (its state, health and counters are unknown; the hosts were read): " + f.balancer_error);
+    $("fleet-error").textContent = errors.join("; ");
   } catch (e) {
     if (e.message !== "unauthorized") $("fleet-error").textContent = e.message;
     throw e;
@@ -170,9 +174,9 @@ function renderFleet(rows) {
     el("td", {}, r.state),
     el("td", {}, r.health),
     el("td", { class: "num" }, r.weight === null ? "-" : r.weight),
-    el("td", { class: "num" }, r.in_flight),
-    el("td", { class: "num" }, r.requests),
-    el("td", { class: "num" }, r.errors))));
+    el("td", { class: "num" }, r.in_flight === null ? "?" : r.in_flight),
+    el("td", { class: "num" }, r.requests === null ? "?" : r.requests),
+    el("td", { class: "num" }, r.errors === null ? "?" : r.errors))));
   paintSwatches(body);
 }
 
