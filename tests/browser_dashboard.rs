@@ -429,6 +429,7 @@ async fn dashboard_shows_both_releases_under_traffic_and_abort_reaches_the_deplo
 /// - the queue did not say why its jobs wait (`blocked`, which /api/queue carries);
 /// - when the balancer went down, the fleet rows stayed as they were, as if current: they show
 ///   what the hosts run with the balancer's side unknown (as `cutover status` does);
+/// - when serve goes down too and nothing can be read, the rows kept are marked stale.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_shows_an_interrupted_deployment_and_a_fleet_it_cannot_read() {
     let mut served = Served::start(FleetSpec::new(2, 122)).await;
@@ -487,6 +488,18 @@ async fn dashboard_shows_an_interrupted_deployment_and_a_fleet_it_cannot_read() 
         )
         .await;
     browser.screenshot("dashboard-no-balancer.png").await;
+
+    // Serve goes down too: nothing can be read; the rows kept are marked stale.
+    // SAFETY: kill(2) on the `cutover serve` this test started.
+    assert_eq!(unsafe { libc::kill(served.pid() as i32, libc::SIGKILL) }, 0);
+    served.wait_exit(Duration::from_secs(30)).await;
+    browser
+        .wait_for(
+            "document.querySelector('#fleet').classList.contains('stale') && document.querySelector('#fleet tbody tr') && document.querySelector('#fleet-error').textContent.includes('not updated since')",
+            "the fleet rows marked stale",
+        )
+        .await;
+    browser.screenshot("dashboard-fleet-stale.png").await;
     gate.open();
 }
 

@@ -11,6 +11,7 @@ const state = {
   rates: [],          // {at_ms, rps: {release: n}, errors_per_s, error_rate}
   lastAt: 0,
   colours: {},        // release -> colour, in order of first appearance
+  fleetAt: 0,         // when the fleet was last read (ms)
   running: null,      // the current deployment row (or null)
   interrupted: null,  // the interrupted deployment row (or null): resolved from a terminal
   timers: [],
@@ -142,17 +143,25 @@ async function pollStatus() {
   if (wasRunning && !state.running) pollHistory();
 }
 
-// Without the balancer /api/fleet still shows what runs on the hosts (its side "unknown", as
-// `cutover status` shows it), and says why.
+// The fleet as last read. Without the balancer /api/fleet still shows what runs on the hosts
+// (its side "unknown", as `cutover status` shows it); when the fleet cannot be read at all, the
+// rows shown are marked stale with the time they are from, never left as if current.
 async function pollFleet() {
+  const table = $("fleet");
   try {
     const f = await api("GET", "/fleet");
     renderFleet(f.rows);
+    table.classList.remove("stale");
+    state.fleetAt = Date.now();
     const errors = f.hosts.filter((h) => h.error).map((h) => h.host + ": " + h.error);
     if (f.balancer_error) errors.unshift("balancer unreachable (its state, health and counters are unknown; the hosts were read): " + f.balancer_error);
     $("fleet-error").textContent = errors.join("; ");
   } catch (e) {
-    if (e.message !== "unauthorized") $("fleet-error").textContent = e.message;
+    if (e.message !== "unauthorized") {
+      table.classList.add("stale");
+      const since = state.fleetAt ? "not updated since " + new Date(state.fleetAt).toLocaleTimeString() : "not read yet";
+      $("fleet-error").textContent = "fleet " + since + " (rows shown are stale): " + e.message;
+    }
     throw e;
   }
 }
