@@ -191,7 +191,7 @@ pub struct Inner {
     /// queued, so two deliveries of one push cannot both pass.
     pub pushes: Mutex<()>,
     /// Webhook bodies being read right now (see `api::read_webhook_body`).
-    pub webhook_bodies: tokio::sync::Semaphore,
+    pub webhook_bodies: api::WebhookSlots,
 }
 
 /// The server's shared state (cheap to clone).
@@ -225,7 +225,7 @@ impl ServeState {
             queue,
             log: Mutex::new(Default::default()),
             pushes: Mutex::new(()),
-            webhook_bodies: tokio::sync::Semaphore::new(api::WEBHOOK_BODIES),
+            webhook_bodies: api::WebhookSlots::new(api::WEBHOOK_BODIES),
         }));
         for line in unreadable {
             state.say(&line);
@@ -330,11 +330,13 @@ pub async fn serve_http(
     let graceful = crate::accept::serve_until(
         listener,
         &builder,
-        || {
+        |peer| {
             let router = router.clone();
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let mut router = router.clone();
-                router.call(req.map(axum::body::Body::new))
+                let mut req = req.map(axum::body::Body::new);
+                req.extensions_mut().insert(api::Peer(peer));
+                router.call(req)
             })
         },
         shutdown,
