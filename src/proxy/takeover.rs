@@ -199,7 +199,10 @@ pub(crate) async fn serve(
             },
         };
         match hand_over(stream, &listeners, &proxy).await {
-            Ok(session) => {
+            Ok(None) => info!(
+                "another cutover proxy started with this state directory and was told this one runs"
+            ),
+            Ok(Some(session)) => {
                 *released.lock().unwrap_or_else(|p| p.into_inner()) = Some(session);
                 info!("a new proxy took the listeners over: draining and stopping");
                 let _ = stop.send(true);
@@ -210,12 +213,23 @@ pub(crate) async fn serve(
     }
 }
 
+/// Hands the listeners over to the proxy on `stream`; `None` when it closed without asking
+/// (a plain `cutover proxy` checking whether one runs: see [`ensure_free`]).
 async fn hand_over(
     mut stream: UnixStream,
     listeners: &Listeners,
     proxy: &super::Proxy,
-) -> anyhow::Result<OldSession> {
-    let hello = read_line(&mut stream).await?;
+) -> anyhow::Result<Option<OldSession>> {
+    let hello = match read_line(&mut stream).await {
+        Ok(hello) => hello,
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|e| e.kind() == io::ErrorKind::UnexpectedEof) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     if hello != "takeover" {
         anyhow::bail!("unexpected request {hello:?}");
     }
@@ -241,7 +255,7 @@ async fn hand_over(
         proxy.unfreeze().await;
         return Err(e);
     }
-    Ok(OldSession { stream, sent: None })
+    Ok(Some(OldSession { stream, sent: None }))
 }
 
 /// The old proxy's end of a finished hand-over.
