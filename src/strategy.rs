@@ -727,13 +727,19 @@ impl Deployer {
                     .into(),
             );
         };
+        // Differences across a restart are no counts: a reset 1000 -> 600 requests with two
+        // 5xx read as 0 requests and 2 failures, and failed a healthy canary.
+        if now.counts_began_again_since(&before) {
+            return Judgement::unjudged(
+                "the balancer's counters began again during this interval (a restart, an HAProxy reload, or a takeover that lost counts): judging from the next interval"
+                    .into(),
+            );
+        }
         let j = self.judge_interval(a, release, stable, &before, &now).await;
         // Too little traffic: the next interval adds its requests to these, so a thin trickle
-        // adds up to `min_requests` instead of holding the rollout forever. (Not across a
-        // balancer restart: its counters begin again.)
+        // adds up to `min_requests` instead of holding the rollout forever.
         let thin = matches!(j.verdict, analysis::Verdict::Inconclusive { .. })
-            && j.requests < a.min_requests
-            && before.counting_since_ms == now.counting_since_ms;
+            && j.requests < a.min_requests;
         if thin {
             *last = Some(before);
         }

@@ -259,6 +259,25 @@ pub struct Stats {
     pub lost_drains: u64,
 }
 
+impl Stats {
+    /// Whether the counting began again between `earlier` and this snapshot, from the same
+    /// balancer: a restart, an HAProxy reload, a `--takeover` that lost the old proxy's counts,
+    /// or a replaced proxy that died while draining. Then the difference of the two is no
+    /// count of anything: some counters are below their old values (and floor at 0), others
+    /// have passed them again.
+    pub fn counts_began_again_since(&self, earlier: &Stats) -> bool {
+        self.counting_since_ms != earlier.counting_since_ms
+            || self.lost_drains != earlier.lost_drains
+            || self.total.requests < earlier.total.requests
+            || self.unrouted < earlier.unrouted
+            || earlier.releases.iter().any(|(release, then)| {
+                self.releases
+                    .get(release)
+                    .is_some_and(|now| now.requests < then.requests)
+            })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightRequest {
@@ -327,6 +346,40 @@ pub struct ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: a canary interval across a proxy restart read 1000 -> 600 requests
+    /// (598 2xx, 2 5xx) as 0 requests and 2 failures, failing a canary that served 99.7%.
+    #[test]
+    fn a_restart_between_two_snapshots_is_seen() {
+        let snapshot = |since: u64, requests: u64, ok: u64, bad: u64| {
+            let c = Counters {
+                requests,
+                status_2xx: ok,
+                status_5xx: bad,
+                ..Counters::default()
+            };
+            Stats {
+                releases: [("v2".to_string(), c.clone())].into(),
+                total: c,
+                counting_since_ms: since,
+                ..Stats::default()
+            }
+        };
+        let before = snapshot(1, 1000, 1000, 0);
+        assert!(!snapshot(1, 1200, 1198, 2).counts_began_again_since(&before));
+        // A restart the balancer says (a new counting start), or one it cannot (HAProxy: 0).
+        assert!(snapshot(2, 1200, 1198, 2).counts_began_again_since(&before));
+        let (before, after) = (snapshot(0, 1000, 1000, 0), snapshot(0, 600, 598, 2));
+        assert!(after.counts_began_again_since(&before));
+        // A release's count going back is one too, whatever the total does.
+        let mut grown = snapshot(1, 2000, 2000, 0);
+        grown.releases.insert("v2".into(), Counters::default());
+        assert!(grown.counts_began_again_since(&snapshot(1, 1000, 1000, 0)));
+        // And a replaced proxy that died while draining: what it was finishing is missing.
+        let mut lost = snapshot(1, 1200, 1200, 0);
+        lost.lost_drains = 1;
+        assert!(lost.counts_began_again_since(&snapshot(1, 1000, 1000, 0)));
+    }
 
     /// Review finding: `status` and the dashboard showed only a backend's 5xx answers, so a
     /// backend that timed out, reset or was cut at its drain deadline looked spotless.
