@@ -347,14 +347,17 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
         p99_overflow,
     };
 
-    if requests == 0 || requests < cfg.min_requests {
+    // Gated on completed attempts, the rates' denominator: gated on requests sent, one early
+    // 5xx among 20 long requests still in flight failed the interval, and the same one among
+    // 19 did not.
+    let (good, done) = good_and_done(w.canary);
+    if requests == 0 || done < cfg.min_requests.max(1) {
         // Too few requests to judge a pass, but perhaps enough to rule one out: when even
         // `min_requests` answered with every missing one a success would stay below
         // min_success_rate, waiting for more traffic cannot save the interval. (A broken
         // release is starved of traffic by health checks and passive ejection, so this is
         // often the only evidence there will ever be.)
         if let Some(min) = cfg.min_success_rate {
-            let (good, done) = good_and_done(w.canary);
             let failed = done.saturating_sub(good);
             let best = (good + cfg.min_requests.saturating_sub(done)) as f64 * 100.0
                 / cfg.min_requests.max(done).max(1) as f64;
@@ -375,8 +378,13 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
                 "only {requests} requests, fewer than min_requests {}",
                 cfg.min_requests
             )
-        } else {
+        } else if requests == 0 {
             "no requests".to_string()
+        } else {
+            format!(
+                "only {done} of {requests} requests completed, fewer than min_requests {}",
+                cfg.min_requests
+            )
         };
         j.verdict = Verdict::Inconclusive { reason };
         return j;
@@ -959,7 +967,41 @@ mod tests {
             ..Counters::default()
         };
         let j = judge(&cfg(), &window(&inflight));
-        assert!(inconclusive_reason(&j).contains("no completed response"));
+        assert_eq!(
+            inconclusive_reason(&j),
+            "only 0 of 30 requests completed, fewer than min_requests 20"
+        );
+    }
+
+    /// Review finding: gated on requests sent, one early 5xx among 20 slow requests failed the
+    /// interval (0% of 1 completed), while the same among 19 was inconclusive (at best 19 of
+    /// 20 would succeed). Both are the best case of `min_requests` completed now.
+    #[test]
+    fn the_min_requests_gate_counts_completed_requests() {
+        let mut c = cfg();
+        c.min_success_rate = Some(Percent(90.0));
+        for sent in [19, 20, 40] {
+            let one_failed = Counters {
+                requests: sent,
+                status_5xx: 1,
+                ..Counters::default()
+            };
+            let j = judge(&c, &window(&one_failed));
+            assert!(
+                matches!(j.verdict, Verdict::Inconclusive { .. }),
+                "{sent} sent: {j:?}"
+            );
+        }
+        // Three failed of three completed: even 17 more successes leave 85% < 90%.
+        let three_failed = Counters {
+            requests: 40,
+            status_5xx: 3,
+            ..Counters::default()
+        };
+        assert!(matches!(
+            judge(&c, &window(&three_failed)).verdict,
+            Verdict::Fail { .. }
+        ));
     }
 
     #[test]
