@@ -1968,6 +1968,32 @@ impl Config {
                     "max_p99_latency = 0s fails every interval: set the slowest p99 you accept, e.g. \"500ms\"".into(),
                 ));
             }
+            if let Some(max) = a.max_p99_latency {
+                // The p99 is read as the upper bound of its histogram bucket: between two
+                // bounds, a p99 within the limit (120 ms under 150 ms) reads as the next bound
+                // (200 ms) and fails.
+                let bounds = crate::balancer::api::LATENCY_BUCKETS_MS;
+                let exact = max.subsec_nanos() % 1_000_000 == 0
+                    && bounds.iter().any(|b| u128::from(*b) == max.as_millis());
+                if !exact {
+                    let ms = max.as_secs_f64() * 1000.0;
+                    let below = bounds.iter().rev().find(|b| (**b as f64) < ms);
+                    let above = bounds.iter().find(|b| (**b as f64) > ms);
+                    let choice = match (below, above) {
+                        (Some(b), Some(a)) => format!("write \"{b}ms\" or \"{a}ms\""),
+                        (Some(b), None) => format!("write at most \"{b}ms\""),
+                        (None, Some(a)) => format!("write \"{a}ms\""),
+                        (None, None) => String::new(),
+                    };
+                    return Err(err(
+                        "analysis.max_p99_latency",
+                        format!(
+                            "{max} is not a bound of the latency histogram the p99 is read from ({} ms): a p99 within it would read as the next bound up and fail; {choice}",
+                            bounds.map(|b| b.to_string()).join(", ")
+                        ),
+                    ));
+                }
+            }
             if *a.interval < Duration::from_millis(100) {
                 return Err(err(
                     "analysis.interval",
@@ -2597,6 +2623,17 @@ batch = [1, "50%"]
         assert!(parse(&format!("{canary}min_success_rate = 99.5\n")).is_ok());
         let e = error_of(&format!("{canary}max_p99_latency = \"0s\"\n"));
         assert!(e.contains("fails every interval"), "{e}");
+        let e = error_of(&format!("{canary}max_p99_latency = \"150ms\"\n"));
+        assert!(
+            e.contains("analysis.max_p99_latency")
+                && e.contains("150ms is not a bound")
+                && e.contains("write \"100ms\" or \"200ms\""),
+            "{e}"
+        );
+        assert!(parse(&format!("{canary}max_p99_latency = \"200ms\"\n")).is_ok());
+        assert!(parse(&format!("{canary}max_p99_latency = \"2s\"\n")).is_ok());
+        let e = error_of(&format!("{canary}max_p99_latency = \"20s\"\n"));
+        assert!(e.contains("write at most \"10000ms\""), "{e}");
         let e = error_of(&canary.replace(
             "kind = \"canary\"",
             "kind = \"canary\"\nsticky = \"Cookie\"",
