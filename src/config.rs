@@ -87,6 +87,101 @@ pub struct GithubConfig {
     pub repository: Option<String>,
 }
 
+/// Shortest `[serve]` token and `[serve.github]` secret accepted: both guard a deploy button.
+pub const MIN_SERVE_SECRET: usize = 16;
+
+/// An error about one key found after parsing: the dotted key to point at, and what to do.
+pub(crate) type KeyError = (String, String);
+
+/// The checks of a `[serve]` secret (`key`: `serve.token` or `serve.github.secret`) that need
+/// no file, made when the config loads and again by `cutover serve`: exactly one of the key and
+/// `<key>_file` is set, and an inline value is long enough. Returns the inline value (trimmed),
+/// `None` when it is in a file. The file is read only by `cutover serve` ([`read_serve_secret`]),
+/// as `balancer.token_file` is only by the commands that call the balancer: it may exist only
+/// on the machine that serves.
+pub(crate) fn check_serve_secret<'a>(
+    value: &'a Option<String>,
+    path: &Option<PathBuf>,
+    key: &str,
+) -> Result<Option<&'a str>, KeyError> {
+    let (table, short) = key.rsplit_once('.').unwrap_or(("", key));
+    match (value, path) {
+        (Some(_), Some(_)) => Err((
+            key.to_string(),
+            format!("set either {short} or {short}_file in [{table}], not both"),
+        )),
+        (None, None) => Err((
+            table.to_string(),
+            format!(
+                "{key} is not set: set {short}_file = \"path\" (a file holding it) or {short} = \"...\" in [{table}]: a random string of at least {MIN_SERVE_SECRET} characters, e.g. from `openssl rand -hex 24`"
+            ),
+        )),
+        (Some(v), None) => {
+            let v = v.trim();
+            serve_secret_length(key, v).map_err(|m| (key.to_string(), m))?;
+            Ok(Some(v))
+        }
+        (None, Some(_)) => Ok(None),
+    }
+}
+
+/// A `[serve]` secret's value: given inline, or read from its file (relative paths are already
+/// resolved against the config file); checked as [`check_serve_secret`] does.
+pub(crate) fn read_serve_secret(
+    value: &Option<String>,
+    path: &Option<PathBuf>,
+    key: &str,
+) -> Result<String, KeyError> {
+    if let Some(v) = check_serve_secret(value, path, key)? {
+        return Ok(v.to_string());
+    }
+    let path = path.as_ref().expect("checked: the secret or its file");
+    let given = format!("{key}_file");
+    let s = std::fs::read_to_string(path).map_err(|e| {
+        (
+            given.clone(),
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let s = s.trim();
+    serve_secret_length(&format!("{key} in {}", path.display()), s).map_err(|m| (given, m))?;
+    Ok(s.to_string())
+}
+
+/// `what`: the secret as the message names it (`serve.token`, `serve.token in PATH`).
+fn serve_secret_length(what: &str, s: &str) -> Result<(), String> {
+    if s.len() < MIN_SERVE_SECRET {
+        return Err(format!(
+            "{what} is too short: use at least {MIN_SERVE_SECRET} characters (a random string, e.g. from `openssl rand -hex 24`)"
+        ));
+    }
+    Ok(())
+}
+
+impl GithubConfig {
+    /// Checks `branch` and `repository`; returns the repository's `owner/name` (lower case)
+    /// when one is set. Made when the config loads and by `cutover serve`.
+    pub(crate) fn check(&self) -> Result<Option<String>, KeyError> {
+        if self.branch.trim().is_empty() || self.branch.starts_with("refs/") {
+            return Err((
+                "serve.github.branch".into(),
+                format!("{:?}: name the branch alone, e.g. \"main\"", self.branch),
+            ));
+        }
+        match &self.repository {
+            None => Ok(None),
+            Some(r) => crate::server::github::repository_name(r)
+                .map(Some)
+                .ok_or_else(|| {
+                    (
+                        "serve.github.repository".into(),
+                        format!("{r:?}: name the repository as owner/name, e.g. \"acme/web\""),
+                    )
+                }),
+        }
+    }
+}
+
 fn default_serve_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8480))
 }
@@ -1397,6 +1492,7 @@ impl Config {
             ));
         }
         self.validate_strategy(text)?;
+        self.validate_serve(text)?;
         if self.forks == 0 || self.forks > MAX_FORKS {
             return Err(err(
                 "forks",
@@ -1580,6 +1676,25 @@ impl Config {
                     "admin ({admin}) and listen ({listen}) would take the same port: give the admin API its own port"
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// `[serve]`, when the config has one: a section that is there but could not serve is
+    /// refused now, by every command, not when `cutover serve` starts. The token and secret
+    /// files are read only by `cutover serve` (see [`check_serve_secret`]).
+    fn validate_serve(&self, text: &str) -> Result<(), ConfigError> {
+        let Some(serve) = &self.serve else {
+            return Ok(());
+        };
+        let err = |(key, message): KeyError| {
+            let offset = find_key(text, &key).unwrap_or(0);
+            ConfigError::at(&self.file, text, offset, Some(key), message)
+        };
+        check_serve_secret(&serve.token, &serve.token_file, "serve.token").map_err(err)?;
+        if let Some(g) = &serve.github {
+            check_serve_secret(&g.secret, &g.secret_file, "serve.github.secret").map_err(err)?;
+            g.check().map_err(err)?;
         }
         Ok(())
     }
@@ -2540,6 +2655,79 @@ batch = [1, "50%"]
         let empty = tempfile::NamedTempFile::new().unwrap();
         let e = Config::load(empty.path()).unwrap_err().to_string();
         assert!(e.contains("the config is empty: run `cutover init`"), "{e}");
+    }
+
+    /// Review finding: a `[serve]` section that `cutover serve` would refuse (a short or
+    /// missing token, a missing webhook secret) passed `cutover plan` and every other command,
+    /// and failed only when serve started. It is refused on load now, at its line and key;
+    /// the token and secret files are read by `cutover serve` alone.
+    #[test]
+    fn an_invalid_serve_section_is_refused_at_load() {
+        let with = |serve: &str| format!("{GOOD}\n{serve}");
+        let line_of = |text: &str, needle: &str| {
+            text.lines().position(|l| l.starts_with(needle)).unwrap() + 1
+        };
+        let token = "token = \"serve-0123456789abcdef\"\n";
+        let cases = [
+            (
+                with("[serve]\ntoken = \"short\"\n"),
+                "token = \"short\"",
+                "serve.token: serve.token is too short: use at least 16 characters",
+            ),
+            (
+                with("[serve]\nlisten = \"127.0.0.1:8480\"\n"),
+                "[serve]",
+                "serve: serve.token is not set: set token_file = \"path\" (a file holding it) or token = \"...\" in [serve]",
+            ),
+            (
+                with(&format!("[serve]\n{token}token_file = \"t\"\n")),
+                "token = \"serve-",
+                "serve.token: set either token or token_file in [serve], not both",
+            ),
+            (
+                with(&format!(
+                    "[serve]\n{token}\n[serve.github]\nbranch = \"main\"\n"
+                )),
+                "[serve.github]",
+                "serve.github: serve.github.secret is not set: set secret_file = \"path\"",
+            ),
+            (
+                with(&format!(
+                    "[serve]\n{token}\n[serve.github]\nsecret = \"0123456789\"\n"
+                )),
+                "secret = ",
+                "serve.github.secret: serve.github.secret is too short: use at least 16",
+            ),
+            (
+                with(&format!(
+                    "[serve]\n{token}\n[serve.github]\nsecret = \"0123456789abcdef\"\nbranch = \"refs/heads/main\"\n"
+                )),
+                "branch = ",
+                "serve.github.branch: \"refs/heads/main\": name the branch alone, e.g. \"main\"",
+            ),
+            (
+                with(&format!(
+                    "[serve]\n{token}\n[serve.github]\nsecret = \"0123456789abcdef\"\nrepository = \"acme\"\n"
+                )),
+                "repository = ",
+                "serve.github.repository: \"acme\": name the repository as owner/name",
+            ),
+        ];
+        for (text, needle, expected) in cases {
+            let e = error_of(&text);
+            let place = format!("cutover.toml:{}:1: ", line_of(&text, needle));
+            assert!(e.starts_with(&format!("{place}{expected}")), "{e}");
+        }
+        // Valid sections load, and so do files that only the serving machine may have.
+        assert!(parse(GOOD).unwrap().serve.is_none());
+        let files = with(
+            "[serve]\ntoken_file = \"missing.token\"\n\n[serve.github]\nsecret_file = \"missing.secret\"\n",
+        );
+        assert!(parse(&files).is_ok());
+        let inline = with(&format!(
+            "[serve]\n{token}\n[serve.github]\nsecret = \" 0123456789abcdef \"\nrepository = \"Acme/Web\"\n"
+        ));
+        assert!(parse(&inline).is_ok());
     }
 
     /// Review finding: serde's words ("expected u32", "expected struct Judge") reached users.

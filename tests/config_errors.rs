@@ -418,6 +418,24 @@ fn a_host_name_as_address_says_to_write_an_ip() {
     );
 }
 
+/// Review finding: `cutover plan` (and every command but serve) exited 0 with a `[serve]`
+/// that `cutover serve` would refuse; it is a config error now, with file, line and key.
+#[test]
+fn a_serve_section_that_could_not_serve_is_refused_by_every_command() {
+    let err = error_for(&format!("{GOOD}\n[serve]\ntoken = \"short\"\n"));
+    assert!(
+        err.contains(":23:1: serve.token: serve.token is too short: use at least 16 characters"),
+        "{err}"
+    );
+    let err = error_for(&format!(
+        "{GOOD}\n[serve]\ntoken_file = \"serve.token\"\n\n[serve.github]\nbranch = \"main\"\n"
+    ));
+    assert!(
+        err.contains(":25:1: serve.github: serve.github.secret is not set"),
+        "{err}"
+    );
+}
+
 /// Settings a deploy would silently skip are refused, each at its own line.
 #[test]
 fn settings_the_strategy_never_uses_are_refused() {

@@ -34,7 +34,7 @@ use axum::Router;
 use tokio::sync::watch;
 
 use crate::balancer::Balancer;
-use crate::config::{Config, ConfigError, Name};
+use crate::config::{Config, ConfigError, KeyError, Name, read_serve_secret};
 use crate::deploy::{Report, Request};
 use crate::journal::{Journal, LockHolder};
 use crate::progress::Progress;
@@ -72,39 +72,28 @@ impl std::fmt::Debug for Settings {
     }
 }
 
-/// Shortest token or secret accepted.
-const MIN_SECRET: usize = 16;
-
 impl Settings {
+    /// `[serve]` of a loaded config, its token and secret files read. The checks that need no
+    /// file were made when the config loaded ([`Config::load`]); they are shared, and made
+    /// again here for a `Config` built otherwise.
     pub fn from_config(config: &Config) -> anyhow::Result<Settings> {
         let file = config.file.as_path();
+        let err = |(key, message): KeyError| ConfigError::at_key(file, &key, message);
         let serve = config.serve.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
                 "{}: no [serve] section: add one with listen = \"127.0.0.1:8480\" and token_file = \"serve.token\" (see docs/serve.md)",
                 file.display()
             )
         })?;
-        let token = secret(&serve.token, &serve.token_file, file, "serve.token")?;
+        let token =
+            read_serve_secret(&serve.token, &serve.token_file, "serve.token").map_err(err)?;
         let github = match &serve.github {
             None => None,
             Some(g) => {
-                let secret = secret(&g.secret, &g.secret_file, file, "serve.github.secret")?;
-                if g.branch.trim().is_empty() || g.branch.starts_with("refs/") {
-                    return Err(ConfigError::at_key(
-                        file,
-                        "serve.github.branch",
-                        format!("{:?}: name the branch alone, e.g. \"main\"", g.branch),
-                    )
-                    .into());
-                }
-                let repository = match &g.repository {
-                    Some(r) => Some(github::repository_name(r).ok_or_else(|| {
-                        ConfigError::at_key(
-                            file,
-                            "serve.github.repository",
-                            format!("{r:?}: name the repository as owner/name, e.g. \"acme/web\""),
-                        )
-                    })?),
+                let secret = read_serve_secret(&g.secret, &g.secret_file, "serve.github.secret")
+                    .map_err(err)?;
+                let repository = match g.check().map_err(err)? {
+                    Some(r) => Some(r),
                     None => config
                         .release
                         .git
@@ -124,56 +113,6 @@ impl Settings {
             github,
         })
     }
-}
-
-/// A secret given inline (`key`) or in a file (`key_file`) of the config `file`; errors point
-/// at the key's line.
-fn secret(
-    value: &Option<String>,
-    path: &Option<std::path::PathBuf>,
-    file: &std::path::Path,
-    key: &str,
-) -> anyhow::Result<String> {
-    let table = key.rsplit_once('.').map_or("", |(t, _)| t);
-    let err = |key: &str, message: String| ConfigError::at_key(file, key, message).into();
-    let s = match (value, path) {
-        (Some(_), Some(_)) => {
-            return Err(err(
-                key,
-                format!("set either {key} or {key}_file, not both"),
-            ));
-        }
-        (Some(v), None) => v.trim().to_string(),
-        (None, Some(path)) => match std::fs::read_to_string(path) {
-            Ok(text) => text.trim().to_string(),
-            Err(e) => {
-                return Err(err(
-                    &format!("{key}_file"),
-                    format!("cannot read {}: {e}", path.display()),
-                ));
-            }
-        },
-        (None, None) => {
-            return Err(err(
-                table,
-                format!(
-                    "{key} is not set: set {key}, or {key}_file to a file holding it (a long random string, e.g. `openssl rand -hex 24`)"
-                ),
-            ));
-        }
-    };
-    if s.len() < MIN_SECRET {
-        let given = if value.is_some() {
-            key.to_string()
-        } else {
-            format!("{key}_file")
-        };
-        return Err(err(
-            &given,
-            format!("{key} is too short: use at least {MIN_SECRET} characters"),
-        ));
-    }
-    Ok(s)
 }
 
 /// Everything the handlers and the runner share.
@@ -784,42 +723,25 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// What only `cutover serve` can check, the token and secret files, is checked when it
+    /// starts, with the line and key; the rest is refused when the config loads (see
+    /// `config::tests::an_invalid_serve_section_is_refused_at_load`).
     #[test]
     fn serve_errors_name_the_line_and_key() {
-        let (e, line) = error_of("[serve]\ntoken = \"short\"\n", "token = \"short\"");
-        assert_eq!(
-            e,
-            format!(
-                "FILE:{line}:1: serve.token: serve.token is too short: use at least 16 characters"
-            )
-        );
-        let (e, line) = error_of(
-            "[serve]\ntoken = \"0123456789abcdef0\"\ntoken_file = \"t\"\n",
-            "token = \"0123456789abcdef0\"",
-        );
-        assert!(
-            e.starts_with(&format!("FILE:{line}:1: serve.token: set either")),
-            "{e}"
-        );
-        let (e, line) = error_of("[serve]\nlisten = \"127.0.0.1:8480\"\n", "[serve]");
-        assert!(
-            e.starts_with(&format!("FILE:{line}:1: serve: serve.token is not set")),
-            "{e}"
-        );
-        let (e, line) = error_of(
-            "[serve]\ntoken = \"0123456789abcdef0\"\n\n[serve.github]\nsecret = \"0123456789abcdef0\"\nbranch = \"refs/heads/main\"\n",
-            "branch = ",
-        );
-        assert_eq!(
-            e,
-            format!(
-                "FILE:{line}:1: serve.github.branch: \"refs/heads/main\": name the branch alone, e.g. \"main\""
-            )
-        );
         let (e, line) = error_of("[serve]\ntoken_file = \"missing.token\"\n", "token_file = ");
         assert!(
             e.starts_with(&format!("FILE:{line}:1: serve.token_file: cannot read ")),
             "{e}"
+        );
+        let (e, line) = error_of(
+            "[serve]\ntoken = \"0123456789abcdef0\"\n\n[serve.github]\nsecret_file = \"/dev/null\"\n",
+            "secret_file = ",
+        );
+        assert_eq!(
+            e,
+            format!(
+                "FILE:{line}:1: serve.github.secret_file: serve.github.secret in /dev/null is too short: use at least 16 characters (a random string, e.g. from `openssl rand -hex 24`)"
+            )
         );
     }
 }
