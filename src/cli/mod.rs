@@ -151,13 +151,16 @@ pub struct VersionArgs {
     pub version: String,
 }
 
+/// `--version` or `--resume`, exactly one: a group, so that the usage line and the error for
+/// neither say both.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["version", "resume"])))]
 pub struct DeployArgs {
     /// Version to deploy: the name of a release (letters, digits, . _ + -).
-    #[arg(long, required_unless_present = "resume")]
+    #[arg(long)]
     pub version: Option<String>,
     /// Continue the interrupted deployment recorded in the journal.
-    #[arg(long, conflicts_with = "version")]
+    #[arg(long)]
     pub resume: bool,
     /// Wait up to this long for another deployment's lock (e.g. "5m").
     #[arg(long, value_parser = humantime::parse_duration)]
@@ -225,9 +228,37 @@ pub struct RollbackArgs {
     pub json: bool,
 }
 
+/// Verbs that read no config: their help does not offer the global `-c/--config`.
+const NO_CONFIG: [&str; 2] = ["demo", "sample-app"];
+
+/// The command line as parsed: [`Cli`], with `-c/--config` hidden from the help of the verbs
+/// that read no config. A global argument is copied into every subcommand when clap builds the
+/// command, unless the subcommand has one of that id already: those verbs get a hidden copy
+/// (still accepted, and ignored, as before).
+pub fn command() -> clap::Command {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let config = cmd
+        .get_arguments()
+        .find(|a| a.get_id() == "config")
+        .expect("Cli has a config argument")
+        .clone()
+        .hide(true);
+    // `mut_subcommands` keeps their order (`mut_subcommand` would move them to the end).
+    cmd.mut_subcommands(|sc| {
+        if NO_CONFIG.contains(&sc.get_name()) {
+            sc.arg(config.clone())
+        } else {
+            sc
+        }
+    })
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::FromArgMatches;
+    let cli = Cli::from_arg_matches_mut(&mut command().get_matches())
+        .unwrap_or_else(|e| e.format(&mut command()).exit());
     init_logging(cli.verbose);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
