@@ -65,3 +65,27 @@ fn verbs_that_read_no_config_do_not_offer_one() {
     let demo = verbs.iter().position(|v| *v == "demo");
     assert_eq!(demo, Some(1), "the verbs keep their order: {out}");
 }
+
+/// Review finding: `--json` was said to print "progress and the report as JSON lines"; the
+/// progress goes to stderr and the report alone to stdout.
+#[test]
+fn json_help_says_which_stream_carries_what() {
+    for verb in ["deploy", "rollback"] {
+        let (_, out, _) = cutover(&[verb, "--help"]);
+        let flag = out
+            .split("--json")
+            .nth(1)
+            .unwrap_or_default()
+            .split("-h, --help")
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert_eq!(
+            flag,
+            "JSON for CI: progress as JSON lines on stderr, then the report as one JSON object on stdout",
+            "{verb}: {out}"
+        );
+    }
+}

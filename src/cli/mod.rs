@@ -165,7 +165,8 @@ pub struct DeployArgs {
     /// Wait up to this long for another deployment's lock (e.g. "5m").
     #[arg(long, value_parser = humantime::parse_duration)]
     pub lock_wait: Option<std::time::Duration>,
-    /// Print progress and the report as JSON lines (for CI).
+    /// JSON for CI: progress as JSON lines on stderr, then the report as one JSON object on
+    /// stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -223,7 +224,8 @@ pub struct RollbackArgs {
     /// Wait up to this long for another deployment's lock (e.g. "5m").
     #[arg(long, value_parser = humantime::parse_duration)]
     pub lock_wait: Option<std::time::Duration>,
-    /// Print progress and the report as JSON lines (for CI).
+    /// JSON for CI: progress as JSON lines on stderr, then the report as one JSON object on
+    /// stdout.
     #[arg(long)]
     pub json: bool,
 }
