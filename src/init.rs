@@ -22,7 +22,8 @@ state_dir = ".cutover"
 [app]
 name = "hello"
 # Run in the release directory. {port}, {address}, {version} and {host} are substituted;
-# PORT, CUTOVER_VERSION, CUTOVER_HOST, CUTOVER_ADDRESS and CUTOVER_RELEASE_DIR are set.
+# PORT, CUTOVER_VERSION, CUTOVER_HOST, CUTOVER_ADDRESS, CUTOVER_RELEASE_DIR and
+# CUTOVER_INSTANCE (the instance's pid file) are set. Listen on $CUTOVER_ADDRESS:$PORT.
 start = "exec sh ./run.sh"
 stop_signal = "TERM"      # sent first; KILL follows after stop_timeout
 stop_timeout = "10s"
@@ -157,5 +158,14 @@ mod tests {
         let c = crate::config::Config::parse(std::path::Path::new("/tmp/x/cutover.toml"), &text)
             .unwrap();
         assert_eq!(c.hosts.len(), 3);
+    }
+
+    /// Review finding: the template's comment left CUTOVER_INSTANCE out of what the start
+    /// command gets. Every variable the instance's start script exports is named.
+    #[test]
+    fn the_template_names_every_variable_the_start_command_gets() {
+        for var in crate::instance::START_ENV {
+            assert!(super::EXAMPLE.contains(var), "{var} is not in the template");
+        }
     }
 }

@@ -127,6 +127,18 @@ pub(crate) fn parse_list(host: &Host, out: &str) -> Vec<Recorded> {
     found
 }
 
+/// The environment the start command gets from cutover, in this order: the port, the
+/// version, the host's name, its address, the release directory and the instance's pid file
+/// (README's `[app] start` and the `cutover init` template name them all).
+pub const START_ENV: [&str; 6] = [
+    "PORT",
+    "CUTOVER_VERSION",
+    "CUTOVER_HOST",
+    "CUTOVER_ADDRESS",
+    "CUTOVER_RELEASE_DIR",
+    "CUTOVER_INSTANCE",
+];
+
 /// Starts an instance of `version` on `port`, detached. Returns once the process exists; use
 /// [`wait_healthy`] to know it serves.
 pub async fn start(
@@ -147,25 +159,36 @@ pub async fn start(
         .replace("{address}", &host.address.to_string())
         .replace("{version}", v)
         .replace("{host}", host.name.as_str());
+    let rel = sh_quote(rel.to_string_lossy());
+    let pid_file = sh_quote(pid_file.to_string_lossy());
+    let env_values = [
+        port.to_string(),
+        sh_quote(v),
+        sh_quote(host.name.as_str()),
+        sh_quote(host.address.to_string()),
+        rel.clone(),
+        pid_file.clone(),
+    ];
+    let env = START_ENV
+        .iter()
+        .zip(&env_values)
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ");
     let script = format!(
         "set -e\n\
          [ -d {rel} ] || {{ echo 'release {v} is not staged on this host' >&2; exit 3; }}\n\
          [ -d {run} ] && [ -d {log} ] || mkdir -p {run} {log}\n\
          cd {rel}\n\
-         export PORT={port} CUTOVER_VERSION={vq} CUTOVER_HOST={hq} CUTOVER_ADDRESS={addr} CUTOVER_RELEASE_DIR={rel} CUTOVER_INSTANCE={pid_file}\n\
+         export {env}\n\
          setsid {launch} >>{log_file} 2>&1 </dev/null &\n\
          p=$!\n\
          st=\n\
          if read -r s 2>/dev/null </proc/$p/stat; then s=${{s##*\") \"}}; set -- $s; st=${{20}}; fi\n\
          echo \"$p $st\" >{pid_file}\n\
          echo $p\n",
-        rel = sh_quote(rel.to_string_lossy()),
         run = sh_quote(layout.run_dir().to_string_lossy()),
         log = sh_quote(layout.log_dir().to_string_lossy()),
-        vq = sh_quote(v),
-        hq = sh_quote(host.name.as_str()),
-        addr = sh_quote(host.address.to_string()),
-        pid_file = sh_quote(pid_file.to_string_lossy()),
         log_file = sh_quote(log_file.to_string_lossy()),
         launch = launch(&command),
     );
