@@ -960,7 +960,14 @@ async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
     let (code, out, err) = fleet.cutover(&["promote", "--full"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let pid = common::wait_for_pid_file(&pid_file, "web2's before_traffic suite").await;
-    let (ccode, cout, cerr) = fleet.cutover(&[command]).await;
+    // A rollback waits for the deployment it sent to; with --json it prints that
+    // deployment's report, as one JSON line (it once printed plain text).
+    let args: &[&str] = if command == "rollback" {
+        &[command, "--json"]
+    } else {
+        &[command]
+    };
+    let (ccode, cout, cerr) = fleet.cutover(args).await;
     let (code, out, err) = deploy.await.unwrap();
     let alive = common::kill_if_alive(pid);
     let _ = std::fs::remove_file(&slow);
@@ -977,6 +984,11 @@ async fn stop_a_promotion_hosts_suite(net: u8, command: &str) {
     assert!(!alive, "the verify command's sleep outlived the {command}");
     assert_eq!(ccode, 0, "{cout}\n{cerr}");
     assert!(!cerr.contains("ended before it read"), "{cout}\n{cerr}");
+    if command == "rollback" {
+        let v: serde_json::Value = serde_json::from_str(cout.trim())
+            .unwrap_or_else(|e| panic!("one JSON line: {e}: {cout}\n{cerr}"));
+        assert_eq!(v["outcome"], "rolled_back", "{cout}");
+    }
     let report = stop_after(run, 1_500).await;
     assert_eq!(report.failed, 0, "{report}\n{:#?}", report.failures);
     fleet.assert_on("v1").await;

@@ -563,6 +563,7 @@ pub(super) fn wait_for_command(
     config: &Config,
     row: &crate::journal::DeploymentRow,
     command: &str,
+    json: bool,
 ) -> anyhow::Result<u8> {
     let journal = Journal::open(&config.state_dir)?;
     journal.post_command(&row.id, command)?;
@@ -570,33 +571,43 @@ pub(super) fn wait_for_command(
         "sent {command} to the running deployment {}; waiting for it to end",
         row.id
     );
-    wait_for_end(config, row)
+    wait_for_end(config, row, json)
 }
 
-/// Waits until the deployment `row` has ended; prints its outcome. Exit 0 when it rolled back
-/// or, for a rollback, succeeded.
+/// Waits until the deployment `row` has ended; prints its outcome (with `json`, its report as
+/// one JSON line, as the deployer would have). Exit 0 when it rolled back or, for a rollback,
+/// succeeded.
 pub(super) fn wait_for_end(
     config: &Config,
     row: &crate::journal::DeploymentRow,
+    json: bool,
 ) -> anyhow::Result<u8> {
     let journal = Journal::open(&config.state_dir)?;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
     loop {
         if let Some(d) = journal.deployment(&row.id)? {
             if let Some(outcome) = d.outcome {
-                println!(
-                    "deployment {}: {}",
-                    row.id,
-                    crate::deploy::outcome_words(&outcome)
-                );
-                if let Some(notes) = d
-                    .report
-                    .as_ref()
-                    .and_then(|r| r.get("notes"))
-                    .and_then(|n| n.as_array())
-                {
-                    for n in notes.iter().filter_map(|n| n.as_str()) {
-                        println!("  {n}");
+                if json {
+                    let report = d
+                        .report
+                        .clone()
+                        .unwrap_or_else(|| serde_json::json!({ "id": row.id, "outcome": outcome }));
+                    println!("{report}");
+                } else {
+                    println!(
+                        "deployment {}: {}",
+                        row.id,
+                        crate::deploy::outcome_words(&outcome)
+                    );
+                    if let Some(notes) = d
+                        .report
+                        .as_ref()
+                        .and_then(|r| r.get("notes"))
+                        .and_then(|n| n.as_array())
+                    {
+                        for n in notes.iter().filter_map(|n| n.as_str()) {
+                            println!("  {n}");
+                        }
                     }
                 }
                 let back =

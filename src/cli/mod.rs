@@ -409,12 +409,12 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                             "a rollback is already running (deployment {}, to {}): waiting for it to end",
                             row.id, row.to
                         );
-                        return wait_for_end(&config, &row);
+                        return wait_for_end(&config, &row, args.json);
                     }
                     // The running deployer goes back itself: a blue-green in its switch-back
                     // window within milliseconds, a canary at once, a rolling deploy (or a
                     // canary's promotion) once its current batch ends.
-                    return wait_for_command(&config, &row, "rollback");
+                    return wait_for_command(&config, &row, "rollback", args.json);
                 }
             }
             let to = args
