@@ -2857,6 +2857,10 @@ async fn a_request_its_client_gives_up_on_counts_as_failed() {
     let (served, failed, by_release) = cutover::deploy::traffic_between(&before, &stats);
     assert_eq!((served, failed), (2, 2), "{stats:?}");
     assert_eq!(by_release.get("v1"), Some(&2));
+    // Their wait is in the latency the analysis judges: left out, a release whose slow
+    // requests were all given up on had a fast p99.
+    let timed = |s: &cutover::balancer::Stats| s.releases["v1"].latency_buckets.iter().sum::<u64>();
+    assert_eq!(timed(&stats) - timed(&before), 2, "{stats:?}");
     let m = h.admin.metrics_text().await.unwrap();
     assert!(m.contains("cutover_client_aborted_total 0"), "{m}");
     for line in [

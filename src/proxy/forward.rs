@@ -403,7 +403,7 @@ pub(crate) async fn handle(
                 return bad_gateway(proxy, false);
             }
             Ok(mut resp) => {
-                let latency = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                let latency = micros_since(started);
                 let status = resp.status().as_u16();
                 let failures = backend.answered(status, latency, proxy.options.eject_on_5xx);
                 if failures > 0 {
@@ -450,6 +450,7 @@ pub(crate) async fn handle(
                 // only a refusal or a reset before any answer is retried (a timeout retried on
                 // every backend would also make the client wait N times the timeout).
                 if timed_out {
+                    backend.waited_without_answer(micros_since(started));
                     return fail(true);
                 }
                 let Some((method, headers)) = &template else {
@@ -592,6 +593,7 @@ struct Waiting<'a> {
     /// `None` once the attempt ended with an outcome of its own.
     backend: Option<&'a Arc<BackendShared>>,
     upload: Option<&'a UploadProgress>,
+    started: Instant,
 }
 
 impl<'a> Waiting<'a> {
@@ -604,6 +606,7 @@ impl<'a> Waiting<'a> {
             proxy,
             backend: Some(backend),
             upload,
+            started: Instant::now(),
         }
     }
 
@@ -623,9 +626,14 @@ impl Drop for Waiting<'_> {
             debug!(backend = %backend.id, "the client went away before sending its request body whole");
         } else {
             backend.abandoned();
+            backend.waited_without_answer(micros_since(self.started));
             debug!(backend = %backend.id, "the client went away while waiting for the response head");
         }
     }
+}
+
+fn micros_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Why an attempt produced no response head.

@@ -94,7 +94,7 @@ pub(crate) fn render(proxy: &Proxy) -> String {
         o,
         "cutover_request_duration_seconds",
         "histogram",
-        "Time to the response head, by release.",
+        "Time to the response head, by release; a request that got none (its client gave up waiting, or the backend timed out) counts with the time it waited.",
     );
     for (r, c) in &releases {
         let mut cumulative = 0;

@@ -281,6 +281,16 @@ impl BackendShared {
         self.release.counters.abandon();
     }
 
+    /// Records how long an attempt that got no response head waited (its client gave up, or
+    /// the backend timed out): at least that long. The slowest requests are the ones never
+    /// answered, and a p99 (or a judge) that left them out passed a release whose slow
+    /// requests were all abandoned.
+    pub(crate) fn waited_without_answer(&self, latency_us: u64) {
+        self.counters.add_latency(latency_us);
+        self.release.counters.add_latency(latency_us);
+        self.release.samples.push(latency_us);
+    }
+
     pub(crate) fn retried(&self) {
         self.counters.retry();
         self.release.counters.retry();
@@ -1115,6 +1125,11 @@ mod tests {
             g.backend().sent();
             g.backend().abandoned();
             assert_eq!(g.backend().counters.snapshot().abandoned, 1);
+            // Given up on after 1.5 s: in the 2 s bucket, not in none.
+            g.backend().waited_without_answer(1_500_000);
+            let c = g.backend().counters.snapshot();
+            let at = LATENCY_BUCKETS_MS.iter().position(|b| *b == 2000).unwrap();
+            assert_eq!(c.latency_buckets[at], 1, "{c:?}");
         }
         t.remove("a");
         assert!(t.backend_counters().is_empty());
