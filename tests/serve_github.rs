@@ -162,30 +162,26 @@ async fn signed_push_to_the_branch_deploys_once_and_nothing_else_does() {
         .unwrap();
         c
     };
-    // The answer's head and JSON body (the connection may stay open after it).
-    let answer_of = |mut c: tokio::net::TcpStream| async move {
-        let mut answer = Vec::new();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(stall_from([127, 0, 124, 1]).await);
+    }
+    let mut fifth = stall_from([127, 0, 124, 1]).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        // The answer's head and JSON body; the connection may stay open.
         while !String::from_utf8_lossy(&answer).ends_with('}') {
             let mut chunk = [0u8; 4096];
-            let n = tokio::io::AsyncReadExt::read(&mut c, &mut chunk)
+            let n = tokio::io::AsyncReadExt::read(&mut fifth, &mut chunk)
                 .await
                 .unwrap();
             assert!(n > 0, "closed before the answer");
             answer.extend_from_slice(&chunk[..n]);
         }
-        String::from_utf8_lossy(&answer).into_owned()
-    };
-    // Five bodies from one address: whichever the server reads last is refused at once (the
-    // others hold their slots until 5 s pass without a byte).
-    let mut bodies = futures_util::stream::FuturesUnordered::new();
-    for _ in 0..5 {
-        bodies.push(answer_of(stall_from([127, 0, 124, 1]).await));
-    }
-    use futures_util::StreamExt;
-    let answer = tokio::time::timeout(Duration::from_secs(4), bodies.next())
-        .await
-        .expect("a fifth body from one address is refused at once")
-        .unwrap();
+    })
+    .await
+    .expect("a fifth body from one address is refused at once");
+    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 503") && answer.contains("127.0.124.1 is already sending 4"),
         "{answer}"
@@ -193,10 +189,15 @@ async fn signed_push_to_the_branch_deploys_once_and_nothing_else_does() {
     let (status, v) = served.hook("ping", ping, Some(SECRET)).await;
     assert_eq!(status, 200, "{v}");
     let started = std::time::Instant::now();
-    let answer = tokio::time::timeout(Duration::from_secs(20), bodies.next())
-        .await
-        .expect("a stalled body is cut")
-        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncReadExt::read_to_end(&mut stalled[0], &mut answer),
+    )
+    .await
+    .expect("a stalled body is cut")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(
         answer.contains("no byte of the body came for 5s"),
