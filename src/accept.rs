@@ -26,7 +26,7 @@ pub const MAX_CONNECTIONS: usize = 2048;
 pub async fn serve_until<S, B>(
     listener: TcpListener,
     builder: &auto::Builder<TokioExecutor>,
-    service: impl Fn(std::net::SocketAddr) -> S,
+    service: impl Fn() -> S,
     shutdown: impl std::future::Future<Output = ()>,
     what: &'static str,
     pause: Duration,
@@ -56,7 +56,7 @@ where
             biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
+                Ok((stream, _peer)) => {
                     let _ = stream.set_nodelay(true);
                     let io = TokioIo::new(stream);
                     // hyper-util's upgradeable connection ignores an HTTP/1-only builder: it
@@ -64,11 +64,11 @@ where
                     let conn: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
                         if builder.is_http2_available() {
                             let conn = builder
-                                .serve_connection_with_upgrades(io, service(peer))
+                                .serve_connection_with_upgrades(io, service())
                                 .into_owned();
                             Box::pin(graceful.watch(conn))
                         } else {
-                            let conn = builder.serve_connection(io, service(peer)).into_owned();
+                            let conn = builder.serve_connection(io, service()).into_owned();
                             Box::pin(graceful.watch(conn))
                         };
                     tokio::spawn(async move {

@@ -163,7 +163,7 @@ pub async fn serve(
     let graceful = crate::accept::serve_until(
         listener,
         &builder,
-        |_peer| {
+        || {
             let app = app.clone();
             service_fn(move |req| app.clone().handle(req))
         },

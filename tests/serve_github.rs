@@ -147,45 +147,19 @@ async fn signed_push_to_the_branch_deploys_once_and_nothing_else_does() {
 
     // Review findings: clients that send headers and then stall their body once held every
     // webhook slot (4) for 30 s, and a real push meanwhile got a 503. Four of them now leave a
-    // push its slot, and each is cut with a 408 once 5 s pass without a byte. One address
-    // gets 4 slots at most: a fifth body from it is refused at once, not given a slot.
+    // push its slot, and each is cut with a 408 once 5 s pass without a byte.
     let ping = "{\"zen\":\"Stalled.\",\"hook_id\":1}";
-    let stall_from = |ip: [u8; 4]| async move {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind((ip, 0).into()).unwrap();
-        let mut c = socket.connect(served.addr).await.unwrap();
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut c = tokio::net::TcpStream::connect(served.addr).await.unwrap();
         tokio::io::AsyncWriteExt::write_all(
             &mut c,
             b"POST /hooks/github HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
         )
         .await
         .unwrap();
-        c
-    };
-    let mut stalled = Vec::new();
-    for _ in 0..4 {
-        stalled.push(stall_from([127, 0, 124, 1]).await);
+        stalled.push(c);
     }
-    let mut fifth = stall_from([127, 0, 124, 1]).await;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        // The answer's head and JSON body; the connection may stay open.
-        while !String::from_utf8_lossy(&answer).ends_with('}') {
-            let mut chunk = [0u8; 4096];
-            let n = tokio::io::AsyncReadExt::read(&mut fifth, &mut chunk)
-                .await
-                .unwrap();
-            assert!(n > 0, "closed before the answer");
-            answer.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .expect("a fifth body from one address is refused at once");
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(
-        answer.starts_with("HTTP/1.1 503") && answer.contains("127.0.124.1 is already sending 4"),
-        "{answer}"
-    );
     let (status, v) = served.hook("ping", ping, Some(SECRET)).await;
     assert_eq!(status, 200, "{v}");
     let started = std::time::Instant::now();

@@ -4,7 +4,7 @@
 //!
 //! Errors are one enum ([`ApiError`]) mapped to a status and `{"error": "..."}`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use axum::Json;
 use axum::Router;
@@ -730,71 +730,6 @@ pub const WEBHOOK_BODIES: usize = 32;
 /// How long a webhook waits for a free slot before the 503: a burst of stalled clients (a
 /// few used to block every delivery at once) must not cost a real push that comes meanwhile.
 pub const WEBHOOK_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Webhook bodies one client address may send at once. GitHub sends a hook's deliveries one
-/// at a time; without a cap per address, one client trickling bodies into every slot made each
-/// real push wait and then fail (GitHub does not redeliver by itself). 127.0.0.1 and ::1 are
-/// not capped: they are a front proxy on this machine (the setup docs/serve.md recommends),
-/// which passes on every client's deliveries.
-pub const WEBHOOK_BODIES_PER_PEER: usize = 4;
-
-/// The address a request came from, put in its extensions by the accept loop.
-#[derive(Debug, Clone, Copy)]
-pub struct Peer(pub std::net::SocketAddr);
-
-/// Slots for reading webhook bodies: `total` in all, [`WEBHOOK_BODIES_PER_PEER`] per client
-/// address.
-pub struct WebhookSlots {
-    total: tokio::sync::Semaphore,
-    per_peer: std::sync::Mutex<HashMap<std::net::IpAddr, usize>>,
-}
-
-/// A peer's share of [`WebhookSlots`], given back on drop.
-struct PeerSlot<'a> {
-    slots: &'a WebhookSlots,
-    peer: std::net::IpAddr,
-}
-
-impl Drop for PeerSlot<'_> {
-    fn drop(&mut self) {
-        let mut held = self
-            .slots
-            .per_peer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = held.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.peer);
-            }
-        }
-    }
-}
-
-impl WebhookSlots {
-    pub fn new(total: usize) -> WebhookSlots {
-        WebhookSlots {
-            total: tokio::sync::Semaphore::new(total),
-            per_peer: Default::default(),
-        }
-    }
-
-    /// One of `peer`'s slots, at once or not at all: a client that already sends its share
-    /// waits for none of it.
-    fn take_peer(&self, peer: std::net::IpAddr) -> Option<PeerSlot<'_>> {
-        let mut held = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
-        let n = held.entry(peer).or_default();
-        if *n >= WEBHOOK_BODIES_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(PeerSlot { slots: self, peer })
-    }
-
-    #[cfg(test)]
-    fn available(&self) -> usize {
-        self.total.available_permits()
-    }
-}
 
 /// How long a webhook body may take: in all, between two of its bytes, and to find a free slot.
 #[derive(Debug, Clone, Copy)]
@@ -815,11 +750,9 @@ impl BodyTimes {
 /// Reads a webhook body before anything in it can be authenticated, so within bounds: at
 /// most `limit` bytes (413), within `times.total` and with no pause longer than `times.idle`
 /// (408), and only while one of `slots` is free (503, after waiting `times.slot_wait` for
-/// one) and `peer` holds fewer than [`WEBHOOK_BODIES_PER_PEER`] (503 at once). A stalled
-/// client holds a slot for `times.idle` at most.
+/// one). A stalled client holds a slot for `times.idle` at most.
 pub async fn read_webhook_body(
-    slots: &WebhookSlots,
-    peer: Option<std::net::IpAddr>,
+    slots: &tokio::sync::Semaphore,
     headers: &HeaderMap,
     body: axum::body::Body,
     limit: usize,
@@ -839,18 +772,7 @@ pub async fn read_webhook_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let local_proxy = |p: &std::net::IpAddr| {
-        *p == std::net::IpAddr::from([127, 0, 0, 1]) || *p == std::net::Ipv6Addr::LOCALHOST
-    };
-    let _peer_slot = match peer.filter(|p| !local_proxy(p)) {
-        Some(peer) => Some(slots.take_peer(peer).ok_or_else(|| {
-            ApiError::Busy(format!(
-                "{peer} is already sending {WEBHOOK_BODIES_PER_PEER} webhook bodies: retry once one of them is in"
-            ))
-        })?),
-        None => None,
-    };
-    let Ok(Ok(_slot)) = tokio::time::timeout(times.slot_wait, slots.total.acquire()).await else {
+    let Ok(Ok(_slot)) = tokio::time::timeout(times.slot_wait, slots.acquire()).await else {
         return Err(ApiError::Busy(
             "too many webhook bodies are being read at once: retry shortly".into(),
         ));
@@ -887,7 +809,6 @@ pub async fn read_webhook_body(
 /// `POST /hooks/github`: see [`github`].
 pub async fn github_hook(
     State(state): State<ServeState>,
-    peer: Option<axum::Extension<Peer>>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Response {
@@ -899,7 +820,6 @@ pub async fn github_hook(
     };
     let body = match read_webhook_body(
         &state.webhook_bodies,
-        peer.map(|p| p.0.0.ip()),
         &headers,
         body,
         WEBHOOK_BODY_LIMIT,
@@ -1051,7 +971,7 @@ mod tests {
     /// while a slot is free; stalled clients cannot pin memory and tasks.
     #[tokio::test]
     async fn webhook_bodies_are_bounded_in_time_size_and_number() {
-        let slots = WebhookSlots::new(2);
+        let slots = tokio::sync::Semaphore::new(2);
         let none = HeaderMap::new();
         let t = Duration::from_millis(200);
         let times = |total: Duration| BodyTimes {
@@ -1061,7 +981,7 @@ mod tests {
         };
         // A body that never comes: 408 once the time is up, not later, and the slot is free again.
         let started = Instant::now();
-        let e = read_webhook_body(&slots, None, &none, stalled(), 1 << 20, times(t))
+        let e = read_webhook_body(&slots, &none, stalled(), 1 << 20, times(t))
             .await
             .unwrap_err();
         assert!(matches!(e, ApiError::Timeout(_)), "{e:?}");
@@ -1071,29 +991,29 @@ mod tests {
             waited >= t && waited < Duration::from_secs(10),
             "{waited:?}"
         );
-        assert_eq!(slots.available(), 2);
+        assert_eq!(slots.available_permits(), 2);
         // Too large: by Content-Length at once, or as it arrives.
         let mut big = HeaderMap::new();
         big.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2000"));
-        let e = read_webhook_body(&slots, None, &big, stalled(), 1000, times(t))
+        let e = read_webhook_body(&slots, &big, stalled(), 1000, times(t))
             .await
             .unwrap_err();
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
-        let e = read_webhook_body(&slots, None, &none, vec![b'x'; 1001].into(), 1000, times(t))
+        let e = read_webhook_body(&slots, &none, vec![b'x'; 1001].into(), 1000, times(t))
             .await
             .unwrap_err();
         assert_eq!(e.status(), StatusCode::PAYLOAD_TOO_LARGE, "{e:?}");
-        let ok = read_webhook_body(&slots, None, &none, "{}".into(), 1000, times(t))
+        let ok = read_webhook_body(&slots, &none, "{}".into(), 1000, times(t))
             .await
             .unwrap();
         assert_eq!(&ok[..], b"{}");
         // Every slot taken by a stalled body: the next waits `slot_wait` for one, then 503.
         let long = times(Duration::from_secs(600));
-        let a = read_webhook_body(&slots, None, &none, stalled(), 1000, long);
-        let b = read_webhook_body(&slots, None, &none, stalled(), 1000, long);
+        let a = read_webhook_body(&slots, &none, stalled(), 1000, long);
+        let b = read_webhook_body(&slots, &none, stalled(), 1000, long);
         let third = async {
             tokio::task::yield_now().await;
-            read_webhook_body(&slots, None, &none, "{}".into(), 1000, long).await
+            read_webhook_body(&slots, &none, "{}".into(), 1000, long).await
         };
         tokio::select! {
             _ = a => panic!("a stalled body ended"),
@@ -1107,84 +1027,11 @@ mod tests {
         }
     }
 
-    /// One address trickling bodies took every slot, and each real push waited 10 s and got a
-    /// 503. An address gets `WEBHOOK_BODIES_PER_PEER` slots; the others stay free for the rest.
-    #[tokio::test]
-    async fn one_address_cannot_take_every_webhook_slot() {
-        let slots = WebhookSlots::new(8);
-        let none = HeaderMap::new();
-        let long = BodyTimes {
-            total: Duration::from_secs(600),
-            idle: Duration::from_secs(600),
-            slot_wait: Duration::from_secs(600),
-        };
-        let (greedy, github): (std::net::IpAddr, std::net::IpAddr) =
-            ([192, 0, 2, 1].into(), [192, 0, 2, 2].into());
-        let mut held = futures_util::stream::FuturesUnordered::new();
-        for _ in 0..WEBHOOK_BODIES_PER_PEER {
-            held.push(read_webhook_body(
-                &slots,
-                Some(greedy),
-                &none,
-                stalled(),
-                1000,
-                long,
-            ));
-        }
-        let next = async {
-            tokio::task::yield_now().await;
-            let refused = read_webhook_body(&slots, Some(greedy), &none, "{}".into(), 1000, long)
-                .await
-                .unwrap_err();
-            let push = read_webhook_body(&slots, Some(github), &none, "{}".into(), 1000, long)
-                .await
-                .unwrap();
-            (refused, push)
-        };
-        use futures_util::StreamExt;
-        tokio::select! {
-            _ = held.next() => panic!("a stalled body ended"),
-            (refused, push) = next => {
-                assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE, "{refused:?}");
-                assert!(refused.to_string().contains("192.0.2.1 is already sending"), "{refused}");
-                assert_eq!(&push[..], b"{}");
-            }
-        }
-        drop(held);
-        // Given back: the address may send again.
-        let ok = read_webhook_body(&slots, Some(greedy), &none, "{}".into(), 1000, long)
-            .await
-            .unwrap();
-        assert_eq!(&ok[..], b"{}");
-        assert_eq!(slots.available(), 8);
-        // A front proxy on this machine passes on everyone's deliveries: not capped.
-        let proxy = Some([127, 0, 0, 1].into());
-        let mut held = futures_util::stream::FuturesUnordered::new();
-        for _ in 0..WEBHOOK_BODIES_PER_PEER {
-            held.push(read_webhook_body(
-                &slots,
-                proxy,
-                &none,
-                stalled(),
-                1000,
-                long,
-            ));
-        }
-        let next = async {
-            tokio::task::yield_now().await;
-            read_webhook_body(&slots, proxy, &none, "{}".into(), 1000, long).await
-        };
-        tokio::select! {
-            _ = held.next() => panic!("a stalled body ended"),
-            push = next => assert_eq!(&push.unwrap()[..], b"{}"),
-        }
-    }
-
     /// Review finding: four clients that sent a byte of body and stalled blocked every push
     /// for 30 s. A stalled body gives its slot back at `idle`, and a push waits for a slot.
     #[tokio::test]
     async fn a_stalled_body_gives_its_slot_back_and_a_push_waits_for_it() {
-        let slots = WebhookSlots::new(1);
+        let slots = tokio::sync::Semaphore::new(1);
         let none = HeaderMap::new();
         let times = BodyTimes {
             total: Duration::from_secs(600),
@@ -1192,10 +1039,10 @@ mod tests {
             slot_wait: Duration::from_secs(5),
         };
         let started = Instant::now();
-        let stalled = read_webhook_body(&slots, None, &none, stalled(), 1000, times);
+        let stalled = read_webhook_body(&slots, &none, stalled(), 1000, times);
         let push = async {
             tokio::task::yield_now().await;
-            read_webhook_body(&slots, None, &none, "{}".into(), 1000, times).await
+            read_webhook_body(&slots, &none, "{}".into(), 1000, times).await
         };
         let (stalled, push) = tokio::join!(stalled, push);
         let e = stalled.unwrap_err();

@@ -130,7 +130,7 @@ pub struct Inner {
     /// queued, so two deliveries of one push cannot both pass.
     pub pushes: Mutex<()>,
     /// Webhook bodies being read right now (see `api::read_webhook_body`).
-    pub webhook_bodies: api::WebhookSlots,
+    pub webhook_bodies: tokio::sync::Semaphore,
 }
 
 /// The server's shared state (cheap to clone).
@@ -164,7 +164,7 @@ impl ServeState {
             queue,
             log: Mutex::new(Default::default()),
             pushes: Mutex::new(()),
-            webhook_bodies: api::WebhookSlots::new(api::WEBHOOK_BODIES),
+            webhook_bodies: tokio::sync::Semaphore::new(api::WEBHOOK_BODIES),
         }));
         for line in unreadable {
             state.say(&line);
@@ -269,13 +269,11 @@ pub async fn serve_http(
     let graceful = crate::accept::serve_until(
         listener,
         &builder,
-        |peer| {
+        || {
             let router = router.clone();
             hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let mut router = router.clone();
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(api::Peer(peer));
-                router.call(req)
+                router.call(req.map(axum::body::Body::new))
             })
         },
         shutdown,
