@@ -54,6 +54,10 @@ pub struct Config {
     pub strategy: Strategy,
     /// `[serve]`: `cutover serve` (dashboard, JSON API, GitHub webhooks).
     pub serve: Option<ServeConfig>,
+    /// Why `cutover serve` would refuse `[serve]`, found at load: `serve` and `plan` refuse the
+    /// config for it, every other command goes on (a placeholder `[serve]` must not stop a
+    /// rollback during an incident).
+    pub serve_error: Option<String>,
 }
 
 /// `[serve]`: where `cutover serve` listens and the bearer token of its API and dashboard.
@@ -1258,7 +1262,7 @@ impl Config {
             }
         }
         let state_dir = resolve(raw.state_dir.as_deref().unwrap_or(Path::new(".cutover")));
-        let config = Config {
+        let mut config = Config {
             file: path.to_path_buf(),
             transport,
             state_dir,
@@ -1281,8 +1285,10 @@ impl Config {
             strategy: raw.strategy,
             serve,
             base_dir,
+            serve_error: None,
         };
         config.validate(text)?;
+        config.serve_error = config.validate_serve(text).err().map(|e| e.to_string());
         Ok(config)
     }
 
@@ -1492,7 +1498,6 @@ impl Config {
             ));
         }
         self.validate_strategy(text)?;
-        self.validate_serve(text)?;
         if self.forks == 0 || self.forks > MAX_FORKS {
             return Err(err(
                 "forks",
@@ -1680,9 +1685,9 @@ impl Config {
         Ok(())
     }
 
-    /// `[serve]`, when the config has one: a section that is there but could not serve is
-    /// refused now, by every command, not when `cutover serve` starts. The token and secret
-    /// files are read only by `cutover serve` (see [`check_serve_secret`]).
+    /// `[serve]`, when the config has one: what `cutover serve` would refuse, found at load
+    /// (see [`Config::serve_error`]). The token and secret files are read only by `cutover
+    /// serve` (see [`check_serve_secret`]).
     fn validate_serve(&self, text: &str) -> Result<(), ConfigError> {
         let Some(serve) = &self.serve else {
             return Ok(());
@@ -2659,8 +2664,9 @@ batch = [1, "50%"]
 
     /// Review finding: a `[serve]` section that `cutover serve` would refuse (a short or
     /// missing token, a missing webhook secret) passed `cutover plan` and every other command,
-    /// and failed only when serve started. It is refused on load now, at its line and key;
-    /// the token and secret files are read by `cutover serve` alone.
+    /// and failed only when serve started. It is found on load now, at its line and key, for
+    /// `plan` and `serve` to refuse; the token and secret files are read by `cutover serve`
+    /// alone.
     #[test]
     fn an_invalid_serve_section_is_refused_at_load() {
         let with = |serve: &str| format!("{GOOD}\n{serve}");
@@ -2714,7 +2720,7 @@ batch = [1, "50%"]
             ),
         ];
         for (text, needle, expected) in cases {
-            let e = error_of(&text);
+            let e = parse(&text).unwrap().serve_error.unwrap();
             let place = format!("cutover.toml:{}:1: ", line_of(&text, needle));
             assert!(e.starts_with(&format!("{place}{expected}")), "{e}");
         }
@@ -2723,11 +2729,11 @@ batch = [1, "50%"]
         let files = with(
             "[serve]\ntoken_file = \"missing.token\"\n\n[serve.github]\nsecret_file = \"missing.secret\"\n",
         );
-        assert!(parse(&files).is_ok());
+        assert_eq!(parse(&files).unwrap().serve_error, None);
         let inline = with(&format!(
             "[serve]\n{token}\n[serve.github]\nsecret = \" 0123456789abcdef \"\nrepository = \"Acme/Web\"\n"
         ));
-        assert!(parse(&inline).is_ok());
+        assert_eq!(parse(&inline).unwrap().serve_error, None);
     }
 
     /// Review finding: serde's words ("expected u32", "expected struct Judge") reached users.

@@ -421,7 +421,7 @@ fn a_host_name_as_address_says_to_write_an_ip() {
 /// Review finding: `cutover plan` (and every command but serve) exited 0 with a `[serve]`
 /// that `cutover serve` would refuse; it is a config error now, with file, line and key.
 #[test]
-fn a_serve_section_that_could_not_serve_is_refused_by_every_command() {
+fn a_serve_section_that_could_not_serve_fails_plan_but_not_other_commands() {
     let err = error_for(&format!("{GOOD}\n[serve]\ntoken = \"short\"\n"));
     assert!(
         err.contains(":23:1: serve.token: serve.token is too short: use at least 16 characters"),
@@ -434,6 +434,15 @@ fn a_serve_section_that_could_not_serve_is_refused_by_every_command() {
         err.contains(":25:1: serve.github: serve.github.secret is not set"),
         "{err}"
     );
+    // A placeholder [serve] must not stop a rollback during an incident: only plan and
+    // serve refuse it.
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = run(
+        dir.path(),
+        &format!("{GOOD}\n[serve]\ntoken = \"short\"\n"),
+        &["history"],
+    );
+    assert_eq!(code, 0, "{err}");
 }
 
 /// Settings a deploy would silently skip are refused, each at its own line.

@@ -367,6 +367,11 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Plan(args) => {
             let config = Config::load(&cli.config)?;
+            // The plan is where a config is checked: a [serve] section that `cutover serve`
+            // would refuse fails it too (other commands go on without serve).
+            if let Some(e) = &config.serve_error {
+                anyhow::bail!("{e}");
+            }
             let version = parse_version(&args.version)?;
             let (version, note) = plan::resolve_branch(&config, version);
             print_plan(&config, &version);
