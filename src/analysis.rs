@@ -380,11 +380,13 @@ pub fn judge(cfg: &Analysis, w: &Window) -> Judgement {
             )
         } else if requests == 0 {
             "no requests".to_string()
-        } else {
+        } else if done < cfg.min_requests {
             format!(
                 "only {done} of {requests} requests completed, fewer than min_requests {}",
                 cfg.min_requests
             )
+        } else {
+            format!("{requests} requests but no completed response")
         };
         j.verdict = Verdict::Inconclusive { reason };
         return j;
@@ -970,6 +972,13 @@ mod tests {
         assert_eq!(
             inconclusive_reason(&j),
             "only 0 of 30 requests completed, fewer than min_requests 20"
+        );
+        let mut none_needed = cfg();
+        none_needed.min_requests = 0;
+        let j = judge(&none_needed, &window(&inflight));
+        assert_eq!(
+            inconclusive_reason(&j),
+            "30 requests but no completed response"
         );
     }
 

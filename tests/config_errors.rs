@@ -238,8 +238,31 @@ fn plan_shows_every_strategy() {
         "{text}"
     );
     assert!(!text.contains("step 1/2"), "{text}");
-    // Once v1 is live, v2 is a canary; v1 again is rolled out in batches.
+    // Once v1 is live, v2 is a canary; v1 again is rolled out in batches. A first deploy
+    // that rolled back left nothing live: still a first deploy.
     let journal = cutover::journal::Journal::open(&dir.path().join(".cutover")).unwrap();
+    let first = cutover::journal::DeploymentRow {
+        id: "d0".into(),
+        app: "shop".into(),
+        kind: "deploy".into(),
+        strategy: "canary".into(),
+        from: None,
+        to: "v0".into(),
+        who: "tester".into(),
+        started_ms: cutover::journal::now_ms() - 1000,
+        ended_ms: None,
+        outcome: None,
+        previous: Default::default(),
+        report: None,
+        status: None,
+        damaged: None,
+    };
+    journal.begin(&first).unwrap();
+    journal
+        .finish("d0", "rolled_back", &serde_json::json!({}))
+        .unwrap();
+    let text = plan("v2");
+    assert!(text.contains("first deploy"), "{text}");
     journal
         .begin(&cutover::journal::DeploymentRow {
             id: "d1".into(),

@@ -524,14 +524,14 @@ fn save_state(path: &Path, state: &StateFile) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Start time of a process (field 22 of /proc/PID/stat), `None` when it does not run (or is a
-/// zombie).
 /// This process's pid namespace (the inode /proc/self/ns/pid names), `None` without /proc.
 fn pid_namespace() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
+/// Start time of a process (field 22 of /proc/PID/stat), `None` when it does not run (or is a
+/// zombie).
 fn process_start(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(") ")?.1;

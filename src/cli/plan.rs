@@ -82,13 +82,19 @@ fn live(config: &Config) -> Live {
         return Live::Unknown;
     };
     let app = config.app.name.as_str();
-    match journal.deployments(app, 1) {
-        Ok(rows) if rows.is_empty() => return Live::Nothing,
-        Ok(_) => {}
+    let newest = match journal.deployments(app, 1) {
+        Ok(rows) => match rows.into_iter().next() {
+            Some(row) => row,
+            None => return Live::Nothing,
+        },
         Err(_) => return Live::Unknown,
-    }
+    };
     match journal.live_release(app) {
         Ok(Some(v)) => Live::Release(v),
+        // A first deploy that rolled back left the fleet with nothing, as before it.
+        Ok(None) if newest.outcome.as_deref() == Some("rolled_back") && newest.from.is_none() => {
+            Live::Nothing
+        }
         _ => Live::Unknown,
     }
 }
@@ -102,7 +108,7 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
         Rolling => print_rolling_plan(config, version),
         Canary if matches!(live, Live::Nothing) => {
             println!(
-                "first deploy (the journal in {state} records none): no stable release to compare a canary with, so {version} rolls out in batches, without steps or analysis:"
+                "first deploy (the journal in {state} records no live release): no stable release to compare a canary with, so {version} rolls out in batches, without steps or analysis (the deploy decides from what the hosts run):"
             );
             print_rolling_plan(config, version);
         }

@@ -443,7 +443,17 @@ async fn read_line(stream: &mut UnixStream) -> anyhow::Result<String> {
     let read = async {
         let mut line = Vec::new();
         loop {
-            let b = stream.read_u8().await?;
+            let b = match stream.read_u8().await {
+                // Closed before a whole line: only a peer that sent nothing is a probe
+                // (`UnexpectedEof`, see `hand_over`); one that stopped mid-line failed.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !line.is_empty() => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the peer closed the connection in the middle of a line",
+                    ));
+                }
+                r => r?,
+            };
             if b == b'\n' {
                 return Ok::<_, io::Error>(String::from_utf8_lossy(&line).into_owned());
             }
@@ -571,6 +581,23 @@ fn recvmsg_fds(sock: RawFd) -> io::Result<Vec<OwnedFd>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plain `cutover proxy` checking whether one runs closes without a byte: harmless. A
+    /// takeover that dies mid-line is a failed takeover, and must still read as one.
+    #[tokio::test]
+    async fn a_peer_that_sent_nothing_differs_from_one_cut_mid_line() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let e = read_line(&mut a).await.unwrap_err();
+        let kind = e.downcast_ref::<io::Error>().map(io::Error::kind);
+        assert_eq!(kind, Some(io::ErrorKind::UnexpectedEof), "{e:#}");
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        b.write_all(b"take").await.unwrap();
+        drop(b);
+        let e = read_line(&mut a).await.unwrap_err();
+        let kind = e.downcast_ref::<io::Error>().map(io::Error::kind);
+        assert_eq!(kind, Some(io::ErrorKind::InvalidData), "{e:#}");
+    }
 
     #[tokio::test]
     async fn listening_sockets_pass_through_a_unix_socket() {
