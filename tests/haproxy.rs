@@ -957,3 +957,43 @@ async fn responses_cut_at_the_drain_deadline_count_as_failed() {
     assert_eq!(r["failed_requests"], 6, "{out}");
     assert!(r["notes"].to_string().contains("6 request(s)"), "{out}");
 }
+
+/// A server drained by a cutover in another container (pid namespace) is left as it is: its
+/// pid says nothing here (a `status` once set such a server ready in the middle of that
+/// deploy). Every command says so, since that deployer may also have been killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_drained_from_another_pid_namespace_is_left_and_named() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start(2, 114, "kind = \"rolling\"\nbatch = 2", "5s").await;
+    fleet.deploy("v1", 0).await;
+    let balancer = fleet.balancer();
+    let id = balancer.backends().await.unwrap()[0].spec.id.clone();
+    balancer.drain(&id).await.unwrap();
+    // As a deployer in another container would have written it: a pid that runs no cutover
+    // here, in another namespace.
+    let config = cutover::config::Config::load(&fleet.config).unwrap();
+    let state_file = HaproxySettings::from_config(&config).unwrap().state_file;
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    for record in state["disabled"].as_object_mut().unwrap().values_mut() {
+        record["pid"] = serde_json::json!(u32::MAX - 1);
+        record["pid_ns"] = serde_json::json!(1);
+    }
+    std::fs::write(&state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+    drop(balancer);
+    let drained = |fleet: &Fleet| {
+        fleet
+            .servers()
+            .iter()
+            .filter(|s| s.admin_state == 8)
+            .count()
+    };
+    assert_eq!(drained(&fleet), 1, "{:?}", fleet.servers());
+
+    let (_, out, err) = fleet.cutover(&["status"]).await;
+    assert!(
+        err.contains("in another pid namespace") && err.contains("left as it is"),
+        "{out}\n{err}"
+    );
+    assert_eq!(drained(&fleet), 1, "{:?}", fleet.servers());
+}

@@ -727,6 +727,20 @@ impl HaproxyBalancer {
         for r in &orphans {
             eprintln!("haproxy: {r} (left by cutover pid that no longer runs)");
         }
+        // Left alone, and said: a deployer in another container may still run, or may have
+        // been killed there, leaving the server drained for good.
+        let here = pid_namespace();
+        for (name, d) in balancer.disabled().unwrap_or_default() {
+            if d.pid_ns.is_some() && d.pid_ns != here {
+                eprintln!(
+                    "haproxy: server {} is in {} since {}s ago, put there by cutover pid {} in another pid namespace (container): left as it is, since whether that process still runs cannot be told from here; if no deploy runs (`cutover lock`), the next deploy of its host replaces the server",
+                    balancer.inner.full(&name),
+                    d.state,
+                    now_unix().saturating_sub(d.since_unix),
+                    d.pid
+                );
+            }
+        }
         Ok(balancer)
     }
 
@@ -930,13 +944,16 @@ impl Inner {
         Ok(r)
     }
 
-    /// Closes what `row`'s server (in maint) still has open at its drain deadline: `open`
-    /// streams. HAProxy answers a stream still waiting for its response head with a 502 and
-    /// counts it, but a stream whose head it had passed on (a download, an event stream) ends
-    /// cut and counted as its status: those are tallied as broken, as the built-in balancer
-    /// counts a cut response. Measured with HAProxy 2.6: 6 cut `GET /sleep` gave the server
-    /// `eresp` +6 and the backend `hrsp_5xx` +6; 6 cut event streams changed neither.
-    fn cut_sessions(&self, row: &StatRow, open: u64) -> anyhow::Result<()> {
+    /// Closes what `row`'s server (in maint) still has open at its drain deadline, and returns
+    /// how many streams that was. HAProxy answers a stream still waiting for its response
+    /// head with a 502 and counts it, but a stream whose head it had passed on (a download,
+    /// an event stream) ends cut and counted as its status: those are tallied as broken, as
+    /// the built-in balancer counts a cut response. A WebSocket cut here counts too (HAProxy's
+    /// counts cannot tell it from a stream; the built-in balancer does not count one). Measured
+    /// with HAProxy 2.6: 6 cut `GET /sleep` gave the server `eresp` +6 and the backend
+    /// `hrsp_5xx` +6; 6 cut event streams changed neither.
+    fn cut_sessions(&self, row: &StatRow) -> anyhow::Result<u64> {
+        let open = row.scur + row.qcur;
         self.command(
             &format!("shutdown sessions server {}", self.full(&row.name)),
             &[],
@@ -960,15 +977,16 @@ impl Inner {
             after.eresp.saturating_sub(row.eresp) + after.hrsp[4].saturating_sub(row.hrsp[4]);
         let uncounted = open.saturating_sub(counted);
         let Some((_, _, release)) = parse_server_name(&row.name) else {
-            return Ok(());
+            return Ok(open);
         };
         if uncounted == 0 {
-            return Ok(());
+            return Ok(open);
         }
         let (process, _) = self.process()?;
         self.edit_state(|s| {
             *s.tally_for(process).cut.entry(release).or_default() += uncounted;
-        })
+        })?;
+        Ok(open)
     }
 
     fn record_disabled(&self, row: &StatRow, id: &str, state: &str) -> anyhow::Result<()> {
@@ -1321,7 +1339,6 @@ impl Balancer for HaproxyBalancer {
 
     async fn wait_drained(&self, id: &str, timeout: Duration) -> anyhow::Result<DrainReport> {
         let started = Instant::now();
-        let mut closed = 0;
         let mut drained = true;
         let row = loop {
             let id2 = id.to_string();
@@ -1338,21 +1355,24 @@ impl Balancer for HaproxyBalancer {
             }
             if started.elapsed() >= timeout {
                 drained = false;
-                closed = row.scur + row.qcur;
                 break row;
             }
             tokio::time::sleep(POLL).await;
         };
         let id = id.to_string();
-        self.blocking(move |i| {
-            i.record_disabled(&row, &id, "maint")?;
-            i.set_state(&row.name, "maint")?;
-            if !drained {
-                i.cut_sessions(&row, closed)?;
-            }
-            Ok(())
-        })
-        .await?;
+        let closed = self
+            .blocking(move |i| {
+                i.record_disabled(&row, &id, "maint")?;
+                i.set_state(&row.name, "maint")?;
+                if drained {
+                    return Ok(0);
+                }
+                // What is still open now, in maint: a request that ended since the deadline's
+                // reading was not cut.
+                let now = i.find_by_name(&i.rows()?, &row.name).unwrap_or(row);
+                i.cut_sessions(&now)
+            })
+            .await?;
         Ok(DrainReport {
             drained,
             closed_at_deadline: closed,
