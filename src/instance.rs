@@ -161,7 +161,8 @@ pub async fn start(
         .replace("{host}", host.name.as_str());
     let rel = sh_quote(rel.to_string_lossy());
     let pid_file = sh_quote(pid_file.to_string_lossy());
-    let env_values = [
+    // As many values as names, or this does not compile (zip would drop the extra ones).
+    let env_values: [String; START_ENV.len()] = [
         port.to_string(),
         sh_quote(v),
         sh_quote(host.name.as_str()),
