@@ -1060,9 +1060,9 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
             );
         }
     }
-    let address = match get(&["ansible_host", "ansible_ssh_host"])? {
+    let resolved = match get(&["ansible_host", "ansible_ssh_host"])? {
         Some((key, Set(v, l))) => {
-            resolve_address(&v).map_err(|e| anyhow::anyhow!("{}: host {name}: {key} {e}", at(l)))?
+            resolve_address(&v).map_err(|e| anyhow::anyhow!("{}: host {name}: {key} {e}", at(l)))
         }
         // The name stands for the address only for want of an ansible_host: say so, and how
         // to give one (the message read as if ansible_host had been set to the name).
@@ -1073,8 +1073,10 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
                  under the host in YAML)",
                 at(line)
             )
-        })?,
+        }),
     };
+    // Before the address is required: a host reached through a bastion often has a name
+    // only the bastion resolves, and "does not resolve" hid the real cause.
     for key in [
         "ansible_ssh_common_args",
         "ansible_ssh_extra_args",
@@ -1082,17 +1084,28 @@ fn to_host(file: &str, line: usize, base: &Path, name: &str, vars: &Vars) -> any
     ] {
         if let Some((key, Set(v, l))) = get(&[key])? {
             if !v.trim().is_empty() {
+                let host_block = match &resolved {
+                    Ok(address) => format!(
+                        "under `Host {address}`, the address cutover connects to, e.g. \
+                         `ProxyJump bastion`"
+                    ),
+                    Err(_) => "under `Host <address>`, e.g. `ProxyJump bastion`, and give \
+                               the host an ansible_host this machine can resolve (cutover \
+                               resolves it here and connects to the address; its name does \
+                               not resolve here)"
+                        .to_string(),
+                };
                 anyhow::bail!(
                     "{}: host {name}: {key} = {v:?}: cutover does not pass ssh options from \
                      the inventory, so it would connect without them (directly, say, where \
                      they name a ProxyJump bastion): put them in ~/.ssh/config (or the file \
-                     CUTOVER_SSH_CONFIG names) under `Host {address}`, the address cutover \
-                     connects to, e.g. `ProxyJump bastion`, and remove {key}",
+                     CUTOVER_SSH_CONFIG names) {host_block}, and remove {key}",
                     at(l)
                 );
             }
         }
     }
+    let address = resolved?;
     let port = match get(&["ansible_port", "ansible_ssh_port"])? {
         Some((key, Set(p, l))) => Some(p.parse::<u16>().map_err(|_| {
             anyhow::anyhow!(
@@ -1954,6 +1967,21 @@ mod tests {
             e.contains(
                 "hosts.ini:2: host c1.invalid: ansible_connection = \"community.docker.docker\""
             ),
+            "{e}"
+        );
+        // Behind a bastion, with a name only the bastion resolves: the options are what to
+        // fix (it once said only "does not resolve"), and the name with them.
+        let e = format!(
+            "{:#}",
+            ini(
+                "[web]\ndb1.invalid ansible_ssh_common_args='-o ProxyJump=bastion'\n",
+                None
+            )
+            .unwrap_err()
+        );
+        assert!(
+            e.contains("hosts.ini:2: host db1.invalid: ansible_ssh_common_args")
+                && e.contains("give the host an ansible_host this machine can resolve"),
             "{e}"
         );
         // ssh itself, empty options, and hosts outside the group deployed are fine.
