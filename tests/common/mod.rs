@@ -150,12 +150,44 @@ impl Fleet {
             hosts,
             proxy: None,
         };
-        fleet.start_proxy().await;
+        // The ports were free when picked, but an outgoing connection of another test can
+        // take one as its ephemeral port before the proxy binds it: pick others then.
+        let mut started = Err(String::new());
+        for _ in 0..3 {
+            started = fleet.try_start_proxy().await;
+            if started.is_ok() || !fleet.proxy_log().contains("Address already in use") {
+                break;
+            }
+            fleet.kill_proxy().await;
+            let [listen, admin] = free_pair("127.0.0.1");
+            let text = std::fs::read_to_string(&fleet.config)
+                .unwrap()
+                .replace(
+                    &format!("listen = \"{}\"", fleet.listen),
+                    &format!("listen = \"{listen}\""),
+                )
+                .replace(
+                    &format!("admin = \"{}\"", fleet.admin),
+                    &format!("admin = \"{admin}\""),
+                );
+            std::fs::write(&fleet.config, text).unwrap();
+            (fleet.listen, fleet.admin) = (listen, admin);
+        }
+        if let Err(e) = started {
+            panic!("{e}");
+        }
         fleet
     }
 
     /// Starts `cutover proxy` and waits until its admin API answers.
     pub async fn start_proxy(&mut self) {
+        if let Err(e) = self.try_start_proxy().await {
+            panic!("{e}");
+        }
+    }
+
+    /// [`Fleet::start_proxy`], saying why it did not come up instead of panicking.
+    async fn try_start_proxy(&mut self) -> Result<(), String> {
         let log = std::fs::File::create(self.dir.path().join("proxy.log")).unwrap();
         let child = Command::new(exe())
             .arg("-c")
@@ -171,13 +203,18 @@ impl Fleet {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if self.client().backends().await.is_ok() {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "cutover proxy did not come up: {}",
-                self.proxy_log()
-            );
+            let exited = self
+                .proxy
+                .as_mut()
+                .is_some_and(|p| p.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                return Err(format!(
+                    "cutover proxy did not come up: {}",
+                    self.proxy_log()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
