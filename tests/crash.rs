@@ -512,8 +512,11 @@ async fn the_next_deploy_stops_what_a_killed_one_left_running() {
     );
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
-        // Two: the batch's two hosts each ran their suite.
-        err.contains("stopped 2 command(s) (a verify suite, a hook or a build"),
+        // One or two: the batch's two hosts each run their suite, and the deploy is killed
+        // once the first has started (on a busy machine, before the second has).
+        ["stopped 1 command(s)", "stopped 2 command(s)"]
+            .iter()
+            .any(|n| err.contains(&format!("{n} (a verify suite, a hook or a build"))),
         "{err}"
     );
     fleet.assert_on("v1").await;
