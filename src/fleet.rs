@@ -61,13 +61,19 @@ pub async fn observe_for(
     Ok(read_hosts(config, transport, &backends, deploying).await)
 }
 
-/// Reads every host (in parallel, one round trip each), with `backends` as the balancer's.
-pub async fn observe_hosts(
+/// [`observe`], reading the hosts also when the balancer cannot be read (after a reboot, or
+/// HAProxy down): what runs where is still known; the error says why the balancer's side is
+/// not (every view then has no backends).
+pub async fn observe_even_without_balancer(
     config: &Config,
     transport: &Arc<dyn Transport>,
-    backends: &[BackendView],
-) -> Vec<HostView> {
-    read_hosts(config, transport, backends, None).await
+    balancer: &Arc<dyn Balancer>,
+) -> (Vec<HostView>, Option<String>) {
+    let (backends, error) = match balancer.backends().await {
+        Ok(backends) => (backends, None),
+        Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+    };
+    (read_hosts(config, transport, &backends, None).await, error)
 }
 
 async fn read_hosts(

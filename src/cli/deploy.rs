@@ -265,6 +265,8 @@ pub(super) async fn deploy_cmd(
         _ => false,
     };
     let app = config.app.name.as_str();
+    // A deployer error, with whether the deployment stays unfinished and how to finish it.
+    let next_step = |e| with_next_step(&journal, app, e);
     let report = match (action, interrupted) {
         (Action::Deploy(_), Some(row)) if going_back || row.kind == "rollback" => {
             anyhow::bail!(
@@ -317,16 +319,13 @@ pub(super) async fn deploy_cmd(
         (Action::Deploy(version), None) => deployer
             .run(&Request::deploy(version))
             .await
-            .map_err(|e| with_next_step(&journal, app, e))?,
+            .map_err(next_step)?,
         (Action::Resume, Some(row)) if going_back => {
             deployer.progress.say(&format!(
                 "deployment {} was returning its hosts when it stopped: finishing that (--resume never moves a fleet forward that had begun going back)",
                 row.id
             ));
-            deployer
-                .restore(&row)
-                .await
-                .map_err(|e| with_next_step(&journal, app, e))?
+            deployer.restore(&row).await.map_err(next_step)?
         }
         (Action::Resume, Some(row))
             if row.kind != "rollback"
@@ -341,10 +340,7 @@ pub(super) async fn deploy_cmd(
                 row.strategy, row.id
             ));
             let since = crate::journal::now_ms();
-            let undone = deployer
-                .restore(&row)
-                .await
-                .map_err(|e| with_next_step(&journal, app, e))?;
+            let undone = deployer.restore(&row).await.map_err(next_step)?;
             if undone.outcome != crate::deploy::Outcome::RolledBack {
                 undone
             } else if let Some(cmd) = journal.stop_posted_since(&row.id, since)? {
@@ -358,7 +354,7 @@ pub(super) async fn deploy_cmd(
                 deployer
                     .run(&Request::deploy(version))
                     .await
-                    .map_err(|e| with_next_step(&journal, app, e))?
+                    .map_err(next_step)?
             }
         }
         (Action::Resume, Some(row)) => {
@@ -385,7 +381,7 @@ pub(super) async fn deploy_cmd(
                     resume: Some(row),
                 })
                 .await
-                .map_err(|e| with_next_step(&journal, app, e))?
+                .map_err(next_step)?
         }
         (Action::Resume, None) => {
             anyhow::bail!("there is no interrupted deployment to resume (see `cutover history`)")
@@ -413,7 +409,7 @@ pub(super) async fn deploy_cmd(
                     resume: Some(row),
                 })
                 .await
-                .map_err(|e| with_next_step(&journal, app, e))?
+                .map_err(next_step)?
         }
         (Action::Rollback(to), Some(row)) => {
             if let Some(v) = to {
@@ -422,10 +418,7 @@ pub(super) async fn deploy_cmd(
                     row.id
                 );
             }
-            deployer
-                .restore(&row)
-                .await
-                .map_err(|e| with_next_step(&journal, app, e))?
+            deployer.restore(&row).await.map_err(next_step)?
         }
         (Action::Rollback(to), None) => {
             let target = match to {
@@ -449,7 +442,7 @@ pub(super) async fn deploy_cmd(
                     resume: None,
                 })
                 .await
-                .map_err(|e| with_next_step(&journal, app, e))?
+                .map_err(next_step)?
         }
     };
     let _ = journal.prune(config.app.name.as_str(), config.history_keep);

@@ -15,16 +15,8 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
     let (transport, balancer) = connect(&config)?;
     // Without the balancer (after a reboot, say) the hosts and the journal still tell what
     // status is for, an interrupted deployment above all; only drift needs the balancer.
-    let (views, balancer_error) = match balancer.backends().await {
-        Ok(backends) => (
-            fleet::observe_hosts(&config, &transport, &backends).await,
-            None,
-        ),
-        Err(e) => (
-            fleet::observe_hosts(&config, &transport, &[]).await,
-            Some(format!("{e:#}")),
-        ),
-    };
+    let (views, balancer_error) =
+        fleet::observe_even_without_balancer(&config, &transport, &balancer).await;
     // Drift is only checked on hosts that could be read: an unreadable host's instances are
     // not known, so "no drift" would be a guess.
     let unchecked: Vec<&str> = views

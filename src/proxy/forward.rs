@@ -388,7 +388,7 @@ pub(crate) async fn handle(
         backend.sent();
         let started = Instant::now();
         let method = req.method().clone();
-        let waiting = Waiting::new(proxy, &backend, upload.as_deref());
+        let waiting = Waiting::new(proxy, &backend, upload.as_deref(), started);
         let sent = send(proxy, &guard, req, upload.as_deref()).await;
         waiting.ended();
         match sent {
@@ -601,12 +601,13 @@ impl<'a> Waiting<'a> {
         proxy: &'a Proxy,
         backend: &'a Arc<BackendShared>,
         upload: Option<&'a UploadProgress>,
+        started: Instant,
     ) -> Self {
         Waiting {
             proxy,
             backend: Some(backend),
             upload,
-            started: Instant::now(),
+            started,
         }
     }
 

@@ -161,16 +161,12 @@ async fn auth(State(state): State<ServeState>, req: Request, next: Next) -> Resp
 /// `state` and `health` are "unknown", their weight and counters null). It was a 502, and the
 /// dashboard kept showing the rows it had before as if they were current.
 async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
-    let (views, balancer_error) = match state.balancer.backends().await {
-        Ok(backends) => (
-            crate::fleet::observe_hosts(&state.config, &state.transport, &backends).await,
-            None,
-        ),
-        Err(e) => (
-            crate::fleet::observe_hosts(&state.config, &state.transport, &[]).await,
-            Some(format!("{e:#}")),
-        ),
-    };
+    let (views, balancer_error) = crate::fleet::observe_even_without_balancer(
+        &state.config,
+        &state.transport,
+        &state.balancer,
+    )
+    .await;
     let unknown = balancer_error.is_some();
     // A backend's counters; none at all without the balancer (not 0).
     let count = |n: Option<u64>| {

@@ -74,8 +74,8 @@ impl std::fmt::Debug for Settings {
 
 impl Settings {
     /// `[serve]` of a loaded config, its token and secret files read. The checks that need no
-    /// file were made when the config loaded ([`Config::load`]); they are shared, and made
-    /// again here for a `Config` built otherwise.
+    /// file are the ones the config's load records in [`Config::serve_error`] (shared, not
+    /// copied), made here again since serve refuses what other commands only noted.
     pub fn from_config(config: &Config) -> anyhow::Result<Settings> {
         let file = config.file.as_path();
         let err = |(key, message): KeyError| ConfigError::at_key(file, &key, message);
