@@ -83,6 +83,28 @@ pub fn over_budget(
         .map(|m| format!("{failed_in_all} host(s) failed in all, more than max_failed_hosts = {m}"))
 }
 
+/// The first batch that `failed` hosts alone would stop: the reason [`over_budget`] gives
+/// for it, if any. Hosts that cannot take part at all (a release that did not stage, a host
+/// that could not be reached) fail in their batch whatever happens before it, so a deploy
+/// they would stop is stopped before it moves the batches ahead of theirs, only to undo them.
+pub fn first_batch_over_budget(
+    strategy: &Strategy,
+    plan: &[Vec<&str>],
+    failed: &dyn Fn(&str) -> bool,
+) -> Option<String> {
+    let mut failed_in_all = 0;
+    for (i, hosts) in plan.iter().enumerate() {
+        let batch_failures = hosts.iter().filter(|h| failed(h)).count();
+        failed_in_all += batch_failures;
+        let label = format!("batch {}/{}", i + 1, plan.len());
+        let over = over_budget(strategy, &label, batch_failures, hosts.len(), failed_in_all);
+        if over.is_some() {
+            return over;
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +209,49 @@ mod tests {
             Some(
                 "batch 1/4: all 1 host(s) of the batch failed (a whole batch failing stops the deploy, whatever max_fail_percentage says)"
             )
+        );
+    }
+
+    #[test]
+    fn the_first_batch_that_known_failures_would_stop_is_named() {
+        let strategy = Strategy {
+            max_fail_percentage: Percent(30.0),
+            max_failed_hosts: Some(2),
+            ..Strategy::default()
+        };
+        let plan = vec![
+            vec!["a"],
+            vec!["b", "c", "d", "e"],
+            vec!["f", "g", "h", "i"],
+        ];
+        let down = |names: &'static [&'static str]| move |h: &str| names.contains(&h);
+        assert_eq!(first_batch_over_budget(&strategy, &plan, &down(&[])), None);
+        // One of four in a batch is within 30%.
+        assert_eq!(
+            first_batch_over_budget(&strategy, &plan, &down(&["c", "f"])),
+            None
+        );
+        assert_eq!(
+            first_batch_over_budget(&strategy, &plan, &down(&["a"])).as_deref(),
+            Some("batch 1/3: 1 of 1 host(s) failed, more than max_fail_percentage = 30%")
+        );
+        assert_eq!(
+            first_batch_over_budget(&strategy, &plan, &down(&["f", "g"])).as_deref(),
+            Some("batch 3/3: 2 of 4 host(s) failed, more than max_fail_percentage = 30%")
+        );
+        // Counted across batches too.
+        assert_eq!(
+            first_batch_over_budget(&strategy, &plan, &down(&["b", "f", "i"])).as_deref(),
+            Some("batch 3/3: 2 of 4 host(s) failed, more than max_fail_percentage = 30%")
+        );
+        let strategy = Strategy {
+            max_fail_percentage: Percent(50.0),
+            max_failed_hosts: Some(1),
+            ..Strategy::default()
+        };
+        assert_eq!(
+            first_batch_over_budget(&strategy, &plan, &down(&["b", "f"])).as_deref(),
+            Some("2 host(s) failed in all, more than max_failed_hosts = 1")
         );
     }
 }

@@ -509,6 +509,32 @@ impl Deployer {
                     .await;
             }
         }
+        // Hosts the release did not reach fail in their batch whatever the batches before do:
+        // when they alone spend the budget, those batches would move only to be undone, under
+        // live traffic. A resumed deployment may have moved hosts already (its batches decide
+        // as before), and a rollback returns every host it can.
+        if req.resume.is_none() && req.kind != "rollback" {
+            let names: Vec<Vec<&str>> = plan
+                .iter()
+                .map(|b| b.iter().map(|h| h.name.as_str()).collect())
+                .collect();
+            let unstaged = |h: &str| matches!(staged.get(h), Some(Err(_)));
+            if let Some(why) = batch::first_batch_over_budget(&config.strategy, &names, &unstaged) {
+                return self
+                    .stop_before_moving(
+                        &run,
+                        req.kind,
+                        from,
+                        version,
+                        started,
+                        &stats_before,
+                        &plan,
+                        &staged,
+                        why,
+                    )
+                    .await;
+            }
+        }
         let mut moved: Vec<Host> = Vec::new();
         let mut failed: Vec<HostFailure> = Vec::new();
         let mut outcome = Outcome::Succeeded;
@@ -1369,6 +1395,63 @@ impl Deployer {
                 (Outcome::Halted, Vec::new())
             }
         }
+    }
+
+    /// Ends a rolling deploy whose unstaged hosts alone spend the failure budget (`why`, from
+    /// [`batch::first_batch_over_budget`]) before any host changes traffic. The outcome is
+    /// the one `on_failure` gives a spent budget, so a `before_deploy` migration is undone by
+    /// the `on_rollback` hooks as it would be after the batches had moved and gone back.
+    #[allow(clippy::too_many_arguments)]
+    async fn stop_before_moving(
+        &self,
+        run: &Run,
+        kind: &str,
+        from: Option<String>,
+        version: &Name,
+        started: Instant,
+        stats_before: &Stats,
+        plan: &[Vec<Host>],
+        staged: &BTreeMap<String, Result<bool, String>>,
+        why: String,
+    ) -> anyhow::Result<Report> {
+        let mut failed = Vec::new();
+        for (i, hosts) in plan.iter().enumerate() {
+            let label = format!("batch {}/{}", i + 1, plan.len());
+            for h in hosts {
+                if let Some(Err(reason)) = staged.get(h.name.as_str()) {
+                    let f = HostFailure {
+                        host: h.name.to_string(),
+                        reason: reason.clone(),
+                    };
+                    self.report_failed_host(run, &label, &f)?;
+                    failed.push(f);
+                }
+            }
+        }
+        let why = format!(
+            "{why}, counting only the host(s) {version} could not be staged on: stopping before any host changes traffic"
+        );
+        self.progress.say(&why);
+        self.journal.event(Some(&run.id), &why)?;
+        let outcome = match self.config.strategy.on_failure {
+            OnFailure::Rollback => Outcome::RolledBack,
+            OnFailure::Halt => Outcome::Halted,
+        };
+        self.finish(
+            run,
+            kind,
+            from,
+            version.as_str(),
+            outcome,
+            started,
+            stats_before,
+            plan_names(plan),
+            Vec::new(),
+            failed,
+            Vec::new(),
+            Vec::new(),
+        )
+        .await
     }
 
     /// An operator's stop between two batches of a rolling deploy: going back is journaled

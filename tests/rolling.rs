@@ -941,6 +941,56 @@ async fn a_release_no_host_can_stage_halts_before_any_batch() {
     fleet.assert_on("v1").await;
 }
 
+/// A host the release cannot reach fails in its batch whatever the batches before it do: when
+/// that alone spends the budget, the deploy stops before any host changes traffic. It used to
+/// move the earlier batches under live traffic, fail the last, and take them back. With a
+/// budget that tolerates the host, the others deploy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_the_release_cannot_reach_stop_the_deploy_before_traffic_moves() {
+    let mut spec = FleetSpec::new(4, 115);
+    spec.strategy = "kind = \"rolling\"\nbatch = 2\nmax_fail_percentage = 0\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    // The last host's upload cannot be written: a directory stands where it would go.
+    let last = fleet.hosts[3].0.clone();
+    let blocker = fleet.root(&last).join("releases/.v2.tar.gz.upload");
+    std::fs::create_dir_all(blocker.join("x")).unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("rolled back"), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("batch 2/2: {last} FAILED"))
+            && err.contains("counting only the host(s) v2 could not be staged on: stopping before any host changes traffic"),
+        "{err}"
+    );
+    assert!(!err.contains("batch 1/2: "), "no batch started: {err}");
+    for (host, _) in &fleet.hosts {
+        let started: Vec<String> = std::fs::read_dir(fleet.root(host).join("log"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("v2-"))
+            .collect();
+        assert!(started.is_empty(), "{host} started {started:?}: {err}");
+    }
+    fleet.assert_on("v1").await;
+
+    // One failed host in a batch of two is within a 50% budget: the other three move.
+    let text = std::fs::read_to_string(&fleet.config).unwrap();
+    std::fs::write(
+        &fleet.config,
+        text.replace("max_fail_percentage = 0", "max_fail_percentage = 50"),
+    )
+    .unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains(&format!("batch 2/2: {last} FAILED")), "{err}");
+    for (host, _) in &fleet.hosts[..3] {
+        assert_eq!(fleet.current(host).as_deref(), Some("v2"), "{host}: {err}");
+    }
+    assert_eq!(fleet.current(&last).as_deref(), Some("v1"), "{err}");
+}
+
 /// A path release rebuilt in place under the same version: the hosts that staged it would keep
 /// the old files while a host that lacked it got the new ones, one name for two codes. The
 /// deploy stops before any traffic change and before any host stages, whether every host has a
