@@ -152,11 +152,19 @@ pub(crate) fn read_serve_secret(
     Ok(s.to_string())
 }
 
-/// `what`: the secret as the message names it (`serve.token`, `serve.token in PATH`).
+/// `what`: the secret as the message names it (`serve.token`, `serve.token in PATH`). The
+/// token travels in an HTTP header, which cannot carry a control character or non-ASCII: such
+/// a token could never be sent, and every request would get 401. The webhook secret is only
+/// an HMAC key, which may hold anything.
 fn serve_secret_length(what: &str, s: &str) -> Result<(), String> {
     if s.len() < MIN_SERVE_SECRET {
         return Err(format!(
             "{what} is too short: use at least {MIN_SERVE_SECRET} characters (a random string, e.g. from `openssl rand -hex 24`)"
+        ));
+    }
+    if what.starts_with("serve.token") && !s.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(format!(
+            "{what} holds a control character or non-ASCII: it is sent in an HTTP header, so use letters, digits, punctuation and spaces only (e.g. `openssl rand -hex 24`)"
         ));
     }
     Ok(())
@@ -2686,6 +2694,16 @@ batch = [1, "50%"]
                 "serve: serve.token is not set: set token_file = \"path\" (a file holding it) or token = \"...\" in [serve]",
             ),
             (
+                with("[serve]\ntoken = \"serve-0123456789\\tabcdef\"\n"),
+                "token = \"serve-",
+                "serve.token: serve.token holds a control character or non-ASCII: it is sent in an HTTP header",
+            ),
+            (
+                with("[serve]\ntoken = \"serve-0123456789-café\"\n"),
+                "token = \"serve-",
+                "serve.token: serve.token holds a control character or non-ASCII",
+            ),
+            (
                 with(&format!("[serve]\n{token}token_file = \"t\"\n")),
                 "token = \"serve-",
                 "serve.token: set either token or token_file in [serve], not both",
@@ -2734,6 +2752,11 @@ batch = [1, "50%"]
             "[serve]\n{token}\n[serve.github]\nsecret = \" 0123456789abcdef \"\nrepository = \"Acme/Web\"\n"
         ));
         assert_eq!(parse(&inline).unwrap().serve_error, None);
+        // The webhook secret is an HMAC key, never sent: anything goes.
+        let hmac_key = with(&format!(
+            "[serve]\n{token}\n[serve.github]\nsecret = \"0123456789\\tabcdef-é\"\n"
+        ));
+        assert_eq!(parse(&hmac_key).unwrap().serve_error, None);
     }
 
     /// Review finding: serde's words ("expected u32", "expected struct Judge") reached users.
