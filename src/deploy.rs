@@ -365,6 +365,15 @@ impl Deployer {
         };
         self.journal.checkpoint_in_background();
         let from = most_common(run.previous.values().flatten());
+        let unread = before.iter().filter(|v| v.error.is_some()).count();
+        // "(nothing)" would read as a first deploy when the hosts only could not be asked.
+        let from_label = match &from {
+            Some(v) => v.clone(),
+            None if unread > 0 && req.resume.is_none() => {
+                format!("(not known: {unread} host(s) could not be read)")
+            }
+            None => "(nothing)".to_string(),
+        };
         self.progress.say(&format!(
             "{}{} {} of {} to {} host(s): {} -> {} (deployment {})",
             if req.resume.is_some() {
@@ -376,7 +385,7 @@ impl Deployer {
             config.app.name,
             version,
             config.hosts.len(),
-            from.as_deref().unwrap_or("(nothing)"),
+            from_label,
             version,
             run.id
         ));

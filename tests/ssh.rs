@@ -458,6 +458,11 @@ async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
     assert_ne!(code, 0, "{all}");
     assert!(all.contains("Host key verification failed"), "{all}");
     assert!(all.contains("ssh-keygen -R"), "says what to do: {all}");
+    // Not "(nothing) -> v1", which reads as a first deploy.
+    assert!(
+        all.contains(": (not known: 4 host(s) could not be read) -> v1"),
+        "{all}"
+    );
     assert!(
         fleet.backends().await.is_empty(),
         "nothing reached the balancer"
