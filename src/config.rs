@@ -576,7 +576,28 @@ pub struct Judge {
     /// Score at or above which the interval is marginal (inconclusive), below: fail.
     #[serde(default = "default_marginal_score")]
     pub marginal: f64,
+    /// Effect-size tolerance, a fraction (0.1 = 10%): how much slower than stable's the
+    /// canary's latencies may be before the judge counts the canary as slower (Kayenta's
+    /// `allowedIncrease`). The test becomes "canary slower than (1 + allowed_increase) ×
+    /// stable" (stable's samples are scaled before the Mann-Whitney test), so a real but
+    /// small difference, which many samples make significant, no longer fails intervals.
+    ///
+    /// Default 0.1: a canary more than 10% slower is worth stopping a rollout for, while a
+    /// few percent is within the run-to-run noise of a real service (another host, a cold
+    /// cache). It also cuts the false failures of a canary as fast as stable from 3.75% of
+    /// intervals (0, no tolerance) to about 2% at the judge's minimum of 20 samples a side
+    /// and 0.1% at 500, for latencies as spread as an exponential distribution's (simulated,
+    /// see the README); the price is that a canary must be clearly more than 10% slower to
+    /// fail reliably. 0 restores the plain test.
+    /// Must be finite, 0 or more and below [`MAX_ALLOWED_INCREASE`].
+    #[serde(default = "default_allowed_increase")]
+    pub allowed_increase: f64,
 }
+
+/// Upper bound (exclusive) of `[analysis.judge] allowed_increase`: 1000%, a canary 11 times as
+/// slow as stable, is beyond any tolerance, and a larger value is more likely a percentage
+/// (`10` for 10%) than a fraction.
+pub const MAX_ALLOWED_INCREASE: f64 = 10.0;
 
 /// Where a verify command runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -1004,6 +1025,9 @@ fn default_pass_score() -> f64 {
 }
 fn default_marginal_score() -> f64 {
     75.0
+}
+fn default_allowed_increase() -> f64 {
+    0.1
 }
 fn default_history_keep() -> usize {
     500
@@ -2139,6 +2163,16 @@ impl Config {
                         "judge needs 0 < alpha < 1 and 0 <= marginal <= pass <= 100".into(),
                     ));
                 }
+                if !(0.0..MAX_ALLOWED_INCREASE).contains(&j.allowed_increase) {
+                    return Err(err(
+                        "analysis.judge.allowed_increase",
+                        format!(
+                            "allowed_increase = {} is out of range: it is the fraction by which canary latency may exceed stable's (0.1 = 10%), a number at least 0 (no tolerance) and below {MAX_ALLOWED_INCREASE} ({}%); write e.g. allowed_increase = 0.1, or leave it out for the default 0.1",
+                            j.allowed_increase,
+                            MAX_ALLOWED_INCREASE * 100.0
+                        ),
+                    ));
+                }
                 if self.balancer.kind == BalancerKind::Haproxy {
                     return Err(err(
                         "analysis.judge",
@@ -2296,7 +2330,9 @@ fn plain_message(message: &str) -> String {
         }
     }
     if let Some(head) = message.strip_suffix("expected struct Judge") {
-        message = format!("{head}expected a table: [analysis.judge] with pass, marginal and alpha");
+        message = format!(
+            "{head}expected a table: [analysis.judge] with pass, marginal, alpha and allowed_increase"
+        );
     }
     if message.ends_with("expected a sequence") {
         if message.starts_with("invalid type: map") {
@@ -3084,5 +3120,45 @@ batch = [1, "50%"]
     fn max_fail_percentage_is_bounded() {
         let e = error_of(&GOOD.replace("batch = [1, \"50%\"]", "max_fail_percentage = 150"));
         assert!(e.contains("strategy.max_fail_percentage"), "{e}");
+    }
+
+    #[test]
+    fn judge_allowed_increase_is_a_bounded_fraction() {
+        let judged = GOOD.replace(
+            "kind = \"rolling\"\nbatch = [1, \"50%\"]",
+            "kind = \"canary\"\nsteps = [{ weight = 50 }, { weight = 100 }]",
+        ) + "\n[analysis]\nmin_success_rate = 99.0\n\n[analysis.judge]\n";
+        let tolerance = |c: &Config| {
+            c.analysis
+                .as_ref()
+                .unwrap()
+                .judge
+                .as_ref()
+                .unwrap()
+                .allowed_increase
+        };
+        assert_eq!(tolerance(&parse(&judged).unwrap()), 0.1);
+        for ok in ["0", "0.0", "0.25", "1", "9.99"] {
+            let c = parse(&format!("{judged}allowed_increase = {ok}\n"));
+            assert_eq!(tolerance(&c.unwrap()), ok.parse::<f64>().unwrap());
+        }
+        let line = judged.lines().count() + 1;
+        for bad in ["-0.1", "-1", "nan", "inf", "-inf", "10", "100", "1e300"] {
+            let e = error_of(&format!("{judged}allowed_increase = {bad}\n"));
+            assert!(
+                e.starts_with(&format!(
+                    "cutover.toml:{line}:1: analysis.judge.allowed_increase: allowed_increase = "
+                )) && e.contains("(0.1 = 10%)")
+                    && e.contains("write e.g. allowed_increase = 0.1"),
+                "{bad}: {e}"
+            );
+        }
+        let e = error_of(&format!("{judged}allowed_increase = \"10%\"\n"));
+        assert!(
+            e.contains("analysis.judge.allowed_increase") && e.contains("expected a number"),
+            "{e}"
+        );
+        let e = error_of(&judged.replace("[analysis.judge]\n", "judge = 0.1\n"));
+        assert!(e.contains("alpha and allowed_increase"), "{e}");
     }
 }
