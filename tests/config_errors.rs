@@ -341,6 +341,56 @@ fn judge_through_haproxy_is_refused() {
 }
 
 #[test]
+fn judge_tolerance_is_a_bounded_fraction_and_planned() {
+    let judged = format!(
+        "{}\n[analysis]\nmin_success_rate = 99.0\n\n[analysis.judge]\n",
+        canary()
+    );
+    for bad in ["-0.1", "nan", "10"] {
+        let err = error_for(&format!("{judged}allowed_increase = {bad}\n"));
+        let line = judged.lines().count() + 1;
+        assert!(
+            err.contains(&format!(
+                ":{line}:1: analysis.judge.allowed_increase: allowed_increase = "
+            )) && err.contains("(0.1 = 10%)"),
+            "{bad}: {err}"
+        );
+    }
+    // The plan shows the tolerance as a percentage, so a 5 meant as 5% reads as 500%.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cutover.toml");
+    for (written, shown) in [
+        (
+            "",
+            "allowed_increase 0.1: fails on significant evidence of a canary more than 10% slower than stable)",
+        ),
+        (
+            "allowed_increase = 5\n",
+            "allowed_increase 5: fails on significant evidence of a canary more than 500% slower",
+        ),
+        (
+            "allowed_increase = 0\n",
+            "allowed_increase 0: fails on significant evidence of a canary slower than stable)",
+        ),
+    ] {
+        std::fs::write(&path, format!("{judged}{written}")).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cutover"))
+            .arg("-c")
+            .arg(&path)
+            .args(["plan", "--version", "v1"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && text.contains(&format!("Mann-Whitney judge on latencies ({shown}")),
+            "{written}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn bad_versions_name_the_flag_they_came_from() {
     let dir = tempfile::tempdir().unwrap();
     let (code, err) = run(dir.path(), GOOD, &["rollback", "--to", "a;b"]);

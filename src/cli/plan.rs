@@ -175,10 +175,15 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
                 .map_or("-".to_string(), |p| format!("{}%", p.0)),
             a.min_requests,
             a.failure_limit,
-            if a.judge.is_some() {
-                ", Mann-Whitney judge on latencies"
-            } else {
-                ""
+            // The tolerance is shown because it is a fraction: a 5 meant as 5% reads here as
+            // the 500% it is.
+            match &a.judge {
+                Some(j) => format!(
+                    ", Mann-Whitney judge on latencies (allowed_increase {}: fails on significant evidence of a {})",
+                    j.allowed_increase,
+                    crate::analysis::slower_than_stable(j.allowed_increase)
+                ),
+                None => String::new(),
             }
         );
     }
