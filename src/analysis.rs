@@ -61,7 +61,7 @@
 //! A significance test alone fails a canary for any difference it can detect, and a large
 //! sample detects a small systematic one (say, slower hardware under the canary: 5% slower
 //! is significant in most intervals of 2000 samples a side). So the judge has an effect-size
-//! tolerance, `allowed_increase` (Kayenta's `allowedIncrease`, default 0.1): the null
+//! tolerance, `allowed_increase` (the purpose of Kayenta's `allowedIncrease`, default 0.1): the null
 //! hypothesis is shifted by a scale factor, and the test is "canary slower than
 //! `(1 + allowed_increase) × stable`", made by multiplying stable's samples by
 //! `1 + allowed_increase` before [`mann_whitney`] (a scale, not an added constant, because

@@ -577,8 +577,8 @@ pub struct Judge {
     #[serde(default = "default_marginal_score")]
     pub marginal: f64,
     /// Effect-size tolerance, a fraction (0.1 = 10%): how much slower than stable's the
-    /// canary's latencies may be before the judge counts the canary as slower (Kayenta's
-    /// `allowedIncrease`). The test becomes "canary slower than (1 + allowed_increase) ×
+    /// canary's latencies may be before the judge counts the canary as slower (the purpose of
+    /// Kayenta's `allowedIncrease`, applied as a shift of the test rather than a check after it). The test becomes "canary slower than (1 + allowed_increase) ×
     /// stable" (stable's samples are scaled before the Mann-Whitney test), so a real but
     /// small difference, which many samples make significant, no longer fails intervals.
     ///
@@ -594,10 +594,10 @@ pub struct Judge {
     pub allowed_increase: f64,
 }
 
-/// Upper bound (exclusive) of `[analysis.judge] allowed_increase`: 1000%, a canary 11 times as
-/// slow as stable, is beyond any tolerance, and a larger value is more likely a percentage
-/// (`10` for 10%) than a fraction.
-pub const MAX_ALLOWED_INCREASE: f64 = 10.0;
+/// Upper bound (exclusive) of `[analysis.judge] allowed_increase`: a canary twice as slow as
+/// stable is beyond any tolerance worth judging with, and 1 or more is far more likely a
+/// percentage (`5` for 5%, which would tolerate a canary six times as slow) than a fraction.
+pub const MAX_ALLOWED_INCREASE: f64 = 1.0;
 
 /// Where a verify command runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -2167,7 +2167,7 @@ impl Config {
                     return Err(err(
                         "analysis.judge.allowed_increase",
                         format!(
-                            "allowed_increase = {} is out of range: it is the fraction by which canary latency may exceed stable's (0.1 = 10%), a number at least 0 (no tolerance) and below {MAX_ALLOWED_INCREASE} ({}%); write e.g. allowed_increase = 0.1, or leave it out for the default 0.1",
+                            "allowed_increase = {} is out of range: it is the fraction by which canary latency may exceed stable's (0.1 = 10%), a number at least 0 (no tolerance) and below {MAX_ALLOWED_INCREASE} ({}%); write e.g. allowed_increase = 0.1, or 0.05 for 5%, or leave it out for the default 0.1",
                             j.allowed_increase,
                             MAX_ALLOWED_INCREASE * 100.0
                         ),
@@ -3138,12 +3138,12 @@ batch = [1, "50%"]
                 .allowed_increase
         };
         assert_eq!(tolerance(&parse(&judged).unwrap()), 0.1);
-        for ok in ["0", "0.0", "0.25", "1", "9.99"] {
+        for ok in ["0", "0.0", "0.25", "0.99"] {
             let c = parse(&format!("{judged}allowed_increase = {ok}\n"));
             assert_eq!(tolerance(&c.unwrap()), ok.parse::<f64>().unwrap());
         }
         let line = judged.lines().count() + 1;
-        for bad in ["-0.1", "-1", "nan", "inf", "-inf", "10", "100", "1e300"] {
+        for bad in ["-0.1", "-1", "nan", "inf", "-inf", "1", "5", "10", "1e300"] {
             let e = error_of(&format!("{judged}allowed_increase = {bad}\n"));
             assert!(
                 e.starts_with(&format!(

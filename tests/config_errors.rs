@@ -346,7 +346,8 @@ fn judge_tolerance_is_a_bounded_fraction_and_planned() {
         "{}\n[analysis]\nmin_success_rate = 99.0\n\n[analysis.judge]\n",
         canary()
     );
-    for bad in ["-0.1", "nan", "10"] {
+    // 5 meant as 5% would tolerate a canary six times as slow: refused, as anything from 1 up.
+    for bad in ["-0.1", "nan", "5"] {
         let err = error_for(&format!("{judged}allowed_increase = {bad}\n"));
         let line = judged.lines().count() + 1;
         assert!(
@@ -356,7 +357,7 @@ fn judge_tolerance_is_a_bounded_fraction_and_planned() {
             "{bad}: {err}"
         );
     }
-    // The plan shows the tolerance as a percentage, so a 5 meant as 5% reads as 500%.
+    // The plan shows the tolerance as a percentage.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("cutover.toml");
     for (written, shown) in [
@@ -365,8 +366,8 @@ fn judge_tolerance_is_a_bounded_fraction_and_planned() {
             "allowed_increase 0.1: fails on significant evidence of a canary more than 10% slower than stable)",
         ),
         (
-            "allowed_increase = 5\n",
-            "allowed_increase 5: fails on significant evidence of a canary more than 500% slower",
+            "allowed_increase = 0.5\n",
+            "allowed_increase 0.5: fails on significant evidence of a canary more than 50% slower",
         ),
         (
             "allowed_increase = 0\n",
