@@ -1458,7 +1458,7 @@ impl Deployer {
             Vec::new(),
             failed,
             Vec::new(),
-            Vec::new(),
+            vec!["no host changed traffic: the deploy stopped after staging, since the host(s) that could not stage it would have spent the failure budget".into()],
         )
         .await
     }

@@ -964,6 +964,12 @@ async fn hosts_the_release_cannot_reach_stop_the_deploy_before_traffic_moves() {
         "{err}"
     );
     assert!(!err.contains("batch 1/2: "), "no batch started: {err}");
+    assert!(out.contains("no host changed traffic"), "{out}");
+    // The directory in the way is not a partial file it removed.
+    assert!(
+        out.contains(".v2.tar.gz.upload could not be removed: ") && !out.contains("was removed"),
+        "{out}"
+    );
     for (host, _) in &fleet.hosts {
         let started: Vec<String> = std::fs::read_dir(fleet.root(host).join("log"))
             .unwrap()

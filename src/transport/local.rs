@@ -134,9 +134,13 @@ impl Transport for LocalTransport {
             Err(e) => Err(e),
         };
         if let Err(e) = copied {
-            let _ = tokio::fs::remove_file(&tmp).await;
+            let left = match tokio::fs::remove_file(&tmp).await {
+                Ok(()) => " (the partial file was removed)".to_string(),
+                Err(r) if r.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(r) => format!(" ({} could not be removed: {r})", tmp.display()),
+            };
             return Err(anyhow::Error::new(e).context(format!(
-                "host {}: copying {} to {} (the partial file was removed)",
+                "host {}: copying {} to {}{left}",
                 host.name,
                 from.display(),
                 to.display()
