@@ -127,6 +127,11 @@ pub struct Report {
     /// was done there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unchanged_hosts: Vec<String>,
+    /// Of `moved_hosts`, those whose running instance of `to` had no server in the balancer
+    /// (an HAProxy reload or restart drops the servers cutover added) and went back in without
+    /// a restart.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readmitted_hosts: Vec<String>,
     pub failed_hosts: Vec<HostFailure>,
     /// Hosts that the rollback could not return (only with outcome `failed`).
     pub stuck_hosts: Vec<HostFailure>,
@@ -162,6 +167,23 @@ impl Request {
             resume: None,
         }
     }
+
+    /// `cutover readmit`: a deploy of the release the hosts run, recorded as kind `readmit`.
+    /// Like a rollback it goes to what the hosts hold (no branch is asked about, no rebuilt
+    /// release directory or moved tag refuses it): it changes no release, it only puts running
+    /// instances back into the balancer.
+    pub fn readmit(version: Name) -> Request {
+        Request {
+            version,
+            kind: "readmit",
+            resume: None,
+        }
+    }
+
+    /// The run goes to what the hosts hold: a rollback, or a readmit.
+    fn to_what_hosts_hold(&self) -> bool {
+        matches!(self.kind, "rollback" | "readmit")
+    }
 }
 
 /// Runs deployments against one fleet. Cheap to clone (shared handles), so background work of
@@ -181,6 +203,9 @@ pub struct Deployer {
     stranded: Arc<std::sync::Mutex<Vec<HostFailure>>>,
     /// Hosts found already serving the target release, where this deployment did nothing.
     already: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Hosts whose running instance of the target release had no server in the balancer and
+    /// was admitted again, not restarted.
+    readmitted: Arc<std::sync::Mutex<Vec<String>>>,
     /// Requests and upgraded connections (WebSocket) the drain deadline closed during this
     /// deployment: the report says so, since a tunnel's client saw its connection end.
     closed_at_deadline: Arc<std::sync::atomic::AtomicU64>,
@@ -198,8 +223,9 @@ pub struct Run {
     /// the balancer's counters before the interruption were never read, so the report's
     /// request counts cover only what this process saw.
     pub taken_over: bool,
-    /// The run returns hosts to a release (`cutover rollback`, or undoing an interrupted
-    /// deployment): an operator's `rollback` does not stop it, only `abort` does.
+    /// The run returns hosts to a release they held (`cutover rollback`, undoing an interrupted
+    /// deployment, or `cutover readmit`): an operator's `rollback` does not stop it, only
+    /// `abort` does; the release is taken as the hosts hold it (see `rebuilt_in_place`).
     pub rollback: bool,
 }
 
@@ -222,6 +248,7 @@ impl Deployer {
             ports: Arc::default(),
             stranded: Default::default(),
             already: Default::default(),
+            readmitted: Default::default(),
             closed_at_deadline: Default::default(),
         }
     }
@@ -289,6 +316,7 @@ impl Deployer {
         // A deployment starts with no stranded hosts (see `stranded_into`).
         self.take_stranded();
         self.take_already();
+        self.take_readmitted();
         self.take_closed_at_deadline();
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
@@ -328,7 +356,7 @@ impl Deployer {
                     id: row.id.clone(),
                     previous: row.previous.clone(),
                     taken_over: true,
-                    rollback: req.kind == "rollback",
+                    rollback: req.to_what_hosts_hold(),
                 }
             }
             None => {
@@ -342,7 +370,7 @@ impl Deployer {
                         .map(|v| (v.host.name.to_string(), v.current.clone()))
                         .collect(),
                     taken_over: false,
-                    rollback: req.kind == "rollback",
+                    rollback: req.to_what_hosts_hold(),
                 };
                 self.journal.begin(&DeploymentRow {
                     id: run.id.clone(),
@@ -865,7 +893,11 @@ impl Deployer {
             let known = self.journal.known_releases(self.config.app.name.as_str())?;
             Ok(known.iter().any(|v| v == req.version.as_str()))
         };
-        if req.resume.is_some() || (req.kind == "rollback" && deployed_before()?) {
+        // A readmit names the release the hosts run.
+        if req.resume.is_some()
+            || req.kind == "readmit"
+            || (req.kind == "rollback" && deployed_before()?)
+        {
             return Ok(None);
         }
         // `HEAD` and the like are refused as themselves, not as a repository that did not
@@ -1011,6 +1043,7 @@ impl Deployer {
         }
         notes.extend(traffic.notes);
         let already = self.take_already();
+        let readmitted = self.take_readmitted();
         let report = Report {
             id: run.id.clone(),
             app: self.config.app.name.to_string(),
@@ -1033,6 +1066,15 @@ impl Deployer {
                     .iter()
                     .map(|h| h.name.to_string())
                     .filter(|h| already.contains(h))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            readmitted_hosts: if matches!(outcome, Outcome::Succeeded | Outcome::Halted) {
+                moved
+                    .iter()
+                    .map(|h| h.name.to_string())
+                    .filter(|h| readmitted.contains(h))
                     .collect()
             } else {
                 Vec::new()
@@ -1619,8 +1661,29 @@ impl Deployer {
             Some(r) => (Some(r), false),
             None => (healthy_target(BackendState::Draining), true),
         };
-        let (instance, serving, emptied) = match serving_target {
-            Some(r) => {
+        // An instance of the release that runs while the balancer has no server at all for
+        // the host (an HAProxy reload or restart drops the servers cutover added: `cutover
+        // readmit`) goes back in through the health gate, without a restart.
+        let unrouted = match serving_target {
+            Some(_) => None,
+            None if backends.iter().any(|b| b.spec.host == host.name.as_str()) => None,
+            None => recorded
+                .iter()
+                .find(|r| r.alive && r.instance.version == version.as_str()),
+        };
+        let (instance, serving, emptied) = match (serving_target, unrouted) {
+            (None, Some(r)) => {
+                say(format!(
+                    "{version} runs on {} (pid {}) but the balancer has no server for this host: admitting it again (not restarted)",
+                    r.instance.address, r.instance.pid
+                ));
+                self.readmitted
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(host.name.to_string());
+                (r.instance.clone(), false, None)
+            }
+            (Some(r), _) => {
                 let id = r.instance.backend_id();
                 if draining {
                     self.balancer
@@ -1655,7 +1718,7 @@ impl Deployer {
                 }
                 (r.instance.clone(), true, None)
             }
-            None => {
+            (None, None) => {
                 let in_place = self.in_place().is_some();
                 let (permit, emptied) = if in_place {
                     // What served: the live instance of another release (normally the only one).
@@ -1884,6 +1947,10 @@ impl Deployer {
 
     fn take_already(&self) -> Vec<String> {
         std::mem::take(&mut *self.already.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn take_readmitted(&self) -> Vec<String> {
+        std::mem::take(&mut *self.readmitted.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn take_stranded(&self) -> Vec<HostFailure> {

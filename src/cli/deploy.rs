@@ -482,8 +482,19 @@ fn summary(r: &Report) -> String {
         .iter()
         .map(String::as_str)
         .partition(|h| r.unchanged_hosts.iter().any(|u| u == h));
+    let (readmitted, moved): (Vec<&str>, Vec<&str>) = moved
+        .into_iter()
+        .partition(|h| r.readmitted_hosts.iter().any(|u| u == h));
     if !moved.is_empty() {
         let _ = writeln!(out, "  moved: {}", moved.join(", "));
+    }
+    if !readmitted.is_empty() {
+        let _ = writeln!(
+            out,
+            "  back in the balancer (running {}, not restarted): {}",
+            r.to,
+            readmitted.join(", ")
+        );
     }
     if !unchanged.is_empty() {
         let _ = writeln!(
