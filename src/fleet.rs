@@ -216,7 +216,7 @@ pub fn drift(
             if let Some(cur) = &v.current {
                 if let Some(i) = v.alive().find(|i| &i.version == cur) {
                     found.push(format!(
-                        "{host}: {cur} runs on {} (pid {}) but the balancer has no backend for this host (an HAProxy reload or restart drops the servers cutover added): `cutover deploy --version {cur}` adds it back",
+                        "{host}: {cur} runs on {} (pid {}) but the balancer has no backend for this host (an HAProxy reload or restart drops the servers cutover added): `cutover readmit` adds it back without restarting it (`cutover serve` does so by itself)",
                         i.address, i.pid
                     ));
                 }

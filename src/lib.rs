@@ -28,6 +28,7 @@ pub mod load;
 pub mod probe;
 pub mod progress;
 pub mod proxy;
+pub mod readmit;
 pub mod release;
 pub mod report;
 pub mod sample_app;

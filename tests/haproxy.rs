@@ -840,7 +840,7 @@ async fn after_an_haproxy_restart_status_names_the_lost_hosts_and_counts_start_a
     for host in ["web1", "web2"] {
         assert!(
             out.contains(&format!("{host}: v2 runs on"))
-                && out.contains("`cutover deploy --version v2` adds it back"),
+                && out.contains("`cutover readmit` adds it back"),
             "{out}\n{err}"
         );
     }
@@ -857,6 +857,65 @@ async fn after_an_haproxy_restart_status_names_the_lost_hosts_and_counts_start_a
     fleet.assert_all_ready_on("v2");
     let (_, out, _) = fleet.cutover(&["status"]).await;
     assert!(!out.contains("has no backend"), "{out}");
+}
+
+/// Live processes of the fleet's instances, sorted: the same list means nothing restarted.
+fn instance_pids(fleet: &Fleet) -> Vec<u32> {
+    let mut pids = instances_under(fleet.dir.path());
+    pids.sort_unstable();
+    pids
+}
+
+/// HAProxy loses cutover's dynamic servers when it reloads or restarts. `cutover readmit` puts
+/// every host's running instance back without restarting it, and says when there is nothing
+/// to put back (also before anything was deployed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_haproxy_restart_readmit_puts_the_running_instances_back() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(2, 116, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    let (code, out, err) = fleet.cutover(&["readmit"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("nothing to re-admit: no deployment of test is recorded"),
+        "{out}\n{err}"
+    );
+    fleet.deploy("v1", 0).await;
+    fleet.deploy("v2", 0).await;
+    fleet.assert_all_ready_on("v2");
+    let pids = instance_pids(&fleet);
+    assert!(!pids.is_empty());
+
+    if let Some(mut h) = fleet.haproxy.take() {
+        let _ = h.kill().await;
+    }
+    fleet.start_haproxy().await;
+    assert!(
+        fleet.servers().is_empty(),
+        "a restart drops dynamic servers"
+    );
+    let (code, out, err) = fleet.cutover(&["readmit"]).await;
+    assert_eq!(code, 0, "{out}\n{err}\nhaproxy:\n{}", fleet.haproxy_log());
+    assert!(out.contains("readmit v2 -> v2: succeeded"), "{out}\n{err}");
+    assert!(
+        out.contains("back in the balancer (running v2, not restarted): web1, web2"),
+        "{out}\n{err}"
+    );
+    fleet.assert_all_ready_on("v2");
+    assert_eq!(instance_pids(&fleet), pids, "no instance was restarted");
+    let (code, out, err) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!out.contains("has no backend"), "{out}");
+    let (_, out, _) = fleet.cutover(&["history", "--json"]).await;
+    let history: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(history[0]["kind"], "readmit", "{history}");
+
+    let (code, out, err) = fleet.cutover(&["readmit"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("nothing to re-admit: every host whose live release runs has a server"),
+        "{out}\n{err}"
+    );
+    assert_eq!(instance_pids(&fleet), pids);
 }
 
 /// Review finding: with HAProxy down, `cutover status` printed only the error (no hosts, no

@@ -1,5 +1,5 @@
-//! `cutover deploy` and `cutover rollback`: the deploy lock, the deployment itself and its
-//! report; and the commands (`promote`, `abort`, `pause`, `resume`) sent to a running one.
+//! `cutover deploy`, `cutover rollback` and `cutover readmit`: the deploy lock, the deployment
+//! itself and its report; and the commands (`promote`, `abort`, `pause`, `resume`) sent to a running one.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -64,6 +64,8 @@ pub(super) enum Action {
     Deploy(Name),
     Resume,
     Rollback(Option<Name>),
+    /// `cutover readmit`: see [`crate::readmit`].
+    Readmit,
 }
 
 /// Holds the deploy lock and renews its lease until dropped.
@@ -222,6 +224,7 @@ pub(super) async fn deploy_cmd(
         Action::Resume => "deploy --resume".to_string(),
         Action::Rollback(Some(v)) => format!("rollback to {v}"),
         Action::Rollback(None) => "rollback".to_string(),
+        Action::Readmit => "readmit".to_string(),
     };
     // Commands and local sessions lead their own process groups: Ctrl-C must still end them.
     tokio::spawn(crate::bounded::stop_groups_on_signal());
@@ -268,7 +271,9 @@ pub(super) async fn deploy_cmd(
     // A deployer error, with whether the deployment stays unfinished and how to finish it.
     let next_step = |e| with_next_step(&journal, app, e);
     let report = match (action, interrupted) {
-        (Action::Deploy(_), Some(row)) if going_back || row.kind == "rollback" => {
+        (Action::Deploy(_) | Action::Readmit, Some(row))
+            if going_back || row.kind == "rollback" =>
+        {
             anyhow::bail!(
                 "{} {} ({} -> {}) was interrupted while it returned hosts to {}: run `cutover rollback` (or `cutover deploy --resume`) to finish that",
                 if row.kind == "rollback" {
@@ -286,7 +291,7 @@ pub(super) async fn deploy_cmd(
                 },
             );
         }
-        (Action::Deploy(_), Some(row)) => {
+        (Action::Deploy(_) | Action::Readmit, Some(row)) => {
             // The step it stopped in: the newest unfinished one (steps run in parallel, so
             // the newest of all may be a background settle that ended).
             let steps = journal.steps(&row.id)?;
@@ -320,6 +325,36 @@ pub(super) async fn deploy_cmd(
             .run(&Request::deploy(version))
             .await
             .map_err(next_step)?,
+        (Action::Readmit, None) => {
+            // Read under the lock: no deployment moves the fleet meanwhile.
+            let plan =
+                crate::readmit::plan(&config, &journal, &deployer.transport, &deployer.balancer)
+                    .await?;
+            let said = plan.describe(&config);
+            let crate::readmit::Plan::Readmit { version, hosts } = plan else {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "outcome": "nothing_to_readmit", "message": said })
+                    );
+                } else {
+                    println!("{said}");
+                }
+                return Ok(0);
+            };
+            deployer.progress.say(&said);
+            let readmitter = crate::deploy::Deployer::new(
+                Arc::new(crate::readmit::config_for(&config, &hosts)),
+                deployer.transport.clone(),
+                deployer.balancer.clone(),
+                journal.clone(),
+                deployer.progress.clone(),
+            );
+            readmitter
+                .run(&Request::readmit(version))
+                .await
+                .map_err(next_step)?
+        }
         (Action::Resume, Some(row)) if going_back => {
             deployer.progress.say(&format!(
                 "deployment {} was returning its hosts when it stopped: finishing that (--resume never moves a fleet forward that had begun going back)",

@@ -4,8 +4,8 @@
 //! rolled back, halted or aborted, 2 an error (bad config, unreachable balancer, ...). Errors
 //! print once, with their whole context chain.
 //!
-//! One module per group of verbs: [`deploy`] (deploy, rollback, the lock, commands to a running
-//! deployment), [`plan`], [`inspect`] (status, history, show, logs) and [`proxy`].
+//! One module per group of verbs: [`deploy`] (deploy, rollback, readmit, the lock, commands to a
+//! running deployment), [`plan`], [`inspect`] (status, history, show, logs) and [`proxy`].
 
 mod deploy;
 mod inspect;
@@ -87,6 +87,29 @@ pub enum Command {
     /// deployment: return every host to the release it had before it. While a deployment
     /// runs: ask it to go back (waits for it to end).
     Rollback(RollbackArgs),
+    /// After an HAProxy reload or restart: put the live release's running instances back in.
+    ///
+    /// cutover adds each instance to HAProxy as a dynamic server; those live only in the
+    /// running HAProxy, so a reload (`systemctl reload haproxy`, a certbot renewal hook) or a
+    /// restart starts without them and every request gets 503 until they are back. `readmit`
+    /// finds the hosts whose live release runs but has no server, and deploys that release to
+    /// them alone: each running instance passes its health check and goes back in. Nothing is
+    /// restarted, no hook or verify suite runs, and the deploy lock is taken as by a deploy.
+    /// With nothing missing, or nothing ever deployed, it says so and exits 0.
+    ///
+    /// `cutover serve` does this by itself within seconds of a reload. Without it, run
+    /// readmit after each reload and start of HAProxy, e.g. with a drop-in
+    /// (/etc/systemd/system/haproxy.service.d/cutover.conf; see docs/haproxy.md):
+    ///
+    ///     [Service]
+    ///     ExecStartPost=-/usr/local/bin/cutover readmit -c /etc/cutover.toml
+    ///     ExecReload=-/bin/sh -c 'sleep 2; exec /usr/local/bin/cutover readmit -c /etc/cutover.toml'
+    ///
+    /// (The sleep lets the reloaded HAProxy take over its stats socket: read before that, the
+    /// old process still shows every server.) Exit codes as deploy's: 0 re-admitted (or
+    /// nothing to do), 1 a host failed its health check, 2 an error.
+    #[command(verbatim_doc_comment)]
+    Readmit(ReadmitArgs),
     /// Move a running canary to its next step (--full: skip the remaining steps), end a
     /// blue-green switch-back window early, or let a paused rolling deploy go on.
     Promote(PromoteArgs),
@@ -212,6 +235,17 @@ pub struct UnlockArgs {
 #[derive(Args, Debug)]
 pub struct JsonArgs {
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ReadmitArgs {
+    /// Wait up to this long for another deployment's lock (e.g. "5m").
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub lock_wait: Option<std::time::Duration>,
+    /// JSON for CI: progress as JSON lines on stderr, then the report (or, with nothing to
+    /// do, `{"outcome": "nothing_to_readmit", "message": ...}`) as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -433,6 +467,15 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             runtime()?.block_on(deploy_cmd(
                 config,
                 Action::Rollback(to),
+                args.lock_wait,
+                args.json,
+            ))
+        }
+        Command::Readmit(args) => {
+            let config = Config::load(&cli.config)?;
+            runtime()?.block_on(deploy_cmd(
+                config,
+                Action::Readmit,
                 args.lock_wait,
                 args.json,
             ))
