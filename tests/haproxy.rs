@@ -4,6 +4,7 @@
 //! and a local fleet, and stops both on drop, also when the test fails.
 
 mod common;
+mod serve_support;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -225,6 +226,68 @@ impl Fleet {
         (out, err)
     }
 
+    /// Whether every host has one server in HAProxy, ready and running, of `version`.
+    fn all_ready_on(&self, version: &str) -> bool {
+        let servers = self.servers();
+        servers.len() == self.hosts.len()
+            && self.hosts.iter().all(|h| {
+                servers.iter().any(|s| {
+                    s.name.starts_with(&format!("{h}:"))
+                        && s.admin_state == 0
+                        && s.op_state == 2
+                        && parse_server_name(&s.name).is_some_and(|(_, _, r)| r == version)
+                })
+            })
+    }
+
+    /// Starts `cutover serve` on this fleet (its `[serve]` listening on `ip`, stderr in
+    /// serve.log); waits for the address it prints. Killed when the returned guard drops.
+    async fn serve(&self, ip: &str) -> Serve {
+        use tokio::io::AsyncBufReadExt;
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        if !text.contains("[serve]") {
+            std::fs::write(
+                &self.config,
+                format!(
+                    "{text}\n[serve]\nlisten = \"{ip}:0\"\ntoken = \"{}\"\n",
+                    serve_support::SERVE_TOKEN
+                ),
+            )
+            .unwrap();
+        }
+        let log = self.dir.path().join("serve.log");
+        let mut child = self
+            .command(&["-v", "serve"])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("cutover serve starts");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("cutover serve prints its address in time")
+            .unwrap()
+            .unwrap_or_else(|| {
+                panic!(
+                    "cutover serve exited: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        // Keep reading stdout so the pipe never fills.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Serve {
+            _child: child,
+            addr,
+            log,
+        }
+    }
+
     /// Every server is ready and running in HAProxy, one per host, all of `version`.
     fn assert_all_ready_on(&self, version: &str) {
         let servers = self.servers();
@@ -241,6 +304,36 @@ impl Fleet {
                 "{h} has a server: {servers:?}"
             );
         }
+    }
+}
+
+/// A `cutover serve` beside a fleet; killed on drop (`kill_on_drop`), also when a test fails.
+struct Serve {
+    _child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Serve {
+    /// `GET path` of its API with the token; the JSON answer.
+    async fn get(&self, path: &str) -> serde_json::Value {
+        let (status, _, body) = serve_support::request(
+            self.addr,
+            "GET",
+            path,
+            &[(
+                "authorization",
+                format!("Bearer {}", serve_support::SERVE_TOKEN),
+            )],
+            String::new(),
+        )
+        .await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -916,6 +1009,100 @@ async fn after_an_haproxy_restart_readmit_puts_the_running_instances_back() {
         "{out}\n{err}"
     );
     assert_eq!(instance_pids(&fleet), pids);
+}
+
+/// `cutover serve` re-admits by itself: its sampler sees HAProxy's counting start again, the
+/// fleet read finds the hosts without a server, and a `readmit` job puts them back within
+/// seconds, once, without restarting anything. Traffic through the restart measures the
+/// outage clients saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_readmits_the_servers_an_haproxy_restart_dropped() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(2, 117, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    fleet.deploy("v1", 0).await;
+    let serve = fleet.serve("127.0.117.2").await;
+    // Two samples of the HAProxy that runs now (a rate needs two): serve knows when it began
+    // counting.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while serve.get("/api/metrics").await["rates"]
+        .as_array()
+        .is_none_or(|r| r.is_empty())
+    {
+        assert!(Instant::now() < deadline, "no samples: {}", serve.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pids = instance_pids(&fleet);
+    let run = fleet.traffic(100, 100_000);
+    run.wait_until(|r| r.ok >= 50).await;
+
+    if let Some(mut h) = fleet.haproxy.take() {
+        let _ = h.kill().await;
+    }
+    let killed = Instant::now();
+    fleet.start_haproxy().await;
+    let up = Instant::now();
+    while !fleet.all_ready_on("v1") {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the servers are not back 20 s after the restart: {:?}\nserve log:\n{}",
+            fleet.servers(),
+            serve.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = Instant::now();
+    let ok_before = run.wait_until(|_| true).await.ok;
+    run.wait_until(|r| r.ok >= ok_before + 100).await;
+    let load = run.stop().await;
+    eprintln!(
+        "HAProxy down {:.2}s, up without servers {:.2}s; {load}",
+        (up - killed).as_secs_f64(),
+        (back - up).as_secs_f64()
+    );
+    assert!(
+        load.failed < load.sent / 2,
+        "the outage is seconds, not the whole run: {load}"
+    );
+    assert_eq!(instance_pids(&fleet), pids, "no instance was restarted");
+
+    // The job, as the dashboard shows it: kind readmit, why, its deployment.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let job = loop {
+        let queue = serve.get("/api/queue").await;
+        let done = queue["finished"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["kind"] == "readmit")
+            .cloned();
+        if let Some(job) = done {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "{queue}\n{}", serve.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(job["outcome"], "succeeded", "{job}");
+    let trigger = job["trigger"].as_str().unwrap();
+    assert!(
+        trigger.starts_with("HAProxy restarted or reloaded: web1, web2 had no server"),
+        "{job}"
+    );
+    let newest = &serve.get("/api/deployments").await["deployments"][0];
+    assert_eq!(newest["kind"], "readmit", "{newest}");
+    assert_eq!(newest["id"], job["deployment"], "{newest}\n{job}");
+    // Once: the readmit itself restarts nothing, so nothing queues a second one.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let queue = serve.get("/api/queue").await;
+    let readmits = [&queue["finished"], &queue["queued"]]
+        .iter()
+        .flat_map(|l| l.as_array().unwrap().iter())
+        .chain(queue["running"].as_object().map(|_| &queue["running"]))
+        .filter(|j| j["kind"] == "readmit")
+        .count();
+    assert_eq!(readmits, 1, "{queue}");
+    let (_, out, _) = fleet.cutover(&["status"]).await;
+    assert!(!out.contains("has no backend"), "{out}");
 }
 
 /// Review finding: with HAProxy down, `cutover status` printed only the error (no hosts, no

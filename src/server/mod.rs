@@ -12,6 +12,8 @@
 //! - [`queue`]: the jobs; the runner takes the deploy lock per job, like `cutover deploy`, so a
 //!   deploy from a terminal and one from `serve` never overlap;
 //! - [`sampler`]: the balancer's counters over time, for the live chart and the deploy report;
+//!   when they start again (an HAProxy reload or restart), [`readmitter`] queues a `readmit`
+//!   job for the hosts whose servers the balancer lost;
 //! - [`api`]: JSON endpoints behind a bearer token; [`github`]: the signed webhook;
 //!   [`dashboard`]: the page, its script and style, embedded in the binary.
 //!
@@ -318,6 +320,7 @@ pub async fn start(state: ServeState) -> anyhow::Result<Handle> {
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(state.live.clone().run(stopped.clone()));
     tokio::spawn(runner(state.clone(), stopped.clone()));
+    tokio::spawn(readmitter(state.clone(), stopped.clone()));
     let router = app(state.clone());
     let server = {
         let mut stopped = stopped.clone();
@@ -417,6 +420,7 @@ fn dropped_jobs(state: &ServeState, what: &str) -> Vec<String> {
                 }
                 Work::Rollback { to: Some(v) } => format!("cutover -c {config} rollback --to {v}"),
                 Work::Rollback { to: None } => format!("cutover -c {config} rollback"),
+                Work::Readmit => format!("cutover -c {config} readmit"),
             };
             format!(
                 "job {} ({}) was queued and is {what}; to run it: {command}",
@@ -490,7 +494,12 @@ async fn runner(state: ServeState, mut stop: watch::Receiver<bool>) {
         }
         job.ended_ms = Some(crate::journal::now_ms());
         match result {
-            Ok(report) => {
+            Ok(Ran::Nothing(why)) => {
+                job.state = JobState::Done;
+                job.outcome = Some(NOTHING_TO_READMIT.to_string());
+                state.say(&format!("job {}: {why}", job.id));
+            }
+            Ok(Ran::Deployed(report)) => {
                 job.state = JobState::Done;
                 job.outcome = Some(report.outcome.label().to_string());
                 job.deployment = Some(report.id.clone());
@@ -530,6 +539,7 @@ pub(crate) fn describe(job: &Job) -> String {
         Work::Deploy { version } => format!("deploy {version} ({})", job.trigger),
         Work::Rollback { to: Some(v) } => format!("rollback to {v} ({})", job.trigger),
         Work::Rollback { to: None } => format!("rollback ({})", job.trigger),
+        Work::Readmit => format!("readmit ({})", job.trigger),
     }
 }
 
@@ -581,8 +591,20 @@ pub(crate) fn resolve_hint(state: &ServeState, row: &crate::journal::DeploymentR
     )
 }
 
+/// A job's `outcome` when a readmit found every server in place (the fleet read under the lock
+/// can differ from the one that queued it).
+pub const NOTHING_TO_READMIT: &str = "nothing_to_readmit";
+
+/// What a job that did not fail did.
+enum Ran {
+    /// Its deployment ran to this report.
+    Deployed(Box<Report>),
+    /// There was nothing to do (a readmit that found nothing missing): why.
+    Nothing(String),
+}
+
 /// One job: the lock, the interrupted-deployment check, the deploy.
-async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
+async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Ran> {
     let config = &state.config;
     let what = format!("serve: {}", describe(job));
     let _lock = crate::cli::take_lock(
@@ -602,8 +624,31 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
         let state = state.clone();
         Progress::to_sink(Arc::new(move |line: &str| state.say(line)))
     };
-    let deployer = crate::cli::deployer(config.clone(), state.journal.clone(), progress)?;
+    let mut deployer = crate::cli::deployer(config.clone(), state.journal.clone(), progress)?;
     let request = match &job.work {
+        Work::Readmit => {
+            // Read under the lock: no deployment moves the fleet meanwhile.
+            let plan = crate::readmit::plan(
+                config,
+                &state.journal,
+                &deployer.transport,
+                &deployer.balancer,
+            )
+            .await?;
+            let said = plan.describe(config);
+            let crate::readmit::Plan::Readmit { version, hosts } = plan else {
+                return Ok(Ran::Nothing(said));
+            };
+            deployer.progress.say(&said);
+            deployer = crate::deploy::Deployer::new(
+                Arc::new(crate::readmit::config_for(config, &hosts)),
+                deployer.transport.clone(),
+                deployer.balancer.clone(),
+                state.journal.clone(),
+                deployer.progress.clone(),
+            );
+            Request::readmit(version)
+        }
         Work::Deploy { version } => Request::deploy(name(version)?),
         Work::Rollback { to } => {
             let target = match to {
@@ -639,7 +684,129 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Report> {
     };
     let result = deployer.run(&request).await;
     watcher.abort();
-    result
+    result.map(|r| Ran::Deployed(Box::new(r)))
+}
+
+/// How often a restart of the balancer seen while a deployment runs (or waits) is looked at
+/// again, and a fleet read that failed is tried again.
+pub const READMIT_RETRY: Duration = sampler::SLOW;
+
+/// Why a readmit may be due: the balancer's counting began again, or serve just started (the
+/// machine rebooted with HAProxy, say).
+fn readmit_reason(state: &ServeState, restarted: bool) -> &'static str {
+    match (restarted, state.config.balancer.kind) {
+        (false, _) => "serve started",
+        (true, crate::config::BalancerKind::Haproxy) => "HAProxy restarted or reloaded",
+        (true, crate::config::BalancerKind::Builtin) => "the balancer restarted",
+    }
+}
+
+/// Queues a `readmit` job when the balancer lost the servers of hosts whose live release runs:
+/// looked at when serve starts and whenever the sampler sees the balancer's counting begin
+/// again (an HAProxy reload or restart drops every server cutover added; cutover's own proxy
+/// restores its backends, so after its restart the look finds nothing). Not while a deployment
+/// runs, is queued or was interrupted: a running one puts back what it touches, an
+/// interrupted one is a person's to resolve; serve looks again once none is left, and queues
+/// the job only if servers are still missing. Never two at once: the job is queued only when
+/// nothing else is.
+async fn readmitter(state: ServeState, mut stop: watch::Receiver<bool>) {
+    let mut restarts = state.live.restarts();
+    let mut due: Option<&'static str> = Some(readmit_reason(&state, false));
+    let mut told = false;
+    loop {
+        if let Some(reason) = due {
+            match readmit_check(&state, reason, !told).await {
+                Some(waits) => told |= waits,
+                None => {
+                    due = None;
+                    told = false;
+                }
+            }
+        }
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            changed = restarts.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                due = Some(readmit_reason(&state, true));
+                told = false;
+            }
+            _ = tokio::time::sleep(READMIT_RETRY), if due.is_some() => {}
+        }
+    }
+}
+
+/// One look for lost servers (see [`readmitter`]): `None` when it is done (a job queued, or
+/// nothing missing); `Some(said)` to look again later, `said` when it said why (only when
+/// `tell`).
+async fn readmit_check(state: &ServeState, reason: &str, tell: bool) -> Option<bool> {
+    let wait = |why: String| {
+        if tell {
+            state.say(&format!("{reason}: {why}"));
+        }
+        Some(tell)
+    };
+    let after = "serve looks for hosts the balancer lost once it has ended";
+    let again = format!(
+        "serve tries again every {}",
+        humantime::format_duration(READMIT_RETRY)
+    );
+    let view = state.queue.view();
+    if let Some(job) = view.running.iter().chain(view.queued.iter()).next() {
+        return wait(format!(
+            "job {} ({}) is {}: {after}",
+            job.id,
+            describe(job),
+            if job.state == JobState::Running {
+                "running"
+            } else {
+                "queued"
+            }
+        ));
+    }
+    match state.journal.unfinished(state.config.app.name.as_str()) {
+        Ok(Some(row)) => {
+            return wait(format!(
+                "deployment {} ({} -> {}) is unfinished (running, or interrupted: then resolve it with `cutover deploy --resume` or `cutover rollback`): {after}",
+                row.id,
+                row.from.as_deref().unwrap_or("(nothing)"),
+                row.to
+            ));
+        }
+        Ok(None) => {}
+        Err(e) => return wait(format!("cannot read the journal ({e:#}): {again}")),
+    }
+    let views = match crate::fleet::observe(&state.config, &state.transport, &state.balancer).await
+    {
+        Ok(views) => views,
+        // The balancer may still be coming up: the next look reads it again.
+        Err(e) => return wait(format!("cannot read the fleet ({e:#}): {again}")),
+    };
+    let lost = crate::readmit::lost(&views);
+    if lost.is_empty() {
+        if reason != readmit_reason(state, false) {
+            state.say(&format!(
+                "{reason}: every host whose live release runs has a server in the balancer"
+            ));
+        }
+        return None;
+    }
+    let trigger = format!(
+        "{reason}: {} had no server in the balancer",
+        crate::readmit::names(&lost)
+    );
+    match state.queue.push(Work::Readmit, None, trigger.clone()) {
+        Ok((job, _)) => {
+            state.say(&format!(
+                "{trigger}: queued job {} to put the running instances back (readmit)",
+                job.id
+            ));
+            None
+        }
+        Err(e) => wait(format!("cannot queue a readmit ({e:#}): {again}")),
+    }
 }
 
 fn name(v: &str) -> anyhow::Result<Name> {

@@ -26,6 +26,9 @@ pub enum Work {
     Deploy { version: String },
     /// Return the fleet to `to`, or to the release before the live one.
     Rollback { to: Option<String> },
+    /// Put the live release's running instances that have no server back into the balancer
+    /// (`cutover readmit`): queued by serve itself after the balancer restarted.
+    Readmit,
 }
 
 /// Where a job is.
@@ -579,6 +582,29 @@ mod tests {
         let (other, _) = Queue::kept_in(journal, "b").unwrap();
         let kept: Vec<_> = other.view().queued.iter().map(|j| j.work.clone()).collect();
         assert_eq!(kept, vec![deploy("b1")], "b's job is b's alone");
+    }
+
+    /// The readmit serve queues by itself is kept like any job: after a restart of serve it
+    /// still runs (and reads `{"kind": "readmit"}` back).
+    #[test]
+    fn a_queued_readmit_is_kept_in_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = Arc::new(Journal::open(dir.path()).unwrap());
+        let (q, _) = Queue::kept_in(journal.clone(), "a").unwrap();
+        let (job, _) = q
+            .push(Work::Readmit, None, "HAProxy restarted or reloaded".into())
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&job).unwrap()["kind"],
+            serde_json::json!("readmit")
+        );
+        drop(q);
+        let (q, unreadable) = Queue::kept_in(journal, "a").unwrap();
+        assert!(unreadable.is_empty(), "{unreadable:?}");
+        let kept = q.view().queued;
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].work, Work::Readmit);
+        assert_eq!(kept[0].trigger, "HAProxy restarted or reloaded");
     }
 
     /// A job that starts stays kept in the journal until its deployment begins: put back

@@ -234,7 +234,10 @@ function renderDeployment(d) {
 }
 
 function describeJob(j) {
-  return j.kind === "deploy" ? "deploy " + j.version : "rollback" + (j.to ? " to " + j.to : "");
+  if (j.kind === "deploy") return "deploy " + j.version;
+  // Queued by serve itself: why is the job's trigger ("HAProxy restarted or reloaded: ...").
+  if (j.kind === "readmit") return "readmit (servers back into the balancer)";
+  return "rollback" + (j.to ? " to " + j.to : "");
 }
 
 // An outcome as people read it ("rolled back"); the API keeps the value scripts match
