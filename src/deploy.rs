@@ -327,7 +327,11 @@ impl Deployer {
             .await
             .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
-        if self.in_place().is_some() && plan.iter().any(|b| b.len() == config.hosts.len()) {
+        // A readmit restarts nothing: its one batch leaves no host serving less than before.
+        if self.in_place().is_some()
+            && req.kind != "readmit"
+            && plan.iter().any(|b| b.len() == config.hosts.len())
+        {
             self.progress.say(&format!(
                 "WARNING: app.mode = \"in-place\" and a batch of all {} host(s): nothing serves while they restart (use a smaller batch)",
                 config.hosts.len()
