@@ -101,9 +101,9 @@ pub enum Command {
     /// readmit after each reload and start of HAProxy, e.g. with a drop-in
     /// (/etc/systemd/system/haproxy.service.d/cutover.conf; see docs/haproxy.md):
     ///
-    ///     [Service]
-    ///     ExecStartPost=-/usr/local/bin/cutover readmit -c /etc/cutover.toml
-    ///     ExecReload=-/bin/sh -c 'sleep 2; exec /usr/local/bin/cutover readmit -c /etc/cutover.toml'
+    ///   [Service]
+    ///   ExecStartPost=-/usr/local/bin/cutover readmit -c /etc/cutover.toml
+    ///   ExecReload=-/bin/sh -c 'sleep 2; exec /usr/local/bin/cutover readmit -c /etc/cutover.toml'
     ///
     /// (The sleep lets the reloaded HAProxy take over its stats socket: read before that, the
     /// old process still shows every server.) Exit codes as deploy's: 0 re-admitted (or
