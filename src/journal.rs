@@ -866,16 +866,22 @@ impl Journal {
         })
     }
 
-    /// Keeps the newest `keep` finished deployments (and their steps and events), and the newest
-    /// that succeeded: it started the instances the fleet most likely still runs, and without
-    /// its steps `cutover status` would call them drift after a few failed deploys.
+    /// Keeps the newest `keep` finished deployments (and their steps and events), the newest
+    /// deploy or rollback that succeeded, and on each host the one that last started an
+    /// instance there: those started the instances the fleet most likely still runs, and
+    /// without their `start` steps `cutover status` would call them drift. (A readmit starts
+    /// nothing, and an HAProxy reload a day would otherwise push the deploy that started the
+    /// live instances out of the history.)
     pub fn prune(&self, app: &str, keep: usize) -> anyhow::Result<usize> {
         self.with(|c| {
             let n = c.execute(
                 "DELETE FROM deployments WHERE app = ?2 AND outcome IS NOT NULL AND id NOT IN
                  (SELECT id FROM deployments WHERE app = ?2 ORDER BY started_ms DESC, rowid DESC LIMIT ?1)
                  AND id NOT IN (SELECT id FROM deployments WHERE app = ?2 AND outcome = 'succeeded'
-                 ORDER BY started_ms DESC, rowid DESC LIMIT 1)",
+                 AND kind != 'readmit' ORDER BY started_ms DESC, rowid DESC LIMIT 1)
+                 AND id NOT IN (SELECT deployment FROM steps WHERE id IN
+                   (SELECT MAX(s.id) FROM steps s JOIN deployments d ON d.id = s.deployment
+                    WHERE d.app = ?2 AND s.action = 'start' AND s.result = 'ok' GROUP BY s.host))",
                 params![keep as i64, app],
             )?;
             c.execute(
@@ -1412,6 +1418,60 @@ mod tests {
         }
         j.prune("a", 2).unwrap();
         assert_eq!(ids("a"), ["a4", "a3", "a2"]);
+    }
+
+    /// Regression: readmits succeed and start nothing; after `history_keep` of them the
+    /// deploy that started the running instances was pruned, and `status` called them drift.
+    #[test]
+    fn pruning_keeps_the_deployments_that_started_the_running_instances() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let ended = |id: &str, kind: &str, outcome: &str, starts: &[(&str, &str)]| {
+            let mut r = row(id, "v2");
+            r.kind = kind.into();
+            j.begin(&r).unwrap();
+            for (host, detail) in starts {
+                let step = j.step_start(id, host, "start", detail).unwrap();
+                j.step_end(step, "ok", None).unwrap();
+            }
+            j.finish(id, outcome, &serde_json::json!({})).unwrap();
+        };
+        let started = || {
+            let mut s = j.started_instances().unwrap();
+            s.sort();
+            s
+        };
+        // d1 starts v2 on both hosts; d2 fails on web2 (its v3 there is what web2 runs:
+        // the rollback of the rest left it), then readmits and failed deploys pile up.
+        ended(
+            "d1",
+            "deploy",
+            "succeeded",
+            &[
+                ("web1", "v2@127.0.0.11:4001"),
+                ("web2", "v2@127.0.0.12:4001"),
+            ],
+        );
+        ended("d2", "deploy", "failed", &[("web2", "v3@127.0.0.12:4002")]);
+        for i in 0..5 {
+            ended(&format!("r{i}"), "readmit", "succeeded", &[]);
+        }
+        j.prune("a", 2).unwrap();
+        assert_eq!(
+            started(),
+            [
+                ("web1".to_string(), "v2".to_string(), 4001),
+                ("web2".to_string(), "v2".to_string(), 4001),
+                ("web2".to_string(), "v3".to_string(), 4002),
+            ]
+        );
+        let kept: Vec<String> = j
+            .deployments("a", 10)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(kept, ["r4", "r3", "d2", "d1"]);
     }
 
     #[test]
