@@ -241,11 +241,18 @@ pub struct BackendView {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     pub backends: BTreeMap<String, Counters>,
+    /// The releases in use and the most recently used idle ones (the built-in proxy lets go
+    /// of older idle releases: their counts move to [`Stats::retired`]).
     pub releases: BTreeMap<String, Counters>,
+    /// What the releases no longer listed in `releases` had counted (0 with HAProxy and older
+    /// proxies). Part of `total`, which therefore never goes back while the counting goes on.
+    #[serde(default)]
+    pub retired: Counters,
     /// Requests answered by the proxy itself because no backend could (502/503/504), and
     /// connections refused over `max_connections` (503, or closed with TLS): failed, and no
     /// release's.
     pub unrouted: u64,
+    /// Every release's counts: those in `releases` plus `retired`.
     pub total: Counters,
     /// When the process counting began (unix ms; 0: not known, as with HAProxy): two
     /// snapshots with different values straddle a restart, so their difference is partial.
@@ -264,7 +271,9 @@ impl Stats {
     /// balancer: a restart, an HAProxy reload, a `--takeover` that lost the old proxy's counts,
     /// or a replaced proxy that died while draining. Then the difference of the two is no
     /// count of anything: some counters are below their old values (and floor at 0), others
-    /// have passed them again.
+    /// have passed them again. (A release the built-in proxy let go of while idle and that
+    /// came back counts again from zero, and reads as such a restart too: rare, and the
+    /// caller skips the interval, which is safe.)
     pub fn counts_began_again_since(&self, earlier: &Stats) -> bool {
         self.counting_since_ms != earlier.counting_since_ms
             || self.lost_drains != earlier.lost_drains

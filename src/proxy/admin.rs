@@ -32,8 +32,8 @@ use tracing::{info, warn};
 use super::Proxy;
 use super::router::Added;
 use crate::balancer::api::{
-    ApiError, BackendSpec, BackendState, BackendView, Counters, DrainReport, Health, Samples,
-    Stats, SwitchReport, SwitchRequest, WaitRequest, WeightRequest, WeightsRequest,
+    ApiError, BackendSpec, BackendState, BackendView, DrainReport, Health, Samples, Stats,
+    SwitchReport, SwitchRequest, WaitRequest, WeightRequest, WeightsRequest,
 };
 
 /// Longest wait a caller may ask for.
@@ -481,17 +481,22 @@ async fn wait_healthy(
 }
 
 async fn stats(State(proxy): State<Arc<Proxy>>) -> Json<Stats> {
-    let (backends, releases) = {
+    let (backends, releases, retired) = {
         let table = proxy.table();
-        (table.backend_counters(), table.release_counters())
+        (
+            table.backend_counters(),
+            table.release_counters(),
+            table.retired_counters(),
+        )
     };
-    let mut total = Counters::default();
+    let mut total = retired.clone();
     for c in releases.values() {
         total.add(c);
     }
     Json(Stats {
         backends,
         releases,
+        retired,
         unrouted: proxy.unrouted.load(Ordering::Relaxed),
         total,
         counting_since_ms: proxy.counting_since_ms(),

@@ -3,7 +3,9 @@
 //! Written by hand from the same atomic counters `/stats` reads: a scrape takes the table lock
 //! once to copy what it needs and formats outside it, and adds nothing to the request path.
 //! Release series survive the removal of their backends, like the release counters of
-//! `/stats`, so a finished canary's numbers stay visible.
+//! `/stats`, so a finished canary's numbers stay visible; but only for the most recently used
+//! idle releases (see [`super::router::IDLE_RELEASES`]): a proxy that lives through years of
+//! deploys would otherwise name every release it ever saw in every scrape.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;

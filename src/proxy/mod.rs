@@ -531,6 +531,7 @@ impl Proxy {
             started_ms: self.counting_since_ms(),
             backends: table.backend_counters(),
             releases: table.release_counters(),
+            retired: table.retired_counters(),
             unrouted: self.unrouted.load(Ordering::Relaxed),
             ejections: self.ejections.load(Ordering::Relaxed),
             closed_at_deadline: self.closed_at_deadline.load(Ordering::Relaxed),
@@ -563,7 +564,8 @@ impl Proxy {
 
     /// Adds a replaced proxy's counts to this one's.
     fn carry_in(&self, c: &takeover::Carried) {
-        self.table().add_counts(&c.backends, &c.releases);
+        self.table()
+            .add_counts(&c.backends, &c.releases, &c.retired);
         self.unrouted.fetch_add(c.unrouted, Ordering::Relaxed);
         self.ejections.fetch_add(c.ejections, Ordering::Relaxed);
         self.closed_at_deadline

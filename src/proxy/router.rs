@@ -7,14 +7,24 @@
 //!   be routed to that backend any more. The lock is never held across an `.await`.
 //! - Everything a request touches after selection lives in an `Arc<BackendShared>` with atomic
 //!   counters, so the hot path takes the lock once (to pick) and records its outcome lock-free.
-//! - Release counters are `Arc<AtomicCounters>` kept in a map that outlives backends: removing
+//! - Release counters are `Arc<ReleaseStats>` kept in a map that outlives backends: removing
 //!   a backend never loses the proof of what its release served.
+//! - That map stays bounded in a proxy that lives through years of deploys. A release is *in
+//!   use* while anything besides the map holds its stats (a backend of it, or a request still
+//!   in flight on a removed one); such a release is never touched. An idle one drops its
+//!   latency samples (32 KiB) after [`RING_IDLE`], and only the [`IDLE_RELEASES`] most
+//!   recently used idle releases keep an entry at all: older ones are folded into
+//!   [`Table::retired`], so the totals of `/stats` never go back (a deploy's report counts
+//!   from them) while the per-release lists of `/stats` and `/metrics` stop naming them. The
+//!   upkeep runs when backends are added or removed, under the lock those calls take anyway,
+//!   so the request path stays as it was.
 //! - The in-flight count is released by [`InFlight`]'s `Drop`, which the forwarder keeps alive
 //!   until the response body is finished or dropped; reaching zero wakes `wait-drained`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use hyper::http::uri::Authority;
 use tokio::sync::Notify;
@@ -29,6 +39,19 @@ const BUCKETS: usize = LATENCY_BUCKETS_MS.len() + 1;
 
 /// Recent latencies kept per release for `GET /samples` (a power of two).
 pub(crate) const SAMPLES: usize = 4096;
+
+/// How long a release stays idle (no backend, no request in flight) before its latency
+/// samples go. Not at once: a restore removes and re-adds backends, and whoever judged a
+/// canary that was just rolled back may still want to read its samples.
+pub(crate) const RING_IDLE: Duration = Duration::from_secs(10 * 60);
+
+/// Idle releases that keep their entry (counters, and samples within [`RING_IDLE`]), the most
+/// recently used first. Enough for every release a deploy or a rollback touches (the old
+/// stable, a rolled-back canary, the releases kept on disk for an instant rollback, usually
+/// 3 to 5) with room for several apps behind one proxy, and small: a release past it no longer
+/// shows in `/stats` or `/metrics` (its counts stay in the totals), which bounds the label
+/// cardinality a scraper sees to the live releases plus these.
+pub(crate) const IDLE_RELEASES: usize = 16;
 
 /// Counters updated lock-free by requests in flight.
 #[derive(Debug, Default)]
@@ -142,17 +165,35 @@ pub(crate) struct SampleRing {
     slots: Box<[AtomicU64]>,
 }
 
+/// An empty ring without slots: what an idle release keeps (see [`Table::tidy`]).
 impl Default for SampleRing {
     fn default() -> Self {
         SampleRing {
             next: AtomicU64::new(0),
-            slots: (0..SAMPLES).map(|_| AtomicU64::new(0)).collect(),
+            slots: Box::default(),
         }
     }
 }
 
 impl SampleRing {
+    /// A ring with room for [`SAMPLES`] latencies.
+    fn with_slots() -> Self {
+        SampleRing {
+            next: AtomicU64::new(0),
+            slots: (0..SAMPLES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn has_slots(&self) -> bool {
+        !self.slots.is_empty()
+    }
+
     fn push(&self, latency_us: u64) {
+        // Never empty while a backend can push (see `Table::tidy`); a sample is not worth a
+        // panic if that ever changed.
+        if !self.has_slots() {
+            return;
+        }
         let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
         self.slots[i & (SAMPLES - 1)].store(latency_us, Ordering::Relaxed);
     }
@@ -160,7 +201,7 @@ impl SampleRing {
     /// Up to `max` latencies, oldest first.
     pub(crate) fn recent(&self, max: usize) -> Vec<u64> {
         let n = self.next.load(Ordering::Acquire);
-        let count = (n.min(SAMPLES as u64) as usize).min(max);
+        let count = (n.min(self.slots.len() as u64) as usize).min(max);
         (n - count as u64..n)
             .map(|i| self.slots[i as usize & (SAMPLES - 1)].load(Ordering::Relaxed))
             .collect()
@@ -172,6 +213,31 @@ impl SampleRing {
 pub(crate) struct ReleaseStats {
     pub(crate) counters: AtomicCounters,
     pub(crate) samples: SampleRing,
+}
+
+/// A release in the table's map.
+#[derive(Debug)]
+struct Release {
+    stats: Arc<ReleaseStats>,
+    /// When the table last saw it in use (a backend of it added or removed, or anything
+    /// besides the map holding its stats): idle releases go by it.
+    used_at: Instant,
+}
+
+impl Release {
+    fn new(now: Instant) -> Self {
+        Release {
+            stats: Arc::default(),
+            used_at: now,
+        }
+    }
+
+    /// A backend of it, or a request still in flight on a removed one, holds its stats. Only
+    /// the table hands them out, under its lock: a release seen idle there stays idle until
+    /// the table itself adds a backend of it.
+    fn in_use(&self) -> bool {
+        Arc::strong_count(&self.stats) > 1
+    }
 }
 
 /// What requests need of a backend after it was picked; shared by the table and every request
@@ -491,7 +557,9 @@ pub(crate) struct Route<'a> {
 #[derive(Debug, Default)]
 pub(crate) struct Table {
     entries: Vec<Entry>,
-    releases: BTreeMap<String, Arc<ReleaseStats>>,
+    releases: BTreeMap<String, Release>,
+    /// What the releases [`Table::tidy`] let go of had counted: still part of every total.
+    retired: Counters,
     next_uid: u64,
     /// `Set-Cookie` values are made for new backends (sticky = "cookie").
     pub(crate) sticky_cookie: bool,
@@ -520,11 +588,20 @@ impl Table {
             Ok(a) => a,
             Err(e) => return Added::Conflict(format!("address {}: {e}", spec.address)),
         };
-        let release = self
+        let now = Instant::now();
+        let slot = self
             .releases
             .entry(spec.release.clone())
-            .or_default()
-            .clone();
+            .or_insert_with(|| Release::new(now));
+        if !slot.stats.samples.has_slots() {
+            // Without slots the release was idle (see `tidy`), and nothing has taken its stats
+            // since: they are the map's alone.
+            if let Some(stats) = Arc::get_mut(&mut slot.stats) {
+                stats.samples = SampleRing::with_slots();
+            }
+        }
+        slot.used_at = now;
+        let release = slot.stats.clone();
         self.next_uid += 1;
         let sticky_cookie = self
             .sticky_cookie
@@ -562,6 +639,7 @@ impl Table {
             current: 0,
             checker: None,
         });
+        self.tidy(now);
         Added::Created(shared)
     }
 
@@ -577,7 +655,41 @@ impl Table {
         let i = self.entries.iter().position(|e| e.spec.id == id)?;
         let entry = self.entries.remove(i);
         self.reset_rotation();
+        // The entry still holds its release's stats here: the release counts as used now, and
+        // its samples stay for `RING_IDLE` from this moment.
+        self.tidy(Instant::now());
         Some(entry)
+    }
+
+    /// Keeps the release map bounded (see the module docs): an idle release drops its samples
+    /// once it has been idle for [`RING_IDLE`], and beyond the [`IDLE_RELEASES`] most recently
+    /// used idle ones its entry goes, its counts added to [`Table::retired`]. A release in use
+    /// is left alone. `now` is a parameter for tests.
+    fn tidy(&mut self, now: Instant) {
+        let mut idle: Vec<(Instant, String)> = Vec::new();
+        for (name, r) in &mut self.releases {
+            if r.in_use() {
+                r.used_at = now;
+                continue;
+            }
+            if now.saturating_duration_since(r.used_at) >= RING_IDLE {
+                if let Some(stats) = Arc::get_mut(&mut r.stats) {
+                    stats.samples = SampleRing::default();
+                }
+            }
+            idle.push((r.used_at, name.clone()));
+        }
+        if idle.len() <= IDLE_RELEASES {
+            return;
+        }
+        // The most recently used first; a tie goes by name, so that the outcome is the same
+        // on every run.
+        idle.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, name) in idle.drain(IDLE_RELEASES..) {
+            if let Some(r) = self.releases.remove(&name) {
+                self.retired.add(&r.stats.counters.snapshot());
+            }
+        }
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<&Entry> {
@@ -803,9 +915,12 @@ impl Table {
         Ok(())
     }
 
-    /// Recent latencies of a release, `None` when the release was never seen.
+    /// Recent latencies of a release, `None` when the release was never seen (or was idle long
+    /// enough to be let go of, see [`Table::tidy`]).
     pub(crate) fn samples(&self, release: &str, max: usize) -> Option<Vec<u64>> {
-        self.releases.get(release).map(|r| r.samples.recent(max))
+        self.releases
+            .get(release)
+            .map(|r| r.stats.samples.recent(max))
     }
 
     /// Every backend's shared part, for metrics and shutdown.
@@ -834,33 +949,45 @@ impl Table {
             .collect()
     }
 
-    /// Counters of every release ever seen, including removed backends'.
+    /// Counters of every release in use or recently used, including removed backends'.
     pub(crate) fn release_counters(&self) -> BTreeMap<String, Counters> {
         self.releases
             .iter()
-            .map(|(r, c)| (r.clone(), c.counters.snapshot()))
+            .map(|(r, c)| (r.clone(), c.stats.counters.snapshot()))
             .collect()
     }
 
+    /// What the releases no longer listed by [`Table::release_counters`] had counted: a total
+    /// is theirs plus this.
+    pub(crate) fn retired_counters(&self) -> Counters {
+        self.retired.clone()
+    }
+
     /// Adds another proxy's counts (see [`super::takeover::Carried`]): per backend where this
-    /// table has the backend, per release always (release counters include removed backends').
+    /// table has the backend, per release always (release counters include removed backends'),
+    /// and what its retired releases had counted.
     pub(crate) fn add_counts(
         &mut self,
         backends: &BTreeMap<String, Counters>,
         releases: &BTreeMap<String, Counters>,
+        retired: &Counters,
     ) {
         for e in &self.entries {
             if let Some(c) = backends.get(&e.spec.id) {
                 e.shared.counters.add(c);
             }
         }
+        let now = Instant::now();
         for (release, c) in releases {
             self.releases
                 .entry(release.clone())
-                .or_default()
+                .or_insert_with(|| Release::new(now))
+                .stats
                 .counters
                 .add(c);
         }
+        self.retired.add(retired);
+        self.tidy(now);
     }
 
     /// Specs and states, for persistence.
@@ -1138,8 +1265,131 @@ mod tests {
         assert_eq!(r["r-a"].status_2xx, 1);
         assert_eq!(r["r-a"].abandoned, 1);
         // A takeover's carried counts keep them too.
-        t.add_counts(&BTreeMap::new(), &r);
+        t.add_counts(&BTreeMap::new(), &r, &Counters::default());
         assert_eq!(t.release_counters()["r-a"].abandoned, 2);
+    }
+
+    /// Adds backend `id` of release `release`, healthy, and has it answer `n` requests.
+    fn serve(t: &mut Table, id: &str, release: &str, n: u64) {
+        let s = BackendSpec {
+            release: release.into(),
+            ..spec(id, 1, 4000)
+        };
+        assert!(matches!(t.add(s, BackendState::Active), Added::Created(_)));
+        healthy(t, id);
+        let b = t.get(id).unwrap().shared.clone();
+        for _ in 0..n {
+            b.sent();
+            b.answered(200, 10, false);
+        }
+    }
+
+    /// Every count the table holds: the listed releases' and the retired ones'.
+    fn total_requests(t: &Table) -> u64 {
+        let listed: u64 = t.release_counters().values().map(|c| c.requests).sum();
+        listed + t.retired_counters().requests
+    }
+
+    /// Review finding: a long-lived proxy kept every release it ever saw, each with 32 KiB
+    /// of samples, and `/metrics` named them all.
+    #[test]
+    fn the_release_map_stays_bounded_and_the_totals_stay_whole() {
+        let mut t = Table::default();
+        serve(&mut t, "live", "r-live", 3);
+        for i in 0..100 {
+            serve(&mut t, "b", &format!("r{i:03}"), 2);
+            t.remove("b");
+            // The live one, the idle ones, and the one just removed (its entry, in the
+            // caller's hands, still holds it: it goes at the table's next look).
+            assert!(
+                t.releases.len() <= IDLE_RELEASES + 2,
+                "{}",
+                t.releases.len()
+            );
+        }
+        t.tidy(Instant::now());
+        assert_eq!(t.releases.len(), IDLE_RELEASES + 1);
+        assert_eq!(total_requests(&t), 3 + 200, "no count is lost");
+        assert_eq!(
+            t.retired_counters().requests,
+            2 * (100 - IDLE_RELEASES as u64)
+        );
+        let kept = t.release_counters();
+        assert!(kept.contains_key("r-live"), "in use");
+        assert!(kept.contains_key("r099"), "the most recently used idle one");
+        assert!(!kept.contains_key("r000"), "the least recently used");
+        // Past `RING_IDLE` the idle ones keep their counts but no samples; the live one keeps
+        // both.
+        t.tidy(Instant::now() + RING_IDLE);
+        assert_eq!(t.samples("r099", 10), Some(Vec::new()));
+        assert_eq!(t.release_counters()["r099"].requests, 2);
+        assert_eq!(t.samples("r-live", 10).unwrap().len(), 3);
+        let with_slots = t
+            .releases
+            .values()
+            .filter(|r| r.stats.samples.has_slots())
+            .count();
+        assert_eq!(with_slots, 1, "only the live release's 32 KiB remain");
+    }
+
+    #[test]
+    fn a_release_in_use_keeps_its_samples() {
+        let mut t = Table::default();
+        serve(&mut t, "a", "r1", 1);
+        serve(&mut t, "b", "r2", 1);
+        // A request still in flight on a removed backend holds its release.
+        let (in_flight, _) = t.pick(&[], Route::default()).unwrap();
+        let held = in_flight.backend().id.clone();
+        t.remove(&held);
+        let later = Instant::now() + RING_IDLE * 100;
+        t.tidy(later);
+        assert_eq!(t.samples("r1", 10).unwrap().len(), 1);
+        assert_eq!(t.samples("r2", 10).unwrap().len(), 1);
+        // Its late answer still counts and samples.
+        in_flight.backend().answered(200, 20, false);
+        drop(in_flight);
+        let released = if held == "a" { "r1" } else { "r2" };
+        assert_eq!(t.samples(released, 10).unwrap(), [10, 20]);
+        // Idle since the request ended, which the table learns at its next look.
+        t.tidy(later);
+        t.tidy(later + RING_IDLE);
+        assert_eq!(t.samples(released, 10), Some(Vec::new()));
+        let other = if held == "a" { "r2" } else { "r1" };
+        assert_eq!(t.samples(other, 10).unwrap().len(), 1);
+    }
+
+    /// Review finding: a rollback to a release that had gone idle must count on from where it
+    /// was, and sample again.
+    #[test]
+    fn a_release_added_again_after_going_idle_counts_on() {
+        let mut t = Table::default();
+        serve(&mut t, "a", "r1", 5);
+        t.remove("a");
+        t.tidy(Instant::now() + RING_IDLE);
+        assert_eq!(t.samples("r1", 10), Some(Vec::new()));
+        serve(&mut t, "a", "r1", 2);
+        assert_eq!(t.release_counters()["r1"].requests, 7);
+        assert_eq!(t.samples("r1", 10).unwrap(), [10, 10]);
+        // Let go of entirely: it counts again from zero, the totals go on.
+        t.remove("a");
+        for i in 0..IDLE_RELEASES {
+            serve(&mut t, "b", &format!("other{i}"), 1);
+            t.remove("b");
+        }
+        t.tidy(Instant::now());
+        assert!(!t.release_counters().contains_key("r1"));
+        assert_eq!(t.retired_counters().requests, 7);
+        serve(&mut t, "a", "r1", 1);
+        assert_eq!(t.release_counters()["r1"].requests, 1);
+        assert_eq!(total_requests(&t), 7 + IDLE_RELEASES as u64 + 1);
+        // And a takeover hands the retired counts on.
+        let mut next = Table::default();
+        next.add_counts(
+            &BTreeMap::new(),
+            &t.release_counters(),
+            &t.retired_counters(),
+        );
+        assert_eq!(total_requests(&next), total_requests(&t));
     }
 
     #[test]
@@ -1165,7 +1415,7 @@ mod tests {
 
     #[test]
     fn the_sample_ring_keeps_the_newest() {
-        let r = SampleRing::default();
+        let r = SampleRing::with_slots();
         assert!(r.recent(10).is_empty());
         for i in 0..(SAMPLES as u64 + 10) {
             r.push(i);

@@ -68,6 +68,11 @@ pub(crate) struct Carried {
     pub(crate) started_ms: u64,
     pub(crate) backends: BTreeMap<String, Counters>,
     pub(crate) releases: BTreeMap<String, Counters>,
+    /// What the releases it had let go of counted (see [`super::router::IDLE_RELEASES`]):
+    /// without them the successor's totals would go back. (None from an older proxy: it let go
+    /// of none.)
+    #[serde(default)]
+    pub(crate) retired: Counters,
     pub(crate) unrouted: u64,
     pub(crate) ejections: u64,
     pub(crate) closed_at_deadline: u64,
@@ -99,6 +104,7 @@ impl Carried {
             started_ms: self.started_ms,
             backends: diff(&self.backends, &earlier.backends),
             releases: diff(&self.releases, &earlier.releases),
+            retired: self.retired.since(&earlier.retired),
             unrouted: self.unrouted.saturating_sub(earlier.unrouted),
             ejections: self.ejections.saturating_sub(earlier.ejections),
             closed_at_deadline: self
@@ -622,7 +628,8 @@ mod tests {
         Carried {
             started_ms: 7,
             backends: [("b1".to_string(), c.clone())].into(),
-            releases: [(release.to_string(), c)].into(),
+            releases: [(release.to_string(), c.clone())].into(),
+            retired: c,
             unrouted: 1,
             ..Carried::default()
         }
@@ -657,6 +664,19 @@ mod tests {
         assert_eq!(delta.releases["v2"].status_2xx, 2);
         assert_eq!(delta.backends["b1"].requests, 5);
         assert_eq!(delta.unrouted, 0);
+        // What the releases the proxy let go of counted is carried too (its totals would go
+        // back without it), at the release and after the drain alike.
+        assert_eq!(handed.counts.retired.status_2xx, 10);
+        assert_eq!(delta.retired.status_2xx, 5);
+    }
+
+    /// A proxy of a release that let go of no release sends no `retired`: none, not an error.
+    #[test]
+    fn counts_without_retired_parse() {
+        let mut json = serde_json::to_value(counts("v1", 1)).unwrap();
+        json.as_object_mut().unwrap().remove("retired");
+        let c: Carried = serde_json::from_value(json).unwrap();
+        assert_eq!(c.retired, Counters::default());
     }
 
     #[tokio::test]
