@@ -2571,12 +2571,18 @@ pub fn traffic_between(before: &Stats, after: &Stats) -> (u64, u64, BTreeMap<Str
     // whose client gave up waiting for the backend's head got nothing: served and failed.
     let failed = d.failed() + unrouted;
     let served = (d.served() + unrouted).max(failed);
+    // A release below its earlier count (with the totals going on, see `Traffic::between`)
+    // was let go of by the proxy while idle and counts again from zero: everything it has
+    // now was served since (its old counts are in the totals, as `Stats::retired`).
     let by_release = after
         .releases
         .iter()
         .map(|(r, c)| {
-            let was = before.releases.get(r).map_or(0, Counters::served);
-            (r.clone(), c.served().saturating_sub(was))
+            let (now, was) = (
+                c.served(),
+                before.releases.get(r).map_or(0, Counters::served),
+            );
+            (r.clone(), if now < was { now } else { now - was })
         })
         .filter(|(_, n)| *n > 0)
         .collect();
@@ -2942,6 +2948,34 @@ mod tests {
             "{e:#}"
         );
         assert_eq!(hung.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// A rollback to a release the proxy had let go of while it was idle (its counts moved
+    /// to `retired`, the release counts again from zero): the totals go on, so this is no
+    /// restart, and the release's requests are all counted, not floored at zero.
+    #[test]
+    fn a_release_the_proxy_let_go_of_counts_again_from_zero() {
+        let mut before = stats(1_000, "v2", 900);
+        let v1 = before.releases["v2"].clone();
+        before.releases.insert("v1".into(), v1.clone());
+        before.total.add(&v1);
+        let mut after = stats(1_000, "v2", 950);
+        after.retired = v1.clone();
+        let again = Counters {
+            requests: 40,
+            status_2xx: 40,
+            ..Counters::default()
+        };
+        after.releases.insert("v1".into(), again.clone());
+        after.total.add(&v1);
+        after.total.add(&again);
+        let t = Traffic::between(&before, Some(&after), false);
+        assert_eq!(t.counts, None, "{t:?}");
+        assert_eq!((t.served, t.failed), (90, 0), "{t:?}");
+        assert_eq!(
+            t.by_release,
+            [("v1".to_string(), 40), ("v2".to_string(), 50)].into()
+        );
     }
 
     #[test]
