@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cutover::balancer::Balancer;
-use cutover::balancer::api::{BackendSpec, BackendState, Health, SwitchRequest};
+use cutover::balancer::api::{BackendSpec, BackendState, Health, SampleWindow, SwitchRequest};
 use cutover::balancer::builtin::AdminClient;
 use cutover::config::{Dur, HealthConfig, Threshold};
 use cutover::proxy::{ProxyHandle, ProxyOptions, ProxySettings};
@@ -3139,6 +3139,57 @@ async fn samples_and_latency_buckets_survive_backend_removal() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    h.proxy.shutdown().await;
+    a.stop().await;
+}
+
+/// `/samples?since_ms=..&until_ms=..` answers what a release recorded between two `/stats`
+/// snapshots (their `at_ms`), thinned evenly when asked for fewer, and from when that is whole.
+#[tokio::test]
+async fn samples_of_the_stretch_between_two_snapshots() {
+    let h = Harness::start(settings(health(Duration::from_millis(20), 1, 2))).await;
+    let mut a = TestBackend::start("a").await;
+    h.add_healthy(&a.spec("v1")).await;
+    // Sample times count in 10 ms ticks: each snapshot is more than a tick away from the
+    // requests on either side of it. (No event to observe: the clock has to move on.)
+    let tick = || tokio::time::sleep(Duration::from_millis(25));
+    let mut snapshots = Vec::new();
+    for n in [3, 6, 2] {
+        for _ in 0..n {
+            assert_eq!(h.get("/").await.0, StatusCode::OK);
+        }
+        tick().await;
+        snapshots.push(h.admin.stats().await.unwrap().at_ms);
+        tick().await;
+    }
+    let (first, second) = (snapshots[0], snapshots[1]);
+    assert!(first > 0 && second > first, "{snapshots:?}");
+    let all = h.admin.samples("v1", 100).await.unwrap();
+    assert_eq!(all.len(), 11);
+    let window = |max| SampleWindow {
+        since_ms: first,
+        until_ms: second,
+        max,
+    };
+    let s = h.admin.sample_window("v1", &window(100)).await.unwrap();
+    assert_eq!(
+        (s.latencies_us.as_slice(), s.from_ms),
+        (&all[3..9], Some(first))
+    );
+    let thinned = h.admin.sample_window("v1", &window(3)).await.unwrap();
+    assert_eq!(thinned.latencies_us, [all[4], all[6], all[8]]);
+    // Without `until_ms`: up to now.
+    let (status, body) = admin_raw(
+        h.proxy.admin,
+        Method::GET,
+        &format!("/samples?release=v1&since_ms={second}"),
+        Some(TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let to_now: cutover::balancer::api::Samples = serde_json::from_str(&body).unwrap();
+    assert_eq!(to_now.latencies_us, &all[9..]);
     h.proxy.shutdown().await;
     a.stop().await;
 }

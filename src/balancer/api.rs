@@ -12,7 +12,10 @@
 //! - `GET /stats` → [`Stats`]
 //! - `POST /switch` with [`SwitchRequest`] → [`SwitchReport`]: one atomic routing change (blue-green)
 //! - `PUT /weights` with [`WeightsRequest`] → 204: several weights at once, atomically (canary)
-//! - `GET /samples?release=R&max=N` → [`Samples`]: the most recent latencies of a release
+//! - `GET /samples?release=R&max=N` → [`Samples`]: the most recent latencies of a release;
+//!   with `since_ms=S` (and optionally `until_ms=U`, default now) those recorded from `S` to
+//!   `U` instead ([`SampleWindow`]: times on the proxy's clock, as [`Stats::at_ms`]), evenly
+//!   thinned to `N` across that stretch when there are more
 //! - `GET /metrics` → Prometheus text format
 //! - errors: a status (400, 401, 404, 409, 504) and an [`ApiError`] body.
 //!
@@ -258,6 +261,11 @@ pub struct Stats {
     /// snapshots with different values straddle a restart, so their difference is partial.
     #[serde(default)]
     pub counting_since_ms: u64,
+    /// When the proxy took this snapshot (unix ms on its own clock; 0: not known, as with
+    /// HAProxy and older proxies). The stretch between two snapshots, in the terms
+    /// [`SampleWindow`] asks for.
+    #[serde(default)]
+    pub at_ms: u64,
     /// Takeovers (`cutover proxy --takeover`) whose replaced proxy died while it drained,
     /// before it reported what it counted meanwhile: the requests it was finishing then are in
     /// no counter here, and how many there were and how they ended is not known. Two snapshots
@@ -344,6 +352,23 @@ pub struct WeightsRequest {
 pub struct Samples {
     pub release: String,
     pub latencies_us: Vec<u64>,
+    /// Asked with `since_ms`: from when the latencies are the whole of the stretch asked for
+    /// (thinned evenly when there were more than `max`). That is `since_ms`, or later when the
+    /// proxy no longer had the stretch's beginning (it keeps the last 4096 of a release): to
+    /// compare two releases over the same time, ask the other one from here too. Absent
+    /// without `since_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_ms: Option<u64>,
+}
+
+/// `GET /samples?release=R&max=N&since_ms=S&until_ms=U`: the latencies a release recorded
+/// over a stretch of time on the proxy's clock (see [`Stats::at_ms`]), both ends included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SampleWindow {
+    pub since_ms: u64,
+    pub until_ms: u64,
+    /// At most this many, evenly thinned across the stretch when there are more.
+    pub max: usize,
 }
 
 /// Body of every admin API error.

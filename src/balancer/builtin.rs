@@ -22,8 +22,8 @@ use serde::de::DeserializeOwned;
 
 use super::Balancer;
 use super::api::{
-    ApiError, BackendSpec, BackendView, DrainReport, Samples, Stats, SwitchReport, SwitchRequest,
-    WaitRequest, WeightRequest, WeightsRequest,
+    ApiError, BackendSpec, BackendView, DrainReport, SampleWindow, Samples, Stats, SwitchReport,
+    SwitchRequest, WaitRequest, WeightRequest, WeightsRequest,
 };
 
 /// Time allowed for an admin call that does not wait on purpose.
@@ -199,17 +199,26 @@ impl AdminClient {
 
     /// `GET /samples`: the most recent latencies (µs, oldest first) of a release, at most `max`.
     pub async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
-        let mut path = String::from("/samples?release=");
-        for b in release.bytes() {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                path.push(char::from(b));
-            } else {
-                path.push_str(&format!("%{b:02X}"));
-            }
-        }
-        path.push_str(&format!("&max={max}"));
+        let path = format!("{}&max={max}", samples_path(release));
         let s: Samples = self.json(&path).await?;
         Ok(s.latencies_us)
+    }
+
+    /// `GET /samples` with `since_ms`: the latencies of a stretch of time (see
+    /// [`SampleWindow`]).
+    pub async fn sample_window(
+        &self,
+        release: &str,
+        window: &SampleWindow,
+    ) -> anyhow::Result<Samples> {
+        let path = format!(
+            "{}&max={}&since_ms={}&until_ms={}",
+            samples_path(release),
+            window.max,
+            window.since_ms,
+            window.until_ms
+        );
+        self.json(&path).await
     }
 
     /// `GET /metrics`: the Prometheus text exposition.
@@ -342,6 +351,23 @@ impl Balancer for AdminClient {
     async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
         AdminClient::samples(self, release, max).await
     }
+
+    async fn sample_window(&self, release: &str, window: &SampleWindow) -> anyhow::Result<Samples> {
+        AdminClient::sample_window(self, release, window).await
+    }
+}
+
+/// `/samples?release=` and the release, percent-encoded.
+fn samples_path(release: &str) -> String {
+    let mut path = String::from("/samples?release=");
+    for b in release.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            path.push(char::from(b));
+        } else {
+            path.push_str(&format!("%{b:02X}"));
+        }
+    }
+    path
 }
 
 #[cfg(test)]

@@ -15,7 +15,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use api::{SwitchReport, SwitchRequest};
+use api::{SampleWindow, Samples, SwitchReport, SwitchRequest};
+
+/// What a balancer without latency samples answers.
+const NO_SAMPLES: &str = "latency samples are unsupported by this balancer: use the built-in balancer (`cutover proxy`) for statistical analysis";
 
 pub use api::{BackendSpec, BackendState, BackendView, Counters, DrainReport, Stats};
 
@@ -102,8 +105,13 @@ pub trait Balancer: Send + Sync {
     /// Only the built-in balancer keeps them; others answer an "unsupported" error.
     async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
         let _ = (release, max);
-        anyhow::bail!(
-            "latency samples are unsupported by this balancer: use the built-in balancer (`cutover proxy`) for statistical analysis"
-        )
+        anyhow::bail!(NO_SAMPLES)
+    }
+
+    /// The latencies a release recorded over a stretch of time (see [`SampleWindow`]). Only
+    /// the built-in balancer keeps them; others answer an "unsupported" error.
+    async fn sample_window(&self, release: &str, window: &SampleWindow) -> anyhow::Result<Samples> {
+        let _ = (release, window);
+        anyhow::bail!(NO_SAMPLES)
     }
 }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 
 use std::collections::BTreeMap;
 
-use super::api::{SwitchReport, SwitchRequest};
+use super::api::{SampleWindow, Samples, SwitchReport, SwitchRequest};
 use super::{BackendSpec, BackendView, Balancer, DrainReport, Stats, is_unreachable};
 use crate::progress::Progress;
 
@@ -130,6 +130,10 @@ impl Balancer for Patient {
     }
     async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
         self.retry("samples", || self.inner.samples(release, max))
+            .await
+    }
+    async fn sample_window(&self, release: &str, window: &SampleWindow) -> anyhow::Result<Samples> {
+        self.retry("samples", || self.inner.sample_window(release, window))
             .await
     }
 }

@@ -500,6 +500,7 @@ async fn stats(State(proxy): State<Arc<Proxy>>) -> Json<Stats> {
         unrouted: proxy.unrouted.load(Ordering::Relaxed),
         total,
         counting_since_ms: proxy.counting_since_ms(),
+        at_ms: super::samples::clock_ms(),
         lost_drains: proxy.lost_drains.load(Ordering::Relaxed),
     })
 }
@@ -549,16 +550,32 @@ async fn set_weights(State(proxy): State<Arc<Proxy>>, body: Bytes) -> Result<Sta
 struct SamplesQuery {
     release: String,
     max: Option<usize>,
+    /// With it, the samples of a stretch of time rather than the newest (see
+    /// [`crate::balancer::api::SampleWindow`]).
+    since_ms: Option<u64>,
+    until_ms: Option<u64>,
 }
 
 async fn samples(
     State(proxy): State<Arc<Proxy>>,
     query: std::result::Result<Query<SamplesQuery>, QueryRejection>,
 ) -> Result<Json<Samples>> {
-    let Query(q) =
-        query.map_err(|e| AdminError::BadRequest(format!("{e}: use /samples?release=R&max=N")))?;
-    let max = q.max.unwrap_or(super::router::SAMPLES);
-    let latencies_us = proxy.table().samples(&q.release, max).ok_or_else(|| {
+    let Query(q) = query.map_err(|e| {
+        AdminError::BadRequest(format!(
+            "{e}: use /samples?release=R&max=N, optionally with &since_ms=S&until_ms=U"
+        ))
+    })?;
+    let max = q.max.unwrap_or(super::samples::SAMPLES);
+    let found = {
+        let table = proxy.table();
+        match q.since_ms {
+            Some(since) => table
+                .sample_window(&q.release, since, q.until_ms.unwrap_or(u64::MAX), max)
+                .map(|w| (w.latencies_us, Some(w.from_ms))),
+            None => table.samples(&q.release, max).map(|v| (v, None)),
+        }
+    };
+    let (latencies_us, from_ms) = found.ok_or_else(|| {
         AdminError::Missing(format!(
             "no request of release {:?} has been seen",
             q.release
@@ -567,6 +584,7 @@ async fn samples(
     Ok(Json(Samples {
         release: q.release,
         latencies_us,
+        from_ms,
     }))
 }
 

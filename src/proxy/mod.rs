@@ -29,6 +29,7 @@ mod health;
 mod listener;
 mod metrics;
 mod router;
+mod samples;
 mod state;
 mod takeover;
 mod tls;

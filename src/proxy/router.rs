@@ -12,12 +12,12 @@
 //! - That map stays bounded in a proxy that lives through years of deploys. A release is *in
 //!   use* while anything besides the map holds its stats (a backend of it, or a request still
 //!   in flight on a removed one); such a release is never touched. An idle one drops its
-//!   latency samples (32 KiB) after [`RING_IDLE`], and only the [`IDLE_RELEASES`] most
-//!   recently used idle releases keep an entry at all: older ones are folded into
-//!   [`Table::retired`], so the totals of `/stats` never go back (a deploy's report counts
-//!   from them) while the per-release lists of `/stats` and `/metrics` stop naming them. The
-//!   upkeep runs when backends are added or removed, under the lock those calls take anyway,
-//!   so the request path stays as it was.
+//!   latency samples (32 KiB, [`super::samples`]) after [`RING_IDLE`], and only the
+//!   [`IDLE_RELEASES`] most recently used idle releases keep an entry at all: older ones are
+//!   folded into [`Table::retired`], so the totals of `/stats` never go back (a deploy's
+//!   report counts from them) while the per-release lists of `/stats` and `/metrics` stop
+//!   naming them. The upkeep runs when backends are added or removed, under the lock those
+//!   calls take anyway, so the request path stays as it was.
 //! - The in-flight count is released by [`InFlight`]'s `Drop`, which the forwarder keeps alive
 //!   until the response body is finished or dropped; reaching zero wakes `wait-drained`.
 
@@ -30,15 +30,13 @@ use hyper::http::uri::Authority;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
+use super::samples::SampleRing;
 use crate::balancer::api::{
     BackendSpec, BackendState, BackendView, Counters, Health, LATENCY_BUCKETS_MS,
 };
 
 /// Buckets of the latency histogram: one per bound plus the overflow.
 const BUCKETS: usize = LATENCY_BUCKETS_MS.len() + 1;
-
-/// Recent latencies kept per release for `GET /samples` (a power of two).
-pub(crate) const SAMPLES: usize = 4096;
 
 /// How long a release stays idle (no backend, no request in flight) before its latency
 /// samples go. Not at once: a restore removes and re-adds backends, and whoever judged a
@@ -153,58 +151,6 @@ impl AtomicCounters {
             latency_us_sum: get(&self.latency_us_sum),
             latency_buckets: self.buckets.iter().map(get).collect(),
         }
-    }
-}
-
-/// The most recent latencies of a release, lock-free: a writer claims a slot with one
-/// `fetch_add` and stores into it. A reader racing a writer may see a slot's previous value,
-/// which is harmless for a sample.
-#[derive(Debug)]
-pub(crate) struct SampleRing {
-    next: AtomicU64,
-    slots: Box<[AtomicU64]>,
-}
-
-/// An empty ring without slots: what an idle release keeps (see [`Table::tidy`]).
-impl Default for SampleRing {
-    fn default() -> Self {
-        SampleRing {
-            next: AtomicU64::new(0),
-            slots: Box::default(),
-        }
-    }
-}
-
-impl SampleRing {
-    /// A ring with room for [`SAMPLES`] latencies.
-    fn with_slots() -> Self {
-        SampleRing {
-            next: AtomicU64::new(0),
-            slots: (0..SAMPLES).map(|_| AtomicU64::new(0)).collect(),
-        }
-    }
-
-    fn has_slots(&self) -> bool {
-        !self.slots.is_empty()
-    }
-
-    fn push(&self, latency_us: u64) {
-        // Never empty while a backend can push (see `Table::tidy`); a sample is not worth a
-        // panic if that ever changed.
-        if !self.has_slots() {
-            return;
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        self.slots[i & (SAMPLES - 1)].store(latency_us, Ordering::Relaxed);
-    }
-
-    /// Up to `max` latencies, oldest first.
-    pub(crate) fn recent(&self, max: usize) -> Vec<u64> {
-        let n = self.next.load(Ordering::Acquire);
-        let count = (n.min(self.slots.len() as u64) as usize).min(max);
-        (n - count as u64..n)
-            .map(|i| self.slots[i as usize & (SAMPLES - 1)].load(Ordering::Relaxed))
-            .collect()
     }
 }
 
@@ -923,6 +869,20 @@ impl Table {
             .map(|r| r.stats.samples.recent(max))
     }
 
+    /// The latencies a release recorded from `since_ms` to `until_ms` (see
+    /// [`SampleRing::window`]), `None` as for [`Table::samples`].
+    pub(crate) fn sample_window(
+        &self,
+        release: &str,
+        since_ms: u64,
+        until_ms: u64,
+        max: usize,
+    ) -> Option<super::samples::Window> {
+        self.releases
+            .get(release)
+            .map(|r| r.stats.samples.window(since_ms, until_ms, max))
+    }
+
     /// Every backend's shared part, for metrics and shutdown.
     pub(crate) fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.entries.iter()
@@ -1411,19 +1371,6 @@ mod tests {
             ),
             (1, 1)
         );
-    }
-
-    #[test]
-    fn the_sample_ring_keeps_the_newest() {
-        let r = SampleRing::with_slots();
-        assert!(r.recent(10).is_empty());
-        for i in 0..(SAMPLES as u64 + 10) {
-            r.push(i);
-        }
-        let all = r.recent(usize::MAX);
-        assert_eq!(all.len(), SAMPLES);
-        assert_eq!(all[0], 10);
-        assert_eq!(r.recent(2), [SAMPLES as u64 + 8, SAMPLES as u64 + 9]);
     }
 
     #[test]
