@@ -209,9 +209,10 @@ pub struct Window<'a> {
     pub canary: &'a Counters,
     /// The stable release's counters of the interval, when there is one to compare with.
     pub stable: Option<&'a Counters>,
-    /// Recent response latencies of the canary release, µs.
+    /// Response latencies of the canary release in the interval, µs (the judge's input: the
+    /// caller takes both sides over the same stretch of time, see `strategy::interval_latencies`).
     pub canary_latencies_us: &'a [u64],
-    /// Recent response latencies of the stable release, µs.
+    /// Response latencies of the stable release over the same stretch, µs.
     pub stable_latencies_us: &'a [u64],
 }
 

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 
 use crate::analysis::{self, Decision, Judgement, Tracker, Window};
-use crate::balancer::api::{Counters, Health, SwitchRequest};
+use crate::balancer::api::{Counters, Health, Samples, SwitchRequest};
 use crate::balancer::{BackendState, Stats};
 use crate::config::{Host, Name, VerifyPoint};
 use crate::control::Boundary;
@@ -689,19 +689,6 @@ impl Deployer {
         .await;
     }
 
-    /// One analysis interval of `release` (against `stable`, when given), from two snapshots.
-    /// The newest latency samples of `release`, as many as the interval `c` had responses
-    /// (at most 2000).
-    async fn interval_samples(&self, release: &str, c: &Counters) -> Vec<u64> {
-        let n = usize::try_from(c.responses())
-            .unwrap_or(usize::MAX)
-            .min(2000);
-        if n == 0 {
-            return Vec::new();
-        }
-        self.balancer.samples(release, n).await.unwrap_or_default()
-    }
-
     /// Judges the interval since `last` (the balancer's counters at the previous tick) and
     /// moves `last` to now. Counters that cannot be read make the interval inconclusive and
     /// leave `last` where it was: an empty snapshot in its place would make the next interval
@@ -815,17 +802,9 @@ impl Deployer {
         let get = |s: &Stats, r: &str| s.releases.get(r).cloned().unwrap_or_default();
         let canary = analysis::delta(&get(after, release), &get(before, release));
         let stable_c = stable.map(|r| analysis::delta(&get(after, r), &get(before, r)));
-        // The judge compares this interval's latencies: the newest samples, as many as the
-        // interval's responses (at most 2000), not ones an earlier interval (or an earlier
-        // deployment of the same release) already had judged.
         let (cl, sl) = if a.judge.is_some() {
-            (
-                self.interval_samples(release, &canary).await,
-                match (stable, &stable_c) {
-                    (Some(r), Some(c)) => self.interval_samples(r, c).await,
-                    _ => Vec::new(),
-                },
-            )
+            let stable = stable.zip(stable_c.as_ref());
+            interval_latencies(&*self.balancer, (release, &canary), stable, before, after).await
         } else {
             (Vec::new(), Vec::new())
         };
@@ -1555,9 +1534,210 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
+/// Most latency samples the judge takes of each side in one interval.
+const JUDGE_SAMPLES: usize = 2000;
+
+/// The latencies of the canary `release` and of `stable` (with their counts `c` in the
+/// interval) for the judge: this interval's, from `before` to `after`, and of the same stretch
+/// of time on both sides, each evenly thinned to [`JUDGE_SAMPLES`] across it. Not the newest:
+/// under heavy stable traffic stable's newest 2000 are its last second while the canary's
+/// reach over the whole interval, and latencies that change over the interval (a load peak, a
+/// cache warming) would read as a difference between the releases. When a busy release's
+/// ring no longer has the interval's beginning, both sides narrow to the stretch it has.
+///
+/// A balancer that cannot say when its snapshots were taken (HAProxy has no samples at all, an
+/// older `cutover proxy` no `at_ms`) gets the old question: the newest samples, as many as
+/// the interval had responses.
+async fn interval_latencies(
+    balancer: &dyn crate::balancer::Balancer,
+    (release, canary): (&str, &Counters),
+    stable: Option<(&str, &Counters)>,
+    before: &Stats,
+    after: &Stats,
+) -> (Vec<u64>, Vec<u64>) {
+    let wanted = |c: &Counters| {
+        usize::try_from(c.responses())
+            .unwrap_or(usize::MAX)
+            .min(JUDGE_SAMPLES)
+    };
+    if before.at_ms == 0 || after.at_ms < before.at_ms {
+        let s = match stable {
+            Some((r, c)) => newest_samples(balancer, r, wanted(c)).await,
+            None => Vec::new(),
+        };
+        return (newest_samples(balancer, release, wanted(canary)).await, s);
+    }
+    let window = |since_ms: u64| crate::balancer::api::SampleWindow {
+        since_ms,
+        until_ms: after.at_ms,
+        max: JUDGE_SAMPLES,
+    };
+    let from = |s: &Samples| s.from_ms.unwrap_or(before.at_ms);
+    let mut c = window_samples(balancer, release, wanted(canary), window(before.at_ms)).await;
+    let Some((stable, stable_c)) = stable else {
+        return (c.latencies_us, Vec::new());
+    };
+    let mut s = window_samples(balancer, stable, wanted(stable_c), window(before.at_ms)).await;
+    // Both over the stretch both still have. A ring only ever loses its oldest samples, so
+    // asking the other side again from there gets it whole.
+    let common = from(&c).max(from(&s));
+    if from(&c) < common {
+        c = window_samples(balancer, release, wanted(canary), window(common)).await;
+    }
+    if from(&s) < common {
+        s = window_samples(balancer, stable, wanted(stable_c), window(common)).await;
+    }
+    (c.latencies_us, s.latencies_us)
+}
+
+/// The newest `n` latencies of `release`; none when it cannot say.
+async fn newest_samples(
+    balancer: &dyn crate::balancer::Balancer,
+    release: &str,
+    n: usize,
+) -> Vec<u64> {
+    if n == 0 {
+        return Vec::new();
+    }
+    balancer.samples(release, n).await.unwrap_or_default()
+}
+
+/// The latencies of `release` in `window`, unless it had no response (`any` is 0); none
+/// when it cannot say.
+async fn window_samples(
+    balancer: &dyn crate::balancer::Balancer,
+    release: &str,
+    any: usize,
+    window: crate::balancer::api::SampleWindow,
+) -> Samples {
+    if any == 0 {
+        return Samples::default();
+    }
+    balancer
+        .sample_window(release, &window)
+        .await
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::canary_weights;
+    use super::*;
+    use crate::balancer::api::{BackendSpec, BackendView, DrainReport, SampleWindow};
+
+    /// Releases that answered `rate` requests a millisecond from ms 1 to 1000, each with the
+    /// ms it was answered at as its latency, and whose ring kept those from `kept_from` on.
+    struct Rings(BTreeMap<&'static str, (u64, u64)>);
+
+    impl Rings {
+        fn kept(&self, release: &str) -> Vec<u64> {
+            let (rate, kept_from) = self.0[release];
+            (kept_from..=1000)
+                .flat_map(|ms| std::iter::repeat_n(ms, rate as usize))
+                .collect()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::balancer::Balancer for Rings {
+        async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
+            Ok(Vec::new())
+        }
+        async fn add(&self, _: &BackendSpec) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn remove(&self, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn set_weight(&self, _: &str, _: u32) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn activate(&self, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn drain(&self, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn wait_drained(&self, _: &str, _: Duration) -> anyhow::Result<DrainReport> {
+            Ok(DrainReport::default())
+        }
+        async fn wait_healthy(&self, _: &str, _: Duration) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn stats(&self) -> anyhow::Result<Stats> {
+            Ok(Stats::default())
+        }
+        async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {
+            let all = self.kept(release);
+            Ok(all[all.len().saturating_sub(max)..].to_vec())
+        }
+        async fn sample_window(&self, release: &str, w: &SampleWindow) -> anyhow::Result<Samples> {
+            let from = w.since_ms.max(self.0[release].1);
+            let inside: Vec<u64> = self
+                .kept(release)
+                .into_iter()
+                .filter(|ms| (from..=w.until_ms).contains(ms))
+                .collect();
+            let n = inside.len();
+            let latencies_us = if n > w.max {
+                (0..w.max)
+                    .map(|j| inside[(2 * j + 1) * n / (2 * w.max)])
+                    .collect()
+            } else {
+                inside
+            };
+            Ok(Samples {
+                release: release.into(),
+                latencies_us,
+                from_ms: Some(from),
+            })
+        }
+    }
+
+    /// Review finding: under heavy stable traffic the judge compared stable's last fifth of
+    /// the interval with the canary's whole interval.
+    #[tokio::test]
+    async fn the_judge_gets_both_sides_over_the_same_stretch() {
+        // Stable answered 10 a ms and its ring kept the last 4096 (from ms 591 on); the canary
+        // answered 1 a ms and kept them all.
+        let rings = Rings([("stable", (10, 591)), ("canary", (1, 1))].into());
+        let answered = |n: u64| Counters {
+            status_2xx: n,
+            ..Counters::default()
+        };
+        let (c, s) = (answered(1000), answered(10_000));
+        let span = |v: &[u64]| (v[0], v[v.len() - 1]);
+        // A balancer that does not say when it took its snapshots: the newest samples, which
+        // cover different times.
+        let (cl, sl) = interval_latencies(
+            &rings,
+            ("canary", &c),
+            Some(("stable", &s)),
+            &Stats::default(),
+            &Stats::default(),
+        )
+        .await;
+        assert_eq!((span(&cl), span(&sl)), ((1, 1000), (801, 1000)));
+        // One that does: both over the stretch stable still has, stable thinned across it.
+        let at = |at_ms: u64| Stats {
+            at_ms,
+            ..Stats::default()
+        };
+        let (cl, sl) = interval_latencies(
+            &rings,
+            ("canary", &c),
+            Some(("stable", &s)),
+            &at(1),
+            &at(1000),
+        )
+        .await;
+        assert_eq!(span(&cl), (591, 1000));
+        assert_eq!(sl.len(), JUDGE_SAMPLES);
+        let (first, last) = span(&sl);
+        assert!(first <= 592 && last >= 999, "{first}..{last}");
+        // Without a stable side, the canary's whole interval.
+        let (cl, sl) = interval_latencies(&rings, ("canary", &c), None, &at(1), &at(1000)).await;
+        assert_eq!((span(&cl), sl.len()), ((1, 1000), 0));
+    }
 
     fn share(w: &std::collections::BTreeMap<String, u32>, prefix: &str) -> f64 {
         let total: u32 = w.values().sum();
