@@ -845,7 +845,11 @@ impl Inner {
     /// minus `Uptime_sec`, fixed per pid): a new process seen within the same second as the
     /// last is given the next millisecond, so a restart always shows as a new count.
     fn process(&self) -> anyhow::Result<(String, u64)> {
-        let info = parse_info(&self.api.exec("show info")?);
+        Ok(self.identify(&parse_info(&self.api.exec("show info")?)))
+    }
+
+    /// [`Inner::process`] from an answer to `show info`.
+    fn identify(&self, info: &BTreeMap<String, String>) -> (String, u64) {
         let field = |k: &str| info.get(k).and_then(|v| v.trim().parse::<u64>().ok());
         let pid = info.get("Pid").map_or("", |p| p.trim()).to_string();
         let mut seen = self.seen_process.lock().unwrap_or_else(|p| p.into_inner());
@@ -862,7 +866,7 @@ impl Inner {
             _ => {}
         }
         *seen = Some((id.clone(), ms));
-        Ok((id, ms))
+        (id, ms)
     }
 
     fn lock_state(&self) -> anyhow::Result<EditLock> {
@@ -873,20 +877,52 @@ impl Inner {
         format!("{}/{}", self.settings.backend, server)
     }
 
-    /// `show stat` of the backend: server rows and the `BACKEND` row.
+    /// `show stat` of the backend: server rows and the `BACKEND` row. A reading that sees a
+    /// server up gives it its pending weight (see `add`).
     fn rows(&self) -> anyhow::Result<Vec<StatRow>> {
+        let (_, rows) = self.read()?;
+        let due: Vec<(String, u32)> = {
+            let pending = self
+                .pending_weights
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            rows.iter()
+                .filter(|r| r.is_up())
+                .filter_map(|r| {
+                    let (id, _, _) = parse_server_name(&r.name)?;
+                    Some((r.name.clone(), *pending.get(&id)?))
+                })
+                .collect()
+        };
+        for (name, weight) in due {
+            self.set_weight(&name, weight)?;
+            if let Some((id, _, _)) = parse_server_name(&name) {
+                self.pending(&id, None);
+            }
+        }
+        Ok(rows)
+    }
+
+    /// `show info` and `show stat` of the backend on one connection, so both come from one
+    /// HAProxy process (a reload hands the socket over between two connections): that
+    /// process ([`Inner::process`]) and the rows.
+    fn read(&self) -> anyhow::Result<(String, Vec<StatRow>)> {
         let b = &self.settings.backend;
-        let out = self.api.exec(&format!("show stat {b} 6 -1"))?;
-        if out.trim().starts_with("No such proxy") {
+        let out = self.api.exec(&format!("show info;show stat {b} 6 -1"))?;
+        if out.contains("No such proxy") {
             anyhow::bail!(
                 "HAProxy at {} has no backend {b:?}: add `backend {b}` with `balance roundrobin` and `option httpchk` to its config (docs/haproxy.md), or fix balancer.backend",
                 self.api.socket
             );
         }
-        Ok(parse_stat(&out)?
+        // The CSV begins at its header line, after the lines of `show info`.
+        let (info, stat) = out.split_at(out.find("\n# ").map_or(0, |i| i + 1));
+        let (process, _) = self.identify(&parse_info(info));
+        let rows = parse_stat(stat)?
             .into_iter()
             .filter(|r| &r.proxy == b)
-            .collect())
+            .collect();
+        Ok((process, rows))
     }
 
     /// The row of the server holding backend `id`.
@@ -922,6 +958,13 @@ impl Inner {
     fn set_state(&self, server: &str, state: &str) -> anyhow::Result<()> {
         self.command(
             &format!("set server {} state {state}", self.full(server)),
+            &[],
+        )
+    }
+
+    fn set_weight(&self, server: &str, weight: u32) -> anyhow::Result<()> {
+        self.command(
+            &format!("set server {} weight {weight}", self.full(server)),
             &[],
         )
     }
@@ -1064,33 +1107,42 @@ impl Inner {
             }
             return Ok(());
         }
-        let c = &self.settings;
-        // At weight 0 until HAProxy's own check passes (`wait_healthy` sets the weight): a
-        // server leaving maintenance counts as up before its first check has run, so an
-        // address HAProxy cannot reach would otherwise take requests and fail them.
-        let add = format!(
-            "{}add server {} {} check inter {}ms rise {} fall {} weight 0",
-            self.prefix,
-            self.full(&name),
-            spec.address,
-            c.check_interval.as_millis().max(1),
-            c.rise,
-            c.fall,
-        );
-        self.command(&add, &["New server registered"]).map_err(|e| {
+        self.add_server(&name, spec.address).map_err(|e| {
             e.context(format!(
                 "adding {} to HAProxy backend {b} (needs HAProxy 2.4+, a dynamic algorithm such as `balance roundrobin` or a hash with `hash-type consistent`, and a server name HAProxy accepts)",
                 spec.id
             ))
         })?;
+        self.pending(&spec.id, (spec.weight > 0).then_some(spec.weight));
+        Ok(())
+    }
+
+    /// `add server` at weight 0 with the configured checks, then `enable health` and `enable
+    /// server`; deleted again when those fail. At weight 0 until HAProxy's own check passes
+    /// (the first reading that sees it up gives it its weight: see `rows`): a server leaving
+    /// maintenance counts as up before its first check has run, so an address HAProxy cannot
+    /// reach would otherwise take requests and fail them.
+    fn add_server(&self, name: &str, address: SocketAddr) -> anyhow::Result<()> {
+        let c = &self.settings;
+        let add = format!(
+            "{}add server {} {address} check inter {}ms rise {} fall {} weight 0",
+            self.prefix,
+            self.full(name),
+            c.check_interval.as_millis().max(1),
+            c.rise,
+            c.fall,
+        );
+        self.command(&add, &["New server registered"])?;
         let enable = self
-            .command(&format!("enable health {}", self.full(&name)), &[])
-            .and_then(|_| self.command(&format!("enable server {}", self.full(&name)), &[]));
+            .command(&format!("enable health {}", self.full(name)), &[])
+            .and_then(|_| self.command(&format!("enable server {}", self.full(name)), &[]));
         if let Err(e) = enable {
-            let _ = self.delete(&name);
+            let _ = self.command(
+                &format!("{}del server {}", self.prefix, self.full(name)),
+                &["Server deleted"],
+            );
             return Err(e);
         }
-        self.pending(&spec.id, (spec.weight > 0).then_some(spec.weight));
         Ok(())
     }
 
@@ -1304,10 +1356,7 @@ impl Balancer for HaproxyBalancer {
                 i.settings.backend
             );
             let row = i.server_of(&id)?;
-            i.command(
-                &format!("set server {} weight {weight}", i.full(&row.name)),
-                &[],
-            )
+            i.set_weight(&row.name, weight)
         })
         .await
     }
@@ -1384,17 +1433,9 @@ impl Balancer for HaproxyBalancer {
         let started = Instant::now();
         loop {
             let id2 = id.to_string();
+            // The reading that sees it up gives it its pending weight (see `Inner::rows`).
             let row = self.blocking(move |i| i.server_of(&id2)).await?;
             if row.is_up() {
-                let weight = self
-                    .inner
-                    .pending_weights
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(id);
-                if let Some(w) = weight {
-                    self.set_weight(id, w).await?;
-                }
                 return Ok(());
             }
             if started.elapsed() >= timeout {
