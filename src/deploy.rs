@@ -1038,6 +1038,9 @@ impl Deployer {
                 None
             }
         };
+        // What the balancer client did by itself: the servers an HAProxy reload dropped, put
+        // back (the reading above puts back any it finds missing only now).
+        notes.extend(self.balancer.notices());
         let traffic = Traffic::between(stats_before, after.as_ref(), run.taken_over);
         let closed = self.take_closed_at_deadline();
         if closed > 0 {
@@ -2635,7 +2638,7 @@ impl Traffic {
             // The proxy restarted, or a --takeover lost the old proxy's counts: its counters
             // began again.
             notes.push(
-                "the balancer's counters restarted during the deployment (a proxy restart, or a --takeover whose old proxy did not hand over its counts): the request counts cover only the time since".into(),
+                "the balancer's counters restarted during the deployment (a proxy restart, an HAProxy reload or restart, or a --takeover whose old proxy did not hand over its counts): the request counts cover only the time since".into(),
             );
             Some("only since the balancer's counters restarted during the deployment".to_string())
         } else if taken_over {

@@ -44,6 +44,8 @@ struct ServerState {
     op_state: u32,
     /// 0 = ready; 1 maint, 8 drain, ...
     admin_state: u32,
+    /// The weight set by the user (cutover).
+    weight: u32,
 }
 
 /// A local fleet behind its own HAProxy.
@@ -54,6 +56,9 @@ struct Fleet {
     socket: PathBuf,
     hosts: Vec<String>,
     haproxy: Option<Child>,
+    /// HAProxy processes a reload replaced: they finish their connections and exit; killed on
+    /// drop if they have not.
+    replaced: Vec<Child>,
 }
 
 impl Fleet {
@@ -105,6 +110,7 @@ impl Fleet {
             socket,
             hosts: names,
             haproxy: None,
+            replaced: Vec::new(),
         };
         fleet.start_haproxy().await;
         fleet
@@ -112,6 +118,22 @@ impl Fleet {
 
     /// Writes the HAProxy config and starts `haproxy -db` as a child; waits for its socket.
     async fn start_haproxy(&mut self) {
+        self.spawn_haproxy(&[]).await;
+    }
+
+    /// Reloads HAProxy as `systemctl reload` and `haproxy -sf` do: a new process from the same
+    /// config takes over the listeners and the stats socket, and the old one stops accepting
+    /// and finishes its connections. Returns once the new process answers on the socket.
+    async fn reload_haproxy(&mut self) {
+        let old = self.haproxy.take().expect("haproxy runs");
+        let pid = old.id().expect("haproxy has not exited").to_string();
+        self.replaced.push(old);
+        self.spawn_haproxy(&["-sf", &pid]).await;
+    }
+
+    /// Starts `haproxy -db` with `extra` arguments; waits until it is the process answering
+    /// on the stats socket (a reload's old process answers there until the new one binds it).
+    async fn spawn_haproxy(&mut self, extra: &[&str]) {
         let cfg = self.dir.path().join("haproxy.cfg");
         std::fs::write(
             &cfg,
@@ -127,20 +149,30 @@ impl Fleet {
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(self.dir.path().join("haproxy.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("haproxy.log"))
+            .unwrap();
         let child = Command::new("haproxy")
             .arg("-f")
             .arg(&cfg)
             .arg("-db")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .kill_on_drop(true)
             .spawn()
             .expect("haproxy starts (apt-get install haproxy)");
+        let pid = child.id().expect("haproxy has not exited").to_string();
         self.haproxy = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self.api().exec("show info").is_err() {
+        loop {
+            let info = self.api().exec("show info").unwrap_or_default();
+            if cutover::balancer::haproxy::parse_info(&info).get("Pid") == Some(&pid) {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
                 "haproxy did not come up: {}",
@@ -177,6 +209,7 @@ impl Fleet {
                     name: f[3].to_string(),
                     op_state: f[5].parse().unwrap(),
                     admin_state: f[6].parse().unwrap(),
+                    weight: f[7].parse().unwrap(),
                 }
             })
             .collect()
@@ -345,7 +378,7 @@ impl Drop for Fleet {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
-        if let Some(mut h) = self.haproxy.take() {
+        for h in self.haproxy.iter_mut().chain(&mut self.replaced) {
             let _ = h.start_kill();
         }
     }
@@ -864,6 +897,7 @@ async fn connecting_refuses_what_would_hide_or_break_a_deploy() {
             rise: 2,
             fall: 3,
             state_file: dir.path().join(format!("state-{backend}.json")),
+            put_back_lost_servers: false,
         })
         .map_err(|e| format!("{e:#}"))
     };
@@ -1242,4 +1276,219 @@ async fn a_server_drained_from_another_pid_namespace_is_left_and_named() {
         "{out}\n{err}"
     );
     assert_eq!(drained(&fleet), 1, "{:?}", fleet.servers());
+}
+
+/// Where a rolling deploy is when a test reloads or restarts HAProxy under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// The first new server is in HAProxy, waiting for HAProxy's own check.
+    Admitting,
+    /// The first host has moved (its new server carries traffic): its old server drains in the
+    /// background while the next batch starts.
+    Moved,
+    /// An old server drains, kept draining by slow requests.
+    Draining,
+}
+
+/// How HAProxy is cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// `haproxy -sf`, as `systemctl reload haproxy`: the new process takes over at once.
+    Reload,
+    /// Killed, then started again half a second later.
+    Restart,
+}
+
+/// What a deploy through a cut of HAProxy came to.
+struct ThroughCut {
+    code: i32,
+    out: String,
+    err: String,
+    /// From the cut until HAProxy had a server taking requests again.
+    back_after: Duration,
+    /// The steady traffic, from before the deploy until 200 requests after it ended.
+    load: load::LoadReport,
+    /// Of those, the requests that failed after the deploy had ended.
+    failed_after: u64,
+}
+
+/// A rolling deploy of `version` to `hosts` hosts (`batch`) behind HAProxy, under 200
+/// requests/s, with HAProxy reloaded or restarted at `moment`.
+async fn deploy_through_a_cut(
+    fleet: &mut Fleet,
+    version: &str,
+    moment: Moment,
+    cut: Cut,
+) -> ThroughCut {
+    use tokio::io::AsyncBufReadExt;
+    fleet.deploy("v1", 0).await;
+    fleet.assert_all_ready_on("v1");
+    let run = fleet.traffic(200, 100_000);
+    run.wait_until(|r| r.ok >= 100).await;
+    // Slow requests in flight on every v1 server, through the HAProxy that is replaced.
+    let slow: Vec<_> = if moment == Moment::Draining {
+        (0..8)
+            .map(|_| tokio::spawn(load::get(fleet.listen, "/sleep/3000", &[])))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let mut deploy = fleet
+        .command(&["deploy", "--version", version, "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = {
+        let mut out = deploy.stdout.take().unwrap();
+        tokio::spawn(async move {
+            let mut s = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut out, &mut s).await;
+            s
+        })
+    };
+    let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = {
+        let (err, mut lines) = (
+            err.clone(),
+            tokio::io::BufReader::new(deploy.stderr.take().unwrap()).lines(),
+        );
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let mut err = err.lock().unwrap();
+                err.push_str(&line);
+                err.push('\n');
+            }
+        })
+    };
+    let new = |s: &ServerState| parse_server_name(&s.name).is_some_and(|(_, _, r)| r == version);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let servers = fleet.servers();
+        let now = match moment {
+            Moment::Admitting => servers.iter().any(new),
+            Moment::Moved => servers.iter().any(|s| new(s) && s.weight > 0),
+            Moment::Draining => servers.iter().any(|s| s.admin_state & 8 != 0),
+        };
+        if now {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {moment:?}: {servers:?}\n{}",
+            err.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let cut_at = Instant::now();
+    match cut {
+        Cut::Reload => fleet.reload_haproxy().await,
+        Cut::Restart => {
+            if let Some(mut h) = fleet.haproxy.take() {
+                let _ = h.kill().await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            fleet.start_haproxy().await;
+        }
+    }
+    let back_after = loop {
+        let taking = fleet
+            .servers()
+            .iter()
+            .any(|s| s.admin_state == 0 && s.op_state == 2 && s.weight > 0);
+        if taking {
+            break cut_at.elapsed();
+        }
+        assert!(
+            cut_at.elapsed() < Duration::from_secs(30),
+            "no server back 30 s after the {cut:?}\n{}",
+            err.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let status = tokio::time::timeout(Duration::from_secs(120), deploy.wait())
+        .await
+        .expect("the deploy ends")
+        .unwrap();
+    let out = stdout.await.unwrap();
+    stderr.await.unwrap();
+    let at_end = run.wait_until(|_| true).await;
+    run.wait_until(|r| r.ok + r.failed >= at_end.ok + at_end.failed + 200)
+        .await;
+    let load = run.stop().await;
+    for s in slow {
+        let (status, body, _) = s.await.unwrap().expect("the slow request is answered");
+        assert_eq!(
+            status, 200,
+            "a request in flight through the reload: {body}"
+        );
+    }
+    let err = err.lock().unwrap().clone();
+    ThroughCut {
+        code: status.code().unwrap_or(-1),
+        out,
+        err,
+        back_after,
+        failed_after: load.failed - at_end.failed,
+        load,
+    }
+}
+
+/// The deploy noticed that HAProxy lost its servers, put every one back and carried on to
+/// the end: every host serves `version` through HAProxy, and nothing fails after the deploy.
+fn assert_carried_on(fleet: &Fleet, version: &str, c: &ThroughCut) {
+    let all = format!(
+        "exit {}\n{}\n{}\nback after {:?}\n{}",
+        c.code, c.out, c.err, c.back_after, c.load
+    );
+    eprintln!("{all}");
+    assert_eq!(c.code, 0, "{all}");
+    let r = report(&c.out);
+    assert_eq!(r["outcome"], "succeeded", "{all}");
+    assert_eq!(r["failed_hosts"], serde_json::json!([]), "{all}");
+    assert!(
+        r["notes"]
+            .to_string()
+            .contains("HAProxy was reloaded or restarted")
+            && r["notes"].to_string().contains("put back"),
+        "the report says what happened: {all}"
+    );
+    assert!(
+        fleet.all_ready_on(version),
+        "every host in HAProxy: {:?}\n{all}",
+        fleet.servers()
+    );
+    assert_eq!(c.failed_after, 0, "{:#?}\n{all}", c.load.failures);
+}
+
+/// Review finding: an HAProxy reload while a new server waited for HAProxy's check made the
+/// deploy find the server gone, roll back, and end "rolled back" with no server left in
+/// HAProxy at all: every request failed after the "clean" rollback. The deploy now puts back
+/// every server the reload dropped, and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_haproxy_reload_while_a_new_server_waits_for_its_check_is_put_back() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(4, 124, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    let c = deploy_through_a_cut(&mut fleet, "v2", Moment::Admitting, Cut::Reload).await;
+    assert_carried_on(&fleet, "v2", &c);
+}
+
+/// Review finding: an HAProxy reload while an old server drained left that host's new server
+/// out of HAProxy and its old instance running, and the deploy ended "succeeded". Requests the
+/// old HAProxy process still had in flight are finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_haproxy_reload_while_an_old_server_drains_is_put_back() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(4, 125, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    let c = deploy_through_a_cut(&mut fleet, "v2", Moment::Draining, Cut::Reload).await;
+    assert_carried_on(&fleet, "v2", &c);
+}
+
+/// A restart (HAProxy down for half a second) between two batches: waited out, then the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_haproxy_restart_between_batches_is_put_back() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(4, 126, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    let c = deploy_through_a_cut(&mut fleet, "v2", Moment::Moved, Cut::Restart).await;
+    assert_carried_on(&fleet, "v2", &c);
 }

@@ -27,6 +27,10 @@
 //!   every command, also after an error), and at connect for entries of processes that no longer
 //!   run (a killed deploy), each such server whose instance still answers is set back to ready;
 //!   each one that cannot be restored is named on stderr and by [`HaproxyBalancer::disabled`].
+//! - A reload or restart of HAProxy drops every dynamic server. The balancer of a deployment
+//!   puts the ones it knew back before its next step reads the backend ([`reload`]).
+
+mod reload;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -596,6 +600,9 @@ pub struct HaproxySettings {
     pub fall: u32,
     /// `<state_dir>/haproxy-<backend>.json`.
     pub state_file: PathBuf,
+    /// Put back the servers a reload or restart of HAProxy drops ([`reload`]): for a command
+    /// that holds the deploy lock (a deployment), whose view of the backend is the current one.
+    pub put_back_lost_servers: bool,
 }
 
 impl HaproxySettings {
@@ -627,6 +634,7 @@ impl HaproxySettings {
             check_interval: *h.interval,
             rise: h.healthy_threshold.0.max(1),
             fall: h.unhealthy_threshold.0.max(1),
+            put_back_lost_servers: false,
         })
     }
 }
@@ -668,6 +676,11 @@ struct Inner {
     pending_weights: Mutex<BTreeMap<String, u32>>,
     /// The HAProxy process last seen, and the `counting_since_ms` given for it.
     seen_process: Mutex<Option<(String, u64)>>,
+    /// The backend's servers as last known, to put back after a reload: only with
+    /// `put_back_lost_servers` ([`reload`]).
+    known: Option<Mutex<reload::Known>>,
+    /// What this balancer did by itself, for [`Balancer::notices`].
+    notices: Mutex<Vec<String>>,
 }
 
 /// The [`Balancer`] of an existing HAProxy.
@@ -709,6 +722,10 @@ impl HaproxyBalancer {
             me: (me, process_start(me)),
             pending_weights: Mutex::default(),
             seen_process: Mutex::default(),
+            known: settings
+                .put_back_lost_servers
+                .then(|| Mutex::new(reload::Known::default())),
+            notices: Mutex::default(),
             settings,
         };
         inner.check_backend()?;
@@ -878,9 +895,13 @@ impl Inner {
     }
 
     /// `show stat` of the backend: server rows and the `BACKEND` row. A reading that sees a
-    /// server up gives it its pending weight (see `add`).
+    /// server up gives it its pending weight (see `add`); a deployment's reading puts back what
+    /// a reload of HAProxy dropped first ([`reload`]).
     fn rows(&self) -> anyhow::Result<Vec<StatRow>> {
-        let (_, rows) = self.read()?;
+        let rows = match &self.known {
+            Some(known) => self.rows_kept(known)?,
+            None => self.read()?.1,
+        };
         let due: Vec<(String, u32)> = {
             let pending = self
                 .pending_weights
@@ -956,16 +977,26 @@ impl Inner {
     }
 
     fn set_state(&self, server: &str, state: &str) -> anyhow::Result<()> {
-        self.command(
-            &format!("set server {} state {state}", self.full(server)),
-            &[],
+        self.change(
+            || {
+                self.command(
+                    &format!("set server {} state {state}", self.full(server)),
+                    &[],
+                )
+            },
+            |k| k.set_ready(server, state == "ready"),
         )
     }
 
     fn set_weight(&self, server: &str, weight: u32) -> anyhow::Result<()> {
-        self.command(
-            &format!("set server {} weight {weight}", self.full(server)),
-            &[],
+        self.change(
+            || {
+                self.command(
+                    &format!("set server {} weight {weight}", self.full(server)),
+                    &[],
+                )
+            },
+            |k| k.set_weight(server, weight),
         )
     }
 
@@ -1107,7 +1138,11 @@ impl Inner {
             }
             return Ok(());
         }
-        self.add_server(&name, spec.address).map_err(|e| {
+        self.change(
+            || self.add_server(&name, spec.address),
+            |k| k.added(&name, spec.address),
+        )
+        .map_err(|e| {
             e.context(format!(
                 "adding {} to HAProxy backend {b} (needs HAProxy 2.4+, a dynamic algorithm such as `balance roundrobin` or a hash with `hash-type consistent`, and a server name HAProxy accepts)",
                 spec.id
@@ -1159,9 +1194,14 @@ impl Inner {
     }
 
     fn delete(&self, server: &str) -> anyhow::Result<()> {
-        self.command(
-            &format!("{}del server {}", self.prefix, self.full(server)),
-            &["Server deleted"],
+        self.change(
+            || {
+                self.command(
+                    &format!("{}del server {}", self.prefix, self.full(server)),
+                    &["Server deleted"],
+                )
+            },
+            |k| k.deleted(server),
         )
     }
 
@@ -1327,6 +1367,10 @@ fn probe_blocking(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(),
 impl Balancer for HaproxyBalancer {
     fn max_weight(&self) -> u32 {
         MAX_WEIGHT
+    }
+
+    fn notices(&self) -> Vec<String> {
+        std::mem::take(&mut *self.inner.notices.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
@@ -1537,6 +1581,12 @@ impl LazyHaproxy {
 impl Balancer for LazyHaproxy {
     fn max_weight(&self) -> u32 {
         MAX_WEIGHT
+    }
+    fn notices(&self) -> Vec<String> {
+        self.connected
+            .get()
+            .map(|b| b.notices())
+            .unwrap_or_default()
     }
     async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
         self.get().await?.backends().await

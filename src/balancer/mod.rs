@@ -101,6 +101,12 @@ pub trait Balancer: Send + Sync {
         u32::MAX
     }
 
+    /// What the balancer client did by itself since it was last asked, each said once, for the
+    /// deployment to say and report: servers it put back after HAProxy was reloaded under it.
+    fn notices(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// The most recent response latencies (µs, oldest first) of a release, at most `max`.
     /// Only the built-in balancer keeps them; others answer an "unsupported" error.
     async fn samples(&self, release: &str, max: usize) -> anyhow::Result<Vec<u64>> {

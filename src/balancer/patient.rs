@@ -5,6 +5,10 @@
 //! 409) are final at once. A deploy that loses its balancer for a few seconds (an upgrade, a
 //! crash and restart with its routing state restored) carries on; one whose balancer stays away
 //! stops with an error that says so.
+//!
+//! What the balancer did by itself meanwhile ([`Balancer::notices`]: the servers an HAProxy
+//! reload dropped, put back) is said as soon as the call that did it returns, and kept for the
+//! deployment's report.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +25,8 @@ pub struct Patient {
     inner: Arc<dyn Balancer>,
     deadline: Duration,
     progress: Progress,
+    /// The inner balancer's notices said so far, for [`Balancer::notices`].
+    said: std::sync::Mutex<Vec<String>>,
 }
 
 impl Patient {
@@ -29,7 +35,20 @@ impl Patient {
             inner,
             deadline,
             progress,
+            said: Default::default(),
         }
+    }
+
+    /// Says what the inner balancer did by itself, and keeps it.
+    fn relay(&self) {
+        let notices = self.inner.notices();
+        for n in &notices {
+            self.progress.say(&format!("balancer: {n}"));
+        }
+        self.said
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(notices);
     }
 
     async fn retry<T, F, Fut>(&self, what: &str, call: F) -> anyhow::Result<T>
@@ -45,6 +64,7 @@ impl Patient {
         let mut warned = false;
         loop {
             let result = call().await;
+            self.relay();
             let since = match &result {
                 Err(e) if is_unreachable(e) => *lost.get_or_insert_with(Instant::now),
                 _ => Instant::now(),
@@ -85,6 +105,10 @@ impl Patient {
 impl Balancer for Patient {
     fn max_weight(&self) -> u32 {
         self.inner.max_weight()
+    }
+    fn notices(&self) -> Vec<String> {
+        self.relay();
+        std::mem::take(&mut *self.said.lock().unwrap_or_else(|p| p.into_inner()))
     }
     async fn backends(&self) -> anyhow::Result<Vec<BackendView>> {
         self.retry("listing backends", || self.inner.backends())

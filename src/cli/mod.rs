@@ -560,6 +560,16 @@ fn parse_name(flag: &str, v: &str) -> anyhow::Result<Name> {
 
 /// The transport and balancer client a config asks for.
 pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
+    connect_as(config, false)
+}
+
+/// [`connect`], for a deployment when `deploying`: its HAProxy client puts back the servers
+/// a reload of HAProxy drops (see `balancer::haproxy::reload`). Only a command that holds
+/// the deploy lock knows the backend's servers as they are.
+fn connect_as(
+    config: &Config,
+    deploying: bool,
+) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
     let transport: Arc<dyn Transport> = match config.transport {
         crate::config::TransportKind::Local => Arc::new(LocalTransport::with_step_timeout(
             config.ssh.command_timeout,
@@ -575,8 +585,12 @@ pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn B
             config.admin_token()?,
         )),
         crate::config::BalancerKind::Haproxy => {
+            let settings = crate::balancer::haproxy::HaproxySettings {
+                put_back_lost_servers: deploying,
+                ..crate::balancer::haproxy::HaproxySettings::from_config(config)?
+            };
             Arc::new(crate::balancer::haproxy::LazyHaproxy::new(
-                crate::balancer::haproxy::HaproxySettings::from_config(config)?,
+                settings,
                 &config.file,
             ))
         }
@@ -584,13 +598,14 @@ pub fn connect(config: &Config) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn B
     Ok((transport, balancer))
 }
 
-/// The deployer for a config, with a balancer client that waits out balancer restarts.
+/// The deployer for a config, with a balancer client that waits out balancer restarts (and
+/// puts back the servers an HAProxy reload drops).
 pub fn deployer(
     config: Arc<Config>,
     journal: Arc<Journal>,
     progress: Progress,
 ) -> anyhow::Result<Deployer> {
-    let (transport, balancer) = connect(&config)?;
+    let (transport, balancer) = connect_as(&config, true)?;
     let balancer: Arc<dyn Balancer> = Arc::new(crate::balancer::patient::Patient::new(
         balancer,
         *config.balancer.unreachable_timeout,
