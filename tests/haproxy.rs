@@ -76,6 +76,7 @@ impl Fleet {
             ("v2", ""),
             ("crash", "--exit-on-start"),
             ("sick", "--unhealthy"),
+            ("slow", "--startup-delay 4s"),
         ] {
             cutover::init::write_sample_release(
                 &dir.path().join("releases").join(v),
@@ -1288,6 +1289,9 @@ enum Moment {
     Moved,
     /// An old server drains, kept draining by slow requests.
     Draining,
+    /// The first new instance is in its own health gate (it takes 4 s to start), during which
+    /// no step of the deploy reads HAProxy.
+    Gate,
 }
 
 /// How HAProxy is cut.
@@ -1369,6 +1373,10 @@ async fn deploy_through_a_cut(
             Moment::Admitting => servers.iter().any(new),
             Moment::Moved => servers.iter().any(|s| new(s) && s.weight > 0),
             Moment::Draining => servers.iter().any(|s| s.admin_state & 8 != 0),
+            Moment::Gate => err
+                .lock()
+                .unwrap()
+                .contains(&format!("web1: started {version} on")),
         };
         if now {
             break;
@@ -1491,4 +1499,20 @@ async fn an_haproxy_restart_between_batches_is_put_back() {
     let mut fleet = Fleet::start(4, 126, "kind = \"rolling\"\nbatch = 1", "5s").await;
     let c = deploy_through_a_cut(&mut fleet, "v2", Moment::Moved, Cut::Restart).await;
     assert_carried_on(&fleet, "v2", &c);
+}
+
+/// A reload while no step of the deploy reads HAProxy (a new instance's 4 s health gate):
+/// the servers are back within about a second, not when the gate ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_haproxy_reload_during_a_long_health_gate_is_put_back_at_once() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(3, 127, "kind = \"rolling\"\nbatch = [1, 2]", "5s").await;
+    let c = deploy_through_a_cut(&mut fleet, "slow", Moment::Gate, Cut::Reload).await;
+    assert_carried_on(&fleet, "slow", &c);
+    assert!(
+        c.back_after < Duration::from_millis(2500),
+        "back after {:?}, the gate took 4 s: {}",
+        c.back_after,
+        c.load
+    );
 }

@@ -730,6 +730,9 @@ impl HaproxyBalancer {
         };
         inner.check_backend()?;
         let inner = Arc::new(inner);
+        if inner.known.is_some() {
+            reload::watch(Arc::downgrade(&inner));
+        }
         let at_signal = {
             let inner = inner.clone();
             crate::bounded::at_signal_exit(move || inner.restore_mine_now())

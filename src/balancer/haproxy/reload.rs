@@ -14,7 +14,10 @@
 //! process is not the one the servers were known in, the ready ones it lacks go back
 //! ([`Inner::put_back`]) before the reading returns, the way a new server goes in: at weight 0,
 //! then at their weight once HAProxy's own check passes. The step that read carries on, and
-//! the deployment's report says what was put back.
+//! the deployment's report says what was put back. A deployment's steps do not always read
+//! HAProxy (a build, a slow health gate, a verify suite, a canary's pause), so its balancer
+//! also reads the backend every [`WATCH`] by itself ([`watch`]): a reload costs about that,
+//! plus one HAProxy check, of 503s.
 //!
 //! Design choices:
 //! - Only a deployment (deploy, rollback, readmit, a serve job) puts servers back: it holds the
@@ -29,11 +32,39 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::{Inner, POLL, StatRow, parse_server_name};
 use crate::balancer::api::BackendState;
+
+/// How often a deployment's balancer reads the backend when no step does.
+const WATCH: Duration = Duration::from_millis(250);
+
+/// Reads the backend every [`WATCH`] for as long as `inner` lives, so that what a reload
+/// drops is put back while no step of the deployment reads HAProxy.
+pub(super) fn watch(inner: Weak<Inner>) {
+    let spawned = std::thread::Builder::new()
+        .name("haproxy-watch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(WATCH);
+                let Some(inner) = inner.upgrade() else {
+                    return;
+                };
+                // Unreachable while HAProxy restarts: the next round tries again, and the
+                // deployment's own calls wait it out and say so.
+                if let Err(e) = inner.rows() {
+                    tracing::debug!("reading HAProxy's backend: {e:#}");
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(
+            "cannot watch HAProxy for reloads ({e}): servers a reload drops are put back at the deployment's next step that reads HAProxy"
+        );
+    }
+}
 
 /// A server of the backend as this process last knew it.
 #[derive(Debug, Clone, PartialEq, Eq)]
