@@ -97,16 +97,19 @@ pub enum Command {
     /// restarted, no hook or verify suite runs, and the deploy lock is taken as by a deploy.
     /// With nothing missing, or nothing ever deployed, it says so and exits 0.
     ///
-    /// `cutover serve` does this by itself within seconds of a reload. Without it, run
-    /// readmit after each reload and start of HAProxy, e.g. with a drop-in
-    /// (/etc/systemd/system/haproxy.service.d/cutover.conf; see docs/haproxy.md):
+    /// A deploy (or rollback, or readmit) running during a reload puts back the servers that
+    /// were taking requests itself and carries on. `cutover serve` re-admits by itself
+    /// within seconds of a reload. Without it, run readmit after each reload and start of
+    /// HAProxy, e.g. with a drop-in (/etc/systemd/system/haproxy.service.d/cutover.conf; see
+    /// docs/haproxy.md):
     ///
     ///   [Service]
     ///   ExecStartPost=-/usr/local/bin/cutover readmit -c /etc/cutover.toml
     ///   ExecReload=-/bin/sh -c 'sleep 2; exec /usr/local/bin/cutover readmit -c /etc/cutover.toml'
     ///
     /// (The sleep lets the reloaded HAProxy take over its stats socket: read before that, the
-    /// old process still shows every server.) Exit codes as deploy's: 0 re-admitted (or
+    /// old process still shows every server. During a deploy, readmit finds the deploy lock
+    /// taken and fails, which the `-` ignores.) Exit codes as deploy's: 0 re-admitted (or
     /// nothing to do), 1 a host failed its health check, 2 an error.
     #[command(verbatim_doc_comment)]
     Readmit(ReadmitArgs),

@@ -705,8 +705,8 @@ fn readmit_reason(state: &ServeState, restarted: bool) -> &'static str {
 /// looked at when serve starts and whenever the sampler sees the balancer's counting begin
 /// again (an HAProxy reload or restart drops every server cutover added; cutover's own proxy
 /// restores its backends, so after its restart the look finds nothing). Not while a deployment
-/// runs, is queued or was interrupted: a running one puts back what it touches, an
-/// interrupted one is a person's to resolve; serve looks again once none is left, and queues
+/// runs, is queued or was interrupted: a running one puts back what a reload dropped itself
+/// (`balancer::haproxy::reload`), an interrupted one is a person's to resolve; serve looks again once none is left, and queues
 /// the job only if servers are still missing. Never two at once: the job is queued only when
 /// nothing else is.
 async fn readmitter(state: ServeState, mut stop: watch::Receiver<bool>) {
