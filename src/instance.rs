@@ -830,12 +830,25 @@ mod tests {
         let t = crate::transport::local::LocalTransport::new();
         let v = Name::parse("v1").unwrap();
         let inst = start(&t, &app, &host, &v, port).await.unwrap();
+        // Both must run `sleep`: the child's subshell shows in the group before it has run
+        // its `trap`, and a stop then would end it gracefully (the race a loaded machine won).
+        let sleeping = |pids: &[u32]| {
+            pids.iter().all(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| c.trim() == "sleep")
+            })
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while group_members(inst.pid).len() < 2 && std::time::Instant::now() < deadline {
+        loop {
+            let members = group_members(inst.pid);
+            if (members.len() == 2 && sleeping(&members)) || std::time::Instant::now() >= deadline {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let members = group_members(inst.pid);
         assert_eq!(members.len(), 2, "{members:?}");
+        assert!(sleeping(&members), "{members:?} do not all run sleep yet");
         (dir, host, t, inst)
     }
 
