@@ -1697,7 +1697,7 @@ mod tests {
     /// the interval with the canary's whole interval.
     #[tokio::test]
     async fn the_judge_gets_both_sides_over_the_same_stretch() {
-        // Stable answered 10 a ms and its ring kept the last 4096 (from ms 591 on); the canary
+        // Stable answered 10 a ms and its ring kept only the last 410 ms (from ms 591 on); the canary
         // answered 1 a ms and kept them all.
         let rings = Rings([("stable", (10, 591)), ("canary", (1, 1))].into());
         let answered = |n: u64| Counters {

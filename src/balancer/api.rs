@@ -354,7 +354,7 @@ pub struct Samples {
     pub latencies_us: Vec<u64>,
     /// Asked with `since_ms`: from when the latencies are the whole of the stretch asked for
     /// (thinned evenly when there were more than `max`). That is `since_ms`, or later when the
-    /// proxy no longer had the stretch's beginning (it keeps the last 4096 of a release): to
+    /// proxy no longer had the stretch's beginning (it keeps about the last 5 minutes of a release): to
     /// compare two releases over the same time, ask the other one from here too. Absent
     /// without `since_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

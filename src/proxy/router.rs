@@ -12,7 +12,7 @@
 //! - That map stays bounded in a proxy that lives through years of deploys. A release is *in
 //!   use* while anything besides the map holds its stats (a backend of it, or a request still
 //!   in flight on a removed one); such a release is never touched. An idle one drops its
-//!   latency samples (32 KiB, [`super::samples`]) after [`RING_IDLE`], and only the
+//!   latency samples (128 KiB, [`super::samples`]) after [`RING_IDLE`], and only the
 //!   [`IDLE_RELEASES`] most recently used idle releases keep an entry at all: older ones are
 //!   folded into [`Table::retired`], so the totals of `/stats` never go back (a deploy's
 //!   report counts from them) while the per-release lists of `/stats` and `/metrics` stop
@@ -1250,7 +1250,7 @@ mod tests {
         listed + t.retired_counters().requests
     }
 
-    /// Review finding: a long-lived proxy kept every release it ever saw, each with 32 KiB
+    /// Review finding: a long-lived proxy kept every release it ever saw, each with its ring
     /// of samples, and `/metrics` named them all.
     #[test]
     fn the_release_map_stays_bounded_and_the_totals_stay_whole() {
@@ -1289,7 +1289,7 @@ mod tests {
             .values()
             .filter(|r| r.stats.samples.has_slots())
             .count();
-        assert_eq!(with_slots, 1, "only the live release's 32 KiB remain");
+        assert_eq!(with_slots, 1, "only the live release's ring remains");
     }
 
     #[test]
