@@ -12,6 +12,9 @@
 //!
 //! Run it with `bench/fleet` (release build). Loopback only; everything it starts is stopped
 //! at the end.
+//!
+//! A second table splits the overhead into a fixed part per deploy and a part per added host
+//! (a least-squares line through the host counts measured in the same run).
 
 #[path = "../tests/support/sshd.rs"]
 mod sshd;
@@ -307,7 +310,9 @@ fn main() {
         ("ssh", 16, true),
     ];
     let mut net = 60u8;
-    for interval_ms in intervals {
+    // (transport, interval, hosts, total overhead in ms) for the split below.
+    let mut overheads: Vec<(&str, u64, usize, f64)> = Vec::new();
+    for &interval_ms in &intervals {
         let settle = Duration::from_millis((THRESHOLD - 1) * interval_ms);
         for (name, hosts, ssh) in cases {
             if only
@@ -329,7 +334,9 @@ fn main() {
                 .collect();
             walls.sort();
             let wall = walls[walls.len() / 2];
-            let over = wall.saturating_sub(floor).as_secs_f64() * 1e3 / hosts as f64;
+            let total = wall.saturating_sub(floor).as_secs_f64() * 1e3;
+            overheads.push((name, interval_ms, hosts, total));
+            let over = total / hosts as f64;
             println!(
                 "| {name} | {hosts} | {interval_ms} ms | {:.0} ms | {:.1} ms | {:.0} ms | {:.2}x | {over:.1} ms | {:.0} ms |",
                 wall.as_secs_f64() * 1e3,
@@ -339,5 +346,43 @@ fn main() {
                 first.as_secs_f64() * 1e3,
             );
         }
+    }
+    print_split(&overheads);
+}
+
+/// The overhead split into what a deploy pays once and what each host adds: a least-squares
+/// line through each transport's (hosts, overhead) at one interval. At 4 hosts the per-host
+/// average above is mostly the fixed part (process start, journal, lock, the last host's
+/// settle), which says little about a larger fleet.
+fn print_split(overheads: &[(&str, u64, usize, f64)]) {
+    let mut groups: std::collections::BTreeMap<(&str, u64), Vec<(f64, f64)>> = Default::default();
+    for &(name, interval, hosts, total) in overheads {
+        groups
+            .entry((name, interval))
+            .or_default()
+            .push((hosts as f64, total));
+    }
+    groups.retain(|_, points| points.len() >= 2);
+    if groups.is_empty() {
+        return;
+    }
+    println!();
+    println!("| transport | health interval | fixed per deploy | per added host | from hosts |");
+    println!("|---|---:|---:|---:|---|");
+    for ((name, interval), points) in groups {
+        let n = points.len() as f64;
+        let (mx, my) = (
+            points.iter().map(|p| p.0).sum::<f64>() / n,
+            points.iter().map(|p| p.1).sum::<f64>() / n,
+        );
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        let slope = sxy / sxx;
+        let hosts: Vec<String> = points.iter().map(|p| format!("{}", p.0)).collect();
+        println!(
+            "| {name} | {interval} ms | {:.1} ms | {slope:.1} ms | {} |",
+            my - slope * mx,
+            hosts.join(", ")
+        );
     }
 }
