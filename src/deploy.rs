@@ -206,6 +206,9 @@ pub struct Deployer {
     /// Hosts whose running instance of the target release had no server in the balancer and
     /// was admitted again, not restarted.
     readmitted: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Hosts whose live instance (of another release) had no server and went back in before
+    /// anything changed ([`Deployer::put_back_lost`]).
+    put_back: Arc<std::sync::Mutex<Vec<String>>>,
     /// Requests and upgraded connections (WebSocket) the drain deadline closed during this
     /// deployment: the report says so, since a tunnel's client saw its connection end.
     closed_at_deadline: Arc<std::sync::atomic::AtomicU64>,
@@ -249,6 +252,7 @@ impl Deployer {
             stranded: Default::default(),
             already: Default::default(),
             readmitted: Default::default(),
+            put_back: Default::default(),
             closed_at_deadline: Default::default(),
         }
     }
@@ -317,15 +321,19 @@ impl Deployer {
         self.take_stranded();
         self.take_already();
         self.take_readmitted();
+        std::mem::take(&mut *self.put_back.lock().unwrap_or_else(|p| p.into_inner()));
         self.take_closed_at_deadline();
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
         let version = pinned.as_ref().unwrap_or(&req.version);
         // A path release's copies say what they were packed from: see `rebuilt_in_place`.
         let deploying = config.release.git.is_none().then_some(version.as_str());
-        let before = fleet::observe_for(config, &self.transport, &self.balancer, deploying)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
+        let observe = || async {
+            fleet::observe_for(config, &self.transport, &self.balancer, deploying)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))
+        };
+        let mut before = observe().await?;
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
         // A readmit restarts nothing: its one batch leaves no host serving less than before.
         if self.in_place().is_some()
@@ -421,6 +429,13 @@ impl Deployer {
             version,
             run.id
         ));
+        if req.resume.is_none()
+            && req.kind != "readmit"
+            && self.put_back_lost(&run, version, &before).await
+        {
+            // What follows (a blue-green's blue set, a canary's stable side) sees them back.
+            before = observe().await?;
+        }
 
         let reachable: Vec<Host> = before
             .iter()
@@ -1049,6 +1064,14 @@ impl Deployer {
             ));
         }
         notes.extend(traffic.notes);
+        let put_back =
+            std::mem::take(&mut *self.put_back.lock().unwrap_or_else(|p| p.into_inner()));
+        if !put_back.is_empty() {
+            notes.push(format!(
+                "put back into the balancer before anything changed, not restarted (their live release ran without a server, as after an HAProxy reload or restart): {}",
+                put_back.join(", ")
+            ));
+        }
         let already = self.take_already();
         let readmitted = self.take_readmitted();
         let report = Report {
@@ -1997,6 +2020,79 @@ impl Deployer {
             self.discard(run, host, inst).await;
         }
         admitted
+    }
+
+    /// Puts the live instances of hosts that have no server in the balancer (see
+    /// [`crate::readmit::lost`]) back in, before anything changes: after an HAProxy reload or
+    /// restart that no `cutover readmit` followed, they would stay out until their batch, and
+    /// with every host out, clients got 503s for the whole deploy. Through the health gate,
+    /// without hooks or verify suites (no release changes); a host that fails it stays as it
+    /// was. Not hosts already on `version`: their batch admits them without a restart.
+    /// Returns whether any went back.
+    async fn put_back_lost(&self, run: &Run, version: &Name, before: &[HostView]) -> bool {
+        let lost: Vec<crate::readmit::Lost> = crate::readmit::lost(before)
+            .into_iter()
+            .filter(|l| l.release != version.as_str())
+            .collect();
+        if lost.is_empty() {
+            return false;
+        }
+        self.progress.say(&format!(
+            "{} run(s) the live release without a server in the balancer (an HAProxy reload or restart drops the servers cutover added): putting them back first, not restarted",
+            crate::readmit::names(&lost)
+        ));
+        let health = &self.config.app.health;
+        let put_back = join_all(lost.iter().map(|l| async move {
+            let inst = Instance {
+                host: l.host.clone(),
+                version: l.release.clone(),
+                address: l.address,
+                pid: l.pid,
+            };
+            let id = inst.backend_id();
+            let work = async {
+                let host = self
+                    .config
+                    .host(&l.host)
+                    .ok_or_else(|| format!("unknown host {}", l.host))?;
+                instance::wait_healthy(self.transport.as_ref(), host, &inst, health, None)
+                    .await
+                    .map_err(|e| format!("{} on {}: {e}", inst.version, inst.address))?;
+                let mut spec = backend_spec(&inst, &health.path, false);
+                spec.gated = true;
+                self.balancer
+                    .add(&spec)
+                    .await
+                    .map_err(|e| format!("adding {id} to the balancer: {e:#}"))?;
+                if let Err(e) = self.balancer.wait_healthy(&id, *health.deadline).await {
+                    let _ = self.balancer.remove(&id).await;
+                    return Err(format!("the balancer does not see {id} healthy: {e:#}"));
+                }
+                Ok(())
+            };
+            let r = self.step(run, &l.host, "readmit", &id, work).await;
+            (l.host.clone(), r)
+        }))
+        .await;
+        let mut back = Vec::new();
+        for (host, r) in put_back {
+            match r {
+                Ok(()) => back.push(host),
+                Err(e) => self.progress.say(&format!(
+                    "WARNING: {host} could not be put back ({e}): it gets a server when its batch moves it"
+                )),
+            }
+        }
+        if back.is_empty() {
+            return false;
+        }
+        self.progress
+            .say(&format!("put back into the balancer: {}", back.join(", ")));
+        self.put_back
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(back);
+        true
     }
 
     /// Steps 2-3 of a switch, for an instance [`Deployer::start_new`] started. On failure the

@@ -1046,6 +1046,58 @@ async fn after_an_haproxy_restart_readmit_puts_the_running_instances_back() {
     assert_eq!(instance_pids(&fleet), pids);
 }
 
+/// Review finding: a deploy that started after an HAProxy restart no readmit had followed left
+/// every host without a server until its batch moved it (with batch 1 and 3 hosts, none in
+/// the balancer during the first batch's start and gate: every request a 503). It now puts
+/// the live instances back first, not restarted, and says so in its report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_after_an_haproxy_restart_puts_the_live_instances_back_first() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start(3, 132, "kind = \"rolling\"\nbatch = 1", "5s").await;
+    fleet.deploy("v1", 0).await;
+    if let Some(mut h) = fleet.haproxy.take() {
+        let _ = h.kill().await;
+    }
+    fleet.start_haproxy().await;
+    assert!(
+        fleet.servers().is_empty(),
+        "a restart drops dynamic servers"
+    );
+
+    let (out, err) = fleet.deploy("v2", 0).await;
+    let r = report(&out);
+    assert_eq!(r["outcome"], "succeeded", "{out}\n{err}");
+    let notes = r["notes"].to_string();
+    assert!(
+        notes.contains("put back into the balancer before anything changed")
+            && notes.contains("web1, web2, web3"),
+        "{r}"
+    );
+    fleet.assert_all_ready_on("v2");
+    // Every host back in before the first one started v2.
+    let (code, out, err) = fleet.cutover(&["show", "--json"]).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let steps = shown["steps"].as_array().unwrap();
+    let first_start = steps
+        .iter()
+        .filter(|s| s["action"] == "start")
+        .filter_map(|s| s["started_ms"].as_u64())
+        .min()
+        .expect("a start step");
+    for host in ["web1", "web2", "web3"] {
+        let back = steps
+            .iter()
+            .find(|s| s["action"] == "readmit" && s["host"] == host)
+            .unwrap_or_else(|| panic!("{host} was not put back: {shown}"));
+        assert_eq!(back["result"], "ok", "{back}");
+        assert!(
+            back["ended_ms"].as_u64().unwrap() <= first_start,
+            "{host} went back only after the first start: {shown}"
+        );
+    }
+}
+
 /// `cutover serve` re-admits by itself: its sampler sees HAProxy's counting start again, the
 /// fleet read finds the hosts without a server, and a `readmit` job puts them back within
 /// seconds, once, without restarting anything. Traffic through the restart measures the
