@@ -75,7 +75,8 @@ pub fn forget_group(pgid: u32) {
         .retain(|g| *g != pgid);
 }
 
-type ExitHooks = Mutex<Vec<(u64, Box<dyn Fn() + Send>)>>;
+/// Each cleanup with its id and whether it runs after the others (see [`at_signal_exit_last`]).
+type ExitHooks = Mutex<Vec<(u64, bool, Box<dyn Fn() + Send>)>>;
 
 /// Cleanups [`stop_groups_on_signal`] runs before it exits, which skips every destructor.
 static EXIT_HOOKS: ExitHooks = Mutex::new(Vec::new());
@@ -87,11 +88,22 @@ pub struct ExitHook(u64);
 
 /// Registers `f` to run before a signal ends the process.
 pub fn at_signal_exit(f: impl Fn() + Send + 'static) -> ExitHook {
+    register_exit_hook(false, Box::new(f))
+}
+
+/// Registers `f` to run before a signal ends the process, after every [`at_signal_exit`]
+/// cleanup: for closing what those may still use (SSH connections a fleet lock's release
+/// goes through).
+pub fn at_signal_exit_last(f: impl Fn() + Send + 'static) -> ExitHook {
+    register_exit_hook(true, Box::new(f))
+}
+
+fn register_exit_hook(last: bool, f: Box<dyn Fn() + Send>) -> ExitHook {
     let id = NEXT_HOOK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     EXIT_HOOKS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .push((id, Box::new(f)));
+        .push((id, last, f));
     ExitHook(id)
 }
 
@@ -100,7 +112,7 @@ impl Drop for ExitHook {
         EXIT_HOOKS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|(id, _)| *id != self.0);
+            .retain(|(id, _, _)| *id != self.0);
     }
 }
 
@@ -146,8 +158,11 @@ pub async fn stop_groups_on_signal() {
     // The cleanups may wait on a balancer (seconds at worst): a second Ctrl-C ends at once,
     // and a cleanup that panics does not keep the others from running.
     let cleanups = tokio::task::spawn_blocking(|| {
-        for (_, hook) in EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook));
+        let hooks = EXIT_HOOKS.lock().unwrap_or_else(|p| p.into_inner());
+        for last in [false, true] {
+            for (_, _, hook) in hooks.iter().filter(|(_, l, _)| *l == last) {
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(hook));
+            }
         }
     });
     tokio::select! {

@@ -117,7 +117,8 @@ impl SshTransport {
         let on_signal = match &control_dir {
             ControlDir::Private(dir) => {
                 let dir = dir.path().to_path_buf();
-                Some(crate::bounded::at_signal_exit(move || {
+                // Last: other cleanups (the fleet lock's release) still go through them.
+                Some(crate::bounded::at_signal_exit_last(move || {
                     close_masters_in(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
                 }))
