@@ -212,6 +212,9 @@ pub struct Deployer {
     /// Requests and upgraded connections (WebSocket) the drain deadline closed during this
     /// deployment: the report says so, since a tunnel's client saw its connection end.
     closed_at_deadline: Arc<std::sync::atomic::AtomicU64>,
+    /// The deploy lock on the fleet, when the command holds the journal's: taken in the first
+    /// fleet read (see [`crate::fleet_lock`]) before anything changes.
+    pub fleet_lock: Option<Arc<crate::fleet_lock::FleetLock>>,
 }
 
 type PortLookup = tokio::task::JoinHandle<anyhow::Result<u16>>;
@@ -254,6 +257,17 @@ impl Deployer {
             readmitted: Default::default(),
             put_back: Default::default(),
             closed_at_deadline: Default::default(),
+            fleet_lock: None,
+        }
+    }
+
+    /// Takes the fleet lock, if this deployer has one to take and does not hold it yet, in a
+    /// round trip of its own: for the commands that change hosts before they read the fleet
+    /// (undoing an interrupted deployment) or read it to decide what to do (`readmit`).
+    pub async fn hold_fleet_lock(&self) -> anyhow::Result<()> {
+        match &self.fleet_lock {
+            Some(lock) => lock.take(self.transport.as_ref()).await,
+            None => Ok(()),
         }
     }
 
@@ -328,12 +342,41 @@ impl Deployer {
         let version = pinned.as_ref().unwrap_or(&req.version);
         // A path release's copies say what they were packed from: see `rebuilt_in_place`.
         let deploying = config.release.git.is_none().then_some(version.as_str());
-        let observe = || async {
-            fleet::observe_for(config, &self.transport, &self.balancer, deploying)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))
+        // The fleet lock is taken in this read (the first host's round trip carries it). A
+        // wait for another holder means the fleet may have moved since: read it again.
+        let mut before = loop {
+            let take = self.fleet_lock.as_ref().and_then(|l| l.folded_script());
+            let (before, reply) = fleet::observe_locking(
+                config,
+                &self.transport,
+                &self.balancer,
+                deploying,
+                take.as_ref(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
+            match (&self.fleet_lock, reply) {
+                (Some(lock), Some(reply)) => {
+                    match lock.settle(self.transport.as_ref(), reply).await {
+                        Ok(true) => continue,
+                        Ok(false) => {}
+                        // No host could be read either: none will change, and the deployment
+                        // fails as it would have without the lock, saying why for each host.
+                        Err(e)
+                            if e.is::<crate::fleet_lock::NoHostAnswered>()
+                                && before.iter().all(|v| v.error.is_some()) =>
+                        {
+                            self.progress.say(&format!("{e:#}"));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                // Not read (an empty fleet): taken on its own.
+                (Some(_), None) => self.hold_fleet_lock().await?,
+                (None, _) => {}
+            }
+            break before;
         };
-        let mut before = observe().await?;
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
         // A readmit restarts nothing: its one batch leaves no host serving less than before.
         if self.in_place().is_some()
@@ -434,7 +477,9 @@ impl Deployer {
             && self.put_back_lost(&run, version, &before).await
         {
             // What follows (a blue-green's blue set, a canary's stable side) sees them back.
-            before = observe().await?;
+            before = fleet::observe_for(config, &self.transport, &self.balancer, deploying)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the fleet before deploying: {e:#}"))?;
         }
 
         let reachable: Vec<Host> = before
@@ -953,6 +998,7 @@ impl Deployer {
     /// had nothing are cleared), reconciling with what hosts and the balancer report.
     pub async fn restore(&self, interrupted: &DeploymentRow) -> anyhow::Result<Report> {
         let started = Instant::now();
+        self.hold_fleet_lock().await?;
         // A deployment starts with no stranded hosts (see `stranded_into`).
         self.take_stranded();
         self.take_closed_at_deadline();

@@ -57,8 +57,25 @@ pub async fn observe_for(
     balancer: &Arc<dyn Balancer>,
     deploying: Option<&str>,
 ) -> anyhow::Result<Vec<HostView>> {
+    Ok(
+        observe_locking(config, transport, balancer, deploying, None)
+            .await?
+            .0,
+    )
+}
+
+/// [`observe_for`], with `lock` (a host's name and a script, see
+/// [`crate::fleet_lock::FleetLock::folded_script`]) run ahead of that host's read in the same
+/// round trip: its output, or why the host could not be read, comes back beside the views.
+pub async fn observe_locking(
+    config: &Config,
+    transport: &Arc<dyn Transport>,
+    balancer: &Arc<dyn Balancer>,
+    deploying: Option<&str>,
+    lock: Option<&(String, String)>,
+) -> anyhow::Result<(Vec<HostView>, Option<anyhow::Result<String>>)> {
     let backends = balancer.backends().await?;
-    Ok(read_hosts(config, transport, &backends, deploying).await)
+    Ok(read_hosts(config, transport, &backends, deploying, lock).await)
 }
 
 /// [`observe`], reading the hosts also when the balancer cannot be read (after a reboot, or
@@ -73,7 +90,10 @@ pub async fn observe_even_without_balancer(
         Ok(backends) => (backends, None),
         Err(e) => (Vec::new(), Some(format!("{e:#}"))),
     };
-    (read_hosts(config, transport, &backends, None).await, error)
+    (
+        read_hosts(config, transport, &backends, None, None).await.0,
+        error,
+    )
 }
 
 async fn read_hosts(
@@ -81,19 +101,27 @@ async fn read_hosts(
     transport: &Arc<dyn Transport>,
     backends: &[BackendView],
     deploying: Option<&str>,
-) -> Vec<HostView> {
+    lock: Option<&(String, String)>,
+) -> (Vec<HostView>, Option<anyhow::Result<String>>) {
     let reads = config.hosts.iter().map(|h| {
         let transport = transport.clone();
         let host = h.clone();
+        let prelude = lock
+            .filter(|(name, _)| name == host.name.as_str())
+            .map(|(_, script)| script.as_str());
         async move {
-            let read = snapshot(transport.as_ref(), &host, deploying).await;
-            (host, read)
+            let (read, locked) = snapshot_with(transport.as_ref(), &host, deploying, prelude).await;
+            (host, read, locked)
         }
     });
     let results = join_all(reads).await;
-    results
+    let mut lock_reply = None;
+    let views = results
         .into_iter()
-        .map(|(host, read)| {
+        .map(|(host, read, locked)| {
+            if locked.is_some() {
+                lock_reply = locked;
+            }
             let mine = backends
                 .iter()
                 .filter(|b| b.spec.host == host.name.as_str())
@@ -113,7 +141,8 @@ async fn read_hosts(
                 error,
             }
         })
-        .collect()
+        .collect();
+    (views, lock_reply)
 }
 
 /// What one host reports about itself.
@@ -127,11 +156,24 @@ struct Snapshot {
 
 /// `current`, pid files and staged releases (and the `tree` lines of the marker of the release
 /// being deployed, read with builtins: no `cat`), in one script.
+#[cfg(test)]
 async fn snapshot(
     transport: &dyn Transport,
     host: &Host,
     deploying: Option<&str>,
 ) -> anyhow::Result<Snapshot> {
+    snapshot_with(transport, host, deploying, None).await.0
+}
+
+/// [`snapshot`], with `prelude` run first in the same script; its output (up to
+/// [`crate::fleet_lock::END`]) or the error that kept the host from answering comes back
+/// beside the snapshot.
+async fn snapshot_with(
+    transport: &dyn Transport,
+    host: &Host,
+    deploying: Option<&str>,
+    prelude: Option<&str>,
+) -> (anyhow::Result<Snapshot>, Option<anyhow::Result<String>>) {
     let layout = release::Layout::of(host);
     let marks = deploying.map_or(String::new(), |v| {
         format!(
@@ -141,24 +183,43 @@ async fn snapshot(
         )
     });
     let script = format!(
-        "{alive}if cd -P {current} 2>/dev/null; then echo \"current ${{PWD##*/}}\"; fi\n\
+        "{prelude}{alive}if cd -P {current} 2>/dev/null; then echo \"current ${{PWD##*/}}\"; fi\n\
          echo '--instances'\n{list}echo '--releases'\n\
          if cd {releases} 2>/dev/null; then for r in *; do [ -d \"$r\" ] && echo \"$r\"; done\n\
          {marks}fi\nexit 0\n",
+        prelude = prelude.unwrap_or_default(),
         alive = instance::alive_fn(),
         current = sh_quote(layout.current().to_string_lossy()),
         list = instance::list_script(host),
         releases = sh_quote(layout.releases().to_string_lossy()),
     );
-    let out = run_ok(
+    let out = match run_ok(
         transport,
         host,
         "reading the host",
         &script,
         transport.step_timeout(),
     )
-    .await?;
-    let (head, rest) = out.split_once("--instances\n").unwrap_or((&out, ""));
+    .await
+    {
+        Ok(out) => out,
+        Err(e) => {
+            let read = anyhow::anyhow!("{e:#}");
+            return (Err(read), prelude.map(|_| Err(e)));
+        }
+    };
+    let (locked, out) = match prelude {
+        Some(_) => {
+            let (locked, out) = crate::fleet_lock::split(&out);
+            (Some(Ok(locked.to_string())), out)
+        }
+        None => (None, out.as_str()),
+    };
+    (parse_snapshot(host, out), locked)
+}
+
+fn parse_snapshot(host: &Host, out: &str) -> anyhow::Result<Snapshot> {
+    let (head, rest) = out.split_once("--instances\n").unwrap_or((out, ""));
     let (instances, releases) = rest.split_once("--releases\n").unwrap_or((rest, ""));
     let (releases, marks) = releases.split_once("--marks\n").unwrap_or((releases, ""));
     Ok(Snapshot {

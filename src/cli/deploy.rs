@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use crate::config::{Config, Name};
 use crate::deploy::{Report, Request};
+use crate::fleet_lock::{FleetLock, FleetLockHeld};
 use crate::journal::{Journal, LockHeld, LockHolder, Taken};
 use crate::progress::Progress;
+use crate::transport::Transport;
 
 use super::deployer;
 
@@ -68,12 +70,15 @@ pub(super) enum Action {
     Readmit,
 }
 
-/// Holds the deploy lock and renews its lease until dropped.
+/// Holds the deploy lock (the journal's, and the fleet's once the deployer has taken it) and
+/// renews both leases until released or dropped.
 pub(crate) struct LockGuard {
     journal: Arc<Journal>,
     app: String,
     me: LockHolder,
     renew: tokio::task::JoinHandle<()>,
+    fleet: Arc<FleetLock>,
+    transport: Arc<dyn Transport>,
 }
 
 impl LockGuard {
@@ -82,24 +87,62 @@ impl LockGuard {
     pub(crate) fn holder(&self) -> LockHolder {
         self.me.clone()
     }
+
+    /// The fleet's lock, for the deployer to take in its first read of the fleet.
+    pub(crate) fn fleet(&self) -> Arc<FleetLock> {
+        self.fleet.clone()
+    }
+
+    /// Releases the fleet lock from a cleanup run at an exit on a signal, which skips `Drop`
+    /// and [`LockGuard::release`] (see `bounded::at_signal_exit`): through the running
+    /// runtime from the blocking thread cleanups run on, within 5 s.
+    pub(crate) fn fleet_release_blocking(&self) -> impl Fn() + Send + 'static {
+        let (fleet, transport) = (self.fleet.clone(), self.transport.clone());
+        let rt = tokio::runtime::Handle::current();
+        move || {
+            let release = fleet.release(transport.as_ref());
+            let _ = rt.block_on(tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                release,
+            ));
+        }
+    }
+
+    /// Releases the fleet lock (one round trip), then the journal's.
+    pub(crate) async fn release(self) {
+        self.renew.abort();
+        self.fleet.release(self.transport.as_ref()).await;
+    }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
         self.renew.abort();
+        // Not released on the way here (an early return): released in the background.
+        if self.fleet.is_held() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let (fleet, transport) = (self.fleet.clone(), self.transport.clone());
+                rt.spawn(async move { fleet.release(transport.as_ref()).await });
+            }
+        }
         let _ = self.journal.unlock(&self.app, &self.me);
     }
 }
 
-/// Takes the deploy lock, waiting up to `wait` for another holder.
+/// Takes the deploy lock, waiting up to `wait` for another holder. The fleet's lock comes with
+/// it, not yet taken: the deployer takes it (through `transport`) in its first read of the
+/// fleet, waiting as long (see [`crate::fleet_lock`]).
 pub(crate) async fn take_lock(
     journal: &Arc<Journal>,
     config: &Config,
     what: &str,
     wait: Option<std::time::Duration>,
+    transport: Arc<dyn Transport>,
 ) -> anyhow::Result<LockGuard> {
     let app = config.app.name.to_string();
     let me = LockHolder::me(what);
+    // Waits for the fleet's lock within what is left of `wait` once the journal's is taken.
+    let fleet = Arc::new(FleetLock::new(config, me.clone(), wait, journal.clone()));
     // A wait beyond what an Instant can hold waits as long as it can.
     let now = std::time::Instant::now();
     let deadline = now
@@ -140,7 +183,8 @@ pub(crate) async fn take_lock(
     let renew = {
         let journal = journal.clone();
         let (app, me, lease) = (app.clone(), me.clone(), config.lock_lease);
-        tokio::spawn(async move {
+        let (fleet, transport) = (fleet.clone(), transport.clone());
+        let in_journal = async move {
             let mut warned = false;
             loop {
                 tokio::time::sleep(lease / 3).await;
@@ -153,6 +197,26 @@ pub(crate) async fn take_lock(
                     }
                 }
             }
+        };
+        // Apart, so that a host that hangs never holds back the journal's renewal; a host
+        // that does not answer is tried again at the next one.
+        let on_fleet = async move {
+            let mut warned = false;
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                let renewed = tokio::time::timeout(lease / 3, fleet.renew(transport.as_ref()));
+                if let Ok(Ok(false)) = renewed.await {
+                    if !warned {
+                        eprintln!(
+                            "WARNING: this deploy lost its fleet lock: another deploy took it after this one's lease expired, or `cutover unlock --force` removed it (see `cutover lock`); two deploys may now change the fleet at once"
+                        );
+                        warned = true;
+                    }
+                }
+            }
+        };
+        tokio::spawn(async move {
+            tokio::join!(in_journal, on_fleet);
         })
     };
     Ok(LockGuard {
@@ -160,6 +224,8 @@ pub(crate) async fn take_lock(
         app,
         me,
         renew,
+        fleet,
+        transport,
     })
 }
 
@@ -203,6 +269,10 @@ fn what_next(journal: &Journal, row: &crate::journal::DeploymentRow) -> String {
 /// An error that ended a deployment's run before its report: says whether the deployment
 /// stays unfinished (and how to finish it) or never began (nothing to resume).
 fn with_next_step(journal: &Journal, app: &str, e: anyhow::Error) -> anyhow::Error {
+    // Its message says what to do; and it came before anything began.
+    if e.is::<FleetLockHeld>() {
+        return e;
+    }
     match journal.unfinished(app) {
         Ok(Some(row)) => anyhow::anyhow!("{e:#}; {}", what_next(journal, &row)),
         Ok(None) => anyhow::anyhow!(
@@ -229,9 +299,72 @@ pub(super) async fn deploy_cmd(
     // Commands and local sessions lead their own process groups: Ctrl-C must still end them.
     tokio::spawn(crate::bounded::stop_groups_on_signal());
     let config = Arc::new(config);
-    let deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
+    let mut deployer = deployer(config.clone(), journal.clone(), Progress::new(json))?;
     deployer.warm();
-    let _lock = take_lock(&journal, &config, &what, lock_wait).await?;
+    let lock = take_lock(
+        &journal,
+        &config,
+        &what,
+        lock_wait,
+        deployer.transport.clone(),
+    )
+    .await?;
+    deployer.fleet_lock = Some(lock.fleet());
+    match under_lock(&config, &journal, &deployer, &lock, action, json).await {
+        Ok(Done::Report {
+            report,
+            asked_to_restore,
+        }) => {
+            // The fleet lock goes (a round trip) while the journal is pruned and the report
+            // written.
+            let released = tokio::spawn(lock.release());
+            let _ = journal.prune(config.app.name.as_str(), config.history_keep);
+            // The HTML deploy report (`cutover show ID --html`); a failure to write it is not
+            // the deploy's.
+            let _ = crate::report::write_report(&journal, &report.id, &[]);
+            let _ = released.await;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print_report(&report);
+            }
+            if asked_to_restore && report.outcome == crate::deploy::Outcome::RolledBack {
+                return Ok(0);
+            }
+            Ok(report.outcome.exit_code())
+        }
+        Ok(Done::Exit(code)) => {
+            lock.release().await;
+            Ok(code)
+        }
+        Err(e) => {
+            lock.release().await;
+            Err(e)
+        }
+    }
+}
+
+/// How a command under the lock ended.
+enum Done {
+    /// A deployment ran to this report; `asked_to_restore`: `cutover rollback` of an
+    /// interrupted deployment, for which "rolled back" is success.
+    Report {
+        report: Box<Report>,
+        asked_to_restore: bool,
+    },
+    /// Nothing to deploy (a readmit that found nothing missing): the exit code.
+    Exit(u8),
+}
+
+/// [`deploy_cmd`] once the journal's lock is held (the deployer takes the fleet's).
+async fn under_lock(
+    config: &Arc<Config>,
+    journal: &Arc<Journal>,
+    deployer: &crate::deploy::Deployer,
+    lock: &LockGuard,
+    action: Action,
+    json: bool,
+) -> anyhow::Result<Done> {
     let stopped = crate::bounded::stop_groups_left_behind(&config.state_dir);
     if stopped > 0 {
         eprintln!(
@@ -241,16 +374,25 @@ pub(super) async fn deploy_cmd(
     crate::bounded::list_groups_under(&config.state_dir);
     // Ctrl-C ends the deployment where it is (the journal knows where): say what comes next,
     // and free the lock (the exit skips `LockGuard`'s drop, which left it to a dead holder).
+    // The fleet's lock goes first (a round trip, while the deployer may still be finishing a
+    // step: what is said is what the journal held when the signal came), then the journal's.
     let _interrupted = {
         let (state_dir, app) = (config.state_dir.clone(), config.app.name.to_string());
-        let holder = _lock.holder();
+        let holder = lock.holder();
+        let release_fleet = lock.fleet_release_blocking();
         crate::bounded::at_signal_exit(move || {
             let Ok(journal) = Journal::open(&state_dir) else {
+                release_fleet();
                 return;
             };
+            let next = match journal.unfinished(&app) {
+                Ok(Some(row)) => Some(what_next(&journal, &row)),
+                _ => None,
+            };
+            release_fleet();
             let _ = journal.unlock(&app, &holder);
-            if let Ok(Some(row)) = journal.unfinished(&app) {
-                eprintln!("interrupted: {}", what_next(&journal, &row));
+            if let Some(next) = next {
+                eprintln!("interrupted: {next}");
             }
         })
     };
@@ -264,12 +406,12 @@ pub(super) async fn deploy_cmd(
     // An interrupted deployment that had begun going back (an abort, a spent budget, or an
     // earlier `cutover rollback` of it) is finished by going back, whichever command asks.
     let going_back = match &interrupted {
-        Some(row) if row.kind != "rollback" => crate::deploy::was_going_back(&journal, &row.id)?,
+        Some(row) if row.kind != "rollback" => crate::deploy::was_going_back(journal, &row.id)?,
         _ => false,
     };
     let app = config.app.name.as_str();
     // A deployer error, with whether the deployment stays unfinished and how to finish it.
-    let next_step = |e| with_next_step(&journal, app, e);
+    let next_step = |e| with_next_step(journal, app, e);
     let report = match (action, interrupted) {
         (Action::Deploy(_) | Action::Readmit, Some(row))
             if going_back || row.kind == "rollback" =>
@@ -326,11 +468,12 @@ pub(super) async fn deploy_cmd(
             .await
             .map_err(next_step)?,
         (Action::Readmit, None) => {
-            // Read under the lock: no deployment moves the fleet meanwhile.
+            // Read under the lock (the fleet's too): no deployment moves the fleet meanwhile.
+            deployer.hold_fleet_lock().await?;
             let plan =
-                crate::readmit::plan(&config, &journal, &deployer.transport, &deployer.balancer)
+                crate::readmit::plan(config, journal, &deployer.transport, &deployer.balancer)
                     .await?;
-            let said = plan.describe(&config);
+            let said = plan.describe(config);
             let crate::readmit::Plan::Readmit { version, hosts } = plan else {
                 if json {
                     println!(
@@ -340,16 +483,17 @@ pub(super) async fn deploy_cmd(
                 } else {
                     println!("{said}");
                 }
-                return Ok(0);
+                return Ok(Done::Exit(0));
             };
             deployer.progress.say(&said);
-            let readmitter = crate::deploy::Deployer::new(
-                Arc::new(crate::readmit::config_for(&config, &hosts)),
+            let mut readmitter = crate::deploy::Deployer::new(
+                Arc::new(crate::readmit::config_for(config, &hosts)),
                 deployer.transport.clone(),
                 deployer.balancer.clone(),
                 journal.clone(),
                 deployer.progress.clone(),
             );
+            readmitter.fleet_lock = deployer.fleet_lock.clone();
             readmitter
                 .run(&Request::readmit(version))
                 .await
@@ -480,18 +624,10 @@ pub(super) async fn deploy_cmd(
                 .map_err(next_step)?
         }
     };
-    let _ = journal.prune(config.app.name.as_str(), config.history_keep);
-    // The HTML deploy report (`cutover show ID --html`); a failure to write it is not the deploy's.
-    let _ = crate::report::write_report(&journal, &report.id, &[]);
-    if json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_report(&report);
-    }
-    if asked_to_restore && report.outcome == crate::deploy::Outcome::RolledBack {
-        return Ok(0);
-    }
-    Ok(report.outcome.exit_code())
+    Ok(Done::Report {
+        report: Box::new(report),
+        asked_to_restore,
+    })
 }
 
 /// The human summary of a deployment.

@@ -603,31 +603,47 @@ enum Ran {
     Nothing(String),
 }
 
-/// One job: the lock, the interrupted-deployment check, the deploy.
+/// One job: the lock (the journal's, then the fleet's, waited for as long), the
+/// interrupted-deployment check, the deploy; the fleet lock is released before the job ends.
 async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Ran> {
     let config = &state.config;
     let what = format!("serve: {}", describe(job));
-    let _lock = crate::cli::take_lock(
+    let progress = {
+        let state = state.clone();
+        Progress::to_sink(Arc::new(move |line: &str| state.say(line)))
+    };
+    let mut deployer = crate::cli::deployer(config.clone(), state.journal.clone(), progress)?;
+    let lock = crate::cli::take_lock(
         &state.journal,
         config,
         &what,
         Some(Duration::from_secs(3600)),
+        deployer.transport.clone(),
     )
     .await?;
+    deployer.fleet_lock = Some(lock.fleet());
+    let result = run_locked_job(state, job, deployer).await;
+    lock.release().await;
+    result
+}
+
+/// [`run_job`] once the journal's lock is held.
+async fn run_locked_job(
+    state: &ServeState,
+    job: &Job,
+    mut deployer: crate::deploy::Deployer,
+) -> anyhow::Result<Ran> {
+    let config = &state.config;
     if let Some(row) = state.journal.unfinished(state.config.app.name.as_str())? {
         return Err(Interrupted(blocked_by(state, &row)).into());
     }
     if let Some(warning) = state.queue.unkeep_started(job.id) {
         state.say(&warning);
     }
-    let progress = {
-        let state = state.clone();
-        Progress::to_sink(Arc::new(move |line: &str| state.say(line)))
-    };
-    let mut deployer = crate::cli::deployer(config.clone(), state.journal.clone(), progress)?;
     let request = match &job.work {
         Work::Readmit => {
-            // Read under the lock: no deployment moves the fleet meanwhile.
+            // Read under the lock (the fleet's too): no deployment moves the fleet meanwhile.
+            deployer.hold_fleet_lock().await?;
             let plan = crate::readmit::plan(
                 config,
                 &state.journal,
@@ -640,6 +656,7 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Ran> {
                 return Ok(Ran::Nothing(said));
             };
             deployer.progress.say(&said);
+            let fleet_lock = deployer.fleet_lock.clone();
             deployer = crate::deploy::Deployer::new(
                 Arc::new(crate::readmit::config_for(config, &hosts)),
                 deployer.transport.clone(),
@@ -647,6 +664,7 @@ async fn run_job(state: &ServeState, job: &Job) -> anyhow::Result<Ran> {
                 state.journal.clone(),
                 deployer.progress.clone(),
             );
+            deployer.fleet_lock = fleet_lock;
             Request::readmit(version)
         }
         Work::Deploy { version } => Request::deploy(name(version)?),
