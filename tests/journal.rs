@@ -123,7 +123,7 @@ async fn stale_lock_of_a_dead_process_is_taken_over() {
         "{err}"
     );
     let (_, out, _) = fleet.cutover(&["lock"]).await;
-    assert_eq!(out.trim(), "unlocked");
+    assert_eq!(out, "unlocked\nfleet: unlocked (host web1)\n");
 
     // unlock --force is recorded.
     let (code, _, err) = fleet.cutover(&["unlock"]).await;

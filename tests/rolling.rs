@@ -716,7 +716,7 @@ async fn ctrl_c_on_a_deploy_ends_its_verify_command_too() {
     // The lock went with it (review finding: it was left to a dead holder).
     let (code, out, err) = fleet.cutover(&["lock"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert_eq!(out.trim(), "unlocked", "{err}");
+    assert_eq!(out, "unlocked\nfleet: unlocked (host web1)\n", "{err}");
 }
 
 /// What an operator's command did to a deploy of v2 (after v1) whose `point` verification

@@ -127,9 +127,11 @@ pub enum Command {
     Resume,
     /// Recent log lines of a host's instances (`<root>/log/<version>-<port>.log`), live ones first.
     Logs(LogsArgs),
-    /// Show who holds the deploy lock.
+    /// Show who holds the deploy lock: the journal's, and the fleet's (on the first host that
+    /// answers).
     Lock,
-    /// Release the deploy lock. Only with --force, which is recorded in the journal.
+    /// Release the deploy lock (the journal's and the fleet's). Only with --force, which is
+    /// recorded in the journal.
     Unlock(UnlockArgs),
     /// Run the built-in load balancer (traffic listener + admin API) from [balancer].
     Proxy(ProxyArgs),
@@ -520,6 +522,12 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 Some(h) => println!("locked: {}", h.describe()),
                 None => println!("unlocked"),
             }
+            // The fleet's lock, on the first host that answers (see `fleet_lock`).
+            let seen = runtime()?.block_on(async {
+                let transport = transport_for(&config)?;
+                anyhow::Ok(crate::fleet_lock::read(&config, transport.as_ref()).await)
+            })?;
+            println!("{}", seen.line());
             Ok(0)
         }
         Command::Unlock(args) => {
@@ -532,22 +540,61 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             // A holder running on this machine is not stale: unlocking under it would let a
             // second deployer work on the same fleet.
+            let runs_here =
+                |h: &LockHolder| h.machine == LockHolder::me("").machine && !h.is_gone();
+            let refuse = |whose: &str, h: &LockHolder| {
+                anyhow::anyhow!(
+                    "{whose} holder still runs on this machine: {}. Let it finish, send it back with `cutover abort`, or end it (kill {}) and then `cutover rollback` or `cutover deploy --resume`; no unlock is needed after that",
+                    h.describe(),
+                    h.pid
+                )
+            };
             if let Some(h) = journal.lock_holder(config.app.name.as_str())? {
-                if h.machine == LockHolder::me("").machine && !h.is_gone() {
-                    anyhow::bail!(
-                        "the lock's holder still runs on this machine: {}. Let it finish, send it back with `cutover abort`, or end it (kill {}) and then `cutover rollback` or `cutover deploy --resume`; no unlock is needed after that",
-                        h.describe(),
-                        h.pid
-                    );
+                if runs_here(&h) {
+                    return Err(refuse("the lock's", &h));
                 }
             }
-            match journal
-                .force_unlock(config.app.name.as_str(), &LockHolder::me("unlock --force"))?
-            {
-                Some(h) => println!("removed the lock held by {}", h.describe()),
-                None => println!("the lock was free"),
-            }
-            Ok(0)
+            let me = LockHolder::me("unlock --force");
+            runtime()?.block_on(async {
+                let transport = transport_for(&config)?;
+                let seen = crate::fleet_lock::read(&config, transport.as_ref()).await;
+                if let Some((_, Some(r))) = &seen.on {
+                    if runs_here(&r.holder) {
+                        return Err(refuse("the fleet lock's", &r.holder));
+                    }
+                }
+                match journal.force_unlock(config.app.name.as_str(), &me)? {
+                    Some(h) => println!("removed the lock held by {}", h.describe()),
+                    None => println!("the lock was free"),
+                }
+                let Some((host, _)) = &seen.on else {
+                    anyhow::bail!(
+                        "the fleet lock could not be removed: no host answered ({})",
+                        seen.silent.join("; ")
+                    );
+                };
+                match crate::fleet_lock::force_clear(transport.as_ref(), host).await? {
+                    Some(r) => {
+                        println!(
+                            "removed the fleet lock on host {} held by {}",
+                            host.name,
+                            r.holder.describe()
+                        );
+                        journal.event(
+                            None,
+                            &format!(
+                                "fleet lock on host {} forcibly released by {} on {}: was held by {}",
+                                host.name,
+                                me.user,
+                                me.machine,
+                                r.holder.describe()
+                            ),
+                        )?;
+                    }
+                    None => println!("the fleet lock was free (host {})", host.name),
+                }
+                Ok(0)
+            })
         }
     }
 }
@@ -573,15 +620,7 @@ fn connect_as(
     config: &Config,
     deploying: bool,
 ) -> anyhow::Result<(Arc<dyn Transport>, Arc<dyn Balancer>)> {
-    let transport: Arc<dyn Transport> = match config.transport {
-        crate::config::TransportKind::Local => Arc::new(LocalTransport::with_step_timeout(
-            config.ssh.command_timeout,
-        )),
-        crate::config::TransportKind::Ssh => Arc::new(crate::transport::ssh::SshTransport::new(
-            config.ssh.clone(),
-            config.forks,
-        )?),
-    };
+    let transport = transport_for(config)?;
     let balancer: Arc<dyn Balancer> = match config.balancer.kind {
         crate::config::BalancerKind::Builtin => Arc::new(AdminClient::new(
             config.admin_addr()?,
@@ -599,6 +638,19 @@ fn connect_as(
         }
     };
     Ok((transport, balancer))
+}
+
+/// The transport a config asks for.
+fn transport_for(config: &Config) -> anyhow::Result<Arc<dyn Transport>> {
+    Ok(match config.transport {
+        crate::config::TransportKind::Local => Arc::new(LocalTransport::with_step_timeout(
+            config.ssh.command_timeout,
+        )),
+        crate::config::TransportKind::Ssh => Arc::new(crate::transport::ssh::SshTransport::new(
+            config.ssh.clone(),
+            config.forks,
+        )?),
+    })
 }
 
 /// The deployer for a config, with a balancer client that waits out balancer restarts (and
