@@ -435,6 +435,58 @@ async fn unreachable_host_with_no_budget_rolls_the_fleet_back() {
         .await;
 }
 
+/// The fleet lock over SSH: a stale one another machine left on web1 is taken over and the
+/// deploy's own is removed at the end; with web1 down, web2 (the next in config order) holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_lock_travels_over_ssh_and_moves_on_when_the_first_host_is_down() {
+    let strategy = "kind = \"rolling\"\nbatch = 4\nmax_fail_percentage = 30\n".to_string();
+    let mut fleet = SshFleet::start(Opts {
+        strategy: strategy.clone(),
+        ..Opts::default()
+    })
+    .await;
+    fleet.deploy("v1", 0).await;
+    let lock = fleet.root("web1").join(".cutover-lock");
+    let holder = serde_json::json!({
+        "user": "alice", "machine": "laptop-gone", "pid": 4242, "started_ms": 1, "what": "deploy v9",
+    });
+    std::fs::write(
+        &lock,
+        format!(
+            "cutover fleet lock 1\nholder {holder}\nlease_until_ms {}\n",
+            cutover::journal::now_ms() - 1000
+        ),
+    )
+    .unwrap();
+    let (_, err) = fleet.deploy("v2", 0).await;
+    assert!(
+        err.contains(
+            "took over a stale fleet lock on host web1 (its lease expired): deploy v9 by alice"
+        ),
+        "{err}"
+    );
+    assert!(!lock.exists(), "released over SSH");
+    let (_, out, _) = fleet.cutover(&["lock"]).await;
+    assert!(out.ends_with("fleet: unlocked (host web1)\n"), "{out}");
+
+    // web1's SSH port is now closed.
+    let closed = common::free_port(ADDRESSES[0]);
+    fleet.write_config(&Opts {
+        strategy,
+        port_override: Some((0, closed)),
+        ..Opts::default()
+    });
+    let (_, err) = fleet.deploy("v1", 0).await;
+    assert!(
+        err.contains("the fleet lock is held on host web2 (the first that answered)")
+            && err.contains("web1"),
+        "{err}"
+    );
+    assert!(!fleet.root("web2").join(".cutover-lock").exists());
+    let (_, out, _) = fleet.cutover(&["lock"]).await;
+    assert!(out.contains("fleet: unlocked (host web2; "), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
     let fleet = SshFleet::start(Opts::default()).await;
