@@ -139,6 +139,16 @@ pub async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// Set once [`stop_groups_on_signal`] saw its signal: the process is ending, and what the
+/// cleanups said (a deployment interrupted, to resume or undo) must stay true while they run.
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a signal is ending this process (see [`stop_groups_on_signal`]): a deployer starts
+/// no new step and records no outcome from then on.
+pub fn signalled() -> bool {
+    SIGNALLED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// On SIGINT or SIGTERM, kills every live group, runs the [`at_signal_exit`] cleanups and
 /// exits as the signal would have (130 or 143). For commands that have no shutdown of their own (`deploy`, `rollback`); `proxy` and
 /// `serve` handle their signals themselves.
@@ -154,6 +164,7 @@ pub async fn stop_groups_on_signal() {
         _ = int.recv() => 130,
         _ = term.recv() => 143,
     };
+    SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
     kill_live_groups();
     // The cleanups may wait on a balancer (seconds at worst): a second Ctrl-C ends at once,
     // and a cleanup that panics does not keep the others from running.

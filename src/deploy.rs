@@ -1163,6 +1163,11 @@ impl Deployer {
             counts: traffic.counts,
             notes: strategy_notes.into_iter().chain(notes).collect(),
         };
+        // Said "interrupted" at the signal: it stays so, to resume or undo.
+        anyhow::ensure!(
+            !crate::bounded::signalled(),
+            "stopped by a signal before its outcome was recorded"
+        );
         self.journal
             .finish(&run.id, outcome.label(), &serde_json::to_value(&report)?)?;
         Ok(report)
@@ -1327,6 +1332,12 @@ impl Deployer {
         detail: &str,
         work: impl Future<Output = Result<T, String>>,
     ) -> Result<T, String> {
+        // The process is ending on a signal: its cleanups (releasing the locks, a round trip
+        // to the fleet) run while this deployer still runs, and must find the deployment
+        // where the signal left it.
+        if crate::bounded::signalled() {
+            return Err("stopped by a signal".to_string());
+        }
         let id = self
             .journal
             .step_start(&run.id, host, action, detail)

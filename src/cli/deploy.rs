@@ -310,7 +310,14 @@ pub(super) async fn deploy_cmd(
     )
     .await?;
     deployer.fleet_lock = Some(lock.fleet());
-    match under_lock(&config, &journal, &deployer, &lock, action, json).await {
+    let done = under_lock(&config, &journal, &deployer, &lock, action, json).await;
+    if crate::bounded::signalled() {
+        // A signal is ending the process: its handler runs the cleanups (the locks, the
+        // message that says where the deployment stopped) and exits with the signal's code.
+        // Whatever the deployer made of the steps the signal cut short is not the outcome.
+        std::future::pending::<()>().await;
+    }
+    match done {
         Ok(Done::Report {
             report,
             asked_to_restore,
