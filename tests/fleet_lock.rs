@@ -122,6 +122,17 @@ async fn a_second_machine_is_refused_while_the_first_deploys_then_waits() {
         lines[1].starts_with("fleet: held by deploy slow by") && lines[1].ends_with("(host web1)"),
         "{out}"
     );
+    // B's journal knows nothing of A's deployment: its status says who holds the fleet.
+    let (_, out, err) = run(&b, &["status"]).await;
+    assert!(
+        out.contains("deploy lock on the fleet: held by deploy slow by")
+            && out.contains("(host web1)"),
+        "{out}\n{err}"
+    );
+    let (_, out, _) = run(&b, &["status", "--json"]).await;
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(st["fleet_lock"]["host"], "web1", "{st}");
+    assert_eq!(st["fleet_lock"]["holder"]["what"], "deploy slow", "{st}");
     let (code, _, err) = run(&b, &["deploy", "--version", "v2"]).await;
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -150,6 +161,11 @@ async fn a_second_machine_is_refused_while_the_first_deploys_then_waits() {
     assert!(!lock_file(&fleet).exists());
     let (_, out, _) = run(&b, &["lock"]).await;
     assert_eq!(out, "unlocked\nfleet: unlocked (host web1)\n");
+    let (_, out, _) = run(&b, &["status"]).await;
+    assert!(!out.contains("deploy lock on the fleet"), "{out}");
+    let (_, out, _) = run(&b, &["status", "--json"]).await;
+    let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(st["fleet_lock"].is_null(), "{st}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

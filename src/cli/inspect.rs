@@ -15,8 +15,11 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
     let (transport, balancer) = connect(&config)?;
     // Without the balancer (after a reboot, say) the hosts and the journal still tell what
     // status is for, an interrupted deployment above all; only drift needs the balancer.
-    let (views, balancer_error) =
-        fleet::observe_even_without_balancer(&config, &transport, &balancer).await;
+    // The fleet's lock beside: a deployment from another machine is in no journal here.
+    let ((views, balancer_error), fleet_lock) = tokio::join!(
+        fleet::observe_even_without_balancer(&config, &transport, &balancer),
+        crate::fleet_lock::read(&config, transport.as_ref())
+    );
     // Drift is only checked on hosts that could be read: an unreadable host's instances are
     // not known, so "no drift" would be a guess.
     let unchecked: Vec<&str> = views
@@ -100,6 +103,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                     "id": row.id, "kind": row.kind, "from": row.from, "to": row.to,
                 })),
                 "balancer_error": balancer_error,
+                "fleet_lock": fleet_lock_json(&fleet_lock),
             }))?
         );
         return Ok(exit);
@@ -208,6 +212,15 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
             );
         }
     }
+    if let Some((_, Some(_))) = &fleet_lock.on {
+        // Said whoever holds it: from another machine, it is the only sign of its deployment.
+        println!(
+            "\n{}",
+            fleet_lock
+                .line()
+                .replacen("fleet: ", "deploy lock on the fleet: ", 1)
+        );
+    }
     if let Some(row) = &last_failed {
         // What `cutover rollback` would do, asked the way it asks.
         let back = journal.previous_release(config.app.name.as_str())?;
@@ -270,6 +283,21 @@ fn drift_report(no_balancer: bool, drift: &[String], unreadable: &[&str], hosts:
         );
     }
     out
+}
+
+/// `status --json`'s `fleet_lock`: null when free, the holder where held, or why it is not
+/// known.
+fn fleet_lock_json(seen: &crate::fleet_lock::Seen) -> serde_json::Value {
+    match &seen.on {
+        None => serde_json::json!({ "unknown": seen.silent }),
+        Some((_, None)) => serde_json::Value::Null,
+        Some((host, Some(record))) => serde_json::json!({
+            "host": host.name.as_str(),
+            "holder": record.holder,
+            "lease_until_ms": record.lease_until_ms,
+            "stale": record.stale(&crate::journal::LockHolder::me("")),
+        }),
+    }
 }
 
 /// The deployment running now: the app's one without an outcome, while its deployer (the lock
