@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::{Fleet, FleetSpec};
@@ -35,24 +34,7 @@ fn spawn(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> tokio::task::JoinHandle<(i32, String, String)> {
-    let mut cmd = tokio::process::Command::new(common::exe());
-    cmd.arg("-c")
-        .arg(config)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    tokio::spawn(async move {
-        use std::os::unix::process::ExitStatusExt;
-        let out = cmd.output().await.expect("cutover runs");
-        (
-            out.status
-                .code()
-                .unwrap_or_else(|| -out.status.signal().unwrap_or(1)),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    })
+    common::spawn_cutover_with(config, args, env)
 }
 
 async fn run(config: &Path, args: &[&str]) -> (i32, String, String) {

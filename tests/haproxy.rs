@@ -122,6 +122,19 @@ impl Fleet {
         self.spawn_haproxy(&[]).await;
     }
 
+    /// Stops HAProxy at once (as a crash or `systemctl stop` would).
+    async fn kill_haproxy(&mut self) {
+        if let Some(mut h) = self.haproxy.take() {
+            let _ = h.kill().await;
+        }
+    }
+
+    /// Restarts HAProxy from its config: it comes back without cutover's dynamic servers.
+    async fn restart_haproxy(&mut self) {
+        self.kill_haproxy().await;
+        self.start_haproxy().await;
+    }
+
     /// Reloads HAProxy as `systemctl reload` and `haproxy -sf` do: a new process from the same
     /// config takes over the listeners and the stats socket, and the old one stops accepting
     /// and finishes its connections. Returns once the new process answers on the socket.
@@ -956,10 +969,7 @@ async fn after_an_haproxy_restart_status_names_the_lost_hosts_and_counts_start_a
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(!out.contains("has no backend"), "{out}");
 
-    if let Some(mut h) = fleet.haproxy.take() {
-        let _ = h.kill().await;
-    }
-    fleet.start_haproxy().await;
+    fleet.restart_haproxy().await;
     assert!(
         fleet.servers().is_empty(),
         "a restart drops dynamic servers"
@@ -1013,10 +1023,7 @@ async fn after_an_haproxy_restart_readmit_puts_the_running_instances_back() {
     let pids = instance_pids(&fleet);
     assert!(!pids.is_empty());
 
-    if let Some(mut h) = fleet.haproxy.take() {
-        let _ = h.kill().await;
-    }
-    fleet.start_haproxy().await;
+    fleet.restart_haproxy().await;
     assert!(
         fleet.servers().is_empty(),
         "a restart drops dynamic servers"
@@ -1055,10 +1062,7 @@ async fn a_deploy_after_an_haproxy_restart_puts_the_live_instances_back_first() 
     let _serial = SERIAL.lock().await;
     let mut fleet = Fleet::start(3, 132, "kind = \"rolling\"\nbatch = 1", "5s").await;
     fleet.deploy("v1", 0).await;
-    if let Some(mut h) = fleet.haproxy.take() {
-        let _ = h.kill().await;
-    }
-    fleet.start_haproxy().await;
+    fleet.restart_haproxy().await;
     assert!(
         fleet.servers().is_empty(),
         "a restart drops dynamic servers"
@@ -1122,9 +1126,7 @@ async fn serve_readmits_the_servers_an_haproxy_restart_dropped() {
     let run = fleet.traffic(100, 100_000);
     run.wait_until(|r| r.ok >= 50).await;
 
-    if let Some(mut h) = fleet.haproxy.take() {
-        let _ = h.kill().await;
-    }
+    fleet.kill_haproxy().await;
     let killed = Instant::now();
     fleet.start_haproxy().await;
     let up = Instant::now();
@@ -1201,9 +1203,7 @@ async fn with_haproxy_down_status_and_logs_still_read_the_hosts() {
     let _serial = SERIAL.lock().await;
     let mut fleet = Fleet::start(2, 112, "kind = \"rolling\"\nbatch = 1", "5s").await;
     fleet.deploy("v1", 0).await;
-    if let Some(mut h) = fleet.haproxy.take() {
-        let _ = h.kill().await;
-    }
+    fleet.kill_haproxy().await;
     let (code, out, err) = fleet.cutover(&["status"]).await;
     assert_eq!(code, 2, "{out}\n{err}");
     assert!(
@@ -1444,9 +1444,7 @@ async fn deploy_through_a_cut(
     match cut {
         Cut::Reload => fleet.reload_haproxy().await,
         Cut::Restart => {
-            if let Some(mut h) = fleet.haproxy.take() {
-                let _ = h.kill().await;
-            }
+            fleet.kill_haproxy().await;
             tokio::time::sleep(Duration::from_millis(500)).await;
             fleet.start_haproxy().await;
         }

@@ -356,23 +356,7 @@ impl Fleet {
 
     /// Starts `cutover <args>` in the background; the handle yields (code, stdout, stderr).
     pub fn spawn_cutover(&self, args: &[&str]) -> tokio::task::JoinHandle<(i32, String, String)> {
-        let mut cmd = Command::new(exe());
-        cmd.arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        tokio::spawn(async move {
-            use std::os::unix::process::ExitStatusExt;
-            let out = cmd.output().await.expect("cutover runs");
-            (
-                out.status
-                    .code()
-                    .unwrap_or_else(|| -out.status.signal().unwrap_or(1)),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        })
+        spawn_cutover_with(&self.config, args, &[])
     }
 
     /// Deploys and asserts the exit code.
@@ -500,4 +484,31 @@ pub fn long_verification(net: u8, point: &str) -> (PathBuf, String) {
         pid_file.display()
     );
     (pid_file, extra)
+}
+
+/// Starts `cutover -c <config> <args>` with `env` in the background; the handle yields (code,
+/// stdout, stderr). The process is killed if the handle's task is dropped.
+pub fn spawn_cutover_with(
+    config: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::task::JoinHandle<(i32, String, String)> {
+    let mut cmd = Command::new(exe());
+    cmd.arg("-c")
+        .arg(config)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    tokio::spawn(async move {
+        use std::os::unix::process::ExitStatusExt;
+        let out = cmd.output().await.expect("cutover runs");
+        (
+            out.status
+                .code()
+                .unwrap_or_else(|| -out.status.signal().unwrap_or(1)),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
 }
