@@ -346,7 +346,7 @@ impl Deployer {
         // wait for another holder means the fleet may have moved since: read it again.
         let mut before = loop {
             let take = self.fleet_lock.as_ref().and_then(|l| l.folded_script());
-            let (before, reply) = fleet::observe_locking(
+            let (before, reply, peeks) = fleet::observe_locking(
                 config,
                 &self.transport,
                 &self.balancer,
@@ -359,7 +359,14 @@ impl Deployer {
                 (Some(lock), Some(reply)) => {
                     match lock.settle(self.transport.as_ref(), reply).await {
                         Ok(true) => continue,
-                        Ok(false) => {}
+                        Ok(false) => {
+                            // Another machine that could not reach our lock's host holds it
+                            // on another: it was there first.
+                            if let Some(held) = lock.held_elsewhere(&peeks) {
+                                lock.yield_to(self.transport.as_ref(), held).await?;
+                                continue;
+                            }
+                        }
                         // No host could be read either: none will change, and the deployment
                         // fails as it would have without the lock, saying why for each host.
                         Err(e)

@@ -67,16 +67,26 @@ pub async fn observe_for(
 /// [`observe_for`], with `lock` (a host's name and a script, see
 /// [`crate::fleet_lock::FleetLock::folded_script`]) run ahead of that host's read in the same
 /// round trip: its output, or why the host could not be read, comes back beside the views.
+/// The other hosts' reads carry [`crate::fleet_lock::peek_script`]: the locks found there
+/// come back too.
 pub async fn observe_locking(
     config: &Config,
     transport: &Arc<dyn Transport>,
     balancer: &Arc<dyn Balancer>,
     deploying: Option<&str>,
     lock: Option<&(String, String)>,
-) -> anyhow::Result<(Vec<HostView>, Option<anyhow::Result<String>>)> {
+) -> anyhow::Result<Locking> {
     let backends = balancer.backends().await?;
     Ok(read_hosts(config, transport, &backends, deploying, lock).await)
 }
+
+/// What [`observe_locking`] read: the views, the lock host's reply, and the locks found on
+/// the other hosts.
+pub type Locking = (
+    Vec<HostView>,
+    Option<anyhow::Result<String>>,
+    Vec<(Host, crate::fleet_lock::Record)>,
+);
 
 /// [`observe`], reading the hosts also when the balancer cannot be read (after a reboot, or
 /// HAProxy down): what runs where is still known; the error says why the balancer's side is
@@ -102,25 +112,35 @@ async fn read_hosts(
     backends: &[BackendView],
     deploying: Option<&str>,
     lock: Option<&(String, String)>,
-) -> (Vec<HostView>, Option<anyhow::Result<String>>) {
+) -> Locking {
     let reads = config.hosts.iter().map(|h| {
         let transport = transport.clone();
         let host = h.clone();
-        let prelude = lock
-            .filter(|(name, _)| name == host.name.as_str())
-            .map(|(_, script)| script.as_str());
+        let (takes, prelude) = match lock {
+            Some((name, script)) if name == host.name.as_str() => (true, Some(script.clone())),
+            Some(_) => (false, Some(crate::fleet_lock::peek_script(&host))),
+            None => (false, None),
+        };
         async move {
-            let (read, locked) = snapshot_with(transport.as_ref(), &host, deploying, prelude).await;
-            (host, read, locked)
+            let (read, locked) =
+                snapshot_with(transport.as_ref(), &host, deploying, prelude.as_deref()).await;
+            (host, read, takes, locked)
         }
     });
     let results = join_all(reads).await;
     let mut lock_reply = None;
+    let mut peeks = Vec::new();
     let views = results
         .into_iter()
-        .map(|(host, read, locked)| {
-            if locked.is_some() {
-                lock_reply = locked;
+        .map(|(host, read, takes, locked)| {
+            match locked {
+                Some(reply) if takes => lock_reply = Some(reply),
+                Some(Ok(out)) => {
+                    if let Some(r) = crate::fleet_lock::parse_peek(&out, &host) {
+                        peeks.push((host.clone(), r));
+                    }
+                }
+                _ => {}
             }
             let mine = backends
                 .iter()
@@ -142,7 +162,7 @@ async fn read_hosts(
             }
         })
         .collect();
-    (views, lock_reply)
+    (views, lock_reply, peeks)
 }
 
 /// What one host reports about itself.

@@ -202,6 +202,25 @@ fn rewrite(text: &str) -> String {
     )
 }
 
+/// The script that prints a host's lock file, if any, ahead of its fleet read (the hosts
+/// after the one that takes the lock): a lock there means another machine could not reach
+/// the first host and took it on this one. Builtins only.
+pub fn peek_script(host: &Host) -> String {
+    format!(
+        "{PRINT_FN}if [ -e {lock} ]; then echo 'lock held'; _cl_print {lock} 'lock| '; else echo 'lock free'; fi\n\
+         echo {END}\n",
+        lock = sh_quote(lock_path(host)),
+    )
+}
+
+/// The lock [`peek_script`] found, if any.
+pub fn parse_peek(out: &str, host: &Host) -> Option<Record> {
+    match parse_take(out, host) {
+        Attempt::Held(r) => Some(r),
+        _ => None,
+    }
+}
+
 /// What one attempt to take the lock on a host found.
 #[derive(Debug)]
 enum Attempt {
@@ -264,6 +283,8 @@ pub struct FleetLock {
     /// Hosts whose take did not answer in time: the script may have run there, so the release
     /// removes our lock there too (only if it is ours).
     maybe: Mutex<Vec<Host>>,
+    /// Whether the wait for a lock held on another host was said (see [`FleetLock::yield_to`]).
+    told_elsewhere: std::sync::atomic::AtomicBool,
 }
 
 impl FleetLock {
@@ -299,6 +320,7 @@ impl FleetLock {
             journal,
             state: Mutex::new(State::Pending),
             maybe: Mutex::new(Vec::new()),
+            told_elsewhere: Default::default(),
         }
     }
 
@@ -544,6 +566,55 @@ impl FleetLock {
                 }
             }
         }
+    }
+
+    /// A live lock of someone else's on another host than ours, among `peeks` (what
+    /// [`peek_script`] found on each host): two machines that saw different hosts down took it
+    /// on different hosts.
+    pub fn held_elsewhere<'a>(&self, peeks: &'a [(Host, Record)]) -> Option<&'a (Host, Record)> {
+        let ours = self.held_on();
+        peeks.iter().find(|(host, record)| {
+            ours.as_ref().is_none_or(|o| o.name != host.name)
+                && record.holder != self.me
+                && record.stale(&self.me).is_none()
+        })
+    }
+
+    /// Gives our lock back because `held` (see [`FleetLock::held_elsewhere`]) was there first:
+    /// past the wait, the error says who holds it and where; within it, the caller reads the
+    /// fleet again (and takes the lock again) after a pause.
+    pub async fn yield_to(
+        &self,
+        transport: &dyn Transport,
+        (host, record): &(Host, Record),
+    ) -> anyhow::Result<()> {
+        self.release(transport).await;
+        if Instant::now() >= self.deadline {
+            return Err(FleetLockHeld {
+                host: host.name.to_string(),
+                path: lock_path(host),
+                record: record.clone(),
+                hint: if self.wait.is_some() {
+                    "it was still held when --lock-wait ran out"
+                } else {
+                    "it is held on another host than the first, so the machine that holds it could not reach the first: wait for it to finish, pass --lock-wait 10m to wait, or `cutover unlock --force` if you are sure it is gone"
+                },
+            }
+            .into());
+        }
+        if !self
+            .told_elsewhere
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            eprintln!(
+                "waiting for the fleet lock on host {}: {}",
+                host.name,
+                record.holder.describe()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        self.set(State::Pending);
+        Ok(())
     }
 
     /// Rewrites our lease. `Ok(false)`: the lock is no longer ours (taken over after our lease

@@ -59,15 +59,20 @@ async fn wait_for_fleet_lock(fleet: &Fleet, what: &str) -> String {
     }
 }
 
-/// A lock file as another machine's deployer would leave it.
+/// A lock file as another machine's deployer would leave it, on web1.
 fn write_foreign_lock(fleet: &Fleet, machine: &str, pid: u32, lease_until_ms: u64) {
+    write_foreign_lock_on(fleet, "web1", machine, pid, lease_until_ms)
+}
+
+/// A lock file as another machine's deployer would leave it, on `host`.
+fn write_foreign_lock_on(fleet: &Fleet, host: &str, machine: &str, pid: u32, lease_until_ms: u64) {
     let holder = serde_json::json!({
         "user": "alice", "machine": machine, "pid": pid,
         "started_ms": cutover::journal::now_ms() - 5_000, "what": "deploy v9",
     });
-    std::fs::create_dir_all(fleet.root("web1")).unwrap();
+    std::fs::create_dir_all(fleet.root(host)).unwrap();
     std::fs::write(
-        lock_file(fleet),
+        fleet.root(host).join(LOCK),
         format!("cutover fleet lock 1\nholder {holder}\nlease_until_ms {lease_until_ms}\n"),
     )
     .unwrap();
@@ -277,4 +282,50 @@ async fn the_fleet_lock_goes_after_a_failure_and_ctrl_c_and_holds_its_holder_as_
     let (code, _, err) = fleet.cutover(&["rollback"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(!lock_file(&fleet).exists());
+}
+
+/// Review finding: a machine that could not reach web1 takes the lock on web2; another that
+/// reaches web1 took it there and deployed beside it. The fleet read looks at every host's
+/// lock file: a live one of someone else's on another host wins, and ours is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
+    let fleet = Fleet::start(FleetSpec::new(2, 133)).await;
+    fleet.deploy("v1", 0).await;
+    write_foreign_lock_on(
+        &fleet,
+        "web2",
+        "laptop-cut-off",
+        4242,
+        cutover::journal::now_ms() + 600_000,
+    );
+    let (code, _, err) = fleet.cutover(&["deploy", "--version", "v2"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("another deployment holds the fleet lock on host web2")
+            && err.contains("deploy v9 by alice on laptop-cut-off")
+            && err.contains("could not reach the first"),
+        "{err}"
+    );
+    assert!(!lock_file(&fleet).exists(), "ours on web1 is given back");
+    let (_, history, _) = fleet.cutover(&["history"]).await;
+    assert!(!history.contains(" v2 "), "nothing began: {history}");
+    // Waited for, it is still there when the wait runs out; stale, it is no obstacle.
+    let (code, _, err) = fleet
+        .cutover(&["deploy", "--version", "v2", "--lock-wait", "1s"])
+        .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("waiting for the fleet lock on host web2")
+            && err.contains("it was still held when --lock-wait ran out"),
+        "{err}"
+    );
+    write_foreign_lock_on(
+        &fleet,
+        "web2",
+        "laptop-cut-off",
+        4242,
+        cutover::journal::now_ms() - 1_000,
+    );
+    fleet.deploy("v2", 0).await;
+    fleet.assert_on("v2").await;
 }
