@@ -762,6 +762,37 @@ async fn read_hosts(hosts: &[Host], transport: &dyn Transport) -> Seen {
     Seen { on: None, silent }
 }
 
+/// The lock files of every host that answers besides the one [`read`] found (a machine that
+/// could not reach it takes the lock on the next): for `cutover unlock --force`.
+pub async fn read_others(
+    config: &Config,
+    transport: &dyn Transport,
+    seen: &Seen,
+) -> Vec<(Host, Record)> {
+    let first = seen.on.as_ref().map(|(h, _)| h.name.clone());
+    let reads = config
+        .hosts
+        .iter()
+        .filter(|h| first.as_ref() != Some(&h.name))
+        .map(|host| async move {
+            let out = crate::transport::run_ok(
+                transport,
+                host,
+                "reading the fleet lock",
+                &peek_script(host),
+                transport.step_timeout(),
+            )
+            .await
+            .ok()?;
+            Some((host.clone(), parse_peek(&out, host)?))
+        });
+    futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 /// Removes the fleet lock whoever holds it (`cutover unlock --force`) where [`read`] found it;
 /// returns what it removed. A closing file goes too.
 pub async fn force_clear(transport: &dyn Transport, host: &Host) -> anyhow::Result<Option<Record>> {

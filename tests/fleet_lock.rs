@@ -286,7 +286,8 @@ async fn the_fleet_lock_goes_after_a_failure_and_ctrl_c_and_holds_its_holder_as_
 
 /// Review finding: a machine that could not reach web1 takes the lock on web2; another that
 /// reaches web1 took it there and deployed beside it. The fleet read looks at every host's
-/// lock file: a live one of someone else's on another host wins, and ours is given back.
+/// lock file: a live one of someone else's on another host wins, and ours is given back;
+/// `unlock --force` removes it there; a stale one is no obstacle.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
     let fleet = Fleet::start(FleetSpec::new(2, 133)).await;
@@ -309,7 +310,7 @@ async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
     assert!(!lock_file(&fleet).exists(), "ours on web1 is given back");
     let (_, history, _) = fleet.cutover(&["history"]).await;
     assert!(!history.contains(" v2 "), "nothing began: {history}");
-    // Waited for, it is still there when the wait runs out; stale, it is no obstacle.
+    // Waited for, it is still there when the wait runs out.
     let (code, _, err) = fleet
         .cutover(&["deploy", "--version", "v2", "--lock-wait", "1s"])
         .await;
@@ -319,6 +320,19 @@ async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
             && err.contains("it was still held when --lock-wait ran out"),
         "{err}"
     );
+    // `unlock --force` clears it there too, not only on the first host.
+    let (code, out, err) = fleet.cutover(&["unlock", "--force"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("the fleet lock was free (host web1)")
+            && out.contains(
+                "removed the fleet lock on host web2 held by deploy v9 by alice on laptop-cut-off"
+            ),
+        "{out}"
+    );
+    assert!(!fleet.root("web2").join(LOCK).exists());
+    fleet.deploy("v2", 0).await;
+    fleet.assert_on("v2").await;
     write_foreign_lock_on(
         &fleet,
         "web2",
@@ -326,6 +340,6 @@ async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
         4242,
         cutover::journal::now_ms() - 1_000,
     );
-    fleet.deploy("v2", 0).await;
-    fleet.assert_on("v2").await;
+    fleet.deploy("v1", 0).await;
+    fleet.assert_on("v1").await;
 }

@@ -558,7 +558,10 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             runtime()?.block_on(async {
                 let transport = transport_for(&config)?;
                 let seen = crate::fleet_lock::read(&config, transport.as_ref()).await;
-                if let Some((_, Some(r))) = &seen.on {
+                let others =
+                    crate::fleet_lock::read_others(&config, transport.as_ref(), &seen).await;
+                let first = seen.on.as_ref().and_then(|(_, r)| r.as_ref());
+                for r in first.into_iter().chain(others.iter().map(|(_, r)| r)) {
                     if runs_here(&r.holder) {
                         return Err(refuse("the fleet lock's", &r.holder));
                     }
@@ -573,25 +576,30 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                         seen.silent.join("; ")
                     );
                 };
-                match crate::fleet_lock::force_clear(transport.as_ref(), host).await? {
-                    Some(r) => {
-                        println!(
-                            "removed the fleet lock on host {} held by {}",
-                            host.name,
-                            r.holder.describe()
-                        );
-                        journal.event(
-                            None,
-                            &format!(
-                                "fleet lock on host {} forcibly released by {} on {}: was held by {}",
+                // Where it is, and wherever a machine that could not reach that host took it.
+                let hosts = std::iter::once((host, true)).chain(others.iter().map(|(h, _)| (h, false)));
+                for (host, first) in hosts {
+                    match crate::fleet_lock::force_clear(transport.as_ref(), host).await? {
+                        Some(r) => {
+                            println!(
+                                "removed the fleet lock on host {} held by {}",
                                 host.name,
-                                me.user,
-                                me.machine,
                                 r.holder.describe()
-                            ),
-                        )?;
+                            );
+                            journal.event(
+                                None,
+                                &format!(
+                                    "fleet lock on host {} forcibly released by {} on {}: was held by {}",
+                                    host.name,
+                                    me.user,
+                                    me.machine,
+                                    r.holder.describe()
+                                ),
+                            )?;
+                        }
+                        None if first => println!("the fleet lock was free (host {})", host.name),
+                        None => {}
                     }
-                    None => println!("the fleet lock was free (host {})", host.name),
                 }
                 Ok(0)
             })
