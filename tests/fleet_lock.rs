@@ -320,6 +320,13 @@ async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
             && err.contains("it was still held when --lock-wait ran out"),
         "{err}"
     );
+    let (_, out, _) = fleet.cutover(&["lock"]).await;
+    assert!(
+        out.contains("fleet: unlocked (host web1)")
+            && out.contains("fleet: also held by deploy v9 by alice on laptop-cut-off")
+            && out.contains("(host web2)"),
+        "{out}"
+    );
     // `unlock --force` clears it there too, not only on the first host.
     let (code, out, err) = fleet.cutover(&["unlock", "--force"]).await;
     assert_eq!(code, 0, "{err}");

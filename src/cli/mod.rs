@@ -523,11 +523,22 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 None => println!("unlocked"),
             }
             // The fleet's lock, on the first host that answers (see `fleet_lock`).
-            let seen = runtime()?.block_on(async {
+            let (seen, others) = runtime()?.block_on(async {
                 let transport = transport_for(&config)?;
-                anyhow::Ok(crate::fleet_lock::read(&config, transport.as_ref()).await)
+                let seen = crate::fleet_lock::read(&config, transport.as_ref()).await;
+                let others =
+                    crate::fleet_lock::read_others(&config, transport.as_ref(), &seen).await;
+                anyhow::Ok((seen, others))
             })?;
             println!("{}", seen.line());
+            // Taken on a later host by a machine that could not reach the first.
+            for (host, record) in &others {
+                println!(
+                    "fleet: also held by {} (host {})",
+                    record.describe(),
+                    host.name
+                );
+            }
             Ok(0)
         }
         Command::Unlock(args) => {
