@@ -7,6 +7,7 @@ mod serve_support;
 use std::time::Duration;
 
 use common::FleetSpec;
+use cutover::balancer::Balancer;
 use serde_json::{Value, json};
 use serve_support::{Gate, SERVE_TOKEN, Served, request, write_release};
 
@@ -23,6 +24,7 @@ fn endpoints() -> Vec<(&'static str, &'static str, Option<Value>)> {
         ("POST", "/api/deployments/current/abort", None),
         ("POST", "/api/deployments/current/rollback", None),
         ("POST", "/api/rollback", Some(json!({}))),
+        ("POST", "/api/readmit", None),
         ("GET", "/api/queue", None),
         ("GET", "/api/queue/1", None),
         ("DELETE", "/api/queue/1", None),
@@ -626,4 +628,40 @@ async fn the_fleet_without_its_balancer_still_shows_the_hosts() {
             assert!(r[unknown].is_null(), "{unknown}: {r}");
         }
     }
+}
+
+/// `POST /api/readmit` queues what `cutover readmit` does: nothing when every live instance
+/// has its backend, else each goes back without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readmit_through_the_api_puts_back_a_lost_backend() {
+    let served = Served::start(FleetSpec::new(2, 134)).await;
+    served.deploy("v1", "succeeded").await;
+    let (status, v) = served.api("POST", "/api/readmit", None).await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["job"]["kind"], "readmit", "{v}");
+    let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(
+        job["outcome"],
+        "nothing_to_readmit",
+        "{job}\n{}",
+        served.log()
+    );
+
+    // A backend gone from the balancer (as an HAProxy reload drops them) comes back.
+    let client = served.fleet.client();
+    let gone = client.backends().await.unwrap()[0].spec.id.clone();
+    client.remove(&gone).await.unwrap();
+    let (status, v) = served.api("POST", "/api/readmit", None).await;
+    assert_eq!(status, 202, "{v}");
+    let job = served.wait_job(v["job"]["id"].as_u64().unwrap()).await;
+    assert_eq!(job["outcome"], "succeeded", "{job}\n{}", served.log());
+    let ids: Vec<String> = client
+        .backends()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.spec.id)
+        .collect();
+    assert!(ids.contains(&gone), "{ids:?}");
+    assert_eq!(served.deployments().await[0]["kind"], "readmit");
 }

@@ -99,6 +99,7 @@ pub fn routes(state: ServeState) -> Router<ServeState> {
         .route("/deployments/{id}/report", get(deployment_report))
         .route("/deployments/{id}/{command}", post(command))
         .route("/rollback", post(rollback))
+        .route("/readmit", post(readmit))
         .route("/queue", get(queue))
         .route("/queue/{job}", get(queue_job).delete(cancel_job))
         .route("/metrics", get(metrics))
@@ -522,6 +523,19 @@ async fn rollback(
         .queue
         .push(Work::Rollback { to: Some(to) }, None, "api".into())?;
     Ok((StatusCode::ACCEPTED, Json(json!({ "job": job }))))
+}
+
+/// `POST /api/readmit`: queues what `cutover readmit` does (serve queues it by itself when
+/// HAProxy's counters start again; this is for a reload it could not see, or a script run by
+/// HAProxy's unit). A readmit already queued last is not queued again.
+async fn readmit(State(state): State<ServeState>) -> ApiResult<(StatusCode, Json<Value>)> {
+    let (job, new) = state.queue.push_once(Work::Readmit, "api".into())?;
+    let status = if new {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "job": job, "queued": new }))))
 }
 
 /// Commands a running deployment understands.
