@@ -725,72 +725,44 @@ impl Seen {
     }
 }
 
-/// Reads the fleet lock on the first host that answers.
-pub async fn read(config: &Config, transport: &dyn Transport) -> Seen {
-    read_hosts(&config.hosts, transport).await
+/// Reads the fleet lock on every host at once: where the first host (in config order) that
+/// answers holds it, and the locks on the hosts after it (a machine that could not reach the
+/// first took it on another). In parallel, so that hosts that do not answer cost one
+/// connection timeout, not one each (`cutover status` reads it during an outage too).
+pub async fn read_all(config: &Config, transport: &dyn Transport) -> (Seen, Vec<(Host, Record)>) {
+    read_all_hosts(&config.hosts, transport).await
 }
 
-async fn read_hosts(hosts: &[Host], transport: &dyn Transport) -> Seen {
-    let mut silent = Vec::new();
-    for host in hosts {
-        let script = format!(
-            "{PRINT_FN}if [ -e {lock} ]; then echo 'lock held'; _cl_print {lock} 'lock| '; else echo 'lock free'; fi\n",
-            lock = sh_quote(lock_path(host)),
-        );
-        match crate::transport::run_ok(
+async fn read_all_hosts(hosts: &[Host], transport: &dyn Transport) -> (Seen, Vec<(Host, Record)>) {
+    let reads = hosts.iter().map(|host| async move {
+        let out = crate::transport::run_ok(
             transport,
             host,
             "reading the fleet lock",
-            &script,
+            &peek_script(host),
             transport.step_timeout(),
         )
-        .await
-        {
-            Ok(out) => {
-                let record = match parse_take(&out, host) {
-                    Attempt::Held(r) => Some(r),
-                    _ => None,
-                };
-                return Seen {
-                    on: Some((host.clone(), record)),
-                    silent,
-                };
+        .await;
+        (host, out)
+    });
+    let mut seen = Seen {
+        on: None,
+        silent: Vec::new(),
+    };
+    let mut others = Vec::new();
+    for (host, out) in futures_util::future::join_all(reads).await {
+        match (out, &seen.on) {
+            (Err(e), None) => seen.silent.push(format!("{e:#}")),
+            (Err(_), Some(_)) => {}
+            (Ok(out), None) => seen.on = Some((host.clone(), parse_peek(&out, host))),
+            (Ok(out), Some(_)) => {
+                if let Some(r) = parse_peek(&out, host) {
+                    others.push((host.clone(), r));
+                }
             }
-            Err(e) => silent.push(format!("{e:#}")),
         }
     }
-    Seen { on: None, silent }
-}
-
-/// The lock files of every host that answers besides the one [`read`] found (a machine that
-/// could not reach it takes the lock on the next): for `cutover unlock --force`.
-pub async fn read_others(
-    config: &Config,
-    transport: &dyn Transport,
-    seen: &Seen,
-) -> Vec<(Host, Record)> {
-    let first = seen.on.as_ref().map(|(h, _)| h.name.clone());
-    let reads = config
-        .hosts
-        .iter()
-        .filter(|h| first.as_ref() != Some(&h.name))
-        .map(|host| async move {
-            let out = crate::transport::run_ok(
-                transport,
-                host,
-                "reading the fleet lock",
-                &peek_script(host),
-                transport.step_timeout(),
-            )
-            .await
-            .ok()?;
-            Some((host.clone(), parse_peek(&out, host)?))
-        });
-    futures_util::future::join_all(reads)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    (seen, others)
 }
 
 /// Removes the fleet lock whoever holds it (`cutover unlock --force`) where [`read`] found it;
@@ -975,7 +947,7 @@ mod tests {
         let text = std::fs::read_to_string(d.path().join(LOCK_FILE)).unwrap();
         assert_eq!(Record::parse(&text).holder, holder, "{text}");
         let config_hosts = vec![Host::for_test(d.path())];
-        let seen = read_hosts(&config_hosts, &t).await;
+        let (seen, _) = read_all_hosts(&config_hosts, &t).await;
         assert_eq!(seen.on.unwrap().1.unwrap().holder, holder);
         lock.release(&t).await;
         assert!(!d.path().join(LOCK_FILE).exists());

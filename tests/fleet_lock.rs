@@ -327,6 +327,12 @@ async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
             && out.contains("(host web2)"),
         "{out}"
     );
+    let (_, out, _) = fleet.cutover(&["status"]).await;
+    assert!(
+        out.contains("deploy lock on the fleet: also held by deploy v9 by alice on laptop-cut-off")
+            && out.contains("(host web2)"),
+        "{out}"
+    );
     // `unlock --force` clears it there too, not only on the first host.
     let (code, out, err) = fleet.cutover(&["unlock", "--force"]).await;
     assert_eq!(code, 0, "{err}");

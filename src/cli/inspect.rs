@@ -16,9 +16,9 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
     // Without the balancer (after a reboot, say) the hosts and the journal still tell what
     // status is for, an interrupted deployment above all; only drift needs the balancer.
     // The fleet's lock beside: a deployment from another machine is in no journal here.
-    let ((views, balancer_error), fleet_lock) = tokio::join!(
+    let ((views, balancer_error), (fleet_lock, fleet_lock_others)) = tokio::join!(
         fleet::observe_even_without_balancer(&config, &transport, &balancer),
-        crate::fleet_lock::read(&config, transport.as_ref())
+        crate::fleet_lock::read_all(&config, transport.as_ref())
     );
     // Drift is only checked on hosts that could be read: an unreadable host's instances are
     // not known, so "no drift" would be a guess.
@@ -104,6 +104,10 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 })),
                 "balancer_error": balancer_error,
                 "fleet_lock": fleet_lock_json(&fleet_lock),
+                // Locks on later hosts (taken by a machine that could not reach the first).
+                "fleet_lock_others": fleet_lock_others.iter().map(|(host, r)| serde_json::json!({
+                    "host": host.name.as_str(), "holder": r.holder, "lease_until_ms": r.lease_until_ms,
+                })).collect::<Vec<_>>(),
             }))?
         );
         return Ok(exit);
@@ -219,6 +223,13 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
             fleet_lock
                 .line()
                 .replacen("fleet: ", "deploy lock on the fleet: ", 1)
+        );
+    }
+    for (host, r) in &fleet_lock_others {
+        println!(
+            "deploy lock on the fleet: also held by {} (host {})",
+            r.describe(),
+            host.name
         );
     }
     if let Some(row) = &last_failed {

@@ -525,10 +525,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             // The fleet's lock, on the first host that answers (see `fleet_lock`).
             let (seen, others) = runtime()?.block_on(async {
                 let transport = transport_for(&config)?;
-                let seen = crate::fleet_lock::read(&config, transport.as_ref()).await;
-                let others =
-                    crate::fleet_lock::read_others(&config, transport.as_ref(), &seen).await;
-                anyhow::Ok((seen, others))
+                anyhow::Ok(crate::fleet_lock::read_all(&config, transport.as_ref()).await)
             })?;
             println!("{}", seen.line());
             // Taken on a later host by a machine that could not reach the first.
@@ -568,9 +565,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
             let me = LockHolder::me("unlock --force");
             runtime()?.block_on(async {
                 let transport = transport_for(&config)?;
-                let seen = crate::fleet_lock::read(&config, transport.as_ref()).await;
-                let others =
-                    crate::fleet_lock::read_others(&config, transport.as_ref(), &seen).await;
+                let (seen, others) =
+                    crate::fleet_lock::read_all(&config, transport.as_ref()).await;
                 let first = seen.on.as_ref().and_then(|(_, r)| r.as_ref());
                 for r in first.into_iter().chain(others.iter().map(|(_, r)| r)) {
                     if runs_here(&r.holder) {
