@@ -120,6 +120,14 @@ async fn a_second_machine_is_refused_while_the_first_deploys_then_waits() {
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(st["fleet_lock"]["host"], "web1", "{st}");
     assert_eq!(st["fleet_lock"]["holder"]["what"], "deploy slow", "{st}");
+    // Commands go through A's journal: B says where to send them.
+    let (code, _, err) = run(&b, &["abort"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no deployment of this machine is running, but the fleet lock on host web1 is held by deploy slow by")
+            && err.contains("send it there"),
+        "{err}"
+    );
     let (code, _, err) = run(&b, &["deploy", "--version", "v2"]).await;
     assert_eq!(code, 2, "{err}");
     assert!(
@@ -150,6 +158,12 @@ async fn a_second_machine_is_refused_while_the_first_deploys_then_waits() {
     assert_eq!(out, "unlocked\nfleet: unlocked (host web1)\n");
     let (_, out, _) = run(&b, &["status"]).await;
     assert!(!out.contains("deploy lock on the fleet"), "{out}");
+    let (code, _, err) = run(&b, &["abort"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no deployment is running (see `cutover status`)"),
+        "{err}"
+    );
     let (_, out, _) = run(&b, &["status", "--json"]).await;
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(st["fleet_lock"].is_null(), "{st}");

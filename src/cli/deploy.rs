@@ -723,9 +723,18 @@ pub(super) fn running_deployment(
 
 /// Sends a command to the running deployment.
 pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
-    let row = running_deployment(config)?.ok_or_else(|| {
-        anyhow::anyhow!("no deployment is running (see `cutover status`): `{command}` applies to a running deployment")
-    })?;
+    let Some(row) = running_deployment(config)? else {
+        // Commands go through the journal of the machine that runs the deployment: one run
+        // from another machine shows only in the fleet lock.
+        if let Some(elsewhere) = deployment_elsewhere(config) {
+            anyhow::bail!(
+                "no deployment of this machine is running, but {elsewhere}: `{command}` goes to the deployment through the journal of the machine that runs it: send it there (`cutover {command}` on that machine, or its `cutover serve` API)"
+            );
+        }
+        anyhow::bail!(
+            "no deployment is running (see `cutover status`): `{command}` applies to a running deployment"
+        );
+    };
     if let Some(why) = crate::control::pointless(&row.strategy, &row.kind, command) {
         anyhow::bail!("deployment {}: {why}", row.id);
     }
@@ -738,6 +747,28 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
         row.to
     );
     Ok(0)
+}
+
+/// Who holds the fleet lock, when someone does and it is not stale: a deployment from
+/// another machine (or another state directory). `None` when the hosts cannot say.
+fn deployment_elsewhere(config: &Config) -> Option<String> {
+    let (seen, others) = super::runtime().ok()?.block_on(async {
+        let transport = super::transport_for(config).ok()?;
+        Some(crate::fleet_lock::read_all(config, transport.as_ref()).await)
+    })?;
+    let me = crate::journal::LockHolder::me("");
+    let first = seen.on.and_then(|(host, r)| r.map(|r| (host, r)));
+    first
+        .into_iter()
+        .chain(others)
+        .find(|(_, r)| r.stale(&me).is_none())
+        .map(|(host, r)| {
+            format!(
+                "the fleet lock on host {} is held by {}",
+                host.name,
+                r.describe()
+            )
+        })
 }
 
 /// Sends a command and waits until the deployment has ended; prints its outcome.
