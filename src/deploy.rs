@@ -2089,9 +2089,9 @@ impl Deployer {
     /// Puts the live instances of hosts that have no server in the balancer (see
     /// [`crate::readmit::lost`]) back in, before anything changes: after an HAProxy reload or
     /// restart that no `cutover readmit` followed, they would stay out until their batch, and
-    /// with every host out, clients got 503s for the whole deploy. Through the health gate,
-    /// without hooks or verify suites (no release changes); a host that fails it stays as it
-    /// was. Not hosts already on `version`: their batch admits them without a restart.
+    /// with every host out, clients got 503s for the whole deploy. Through the health gate
+    /// (bounded to a few intervals), without hooks or verify suites (no release changes); a
+    /// host that fails it stays as it was. Not hosts already on `version`: their batch admits them without a restart.
     /// Returns whether any went back.
     async fn put_back_lost(&self, run: &Run, version: &Name, before: &[HostView]) -> bool {
         let lost: Vec<crate::readmit::Lost> = crate::readmit::lost(before)
@@ -2105,7 +2105,16 @@ impl Deployer {
             "{} run(s) the live release without a server in the balancer (an HAProxy reload or restart drops the servers cutover added): putting them back first, not restarted",
             crate::readmit::names(&lost)
         ));
-        let health = &self.config.app.health;
+        // An instance that served until the reload passes its checks at once: one that does not
+        // is left to its batch after a few intervals, not after the whole `deadline`.
+        let health = &{
+            let mut gate = self.config.app.health.clone();
+            let checks = gate.healthy_threshold.0 + gate.unhealthy_threshold.0;
+            let bound = gate.interval.saturating_mul(checks) + *gate.timeout;
+            gate.deadline = crate::config::Dur((*gate.deadline).min(bound));
+            gate.start_period = crate::config::Dur(Duration::ZERO);
+            gate
+        };
         let put_back = join_all(lost.iter().map(|l| async move {
             let inst = Instance {
                 host: l.host.clone(),

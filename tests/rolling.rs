@@ -1080,3 +1080,57 @@ async fn a_deploy_of_the_live_release_says_nothing_moved() {
         "{out}"
     );
 }
+
+/// A host whose live instance runs without a backend is put back before the first batch; one
+/// whose instance does not answer (stopped here with SIGSTOP) is given up after a few health
+/// intervals, not the whole `deadline`, with a warning, and moves in its batch as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_host_that_does_not_answer_is_left_to_its_batch() {
+    use cutover::balancer::Balancer;
+    let mut spec = FleetSpec::new(2, 138);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let client = fleet.client();
+    let web2 = client
+        .backends()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|b| b.spec.host == "web2")
+        .expect("web2 has a backend");
+    client.remove(&web2.spec.id).await.unwrap();
+    let (_, out, _) = fleet.cutover(&["status", "--json"]).await;
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let pid = status["hosts"][1]["instances"][0]["pid"].as_u64().unwrap() as i32;
+    // SAFETY: kill(2) on the instance this test's fleet started.
+    unsafe {
+        libc::kill(pid, libc::SIGSTOP);
+    }
+
+    let (out, err) = fleet.deploy("v2", 0).await;
+    let said = format!("{out}{err}");
+    assert!(
+        said.contains("web2 run(s) the live release without a server in the balancer")
+            && said.contains("WARNING: web2 could not be put back")
+            && said.contains("it gets a server when its batch moves it"),
+        "{said}"
+    );
+    fleet.assert_on("v2").await;
+    let (_, out, _) = fleet.cutover(&["show", "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let step = shown["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["action"] == "readmit" && s["host"] == "web2")
+        .unwrap_or_else(|| panic!("no put-back step: {shown}"))
+        .clone();
+    assert!(
+        step["result"].as_str().unwrap().starts_with("failed"),
+        "{step}"
+    );
+    // The gate gave up after its checks (200 ms intervals), well before the 10 s deadline.
+    let took = step["ended_ms"].as_u64().unwrap() - step["started_ms"].as_u64().unwrap();
+    assert!(took < 8_000, "{took} ms: {step}");
+}
