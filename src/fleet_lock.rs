@@ -765,6 +765,27 @@ async fn read_all_hosts(hosts: &[Host], transport: &dyn Transport) -> (Seen, Vec
     (seen, others)
 }
 
+/// What [`read_all`] found, as `cutover status --json` and serve's `/api/status` give it:
+/// `fleet_lock` null when free, the holder where held, or `{"unknown": [why...]}` when no host
+/// answered; `fleet_lock_others` the locks on later hosts.
+pub fn to_json(seen: &Seen, others: &[(Host, Record)]) -> (serde_json::Value, serde_json::Value) {
+    let held = |host: &Host, r: &Record| {
+        serde_json::json!({
+            "host": host.name.as_str(),
+            "holder": r.holder,
+            "lease_until_ms": r.lease_until_ms,
+            "stale": r.stale(&LockHolder::me("")),
+        })
+    };
+    let first = match &seen.on {
+        None => serde_json::json!({ "unknown": seen.silent }),
+        Some((_, None)) => serde_json::Value::Null,
+        Some((host, Some(r))) => held(host, r),
+    };
+    let others = others.iter().map(|(h, r)| held(h, r)).collect();
+    (first, serde_json::Value::Array(others))
+}
+
 /// Removes the fleet lock whoever holds it (`cutover unlock --force`) where [`read`] found it;
 /// returns what it removed. A closing file goes too.
 pub async fn force_clear(transport: &dyn Transport, host: &Host) -> anyhow::Result<Option<Record>> {

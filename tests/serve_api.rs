@@ -665,3 +665,44 @@ async fn readmit_through_the_api_puts_back_a_lost_backend() {
     assert!(ids.contains(&gone), "{ids:?}");
     assert_eq!(served.deployments().await[0]["kind"], "readmit");
 }
+
+/// A deployment run from another machine is in no journal here: `/api/status` (and the
+/// dashboard) say who holds the deploy lock on the fleet, read every few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_holder_of_the_fleet_lock() {
+    let served = Served::start(FleetSpec::new(1, 139)).await;
+    let lock = served.fleet.root("web1").join(".cutover-lock");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let holder = json!({
+        "user": "alice", "machine": "laptop", "pid": 4242,
+        "started_ms": cutover::journal::now_ms(), "what": "deploy v9",
+    });
+    std::fs::write(
+        &lock,
+        format!(
+            "cutover fleet lock 1\nholder {holder}\nlease_until_ms {}\n",
+            cutover::journal::now_ms() + 600_000
+        ),
+    )
+    .unwrap();
+    let until = |want: fn(&Value) -> bool| {
+        let served = &served;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let (status, s) = served.api("GET", "/api/status", None).await;
+                assert_eq!(status, 200, "{s}");
+                if want(&s["fleet_lock"]) {
+                    return s;
+                }
+                assert!(std::time::Instant::now() < deadline, "{s}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let s = until(|l| l["holder"]["what"] == "deploy v9").await;
+    assert_eq!(s["fleet_lock"]["host"], "web1", "{s}");
+    assert!(s["fleet_lock_read_ms"].as_u64().is_some(), "{s}");
+    std::fs::remove_file(&lock).unwrap();
+    until(|l| l.is_null()).await;
+}

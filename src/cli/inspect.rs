@@ -68,6 +68,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
             .filter(|row| row.outcome.as_deref() == Some("failed")),
     };
     if json {
+        let lock_json = crate::fleet_lock::to_json(&fleet_lock, &fleet_lock_others);
         let hosts: Vec<serde_json::Value> = views
             .iter()
             .map(|v| {
@@ -103,11 +104,9 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                     "id": row.id, "kind": row.kind, "from": row.from, "to": row.to,
                 })),
                 "balancer_error": balancer_error,
-                "fleet_lock": fleet_lock_json(&fleet_lock),
+                "fleet_lock": lock_json.0,
                 // Locks on later hosts (taken by a machine that could not reach the first).
-                "fleet_lock_others": fleet_lock_others.iter().map(|(host, r)| serde_json::json!({
-                    "host": host.name.as_str(), "holder": r.holder, "lease_until_ms": r.lease_until_ms,
-                })).collect::<Vec<_>>(),
+                "fleet_lock_others": lock_json.1,
             }))?
         );
         return Ok(exit);
@@ -294,21 +293,6 @@ fn drift_report(no_balancer: bool, drift: &[String], unreadable: &[&str], hosts:
         );
     }
     out
-}
-
-/// `status --json`'s `fleet_lock`: null when free, the holder where held, or why it is not
-/// known.
-fn fleet_lock_json(seen: &crate::fleet_lock::Seen) -> serde_json::Value {
-    match &seen.on {
-        None => serde_json::json!({ "unknown": seen.silent }),
-        Some((_, None)) => serde_json::Value::Null,
-        Some((host, Some(record))) => serde_json::json!({
-            "host": host.name.as_str(),
-            "holder": record.holder,
-            "lease_until_ms": record.lease_until_ms,
-            "stale": record.stale(&crate::journal::LockHolder::me("")),
-        }),
-    }
 }
 
 /// The deployment running now: the app's one without an outcome, while its deployer (the lock

@@ -293,11 +293,20 @@ async fn status(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
         let log = state.log.lock().unwrap_or_else(|p| p.into_inner());
         log.iter().rev().take(50).rev().cloned().collect()
     };
+    let fleet_lock = state
+        .fleet_lock
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     Ok(Json(json!({
         "app": state.config.app.name.as_str(),
         "deployment": deployment,
         "queue": state.queue.view(),
         "lock": state.journal.lock_holder(state.config.app.name.as_str())?,
+        // Read every 5 s (null until the first reading): see `fleet_lock_watch`.
+        "fleet_lock": fleet_lock["fleet_lock"],
+        "fleet_lock_others": fleet_lock["fleet_lock_others"],
+        "fleet_lock_read_ms": fleet_lock["fleet_lock_read_ms"],
         "github": state.settings.github.as_ref().map(|g| json!({ "branch": g.branch, "repository": g.repository })),
         "balancer_error": state.live.error(),
         "log": log,

@@ -133,6 +133,9 @@ pub struct Inner {
     pub pushes: Mutex<()>,
     /// Webhook bodies being read right now (see `api::read_webhook_body`).
     pub webhook_bodies: tokio::sync::Semaphore,
+    /// The deploy lock on the fleet as last read (see [`fleet_lock_watch`]): `/api/status`'s
+    /// `fleet_lock`, `fleet_lock_others` and `fleet_lock_read_ms`.
+    pub fleet_lock: Mutex<serde_json::Value>,
 }
 
 /// The server's shared state (cheap to clone).
@@ -167,6 +170,7 @@ impl ServeState {
             log: Mutex::new(Default::default()),
             pushes: Mutex::new(()),
             webhook_bodies: tokio::sync::Semaphore::new(api::WEBHOOK_BODIES),
+            fleet_lock: Mutex::new(serde_json::Value::Null),
         }));
         for line in unreadable {
             state.say(&line);
@@ -321,6 +325,7 @@ pub async fn start(state: ServeState) -> anyhow::Result<Handle> {
     tokio::spawn(state.live.clone().run(stopped.clone()));
     tokio::spawn(runner(state.clone(), stopped.clone()));
     tokio::spawn(readmitter(state.clone(), stopped.clone()));
+    tokio::spawn(fleet_lock_watch(state.clone(), stopped.clone()));
     let router = app(state.clone());
     let server = {
         let mut stopped = stopped.clone();
@@ -727,6 +732,30 @@ fn readmit_reason(state: &ServeState, restarted: bool) -> &'static str {
 /// (`balancer::haproxy::reload`), an interrupted one is a person's to resolve; serve looks again once none is left, and queues
 /// the job only if servers are still missing. Never two at once: the job is queued only when
 /// nothing else is.
+/// How often serve reads the deploy lock on the fleet.
+const FLEET_LOCK_EVERY: Duration = Duration::from_secs(5);
+
+/// Reads the deploy lock on the fleet every [`FLEET_LOCK_EVERY`] for `/api/status` and the
+/// dashboard: a deployment run from another machine is in no journal here, and this is its
+/// only sign. A reading is one builtin-only script per host, in parallel.
+async fn fleet_lock_watch(state: ServeState, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (seen, others) =
+            crate::fleet_lock::read_all(&state.config, state.transport.as_ref()).await;
+        let (first, others) = crate::fleet_lock::to_json(&seen, &others);
+        *state.fleet_lock.lock().unwrap_or_else(|p| p.into_inner()) = serde_json::json!({
+            "fleet_lock": first,
+            "fleet_lock_others": others,
+            "fleet_lock_read_ms": crate::journal::now_ms(),
+        });
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(FLEET_LOCK_EVERY) => {}
+        }
+    }
+}
+
 async fn readmitter(state: ServeState, mut stop: watch::Receiver<bool>) {
     let mut restarts = state.live.restarts();
     let mut due: Option<&'static str> = Some(readmit_reason(&state, false));

@@ -138,6 +138,7 @@ async function pollStatus() {
   state.interrupted = s.deployment && s.deployment.state === "interrupted" ? s.deployment : null;
   renderDeployment(s.deployment);
   renderQueue(s.queue);
+  renderFleetLock(s);
   $("log").textContent = (s.log || []).join("\n");
   $("log").scrollTop = $("log").scrollHeight;
   if (wasRunning && !state.running) pollHistory();
@@ -244,6 +245,17 @@ function describeJob(j) {
 // ("rolled_back"), and so do the rows' classes.
 function words(outcome) {
   return outcome.replace(/_/g, " ");
+}
+
+// A deployment run from another machine (or terminal) shows only in the deploy lock on the
+// fleet: said while this server runs none itself.
+function renderFleetLock(s) {
+  const held = [].concat(s.fleet_lock && s.fleet_lock.holder ? [s.fleet_lock] : [],
+    s.fleet_lock_others || []);
+  $("fleet-lock").textContent = state.running ? "" : held.map((l) =>
+    "Deploy lock on the fleet held by " + l.holder.what + " by " + l.holder.user + " on " +
+    l.holder.machine + " (pid " + l.holder.pid + ", host " + l.host + ")" +
+    (l.stale ? ", stale: " + l.stale : ": queued jobs wait for it")).join("\n");
 }
 
 function renderQueue(q) {
