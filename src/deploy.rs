@@ -335,7 +335,7 @@ impl Deployer {
         self.take_stranded();
         self.take_already();
         self.take_readmitted();
-        std::mem::take(&mut *self.put_back.lock().unwrap_or_else(|p| p.into_inner()));
+        self.take_put_back();
         self.take_closed_at_deadline();
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
@@ -1117,8 +1117,7 @@ impl Deployer {
             ));
         }
         notes.extend(traffic.notes);
-        let put_back =
-            std::mem::take(&mut *self.put_back.lock().unwrap_or_else(|p| p.into_inner()));
+        let put_back = self.take_put_back();
         if !put_back.is_empty() {
             notes.push(format!(
                 "put back into the balancer before anything changed, not restarted (their live release ran without a server, as after an HAProxy reload or restart): {}",
@@ -2047,6 +2046,10 @@ impl Deployer {
         std::mem::take(&mut *self.readmitted.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    fn take_put_back(&self) -> Vec<String> {
+        std::mem::take(&mut *self.put_back.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     fn take_stranded(&self) -> Vec<HostFailure> {
         std::mem::take(&mut *self.stranded.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -2131,17 +2134,13 @@ impl Deployer {
                 instance::wait_healthy(self.transport.as_ref(), host, &inst, health, None)
                     .await
                     .map_err(|e| format!("{} on {}: {e}", inst.version, inst.address))?;
-                let mut spec = backend_spec(&inst, &health.path, false);
-                spec.gated = true;
-                self.balancer
-                    .add(&spec)
-                    .await
-                    .map_err(|e| format!("adding {id} to the balancer: {e:#}"))?;
-                if let Err(e) = self.balancer.wait_healthy(&id, *health.deadline).await {
+                let routed = self
+                    .route_when_healthy(backend_spec(&inst, &health.path, false), *health.deadline)
+                    .await;
+                if routed.is_err() {
                     let _ = self.balancer.remove(&id).await;
-                    return Err(format!("the balancer does not see {id} healthy: {e:#}"));
                 }
-                Ok(())
+                routed
             };
             let r = self.step(run, &l.host, "readmit", &id, work).await;
             (l.host.clone(), r)
@@ -2403,19 +2402,28 @@ impl Deployer {
             Err(e) => return Err(e),
         }
         let mut spec = backend_spec(inst, &health.path, preview);
-        spec.gated = true;
         if let Some(w) = weight {
             spec.weight = w;
         }
+        self.route_when_healthy(spec, *health.deadline).await
+    }
+
+    /// Adds `spec` to the balancer, gated (it takes requests once the balancer's own check
+    /// passes), and waits up to `deadline` for that check.
+    async fn route_when_healthy(
+        &self,
+        mut spec: BackendSpec,
+        deadline: Duration,
+    ) -> Result<(), String> {
+        spec.gated = true;
         self.balancer
             .add(&spec)
             .await
             .map_err(|e| format!("adding {} to the balancer: {e:#}", spec.id))?;
         self.balancer
-            .wait_healthy(&spec.id, *health.deadline)
+            .wait_healthy(&spec.id, deadline)
             .await
-            .map_err(|e| format!("the balancer does not see {} healthy: {e:#}", spec.id))?;
-        Ok(())
+            .map_err(|e| format!("the balancer does not see {} healthy: {e:#}", spec.id))
     }
 
     /// Drains and removes every backend of the host but `keep`'s (from `known`, the balancer's

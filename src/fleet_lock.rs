@@ -129,8 +129,8 @@ pub struct NoHostAnswered(pub Vec<String>);
 /// The lock file content of `holder` with a lease until `until_ms`.
 fn content(holder: &LockHolder, until_ms: u64) -> String {
     format!(
-        "{MAGIC}\nholder {}\nlease_until_ms {until_ms}",
-        serde_json::to_string(holder).unwrap_or_default()
+        "{MAGIC}\n{}\nlease_until_ms {until_ms}",
+        holder_line(holder)
     )
 }
 
@@ -268,6 +268,15 @@ enum State {
     Held(Host),
     /// Released (or never taken, and now never will be).
     Done,
+}
+
+/// Says once that a deploy waits for `record`'s holder on `host`.
+fn say_waiting(host: &Host, record: &Record) {
+    eprintln!(
+        "waiting for the fleet lock on host {}: {}",
+        host.name,
+        record.holder.describe()
+    );
 }
 
 /// This process's lock on the fleet (one per command that takes the journal's lock).
@@ -541,24 +550,10 @@ impl FleetLock {
                 Attempt::Held(record) => {
                     if Instant::now() >= deadline {
                         self.set(State::Done);
-                        return Err(FleetLockHeld {
-                            host: host.name.to_string(),
-                            path: lock_path(host),
-                            record,
-                            hint: if self.wait.is_some() {
-                                "it was still held when --lock-wait ran out"
-                            } else {
-                                "wait for it to finish, pass --lock-wait 10m to wait, or `cutover unlock --force` if you are sure it is gone"
-                            },
-                        }
-                        .into());
+                        return Err(self.held_error(host, record, false));
                     }
                     if !told {
-                        eprintln!(
-                            "waiting for the fleet lock on host {}: {}",
-                            host.name,
-                            record.holder.describe()
-                        );
+                        say_waiting(host, &record);
                         told = true;
                     }
                     waited = true;
@@ -566,6 +561,27 @@ impl FleetLock {
                 }
             }
         }
+    }
+
+    /// The error of a lock held by `record` on `host` once the wait (if any) is over;
+    /// `elsewhere`: on another host than the first (see [`FleetLock::held_elsewhere`]).
+    fn held_error(&self, host: &Host, record: Record, elsewhere: bool) -> anyhow::Error {
+        let hint = match (self.wait.is_some(), elsewhere) {
+            (true, _) => "it was still held when --lock-wait ran out",
+            (false, false) => {
+                "wait for it to finish, pass --lock-wait 10m to wait, or `cutover unlock --force` if you are sure it is gone"
+            }
+            (false, true) => {
+                "it is held on another host than the first, so the machine that holds it could not reach the first: wait for it to finish, pass --lock-wait 10m to wait, or `cutover unlock --force` if you are sure it is gone"
+            }
+        };
+        FleetLockHeld {
+            host: host.name.to_string(),
+            path: lock_path(host),
+            record,
+            hint,
+        }
+        .into()
     }
 
     /// A live lock of someone else's on another host than ours, among `peeks` (what
@@ -590,27 +606,13 @@ impl FleetLock {
     ) -> anyhow::Result<()> {
         self.release(transport).await;
         if Instant::now() >= self.deadline {
-            return Err(FleetLockHeld {
-                host: host.name.to_string(),
-                path: lock_path(host),
-                record: record.clone(),
-                hint: if self.wait.is_some() {
-                    "it was still held when --lock-wait ran out"
-                } else {
-                    "it is held on another host than the first, so the machine that holds it could not reach the first: wait for it to finish, pass --lock-wait 10m to wait, or `cutover unlock --force` if you are sure it is gone"
-                },
-            }
-            .into());
+            return Err(self.held_error(host, record.clone(), true));
         }
         if !self
             .told_elsewhere
             .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            eprintln!(
-                "waiting for the fleet lock on host {}: {}",
-                host.name,
-                record.holder.describe()
-            );
+            say_waiting(host, record);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
         self.set(State::Pending);
@@ -786,14 +788,14 @@ pub fn to_json(seen: &Seen, others: &[(Host, Record)]) -> (serde_json::Value, se
     (first, serde_json::Value::Array(others))
 }
 
-/// Removes the fleet lock whoever holds it (`cutover unlock --force`) where [`read`] found it;
-/// returns what it removed. A closing file goes too.
+/// Removes the fleet lock whoever holds it (`cutover unlock --force`) on `host`, where
+/// [`read_all`] found one; returns what it removed. A closing file goes too.
 pub async fn force_clear(transport: &dyn Transport, host: &Host) -> anyhow::Result<Option<Record>> {
     let script = format!(
-        "{PRINT_FN}if [ -e {lock} ]; then echo 'lock held'; _cl_print {lock} 'lock| '; else echo 'lock free'; fi\n\
-         rm -f {lock} {closing}\n",
-        lock = sh_quote(lock_path(host)),
-        closing = sh_quote(closing_path(host)),
+        "{}rm -f {} {}\n",
+        peek_script(host),
+        sh_quote(lock_path(host)),
+        sh_quote(closing_path(host)),
     );
     let out = crate::transport::run_ok(
         transport,
@@ -803,10 +805,7 @@ pub async fn force_clear(transport: &dyn Transport, host: &Host) -> anyhow::Resu
         transport.step_timeout(),
     )
     .await?;
-    Ok(match parse_take(&out, host) {
-        Attempt::Held(r) => Some(r),
-        _ => None,
-    })
+    Ok(parse_peek(&out, host))
 }
 
 /// Splits what a fleet read printed when [`FleetLock::folded_script`] ran ahead of it: the lock
