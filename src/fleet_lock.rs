@@ -93,6 +93,16 @@ impl Record {
         }
     }
 
+    /// The file's `holder ...` line as written (what a command sent to this holder names).
+    pub fn holder_line(&self) -> Option<&str> {
+        self.text.lines().find(|l| l.starts_with("holder "))
+    }
+
+    #[cfg(test)]
+    pub(crate) fn parse_for_test(text: &str) -> Record {
+        Record::parse(text)
+    }
+
     /// The holder and its lease, for messages.
     pub fn describe(&self) -> String {
         let now = now_ms();
@@ -135,14 +145,14 @@ fn content(holder: &LockHolder, until_ms: u64) -> String {
 }
 
 /// The `holder ...` line of `holder`'s lock file.
-fn holder_line(holder: &LockHolder) -> String {
+pub(crate) fn holder_line(holder: &LockHolder) -> String {
     format!(
         "holder {}",
         serde_json::to_string(holder).unwrap_or_default()
     )
 }
 
-fn lock_path(host: &Host) -> String {
+pub(crate) fn lock_path(host: &Host) -> String {
     host.root.join(LOCK_FILE).to_string_lossy().into_owned()
 }
 
@@ -347,6 +357,11 @@ impl FleetLock {
             State::Held(h) => Some(h),
             _ => None,
         }
+    }
+
+    /// The `holder ...` line this process writes in its lock file.
+    pub fn holder_line(&self) -> String {
+        holder_line(&self.me)
     }
 
     /// Whether we hold it now.
@@ -667,15 +682,16 @@ impl FleetLock {
             State::Pending => hosts.extend(self.hosts.first().cloned()),
             State::Done => {}
         }
-        let action = format!(
-            "if [ \"$_cl_h\" = {mine} ]; then rm -f \"$_cl_l\" \"$_cl_c\"; echo 'lock released'; else rm -f \"$_cl_c\"; echo 'lock not ours'; fi\n",
-            mine = sh_quote(holder_line(&self.me)),
-        );
         let releases = hosts.iter().map(|host| {
-            let action = &action;
+            // Commands sent from other machines to this holder go with its lock.
+            let action = format!(
+                "if [ \"$_cl_h\" = {mine} ]; then rm -f \"$_cl_l\" \"$_cl_c\" {control}; echo 'lock released'; else rm -f \"$_cl_c\"; echo 'lock not ours'; fi\n",
+                mine = sh_quote(holder_line(&self.me)),
+                control = sh_quote(crate::fleet_control::control_path(host)),
+            );
             async move {
                 for _ in 0..20 {
-                    let script = closing_script(host, &self.me, self.lease, action);
+                    let script = closing_script(host, &self.me, self.lease, &action);
                     match transport.run(host, &script, transport.step_timeout()).await {
                         Ok(out) if out.stdout.lines().any(|l| l == "lock busy") => {
                             self.clear_stale_closing(transport, host, &out.stdout).await;
@@ -792,10 +808,11 @@ pub fn to_json(seen: &Seen, others: &[(Host, Record)]) -> (serde_json::Value, se
 /// [`read_all`] found one; returns what it removed. A closing file goes too.
 pub async fn force_clear(transport: &dyn Transport, host: &Host) -> anyhow::Result<Option<Record>> {
     let script = format!(
-        "{}rm -f {} {}\n",
+        "{}rm -f {} {} {}\n",
         peek_script(host),
         sh_quote(lock_path(host)),
         sh_quote(closing_path(host)),
+        sh_quote(crate::fleet_control::control_path(host)),
     );
     let out = crate::transport::run_ok(
         transport,

@@ -19,6 +19,7 @@ mod control;
 pub mod demo;
 pub mod deploy;
 pub mod fleet;
+pub mod fleet_control;
 pub mod fleet_lock;
 pub mod hooks;
 pub mod init;

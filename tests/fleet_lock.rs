@@ -120,13 +120,13 @@ async fn a_second_machine_is_refused_while_the_first_deploys_then_waits() {
     let st: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(st["fleet_lock"]["host"], "web1", "{st}");
     assert_eq!(st["fleet_lock"]["holder"]["what"], "deploy slow", "{st}");
-    // Commands go through A's journal: B says where to send them.
-    let (code, _, err) = run(&b, &["abort"]).await;
-    assert_eq!(code, 2, "{err}");
+    // A blue-green's `pause` would mean nothing; this config is rolling, so B's `resume` is
+    // sent (and A, not paused, goes on: see `commands_from_another_machine_reach_the_deployment`).
+    let (code, out, err) = run(&b, &["resume"]).await;
+    assert_eq!(code, 0, "{err}");
     assert!(
-        err.contains("no deployment of this machine is running, but the fleet lock on host web1 is held by deploy slow by")
-            && err.contains("send it there"),
-        "{err}"
+        out.contains("sent resume to the deployment of another machine: the fleet lock on host web1 is held by deploy slow by"),
+        "{out}"
     );
     let (code, _, err) = run(&b, &["deploy", "--version", "v2"]).await;
     assert_eq!(code, 2, "{err}");
@@ -369,4 +369,84 @@ async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
     );
     fleet.deploy("v1", 0).await;
     fleet.assert_on("v1").await;
+}
+
+/// `pause`, `resume` and `abort` typed on machine B reach the deployment machine A runs:
+/// through the control file beside the fleet lock, posted into A's journal, read at A's batch
+/// boundaries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_from_another_machine_reach_the_deployment() {
+    let mut spec = FleetSpec::new(4, 135);
+    spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
+    let fleet = Fleet::start(spec).await;
+    let b = second_machine(&fleet);
+    fleet.deploy("v1", 0).await;
+    // Each batch takes 2 s: a command read within a second of being sent is in time for the
+    // boundary after the batch that is running.
+    slow_release(&fleet, "slow", "2000ms");
+    let first = spawn(&fleet.config, &["deploy", "--version", "slow"], &[]);
+    wait_for_fleet_lock(&fleet, "deploy slow").await;
+
+    let (code, out, err) = run(&b, &["pause"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("sent pause to the deployment of another machine: the fleet lock on host web1 is held by deploy slow by"),
+        "{out}"
+    );
+    let control = fleet.root("web1").join(".cutover-control");
+    assert!(control.exists(), "the command waits beside the lock");
+    // A holds at its next boundary: its status says so, and no third host moves meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, out, _) = run(&fleet.config, &["status"]).await;
+        if out.contains("paused by an operator") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "A never paused: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!first.is_finished(), "paused, A waits");
+    let moved = |fleet: &Fleet| {
+        ["web1", "web2", "web3", "web4"]
+            .iter()
+            .filter(|h| {
+                std::fs::read_link(fleet.root(h).join("current")).is_ok_and(|l| l.ends_with("slow"))
+            })
+            .count()
+    };
+    let held_at = moved(&fleet);
+    assert!(
+        (1..=2).contains(&held_at),
+        "paused after the first or second batch: {held_at}"
+    );
+
+    let (code, _, err) = run(&b, &["resume"]).await;
+    assert_eq!(code, 0, "{err}");
+    // The next batch moves once A reads the resume.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while moved(&fleet) == held_at {
+        assert!(Instant::now() < deadline, "A never resumed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, _, err) = run(&b, &["abort"]).await;
+    assert_eq!(code, 0, "{err}");
+
+    let (code, _, err) = first.await.unwrap();
+    assert_eq!(code, 1, "aborted from B, A rolls back: {err}");
+    for command in ["pause", "resume", "abort"] {
+        assert!(
+            err.contains(&format!("received `{command}` from "))
+                && err.contains("(sent through host web1)"),
+            "A says where {command} came from: {err}"
+        );
+    }
+    fleet.assert_on("v1").await;
+    assert!(!lock_file(&fleet).exists());
+    assert!(!control.exists(), "the control file goes with the lock");
+
+    // With no deployment anywhere, a command says so.
+    let (code, _, err) = run(&b, &["abort"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no deployment is running"), "{err}");
 }

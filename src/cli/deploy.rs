@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::config::{Config, Name};
+use crate::config::{Config, Host, Name};
 use crate::deploy::{Report, Request};
 use crate::fleet_lock::{FleetLock, FleetLockHeld};
 use crate::journal::{Journal, LockHeld, LockHolder, Taken};
@@ -181,6 +181,44 @@ pub(crate) async fn take_lock(
         }
     }
     let renew = {
+        // Commands sent from other machines (see `crate::fleet_control`), posted into this
+        // journal once the deployment is recorded there.
+        let inbox = {
+            let (journal, app) = (journal.clone(), app.clone());
+            let (fleet, transport) = (fleet.clone(), transport.clone());
+            async move {
+                let mut inbox = crate::fleet_control::Inbox::default();
+                let mut waiting: Vec<crate::fleet_control::Sent> = Vec::new();
+                let mine = fleet.holder_line();
+                loop {
+                    tokio::time::sleep(crate::fleet_control::POLL).await;
+                    let Some(host) = fleet.held_on() else {
+                        continue;
+                    };
+                    let read = tokio::time::timeout(
+                        crate::fleet_control::POLL * 5,
+                        inbox.poll(transport.as_ref(), &host, &mine),
+                    );
+                    if let Ok(Ok(sent)) = read.await {
+                        waiting.extend(sent);
+                    }
+                    if waiting.is_empty() {
+                        continue;
+                    }
+                    let Ok(Some(row)) = journal.unfinished(&app) else {
+                        continue;
+                    };
+                    for sent in waiting.drain(..) {
+                        if journal.post_command(&row.id, &sent.command).is_ok() {
+                            eprintln!(
+                                "received `{}` from {} (sent through host {})",
+                                sent.command, sent.from, host.name
+                            );
+                        }
+                    }
+                }
+            }
+        };
         let journal = journal.clone();
         let (app, me, lease) = (app.clone(), me.clone(), config.lock_lease);
         let (fleet, transport) = (fleet.clone(), transport.clone());
@@ -216,7 +254,7 @@ pub(crate) async fn take_lock(
             }
         };
         tokio::spawn(async move {
-            tokio::join!(in_journal, on_fleet);
+            tokio::join!(in_journal, on_fleet, inbox);
         })
     };
     Ok(LockGuard {
@@ -724,12 +762,10 @@ pub(super) fn running_deployment(
 /// Sends a command to the running deployment.
 pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
     let Some(row) = running_deployment(config)? else {
-        // Commands go through the journal of the machine that runs the deployment: one run
-        // from another machine shows only in the fleet lock.
-        if let Some(elsewhere) = deployment_elsewhere(config) {
-            anyhow::bail!(
-                "no deployment of this machine is running, but {elsewhere}: `{command}` goes to the deployment through the journal of the machine that runs it: send it there (`cutover {command}` on that machine, or its `cutover serve` API)"
-            );
+        // A deployment run from another machine shows only in the fleet lock: the command
+        // goes through the host that holds it (see `crate::fleet_control`).
+        if let Some((host, record)) = deployment_elsewhere(config) {
+            return send_elsewhere(config, &host, &record, command);
         }
         anyhow::bail!(
             "no deployment is running (see `cutover status`): `{command}` applies to a running deployment"
@@ -750,8 +786,9 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
 }
 
 /// Who holds the fleet lock, when someone does and it is not stale: a deployment from
-/// another machine (or another state directory). `None` when the hosts cannot say.
-fn deployment_elsewhere(config: &Config) -> Option<String> {
+/// another machine (or another state directory), and the host whose lock names it. `None`
+/// when the hosts cannot say.
+fn deployment_elsewhere(config: &Config) -> Option<(Host, crate::fleet_lock::Record)> {
     let (seen, others) = super::runtime().ok()?.block_on(async {
         let transport = super::transport_for(config).ok()?;
         Some(crate::fleet_lock::read_all(config, transport.as_ref()).await)
@@ -762,13 +799,45 @@ fn deployment_elsewhere(config: &Config) -> Option<String> {
         .into_iter()
         .chain(others)
         .find(|(_, r)| r.stale(&me).is_none())
-        .map(|(host, r)| {
-            format!(
-                "the fleet lock on host {} is held by {}",
-                host.name,
-                r.describe()
-            )
-        })
+}
+
+/// Sends `command` to the deployment that holds the fleet lock on `host` from another machine.
+fn send_elsewhere(
+    config: &Config,
+    host: &Host,
+    record: &crate::fleet_lock::Record,
+    command: &str,
+) -> anyhow::Result<u8> {
+    let holder = format!(
+        "the fleet lock on host {} is held by {}",
+        host.name,
+        record.describe()
+    );
+    if !crate::fleet_control::REMOTE_COMMANDS.contains(&command) {
+        anyhow::bail!(
+            "no deployment of this machine is running, but {holder}: `{command}` goes to the deployment through the journal of the machine that runs it: send it there (`cutover {command}` on that machine, or its `cutover serve` API)"
+        );
+    }
+    // The holder's command line says what it runs (`deploy v2`, `rollback`); the strategy is
+    // this config's, which both machines deploy from.
+    let kind = if record.holder.what.starts_with("rollback") {
+        "rollback"
+    } else {
+        "deploy"
+    };
+    if let Some(why) = crate::control::pointless(config.strategy.kind.name(), kind, command) {
+        anyhow::bail!("{holder}: {why}");
+    }
+    super::runtime()?.block_on(async {
+        let transport = super::transport_for(config)?;
+        crate::fleet_control::send(transport.as_ref(), host, record, command).await
+    })?;
+    println!(
+        "sent {command} to the deployment of another machine: {holder}; it reads commands from host {} every {} s and acts on them as if typed there",
+        host.name,
+        crate::fleet_control::POLL.as_secs()
+    );
+    Ok(0)
 }
 
 /// Sends a command and waits until the deployment has ended; prints its outcome.

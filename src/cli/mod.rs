@@ -119,6 +119,10 @@ pub enum Command {
     /// Stop a running deployment and return traffic to the stable release: a canary or
     /// blue-green at once, a rolling deploy (or a canary's promotion) when its current batch
     /// ends, returning every moved host. A `[[verify]]` suite running meanwhile is stopped.
+    ///
+    /// Like promote, pause and resume, it works from another machine too: a deployment that
+    /// machine runs (it holds the fleet lock) reads the command from the lock's host within a
+    /// second.
     Abort,
     /// Hold a running canary at its current step, whatever its timer or analysis says, or a
     /// rolling deploy (or a canary's promotion) before its next batch.
