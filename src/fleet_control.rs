@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Host;
+use crate::config::{Config, Host};
 use crate::fleet_lock::{self, Record};
 use crate::journal::{LockHolder, now_ms};
 use crate::transport::{Transport, run_ok, sh_quote};
@@ -108,6 +108,60 @@ pub async fn send(
             crate::transport::last_lines(out.trim(), 3)
         ),
     }
+}
+
+/// Where [`send_elsewhere`] sent a command.
+#[derive(Debug)]
+pub struct SentTo {
+    pub host: String,
+    /// "the fleet lock on host web1 is held by ...", for messages.
+    pub holder: String,
+}
+
+/// Sends `command` to the deployment another machine runs (the live holder of the fleet lock
+/// on `config`'s hosts), for a machine where none runs. `Ok(None)`: no live lock, so no
+/// deployment runs anywhere (or the hosts cannot say). Refuses, naming the holder, a command
+/// that cannot be sent or that would mean nothing to that deployment.
+pub async fn send_elsewhere(
+    config: &Config,
+    transport: &dyn Transport,
+    command: &str,
+) -> anyhow::Result<Option<SentTo>> {
+    let (seen, others) = fleet_lock::read_all(config, transport).await;
+    let me = LockHolder::me("");
+    let first = seen.on.and_then(|(host, r)| r.map(|r| (host, r)));
+    let Some((host, record)) = first
+        .into_iter()
+        .chain(others)
+        .find(|(_, r)| r.stale(&me).is_none())
+    else {
+        return Ok(None);
+    };
+    let holder = format!(
+        "the fleet lock on host {} is held by {}",
+        host.name,
+        record.describe()
+    );
+    if !REMOTE_COMMANDS.contains(&command) {
+        anyhow::bail!(
+            "no deployment of this machine is running, but {holder}: `{command}` goes to the deployment through the journal of the machine that runs it: send it there (`cutover {command}` on that machine, or its `cutover serve` API)"
+        );
+    }
+    // The holder's command line says what it runs (`deploy v2`, `rollback`); the strategy is
+    // this config's, which both machines deploy from.
+    let kind = if record.holder.what.starts_with("rollback") {
+        "rollback"
+    } else {
+        "deploy"
+    };
+    if let Some(why) = crate::control::pointless(config.strategy.kind.name(), kind, command) {
+        anyhow::bail!("{holder}: {why}");
+    }
+    send(transport, &host, &record, command).await?;
+    Ok(Some(SentTo {
+        host: host.name.to_string(),
+        holder,
+    }))
 }
 
 /// What the holder of a fleet lock has read of its control file so far.

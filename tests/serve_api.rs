@@ -703,6 +703,32 @@ async fn status_names_the_holder_of_the_fleet_lock() {
     let s = until(|l| l["holder"]["what"] == "deploy v9").await;
     assert_eq!(s["fleet_lock"]["host"], "web1", "{s}");
     assert!(s["fleet_lock_read_ms"].as_u64().is_some(), "{s}");
+
+    // That deployment is in no journal here: a command to `current` goes to the lock's host,
+    // addressed to its holder.
+    let (status, r) = served
+        .api("POST", "/api/deployments/current/abort", None)
+        .await;
+    assert_eq!(status, 202, "{r}");
+    assert_eq!(r["sent_to"]["host"], "web1", "{r}");
+    let control = served.fleet.root("web1").join(".cutover-control");
+    let sent: Value = serde_json::from_str(
+        std::fs::read_to_string(&control)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(sent["command"], "abort", "{sent}");
+    assert_eq!(sent["to"], format!("holder {holder}"), "{sent}");
+    // What cannot be sent there is refused, naming the holder.
+    let (status, r) = served
+        .api("POST", "/api/deployments/current/rollback", None)
+        .await;
+    assert_eq!(status, 409, "{r}");
+    assert!(r.to_string().contains("deploy v9 by alice"), "{r}");
+    std::fs::remove_file(&control).unwrap();
     std::fs::remove_file(&lock).unwrap();
     until(|l| l.is_null()).await;
 }

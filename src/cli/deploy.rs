@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use crate::config::{Config, Host, Name};
+use crate::config::{Config, Name};
 use crate::deploy::{Report, Request};
 use crate::fleet_lock::{FleetLock, FleetLockHeld};
 use crate::journal::{Journal, LockHeld, LockHolder, Taken};
@@ -764,8 +764,18 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
     let Some(row) = running_deployment(config)? else {
         // A deployment run from another machine shows only in the fleet lock: the command
         // goes through the host that holds it (see `crate::fleet_control`).
-        if let Some((host, record)) = deployment_elsewhere(config) {
-            return send_elsewhere(config, &host, &record, command);
+        let sent = super::runtime()?.block_on(async {
+            let transport = super::transport_for(config)?;
+            crate::fleet_control::send_elsewhere(config, transport.as_ref(), command).await
+        })?;
+        if let Some(to) = sent {
+            println!(
+                "sent {command} to the deployment of another machine: {}; it reads commands from host {} every {} s and acts on them as if typed there",
+                to.holder,
+                to.host,
+                crate::fleet_control::POLL.as_secs()
+            );
+            return Ok(0);
         }
         anyhow::bail!(
             "no deployment is running (see `cutover status`): `{command}` applies to a running deployment"
@@ -781,61 +791,6 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
         row.id,
         row.from.as_deref().unwrap_or("-"),
         row.to
-    );
-    Ok(0)
-}
-
-/// Who holds the fleet lock, when someone does and it is not stale: a deployment from
-/// another machine (or another state directory), and the host whose lock names it. `None`
-/// when the hosts cannot say.
-fn deployment_elsewhere(config: &Config) -> Option<(Host, crate::fleet_lock::Record)> {
-    let (seen, others) = super::runtime().ok()?.block_on(async {
-        let transport = super::transport_for(config).ok()?;
-        Some(crate::fleet_lock::read_all(config, transport.as_ref()).await)
-    })?;
-    let me = crate::journal::LockHolder::me("");
-    let first = seen.on.and_then(|(host, r)| r.map(|r| (host, r)));
-    first
-        .into_iter()
-        .chain(others)
-        .find(|(_, r)| r.stale(&me).is_none())
-}
-
-/// Sends `command` to the deployment that holds the fleet lock on `host` from another machine.
-fn send_elsewhere(
-    config: &Config,
-    host: &Host,
-    record: &crate::fleet_lock::Record,
-    command: &str,
-) -> anyhow::Result<u8> {
-    let holder = format!(
-        "the fleet lock on host {} is held by {}",
-        host.name,
-        record.describe()
-    );
-    if !crate::fleet_control::REMOTE_COMMANDS.contains(&command) {
-        anyhow::bail!(
-            "no deployment of this machine is running, but {holder}: `{command}` goes to the deployment through the journal of the machine that runs it: send it there (`cutover {command}` on that machine, or its `cutover serve` API)"
-        );
-    }
-    // The holder's command line says what it runs (`deploy v2`, `rollback`); the strategy is
-    // this config's, which both machines deploy from.
-    let kind = if record.holder.what.starts_with("rollback") {
-        "rollback"
-    } else {
-        "deploy"
-    };
-    if let Some(why) = crate::control::pointless(config.strategy.kind.name(), kind, command) {
-        anyhow::bail!("{holder}: {why}");
-    }
-    super::runtime()?.block_on(async {
-        let transport = super::transport_for(config)?;
-        crate::fleet_control::send(transport.as_ref(), host, record, command).await
-    })?;
-    println!(
-        "sent {command} to the deployment of another machine: {holder}; it reads commands from host {} every {} s and acts on them as if typed there",
-        host.name,
-        crate::fleet_control::POLL.as_secs()
     );
     Ok(0)
 }

@@ -583,6 +583,24 @@ async fn command(
     if command == "promote" && b.full {
         command = "promote-full".into();
     }
+    // A deployment another machine runs is in no journal here: `current` reaches it through
+    // the host that holds its fleet lock, as `cutover abort` typed here would.
+    if id == "current" && current(&state)?.is_none() {
+        let sent =
+            crate::fleet_control::send_elsewhere(&state.config, state.transport.as_ref(), &command)
+                .await
+                .map_err(|e| ApiError::Conflict(format!("{e:#}")))?;
+        if let Some(to) = sent {
+            tracing::info!("command {command} sent to another machine: {}", to.holder);
+            return Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({
+                    "command": command,
+                    "sent_to": { "host": to.host, "holder": to.holder },
+                })),
+            ));
+        }
+    }
     let row = find(&state, &id)?;
     if let Some(outcome) = &row.outcome {
         return Err(ApiError::Conflict(format!(
