@@ -209,6 +209,9 @@ pub struct Deployer {
     /// Hosts whose live instance (of another release) had no server and went back in before
     /// anything changed ([`Deployer::put_back_lost`]).
     put_back: Arc<std::sync::Mutex<Vec<String>>>,
+    /// New instances whose start command exited and left the app in the background, as
+    /// `host (version@address)`, for the report (see [`instance::Recorded::background`]).
+    backgrounded: Arc<std::sync::Mutex<Vec<String>>>,
     /// Requests and upgraded connections (WebSocket) the drain deadline closed during this
     /// deployment: the report says so, since a tunnel's client saw its connection end.
     closed_at_deadline: Arc<std::sync::atomic::AtomicU64>,
@@ -256,6 +259,7 @@ impl Deployer {
             already: Default::default(),
             readmitted: Default::default(),
             put_back: Default::default(),
+            backgrounded: Default::default(),
             closed_at_deadline: Default::default(),
             fleet_lock: None,
         }
@@ -336,6 +340,7 @@ impl Deployer {
         self.take_already();
         self.take_readmitted();
         self.take_put_back();
+        std::mem::take(&mut *self.backgrounded.lock().unwrap_or_else(|p| p.into_inner()));
         self.take_closed_at_deadline();
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
@@ -1122,6 +1127,15 @@ impl Deployer {
             notes.push(format!(
                 "put back into the balancer before anything changed, not restarted (their live release ran without a server, as after an HAProxy reload or restart): {}",
                 put_back.join(", ")
+            ));
+        }
+        let backgrounded =
+            std::mem::take(&mut *self.backgrounded.lock().unwrap_or_else(|p| p.into_inner()));
+        if !backgrounded.is_empty() {
+            notes.push(format!(
+                "{}: {}",
+                backgrounded.join(", "),
+                instance::BACKGROUND_HINT
             ));
         }
         let already = self.take_already();
@@ -2263,6 +2277,26 @@ impl Deployer {
                 }
             })?;
         let say = |msg: String| self.progress.say(&format!("{label} {}: {msg}", host.name));
+        match settled.keep {
+            crate::settle::Keep::Running => {}
+            crate::settle::Keep::Background => {
+                say(format!(
+                    "WARNING: {}@{} (pid {}): {}",
+                    keep.version,
+                    keep.address,
+                    keep.pid,
+                    instance::BACKGROUND_HINT
+                ));
+                self.backgrounded
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(format!("{} ({}@{})", host.name, keep.version, keep.address));
+            }
+            crate::settle::Keep::Exited => say(format!(
+                "WARNING: {}@{} (pid {}) exited after it passed its health gate: its log (`cutover logs {}`) may say why; the balancer's health check takes it out of rotation",
+                keep.version, keep.address, keep.pid, host.name
+            )),
+        }
         for (instance, how) in &settled.stopped {
             match how {
                 instance::Stopped::Gracefully => say(format!("stopped {instance}")),

@@ -370,6 +370,7 @@ mod tests {
             instances: vec![Recorded {
                 instance: instance.clone(),
                 alive: true,
+                background: false,
             }],
             releases: vec!["v1".into(), "v2".into()],
             print: None,

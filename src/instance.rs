@@ -49,7 +49,14 @@ pub fn backend_id(host: &str, port: u16) -> String {
 pub struct Recorded {
     pub instance: Instance,
     pub alive: bool,
+    /// Alive only through its process group: the process the pid file names (the start
+    /// command) exited and left the app running in the background (`cmd &`, a daemonizing
+    /// app). cutover stops it by its group all the same, but cannot tell when it crashes.
+    pub background: bool,
 }
+
+/// What `cutover status` and a deploy say about a [`Recorded::background`] instance.
+pub const BACKGROUND_HINT: &str = "its start command exited and left the app running in the background: cutover stops it by its process group, but a crash of the app goes unnoticed until its health check fails; start it in the foreground (`exec app ...`, no `&`, no daemon mode)";
 
 /// Shell function: `alive PIDFILE` succeeds when the process the pid file names is running and
 /// is the one that was started (same start time, field 22 of /proc/PID/stat), so neither a
@@ -85,8 +92,10 @@ pub async fn list(transport: &dyn Transport, host: &Host) -> anyhow::Result<Vec<
 /// printing `FILE PID up|down` per pid file.
 pub(crate) fn list_script(host: &Host) -> String {
     let run = Layout::of(host).run_dir();
+    // A process the pid file names that is gone may have left its group running (a start
+    // command that backgrounds the app): one `/proc` read then, none for a live instance.
     format!(
-        "if cd {run} 2>/dev/null; then\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  read -r pid _rest < \"$f\" || [ -n \"$pid\" ] || continue\n  if alive \"$PWD/$f\"; then s=up; else s=down; fi\n  echo \"$f $pid $s\"\ndone\nfi\n",
+        "{GROUP_LIVE_FN}if cd {run} 2>/dev/null; then\nfor f in *.pid; do\n  [ -e \"$f\" ] || continue\n  read -r pid _rest < \"$f\" || [ -n \"$pid\" ] || continue\n  if alive \"$PWD/$f\"; then s=up; elif [ -n \"$(group_live \"$pid\")\" ]; then s=background; else s=down; fi\n  echo \"$f $pid $s\"\ndone\nfi\n",
         run = sh_quote(run.to_string_lossy()),
     )
 }
@@ -121,7 +130,8 @@ pub(crate) fn parse_list(host: &Host, out: &str) -> Vec<Recorded> {
                 address: SocketAddr::new(host.address, port),
                 pid,
             },
-            alive: state == "up",
+            alive: state == "up" || state == "background",
+            background: state == "background",
         });
     }
     found
@@ -274,7 +284,9 @@ fn launch(command: &str) -> String {
     }
 }
 
-/// Whether the instance's process is alive (zombies count as dead).
+/// Whether the instance's process is alive (zombies count as dead), or, once it is gone, a
+/// process of its group (a start command that left the app in the background: see
+/// [`Recorded::background`]).
 pub async fn is_alive(
     transport: &dyn Transport,
     host: &Host,
@@ -282,7 +294,9 @@ pub async fn is_alive(
 ) -> anyhow::Result<bool> {
     let pid_file = Layout::of(host).pid_file(&inst.version, inst.port());
     let script = format!(
-        "{ALIVE_FN}if alive {pf}; then echo up; else echo down; fi",
+        "{ALIVE_FN}{GROUP_LIVE_FN}if alive {pf}; then echo up\n\
+         elif [ -n \"$_pid\" ] && [ -n \"$(group_live \"$_pid\")\" ]; then echo up\n\
+         else echo down; fi",
         pf = sh_quote(pid_file.to_string_lossy())
     );
     let out = run_ok(

@@ -168,6 +168,7 @@ mod tests {
                     pid: 100 + i as u32,
                 },
                 alive: true,
+                background: false,
             })
             .collect();
         let backends = if routed {

@@ -24,6 +24,19 @@ pub struct Settled {
     pub stopped: Vec<(String, Stopped)>,
     /// Releases removed.
     pub pruned: Vec<String>,
+    /// How the instance kept was doing when the host settled.
+    pub keep: Keep,
+}
+
+/// The kept instance's process, read by the same script (builtins only while it runs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    #[default]
+    Running,
+    /// Gone, but its process group runs: see [`instance::Recorded::background`].
+    Background,
+    /// Gone, and nothing of its group runs: it died after passing its health gate.
+    Exited,
 }
 
 /// Settles `host` on `keep`: see the module docs. `protect` names releases never to remove
@@ -85,7 +98,9 @@ pub async fn settle(
          \x20 }}\n\
          fi\n\
          await_all \"$@\"\n\
+         if ! alive {keep_pf}; then if [ -n \"$_pid\" ] && [ -n \"$(group_live \"$_pid\")\" ]; then echo 'keep background'; else echo 'keep exited'; fi; fi\n\
          exit 0\n",
+        keep_pf = sh_quote(layout.pid_file(version, keep.port()).to_string_lossy()),
         stop_fn = instance::stop_all_fn(app.stop_signal, *app.stop_timeout),
         run = sh_quote(layout.run_dir().to_string_lossy()),
         running = sh_quote(format!(" {} ", running.join(" "))),
@@ -112,6 +127,11 @@ fn parse(out: &str, layout: &Layout) -> Settled {
     for line in out.lines() {
         if let Some(r) = line.strip_prefix("pruned ") {
             settled.pruned.push(r.to_string());
+        }
+        match line {
+            "keep background" => settled.keep = Keep::Background,
+            "keep exited" => settled.keep = Keep::Exited,
+            _ => {}
         }
     }
     for line in out.lines() {

@@ -376,7 +376,7 @@ async fn a_lock_another_machine_holds_on_another_host_is_honoured() {
 /// boundaries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_from_another_machine_reach_the_deployment() {
-    let mut spec = FleetSpec::new(4, 135);
+    let mut spec = FleetSpec::new(4, 140);
     spec.strategy = "kind = \"rolling\"\nbatch = 1\n".into();
     let fleet = Fleet::start(spec).await;
     let b = second_machine(&fleet);

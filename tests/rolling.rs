@@ -1134,3 +1134,59 @@ async fn a_lost_host_that_does_not_answer_is_left_to_its_batch() {
     let took = step["ended_ms"].as_u64().unwrap() - step["started_ms"].as_u64().unwrap();
     assert!(took < 8_000, "{took} ms: {step}");
 }
+
+/// A start command that puts the app in the background (`app &`, a daemonizing app) exits at
+/// once and leaves the app in its process group. The deploy says so (it cannot notice a crash
+/// of such an app), `cutover status` counts the instance as running, not dead or drift, and
+/// the next deploy stops it by its group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_left_in_the_background_is_tracked_by_its_group_and_named() {
+    let fleet = Fleet::start(FleetSpec::new(2, 141)).await;
+    fleet.deploy("v1", 0).await;
+    let dir = fleet.dir.path().join("releases").join("bg");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("run.sh"),
+        format!(
+            "'{}' sample-app --listen \"$CUTOVER_ADDRESS:$PORT\" --version bg >/dev/null 2>&1 &\n",
+            common::exe().display()
+        ),
+    )
+    .unwrap();
+    let (out, err) = fleet.deploy("bg", 0).await;
+    assert!(
+        err.contains("WARNING: bg@") && err.contains("left the app running in the background"),
+        "{err}"
+    );
+    assert!(
+        out.contains("web1 (bg@") && out.contains("start it in the foreground"),
+        "the report names the hosts: {out}"
+    );
+    let (code, status, e) = fleet.cutover(&["status"]).await;
+    assert_eq!(code, 0, "{status}\n{e}");
+    assert!(status.contains(" bg "), "{status}");
+    assert!(!status.contains(" dead"), "{status}");
+    assert!(status.contains("no drift"), "{status}");
+    assert!(status.contains("NOTE web1: bg@"), "{status}");
+    let (_, json, _) = fleet.cutover(&["status", "--json"]).await;
+    let st: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let inst = &st["hosts"][0]["instances"][0];
+    assert_eq!(inst["alive"], true, "{st}");
+    assert_eq!(inst["background"], true, "{st}");
+    let addrs: Vec<String> = st["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["instances"][0]["address"].as_str().unwrap().to_string())
+        .collect();
+
+    // Deploying v1 again stops the background apps (their start commands are long gone).
+    fleet.deploy("v1", 0).await;
+    for a in addrs {
+        let a: std::net::SocketAddr = a.parse().unwrap();
+        assert!(
+            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_err(),
+            "{a} still answers"
+        );
+    }
+}

@@ -78,7 +78,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                     "current": v.current,
                     "instances": v.instances.iter().map(|r| serde_json::json!({
                         "version": r.instance.version, "address": r.instance.address.to_string(),
-                        "pid": r.instance.pid, "alive": r.alive,
+                        "pid": r.instance.pid, "alive": r.alive, "background": r.background,
                     })).collect::<Vec<_>>(),
                     "backends": v.backends,
                     "error": v.error,
@@ -146,7 +146,9 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 v.host.name,
                 current,
                 format!("{}@{}", r.instance.version, r.instance.address),
-                if r.alive {
+                if r.background {
+                    format!("{} bg", r.instance.pid)
+                } else if r.alive {
                     r.instance.pid.to_string()
                 } else {
                     format!("{} dead", r.instance.pid)
@@ -174,6 +176,24 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 b.counters.failed_attempts(),
             );
         }
+    }
+    let backgrounded: Vec<String> = views
+        .iter()
+        .flat_map(|v| v.instances.iter().map(move |r| (v, r)))
+        .filter(|(_, r)| r.background)
+        .map(|(v, r)| {
+            format!(
+                "NOTE {}: {}@{} (pid {} bg): {}",
+                v.host.name,
+                r.instance.version,
+                r.instance.address,
+                r.instance.pid,
+                crate::instance::BACKGROUND_HINT
+            )
+        })
+        .collect();
+    if !backgrounded.is_empty() {
+        println!("\n{}", backgrounded.join("\n"));
     }
     if let Some((row, running)) = &deployment {
         if *running {

@@ -206,6 +206,7 @@ async fn fleet(State(state): State<ServeState>) -> ApiResult<Json<Value>> {
                 "instance": r.instance.address.to_string(),
                 "pid": r.instance.pid,
                 "alive": r.alive,
+                "background": r.background,
                 "backend": b.map(|b| b.spec.id.clone()),
                 "state": backend_state,
                 "health": health,
