@@ -51,8 +51,16 @@ const STATUS_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the analysis loop of a step concluded.
 enum StepEnd {
-    Next,
-    Full,
+    /// The step ended: by its own judgement, or an operator's `promote` (`by_operator`), with
+    /// whether an analysis had passed by then (`judged`; false too without `[analysis]`).
+    Next {
+        by_operator: bool,
+        judged: bool,
+    },
+    /// `promote --full`, with `judged` as above.
+    Full {
+        judged: bool,
+    },
     Abort(String),
 }
 
@@ -924,6 +932,9 @@ impl Deployer {
         let mut full = false;
         // Steps held (ended by their pause, an analysis pass or `cutover promote`).
         let mut held = 0;
+        // Of those, ended by an operator, and of these, before any analysis had passed: the
+        // report must not call them passed.
+        let (mut by_operator, mut unjudged) = (0usize, 0usize);
         for (i, step) in steps.iter().enumerate() {
             if full {
                 break;
@@ -1060,10 +1071,20 @@ impl Deployer {
                 )
                 .await?
             {
-                StepEnd::Next => held = i + 1,
-                StepEnd::Full => {
+                StepEnd::Next {
+                    by_operator: operator,
+                    judged,
+                } => {
+                    held = i + 1;
+                    if operator {
+                        by_operator += 1;
+                        unjudged += usize::from(!judged && config.analysis.is_some());
+                    }
+                }
+                StepEnd::Full { judged } => {
                     held = i + 1;
                     full = true;
+                    unjudged += usize::from(!judged && config.analysis.is_some());
                 }
                 StepEnd::Abort(reason) => {
                     return self
@@ -1247,19 +1268,30 @@ impl Deployer {
         if !reset.is_empty() {
             let _ = self.balancer.set_weights(&reset).await;
         }
-        notes.push(if held < steps.len() {
+        let ran = if held < steps.len() {
             format!(
-                "canary ran {held} of {} step(s), then `cutover promote --full` skipped the rest; promoted to {} host(s)",
-                steps.len(),
-                moved.len()
+                "canary ran {held} of {} step(s), then `cutover promote --full` skipped the rest",
+                steps.len()
+            )
+        } else if by_operator > 0 {
+            format!(
+                "canary ran {} step(s), {by_operator} of them ended by `cutover promote`",
+                steps.len()
             )
         } else {
+            format!("canary passed {} step(s)", steps.len())
+        };
+        let unjudged = if unjudged > 0 {
             format!(
-                "canary passed {} step(s); promoted to {} host(s)",
-                steps.len(),
-                moved.len()
+                " ({unjudged} step(s) ended by an operator before any of their analysis intervals passed)"
             )
-        });
+        } else {
+            String::new()
+        };
+        notes.push(format!(
+            "{ran}{unjudged}; promoted to {} host(s)",
+            moved.len()
+        ));
         // The promotion found each canary host serving the new release, from the instance this
         // deployment started there: it moved, it was not already running it.
         self.started_here(canaries.iter().map(|(h, _)| h.name.as_str()));
@@ -1301,6 +1333,8 @@ impl Deployer {
         // With analysis, a step ends only after a conclusive pass of its latest interval.
         let mut conclusive = config.analysis.is_none();
         let mut inconclusive = false;
+        // Whether an analysis interval of this step passed (what an operator's promote skips).
+        let mut passed_once = false;
         let mut last_verdict: Option<Judgement> = None;
         // What holds the step, as `cutover status` shows it: an operator's pause outlasts every
         // analysis interval until `resume`; a step without `pause` waits for `cutover promote`.
@@ -1345,8 +1379,17 @@ impl Deployer {
                         self.progress.say(&note);
                         let _ = self.journal.event(Some(&run.id), &note);
                     }
-                    "promote" => return Ok(StepEnd::Next),
-                    "promote-full" => return Ok(StepEnd::Full),
+                    "promote" => {
+                        return Ok(StepEnd::Next {
+                            by_operator: true,
+                            judged: passed_once,
+                        });
+                    }
+                    "promote-full" => {
+                        return Ok(StepEnd::Full {
+                            judged: passed_once,
+                        });
+                    }
                     "abort" | "rollback" => return Ok(StepEnd::Abort(format!("{cmd} requested"))),
                     "pause" => {
                         paused = true;
@@ -1390,6 +1433,7 @@ impl Deployer {
                         }
                         Decision::Continue => {
                             conclusive = matches!(j.verdict, analysis::Verdict::Pass);
+                            passed_once |= conclusive;
                             inconclusive = false;
                             last_verdict = Some(j);
                             publish(paused, inconclusive, &last_verdict);
@@ -1405,7 +1449,10 @@ impl Deployer {
                         return Ok(StepEnd::Abort(why));
                     }
                 }
-                return Ok(StepEnd::Next);
+                return Ok(StepEnd::Next {
+                    by_operator: false,
+                    judged: conclusive,
+                });
             }
             tokio::time::sleep(COMMAND_POLL).await;
         }

@@ -1118,3 +1118,34 @@ async fn after_a_killed_blue_green_window_rollback_puts_the_running_blue_back() 
         .collect();
     assert_eq!(now, blue, "blue's own processes serve again");
 }
+
+/// Steps an operator promoted while their analysis was inconclusive (no traffic here) are not
+/// reported as passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_promoted_without_a_passing_analysis_are_not_called_passed() {
+    let spec = canary_spec(
+        142,
+        "[{ weight = 30, pause = \"1s\" }, { weight = 100, pause = \"1s\" }]",
+        "",
+        "[analysis]\ninterval = \"300ms\"\nmin_success_rate = 95.0\nmin_requests = 10\n",
+    );
+    let fleet = Fleet::start(spec).await;
+    fleet.deploy("v1", 0).await;
+    let deploy = fleet.spawn_cutover(&["deploy", "--version", "v2"]);
+    for label in ["step 1/2", "step 2/2"] {
+        fleet
+            .wait_status(label, |d| {
+                d["status"]["step"] == label && phase(d).starts_with("paused: inconclusive")
+            })
+            .await;
+        let (code, out, _) = fleet.cutover(&["promote"]).await;
+        assert_eq!(code, 0, "{out}");
+    }
+    let (code, out, err) = deploy.await.unwrap();
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("canary ran 2 step(s), 2 of them ended by `cutover promote` (2 step(s) ended by an operator before any of their analysis intervals passed)"),
+        "{out}"
+    );
+    assert!(!out.contains("canary passed"), "{out}");
+}
