@@ -31,6 +31,14 @@ pub(crate) fn pointless(strategy: &str, kind: &str, command: &str) -> Option<Str
     })
 }
 
+/// A command as an operator types it: `promote-full` is `cutover promote --full`.
+pub(crate) fn typed(command: &str) -> String {
+    match command {
+        "promote-full" => "promote --full".to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// What the rollout does after a boundary.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Boundary {

@@ -32,7 +32,7 @@ pub const POLL: Duration = Duration::from_secs(1);
 
 /// The commands that may be sent from another machine: those a rollout reads at its batch
 /// boundaries. (`rollback` from elsewhere waits for the lock and then undoes the deployment.)
-pub const REMOTE_COMMANDS: &[&str] = &["pause", "resume", "promote", "abort"];
+pub const REMOTE_COMMANDS: &[&str] = &["pause", "resume", "promote", "promote-full", "abort"];
 
 /// One command in the control file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,7 +144,7 @@ pub async fn send_elsewhere(
     );
     if !REMOTE_COMMANDS.contains(&command) {
         anyhow::bail!(
-            "no deployment of this machine is running, but {holder}: `{command}` goes to the deployment through the journal of the machine that runs it: send it there (`cutover {command}` on that machine, or its `cutover serve` API)"
+            "no deployment of this machine is running, but {holder}: `cutover {command}` reaches a deployment only from the machine that runs it: run it there (or through its `cutover serve` API)"
         );
     }
     // The holder's command line says what it runs (`deploy v2`, `rollback`); the strategy is

@@ -1367,7 +1367,8 @@ impl Deployer {
         publish(paused, inconclusive, &last_verdict);
         loop {
             if let Some((cmd, at_ms)) = self.journal.take_command_at(&run.id)? {
-                self.progress.say(&format!("{label}: command {cmd}"));
+                self.progress
+                    .say(&format!("{label}: command {}", crate::control::typed(&cmd)));
                 match cmd.as_str() {
                     // Sent before this step began: meant for the one before (whose pause ran
                     // out meanwhile) or for the canary's start; acting on it would skip this

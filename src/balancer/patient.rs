@@ -27,6 +27,9 @@ pub struct Patient {
     progress: Progress,
     /// The inner balancer's notices said so far, for [`Balancer::notices`].
     said: std::sync::Mutex<Vec<String>>,
+    /// Whether the balancer ever answered this process: one that never did is more likely not
+    /// started than restarting, and the wait says what to check.
+    answered: std::sync::atomic::AtomicBool,
 }
 
 impl Patient {
@@ -36,6 +39,7 @@ impl Patient {
             deadline,
             progress,
             said: Default::default(),
+            answered: Default::default(),
         }
     }
 
@@ -72,8 +76,13 @@ impl Patient {
             match result {
                 Err(e) if is_unreachable(&e) && since.elapsed() < self.deadline => {
                     if !warned {
+                        let hint = if self.answered.load(std::sync::atomic::Ordering::Relaxed) {
+                            ""
+                        } else {
+                            " (it has not answered since this command started; Ctrl-C stops the wait, `[balancer] unreachable_timeout` sets its length)"
+                        };
                         self.progress.say(&format!(
-                            "balancer unreachable during {what}; retrying for up to {} ({e:#})",
+                            "balancer unreachable during {what}; retrying for up to {}{hint} ({e:#})",
                             humantime::format_duration(self.deadline)
                         ));
                         warned = true;
@@ -88,6 +97,8 @@ impl Patient {
                     )));
                 }
                 other => {
+                    self.answered
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     if let Some(lost) = lost.filter(|_| warned) {
                         self.progress.say(&format!(
                             "balancer reachable again after {:.1}s",

@@ -761,6 +761,7 @@ pub(super) fn running_deployment(
 
 /// Sends a command to the running deployment.
 pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
+    let typed = crate::control::typed(command);
     let Some(row) = running_deployment(config)? else {
         // A deployment run from another machine shows only in the fleet lock: the command
         // goes through the host that holds it (see `crate::fleet_control`).
@@ -770,7 +771,7 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
         })?;
         if let Some(to) = sent {
             println!(
-                "sent {command} to the deployment of another machine: {}; it reads commands from host {} every {} s and acts on them as if typed there",
+                "sent {typed} to the deployment of another machine: {}; it reads commands from host {} every {} s and acts on them as if typed there",
                 to.holder,
                 to.host,
                 crate::fleet_control::POLL.as_secs()
@@ -778,7 +779,7 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
             return Ok(0);
         }
         anyhow::bail!(
-            "no deployment is running (see `cutover status`): `{command}` applies to a running deployment"
+            "no deployment is running (see `cutover status`): `cutover {typed}` applies to a running deployment"
         );
     };
     if let Some(why) = crate::control::pointless(&row.strategy, &row.kind, command) {
@@ -787,7 +788,7 @@ pub(super) fn control(config: &Config, command: &str) -> anyhow::Result<u8> {
     let journal = Journal::open(&config.state_dir)?;
     journal.post_command(&row.id, command)?;
     println!(
-        "sent {command} to deployment {} ({} -> {})",
+        "sent {typed} to deployment {} ({} -> {})",
         row.id,
         row.from.as_deref().unwrap_or("-"),
         row.to
