@@ -564,7 +564,10 @@ impl Deployer {
                 );
             }
             Err((e, consequence)) => {
-                self.progress.say(&format!("{e}: {consequence}"));
+                // An error that ends with a command's output lines: the consequence on a line
+                // of its own, not run on from the command's last line.
+                let sep = if e.contains('\n') { "\n-> " } else { ": " };
+                self.progress.say(&format!("{e}{sep}{consequence}"));
                 let failed = vec![HostFailure {
                     host: "fleet".into(),
                     reason: e,

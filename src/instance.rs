@@ -324,6 +324,10 @@ pub async fn log_tail(
         sh_quote(log.to_string_lossy())
     );
     match transport.run(host, &script, transport.step_timeout()).await {
+        Ok(out) if out.stdout.trim().is_empty() => format!(
+            "(the log {} is empty: the app wrote nothing to stdout or stderr)",
+            log.display()
+        ),
         Ok(out) => out.stdout.trim_end().to_string(),
         Err(e) => format!("(log unavailable: {e})"),
     }

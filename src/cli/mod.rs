@@ -159,7 +159,8 @@ pub struct InitArgs {
     /// Directory to write into.
     #[arg(long, default_value = ".")]
     pub dir: PathBuf,
-    /// Overwrite an existing cutover.toml.
+    /// Overwrite an existing cutover.toml, and the sample releases' files
+    /// (VERSION and run.sh in releases/v1 and releases/v2; other files there are left alone).
     #[arg(long)]
     pub force: bool,
 }

@@ -108,7 +108,7 @@ pub(super) fn print_plan(config: &Config, version: &Name) {
         Rolling => print_rolling_plan(config, version),
         Canary if matches!(live, Live::Nothing) => {
             println!(
-                "first deploy (the journal in {state} records no live release): no stable release to compare a canary with, so {version} rolls out in batches, without steps or analysis (the deploy decides from what the hosts run):"
+                "first deploy (the journal in {state} records no live release): no stable release to compare a canary with, so {version} rolls out in batches, without steps or analysis (the deploy decides from what the hosts run; the [analysis] below applies from the next deploy on):"
             );
             print_rolling_plan(config, version);
         }
