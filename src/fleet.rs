@@ -327,18 +327,38 @@ pub fn drift(
 /// key (`"batch": "batch 1/3"`, kept so in the JSON) is shown alone: `batch: batch 1/3` reads
 /// as a stutter.
 pub fn describe_status(status: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let number = |n: &serde_json::Number| match n.as_f64() {
+        Some(f) if f.fract() != 0.0 => format!("{f:.1}"),
+        Some(f) if n.is_f64() => format!("{f:.0}"),
+        _ => n.to_string(),
+    };
     match status.as_object() {
         Some(map) => map
             .iter()
+            .filter(|(_, v)| !v.is_null())
             .map(|(k, v)| match v {
-                serde_json::Value::String(s)
+                Value::String(s)
                     if s.strip_prefix(k.as_str())
                         .is_some_and(|rest| rest.starts_with(' ')) =>
                 {
                     s.clone()
                 }
-                serde_json::Value::String(s) => format!("{k}: {s}"),
-                other => format!("{k}: {other}"),
+                // The canary's last analysis, as its progress line says it.
+                Value::Object(_) if k == "verdict" => {
+                    match serde_json::from_value::<crate::analysis::Judgement>(v.clone()) {
+                        Ok(j) => format!("last analysis: {}", j.summary()),
+                        Err(_) => format!("{k}: {v}"),
+                    }
+                }
+                Value::String(s) => format!("{}: {s}", k.replace('_', " ")),
+                // `elapsed_s: 12` reads as "elapsed: 12 s".
+                Value::Number(n) => match (k.strip_suffix("_ms"), k.strip_suffix("_s")) {
+                    (Some(name), _) => format!("{}: {} ms", name.replace('_', " "), number(n)),
+                    (_, Some(name)) => format!("{}: {} s", name.replace('_', " "), number(n)),
+                    _ => format!("{}: {}", k.replace('_', " "), number(n)),
+                },
+                other => format!("{}: {other}", k.replace('_', " ")),
             })
             .collect::<Vec<_>>()
             .join(", "),
@@ -446,5 +466,34 @@ mod tests {
         assert!(line.contains("next: batch 2/3"), "{line}");
         assert!(line.contains("phase: moving hosts"), "{line}");
         assert!(line.contains("weight: 10"), "{line}");
+    }
+
+    /// A review found raw JSON in `cutover status`: the canary's verdict as an object, and
+    /// seconds as `blue_stops_in_s: 19.0`.
+    #[test]
+    fn a_status_reads_as_text() {
+        let verdict = crate::analysis::Judgement {
+            verdict: crate::analysis::Verdict::Inconclusive {
+                reason: "only 0 requests (min_requests 10)".into(),
+            },
+            requests: 0,
+            success_rate: None,
+            stable_success_rate: None,
+            p99_ms: None,
+            score: None,
+            p_value: None,
+            p99_overflow: false,
+        };
+        let line = describe_status(&serde_json::json!({
+            "strategy": "canary", "step": "step 1/2", "elapsed_s": 12, "blue_stops_in_s": 19.0,
+            "verdict": verdict, "gone": null,
+        }));
+        assert!(!line.contains('{') && !line.contains("null"), "{line}");
+        assert!(line.contains("elapsed: 12 s"), "{line}");
+        assert!(line.contains("blue stops in: 19 s"), "{line}");
+        assert!(
+            line.contains("last analysis: inconclusive: only 0 requests"),
+            "{line}"
+        );
     }
 }
