@@ -17,6 +17,11 @@ use crate::instance::{self, Instance, Stopped};
 use crate::release::Layout;
 use crate::transport::{Transport, run_ok, sh_quote};
 
+/// `releases/.live-<version>`: rewritten (builtins only) each time the release becomes a
+/// host's live one, so that pruning keeps the releases most recently staged *or* live: a
+/// release deployed again is a way back, one staged once and never served is not.
+pub const LIVE_MARK: &str = ".live-";
+
 /// What settling did on a host.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Settled {
@@ -75,20 +80,24 @@ pub async fn settle(
          cd {root} || {{ await_all \"$@\"; exit 3; }}\n\
          [ -d {rel} ] || {{ echo 'release {version} is not staged on this host' >&2; await_all \"$@\"; exit 3; }}\n\
          ln -sfn {target} .current.tmp && mv -T .current.tmp current || {{ await_all \"$@\"; exit 4; }}\n\
+         printf %s '' 2>/dev/null > {live_mark} || true\n\
          for f in releases/.*.tar.gz releases/.*.tar.gz.upload releases/*.partial; do\n\
          \x20 [ -e \"$f\" ] && rm -rf -- \"$f\"\n\
          done\n\
          n=0\n\
          for r in releases/*; do [ -d \"$r\" ] && n=$((n+1)); done\n\
          if [ {keep_releases} -gt 0 ] && [ $n -gt {keep_releases} ] && cd releases; then\n\
-         \x20 ls -1t | {{\n\
-         \x20   n=0\n\
+         \x20 ls -1At | {{\n\
+         \x20   n=0; seen=' '\n\
          \x20   while IFS= read -r r; do\n\
-         \x20     case \"$r\" in *.partial) continue ;; esac\n\
+         \x20     case \"$r\" in .live-*) r=${{r#.live-}} ;; .*|*.partial) continue ;; esac\n\
+         \x20     [ -d \"$r\" ] || continue\n\
+         \x20     case $seen in *\" $r \"*) continue ;; esac\n\
+         \x20     seen=\"$seen$r \"\n\
          \x20     n=$((n+1))\n\
          \x20     [ $n -le {keep_releases} ] && continue\n\
          \x20     case {protected} in *\" $r \"*) continue ;; esac\n\
-         \x20     rm -rf -- \"$r\" && echo \"pruned $r\"\n\
+         \x20     rm -rf -- \"$r\" \".live-$r\" && echo \"pruned $r\"\n\
          \x20     for l in ../log/\"$r\"-*.log; do\n\
          \x20       p=${{l##*/\"$r\"-}}; p=${{p%.log}}\n\
          \x20       case $p in ''|*[!0-9]*) continue ;; esac\n\
@@ -107,6 +116,7 @@ pub async fn settle(
         root = sh_quote(layout.root.to_string_lossy()),
         rel = sh_quote(format!("releases/{version}")),
         target = sh_quote(format!("releases/{version}")),
+        live_mark = sh_quote(format!("releases/{LIVE_MARK}{version}")),
         protected = sh_quote(format!(" {} ", protected.join(" "))),
     );
     let out = run_ok(
@@ -254,6 +264,55 @@ mod tests {
         );
     }
 
+    /// A review found `keep` pruning a release deployed again a moment ago (v2 here) while
+    /// releases staged once and never served stayed: a release's age is now the latest of
+    /// its staging and its last time live.
+    #[tokio::test]
+    async fn pruning_keeps_releases_that_were_live_recently() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        let at = |secs: u64| std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        for (i, v) in ["v1", "v2", "v3", "v4", "v5"].iter().enumerate() {
+            let dir = root.join("releases").join(v);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::File::open(&dir)
+                .unwrap()
+                .set_modified(at(1_000_000 + i as u64))
+                .unwrap();
+        }
+        // v2 was live again after every other release was staged.
+        let mark = root.join("releases").join(".live-v2");
+        std::fs::write(&mark, "").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&mark)
+            .unwrap()
+            .set_modified(at(2_000_000))
+            .unwrap();
+        let keep = Instance {
+            host: "web1".into(),
+            version: "v5".into(),
+            address: "127.0.0.1:5000".parse().unwrap(),
+            pid: 1,
+        };
+        let s = settle(
+            &LocalTransport::new(),
+            &host(root),
+            &keep,
+            &app(),
+            3,
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+        let mut pruned = s.pruned.clone();
+        pruned.sort();
+        assert_eq!(pruned, ["v1", "v3"], "v5 (live now), v2 and v4 kept");
+        assert!(mark.exists());
+        assert!(root.join("releases/.live-v5").exists(), "v5 is live now");
+    }
+
     /// What a staging killed midway leaves (an upload, a `.partial` unpacking) used to stay
     /// for good: pruning skips both.
     #[tokio::test]
@@ -282,12 +341,13 @@ mod tests {
         )
         .await
         .unwrap();
-        let left: Vec<String> = std::fs::read_dir(&rel)
+        let mut left: Vec<String> = std::fs::read_dir(&rel)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(left, ["v4"]);
+        left.sort();
+        assert_eq!(left, [".live-v4", "v4"]);
     }
 
     #[tokio::test]

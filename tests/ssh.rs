@@ -363,7 +363,7 @@ async fn ssh_fleet_rolls_a_git_release_under_load_with_no_failed_request() {
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with('.') || n.ends_with(".partial"))
+            .filter(|n| (n.starts_with('.') && !n.starts_with(".live-")) || n.ends_with(".partial"))
             .collect();
         assert!(leftovers.is_empty(), "{h}: {leftovers:?}");
     }

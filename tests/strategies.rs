@@ -602,7 +602,8 @@ async fn blue_green_prunes_releases_beyond_keep() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         kept.sort();
-        assert_eq!(kept, ["v3", "v4"], "{host}");
+        // Each release's mark of when it was last live goes with it.
+        assert_eq!(kept, [".live-v3", ".live-v4", "v3", "v4"], "{host}");
     }
 }
 
