@@ -129,12 +129,7 @@ pub async fn send_elsewhere(
 ) -> anyhow::Result<Option<SentTo>> {
     let (seen, others) = fleet_lock::read_all(config, transport).await;
     let me = LockHolder::me("");
-    let first = seen.on.and_then(|(host, r)| r.map(|r| (host, r)));
-    let Some((host, record)) = first
-        .into_iter()
-        .chain(others)
-        .find(|(_, r)| r.stale(&me).is_none())
-    else {
+    let Some((host, record)) = seen.locks(&others).find(|(_, r)| r.stale(&me).is_none()) else {
         return Ok(None);
     };
     let holder = format!(
@@ -157,7 +152,7 @@ pub async fn send_elsewhere(
     if let Some(why) = crate::control::pointless(config.strategy.kind.name(), kind, command) {
         anyhow::bail!("{holder}: {why}");
     }
-    send(transport, &host, &record, command).await?;
+    send(transport, host, record, command).await?;
     Ok(Some(SentTo {
         host: host.name.to_string(),
         holder,

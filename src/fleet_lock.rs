@@ -717,6 +717,19 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// Every lock [`read_all`] found, the first host's first (`others` is what it returned
+    /// beside `self`).
+    pub fn locks<'a>(
+        &'a self,
+        others: &'a [(Host, Record)],
+    ) -> impl Iterator<Item = (&'a Host, &'a Record)> {
+        let first = self
+            .on
+            .as_ref()
+            .and_then(|(h, r)| r.as_ref().map(|r| (h, r)));
+        first.into_iter().chain(others.iter().map(|(h, r)| (h, r)))
+    }
+
     /// The line `cutover lock` prints.
     pub fn line(&self) -> String {
         let skipped = if self.silent.is_empty() {

@@ -572,8 +572,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
                 let transport = transport_for(&config)?;
                 let (seen, others) =
                     crate::fleet_lock::read_all(&config, transport.as_ref()).await;
-                let first = seen.on.as_ref().and_then(|(_, r)| r.as_ref());
-                for r in first.into_iter().chain(others.iter().map(|(_, r)| r)) {
+                for (_, r) in seen.locks(&others) {
                     if runs_here(&r.holder) {
                         return Err(refuse("the fleet lock's", &r.holder));
                     }
