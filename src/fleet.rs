@@ -472,18 +472,8 @@ mod tests {
     /// seconds as `blue_stops_in_s: 19.0`.
     #[test]
     fn a_status_reads_as_text() {
-        let verdict = crate::analysis::Judgement {
-            verdict: crate::analysis::Verdict::Inconclusive {
-                reason: "only 0 requests (min_requests 10)".into(),
-            },
-            requests: 0,
-            success_rate: None,
-            stable_success_rate: None,
-            p99_ms: None,
-            score: None,
-            p_value: None,
-            p99_overflow: false,
-        };
+        let verdict =
+            crate::analysis::Judgement::unjudged("only 0 requests (min_requests 10)".into());
         let line = describe_status(&serde_json::json!({
             "strategy": "canary", "step": "step 1/2", "elapsed_s": 12, "blue_stops_in_s": 19.0,
             "verdict": verdict, "gone": null,

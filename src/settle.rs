@@ -175,6 +175,28 @@ mod tests {
         toml::from_str("name = \"a\"\nstart = \"sleep 30\"\nstop_timeout = \"2s\"\n").unwrap()
     }
 
+    /// Settles the host at `root` on an instance of `version` (port 5000), keeping `keep`
+    /// releases, nothing protected.
+    async fn settle_keeping(root: &Path, version: &str, keep: usize) -> Settled {
+        let kept = Instance {
+            host: "web1".into(),
+            version: version.into(),
+            address: "127.0.0.1:5000".parse().unwrap(),
+            pid: 1,
+        };
+        settle(
+            &LocalTransport::new(),
+            &host(root),
+            &kept,
+            &app(),
+            keep,
+            &[],
+            &[],
+        )
+        .await
+        .unwrap()
+    }
+
     /// Writes a pid file for `pid` the way `instance::start` does (with its start time).
     fn pid_file(root: &Path, name: &str, pid: u32) {
         let start = crate::journal::process_start_ticks(pid).unwrap();
@@ -289,23 +311,7 @@ mod tests {
             .unwrap()
             .set_modified(at(2_000_000))
             .unwrap();
-        let keep = Instance {
-            host: "web1".into(),
-            version: "v5".into(),
-            address: "127.0.0.1:5000".parse().unwrap(),
-            pid: 1,
-        };
-        let s = settle(
-            &LocalTransport::new(),
-            &host(root),
-            &keep,
-            &app(),
-            3,
-            &[],
-            &[],
-        )
-        .await
-        .unwrap();
+        let s = settle_keeping(root, "v5", 3).await;
         let mut pruned = s.pruned.clone();
         pruned.sort();
         assert_eq!(pruned, ["v1", "v3"], "v5 (live now), v2 and v4 kept");
@@ -324,23 +330,7 @@ mod tests {
         std::fs::create_dir_all(rel.join("v9.partial/bin")).unwrap();
         std::fs::write(rel.join(".v9.tar.gz"), "half").unwrap();
         std::fs::write(rel.join(".v8.tar.gz.upload"), "half").unwrap();
-        let keep = Instance {
-            host: "web1".into(),
-            version: "v4".into(),
-            address: "127.0.0.1:5000".parse().unwrap(),
-            pid: 1,
-        };
-        settle(
-            &LocalTransport::new(),
-            &host(root),
-            &keep,
-            &app(),
-            3,
-            &[],
-            &[],
-        )
-        .await
-        .unwrap();
+        settle_keeping(root, "v4", 3).await;
         let mut left: Vec<String> = std::fs::read_dir(&rel)
             .unwrap()
             .flatten()
