@@ -340,7 +340,7 @@ impl Deployer {
         self.take_already();
         self.take_readmitted();
         self.take_put_back();
-        std::mem::take(&mut *self.backgrounded.lock().unwrap_or_else(|p| p.into_inner()));
+        self.take_backgrounded();
         self.take_closed_at_deadline();
         let config = &self.config;
         let pinned = self.pin_branch(req).await?;
@@ -1132,8 +1132,7 @@ impl Deployer {
                 put_back.join(", ")
             ));
         }
-        let backgrounded =
-            std::mem::take(&mut *self.backgrounded.lock().unwrap_or_else(|p| p.into_inner()));
+        let backgrounded = self.take_backgrounded();
         if !backgrounded.is_empty() {
             notes.push(format!(
                 "{}: {}",
@@ -2065,6 +2064,10 @@ impl Deployer {
 
     fn take_put_back(&self) -> Vec<String> {
         std::mem::take(&mut *self.put_back.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn take_backgrounded(&self) -> Vec<String> {
+        std::mem::take(&mut *self.backgrounded.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn take_stranded(&self) -> Vec<HostFailure> {
