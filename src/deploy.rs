@@ -389,6 +389,20 @@ impl Deployer {
             }
             break before;
         };
+        // A host whose key changed may be someone else's machine: no failure budget covers
+        // that, an operator must look first. (A way back goes on without that host.)
+        if req.kind == "deploy" {
+            if let Some((host, e)) = before.iter().find_map(|v| {
+                v.error
+                    .as_deref()
+                    .filter(|e| e.contains(crate::transport::HOST_KEY_CHANGED))
+                    .map(|e| (v.host.name.as_str(), e))
+            }) {
+                anyhow::bail!(
+                    "host {host}'s SSH host key changed: the deploy stops before any host changes, whatever max_fail_percentage allows: {e}"
+                );
+            }
+        }
         let plan = batch::batches(&config.strategy.batch, &config.hosts);
         // A readmit restarts nothing: its one batch leaves no host serving less than before.
         if self.in_place().is_some()

@@ -507,12 +507,11 @@ async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
     std::fs::write(&fleet.sshd.known_hosts, kh + "\n").unwrap();
     let (code, out, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
     let all = format!("{out}\n{err}");
-    assert_ne!(code, 0, "{all}");
+    assert_eq!(code, 2, "{all}");
     assert!(all.contains("Host key verification failed"), "{all}");
     assert!(all.contains("ssh-keygen -R"), "says what to do: {all}");
-    // Not "(nothing) -> v1", which reads as a first deploy.
     assert!(
-        all.contains(": (not known: 4 host(s) could not be read) -> v1"),
+        all.contains("SSH host key changed: the deploy stops before any host changes"),
         "{all}"
     );
     assert!(
@@ -531,6 +530,64 @@ async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
     assert_ne!(code, 0, "{all}");
     assert!(all.contains("ssh-keyscan"), "{all}");
     assert!(all.contains("accept-new"), "{all}");
+    // Not "(nothing) -> v1", which reads as a first deploy.
+    assert!(
+        all.contains(": (not known: 4 host(s) could not be read) -> v1"),
+        "{all}"
+    );
+}
+
+/// A review found a changed key on one host counted as one failed host: with a budget that
+/// tolerates one, the others deployed and the deploy "succeeded". A changed key may be someone
+/// else's machine: the deploy stops before anything moves, whatever the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_host_key_stops_the_deploy_whatever_the_budget() {
+    let fleet = SshFleet::start(Opts {
+        strategy: "kind = \"rolling\"\nbatch = 4\nmax_fail_percentage = 50\n".into(),
+        ..Opts::default()
+    })
+    .await;
+    let other = fleet.sshd.dir.path().join("other_key");
+    let st = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let web3 = format!("[{}]:{}", ADDRESSES[2], fleet.sshd.port);
+    let kh: String = std::fs::read_to_string(&fleet.sshd.known_hosts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.starts_with(&format!("{web3} ")) {
+                format!("{web3} {}", other_pub.trim())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&fleet.sshd.known_hosts, kh + "\n").unwrap();
+    let (code, out, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
+    let all = format!("{out}\n{err}");
+    assert_eq!(code, 2, "{all}");
+    assert!(
+        all.contains("host web3's SSH host key changed: the deploy stops before any host changes, whatever max_fail_percentage allows"),
+        "{all}"
+    );
+    // The hint names the entry and the file ssh reads (its config sets them here).
+    assert!(
+        all.contains(&format!(
+            "ssh-keygen -R '{web3}' -f {}",
+            fleet.sshd.known_hosts.display()
+        )),
+        "{all}"
+    );
+    assert!(fleet.backends().await.is_empty(), "no host moved: {all}");
+    for h in &fleet.hosts {
+        assert!(!fleet.root(h).join("releases").exists(), "{h} untouched");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

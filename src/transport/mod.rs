@@ -92,6 +92,11 @@ impl Unreachable {
     }
 }
 
+/// What an SSH connection error says when the host's key differs from the one in known_hosts
+/// (see `ssh::hint`): a deploy stops on it whatever its failure budget (the connection may be
+/// intercepted; an operator must look before anything moves).
+pub const HOST_KEY_CHANGED: &str = "the host presented a different key than the one in known_hosts";
+
 /// Quotes `s` for POSIX sh: single quotes, with embedded single quotes closed and escaped.
 pub fn sh_quote(s: impl AsRef<str>) -> String {
     let s = s.as_ref();

@@ -181,6 +181,38 @@ impl SshTransport {
         a
     }
 
+    /// [`hint`] for `host`, resolving its port and known_hosts file with `ssh -G` (no
+    /// connection) only when the error is about its key.
+    fn hint(&self, stderr: &str, host: &Host) -> String {
+        let mut resolved = Resolved {
+            port: host.port.unwrap_or(22),
+            known_hosts: None,
+        };
+        if stderr.contains("host key") || stderr.contains("HOST IDENTIFICATION") {
+            let printed = std::process::Command::new("ssh")
+                .arg("-G")
+                .args(self.args(host))
+                .arg(host.address.to_string())
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output();
+            if let Ok(out) = printed {
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    match line.split_once(' ') {
+                        Some(("port", p)) => {
+                            resolved.port = p.trim().parse().unwrap_or(resolved.port)
+                        }
+                        Some(("userknownhostsfile", f)) => {
+                            resolved.known_hosts = f.split_whitespace().next().map(str::to_string)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        hint(stderr, host, self.settings.host_key_checking, &resolved)
+    }
+
     fn command(&self, host: &Host, remote: &str) -> Command {
         let mut c = Command::new("ssh");
         c.args(self.args(host))
@@ -301,7 +333,7 @@ impl SshTransport {
             "host {}: cannot connect over SSH: {}{printed}{}",
             describe(host),
             last_lines(stderr.trim(), 6),
-            hint(&stderr, host, self.settings.host_key_checking)
+            self.hint(&stderr, host)
         ))
     }
 
@@ -344,7 +376,7 @@ impl SshTransport {
                 "host {}: SSH failed: {}{}",
                 describe(host),
                 last_lines(stderr.trim(), 6),
-                hint(&stderr, host, self.settings.host_key_checking)
+                self.hint(&stderr, host)
             );
         }
         Ok(Output {
@@ -430,7 +462,7 @@ impl SshTransport {
                 } else {
                     last_lines(stderr.trim(), 6)
                 },
-                hint(&stderr, host, self.settings.host_key_checking)
+                self.hint(&stderr, host)
             )),
             Err(SessionError::Io(e)) => {
                 Err(anyhow::anyhow!("host {}: SSH session: {e}", describe(host)))
@@ -655,19 +687,35 @@ pub fn describe(host: &Host) -> String {
     format!("{} ({user}{}{port})", host.name, host.address)
 }
 
+/// Where ssh connects and which known_hosts file it reads, as its config resolves them (the
+/// port may come from `~/.ssh/config`): what a host key hint must name to be of any use.
+struct Resolved {
+    port: u16,
+    known_hosts: Option<String>,
+}
+
 /// What to do about a failed ssh call, from its stderr.
-fn hint(stderr: &str, host: &Host, checking: HostKeyChecking) -> String {
-    let port = host.port.unwrap_or(22);
+fn hint(stderr: &str, host: &Host, checking: HostKeyChecking, resolved: &Resolved) -> String {
+    let port = resolved.port;
     let target = if port == 22 {
         host.address.to_string()
     } else {
         format!("[{}]:{port}", host.address)
     };
+    let file = resolved
+        .known_hosts
+        .as_deref()
+        .unwrap_or("~/.ssh/known_hosts");
+    let keygen_file = match &resolved.known_hosts {
+        Some(f) => format!(" -f {}", sh_quote(f)),
+        None => String::new(),
+    };
     if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
         || stderr.contains("differs from the key for")
     {
         return format!(
-            "\nhint: the host presented a different key than the one in known_hosts. If the server was reinstalled, confirm its new key fingerprint with its administrator, then remove the old entry with `ssh-keygen -R '{target}'` and add the new one; if not, someone may be intercepting the connection: do not deploy."
+            "\nhint: {}. If the server was reinstalled, confirm its new key fingerprint with its administrator, then remove the old entry with `ssh-keygen -R '{target}'{keygen_file}` and add the new one; if not, someone may be intercepting the connection: do not deploy.",
+            super::HOST_KEY_CHANGED
         );
     }
     if stderr.contains("Host key verification failed")
@@ -679,8 +727,9 @@ fn hint(stderr: &str, host: &Host, checking: HostKeyChecking) -> String {
             ""
         };
         return format!(
-            "\nhint: the host's key is not in known_hosts and host_key_checking is strict. Confirm its fingerprint with the server's administrator, then add it with `ssh-keyscan -p {port} {addr} >> ~/.ssh/known_hosts` (or connect once with ssh by hand){accept}.",
-            addr = host.address
+            "\nhint: the host's key is not in known_hosts and host_key_checking is strict. Confirm its fingerprint with the server's administrator, then add it with `ssh-keyscan -p {port} {addr} >> {file}` (or connect once with ssh by hand){accept}.",
+            addr = host.address,
+            file = sh_quote(file),
         );
     }
     if stderr.contains("Permission denied") {
@@ -883,18 +932,31 @@ mod tests {
             identity: None,
             origin: None,
         };
+        // The port and file as `ssh -G` resolved them (the config may set the port).
+        let resolved = Resolved {
+            port: 2222,
+            known_hosts: Some("/tmp/k h/known_hosts".into()),
+        };
         let h = hint(
             "No ED25519 host key is known for [10.0.0.5]:2222 and you have requested strict checking.\nHost key verification failed.",
             &host,
             HostKeyChecking::Strict,
+            &resolved,
         );
-        assert!(h.contains("ssh-keyscan -p 2222 10.0.0.5"), "{h}");
+        assert!(
+            h.contains("ssh-keyscan -p 2222 10.0.0.5 >> '/tmp/k h/known_hosts'"),
+            "{h}"
+        );
         assert!(h.contains("accept-new"), "{h}");
         let h = hint(
             "@@@ WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! @@@",
             &host,
             HostKeyChecking::Strict,
+            &resolved,
         );
-        assert!(h.contains("ssh-keygen -R '[10.0.0.5]:2222'"), "{h}");
+        assert!(
+            h.contains("ssh-keygen -R '[10.0.0.5]:2222' -f '/tmp/k h/known_hosts'"),
+            "{h}"
+        );
     }
 }
