@@ -319,12 +319,17 @@ pub async fn log_tail(
     lines: usize,
 ) -> String {
     let log = Layout::of(host).log_file(version, port);
+    if lines == 0 {
+        return String::new();
+    }
+    // Exit 3: no log file; 4: an empty one (the app wrote nothing).
     let script = format!(
-        "tail -n {lines} {} 2>/dev/null || true",
+        "f={}\n[ -e \"$f\" ] || exit 3\n[ -s \"$f\" ] || exit 4\ntail -n {lines} \"$f\" 2>/dev/null || true",
         sh_quote(log.to_string_lossy())
     );
     match transport.run(host, &script, transport.step_timeout()).await {
-        Ok(out) if out.stdout.trim().is_empty() => format!(
+        Ok(out) if out.status == 3 => format!("(no log file {})", log.display()),
+        Ok(out) if out.status == 4 => format!(
             "(the log {} is empty: the app wrote nothing to stdout or stderr)",
             log.display()
         ),
