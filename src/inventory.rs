@@ -360,7 +360,7 @@ fn parse_ini(path: &Path, text: &str) -> anyhow::Result<Inventory> {
                 }
                 let mut vars = Vars::new();
                 for w in words {
-                    let (k, v) = key_value(&w).map_err(|m| err(n, m))?;
+                    let (k, v) = key_and_value(&w).map_err(|m| err(n, m))?;
                     vars.insert(k, Var::text(v, n));
                 }
                 inv.add_hosts(&group, &names, &vars, n)
@@ -426,8 +426,21 @@ fn check_group(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `key=value`, the value unquoted.
+/// `key=value` of a `[group:vars]` line, the value unquoted.
 fn key_value(s: &str) -> Result<(String, String), String> {
+    let (k, v) = key_and_value(s)?;
+    let v = v.trim();
+    let v = match split_words(v)?.as_slice() {
+        [] => String::new(),
+        [one] => one.clone(),
+        _ => v.to_string(),
+    };
+    Ok((k, v))
+}
+
+/// `key=value` of a word of a host line, which [`split_words`] unquoted already: a quote
+/// left in the value is a character of it (`cutover_root="/srv/it's"`), as in Ansible.
+fn key_and_value(s: &str) -> Result<(String, String), String> {
     let Some((k, v)) = s.split_once('=') else {
         return Err(format!("{s:?} is not a variable: write key=value"));
     };
@@ -435,13 +448,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
     if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
         return Err(format!("{k:?} is not a variable name"));
     }
-    let v = v.trim();
-    let v = match split_words(v)?.as_slice() {
-        [] => String::new(),
-        [one] => one.clone(),
-        _ => v.to_string(),
-    };
-    Ok((k.to_string(), v))
+    Ok((k.to_string(), v.to_string()))
 }
 
 /// Splits on whitespace outside quotes; quotes are removed. A `#` starting a word ends the line.
@@ -1395,6 +1402,18 @@ mod tests {
             ["web1", "a=1", "b=two words"]
         );
         assert!(split_words("web1 a=\"open").is_err());
+    }
+
+    /// A review found `cutover_root="/tmp/x it's y"` refused ("unclosed ' quote"): the value,
+    /// unquoted once, was split again. Ansible (shlex) takes it.
+    #[test]
+    fn a_quote_inside_another_kind_of_quote_is_data() {
+        let hosts = ini(
+            "[web]\nweb1 ansible_host=127.0.0.21 cutover_root=\"/tmp/x it's y\"\n",
+            Some("web"),
+        )
+        .unwrap();
+        assert_eq!(hosts[0].root, std::path::Path::new("/tmp/x it's y"));
     }
 
     /// Writes `text` as an INI inventory and loads `group` from it.
