@@ -281,6 +281,9 @@ pub fn stop_on_fatal(
         .map(|(name, r)| {
             let r = match (&fatal, r) {
                 (Some(why), Ok(_)) => Err(format!("{STOPPED_BY_FATAL}{why}")),
+                // Hosts that hit the fatal error themselves (a build shared by every host that
+                // waited for it) say so too: it is the release's, not theirs.
+                (Some(why), Err(e)) if e == *why => Err(format!("{STOPPED_BY_FATAL}{why}")),
                 (_, r) => r,
             };
             (name, r)
@@ -486,7 +489,12 @@ mod tests {
             ],
             Some(format!("{e:#}")),
         );
-        assert!(all.values().all(Result::is_err), "{all:?}");
+        // web1 hit it itself, web2 was stopped by it: both say it is the release's problem.
+        assert!(
+            all.values()
+                .all(|r| r.as_ref().is_err_and(|e| e.starts_with(STOPPED_BY_FATAL))),
+            "{all:?}"
+        );
     }
 
     /// Review finding: files owned by uid 4242 on the build machine unpacked as 4242 on a

@@ -630,6 +630,8 @@ async fn failed_build_stops_the_deploy_before_any_host_changes() {
         "the build's output is shown: {all}"
     );
     assert!(all.contains("exit 7"), "{all}");
+    // The build is this machine's, not a host's staging.
+    assert!(!all.contains("failed on every host"), "{all}");
     assert_eq!(
         fleet.builds(),
         ["v1"],
