@@ -109,6 +109,9 @@ fn failed(
     )
 }
 
+/// The file in a host's root naming the hook running there (`pid start-time`), while it runs.
+pub const HOOK_LOCK: &str = ".cutover-hook";
+
 /// The script that runs a host hook: cd, environment, the command with its timeout. Its output
 /// goes to a file first, printed when it ends: a process the hook leaves in the background
 /// keeps the file, not the session's pipe, so it cannot write into the replies to later steps.
@@ -120,16 +123,35 @@ fn host_script(point: HookPoint, hook: &Hook, ctx: &HookContext<'_>, host: &Host
     let rel = layout.release(ctx.version.as_str());
     let q = |p: &std::path::Path| sh_quote(p.to_string_lossy());
     let secs = format!("{:.3}", hook.timeout.as_secs_f64());
+    // The hook runs in the background so that its pid (and start time) can go into
+    // `<root>/.cutover-hook` while it runs: a deployer stopped by Ctrl-C leaves a host hook
+    // running (no signal reaches a remote process without a terminal), and the hook of a
+    // resumed deploy waits for it (up to the hook's timeout) rather than run beside it, which
+    // for a migration means twice at once. A file whose process is gone is stale.
     format!(
-        "cd {rel} 2>/dev/null || cd {cur} 2>/dev/null || cd {root} 2>/dev/null || cd /\n\
+        "{alive}_co_l={lock}\n\
+         _co_w=0\n\
+         while [ -f \"$_co_l\" ] && alive \"$_co_l\"; do\n\
+         \x20 if [ $_co_w -ge {wait} ]; then echo \"a hook of an interrupted deployment still runs on this host (pid $_pid, see $_co_l): let it finish or stop it, then deploy again\"; exit 125; fi\n\
+         \x20 [ $_co_w -eq 0 ] && echo \"waiting for a hook of an interrupted deployment (pid $_pid) to end\" >&2\n\
+         \x20 sleep 1; _co_w=$((_co_w+1))\n\
+         done\n\
+         cd {rel} 2>/dev/null || cd {cur} 2>/dev/null || cd {root} 2>/dev/null || cd /\n\
          CUTOVER_VERSION={v}; CUTOVER_PREVIOUS_VERSION={pv}; CUTOVER_HOST={h}; CUTOVER_HOSTS={hs}; CUTOVER_HOOK={p}; CUTOVER_RELEASE_DIR={rel}\n\
          export CUTOVER_VERSION CUTOVER_PREVIOUS_VERSION CUTOVER_HOST CUTOVER_HOSTS CUTOVER_HOOK CUTOVER_RELEASE_DIR\n\
          _co_out=$(mktemp \"${{TMPDIR:-/tmp}}/cutover-hook.XXXXXX\") || exit 125\n\
-         if command -v timeout >/dev/null 2>&1; then timeout -k 5 {secs} sh -c {cmd} </dev/null >\"$_co_out\" 2>&1\n\
-         else sh -c {cmd} </dev/null >\"$_co_out\" 2>&1; fi\n\
-         _co_rc=$?; _co_n=$(wc -c < \"$_co_out\")\n\
+         if command -v timeout >/dev/null 2>&1; then timeout -k 5 {secs} sh -c {cmd} </dev/null >\"$_co_out\" 2>&1 &\n\
+         else sh -c {cmd} </dev/null >\"$_co_out\" 2>&1 & fi\n\
+         _co_p=$!; _co_st=\n\
+         if read -r _co_s 2>/dev/null </proc/$_co_p/stat; then _co_s=${{_co_s##*\") \"}}; set -- $_co_s; _co_st=${{20}}; fi\n\
+         [ -d {root} ] && echo \"$_co_p $_co_st\" >\"$_co_l\" 2>/dev/null\n\
+         wait $_co_p; _co_rc=$?; _co_n=$(wc -c < \"$_co_out\")\n\
          if [ \"$_co_n\" -gt {tail} ]; then echo \"[$((_co_n - {tail})) bytes of earlier output not kept]\"; fi\n\
-         tail -c {tail} \"$_co_out\"; rm -f \"$_co_out\"; exit $_co_rc\n",
+         tail -c {tail} \"$_co_out\"; rm -f \"$_co_out\" \"$_co_l\"; exit $_co_rc\n",
+        alive = crate::instance::alive_fn(),
+        lock = q(&layout.root.join(HOOK_LOCK)),
+        // What a leftover hook may still take: its timeout and timeout(1)'s grace after it.
+        wait = hook.timeout.as_secs() + 10,
         tail = crate::bounded::TAIL_BYTES,
         rel = q(&rel),
         cur = q(&layout.current()),
@@ -156,7 +178,12 @@ async fn on_host(
     let began = std::time::Instant::now();
     let out = ctx
         .transport
-        .run(host, &script, *hook.timeout + TRANSPORT_SLACK)
+        // A leftover hook may hold it up to its own timeout (see `host_script`) first.
+        .run(
+            host,
+            &script,
+            *hook.timeout * 2 + Duration::from_secs(10) + TRANSPORT_SLACK,
+        )
         .await
         .map_err(|e| {
             if Unreachable::is(&e) {
@@ -559,6 +586,68 @@ mod tests {
             "{:.80}",
             out.stdout
         );
+    }
+
+    /// A review found a `run_once` migration run twice at once: Ctrl-C left the first running
+    /// on the host, and `deploy --resume` started it again beside it. A host hook waits for a
+    /// live one named in `<root>/.cutover-hook`; a stale file is passed over.
+    #[tokio::test]
+    async fn a_host_hook_waits_for_one_an_interrupted_deploy_left_running() {
+        let d = tempfile::tempdir().unwrap();
+        let c = config(
+            d.path(),
+            "[[hooks]]\nat = \"before_deploy\"\ncommand = \"cp .cutover-hook seen\"\n",
+        );
+        let host = &c.hosts[0];
+        std::fs::create_dir_all(&host.root).unwrap();
+        let lock = host.root.join(HOOK_LOCK);
+        let v = Name::parse("v2").unwrap();
+        let t = LocalTransport::new();
+        let p = Progress::quiet();
+        let ctx = HookContext {
+            config: &c,
+            transport: &t,
+            progress: &p,
+            version: &v,
+            previous: None,
+            hosts: &c.hosts[..1],
+        };
+        let script = host_script(HookPoint::BeforeDeploy, &c.hooks[0], &ctx, host);
+
+        // A leftover hook, alive for 2 s more.
+        let mut leftover = std::process::Command::new("sleep")
+            .arg("2")
+            .spawn()
+            .unwrap();
+        let start = crate::journal::process_start_ticks(leftover.id()).unwrap();
+        std::fs::write(&lock, format!("{} {start}\n", leftover.id())).unwrap();
+        let reaper = std::thread::spawn(move || leftover.wait());
+        let began = std::time::Instant::now();
+        let out = t.run(host, &script, Duration::from_secs(30)).await.unwrap();
+        assert!(out.success(), "{out:?}");
+        assert!(
+            began.elapsed() >= Duration::from_millis(1500),
+            "waited for the leftover: {:?}",
+            began.elapsed()
+        );
+        let _ = reaper.join();
+        // While it ran, the file named the hook itself; it is gone after.
+        let seen = std::fs::read_to_string(host.root.join("seen")).unwrap();
+        let pid: u32 = seen.split_whitespace().next().unwrap().parse().unwrap();
+        assert_ne!(pid, 0, "{seen}");
+        assert!(!lock.exists());
+
+        // A file whose process is gone does not hold a hook up.
+        std::fs::write(&lock, "999999999 1\n").unwrap();
+        let began = std::time::Instant::now();
+        let out = t.run(host, &script, Duration::from_secs(30)).await.unwrap();
+        assert!(out.success(), "{out:?}");
+        assert!(
+            began.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(!lock.exists());
     }
 
     #[tokio::test]
