@@ -487,10 +487,8 @@ async fn the_fleet_lock_travels_over_ssh_and_moves_on_when_the_first_host_is_dow
     assert!(out.contains("fleet: unlocked (host web2; "), "{out}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
-    let fleet = SshFleet::start(Opts::default()).await;
-    // known_hosts holds another key for every host.
+/// A public host key no sshd of the fleet has (for a known_hosts that does not match).
+fn another_host_key(fleet: &SshFleet) -> String {
     let other = fleet.sshd.dir.path().join("other_key");
     let st = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -498,7 +496,14 @@ async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
         .status()
         .unwrap();
     assert!(st.success());
-    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    std::fs::read_to_string(other.with_extension("pub")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
+    let fleet = SshFleet::start(Opts::default()).await;
+    // known_hosts holds another key for every host.
+    let other_pub = another_host_key(&fleet);
     let kh: String = ADDRESSES
         .iter()
         .map(|a| format!("[{a}]:{} {}", fleet.sshd.port, other_pub.trim()))
@@ -547,14 +552,7 @@ async fn a_changed_host_key_stops_the_deploy_whatever_the_budget() {
         ..Opts::default()
     })
     .await;
-    let other = fleet.sshd.dir.path().join("other_key");
-    let st = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&other)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let other_pub = another_host_key(&fleet);
     let web3 = format!("[{}]:{}", ADDRESSES[2], fleet.sshd.port);
     let kh: String = std::fs::read_to_string(&fleet.sshd.known_hosts)
         .unwrap()
