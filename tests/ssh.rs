@@ -687,6 +687,28 @@ async fn deploying_a_branch_deploys_the_commit_it_points_at_now() {
     let v2 = sha("v2^{commit}");
     assert!(err.contains(&format!("now at {v2}")), "{err}");
     fleet.assert_on(&hosts, &v2).await;
+    // A 40-character version keeps the tables' columns in line (a review found them
+    // shifted): every row has its PID and its TO where the header says.
+    let (_, status, _) = fleet.cutover(&["status"]).await;
+    let header = status.lines().next().unwrap();
+    let pid_at = header.find("PID").unwrap();
+    for row in status.lines().skip(1).take_while(|l| !l.is_empty()) {
+        assert!(
+            row[pid_at..].starts_with(|c: char| c.is_ascii_digit()) && row[..pid_at].ends_with(' '),
+            "{status}"
+        );
+    }
+    let (_, history, _) = fleet.cutover(&["history"]).await;
+    let header = history.lines().next().unwrap();
+    let (to_at, outcome_at) = (
+        header.find(" TO ").unwrap() + 1,
+        header.find("OUTCOME").unwrap(),
+    );
+    let newest = history.lines().nth(1).unwrap();
+    assert!(
+        newest[to_at..].starts_with(&v2) && newest[outcome_at..].starts_with("succeeded"),
+        "{history}"
+    );
     // Tags name one tree for good: deployed by their name.
     let (_, err) = fleet.deploy("v1", 0).await;
     assert!(!err.contains("is a branch"), "{err}");

@@ -116,8 +116,37 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
             "BALANCER UNREACHABLE: {e}\n(is the balancer running? the hosts and the journal follow; drift is not checked)\n"
         );
     }
+    // Columns as wide as their longest entry: a branch deployed by push is a 40-character sha.
+    let host_w = views
+        .iter()
+        .map(|v| v.host.name.as_str().len())
+        .chain([12])
+        .max()
+        .unwrap_or(12);
+    let cur_w = views
+        .iter()
+        .filter_map(|v| v.current.as_ref().map(String::len))
+        .chain([10])
+        .max()
+        .unwrap_or(10);
+    let inst_w = views
+        .iter()
+        .flat_map(|v| {
+            let instances = v
+                .instances
+                .iter()
+                .map(|r| format!("{}@{}", r.instance.version, r.instance.address).len());
+            let backends = v
+                .backends
+                .iter()
+                .map(|b| format!("{}@{}", b.spec.release, b.spec.address).len());
+            instances.chain(backends).collect::<Vec<_>>()
+        })
+        .chain([22])
+        .max()
+        .unwrap_or(22);
     println!(
-        "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
+        "{:<host_w$} {:<cur_w$} {:<inst_w$} {:<8} {:<10} {:<10} {:>9} {:>6}",
         "HOST", "CURRENT", "INSTANCE", "PID", "BALANCER", "HEALTH", "REQUESTS", "FAILED"
     );
     for v in &views {
@@ -126,15 +155,15 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
         let current = match &v.error {
             Some(e) => {
                 // An SSH error ends with a hint line: keep it under the host's row.
-                let line = format!("{:<12} unreachable: {e}", v.host.name);
-                println!("{}", continued(&line, 13));
+                let line = format!("{:<host_w$} unreachable: {e}", v.host.name);
+                println!("{}", continued(&line, host_w + 1));
                 "?".to_string()
             }
             None => v.current.clone().unwrap_or_else(|| "-".into()),
         };
         let no_pid = if v.error.is_some() { "?" } else { "no pid" };
         if v.error.is_none() && v.instances.is_empty() && v.backends.is_empty() {
-            println!("{:<12} {:<10} (no instance)", v.host.name, current);
+            println!("{:<host_w$} {:<cur_w$} (no instance)", v.host.name, current);
         }
         for r in &v.instances {
             let b = v
@@ -142,7 +171,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 .iter()
                 .find(|b| b.spec.id == r.instance.backend_id());
             println!(
-                "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
+                "{:<host_w$} {:<cur_w$} {:<inst_w$} {:<8} {:<10} {:<10} {:>9} {:>6}",
                 v.host.name,
                 current,
                 format!("{}@{}", r.instance.version, r.instance.address),
@@ -165,7 +194,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 .any(|r| r.instance.backend_id() == b.spec.id)
         }) {
             println!(
-                "{:<12} {:<10} {:<22} {:<8} {:<10} {:<10} {:>9} {:>6}",
+                "{:<host_w$} {:<cur_w$} {:<inst_w$} {:<8} {:<10} {:<10} {:>9} {:>6}",
                 v.host.name,
                 current,
                 format!("{}@{}", b.spec.release, b.spec.address),
@@ -335,8 +364,15 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
         println!("no deployments recorded in {}", journal.path().display());
         return Ok(());
     }
+    // FROM and TO as wide as their longest version (a pushed branch is a 40-character sha).
+    let ver_w = records
+        .iter()
+        .flat_map(|r| [r.from.as_deref().unwrap_or("-").len(), r.to.len()])
+        .chain([10])
+        .max()
+        .unwrap_or(10);
     println!(
-        "{:<20} {:<9} {:<11} {:<10} {:<10} {:<12} {:>8} {:>9} {:>7}",
+        "{:<20} {:<9} {:<11} {:<ver_w$} {:<ver_w$} {:<12} {:>8} {:>9} {:>7}",
         "ID", "KIND", "STRATEGY", "FROM", "TO", "OUTCOME", "SECONDS", "SERVED", "FAILED"
     );
     for r in &records {
@@ -347,7 +383,7 @@ pub(super) fn print_history(config: &Config, json: bool) -> anyhow::Result<()> {
                 .and_then(|v| v.as_u64())
         };
         println!(
-            "{:<20} {:<9} {:<11} {:<10} {:<10} {:<12} {:>8} {:>9} {:>7}",
+            "{:<20} {:<9} {:<11} {:<ver_w$} {:<ver_w$} {:<12} {:>8} {:>9} {:>7}",
             r.id,
             r.kind,
             r.strategy,
