@@ -64,7 +64,7 @@ pub async fn send(
             host.name
         );
     };
-    let me = LockHolder::me("");
+    let me = LockHolder::me(&format!("cutover {command}"));
     let sent = Sent {
         command: command.to_string(),
         to: to.to_string(),
@@ -72,43 +72,58 @@ pub async fn send(
         sent_ms: now_ms(),
     };
     let line = serde_json::to_string(&sent)?;
-    let script = format!(
-        "_cl_h=\n\
-         if [ -f {lock} ]; then while IFS= read -r _cl_x || [ -n \"$_cl_x\" ]; do case $_cl_x in 'holder '*) _cl_h=$_cl_x ;; esac; done < {lock}; fi\n\
-         if [ \"$_cl_h\" != {to} ]; then echo 'control gone'\n\
+    // Under the lock's closing file, as a renewal or a release: the lock cannot change hands,
+    // nor its release remove the control file, between the check and the append.
+    let action = format!(
+        "if [ \"$_cl_h\" != {to} ]; then echo 'control gone'\n\
          elif printf '%s\\n' {line} >> {control}; then echo 'control sent'\n\
-         else echo 'control failed'; fi\n",
-        lock = sh_quote(fleet_lock::lock_path(host)),
+         else echo 'control failed'; fi\n\
+         rm -f \"$_cl_c\"\n",
         to = sh_quote(to),
         line = sh_quote(&line),
         control = sh_quote(control_path(host)),
     );
-    let out = run_ok(
-        transport,
-        host,
-        &format!("sending {command}"),
-        &script,
-        transport.step_timeout(),
-    )
-    .await?;
-    match out.lines().find_map(|l| l.strip_prefix("control ")) {
-        Some("sent") => Ok(()),
-        Some("gone") => anyhow::bail!(
-            "host {}: the fleet lock changed hands before `{command}` could be written: the deployment it named has ended or was taken over (see `cutover lock` and `cutover status`)",
-            host.name
-        ),
-        Some(_) => anyhow::bail!(
-            "host {}: cannot append to {} (is the host's root writable by this user?)",
-            host.name,
-            control_path(host)
-        ),
-        None => anyhow::bail!(
-            "host {}: sending `{command}` printed no verdict: {}",
-            host.name,
-            crate::transport::last_lines(out.trim(), 3)
-        ),
+    for _ in 0..20 {
+        let script = fleet_lock::closing_script(host, &me, CLOSING_LEASE, &action);
+        let out = run_ok(
+            transport,
+            host,
+            &format!("sending {command}"),
+            &script,
+            transport.step_timeout(),
+        )
+        .await?;
+        match out.lines().find_map(|l| l.strip_prefix("control ")) {
+            Some("sent") => return Ok(()),
+            Some("gone") => anyhow::bail!(
+                "host {}: the fleet lock changed hands before `{command}` could be written: the deployment it named has ended or was taken over (see `cutover lock` and `cutover status`)",
+                host.name
+            ),
+            Some(_) => anyhow::bail!(
+                "host {}: cannot append to {} (is the host's root writable by this user?)",
+                host.name,
+                control_path(host)
+            ),
+            // The holder renews or releases its lock right now: a moment.
+            None if out.lines().any(|l| l == "lock busy") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            None => anyhow::bail!(
+                "host {}: sending `{command}` printed no verdict: {}",
+                host.name,
+                crate::transport::last_lines(out.trim(), 3)
+            ),
+        }
     }
+    anyhow::bail!(
+        "host {}: the fleet lock stayed busy (being renewed, released or taken over) for a second: send `{command}` again",
+        host.name
+    )
 }
+
+/// How long a sender's closing file stands before another may judge it stale (a send takes
+/// one round trip).
+const CLOSING_LEASE: Duration = Duration::from_secs(10);
 
 /// Where [`send_elsewhere`] sent a command.
 #[derive(Debug)]

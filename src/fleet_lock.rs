@@ -184,7 +184,12 @@ fn take_script(host: &Host, text: &str) -> String {
 /// A script that runs `action` with the lock file read into `$_cl_cur` (its `holder` line in
 /// `$_cl_h`) under the closing file, or prints `lock busy` and who holds that. `action` must
 /// remove the closing file.
-fn closing_script(host: &Host, me: &LockHolder, lease: Duration, action: &str) -> String {
+pub(crate) fn closing_script(
+    host: &Host,
+    me: &LockHolder,
+    lease: Duration,
+    action: &str,
+) -> String {
     let closing = format!(
         "{MAGIC} closing\n{}\nlease_until_ms {}",
         holder_line(me),
