@@ -2128,7 +2128,8 @@ impl Deployer {
     /// restart that no `cutover readmit` followed, they would stay out until their batch, and
     /// with every host out, clients got 503s for the whole deploy. Through the health gate
     /// (bounded to a few intervals), without hooks or verify suites (no release changes); a
-    /// host that fails it stays as it was. Not hosts already on `version`: their batch admits them without a restart.
+    /// host that fails it stays as it was. Not hosts already on `version`: their batch admits
+    /// them without a restart.
     /// Returns whether any went back.
     async fn put_back_lost(&self, run: &Run, version: &Name, before: &[HostView]) -> bool {
         let lost: Vec<crate::readmit::Lost> = crate::readmit::lost(before)

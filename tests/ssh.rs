@@ -487,8 +487,9 @@ async fn the_fleet_lock_travels_over_ssh_and_moves_on_when_the_first_host_is_dow
     assert!(out.contains("fleet: unlocked (host web2; "), "{out}");
 }
 
-/// A public host key no sshd of the fleet has (for a known_hosts that does not match).
-fn another_host_key(fleet: &SshFleet) -> String {
+/// Rewrites known_hosts so that `addresses` are known with a key no sshd of the fleet has
+/// (as after a reinstall, or a machine that is not the host); the others keep theirs.
+fn change_host_keys(fleet: &SshFleet, addresses: &[&str]) {
     let other = fleet.sshd.dir.path().join("other_key");
     let st = std::process::Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
@@ -496,20 +497,30 @@ fn another_host_key(fleet: &SshFleet) -> String {
         .status()
         .unwrap();
     assert!(st.success());
-    std::fs::read_to_string(other.with_extension("pub")).unwrap()
+    let other_pub = std::fs::read_to_string(other.with_extension("pub")).unwrap();
+    let kh: String = std::fs::read_to_string(&fleet.sshd.known_hosts)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            match addresses
+                .iter()
+                .map(|a| format!("[{a}]:{}", fleet.sshd.port))
+                .find(|entry| l.starts_with(&format!("{entry} ")))
+            {
+                Some(entry) => format!("{entry} {}", other_pub.trim()),
+                None => l.to_string(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&fleet.sshd.known_hosts, kh + "\n").unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_host_key_is_refused_under_strict_with_what_to_do() {
     let fleet = SshFleet::start(Opts::default()).await;
     // known_hosts holds another key for every host.
-    let other_pub = another_host_key(&fleet);
-    let kh: String = ADDRESSES
-        .iter()
-        .map(|a| format!("[{a}]:{} {}", fleet.sshd.port, other_pub.trim()))
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(&fleet.sshd.known_hosts, kh + "\n").unwrap();
+    change_host_keys(&fleet, &ADDRESSES);
     let (code, out, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
     let all = format!("{out}\n{err}");
     assert_eq!(code, 2, "{all}");
@@ -552,21 +563,8 @@ async fn a_changed_host_key_stops_the_deploy_whatever_the_budget() {
         ..Opts::default()
     })
     .await;
-    let other_pub = another_host_key(&fleet);
+    change_host_keys(&fleet, &[ADDRESSES[2]]);
     let web3 = format!("[{}]:{}", ADDRESSES[2], fleet.sshd.port);
-    let kh: String = std::fs::read_to_string(&fleet.sshd.known_hosts)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            if l.starts_with(&format!("{web3} ")) {
-                format!("{web3} {}", other_pub.trim())
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(&fleet.sshd.known_hosts, kh + "\n").unwrap();
     let (code, out, err) = fleet.cutover(&["deploy", "--version", "v1"]).await;
     let all = format!("{out}\n{err}");
     assert_eq!(code, 2, "{all}");

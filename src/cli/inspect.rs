@@ -140,7 +140,7 @@ pub(super) async fn status_cmd(config: Config, json: bool) -> anyhow::Result<u8>
                 .backends
                 .iter()
                 .map(|b| format!("{}@{}", b.spec.release, b.spec.address).len());
-            instances.chain(backends).collect::<Vec<_>>()
+            instances.chain(backends)
         })
         .chain([22])
         .max()
